@@ -1,0 +1,37 @@
+// matmul.h - CPU matrix products that read GGUF weights in their stored type.
+//
+// A weight tensor W with ne = [n_in, n_out] holds n_out rows of n_in
+// elements (ne[0] is contiguous), row r being output feature r. matmul
+// computes y = x · Wᵀ for m activation rows:
+//     y[i, r] = sum_k x[i, k] * W[r, k]      i < m, r < n_out, k < n_in
+// Quantized weights are never expanded to a full float copy: each thread
+// works on a band of output rows and reads the quantized blocks directly.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "gguf.h"
+#include "threadpool.h"
+
+namespace orcd {
+
+struct WeightView {
+    uint32_t type = 0;              // ggml type id
+    const uint8_t* data = nullptr;  // row 0, block 0
+    int64_t n_in = 0;               // ne[0]: elements per row (reduction length)
+    int64_t n_out = 0;              // ne[1]: rows (output features)
+    size_t row_bytes = 0;           // bytes between consecutive rows
+};
+
+// View of a 2-D tensor; throws orcd::Error naming the tensor if it is not a
+// matrix or its type has no matmul kernel.
+WeightView weight_view(const TensorInfo& t);
+
+// y[m, n_out] = x[m, n_in] · Wᵀ. x and y are row-major float32, y is
+// overwritten. Runs on `pool`.
+void matmul(const WeightView& w, const float* x, int64_t m, float* y, ThreadPool& pool);
+
+// Copies row `row` of W (e.g. one token's embedding) into dst[n_in] as float32.
+void weight_row(const WeightView& w, int64_t row, float* dst);
+
+}  // namespace orcd
