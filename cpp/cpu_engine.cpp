@@ -1,0 +1,2 @@
+// cpu_engine.cpp - (being written)
+#include "engine.h"

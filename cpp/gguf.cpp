@@ -1,0 +1,2 @@
+// gguf.cpp - (being written)
+#include "gguf.h"

@@ -1,0 +1,2 @@
+// matmul.cpp - (being written)
+#include "matmul.h"

@@ -1,0 +1,2 @@
+// model.cpp - (being written)
+#include "model.h"

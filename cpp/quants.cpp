@@ -1,0 +1,2 @@
+// quants.cpp - (being written)
+#include "quants.h"

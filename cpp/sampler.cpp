@@ -1,0 +1,2 @@
+// sampler.cpp - (being written)
+#include "sampler.h"

@@ -1,0 +1,2 @@
+// threadpool.cpp - (being written)
+#include "threadpool.h"
