@@ -7,10 +7,13 @@
 //   Q2_K            y = ((d * sc) * q) - (dmin * m)
 //   Q3_K/Q6_K       y = (d * sc) * q
 //   Q4_K/Q5_K       y = ((d * sc) * q) - (dmin * m)  (mins are subtracted)
-// where each parenthesised product is rounded to float32 on its own. A fused
-// multiply-add would round once and differ in the last bit, so contraction is
+// where each parenthesised product is rounded to float32 on its own (never
+// in fp16). With fp16 scales (11-bit significands) and the small integer
+// scales/quants of these formats every product is in fact exact in float32,
+// so only the final add/subtract rounds; contraction into FMA is still
 // switched off for this file (the build uses -march=native, and GCC contracts
-// across statements by default in gnu++ mode).
+// across statements by default in gnu++ mode) so the results never depend on
+// that argument.
 //
 // fp16 -> fp32 is done on the bits (exact for subnormals, inf and NaN; NaN
 // payloads are kept and signalling NaNs are not quieted, as NumPy does), not
