@@ -1,2 +1,270 @@
-// cpu_engine.cpp - (being written)
+// cpu_engine.cpp - the Qwen2 forward pass on the CPU: the reference backend.
+//
+// Weights stay in the mmap in their GGUF types; matmul() (matmul.h) reads
+// the quantized blocks directly. Small vectors (norm weights, biases) are
+// converted to float32 once at load. The KV cache is float32.
+//
+// One routine, run(), evaluates a batch of tokens where every token carries
+// its own (slot, position): a prompt is n tokens of one slot at consecutive
+// positions, a batched decode step is one token for each of several slots.
+// K/V of the whole batch are written to the cache before attention, so token
+// i of a prompt sees tokens 0..i of the same prompt through the cache.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
 #include "engine.h"
+#include "error.h"
+#include "matmul.h"
+#include "quants.h"
+#include "threadpool.h"
+
+namespace orcd {
+
+namespace {
+
+// ============================================================ small kernels
+
+// out[i] = x[i] / sqrt(mean(x²) + eps) * w[i], for each of n rows of length d.
+void rmsnorm(const float* x, const float* w, float* out, int n, int d, float eps) {
+    for (int t = 0; t < n; ++t) {
+        const float* xr = x + (size_t)t * d;
+        float* o = out + (size_t)t * d;
+        double ss = 0;
+        for (int i = 0; i < d; ++i) ss += (double)xr[i] * xr[i];
+        float scale = (float)(1.0 / std::sqrt(ss / d + eps));
+        for (int i = 0; i < d; ++i) o[i] = xr[i] * scale * w[i];
+    }
+}
+
+// Rotates each head of row x (n_heads x head_dim) in the NEOX pairing:
+// (x[i], x[i + half]) by angle pos * base^(-2i/head_dim), with cos/sin given.
+void rope_neox(float* x, int n_heads, int head_dim, const float* cs, const float* sn) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < n_heads; ++h) {
+        float* v = x + (size_t)h * head_dim;
+        for (int i = 0; i < half; ++i) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = a * sn[i] + b * cs[i];
+        }
+    }
+}
+
+void add_bias(float* y, const float* b, int n, int d) {
+    for (int t = 0; t < n; ++t)
+        for (int i = 0; i < d; ++i) y[(size_t)t * d + i] += b[i];
+}
+
+std::vector<float> to_float(const TensorInfo* t) {
+    std::vector<float> v((size_t)t->n_elements());
+    dequantize_rows(*t, 0, t->n_rows(), v.data());
+    return v;
+}
+
+// ============================================================ the engine
+
+class CpuEngine final : public Engine {
+public:
+    CpuEngine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, int n_threads)
+        : file_(std::move(file)), d_(describe_model(*file_)), n_ctx_(n_ctx), n_slots_(n_slots), pool_(n_threads) {
+        if (n_ctx < 1) throw Error("n_ctx must be >= 1 (got " + std::to_string(n_ctx) + ")");
+        if (n_slots < 1) throw Error("n_slots must be >= 1 (got " + std::to_string(n_slots) + ")");
+        kv_dim_ = d_.n_head_kv * d_.head_dim;
+        q_dim_ = d_.n_head * d_.head_dim;
+        uint64_t cache = (uint64_t)n_slots * d_.n_layer * n_ctx * kv_dim_;
+        if (cache > (1ull << 33))
+            throw Error("KV cache of " + std::to_string(cache * 8) + " bytes is too large: lower n_ctx or n_slots");
+        kcache_.assign(cache, 0.f);
+        vcache_.assign(cache, 0.f);
+
+        emb_ = weight_view(*d_.tok_embd);
+        out_ = weight_view(*d_.output);
+        out_norm_ = to_float(d_.output_norm);
+        layers_.resize(d_.n_layer);
+        for (int l = 0; l < d_.n_layer; ++l) {
+            const LayerDesc& s = d_.layers[l];
+            Layer& L = layers_[l];
+            L.attn_norm = to_float(s.attn_norm);
+            L.bq = to_float(s.bq);
+            L.bk = to_float(s.bk);
+            L.bv = to_float(s.bv);
+            L.ffn_norm = to_float(s.ffn_norm);
+            L.wq = weight_view(*s.wq);
+            L.wk = weight_view(*s.wk);
+            L.wv = weight_view(*s.wv);
+            L.wo = weight_view(*s.wo);
+            L.gate = weight_view(*s.w_gate);
+            L.up = weight_view(*s.w_up);
+            L.down = weight_view(*s.w_down);
+        }
+        // inv_freq[i] = base^(-2i/head_dim), in double for accuracy.
+        inv_freq_.resize(d_.head_dim / 2);
+        for (int i = 0; i < d_.head_dim / 2; ++i)
+            inv_freq_[i] = std::pow((double)d_.rope_base, -2.0 * i / d_.head_dim);
+    }
+
+    const ModelDesc& desc() const override { return d_; }
+    int n_ctx() const override { return n_ctx_; }
+    int n_slots() const override { return n_slots_; }
+
+    void forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
+                 Trace* trace) override {
+        if (n < 1) throw Error("forward needs at least one token");
+        check_slot(slot);
+        if (pos0 < 0 || (int64_t)pos0 + n > n_ctx_)
+            throw Error("context full: positions " + std::to_string(pos0) + ".." + std::to_string((int64_t)pos0 + n - 1) +
+                        " do not fit in n_ctx = " + std::to_string(n_ctx_));
+        std::vector<int32_t> slots(n, slot), pos(n);
+        for (int i = 0; i < n; ++i) pos[i] = pos0 + i;
+        run(tokens, slots.data(), pos.data(), n, logits, all_logits, trace);
+    }
+
+    void decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
+                      float* logits) override {
+        if (n < 1) throw Error("decode_batch needs at least one token");
+        for (int i = 0; i < n; ++i) {
+            check_slot(slots[i]);
+            if (pos[i] < 0 || pos[i] >= n_ctx_)
+                throw Error("context full: position " + std::to_string(pos[i]) + " of slot " + std::to_string(slots[i]) +
+                            " does not fit in n_ctx = " + std::to_string(n_ctx_));
+            for (int j = 0; j < i; ++j)
+                if (slots[j] == slots[i]) throw Error("decode_batch: slot " + std::to_string(slots[i]) + " appears twice");
+        }
+        run(tokens, slots, pos, n, logits, true, nullptr);
+    }
+
+private:
+    struct Layer {
+        std::vector<float> attn_norm, bq, bk, bv, ffn_norm;  // float copies of the small tensors
+        WeightView wq, wk, wv, wo, gate, up, down;            // views into the mmap
+    };
+
+    void check_slot(int slot) const {
+        if (slot < 0 || slot >= n_slots_)
+            throw Error("slot " + std::to_string(slot) + " out of range [0, " + std::to_string(n_slots_) + ")");
+    }
+
+    // Start of slot s, layer l, position p in a cache array.
+    size_t cache_at(int s, int l, int p) const {
+        return (((size_t)s * d_.n_layer + l) * n_ctx_ + p) * kv_dim_;
+    }
+
+    void run(const int32_t* tokens, const int32_t* slots, const int32_t* pos, int n, float* logits, bool all_logits,
+             Trace* trace) {
+        const int E = d_.n_embd, F = d_.n_ff, D = d_.head_dim, H = d_.n_head, HKV = d_.n_head_kv;
+        for (int i = 0; i < n; ++i)
+            if (tokens[i] < 0 || tokens[i] >= d_.n_vocab)
+                throw Error("token id " + std::to_string(tokens[i]) + " out of range [0, " + std::to_string(d_.n_vocab) + ")");
+
+        std::vector<float> x((size_t)n * E), xn((size_t)n * E), q((size_t)n * q_dim_), k((size_t)n * kv_dim_),
+            v((size_t)n * kv_dim_), att((size_t)n * q_dim_), o((size_t)n * E), g((size_t)n * F), u((size_t)n * F);
+
+        // cos/sin of every token's angles, shared by all layers and heads.
+        std::vector<float> cs((size_t)n * D / 2), sn((size_t)n * D / 2);
+        for (int i = 0; i < n; ++i)
+            for (int j = 0; j < D / 2; ++j) {
+                double a = (double)pos[i] * inv_freq_[j];
+                cs[(size_t)i * D / 2 + j] = (float)std::cos(a);
+                sn[(size_t)i * D / 2 + j] = (float)std::sin(a);
+            }
+
+        for (int i = 0; i < n; ++i) weight_row(emb_, tokens[i], &x[(size_t)i * E]);
+        if (trace) {
+            trace->n_tokens = n;
+            trace->n_embd = E;
+            trace->hidden.assign(1, x);
+        }
+
+        const float scale = 1.0f / std::sqrt((float)D);
+        const int group = H / HKV;
+        for (int l = 0; l < d_.n_layer; ++l) {
+            Layer& L = layers_[l];
+            // ---- attention block
+            rmsnorm(x.data(), L.attn_norm.data(), xn.data(), n, E, d_.rms_eps);
+            matmul(L.wq, xn.data(), n, q.data(), pool_);
+            matmul(L.wk, xn.data(), n, k.data(), pool_);
+            matmul(L.wv, xn.data(), n, v.data(), pool_);
+            add_bias(q.data(), L.bq.data(), n, q_dim_);
+            add_bias(k.data(), L.bk.data(), n, kv_dim_);
+            add_bias(v.data(), L.bv.data(), n, kv_dim_);
+            for (int i = 0; i < n; ++i) {
+                const float* c = &cs[(size_t)i * D / 2];
+                const float* s = &sn[(size_t)i * D / 2];
+                rope_neox(&q[(size_t)i * q_dim_], H, D, c, s);
+                rope_neox(&k[(size_t)i * kv_dim_], HKV, D, c, s);
+                std::memcpy(&kcache_[cache_at(slots[i], l, pos[i])], &k[(size_t)i * kv_dim_], kv_dim_ * sizeof(float));
+                std::memcpy(&vcache_[cache_at(slots[i], l, pos[i])], &v[(size_t)i * kv_dim_], kv_dim_ * sizeof(float));
+            }
+            // Causal GQA attention: one task per (token, query head).
+            pool_.parallel_for((int64_t)n * H, [&](int64_t t0, int64_t t1, int) {
+                std::vector<float> sc(n_ctx_);
+                for (int64_t t = t0; t < t1; ++t) {
+                    const int i = (int)(t / H), h = (int)(t % H), kvh = h / group;
+                    const float* qh = &q[(size_t)i * q_dim_ + (size_t)h * D];
+                    const int len = pos[i] + 1;  // keys 0..pos[i] of this token's slot
+                    const float* kb = &kcache_[cache_at(slots[i], l, 0)] + (size_t)kvh * D;
+                    const float* vb = &vcache_[cache_at(slots[i], l, 0)] + (size_t)kvh * D;
+                    float mx = -INFINITY;
+                    for (int j = 0; j < len; ++j) {
+                        const float* kj = kb + (size_t)j * kv_dim_;
+                        float dot = 0;
+                        for (int e = 0; e < D; ++e) dot += qh[e] * kj[e];
+                        sc[j] = dot * scale;
+                        mx = std::max(mx, sc[j]);
+                    }
+                    double sum = 0;
+                    for (int j = 0; j < len; ++j) {
+                        sc[j] = std::exp(sc[j] - mx);
+                        sum += sc[j];
+                    }
+                    float inv = (float)(1.0 / sum);
+                    float* out = &att[(size_t)i * q_dim_ + (size_t)h * D];
+                    std::fill(out, out + D, 0.f);
+                    for (int j = 0; j < len; ++j) {
+                        const float* vj = vb + (size_t)j * kv_dim_;
+                        const float w = sc[j] * inv;
+                        for (int e = 0; e < D; ++e) out[e] += w * vj[e];
+                    }
+                }
+            });
+            matmul(L.wo, att.data(), n, o.data(), pool_);
+            for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];
+
+            // ---- feed-forward block: down(silu(gate(x)) * up(x))
+            rmsnorm(x.data(), L.ffn_norm.data(), xn.data(), n, E, d_.rms_eps);
+            matmul(L.gate, xn.data(), n, g.data(), pool_);
+            matmul(L.up, xn.data(), n, u.data(), pool_);
+            for (size_t e = 0; e < g.size(); ++e) g[e] = g[e] / (1.0f + std::exp(-g[e])) * u[e];
+            matmul(L.down, g.data(), n, o.data(), pool_);
+            for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];
+            if (trace) trace->hidden.push_back(x);
+        }
+
+        // ---- final norm and lm_head (only the rows whose logits are wanted)
+        const int first = all_logits ? 0 : n - 1;
+        const int rows = n - first;
+        rmsnorm(&x[(size_t)first * E], out_norm_.data(), xn.data(), rows, E, d_.rms_eps);
+        matmul(out_, xn.data(), rows, logits, pool_);
+    }
+
+    std::shared_ptr<GGUFFile> file_;  // keeps the mapping (weights) alive
+    ModelDesc d_;
+    int n_ctx_, n_slots_;
+    int q_dim_ = 0, kv_dim_ = 0;
+    ThreadPool pool_;
+    WeightView emb_, out_;
+    std::vector<float> out_norm_;
+    std::vector<Layer> layers_;
+    std::vector<double> inv_freq_;
+    std::vector<float> kcache_, vcache_;  // [slot][layer][pos][kv_dim]
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, int n_threads) {
+    return std::make_unique<CpuEngine>(std::move(file), n_ctx, n_slots, n_threads);
+}
+
+}  // namespace orcd

@@ -1,2 +1,122 @@
-// model.cpp - (being written)
+// model.cpp - describe_model(): from GGUF metadata and tensors to a ModelDesc.
+//
+// Every tensor the forward pass touches is checked here for presence, shape
+// (in ne order) and a type the kernels support, so the engines never meet a
+// surprise mid-generation.
+
 #include "model.h"
+
+#include <cmath>
+
+#include "error.h"
+#include "quants.h"
+
+namespace orcd {
+
+namespace {
+
+struct Checker {
+    const GGUFFile& f;
+
+    int hparam(const std::string& key, int64_t lo, int64_t hi) const {
+        int64_t v = f.get(key).as_int(key);
+        if (v < lo || v > hi)
+            throw Error(f.path() + ": metadata '" + key + "' = " + std::to_string(v) + " is out of range [" +
+                        std::to_string(lo) + ", " + std::to_string(hi) + "]");
+        return (int)v;
+    }
+
+    // A tensor with exactly the given ne (ne1 == 0: 1-D) and a type we can compute with.
+    const TensorInfo* tensor(const std::string& name, int64_t ne0, int64_t ne1, bool want_f32 = false) const {
+        const TensorInfo* t = f.find_tensor(name);
+        if (!t) throw Error(f.path() + ": missing tensor '" + name + "'");
+        bool ok = ne1 == 0 ? (t->n_dims == 1 && t->ne[0] == ne0)
+                           : (t->n_dims == 2 && t->ne[0] == ne0 && t->ne[1] == ne1);
+        if (!ok) {
+            std::string want = ne1 == 0 ? "[" + std::to_string(ne0) + "]"
+                                        : "[" + std::to_string(ne0) + ", " + std::to_string(ne1) + "]";
+            throw Error(f.path() + ": tensor '" + name + "' has shape " + t->shape_str() + ", expected " + want);
+        }
+        if (want_f32 && t->type != T_F32 && t->type != T_F16 && t->type != T_BF16)
+            throw Error(f.path() + ": tensor '" + name + "' has type " + type_name(t->type) +
+                        ", expected F32 (norm weights and biases are kept in float)");
+        if (!can_dequantize(t->type))
+            throw Error(f.path() + ": tensor '" + name + "' has type " + type_name(t->type) +
+                        ", which orcd cannot compute with yet");
+        return t;
+    }
+};
+
+}  // namespace
+
+ModelDesc describe_model(const GGUFFile& f) {
+    ModelDesc d;
+    d.arch = f.get("general.architecture").as_string("general.architecture");
+    if (d.arch != "qwen2")
+        throw Error(f.path() + ": unsupported architecture '" + d.arch + "' (orcd supports: qwen2)");
+    if (const Value* n = f.find("general.name"); n && n->type == VT::STRING) d.name = std::string(n->str);
+
+    Checker c{f};
+    const std::string a = d.arch + ".";
+    d.n_layer = c.hparam(a + "block_count", 1, 1024);
+    d.n_embd = c.hparam(a + "embedding_length", 1, 1 << 16);
+    d.n_ff = c.hparam(a + "feed_forward_length", 1, 1 << 18);
+    d.n_head = c.hparam(a + "attention.head_count", 1, 1024);
+    d.n_head_kv = f.find(a + "attention.head_count_kv") ? c.hparam(a + "attention.head_count_kv", 1, d.n_head)
+                                                         : d.n_head;
+    d.n_ctx_train = f.find(a + "context_length") ? c.hparam(a + "context_length", 1, 1 << 24) : 4096;
+    if (d.n_embd % d.n_head != 0)
+        throw Error(f.path() + ": embedding_length " + std::to_string(d.n_embd) + " is not divisible by head_count " +
+                    std::to_string(d.n_head));
+    if (d.n_head % d.n_head_kv != 0)
+        throw Error(f.path() + ": head_count " + std::to_string(d.n_head) + " is not a multiple of head_count_kv " +
+                    std::to_string(d.n_head_kv));
+    d.head_dim = d.n_embd / d.n_head;
+    if (d.head_dim % 2 != 0)
+        throw Error(f.path() + ": head dimension " + std::to_string(d.head_dim) + " is odd; RoPE needs pairs");
+    if (const Value* v = f.find(a + "rope.freq_base")) d.rope_base = (float)v->as_float(a + "rope.freq_base");
+    if (const Value* v = f.find(a + "attention.layer_norm_rms_epsilon"))
+        d.rms_eps = (float)v->as_float(a + "attention.layer_norm_rms_epsilon");
+    if (!(d.rope_base > 0) || !std::isfinite(d.rope_base))
+        throw Error(f.path() + ": rope.freq_base = " + std::to_string(d.rope_base) + " must be positive");
+    if (!(d.rms_eps > 0) || !std::isfinite(d.rms_eps))
+        throw Error(f.path() + ": layer_norm_rms_epsilon = " + std::to_string(d.rms_eps) + " must be positive");
+
+    const TensorInfo* emb = f.find_tensor("token_embd.weight");
+    if (!emb) throw Error(f.path() + ": missing tensor 'token_embd.weight'");
+    if (emb->n_dims != 2 || emb->ne[0] != d.n_embd)
+        throw Error(f.path() + ": tensor 'token_embd.weight' has shape " + emb->shape_str() + ", expected [" +
+                    std::to_string(d.n_embd) + ", n_vocab]");
+    if (emb->ne[1] > (1 << 24)) throw Error(f.path() + ": vocabulary of " + std::to_string(emb->ne[1]) + " rows is too large");
+    d.n_vocab = (int)emb->ne[1];
+    d.tok_embd = c.tensor("token_embd.weight", d.n_embd, d.n_vocab);
+    d.output_norm = c.tensor("output_norm.weight", d.n_embd, 0, true);
+    if (f.find_tensor("output.weight")) {
+        d.output = c.tensor("output.weight", d.n_embd, d.n_vocab);
+    } else {
+        d.output = d.tok_embd;
+        d.tied_output = true;
+    }
+
+    const int q_dim = d.n_head * d.head_dim, kv_dim = d.n_head_kv * d.head_dim;
+    d.layers.resize(d.n_layer);
+    for (int l = 0; l < d.n_layer; ++l) {
+        const std::string p = "blk." + std::to_string(l) + ".";
+        LayerDesc& L = d.layers[l];
+        L.attn_norm = c.tensor(p + "attn_norm.weight", d.n_embd, 0, true);
+        L.wq = c.tensor(p + "attn_q.weight", d.n_embd, q_dim);
+        L.bq = c.tensor(p + "attn_q.bias", q_dim, 0, true);
+        L.wk = c.tensor(p + "attn_k.weight", d.n_embd, kv_dim);
+        L.bk = c.tensor(p + "attn_k.bias", kv_dim, 0, true);
+        L.wv = c.tensor(p + "attn_v.weight", d.n_embd, kv_dim);
+        L.bv = c.tensor(p + "attn_v.bias", kv_dim, 0, true);
+        L.wo = c.tensor(p + "attn_output.weight", q_dim, d.n_embd);
+        L.ffn_norm = c.tensor(p + "ffn_norm.weight", d.n_embd, 0, true);
+        L.w_gate = c.tensor(p + "ffn_gate.weight", d.n_embd, d.n_ff);
+        L.w_up = c.tensor(p + "ffn_up.weight", d.n_embd, d.n_ff);
+        L.w_down = c.tensor(p + "ffn_down.weight", d.n_ff, d.n_embd);
+    }
+    return d;
+}
+
+}  // namespace orcd

@@ -1,0 +1,34 @@
+"""Which compute backends this installation has, and why not when one is missing."""
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_module():
+    """(module or None, reason string)."""
+    try:
+        from . import _orcd_cuda  # built only where nvcc and cuBLAS were found
+    except ImportError as e:
+        msg = str(e)
+        if "_orcd_cuda" in msg and "No module" in msg:
+            return None, "orcd was built without the CUDA backend (no nvcc/cuBLAS at build time)"
+        return None, f"the CUDA backend failed to load: {msg}"
+    reason = _orcd_cuda.cuda_status()
+    return (_orcd_cuda if not reason else None), reason
+
+
+def cuda_status() -> str:
+    """'' when a usable NVIDIA GPU and the CUDA backend are present, else why not."""
+    return _cuda_module()[1]
+
+
+def cuda_available() -> bool:
+    return _cuda_module()[0] is not None
+
+
+def cuda_module():
+    mod, reason = _cuda_module()
+    if mod is None:
+        raise RuntimeError(f"CUDA is not available: {reason}")
+    return mod

@@ -1,0 +1,164 @@
+"""The `orcd` command: inspect, generate, chat, verify, bench."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_model_arg(p, required=False):
+    p.add_argument("-m", "--model", default=None, help="GGUF file (default: the bundled default model)")
+
+
+def _add_sampling_args(p):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_kwargs(a) -> dict:
+    return dict(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty, seed=a.seed, stop=a.stop,
+    )
+
+
+def _load(a):
+    from .model import Model
+
+    return Model(a.model, device=a.device, n_ctx=a.n_ctx, n_threads=getattr(a, "threads", 0))
+
+
+def cmd_inspect(a) -> int:
+    from .inspect_cmd import run
+
+    print(run(a.path, as_json=a.json))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    llm = _load(a)
+    kw = _sampling_kwargs(a)
+    if a.chat:
+        it = llm.stream_chat([{"role": "user", "content": a.prompt}], **kw)
+    else:
+        it = llm.stream(a.prompt, **kw)
+    for piece in it:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(a) -> int:
+    llm = _load(a)
+    kw = _sampling_kwargs(a)
+    messages = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            if interactive:
+                line = input(">>> ")
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                line = line.rstrip("\n")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": line})
+        parts = []
+        # The KV cache keeps the conversation so far: only the new turn is evaluated.
+        for piece in llm.stream_chat(messages, **kw):
+            parts.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(parts)})
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .verify import run
+
+    return run(a)
+
+
+def cmd_bench(a) -> int:
+    from .bench import run
+
+    return run(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orcd", description="Run GGUF language models on NVIDIA GPUs or the CPU")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("inspect", help="show a GGUF file's metadata and tensors")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_inspect)
+
+    for name, fn, hlp in (("generate", cmd_generate, "complete a prompt, streaming"),
+                          ("chat", cmd_chat, "interactive conversation")):
+        s = sub.add_parser(name, help=hlp)
+        if name == "generate":
+            s.add_argument("prompt")
+            s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+        else:
+            s.add_argument("--system", default=None, help="system message")
+        _add_model_arg(s)
+        s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        s.add_argument("--n-ctx", type=int, default=4096)
+        s.add_argument("--threads", type=int, default=0)
+        _add_sampling_args(s)
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("verify", help="run CPU and GPU side by side and compare every layer")
+    s.add_argument("model", nargs="?", default=None)
+    s.add_argument("--prompt", action="append", default=None)
+    s.add_argument("--tolerance", type=float, default=0.999, help="minimum cosine per layer")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("bench", help="measure load, prompt and decode speed")
+    _add_model_arg(s)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("-p", "--n-prompt", type=int, default=512)
+    s.add_argument("-n", "--n-gen", type=int, default=128)
+    s.add_argument("--repeat", type=int, default=5)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        print(f"orcd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
