@@ -53,15 +53,18 @@ inline uint32_t rd32(const uint8_t* p) {
     return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24);
 }
 
-// Branch-free so loops over it vectorize.
+// Branch-free (masks, no selects the compiler turns into jumps) so loops over
+// it vectorize.
 inline uint32_t h2f_bits(uint32_t h) {
     const uint32_t sign = (h & 0x8000u) << 16;
     const uint32_t em = h & 0x7fffu;                   // exponent and mantissa
     const uint32_t normal = (em << 13) + 0x38000000u;  // rebias 15 -> 127
     const uint32_t infnan = (em << 13) | 0x7f800000u;  // payload kept as is
     const uint32_t sub = f2u(float(int32_t(em)) * 0x1p-24f);  // exact: em < 2^10
-    const uint32_t r = em >= 0x7c00u ? infnan : (em < 0x0400u ? sub : normal);
-    return sign | r;
+    const uint32_t m_inf = 0u - uint32_t(em >= 0x7c00u);
+    const uint32_t m_sub = 0u - uint32_t(em < 0x0400u);
+    const uint32_t m_norm = ~(m_inf | m_sub);
+    return sign | (normal & m_norm) | (infnan & m_inf) | (sub & m_sub);
 }
 inline float h2f(const uint8_t* p) { return u2f(h2f_bits(rd16(p))); }
 
@@ -90,6 +93,7 @@ void deq_q4_0(const uint8_t* x, float* y, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b, x += 18, y += QK) {
         const float d = h2f(x);
         const uint8_t* qs = x + 2;
+#pragma GCC unroll 1
         for (int i = 0; i < 16; ++i) {
             y[i] = d * float(int(qs[i] & 0x0F) - 8);
             y[i + 16] = d * float(int(qs[i] >> 4) - 8);
@@ -102,6 +106,7 @@ void deq_q4_1(const uint8_t* x, float* y, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b, x += 20, y += QK) {
         const float d = h2f(x), m = h2f(x + 2);
         const uint8_t* qs = x + 4;
+#pragma GCC unroll 1
         for (int i = 0; i < 16; ++i) {
             const float p0 = d * float(qs[i] & 0x0F);
             const float p1 = d * float(qs[i] >> 4);
@@ -163,16 +168,18 @@ void deq_q2_k(const uint8_t* x, float* y, int64_t nb) {
         const float d = h2f(x + 80), dmin = h2f(x + 82);
         for (int j = 0; j < 2; ++j) {
             for (int k = 0; k < 4; ++k) {
-                for (int h = 0; h < 2; ++h) {
-                    const int s = 8 * j + 2 * k + h;
-                    const float dl = d * float(sc[s] & 0x0F);
-                    const float ml = dmin * float(sc[s] >> 4);
-                    float* o = y + 16 * s;
-                    const uint8_t* q = qs + 32 * j + 16 * h;
-                    for (int l = 0; l < 16; ++l) {
-                        const float p = dl * float((q[l] >> (2 * k)) & 3);
-                        o[l] = p - ml;
-                    }
+                const int s0 = 8 * j + 2 * k;  // sub-blocks s0 (l < 16) and s0 + 1
+                const float dl0 = d * float(sc[s0] & 0x0F), ml0 = dmin * float(sc[s0] >> 4);
+                const float dl1 = d * float(sc[s0 + 1] & 0x0F), ml1 = dmin * float(sc[s0 + 1] >> 4);
+                const uint8_t* q = qs + 32 * j;
+                float* o = y + 128 * j + 32 * k;
+                const int sh = 2 * k;
+#pragma GCC unroll 1
+                for (int l = 0; l < 16; ++l) {
+                    const float p0 = dl0 * float((q[l] >> sh) & 3);
+                    const float p1 = dl1 * float((q[l + 16] >> sh) & 3);
+                    o[l] = p0 - ml0;
+                    o[l + 16] = p1 - ml1;
                 }
             }
         }
