@@ -34,4 +34,25 @@ void matmul(const WeightView& w, const float* x, int64_t m, float* y, ThreadPool
 // Copies row `row` of W (e.g. one token's embedding) into dst[n_in] as float32.
 void weight_row(const WeightView& w, int64_t row, float* dst);
 
+// ---- additions (matmul.cpp) -------------------------------------------------
+
+// View of raw bytes holding n_out rows of n_in elements of ggml type `type`
+// (for the bindings and tests). Throws orcd::Error if the type has no kernel
+// or n_in is not a multiple of its block size.
+WeightView make_weight_view(uint32_t type, const void* data, int64_t n_in, int64_t n_out);
+
+// True when matmul accepts weights of this type (integer kernel or the
+// dequantize-to-scratch fallback).
+bool matmul_supports(uint32_t type);
+// True when the type has a dedicated kernel (F32, F16, BF16, Q4_0, Q5_0,
+// Q8_0, Q4_K, Q5_K, Q6_K); other supported types take the fallback.
+bool matmul_has_kernel(uint32_t type);
+
+// Name of the kernel set in use: "avx512vnni", "avx2" or "scalar".
+const char* matmul_kernel_name();
+// Test hook: force the portable scalar kernels (process-wide) instead of the
+// SIMD ones. They use the same activation quantization and integer block
+// dot products, so results agree up to float summation order.
+void matmul_force_scalar(bool on);
+
 }  // namespace orcd

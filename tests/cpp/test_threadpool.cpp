@@ -1,0 +1,172 @@
+// test_threadpool.cpp - ThreadPool::parallel_for: coverage, chunking, reuse, pool of 1.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "threadpool.h"
+
+using orcd::ThreadPool;
+
+namespace {
+
+struct Chunk {
+    int64_t b, e;
+    int t;
+};
+
+std::vector<Chunk> run_chunks(ThreadPool& pool, int64_t n, int64_t grain, std::vector<int>& hits) {
+    std::mutex mu;
+    std::vector<Chunk> chunks;
+    hits.assign((size_t)n, 0);
+    std::vector<std::atomic<int>> h((size_t)n);
+    for (auto& v : h) v = 0;
+    pool.parallel_for(
+        n,
+        [&](int64_t b, int64_t e, int t) {
+            for (int64_t i = b; i < e; ++i) h[(size_t)i]++;
+            std::lock_guard<std::mutex> lk(mu);
+            chunks.push_back({b, e, t});
+        },
+        grain);
+    for (int64_t i = 0; i < n; ++i) hits[(size_t)i] = h[(size_t)i];
+    return chunks;
+}
+
+}  // namespace
+
+TEST_CASE("threadpool: every index of [0,n) is covered exactly once") {
+    for (int nt : {1, 2, 3, 4, 7}) {
+        ThreadPool pool(nt);
+        CHECK(pool.size() == nt);
+        for (int64_t n : {1, 2, 3, 5, 7, 8, 64, 100, 1000, 4097}) {
+            std::vector<int> hits;
+            auto chunks = run_chunks(pool, n, 1, hits);
+            for (int64_t i = 0; i < n; ++i) REQUIRE(hits[(size_t)i] == 1);
+            // at most one chunk per thread, thread indices distinct and in range
+            std::set<int> ids;
+            for (auto& c : chunks) {
+                CHECK(c.b < c.e);
+                CHECK(c.t >= 0);
+                CHECK(c.t < nt);
+                ids.insert(c.t);
+            }
+            CHECK(ids.size() == chunks.size());
+            CHECK((int64_t)chunks.size() <= std::min<int64_t>(nt, n));
+        }
+    }
+}
+
+TEST_CASE("threadpool: chunks are contiguous multiples of grain, the calling thread takes chunk 0") {
+    ThreadPool pool(3);
+    for (int64_t grain : {1, 2, 4, 16, 100}) {
+        for (int64_t n : {1, 5, 16, 17, 33, 250, 1001}) {
+            std::vector<int> hits;
+            auto chunks = run_chunks(pool, n, grain, hits);
+            for (int64_t i = 0; i < n; ++i) REQUIRE(hits[(size_t)i] == 1);
+            for (auto& c : chunks) {
+                CHECK(c.b % grain == 0);
+                if (c.e != n) CHECK(c.e % grain == 0);
+                if (c.b == 0) CHECK(c.t == 0);
+            }
+            // chunk of thread t starts after the chunk of thread t-1
+            for (auto& c1 : chunks)
+                for (auto& c2 : chunks)
+                    if (c1.t < c2.t) CHECK(c1.e <= c2.b);
+        }
+    }
+}
+
+TEST_CASE("threadpool: work is actually spread over the workers") {
+    ThreadPool pool(2);
+    std::vector<int> hits;
+    auto chunks = run_chunks(pool, 1000, 1, hits);
+    CHECK(chunks.size() == 2);
+    std::set<std::thread::id> tids;
+    std::mutex mu;
+    pool.parallel_for(2, [&](int64_t, int64_t, int) {
+        std::lock_guard<std::mutex> lk(mu);
+        tids.insert(std::this_thread::get_id());
+    });
+    CHECK(tids.size() == 2);
+}
+
+TEST_CASE("threadpool: reuse across many jobs") {
+    ThreadPool pool(2);
+    std::atomic<int64_t> total{0};
+    const int jobs = 20000;
+    for (int j = 0; j < jobs; ++j) {
+        const int64_t n = 1 + j % 13;
+        pool.parallel_for(n, [&](int64_t b, int64_t e, int) { total += e - b; });
+    }
+    int64_t expect = 0;
+    for (int j = 0; j < jobs; ++j) expect += 1 + j % 13;
+    CHECK(total == expect);
+    // results of one job are visible to the caller when parallel_for returns
+    std::vector<int64_t> v(10000, 0);
+    for (int rep = 0; rep < 200; ++rep) {
+        pool.parallel_for((int64_t)v.size(), [&](int64_t b, int64_t e, int) {
+            for (int64_t i = b; i < e; ++i) v[(size_t)i] += i;
+        });
+    }
+    for (size_t i = 0; i < v.size(); ++i) REQUIRE(v[i] == (int64_t)i * 200);
+}
+
+TEST_CASE("threadpool: jobs after a pause (workers asleep) still run") {
+    ThreadPool pool(2);
+    for (int rep = 0; rep < 3; ++rep) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        std::vector<int> hits;
+        run_chunks(pool, 10, 1, hits);
+        for (int h : hits) CHECK(h == 1);
+    }
+}
+
+TEST_CASE("threadpool: pool of 1 runs inline on the caller") {
+    ThreadPool pool(1);
+    CHECK(pool.size() == 1);
+    const auto me = std::this_thread::get_id();
+    int calls = 0;
+    pool.parallel_for(100, [&](int64_t b, int64_t e, int t) {
+        ++calls;
+        CHECK(b == 0);
+        CHECK(e == 100);
+        CHECK(t == 0);
+        const bool same_thread = std::this_thread::get_id() == me;
+        CHECK(same_thread);
+    }, 7);
+    CHECK(calls == 1);
+}
+
+TEST_CASE("threadpool: n <= 0 calls nothing; default size is the core count") {
+    ThreadPool pool(2);
+    int calls = 0;
+    pool.parallel_for(0, [&](int64_t, int64_t, int) { ++calls; });
+    pool.parallel_for(-5, [&](int64_t, int64_t, int) { ++calls; });
+    CHECK(calls == 0);
+    ThreadPool dflt;
+    CHECK(dflt.size() == orcd::available_cores());
+    CHECK(orcd::available_cores() >= 1);
+}
+
+TEST_CASE("threadpool: exceptions reach the caller and the pool stays usable") {
+    ThreadPool pool(2);
+    // thrown by the worker's chunk (index 1 of 2)
+    CHECK_THROWS_AS(pool.parallel_for(2, [&](int64_t b, int64_t, int) {
+                        if (b == 1) throw std::runtime_error("worker");
+                    }),
+                    std::runtime_error);
+    // thrown by the caller's chunk
+    CHECK_THROWS_AS(pool.parallel_for(2, [&](int64_t b, int64_t, int) {
+                        if (b == 0) throw std::runtime_error("caller");
+                    }),
+                    std::runtime_error);
+    std::vector<int> hits;
+    run_chunks(pool, 50, 1, hits);
+    for (int h : hits) CHECK(h == 1);
+}
