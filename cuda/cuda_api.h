@@ -1,0 +1,109 @@
+// cuda_api.h - the CUDA backend as seen from plain C++ (no CUDA headers):
+// what cuda/bindings_cuda.cpp and other host code may call.
+//
+// Errors: orcd::Error for bad input (wrong sizes, unsupported types), and
+// orcd::CudaError (also an orcd::Error) for failures of the CUDA runtime or
+// cuBLAS, and for "not enough GPU memory". Messages name the call, CUDA's
+// error string and the kernel or tensor involved.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine.h"
+#include "error.h"
+#include "gguf.h"
+
+namespace orcd {
+
+// A CUDA runtime or cuBLAS call failed, or the GPU lacks memory.
+struct CudaError : Error {
+    using Error::Error;
+};
+
+// "" when a usable GPU is present (driver, device and a kernel image for its
+// architecture), else the reason in words.
+std::string cuda_status();
+
+struct DeviceInfo {
+    int device = 0;
+    std::string name;
+    int cc_major = 0, cc_minor = 0;
+    int sm_count = 0;
+    size_t total_mem = 0, free_mem = 0;
+    size_t l2_bytes = 0;
+    int driver_version = 0, runtime_version = 0;
+};
+DeviceInfo device_info(int device = 0);  // throws CudaError when there is no usable GPU
+
+// ---------------------------------------------------------------- the engine
+struct CudaMemoryUse {
+    size_t weights = 0;  // the GGUF tensors as stored, plus the F32 norms/biases
+    size_t kv = 0;       // fp16 K and V caches
+    size_t scratch = 0;  // activations, dequantization scratch, attention partials, cuBLAS workspace
+    size_t total() const { return weights + kv + scratch; }
+};
+
+class CudaEngine : public Engine {
+public:
+    virtual CudaMemoryUse memory_use() const = 0;
+    virtual const DeviceInfo& device() const = 0;
+    virtual int max_prompt_chunk() const = 0;  // tokens a forward processes per pass
+};
+
+// progress(bytes uploaded, bytes to upload), called after each tensor.
+using ProgressFn = std::function<void(uint64_t, uint64_t)>;
+
+// Uploads the model described by describe_model(*file) to GPU `device`.
+// Throws CudaError "not enough GPU memory: need X bytes, Y free" before
+// allocating anything when the weights, KV cache and scratch do not fit.
+std::unique_ptr<CudaEngine> make_cuda_engine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots,
+                                             ProgressFn progress = nullptr, int device = 0);
+
+// ---------------------------------------------------------------- kernels, for tests
+// Each runs one kernel on host data (uploaded, output poisoned with NaN before
+// the launch, downloaded) so the tests can compare it with a CPU twin.
+namespace cuda_test {
+
+// GGUF bytes of n elements of `type` -> fp16 (returned as uint16 bit patterns).
+std::vector<uint16_t> dequantize_f16(uint32_t type, const uint8_t* data, size_t nbytes, int64_t n);
+
+// y[m, n_out] = x[m, n_in] · Wᵀ with the quantized mat-vec kernel (m <= 8);
+// with `y_init` (m x n_out) the kernel accumulates into it (residual add);
+// `bias` (n_out) is added when non-null.
+std::vector<float> matvec(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_out,
+                          const float* x, int m, const float* bias, const float* y_init);
+
+// Same product through the prompt path: W dequantized to an fp16 scratch
+// (in chunks of at most `chunk_rows` rows, 0 = all) and cublasGemmEx.
+std::vector<float> gemm(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_out,
+                        const float* x, int m, const float* bias, const float* y_init, int64_t chunk_rows);
+
+// Embedding lookup: rows ids[0..n_ids) of W (n_rows x n_in) as float32.
+std::vector<float> get_rows(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_rows,
+                            const int32_t* ids, int n_ids);
+
+// y = x / sqrt(mean(x²) + eps) * w, per row of n.
+std::vector<float> rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps);
+
+// NEOX RoPE on x[n_tok][n_heads][head_dim], token t at position pos[t].
+std::vector<float> rope(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base);
+
+// Causal GQA attention through the KV-cache path: k, v [n_kv][n_head_kv][hd]
+// are appended (fp16) to a one-slot cache of n_kv positions with the
+// KV-store kernel, then query t (q[n_q][n_head][hd]) attends to cache
+// positions [0, pos[t]]. split_len = 0 picks the split as the engine does.
+std::vector<float> attention(const float* q, int n_q, int n_head, const float* k, const float* v, int n_kv,
+                             int n_head_kv, int head_dim, const int32_t* pos, int split_len);
+
+// silu(g) * u, elementwise.
+std::vector<float> swiglu(const float* g, const float* u, int64_t n);
+
+// x[rows][n] + b[n].
+std::vector<float> add_bias(const float* x, int64_t rows, int64_t n, const float* b);
+
+}  // namespace cuda_test
+}  // namespace orcd

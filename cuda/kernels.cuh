@@ -1,0 +1,122 @@
+// kernels.cuh - launchers of the CUDA kernels (host functions, compiled by nvcc).
+//
+// Every launcher checks its launch (cudaGetLastError, no synchronisation) and
+// throws orcd::CudaError naming the kernel and `what` (a tensor or buffer).
+// All work goes to the given stream; nothing here synchronises with the host,
+// so a decode step can be captured into a CUDA graph later.
+//
+// Layout conventions (see docs/design.md): activations are row-major float32
+// [rows][n] with leading dimension `ld` (elements); a weight is n_out rows of
+// n_in elements in its GGUF type, row r at w + r*row_bytes; the KV caches are
+// fp16 [slot][layer][pos][n_head_kv*head_dim].
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace orcd {
+namespace cu {
+
+// Rows the mat-vec kernel takes in one launch (decode of up to 8 sequences).
+constexpr int kMatvecMaxRows = 8;
+// Threads of one attention block; the split length is a multiple of this.
+constexpr int kAttnTile = 256;
+constexpr int kAttnMaxHeadDim = 256;
+constexpr int kAttnMaxSplits = 64;
+
+// True for every type orcd::can_dequantize accepts (F32, F16, BF16, Q4_0,
+// Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K): dequantize_f16, matvec and get_rows
+// all take them.
+bool type_supported(uint32_t type);
+
+// dst[0..n) = src's n elements (from a block boundary; n a multiple of the
+// block size for quantized types) rounded to fp16.
+void dequantize_f16(uint32_t type, const uint8_t* src, int64_t n, __half* dst, cudaStream_t st,
+                    const char* what);
+
+// y[m][r] (+)= sum_k W[r][k] * x[m][k] (+ bias[r]) for m < rows <= kMatvecMaxRows,
+// reading W's quantized blocks directly. x rows are `ldx` floats apart (ldx % 4
+// == 0 and x 16-byte aligned for quantized types), y rows `ldy`.
+void matvec(uint32_t type, const uint8_t* w, size_t row_bytes, int n_in, int n_out, const float* x, int ldx,
+            int rows, float* y, int ldy, const float* bias, bool accumulate, cudaStream_t st, const char* what);
+
+// out[i][0..n_in) = row ids[i] of W as float32 (the embedding lookup).
+void get_rows(uint32_t type, const uint8_t* w, size_t row_bytes, int n_in, const int32_t* ids, int n_ids,
+              float* out, cudaStream_t st, const char* what);
+
+// y[r] = x[r] / sqrt(mean(x[r]²) + eps) * w, rows of n floats (x, y may alias).
+void rmsnorm(const float* x, int rows, int n, const float* w, float eps, float* y, cudaStream_t st,
+             const char* what);
+
+// NEOX RoPE in place on x[t][h*head_dim ...] (row stride ld), t < n_tok, h < n_heads,
+// token t at position pos[t] (device array).
+void rope_neox(float* x, int ld, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base,
+               cudaStream_t st, const char* what);
+
+// Appends K and V of n_tok tokens (float32 rows of kv_dim at k + t*ld) as fp16
+// to the caches: token t goes to slot slots[t], position pos[t]; kc/vc point at
+// the layer's [pos][kv_dim] block of slot 0, slots are slot_stride elements apart.
+void kv_store(const float* k, const float* v, int ld, int n_tok, int kv_dim, const int32_t* slots,
+              const int32_t* pos, __half* kc, __half* vc, size_t slot_stride, cudaStream_t st, const char* what);
+
+// How an attention launch splits the keys: n_splits blocks per (query, head),
+// each over split_len consecutive keys (a multiple of kAttnTile).
+struct AttnPlan {
+    int n_splits = 1;
+    int split_len = kAttnTile;
+};
+AttnPlan attn_plan(int n_q, int kv_max, int n_head, int sm_count);
+AttnPlan attn_plan_fixed(int kv_max, int split_len);  // for tests: a given split length
+// Elements of the partial buffers a plan needs: part_o n_q*n_head*n_splits*head_dim
+// floats, part_ml n_q*n_head*n_splits float2.
+inline size_t attn_partials(int n_q, int n_head, const AttnPlan& p) {
+    return size_t(n_q) * n_head * p.n_splits;
+}
+
+// Causal GQA attention over the cache: query t (q + t*ldq, n_head heads of
+// head_dim) attends to positions [0, pos[t]] of slot slots[t]; query head h
+// reads KV head h / (n_head / n_head_kv). Softmax in float32 with scale
+// 1/sqrt(head_dim); out + t*ldo receives n_head*head_dim floats.
+void attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
+               const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
+               const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
+               const char* what);
+
+// g[i] = silu(g[i]) * u[i].
+void swiglu(float* g, const float* u, int64_t n, cudaStream_t st, const char* what);
+
+// y[r][c] += b[c] for rows of n (row stride ld).
+void add_bias(float* y, int rows, int n, int ld, const float* b, cudaStream_t st, const char* what);
+
+// y[0..n) = fp16(x[0..n)).
+void f32_to_f16(const float* x, int64_t n, __half* y, cudaStream_t st, const char* what);
+
+// Poison fills for tests (NaN).
+void fill_nan(float* p, int64_t n, cudaStream_t st);
+void fill_nan(__half* p, int64_t n, cudaStream_t st);
+
+// A no-op kernel: cuda_status() launches it to check there is an image for the device.
+cudaError_t probe_kernel();
+
+}  // namespace cu
+}  // namespace orcd
+
+// ---------------------------------------------------------------- the prompt-path product
+#include <cublas_v2.h>
+
+namespace orcd {
+namespace cu {
+
+// y[t][r] (+)= sum_k W[r][k] * x[t][k] (+ bias[r]) for t < rows, through cuBLAS:
+// x (rows x n_in float32, contiguous) is rounded to fp16 into act16
+// (rows*n_in halfs); W is dequantized to fp16 into w16 (w16_elems halfs) in
+// chunks of w16_elems / n_in rows (F16 weights are used in place), and each
+// chunk is multiplied by cublasGemmEx with fp16 inputs and float32
+// accumulation and output. y rows are ldy floats apart.
+void gemm_linear(cublasHandle_t blas, cudaStream_t st, uint32_t type, const uint8_t* w, size_t row_bytes, int n_in,
+                 int n_out, const float* x, int rows, float* y, int ldy, const float* bias, bool accumulate,
+                 __half* act16, __half* w16, size_t w16_elems, const char* what);
+
+}  // namespace cu
+}  // namespace orcd
