@@ -1,0 +1,261 @@
+"""orcd.chat: the model's chat template (Jinja, rendered as HF transformers does)
+and safe encoding of conversations.
+
+    tpl = ChatTemplate(md.get("tokenizer.chat_template"))      # None -> ChatML
+    text = tpl.render([{"role": "user", "content": "hi"}])     # for display
+    ids = encode_chat(tok, tpl, messages)                      # for the model
+
+encode_chat never lets text supplied by the caller become control tokens:
+message contents are rendered as sentinels and encoded as plain text, and
+every other string in the messages and tools (roles, names, tool-call
+arguments, tool definitions) has its control-token text replaced by a
+placeholder before rendering and restored afterwards as plain text. Only
+control-token text written by the template itself is encoded as control
+tokens. Plain text between control tokens is encoded in one piece, so the ids
+equal those of encoding the rendered string with special parsing whenever the
+messages contain no control-token text.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from datetime import datetime
+from typing import Optional
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _make_env():
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTracker(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (used by some HF templates to
+        mark assistant text): renders its body unchanged."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # HF's override: no HTML escaping, unicode kept.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTracker, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+class ChatTemplate:
+    """A chat template. template_str None or empty -> ChatML."""
+
+    def __init__(self, template_str: Optional[str] = None, bos_token: str = "", eos_token: str = ""):
+        import jinja2
+
+        if template_str is None or (isinstance(template_str, str) and not template_str.strip()):
+            template_str = CHATML_TEMPLATE
+            self.is_default = True
+        else:
+            self.is_default = False
+        if not isinstance(template_str, str):
+            raise ValueError(f"chat template must be a str (got {type(template_str).__name__})")
+        self.source = template_str
+        self.bos_token = bos_token or ""
+        self.eos_token = eos_token or ""
+        try:
+            self._template = _make_env().from_string(template_str)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ValueError(f"chat template: syntax error at line {e.lineno}: {e.message}") from None
+
+    def render(self, messages, add_generation_prompt: bool = True, tools=None, **extra) -> str:
+        """The prompt text for `messages` (validated; see validate_messages)."""
+        msgs = validate_messages(messages)
+        return self._render(msgs, add_generation_prompt, tools, extra)
+
+    def _render(self, msgs, add_generation_prompt, tools, extra) -> str:
+        import jinja2
+
+        ctx = dict(extra)
+        ctx.update(messages=msgs, add_generation_prompt=bool(add_generation_prompt), tools=tools,
+                   bos_token=self.bos_token, eos_token=self.eos_token)
+        try:
+            return self._template.render(**ctx)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat template error: {e.message if hasattr(e, 'message') else e}") from None
+
+    def __repr__(self):
+        return f"<orcd.ChatTemplate {'ChatML default' if self.is_default else f'{len(self.source)} chars'}>"
+
+
+def validate_messages(messages) -> list:
+    """Checks a conversation and returns shallow copies of its messages.
+
+    Each message is a dict with "role" (non-empty str) and "content" (str; None
+    is read as "" for assistant messages that only carry tool_calls). Other keys
+    (name, tool_calls, ...) are passed to the template as they are."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts "
+                         f"(got {type(messages).__name__})")
+    if not messages:
+        raise ValueError("messages must not be empty")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content' (got {type(m).__name__})")
+        if "role" not in m:
+            raise ValueError(f"messages[{i}] has no 'role'")
+        role = m["role"]
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}]['role'] must be a non-empty str (got {role!r})")
+        if "content" not in m:
+            raise ValueError(f"messages[{i}] has no 'content'")
+        content = m["content"]
+        if content is None and m.get("tool_calls"):
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}]['content'] must be a str (got {type(content).__name__})")
+        mm = dict(m)
+        mm["content"] = content
+        out.append(mm)
+    return out
+
+
+# ---------------------------------------------------------------- safe encoding
+
+class _Defuser:
+    """Replaces special-token text inside caller strings with placeholders
+    (private-use characters plus a random nonce) and restores them."""
+
+    def __init__(self, rx, nonce: str):
+        self.rx = rx
+        self.texts: list = []
+        self.index: dict = {}
+        self.pre = f"\ue000{nonce}:"
+        self.restore_rx = re.compile(re.escape(self.pre) + r"(\d+)\ue001")
+
+    def _ph(self, m) -> str:
+        t = m.group(0)
+        k = self.index.get(t)
+        if k is None:
+            k = self.index[t] = len(self.texts)
+            self.texts.append(t)
+        return f"{self.pre}{k}\ue001"
+
+    def str(self, s: str) -> str:
+        return self.rx.sub(self._ph, s) if self.rx is not None else s
+
+    def tree(self, x):
+        if isinstance(x, str):
+            return self.str(x)
+        if isinstance(x, dict):
+            return {(self.str(k) if isinstance(k, str) else k): self.tree(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [self.tree(v) for v in x]
+        return x
+
+    def restore(self, s: str) -> str:
+        if not self.texts:
+            return s
+        return self.restore_rx.sub(lambda m: self.texts[int(m.group(1))], s)
+
+
+def encode_chat(tokenizer, template: ChatTemplate, messages, add_generation_prompt: bool = True,
+                tools=None, **extra) -> list:
+    """Token ids of the rendered conversation, where only control-token text
+    written by the template becomes control tokens (see the module docstring)."""
+    msgs = validate_messages(messages)
+    rx = tokenizer.special_regex()
+    nonce = secrets.token_hex(8)
+    d = _Defuser(rx, nonce)
+
+    # Everything except the contents: defused (roles, names, tool calls, tools, extra).
+    base = []
+    for m in msgs:
+        mm = {k: (v if k == "content" else d.tree(v)) for k, v in m.items()}
+        base.append(mm)
+    tools_d = d.tree(tools) if tools is not None else None
+    extra_d = {k: d.tree(v) for k, v in extra.items()}
+
+    # Contents as sentinels (empty contents stay empty: templates test them).
+    sent = {}
+    with_sentinels = []
+    for i, m in enumerate(base):
+        mm = dict(m)
+        if m["content"]:
+            s = f"\ue002{nonce}:{i}\ue003"
+            sent[s] = m["content"]
+            mm["content"] = s
+        with_sentinels.append(mm)
+    rendered_s = template._render(with_sentinels, add_generation_prompt, tools_d, extra_d)
+
+    pieces = []  # (text, is_template)
+    if sent:
+        srx = re.compile("|".join(re.escape(s) for s in sent))
+        pos = 0
+        for m in srx.finditer(rendered_s):
+            if m.start() > pos:
+                pieces.append((rendered_s[pos:m.start()], True))
+            pieces.append((sent[m.group(0)], False))
+            pos = m.end()
+        if pos < len(rendered_s):
+            pieces.append((rendered_s[pos:], True))
+        # The template must have used the contents verbatim; check against a
+        # rendering with the real contents.
+        rendered_real = template._render(base, add_generation_prompt, tools_d, extra_d)
+        if "".join(p for p, _ in pieces) != rendered_real:
+            # It transformed them (strip, slicing, escaping...): defuse the
+            # contents too and treat the whole rendering as template text.
+            full = [dict(m, content=d.str(m["content"])) for m in base]
+            pieces = [(template._render(full, add_generation_prompt, tools_d, extra_d), True)]
+    else:
+        pieces = [(rendered_s, True)]
+
+    # Split template text at control-token text; join the plain runs.
+    out_parts = []  # str (plain text, to encode without special parsing) or int (token id)
+    plain = []
+    for text, is_template in pieces:
+        if not is_template or rx is None:
+            plain.append(text if not is_template else d.restore(text))
+            continue
+        pos = 0
+        for m in rx.finditer(text):
+            if m.start() > pos:
+                plain.append(d.restore(text[pos:m.start()]))
+            if plain:
+                out_parts.append("".join(plain))
+                plain = []
+            out_parts.append(tokenizer.token_to_id(m.group(0)))
+            pos = m.end()
+        if pos < len(text):
+            plain.append(d.restore(text[pos:]))
+    if plain:
+        out_parts.append("".join(plain))
+
+    ids = []
+    for p in out_parts:
+        if isinstance(p, int):
+            ids.append(p)
+        elif p:
+            ids.extend(tokenizer.encode(p, special=False, add_bos=False))
+    if tokenizer.add_bos and tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
+        ids.insert(0, tokenizer.bos_id)
+    return ids
