@@ -391,11 +391,21 @@ def write_f16_copy(src_path, dst_path) -> str:
     """Copy a GGUF, dequantizing every quantized tensor (anything other than F32
     and F16) to F16; F32 and F16 tensors are copied as they are, all metadata
     keys are copied (general.file_type is set to 1 when something was converted).
-    Writes to dst_path + ".tmp" then renames. Returns str(dst_path)."""
+    Writes a temporary file next to dst_path, then renames it. Returns str(dst_path)."""
     src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
     r = GGUFReader(src_path)
     arch = r.fields["general.architecture"].contents()
-    tmp = dst_path + ".tmp"
+    tmp = f"{dst_path}.{os.getpid()}.tmp"
+    try:
+        _write_f16(r, arch, tmp)
+        os.replace(tmp, dst_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dst_path
+
+
+def _write_f16(r: GGUFReader, arch: str, tmp: str) -> None:
     w = GGUFWriter(tmp, arch)
     converted = any(t.tensor_type not in _FLOAT_TYPES for t in r.tensors)
     for key, field in r.fields.items():
@@ -429,5 +439,3 @@ def write_f16_copy(src_path, dst_path) -> str:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, dst_path)
-    return dst_path
