@@ -110,8 +110,8 @@ def cached_model_path(model: Optional[str] = None) -> str:
     return os.path.join(cache_dir(create=False), _spec(model).filename)
 
 
-def _stamp_path(path: str) -> str:
-    return path + ".verified"
+def _stamp_path(path: str, stamp: Optional[str] = None) -> str:
+    return stamp or path + ".verified"
 
 
 def sha256_file(path: str, progress: bool = False, desc: str = "") -> str:
@@ -129,14 +129,14 @@ def sha256_file(path: str, progress: bool = False, desc: str = "") -> str:
     return h.hexdigest()
 
 
-def _write_stamp(path: str, sha: str) -> None:
+def _write_stamp(path: str, sha: str, stamp: Optional[str] = None) -> None:
     st = os.stat(path)
     data = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
-    tmp = _stamp_path(path) + f".{os.getpid()}.tmp"
+    tmp = _stamp_path(path, stamp) + f".{os.getpid()}.tmp"
     try:
         with open(tmp, "w") as f:
             json.dump(data, f)
-        os.replace(tmp, _stamp_path(path))
+        os.replace(tmp, _stamp_path(path, stamp))
     except OSError:  # a read-only cache still works, just without the shortcut
         try:
             os.unlink(tmp)
@@ -144,11 +144,13 @@ def _write_stamp(path: str, sha: str) -> None:
             pass
 
 
-def is_verified(path: str, sha256: str, size: Optional[int] = None) -> bool:
-    """True when a stamp records this sha256 for the file's current size and mtime."""
+def is_verified(path: str, sha256: str, size: Optional[int] = None,
+                stamp: Optional[str] = None) -> bool:
+    """True when a stamp (default: path + ".verified") records this sha256 for
+    the file's current size and mtime."""
     try:
         st = os.stat(path)
-        with open(_stamp_path(path)) as f:
+        with open(_stamp_path(path, stamp)) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return False
@@ -158,20 +160,20 @@ def is_verified(path: str, sha256: str, size: Optional[int] = None) -> bool:
 
 
 def verify_file(path: str, sha256: str, size: Optional[int] = None,
-                progress: bool = False) -> bool:
+                progress: bool = False, stamp: Optional[str] = None) -> bool:
     """Checks size and sha256 (instant when a matching stamp exists); writes the
-    stamp after a successful full check."""
+    stamp (default: path + ".verified") after a successful full check."""
     try:
         st = os.stat(path)
     except OSError:
         return False
     if size is not None and st.st_size != size:
         return False
-    if is_verified(path, sha256, size):
+    if is_verified(path, sha256, size, stamp):
         return True
     if sha256_file(path, progress=progress) != sha256:
         return False
-    _write_stamp(path, sha256)
+    _write_stamp(path, sha256, stamp)
     return True
 
 
