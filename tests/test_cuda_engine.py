@@ -1,0 +1,382 @@
+"""The CUDA engine against the CPU engine (orcd._orcd.CpuEngine).
+
+Per-layer hidden states and logits must agree to cosine >= 0.999 with the same
+argmax, on tiny random models of every weight type and on the real model;
+greedy decoding of the real model must give the same 32 tokens on 5 prompts.
+Also: the decode batch (two different prompts in one batch == each alone),
+prompts longer than one chunk, the gemm path of large batches, errors.
+
+Skipped as a whole when orcd._orcd_cuda is missing or no usable GPU is present.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+try:
+    from orcd import _orcd_cuda as cu
+except ImportError as e:
+    pytest.skip(f"orcd._orcd_cuda is not available: {e}", allow_module_level=True)
+
+_status = cu.cuda_status()
+if _status:
+    pytest.skip(f"no usable CUDA GPU: {_status}", allow_module_level=True)
+
+from orcd import _orcd as core  # noqa: E402
+
+try:
+    from tiny_models import WEIGHT_TYPES
+except Exception:  # gguf missing: the tiny-model tests skip through the fixture anyway
+    WEIGHT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+COS_MIN = 0.999
+
+
+def cosine_rows(a, b):
+    a = np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1])
+    b = np.asarray(b, np.float64).reshape(-1, np.shape(b)[-1])
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return num / np.maximum(den, 1e-30)
+
+
+def assert_close_rows(gpu, cpu, what, cos_min=COS_MIN):
+    assert np.all(np.isfinite(gpu)), f"{what}: non-finite GPU values"
+    c = cosine_rows(gpu, cpu)
+    worst = int(np.argmin(c))
+    assert c.min() >= cos_min, f"{what}: cosine {c.min():.6f} at row {worst} (< {cos_min})"
+
+
+def assert_same_argmax(gpu, cpu, what, tie=0.0):
+    """Same argmax per row. With tie > 0, a different pick is accepted only when
+    the CPU's own logits for both tokens differ by less than `tie` (a near tie)."""
+    gpu = np.atleast_2d(gpu)
+    cpu = np.atleast_2d(cpu)
+    for r in range(gpu.shape[0]):
+        g, c = int(np.argmax(gpu[r])), int(np.argmax(cpu[r]))
+        if g != c:
+            margin = float(cpu[r, c] - cpu[r, g])
+            assert margin < tie, (f"{what}: row {r}: GPU argmax {g}, CPU argmax {c} "
+                                  f"(CPU margin {margin:.4g})")
+
+
+def compare_trace(path, tokens, n_ctx=64, tie=1e-3):
+    cpu = core.CpuEngine(path, n_ctx, 1)
+    gpu = cu.CudaEngine(path, n_ctx, 1)
+    try:
+        hc, lc = cpu.trace(tokens)
+        hg, lg = gpu.trace(tokens)
+        assert len(hg) == len(hc) == cpu.info()["n_layer"] + 1
+        for i, (a, b) in enumerate(zip(hg, hc)):
+            assert a.shape == b.shape
+            assert_close_rows(a, b, f"hidden[{i}]")
+        assert lg.shape == lc.shape
+        assert_close_rows(lg, lc, "logits")
+        assert_same_argmax(lg, lc, "logits", tie=tie)
+        return gpu, cpu, lg, lc
+    finally:
+        gpu.close()
+
+
+# ------------------------------------------------------------------ tiny random models
+
+@pytest.mark.parametrize("wtype", WEIGHT_TYPES)
+def test_tiny_trace_matches_cpu(tiny_model, wtype):
+    path = tiny_model(wtype)
+    n_vocab = core.CpuEngine(path, 8, 1).info()["n_vocab"]
+    tokens = np.random.default_rng(1).integers(0, n_vocab, 23).astype(np.int32)
+    compare_trace(path, tokens)
+
+
+@pytest.mark.parametrize("wtype", ["Q8_0", "Q4_K", "F16"])
+def test_tiny_tied_output(tiny_model, wtype):
+    path = tiny_model(wtype, tied=True)
+    assert cu.CudaEngine(path, 16, 1).info()["tied_output"]
+    n_vocab = core.CpuEngine(path, 8, 1).info()["n_vocab"]
+    tokens = np.random.default_rng(2).integers(0, n_vocab, 9).astype(np.int32)
+    compare_trace(path, tokens)
+
+
+def test_tiny_mixed_types_like_q4_k_m(tiny_model):
+    """The tensor types of the real Q4_K_M file in one model."""
+    path = tiny_model("Q5_0", tensor_types={"ffn_down.weight": "Q6_K", "ffn_gate.weight": "Q4_K",
+                                             "ffn_up.weight": "Q4_K", "attn_v.weight": "Q8_0",
+                                             "token_embd.weight": "Q8_0"}, tied=True)
+    n_vocab = core.CpuEngine(path, 8, 1).info()["n_vocab"]
+    tokens = np.random.default_rng(3).integers(0, n_vocab, 17).astype(np.int32)
+    compare_trace(path, tokens)
+
+
+def _greedy(engine, slot, prompt, steps):
+    """Prompt then `steps` greedy single-token decodes; returns (tokens, logits per step)."""
+    logits = engine.forward(slot, np.asarray(prompt, np.int32), 0)
+    out, ls = [], [logits]
+    pos = len(prompt)
+    for _ in range(steps):
+        t = int(np.argmax(logits))
+        out.append(t)
+        logits = engine.forward(slot, np.array([t], np.int32), pos)
+        ls.append(logits)
+        pos += 1
+    return out, ls
+
+
+@pytest.mark.parametrize("wtype", ["Q4_K", "Q5_0", "Q8_0", "F16"])
+def test_tiny_incremental_decode_matches_cpu(tiny_model, wtype):
+    """Prompt (gemm path) + single-token steps (mat-vec path, attention over the cache)."""
+    path = tiny_model(wtype)
+    cpu = core.CpuEngine(path, 64, 1)
+    gpu = cu.CudaEngine(path, 64, 1)
+    prompt = np.random.default_rng(4).integers(0, cpu.info()["n_vocab"], 11)
+    # Drive both with the CPU's tokens so a near tie cannot fork the sequences.
+    lc = cpu.forward(0, prompt.astype(np.int32), 0)
+    lg = gpu.forward(0, prompt.astype(np.int32), 0)
+    pos = len(prompt)
+    for step in range(12):
+        assert_close_rows(lg, lc, f"step {step}")
+        assert_same_argmax(lg, lc, f"step {step}", tie=1e-3)
+        t = np.array([int(np.argmax(lc))], np.int32)
+        lc = cpu.forward(0, t, pos)
+        lg = gpu.forward(0, t, pos)
+        pos += 1
+    gpu.close()
+
+
+def test_tiny_prompt_split_equals_whole(tiny_model):
+    """all_logits of one forward == logits of the same tokens fed in pieces."""
+    path = tiny_model("Q8_0")
+    gpu = cu.CudaEngine(path, 64, 1)
+    toks = np.random.default_rng(5).integers(0, gpu.n_vocab, 20).astype(np.int32)
+    whole = gpu.forward(0, toks, 0, all_logits=True)
+    assert whole.shape == (20, gpu.n_vocab)
+    # (the last-token lm_head is a float32 mat-vec, all_logits an fp16 GEMM: not bitwise equal)
+    last = gpu.forward(0, toks, 0)
+    assert_close_rows(last, whole[-1], "last vs all_logits", cos_min=0.9999)
+    a = gpu.forward(0, toks[:13], 0, all_logits=True)
+    b = gpu.forward(0, toks[13:19], 13, all_logits=True)
+    c = gpu.forward(0, toks[19:], 19)
+    pieces = np.concatenate([a, b, c[None]])
+    assert_close_rows(pieces, whole, "pieces vs whole", cos_min=0.9999)
+    assert_same_argmax(pieces, whole, "pieces vs whole", tie=1e-3)
+    gpu.close()
+
+
+def test_tiny_decode_batch_two_prompts(tiny_model):
+    """Two different prompts in slots 0 and 1, then batched decode steps at
+    different positions == each sequence run alone (and == the CPU engine)."""
+    path = tiny_model("Q4_K")
+    rng = np.random.default_rng(6)
+    gpu2 = cu.CudaEngine(path, 64, 2)
+    V = gpu2.n_vocab
+    prompts = [rng.integers(0, V, 7).astype(np.int32), rng.integers(0, V, 12).astype(np.int32)]
+    steps = 10
+
+    # each alone, one-slot engines
+    alone = []
+    for p in prompts:
+        g1 = cu.CudaEngine(path, 64, 1)
+        alone.append(_greedy(g1, 0, p, steps))
+        g1.close()
+
+    # both in one engine: prompts into slots 0/1, then decode_batch
+    l0 = gpu2.forward(0, prompts[0], 0)
+    l1 = gpu2.forward(1, prompts[1], 0)
+    logits = [l0, l1]
+    pos = [len(prompts[0]), len(prompts[1])]
+    toks = [[], []]
+    for step in range(steps):
+        t = [int(np.argmax(logits[0])), int(np.argmax(logits[1]))]
+        for s in range(2):
+            toks[s].append(t[s])
+        order = [1, 0] if step % 2 else [0, 1]  # the batch order must not matter
+        out = gpu2.decode_batch(np.array(order, np.int32), np.array([t[i] for i in order], np.int32),
+                                np.array([pos[i] for i in order], np.int32))
+        assert out.shape == (2, V)
+        for j, s in enumerate(order):
+            logits[s] = out[j]
+            assert_close_rows(out[j], alone[s][1][step + 1], f"slot {s} step {step}", cos_min=0.99999)
+        pos = [p + 1 for p in pos]
+    for s in range(2):
+        assert toks[s] == alone[s][0], f"slot {s}: batched tokens differ from the single-sequence run"
+
+    # and the same batch on the CPU engine
+    cpu = core.CpuEngine(path, 64, 2)
+    cpu.forward(0, prompts[0], 0)
+    cpu.forward(1, prompts[1], 0)
+    gpu3 = cu.CudaEngine(path, 64, 2)
+    gpu3.forward(0, prompts[0], 0)
+    gpu3.forward(1, prompts[1], 0)
+    lc = cpu.decode_batch(np.array([0, 1], np.int32), np.array([5, 9], np.int32),
+                          np.array([len(prompts[0]), len(prompts[1])], np.int32))
+    lg = gpu3.decode_batch(np.array([0, 1], np.int32), np.array([5, 9], np.int32),
+                           np.array([len(prompts[0]), len(prompts[1])], np.int32))
+    assert_close_rows(lg, lc, "decode_batch vs CPU")
+    assert_same_argmax(lg, lc, "decode_batch vs CPU", tie=1e-3)
+    gpu2.close()
+    gpu3.close()
+
+
+def test_tiny_large_batch_gemm_path(tiny_model):
+    """A decode batch of more than 8 slots goes through the cuBLAS path."""
+    path = tiny_model("Q6_K")
+    n = 11
+    cpu = core.CpuEngine(path, 32, n)
+    gpu = cu.CudaEngine(path, 32, n)
+    rng = np.random.default_rng(7)
+    V = gpu.n_vocab
+    plen = rng.integers(1, 9, n)
+    for s in range(n):
+        p = rng.integers(0, V, plen[s]).astype(np.int32)
+        cpu.forward(s, p, 0)
+        gpu.forward(s, p, 0)
+    slots = rng.permutation(n).astype(np.int32)
+    toks = rng.integers(0, V, n).astype(np.int32)
+    pos = plen[slots].astype(np.int32)
+    lc = cpu.decode_batch(slots, toks, pos)
+    lg = gpu.decode_batch(slots, toks, pos)
+    assert_close_rows(lg, lc, "batch of 11")
+    assert_same_argmax(lg, lc, "batch of 11", tie=1e-3)
+    gpu.close()
+
+
+def test_tiny_long_prompt_chunks_and_splits(tiny_model):
+    """A prompt longer than one chunk (512 tokens), then decode steps over a
+    long cache (attention split along the keys)."""
+    path = tiny_model("Q8_0")
+    n_ctx = 1400
+    cpu = core.CpuEngine(path, n_ctx, 1)
+    gpu = cu.CudaEngine(path, n_ctx, 1)
+    assert gpu.info()["prompt_chunk"] == 512
+    V = gpu.n_vocab
+    toks = np.random.default_rng(8).integers(0, V, 1100).astype(np.int32)
+    lc = cpu.forward(0, toks, 0, all_logits=True)
+    lg = gpu.forward(0, toks, 0, all_logits=True)
+    assert_close_rows(lg, lc, "long prompt")
+    pos = len(toks)
+    for step in range(3):
+        t = np.array([int(np.argmax(lc[-1] if step == 0 else lc))], np.int32)
+        lc = cpu.forward(0, t, pos)
+        lg = gpu.forward(0, t, pos)
+        assert_close_rows(lg, lc, f"decode at {pos}")
+        pos += 1
+    gpu.close()
+
+
+# ------------------------------------------------------------------ API and errors
+
+def test_info_and_errors(tiny_model):
+    path = tiny_model("Q4_0")
+    calls = []
+    gpu = cu.CudaEngine(path, 32, 2, progress=lambda done, total: calls.append((done, total)))
+    info = gpu.info()
+    assert info["backend"] == "cuda" and info["n_ctx"] == 32 and info["n_slots"] == 2
+    assert info["vram_bytes"] == info["vram_weights"] + info["vram_kv"] + info["vram_scratch"] > 0
+    cinfo = core.CpuEngine(path, 32, 2).info()
+    for k in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "n_vocab", "tied_output"):
+        assert info[k] == cinfo[k], k
+    assert calls and calls[-1][0] == calls[-1][1]
+    V = gpu.n_vocab
+    with pytest.raises(ValueError, match="slot"):
+        gpu.forward(2, np.array([1], np.int32), 0)
+    with pytest.raises(ValueError, match="n_ctx"):
+        gpu.forward(0, np.arange(5, dtype=np.int32), 30)
+    with pytest.raises(ValueError, match="token id"):
+        gpu.forward(0, np.array([V], np.int32), 0)
+    with pytest.raises(ValueError, match="twice"):
+        gpu.decode_batch(np.array([1, 1], np.int32), np.array([1, 2], np.int32), np.array([0, 0], np.int32))
+    with pytest.raises(ValueError):
+        gpu.decode_batch(np.array([0], np.int32), np.array([1], np.int32), np.array([32], np.int32))
+    gpu.close()
+    with pytest.raises(ValueError, match="closed"):
+        gpu.info()
+
+
+def test_not_enough_memory(tiny_model):
+    path = tiny_model("Q4_0")
+    free_before = cu.device_info()["free_memory"]
+    with pytest.raises(RuntimeError, match=r"not enough GPU memory: need \d+ bytes, \d+ free"):
+        cu.CudaEngine(path, 1 << 20, 1 << 16)
+    # nothing was left allocated
+    assert cu.device_info()["free_memory"] >= free_before - (64 << 20)
+
+
+def test_bad_path():
+    with pytest.raises(ValueError):
+        cu.CudaEngine("/nonexistent/model.gguf", 16)
+
+
+# ------------------------------------------------------------------ the real model
+
+def _real_prompts(path):
+    """Five chat prompts as token ids, from the file's own vocabulary (one token per word)."""
+    md = dict(core.GGUFFile(path).metadata_items())
+    vocab = {t: i for i, t in enumerate(md["tokenizer.ggml.tokens"])}
+    texts = [
+        "Write a python function that returns the sum of a list",
+        "What is the capital of France ?",
+        "Explain what a hash table is in one sentence",
+        "def fibonacci ( n ) :",
+        "List three colors of the rainbow",
+    ]
+    def encode(word):  # greedy longest match; single characters are always tokens
+        ids, i = [], 0
+        while i < len(word):
+            j = len(word)
+            while j > i + 1 and word[i:j] not in vocab:
+                j -= 1
+            ids.append(vocab[word[i:j]])
+            i = j
+        return ids
+
+    out = []
+    for text in texts:
+        ids = [vocab["<|im_start|>"], vocab["user"], vocab["Ċ"]]
+        for j, w in enumerate(text.split()):
+            ids += encode(w if j == 0 else "Ġ" + w)
+        ids += [vocab["<|im_end|>"], vocab["Ċ"], vocab["<|im_start|>"], vocab["assistant"], vocab["Ċ"]]
+        out.append(np.array(ids, np.int32))
+    return out
+
+
+def test_real_model_trace(real_model_path):
+    prompt = _real_prompts(real_model_path)[0]
+    gpu, cpu, lg, lc = compare_trace(real_model_path, prompt, n_ctx=256, tie=0.0)
+    info = cu.CudaEngine(real_model_path, 256, 1).info()
+    assert info["vram_weights"] < 600 << 20  # quantized blocks, not an fp16 copy
+
+
+def test_real_model_greedy_32_steps(real_model_path):
+    cpu = core.CpuEngine(real_model_path, 256, 1)
+    gpu = cu.CudaEngine(real_model_path, 256, 1)
+    for i, prompt in enumerate(_real_prompts(real_model_path)):
+        tc, lcs = _greedy(cpu, 0, prompt, 32)
+        tg, lgs = _greedy(gpu, 0, prompt, 32)
+        if tc != tg:
+            k = next(j for j in range(32) if tc[j] != tg[j])
+            lc = lcs[k]
+            raise AssertionError(f"prompt {i}: tokens differ at step {k}: CPU {tc[k]} GPU {tg[k]}; CPU logits "
+                                 f"{lc[tc[k]]:.4f} vs {lc[tg[k]]:.4f}; cos {cosine_rows(lgs[k], lc)[0]:.6f}")
+        for k in range(33):
+            assert_close_rows(lgs[k], lcs[k], f"prompt {i} step {k}")
+    gpu.close()
+
+
+def test_real_model_decode_batch(real_model_path):
+    prompts = _real_prompts(real_model_path)[:2]
+    gpu = cu.CudaEngine(real_model_path, 256, 2)
+    single = cu.CudaEngine(real_model_path, 256, 1)
+    ref = [_greedy(single, 0, p, 8)[0] for p in prompts]
+    single.close()
+    logits = [gpu.forward(s, p, 0) for s, p in enumerate(prompts)]
+    pos = [len(p) for p in prompts]
+    toks = [[], []]
+    for _ in range(8):
+        t = [int(np.argmax(l)) for l in logits]
+        for s in range(2):
+            toks[s].append(t[s])
+        out = gpu.decode_batch(np.array([0, 1], np.int32), np.array(t, np.int32), np.array(pos, np.int32))
+        logits = [out[0], out[1]]
+        pos = [p + 1 for p in pos]
+    assert toks == ref
+    gpu.close()
