@@ -77,6 +77,10 @@ int32_t Sampler::sample(const float* logits, int n_vocab, const int32_t* history
     if (n_vocab <= 0) throw Error("sample: n_vocab must be > 0 (got " + std::to_string(n_vocab) + ")");
     if (n_history < 0) throw Error("sample: n_history must be >= 0 (got " + std::to_string(n_history) + ")");
     if (n_history > 0 && history == nullptr) throw Error("sample: history is null");
+    for (int i = 0; i < n_history; ++i)
+        if (history[i] < 0 || history[i] >= n_vocab)
+            throw Error("sample: history token " + std::to_string(history[i]) + " out of range [0, " +
+                        std::to_string(n_vocab) + ")");
 
     // 1. Copy, sanitizing: NaN never wins, +inf becomes the largest float so
     //    differences stay finite.
@@ -98,10 +102,6 @@ int32_t Sampler::sample(const float* logits, int n_vocab, const int32_t* history
     if ((rep || pres || freq) && n_history > 0 && p_.penalty_last_n != 0) {
         int n = p_.penalty_last_n < 0 ? n_history : std::min(n_history, p_.penalty_last_n);
         idx_.assign(history + (n_history - n), history + n_history);
-        for (int32_t t : idx_)
-            if (t < 0 || t >= n_vocab)
-                throw Error("sample: history token " + std::to_string(t) + " out of range [0, " +
-                            std::to_string(n_vocab) + ")");
         std::sort(idx_.begin(), idx_.end());
         for (size_t a = 0; a < idx_.size();) {
             size_t b = a;

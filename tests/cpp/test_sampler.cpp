@@ -205,6 +205,9 @@ TEST_CASE("sampler: input checks") {
     Sampler sp(p);
     CHECK_THROWS_WITH_AS(sp.sample(l.data(), 2, bad.data(), 1),
                          "sample: history token 5 out of range [0, 2)", orcd::Error);
+    // Checked with the penalties off too.
+    CHECK_THROWS_WITH_AS(s.sample(l.data(), 2, bad.data(), 1),
+                         "sample: history token 5 out of range [0, 2)", orcd::Error);
     std::vector<float> dead = {-INFINITY, NAN};
     CHECK_THROWS_AS(s.sample(dead.data(), 2, nullptr, 0), orcd::Error);
     CHECK_THROWS_AS(s.sample(l.data(), 0, nullptr, 0), orcd::Error);
