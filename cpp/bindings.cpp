@@ -41,6 +41,20 @@ NpArray<T> to_numpy(std::vector<T>&& v, std::vector<size_t> shape) {
     return NpArray<T>(heap->data(), shape.size(), shape.data(), owner);
 }
 
+// A fresh float32 NumPy array of `shape` whose memory is not zero-filled:
+// for outputs a kernel overwrites completely (dequantization of big tensors).
+struct FloatOut {
+    float* data;
+    NpArray<float> array;
+};
+FloatOut float_out(std::vector<size_t> shape) {
+    size_t n = 1;
+    for (size_t d : shape) n *= d;
+    float* p = new float[n ? n : 1];  // default-initialised: no page-touching zero fill
+    nb::capsule owner(p, [](void* q) noexcept { delete[] (float*)q; });
+    return {p, NpArray<float>(p, shape.size(), shape.data(), owner)};
+}
+
 template <typename T>
 using In1D = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 template <typename T>
@@ -137,13 +151,12 @@ struct PyEngine {
         Engine& en = eng();
         const int n = (int)tokens.shape(0);
         const size_t V = (size_t)en.desc().n_vocab;
-        std::vector<float> out((all_logits ? (size_t)n : 1) * V);
+        FloatOut out = all_logits ? float_out({(size_t)n, V}) : float_out({V});
         {
             nb::gil_scoped_release nogil;
-            en.forward(slot, tokens.data(), n, pos0, out.data(), all_logits, nullptr);
+            en.forward(slot, tokens.data(), n, pos0, out.data, all_logits, nullptr);
         }
-        if (all_logits) return to_numpy(std::move(out), {(size_t)n, V});
-        return to_numpy(std::move(out), {V});
+        return out.array;
     }
 
     nb::tuple trace(In1D<int32_t> tokens) {
@@ -167,12 +180,12 @@ struct PyEngine {
         if ((int)slots.shape(0) != n || (int)pos.shape(0) != n)
             throw Error("decode_batch: slots, tokens and pos must have the same length");
         const size_t V = (size_t)en.desc().n_vocab;
-        std::vector<float> out((size_t)n * V);
+        FloatOut out = float_out({(size_t)n, V});
         {
             nb::gil_scoped_release nogil;
-            en.decode_batch(n, slots.data(), tokens.data(), pos.data(), out.data());
+            en.decode_batch(n, slots.data(), tokens.data(), pos.data(), out.data);
         }
-        return to_numpy(std::move(out), {(size_t)n, V});
+        return out.array;
     }
 
     nb::dict info() {
@@ -228,12 +241,12 @@ NB_MODULE(_orcd, m) {
         if (data.shape(0) < need)
             throw Error(std::string(t->name) + ": " + std::to_string(n) + " elements need " + std::to_string(need) +
                         " bytes, got " + std::to_string(data.shape(0)));
-        std::vector<float> out((size_t)n);
+        FloatOut out = float_out({(size_t)n});
         {
             nb::gil_scoped_release nogil;
-            dequantize_row(type, data.data(), out.data(), n);
+            dequantize_row(type, data.data(), out.data, n);
         }
-        return to_numpy(std::move(out), {(size_t)n});
+        return out.array;
     }, nb::arg("type_id"), nb::arg("data"), nb::arg("n"));
 
     m.def("matmul", [](uint32_t type, In1D<uint8_t> w, int64_t n_in, int64_t n_out, In2D<float> x, int n_threads) {
@@ -314,24 +327,24 @@ NB_MODULE(_orcd, m) {
         }, nb::arg("name"), "Zero-copy read-only uint8 view of a tensor's bytes")
         .def("dequantize", [](const PyGGUF& s, const std::string& name) {
             const TensorInfo& t = s.tensor(name);
-            std::vector<float> out((size_t)t.n_elements());
+            FloatOut out = float_out(reversed_shape(t));
             {
                 nb::gil_scoped_release nogil;
-                dequantize_rows(t, 0, t.n_rows(), out.data());
+                dequantize_rows(t, 0, t.n_rows(), out.data);
             }
-            return to_numpy(std::move(out), reversed_shape(t));
+            return out.array;
         }, nb::arg("name"))
         .def("dequantize_rows", [](const PyGGUF& s, const std::string& name, int64_t r0, int64_t r1) {
             const TensorInfo& t = s.tensor(name);
             if (r0 < 0 || r1 < r0 || r1 > t.n_rows())
                 throw Error("tensor '" + name + "': rows [" + std::to_string(r0) + ", " + std::to_string(r1) +
                             ") out of range [0, " + std::to_string(t.n_rows()) + ")");
-            std::vector<float> out((size_t)((r1 - r0) * t.ne[0]));
+            FloatOut out = float_out({(size_t)(r1 - r0), (size_t)t.ne[0]});
             {
                 nb::gil_scoped_release nogil;
-                dequantize_rows(t, r0, r1, out.data());
+                dequantize_rows(t, r0, r1, out.data);
             }
-            return to_numpy(std::move(out), {(size_t)(r1 - r0), (size_t)t.ne[0]});
+            return out.array;
         }, nb::arg("name"), nb::arg("r0"), nb::arg("r1"))
         .def("close", [](PyGGUF& s) { s.f.reset(); });
 
