@@ -10,6 +10,7 @@
 #   6. print a short table last
 # Full output goes to $OUT/log (and per-step logs in $OUT); $OUT defaults to
 # /tmp/gpu_check. Extra pytest arguments: GPU_CHECK_PYTEST_ARGS.
+# GPU_CHECK_SANITIZE=1 adds compute-sanitizer memcheck/racecheck runs.
 # Exit status: 0 when every step that ran passed.
 set -u
 cd "$(dirname "$0")/.."
@@ -105,6 +106,30 @@ for f in test_cuda_kernels test_cuda_engine; do
     if [ $rc -eq 0 ]; then record "$f" ok "$STEP_SECS" "$note"
     else record "$f" FAIL "$STEP_SECS" "$note"; fi
 done
+
+# ---- 4b. optional: compute-sanitizer (GPU_CHECK_SANITIZE=1): memcheck on the kernel
+#      tests and a few engine tests, racecheck on the shared-memory kernels
+if [ -n "${GPU_CHECK_SANITIZE:-}" ]; then
+    CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+    if [ -z "$CS" ]; then
+        record sanitize skip 0 "compute-sanitizer not found"
+    else
+        run_step sanitize "$OUT/sanitize.log" bash -c "
+            set -o pipefail
+            echo '--- memcheck kernels'
+            $CS --tool memcheck --target-processes all --error-exitcode 99 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py || exit 1
+            echo '--- memcheck engine'
+            $CS --tool memcheck --target-processes all --error-exitcode 99 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_engine.py \
+                -k 'tiny_trace_matches_cpu and (Q4_K or Q5_0 or F16) or decode_batch_two or large_batch or info_and_errors' || exit 1
+            echo '--- racecheck attention/rmsnorm'
+            $CS --tool racecheck --target-processes all --error-exitcode 99 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py \
+                -k 'attention or rmsnorm' || exit 1"
+        rc=$?
+        note="$(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize.log") clean runs; $(grep -E 'ERROR SUMMARY: [1-9]' "$OUT/sanitize.log" | head -1)"
+        if [ $rc -eq 0 ]; then record sanitize ok "$STEP_SECS" "$note"
+        else record sanitize FAIL "$STEP_SECS" "$note"; grep -E -A12 "=+ (Invalid|Race|Error)" "$OUT/sanitize.log" | head -40; fi
+    fi
+fi
 
 # ---- 5. the real model: orcd verify and a decode timing
 if [ -n "$MODEL" ]; then
