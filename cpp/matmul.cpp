@@ -6,27 +6,28 @@
 // float32 (exactly) and multiplied with the float32 activations; sums are
 // float32 with 8-lane partial sums (fused multiply-add).
 //
-// Quantized weights with an integer kernel: the activation rows are first
-// quantized once per call to 8-bit integers (the weights stay as stored):
-//   * 32-element types (Q4_0, Q5_0, Q8_0): per block of 32 activations,
-//     dx = amax/127, qx = round_half_even(x * 127/amax) in [-127, 127]
-//     (the Q8_0 scheme). The block also stores c = -off * sum(qx), where off
-//     is the bias a kernel adds to the weight codes to make them unsigned
-//     (8 for Q4_0, 16 for Q5_0, 128 for Q8_0 with AVX512-VNNI; 0 otherwise).
-//     Block product: d_w * dx * (sum(u_w * qx) + c), the integer sum exact in
-//     int32, with u_w = q_w + off the unsigned code and q_w the signed value.
-//   * K-quants (Q4_K, Q5_K, Q6_K, 256-element super-blocks): one dx per 256
-//     activations (the Q8_K scheme), plus integer sums of qx per 32 (Q4_K,
-//     Q5_K: for the sub-block minimums) or per 16 (Q6_K: for its -32 bias).
-//     Super-block product, all sums in int32:
-//       Q4_K/Q5_K: d*dx * sum_s sc_s * sum(q*qx)_s  -  dmin*dx * sum_s m_s * sum(qx)_s
-//       Q6_K:      d*dx * sum_g sc_g * (sum(q*qx)_g - 32 * sum(qx)_g)
-//   The only rounding beyond float summation is the activation quantization:
-//   each |x - dx*qx| <= dx/2 = amax_block/254, so |y - y_exact| is bounded by
-//   sum_blocks amax_block/254 * sum_block |w|. On real activations this is a
-//   0.2-1% relative error per product (the tests check the bound per output).
-//   Per-block scales multiply the int32 block sums in float32; partial sums
-//   are float32 (8 lanes) and reduced horizontally at the end of a row.
+// Quantized weights with an integer kernel (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K,
+// Q6_K): the activation rows are quantized once per call to 16-bit integer
+// codes (the weights stay as stored):
+//   * per block of B activations (B = 32 for the 32-element weight types,
+//     B = 256 for the K-quant super-blocks): dx = amax/QMAX and
+//     qx = round_half_even(x * QMAX/amax), |qx| <= QMAX, with QMAX = 32767
+//     for B = 32 and 16383 for B = 256 (so int32 sums cannot overflow);
+//     K blocks also store the sums of qx per 32 (for the Q4_K/Q5_K mins).
+//   * weight codes are expanded to signed int16 (scaled by the K-quant
+//     sub-block scale: q*sc for Q4_K/Q5_K, (q-32)*sc for Q6_K) and multiplied
+//     with qx in int32 (vpdpwssd / vpmaddwd): exact.
+//       32-blocks: y += (sum q_w*qx) * dx * d_w                 per block
+//       Q4_K/Q5_K: y += (sum q*sc*qx) * d*dx - (sum_s m_s*sum_s(qx)) * dmin*dx
+//       Q6_K:      y += (sum (q-32)*sc*qx) * d*dx                 per super-block
+//   The only rounding beyond float32 summation is the activation
+//   quantization: |x - dx*qx| <= dx/2 = amax_block/(2*QMAX), so
+//   |y - y_exact| <= sum_blocks amax_block/(2*QMAX) * sum_block |w| (the tests
+//   check this bound per output); on the real model this is ~1e-4 relative
+//   per product. (8-bit activations as in llama.cpp give 0.5-2% per product
+//   here and per-layer hidden-state cosines of only ~0.9994 after 24 layers.)
+//   Block sums are scaled in float32 and accumulated in 8-lane float32
+//   partial sums, reduced at the end of a row.
 //
 // Other types that quants.h can dequantize (Q4_1, Q5_1, Q2_K, Q3_K, ...):
 // a few weight rows at a time are dequantized into a thread-local float
@@ -35,11 +36,10 @@
 //
 // Code paths
 // ----------
-// ORCD_MM_VNNI (AVX512F/BW/VL + AVX512-VNNI): vpdpbusd / vpdpwssd and mask
-//   registers, on 256-bit vectors (Zen 4 splits 512-bit integer ops into two
-//   256-bit halves, so ymm gives the same throughput with less shuffling).
-// ORCD_MM_AVX2 (AVX2 + FMA + F16C): vpmaddubsw / vpmaddwd; Q8_0 uses the
-//   sign trick since u8*s8 pair sums of 255*127 would saturate.
+// ORCD_MM_VNNI (AVX512F/BW/VL + AVX512-VNNI): vpdpwssd and mask registers on
+//   256-bit vectors (Zen 4 runs 512-bit ops as two 256-bit halves, so ymm
+//   gives the same throughput with less shuffling).
+// ORCD_MM_AVX2 (AVX2 + FMA + F16C): vpmaddwd + vpaddd.
 // scalar: portable C++ with the same activation quantization and the same
 //   integer block sums; only the float summation order differs.
 //
@@ -119,46 +119,50 @@ struct AlignedBuf {
 };
 
 // -------------------------------------------------------- quantized activations
-// Row layouts (row i at base + i*stride, 64-byte aligned):
-//   32-blocks: q[nb*32] int8 | d[nb] float | c[nb] int32
-//   K-blocks:  q[nb*256] int8 | s[nb*16] int16 (sums per 16, or per 32 in the
-//              first 8 slots) | d[nb] float
+// Row layout (row i at base + i*stride, 64-byte aligned), B = 32 or 256:
+//   q[nb*B] int16 codes | d[nb] float scales | (B = 256 only) s[nb*8] int32
+//   sums of the codes per 32
 struct Act {
     const uint8_t* base = nullptr;
     size_t stride = 0;
-    int64_t nb = 0;
-    const int8_t* q(int64_t i) const { return reinterpret_cast<const int8_t*>(base + i * stride); }
-    const float* d32(int64_t i) const { return reinterpret_cast<const float*>(base + i * stride + nb * 32); }
-    const int32_t* c32(int64_t i) const { return reinterpret_cast<const int32_t*>(base + i * stride + nb * 36); }
-    const int16_t* sK(int64_t i) const { return reinterpret_cast<const int16_t*>(base + i * stride + nb * 256); }
-    const float* dK(int64_t i) const { return reinterpret_cast<const float*>(base + i * stride + nb * 288); }
+    int64_t nb = 0;  // blocks per row
+    int64_t B = 32;  // elements per block
+    const int16_t* q(int64_t i) const { return reinterpret_cast<const int16_t*>(base + i * stride); }
+    const float* d(int64_t i) const { return reinterpret_cast<const float*>(base + i * stride + nb * B * 2); }
+    const int32_t* s(int64_t i) const {
+        return reinterpret_cast<const int32_t*>(base + i * stride + nb * B * 2 + nb * 4);
+    }
 };
 
-inline size_t act_stride32(int64_t nb) { return ((size_t)nb * 40 + 63) & ~(size_t)63; }
-inline size_t act_strideK(int64_t nb) { return ((size_t)nb * 292 + 63) & ~(size_t)63; }
+inline size_t act_stride(int64_t nb, int64_t B) {
+    size_t n = (size_t)(nb * B * 2 + nb * 4 + (B == 256 ? nb * 32 : 0));
+    return (n + 63) & ~(size_t)63;
+}
+
+// Largest code: 32767 for 32-blocks; 16383 for the K-quant super-blocks so
+// that the int32 super-block sums cannot overflow (worst case Q6_K:
+// 32 products per lane * |(q-32)*sc| <= 4096 * 16383 < 2^31).
+inline int act_qmax(int64_t B) { return B == 256 ? 16383 : 32767; }
 
 // Scale of a block with largest magnitude amax; identical in every path.
-inline void act_scale(float amax, float& d, float& id) {
-    d = amax / 127.0f;
-    id = amax != 0.0f ? 127.0f / amax : 0.0f;
+inline void act_scale(float amax, int qmax, float& d, float& id) {
+    d = amax / (float)qmax;
+    id = amax != 0.0f ? (float)qmax / amax : 0.0f;
 }
 
-// Quantizes n (multiple of 32) values; returns sum of the codes. Scalar.
-inline int32_t quant_block_scalar(const float* x, int n, float id, int8_t* q) {
-    int32_t s = 0;
-    for (int j = 0; j < n; ++j) {
-        int v = (int)std::nearbyint(x[j] * id);  // round half to even (default mode)
-        v = v > 127 ? 127 : (v < -127 ? -127 : v);
-        q[j] = (int8_t)v;
-        s += v;
-    }
-    return s;
-}
-
-inline float amax_scalar(const float* x, int n) {
+inline float amax_scalar(const float* x, int64_t n) {
     float a = 0.0f;
-    for (int j = 0; j < n; ++j) a = std::max(a, std::fabs(x[j]));
+    for (int64_t j = 0; j < n; ++j) a = std::max(a, std::fabs(x[j]));
     return a;
+}
+
+// Quantizes n values; q = round_half_even(x * id), clamped to +-qmax.
+inline void quant_scalar(const float* x, int64_t n, float id, int qmax, int16_t* q) {
+    for (int64_t j = 0; j < n; ++j) {
+        int v = (int)std::nearbyint(x[j] * id);  // default rounding mode: half to even
+        v = v > qmax ? qmax : (v < -qmax ? -qmax : v);
+        q[j] = (int16_t)v;
+    }
 }
 
 #if ORCD_MM_AVX2
@@ -168,105 +172,63 @@ inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-inline float hsum128(__m128 s) {
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-inline int32_t hsum_i32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-}
-inline float amax_simd(const float* x, int n) {
+inline float amax_simd(const float* x, int64_t n) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 m = _mm256_setzero_ps();
-    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    for (int64_t j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-// 32 values -> 32 codes; returns the sums of codes 0..15 and 16..31.
-inline void quant32_simd(const float* x, float id, int8_t* q, int32_t& s0, int32_t& s1) {
+// n (multiple of 16) values -> int16 codes, same rounding as quant_scalar.
+inline void quant_simd(const float* x, int64_t n, float id, int qmax, int16_t* q) {
     const __m256 mul = _mm256_set1_ps(id);
-    const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
-    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 0), mul));
-    __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), mul));
-    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16), mul));
-    __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 24), mul));
-    i0 = _mm256_max_epi32(_mm256_min_epi32(i0, lim), nlim);
-    i1 = _mm256_max_epi32(_mm256_min_epi32(i1, lim), nlim);
-    i2 = _mm256_max_epi32(_mm256_min_epi32(i2, lim), nlim);
-    i3 = _mm256_max_epi32(_mm256_min_epi32(i3, lim), nlim);
-    s0 = hsum_i32(_mm256_add_epi32(i0, i1));
-    s1 = hsum_i32(_mm256_add_epi32(i2, i3));
-    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p);
-}
-#endif
-
-// One activation row -> 32-blocks with c = -off * sum.
-void quant_row32(const float* x, int64_t nb, uint8_t* row, int32_t off, bool scalar) {
-    int8_t* q = reinterpret_cast<int8_t*>(row);
-    float* d = reinterpret_cast<float*>(row + nb * 32);
-    int32_t* c = reinterpret_cast<int32_t*>(row + nb * 36);
-    for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = x + b * 32;
-        float id;
-        int32_t s;
-#if ORCD_MM_AVX2
-        if (!scalar) {
-            act_scale(amax_simd(xb, 32), d[b], id);
-            int32_t s0, s1;
-            quant32_simd(xb, id, q + b * 32, s0, s1);
-            s = s0 + s1;
-        } else
-#endif
-        {
-            act_scale(amax_scalar(xb, 32), d[b], id);
-            s = quant_block_scalar(xb, 32, id, q + b * 32);
-        }
-        c[b] = -off * s;
+    const __m256i hi = _mm256_set1_epi32(qmax), lo = _mm256_set1_epi32(-qmax);
+    for (int64_t j = 0; j < n; j += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j), mul));
+        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), mul));
+        a = _mm256_max_epi32(_mm256_min_epi32(a, hi), lo);
+        b = _mm256_max_epi32(_mm256_min_epi32(b, hi), lo);
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), p);
     }
 }
+#endif
 
-// One activation row -> 256-blocks with sums per `gran` (16 or 32) codes.
-void quant_rowK(const float* x, int64_t nb, uint8_t* row, int gran, bool scalar) {
-    int8_t* q = reinterpret_cast<int8_t*>(row);
-    int16_t* sums = reinterpret_cast<int16_t*>(row + nb * 256);
-    float* d = reinterpret_cast<float*>(row + nb * 288);
+// One activation row -> blocks of B codes (+ per-32 sums when B = 256).
+void quant_row(const float* x, int64_t nb, int64_t B, uint8_t* row, bool scalar) {
+    int16_t* q = reinterpret_cast<int16_t*>(row);
+    float* d = reinterpret_cast<float*>(row + nb * B * 2);
+    int32_t* s = reinterpret_cast<int32_t*>(row + nb * B * 2 + nb * 4);
+    const int qmax = act_qmax(B);
     for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = x + b * 256;
-        int8_t* qb = q + b * 256;
-        int16_t* sb = sums + b * 16;
+        const float* xb = x + b * B;
+        int16_t* qb = q + b * B;
         float id;
-        int32_t s16[16];
 #if ORCD_MM_AVX2
         if (!scalar) {
-            act_scale(amax_simd(xb, 256), d[b], id);
-            for (int j = 0; j < 8; ++j) quant32_simd(xb + 32 * j, id, qb + 32 * j, s16[2 * j], s16[2 * j + 1]);
+            act_scale(amax_simd(xb, B), qmax, d[b], id);
+            quant_simd(xb, B, id, qmax, qb);
         } else
 #endif
         {
-            act_scale(amax_scalar(xb, 256), d[b], id);
-            for (int j = 0; j < 16; ++j) s16[j] = quant_block_scalar(xb + 16 * j, 16, id, qb + 16 * j);
+            act_scale(amax_scalar(xb, B), qmax, d[b], id);
+            quant_scalar(xb, B, id, qmax, qb);
         }
-        if (gran == 16) {
-            for (int j = 0; j < 16; ++j) sb[j] = (int16_t)s16[j];
-        } else {
-            for (int j = 0; j < 8; ++j) sb[j] = (int16_t)(s16[2 * j] + s16[2 * j + 1]);
-            for (int j = 8; j < 16; ++j) sb[j] = 0;
-        }
+        if (B == 256)
+            for (int j = 0; j < 8; ++j) {
+                int32_t t = 0;
+                for (int l = 0; l < 32; ++l) t += qb[32 * j + l];
+                s[8 * b + j] = t;
+            }
     }
 }
 
 // ------------------------------------------------------------ block layouts
 // Bytes per block and field offsets (ggml-common.h):
 //   Q4_0 (18): d f16 | qs[16]            x[j] = (qs[j]&15)-8, x[j+16] = (qs[j]>>4)-8
-//   Q5_0 (22): d f16 | qh u32 | qs[16]   high bit j of element j from qh
+//   Q5_0 (22): d f16 | qh u32 | qs[16]   bit j of qh is bit 4 of element j, value - 16
 //   Q8_0 (34): d f16 | qs[32] int8
 //   Q4_K (144): d, dmin f16 | scales[12] (6-bit sc, m) | qs[128]
 //   Q5_K (176): d, dmin f16 | scales[12] | qh[32] | qs[128]
@@ -286,41 +248,39 @@ inline void k4_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
 
 // ------------------------------------------------------------ scalar kernels
 // One weight row against MR activation rows; out[i] = dot with act row i0+i.
+// Integer block sums exactly as the SIMD kernels form them.
 template <int MR>
 void s_q32(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out) {
     for (int i = 0; i < MR; ++i) {
-        const int8_t* xq = a.q(i0 + i);
-        const float* xd = a.d32(i0 + i);
-        const int32_t* xc = a.c32(i0 + i);
+        const int16_t* xq = a.q(i0 + i);
+        const float* xd = a.d(i0 + i);
         float sum = 0.0f;
         for (int64_t b = 0; b < a.nb; ++b) {
-            const int8_t* x = xq + b * 32;
+            const int16_t* x = xq + b * 32;
             int32_t isum = 0;
             float dw;
             if (type == T_Q4_0) {
                 const uint8_t* B = w + b * 18;
                 dw = h2f(rd16(B));
                 for (int j = 0; j < 16; ++j) {
-                    isum += (B[2 + j] & 15) * x[j];  // unsigned codes, bias in c
-                    isum += (B[2 + j] >> 4) * x[j + 16];
+                    isum += ((B[2 + j] & 15) - 8) * x[j];
+                    isum += ((B[2 + j] >> 4) - 8) * x[j + 16];
                 }
-                isum += xc[b];
             } else if (type == T_Q5_0) {
                 const uint8_t* B = w + b * 22;
                 dw = h2f(rd16(B));
-                uint32_t qh = rd32(B + 2);
+                const uint32_t qh = rd32(B + 2);
                 for (int j = 0; j < 16; ++j) {
-                    isum += ((B[6 + j] & 15) | (((qh >> j) & 1) << 4)) * x[j];
-                    isum += ((B[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) * x[j + 16];
+                    isum += (((B[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16) * x[j];
+                    isum += (((B[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16) * x[j + 16];
                 }
-                isum += xc[b];
-            } else {  // Q8_0, signed codes, c = 0
+            } else {  // Q8_0
                 const uint8_t* B = w + b * 34;
                 dw = h2f(rd16(B));
                 const int8_t* qs = reinterpret_cast<const int8_t*>(B + 2);
                 for (int j = 0; j < 32; ++j) isum += qs[j] * x[j];
             }
-            sum += dw * xd[b] * (float)isum;
+            sum += (float)isum * xd[b] * dw;
         }
         out[i] = sum;
     }
@@ -329,60 +289,54 @@ void s_q32(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out
 template <int MR>
 void s_qk(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out) {
     for (int i = 0; i < MR; ++i) {
-        const int8_t* xq = a.q(i0 + i);
-        const int16_t* xs = a.sK(i0 + i);
-        const float* xd = a.dK(i0 + i);
+        const int16_t* xq = a.q(i0 + i);
+        const int32_t* xs = a.s(i0 + i);
+        const float* xd = a.d(i0 + i);
         float sum = 0.0f;
         for (int64_t b = 0; b < a.nb; ++b) {
-            const int8_t* x = xq + b * 256;
-            const int16_t* s = xs + b * 16;
+            const int16_t* x = xq + b * 256;
             if (type == T_Q6_K) {
                 const uint8_t* B = w + b * 210;
-                const uint8_t* ql = B;
-                const uint8_t* qh = B + 128;
                 const int8_t* sc = reinterpret_cast<const int8_t*>(B + 192);
-                float d = h2f(rd16(B + 208));
+                const float d = h2f(rd16(B + 208));
                 int32_t isum = 0;
                 for (int h = 0; h < 2; ++h) {
-                    int32_t g[8] = {0};  // per 16 within this half
+                    const uint8_t* ql = B + 64 * h;
+                    const uint8_t* qh = B + 128 + 32 * h;
                     for (int l = 0; l < 32; ++l) {
-                        const int xo = 128 * h + l, hi = l / 16;
-                        int q0 = (ql[64 * h + l] & 15) | ((qh[32 * h + l] & 3) << 4);
-                        int q1 = (ql[64 * h + l + 32] & 15) | (((qh[32 * h + l] >> 2) & 3) << 4);
-                        int q2 = (ql[64 * h + l] >> 4) | (((qh[32 * h + l] >> 4) & 3) << 4);
-                        int q3 = (ql[64 * h + l + 32] >> 4) | (((qh[32 * h + l] >> 6) & 3) << 4);
-                        g[0 + hi] += q0 * x[xo];
-                        g[2 + hi] += q1 * x[xo + 32];
-                        g[4 + hi] += q2 * x[xo + 64];
-                        g[6 + hi] += q3 * x[xo + 96];
+                        const int xo = 128 * h + l, g = 8 * h + l / 16;
+                        const int q0 = (ql[l] & 15) | ((qh[l] & 3) << 4);
+                        const int q1 = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
+                        const int q2 = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                        const int q3 = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                        isum += (q0 - 32) * sc[g] * x[xo];
+                        isum += (q1 - 32) * sc[g + 2] * x[xo + 32];
+                        isum += (q2 - 32) * sc[g + 4] * x[xo + 64];
+                        isum += (q3 - 32) * sc[g + 6] * x[xo + 96];
                     }
-                    for (int k = 0; k < 8; ++k) isum += sc[8 * h + k] * (g[k] - 32 * s[8 * h + k]);
                 }
-                sum += d * xd[b] * (float)isum;
+                sum += (float)isum * (d * xd[b]);
             } else {  // Q4_K / Q5_K
                 const bool q5 = type == T_Q5_K;
                 const uint8_t* B = w + b * (q5 ? 176 : 144);
-                float d = h2f(rd16(B)), dmin = h2f(rd16(B + 2));
+                const float d = h2f(rd16(B)), dmin = h2f(rd16(B + 2));
                 uint8_t sc[8], mn[8];
                 k4_scales(B + 4, sc, mn);
                 const uint8_t* qh = B + 16;
                 const uint8_t* qs = B + (q5 ? 48 : 16);
                 int32_t isum = 0, msum = 0;
-                for (int j = 0; j < 4; ++j) {
-                    int32_t lo = 0, hi = 0;
+                for (int j = 0; j < 4; ++j)
                     for (int l = 0; l < 32; ++l) {
                         int vl = qs[32 * j + l] & 15, vh = qs[32 * j + l] >> 4;
                         if (q5) {
                             vl |= ((qh[l] >> (2 * j)) & 1) << 4;
                             vh |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
                         }
-                        lo += vl * x[64 * j + l];
-                        hi += vh * x[64 * j + 32 + l];
+                        isum += vl * sc[2 * j] * x[64 * j + l];
+                        isum += vh * sc[2 * j + 1] * x[64 * j + 32 + l];
                     }
-                    isum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
-                }
-                for (int k = 0; k < 8; ++k) msum += mn[k] * s[k];
-                sum += d * xd[b] * (float)isum - dmin * xd[b] * (float)msum;
+                for (int k = 0; k < 8; ++k) msum += mn[k] * xs[8 * b + k];
+                sum += (float)isum * (d * xd[b]) - (float)msum * (dmin * xd[b]);
             }
         }
         out[i] = sum;
@@ -418,226 +372,176 @@ void s_float(const uint8_t* w, size_t wstride, const float* x, size_t ldx, int64
 // ------------------------------------------------------------- SIMD kernels
 #if ORCD_MM_AVX2
 
-// sum of u8*s8 products in groups of 4 added to acc (u <= 127 on AVX2).
-inline __m256i dp_u8s8(__m256i acc, __m256i u, __m256i s) {
-#if ORCD_MM_VNNI
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-// int16 pair products added to acc.
-inline __m256i dp_s16(__m256i acc, __m256i a, __m256i b) {
+// acc + pairwise int16 products (vpdpwssd; vpmaddwd + vpaddd on AVX2).
+inline __m256i dp16(__m256i acc, __m256i a, __m256i b) {
 #if ORCD_MM_VNNI
     return _mm256_dpwssd_epi32(acc, a, b);
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 #endif
 }
-
-// 16 packed nibbles -> 32 bytes: low nibbles then high nibbles.
-inline __m256i nibbles32(const uint8_t* p) {
-    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    v = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4));
-    return _mm256_and_si256(v, _mm256_set1_epi8(15));
+inline __m256i ld(const int16_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i ldu(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i zx16(const uint8_t* p) {  // 16 bytes -> 16 uint16
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// 32 bits -> 0x10 in the bytes whose bit is set.
-inline __m256i bits_to_0x10(uint32_t bits) {
+// int16 lanes v + 16 where bit l of `bits` is set (lane l), as 16 lanes.
+inline __m256i add_bit4(__m256i v, uint32_t bits16) {
 #if ORCD_MM_VNNI
-    return _mm256_maskz_mov_epi8(_cvtu32_mask32(bits), _mm256_set1_epi8(0x10));
+    return _mm256_mask_add_epi16(v, _cvtu32_mask16(bits16), v, _mm256_set1_epi16(16));
 #else
-    const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
-                                            0x0303030303030303);
-    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
-    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    bytes = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
-    return _mm256_and_si256(bytes, _mm256_set1_epi8(0x10));
+    const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                          (short)0x8000);
+    __m256i m = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)bits16), sel), sel);
+    return _mm256_add_epi16(v, _mm256_and_si256(m, _mm256_set1_epi16(16)));
 #endif
 }
 
-inline __m256i zext_i32(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
-
-// Q4_0 / Q5_0 / Q8_0 against MR activation rows.
+// Q4_0 / Q5_0 / Q8_0 against MR activation rows: the 32 weights of a block
+// as two vectors of 16 signed int16, one dot product per activation row.
 template <uint32_t T, int MR>
 void v_q32(const uint8_t* w, const Act& a, int64_t i0, float* out) {
     constexpr int64_t BB = T == T_Q4_0 ? 18 : (T == T_Q5_0 ? 22 : 34);
-    const int8_t* xq[MR];
+    const int16_t* xq[MR];
     const float* xd[MR];
-    const int32_t* xc[MR];
     __m256 acc[MR];
     for (int i = 0; i < MR; ++i) {
         xq[i] = a.q(i0 + i);
-        xd[i] = a.d32(i0 + i);
-        xc[i] = a.c32(i0 + i);
+        xd[i] = a.d(i0 + i);
         acc[i] = _mm256_setzero_ps();
     }
+    const __m256i m15 = _mm256_set1_epi16(15);
     for (int64_t b = 0; b < a.nb; ++b) {
         const uint8_t* B = w + b * BB;
         const __m256 dw = _mm256_set1_ps(h2f(rd16(B)));
+        __m256i w0, w1;  // elements 0..15, 16..31
         if constexpr (T == T_Q8_0) {
-            const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + 2));
-#if ORCD_MM_VNNI
-            const __m256i u = _mm256_xor_si256(wq, _mm256_set1_epi8((char)0x80));  // q + 128
-            for (int i = 0; i < MR; ++i) {
-                __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq[i] + 32 * b));
-                __m256i p = _mm256_dpbusd_epi32(zext_i32(xc[i][b]), u, x);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(xd[i][b])), acc[i]);
-            }
-#else
-            const __m256i u = _mm256_sign_epi8(wq, wq);  // |q|
-            for (int i = 0; i < MR; ++i) {
-                __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq[i] + 32 * b));
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, wq)), _mm256_set1_epi16(1));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(xd[i][b])), acc[i]);
-            }
-#endif
+            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 2)));
+            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 18)));
+        } else if constexpr (T == T_Q4_0) {
+            const __m256i v = zx16(B + 2), c8 = _mm256_set1_epi16(8);
+            w0 = _mm256_sub_epi16(_mm256_and_si256(v, m15), c8);
+            w1 = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), c8);
         } else {
-            __m256i u;
-            if constexpr (T == T_Q4_0) {
-                u = nibbles32(B + 2);
-            } else {
-                u = _mm256_or_si256(nibbles32(B + 6), bits_to_0x10(rd32(B + 2)));
-            }
-            for (int i = 0; i < MR; ++i) {
-                __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq[i] + 32 * b));
-                __m256i p = dp_u8s8(zext_i32(xc[i][b]), u, x);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(xd[i][b])), acc[i]);
-            }
+            const __m256i v = zx16(B + 6), c16 = _mm256_set1_epi16(16);
+            const uint32_t qh = rd32(B + 2);
+            w0 = _mm256_sub_epi16(add_bit4(_mm256_and_si256(v, m15), qh & 0xFFFF), c16);
+            w1 = _mm256_sub_epi16(add_bit4(_mm256_srli_epi16(v, 4), qh >> 16), c16);
+        }
+        for (int i = 0; i < MR; ++i) {
+            const int16_t* x = xq[i] + 32 * b;
+            __m256i p = dp16(_mm256_madd_epi16(w0, ld(x)), w1, ld(x + 16));
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[i][b])), dw, acc[i]);
         }
     }
     for (int i = 0; i < MR; ++i) out[i] = hsum(acc[i]);
 }
 
-// Q4_K / Q5_K against MR activation rows (sums per 32 in the act blocks).
+// Q4_K / Q5_K against MR activation rows: weights q*sc as int16 (<= 1953),
+// summed over the super-block in int32, mins via the per-32 code sums.
 template <bool Q5, int MR>
 void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
     constexpr int64_t BB = Q5 ? 176 : 144;
-    const int8_t* xq[MR];
-    const int16_t* xs[MR];
+    const int16_t* xq[MR];
+    const int32_t* xs[MR];
     const float* xd[MR];
-    __m256 acc[MR];
-    __m128 accm[MR];
+    __m256 acc[MR], accm[MR];
     for (int i = 0; i < MR; ++i) {
         xq[i] = a.q(i0 + i);
-        xs[i] = a.sK(i0 + i);
-        xd[i] = a.dK(i0 + i);
-        acc[i] = _mm256_setzero_ps();
-        accm[i] = _mm_setzero_ps();
+        xs[i] = a.s(i0 + i);
+        xd[i] = a.d(i0 + i);
+        acc[i] = accm[i] = _mm256_setzero_ps();
     }
-    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i m15 = _mm256_set1_epi16(15);
     for (int64_t b = 0; b < a.nb; ++b) {
         const uint8_t* B = w + b * BB;
         const float d = h2f(rd16(B)), dmin = h2f(rd16(B + 2));
-        uint32_t ut[4];
-        std::memcpy(ut, B + 4, 12);
-        // llama.cpp's unpacking of the 6-bit scales/mins into 8+8 bytes
-        ut[3] = ((ut[2] >> 4) & 0x0f0f0f0f) | (((ut[1] >> 6) & 0x03030303) << 4);
-        const uint32_t uaux = ut[1] & 0x3f3f3f3f;
-        ut[1] = (ut[2] & 0x0f0f0f0f) | (((ut[0] >> 6) & 0x03030303) << 4);
-        ut[2] = uaux;
-        ut[0] &= 0x3f3f3f3f;
-        const __m256i sm = _mm256_cvtepu8_epi16(_mm_setr_epi32((int)ut[0], (int)ut[1], (int)ut[2], (int)ut[3]));
-        const __m128i mins = _mm256_extracti128_si256(sm, 1);
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm));
-        __m256i hb;
-        if constexpr (Q5) hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + 16));
+        uint8_t sc[8], mn[8];
+        k4_scales(B + 4, sc, mn);
+        uint64_t mn64;
+        std::memcpy(&mn64, mn, 8);
+        const __m256i mins = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn64));
         const uint8_t* qs = B + (Q5 ? 48 : 16);
+        __m256i hq0, hq1;  // Q5: high-bit bytes qh[0..15], qh[16..31] as int16
+        if constexpr (Q5) {
+            hq0 = zx16(B + 16);
+            hq1 = zx16(B + 32);
+        }
         __m256i ia[MR], ib[MR];
         for (int i = 0; i < MR; ++i) ia[i] = ib[i] = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j) {
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
-            __m256i lo = _mm256_and_si256(q, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m256i v0 = zx16(qs + 32 * j), v1 = zx16(qs + 32 * j + 16);
+            __m256i l0 = _mm256_and_si256(v0, m15), l1 = _mm256_and_si256(v1, m15);
+            __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
             if constexpr (Q5) {
-#if ORCD_MM_VNNI
-                const __m256i c16 = _mm256_set1_epi8(16);
-                lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(hb, _mm256_set1_epi8((char)(1 << (2 * j)))), lo, c16);
-                hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(hb, _mm256_set1_epi8((char)(2 << (2 * j)))), hi, c16);
-#else
-                const __m256i bl = _mm256_set1_epi8((char)(1 << (2 * j))), bh = _mm256_set1_epi8((char)(2 << (2 * j)));
-                const __m256i c16 = _mm256_set1_epi8(16);
-                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bl), bl), c16));
-                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bh), bh), c16));
-#endif
+                // bit 2j of qh[l] is bit 4 of element 64j+l, bit 2j+1 of element 64j+32+l
+                const __m256i bl = _mm256_set1_epi16((short)(1 << (2 * j))), bh = _mm256_set1_epi16((short)(2 << (2 * j)));
+                const __m256i c16 = _mm256_set1_epi16(16);
+                l0 = _mm256_add_epi16(l0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bl), bl), c16));
+                l1 = _mm256_add_epi16(l1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bl), bl), c16));
+                h0 = _mm256_add_epi16(h0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bh), bh), c16));
+                h1 = _mm256_add_epi16(h1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bh), bh), c16));
             }
-            // int16 scale of sub-block 2j in every lane, then of 2j+1
-            const __m256i s0 = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 1) << 8 | (4 * j))));
-            const __m256i s1 = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))));
+            const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
+            l0 = _mm256_mullo_epi16(l0, s0);
+            l1 = _mm256_mullo_epi16(l1, s0);
+            h0 = _mm256_mullo_epi16(h0, s1);
+            h1 = _mm256_mullo_epi16(h1, s1);
             for (int i = 0; i < MR; ++i) {
-                const int8_t* x = xq[i] + 256 * b + 64 * j;
-                __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x));
-                __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 32));
-                ia[i] = dp_s16(ia[i], _mm256_maddubs_epi16(lo, x0), s0);
-                ib[i] = dp_s16(ib[i], _mm256_maddubs_epi16(hi, x1), s1);
+                const int16_t* x = xq[i] + 256 * b + 64 * j;
+                ia[i] = dp16(dp16(ia[i], l0, ld(x)), l1, ld(x + 16));
+                ib[i] = dp16(dp16(ib[i], h0, ld(x + 32)), h1, ld(x + 48));
             }
         }
         for (int i = 0; i < MR; ++i) {
             const float dx = xd[i][b];
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ia[i], ib[i])), _mm256_set1_ps(d * dx), acc[i]);
-            __m128i mp = _mm_madd_epi16(mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs[i] + 16 * b)));
-            accm[i] = _mm_fmadd_ps(_mm_cvtepi32_ps(mp), _mm_set1_ps(dmin * dx), accm[i]);
+            const __m256i mp = _mm256_mullo_epi32(mins, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[i] + 8 * b)));
+            accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mp), _mm256_set1_ps(dmin * dx), accm[i]);
         }
     }
-    for (int i = 0; i < MR; ++i) out[i] = hsum(acc[i]) - hsum128(accm[i]);
+    for (int i = 0; i < MR; ++i) out[i] = hsum(_mm256_sub_ps(acc[i], accm[i]));
 }
 
-// Q6_K against MR activation rows (sums per 16 in the act blocks).
+// Q6_K against MR activation rows: weights (q-32)*sc as int16 (|.| <= 4096).
 template <int MR>
 void v_q6k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
-    const int8_t* xq[MR];
-    const int16_t* xs[MR];
+    const int16_t* xq[MR];
     const float* xd[MR];
     __m256 acc[MR];
     for (int i = 0; i < MR; ++i) {
         xq[i] = a.q(i0 + i);
-        xs[i] = a.sK(i0 + i);
-        xd[i] = a.dK(i0 + i);
+        xd[i] = a.d(i0 + i);
         acc[i] = _mm256_setzero_ps();
     }
-    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), c32 = _mm256_set1_epi16(32);
     for (int64_t b = 0; b < a.nb; ++b) {
         const uint8_t* B = w + b * 210;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(B + 192);
         const float d = h2f(rd16(B + 208));
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 192)));
-        const __m256i scl = _mm256_permute2x128_si256(sc16, sc16, 0x00);  // sc0..7 in both lanes
-        const __m256i sch = _mm256_permute2x128_si256(sc16, sc16, 0x11);  // sc8..15 in both lanes
         __m256i ia[MR], ib[MR];
-        for (int i = 0; i < MR; ++i) {
-            // offset term: sum_g sc_g * sum(qx)_g, subtracted 32 times below
-            __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[i] + 16 * b)));
-            ia[i] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(off, 5));
-            ib[i] = _mm256_setzero_si256();
-        }
+        for (int i = 0; i < MR; ++i) ia[i] = ib[i] = _mm256_setzero_si256();
         for (int h = 0; h < 2; ++h) {
-            const uint8_t* ql = B + 64 * h;
-            const __m256i qlA = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-            const __m256i qlB = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-            const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + 128 + 32 * h));
-            __m256i q[4];
+            const __m256i qlA = ldu(B + 64 * h), qlB = ldu(B + 64 * h + 32), qh = ldu(B + 128 + 32 * h);
+            __m256i q[4];  // codes 0..63 of elements 128h + 32k + (0..31)
             q[0] = _mm256_or_si256(_mm256_and_si256(qlA, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
             q[1] = _mm256_or_si256(_mm256_and_si256(qlB, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
             q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), m4), _mm256_and_si256(qh, m30));
             q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), m4),
                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-            const __m256i sv = h == 0 ? scl : sch;
-            __m256i s[4];
             for (int k = 0; k < 4; ++k) {
-                // lanes 0-7: sc[8h+2k], lanes 8-15: sc[8h+2k+1] (int16 within each 128-bit lane)
-                const int lo = 4 * k, hi = 4 * k + 2;
-                const __m256i ctl = _mm256_setr_epi8(lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo,
-                                                     lo + 1, lo, lo + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi,
-                                                     hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1);
-                s[k] = _mm256_shuffle_epi8(sv, ctl);
-            }
-            for (int i = 0; i < MR; ++i) {
-                const int8_t* x = xq[i] + 256 * b + 128 * h;
-                for (int k = 0; k < 4; ++k) {
-                    __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 32 * k));
+                // groups of 16: elements 128h+32k+0..15 use sc[8h+2k], +16..31 use sc[8h+2k+1]
+                __m256i w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q[k]));
+                __m256i w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q[k], 1));
+                w0 = _mm256_mullo_epi16(_mm256_sub_epi16(w0, c32), _mm256_set1_epi16(sc[8 * h + 2 * k]));
+                w1 = _mm256_mullo_epi16(_mm256_sub_epi16(w1, c32), _mm256_set1_epi16(sc[8 * h + 2 * k + 1]));
+                for (int i = 0; i < MR; ++i) {
+                    const int16_t* x = xq[i] + 256 * b + 128 * h + 32 * k;
                     if (k & 1)
-                        ib[i] = dp_s16(ib[i], _mm256_maddubs_epi16(q[k], xv), s[k]);
+                        ib[i] = dp16(dp16(ib[i], w0, ld(x)), w1, ld(x + 16));
                     else
-                        ia[i] = dp_s16(ia[i], _mm256_maddubs_epi16(q[k], xv), s[k]);
+                        ia[i] = dp16(dp16(ia[i], w0, ld(x)), w1, ld(x + 16));
                 }
             }
         }
@@ -706,7 +610,6 @@ enum class Kind { Float, Q32, QK, Fallback };
 
 struct Kernel {
     Kind kind = Kind::Fallback;
-    int32_t param = 0;  // Q32: weight code bias `off`; QK: act sum granularity
     QFn q[kMR] = {};    // Q32/QK: [MR-1]
     FFn f[kMR][2] = {}; // Float/Fallback: [MR-1][NR-1]
 };
@@ -742,12 +645,8 @@ Kernel make_kernel() {
         setf(std::integral_constant<uint32_t, T>{});
     } else if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) {
         k.kind = Kind::Q32;
-        k.param = T == T_Q4_0 ? 8 : (T == T_Q5_0 ? 16 : 0);
 #if ORCD_MM_AVX2
         if (!Scalar) {
-#if ORCD_MM_VNNI
-            if (T == T_Q8_0) k.param = 128;
-#endif
             QFn t[kMR] = {v_q32<T, 1>, v_q32<T, 2>, v_q32<T, 3>, v_q32<T, 4>};
             std::memcpy(k.q, t, sizeof(t));
             return k;
@@ -757,7 +656,6 @@ Kernel make_kernel() {
         std::memcpy(k.q, t, sizeof(t));
     } else if constexpr (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) {
         k.kind = Kind::QK;
-        k.param = T == T_Q6_K ? 16 : 32;
 #if ORCD_MM_AVX2
         if (!Scalar) {
             if constexpr (T == T_Q6_K) {
@@ -943,18 +841,13 @@ void matmul(const WeightView& w, const float* x, int64_t m, float* y, ThreadPool
     thread_local AlignedBuf abuf;
     Act act;
     if (K.kind == Kind::Q32 || K.kind == Kind::QK) {
-        const bool k256 = K.kind == Kind::QK;
-        act.nb = w.n_in / (k256 ? 256 : 32);
-        act.stride = k256 ? act_strideK(act.nb) : act_stride32(act.nb);
+        act.B = K.kind == Kind::QK ? 256 : 32;
+        act.nb = w.n_in / act.B;
+        act.stride = act_stride(act.nb, act.B);
         uint8_t* base = abuf.get(act.stride * (size_t)m);
         act.base = base;
         auto quant = [&](int64_t i0, int64_t i1, int) {
-            for (int64_t i = i0; i < i1; ++i) {
-                if (k256)
-                    quant_rowK(x + i * w.n_in, act.nb, base + i * act.stride, K.param, scalar);
-                else
-                    quant_row32(x + i * w.n_in, act.nb, base + i * act.stride, K.param, scalar);
-            }
+            for (int64_t i = i0; i < i1; ++i) quant_row(x + i * w.n_in, act.nb, act.B, base + i * act.stride, scalar);
         };
         if (m * w.n_in < 32768 || nt == 1)
             quant(0, m, 0);

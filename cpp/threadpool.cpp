@@ -1,21 +1,35 @@
 // threadpool.cpp - the persistent worker pool behind parallel_for.
 //
-// Scheme: n_threads-1 workers live as long as the pool. A job is published
-// under mu_ by storing the callable, n and grain and bumping generation_;
-// every worker runs its own chunk (computed from n, grain and its index)
-// and decrements pending_; the caller runs chunk 0 and then waits until
-// pending_ is 0. Waiting (both a worker waiting for the next job and the
-// caller waiting for the workers) first spins for a short while on an
-// atomic load of the counter, because the CPU engine issues hundreds of
-// small jobs per token back to back and a futex wake-up costs tens of
-// microseconds; after the spin budget it sleeps on the condition variable,
-// so an idle pool uses no CPU. All writes of the shared fields happen under
-// mu_; the spinning reads use __atomic builtins on the same fields (the
-// members are plain integers as declared in threadpool.h).
+// Scheme. n_threads-1 workers live as long as the pool. parallel_for splits
+// [0, n) into nc = min(n_threads, ceil(n/grain)) contiguous chunks; chunk t
+// is passed to fn with thread_index = t, and the calling thread always runs
+// chunk 0. The other chunks are *claimed*: each one is run by whichever
+// thread claims it first, a worker or, once it has finished chunk 0, the
+// caller itself. So a worker that is slow to wake up (on a loaded machine the
+// OS may not run it for milliseconds) never holds the caller up: the caller
+// runs the unclaimed chunks and returns as soon as every claimed chunk has
+// finished. Each chunk index runs on exactly one thread, so fn may use
+// thread_index to pick per-thread scratch.
 //
-// Exceptions: an exception thrown by fn on the calling thread is rethrown
-// after the workers have finished; one thrown on a worker is captured and
-// rethrown on the calling thread too (the first one wins).
+// State (the plain integer members of threadpool.h, accessed with __atomic
+// builtins):
+//   generation_ = job number << 32 | chunk count << 16 | next unclaimed chunk
+//   pending_    = chunks of the current job not finished yet
+// A claim is a compare-and-swap on generation_ that checks the job number
+// and bumps the next-chunk field, so a late worker can never claim a chunk of
+// a job that has already finished. job_, job_n_ and job_grain_ are written
+// before the job is published and stay valid until pending_ reaches 0, which
+// cannot happen while a claimed chunk runs.
+//
+// Waiting (a worker for the next job, the caller for claimed chunks) spins
+// for a short while first, because the CPU engine issues hundreds of small
+// jobs per token back to back and a futex wake-up costs tens of microseconds;
+// after the spin budget it sleeps on the condition variable (mu_,
+// cv_start_/cv_done_), so an idle pool uses no CPU.
+//
+// Exceptions thrown by fn are caught on whichever thread runs the chunk and
+// the first one is rethrown on the calling thread after all claimed chunks
+// finished. fn must not call parallel_for on the same pool.
 #include "threadpool.h"
 
 #include <sched.h>
@@ -42,7 +56,8 @@ namespace {
 // How long a waiting thread spins before it sleeps on the condition variable.
 constexpr std::chrono::microseconds kSpin{300};
 
-// Worker exceptions, keyed by pool (the header has no member for them).
+// Exceptions from chunks run by workers, keyed by pool (the header has no
+// member for them).
 std::mutex g_exc_mu;
 std::map<const ThreadPool*, std::exception_ptr>& exc_map() {
     static std::map<const ThreadPool*, std::exception_ptr> m;
@@ -70,13 +85,17 @@ std::exception_ptr take_exception(const ThreadPool* pool) {
     return e;
 }
 
-// Chunk `t` of [0, n) when split over `nt` threads in multiples of `grain`.
-inline void chunk_of(int64_t n, int64_t grain, int nt, int t, int64_t& b, int64_t& e) {
+// Chunk `t` of [0, n) split into `nc` chunks in multiples of `grain`.
+inline void chunk_of(int64_t n, int64_t grain, int64_t nc, int64_t t, int64_t& b, int64_t& e) {
     const int64_t blocks = (n + grain - 1) / grain;
-    const int64_t per = (blocks + nt - 1) / nt;  // blocks per thread
-    b = std::min(n, (int64_t)t * per * grain);
+    const int64_t per = (blocks + nc - 1) / nc;  // grain-blocks per chunk
+    b = std::min(n, t * per * grain);
     e = std::min(n, b + per * grain);
 }
+
+inline uint64_t job_of(uint64_t s) { return s >> 32; }
+inline uint32_t count_of(uint64_t s) { return (uint32_t)(s >> 16) & 0xFFFF; }
+inline uint32_t next_of(uint64_t s) { return (uint32_t)s & 0xFFFF; }
 
 // Spins until pred() holds or the spin budget runs out; true if pred() held.
 template <class Pred>
@@ -88,6 +107,16 @@ bool spin_until(Pred pred) {
             ORCD_CPU_RELAX();
         }
         if (std::chrono::steady_clock::now() - t0 > kSpin) return pred();
+    }
+}
+
+// Claims the next chunk of job `job` from the packed state; -1 if none.
+inline int64_t claim(uint64_t* state, uint64_t job) {
+    uint64_t s = __atomic_load_n(state, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if (job_of(s) != job || next_of(s) >= count_of(s)) return -1;
+        if (__atomic_compare_exchange_n(state, &s, s + 1, true, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return next_of(s);
     }
 }
 
@@ -106,7 +135,7 @@ int available_cores() {
 
 ThreadPool::ThreadPool(int n_threads) {
     n_threads_ = n_threads > 0 ? n_threads : available_cores();
-    if (n_threads_ < 1) n_threads_ = 1;
+    n_threads_ = std::max(1, std::min(n_threads_, 4096));
     threads_.reserve(n_threads_ - 1);
     for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
 }
@@ -121,75 +150,92 @@ ThreadPool::~ThreadPool() {
     take_exception(this);  // drop anything left over
 }
 
-void ThreadPool::worker(int index) {
-    uint64_t seen = 0;
+void ThreadPool::worker(int) {
+    uint64_t seen = 0;  // last job this worker looked at
     for (;;) {
-        // Wait for a new generation (or stop): spin first, then sleep.
-        spin_until([&] {
-            return __atomic_load_n(&generation_, __ATOMIC_ACQUIRE) != seen ||
+        // Wait for a new job (or stop): spin first, then sleep.
+        auto ready = [&] {
+            return job_of(__atomic_load_n(&generation_, __ATOMIC_ACQUIRE)) != seen ||
                    __atomic_load_n(&stop_, __ATOMIC_ACQUIRE);
-        });
-        const std::function<void(int64_t, int64_t, int)>* job;
-        int64_t n, grain;
-        {
+        };
+        if (!spin_until(ready)) {
             std::unique_lock<std::mutex> lk(mu_);
-            cv_start_.wait(lk, [&] { return stop_ || generation_ != seen; });
-            if (stop_) return;
-            seen = generation_;
-            job = job_;
-            n = job_n_;
-            grain = job_grain_;
+            cv_start_.wait(lk, ready);
         }
-        int64_t b, e;
-        chunk_of(n, grain, n_threads_, index, b, e);
-        if (b < e) {
-            try {
-                (*job)(b, e, index);
-            } catch (...) {
-                store_exception(this, std::current_exception());
+        if (__atomic_load_n(&stop_, __ATOMIC_ACQUIRE)) return;
+        const uint64_t job = job_of(__atomic_load_n(&generation_, __ATOMIC_ACQUIRE));
+        seen = job;
+        for (;;) {
+            const int64_t c = claim(&generation_, job);
+            if (c < 0) break;
+            // The claim keeps the job alive: its fields are stable until our
+            // chunk is counted as done.
+            const auto* fn = job_;
+            const int64_t n = job_n_, grain = job_grain_;
+            const int64_t nc = count_of(__atomic_load_n(&generation_, __ATOMIC_ACQUIRE));
+            int64_t b, e;
+            chunk_of(n, grain, nc, c, b, e);
+            if (b < e) {
+                try {
+                    (*fn)(b, e, (int)c);
+                } catch (...) {
+                    store_exception(this, std::current_exception());
+                }
+            }
+            if (__atomic_sub_fetch(&pending_, 1, __ATOMIC_ACQ_REL) == 0) {
+                // Lock so the caller cannot miss the wake-up between its
+                // predicate check and its wait.
+                { std::lock_guard<std::mutex> lk(mu_); }
+                cv_done_.notify_one();
             }
         }
-        bool last;
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            last = __atomic_sub_fetch(&pending_, 1, __ATOMIC_ACQ_REL) == 0;
-        }
-        if (last) cv_done_.notify_one();
     }
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn, int64_t grain) {
     if (n <= 0) return;
     if (grain < 1) grain = 1;
-    if (n_threads_ == 1 || n <= grain) {
+    const int64_t blocks = (n + grain - 1) / grain;
+    const int64_t nc = std::min<int64_t>(n_threads_, blocks);
+    if (nc <= 1) {
         fn(0, n, 0);
         return;
     }
+    uint64_t job;
     {
         std::lock_guard<std::mutex> lk(mu_);
         job_ = &fn;
         job_n_ = n;
         job_grain_ = grain;
-        __atomic_store_n(&pending_, n_threads_ - 1, __ATOMIC_RELEASE);
-        __atomic_store_n(&generation_, generation_ + 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&pending_, (int)nc, __ATOMIC_RELAXED);
+        job = (job_of(generation_) + 1) & 0xFFFFFFFFu;
+        if (job == 0) job = 1;  // workers start with seen = 0
+        // chunk 0 is the caller's: next unclaimed chunk is 1
+        __atomic_store_n(&generation_, job << 32 | (uint64_t)nc << 16 | 1u, __ATOMIC_RELEASE);
     }
     cv_start_.notify_all();
 
     std::exception_ptr err;
-    int64_t b, e;
-    chunk_of(n, grain, n_threads_, 0, b, e);
-    try {
-        if (b < e) fn(b, e, 0);
-    } catch (...) {
-        err = std::current_exception();
-    }
+    auto run = [&](int64_t c) {
+        int64_t b, e;
+        chunk_of(n, grain, nc, c, b, e);
+        try {
+            if (b < e) fn(b, e, (int)c);
+        } catch (...) {
+            if (!err) err = std::current_exception();
+        }
+        __atomic_sub_fetch(&pending_, 1, __ATOMIC_ACQ_REL);
+    };
+    run(0);
+    // Chunks no worker has claimed yet are run here.
+    for (int64_t c; (c = claim(&generation_, job)) >= 0;) run(c);
 
-    spin_until([&] { return __atomic_load_n(&pending_, __ATOMIC_ACQUIRE) == 0; });
-    {
+    auto done = [&] { return __atomic_load_n(&pending_, __ATOMIC_ACQUIRE) == 0; };
+    if (!spin_until(done)) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_done_.wait(lk, [&] { return pending_ == 0; });
-        job_ = nullptr;
+        cv_done_.wait(lk, done);
     }
+    job_ = nullptr;
     std::exception_ptr werr = take_exception(this);
     if (err) std::rethrow_exception(err);
     if (werr) std::rethrow_exception(werr);

@@ -9,12 +9,14 @@
 //    (the classic gamma_n bound, eps32 = 2^-24 relative, doubled for the
 //    per-block scale products); observed errors are far below it.
 //  * integer kernels (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K): the activations
-//    are quantized to int8 per block of 32 (K-quants: 256) with step
-//    dx = amax/127, so each |x - dx*qx| <= amax/254 and
-//        |y - y_ref| <= sum_blocks amax_block/254 * sum_{k in block} |w_k|
+//    are quantized to int16 per block of 32 (K-quants: 256) with step
+//    dx = amax/QMAX (QMAX = 32767, K-quants 16383), so each
+//    |x - dx*qx| <= amax/(2*QMAX) and
+//        |y - y_ref| <= sum_blocks amax_block/(2*QMAX) * sum_{k in block} |w_k|
 //    plus the same float32 rounding term. This bound is rigorous, so it is
 //    checked exactly rather than with a guessed relative tolerance; the test
-//    also checks the typical relative error is small (< 2%).
+//    also checks the typical relative error is small (< 5e-4 with the
+//    synthetic 20-sigma outliers used here).
 //  * SIMD vs scalar kernels: same integers, different float summation order:
 //    |y_simd - y_scalar| <= 1e-5 * sum_k |x_k w_k| (+1e-30).
 //  * different thread counts: bitwise identical (a given output is always
@@ -135,7 +137,7 @@ Ref reference(uint32_t type, const std::vector<uint8_t>& wb, int64_t n_in, int64
             for (int64_t k = 0; k < n_in; ++k) {
                 s += (double)xi[k] * wr[k];
                 a += std::fabs((double)xi[k] * wr[k]);
-                if (int_kernel) qerr += amax[(size_t)(k / qb)] / 254.0 * std::fabs(wr[k]);
+                if (int_kernel) qerr += amax[(size_t)(k / qb)] / (qb == 256 ? 2.0 * 16383 : 2.0 * 32767) * std::fabs(wr[k]);
             }
             const size_t o = (size_t)(i * n_out + r);
             R.y[o] = s;
@@ -194,7 +196,7 @@ TEST_CASE("matmul: every supported type vs the dequantized float64 reference") {
             CHECK(bad == 0);
             const double rel = std::sqrt(num / den);
             if (matmul_has_kernel(type) && type != T_F32 && type != T_F16 && type != T_BF16)
-                CHECK(rel < 0.02);
+                CHECK(rel < 5e-4);
             else
                 CHECK(rel < 1e-5);
         }

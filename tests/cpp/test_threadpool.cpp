@@ -83,17 +83,36 @@ TEST_CASE("threadpool: chunks are contiguous multiples of grain, the calling thr
 }
 
 TEST_CASE("threadpool: work is actually spread over the workers") {
-    ThreadPool pool(2);
+    ThreadPool pool(3);
     std::vector<int> hits;
     auto chunks = run_chunks(pool, 1000, 1, hits);
-    CHECK(chunks.size() == 2);
+    CHECK(chunks.size() == 3);
+    // While the caller is busy with chunk 0 the workers claim chunks 1 and 2
+    // (a chunk no worker has claimed is run by the caller after its own).
     std::set<std::thread::id> tids;
     std::mutex mu;
-    pool.parallel_for(2, [&](int64_t, int64_t, int) {
+    pool.parallel_for(3, [&](int64_t b, int64_t, int) {
+        if (b == 0) std::this_thread::sleep_for(std::chrono::milliseconds(200));
         std::lock_guard<std::mutex> lk(mu);
         tids.insert(std::this_thread::get_id());
     });
-    CHECK(tids.size() == 2);
+    CHECK(tids.size() >= 2);
+}
+
+TEST_CASE("threadpool: a chunk index never runs on two threads at once") {
+    ThreadPool pool(4);
+    std::vector<std::atomic<int>> busy(4);
+    for (auto& b : busy) b = 0;
+    std::atomic<int> clashes{0};
+    for (int rep = 0; rep < 2000; ++rep) {
+        pool.parallel_for(4 * 64, [&](int64_t, int64_t, int t) {
+            if (busy[(size_t)t]++ != 0) clashes++;
+            volatile int spin = 0;
+            for (int i = 0; i < 200; ++i) spin = spin + i;
+            busy[(size_t)t]--;
+        }, 64);
+    }
+    CHECK(clashes == 0);
 }
 
 TEST_CASE("threadpool: reuse across many jobs") {
