@@ -155,6 +155,32 @@ def test_tiny_mixed_types_like_q4_k_m(tiny_model):
     compare_trace(path, tokens, ref=reference(path))
 
 
+def test_qwen05_shaped_model(tiny_model):
+    """Two layers of Qwen2.5-0.5B-Instruct Q4_K_M's exact shapes and types
+    (n_embd 896, 14/2 heads of 64, n_ff 4864, Q5_0 attention/FFN/embedding, Q8_0
+    attn_v and output, Q6_K and Q4_K ffn_down) with a 40000-row vocabulary, so
+    the all-logits lm_head is dequantized in several fp16 chunks."""
+    path = tiny_model("Q5_0", n_layer=2, n_embd=896, n_head=14, n_head_kv=2, n_ff=4864, n_vocab=40000,
+                      tensor_types={"blk.0.ffn_down.weight": "Q6_K", "blk.1.ffn_down.weight": "Q4_K",
+                                    "blk.1.attn_v.weight": "Q8_0", "output.weight": "Q8_0"})
+    tokens = np.random.default_rng(9).integers(0, 40000, 21).astype(np.int32)
+    compare_trace(path, tokens, n_ctx=64, ref=reference(path))
+    # and the decode path (mat-vec) on the same shapes
+    cpu = core.CpuEngine(path, 64, 1)
+    gpu = cu.CudaEngine(path, 64, 1)
+    seq = list(tokens[:10])
+    lc, lg = cpu.forward(0, tokens[:10], 0), gpu.forward(0, tokens[:10], 0)
+    for step in range(4):
+        t = int(np.argmax(lc))
+        seq.append(t)
+        lc = cpu.forward(0, np.array([t], np.int32), 10 + step)
+        lg = gpu.forward(0, np.array([t], np.int32), 10 + step)
+        lr = ref_last_logits(path, seq)
+        assert_close_rows(lg, lc, f"decode step {step}")
+        assert_same_argmax(lg, lc, f"decode step {step}", ref=lr)
+    gpu.close()
+
+
 def _greedy(engine, slot, prompt, steps):
     """Prompt then `steps` greedy single-token decodes; returns (tokens, logits per step)."""
     logits = engine.forward(slot, np.asarray(prompt, np.int32), 0)
