@@ -5,10 +5,10 @@ argmax, on tiny random models of every weight type and on the real model;
 greedy decoding of the real model must give the same 32 tokens on 5 prompts.
 
 "Same argmax" has one principled exception. The CPU engine's quantized
-kernels round the activations to 8 bits (as llama.cpp does), which moves its
-logits by up to ~0.15 on the tiny models, and on those random models a
-top-2 margin of 0.01 is common: the CPU then disagrees with the exact answer
-itself. So the arbiter is a float64 NumPy forward pass (tests/reference_qwen2.py):
+kernels round the activations to integer codes (8-bit codes moved its logits by
+up to ~0.15 on the tiny models; 16-bit codes far less), and on those random
+models a top-2 margin of 0.01 is common: an engine can then disagree with the
+exact answer itself. So the arbiter is a float64 NumPy forward pass (tests/reference_qwen2.py):
 the GPU's pick must be the reference's pick unless the reference's own margin
 between the two is within twice the GPU's measured logit error, and a GPU/CPU
 difference is accepted only where the reference margin between their picks is

@@ -214,8 +214,8 @@ def test_matvec_matches_cpu_matmul():
         x = rng.standard_normal((2, n_in)).astype(np.float32)
         got = cu.matvec(TYPES[tname][0], w, n_in, n_out, x)
         cpu = np.asarray(core.matmul(TYPES[tname][0], w, n_in, n_out, x))
-        # The CPU kernels quantize the activations to 8 bits (as llama.cpp does),
-        # so they sit ~1e-3 from the exact product; the GPU keeps x in float32.
+        # The CPU kernels quantize the activations to integer codes, so they sit
+        # further from the exact product than the GPU, which keeps x in float32.
         exact, mag = _ref_product(tname, w, n_in, n_out, x)
         e = rel_err(got, cpu, mag)
         assert e < 2e-2, f"{tname}: GPU vs CPU matmul rel err {e:.2e}"
