@@ -18,7 +18,7 @@
 //     sub-block scale: q*sc for Q4_K/Q5_K, (q-32)*sc for Q6_K) and multiplied
 //     with qx in int32 (vpdpwssd / vpmaddwd): exact.
 //       32-blocks: y += (sum q_w*qx) * dx * d_w                 per block
-//       Q4_K/Q5_K: y += (sum q*sc*qx) * d*dx - (sum_s m_s*sum_s(qx)) * dmin*dx
+//       Q4_K/Q5_K: y += (sum q*sc*qx) * d*dx - sum_s m_s*dmin * (dx*sum_s(qx))
 //       Q6_K:      y += (sum (q-32)*sc*qx) * d*dx                 per super-block
 //   The only rounding beyond float32 summation is the activation
 //   quantization: |x - dx*qx| <= dx/2 = amax_block/(2*QMAX), so
@@ -48,6 +48,12 @@
 // in chunks from an atomic counter to the pool's threads, so a thread slowed
 // down by other load does not hold the others up.
 #include "matmul.h"
+
+// GCC 12 warns about the deliberately undefined upper lanes inside its own
+// AVX-512 intrinsic headers (false positives).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -120,8 +126,8 @@ struct AlignedBuf {
 
 // -------------------------------------------------------- quantized activations
 // Row layout (row i at base + i*stride, 64-byte aligned), B = 32 or 256:
-//   q[nb*B] int16 codes | d[nb] float scales | (B = 256 only) s[nb*8] int32
-//   sums of the codes per 32
+//   q[nb*B] int16 codes | d[nb] float scales | (B = 256 only) s[nb*8] float
+//   dx * (sum of the codes) per 32 (exact sums, < 2^24, times the scale)
 struct Act {
     const uint8_t* base = nullptr;
     size_t stride = 0;
@@ -129,8 +135,8 @@ struct Act {
     int64_t B = 32;  // elements per block
     const int16_t* q(int64_t i) const { return reinterpret_cast<const int16_t*>(base + i * stride); }
     const float* d(int64_t i) const { return reinterpret_cast<const float*>(base + i * stride + nb * B * 2); }
-    const int32_t* s(int64_t i) const {
-        return reinterpret_cast<const int32_t*>(base + i * stride + nb * B * 2 + nb * 4);
+    const float* s(int64_t i) const {
+        return reinterpret_cast<const float*>(base + i * stride + nb * B * 2 + nb * 4);
     }
 };
 
@@ -200,7 +206,7 @@ inline void quant_simd(const float* x, int64_t n, float id, int qmax, int16_t* q
 void quant_row(const float* x, int64_t nb, int64_t B, uint8_t* row, bool scalar) {
     int16_t* q = reinterpret_cast<int16_t*>(row);
     float* d = reinterpret_cast<float*>(row + nb * B * 2);
-    int32_t* s = reinterpret_cast<int32_t*>(row + nb * B * 2 + nb * 4);
+    float* s = reinterpret_cast<float*>(row + nb * B * 2 + nb * 4);
     const int qmax = act_qmax(B);
     for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + b * B;
@@ -220,7 +226,7 @@ void quant_row(const float* x, int64_t nb, int64_t B, uint8_t* row, bool scalar)
             for (int j = 0; j < 8; ++j) {
                 int32_t t = 0;
                 for (int l = 0; l < 32; ++l) t += qb[32 * j + l];
-                s[8 * b + j] = t;
+                s[8 * b + j] = d[b] * (float)t;
             }
     }
 }
@@ -290,7 +296,7 @@ template <int MR>
 void s_qk(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out) {
     for (int i = 0; i < MR; ++i) {
         const int16_t* xq = a.q(i0 + i);
-        const int32_t* xs = a.s(i0 + i);
+        const float* xs = a.s(i0 + i);
         const float* xd = a.d(i0 + i);
         float sum = 0.0f;
         for (int64_t b = 0; b < a.nb; ++b) {
@@ -324,7 +330,8 @@ void s_qk(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out)
                 k4_scales(B + 4, sc, mn);
                 const uint8_t* qh = B + 16;
                 const uint8_t* qs = B + (q5 ? 48 : 16);
-                int32_t isum = 0, msum = 0;
+                int32_t isum = 0;
+                float msum = 0.0f;
                 for (int j = 0; j < 4; ++j)
                     for (int l = 0; l < 32; ++l) {
                         int vl = qs[32 * j + l] & 15, vh = qs[32 * j + l] >> 4;
@@ -335,8 +342,8 @@ void s_qk(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out)
                         isum += vl * sc[2 * j] * x[64 * j + l];
                         isum += vh * sc[2 * j + 1] * x[64 * j + 32 + l];
                     }
-                for (int k = 0; k < 8; ++k) msum += mn[k] * xs[8 * b + k];
-                sum += (float)isum * (d * xd[b]) - (float)msum * (dmin * xd[b]);
+                for (int k = 0; k < 8; ++k) msum += (float)mn[k] * dmin * xs[8 * b + k];
+                sum += (float)isum * (d * xd[b]) - msum;
             }
         }
         out[i] = sum;
@@ -444,7 +451,7 @@ template <bool Q5, int MR>
 void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
     constexpr int64_t BB = Q5 ? 176 : 144;
     const int16_t* xq[MR];
-    const int32_t* xs[MR];
+    const float* xs[MR];
     const float* xd[MR];
     __m256 acc[MR], accm[MR];
     for (int i = 0; i < MR; ++i) {
@@ -461,7 +468,8 @@ void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
         k4_scales(B + 4, sc, mn);
         uint64_t mn64;
         std::memcpy(&mn64, mn, 8);
-        const __m256i mins = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn64));
+        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn64))),
+                                          _mm256_set1_ps(dmin));
         const uint8_t* qs = B + (Q5 ? 48 : 16);
         __m256i hq0, hq1;  // Q5: high-bit bytes qh[0..15], qh[16..31] as int16
         if constexpr (Q5) {
@@ -497,8 +505,7 @@ void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
         for (int i = 0; i < MR; ++i) {
             const float dx = xd[i][b];
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ia[i], ib[i])), _mm256_set1_ps(d * dx), acc[i]);
-            const __m256i mp = _mm256_mullo_epi32(mins, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[i] + 8 * b)));
-            accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mp), _mm256_set1_ps(dmin * dx), accm[i]);
+            accm[i] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs[i] + 8 * b), accm[i]);
         }
     }
     for (int i = 0; i < MR; ++i) out[i] = hsum(_mm256_sub_ps(acc[i], accm[i]));
@@ -550,6 +557,247 @@ void v_q6k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
     }
     for (int i = 0; i < MR; ++i) out[i] = hsum(acc[i]);
 }
+
+#if ORCD_MM_VNNI
+// ---------------------------------------------------------------- packed GEMM
+// For m >= kPackMinRows: a tile of kNT = 16 weight rows is unpacked once to
+// signed int16 codes (exactly the codes the row kernels use: q, q*sc or
+// (q-32)*sc) and transposed so that one zmm holds the pair (k, k+1) of all 16
+// rows. The micro-kernel then broadcasts a pair of activation codes and
+// issues one vpdpwssd per pair for 16 output rows at once: the int32 lanes
+// are output rows, so no horizontal sums are needed, and a tile of 8
+// activation rows reuses every weight register 8 times. The int32 sums cover
+// one group of 32 inputs (at most 32 products of |w| <= 4096 and
+// |qx| <= 16383, or |w| <= 128 and |qx| <= 32767: no overflow) and are then
+// scaled in float: y += sum * dx * d_w (per-row scale vector), and for
+// Q4_K/Q5_K y -= (dmin*m_s) * (dx*sum_s(qx)).
+constexpr int kNT = 16;          // weight rows per packed tile
+constexpr int kPMR = 8;          // activation rows per micro-kernel call
+constexpr int64_t kPackMinRows = 16;
+
+struct Packed {
+    int32_t* W = nullptr;  // [G][16 pairs][16 rows] int16 pairs
+    float* S = nullptr;    // [G][16] per-row scale of each 32-group
+    float* M = nullptr;    // [G][16] per-row mins coefficient (Q4_K/Q5_K)
+    int64_t G = 0;         // groups of 32 inputs
+};
+
+// Unpack one block (32 elements, Q*_0) or super-block (256, K-quants) of a
+// weight row into int16 codes; per 32-group scale and mins coefficient.
+template <uint32_t T>
+struct Unpack;
+
+template <>
+struct Unpack<T_Q4_0> {
+    static constexpr int UE = 32, BB = 18;
+    static void run(const uint8_t* B, int16_t* dst, float* sc, float*) {
+        const __m256i v = zx16(B + 2), c8 = _mm256_set1_epi16(8);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(15)), c8));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), _mm256_sub_epi16(_mm256_srli_epi16(v, 4), c8));
+        sc[0] = h2f(rd16(B));
+    }
+};
+template <>
+struct Unpack<T_Q5_0> {
+    static constexpr int UE = 32, BB = 22;
+    static void run(const uint8_t* B, int16_t* dst, float* sc, float*) {
+        const __m256i v = zx16(B + 6), c16 = _mm256_set1_epi16(16);
+        const uint32_t qh = rd32(B + 2);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst),
+                           _mm256_sub_epi16(add_bit4(_mm256_and_si256(v, _mm256_set1_epi16(15)), qh & 0xFFFF), c16));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16),
+                           _mm256_sub_epi16(add_bit4(_mm256_srli_epi16(v, 4), qh >> 16), c16));
+        sc[0] = h2f(rd16(B));
+    }
+};
+template <>
+struct Unpack<T_Q8_0> {
+    static constexpr int UE = 32, BB = 34;
+    static void run(const uint8_t* B, int16_t* dst, float* sc, float*) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst),
+                           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 2))));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16),
+                           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 18))));
+        sc[0] = h2f(rd16(B));
+    }
+};
+template <bool Q5>
+struct UnpackK45 {
+    static constexpr int UE = 256, BB = Q5 ? 176 : 144;
+    static void run(const uint8_t* B, int16_t* dst, float* scv, float* mc) {
+        const float d = h2f(rd16(B)), dmin = h2f(rd16(B + 2));
+        uint8_t sc[8], mn[8];
+        k4_scales(B + 4, sc, mn);
+        const uint8_t* qs = B + (Q5 ? 48 : 16);
+        const __m256i m15 = _mm256_set1_epi16(15);
+        __m256i hq0, hq1;
+        if constexpr (Q5) {
+            hq0 = zx16(B + 16);
+            hq1 = zx16(B + 32);
+        }
+        for (int j = 0; j < 4; ++j) {
+            const __m256i v0 = zx16(qs + 32 * j), v1 = zx16(qs + 32 * j + 16);
+            __m256i l0 = _mm256_and_si256(v0, m15), l1 = _mm256_and_si256(v1, m15);
+            __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
+            if constexpr (Q5) {
+                const __m256i bl = _mm256_set1_epi16((short)(1 << (2 * j))), bh = _mm256_set1_epi16((short)(2 << (2 * j)));
+                const __m256i c16 = _mm256_set1_epi16(16);
+                l0 = _mm256_add_epi16(l0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bl), bl), c16));
+                l1 = _mm256_add_epi16(l1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bl), bl), c16));
+                h0 = _mm256_add_epi16(h0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bh), bh), c16));
+                h1 = _mm256_add_epi16(h1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bh), bh), c16));
+            }
+            const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
+            __m256i* o = reinterpret_cast<__m256i*>(dst + 64 * j);
+            _mm256_store_si256(o + 0, _mm256_mullo_epi16(l0, s0));
+            _mm256_store_si256(o + 1, _mm256_mullo_epi16(l1, s0));
+            _mm256_store_si256(o + 2, _mm256_mullo_epi16(h0, s1));
+            _mm256_store_si256(o + 3, _mm256_mullo_epi16(h1, s1));
+        }
+        for (int g = 0; g < 8; ++g) {
+            scv[g] = d;
+            mc[g] = dmin * (float)mn[g];
+        }
+    }
+};
+template <>
+struct Unpack<T_Q4_K> : UnpackK45<false> {};
+template <>
+struct Unpack<T_Q5_K> : UnpackK45<true> {};
+template <>
+struct Unpack<T_Q6_K> {
+    static constexpr int UE = 256, BB = 210;
+    static void run(const uint8_t* B, int16_t* dst, float* scv, float*) {
+        const int8_t* sc = reinterpret_cast<const int8_t*>(B + 192);
+        const float d = h2f(rd16(B + 208));
+        const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), c32 = _mm256_set1_epi16(32);
+        for (int h = 0; h < 2; ++h) {
+            const __m256i qlA = ldu(B + 64 * h), qlB = ldu(B + 64 * h + 32), qh = ldu(B + 128 + 32 * h);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(qlA, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+            q[1] = _mm256_or_si256(_mm256_and_si256(qlB, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), m4), _mm256_and_si256(qh, m30));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), m4),
+                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            for (int k = 0; k < 4; ++k) {
+                __m256i w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q[k]));
+                __m256i w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q[k], 1));
+                w0 = _mm256_mullo_epi16(_mm256_sub_epi16(w0, c32), _mm256_set1_epi16(sc[8 * h + 2 * k]));
+                w1 = _mm256_mullo_epi16(_mm256_sub_epi16(w1, c32), _mm256_set1_epi16(sc[8 * h + 2 * k + 1]));
+                __m256i* o = reinterpret_cast<__m256i*>(dst + 128 * h + 32 * k);
+                _mm256_store_si256(o, w0);
+                _mm256_store_si256(o + 1, w1);
+            }
+        }
+        for (int g = 0; g < 8; ++g) scv[g] = d;
+    }
+};
+
+// In-register transpose of a 16x16 matrix of 32-bit elements.
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // rows 4i..4i+3
+        u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int e = 0; e < 4; ++e) {
+        const __m512i x0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), x1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
+        const __m512i y0 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44),
+                      y1 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
+        r[0 + e] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+        r[4 + e] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+        r[8 + e] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+    }
+}
+
+// Packs rows [r0, r0+nr) (nr <= 16; missing rows are zero) into P.
+// tmp: 16 * UE int16, 64-byte aligned.
+template <uint32_t T>
+void pack_tile(const WeightView& w, int64_t r0, int nr, Packed& P, int16_t* tmp) {
+    using U = Unpack<T>;
+    constexpr int GU = U::UE / 32;  // groups per unit
+    const int64_t units = w.n_in / U::UE;
+    float sc[kNT][GU], mc[kNT][GU];
+    for (int64_t u = 0; u < units; ++u) {
+        for (int r = 0; r < kNT; ++r) {
+            if (r < nr) {
+                U::run(w.data + (r0 + r) * w.row_bytes + u * U::BB, tmp + r * U::UE, sc[r], mc[r]);
+            } else {
+                std::memset(tmp + r * U::UE, 0, U::UE * 2);
+                for (int g = 0; g < GU; ++g) sc[r][g] = mc[r][g] = 0.0f;
+            }
+        }
+        for (int gi = 0; gi < GU; ++gi) {
+            const int64_t g = u * GU + gi;
+            __m512i rows[16];
+            for (int r = 0; r < kNT; ++r) rows[r] = _mm512_load_si512(tmp + r * U::UE + 32 * gi);
+            transpose16(rows);
+            int32_t* Wg = P.W + g * 256;
+            for (int j = 0; j < 16; ++j) _mm512_store_si512(Wg + 16 * j, rows[j]);
+            for (int r = 0; r < kNT; ++r) {
+                P.S[g * 16 + r] = sc[r][gi];
+                if (P.M) P.M[g * 16 + r] = mc[r][gi];
+            }
+        }
+    }
+}
+
+// y[(i0+i)*ldy + c] for c < nr, i < MR: one packed tile against MR act rows.
+template <int MR, bool MINS>
+void packed_kernel(const Packed& P, const Act& a, int64_t i0, int gshift, float* y, int64_t ldy, int nr) {
+    const int16_t* xq[MR];
+    const float* xd[MR];
+    const float* xs[MR];
+    __m512 facc[MR];
+    for (int i = 0; i < MR; ++i) {
+        xq[i] = a.q(i0 + i);
+        xd[i] = a.d(i0 + i);
+        xs[i] = MINS ? a.s(i0 + i) : nullptr;
+        facc[i] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < P.G; ++g) {
+        __m512i ia[MR];
+        for (int i = 0; i < MR; ++i) ia[i] = _mm512_setzero_si512();
+        const int32_t* Wg = P.W + g * 256;
+        for (int j = 0; j < 16; ++j) {
+            const __m512i wv = _mm512_load_si512(Wg + 16 * j);
+            for (int i = 0; i < MR; ++i) {
+                int32_t pair;
+                std::memcpy(&pair, xq[i] + 32 * g + 2 * j, 4);
+                ia[i] = _mm512_dpwssd_epi32(ia[i], wv, _mm512_set1_epi32(pair));
+            }
+        }
+        const __m512 s = _mm512_load_ps(P.S + 16 * g);
+        for (int i = 0; i < MR; ++i)
+            facc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ia[i]), _mm512_set1_ps(xd[i][g >> gshift])), s,
+                                      facc[i]);
+        if constexpr (MINS) {
+            const __m512 mv = _mm512_load_ps(P.M + 16 * g);
+            for (int i = 0; i < MR; ++i) facc[i] = _mm512_fnmadd_ps(mv, _mm512_set1_ps(xs[i][g]), facc[i]);
+        }
+    }
+    const __mmask16 k = (__mmask16)((1u << nr) - 1);
+    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + (i0 + i) * ldy, k, facc[i]);
+}
+
+using PackFn = void (*)(const WeightView& w, int64_t r0, int nr, Packed& P, int16_t* tmp);
+using PKernFn = void (*)(const Packed& P, const Act& a, int64_t i0, int gshift, float* y, int64_t ldy, int nr);
+
+template <bool MINS>
+PKernFn packed_kernel_for(int mr) {
+    static const PKernFn t[kPMR] = {packed_kernel<1, MINS>, packed_kernel<2, MINS>, packed_kernel<3, MINS>,
+                                    packed_kernel<4, MINS>, packed_kernel<5, MINS>, packed_kernel<6, MINS>,
+                                    packed_kernel<7, MINS>, packed_kernel<8, MINS>};
+    return t[mr - 1];
+}
+#endif  // ORCD_MM_VNNI
 
 // Float weights, 8 at a time; out[i*NR + j].
 template <uint32_t T>
@@ -612,6 +860,10 @@ struct Kernel {
     Kind kind = Kind::Fallback;
     QFn q[kMR] = {};    // Q32/QK: [MR-1]
     FFn f[kMR][2] = {}; // Float/Fallback: [MR-1][NR-1]
+#if ORCD_MM_VNNI
+    PackFn pack = nullptr;  // packed GEMM for m >= kPackMinRows (Q32/QK, SIMD only)
+    bool mins = false;      // Q4_K/Q5_K: packed tiles carry mins coefficients
+#endif
 };
 
 #define ORCD_FLOAT_TABLE(KERN, T)                                                           \
@@ -649,6 +901,9 @@ Kernel make_kernel() {
         if (!Scalar) {
             QFn t[kMR] = {v_q32<T, 1>, v_q32<T, 2>, v_q32<T, 3>, v_q32<T, 4>};
             std::memcpy(k.q, t, sizeof(t));
+#if ORCD_MM_VNNI
+            k.pack = pack_tile<T>;
+#endif
             return k;
         }
 #endif
@@ -666,6 +921,10 @@ Kernel make_kernel() {
                 QFn t[kMR] = {v_q45k<Q5, 1>, v_q45k<Q5, 2>, v_q45k<Q5, 3>, v_q45k<Q5, 4>};
                 std::memcpy(k.q, t, sizeof(t));
             }
+#if ORCD_MM_VNNI
+            k.pack = pack_tile<T>;
+            k.mins = T != T_Q6_K;
+#endif
             return k;
         }
 #endif
@@ -730,6 +989,42 @@ void band_quant(const Kernel& K, const WeightView& w, const Act& a, int64_t m, i
         }
     }
 }
+
+#if ORCD_MM_VNNI
+// Rows [r0, r1) through packed tiles: a few tiles are packed (about 256 KiB,
+// L2-resident), then every activation micro-tile runs against each of them.
+void band_packed(const Kernel& K, const WeightView& w, const Act& a, int64_t m, int64_t r0, int64_t r1, float* y) {
+    thread_local AlignedBuf pbuf, tbuf;
+    const int64_t G = w.n_in / 32;
+    const size_t wbytes = (size_t)G * 1024, sbytes = (size_t)G * 64;
+    const size_t tile_bytes = wbytes + 2 * sbytes;
+    const int64_t TS = std::max<int64_t>(1, std::min<int64_t>(8, (256 * 1024) / (int64_t)tile_bytes));
+    uint8_t* buf = pbuf.get(tile_bytes * TS);
+    int16_t* tmp = reinterpret_cast<int16_t*>(tbuf.get(kNT * 256 * 2));
+    Packed P[8];
+    for (int64_t t = 0; t < TS; ++t) {
+        uint8_t* b = buf + t * tile_bytes;
+        P[t].W = reinterpret_cast<int32_t*>(b);
+        P[t].S = reinterpret_cast<float*>(b + wbytes);
+        P[t].M = K.mins ? reinterpret_cast<float*>(b + wbytes + sbytes) : nullptr;
+        P[t].G = G;
+    }
+    const int gshift = a.B == 256 ? 3 : 0;
+    for (int64_t rs = r0; rs < r1; rs += kNT * TS) {
+        int nt = 0;
+        int nrs[8];
+        for (int64_t r = rs; r < r1 && nt < TS; r += kNT, ++nt) {
+            nrs[nt] = (int)std::min<int64_t>(kNT, r1 - r);
+            K.pack(w, r, nrs[nt], P[nt], tmp);
+        }
+        for (int64_t i0 = 0; i0 < m; i0 += kPMR) {
+            const int mr = (int)std::min<int64_t>(kPMR, m - i0);
+            const PKernFn fn = K.mins ? packed_kernel_for<true>(mr) : packed_kernel_for<false>(mr);
+            for (int t = 0; t < nt; ++t) fn(P[t], a, i0, gshift, y + rs + t * kNT, w.n_out, nrs[t]);
+        }
+    }
+}
+#endif
 
 // Rows [r0, r1) of float weights; wrow0 points at row r0.
 void band_float(const Kernel& K, const uint8_t* wrow0, size_t row_bytes, int64_t n_in, int64_t n_out, const float* x,
@@ -856,10 +1151,15 @@ void matmul(const WeightView& w, const float* x, int64_t m, float* y, ThreadPool
     }
 
     // Output rows in chunks, handed out dynamically.
+    bool packed = false;
+#if ORCD_MM_VNNI
+    packed = K.pack != nullptr && m >= kPackMinRows;
+#endif
     int64_t chunk = std::max<int64_t>(2, w.n_out / ((int64_t)nt * 6));
     if (m > 1 && K.kind != Kind::Float && K.kind != Kind::Fallback)
         chunk = std::max<int64_t>(chunk, std::min<int64_t>(rows_per_block(w.row_bytes), w.n_out / nt));
     chunk = (chunk + 1) & ~(int64_t)1;
+    if (packed) chunk = std::max<int64_t>(16, chunk / 16 * 16);
     const int64_t n_chunks = (w.n_out + chunk - 1) / chunk;
     std::atomic<int64_t> next{0};
 
@@ -871,6 +1171,12 @@ void matmul(const WeightView& w, const float* x, int64_t m, float* y, ThreadPool
             switch (K.kind) {
                 case Kind::Q32:
                 case Kind::QK:
+#if ORCD_MM_VNNI
+                    if (packed) {
+                        band_packed(K, w, act, m, r0, r1, y);
+                        break;
+                    }
+#endif
                     band_quant(K, w, act, m, r0, r1, y);
                     break;
                 case Kind::Float:

@@ -172,7 +172,8 @@ TEST_CASE("matmul: every supported type vs the dequantized float64 reference") {
         const int64_t n_out = 37;  // odd, not a multiple of any thread count used
         auto wb = random_weights(type, n_in, n_out, rng);
         WeightView w = make_weight_view(type, wb.data(), n_in, n_out);
-        for (int64_t m : {1, 2, 3, 5, 7, 9}) {
+        // m >= 16 takes the packed-tile path (AVX512-VNNI builds)
+        for (int64_t m : {1, 2, 3, 5, 7, 9, 17, 30}) {
             CAPTURE(m);
             auto x = random_acts(m, n_in, rng);
             Ref R = reference(type, wb, n_in, n_out, x, m);
@@ -215,7 +216,7 @@ TEST_CASE("matmul: SIMD and scalar kernels agree up to float summation order") {
         const int64_t n_out = 23;
         auto wb = random_weights(type, n_in, n_out, rng);
         WeightView w = make_weight_view(type, wb.data(), n_in, n_out);
-        for (int64_t m : {1, 4, 6}) {
+        for (int64_t m : {1, 4, 6, 21}) {
             auto x = random_acts(m, n_in, rng);
             Ref R = reference(type, wb, n_in, n_out, x, m);
             std::vector<float> ys((size_t)(m * n_out)), yv = ys;
