@@ -393,17 +393,20 @@ inline __m256i zx16(const uint8_t* p) {  // 16 bytes -> 16 uint16
     return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// int16 lanes v + 16 where bit l of `bits` is set (lane l), as 16 lanes.
-inline __m256i add_bit4(__m256i v, uint32_t bits16) {
+// Q5_0 codes: int16 lanes v + 16*(bit l of `bits16`) - 16.
+inline __m256i q5_lanes(__m256i v, uint32_t bits16) {
 #if ORCD_MM_VNNI
-    return _mm256_mask_add_epi16(v, _cvtu32_mask16(bits16), v, _mm256_set1_epi16(16));
+    // lanes whose bit is clear get v - 16, the others keep v (= v + 16 - 16)
+    return _mm256_mask_sub_epi16(v, _cvtu32_mask16(~bits16 & 0xFFFF), v, _mm256_set1_epi16(16));
 #else
     const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
                                           (short)0x8000);
     __m256i m = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)bits16), sel), sel);
-    return _mm256_add_epi16(v, _mm256_and_si256(m, _mm256_set1_epi16(16)));
+    return _mm256_sub_epi16(v, _mm256_andnot_si256(m, _mm256_set1_epi16(16)));
 #endif
 }
+// fp16 at p broadcast to 8 floats.
+inline __m256 bcast_h(const uint8_t* p) { return _mm256_cvtph_ps(_mm_set1_epi16((short)rd16(p))); }
 
 // Q4_0 / Q5_0 / Q8_0 against MR activation rows: the 32 weights of a block
 // as two vectors of 16 signed int16, one dot product per activation row.
@@ -412,16 +415,16 @@ void v_q32(const uint8_t* w, const Act& a, int64_t i0, float* out) {
     constexpr int64_t BB = T == T_Q4_0 ? 18 : (T == T_Q5_0 ? 22 : 34);
     const int16_t* xq[MR];
     const float* xd[MR];
-    __m256 acc[MR];
+    __m256 acc0[MR], acc1[MR];  // even / odd blocks: two FMA chains per row
     for (int i = 0; i < MR; ++i) {
         xq[i] = a.q(i0 + i);
         xd[i] = a.d(i0 + i);
-        acc[i] = _mm256_setzero_ps();
+        acc0[i] = acc1[i] = _mm256_setzero_ps();
     }
     const __m256i m15 = _mm256_set1_epi16(15);
-    for (int64_t b = 0; b < a.nb; ++b) {
+    auto step = [&](int64_t b, __m256* acc) __attribute__((always_inline)) {
         const uint8_t* B = w + b * BB;
-        const __m256 dw = _mm256_set1_ps(h2f(rd16(B)));
+        const __m256 dw = bcast_h(B);
         __m256i w0, w1;  // elements 0..15, 16..31
         if constexpr (T == T_Q8_0) {
             w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 2)));
@@ -431,18 +434,24 @@ void v_q32(const uint8_t* w, const Act& a, int64_t i0, float* out) {
             w0 = _mm256_sub_epi16(_mm256_and_si256(v, m15), c8);
             w1 = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), c8);
         } else {
-            const __m256i v = zx16(B + 6), c16 = _mm256_set1_epi16(16);
+            const __m256i v = zx16(B + 6);
             const uint32_t qh = rd32(B + 2);
-            w0 = _mm256_sub_epi16(add_bit4(_mm256_and_si256(v, m15), qh & 0xFFFF), c16);
-            w1 = _mm256_sub_epi16(add_bit4(_mm256_srli_epi16(v, 4), qh >> 16), c16);
+            w0 = q5_lanes(_mm256_and_si256(v, m15), qh & 0xFFFF);
+            w1 = q5_lanes(_mm256_srli_epi16(v, 4), qh >> 16);
         }
         for (int i = 0; i < MR; ++i) {
             const int16_t* x = xq[i] + 32 * b;
             __m256i p = dp16(_mm256_madd_epi16(w0, ld(x)), w1, ld(x + 16));
             acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[i][b])), dw, acc[i]);
         }
+    };
+    int64_t b = 0;
+    for (; b + 1 < a.nb; b += 2) {
+        step(b, acc0);
+        step(b + 1, acc1);
     }
-    for (int i = 0; i < MR; ++i) out[i] = hsum(acc[i]);
+    if (b < a.nb) step(b, acc0);
+    for (int i = 0; i < MR; ++i) out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
 }
 
 // Q4_K / Q5_K against MR activation rows: weights q*sc as int16 (<= 1953),
@@ -601,12 +610,10 @@ template <>
 struct Unpack<T_Q5_0> {
     static constexpr int UE = 32, BB = 22;
     static void run(const uint8_t* B, int16_t* dst, float* sc, float*) {
-        const __m256i v = zx16(B + 6), c16 = _mm256_set1_epi16(16);
+        const __m256i v = zx16(B + 6);
         const uint32_t qh = rd32(B + 2);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst),
-                           _mm256_sub_epi16(add_bit4(_mm256_and_si256(v, _mm256_set1_epi16(15)), qh & 0xFFFF), c16));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16),
-                           _mm256_sub_epi16(add_bit4(_mm256_srli_epi16(v, 4), qh >> 16), c16));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst), q5_lanes(_mm256_and_si256(v, _mm256_set1_epi16(15)), qh & 0xFFFF));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), q5_lanes(_mm256_srli_epi16(v, 4), qh >> 16));
         sc[0] = h2f(rd16(B));
     }
 };
