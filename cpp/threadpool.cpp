@@ -29,7 +29,8 @@
 //
 // Exceptions thrown by fn are caught on whichever thread runs the chunk and
 // the first one is rethrown on the calling thread after all claimed chunks
-// finished. fn must not call parallel_for on the same pool.
+// finished. A parallel_for issued from inside a chunk of the same pool runs
+// inline on that thread (as fn(0, n, 0)) instead of deadlocking.
 #include "threadpool.h"
 
 #include <sched.h>
@@ -110,6 +111,15 @@ bool spin_until(Pred pred) {
     }
 }
 
+// The pool whose chunk this thread is running (nested calls run inline).
+thread_local const ThreadPool* tl_in_pool = nullptr;
+
+struct InPool {
+    const ThreadPool* prev;
+    explicit InPool(const ThreadPool* p) : prev(tl_in_pool) { tl_in_pool = p; }
+    ~InPool() { tl_in_pool = prev; }
+};
+
 // Claims the next chunk of job `job` from the packed state; -1 if none.
 inline int64_t claim(uint64_t* state, uint64_t job) {
     uint64_t s = __atomic_load_n(state, __ATOMIC_ACQUIRE);
@@ -176,6 +186,7 @@ void ThreadPool::worker(int) {
             int64_t b, e;
             chunk_of(n, grain, nc, c, b, e);
             if (b < e) {
+                InPool guard(this);
                 try {
                     (*fn)(b, e, (int)c);
                 } catch (...) {
@@ -197,10 +208,11 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
     if (grain < 1) grain = 1;
     const int64_t blocks = (n + grain - 1) / grain;
     const int64_t nc = std::min<int64_t>(n_threads_, blocks);
-    if (nc <= 1) {
+    if (nc <= 1 || tl_in_pool == this) {
         fn(0, n, 0);
         return;
     }
+    InPool guard(this);
     uint64_t job;
     {
         std::lock_guard<std::mutex> lk(mu_);

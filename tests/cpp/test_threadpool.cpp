@@ -189,3 +189,19 @@ TEST_CASE("threadpool: exceptions reach the caller and the pool stays usable") {
     run_chunks(pool, 50, 1, hits);
     for (int h : hits) CHECK(h == 1);
 }
+
+TEST_CASE("threadpool: a nested parallel_for on the same pool runs inline") {
+    ThreadPool pool(2);
+    std::atomic<int64_t> total{0};
+    pool.parallel_for(4, [&](int64_t b, int64_t e, int) {
+        for (int64_t i = b; i < e; ++i)
+            pool.parallel_for(10, [&](int64_t b2, int64_t e2, int t2) {
+                CHECK(t2 == 0);
+                total += e2 - b2;
+            });
+    });
+    CHECK(total == 40);
+    std::vector<int> hits;
+    run_chunks(pool, 9, 1, hits);
+    for (int h : hits) CHECK(h == 1);
+}
