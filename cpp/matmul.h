@@ -37,7 +37,8 @@ void weight_row(const WeightView& w, int64_t row, float* dst);
 // ---- additions (matmul.cpp) -------------------------------------------------
 
 // View of raw bytes holding n_out rows of n_in elements of ggml type `type`
-// (for the bindings and tests). Throws orcd::Error if the type has no kernel
+// (for the bindings and tests). matmul also accepts views whose row_bytes is
+// larger than one row (strided rows, e.g. one head of a float KV cache). Throws orcd::Error if the type has no kernel
 // or n_in is not a multiple of its block size.
 WeightView make_weight_view(uint32_t type, const void* data, int64_t n_in, int64_t n_out);
 

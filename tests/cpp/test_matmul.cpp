@@ -258,6 +258,36 @@ TEST_CASE("matmul: the real model's shapes, many activation tiles, large n_out")
     }
 }
 
+TEST_CASE("matmul: strided rows (row_bytes larger than a row)") {
+    std::mt19937 rng(21);
+    ThreadPool pool(2);
+    for (uint32_t type : {T_F32, T_F16, T_Q8_0, T_Q4_K, T_Q4_1}) {
+        const std::string tname = type_name(type);
+        CAPTURE(tname);
+        const TypeInfo* ti = type_info(type);
+        const int64_t n_in = ti->block_size == 256 ? 256 : 64, n_out = 19;
+        // a matrix of 2*n_in columns; the view covers the second half of each row
+        auto wide = random_weights(type, 2 * n_in, n_out, rng);
+        const size_t half = (size_t)(n_in / ti->block_size * ti->block_bytes);
+        WeightView w = make_weight_view(type, wide.data() + half, n_in, n_out);
+        w.row_bytes = 2 * half;
+        std::vector<uint8_t> packed((size_t)n_out * half);
+        for (int64_t r = 0; r < n_out; ++r) std::memcpy(&packed[(size_t)r * half], wide.data() + r * 2 * half + half, half);
+        WeightView wp = make_weight_view(type, packed.data(), n_in, n_out);
+        for (int64_t m : {1, 5, 20}) {
+            auto x = random_acts(m, n_in, rng);
+            std::vector<float> ys((size_t)(m * n_out)), yp = ys;
+            matmul(w, x.data(), m, ys.data(), pool);
+            matmul(wp, x.data(), m, yp.data(), pool);
+            CHECK(std::memcmp(ys.data(), yp.data(), ys.size() * 4) == 0);
+        }
+        std::vector<float> row((size_t)n_in), rowp = row;
+        weight_row(w, 7, row.data());
+        weight_row(wp, 7, rowp.data());
+        CHECK(std::memcmp(row.data(), rowp.data(), row.size() * 4) == 0);
+    }
+}
+
 TEST_CASE("matmul: m = 0 and n_out = 0 do nothing; bad views throw") {
     ThreadPool pool(2);
     std::vector<uint8_t> wb(34 * 4, 0);
