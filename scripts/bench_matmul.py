@@ -11,9 +11,11 @@ exact float64 product of the same inputs and the dequantized weights:
 
 reported per tensor kind and weight type (worst and mean over layers).
 
-speed: builds and runs the C++ bench (scripts/bench_matmul.cpp), which times
-all matmuls of one forward pass of the real model at m = 1 and m = 512 for
-1 and 2 threads and prints GFLOP/s and the implied tokens/s.
+speed: builds and runs the C++ bench (scripts/bench_matmul.cpp, linked with
+build/h-matmul/liborcd_core.a or $ORCD_CORE_LIB), which times all matmuls of
+one forward pass of the real model at m = 1 and m = 512 for 1 and 2 threads
+and prints GFLOP/s and the implied tokens/s of the matmuls alone.
+micro: the same binary's cache-resident per-type kernel speed (1 thread).
 
     python scripts/bench_matmul.py [accuracy|speed|micro] [--model PATH] [--tokens N]
 
@@ -176,10 +178,13 @@ def accuracy(args):
 
 def build_bench():
     exe = os.path.join(ROOT, "build", "bench_matmul")
-    lib = None
-    for cand in glob.glob(os.path.join(ROOT, "build", "*", "liborcd_core.a")):
-        if lib is None or os.path.getmtime(cand) > os.path.getmtime(lib):
-            lib = cand
+    lib = os.environ.get("ORCD_CORE_LIB")
+    if not lib and os.path.exists(os.path.join(ROOT, "build", "h-matmul", "liborcd_core.a")):
+        lib = os.path.join(ROOT, "build", "h-matmul", "liborcd_core.a")
+    if not lib:
+        for cand in glob.glob(os.path.join(ROOT, "build", "*", "liborcd_core.a")):
+            if lib is None or os.path.getmtime(cand) > os.path.getmtime(lib):
+                lib = cand
     if lib is None:
         raise SystemExit("build orcd_core first (cmake --build build/h-matmul)")
     cmd = ["g++", "-O3", "-march=native", "-std=c++17", "-I", os.path.join(ROOT, "cpp"),
