@@ -13,7 +13,7 @@
 //     B = 256 for the K-quant super-blocks): dx = amax/QMAX and
 //     qx = round_half_even(x * QMAX/amax), |qx| <= QMAX, with QMAX = 32767
 //     for B = 32 and 16383 for B = 256 (so int32 sums cannot overflow);
-//     K blocks also store the sums of qx per 32 (for the Q4_K/Q5_K mins).
+//     K blocks also store dx * (sum of qx) per 32 (for the Q4_K/Q5_K mins).
 //   * weight codes are expanded to signed int16 (scaled by the K-quant
 //     sub-block scale: q*sc for Q4_K/Q5_K, (q-32)*sc for Q6_K) and multiplied
 //     with qx in int32 (vpdpwssd / vpmaddwd): exact.
@@ -26,27 +26,36 @@
 //   check this bound per output); on the real model this is ~1e-4 relative
 //   per product. (8-bit activations as in llama.cpp give 0.5-2% per product
 //   here and per-layer hidden-state cosines of only ~0.9994 after 24 layers.)
-//   Block sums are scaled in float32 and accumulated in 8-lane float32
-//   partial sums, reduced at the end of a row.
+//   Block sums are scaled in float32 and accumulated in float32 partial sums.
 //
 // Other types that quants.h can dequantize (Q4_1, Q5_1, Q2_K, Q3_K, ...):
 // a few weight rows at a time are dequantized into a thread-local float
 // scratch and multiplied with the float activations like F32 weights.
 // The whole matrix is never expanded.
 //
+// Kernels
+// -------
+// Row kernels (every path, any m): one weight row against a tile of up to 4
+//   activation rows; the weight block is unpacked once per tile, the int32
+//   sums run along the row in 8 lanes and are reduced at the end of the row.
+// Packed tiles (AVX512-VNNI builds, quantized types, m >= 16): 16 weight rows
+//   are unpacked once to int16 and transposed so one zmm holds one input pair
+//   of all 16 rows; the micro-kernel broadcasts activation pairs into
+//   vpdpwssd for 8 activation rows at a time (lanes = output rows; ~3x the
+//   throughput of the row kernels). Same integers, float sums per 32 inputs.
+//
 // Code paths
 // ----------
-// ORCD_MM_VNNI (AVX512F/BW/VL + AVX512-VNNI): vpdpwssd and mask registers on
-//   256-bit vectors (Zen 4 runs 512-bit ops as two 256-bit halves, so ymm
-//   gives the same throughput with less shuffling).
-// ORCD_MM_AVX2 (AVX2 + FMA + F16C): vpmaddwd + vpaddd.
+// ORCD_MM_VNNI (AVX512F/BW/VL + AVX512-VNNI): vpdpwssd and mask registers;
+//   256-bit vectors in the row kernels, 512-bit in the packed micro-kernel.
+// ORCD_MM_AVX2 (AVX2 + FMA + F16C): vpmaddwd + vpaddd, row kernels only.
 // scalar: portable C++ with the same activation quantization and the same
 //   integer block sums; only the float summation order differs.
 //
-// Work split: for m > 1 the activation rows are processed in tiles of up to
-// 4 (a weight block is unpacked once per tile); output rows are handed out
-// in chunks from an atomic counter to the pool's threads, so a thread slowed
-// down by other load does not hold the others up.
+// Work split: output rows are handed out in chunks from an atomic counter to
+// the pool's threads, so a thread slowed down by other load does not hold the
+// others up. A given output is always computed by the same kernel for a given
+// m, so results do not depend on the number of threads.
 #include "matmul.h"
 
 // GCC 12 warns about the deliberately undefined upper lanes inside its own

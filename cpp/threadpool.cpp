@@ -30,7 +30,8 @@
 // Exceptions thrown by fn are caught on whichever thread runs the chunk and
 // the first one is rethrown on the calling thread after all claimed chunks
 // finished. A parallel_for issued from inside a chunk of the same pool runs
-// inline on that thread (as fn(0, n, 0)) instead of deadlocking.
+// inline on that thread (as fn(0, n, 0)) instead of deadlocking. One pool
+// serves one calling thread at a time (concurrent callers need their own pools).
 #include "threadpool.h"
 
 #include <sched.h>
