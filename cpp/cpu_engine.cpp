@@ -208,10 +208,7 @@ private:
                     const float* vb = &vcache_[cache_at(slots[i], l, 0)] + (size_t)kvh * D;
                     float mx = -INFINITY;
                     for (int j = 0; j < len; ++j) {
-                        const float* kj = kb + (size_t)j * kv_dim_;
-                        float dot = 0;
-                        for (int e = 0; e < D; ++e) dot += qh[e] * kj[e];
-                        sc[j] = dot * scale;
+                        sc[j] = dot_f32(qh, kb + (size_t)j * kv_dim_, D) * scale;
                         mx = std::max(mx, sc[j]);
                     }
                     double sum = 0;
@@ -222,11 +219,7 @@ private:
                     float inv = (float)(1.0 / sum);
                     float* out = &att[(size_t)i * q_dim_ + (size_t)h * D];
                     std::fill(out, out + D, 0.f);
-                    for (int j = 0; j < len; ++j) {
-                        const float* vj = vb + (size_t)j * kv_dim_;
-                        const float w = sc[j] * inv;
-                        for (int e = 0; e < D; ++e) out[e] += w * vj[e];
-                    }
+                    for (int j = 0; j < len; ++j) axpy_f32(sc[j] * inv, vb + (size_t)j * kv_dim_, out, D);
                 }
             });
             matmul(L.wo, att.data(), n, o.data(), pool_);
