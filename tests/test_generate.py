@@ -191,3 +191,46 @@ def test_haiku_acceptance(llm):
         f.write(text + "\n")
     print(text)
     assert passed, "no haiku contained the minute word in 5 tries:\n" + text
+
+
+# ------------------------------------------------------------------ the same on the GPU
+GREEDY_PROMPTS = [
+    "Write a haiku about GPU computing",
+    "def quicksort(arr):",
+    "What is the capital of France?",
+    "Explain what a KV cache is in one sentence.",
+    "1, 1, 2, 3, 5, 8,",
+]
+
+
+@pytest.fixture(scope="module")
+def gpu_llm(real_model_path):
+    if not orcd.cuda_available():
+        pytest.skip(f"no usable GPU: {orcd.cuda_status()}")
+    with orcd.Model(real_model_path, device="cuda", n_ctx=1024) as m:
+        yield m
+
+
+@pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
+def test_gpu_cli_greedy_text_equals_cpu(gpu_llm, real_model_path, prompt):
+    """`orcd generate --chat` greedy: same text on the GPU as on the CPU (32 tokens)."""
+    import subprocess
+    import sys
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        p = subprocess.run([sys.executable, "-m", "orcd.cli", "generate", prompt, "--chat", "-m", real_model_path,
+                            "--device", dev, "--temperature", "0", "--max-tokens", "32"],
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+        outs[dev] = p.stdout
+    assert outs["cuda"] == outs["cpu"]
+    assert gpu_llm.chat([{"role": "user", "content": prompt}], temperature=0, max_tokens=32).text + "\n" == outs["cpu"]
+
+
+def test_gpu_haiku_acceptance(gpu_llm):
+    passed, transcripts = haiku_acceptance(gpu_llm)
+    text = "\n".join(transcripts)
+    with open(_transcript_path(), "a") as f:
+        f.write(text + "\n")
+    print(text)
+    assert passed, "no haiku contained the minute word in 5 tries on the GPU:\n" + text
