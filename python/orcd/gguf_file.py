@@ -1,9 +1,10 @@
 """orcd.GGUFFile: the Python face of the C++ GGUF reader (cpp/gguf.cpp)."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported by the arrays themselves; `orcd inspect` never needs it
+    import numpy as np
 
 from . import _orcd
 
@@ -80,15 +81,15 @@ class GGUFFile:
                 return t
         raise KeyError(f"{self.path}: no tensor named {name!r}")
 
-    def tensor(self, name: str) -> np.ndarray:
+    def tensor(self, name: str) -> "np.ndarray":
         """The tensor's raw bytes as a read-only uint8 array (no copy)."""
         return self._f.tensor_bytes(name)
 
-    def dequantize(self, name: str) -> np.ndarray:
+    def dequantize(self, name: str) -> "np.ndarray":
         """float32 array of shape ne reversed (row-major [ne1, ne0] for a matrix)."""
         return self._f.dequantize(name)
 
-    def dequantize_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+    def dequantize_rows(self, name: str, r0: int, r1: int) -> "np.ndarray":
         """Rows [r0, r1) (each ne[0] values) as float32 [r1 - r0, ne0]."""
         return self._f.dequantize_rows(name, r0, r1)
 
