@@ -55,6 +55,27 @@ static size_t vt_size(VT t) {
 
 static bool vt_known(uint32_t t) { return t <= 12; }
 
+// Keys and tensor names must be valid UTF-8 (the spec says so, and they
+// become Python str); values are decoded leniently by the bindings.
+static bool valid_utf8(std::string_view s) {
+    size_t i = 0, n = s.size();
+    while (i < n) {
+        unsigned char c = (unsigned char)s[i];
+        int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+        if (len == 0 || i + len > n) return false;
+        uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
+        for (int k = 1; k < len; ++k) {
+            unsigned char d = (unsigned char)s[i + k];
+            if ((d >> 6) != 0x2) return false;
+            cp = (cp << 6) | (d & 0x3F);
+        }
+        static const uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
+        if (cp < kMin[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+        i += len;
+    }
+    return true;
+}
+
 // a * b with overflow detection.
 static bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
     return __builtin_mul_overflow(a, b, out);
@@ -307,6 +328,7 @@ void GGUFFile::parse() {
     for (uint64_t k = 0; k < n_kv; ++k) {
         uint64_t at = c.pos;
         std::string key(c.read_string("metadata key #" + std::to_string(k)));
+        if (!valid_utf8(key)) c.fail("metadata key #" + std::to_string(k) + " is not valid UTF-8", at);
         uint32_t t = c.read<uint32_t>("type of metadata key '" + key + "'");
         if (!vt_known(t))
             c.fail("metadata key '" + key + "' has unknown value type " + std::to_string(t), at);
@@ -333,6 +355,7 @@ void GGUFFile::parse() {
         TensorInfo& t = tensors_[k];
         uint64_t at = c.pos;
         t.name = std::string(c.read_string("name of tensor #" + std::to_string(k)));
+        if (!valid_utf8(t.name)) c.fail("name of tensor #" + std::to_string(k) + " is not valid UTF-8", at);
         std::string what = "tensor '" + t.name + "'";
         t.n_dims = c.read<uint32_t>(what + " n_dims");
         if (t.n_dims == 0 || t.n_dims > kMaxDims)

@@ -171,3 +171,40 @@ def test_truncated_real_model_names_the_tensor(real_model_path, tmp_path):
         dst.write(src.read(100_000))
     p = _orcd_cli("inspect", str(cut))
     assert p.returncode == 1 and "metadata key 'tokenizer.ggml.tokens'" in p.stderr and "does not fit" in p.stderr
+
+
+def test_random_corruption_never_crashes(tmp_path):
+    """Flip random bytes of a valid file: the reader either opens it or raises
+    ValueError naming the file; a subprocess guards against hard crashes."""
+    p = tmp_path / "all.gguf"
+    _write_all_types(p)
+    script = f"""
+import random, sys
+sys.path.insert(0, {repr(str(tmp_path))})
+import orcd
+data = open({repr(str(p))}, 'rb').read()
+rng = random.Random(1234)
+opened = failed = 0
+for i in range(400):
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        k = rng.randrange(len(b))
+        b[k] = rng.randrange(256)
+    q = {repr(str(tmp_path / 'fuzz.gguf'))}
+    open(q, 'wb').write(bytes(b))
+    try:
+        with orcd.GGUFFile(q) as f:
+            f.metadata
+            for t in f.tensors:
+                if t.type in ('F32', 'F16', 'Q8_0'):
+                    f.dequantize(t.name)
+        opened += 1
+    except ValueError as e:
+        assert 'fuzz.gguf' in str(e) or 'tensor' in str(e), e
+        failed += 1
+print(opened, failed)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    opened, failed = map(int, r.stdout.split())
+    assert opened + failed == 400 and failed > 0

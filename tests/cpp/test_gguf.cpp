@@ -269,3 +269,15 @@ TEST_CASE("gguf: a missing file names the path") {
         CHECK(std::string(e.what()).find("/nonexistent/model.gguf") != std::string::npos);
     }
 }
+
+TEST_CASE("gguf: keys and tensor names must be UTF-8") {
+    Builder w;
+    w.header(3, 0, 1).str(std::string("k\xea", 2)).put<uint32_t>(4).put<uint32_t>(1);
+    CHECK(error_of(w.b).find("metadata key #0 is not valid UTF-8") != std::string::npos);
+    Builder t;
+    t.header(3, 1, 0).tensor(std::string("\xc0\x80", 2), {8}, 0, 0).pad().data(32);  // overlong NUL
+    CHECK(error_of(t.b).find("name of tensor #0 is not valid UTF-8") != std::string::npos);
+    Builder ok;
+    ok.header(3, 1, 1).kv_u32("ключ✓", 1).tensor("тензор😀", {8}, 0, 0).pad().data(32);
+    CHECK(error_of(ok.b) == "");
+}
