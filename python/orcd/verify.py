@@ -43,12 +43,12 @@ def compare(cpu_trace, gpu_trace, tol: float):
 
 def run(a) -> int:
     from .backend import cuda_module, cuda_status
-    from .default_model import default_model_path
+    from .default_model import resolve_model
     from .gguf_file import GGUFFile
     from .tokenizer import Tokenizer
     from . import _orcd
 
-    path = a.model or default_model_path()
+    path = resolve_model(a.model)
     if cuda_status():
         print(f"orcd verify: CUDA is not available: {cuda_status()}", file=sys.stderr)
         return 2
