@@ -156,3 +156,23 @@ def tiny_model(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def md(real_model_path):
+    """The real model's tokenizer.* metadata (copied: views may not outlive the mapping)."""
+    import numpy as np
+    import orcd
+
+    with orcd.GGUFFile(real_model_path) as f:
+        m = dict(f.metadata)
+    return {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in m.items()
+            if k.startswith("tokenizer.")}
+
+
+@pytest.fixture(scope="session")
+def tok(md):
+    """orcd's Tokenizer of the real model."""
+    from orcd.tokenizer import Tokenizer
+
+    return Tokenizer.from_metadata(md)

@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import datetime
 
-import numpy as np
 import pytest
 
 from orcd.chat import ChatTemplate, encode_chat, validate_messages
-from orcd.tokenizer import Tokenizer
 
 IM_START, IM_END = 151644, 151645
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-
-@pytest.fixture(scope="module")
-def md(real_model_path):
-    import orcd
-
-    with orcd.GGUFFile(real_model_path) as f:
-        m = dict(f.metadata)
-    return {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in m.items()
-            if k.startswith("tokenizer.")}
-
-
-@pytest.fixture(scope="module")
-def tok(md):
-    return Tokenizer.from_metadata(md)
 
 
 @pytest.fixture(scope="module")

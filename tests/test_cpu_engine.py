@@ -64,7 +64,7 @@ def test_incremental_decode_equals_full_prompt(tiny_model):
         assert cosine(full[i], step[i]) > 0.99999
         assert np.allclose(full[i], step[i], atol=1e-3 * np.abs(full[i]).max())
     # split prompt: 4 tokens, then 3 at pos 4
-    a = eng.forward(0, ids[:4], 0)
+    eng.forward(0, ids[:4], 0)  # fills positions 0..3 of the cache
     b = eng.forward(0, ids[4:], 4, True)
     assert np.allclose(b[-1], full[-1], atol=1e-3 * np.abs(full[-1]).max())
 

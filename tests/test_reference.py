@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import zipfile
 
 import numpy as np
 import pytest
-import gguf
 from gguf import GGUFReader
 from gguf.constants import GGMLQuantizationType
 

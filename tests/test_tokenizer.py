@@ -12,22 +12,6 @@ IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 
 
 @pytest.fixture(scope="module")
-def md(real_model_path):
-    import orcd
-
-    with orcd.GGUFFile(real_model_path) as f:
-        m = dict(f.metadata)
-    # Copy what we keep: the views may not outlive the mapping.
-    return {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in m.items()
-            if k.startswith("tokenizer.")}
-
-
-@pytest.fixture(scope="module")
-def tok(md):
-    return Tokenizer.from_metadata(md)
-
-
-@pytest.fixture(scope="module")
 def vocab_list(md):
     """The file's token strings, straight from the metadata (not from Tokenizer)."""
     return list(md["tokenizer.ggml.tokens"])
