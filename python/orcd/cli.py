@@ -34,7 +34,8 @@ def _sampling_kwargs(a) -> dict:
 def _load(a):
     from .model import Model
 
-    return Model(a.model, device=a.device, n_ctx=a.n_ctx, n_threads=getattr(a, "threads", 0))
+    return Model(a.model, device=a.device, n_ctx=a.n_ctx, n_threads=getattr(a, "threads", 0),
+                 verbose=getattr(a, "verbose", False))
 
 
 def cmd_inspect(a) -> int:
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         s.add_argument("--n-ctx", type=int, default=4096)
         s.add_argument("--threads", type=int, default=0)
+        s.add_argument("-v", "--verbose", action="store_true", help="report loading on stderr")
         _add_sampling_args(s)
         s.set_defaults(fn=fn)
 

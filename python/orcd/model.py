@@ -7,6 +7,7 @@ stop handling and prefix reuse of the cache between calls.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -113,7 +114,7 @@ class Model:
         if device == "cuda":
             if not cuda_available():
                 raise RuntimeError(f"device='cuda' requested but CUDA is not available: {cuda_status()}")
-            self._engine = cuda_module().CudaEngine(self.path, n_ctx, n_slots)
+            self._engine = cuda_module().CudaEngine(self.path, n_ctx, n_slots, _load_progress if verbose else None)
         else:
             self._engine = _orcd.CpuEngine(self.path, n_ctx, n_slots, n_threads)
         self.device = device
@@ -122,7 +123,7 @@ class Model:
         self.n_vocab = self.info["n_vocab"]
         self._cached = [[] for _ in range(n_slots)]  # token ids whose K/V sit in each slot's cache
         if verbose:
-            print(f"orcd: {self.info.get('name') or self.path} on {device}, n_ctx={n_ctx}")
+            print(f"orcd: {self.info.get('name') or self.path} on {device}, n_ctx={n_ctx}", file=sys.stderr)
 
     def _token_text(self, tid) -> str:
         if tid is None:
@@ -282,6 +283,13 @@ class Model:
 
     def __repr__(self):
         return f"<orcd.Model {self.path!r} on {self.device}>"
+
+
+def _load_progress(done: int, total: int) -> None:
+    """Weights uploaded so far, on stderr (Model(..., verbose=True))."""
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\rorcd: loading weights to the GPU: {done / 1e6:.0f} / {total / 1e6:.0f} MB{end}")
+    sys.stderr.flush()
 
 
 def _find_stop(text: str, stops: list) -> Optional[int]:
