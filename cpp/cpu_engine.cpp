@@ -9,6 +9,8 @@
 // positions, a batched decode step is one token for each of several slots.
 // K/V of the whole batch are written to the cache before attention, so token
 // i of a prompt sees tokens 0..i of the same prompt through the cache.
+// K is cached transposed ([head_dim][n_ctx] per head) so the scores of one
+// query are D passes of multiply-add along the positions (auto-vectorized).
 
 #include <algorithm>
 #include <cmath>
@@ -146,7 +148,12 @@ private:
             throw Error("slot " + std::to_string(slot) + " out of range [0, " + std::to_string(n_slots_) + ")");
     }
 
-    // Start of slot s, layer l, position p in a cache array.
+    // Start of K for slot s, layer l, kv head g: head_dim rows of n_ctx positions.
+    size_t kt_at(int s, int l, int g) const {
+        return (((size_t)s * d_.n_layer + l) * n_ctx_) * kv_dim_ + (size_t)g * d_.head_dim * n_ctx_;
+    }
+
+    // Start of V for slot s, layer l, position p.
     size_t cache_at(int s, int l, int p) const {
         return (((size_t)s * d_.n_layer + l) * n_ctx_ + p) * kv_dim_;
     }
@@ -194,7 +201,13 @@ private:
                 const float* s = &sn[(size_t)i * D / 2];
                 rope_neox(&q[(size_t)i * q_dim_], H, D, c, s);
                 rope_neox(&k[(size_t)i * kv_dim_], HKV, D, c, s);
-                std::memcpy(&kcache_[cache_at(slots[i], l, pos[i])], &k[(size_t)i * kv_dim_], kv_dim_ * sizeof(float));
+                // K is stored transposed per head (kt_at): the score loop then
+                // runs along positions with no horizontal sums.
+                for (int g = 0; g < HKV; ++g) {
+                    float* kt = &kcache_[kt_at(slots[i], l, g)];
+                    const float* kg = &k[(size_t)i * kv_dim_ + (size_t)g * D];
+                    for (int e = 0; e < D; ++e) kt[(size_t)e * n_ctx_ + pos[i]] = kg[e];
+                }
                 std::memcpy(&vcache_[cache_at(slots[i], l, pos[i])], &v[(size_t)i * kv_dim_], kv_dim_ * sizeof(float));
             }
             // Causal GQA attention: one task per (token, query head).
@@ -204,22 +217,31 @@ private:
                     const int i = (int)(t / H), h = (int)(t % H), kvh = h / group;
                     const float* qh = &q[(size_t)i * q_dim_ + (size_t)h * D];
                     const int len = pos[i] + 1;  // keys 0..pos[i] of this token's slot
-                    const float* kb = &kcache_[cache_at(slots[i], l, 0)] + (size_t)kvh * D;
+                    const float* kt = &kcache_[kt_at(slots[i], l, kvh)];
                     const float* vb = &vcache_[cache_at(slots[i], l, 0)] + (size_t)kvh * D;
-                    float mx = -INFINITY;
-                    for (int j = 0; j < len; ++j) {
-                        sc[j] = dot_f32(qh, kb + (size_t)j * kv_dim_, D) * scale;
-                        mx = std::max(mx, sc[j]);
+                    // scores: sc[j] = scale * sum_e q[e] * K[j][e], accumulated row by row of Kᵀ
+                    float* scp = sc.data();
+                    std::fill(scp, scp + len, 0.f);
+                    for (int e = 0; e < D; ++e) {
+                        const float qe = qh[e] * scale;
+                        const float* kr = kt + (size_t)e * n_ctx_;
+                        for (int j = 0; j < len; ++j) scp[j] += qe * kr[j];
                     }
+                    float mx = -INFINITY;
+                    for (int j = 0; j < len; ++j) mx = std::max(mx, scp[j]);
                     double sum = 0;
                     for (int j = 0; j < len; ++j) {
-                        sc[j] = std::exp(sc[j] - mx);
-                        sum += sc[j];
+                        scp[j] = std::exp(scp[j] - mx);
+                        sum += scp[j];
                     }
-                    float inv = (float)(1.0 / sum);
+                    const float inv = (float)(1.0 / sum);
                     float* out = &att[(size_t)i * q_dim_ + (size_t)h * D];
                     std::fill(out, out + D, 0.f);
-                    for (int j = 0; j < len; ++j) axpy_f32(sc[j] * inv, vb + (size_t)j * kv_dim_, out, D);
+                    for (int j = 0; j < len; ++j) {
+                        const float w = scp[j] * inv;
+                        const float* vj = vb + (size_t)j * kv_dim_;
+                        for (int e = 0; e < D; ++e) out[e] += w * vj[e];
+                    }
                 }
             });
             matmul(L.wo, att.data(), n, o.data(), pool_);
@@ -229,7 +251,10 @@ private:
             rmsnorm(x.data(), L.ffn_norm.data(), xn.data(), n, E, d_.rms_eps);
             matmul(L.gate, xn.data(), n, g.data(), pool_);
             matmul(L.up, xn.data(), n, u.data(), pool_);
-            for (size_t e = 0; e < g.size(); ++e) g[e] = g[e] / (1.0f + std::exp(-g[e])) * u[e];
+            // silu(g) * u: ~2.5M exp per layer for a 512-token prompt, so split over the pool
+            pool_.parallel_for((int64_t)g.size(), [&](int64_t e0, int64_t e1, int) {
+                for (int64_t e = e0; e < e1; ++e) g[e] = g[e] / (1.0f + std::exp(-g[e])) * u[e];
+            }, 1024);
             matmul(L.down, g.data(), n, o.data(), pool_);
             for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];
             if (trace) trace->hidden.push_back(x);
@@ -251,7 +276,8 @@ private:
     std::vector<float> out_norm_;
     std::vector<Layer> layers_;
     std::vector<double> inv_freq_;
-    std::vector<float> kcache_, vcache_;  // [slot][layer][pos][kv_dim]
+    std::vector<float> kcache_;  // [slot][layer][kv_head][head_dim][pos]: transposed for the score loop
+    std::vector<float> vcache_;  // [slot][layer][pos][kv_head * head_dim]
 };
 
 }  // namespace
