@@ -234,3 +234,11 @@ def test_gpu_haiku_acceptance(gpu_llm):
         f.write(text + "\n")
     print(text)
     assert passed, "no haiku contained the minute word in 5 tries on the GPU:\n" + text
+
+
+def test_stream_validates_at_the_call(llm):
+    """A bad parameter raises when stream() is called, before any piece is produced."""
+    with pytest.raises(ValueError, match="temperature"):
+        llm.stream("hi", temperature=-1)
+    with pytest.raises(ValueError, match="stop"):
+        llm.stream_chat([{"role": "user", "content": "hi"}], stop=[""])

@@ -189,25 +189,33 @@ class Model:
             raise ValueError(f"max_tokens must be a positive integer or None (got {p.max_tokens!r})")
         return p
 
-    def _run(self, ids: list, p: SamplingParams, state: dict, slot: int = 0) -> Iterator[tuple]:
-        """Yields (token_id or None, text piece); sets state['finish'] to "stop" or "length"."""
+    def _start(self, prompt_ids: list, p: SamplingParams, state: dict, slot: int = 0) -> Iterator[tuple]:
+        """Validates everything now (so stream() raises at the call, not at the first
+        piece), then returns the generator of (token_id or None, text piece)."""
         sampler = p.sampler()
         stops = p.stops()
+        return self._run(prompt_ids, p, sampler, stops, state, slot)
+
+    def _run(self, ids: list, p: SamplingParams, sampler, stops: list, state: dict, slot: int) -> Iterator[tuple]:
+        """Yields (token_id or None, text piece); sets state['finish'] to "stop" or "length"."""
         stop_ids = set(int(t) for t in (p.stop_token_ids or []))
         eos = set() if p.ignore_eos else set(self.tokenizer.eos_ids)
         budget = self.n_ctx - len(ids)
         max_new = budget if p.max_tokens is None else min(p.max_tokens, budget)
-        history = list(ids)
+        history = np.empty(len(ids) + max_new, np.int32)  # prompt + generated ids, for the penalties
+        history[: len(ids)] = ids
+        n_hist = len(ids)
         decoder = StreamDecoder(self.tokenizer)
         held = ""  # text not yet emitted because it may start a stop string
         logits = self._prefill(slot, ids)
         finish = "length"
         for _ in range(max_new):
-            tok = sampler.sample(logits, np.asarray(history, np.int32))
+            tok = sampler.sample(logits, history[:n_hist])
             if tok in eos or tok in stop_ids:
                 finish = "stop"
                 break
-            history.append(tok)
+            history[n_hist] = tok
+            n_hist += 1
             held += decoder.feed(tok)
             if stops:
                 cut = _find_stop(held, stops)
@@ -221,10 +229,10 @@ class Model:
             else:
                 piece, held = held, ""
             yield tok, piece
-            if len(history) >= self.n_ctx:
+            if n_hist >= self.n_ctx:
                 break
-            logits = self._engine.forward(slot, np.asarray([tok], np.int32), len(history) - 1, False)
-            self._cached[slot] = list(history)
+            logits = self._engine.forward(slot, history[n_hist - 1:n_hist], n_hist - 1, False)
+            self._cached[slot].append(tok)
         if not (finish == "stop" and stops and not held):
             rest = held + decoder.flush()
             if rest:
@@ -233,7 +241,7 @@ class Model:
 
     def _complete(self, ids: list, p: SamplingParams) -> Completion:
         toks, parts, state = [], [], {}
-        for tok, piece in self._run(ids, p, state):
+        for tok, piece in self._start(ids, p, state):
             if tok is not None:
                 toks.append(tok)
             parts.append(piece)
@@ -249,7 +257,7 @@ class Model:
         """Like generate, yielding text pieces as they are produced."""
         p = self._params(kw)
         ids = self._ids(prompt)
-        return (piece for _, piece in self._run(ids, p, {}) if piece)
+        return (piece for _, piece in self._start(ids, p, {}) if piece)
 
     def chat_ids(self, messages, add_generation_prompt: bool = True) -> list:
         ids = encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt)
@@ -265,7 +273,7 @@ class Model:
     def stream_chat(self, messages, **kw) -> Iterator[str]:
         p = self._params(kw)
         ids = self.chat_ids(messages)
-        return (piece for _, piece in self._run(ids, p, {}) if piece)
+        return (piece for _, piece in self._start(ids, p, {}) if piece)
 
     # ------------------------------------------------------------ lifetime
     def close(self):
