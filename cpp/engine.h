@@ -5,6 +5,7 @@
 // sampling: it maps token ids to logits. The Python layer keeps, per slot,
 // how many positions are valid and calls forward with pos0 = that count.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -41,6 +42,21 @@ public:
     // slot slots[i]; logits is n x n_vocab. Equivalent to n forward() calls.
     virtual void decode_batch(int n, const int32_t* slots, const int32_t* tokens,
                               const int32_t* pos, float* logits) = 0;
+
+    // Greedy decoding of one sequence: n_steps single-token steps of `slot`,
+    // step i evaluating token t_i at position pos + i (t_0 = first_token) and
+    // writing t_{i+1} = argmax of its logits (first maximum) to out_tokens[i].
+    // Equivalent to forward + argmax per step; a backend may keep the argmax
+    // on its device (the CUDA engine does) so only token ids reach the host.
+    virtual void decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) {
+        std::vector<float> logits(size_t(desc().n_vocab));
+        int32_t t = first_token;
+        for (int i = 0; i < n_steps; ++i) {
+            forward(slot, &t, 1, pos + i, logits.data(), false, nullptr);
+            t = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+            out_tokens[i] = t;
+        }
+    }
 };
 
 // The CPU engine (cpp/cpu_engine.cpp). `file` must outlive the engine.

@@ -6,10 +6,14 @@
 //       .forward(slot, tokens int32[n], pos0, all_logits=False) -> float32 [n_vocab] | [n, n_vocab]
 //       .trace(tokens) -> (list of float32 [n, n_embd] x (n_layer+1), float32 [n, n_vocab])
 //       .decode_batch(slots, tokens, pos) -> float32 [n, n_vocab]
-//       .info() -> dict (hyperparameters, n_ctx, n_slots, vram_* bytes, device)
+//       .decode_greedy(slot, first_token, pos, n_steps) -> int32 [n_steps]   greedy tokens, argmax on the GPU
+//       .set_options(fast_decode=None, graphs=None, pdl=None, fused_prompt=None)   switches of the fast paths
+//       .paths() -> dict   what is in use: fast_decode, graphs, pdl, fused_prompt, *_available, note
+//       .profile_decode(slot, token, pos, n_steps=16) -> dict   us per step by kernel kind, and graph_step
+//       .info() -> dict (hyperparameters, n_ctx, n_slots, vram_* bytes, device, paths)
 //       .close()                          frees the GPU memory now
 //   kernel entry points for the tests (NumPy in, NumPy out; see cuda_api.h):
-//   dequantize_f16, matvec, gemm, get_rows, rmsnorm, rope, attention, swiglu, add_bias
+//   dequantize_f16, matvec, gemm, dec_matvec, get_rows, rmsnorm, rope, attention, swiglu, add_bias
 //
 // orcd::CudaError (CUDA/cuBLAS failures, not enough GPU memory) becomes
 // RuntimeError, other orcd::Error (bad input) ValueError, messages unchanged.
@@ -73,6 +77,20 @@ const float* opt_f32(const nb::object& o, size_t n, std::vector<float>& keep, co
     return keep.data();
 }
 
+nb::dict paths_dict(const orcd::CudaEngine& e) {
+    const orcd::CudaPaths p = e.paths();
+    nb::dict r;
+    r["fast_decode"] = p.fast_decode;
+    r["graphs"] = p.graphs;
+    r["pdl"] = p.pdl;
+    r["fused_prompt"] = p.fused_prompt;
+    r["pdl_late"] = e.options().pdl_late;
+    r["fast_decode_available"] = p.fast_decode_available;
+    r["pdl_available"] = p.pdl_available;
+    r["note"] = p.note;
+    return r;
+}
+
 nb::dict engine_info(const orcd::CudaEngine& e) {
     const orcd::ModelDesc& d = e.desc();
     nb::dict r;
@@ -99,7 +117,9 @@ nb::dict engine_info(const orcd::CudaEngine& e) {
     r["vram_scratch"] = m.scratch;
     r["vram_bytes"] = m.total();
     r["device"] = e.device().name;
+    r["device_name"] = e.device().name;
     r["device_index"] = e.device().device;
+    r["paths"] = paths_dict(e);
     return r;
 }
 
@@ -217,6 +237,54 @@ NB_MODULE(_orcd_cuda, m) {
                 return to_numpy(std::move(out), {s.size(), V});
             },
             "slots"_a, "tokens"_a, "pos"_a)
+        .def(
+            "decode_greedy",
+            [](PyCudaEngine& self, int slot, int32_t first_token, int pos, int n_steps) {
+                orcd::CudaEngine& e = self.get();
+                if (n_steps < 0) bad("decode_greedy: n_steps must be >= 0");
+                std::vector<int32_t> out(static_cast<size_t>(n_steps));
+                {
+                    nb::gil_scoped_release nogil;
+                    e.decode_greedy(slot, first_token, pos, n_steps, out.data());
+                }
+                return to_numpy(std::move(out), {size_t(n_steps)});
+            },
+            "slot"_a, "first_token"_a, "pos"_a, "n_steps"_a,
+            "Greedy decoding: step i evaluates t_i at pos+i (t_0 = first_token) and returns t_{i+1}.")
+        .def(
+            "set_options",
+            [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
+               nb::object fused_prompt, nb::object pdl_late) {
+                orcd::CudaEngine& e = self.get();
+                orcd::CudaOptions o = e.options();
+                if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
+                if (!graphs.is_none()) o.graphs = nb::cast<bool>(graphs);
+                if (!pdl.is_none()) o.pdl = nb::cast<bool>(pdl);
+                if (!fused_prompt.is_none()) o.fused_prompt = nb::cast<bool>(fused_prompt);
+                if (!pdl_late.is_none()) o.pdl_late = nb::cast<bool>(pdl_late);
+                e.set_options(o);
+                return paths_dict(e);
+            },
+            "fast_decode"_a = nb::none(), "graphs"_a = nb::none(), "pdl"_a = nb::none(),
+            "fused_prompt"_a = nb::none(), "pdl_late"_a = nb::none(),
+            "Turn fast paths on/off (None leaves one as is); returns paths().")
+        .def(
+            "profile_decode",
+            [](PyCudaEngine& self, int slot, int32_t token, int pos, int n_steps) {
+                orcd::CudaEngine& e = self.get();
+                std::vector<std::pair<std::string, double>> r;
+                {
+                    nb::gil_scoped_release nogil;
+                    r = e.profile_decode(slot, token, pos, n_steps);
+                }
+                nb::dict d;
+                for (auto& kv : r) d[kv.first.c_str()] = kv.second;
+                return d;
+            },
+            "slot"_a, "token"_a, "pos"_a, "n_steps"_a = 16,
+            "Microseconds per decode step by kernel kind (events around each kernel, no PDL) and "
+            "'graph_step' (the step as the engine runs it).")
+        .def("paths", [](PyCudaEngine& self) { return paths_dict(self.get()); })
         .def("info", [](PyCudaEngine& self) { return engine_info(self.get()); })
         .def("close", [](PyCudaEngine& self) { self.e.reset(); })
         .def_prop_ro("n_ctx", [](PyCudaEngine& self) { return self.get().n_ctx(); })
@@ -259,6 +327,21 @@ NB_MODULE(_orcd_cuda, m) {
         },
         "type_id"_a, "w"_a, "n_in"_a, "n_out"_a, "x"_a, "bias"_a = nb::none(), "y"_a = nb::none(),
         "chunk_rows"_a = 0, "The prompt-path product: W dequantized to fp16 (chunks of chunk_rows rows) + cublasGemmEx.");
+
+    m.def(
+        "dec_matvec",
+        [](uint32_t type, CArr<uint8_t> w, int64_t n_in, int64_t n_out, CArr<float> x, nb::object norm_w,
+           float eps) {
+            if (x.ndim() != 1 || int64_t(x.shape(0)) != n_in) bad("dec_matvec: x must be [n_in]");
+            std::vector<float> kn;
+            const float* nw = opt_f32(norm_w, size_t(n_in), kn, "dec_matvec norm_w");
+            int32_t arg = -1;
+            auto r = orcd::cuda_test::dec_matvec(type, w.data(), w.size(), n_in, n_out, x.data(), nw, eps, &arg);
+            return nb::make_tuple(to_numpy(std::move(r), {size_t(n_out)}), arg);
+        },
+        "type_id"_a, "w"_a, "n_in"_a, "n_out"_a, "x"_a, "norm_w"_a = nb::none(), "eps"_a = 1e-6f,
+        "(y[n_out], argmax) = W · rmsnorm(x) through the fused decode mat-vec (int8 activations for "
+        "Q4_0/Q5_0/Q8_0/Q4_K/Q6_K) and its device-side argmax.");
 
     m.def(
         "get_rows",

@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine.h"
@@ -47,11 +48,41 @@ struct CudaMemoryUse {
     size_t total() const { return weights + kv + scratch; }
 };
 
+// Switches of the fast paths (each on by default where the GPU allows it; the
+// environment variables ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL,
+// ORCD_CUDA_FUSED_PROMPT set to 0 turn one off for a new engine; ORCD_CUDA_PDL_LATE=1
+// turns pdl_late on).
+struct CudaOptions {
+    bool fast_decode = true;   // fused decode kernels for single-sequence steps (forward n=1, decode_greedy)
+    bool graphs = true;        // the fused decode step captured once into a CUDA graph and replayed
+    bool pdl = true;           // programmatic dependent launch between the fused kernels (Hopper)
+    bool pdl_late = false;     // ... each kernel releases its successor after its row dots instead of at its start
+    bool fused_prompt = true;  // prompt path: fused q|k|v and gate|up GEMMs, fp16 norms, bias+RoPE+KV in one kernel
+};
+
+// What the engine actually uses (an option is on only where the GPU and model allow it).
+struct CudaPaths {
+    bool fast_decode_available = false;  // the model/GPU suit the fused decode kernels
+    bool pdl_available = false;          // compute capability >= 9.0
+    bool fast_decode = false, graphs = false, pdl = false, fused_prompt = false;
+    std::string note;                    // why something is off (empty when all is well)
+};
+
 class CudaEngine : public Engine {
 public:
     virtual CudaMemoryUse memory_use() const = 0;
     virtual const DeviceInfo& device() const = 0;
     virtual int max_prompt_chunk() const = 0;  // tokens a forward processes per pass
+    virtual CudaOptions options() const = 0;
+    virtual void set_options(const CudaOptions& o) = 0;  // drops captured graphs
+    virtual CudaPaths paths() const = 0;
+    // GPU time of the fused decode step's kernels by kind ("qkv", "attention", "attn_output",
+    // "ffn_gate_up", "ffn_down", "lm_head"; microseconds per step, summed over layers),
+    // averaged over n_steps greedy steps from (token, pos) of `slot`, each kernel
+    // bracketed by events (direct launches, no PDL); and "graph_step": microseconds per
+    // step of the same steps replayed as the engine runs them (graph/PDL per the options).
+    virtual std::vector<std::pair<std::string, double>> profile_decode(int slot, int32_t token, int pos,
+                                                                       int n_steps) = 0;
 };
 
 // progress(bytes uploaded, bytes to upload), called after each tensor.
@@ -81,6 +112,12 @@ std::vector<float> matvec(uint32_t type, const uint8_t* w, size_t nbytes, int64_
 // (in chunks of at most `chunk_rows` rows, 0 = all) and cublasGemmEx.
 std::vector<float> gemm(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_out,
                         const float* x, int m, const float* bias, const float* y_init, int64_t chunk_rows);
+
+// The fused decode mat-vec (dec_proj, LOGITS mode) on one vector: y = W · rmsnorm(x)
+// (plain x when norm_w is null), int8 activations for Q4_0/Q5_0/Q8_0/Q4_K/Q6_K;
+// *argmax receives the device-side argmax of y.
+std::vector<float> dec_matvec(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_out,
+                              const float* x, const float* norm_w, float eps, int32_t* argmax);
 
 // Embedding lookup: rows ids[0..n_ids) of W (n_rows x n_in) as float32.
 std::vector<float> get_rows(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_rows,

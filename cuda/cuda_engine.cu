@@ -8,17 +8,34 @@
 //              att = softmax(q·Kᵀ/sqrt(hd))·V; x += att·Woᵀ;
 //              h = rmsnorm(x); x += (silu(h·Wgᵀ) * h·Wuᵀ)·Wdᵀ
 //   logits = rmsnorm(x)·Woutᵀ -> pinned host buffer (the one sync of a decode step)
-// Products: a single token (and decode batches of up to 8 slots) use the
-// quantized mat-vec kernel; prompts dequantize each weight into a reused fp16
-// scratch and call cublasGemmEx (linear.cu). Prompts run in chunks of up to
-// 512 tokens; each chunk appends its K/V before its attention, so causality
-// within and across chunks follows from the per-query key count pos+1.
+// Products: decode batches of up to 8 slots (and a single token when the fast
+// path is off) use the quantized mat-vec kernel; prompts dequantize the weights
+// into a reused fp16 scratch and call cublasGemmEx (linear.cu). Prompts run in
+// chunks of up to 512 tokens; each chunk appends its K/V before its attention,
+// so causality within and across chunks follows from the per-query key count pos+1.
+//
+// Fast paths (CudaOptions, all on by default where the GPU allows):
+// - fast_decode: a single-sequence step (forward with one token, decode_greedy)
+//   runs the fused decode kernels of decode.cuh, 5 per layer + 1, reading
+//   token/position/slot from a device DecState;
+// - graphs: that step is captured once into a CUDA graph (one for logits out,
+//   one for greedy decoding whose lm_head writes the next token on the device)
+//   and replayed; decode_greedy replays it n times and copies only token ids;
+// - pdl: the fused kernels are launched with programmatic stream serialization
+//   so each one's weight copy overlaps its predecessor (Hopper);
+// - fused_prompt: per layer of a prompt chunk, rmsnorm -> fp16, one q|k|v GEMM,
+//   bias+RoPE+KV-append in one kernel, attention, O GEMM (+residual via beta),
+//   rmsnorm -> fp16, one gate|up GEMM, SwiGLU -> fp16, down GEMM (+residual).
+//   q|k|v and gate|up are uploaded next to each other, so F16 weights feed
+//   cuBLAS in place; the last token's logits use the fused decode lm_head.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "cuda_common.cuh"
+#include "decode.cuh"
 #include "kernels.cuh"
 #include "quants.h"
 
@@ -32,7 +49,16 @@ constexpr size_t kReserve = size_t(64) << 20;       // CUDA context growth and c
 constexpr size_t kW16MaxElems = size_t(16) << 20;   // fp16 scratch cap: lm_head is dequantized in chunks
 constexpr int kLogitRowsMin = 16;
 
+constexpr size_t kDecStageCap = size_t(96) << 10;  // staged weight bytes of one fused decode block
+constexpr size_t kDecLmCap = size_t(64) << 10;     // ... of one lm_head block (many blocks, streaming)
+
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+bool env_on(const char* name, bool dflt) {
+    const char* v = std::getenv(name);
+    if (!v || !*v) return dflt;
+    return !(v[0] == '0' || v[0] == 'n' || v[0] == 'N' || v[0] == 'f' || v[0] == 'F');
+}
 
 std::string fmt_bytes(size_t b) {
     char buf[64];
@@ -46,6 +72,9 @@ struct DevWeight {
     int n_in = 0, n_out = 0;
     size_t row_bytes = 0;
     std::string name;
+    size_t bytes() const { return row_bytes * size_t(n_out); }
+    int64_t elems() const { return int64_t(n_in) * n_out; }
+    cu::DTensor dt() const { return cu::DTensor{data, type, n_in, n_out, int(row_bytes)}; }
 };
 
 struct DevLayer {
@@ -74,15 +103,36 @@ public:
     CudaMemoryUse memory_use() const override { return mem_; }
     const DeviceInfo& device() const override { return info_; }
     int max_prompt_chunk() const override { return C_; }
+    CudaOptions options() const override { return opt_; }
+    void set_options(const CudaOptions& o) override;
+    CudaPaths paths() const override;
 
     void forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
                  Trace* trace) override;
     void decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                       float* logits) override;
+    void decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) override;
+    std::vector<std::pair<std::string, double>> profile_decode(int slot, int32_t token, int pos,
+                                                               int n_steps) override;
 
 private:
     void build(const ProgressFn& progress);
+    void plan_decode();         // shapes of the fused decode kernels; sets dec_ok_
+    void build_decode_args();   // their arguments, once the buffers and weights exist
+    bool capture(bool greedy);  // the decode step as a CUDA graph; false when graphs do not work
     void release() noexcept;
+    void drop_graphs() noexcept;
+    bool fast_on() const { return opt_.fast_decode && dec_ok_; }
+    // One fused decode step on the stream (greedy: the lm_head writes the next token).
+    void launch_decode(bool greedy);
+    // Kernel k (0 .. 5*n_layer) of that step; 5*n_layer is the lm_head.
+    void launch_decode_kernel(int k, bool greedy, bool pdl);
+    void check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const;
+    // The step as a graph launch (captured on first use) or as plain launches.
+    void run_decode(bool greedy);
+    void fast_forward_one(int slot, int32_t token, int pos, float* logits);
+    void lm_head_last(const float* x_row);  // logits_ = output · rmsnorm(x_row), fused kernel
+    const __half* weights16(std::initializer_list<const DevWeight*> ws);
     void check_token(int32_t t) const {
         if (t < 0 || t >= d_.n_vocab)
             throw Error("CudaEngine: token id " + std::to_string(t) + " out of range [0, " +
@@ -111,6 +161,34 @@ private:
     __half *kc_ = nullptr, *vc_ = nullptr;
     int32_t* pinned_ids_ = nullptr;
     float* pinned_logits_ = nullptr;
+    cu::DecState* pinned_state_ = nullptr;
+    int32_t* pinned_tokens_ = nullptr;
+
+    // fast decode
+    CudaOptions opt_;
+    bool dec_ok_ = false, pdl_ok_ = false, graphs_ok_ = true;
+    std::string dec_note_, dec_base_note_;
+    cu::DecState* d_state_ = nullptr;
+    cu::DecSync* d_sync_ = nullptr;
+    int32_t* d_out_tokens_ = nullptr;
+    float* dec_part_o_ = nullptr;
+    float2* dec_part_ml_ = nullptr;
+    cu::ArgPart* dec_arg_ = nullptr;
+    int lm_blocks_ = 0;
+    std::vector<cu::DecQkvArgs> dq_;
+    std::vector<cu::DecAttnArgs> da_;
+    std::vector<cu::DecProjArgs> dp_o_, dp_gu_, dp_d_;
+    cu::DecProjArgs dp_lm_{};
+    cudaGraphExec_t graph_[2] = {nullptr, nullptr};  // [greedy]
+    struct ProjPlan {
+        int rb = 0;      // rows per block (0: does not fit)
+        int smem_w = 0;  // staged weight bytes
+    };
+    ProjPlan plan_o_, plan_gu_, plan_d_, plan_lm_;
+    int qkv_S_ = 0, qkv_parts_ = 0, qkv_smem_w_ = 0;
+    size_t dec_smem_ = 0;
+    float *qkv_ = nullptr, *gu_ = nullptr;
+    float2* rope_ = nullptr;  // [n_ctx][head_dim/2] (cos, sin) for the fused decode step
 
     // scratch views
     float *x_ = nullptr, *h_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *att_ = nullptr;
@@ -125,9 +203,17 @@ private:
     std::vector<DevLayer> layers_;
 };
 
+void CudaEngineImpl::drop_graphs() noexcept {
+    for (cudaGraphExec_t& g : graph_) {
+        if (g) cudaGraphExecDestroy(g);
+        g = nullptr;
+    }
+}
+
 void CudaEngineImpl::release() noexcept {
     if (dev_ >= 0) cudaSetDevice(dev_);
     if (stream_) cudaStreamSynchronize(stream_);
+    drop_graphs();
     if (blas_) cublasDestroy(blas_);
     blas_ = nullptr;
     if (upload_done_) cudaEventDestroy(upload_done_);
@@ -141,8 +227,12 @@ void CudaEngineImpl::release() noexcept {
     kc_ = vc_ = nullptr;
     if (pinned_ids_) cudaFreeHost(pinned_ids_);
     if (pinned_logits_) cudaFreeHost(pinned_logits_);
+    if (pinned_state_) cudaFreeHost(pinned_state_);
+    if (pinned_tokens_) cudaFreeHost(pinned_tokens_);
     pinned_ids_ = nullptr;
     pinned_logits_ = nullptr;
+    pinned_state_ = nullptr;
+    pinned_tokens_ = nullptr;
 }
 
 void CudaEngineImpl::build(const ProgressFn& progress) {
@@ -196,18 +286,19 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     add_vec(d_.output_norm, E_);
     add_mat(d_.output, E_, V_);
     for (const LayerDesc& L : d_.layers) {
-        add_vec(L.attn_norm, E_);
+        // q|k|v and gate|up next to each other: F16 weights then feed one GEMM in place
         add_mat(L.wq, E_, QD_);
-        add_vec(L.bq, QD_);
         add_mat(L.wk, E_, KD_);
-        add_vec(L.bk, KD_);
         add_mat(L.wv, E_, KD_);
-        add_vec(L.bv, KD_);
-        add_mat(L.wo, QD_, E_);
-        add_vec(L.ffn_norm, E_);
         add_mat(L.w_gate, E_, F_);
         add_mat(L.w_up, E_, F_);
+        add_mat(L.wo, QD_, E_);
         add_mat(L.w_down, F_, E_);
+        add_vec(L.attn_norm, E_);
+        add_vec(L.bq, QD_);
+        add_vec(L.bk, KD_);
+        add_vec(L.bv, KD_);
+        add_vec(L.ffn_norm, E_);
     }
     size_t wbytes = 0;
     for (Up& u : ups) {
@@ -223,7 +314,8 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     for (const LayerDesc& L : d_.layers)
         for (const TensorInfo* t : {L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down})
             max_layer_w = std::max(max_layer_w, size_t(t->n_elements()));
-    w16_elems_ = std::max({max_layer_w, std::min(size_t(d_.output->n_elements()), kW16MaxElems), size_t(E_)});
+    w16_elems_ = std::max({max_layer_w, std::min(size_t(d_.output->n_elements()), kW16MaxElems), size_t(E_),
+                           size_t(QD_ + 2 * KD_) * E_, size_t(2) * F_ * E_});
     int sms = 0;
     // Device properties first (this creates the context), then the memory check.
     info_ = device_info(dev_);
@@ -232,20 +324,28 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     for (int nq = 1; nq <= R_; ++nq)
         part_rows = std::max(part_rows, cu::attn_partials(nq, d_.n_head, cu::attn_plan(nq, n_ctx_, d_.n_head, sms)));
 
+    // ---- fused decode plan (dec_ok_ says whether the model and GPU suit it)
+    opt_.fast_decode = env_on("ORCD_CUDA_FAST_DECODE", true);
+    opt_.graphs = env_on("ORCD_CUDA_GRAPHS", true);
+    opt_.pdl = env_on("ORCD_CUDA_PDL", true);
+    opt_.pdl_late = env_on("ORCD_CUDA_PDL_LATE", false);
+    opt_.fused_prompt = env_on("ORCD_CUDA_FUSED_PROMPT", true);
+    pdl_ok_ = info_.cc_major >= 9;
+    plan_decode();
+
     struct Slice {
         void** dst;
         size_t bytes;
     };
     const size_t fR = size_t(R_);
+    const int G = d_.n_head / d_.n_head_kv;
+    (void)G;
     std::vector<Slice> slices = {
         {reinterpret_cast<void**>(&x_), fR * E_ * 4},
         {reinterpret_cast<void**>(&h_), fR * E_ * 4},
-        {reinterpret_cast<void**>(&q_), fR * QD_ * 4},
-        {reinterpret_cast<void**>(&k_), fR * KD_ * 4},
-        {reinterpret_cast<void**>(&v_), fR * KD_ * 4},
+        {reinterpret_cast<void**>(&qkv_), fR * (QD_ + 2 * KD_) * 4},  // q_, k_, v_ of the mat-vec path inside
         {reinterpret_cast<void**>(&att_), fR * QD_ * 4},
-        {reinterpret_cast<void**>(&g_), fR * F_ * 4},
-        {reinterpret_cast<void**>(&u_), fR * F_ * 4},
+        {reinterpret_cast<void**>(&gu_), fR * 2 * F_ * 4},             // g_, u_ of the mat-vec path inside
         {reinterpret_cast<void**>(&logits_), size_t(L_) * V_ * 4},
         {reinterpret_cast<void**>(&part_o_), part_rows * hd_ * 4},
         {reinterpret_cast<void**>(&part_ml_), part_rows * sizeof(float2)},
@@ -253,6 +353,13 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
         {reinterpret_cast<void**>(&w16_), w16_elems_ * 2},
         {reinterpret_cast<void**>(&d_ids_), fR * 3 * 4},
         {&blas_ws_, kCublasWorkspace},
+        {reinterpret_cast<void**>(&d_state_), sizeof(cu::DecState)},
+        {reinterpret_cast<void**>(&d_sync_), sizeof(cu::DecSync)},
+        {reinterpret_cast<void**>(&d_out_tokens_), size_t(n_ctx_) * 4},
+        {reinterpret_cast<void**>(&dec_part_o_), dec_ok_ ? size_t(d_.n_head) * cu::kDecMaxSplits * hd_ * 4 : 0},
+        {reinterpret_cast<void**>(&dec_part_ml_), dec_ok_ ? size_t(d_.n_head) * cu::kDecMaxSplits * sizeof(float2) : 0},
+        {reinterpret_cast<void**>(&dec_arg_), dec_ok_ ? size_t(lm_blocks_) * sizeof(cu::ArgPart) : 0},
+        {reinterpret_cast<void**>(&rope_), dec_ok_ ? size_t(n_ctx_) * (hd_ / 2) * sizeof(float2) : 0},
     };
     size_t sbytes = 0;
     for (const Slice& s : slices) sbytes += align_up(s.bytes);
@@ -288,6 +395,15 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
             off += align_up(s.bytes);
         }
     }
+    q_ = qkv_;
+    k_ = q_ + fR * QD_;
+    v_ = k_ + fR * KD_;
+    g_ = gu_;
+    u_ = gu_ + fR * F_;
+    CUDA_CHECK(cudaMemsetAsync(d_state_, 0, sizeof(cu::DecState), stream_), where + ": decode state");
+    CUDA_CHECK(cudaMemsetAsync(d_sync_, 0, sizeof(cu::DecSync), stream_), where + ": decode counters");
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_state_), sizeof(cu::DecState)), where + ": pinned state");
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_tokens_), size_t(n_ctx_) * 4), where + ": pinned tokens");
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_ids_), fR * 3 * 4), where + ": pinned ids");
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_logits_), size_t(L_) * V_ * 4),
                where + ": pinned logits");
@@ -349,7 +465,442 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
         D.down = mat(L.w_down);
         layers_.push_back(std::move(D));
     }
+    if (dec_ok_) {
+        // RoPE table of the fused decode step: the prompt kernels' formula (theta in double)
+        const int half = hd_ / 2;
+        const double log2_base = std::log2(double(d_.rope_base));
+        std::vector<float2> tab(size_t(n_ctx_) * half);
+        for (int i = 0; i < half; ++i) {
+            const double f = std::exp2(-2.0 * double(i) / double(hd_) * log2_base);
+            for (int p = 0; p < n_ctx_; ++p) {
+                const double th = double(p) * f;
+                tab[size_t(p) * half + i] = make_float2(float(std::cos(th)), float(std::sin(th)));
+            }
+        }
+        CUDA_CHECK(cudaMemcpy(rope_, tab.data(), tab.size() * sizeof(float2), cudaMemcpyHostToDevice),
+                   where + ": RoPE table");
+        build_decode_args();
+    }
     sync("CudaEngine setup");
+}
+
+// ---------------------------------------------------------------- fused decode: plan and launch
+
+namespace {
+// Rows per block of a fused mat-vec: about one block per SM (rb_max caps it),
+// a multiple of 8 (one row per warp and round), shrunk until the staged rows fit `cap`.
+struct PP {
+    int rb, smem_w;
+};
+PP plan_proj(int n_out, size_t row_bytes, int nt, int target_blocks, size_t cap, int rb_max) {
+    int rb = (n_out + target_blocks - 1) / target_blocks;
+    rb = std::max(8, (rb + 7) / 8 * 8);
+    rb = std::min(rb, rb_max);
+    auto need = [&](int r) { return size_t(nt) * cu::dec_stage_bytes(r, int(row_bytes)); };
+    while (rb > 1 && need(rb) > cap) rb = rb > 8 ? rb - 8 : rb - 1;
+    if (need(rb) > cap) return {0, 0};
+    return {rb, int(need(rb))};
+}
+}  // namespace
+
+void CudaEngineImpl::plan_decode() {
+    dec_ok_ = false;
+    auto off = [&](const std::string& why) { dec_note_ = dec_base_note_ = "fast decode unavailable: " + why; };
+    const int G = d_.n_head / d_.n_head_kv;
+    if (info_.cc_major < 8) return off("compute capability " + std::to_string(info_.cc_major) + "." +
+                                       std::to_string(info_.cc_minor) + " < 8.0");
+    if (E_ % 32 || QD_ % 32 || F_ % 32) return off("n_embd, n_head*head_dim and n_ff must be multiples of 32");
+    if (G * hd_ > cu::kDecMaxGroupDim) return off("(n_head/n_head_kv)*head_dim > " + std::to_string(cu::kDecMaxGroupDim));
+    size_t rb_qkv = 0, rb_o = 0, rb_gu = 0, rb_d = 0;
+    for (const LayerDesc& L : d_.layers) {
+        rb_qkv = std::max({rb_qkv, L.wq->row_bytes(), L.wk->row_bytes(), L.wv->row_bytes()});
+        rb_o = std::max(rb_o, L.wo->row_bytes());
+        rb_gu = std::max({rb_gu, L.w_gate->row_bytes(), L.w_up->row_bytes()});
+        rb_d = std::max(rb_d, L.w_down->row_bytes());
+    }
+    const int sms = std::max(1, info_.sm_count);
+    qkv_S_ = std::min(8, hd_ / 2);
+    qkv_parts_ = (hd_ / 2 + qkv_S_ - 1) / qkv_S_;
+    qkv_smem_w_ = int(2 * cu::dec_stage_bytes(qkv_S_, int(rb_qkv)));
+    const PP o = plan_proj(E_, rb_o, 1, sms, kDecStageCap, 64);
+    const PP gu = plan_proj(F_, rb_gu, 2, 2 * sms, kDecStageCap, 64);  // ~2 blocks per SM
+    const PP dn = plan_proj(E_, rb_d, 1, sms, kDecStageCap, 64);
+    const PP lm = plan_proj(V_, d_.output->row_bytes(), 1, 1, kDecLmCap, 64);
+    if (!o.rb || !gu.rb || !dn.rb || !lm.rb) return off("a weight row does not fit the shared-memory stage");
+    plan_o_ = {o.rb, o.smem_w};
+    plan_gu_ = {gu.rb, gu.smem_w};
+    plan_d_ = {dn.rb, dn.smem_w};
+    plan_lm_ = {lm.rb, lm.smem_w};
+    lm_blocks_ = (V_ + lm.rb - 1) / lm.rb;
+    dec_smem_ = std::max({size_t(qkv_smem_w_) + cu::dec_act_bytes(E_) + cu::dec_align16(size_t(2 * qkv_S_) * 4),
+                          size_t(o.smem_w) + cu::dec_act_bytes(QD_), size_t(gu.smem_w) + cu::dec_act_bytes(E_),
+                          size_t(dn.smem_w) + cu::dec_act_bytes(F_), size_t(lm.smem_w) + cu::dec_act_bytes(E_),
+                          cu::dec_attn_smem(d_.n_head, d_.n_head_kv, hd_)});
+    int optin = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev_), "CudaEngine plan");
+    if (dec_smem_ > size_t(optin))
+        return off("needs " + std::to_string(dec_smem_) + " bytes of shared memory per block, the GPU allows " +
+                   std::to_string(optin));
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine plan");
+    cu::dec_set_smem_limit(std::max(dec_smem_, size_t(48) << 10));
+    dec_ok_ = true;
+}
+
+void CudaEngineImpl::build_decode_args() {
+    const int n_layer = d_.n_layer;
+    dq_.assign(size_t(n_layer), cu::DecQkvArgs{});
+    da_.assign(size_t(n_layer), cu::DecAttnArgs{});
+    dp_o_.assign(size_t(n_layer), cu::DecProjArgs{});
+    dp_gu_.assign(size_t(n_layer), cu::DecProjArgs{});
+    dp_d_.assign(size_t(n_layer), cu::DecProjArgs{});
+    const double log2_base = std::log2(double(d_.rope_base));
+    for (int l = 0; l < n_layer; ++l) {
+        const DevLayer& L = layers_[size_t(l)];
+        __half* kc = kc_ + size_t(l) * layer_stride_;
+        __half* vc = vc_ + size_t(l) * layer_stride_;
+
+        cu::DecQkvArgs& q = dq_[size_t(l)];
+        q.w[0] = L.wq.dt();
+        q.w[1] = L.wk.dt();
+        q.w[2] = L.wv.dt();
+        q.bias[0] = L.bq;
+        q.bias[1] = L.bk;
+        q.bias[2] = L.bv;
+        q.x = x_;
+        q.x_out = x_;
+        q.emb = tok_embd_.dt();
+        q.embed = l == 0;
+        q.norm_w = L.attn_norm;
+        q.eps = d_.rms_eps;
+        q.n_embd = E_;
+        q.n_head = d_.n_head;
+        q.n_head_kv = d_.n_head_kv;
+        q.head_dim = hd_;
+        q.log2_base = log2_base;
+        q.S = qkv_S_;
+        q.parts = qkv_parts_;
+        q.rope = rope_;
+        q.q_out = q_;
+        q.kc = kc;
+        q.vc = vc;
+        q.slot_stride = slot_stride_;
+        q.kv_dim = KD_;
+        q.st = d_state_;
+        q.need_q8 = cu::dec_int8_type(L.wq.type) || cu::dec_int8_type(L.wk.type) || cu::dec_int8_type(L.wv.type);
+        q.smem_w = qkv_smem_w_;
+
+        cu::DecAttnArgs& a = da_[size_t(l)];
+        a.q = q_;
+        a.kc = kc;
+        a.vc = vc;
+        a.slot_stride = slot_stride_;
+        a.kv_dim = KD_;
+        a.n_head = d_.n_head;
+        a.n_head_kv = d_.n_head_kv;
+        a.head_dim = hd_;
+        a.scale = 1.0f / std::sqrt(float(hd_));
+        a.max_splits = cu::kDecMaxSplits;
+        a.part_o = dec_part_o_;
+        a.part_ml = dec_part_ml_;
+        a.out = att_;
+        a.counter = &d_sync_->attn;
+        a.st = d_state_;
+
+        cu::DecProjArgs& o = dp_o_[size_t(l)];
+        o.w[0] = L.wo.dt();
+        o.n_tensors = 1;
+        o.rows_per_block = plan_o_.rb;
+        o.act = att_;
+        o.need_q8 = cu::dec_int8_type(L.wo.type);
+        o.mode = cu::DEC_RESID;
+        o.y = x_;
+        o.smem_w = plan_o_.smem_w;
+
+        cu::DecProjArgs& g = dp_gu_[size_t(l)];
+        g.w[0] = L.gate.dt();
+        g.w[1] = L.up.dt();
+        g.n_tensors = 2;
+        g.rows_per_block = plan_gu_.rb;
+        g.act = x_;
+        g.norm_w = L.ffn_norm;
+        g.eps = d_.rms_eps;
+        g.need_q8 = cu::dec_int8_type(L.gate.type) || cu::dec_int8_type(L.up.type);
+        g.mode = cu::DEC_GLU;
+        g.y = g_;
+        g.smem_w = plan_gu_.smem_w;
+
+        cu::DecProjArgs& dn = dp_d_[size_t(l)];
+        dn.w[0] = L.down.dt();
+        dn.n_tensors = 1;
+        dn.rows_per_block = plan_d_.rb;
+        dn.act = g_;
+        dn.need_q8 = cu::dec_int8_type(L.down.type);
+        dn.mode = cu::DEC_RESID;
+        dn.y = x_;
+        dn.smem_w = plan_d_.smem_w;
+    }
+    cu::DecProjArgs& m = dp_lm_;
+    m = cu::DecProjArgs{};
+    m.w[0] = output_.dt();
+    m.n_tensors = 1;
+    m.rows_per_block = plan_lm_.rb;
+    m.act = x_;
+    m.norm_w = output_norm_;
+    m.eps = d_.rms_eps;
+    m.need_q8 = cu::dec_int8_type(output_.type);
+    m.mode = cu::DEC_LOGITS;
+    m.y = logits_;
+    m.part = dec_arg_;
+    m.counter = &d_sync_->lm;
+    m.st = d_state_;
+    m.out_tokens = d_out_tokens_;
+    m.smem_w = plan_lm_.smem_w;
+}
+
+void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
+    const int late = opt_.pdl_late ? 1 : 0;
+    if (k == 5 * d_.n_layer) {
+        cu::DecProjArgs m = dp_lm_;
+        m.y = greedy ? nullptr : logits_;
+        m.argmax = greedy ? 1 : 0;
+        m.advance = greedy ? 1 : 0;
+        m.pdl_late = late;
+        cu::dec_proj(m, stream_, pdl, "decode lm_head");
+        return;
+    }
+    const size_t l = size_t(k / 5);
+    switch (k % 5) {
+    case 0: {
+        cu::DecQkvArgs a = dq_[l];
+        a.pdl_late = late;
+        cu::dec_qkv(a, stream_, pdl && l > 0, "decode q/k/v");  // the step's first kernel follows a copy
+        break;
+    }
+    case 1: {
+        cu::DecAttnArgs a = da_[l];
+        a.pdl_late = late;
+        cu::dec_attention(a, stream_, pdl, "decode attention");
+        break;
+    }
+    case 2: {
+        cu::DecProjArgs a = dp_o_[l];
+        a.pdl_late = late;
+        cu::dec_proj(a, stream_, pdl, "decode attn_output");
+        break;
+    }
+    case 3: {
+        cu::DecProjArgs a = dp_gu_[l];
+        a.pdl_late = late;
+        cu::dec_proj(a, stream_, pdl, "decode ffn_gate/ffn_up");
+        break;
+    }
+    default: {
+        cu::DecProjArgs a = dp_d_[l];
+        a.pdl_late = late;
+        cu::dec_proj(a, stream_, pdl, "decode ffn_down");
+        break;
+    }
+    }
+}
+
+void CudaEngineImpl::launch_decode(bool greedy) {
+    const bool pdl = opt_.pdl && pdl_ok_;
+    for (int k = 0; k <= 5 * d_.n_layer; ++k) launch_decode_kernel(k, greedy, pdl);
+}
+
+bool CudaEngineImpl::capture(bool greedy) {
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        cudaGraph_t graph = nullptr;
+        try {
+            CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "decode graph capture");
+            try {
+                launch_decode(greedy);
+            } catch (...) {
+                cudaStreamEndCapture(stream_, &graph);
+                if (graph) cudaGraphDestroy(graph);
+                graph = nullptr;
+                throw;
+            }
+            CUDA_CHECK(cudaStreamEndCapture(stream_, &graph), "decode graph capture");
+            cudaGraphExec_t exec = nullptr;
+            const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+            cudaGraphDestroy(graph);
+            if (e != cudaSuccess) throw_cuda("cudaGraphInstantiate", e, "decode graph");
+            graph_[greedy ? 1 : 0] = exec;
+            return true;
+        } catch (const Error& err) {
+            cudaGetLastError();
+            if (opt_.pdl && pdl_ok_) {
+                pdl_ok_ = false;
+                drop_graphs();
+                dec_note_ += std::string(dec_note_.empty() ? "" : "; ") +
+                             "PDL off: graph capture with PDL failed: " + err.what();
+                continue;
+            }
+            graphs_ok_ = false;
+            dec_note_ += std::string(dec_note_.empty() ? "" : "; ") + "graphs off: capture failed: " + err.what();
+            return false;
+        }
+    }
+    return false;
+}
+
+void CudaEngineImpl::run_decode(bool greedy) {
+    if (opt_.graphs && graphs_ok_) {
+        cudaGraphExec_t& g = graph_[greedy ? 1 : 0];
+        if (g || capture(greedy)) {
+            CUDA_CHECK(cudaGraphLaunch(g, stream_), "decode graph launch");
+            return;
+        }
+    }
+    launch_decode(greedy);
+}
+
+void CudaEngineImpl::fast_forward_one(int slot, int32_t token, int pos, float* logits) {
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine forward");
+    *pinned_state_ = cu::DecState{token, pos, slot, 0};
+    CUDA_CHECK(cudaMemcpyAsync(d_state_, pinned_state_, sizeof(cu::DecState), cudaMemcpyHostToDevice, stream_),
+               "decode state upload");
+    run_decode(false);
+    CUDA_CHECK(cudaMemcpyAsync(pinned_logits_, logits_, size_t(V_) * 4, cudaMemcpyDeviceToHost, stream_),
+               "logits copy");
+    sync("forward (logits)");
+    std::memcpy(logits, pinned_logits_, size_t(V_) * 4);
+}
+
+void CudaEngineImpl::lm_head_last(const float* x_row) {
+    cu::DecProjArgs m = dp_lm_;
+    m.act = x_row;
+    m.y = logits_;
+    m.argmax = 0;
+    m.advance = 0;
+    cu::dec_proj(m, stream_, false, "lm_head (last row)");
+}
+
+void CudaEngineImpl::set_options(const CudaOptions& o) {
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine set_options");
+    sync("set_options");
+    drop_graphs();
+    opt_ = o;
+    pdl_ok_ = info_.cc_major >= 9;
+    graphs_ok_ = true;
+    dec_note_ = dec_base_note_;
+}
+
+CudaPaths CudaEngineImpl::paths() const {
+    CudaPaths p;
+    p.fast_decode_available = dec_ok_;
+    p.pdl_available = info_.cc_major >= 9;
+    p.fast_decode = fast_on();
+    p.graphs = p.fast_decode && opt_.graphs && graphs_ok_;
+    p.pdl = p.fast_decode && opt_.pdl && pdl_ok_;
+    p.fused_prompt = opt_.fused_prompt;
+    p.note = dec_note_;
+    return p;
+}
+
+const __half* CudaEngineImpl::weights16(std::initializer_list<const DevWeight*> ws) {
+    bool in_place = true;
+    const uint8_t* expect = nullptr;
+    for (const DevWeight* w : ws) {
+        if (w->type != T_F16 || (expect && w->data != expect)) {
+            in_place = false;
+            break;
+        }
+        expect = w->data + w->bytes();
+    }
+    if (in_place) return reinterpret_cast<const __half*>((*ws.begin())->data);
+    size_t off = 0;
+    for (const DevWeight* w : ws) {
+        cu::dequantize_f16(w->type, w->data, w->elems(), w16_ + off, stream_, w->name.c_str());
+        off += size_t(w->elems());
+    }
+    return w16_;
+}
+
+void CudaEngineImpl::check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const {
+    if (slot < 0 || slot >= n_slots_)
+        throw Error(std::string("CudaEngine.") + who + ": slot " + std::to_string(slot) + " out of range [0, " +
+                    std::to_string(n_slots_) + ")");
+    if (n_steps < 0) throw Error(std::string("CudaEngine.") + who + ": negative step count");
+    if (pos < 0 || int64_t(pos) + n_steps > n_ctx_)
+        throw Error(std::string("CudaEngine.") + who + ": positions " + std::to_string(pos) + " .. " +
+                    std::to_string(int64_t(pos) + n_steps - 1) + " do not fit n_ctx=" + std::to_string(n_ctx_));
+    check_token(token);
+}
+
+void CudaEngineImpl::decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) {
+    check_greedy_args("decode_greedy", slot, first_token, pos, n_steps);
+    if (n_steps == 0) return;
+    if (!fast_on()) {
+        Engine::decode_greedy(slot, first_token, pos, n_steps, out_tokens);
+        return;
+    }
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_greedy");
+    *pinned_state_ = cu::DecState{first_token, pos, slot, 0};
+    CUDA_CHECK(cudaMemcpyAsync(d_state_, pinned_state_, sizeof(cu::DecState), cudaMemcpyHostToDevice, stream_),
+               "decode state upload");
+    for (int i = 0; i < n_steps; ++i) run_decode(true);
+    CUDA_CHECK(cudaMemcpyAsync(pinned_tokens_, d_out_tokens_, size_t(n_steps) * 4, cudaMemcpyDeviceToHost, stream_),
+               "decoded tokens copy");
+    sync("decode_greedy");
+    std::memcpy(out_tokens, pinned_tokens_, size_t(n_steps) * 4);
+}
+
+std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int slot, int32_t token, int pos,
+                                                                           int n_steps) {
+    check_greedy_args("profile_decode", slot, token, pos, n_steps);
+    if (!dec_ok_) throw Error("CudaEngine.profile_decode: " + dec_note_);
+    if (n_steps < 1) throw Error("CudaEngine.profile_decode: n_steps must be >= 1");
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine profile_decode");
+    const int K = 5 * d_.n_layer + 1;
+    std::vector<cudaEvent_t> ev(size_t(K) + 1, nullptr);
+    std::vector<double> us(7, 0.0);
+    auto put_state = [&]() {
+        *pinned_state_ = cu::DecState{token, pos, slot, 0};
+        CUDA_CHECK(cudaMemcpyAsync(d_state_, pinned_state_, sizeof(cu::DecState), cudaMemcpyHostToDevice, stream_),
+                   "decode state upload");
+    };
+    try {
+        for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e), "profile_decode events");
+        put_state();
+        for (int i = 0; i < n_steps; ++i) {
+            CUDA_CHECK(cudaEventRecord(ev[0], stream_), "profile_decode");
+            for (int k = 0; k < K; ++k) {
+                launch_decode_kernel(k, true, false);
+                CUDA_CHECK(cudaEventRecord(ev[size_t(k) + 1], stream_), "profile_decode");
+            }
+            sync("profile_decode");
+            for (int k = 0; k < K; ++k) {
+                float ms = 0.f;
+                CUDA_CHECK(cudaEventElapsedTime(&ms, ev[size_t(k)], ev[size_t(k) + 1]), "profile_decode");
+                us[k == K - 1 ? 5 : size_t(k % 5)] += 1000.0 * ms;
+            }
+        }
+        // the same steps as the engine runs them (graph / PDL per the options)
+        put_state();
+        run_decode(true);  // captures the graph if needed
+        sync("profile_decode");
+        put_state();
+        CUDA_CHECK(cudaEventRecord(ev[0], stream_), "profile_decode");
+        for (int i = 0; i < n_steps; ++i) run_decode(true);
+        CUDA_CHECK(cudaEventRecord(ev[1], stream_), "profile_decode");
+        sync("profile_decode");
+        float ms = 0.f;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]), "profile_decode");
+        us[6] = 1000.0 * ms;
+    } catch (...) {
+        for (cudaEvent_t e : ev)
+            if (e) cudaEventDestroy(e);
+        throw;
+    }
+    for (cudaEvent_t e : ev)
+        if (e) cudaEventDestroy(e);
+    static const char* names[7] = {"qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head",
+                                   "graph_step"};
+    std::vector<std::pair<std::string, double>> out;
+    for (int i = 0; i < 7; ++i) out.emplace_back(names[i], us[size_t(i)] / n_steps);
+    return out;
 }
 
 void CudaEngineImpl::linear(const DevWeight& w, const float* x, int rows, float* y, int ldy, const float* bias,
@@ -381,32 +932,54 @@ void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logit
     if (trace) trace_copy(0);
 
     const cu::AttnPlan plan = cu::attn_plan(nr, kv_max, d_.n_head, info_.sm_count);
+    const bool fused = !mv && opt_.fused_prompt;
+    const int QKVW = QD_ + 2 * KD_;
     for (int l = 0; l < d_.n_layer; ++l) {
         const DevLayer& L = layers_[size_t(l)];
         const char* ln = L.wq.name.c_str();
-        cu::rmsnorm(x_, nr, E_, L.attn_norm, d_.rms_eps, h_, stream_, "attn_norm");
-        linear(L.wq, h_, nr, q_, QD_, L.bq, false, mv);
-        linear(L.wk, h_, nr, k_, KD_, L.bk, false, mv);
-        linear(L.wv, h_, nr, v_, KD_, L.bv, false, mv);
-        cu::rope_neox(q_, QD_, nr, d_.n_head, hd_, d_pos, d_.rope_base, stream_, ln);
-        cu::rope_neox(k_, KD_, nr, d_.n_head_kv, hd_, d_pos, d_.rope_base, stream_, L.wk.name.c_str());
         __half* kc = kc_ + size_t(l) * layer_stride_;
         __half* vc = vc_ + size_t(l) * layer_stride_;
-        cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, slot_stride_, stream_, ln);
-        cu::attention(q_, QD_, kc, vc, slot_stride_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_, plan,
-                      part_o_, part_ml_, att_, QD_, stream_, ln);
-        linear(L.wo, att_, nr, x_, E_, nullptr, true, mv);  // residual add
-        cu::rmsnorm(x_, nr, E_, L.ffn_norm, d_.rms_eps, h_, stream_, "ffn_norm");
-        linear(L.gate, h_, nr, g_, F_, nullptr, false, mv);
-        linear(L.up, h_, nr, u_, F_, nullptr, false, mv);
-        cu::swiglu(g_, u_, int64_t(nr) * F_, stream_, L.gate.name.c_str());
-        linear(L.down, g_, nr, x_, E_, nullptr, true, mv);  // residual add
+        if (fused) {
+            cu::rmsnorm_f16(x_, nr, E_, L.attn_norm, d_.rms_eps, act16_, stream_, "attn_norm");
+            cu::gemm_f16(blas_, weights16({&L.wq, &L.wk, &L.wv}), E_, QKVW, act16_, nr, qkv_, QKVW, false, ln);
+            cu::qkv_post(qkv_, QKVW, nr, d_.n_head, d_.n_head_kv, hd_, L.bq, L.bk, L.bv, d_pos, d_slot, d_.rope_base,
+                         kc, vc, slot_stride_, stream_, ln);
+            cu::attention(qkv_, QKVW, kc, vc, slot_stride_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_,
+                          plan, part_o_, part_ml_, att_, QD_, stream_, ln);
+            cu::f32_to_f16(att_, int64_t(nr) * QD_, act16_, stream_, ln);
+            cu::gemm_f16(blas_, weights16({&L.wo}), QD_, E_, act16_, nr, x_, E_, true, L.wo.name.c_str());
+            cu::rmsnorm_f16(x_, nr, E_, L.ffn_norm, d_.rms_eps, act16_, stream_, "ffn_norm");
+            cu::gemm_f16(blas_, weights16({&L.gate, &L.up}), E_, 2 * F_, act16_, nr, gu_, 2 * F_, false,
+                         L.gate.name.c_str());
+            cu::swiglu_f16(gu_, F_, nr, act16_, stream_, L.gate.name.c_str());
+            cu::gemm_f16(blas_, weights16({&L.down}), F_, E_, act16_, nr, x_, E_, true, L.down.name.c_str());
+        } else {
+            cu::rmsnorm(x_, nr, E_, L.attn_norm, d_.rms_eps, h_, stream_, "attn_norm");
+            linear(L.wq, h_, nr, q_, QD_, L.bq, false, mv);
+            linear(L.wk, h_, nr, k_, KD_, L.bk, false, mv);
+            linear(L.wv, h_, nr, v_, KD_, L.bv, false, mv);
+            cu::rope_neox(q_, QD_, nr, d_.n_head, hd_, d_pos, d_.rope_base, stream_, ln);
+            cu::rope_neox(k_, KD_, nr, d_.n_head_kv, hd_, d_pos, d_.rope_base, stream_, L.wk.name.c_str());
+            cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, slot_stride_, stream_, ln);
+            cu::attention(q_, QD_, kc, vc, slot_stride_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_, plan,
+                          part_o_, part_ml_, att_, QD_, stream_, ln);
+            linear(L.wo, att_, nr, x_, E_, nullptr, true, mv);  // residual add
+            cu::rmsnorm(x_, nr, E_, L.ffn_norm, d_.rms_eps, h_, stream_, "ffn_norm");
+            linear(L.gate, h_, nr, g_, F_, nullptr, false, mv);
+            linear(L.up, h_, nr, u_, F_, nullptr, false, mv);
+            cu::swiglu(g_, u_, int64_t(nr) * F_, stream_, L.gate.name.c_str());
+            linear(L.down, g_, nr, x_, E_, nullptr, true, mv);  // residual add
+        }
         if (trace) trace_copy(l + 1);
     }
 
     if (mode == Logits::Last) {
-        cu::rmsnorm(x_ + size_t(nr - 1) * E_, 1, E_, output_norm_, d_.rms_eps, h_, stream_, "output_norm");
-        linear(output_, h_, 1, logits_, V_, nullptr, false, true);
+        if (fast_on()) {
+            lm_head_last(x_ + size_t(nr - 1) * E_);
+        } else {
+            cu::rmsnorm(x_ + size_t(nr - 1) * E_, 1, E_, output_norm_, d_.rms_eps, h_, stream_, "output_norm");
+            linear(output_, h_, 1, logits_, V_, nullptr, false, true);
+        }
         CUDA_CHECK(cudaMemcpyAsync(pinned_logits_, logits_, size_t(V_) * 4, cudaMemcpyDeviceToHost, stream_),
                    "logits copy");
         sync("forward (logits)");
@@ -437,6 +1010,10 @@ void CudaEngineImpl::forward(int slot, const int32_t* tokens, int n, int pos0, f
         throw Error("CudaEngine.forward: positions " + std::to_string(pos0) + " .. " +
                     std::to_string(int64_t(pos0) + n - 1) + " do not fit n_ctx=" + std::to_string(n_ctx_));
     for (int i = 0; i < n; ++i) check_token(tokens[i]);
+    if (n == 1 && !trace && fast_on()) {
+        fast_forward_one(slot, tokens[0], pos0, logits);
+        return;
+    }
     if (trace) {
         trace->n_tokens = n;
         trace->n_embd = E_;

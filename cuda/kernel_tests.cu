@@ -2,10 +2,12 @@
 // tests/test_cuda_kernels.py: upload the inputs, poison the output with NaN,
 // run the same launcher the engine uses, download.
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "cuda_common.cuh"
+#include "decode.cuh"
 #include "ggml_types.h"
 #include "kernels.cuh"
 
@@ -121,6 +123,58 @@ std::vector<float> matvec(uint32_t type, const uint8_t* w, size_t nbytes, int64_
 std::vector<float> gemm(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_out, const float* x,
                         int m, const float* bias, const float* y_init, int64_t chunk_rows) {
     return product(true, type, w, nbytes, n_in, n_out, x, m, bias, y_init, chunk_rows);
+}
+
+std::vector<float> dec_matvec(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_out,
+                              const float* x, const float* norm_w, float eps, int32_t* argmax) {
+    ready();
+    const char* what = "dec_matvec test";
+    if (n_in <= 0 || n_out <= 0 || n_in % 32 != 0) throw Error("dec_matvec test: n_in must be a positive multiple of 32");
+    const size_t row_bytes = bytes_for(type, n_in, what);
+    check_bytes(nbytes, row_bytes * size_t(n_out), what);
+    // the kernel's 16-byte staging may read up to 15 bytes past the last row: pad like the engine does
+    const size_t need = row_bytes * size_t(n_out);
+    if (need > (size_t(1) << 34)) throw Error("dec_matvec test: weights too large");
+    std::vector<uint8_t> padded(need + 256, 0);
+    std::memcpy(padded.data(), w, need);
+    DBuf<uint8_t> dw(padded.data(), padded.size(), what);
+    DBuf<float> dx(x, size_t(n_in), what);
+    DBuf<float> dn(norm_w, norm_w ? size_t(n_in) : 0, what);
+    DBuf<float> dy(size_t(n_out), what);
+    cu::fill_nan(dy.p, int64_t(dy.n), 0);
+    cu::DecProjArgs a{};
+    a.w[0] = cu::DTensor{dw.p, type, int(n_in), int(n_out), int(row_bytes)};
+    a.n_tensors = 1;
+    // the engine's lm_head plan: as many rows per block as fit 32 KB, at most 32
+    int rb = 32;
+    while (rb > 1 && cu::dec_stage_bytes(rb, int(row_bytes)) > (size_t(32) << 10)) rb = rb > 8 ? rb - 8 : rb - 1;
+    a.rows_per_block = rb;
+    a.smem_w = int(cu::dec_stage_bytes(rb, int(row_bytes)));
+    const size_t smem = size_t(a.smem_w) + cu::dec_act_bytes(int(n_in));
+    int optin = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0), what);
+    if (smem > size_t(optin)) throw Error("dec_matvec test: a row is too long for the shared-memory stage");
+    cu::dec_set_smem_limit(std::max(smem, size_t(48) << 10));
+    const int blocks = cu::dec_proj_blocks(a);
+    DBuf<cu::ArgPart> parts(size_t(blocks), what);
+    DBuf<cu::DecState> st(1, what);
+    DBuf<cu::DecSync> sync(1, what);
+    CUDA_CHECK(cudaMemset(st.p, 0xff, sizeof(cu::DecState)), what);
+    CUDA_CHECK(cudaMemset(sync.p, 0, sizeof(cu::DecSync)), what);
+    a.act = dx.p;
+    a.norm_w = dn.p;
+    a.eps = eps;
+    a.need_q8 = cu::dec_int8_type(type);
+    a.mode = cu::DEC_LOGITS;
+    a.y = dy.p;
+    a.argmax = 1;
+    a.part = parts.p;
+    a.counter = &sync.p->lm;
+    a.st = st.p;
+    cu::dec_proj(a, 0, false, what);
+    std::vector<cu::DecState> hs = st.download(what);
+    if (argmax) *argmax = hs[0].token;
+    return dy.download(what);
 }
 
 std::vector<float> get_rows(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_rows,

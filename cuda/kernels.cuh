@@ -83,6 +83,21 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
                const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
                const char* what);
 
+// Prompt path, fused: y16[r] = fp16(rmsnorm(x[r]) * w) for rows of n floats.
+void rmsnorm_f16(const float* x, int rows, int n, const float* w, float eps, __half* y16, cudaStream_t st,
+                 const char* what);
+
+// Prompt path, fused: row t of qkv (ld floats apart) holds q (n_head*hd), k and
+// v (n_head_kv*hd each) of token t: adds the biases (any may be null), applies
+// NEOX RoPE at pos[t] to q (in place) and k, and appends k and v (fp16) to
+// slot slots[t], position pos[t] of the caches (layout as kv_store).
+void qkv_post(float* qkv, int ld, int n_tok, int n_head, int n_head_kv, int head_dim, const float* bq,
+              const float* bk, const float* bv, const int32_t* pos, const int32_t* slots, float base, __half* kc,
+              __half* vc, size_t slot_stride, cudaStream_t st, const char* what);
+
+// Prompt path, fused: act[t][i] = fp16(silu(gu[t][i]) * gu[t][n + i]), gu rows of 2n floats.
+void swiglu_f16(const float* gu, int n, int rows, __half* act, cudaStream_t st, const char* what);
+
 // g[i] = silu(g[i]) * u[i].
 void swiglu(float* g, const float* u, int64_t n, cudaStream_t st, const char* what);
 
@@ -117,6 +132,12 @@ namespace cu {
 void gemm_linear(cublasHandle_t blas, cudaStream_t st, uint32_t type, const uint8_t* w, size_t row_bytes, int n_in,
                  int n_out, const float* x, int rows, float* y, int ldy, const float* bias, bool accumulate,
                  __half* act16, __half* w16, size_t w16_elems, const char* what);
+
+// y[t][r] (+)= sum_k A16[r][k] * x16[t][k] for r < n_out, t < rows: fp16 weights
+// (row-major n_out x n_in) and activations, float32 accumulation and output
+// (y rows ldy floats apart; beta = 1 when accumulate).
+void gemm_f16(cublasHandle_t blas, const __half* a16, int n_in, int n_out, const __half* x16, int rows, float* y,
+              int ldy, bool accumulate, const char* what);
 
 }  // namespace cu
 }  // namespace orcd

@@ -51,5 +51,16 @@ void gemm_linear(cublasHandle_t blas, cudaStream_t st, uint32_t type, const uint
     if (bias) add_bias(y, rows, n_out, ldy, bias, st, what);
 }
 
+void gemm_f16(cublasHandle_t blas, const __half* a16, int n_in, int n_out, const __half* x16, int rows, float* y,
+              int ldy, bool accumulate, const char* what) {
+    if (rows <= 0 || n_out <= 0) return;
+    const float one = 1.0f, zero = 0.0f;
+    // Column-major view as in gemm_linear: C (ldy x rows) = Aᵀ (n_out x n_in) · B (n_in x rows).
+    CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, rows, n_in, &one, a16, CUDA_R_16F, n_in, x16,
+                              CUDA_R_16F, n_in, accumulate ? &one : &zero, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT),
+                 std::string("cublasGemmEx for ") + (what ? what : "?"));
+}
+
 }  // namespace cu
 }  // namespace orcd

@@ -202,6 +202,78 @@ __global__ void attn_combine_kernel(const float* __restrict__ part_o, const floa
     out[size_t(i) * ldo + size_t(h) * hd + d] = o / L;
 }
 
+// ---------------------------------------------------------------- prompt path, fused
+// RMSNorm of rows of n floats straight to fp16 (the GEMM's input).
+__global__ void rmsnorm_f16_kernel(const float* __restrict__ x, int n, const float* __restrict__ w, float eps,
+                                   __half* __restrict__ y) {
+    __shared__ float buf[32];
+    const float* xr = x + size_t(blockIdx.x) * n;
+    __half* yr = y + size_t(blockIdx.x) * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, buf);
+    const float scale = 1.0f / sqrtf(ss / float(n) + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = __float2half_rn((xr[i] * scale) * w[i]);
+}
+
+// One block per token of the fused q|k|v product (row t at qkv + t*ld: q of
+// n_head*hd, k and v of kv_dim each): biases, NEOX RoPE of q (in place) and k,
+// k and v appended to the fp16 caches. Every element is touched by one thread.
+__global__ void qkv_post_kernel(float* __restrict__ qkv, int ld, int n_head, int n_head_kv, int hd,
+                                const float* __restrict__ bq, const float* __restrict__ bk,
+                                const float* __restrict__ bv, const int32_t* __restrict__ pos,
+                                const int32_t* __restrict__ slots, double log2_base, __half* __restrict__ kc,
+                                __half* __restrict__ vc, size_t slot_stride) {
+    const int t = blockIdx.x;
+    const int half = hd / 2, qd = n_head * hd, kd = n_head_kv * hd;
+    float* row = qkv + size_t(t) * ld;
+    const double p = double(pos[t]);
+    const size_t dst = size_t(slots[t]) * slot_stride + size_t(pos[t]) * kd;
+    const int n_pairs = (n_head + n_head_kv) * half;
+    for (int idx = threadIdx.x; idx < n_pairs + kd; idx += blockDim.x) {
+        if (idx < n_pairs) {
+            const int h = idx / half, i = idx % half;  // h < n_head: q head, else k head h - n_head
+            const bool is_q = h < n_head;
+            const int c0 = h * hd + i;                 // column in the q|k part
+            const float* b = is_q ? bq : bk;
+            const int bc = is_q ? c0 : c0 - qd;
+            float x0 = row[c0], x1 = row[c0 + half];
+            if (b) {
+                x0 += b[bc];
+                x1 += b[bc + half];
+            }
+            const double theta = p * exp2(-2.0 * double(i) / double(hd) * log2_base);
+            double s, c;
+            sincos(theta, &s, &c);
+            const float cs = float(c), sn = float(s);
+            const float y0 = x0 * cs - x1 * sn;
+            const float y1 = x0 * sn + x1 * cs;
+            if (is_q) {
+                row[c0] = y0;
+                row[c0 + half] = y1;
+            } else {
+                kc[dst + bc] = __float2half_rn(y0);
+                kc[dst + bc + half] = __float2half_rn(y1);
+            }
+        } else {
+            const int c = idx - n_pairs;
+            float v = row[qd + kd + c];
+            if (bv) v += bv[c];
+            vc[dst + c] = __float2half_rn(v);
+        }
+    }
+}
+
+// act[t][i] = fp16(silu(gu[t][i]) * gu[t][n + i]) for the fused gate|up product.
+__global__ void swiglu_f16_kernel(const float* __restrict__ gu, int n, int rows, __half* __restrict__ act) {
+    const int64_t total = int64_t(rows) * n;
+    for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t t = k / n, i = k % n;
+        const float a = gu[t * 2 * n + i];
+        act[k] = __float2half_rn(a / (1.0f + expf(-a)) * gu[t * 2 * n + n + i]);
+    }
+}
+
 // ---------------------------------------------------------------- elementwise
 __global__ void swiglu_kernel(float* __restrict__ g, const float* __restrict__ u, int64_t n) {
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -303,6 +375,29 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
     attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim, plan.n_splits,
                                                                 out, ldo);
     CUDA_LAUNCH_CHECK(ctx("attn_combine_kernel", what));
+}
+
+void rmsnorm_f16(const float* x, int rows, int n, const float* w, float eps, __half* y, cudaStream_t st,
+                 const char* what) {
+    if (rows <= 0) return;
+    rmsnorm_f16_kernel<<<rows, 256, 0, st>>>(x, n, w, eps, y);
+    CUDA_LAUNCH_CHECK(ctx("rmsnorm_f16_kernel", what));
+}
+
+void qkv_post(float* qkv, int ld, int n_tok, int n_head, int n_head_kv, int head_dim, const float* bq,
+              const float* bk, const float* bv, const int32_t* pos, const int32_t* slots, float base, __half* kc,
+              __half* vc, size_t slot_stride, cudaStream_t st, const char* what) {
+    if (n_tok <= 0) return;
+    if (head_dim % 2 != 0) throw Error(std::string("qkv_post: odd head_dim for ") + (what ? what : "?"));
+    qkv_post_kernel<<<n_tok, 256, 0, st>>>(qkv, ld, n_head, n_head_kv, head_dim, bq, bk, bv, pos, slots,
+                                           std::log2(double(base)), kc, vc, slot_stride);
+    CUDA_LAUNCH_CHECK(ctx("qkv_post_kernel", what));
+}
+
+void swiglu_f16(const float* gu, int n, int rows, __half* act, cudaStream_t st, const char* what) {
+    if (rows <= 0 || n <= 0) return;
+    swiglu_f16_kernel<<<grid_for(int64_t(rows) * n, 256), 256, 0, st>>>(gu, n, rows, act);
+    CUDA_LAUNCH_CHECK(ctx("swiglu_f16_kernel", what));
 }
 
 void swiglu(float* g, const float* u, int64_t n, cudaStream_t st, const char* what) {

@@ -15,7 +15,9 @@ difference is accepted only where the reference margin between their picks is
 within twice the two engines' measured errors (a near tie both engines
 legitimately resolve differently). Without a reference the check is strict.
 Also: the decode batch (two different prompts in one batch == each alone),
-prompts longer than one chunk, the gemm path of large batches, errors.
+prompts longer than one chunk, the gemm path of large batches, errors; the
+fused decode step (single-token forward, decode_greedy) against the mat-vec
+path, and its CUDA-graph / PDL variants against each other (bitwise).
 
 Skipped as a whole when orcd._orcd_cuda is missing or no usable GPU is present.
 """
@@ -251,10 +253,12 @@ def test_tiny_decode_batch_two_prompts(tiny_model):
     prompts = [rng.integers(0, V, 7).astype(np.int32), rng.integers(0, V, 12).astype(np.int32)]
     steps = 10
 
-    # each alone, one-slot engines
+    # each alone, one-slot engines, on the mat-vec path that decode_batch uses (a single
+    # token otherwise takes the fused decode kernels: compared in test_fast_decode_*)
     alone = []
     for p in prompts:
         g1 = cu.CudaEngine(path, 64, 1)
+        g1.set_options(fast_decode=False)
         alone.append(_greedy(g1, 0, p, steps))
         g1.close()
 
@@ -463,6 +467,7 @@ def test_real_model_decode_batch(real_model_path):
     prompts = _real_prompts(real_model_path)[:2]
     gpu = cu.CudaEngine(real_model_path, 256, 2)
     single = cu.CudaEngine(real_model_path, 256, 1)
+    single.set_options(fast_decode=False)  # the mat-vec path, as decode_batch
     ref = [_greedy(single, 0, p, 8)[0] for p in prompts]
     single.close()
     logits = [gpu.forward(s, p, 0) for s, p in enumerate(prompts)]
@@ -476,4 +481,175 @@ def test_real_model_decode_batch(real_model_path):
         logits = [out[0], out[1]]
         pos = [p + 1 for p in pos]
     assert toks == ref
+    gpu.close()
+
+
+# ------------------------------------------------------------------ fused decode step, graphs, PDL
+
+FAST_TYPES = ["Q4_K", "Q5_0", "Q8_0", "Q6_K", "Q4_0", "F16", "F32", "BF16", "Q3_K", "Q5_K", "Q2_K", "Q4_1"]
+
+
+def _fast_engine(path, n_ctx=64, n_slots=1):
+    e = cu.CudaEngine(path, n_ctx, n_slots)
+    p = e.paths()
+    if not p["fast_decode_available"]:
+        e.close()
+        pytest.skip(f"fused decode not available here: {p['note']}")
+    assert p["fast_decode"], p
+    return e
+
+
+@pytest.mark.parametrize("wtype", FAST_TYPES)
+def test_fast_decode_matches_matvec_path(tiny_model, wtype):
+    """Single-token steps through the fused decode kernels (int8 code planes for
+    the quantized types, float32 for the rest) against the float32 mat-vec path,
+    both fed the same tokens; the prompt's last logits use the fused lm_head."""
+    path = tiny_model(wtype)
+    fast = _fast_engine(path)
+    slow = cu.CudaEngine(path, 64, 1)
+    slow.set_options(fast_decode=False)
+    assert not slow.paths()["fast_decode"]
+    prompt = np.random.default_rng(11).integers(0, fast.n_vocab, 11).astype(np.int32)
+    lf, ls = fast.forward(0, prompt, 0), slow.forward(0, prompt, 0)
+    assert_close_rows(lf, ls, "prompt logits", cos_min=0.99999)
+    pos = len(prompt)
+    for step in range(10):
+        t = np.array([int(np.argmax(ls))], np.int32)
+        lf, ls = fast.forward(0, t, pos), slow.forward(0, t, pos)
+        pos += 1
+        assert_close_rows(lf, ls, f"step {step}", cos_min=0.99999)
+    fast.close()
+    slow.close()
+
+
+def test_fast_decode_long_context(tiny_model):
+    """Decode steps over a 1100-position cache: the fused attention's split length
+    grows past one tile (32 blocks per KV head at most)."""
+    path = tiny_model("Q8_0")
+    fast = _fast_engine(path, 1400)
+    slow = cu.CudaEngine(path, 1400, 1)
+    slow.set_options(fast_decode=False)
+    toks = np.random.default_rng(12).integers(0, fast.n_vocab, 1100).astype(np.int32)
+    fast.forward(0, toks, 0)
+    ls = slow.forward(0, toks, 0)
+    pos = len(toks)
+    for step in range(3):
+        t = np.array([int(np.argmax(ls))], np.int32)
+        lf, ls = fast.forward(0, t, pos), slow.forward(0, t, pos)
+        pos += 1
+        assert_close_rows(lf, ls, f"decode at {pos}", cos_min=0.99999)
+    fast.close()
+    slow.close()
+
+
+@pytest.mark.parametrize("wtype", ["Q4_K", "Q5_0", "F16"])
+def test_decode_graph_equals_direct(tiny_model, wtype):
+    """The decode step replayed from a CUDA graph, launched directly, with and
+    without programmatic dependent launch: the same kernels, so bitwise the same
+    logits and tokens; decode_greedy (argmax on the GPU) == forward + argmax."""
+    path = tiny_model(wtype)
+    prompt = np.random.default_rng(13).integers(0, 200, 9).astype(np.int32)
+    variants = [dict(graphs=True, pdl=True), dict(graphs=False, pdl=True), dict(graphs=True, pdl=False),
+                dict(graphs=False, pdl=False), dict(graphs=True, pdl=True, pdl_late=True)]
+    results = []
+    for opts in variants:
+        e = _fast_engine(path)
+        e.set_options(**opts)
+        first = int(np.argmax(e.forward(0, prompt, 0)))
+        toks = e.decode_greedy(0, first, len(prompt), 12)
+        assert toks.dtype == np.int32 and toks.shape == (12,)
+        logits, t = [], first
+        for i in range(12):
+            lg = e.forward(0, np.array([t], np.int32), len(prompt) + i)
+            logits.append(lg)
+            t = int(np.argmax(lg))
+        results.append((toks, np.stack(logits), e.paths()))
+        e.close()
+    toks0, logits0, paths0 = results[0]
+    assert paths0["graphs"], paths0
+    if paths0["pdl_available"] and not paths0["pdl"]:
+        import warnings
+        warnings.warn(f"PDL is off on this GPU: {paths0['note']}")
+    assert list(toks0) == [int(np.argmax(lg)) for lg in logits0], "decode_greedy != forward + argmax"
+    for (toks, logits, _), opts in zip(results[1:], variants[1:]):
+        assert np.array_equal(toks, toks0), f"{opts}: tokens differ"
+        assert np.array_equal(logits.view(np.uint32), logits0.view(np.uint32)), f"{opts}: logits not bitwise equal"
+
+
+def test_fast_decode_slots(tiny_model):
+    """The fused step reads the slot from the device state: two sequences in a
+    two-slot engine, stepped alternately, == each in its own engine (bitwise)."""
+    path = tiny_model("Q4_K")
+    rng = np.random.default_rng(14)
+    prompts = [rng.integers(0, 200, 7).astype(np.int32), rng.integers(0, 200, 12).astype(np.int32)]
+    two = _fast_engine(path, 64, 2)
+    ones = [_fast_engine(path, 64, 1) for _ in prompts]
+    last = []
+    for s, p in enumerate(prompts):
+        a, b = two.forward(s, p, 0), ones[s].forward(0, p, 0)
+        assert np.array_equal(a, b)
+        last.append(int(np.argmax(a)))
+    pos = [len(p) for p in prompts]
+    for step in range(6):
+        for s in (1, 0):
+            t = np.array([last[s]], np.int32)
+            a, b = two.forward(s, t, pos[s]), ones[s].forward(0, t, pos[s])
+            assert np.array_equal(a, b), f"slot {s} step {step}"
+            last[s] = int(np.argmax(a))
+            pos[s] += 1
+    # decode_greedy on slot 1 continues that sequence
+    got = two.decode_greedy(1, last[1], pos[1], 5)
+    ref = ones[1].decode_greedy(0, last[1], pos[1], 5)
+    assert np.array_equal(got, ref)
+    for e in [two] + ones:
+        e.close()
+
+
+def test_decode_greedy_errors_and_fallback(tiny_model):
+    path = tiny_model("Q4_0")
+    gpu = cu.CudaEngine(path, 32, 2)
+    V = gpu.n_vocab
+    assert gpu.decode_greedy(0, 1, 0, 0).shape == (0,)
+    with pytest.raises(ValueError, match="slot"):
+        gpu.decode_greedy(2, 1, 0, 3)
+    with pytest.raises(ValueError, match="n_ctx"):
+        gpu.decode_greedy(0, 1, 30, 3)
+    with pytest.raises(ValueError, match="token id"):
+        gpu.decode_greedy(0, V, 0, 3)
+    # with the fused path off, decode_greedy is forward + host argmax: same tokens as the loop
+    gpu.set_options(fast_decode=False)
+    gpu.forward(0, np.arange(5, dtype=np.int32), 0)
+    got = list(gpu.decode_greedy(0, 7, 5, 6))
+    gpu.forward(0, np.arange(5, dtype=np.int32), 0)
+    t, ref = 7, []
+    for i in range(6):
+        t = int(np.argmax(gpu.forward(0, np.array([t], np.int32), 5 + i)))
+        ref.append(t)
+    assert got == ref
+    gpu.close()
+
+
+def test_profile_decode(tiny_model):
+    """profile_decode: per-kernel-kind times of real steps, and the greedy tokens it
+    leaves in the cache do not disturb later use."""
+    path = tiny_model("Q5_0")
+    e = _fast_engine(path)
+    e.forward(0, np.arange(1, 6, dtype=np.int32), 0)
+    prof = e.profile_decode(0, 7, 5, 4)
+    assert set(prof) == {"qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head", "graph_step"}
+    assert all(v > 0 for v in prof.values()), prof
+    with pytest.raises(ValueError, match="n_ctx"):
+        e.profile_decode(0, 7, 62, 4)
+    e.close()
+
+
+def test_real_model_decode_greedy(real_model_path):
+    """decode_greedy on the real model == the forward + argmax loop (same fused
+    kernels; the loop is compared with the CPU in test_real_model_greedy_32_steps)."""
+    gpu = cu.CudaEngine(real_model_path, 256, 1)
+    for prompt in _real_prompts(real_model_path)[:3]:
+        toks, _ = _greedy(gpu, 0, prompt, 32)
+        gpu.forward(0, prompt, 0)
+        got = gpu.decode_greedy(0, toks[0], len(prompt), 31)
+        assert list(got) == toks[1:]
     gpu.close()

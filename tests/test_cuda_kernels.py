@@ -222,6 +222,79 @@ def test_matvec_matches_cpu_matmul():
         assert rel_err(got, exact, mag) <= rel_err(cpu, exact, mag) + 1e-6
 
 
+DEC_INT8 = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")
+
+
+def _dec_codes(x):
+    """The fused decode kernels' activations: per 32-element chunk, with
+    id = 127/max|x| and d = max|x|/127 (float32), q1 = rint(x*id) and
+    q2 = rint((x - q1*d)*id*256) clipped to +-127, each product rounded on its
+    own like the kernel: x is read as d*(q1 + q2/256)."""
+    xc = np.asarray(x, np.float32).reshape(-1, 32)
+    amax = np.abs(xc).max(axis=1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        idv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q1 = np.rint((xc * idv).astype(np.float32)).astype(np.float32)
+    r = (xc - (q1 * d).astype(np.float32)).astype(np.float32)
+    q2 = np.clip(np.rint(((r * idv).astype(np.float32) * np.float32(256)).astype(np.float32)), -127, 127)
+    return (d.astype(np.float64) * (q1 + q2 / 256.0)).reshape(-1)
+
+
+@pytest.mark.parametrize("tname", ALL_TYPES)
+def test_dec_matvec(tname):
+    """The fused decode mat-vec (lm_head mode: staged rows, int8 code planes for
+    Q4_0/Q5_0/Q8_0/Q4_K/Q6_K, float32 for the others) against float64, with and
+    without the fused rmsnorm; its device argmax is the first maximum of its output."""
+    tid, bs = TYPES[tname][0], TYPES[tname][1]
+    n_ins = [256, 768] if bs == 256 else [32, 96, 896]
+    for n_in in n_ins:
+        for n_out in (1, 5, 67, 1000):
+            rng = rng_for("dec", tname, n_in, n_out)
+            w = random_weights(rng, tname, n_out, n_in)
+            x = (rng.standard_normal(n_in) * rng.uniform(0.1, 3.0, n_in)).astype(np.float32)
+            W = cpu_dequant(tname, w, n_in * n_out).reshape(n_out, n_in).astype(np.float64)
+            y, arg = cu.dec_matvec(tid, w, n_in, n_out, x)
+            assert y.shape == (n_out,)
+            exact, mag = W @ x.astype(np.float64), np.abs(W) @ np.abs(x.astype(np.float64))
+            e = rel_err(y, exact, mag)
+            assert e < 2e-5, f"{tname} {n_in}x{n_out}: rel err {e:.2e} vs float64"
+            if tname in DEC_INT8 and tname != "Q4_K":  # the codes' product (Q4_K's min term uses the float sum)
+                e = rel_err(y, W @ _dec_codes(x), mag)
+                assert e < 5e-6, f"{tname} {n_in}x{n_out}: rel err {e:.2e} vs the code product"
+            assert arg == int(np.argmax(y)), f"{tname} {n_in}x{n_out}: argmax {arg}, expected {np.argmax(y)}"
+            # with the rmsnorm in front
+            nw = rng.uniform(0.5, 1.5, n_in).astype(np.float32)
+            y2, arg2 = cu.dec_matvec(tid, w, n_in, n_out, x, norm_w=nw, eps=1e-6)
+            xd = x.astype(np.float64)
+            xn = xd / np.sqrt((xd * xd).mean() + 1e-6) * nw
+            e = rel_err(y2, W @ xn, np.abs(W) @ np.abs(xn))
+            assert e < 2e-5, f"{tname} {n_in}x{n_out} (rmsnorm): rel err {e:.2e}"
+            assert arg2 == int(np.argmax(y2))
+
+
+def test_dec_matvec_lm_head_shape():
+    """Qwen2.5-0.5B's lm_head shape class (Q8_0, 896 inputs, many blocks of rows):
+    the argmax over thousands of per-block results, ties broken to the first index."""
+    tid = TYPES["Q8_0"][0]
+    n_in, n_out = 896, 151936 // 4
+    rng = rng_for("declm")
+    w = random_weights(rng, "Q8_0", n_out, n_in)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    y, arg = cu.dec_matvec(tid, w, n_in, n_out, x)
+    W = cpu_dequant("Q8_0", w, n_in * n_out).reshape(n_out, n_in).astype(np.float64)
+    assert rel_err(y, W @ x, np.abs(W) @ np.abs(x)) < 2e-5
+    assert arg == int(np.argmax(y))
+    # a tie: copy the winning row to an earlier and a later place; the first copy wins
+    rb = len(w) // n_out
+    rows = w.reshape(n_out, rb).copy()
+    win = int(np.argmax(y))
+    rows[3] = rows[win]
+    rows[n_out - 2] = rows[win]
+    y, arg = cu.dec_matvec(tid, rows.reshape(-1), n_in, n_out, x)
+    assert arg == min(win, 3)
+
+
 @pytest.mark.parametrize("tname", ALL_TYPES)
 def test_gemm_prompt_path(tname):
     """Dequantize to fp16 + cublasGemmEx (fp16 inputs, fp32 accumulate): error at

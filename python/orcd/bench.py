@@ -1,99 +1,202 @@
 """`orcd bench`: load time, prompt throughput (pp), decode throughput (tg),
-time to first token and peak memory, llama-bench style (pp512 / tg128).
+time to first token and peak memory, with llama-bench's conventions.
 
-Each repeat: a fresh context; the prompt of n_prompt random token ids is
-evaluated in one forward (pp = n_prompt / time); then n_gen tokens are
-decoded greedily one by one (tg = n_gen / decode time, prompt excluded).
-Time to first token = prompt time + one sampling step. Median and spread
-over --repeat runs after one warm-up run.
+- load: file -> engine ready. `load_s` is the first load of the process (for
+  CUDA it includes creating the GPU context); `load_warm_s` reloads the same
+  file twice more (context up, file in the page cache).
+- pp{P}: a prompt of P random token ids evaluated in one forward from an empty
+  context (llama-bench's pp512); tok/s = P / time. The time includes copying
+  the last token's logits to the host.
+- tg{N}: N tokens generated one at a time from an empty context, greedily
+  (llama-bench's tg128 decodes from position 0 and samples nothing); only the
+  decode steps are timed. With the CUDA engine the whole loop runs on the GPU
+  (`decode_greedy`: argmax on the device, only token ids reach the host);
+  engines without it use forward + NumPy argmax per token (`tg_method`).
+- tg{N}@pp{P}: the same N steps right after the P-token prompt (a realistic
+  generation: attention over P..P+N cached positions).
+- ttft: prompt evaluation + the first token's argmax, in ms.
+- memory: CUDA: the engine's own allocation (`vram_bytes`: weights, KV cache,
+  scratch) and the device memory the process took beyond that while running
+  (`vram_peak_bytes`: free memory before loading minus the least seen);
+  CPU: peak RSS.
+
+Every measurement is repeated --repeat times after one warm-up run of each
+kind; the JSON holds median, min, max, stdev and the values.
 """
 from __future__ import annotations
 
 import json
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
 
 
 def _stats(xs):
+    xs = [float(x) for x in xs]
+    if not xs:
+        return None
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
-            "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+            "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs), "values": xs}
 
 
 def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_engine(engine, n_vocab: int, n_prompt: int, n_gen: int, repeat: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    runs = []
-    for r in range(repeat + 1):  # run 0 is the warm-up
-        prompt = rng.integers(100, min(n_vocab, 150000), size=n_prompt, dtype=np.int32)
+class _Runner:
+    """The engine calls the benchmark needs, for the CUDA and the CPU engine."""
+
+    def __init__(self, engine, n_vocab: int, seed: int = 0):
+        self.e = engine
+        self.n_vocab = n_vocab
+        self.rng = np.random.default_rng(seed)
+        self.greedy = hasattr(engine, "decode_greedy")
+
+    def tokens(self, n: int) -> np.ndarray:
+        lo = 100 if self.n_vocab > 200 else 0
+        return self.rng.integers(lo, min(self.n_vocab, 150000), size=n, dtype=np.int32)
+
+    def prompt(self, toks: np.ndarray) -> tuple:
+        """(seconds, first token) for the prompt from position 0."""
         t0 = time.perf_counter()
-        logits = engine.forward(0, prompt, 0, False)
+        logits = self.e.forward(0, toks, 0, False)
         tok = int(np.argmax(logits))
-        t1 = time.perf_counter()
-        pos = n_prompt
-        for _ in range(n_gen):
-            logits = engine.forward(0, np.array([tok], np.int32), pos, False)
+        return time.perf_counter() - t0, tok
+
+    def generate(self, first: int, pos: int, n: int) -> float:
+        """Seconds for n greedy single-token steps starting at `pos`."""
+        if self.greedy:
+            t0 = time.perf_counter()
+            self.e.decode_greedy(0, first, pos, n)
+            return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tok = first
+        for i in range(n):
+            logits = self.e.forward(0, np.array([tok], np.int32), pos + i, False)
             tok = int(np.argmax(logits))
-            pos += 1
-        t2 = time.perf_counter()
-        if r > 0:
-            runs.append({"pp_s": t1 - t0, "tg_s": t2 - t1, "ttft_s": t1 - t0})
-    return {
-        f"pp{n_prompt}_tok_s": _stats([n_prompt / x["pp_s"] for x in runs]),
-        f"tg{n_gen}_tok_s": _stats([n_gen / x["tg_s"] for x in runs]) if n_gen else None,
-        "ttft_ms": _stats([1000 * x["ttft_s"] for x in runs]),
-    }
+        return time.perf_counter() - t0
+
+
+def bench_engine(engine, n_vocab: int, n_prompt: int, n_gen: int, repeat: int, seed: int = 0,
+                 on_step=None) -> dict:
+    """pp / tg / tg-after-pp / ttft statistics of one engine (see the module doc)."""
+    r = _Runner(engine, n_vocab, seed)
+    pp_s, ttft_s, tg_s, tga_s = [], [], [], []
+    for it in range(repeat + 1):  # run 0 is the warm-up
+        first = None
+        if n_prompt > 0:
+            dt, first = r.prompt(r.tokens(n_prompt))
+            if it:
+                pp_s.append(dt)
+                ttft_s.append(dt)
+            if n_gen > 0:
+                dt = r.generate(first, n_prompt, n_gen)
+                if it:
+                    tga_s.append(dt)
+        if n_gen > 0:
+            dt = r.generate(int(r.tokens(1)[0]), 0, n_gen)
+            if it:
+                tg_s.append(dt)
+        if on_step:
+            on_step()
+    out = {"tg_method": "decode_greedy" if r.greedy else "forward_loop"}
+    out[f"pp{n_prompt}_tok_s"] = _stats([n_prompt / x for x in pp_s]) if pp_s else None
+    out[f"tg{n_gen}_tok_s"] = _stats([n_gen / x for x in tg_s]) if tg_s else None
+    out[f"tg{n_gen}@pp{n_prompt}_tok_s"] = _stats([n_gen / x for x in tga_s]) if tga_s else None
+    out["ttft_ms"] = _stats([1000 * x for x in ttft_s]) if ttft_s else None
+    return out
+
+
+def _load(device: str, path: str, n_ctx: int, threads: int):
+    from . import _orcd
+
+    if device == "cuda":
+        from .backend import cuda_module
+        return cuda_module().CudaEngine(path, n_ctx, 1)
+    return _orcd.CpuEngine(path, n_ctx, 1, threads)
 
 
 def run(a) -> int:
-    from . import _orcd
-    from .backend import cuda_available, cuda_module
+    import os
+
+    from .backend import cuda_available
     from .default_model import default_model_path
 
     path = a.model or default_model_path()
     device = a.device
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
-    n_ctx = a.n_prompt + a.n_gen + 8
-    t0 = time.perf_counter()
+    n_prompt, n_gen, repeat = max(0, a.n_prompt), max(0, a.n_gen), max(1, a.repeat)
+    n_ctx = max(n_prompt, 1) + n_gen + 8
+
+    free_before = None
+    cu = None
     if device == "cuda":
-        engine = cuda_module().CudaEngine(path, n_ctx, 1)
-    else:
-        engine = _orcd.CpuEngine(path, n_ctx, 1, a.threads)
+        from .backend import cuda_module
+        cu = cuda_module()
+        free_before = cu.device_info()["free_memory"]  # creates the context first
+    t0 = time.perf_counter()
+    engine = _load(device, path, n_ctx, a.threads)
     load_s = time.perf_counter() - t0
     info = engine.info()
-    res = bench_engine(engine, info["n_vocab"], a.n_prompt, a.n_gen, a.repeat)
+    free_min = [None]
+
+    def sample_free():
+        if cu is not None:
+            f = cu.device_info()["free_memory"]
+            free_min[0] = f if free_min[0] is None else min(free_min[0], f)
+
+    sample_free()
+    res = bench_engine(engine, info["n_vocab"], n_prompt, n_gen, repeat, on_step=sample_free)
+
+    warm = []
+    engine.close()
+    for _ in range(2):
+        t0 = time.perf_counter()
+        e2 = _load(device, path, n_ctx, a.threads)
+        warm.append(time.perf_counter() - t0)
+        e2.close()
+
     out = {
         "model": path,
+        "model_bytes": os.path.getsize(path),
         "device": device,
         "threads": a.threads if device == "cpu" else None,
-        "n_prompt": a.n_prompt,
-        "n_gen": a.n_gen,
-        "repeat": a.repeat,
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "repeat": repeat,
+        "n_ctx": n_ctx,
         "load_s": load_s,
+        "load_warm_s": _stats(warm),
         **res,
     }
     if device == "cuda":
+        out["gpu"] = info.get("device_name") or info.get("device")
         out["vram_bytes"] = info.get("vram_bytes")
-        out["gpu"] = info.get("device_name")
+        out["vram_weights_bytes"] = info.get("vram_weights")
+        out["vram_peak_bytes"] = (free_before - free_min[0]) if free_min[0] is not None else None
+        out["paths"] = info.get("paths")
     else:
         out["peak_rss_bytes"] = _rss_peak_bytes()
     if a.json:
         print(json.dumps(out, indent=1))
+        return 0
+    print(f"model {path} on {device}" + (f" ({out['gpu']})" if out.get("gpu") else "") +
+          f": load {load_s:.3f} s (warm {out['load_warm_s']['median']:.3f} s)")
+    for k in (f"pp{n_prompt}_tok_s", f"tg{n_gen}_tok_s", f"tg{n_gen}@pp{n_prompt}_tok_s"):
+        s = out.get(k)
+        if s:
+            print(f"  {k:<22} {s['median']:>10.1f}  (min {s['min']:.1f}, max {s['max']:.1f}, n {s['n']})")
+    if out.get("ttft_ms"):
+        print(f"  {'ttft_ms':<22} {out['ttft_ms']['median']:>10.2f}")
+    if device == "cuda":
+        print(f"  {'vram (engine)':<22} {out['vram_bytes'] / 1e6:>10.1f} MB")
+        if out.get("vram_peak_bytes") is not None:
+            print(f"  {'vram (process peak)':<22} {out['vram_peak_bytes'] / 1e6:>10.1f} MB")
+        if out.get("paths"):
+            print(f"  paths: {out['paths']}")
     else:
-        print(f"model {path} on {device}: load {load_s:.3f} s")
-        for k in (f"pp{a.n_prompt}_tok_s", f"tg{a.n_gen}_tok_s"):
-            if out.get(k):
-                s = out[k]
-                print(f"  {k:<16} {s['median']:>10.1f}  (min {s['min']:.1f}, max {s['max']:.1f})")
-        print(f"  ttft_ms          {out['ttft_ms']['median']:>10.1f}")
-        mem = out.get("vram_bytes") or out.get("peak_rss_bytes")
-        if mem:
-            print(f"  {'vram' if device == 'cuda' else 'peak rss'}         {mem / 1e6:>10.1f} MB")
+        print(f"  {'peak rss':<22} {out['peak_rss_bytes'] / 1e6:>10.1f} MB")
     return 0

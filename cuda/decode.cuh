@@ -1,0 +1,156 @@
+// decode.cuh - the fused single-sequence decode step (decode_kernels.cu).
+//
+// One decode step of one sequence is 5 kernels per layer plus one for the
+// lm_head, all of fixed shape, reading the token, position and slot from a
+// device-side DecState so the whole step can be captured once into a CUDA
+// graph and replayed (cuda_engine.cu):
+//
+//   dec_qkv     x -> rmsnorm -> q, k, v rows (+bias) -> RoPE(q, k) -> q out, K/V into the fp16 cache
+//               (layer 0: x is the token's embedding row, written to the residual stream by block 0)
+//   dec_attn    split-K attention over the slot's cache; the last block to finish merges the splits
+//   dec_proj    RESID: x += att·Woᵀ          (no norm)
+//   dec_proj    GLU:   a = silu(h·Wgᵀ)·(h·Wuᵀ), h = rmsnorm(x)
+//   dec_proj    RESID: x += a·Wdᵀ
+//   dec_proj    LOGITS: logits = rmsnorm(x)·Woutᵀ, optional argmax: the last block writes the
+//               token into DecState (and out_tokens[step]) and advances pos and step.
+//
+// Every kernel first copies its own weight rows into shared memory with
+// cp.async (weights never change), then waits for the previous kernel
+// (griddepcontrol.wait: with programmatic dependent launch on Hopper the
+// copy overlaps the previous kernel), then prepares its activation vector in
+// shared memory: float32 (padded so a lane per 32-element chunk reads without
+// bank conflicts) and, for Q4_0/Q5_0/Q8_0/Q4_K/Q6_K weights, int8 codes per
+// 32-element chunk with a float scale d (llama.cpp's q8_1 idea) in two planes,
+// x ~ d*(q1 + q2/256), so those rows are dotted with __dp4a at the accuracy of
+// 16-bit codes (the CPU engine's activations). A warp computes one row, a lane
+// one 32-element chunk at a time. Other types go through deq8 in float32.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace orcd {
+namespace cu {
+
+constexpr int kDecThreads = 256;    // every decode kernel: 8 warps
+constexpr int kDecTK = 32;          // keys per attention tile
+constexpr int kDecMaxSplits = 32;   // attention blocks per KV head (upper bound; idle ones exit)
+constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
+
+// Device-side state of a decode step. The host writes token/pos/slot/step
+// before a run; the greedy lm_head advances it.
+struct DecState {
+    int32_t token, pos, slot, step;
+};
+// Completion counters of the "last block merges" kernels; zero between launches.
+struct DecSync {
+    unsigned attn, lm, pad0, pad1;
+};
+struct ArgPart {
+    float v;
+    int32_t i;
+};
+
+// A weight matrix on the device: n_out rows of n_in elements, as the file stores them.
+struct DTensor {
+    const uint8_t* w;
+    uint32_t type;
+    int n_in, n_out;
+    int row_bytes;
+};
+
+enum DecMode : int { DEC_RESID = 0, DEC_GLU = 1, DEC_LOGITS = 2 };
+
+struct DecQkvArgs {
+    DTensor w[3];             // q, k, v
+    const float* bias[3];     // may be null
+    const float* x;           // residual stream (n_embd floats), read unless embed
+    float* x_out;             // embed: block 0 writes the embedding row here
+    DTensor emb;              // embed: token_embd
+    int embed;
+    const float* norm_w;
+    float eps;
+    int n_embd;
+    int n_head, n_head_kv, head_dim;
+    double log2_base;
+    int S, parts;             // rows per half-head part, parts per head
+    const float2* rope;       // [n_ctx][head_dim/2] (cos, sin) of pos * base^(-2i/head_dim)
+    float* q_out;             // n_head*head_dim floats (roped, unscaled)
+    __half *kc, *vc;          // this layer's [pos][kv_dim] block of slot 0
+    size_t slot_stride;       // elements between slots
+    int kv_dim;
+    const DecState* st;
+    int need_q8;
+    int smem_w;               // bytes of staged weights (16-aligned)
+    int pdl_late;             // release the next kernel after the row dots (else at the start)
+};
+
+struct DecAttnArgs {
+    const float* q;
+    const __half *kc, *vc;    // this layer's block of slot 0
+    size_t slot_stride;
+    int kv_dim;
+    int n_head, n_head_kv, head_dim;
+    float scale;
+    int max_splits;
+    float* part_o;            // [n_head][max_splits][head_dim]
+    float2* part_ml;          // [n_head][max_splits]
+    float* out;               // n_head*head_dim
+    unsigned* counter;
+    const DecState* st;
+    int pdl_late;
+};
+
+struct DecProjArgs {
+    DTensor w[2];
+    int n_tensors;            // 2 for GLU (gate, up)
+    int rows_per_block;
+    const float* act;         // input vector, n_in floats
+    const float* norm_w;      // rmsnorm of act first when non-null
+    float eps;
+    int need_q8;
+    int mode;                 // DecMode
+    float* y;                 // RESID: y[r] += dot; GLU: y[r] = silu(g)*u; LOGITS: logits (may be null)
+    int argmax;               // LOGITS: argmax of the row dots
+    ArgPart* part;            // one per block
+    unsigned* counter;
+    DecState* st;             // argmax: token (and advance)
+    int32_t* out_tokens;      // advance: out_tokens[step] = token
+    int advance;              // advance pos and step after the argmax
+    int smem_w;
+    int pdl_late;
+};
+
+constexpr int kDecXfStride = 36;  // floats per 32-element chunk of the float activations (4 of padding)
+constexpr int kDecXqStride = 80;  // bytes per chunk of the two int8 code planes (16 of padding)
+
+__host__ __device__ inline size_t dec_align16(size_t n) { return (n + 15) & ~size_t(15); }
+// Shared-memory bytes of the activation area for a vector of n floats (n % 32 == 0).
+__host__ __device__ inline size_t dec_act_bytes(int n) {
+    const size_t nch = size_t(n) / 32;
+    return dec_align16(nch * kDecXfStride * 4) + dec_align16(nch * kDecXqStride) + 2 * dec_align16(nch * 4) +
+           dec_align16(size_t(kDecThreads / 32) * 4);
+}
+
+// True when `type` rows are dotted with int8 activations (dp4a).
+bool dec_int8_type(uint32_t type);
+// Bytes to stage `rows` rows of a tensor (worst-case alignment slack included).
+size_t dec_stage_bytes(int rows, int row_bytes);
+// Opt the decode kernels in to `bytes` of dynamic shared memory (once per device).
+void dec_set_smem_limit(size_t bytes);
+
+// Launchers: stream-ordered, no host sync; `pdl` launches with programmatic
+// stream serialization (the kernels call griddepcontrol.wait before reading
+// anything an earlier kernel wrote).
+void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what);
+void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what);
+void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what);
+size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim);
+inline int dec_proj_blocks(const DecProjArgs& a) {
+    return (a.w[0].n_out + a.rows_per_block - 1) / a.rows_per_block;
+}
+
+}  // namespace cu
+}  // namespace orcd

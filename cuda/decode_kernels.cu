@@ -1,0 +1,948 @@
+// decode_kernels.cu - the fused decode step of decode.cuh.
+//
+// Shared-memory layout of dec_qkv / dec_proj (dynamic, 16-byte aligned):
+//   [0, smem_w)             staged weight rows (one or two ranges, each 16-aligned)
+//   activation area          xf: float32, chunk c of 32 at c*36 floats (4 floats of padding:
+//                                a lane per chunk reads float4s without bank conflicts)
+//                            xq: two int8 code planes (q1, q2), chunk c at c*80 bytes
+//                                (q1 at +0, q2 at +32, 16 bytes of padding)
+//                            xd: float scale per chunk, xs: float sum of the chunk's x
+//   (dec_qkv) 2*S floats of row dots for the RoPE epilogue
+//
+// Row dots: a warp per row, lane l takes chunks l, l+32, ...; for the int8
+// types the chunk's dot is exact integer arithmetic (two dp4a sums, one per
+// code plane: x ~ d*(q1 + q2/256)) times the weight and activation scales,
+// float32 for the others. The warp sum uses xor shuffles
+// so every lane holds the result.
+#include <algorithm>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "cuda_common.cuh"
+#include "decode.cuh"
+#include "ggml_types.h"
+#include "kernels.cuh"
+#include "quant_common.cuh"
+
+namespace orcd {
+namespace cu {
+namespace {
+
+constexpr int NT = kDecThreads;
+constexpr int NW = NT / 32;
+constexpr int XF_STRIDE = kDecXfStride;
+constexpr int XQ_STRIDE = kDecXqStride;
+
+// ---------------------------------------------------------------- Hopper / Ampere helpers
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const size_t g = __cvta_generic_to_global(gmem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
+#else
+    *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+// Block sum over NT threads; every thread gets it. `buf` holds NW floats.
+__device__ __forceinline__ float block_sum(float v, float* buf) {
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // buf may still be read by an earlier call
+    if (lane == 0) buf[w] = v;
+    __syncthreads();
+    float r = 0.f;
+#pragma unroll
+    for (int i = 0; i < NW; ++i) r += buf[i];
+    return r;
+}
+
+__host__ __device__ __forceinline__ size_t align16(size_t n) { return dec_align16(n); }
+
+// ---------------------------------------------------------------- staging weight rows
+// Rows [r0, r1) of w are contiguous bytes; copy them (widened to 16-byte
+// boundaries: tensors start 256-aligned and their allocations are padded to
+// 256, so the widened range stays inside) into dst. Returns the offset of row
+// r0 inside dst and the bytes used (16-aligned) in *used.
+__device__ __forceinline__ int stage_rows(uint8_t* dst, const DTensor& w, int r0, int r1, int* used) {
+    const size_t a = size_t(r0) * size_t(w.row_bytes), b = size_t(r1) * size_t(w.row_bytes);
+    const size_t A = a & ~size_t(15), B = (b + 15) & ~size_t(15);
+    const uint8_t* src = w.w + A;
+    const int n = int(B - A);
+    for (int i = threadIdx.x * 16; i < n; i += NT * 16) cp_async16(dst + i, src + i);
+    *used = n;
+    return int(a - A);
+}
+
+// ---------------------------------------------------------------- activations
+struct Act {
+    float* xf;
+    int8_t* xq;
+    float* xd;   // chunk scale d = max|x| / 127
+    float* xs;   // chunk sum of x (float), for the min terms of Q4_K
+    float* red;  // NW floats
+};
+
+__device__ __forceinline__ Act carve_act(uint8_t* p, int n) {
+    const int nch = n / 32;
+    Act a;
+    a.xf = reinterpret_cast<float*>(p);
+    p += align16(size_t(nch) * XF_STRIDE * 4);
+    a.xq = reinterpret_cast<int8_t*>(p);
+    p += align16(size_t(nch) * XQ_STRIDE);
+    a.xd = reinterpret_cast<float*>(p);
+    p += align16(size_t(nch) * 4);
+    a.xs = reinterpret_cast<float*>(p);
+    p += align16(size_t(nch) * 4);
+    a.red = reinterpret_cast<float*>(p);
+    return a;
+}
+__device__ __forceinline__ int xf_idx(int e) { return (e >> 5) * XF_STRIDE + (e & 31); }
+
+// xf holds the raw vector. Thread per 32-element chunk: the rmsnorm (when
+// norm_w; the block's sum of squares first), written back to xf, and the two
+// int8 code planes (when need_q8): with id = 127/max|x| and d = max|x|/127,
+// q1 = rint(x*id), q2 = rint((x - q1*d)*id*256) clamped to +-127, so
+// x ~ d*(q1 + q2/256) (no FMA contraction: the tests mirror it in NumPy).
+// Ends with a barrier.
+__device__ void finish_act(const Act& a, int n, const float* __restrict__ norm_w, float eps, int need_q8,
+                           float ss_part) {
+    float scale = 1.f;
+    if (norm_w) {
+        const float ss = block_sum(ss_part, a.red);  // its barriers also publish xf
+        scale = 1.0f / sqrtf(ss / float(n) + eps);
+    } else {
+        __syncthreads();
+        if (!need_q8) return;
+    }
+    const int nch = n / 32;
+    for (int c = threadIdx.x; c < nch; c += NT) {
+        float4* x4 = reinterpret_cast<float4*>(a.xf + c * XF_STRIDE);
+        float amax = 0.f, sum = 0.f;
+        const float4* w4 = reinterpret_cast<const float4*>(norm_w ? norm_w + c * 32 : nullptr);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            float4 q = x4[i];
+            if (norm_w) {
+                const float4 w = __ldg(w4 + i);
+                q = make_float4((q.x * scale) * w.x, (q.y * scale) * w.y, (q.z * scale) * w.z, (q.w * scale) * w.w);
+                x4[i] = q;
+            }
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(q.x), fabsf(q.y)), fmaxf(fabsf(q.z), fabsf(q.w))));
+            sum += q.x + q.y + q.z + q.w;
+        }
+        if (!need_q8) continue;
+        const float d = amax / 127.0f;
+        const float id = amax > 0.f ? 127.0f / amax : 0.f;
+        uint32_t w1[8], w2[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const float4 q = x4[k];
+            const float xs4[4] = {q.x, q.y, q.z, q.w};
+            w1[k] = 0u;
+            w2[k] = 0u;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float x = xs4[j];
+                const int q1 = __float2int_rn(__fmul_rn(x, id));
+                const float r = __fsub_rn(x, __fmul_rn(float(q1), d));
+                const int q2 = min(127, max(-127, __float2int_rn(__fmul_rn(__fmul_rn(r, id), 256.0f))));
+                w1[k] |= (uint32_t(q1) & 0xFFu) << (8 * j);
+                w2[k] |= (uint32_t(q2) & 0xFFu) << (8 * j);
+            }
+        }
+        int4* q = reinterpret_cast<int4*>(a.xq + c * XQ_STRIDE);
+        q[0] = make_int4(int(w1[0]), int(w1[1]), int(w1[2]), int(w1[3]));
+        q[1] = make_int4(int(w1[4]), int(w1[5]), int(w1[6]), int(w1[7]));
+        q[2] = make_int4(int(w2[0]), int(w2[1]), int(w2[2]), int(w2[3]));
+        q[3] = make_int4(int(w2[4]), int(w2[5]), int(w2[6]), int(w2[7]));
+        a.xd[c] = d;
+        a.xs[c] = sum;
+    }
+    __syncthreads();
+}
+
+// Raw vector of n floats (n % 32 == 0, src 16-byte aligned) from global memory,
+// written by an earlier kernel (read through L2): up to 8 float4 loads per
+// thread in flight before the first use. Returns the thread's sum of squares.
+__device__ __forceinline__ float load_act(const Act& a, const float* __restrict__ src, int n) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    const int n4 = n / 4;
+    float ss = 0.f;
+    for (int base = 0; base < n4; base += NT * 8) {
+        float4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int i = base + threadIdx.x + k * NT;
+            if (i < n4) v[k] = __ldcg(s4 + i);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int i = base + threadIdx.x + k * NT;
+            if (i < n4) {
+                const int e = 4 * i;
+                *reinterpret_cast<float4*>(a.xf + (e >> 5) * XF_STRIDE + (e & 31)) = v[k];
+                ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+            }
+        }
+    }
+    return ss;
+}
+
+// ---------------------------------------------------------------- chunk dots
+__device__ __forceinline__ uint32_t u16x2(const uint16_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 16); }
+__device__ __forceinline__ float ldh_s(const uint8_t* p) { return __half2float(*reinterpret_cast<const __half*>(p)); }
+
+// The two int8 code planes of activation chunk c (elements 4k..4k+3 in word k).
+struct Codes {
+    int q1[8], q2[8];
+};
+__device__ __forceinline__ Codes load_codes(const Act& a, int c) {
+    const int4* p = reinterpret_cast<const int4*>(a.xq + c * XQ_STRIDE);
+    const int4 v0 = p[0], v1 = p[1], v2 = p[2], v3 = p[3];
+    Codes r;
+    r.q1[0] = v0.x; r.q1[1] = v0.y; r.q1[2] = v0.z; r.q1[3] = v0.w;
+    r.q1[4] = v1.x; r.q1[5] = v1.y; r.q1[6] = v1.z; r.q1[7] = v1.w;
+    r.q2[0] = v2.x; r.q2[1] = v2.y; r.q2[2] = v2.z; r.q2[3] = v2.w;
+    r.q2[4] = v3.x; r.q2[5] = v3.y; r.q2[6] = v3.z; r.q2[7] = v3.w;
+    return r;
+}
+// sum over words k0..k1-1 of w·(q1 + q2/256): the weights' int8 values times the
+// activation codes, exact in integers, in units of the chunk's scale d.
+template <int K0, int K1>
+__device__ __forceinline__ float dot_codes(const uint32_t (&w)[8], const Codes& x) {
+    int s1 = 0, s2 = 0;
+#pragma unroll
+    for (int k = K0; k < K1; ++k) {
+        s1 = __dp4a(int(w[k]), x.q1[k], s1);
+        s2 = __dp4a(int(w[k]), x.q2[k], s2);
+    }
+    return float(s1) + float(s2) * (1.0f / 256.0f);
+}
+
+// 32 elements of chunk c of row rp (in shared memory, 2-byte aligned) · the
+// activation chunk c.
+template <uint32_t T>
+__device__ __forceinline__ float chunk_dot(const uint8_t* rp, int c, int n_in, const Act& a) {
+    if constexpr (T == T_Q8_0) {
+        const uint8_t* b = rp + size_t(c) * 34;
+        const uint16_t* q = reinterpret_cast<const uint16_t*>(b + 2);
+        uint32_t w[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) w[k] = u16x2(q + 2 * k);
+        return ldh_s(b) * a.xd[c] * dot_codes<0, 8>(w, load_codes(a, c));
+    } else if constexpr (T == T_Q4_0 || T == T_Q5_0) {
+        constexpr bool five = T == T_Q5_0;
+        const uint8_t* b = rp + size_t(c) * (five ? 22 : 18);
+        const uint16_t* q = reinterpret_cast<const uint16_t*>(b + (five ? 6 : 2));
+        uint32_t qh = 0;
+        if constexpr (five) qh = u16x2(reinterpret_cast<const uint16_t*>(b + 2));
+        uint32_t w[8];  // words 0..3: elements 0..15 (low nibbles), 4..7: elements 16..31 (high nibbles)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const uint32_t v = u16x2(q + 2 * k);
+            uint32_t lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
+            if constexpr (five) {
+                const uint32_t h0 = qh >> (4 * k), h1 = qh >> (16 + 4 * k);
+                lo |= ((h0 & 1u) << 4) | ((h0 & 2u) << 11) | ((h0 & 4u) << 18) | ((h0 & 8u) << 25);
+                hi |= ((h1 & 1u) << 4) | ((h1 & 2u) << 11) | ((h1 & 4u) << 18) | ((h1 & 8u) << 25);
+                w[k] = __vsub4(lo, 0x10101010u);
+                w[4 + k] = __vsub4(hi, 0x10101010u);
+            } else {
+                w[k] = __vsub4(lo, 0x08080808u);
+                w[4 + k] = __vsub4(hi, 0x08080808u);
+            }
+        }
+        return ldh_s(b) * a.xd[c] * dot_codes<0, 8>(w, load_codes(a, c));
+    } else if constexpr (T == T_Q4_K) {
+        // value = d*sc*q - dmin*mn with q in 0..15: the min term uses the chunk's float sum
+        const uint8_t* b = rp + size_t(c >> 3) * 144;
+        const int sub = c & 7, g = sub >> 1, hi = sub & 1;
+        const uint8_t* sc6 = b + 4;
+        int sc, mn;
+        if (sub < 4) {
+            sc = sc6[sub] & 0x3F;
+            mn = sc6[sub + 4] & 0x3F;
+        } else {
+            sc = (sc6[sub + 4] & 0x0F) | ((sc6[sub - 4] >> 6) << 4);
+            mn = (sc6[sub + 4] >> 4) | ((sc6[sub] >> 6) << 4);
+        }
+        const uint16_t* q = reinterpret_cast<const uint16_t*>(b + 16 + 32 * g);
+        uint32_t w[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) w[k] = (u16x2(q + 2 * k) >> (4 * hi)) & 0x0F0F0F0Fu;
+        const float d = ldh_s(b) * float(sc), m = ldh_s(b + 2) * float(mn);
+        return d * a.xd[c] * dot_codes<0, 8>(w, load_codes(a, c)) - m * a.xs[c];
+    } else if constexpr (T == T_Q6_K) {
+        const uint8_t* b = rp + size_t(c >> 3) * 210;
+        const int j = c & 7, h = j >> 2, k = j & 3;
+        const uint16_t* ql = reinterpret_cast<const uint16_t*>(b + 64 * h + 32 * (k & 1));
+        const uint16_t* qh = reinterpret_cast<const uint16_t*>(b + 128 + 32 * h);
+        const int shift = 4 * (k >> 1);
+        const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+        uint32_t w[8];
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+            uint32_t v = (u16x2(ql + 2 * m) >> shift) & 0x0F0F0F0Fu;
+            v |= ((u16x2(qh + 2 * m) >> (2 * k)) & 0x03030303u) << 4;
+            w[m] = __vsub4(v, 0x20202020u);
+        }
+        const Codes x = load_codes(a, c);
+        const float sc0 = float(scales[8 * h + 2 * k]), sc1 = float(scales[8 * h + 2 * k + 1]);
+        return ldh_s(b + 208) * a.xd[c] * (sc0 * dot_codes<0, 4>(w, x) + sc1 * dot_codes<4, 8>(w, x));
+    } else if constexpr (T == T_F16) {
+        const uint4* p = reinterpret_cast<const uint4*>(rp + size_t(c) * 64);
+        const float* x = a.xf + c * XF_STRIDE;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const uint4 raw = p[i];
+            const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+            const float4 xa = *reinterpret_cast<const float4*>(x + 8 * i);
+            const float4 xb = *reinterpret_cast<const float4*>(x + 8 * i + 4);
+            const float2 f0 = __half22float2(h2[0]), f1 = __half22float2(h2[1]);
+            const float2 f2 = __half22float2(h2[2]), f3 = __half22float2(h2[3]);
+            s += f0.x * xa.x + f0.y * xa.y + f1.x * xa.z + f1.y * xa.w + f2.x * xb.x + f2.y * xb.y + f3.x * xb.z +
+                 f3.y * xb.w;
+        }
+        return s;
+    } else {  // any other type through deq8, float32
+        const float* x = a.xf + c * XF_STRIDE;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float w[8];
+            deq8<T>(rp, int64_t(c) * 4 + i, n_in, w);
+            const float4 xa = *reinterpret_cast<const float4*>(x + 8 * i);
+            const float4 xb = *reinterpret_cast<const float4*>(x + 8 * i + 4);
+            s += w[0] * xa.x + w[1] * xa.y + w[2] * xa.z + w[3] * xa.w + w[4] * xb.x + w[5] * xb.y + w[6] * xb.z +
+                 w[7] * xb.w;
+        }
+        return s;
+    }
+}
+
+template <uint32_t T>
+__device__ __forceinline__ float row_dot_t(const uint8_t* rp, int n_in, const Act& a) {
+    const int lane = threadIdx.x % 32, nch = n_in / 32;
+    float acc = 0.f;
+    for (int c = lane; c < nch; c += 32) acc += chunk_dot<T>(rp, c, n_in, a);
+    return warp_sum(acc);
+}
+// Two rows of the same type at once (their shuffles interleave).
+template <uint32_t T>
+__device__ __forceinline__ float2 row_dot2_t(const uint8_t* rp0, const uint8_t* rp1, int n_in, const Act& a) {
+    const int lane = threadIdx.x % 32, nch = n_in / 32;
+    float a0 = 0.f, a1 = 0.f;
+    for (int c = lane; c < nch; c += 32) {
+        a0 += chunk_dot<T>(rp0, c, n_in, a);
+        a1 += chunk_dot<T>(rp1, c, n_in, a);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        a0 += __shfl_xor_sync(0xffffffffu, a0, off);
+        a1 += __shfl_xor_sync(0xffffffffu, a1, off);
+    }
+    return make_float2(a0, a1);
+}
+
+#define ORCD_DEC_TYPES(X) \
+    X(T_F32) X(T_F16) X(T_BF16) X(T_Q4_0) X(T_Q4_1) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) \
+    X(T_Q5_K) X(T_Q6_K)
+
+__device__ float row_dot(uint32_t type, const uint8_t* rp, int n_in, const Act& a) {
+    switch (type) {
+#define ORCD_RD(T) \
+    case T: return row_dot_t<T>(rp, n_in, a);
+        ORCD_DEC_TYPES(ORCD_RD)
+#undef ORCD_RD
+    default: return __int_as_float(0x7fc00000);  // unreachable: the host checks the types
+    }
+}
+__device__ float2 row_dot2(uint32_t type, const uint8_t* rp0, const uint8_t* rp1, int n_in, const Act& a) {
+    switch (type) {
+#define ORCD_RD2(T) \
+    case T: return row_dot2_t<T>(rp0, rp1, n_in, a);
+        ORCD_DEC_TYPES(ORCD_RD2)
+#undef ORCD_RD2
+    default: return make_float2(__int_as_float(0x7fc00000), __int_as_float(0x7fc00000));
+    }
+}
+
+// The 8 elements 8u..8u+7 of a (global) row of any type.
+__device__ void deq8_any(uint32_t type, const uint8_t* row, int64_t u, int64_t n, float (&o)[8]) {
+    switch (type) {
+    case T_F32: deq8<T_F32>(row, u, n, o); break;
+    case T_F16: deq8<T_F16>(row, u, n, o); break;
+    case T_BF16: deq8<T_BF16>(row, u, n, o); break;
+    case T_Q4_0: deq8<T_Q4_0>(row, u, n, o); break;
+    case T_Q4_1: deq8<T_Q4_1>(row, u, n, o); break;
+    case T_Q5_0: deq8<T_Q5_0>(row, u, n, o); break;
+    case T_Q5_1: deq8<T_Q5_1>(row, u, n, o); break;
+    case T_Q8_0: deq8<T_Q8_0>(row, u, n, o); break;
+    case T_Q2_K: deq8<T_Q2_K>(row, u, n, o); break;
+    case T_Q3_K: deq8<T_Q3_K>(row, u, n, o); break;
+    case T_Q4_K: deq8<T_Q4_K>(row, u, n, o); break;
+    case T_Q5_K: deq8<T_Q5_K>(row, u, n, o); break;
+    case T_Q6_K: deq8<T_Q6_K>(row, u, n, o); break;
+    default:
+        for (int i = 0; i < 8; ++i) o[i] = __int_as_float(0x7fc00000);
+    }
+}
+
+__device__ __forceinline__ bool arg_better(float v, int i, float bv, int bi) {
+    return v > bv || (v == bv && i < bi);
+}
+
+// ---------------------------------------------------------------- dec_qkv
+__global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int hd = p.head_dim, half = hd / 2;
+    const int hb = blockIdx.x / p.parts, part = blockIdx.x % p.parts;
+    int tt, hl;
+    if (hb < p.n_head) {
+        tt = 0;
+        hl = hb;
+    } else if (hb < p.n_head + p.n_head_kv) {
+        tt = 1;
+        hl = hb - p.n_head;
+    } else {
+        tt = 2;
+        hl = hb - p.n_head - p.n_head_kv;
+    }
+    const DTensor w = tt == 0 ? p.w[0] : (tt == 1 ? p.w[1] : p.w[2]);
+    const float* bias = tt == 0 ? p.bias[0] : (tt == 1 ? p.bias[1] : p.bias[2]);
+    const int i0 = part * p.S;
+    const int n = min(p.S, half - i0);
+    const int lo0 = hl * hd + i0, hi0 = lo0 + half;
+
+    int used0, used1;
+    const int off0 = stage_rows(smem, w, lo0, lo0 + n, &used0);
+    uint8_t* base1 = smem + used0;
+    const int off1 = stage_rows(base1, w, hi0, hi0 + n, &used1);
+    cp_async_commit();
+    if (!p.pdl_late) pdl_trigger();
+    pdl_wait();
+
+    Act a = carve_act(smem + p.smem_w, p.n_embd);
+    float* dots = reinterpret_cast<float*>(smem + p.smem_w + dec_act_bytes(p.n_embd));
+    float ss = 0.f;
+    if (p.embed) {
+        const uint8_t* row = p.emb.w + size_t(p.st->token) * size_t(p.emb.row_bytes);
+        const int units = p.n_embd / 8;
+        for (int u = threadIdx.x; u < units; u += NT) {
+            float v[8];
+            deq8_any(p.emb.type, row, u, p.n_embd, v);
+            const int e0 = u * 8;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                a.xf[xf_idx(e0 + i)] = v[i];
+                ss += v[i] * v[i];
+            }
+            if (blockIdx.x == 0) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) p.x_out[e0 + i] = v[i];
+            }
+        }
+    } else {
+        ss = load_act(a, p.x, p.n_embd);
+    }
+    finish_act(a, p.n_embd, p.norm_w, p.eps, p.need_q8, ss);
+    cp_async_wait_all();
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int j = warp; j < n; j += NW) {  // rows lo0+j and hi0+j together
+        const float2 dt =
+            row_dot2(w.type, smem + off0 + size_t(j) * w.row_bytes, base1 + off1 + size_t(j) * w.row_bytes, p.n_embd, a);
+        if (lane == 0) {
+            dots[j] = dt.x;
+            dots[n + j] = dt.y;
+        }
+    }
+    __syncthreads();
+    if (p.pdl_late) pdl_trigger();
+    if (threadIdx.x < n) {
+        const int j = threadIdx.x, i = i0 + j;
+        float x0 = dots[j], x1 = dots[n + j];
+        if (bias) {
+            x0 += bias[lo0 + j];
+            x1 += bias[hi0 + j];
+        }
+        const int pos = p.st->pos, slot = p.st->slot;
+        if (tt < 2) {  // NEOX RoPE with the engine's table: (cos, sin) of pos * base^(-2i/hd), from double
+            const float2 cs = p.rope[size_t(pos) * half + i];
+            const float y0 = x0 * cs.x - x1 * cs.y;
+            const float y1 = x0 * cs.y + x1 * cs.x;
+            x0 = y0;
+            x1 = y1;
+        }
+        if (tt == 0) {
+            p.q_out[hl * hd + i] = x0;
+            p.q_out[hl * hd + i + half] = x1;
+        } else {
+            __half* dst = (tt == 1 ? p.kc : p.vc) + size_t(slot) * p.slot_stride + size_t(pos) * p.kv_dim + hl * hd;
+            dst[i] = __float2half_rn(x0);
+            dst[i + half] = __float2half_rn(x1);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dec_attn
+// Block (split s, KV head kvh): the G = n_head/n_head_kv query heads of kvh
+// over keys [s*S, min((s+1)*S, kv_len)), S chosen from kv_len so at most
+// max_splits blocks per KV head have work. Tiles of kDecTK keys: the tile's K
+// and V rows are copied to shared memory (cp.async, rows padded by 16 bytes
+// against bank conflicts), then thread per (head, key) score, a warp per head
+// for the online softmax, thread per (head, dim) output. The last block to
+// finish merges all splits of all heads.
+__host__ __device__ inline int dec_attn_row_stride(int hd) { return hd * 2 + 16; }
+
+__global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
+    extern __shared__ __align__(16) uint8_t asmem[];
+    __shared__ int is_last;
+    constexpr int TK = kDecTK;
+    const int G = p.n_head / p.n_head_kv, hd = p.head_dim, GH = G * hd;
+    const int rs = dec_attn_row_stride(hd);
+    float* qs = reinterpret_cast<float*>(asmem);  // GH
+    float* sc = qs + GH;                          // G*TK
+    float* mrun = sc + G * TK;                    // G
+    float* lrun = mrun + G;                       // G
+    float* corr = lrun + G;                       // G
+    uint8_t* ks = asmem + align16(size_t(GH + G * TK + 3 * G) * 4);  // TK rows
+    uint8_t* vs = ks + TK * rs;                                       // TK rows
+    if (!p.pdl_late) pdl_trigger();
+    pdl_wait();
+    const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
+    const int warp = t / 32, lane = t % 32;
+    const int kv_len = p.st->pos + 1, slot = p.st->slot;
+    int n_act = min(p.max_splits, (kv_len + TK - 1) / TK);
+    const int S = ((kv_len + n_act - 1) / n_act + TK - 1) / TK * TK;
+    n_act = (kv_len + S - 1) / S;
+    const int start = s * S, end = min(start + S, kv_len);
+    const bool vec = (hd & 7) == 0;
+
+    if (start < end) {
+        const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
+        const __half* K = p.kc + base;
+        const __half* V = p.vc + base;
+#pragma unroll
+        for (int k = 0; k < kDecMaxGroupDim / NT; ++k) {
+            const int i = t + k * NT;
+            if (i < GH) qs[i] = __ldcg(p.q + size_t(kvh) * GH + i) * p.scale;
+        }
+        if (t < G) {
+            mrun[t] = -INFINITY;
+            lrun[t] = 0.f;
+        }
+        float acc[kDecMaxGroupDim / NT];
+#pragma unroll
+        for (int k = 0; k < kDecMaxGroupDim / NT; ++k) acc[k] = 0.f;
+        for (int tile = start; tile < end; tile += TK) {
+            const int n = min(TK, end - tile);
+            __syncthreads();  // qs/m/l ready; the previous tile's K/V/sc consumed
+            if (vec) {
+                const int pieces = hd / 8;  // 16-byte pieces per row
+                for (int idx = t; idx < 2 * n * pieces; idx += NT) {
+                    const int kv = idx / (n * pieces), r = idx % (n * pieces);
+                    const int j = r / pieces, k = r % pieces;
+                    const __half* src = (kv ? V : K) + size_t(tile + j) * p.kv_dim + 8 * k;
+                    cp_async16((kv ? vs : ks) + j * rs + 16 * k, src);
+                }
+                cp_async_commit();
+                cp_async_wait_all();
+            } else {
+                for (int idx = t; idx < 2 * n * hd; idx += NT) {
+                    const int kv = idx / (n * hd), r = idx % (n * hd);
+                    const int j = r / hd, d = r % hd;
+                    reinterpret_cast<__half*>((kv ? vs : ks) + j * rs)[d] =
+                        (kv ? V : K)[size_t(tile + j) * p.kv_dim + d];
+                }
+            }
+            __syncthreads();
+            for (int pi = t; pi < G * TK; pi += NT) {
+                const int g = pi / TK, j = pi % TK;
+                float dot = -INFINITY;
+                if (j < n) {
+                    const uint8_t* kr = ks + j * rs;
+                    const float* qg = qs + g * hd;
+                    dot = 0.f;
+                    if (vec) {
+                        for (int d = 0; d < hd; d += 8) {
+                            const uint4 raw = *reinterpret_cast<const uint4*>(kr + 2 * d);
+                            const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const float2 f = __half22float2(h2[e]);
+                                dot += qg[d + 2 * e] * f.x + qg[d + 2 * e + 1] * f.y;
+                            }
+                        }
+                    } else {
+                        const __half2* k2 = reinterpret_cast<const __half2*>(kr);
+                        for (int d = 0; d < hd / 2; ++d) {
+                            const float2 f = __half22float2(k2[d]);
+                            dot += qg[2 * d] * f.x + qg[2 * d + 1] * f.y;
+                        }
+                    }
+                }
+                sc[g * TK + j] = dot;
+            }
+            __syncthreads();
+            for (int g = warp; g < G; g += NW) {
+                const float v = sc[g * TK + lane];
+                const float m_old = mrun[g];
+                const float m_new = fmaxf(m_old, warp_max(v));
+                const float pr = lane < n ? expf(v - m_new) : 0.f;
+                sc[g * TK + lane] = pr;
+                const float ts = warp_sum(pr);
+                if (lane == 0) {
+                    const float c = expf(m_old - m_new);  // 0 on the first tile
+                    corr[g] = c;
+                    lrun[g] = lrun[g] * c + ts;
+                    mrun[g] = m_new;
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int k = 0; k < kDecMaxGroupDim / NT; ++k) {
+                const int o = t + k * NT;
+                if (o < GH) {
+                    const int g = o / hd, d = o % hd;
+                    float v = acc[k] * corr[g];
+                    const float* pg = sc + g * TK;
+                    const __half* vcol = reinterpret_cast<const __half*>(vs) + d;
+                    for (int j = 0; j < n; ++j) v += pg[j] * __half2float(vcol[j * (rs / 2)]);
+                    acc[k] = v;
+                }
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < kDecMaxGroupDim / NT; ++k) {
+            const int o = t + k * NT;
+            if (o < GH) {
+                const int g = o / hd, d = o % hd;
+                const int h = kvh * G + g;
+                p.part_o[(size_t(h) * p.max_splits + s) * hd + d] = acc[k];
+            }
+        }
+        if (t < G) p.part_ml[size_t(kvh * G + t) * p.max_splits + s] = make_float2(mrun[t], lrun[t]);
+    }
+    if (p.pdl_late) pdl_trigger();
+
+    // the last block to arrive merges the splits
+    __threadfence();
+    __syncthreads();
+    if (t == 0) {
+        const unsigned total = gridDim.x * gridDim.y;
+        is_last = atomicAdd(p.counter, 1u) == total - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    // per (head, split) weights exp(m_s - M) / L into shared memory, then the outputs
+    float* wgt = reinterpret_cast<float*>(asmem);  // n_head * n_act (reuses the block's shared memory)
+    float2* mls = reinterpret_cast<float2*>(wgt + p.n_head * p.max_splits);
+    const int nml = p.n_head * n_act;
+    for (int i = t; i < nml; i += NT) {
+        const int h = i / n_act, sp = i % n_act;
+        mls[i] = __ldcg(p.part_ml + size_t(h) * p.max_splits + sp);
+    }
+    __syncthreads();
+    for (int h = t; h < p.n_head; h += NT) {
+        float M = -INFINITY;
+        for (int sp = 0; sp < n_act; ++sp) M = fmaxf(M, mls[h * n_act + sp].x);
+        float L = 0.f;
+        for (int sp = 0; sp < n_act; ++sp) {
+            const float w = expf(mls[h * n_act + sp].x - M);
+            wgt[h * n_act + sp] = w;
+            L += w * mls[h * n_act + sp].y;
+        }
+        const float inv = 1.0f / L;
+        for (int sp = 0; sp < n_act; ++sp) wgt[h * n_act + sp] *= inv;
+    }
+    __syncthreads();
+    const int nh_d = p.n_head * hd;
+    for (int o = t; o < nh_d; o += NT) {
+        const int h = o / hd, d = o % hd;
+        const float* po = p.part_o + size_t(h) * p.max_splits * hd + d;
+        float acc = 0.f;
+        for (int s0 = 0; s0 < n_act; s0 += 8) {
+            float v[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = s0 + k < n_act ? __ldcg(po + size_t(s0 + k) * hd) : 0.f;
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (s0 + k < n_act) acc += wgt[h * n_act + s0 + k] * v[k];
+        }
+        p.out[o] = acc;
+    }
+    if (t == 0) *p.counter = 0u;
+}
+
+// ---------------------------------------------------------------- dec_proj
+__global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ float bv[NW];
+    __shared__ int bi[NW];
+    __shared__ int is_last;
+    const int n_out = p.w[0].n_out, n_in = p.w[0].n_in;
+    const int r0 = blockIdx.x * p.rows_per_block;
+    const int r1 = min(r0 + p.rows_per_block, n_out);
+    const bool two = p.n_tensors > 1;
+
+    int used0, used1 = 0;
+    const int off0 = stage_rows(smem, p.w[0], r0, r1, &used0);
+    uint8_t* base1 = smem + used0;
+    int off1 = 0;
+    if (two) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
+    cp_async_commit();
+    if (!p.pdl_late) pdl_trigger();
+    pdl_wait();
+
+    Act a = carve_act(smem + p.smem_w, n_in);
+    const float ss = load_act(a, p.act, n_in);
+    finish_act(a, n_in, p.norm_w, p.eps, p.need_q8, ss);
+    cp_async_wait_all();
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t rb0 = size_t(p.w[0].row_bytes);
+    float best_v = -INFINITY;
+    int best_i = INT_MAX;
+    if (p.mode == DEC_GLU) {
+        const size_t rb1 = size_t(p.w[1].row_bytes);
+        const bool same = p.w[0].type == p.w[1].type;
+        for (int r = r0 + warp; r < r1; r += NW) {
+            const uint8_t* g = smem + off0 + size_t(r - r0) * rb0;
+            const uint8_t* u = base1 + off1 + size_t(r - r0) * rb1;
+            float2 d;
+            if (same) d = row_dot2(p.w[0].type, g, u, n_in, a);
+            else d = make_float2(row_dot(p.w[0].type, g, n_in, a), row_dot(p.w[1].type, u, n_in, a));
+            if (lane == 0) p.y[r] = d.x / (1.0f + expf(-d.x)) * d.y;
+        }
+        if (p.pdl_late) pdl_trigger();
+        return;
+    }
+    for (int r = r0 + warp; r < r1; r += 2 * NW) {
+        const int r2 = r + NW;
+        float2 d;
+        if (r2 < r1)
+            d = row_dot2(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, smem + off0 + size_t(r2 - r0) * rb0, n_in, a);
+        else
+            d = make_float2(row_dot(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, n_in, a), 0.f);
+        if (p.mode == DEC_RESID) {
+            if (lane == 0) {
+                p.y[r] += d.x;
+                if (r2 < r1) p.y[r2] += d.y;
+            }
+        } else {
+            if (lane == 0 && p.y) {
+                p.y[r] = d.x;
+                if (r2 < r1) p.y[r2] = d.y;
+            }
+            if (arg_better(d.x, r, best_v, best_i)) {
+                best_v = d.x;
+                best_i = r;
+            }
+            if (r2 < r1 && arg_better(d.y, r2, best_v, best_i)) {
+                best_v = d.y;
+                best_i = r2;
+            }
+        }
+    }
+    if (p.pdl_late) pdl_trigger();
+    if (p.mode != DEC_LOGITS || !p.argmax) return;
+
+    // block argmax, then the last block reduces the blocks' results
+    if (lane == 0) {
+        bv[warp] = best_v;
+        bi[warp] = best_i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float v = bv[0];
+        int i = bi[0];
+        for (int k = 1; k < NW; ++k)
+            if (arg_better(bv[k], bi[k], v, i)) {
+                v = bv[k];
+                i = bi[k];
+            }
+        p.part[blockIdx.x].v = v;
+        p.part[blockIdx.x].i = i;
+        __threadfence();
+        is_last = atomicAdd(p.counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    float v = -INFINITY;
+    int i = INT_MAX;
+    const int nb = int(gridDim.x);
+    for (int b0 = 0; b0 < nb; b0 += NT * 8) {  // 8 loads in flight per thread
+        float pv[8];
+        int pi[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int b = b0 + threadIdx.x + k * NT;
+            pv[k] = b < nb ? __ldcg(&p.part[b].v) : -INFINITY;
+            pi[k] = b < nb ? __ldcg(&p.part[b].i) : INT_MAX;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if (arg_better(pv[k], pi[k], v, i)) {
+                v = pv[k];
+                i = pi[k];
+            }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, off);
+        if (arg_better(ov, oi, v, i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+    __syncthreads();  // bv/bi are reused
+    if (lane == 0) {
+        bv[warp] = v;
+        bi[warp] = i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 1; k < NW; ++k)
+            if (arg_better(bv[k], bi[k], v, i)) {
+                v = bv[k];
+                i = bi[k];
+            }
+        // rows of NaN never win; all-NaN logits fall back to row 0
+        const int tok = i == INT_MAX ? 0 : i;
+        DecState* st = p.st;
+        st->token = tok;
+        if (p.advance) {
+            if (p.out_tokens) p.out_tokens[st->step] = tok;
+            st->step += 1;
+            st->pos += 1;
+        }
+        *p.counter = 0u;
+    }
+}
+
+std::string ctx(const char* kernel, const char* what) {
+    return std::string(kernel) + " for " + (what ? what : "?");
+}
+
+template <class Args>
+void launch(void (*kernel)(const Args), dim3 grid, size_t smem, cudaStream_t st, bool pdl, const Args& a,
+            const std::string& what) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(NT);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    if (pdl) {
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a), what);
+    CUDA_LAUNCH_CHECK(what);
+}
+
+}  // namespace
+
+bool dec_int8_type(uint32_t type) {
+    return type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0 || type == T_Q4_K || type == T_Q6_K;
+}
+
+size_t dec_stage_bytes(int rows, int row_bytes) { return align16(size_t(rows) * size_t(row_bytes) + 32); }
+
+size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
+    const int G = n_head / n_head_kv;
+    const size_t tiles = align16(size_t(G * head_dim + G * kDecTK + 3 * G) * 4) +
+                         2 * size_t(kDecTK) * dec_attn_row_stride(head_dim);
+    const size_t combine = size_t(n_head) * kDecMaxSplits * (4 + 8);
+    return std::max(tiles, combine);
+}
+
+void dec_set_smem_limit(size_t bytes) {
+    // Only ever raised (per device): engines and tests with smaller needs must not
+    // lower the limit under an engine that is still running.
+    static std::mutex mu;
+    static std::map<int, size_t> set;
+    std::lock_guard<std::mutex> lock(mu);
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev), "dec_set_smem_limit");
+    size_t& cur = set[dev];
+    if (bytes <= cur) return;
+    if (cur == 0) {  // one shared-memory carveout for all three: consecutive kernels can share an SM
+        for (const void* k : {reinterpret_cast<const void*>(dec_qkv_kernel), reinterpret_cast<const void*>(dec_proj_kernel),
+                              reinterpret_cast<const void*>(dec_attn_kernel)})
+            CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            int(cudaSharedmemCarveoutMaxShared)),
+                       "decode kernels carveout");
+    }
+    const int b = int(bytes);
+    CUDA_CHECK(cudaFuncSetAttribute(dec_qkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b), "dec_qkv_kernel");
+    CUDA_CHECK(cudaFuncSetAttribute(dec_proj_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b),
+               "dec_proj_kernel");
+    CUDA_CHECK(cudaFuncSetAttribute(dec_attn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b),
+               "dec_attn_kernel");
+    cur = bytes;
+}
+
+void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what) {
+    const int H = a.n_head + 2 * a.n_head_kv;
+    const size_t smem = size_t(a.smem_w) + dec_act_bytes(a.n_embd) + align16(size_t(2 * a.S) * 4);
+    launch(dec_qkv_kernel, dim3(H * a.parts), smem, st, pdl, a, ctx("dec_qkv_kernel", what));
+}
+
+void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what) {
+    launch(dec_attn_kernel, dim3(a.max_splits, a.n_head_kv), dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim), st,
+           pdl, a, ctx("dec_attn_kernel", what));
+}
+
+void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what) {
+    const size_t smem = size_t(a.smem_w) + dec_act_bytes(a.w[0].n_in);
+    launch(dec_proj_kernel, dim3(dec_proj_blocks(a)), smem, st, pdl, a, ctx("dec_proj_kernel", what));
+}
+
+}  // namespace cu
+}  // namespace orcd

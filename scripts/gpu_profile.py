@@ -1,0 +1,45 @@
+"""GPU time of the fused decode step by kernel kind (CudaEngine.profile_decode),
+at an empty context and after a prompt, for each model given.
+
+    python3 scripts/gpu_profile.py MODEL.gguf [MODEL2.gguf ...] [--prompt 512] [--steps 32]
+
+Kernels are bracketed by CUDA events and launched one by one without PDL, so
+the per-kernel numbers include each launch's gap; graph_step is the same steps
+as the engine runs them (graph + PDL by default). Prints a table; --json for JSON.
+"""
+import argparse
+import json
+
+import numpy as np
+
+from orcd import _orcd_cuda as cu
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    rows = []
+    for m in a.models:
+        e = cu.CudaEngine(m, a.prompt + 2 * a.steps + 8, 1)
+        for pos in (0, a.prompt):
+            if pos:
+                e.forward(0, np.random.default_rng(0).integers(100, 1000, pos).astype(np.int32), 0)
+            p = e.profile_decode(0, 100, pos, a.steps)
+            rows.append({"model": m.rsplit("/", 1)[-1], "pos": pos, **p})
+        e.close()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return
+    keys = ["qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head", "graph_step"]
+    print(f"{'model':<22} {'pos':>5} " + " ".join(f"{k:>11}" for k in keys) + f" {'sum':>8}  (us per step)")
+    for r in rows:
+        s = sum(r[k] for k in keys[:-1])
+        print(f"{r['model'][:22]:<22} {r['pos']:>5} " + " ".join(f"{r[k]:>11.1f}" for k in keys) + f" {s:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
