@@ -84,7 +84,7 @@ nb::dict paths_dict(const orcd::CudaEngine& e) {
     r["graphs"] = p.graphs;
     r["pdl"] = p.pdl;
     r["fused_prompt"] = p.fused_prompt;
-    r["pdl_late"] = e.options().pdl_late;
+    r["pdl_trigger"] = e.options().pdl_trigger;
     r["fast_decode_available"] = p.fast_decode_available;
     r["pdl_available"] = p.pdl_available;
     r["note"] = p.note;
@@ -254,19 +254,19 @@ NB_MODULE(_orcd_cuda, m) {
         .def(
             "set_options",
             [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
-               nb::object fused_prompt, nb::object pdl_late) {
+               nb::object fused_prompt, nb::object pdl_trigger) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
                 if (!graphs.is_none()) o.graphs = nb::cast<bool>(graphs);
                 if (!pdl.is_none()) o.pdl = nb::cast<bool>(pdl);
                 if (!fused_prompt.is_none()) o.fused_prompt = nb::cast<bool>(fused_prompt);
-                if (!pdl_late.is_none()) o.pdl_late = nb::cast<bool>(pdl_late);
+                if (!pdl_trigger.is_none()) o.pdl_trigger = nb::cast<int>(pdl_trigger);
                 e.set_options(o);
                 return paths_dict(e);
             },
             "fast_decode"_a = nb::none(), "graphs"_a = nb::none(), "pdl"_a = nb::none(),
-            "fused_prompt"_a = nb::none(), "pdl_late"_a = nb::none(),
+            "fused_prompt"_a = nb::none(), "pdl_trigger"_a = nb::none(),
             "Turn fast paths on/off (None leaves one as is); returns paths().")
         .def(
             "profile_decode",

@@ -50,13 +50,13 @@ struct CudaMemoryUse {
 
 // Switches of the fast paths (each on by default where the GPU allows it; the
 // environment variables ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL,
-// ORCD_CUDA_FUSED_PROMPT set to 0 turn one off for a new engine; ORCD_CUDA_PDL_LATE=1
-// turns pdl_late on).
+// ORCD_CUDA_FUSED_PROMPT set to 0 turn one off for a new engine; ORCD_CUDA_PDL_TRIGGER=0|1|2
+// sets pdl_trigger).
 struct CudaOptions {
     bool fast_decode = true;   // fused decode kernels for single-sequence steps (forward n=1, decode_greedy)
     bool graphs = true;        // the fused decode step captured once into a CUDA graph and replayed
     bool pdl = true;           // programmatic dependent launch between the fused kernels (Hopper)
-    bool pdl_late = false;     // ... each kernel releases its successor after its row dots instead of at its start
+    int pdl_trigger = 1;       // ... each kernel lets its successor launch: 0 at its start, 1 after its wait, 2 after its row dots
     bool fused_prompt = true;  // prompt path: fused q|k|v and gate|up GEMMs, fp16 norms, bias+RoPE+KV in one kernel
 };
 
@@ -78,9 +78,11 @@ public:
     virtual CudaPaths paths() const = 0;
     // GPU time of the fused decode step's kernels by kind ("qkv", "attention", "attn_output",
     // "ffn_gate_up", "ffn_down", "lm_head"; microseconds per step, summed over layers),
-    // averaged over n_steps greedy steps from (token, pos) of `slot`, each kernel
-    // bracketed by events (direct launches, no PDL); and "graph_step": microseconds per
-    // step of the same steps replayed as the engine runs them (graph/PDL per the options).
+    // averaged over n_steps greedy steps from (token, pos) of `slot`: the step captured
+    // into a graph with an event after each kernel (no PDL). Also "graph_step": the same
+    // steps as the engine runs them (graph/PDL per the options); "noop_step" and
+    // "noop_step_nopdl": a graph of empty kernels of the same shapes, with the options'
+    // PDL and without (the launch-boundary floor).
     virtual std::vector<std::pair<std::string, double>> profile_decode(int slot, int32_t token, int pos,
                                                                        int n_steps) = 0;
 };

@@ -8,6 +8,7 @@
 namespace orcd {
 
 void throw_cuda(const char* call, cudaError_t e, const std::string& what) {
+    cudaGetLastError();  // a non-sticky error must not resurface in the next launch check
     throw CudaError(std::string(call) + " failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e) + " (" +
                     what + ")");
 }

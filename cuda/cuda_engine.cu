@@ -31,7 +31,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cuda_common.cuh"
@@ -174,7 +177,7 @@ private:
     float* dec_part_o_ = nullptr;
     float2* dec_part_ml_ = nullptr;
     cu::ArgPart* dec_arg_ = nullptr;
-    int lm_blocks_ = 0;
+    int lm_blocks_ = 0, lm_grid_ = 0;  // lm_head blocks (argmax parts), its persistent grid
     std::vector<cu::DecQkvArgs> dq_;
     std::vector<cu::DecAttnArgs> da_;
     std::vector<cu::DecProjArgs> dp_o_, dp_gu_, dp_d_;
@@ -328,7 +331,10 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     opt_.fast_decode = env_on("ORCD_CUDA_FAST_DECODE", true);
     opt_.graphs = env_on("ORCD_CUDA_GRAPHS", true);
     opt_.pdl = env_on("ORCD_CUDA_PDL", true);
-    opt_.pdl_late = env_on("ORCD_CUDA_PDL_LATE", false);
+    {
+        const char* v = std::getenv("ORCD_CUDA_PDL_TRIGGER");
+        opt_.pdl_trigger = (v && (v[0] == '0' || v[0] == '2')) ? v[0] - '0' : 1;
+    }
     opt_.fused_prompt = env_on("ORCD_CUDA_FUSED_PROMPT", true);
     pdl_ok_ = info_.cc_major >= 9;
     plan_decode();
@@ -511,6 +517,7 @@ void CudaEngineImpl::plan_decode() {
                                        std::to_string(info_.cc_minor) + " < 8.0");
     if (E_ % 32 || QD_ % 32 || F_ % 32) return off("n_embd, n_head*head_dim and n_ff must be multiples of 32");
     if (G * hd_ > cu::kDecMaxGroupDim) return off("(n_head/n_head_kv)*head_dim > " + std::to_string(cu::kDecMaxGroupDim));
+    if (d_.n_head_kv > cu::kDecMaxKvHeads) return off("more than " + std::to_string(cu::kDecMaxKvHeads) + " KV heads");
     size_t rb_qkv = 0, rb_o = 0, rb_gu = 0, rb_d = 0;
     for (const LayerDesc& L : d_.layers) {
         rb_qkv = std::max({rb_qkv, L.wq->row_bytes(), L.wk->row_bytes(), L.wv->row_bytes()});
@@ -522,20 +529,33 @@ void CudaEngineImpl::plan_decode() {
     qkv_S_ = std::min(8, hd_ / 2);
     qkv_parts_ = (hd_ / 2 + qkv_S_ - 1) / qkv_S_;
     qkv_smem_w_ = int(2 * cu::dec_stage_bytes(qkv_S_, int(rb_qkv)));
-    const PP o = plan_proj(E_, rb_o, 1, sms, kDecStageCap, 64);
-    const PP gu = plan_proj(F_, rb_gu, 2, 2 * sms, kDecStageCap, 64);  // ~2 blocks per SM
-    const PP dn = plan_proj(E_, rb_d, 1, sms, kDecStageCap, 64);
-    const PP lm = plan_proj(V_, d_.output->row_bytes(), 1, 1, kDecLmCap, 64);
+    // blocks per SM the projections aim for (ORCD_CUDA_DEC_GU_SPM / _OD_SPM: tuning knobs)
+    auto env_f = [](const char* name, double dflt) {
+        const char* v = std::getenv(name);
+        const double x = v && *v ? std::atof(v) : 0.0;
+        return x > 0 ? x : dflt;
+    };
+    const int t_gu = std::max(1, int(env_f("ORCD_CUDA_DEC_GU_SPM", 2.0) * sms));
+    const int t_od = std::max(1, int(env_f("ORCD_CUDA_DEC_OD_SPM", 1.0) * sms));
+    const PP o = plan_proj(E_, rb_o, 1, t_od, kDecStageCap, 64);
+    const PP gu = plan_proj(F_, rb_gu, 2, t_gu, kDecStageCap, 64);
+    const PP dn = plan_proj(E_, rb_d, 1, t_od, kDecStageCap, 64);
+    // lm_head: persistent blocks (2 per SM) over batches of up to 32 rows, two staging buffers
+    PP lm{32, 0};
+    while (lm.rb > 1 && 2 * cu::dec_stage_bytes(lm.rb, int(d_.output->row_bytes())) > kDecLmCap)
+        lm.rb = lm.rb > 8 ? lm.rb - 8 : lm.rb - 1;
+    lm.smem_w = int(2 * cu::dec_stage_bytes(lm.rb, int(d_.output->row_bytes())));
+    if (size_t(lm.smem_w) > kDecLmCap) lm.rb = 0;
+    lm_grid_ = 2 * sms;
     if (!o.rb || !gu.rb || !dn.rb || !lm.rb) return off("a weight row does not fit the shared-memory stage");
     plan_o_ = {o.rb, o.smem_w};
     plan_gu_ = {gu.rb, gu.smem_w};
     plan_d_ = {dn.rb, dn.smem_w};
     plan_lm_ = {lm.rb, lm.smem_w};
-    lm_blocks_ = (V_ + lm.rb - 1) / lm.rb;
-    dec_smem_ = std::max({size_t(qkv_smem_w_) + cu::dec_act_bytes(E_) + cu::dec_align16(size_t(2 * qkv_S_) * 4),
-                          size_t(o.smem_w) + cu::dec_act_bytes(QD_), size_t(gu.smem_w) + cu::dec_act_bytes(E_),
-                          size_t(dn.smem_w) + cu::dec_act_bytes(F_), size_t(lm.smem_w) + cu::dec_act_bytes(E_),
-                          cu::dec_attn_smem(d_.n_head, d_.n_head_kv, hd_)});
+    lm_blocks_ = std::min((V_ + lm.rb - 1) / lm.rb, lm_grid_);
+    dec_smem_ = std::max({cu::dec_qkv_smem(qkv_smem_w_, E_, qkv_S_), cu::dec_proj_smem(o.smem_w, QD_),
+                          cu::dec_proj_smem(gu.smem_w, E_), cu::dec_proj_smem(dn.smem_w, F_),
+                          cu::dec_proj_smem(lm.smem_w, E_), cu::dec_attn_smem(d_.n_head, d_.n_head_kv, hd_)});
     int optin = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev_), "CudaEngine plan");
     if (dec_smem_ > size_t(optin))
@@ -554,6 +574,10 @@ void CudaEngineImpl::build_decode_args() {
     dp_gu_.assign(size_t(n_layer), cu::DecProjArgs{});
     dp_d_.assign(size_t(n_layer), cu::DecProjArgs{});
     const double log2_base = std::log2(double(d_.rope_base));
+    // keys per attention split at least (ORCD_CUDA_DEC_SPLIT_KEYS, a tuning knob; multiple of the tile)
+    int split_keys = cu::kDecTK;
+    if (const char* v = std::getenv("ORCD_CUDA_DEC_SPLIT_KEYS"))
+        split_keys = std::max(cu::kDecTK, std::atoi(v) / cu::kDecTK * cu::kDecTK);
     for (int l = 0; l < n_layer; ++l) {
         const DevLayer& L = layers_[size_t(l)];
         __half* kc = kc_ + size_t(l) * layer_stride_;
@@ -600,10 +624,11 @@ void CudaEngineImpl::build_decode_args() {
         a.head_dim = hd_;
         a.scale = 1.0f / std::sqrt(float(hd_));
         a.max_splits = cu::kDecMaxSplits;
+        a.split_keys = split_keys;
         a.part_o = dec_part_o_;
         a.part_ml = dec_part_ml_;
         a.out = att_;
-        a.counter = &d_sync_->attn;
+        a.counter = d_sync_->attn;
         a.st = d_state_;
 
         cu::DecProjArgs& o = dp_o_[size_t(l)];
@@ -655,16 +680,50 @@ void CudaEngineImpl::build_decode_args() {
     m.st = d_state_;
     m.out_tokens = d_out_tokens_;
     m.smem_w = plan_lm_.smem_w;
+    m.lm_grid = lm_grid_;
+
+    // L2 prefetch: each kernel prefetches the weights of the kernel two places ahead
+    // (down(l), whose successor's successor is attention, takes attn_output(l+1)); the
+    // last layer's gate/up and down prefetch the lm_head's first rows.
+    if (env_on("ORCD_CUDA_L2_PREFETCH", false)) {  // measured: neutral for Q4_K_M, -13% tg for F16 (perf_notes)
+        auto span = [](std::initializer_list<const DevWeight*> ws) {
+            const uint8_t* lo = nullptr;
+            const uint8_t* hi = nullptr;
+            for (const DevWeight* w : ws) {
+                if (!lo || w->data < lo) lo = w->data;
+                if (!hi || w->data + w->bytes() > hi) hi = w->data + w->bytes();
+            }
+            return std::make_pair(lo, size_t(hi - lo));
+        };
+        const size_t lm_part = std::min(output_.bytes(), size_t(16) << 20) / 2 / 16 * 16;
+        for (int l = 0; l < n_layer; ++l) {
+            const DevLayer& L = layers_[size_t(l)];
+            const bool last = l + 1 == n_layer;
+            const DevLayer* N = last ? nullptr : &layers_[size_t(l) + 1];
+            std::tie(dq_[size_t(l)].pf, dq_[size_t(l)].pf_bytes) = span({&L.wo});
+            std::tie(da_[size_t(l)].pf, da_[size_t(l)].pf_bytes) = span({&L.gate, &L.up});
+            std::tie(dp_o_[size_t(l)].pf, dp_o_[size_t(l)].pf_bytes) = span({&L.down});
+            if (N) {
+                std::tie(dp_gu_[size_t(l)].pf, dp_gu_[size_t(l)].pf_bytes) = span({&N->wq, &N->wk, &N->wv});
+                std::tie(dp_d_[size_t(l)].pf, dp_d_[size_t(l)].pf_bytes) = span({&N->wo});
+            } else {
+                dp_gu_[size_t(l)].pf = output_.data;
+                dp_gu_[size_t(l)].pf_bytes = lm_part;
+                dp_d_[size_t(l)].pf = output_.data + lm_part;
+                dp_d_[size_t(l)].pf_bytes = lm_part;
+            }
+        }
+    }
 }
 
 void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
-    const int late = opt_.pdl_late ? 1 : 0;
+    const int trig = std::min(2, std::max(0, opt_.pdl_trigger));
     if (k == 5 * d_.n_layer) {
         cu::DecProjArgs m = dp_lm_;
         m.y = greedy ? nullptr : logits_;
         m.argmax = greedy ? 1 : 0;
         m.advance = greedy ? 1 : 0;
-        m.pdl_late = late;
+        m.pdl_trigger = trig;
         cu::dec_proj(m, stream_, pdl, "decode lm_head");
         return;
     }
@@ -672,31 +731,31 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
     switch (k % 5) {
     case 0: {
         cu::DecQkvArgs a = dq_[l];
-        a.pdl_late = late;
+        a.pdl_trigger = trig;
         cu::dec_qkv(a, stream_, pdl && l > 0, "decode q/k/v");  // the step's first kernel follows a copy
         break;
     }
     case 1: {
         cu::DecAttnArgs a = da_[l];
-        a.pdl_late = late;
+        a.pdl_trigger = trig;
         cu::dec_attention(a, stream_, pdl, "decode attention");
         break;
     }
     case 2: {
         cu::DecProjArgs a = dp_o_[l];
-        a.pdl_late = late;
+        a.pdl_trigger = trig;
         cu::dec_proj(a, stream_, pdl, "decode attn_output");
         break;
     }
     case 3: {
         cu::DecProjArgs a = dp_gu_[l];
-        a.pdl_late = late;
+        a.pdl_trigger = trig;
         cu::dec_proj(a, stream_, pdl, "decode ffn_gate/ffn_up");
         break;
     }
     default: {
         cu::DecProjArgs a = dp_d_[l];
-        a.pdl_late = late;
+        a.pdl_trigger = trig;
         cu::dec_proj(a, stream_, pdl, "decode ffn_down");
         break;
     }
@@ -853,33 +912,81 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
     if (!dec_ok_) throw Error("CudaEngine.profile_decode: " + dec_note_);
     if (n_steps < 1) throw Error("CudaEngine.profile_decode: n_steps must be >= 1");
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine profile_decode");
+    sync("profile_decode");
     const int K = 5 * d_.n_layer + 1;
     std::vector<cudaEvent_t> ev(size_t(K) + 1, nullptr);
-    std::vector<double> us(7, 0.0);
+    std::vector<double> us(9, 0.0);
+    std::vector<cudaGraphExec_t> execs;
     auto put_state = [&]() {
         *pinned_state_ = cu::DecState{token, pos, slot, 0};
         CUDA_CHECK(cudaMemcpyAsync(d_state_, pinned_state_, sizeof(cu::DecState), cudaMemcpyHostToDevice, stream_),
                    "decode state upload");
     };
+    // a graph of `body` (captured on the stream)
+    auto make_graph = [&](const std::function<void()>& body) {
+        cudaGraph_t g = nullptr;
+        CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "profile_decode capture");
+        try {
+            body();
+        } catch (...) {
+            cudaStreamEndCapture(stream_, &g);
+            if (g) cudaGraphDestroy(g);
+            throw;
+        }
+        CUDA_CHECK(cudaStreamEndCapture(stream_, &g), "profile_decode capture");
+        cudaGraphExec_t e = nullptr;
+        const cudaError_t err = cudaGraphInstantiate(&e, g, 0);
+        cudaGraphDestroy(g);
+        if (err != cudaSuccess) throw_cuda("cudaGraphInstantiate", err, "profile_decode");
+        execs.push_back(e);
+        return e;
+    };
+    // microseconds per launch of `exec`, n_steps launches from the start state
+    auto time_graph = [&](cudaGraphExec_t exec) {
+        put_state();
+        CUDA_CHECK(cudaGraphLaunch(exec, stream_), "profile_decode");  // warm-up
+        put_state();
+        CUDA_CHECK(cudaEventRecord(ev[0], stream_), "profile_decode");
+        for (int i = 0; i < n_steps; ++i) CUDA_CHECK(cudaGraphLaunch(exec, stream_), "profile_decode");
+        CUDA_CHECK(cudaEventRecord(ev[1], stream_), "profile_decode");
+        sync("profile_decode");
+        float ms = 0.f;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]), "profile_decode");
+        return 1000.0 * ms / n_steps;
+    };
+    const bool pdl = opt_.pdl && pdl_ok_;
+    auto cleanup = [&]() {
+        for (cudaGraphExec_t e : execs) cudaGraphExecDestroy(e);
+        for (cudaEvent_t e : ev)
+            if (e) cudaEventDestroy(e);
+    };
     try {
         for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e), "profile_decode events");
-        put_state();
-        for (int i = 0; i < n_steps; ++i) {
-            CUDA_CHECK(cudaEventRecord(ev[0], stream_), "profile_decode");
+        // per kernel: the step with an event after each kernel, no PDL
+        cudaGraphExec_t timed = make_graph([&]() {
+            // External: inside a capture a plain record only orders streams; this makes event-record nodes
+            CUDA_CHECK(cudaEventRecordWithFlags(ev[0], stream_, cudaEventRecordExternal), "profile_decode");
             for (int k = 0; k < K; ++k) {
                 launch_decode_kernel(k, true, false);
-                CUDA_CHECK(cudaEventRecord(ev[size_t(k) + 1], stream_), "profile_decode");
+                CUDA_CHECK(cudaEventRecordWithFlags(ev[size_t(k) + 1], stream_, cudaEventRecordExternal),
+                           "profile_decode");
             }
+        });
+        put_state();
+        CUDA_CHECK(cudaGraphLaunch(timed, stream_), "profile_decode");  // warm-up
+        put_state();
+        for (int i = 0; i < n_steps; ++i) {
+            CUDA_CHECK(cudaGraphLaunch(timed, stream_), "profile_decode");
             sync("profile_decode");
             for (int k = 0; k < K; ++k) {
                 float ms = 0.f;
                 CUDA_CHECK(cudaEventElapsedTime(&ms, ev[size_t(k)], ev[size_t(k) + 1]), "profile_decode");
-                us[k == K - 1 ? 5 : size_t(k % 5)] += 1000.0 * ms;
+                us[k == K - 1 ? 5 : size_t(k % 5)] += 1000.0 * ms / n_steps;
             }
         }
-        // the same steps as the engine runs them (graph / PDL per the options)
+        // the step as the engine runs it
         put_state();
-        run_decode(true);  // captures the graph if needed
+        run_decode(true);  // captures the engine's graph if needed
         sync("profile_decode");
         put_state();
         CUDA_CHECK(cudaEventRecord(ev[0], stream_), "profile_decode");
@@ -888,18 +995,44 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
         sync("profile_decode");
         float ms = 0.f;
         CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]), "profile_decode");
-        us[6] = 1000.0 * ms;
+        us[6] = 1000.0 * ms / n_steps;
+        // empty kernels of the same shapes: the launch-boundary floor, with and without PDL
+        auto noop_step = [&](bool with_pdl) {
+            return make_graph([&]() {
+                const int trig = std::min(2, std::max(0, opt_.pdl_trigger));
+                for (int k = 0; k < K; ++k) {
+                    const size_t l = size_t(k / 5);
+                    if (k == K - 1) {
+                        cu::DecProjArgs a = dp_lm_;
+                        a.pdl_trigger = trig;
+                        cu::dec_proj(a, stream_, with_pdl, "noop", true);
+                    } else if (k % 5 == 0) {
+                        cu::DecQkvArgs a = dq_[l];
+                        a.pdl_trigger = trig;
+                        cu::dec_qkv(a, stream_, with_pdl && l > 0, "noop", true);
+                    } else if (k % 5 == 1) {
+                        cu::DecAttnArgs a = da_[l];
+                        a.pdl_trigger = trig;
+                        cu::dec_attention(a, stream_, with_pdl, "noop", true);
+                    } else {
+                        cu::DecProjArgs a = k % 5 == 2 ? dp_o_[l] : (k % 5 == 3 ? dp_gu_[l] : dp_d_[l]);
+                        a.pdl_trigger = trig;
+                        cu::dec_proj(a, stream_, with_pdl, "noop", true);
+                    }
+                }
+            });
+        };
+        us[7] = time_graph(noop_step(pdl));
+        us[8] = time_graph(noop_step(false));
     } catch (...) {
-        for (cudaEvent_t e : ev)
-            if (e) cudaEventDestroy(e);
+        cleanup();
         throw;
     }
-    for (cudaEvent_t e : ev)
-        if (e) cudaEventDestroy(e);
-    static const char* names[7] = {"qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head",
-                                   "graph_step"};
+    cleanup();
+    static const char* names[9] = {"qkv",     "attention",  "attn_output", "ffn_gate_up",    "ffn_down",
+                                   "lm_head", "graph_step", "noop_step",   "noop_step_nopdl"};
     std::vector<std::pair<std::string, double>> out;
-    for (int i = 0; i < 7; ++i) out.emplace_back(names[i], us[size_t(i)] / n_steps);
+    for (int i = 0; i < 9; ++i) out.emplace_back(names[i], us[size_t(i)]);
     return out;
 }
 

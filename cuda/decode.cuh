@@ -11,11 +11,14 @@
 //   dec_proj    RESID: x += att·Woᵀ          (no norm)
 //   dec_proj    GLU:   a = silu(h·Wgᵀ)·(h·Wuᵀ), h = rmsnorm(x)
 //   dec_proj    RESID: x += a·Wdᵀ
-//   dec_proj    LOGITS: logits = rmsnorm(x)·Woutᵀ, optional argmax: the last block writes the
-//               token into DecState (and out_tokens[step]) and advances pos and step.
+//   dec_proj    LOGITS: logits = rmsnorm(x)·Woutᵀ (a persistent kernel, double-buffered row
+//               batches), optional argmax: the last block writes the token into DecState (and
+//               out_tokens[step]) and advances pos and step.
 //
-// Every kernel first copies its own weight rows into shared memory with
-// cp.async (weights never change), then waits for the previous kernel
+// Every kernel first asks L2 to prefetch a slice of a later kernel's weights
+// (cp.async.bulk.prefetch.L2: the weights of the kernel two places ahead), then
+// copies its own weight rows into shared memory with cp.async (weights never
+// change), then waits for the previous kernel
 // (griddepcontrol.wait: with programmatic dependent launch on Hopper the
 // copy overlaps the previous kernel), then prepares its activation vector in
 // shared memory: float32 (padded so a lane per 32-element chunk reads without
@@ -45,8 +48,10 @@ struct DecState {
     int32_t token, pos, slot, step;
 };
 // Completion counters of the "last block merges" kernels; zero between launches.
+constexpr int kDecMaxKvHeads = 60;
 struct DecSync {
-    unsigned attn, lm, pad0, pad1;
+    unsigned lm, pad0, pad1, pad2;
+    unsigned attn[kDecMaxKvHeads];  // per KV head
 };
 struct ArgPart {
     float v;
@@ -84,7 +89,9 @@ struct DecQkvArgs {
     const DecState* st;
     int need_q8;
     int smem_w;               // bytes of staged weights (16-aligned)
-    int pdl_late;             // release the next kernel after the row dots (else at the start)
+    int pdl_trigger;          // when the next kernel may launch: 0 at the start, 1 after the wait, 2 after the row dots
+    const uint8_t* pf;        // L2 prefetch at the start: [pf, pf + pf_bytes) split over the blocks
+    size_t pf_bytes;          //   (a later kernel's weights; 16-aligned, padded allocations)
 };
 
 struct DecAttnArgs {
@@ -95,12 +102,15 @@ struct DecAttnArgs {
     int n_head, n_head_kv, head_dim;
     float scale;
     int max_splits;
+    int split_keys;           // keys per split at least (a multiple of kDecTK): fewer, longer splits
     float* part_o;            // [n_head][max_splits][head_dim]
     float2* part_ml;          // [n_head][max_splits]
     float* out;               // n_head*head_dim
-    unsigned* counter;
+    unsigned* counter;        // one per KV head
     const DecState* st;
-    int pdl_late;
+    int pdl_trigger;
+    const uint8_t* pf;
+    size_t pf_bytes;
 };
 
 struct DecProjArgs {
@@ -119,8 +129,11 @@ struct DecProjArgs {
     DecState* st;             // argmax: token (and advance)
     int32_t* out_tokens;      // advance: out_tokens[step] = token
     int advance;              // advance pos and step after the argmax
-    int smem_w;
-    int pdl_late;
+    int smem_w;               // LOGITS: two staging buffers of smem_w/2 bytes
+    int pdl_trigger;
+    int lm_grid;              // LOGITS: persistent blocks (each takes every lm_grid-th batch of rows)
+    const uint8_t* pf;
+    size_t pf_bytes;
 };
 
 constexpr int kDecXfStride = 36;  // floats per 32-element chunk of the float activations (4 of padding)
@@ -144,13 +157,24 @@ void dec_set_smem_limit(size_t bytes);
 // Launchers: stream-ordered, no host sync; `pdl` launches with programmatic
 // stream serialization (the kernels call griddepcontrol.wait before reading
 // anything an earlier kernel wrote).
-void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what);
-void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what);
-void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what);
+// noop: an empty kernel of the same grid, block and shared memory (the launch-boundary floor, profiling).
+void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop = false);
+void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop = false);
+void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop = false);
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim);
 inline int dec_proj_blocks(const DecProjArgs& a) {
     return (a.w[0].n_out + a.rows_per_block - 1) / a.rows_per_block;
 }
+// Dynamic shared memory of a launch: staged rows, norm weights, activations (and
+// the residual's old values / the row dots).
+inline size_t dec_proj_smem(int smem_w, int n_in) {
+    return size_t(smem_w) + dec_align16(size_t(n_in) * 4) + dec_act_bytes(n_in) + 64 * 4;
+}
+inline size_t dec_proj_smem(const DecProjArgs& a) { return dec_proj_smem(a.smem_w, a.w[0].n_in); }
+inline size_t dec_qkv_smem(int smem_w, int n_embd, int S) {
+    return size_t(smem_w) + dec_align16(size_t(n_embd) * 4) + dec_act_bytes(n_embd) + dec_align16(size_t(2 * S) * 4);
+}
+inline size_t dec_qkv_smem(const DecQkvArgs& a) { return dec_qkv_smem(a.smem_w, a.n_embd, a.S); }
 
 }  // namespace cu
 }  // namespace orcd

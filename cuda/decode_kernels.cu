@@ -62,6 +62,17 @@ __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {  // all but the N most recent groups complete
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_older() {  // all but the most recent group
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group 0;" ::: "memory");
@@ -93,6 +104,28 @@ __device__ __forceinline__ float block_sum(float v, float* buf) {
 
 __host__ __device__ __forceinline__ size_t align16(size_t n) { return dec_align16(n); }
 
+// This block's slice of [pf, pf + bytes) into L2 (one thread; pieces of at most
+// 64 KB). The region is 16-aligned and its allocation padded, so slices are
+// rounded up to 16 bytes.
+__device__ __forceinline__ void l2_prefetch_slice(const uint8_t* pf, size_t bytes) {
+    if (!pf || bytes == 0 || threadIdx.x != 0) return;
+    const unsigned nb = gridDim.x * gridDim.y;
+    const unsigned b = blockIdx.y * gridDim.x + blockIdx.x;
+    const size_t chunk = ((bytes + nb - 1) / nb + 15) & ~size_t(15);
+    const size_t lo = size_t(b) * chunk;
+    if (lo >= bytes) return;
+    const size_t hi = min(bytes, lo + chunk);
+    for (size_t o = lo; o < hi; o += 65536) {
+        const unsigned n = unsigned(((min(hi, o + 65536) - o) + 15) & ~size_t(15));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(pf + o)), "r"(n)
+                     : "memory");
+#else
+        for (unsigned k = 0; k < n; k += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(pf + o + k));
+#endif
+    }
+}
+
 // ---------------------------------------------------------------- staging weight rows
 // Rows [r0, r1) of w are contiguous bytes; copy them (widened to 16-byte
 // boundaries: tensors start 256-aligned and their allocations are padded to
@@ -106,6 +139,11 @@ __device__ __forceinline__ int stage_rows(uint8_t* dst, const DTensor& w, int r0
     for (int i = threadIdx.x * 16; i < n; i += NT * 16) cp_async16(dst + i, src + i);
     *used = n;
     return int(a - A);
+}
+
+// n floats (n % 4 == 0, 16-byte aligned) into shared memory with cp.async.
+__device__ __forceinline__ void stage_floats(float* dst, const float* src, int n) {
+    for (int i = threadIdx.x * 4; i < n; i += NT * 4) cp_async16(dst + i, src + i);
 }
 
 // ---------------------------------------------------------------- activations
@@ -139,8 +177,7 @@ __device__ __forceinline__ int xf_idx(int e) { return (e >> 5) * XF_STRIDE + (e 
 // q1 = rint(x*id), q2 = rint((x - q1*d)*id*256) clamped to +-127, so
 // x ~ d*(q1 + q2/256) (no FMA contraction: the tests mirror it in NumPy).
 // Ends with a barrier.
-__device__ void finish_act(const Act& a, int n, const float* __restrict__ norm_w, float eps, int need_q8,
-                           float ss_part) {
+__device__ void finish_act(const Act& a, int n, const float* norm_w, float eps, int need_q8, float ss_part) {
     float scale = 1.f;
     if (norm_w) {
         const float ss = block_sum(ss_part, a.red);  // its barriers also publish xf
@@ -158,7 +195,7 @@ __device__ void finish_act(const Act& a, int n, const float* __restrict__ norm_w
         for (int i = 0; i < 8; ++i) {
             float4 q = x4[i];
             if (norm_w) {
-                const float4 w = __ldg(w4 + i);
+                const float4 w = w4[i];  // norm_w: staged in shared memory
                 q = make_float4((q.x * scale) * w.x, (q.y * scale) * w.y, (q.z * scale) * w.z, (q.w * scale) * w.w);
                 x4[i] = q;
             }
@@ -450,16 +487,36 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     const int n = min(p.S, half - i0);
     const int lo0 = hl * hd + i0, hi0 = lo0 + half;
 
+    l2_prefetch_slice(p.pf, p.pf_bytes);
+    // Before the wait: everything that does not depend on the previous kernel. The
+    // norm weights (group 0) and this block's weight rows (group 1) start copying;
+    // the biases and RoPE factors of this thread's pair are read (the state is
+    // stable during a step: see dec_attn_kernel).
+    float* nw = reinterpret_cast<float*>(smem + p.smem_w);
+    stage_floats(nw, p.norm_w, p.n_embd);
+    cp_async_commit();
     int used0, used1;
     const int off0 = stage_rows(smem, w, lo0, lo0 + n, &used0);
     uint8_t* base1 = smem + used0;
     const int off1 = stage_rows(base1, w, hi0, hi0 + n, &used1);
     cp_async_commit();
-    if (!p.pdl_late) pdl_trigger();
+    const int pos = p.st->pos, slot = p.st->slot;
+    float b0 = 0.f, b1 = 0.f;
+    float2 cs = make_float2(1.f, 0.f);
+    if (threadIdx.x < n) {
+        if (bias) {
+            b0 = __ldg(bias + lo0 + threadIdx.x);
+            b1 = __ldg(bias + hi0 + threadIdx.x);
+        }
+        if (tt < 2) cs = __ldg(p.rope + size_t(pos) * half + i0 + threadIdx.x);
+    }
+    if (p.pdl_trigger == 0) pdl_trigger();
     pdl_wait();
+    if (p.pdl_trigger == 1) pdl_trigger();
 
-    Act a = carve_act(smem + p.smem_w, p.n_embd);
-    float* dots = reinterpret_cast<float*>(smem + p.smem_w + dec_act_bytes(p.n_embd));
+    Act a = carve_act(smem + p.smem_w + align16(size_t(p.n_embd) * 4), p.n_embd);
+    float* dots =
+        reinterpret_cast<float*>(smem + p.smem_w + align16(size_t(p.n_embd) * 4) + dec_act_bytes(p.n_embd));
     float ss = 0.f;
     if (p.embed) {
         const uint8_t* row = p.emb.w + size_t(p.st->token) * size_t(p.emb.row_bytes);
@@ -481,7 +538,8 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     } else {
         ss = load_act(a, p.x, p.n_embd);
     }
-    finish_act(a, p.n_embd, p.norm_w, p.eps, p.need_q8, ss);
+    cp_async_wait_older();  // the norm weights
+    finish_act(a, p.n_embd, nw, p.eps, p.need_q8, ss);
     cp_async_wait_all();
     __syncthreads();
 
@@ -495,17 +553,11 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
         }
     }
     __syncthreads();
-    if (p.pdl_late) pdl_trigger();
+    if (p.pdl_trigger == 2) pdl_trigger();
     if (threadIdx.x < n) {
         const int j = threadIdx.x, i = i0 + j;
-        float x0 = dots[j], x1 = dots[n + j];
-        if (bias) {
-            x0 += bias[lo0 + j];
-            x1 += bias[hi0 + j];
-        }
-        const int pos = p.st->pos, slot = p.st->slot;
+        float x0 = dots[j] + b0, x1 = dots[n + j] + b1;
         if (tt < 2) {  // NEOX RoPE with the engine's table: (cos, sin) of pos * base^(-2i/hd), from double
-            const float2 cs = p.rope[size_t(pos) * half + i];
             const float y0 = x0 * cs.x - x1 * cs.y;
             const float y1 = x0 * cs.y + x1 * cs.x;
             x0 = y0;
@@ -532,6 +584,19 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
 // finish merges all splits of all heads.
 __host__ __device__ inline int dec_attn_row_stride(int hd) { return hd * 2 + 16; }
 
+// Copies rows [j0, j1) of a K/V tile (rows of hd halves, kv_dim apart in the cache)
+// into shared memory rows of rs bytes: 16-byte cp.async pieces (hd % 8 == 0).
+__device__ __forceinline__ void stage_kv(uint8_t* ks, uint8_t* vs, const __half* K, const __half* V, int kv_dim,
+                                         int tile, int j0, int j1, int hd, int rs) {
+    const int pieces = hd / 8, n = j1 - j0;
+    for (int idx = threadIdx.x; idx < 2 * n * pieces; idx += NT) {
+        const int kv = idx / (n * pieces), r = idx % (n * pieces);
+        const int j = j0 + r / pieces, k = r % pieces;
+        const __half* src = (kv ? V : K) + size_t(tile + j) * kv_dim + 8 * k;
+        cp_async16((kv ? vs : ks) + j * rs + 16 * k, src);
+    }
+}
+
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     extern __shared__ __align__(16) uint8_t asmem[];
     __shared__ int is_last;
@@ -545,21 +610,39 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     float* corr = lrun + G;                       // G
     uint8_t* ks = asmem + align16(size_t(GH + G * TK + 3 * G) * 4);  // TK rows
     uint8_t* vs = ks + TK * rs;                                       // TK rows
-    if (!p.pdl_late) pdl_trigger();
-    pdl_wait();
+    l2_prefetch_slice(p.pf, p.pf_bytes);
     const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32;
-    const int kv_len = p.st->pos + 1, slot = p.st->slot;
-    int n_act = min(p.max_splits, (kv_len + TK - 1) / TK);
+    // The state is stable during a step (the host or the previous step's lm_head wrote
+    // it, and both finished before this step's first kernel), so it may be read before
+    // the wait; so may the cache rows before pos (written by earlier steps).
+    const int pos = p.st->pos, kv_len = pos + 1, slot = p.st->slot;
+    const int sk = max(TK, p.split_keys);
+    int n_act = max(1, min(p.max_splits, (kv_len + sk - 1) / sk));
     const int S = ((kv_len + n_act - 1) / n_act + TK - 1) / TK * TK;
     n_act = (kv_len + S - 1) / S;
     const int start = s * S, end = min(start + S, kv_len);
+    const bool active = start < end;
+    const bool direct = n_act == 1;  // one split: it writes the output itself, no merge
     const bool vec = (hd & 7) == 0;
+    const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
+    const __half* K = p.kc + base;
+    const __half* V = p.vc + base;
+    const int n0 = active ? min(TK, end - start) : 0;
+    const int pre = max(0, min(n0, pos - start));  // first-tile rows already in the cache
+    if (vec && pre > 0) {
+        stage_kv(ks, vs, K, V, p.kv_dim, start, 0, pre, hd, rs);
+        cp_async_commit();
+    }
+    if (p.pdl_trigger == 0) pdl_trigger();
+    pdl_wait();
+    if (p.pdl_trigger == 1) pdl_trigger();
 
-    if (start < end) {
-        const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
-        const __half* K = p.kc + base;
-        const __half* V = p.vc + base;
+    if (active) {
+        if (vec) {  // the rest of the first tile (incl. row pos) in flight while q loads
+            stage_kv(ks, vs, K, V, p.kv_dim, start, pre, n0, hd, rs);
+            cp_async_commit();
+        }
 #pragma unroll
         for (int k = 0; k < kDecMaxGroupDim / NT; ++k) {
             const int i = t + k * NT;
@@ -574,16 +657,12 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         for (int k = 0; k < kDecMaxGroupDim / NT; ++k) acc[k] = 0.f;
         for (int tile = start; tile < end; tile += TK) {
             const int n = min(TK, end - tile);
-            __syncthreads();  // qs/m/l ready; the previous tile's K/V/sc consumed
+            if (tile != start) __syncthreads();  // the previous tile's K/V/sc consumed
             if (vec) {
-                const int pieces = hd / 8;  // 16-byte pieces per row
-                for (int idx = t; idx < 2 * n * pieces; idx += NT) {
-                    const int kv = idx / (n * pieces), r = idx % (n * pieces);
-                    const int j = r / pieces, k = r % pieces;
-                    const __half* src = (kv ? V : K) + size_t(tile + j) * p.kv_dim + 8 * k;
-                    cp_async16((kv ? vs : ks) + j * rs + 16 * k, src);
+                if (tile != start) {
+                    stage_kv(ks, vs, K, V, p.kv_dim, tile, 0, n, hd, rs);
+                    cp_async_commit();
                 }
-                cp_async_commit();
                 cp_async_wait_all();
             } else {
                 for (int idx = t; idx < 2 * n * hd; idx += NT) {
@@ -593,7 +672,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                         (kv ? V : K)[size_t(tile + j) * p.kv_dim + d];
                 }
             }
-            __syncthreads();
+            __syncthreads();  // K/V tile, qs, m/l ready
             for (int pi = t; pi < G * TK; pi += NT) {
                 const int g = pi / TK, j = pi % TK;
                 float dot = -INFINITY;
@@ -657,138 +736,64 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             if (o < GH) {
                 const int g = o / hd, d = o % hd;
                 const int h = kvh * G + g;
-                p.part_o[(size_t(h) * p.max_splits + s) * hd + d] = acc[k];
+                if (direct) p.out[size_t(h) * hd + d] = acc[k] / lrun[g];
+                else p.part_o[(size_t(h) * p.max_splits + s) * hd + d] = acc[k];
             }
         }
-        if (t < G) p.part_ml[size_t(kvh * G + t) * p.max_splits + s] = make_float2(mrun[t], lrun[t]);
+        if (!direct && t < G) p.part_ml[size_t(kvh * G + t) * p.max_splits + s] = make_float2(mrun[t], lrun[t]);
     }
-    if (p.pdl_late) pdl_trigger();
+    if (p.pdl_trigger == 2) pdl_trigger();
+    if (direct) return;
 
-    // the last block to arrive merges the splits
+    // The last block of this KV head to arrive merges its G heads' splits: the
+    // partial results are copied to shared memory in one go (cp.async), then per
+    // output one pass over the splits with an online (max, sum).
     __threadfence();
     __syncthreads();
-    if (t == 0) {
-        const unsigned total = gridDim.x * gridDim.y;
-        is_last = atomicAdd(p.counter, 1u) == total - 1;
-    }
+    if (t == 0) is_last = atomicAdd(p.counter + kvh, 1u) == gridDim.x - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    // per (head, split) weights exp(m_s - M) / L into shared memory, then the outputs
-    float* wgt = reinterpret_cast<float*>(asmem);  // n_head * n_act (reuses the block's shared memory)
-    float2* mls = reinterpret_cast<float2*>(wgt + p.n_head * p.max_splits);
-    const int nml = p.n_head * n_act;
-    for (int i = t; i < nml; i += NT) {
-        const int h = i / n_act, sp = i % n_act;
-        mls[i] = __ldcg(p.part_ml + size_t(h) * p.max_splits + sp);
+    float* po_s = reinterpret_cast<float*>(asmem);                    // [G][n_act][hd]
+    float2* ml_s = reinterpret_cast<float2*>(po_s + size_t(G) * n_act * hd);  // [G][n_act (+1)]
+    const int mls = (n_act + 1) & ~1;  // float2 row length, 16-byte multiple
+    for (int g = 0; g < G; ++g) {
+        const int h = kvh * G + g;
+        const float* src = p.part_o + size_t(h) * p.max_splits * hd;
+        if (vec) {
+            for (int i = t * 4; i < n_act * hd; i += NT * 4) cp_async16(po_s + size_t(g) * n_act * hd + i, src + i);
+        } else {
+            for (int i = t; i < n_act * hd; i += NT) po_s[size_t(g) * n_act * hd + i] = __ldcg(src + i);
+        }
+        for (int i = t; i < n_act; i += NT) ml_s[g * mls + i] = __ldcg(p.part_ml + size_t(h) * p.max_splits + i);
     }
+    cp_async_commit();
+    cp_async_wait_all();
     __syncthreads();
-    for (int h = t; h < p.n_head; h += NT) {
-        float M = -INFINITY;
-        for (int sp = 0; sp < n_act; ++sp) M = fmaxf(M, mls[h * n_act + sp].x);
-        float L = 0.f;
+    for (int o = t; o < GH; o += NT) {
+        const int g = o / hd, d = o % hd;
+        float M = -INFINITY, L = 0.f, acc = 0.f;
         for (int sp = 0; sp < n_act; ++sp) {
-            const float w = expf(mls[h * n_act + sp].x - M);
-            wgt[h * n_act + sp] = w;
-            L += w * mls[h * n_act + sp].y;
+            const float2 mv = ml_s[g * mls + sp];
+            const float m_new = fmaxf(M, mv.x);
+            const float c = expf(M - m_new);  // 0 at the first split
+            const float w = expf(mv.x - m_new);
+            L = L * c + w * mv.y;
+            acc = acc * c + w * po_s[(size_t(g) * n_act + sp) * hd + d];
+            M = m_new;
         }
-        const float inv = 1.0f / L;
-        for (int sp = 0; sp < n_act; ++sp) wgt[h * n_act + sp] *= inv;
+        p.out[size_t(kvh) * GH + o] = acc / L;
     }
-    __syncthreads();
-    const int nh_d = p.n_head * hd;
-    for (int o = t; o < nh_d; o += NT) {
-        const int h = o / hd, d = o % hd;
-        const float* po = p.part_o + size_t(h) * p.max_splits * hd + d;
-        float acc = 0.f;
-        for (int s0 = 0; s0 < n_act; s0 += 8) {
-            float v[8];
-#pragma unroll
-            for (int k = 0; k < 8; ++k) v[k] = s0 + k < n_act ? __ldcg(po + size_t(s0 + k) * hd) : 0.f;
-#pragma unroll
-            for (int k = 0; k < 8; ++k)
-                if (s0 + k < n_act) acc += wgt[h * n_act + s0 + k] * v[k];
-        }
-        p.out[o] = acc;
-    }
-    if (t == 0) *p.counter = 0u;
+    if (t == 0) p.counter[kvh] = 0u;
 }
 
 // ---------------------------------------------------------------- dec_proj
-__global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
-    extern __shared__ __align__(16) uint8_t smem[];
-    __shared__ float bv[NW];
-    __shared__ int bi[NW];
-    __shared__ int is_last;
-    const int n_out = p.w[0].n_out, n_in = p.w[0].n_in;
-    const int r0 = blockIdx.x * p.rows_per_block;
-    const int r1 = min(r0 + p.rows_per_block, n_out);
-    const bool two = p.n_tensors > 1;
-
-    int used0, used1 = 0;
-    const int off0 = stage_rows(smem, p.w[0], r0, r1, &used0);
-    uint8_t* base1 = smem + used0;
-    int off1 = 0;
-    if (two) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
-    cp_async_commit();
-    if (!p.pdl_late) pdl_trigger();
-    pdl_wait();
-
-    Act a = carve_act(smem + p.smem_w, n_in);
-    const float ss = load_act(a, p.act, n_in);
-    finish_act(a, n_in, p.norm_w, p.eps, p.need_q8, ss);
-    cp_async_wait_all();
-    __syncthreads();
-
+// Block argmax of (best_v, best_i) (lane values of each warp), then the last
+// block to arrive reduces all blocks' results and writes the token (and advances
+// the state). Every thread of the block calls it.
+__device__ void argmax_tail(const DecProjArgs& p, float best_v, int best_i, float* bv, int* bi, int* is_last_p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t rb0 = size_t(p.w[0].row_bytes);
-    float best_v = -INFINITY;
-    int best_i = INT_MAX;
-    if (p.mode == DEC_GLU) {
-        const size_t rb1 = size_t(p.w[1].row_bytes);
-        const bool same = p.w[0].type == p.w[1].type;
-        for (int r = r0 + warp; r < r1; r += NW) {
-            const uint8_t* g = smem + off0 + size_t(r - r0) * rb0;
-            const uint8_t* u = base1 + off1 + size_t(r - r0) * rb1;
-            float2 d;
-            if (same) d = row_dot2(p.w[0].type, g, u, n_in, a);
-            else d = make_float2(row_dot(p.w[0].type, g, n_in, a), row_dot(p.w[1].type, u, n_in, a));
-            if (lane == 0) p.y[r] = d.x / (1.0f + expf(-d.x)) * d.y;
-        }
-        if (p.pdl_late) pdl_trigger();
-        return;
-    }
-    for (int r = r0 + warp; r < r1; r += 2 * NW) {
-        const int r2 = r + NW;
-        float2 d;
-        if (r2 < r1)
-            d = row_dot2(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, smem + off0 + size_t(r2 - r0) * rb0, n_in, a);
-        else
-            d = make_float2(row_dot(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, n_in, a), 0.f);
-        if (p.mode == DEC_RESID) {
-            if (lane == 0) {
-                p.y[r] += d.x;
-                if (r2 < r1) p.y[r2] += d.y;
-            }
-        } else {
-            if (lane == 0 && p.y) {
-                p.y[r] = d.x;
-                if (r2 < r1) p.y[r2] = d.y;
-            }
-            if (arg_better(d.x, r, best_v, best_i)) {
-                best_v = d.x;
-                best_i = r;
-            }
-            if (r2 < r1 && arg_better(d.y, r2, best_v, best_i)) {
-                best_v = d.y;
-                best_i = r2;
-            }
-        }
-    }
-    if (p.pdl_late) pdl_trigger();
-    if (p.mode != DEC_LOGITS || !p.argmax) return;
-
-    // block argmax, then the last block reduces the blocks' results
+    int& is_last = *is_last_p;
     if (lane == 0) {
         bv[warp] = best_v;
         bi[warp] = best_i;
@@ -863,12 +868,188 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     }
 }
 
+__global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ float bv[NW];
+    __shared__ int bi[NW];
+    __shared__ int is_last;
+    const int n_out = p.w[0].n_out, n_in = p.w[0].n_in;
+    const int r0 = blockIdx.x * p.rows_per_block;
+    const int r1 = min(r0 + p.rows_per_block, n_out);
+    const bool two = p.n_tensors > 1;
+
+    l2_prefetch_slice(p.pf, p.pf_bytes);
+    // shared memory: [staged rows: smem_w][norm weights: n_in floats][activations][old y: 64 floats]
+    float* nw = reinterpret_cast<float*>(smem + p.smem_w);
+    if (p.norm_w) stage_floats(nw, p.norm_w, n_in);
+    cp_async_commit();
+    int used0, used1 = 0;
+    const int off0 = stage_rows(smem, p.w[0], r0, r1, &used0);
+    uint8_t* base1 = smem + used0;
+    int off1 = 0;
+    if (two) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
+    cp_async_commit();
+    if (p.pdl_trigger == 0) pdl_trigger();
+    pdl_wait();
+    if (p.pdl_trigger == 1) pdl_trigger();
+
+    uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);
+    float* yold = reinterpret_cast<float*>(actp + dec_act_bytes(n_in));
+    // RESID: the old values of our rows (complete: written two kernels back), loaded
+    // alongside the activations rather than after the row dots
+    const bool own_old = p.mode == DEC_RESID && int(threadIdx.x) < r1 - r0;
+    const float yv = own_old ? __ldcg(p.y + r0 + threadIdx.x) : 0.f;
+    Act a = carve_act(actp, n_in);
+    const float ss = load_act(a, p.act, n_in);
+    if (own_old) yold[threadIdx.x] = yv;  // published by finish_act's barriers
+    cp_async_wait_older();  // the norm weights
+    finish_act(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);
+    cp_async_wait_all();
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t rb0 = size_t(p.w[0].row_bytes);
+    float best_v = -INFINITY;
+    int best_i = INT_MAX;
+    if (p.mode == DEC_GLU) {
+        const size_t rb1 = size_t(p.w[1].row_bytes);
+        const bool same = p.w[0].type == p.w[1].type;
+        for (int r = r0 + warp; r < r1; r += NW) {
+            const uint8_t* g = smem + off0 + size_t(r - r0) * rb0;
+            const uint8_t* u = base1 + off1 + size_t(r - r0) * rb1;
+            float2 d;
+            if (same) d = row_dot2(p.w[0].type, g, u, n_in, a);
+            else d = make_float2(row_dot(p.w[0].type, g, n_in, a), row_dot(p.w[1].type, u, n_in, a));
+            if (lane == 0) p.y[r] = d.x / (1.0f + expf(-d.x)) * d.y;
+        }
+        if (p.pdl_trigger == 2) pdl_trigger();
+        return;
+    }
+    for (int r = r0 + warp; r < r1; r += 2 * NW) {
+        const int r2 = r + NW;
+        float2 d;
+        if (r2 < r1)
+            d = row_dot2(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, smem + off0 + size_t(r2 - r0) * rb0, n_in, a);
+        else
+            d = make_float2(row_dot(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, n_in, a), 0.f);
+        if (p.mode == DEC_RESID) {
+            if (lane == 0) {
+                p.y[r] = yold[r - r0] + d.x;
+                if (r2 < r1) p.y[r2] = yold[r2 - r0] + d.y;
+            }
+        } else {
+            if (lane == 0 && p.y) {
+                p.y[r] = d.x;
+                if (r2 < r1) p.y[r2] = d.y;
+            }
+            if (arg_better(d.x, r, best_v, best_i)) {
+                best_v = d.x;
+                best_i = r;
+            }
+            if (r2 < r1 && arg_better(d.y, r2, best_v, best_i)) {
+                best_v = d.y;
+                best_i = r2;
+            }
+        }
+    }
+    if (p.pdl_trigger == 2) pdl_trigger();
+    if (p.mode != DEC_LOGITS || !p.argmax) return;
+
+    argmax_tail(p, best_v, best_i, bv, bi, &is_last);
+}
+
+// ---------------------------------------------------------------- dec_lm
+// The lm_head (LOGITS mode) as a persistent kernel: gridDim.x blocks take the
+// batches of rows_per_block rows b = blockIdx.x, + gridDim.x, ...; two staging
+// buffers (smem_w/2 bytes each): batch i+2 is copied while batch i+1 lands and
+// batch i is computed, and the activation prep happens once per block.
+__global__ void __launch_bounds__(NT, 2) dec_lm_kernel(const DecProjArgs p) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ float bv[NW];
+    __shared__ int bi[NW];
+    __shared__ int is_last;
+    const int n_out = p.w[0].n_out, n_in = p.w[0].n_in, rb = p.rows_per_block;
+    const int nbatch = (n_out + rb - 1) / rb;
+    const int half_w = p.smem_w / 2;
+    l2_prefetch_slice(p.pf, p.pf_bytes);
+    uint8_t* buf0 = smem;
+    uint8_t* buf1 = smem + half_w;
+    float* nw = reinterpret_cast<float*>(smem + p.smem_w);
+    if (p.norm_w) stage_floats(nw, p.norm_w, n_in);
+    cp_async_commit();  // group: norm weights
+    int used, off0 = 0, off1 = 0;
+    const int b0 = blockIdx.x, b1 = blockIdx.x + gridDim.x;
+    if (b0 < nbatch) off0 = stage_rows(buf0, p.w[0], b0 * rb, min(b0 * rb + rb, n_out), &used);
+    cp_async_commit();  // group: first batch
+    if (b1 < nbatch) off1 = stage_rows(buf1, p.w[0], b1 * rb, min(b1 * rb + rb, n_out), &used);
+    cp_async_commit();  // group: second batch
+    if (p.pdl_trigger == 0) pdl_trigger();
+    pdl_wait();
+    if (p.pdl_trigger == 1) pdl_trigger();
+
+    uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);
+    Act a = carve_act(actp, n_in);
+    const float ss = load_act(a, p.act, n_in);
+    cp_async_wait_group<2>();  // the norm weights
+    finish_act(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t rbytes = size_t(p.w[0].row_bytes);
+    const uint32_t type = p.w[0].type;
+    float best_v = -INFINITY;
+    int best_i = INT_MAX;
+    int cur = 0;
+    for (int b = b0; b < nbatch; b += gridDim.x) {
+        cp_async_wait_group<1>();  // this batch (the next one may still be in flight)
+        __syncthreads();
+        const uint8_t* base = (cur ? buf1 + off1 : buf0 + off0);
+        const int r0 = b * rb, r1 = min(r0 + rb, n_out);
+        for (int r = r0 + warp; r < r1; r += 2 * NW) {
+            const int r2 = r + NW;
+            float2 d;
+            if (r2 < r1) d = row_dot2(type, base + size_t(r - r0) * rbytes, base + size_t(r2 - r0) * rbytes, n_in, a);
+            else d = make_float2(row_dot(type, base + size_t(r - r0) * rbytes, n_in, a), 0.f);
+            if (lane == 0 && p.y) {
+                p.y[r] = d.x;
+                if (r2 < r1) p.y[r2] = d.y;
+            }
+            if (arg_better(d.x, r, best_v, best_i)) {
+                best_v = d.x;
+                best_i = r;
+            }
+            if (r2 < r1 && arg_better(d.y, r2, best_v, best_i)) {
+                best_v = d.y;
+                best_i = r2;
+            }
+        }
+        __syncthreads();  // this buffer is free again
+        const int bn = b + 2 * gridDim.x;
+        if (bn < nbatch) {
+            if (cur) off1 = stage_rows(buf1, p.w[0], bn * rb, min(bn * rb + rb, n_out), &used);
+            else off0 = stage_rows(buf0, p.w[0], bn * rb, min(bn * rb + rb, n_out), &used);
+        }
+        cp_async_commit();  // (possibly empty: keeps the group count uniform)
+        cur ^= 1;
+    }
+    cp_async_wait_all();
+    if (p.pdl_trigger == 2) pdl_trigger();
+    if (!p.argmax) return;
+    argmax_tail(p, best_v, best_i, bv, bi, &is_last);
+}
+
+// An empty kernel with the decode kernels' PDL handshake: the launch-boundary floor.
+__global__ void __launch_bounds__(NT) dec_noop_kernel(int trigger) {
+    if (trigger == 0) pdl_trigger();
+    pdl_wait();
+    if (trigger != 0) pdl_trigger();
+}
+
 std::string ctx(const char* kernel, const char* what) {
     return std::string(kernel) + " for " + (what ? what : "?");
 }
 
 template <class Args>
-void launch(void (*kernel)(const Args), dim3 grid, size_t smem, cudaStream_t st, bool pdl, const Args& a,
+void launch(void (*kernel)(Args), dim3 grid, size_t smem, cudaStream_t st, bool pdl, const Args& a,
             const std::string& what) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
@@ -898,8 +1079,8 @@ size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
     const int G = n_head / n_head_kv;
     const size_t tiles = align16(size_t(G * head_dim + G * kDecTK + 3 * G) * 4) +
                          2 * size_t(kDecTK) * dec_attn_row_stride(head_dim);
-    const size_t combine = size_t(n_head) * kDecMaxSplits * (4 + 8);
-    return std::max(tiles, combine);
+    const size_t merge = size_t(G) * kDecMaxSplits * head_dim * 4 + size_t(G) * (kDecMaxSplits + 2) * 8;
+    return std::max(tiles, merge);
 }
 
 void dec_set_smem_limit(size_t bytes) {
@@ -914,7 +1095,8 @@ void dec_set_smem_limit(size_t bytes) {
     if (bytes <= cur) return;
     if (cur == 0) {  // one shared-memory carveout for all three: consecutive kernels can share an SM
         for (const void* k : {reinterpret_cast<const void*>(dec_qkv_kernel), reinterpret_cast<const void*>(dec_proj_kernel),
-                              reinterpret_cast<const void*>(dec_attn_kernel)})
+                              reinterpret_cast<const void*>(dec_attn_kernel), reinterpret_cast<const void*>(dec_noop_kernel),
+                              reinterpret_cast<const void*>(dec_lm_kernel)})
             CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
                                             int(cudaSharedmemCarveoutMaxShared)),
                        "decode kernels carveout");
@@ -925,23 +1107,39 @@ void dec_set_smem_limit(size_t bytes) {
                "dec_proj_kernel");
     CUDA_CHECK(cudaFuncSetAttribute(dec_attn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b),
                "dec_attn_kernel");
+    CUDA_CHECK(cudaFuncSetAttribute(dec_noop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b),
+               "dec_noop_kernel");
+    CUDA_CHECK(cudaFuncSetAttribute(dec_lm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b), "dec_lm_kernel");
     cur = bytes;
 }
 
-void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what) {
+void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
     const int H = a.n_head + 2 * a.n_head_kv;
-    const size_t smem = size_t(a.smem_w) + dec_act_bytes(a.n_embd) + align16(size_t(2 * a.S) * 4);
-    launch(dec_qkv_kernel, dim3(H * a.parts), smem, st, pdl, a, ctx("dec_qkv_kernel", what));
+    const size_t smem = dec_qkv_smem(a);
+    if (noop) launch(dec_noop_kernel, dim3(H * a.parts), smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
+    else launch(dec_qkv_kernel, dim3(H * a.parts), smem, st, pdl, a, ctx("dec_qkv_kernel", what));
 }
 
-void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what) {
-    launch(dec_attn_kernel, dim3(a.max_splits, a.n_head_kv), dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim), st,
-           pdl, a, ctx("dec_attn_kernel", what));
+void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
+    const dim3 grid(a.max_splits, a.n_head_kv);
+    const size_t smem = dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim);
+    if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
+    else launch(dec_attn_kernel, grid, smem, st, pdl, a, ctx("dec_attn_kernel", what));
 }
 
-void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what) {
-    const size_t smem = size_t(a.smem_w) + dec_act_bytes(a.w[0].n_in);
-    launch(dec_proj_kernel, dim3(dec_proj_blocks(a)), smem, st, pdl, a, ctx("dec_proj_kernel", what));
+void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
+    if (a.mode == DEC_RESID && a.rows_per_block > 64)
+        throw Error(std::string("dec_proj: at most 64 rows per block in the residual mode (") + (what ? what : "?") + ")");
+    const size_t smem = dec_proj_smem(a);
+    if (a.mode == DEC_LOGITS) {
+        const dim3 grid(std::max(1, std::min(dec_proj_blocks(a), a.lm_grid)));
+        if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
+        else launch(dec_lm_kernel, grid, smem, st, pdl, a, ctx("dec_lm_kernel", what));
+        return;
+    }
+    if (noop)
+        launch(dec_noop_kernel, dim3(dec_proj_blocks(a)), smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
+    else launch(dec_proj_kernel, dim3(dec_proj_blocks(a)), smem, st, pdl, a, ctx("dec_proj_kernel", what));
 }
 
 }  // namespace cu

@@ -145,17 +145,19 @@ std::vector<float> dec_matvec(uint32_t type, const uint8_t* w, size_t nbytes, in
     cu::DecProjArgs a{};
     a.w[0] = cu::DTensor{dw.p, type, int(n_in), int(n_out), int(row_bytes)};
     a.n_tensors = 1;
-    // the engine's lm_head plan: as many rows per block as fit 32 KB, at most 32
+    // the engine's lm_head plan (batches of up to 32 rows, two buffers within 64 KB), on a
+    // small persistent grid of 7 blocks so each block takes several batches
     int rb = 32;
-    while (rb > 1 && cu::dec_stage_bytes(rb, int(row_bytes)) > (size_t(32) << 10)) rb = rb > 8 ? rb - 8 : rb - 1;
+    while (rb > 1 && 2 * cu::dec_stage_bytes(rb, int(row_bytes)) > (size_t(64) << 10)) rb = rb > 8 ? rb - 8 : rb - 1;
     a.rows_per_block = rb;
-    a.smem_w = int(cu::dec_stage_bytes(rb, int(row_bytes)));
-    const size_t smem = size_t(a.smem_w) + cu::dec_act_bytes(int(n_in));
+    a.smem_w = int(2 * cu::dec_stage_bytes(rb, int(row_bytes)));
+    a.lm_grid = 7;
+    const size_t smem = cu::dec_proj_smem(a.smem_w, int(n_in));
     int optin = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0), what);
     if (smem > size_t(optin)) throw Error("dec_matvec test: a row is too long for the shared-memory stage");
     cu::dec_set_smem_limit(std::max(smem, size_t(48) << 10));
-    const int blocks = cu::dec_proj_blocks(a);
+    const int blocks = std::min(cu::dec_proj_blocks(a), a.lm_grid);
     DBuf<cu::ArgPart> parts(size_t(blocks), what);
     DBuf<cu::DecState> st(1, what);
     DBuf<cu::DecSync> sync(1, what);

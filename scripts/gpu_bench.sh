@@ -35,7 +35,7 @@ REPEAT=${GPU_BENCH_REPEAT:-5}
 LREPEAT=${GPU_BENCH_LEVER_REPEAT:-3}
 P=${GPU_BENCH_P:-512}
 N=${GPU_BENCH_N:-128}
-LEVERS=${GPU_BENCH_LEVERS:-"pdl_late pdl graphs fast_decode fused_prompt"}
+LEVERS=${GPU_BENCH_LEVERS:-"pdl_early pdl_late pdl graphs fast_decode fused_prompt"}
 DEADLINE=${GPU_BENCH_DEADLINE:-540}
 T0=$(date +%s)
 late() {  # name: true (and recorded as skipped) when past the deadline
@@ -138,6 +138,13 @@ if [ -n "$MODEL" ] && ! late profile; then
     else
         record profile FAIL "$STEP_SECS" "$(tail -1 "$OUT/profile.txt")"
     fi
+    # tuning knobs, each alone (GPU_BENCH_EXPLORE="ENV=V ENV=V ..."): the same profile at pos 0
+    for kv in ${GPU_BENCH_EXPLORE:-}; do
+        late "explore $kv" && break
+        echo "--- $kv" >> "$OUT/explore.txt"
+        timeout -k 5 60 env "$kv" bash -c "cd /tmp && $PY '$ROOT/scripts/gpu_profile.py' '$MODEL' --prompt 512 --steps 16" \
+            >> "$OUT/explore.txt" 2>&1
+    done
 fi
 
 # ---- 4. tests
@@ -165,7 +172,8 @@ fi
 if [ -n "$MODEL" ]; then
     for lv in $LEVERS; do
         case $lv in
-            pdl_late) bench q4-pdl-late "$MODEL" "$LREPEAT" ORCD_CUDA_PDL_LATE=1 ;;
+            pdl_early) bench q4-pdl-early "$MODEL" "$LREPEAT" ORCD_CUDA_PDL_TRIGGER=0 ;;
+            pdl_late) bench q4-pdl-late "$MODEL" "$LREPEAT" ORCD_CUDA_PDL_TRIGGER=2 ;;
             pdl) bench q4-no-pdl "$MODEL" "$LREPEAT" ORCD_CUDA_PDL=0 ;;
             graphs) bench q4-no-graphs "$MODEL" "$LREPEAT" ORCD_CUDA_GRAPHS=0 ;;
             fast_decode) bench q4-no-fast-decode "$MODEL" "$LREPEAT" ORCD_CUDA_FAST_DECODE=0 ;;
@@ -208,6 +216,7 @@ for r in rows:
 EOF
 echo
 [ -f "$OUT/profile.txt" ] && cat "$OUT/profile.txt"
+[ -f "$OUT/explore.txt" ] && grep -v "^model" "$OUT/explore.txt"
 echo
 echo "== gpu_bench summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
 for i in "${!names[@]}"; do printf '%-22s %s\n' "${names[$i]}" "${results[$i]}"; done

@@ -3,9 +3,11 @@ at an empty context and after a prompt, for each model given.
 
     python3 scripts/gpu_profile.py MODEL.gguf [MODEL2.gguf ...] [--prompt 512] [--steps 32]
 
-Kernels are bracketed by CUDA events and launched one by one without PDL, so
-the per-kernel numbers include each launch's gap; graph_step is the same steps
-as the engine runs them (graph + PDL by default). Prints a table; --json for JSON.
+The step is captured into a graph with an event after each kernel (no PDL), so
+the per-kernel numbers are GPU time including each kernel boundary; graph_step
+is the same steps as the engine runs them (graph + PDL by default); noop_step /
+noop_step_nopdl are graphs of empty kernels of the same shapes (the floor that
+the kernel boundaries alone cost). Prints a table; --json for JSON.
 """
 import argparse
 import json
@@ -34,11 +36,14 @@ def main():
     if a.json:
         print(json.dumps(rows, indent=1))
         return
-    keys = ["qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head", "graph_step"]
-    print(f"{'model':<22} {'pos':>5} " + " ".join(f"{k:>11}" for k in keys) + f" {'sum':>8}  (us per step)")
+    keys = ["qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head"]
+    tail = ["graph_step", "noop_step", "noop_step_nopdl"]
+    print(f"{'model':<18} {'pos':>4} " + " ".join(f"{k[:11]:>11}" for k in keys) + f" {'sum':>7} " +
+          " ".join(f"{k:>15}" for k in tail) + "  (us per step)")
     for r in rows:
-        s = sum(r[k] for k in keys[:-1])
-        print(f"{r['model'][:22]:<22} {r['pos']:>5} " + " ".join(f"{r[k]:>11.1f}" for k in keys) + f" {s:>8.1f}")
+        s = sum(r[k] for k in keys)
+        print(f"{r['model'][:18]:<18} {r['pos']:>4} " + " ".join(f"{r[k]:>11.1f}" for k in keys) + f" {s:>7.1f} " +
+              " ".join(f"{r[k]:>15.1f}" for k in tail))
 
 
 if __name__ == "__main__":

@@ -550,7 +550,8 @@ def test_decode_graph_equals_direct(tiny_model, wtype):
     path = tiny_model(wtype)
     prompt = np.random.default_rng(13).integers(0, 200, 9).astype(np.int32)
     variants = [dict(graphs=True, pdl=True), dict(graphs=False, pdl=True), dict(graphs=True, pdl=False),
-                dict(graphs=False, pdl=False), dict(graphs=True, pdl=True, pdl_late=True)]
+                dict(graphs=False, pdl=False), dict(graphs=True, pdl=True, pdl_trigger=0),
+                dict(graphs=True, pdl=True, pdl_trigger=2)]
     results = []
     for opts in variants:
         e = _fast_engine(path)
@@ -636,7 +637,8 @@ def test_profile_decode(tiny_model):
     e = _fast_engine(path)
     e.forward(0, np.arange(1, 6, dtype=np.int32), 0)
     prof = e.profile_decode(0, 7, 5, 4)
-    assert set(prof) == {"qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head", "graph_step"}
+    assert set(prof) == {"qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head", "graph_step",
+                         "noop_step", "noop_step_nopdl"}
     assert all(v > 0 for v in prof.values()), prof
     with pytest.raises(ValueError, match="n_ctx"):
         e.profile_decode(0, 7, 62, 4)
