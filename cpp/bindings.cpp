@@ -188,6 +188,18 @@ struct PyEngine {
         return out.array;
     }
 
+    // n_steps greedy tokens after `first_token` at `pos` (llama-bench's tg: no sampling).
+    NpArray<int32_t> decode_greedy(int slot, int32_t first_token, int pos, int n_steps) {
+        Engine& en = eng();
+        if (n_steps < 0) throw Error("decode_greedy: n_steps must be >= 0 (got " + std::to_string(n_steps) + ")");
+        std::vector<int32_t> out((size_t)n_steps);
+        {
+            nb::gil_scoped_release nogil;
+            en.decode_greedy(slot, first_token, pos, n_steps, out.data());
+        }
+        return to_numpy(std::move(out), {(size_t)n_steps});
+    }
+
     nb::dict info() {
         const ModelDesc& d = eng().desc();
         nb::dict r;
@@ -385,6 +397,8 @@ NB_MODULE(_orcd, m) {
              nb::arg("all_logits") = false)
         .def("trace", &PyEngine::trace, nb::arg("tokens"))
         .def("decode_batch", &PyEngine::decode_batch, nb::arg("slots"), nb::arg("tokens"), nb::arg("pos"))
+        .def("decode_greedy", &PyEngine::decode_greedy, nb::arg("slot"), nb::arg("first_token"), nb::arg("pos"),
+             nb::arg("n_steps"))
         .def("info", &PyEngine::info)
         .def("close", [](PyEngine& s) { s.e.reset(); });
 }

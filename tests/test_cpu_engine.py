@@ -151,3 +151,19 @@ def test_f16_copy_gives_same_greedy_tokens(real_model_path, real_model_f16_path)
             logits = eng.forward(0, np.array([t], np.int32), len(ids) + i)
         outs.append(toks)
     assert outs[0] == outs[1]
+
+
+def test_decode_greedy_equals_forward_argmax(tiny_model):
+    path = tiny_model("Q5_0")
+    eng = orcd._orcd.CpuEngine(path, 32)
+    prompt = np.array([4, 8, 15, 16], np.int32)
+    first = int(np.argmax(eng.forward(0, prompt, 0)))
+    got = eng.decode_greedy(0, first, len(prompt), 6)
+    ref = orcd._orcd.CpuEngine(path, 32)
+    ids = list(prompt) + [first]
+    want = []
+    for _ in range(6):
+        t = int(np.argmax(ref.forward(0, np.array(ids, np.int32), 0)))
+        want.append(t)
+        ids.append(t)
+    assert got.tolist() == want
