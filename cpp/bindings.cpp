@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 
+#include "bind_info.h"
 #include "engine.h"
 #include "error.h"
 #include "ggml_types.h"
@@ -200,27 +201,7 @@ struct PyEngine {
         return to_numpy(std::move(out), {(size_t)n_steps});
     }
 
-    nb::dict info() {
-        const ModelDesc& d = eng().desc();
-        nb::dict r;
-        r["arch"] = d.arch;
-        r["name"] = d.name;
-        r["n_layer"] = d.n_layer;
-        r["n_embd"] = d.n_embd;
-        r["n_ff"] = d.n_ff;
-        r["n_head"] = d.n_head;
-        r["n_head_kv"] = d.n_head_kv;
-        r["head_dim"] = d.head_dim;
-        r["n_ctx_train"] = d.n_ctx_train;
-        r["n_vocab"] = d.n_vocab;
-        r["rope_base"] = d.rope_base;
-        r["rms_eps"] = d.rms_eps;
-        r["tied_output"] = d.tied_output;
-        r["n_ctx"] = eng().n_ctx();
-        r["n_slots"] = eng().n_slots();
-        r["backend"] = "cpu";
-        return r;
-    }
+    nb::dict info() { return engine_info_dict(eng(), "cpu"); }
 };
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_info.h"
 #include "cuda_api.h"
 #include "ggml_types.h"
 
@@ -92,24 +93,7 @@ nb::dict paths_dict(const orcd::CudaEngine& e) {
 }
 
 nb::dict engine_info(const orcd::CudaEngine& e) {
-    const orcd::ModelDesc& d = e.desc();
-    nb::dict r;
-    r["backend"] = "cuda";
-    r["arch"] = d.arch;
-    r["name"] = d.name;
-    r["n_layer"] = d.n_layer;
-    r["n_embd"] = d.n_embd;
-    r["n_ff"] = d.n_ff;
-    r["n_head"] = d.n_head;
-    r["n_head_kv"] = d.n_head_kv;
-    r["head_dim"] = d.head_dim;
-    r["n_ctx_train"] = d.n_ctx_train;
-    r["n_vocab"] = d.n_vocab;
-    r["rope_base"] = d.rope_base;
-    r["rms_eps"] = d.rms_eps;
-    r["tied_output"] = d.tied_output;
-    r["n_ctx"] = e.n_ctx();
-    r["n_slots"] = e.n_slots();
+    nb::dict r = orcd::engine_info_dict(e, "cuda");
     r["prompt_chunk"] = e.max_prompt_chunk();
     const orcd::CudaMemoryUse m = e.memory_use();
     r["vram_weights"] = m.weights;

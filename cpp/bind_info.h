@@ -1,0 +1,34 @@
+// bind_info.h - the model description as a Python dict, shared by the CPU
+// (cpp/bindings.cpp) and CUDA (cuda/bindings_cuda.cpp) engine bindings so
+// both report the same keys.
+#pragma once
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include "engine.h"
+
+namespace orcd {
+
+inline nanobind::dict engine_info_dict(const Engine& e, const char* backend) {
+    const ModelDesc& d = e.desc();
+    nanobind::dict r;
+    r["backend"] = backend;
+    r["arch"] = d.arch;
+    r["name"] = d.name;
+    r["n_layer"] = d.n_layer;
+    r["n_embd"] = d.n_embd;
+    r["n_ff"] = d.n_ff;
+    r["n_head"] = d.n_head;
+    r["n_head_kv"] = d.n_head_kv;
+    r["head_dim"] = d.head_dim;
+    r["n_ctx_train"] = d.n_ctx_train;
+    r["n_vocab"] = d.n_vocab;
+    r["rope_base"] = d.rope_base;
+    r["rms_eps"] = d.rms_eps;
+    r["tied_output"] = d.tied_output;
+    r["n_ctx"] = e.n_ctx();
+    r["n_slots"] = e.n_slots();
+    return r;
+}
+
+}  // namespace orcd
