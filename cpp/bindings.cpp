@@ -224,7 +224,7 @@ NB_MODULE(_orcd, m) {
         return nb::make_tuple(t->name, t->block_size, t->block_bytes, t->dequantizable);
     }, nb::arg("type_id"), "(name, block_size, block_bytes, dequantizable) of a ggml type id, or None");
 
-    m.def("dequantize_raw", [](uint32_t type, In1D<uint8_t> data, int64_t n) {
+    m.def("dequantize_raw", [](uint32_t type, In1D<uint8_t> data, int64_t n, nb::object out_obj) -> nb::object {
         const TypeInfo* t = type_info(type);
         if (!t) throw Error("unknown ggml type id " + std::to_string(type));
         if (n < 0 || n % t->block_size != 0)
@@ -234,13 +234,24 @@ NB_MODULE(_orcd, m) {
         if (data.shape(0) < need)
             throw Error(std::string(t->name) + ": " + std::to_string(n) + " elements need " + std::to_string(need) +
                         " bytes, got " + std::to_string(data.shape(0)));
+        if (!out_obj.is_none()) {  // caller's buffer: measures the kernel without allocation and page faults
+            auto out = nb::cast<nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(out_obj);
+            if ((int64_t)out.shape(0) < n)
+                throw Error("out holds " + std::to_string(out.shape(0)) + " floats, need " + std::to_string(n));
+            {
+                nb::gil_scoped_release nogil;
+                dequantize_row(type, data.data(), out.data(), n);
+            }
+            return out_obj;
+        }
         FloatOut out = float_out({(size_t)n});
         {
             nb::gil_scoped_release nogil;
             dequantize_row(type, data.data(), out.data, n);
         }
-        return out.array;
-    }, nb::arg("type_id"), nb::arg("data"), nb::arg("n"));
+        return nb::cast(out.array);
+    }, nb::arg("type_id"), nb::arg("data"), nb::arg("n"), nb::arg("out") = nb::none(),
+       "float32[n] of n elements of a ggml type; into `out` (float32, contiguous) when given");
 
     m.def("matmul", [](uint32_t type, In1D<uint8_t> w, int64_t n_in, int64_t n_out, In2D<float> x, int n_threads) {
         const TypeInfo* t = type_info(type);

@@ -279,3 +279,15 @@ def test_real_model_rows(real_model_path):
         assert len(seen) >= 4
     finally:
         f.close()
+
+
+def test_dequantize_raw_into_out_buffer():
+    rng = np.random.default_rng(5)
+    q = gguf.quants.quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    ref = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(-1)
+    buf = np.full(300, np.nan, np.float32)
+    res = orcd._orcd.dequantize_raw(8, q.reshape(-1), 256, out=buf)
+    assert res is buf
+    assert np.array_equal(buf[:256], ref) and np.isnan(buf[256:]).all()
+    with pytest.raises(ValueError, match="out holds 100 floats"):
+        orcd._orcd.dequantize_raw(8, q.reshape(-1), 256, out=np.empty(100, np.float32))
