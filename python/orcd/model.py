@@ -156,6 +156,7 @@ class Model:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), n_vocab] for the ids evaluated in a fresh context."""
         ids = self._ids(ids)
+        self._cached[0] = []  # overwritten from position 0 on, whatever happens below
         out = self._engine.forward(0, np.asarray(ids, np.int32), 0, True)
         self._cached[0] = list(ids)
         return out
@@ -163,6 +164,7 @@ class Model:
     def trace(self, ids: Sequence[int]) -> dict:
         """{'hidden': [embedding output, after layer 0, ...], 'logits': [n, n_vocab]}, fresh context."""
         ids = self._ids(ids)
+        self._cached[0] = []
         hidden, logits = self._engine.trace(np.asarray(ids, np.int32))
         self._cached[0] = list(ids)
         return {"hidden": hidden, "logits": logits}
@@ -174,7 +176,7 @@ class Model:
         limit = min(len(cached), len(ids) - 1)  # always evaluate at least the last token
         while n < limit and cached[n] == ids[n]:
             n += 1
-        self._cached[slot] = cached[:n]
+        self._cached[slot] = cached[:n]  # all that stays valid if the forward below fails
         logits = self._engine.forward(slot, np.asarray(ids[n:], np.int32), n, False)
         self._cached[slot] = list(ids)
         return logits
