@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <memory>
+#include <mutex>
 
 #include "bind_info.h"
 #include "engine.h"
@@ -140,8 +141,11 @@ std::vector<size_t> reversed_shape(const TensorInfo& t) {
 
 // ============================================================ engine wrapper
 
+// Calls into one engine are serialised: its KV cache and thread pool serve
+// one caller at a time, and Python threads may share a Model.
 struct PyEngine {
     std::unique_ptr<Engine> e;
+    std::unique_ptr<std::mutex> mu = std::make_unique<std::mutex>();
 
     Engine& eng() {
         if (!e) throw Error("engine is closed");
@@ -155,7 +159,8 @@ struct PyEngine {
         FloatOut out = all_logits ? float_out({(size_t)n, V}) : float_out({V});
         {
             nb::gil_scoped_release nogil;
-            en.forward(slot, tokens.data(), n, pos0, out.data, all_logits, nullptr);
+            std::lock_guard<std::mutex> lock(*mu);
+            eng().forward(slot, tokens.data(), n, pos0, out.data, all_logits, nullptr);
         }
         return out.array;
     }
@@ -168,7 +173,8 @@ struct PyEngine {
         Trace tr;
         {
             nb::gil_scoped_release nogil;
-            en.forward(0, tokens.data(), n, 0, logits.data(), true, &tr);
+            std::lock_guard<std::mutex> lock(*mu);
+            eng().forward(0, tokens.data(), n, 0, logits.data(), true, &tr);
         }
         nb::list hidden;
         for (auto& h : tr.hidden) hidden.append(to_numpy(std::move(h), {(size_t)n, (size_t)tr.n_embd}));
@@ -184,7 +190,8 @@ struct PyEngine {
         FloatOut out = float_out({(size_t)n, V});
         {
             nb::gil_scoped_release nogil;
-            en.decode_batch(n, slots.data(), tokens.data(), pos.data(), out.data);
+            std::lock_guard<std::mutex> lock(*mu);
+            eng().decode_batch(n, slots.data(), tokens.data(), pos.data(), out.data);
         }
         return out.array;
     }
@@ -196,7 +203,8 @@ struct PyEngine {
         std::vector<int32_t> out((size_t)n_steps);
         {
             nb::gil_scoped_release nogil;
-            en.decode_greedy(slot, first_token, pos, n_steps, out.data());
+            std::lock_guard<std::mutex> lock(*mu);
+            eng().decode_greedy(slot, first_token, pos, n_steps, out.data());
         }
         return to_numpy(std::move(out), {(size_t)n_steps});
     }
@@ -392,5 +400,9 @@ NB_MODULE(_orcd, m) {
         .def("decode_greedy", &PyEngine::decode_greedy, nb::arg("slot"), nb::arg("first_token"), nb::arg("pos"),
              nb::arg("n_steps"))
         .def("info", &PyEngine::info)
-        .def("close", [](PyEngine& s) { s.e.reset(); });
+        .def("close", [](PyEngine& s) {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lock(*s.mu);
+            s.e.reset();
+        });
 }

@@ -22,6 +22,7 @@
 #include <nanobind/stl/string.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -107,8 +108,11 @@ nb::dict engine_info(const orcd::CudaEngine& e) {
     return r;
 }
 
+// Calls into one engine are serialised (its KV cache, graphs and stream serve
+// one caller at a time; Python threads may share a Model).
 struct PyCudaEngine {
     std::unique_ptr<orcd::CudaEngine> e;
+    std::unique_ptr<std::mutex> mu = std::make_unique<std::mutex>();
 
     orcd::CudaEngine& get() {
         if (!e) bad("CudaEngine is closed");
@@ -180,7 +184,8 @@ NB_MODULE(_orcd_cuda, m) {
                 std::vector<float> out((all_logits ? size_t(n) : 1) * V);
                 {
                     nb::gil_scoped_release nogil;
-                    e.forward(slot, tok.data(), n, pos0, out.data(), all_logits, nullptr);
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    self.get().forward(slot, tok.data(), n, pos0, out.data(), all_logits, nullptr);
                 }
                 if (all_logits) return to_numpy(std::move(out), {size_t(n), V});
                 return to_numpy(std::move(out), {V});
@@ -197,7 +202,8 @@ NB_MODULE(_orcd_cuda, m) {
                 orcd::Trace tr;
                 {
                     nb::gil_scoped_release nogil;
-                    e.forward(0, tok.data(), n, 0, logits.data(), true, &tr);
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    self.get().forward(0, tok.data(), n, 0, logits.data(), true, &tr);
                 }
                 nb::list hidden;
                 for (auto& h : tr.hidden)
@@ -216,7 +222,8 @@ NB_MODULE(_orcd_cuda, m) {
                 std::vector<float> out(s.size() * V);
                 {
                     nb::gil_scoped_release nogil;
-                    e.decode_batch(int(s.size()), s.data(), t.data(), p.data(), out.data());
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    self.get().decode_batch(int(s.size()), s.data(), t.data(), p.data(), out.data());
                 }
                 return to_numpy(std::move(out), {s.size(), V});
             },
@@ -229,7 +236,8 @@ NB_MODULE(_orcd_cuda, m) {
                 std::vector<int32_t> out(static_cast<size_t>(n_steps));
                 {
                     nb::gil_scoped_release nogil;
-                    e.decode_greedy(slot, first_token, pos, n_steps, out.data());
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    self.get().decode_greedy(slot, first_token, pos, n_steps, out.data());
                 }
                 return to_numpy(std::move(out), {size_t(n_steps)});
             },
@@ -259,7 +267,8 @@ NB_MODULE(_orcd_cuda, m) {
                 std::vector<std::pair<std::string, double>> r;
                 {
                     nb::gil_scoped_release nogil;
-                    r = e.profile_decode(slot, token, pos, n_steps);
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    r = self.get().profile_decode(slot, token, pos, n_steps);
                 }
                 nb::dict d;
                 for (auto& kv : r) d[kv.first.c_str()] = kv.second;
@@ -270,7 +279,11 @@ NB_MODULE(_orcd_cuda, m) {
             "'graph_step' (the step as the engine runs it).")
         .def("paths", [](PyCudaEngine& self) { return paths_dict(self.get()); })
         .def("info", [](PyCudaEngine& self) { return engine_info(self.get()); })
-        .def("close", [](PyCudaEngine& self) { self.e.reset(); })
+        .def("close", [](PyCudaEngine& self) {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lock(*self.mu);
+            self.e.reset();
+        })
         .def_prop_ro("n_ctx", [](PyCudaEngine& self) { return self.get().n_ctx(); })
         .def_prop_ro("n_slots", [](PyCudaEngine& self) { return self.get().n_slots(); })
         .def_prop_ro("n_vocab", [](PyCudaEngine& self) { return self.get().desc().n_vocab; });

@@ -167,3 +167,29 @@ def test_decode_greedy_equals_forward_argmax(tiny_model):
         want.append(t)
         ids.append(t)
     assert got.tolist() == want
+
+
+def test_engine_calls_from_threads_are_serialised(tiny_model):
+    """Python threads sharing one engine: calls run one at a time, results as if sequential."""
+    import threading
+    path = tiny_model("Q8_0")
+    eng = orcd._orcd.CpuEngine(path, 64, n_slots=2)
+    ids = [np.array([1, 2, 3, 4, 5], np.int32), np.array([9, 8, 7], np.int32)]
+    want = [orcd._orcd.CpuEngine(path, 64).forward(0, p, 0) for p in ids]
+    errors, results = [], {}
+
+    def work(slot):
+        try:
+            for _ in range(20):
+                results[slot] = eng.forward(slot, ids[slot], 0)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    for s in (0, 1):
+        assert np.allclose(results[s], want[s], atol=1e-4 * np.abs(want[s]).max())
