@@ -24,6 +24,7 @@
 
 #include "cuda_common.cuh"
 #include "decode.cuh"
+#include "warp.cuh"
 #include "ggml_types.h"
 #include "kernels.cuh"
 #include "quant_common.cuh"
@@ -79,16 +80,6 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    return v;
-}
 // Block sum over NT threads; every thread gets it. `buf` holds NW floats.
 __device__ __forceinline__ float block_sum(float v, float* buf) {
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32;

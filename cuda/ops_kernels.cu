@@ -8,21 +8,12 @@
 
 #include "cuda_common.cuh"
 #include "kernels.cuh"
+#include "warp.cuh"
 
 namespace orcd {
 namespace cu {
 namespace {
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    return v;
-}
 // Block-wide sum / max; every thread gets the result. `buf` holds >= 32 floats.
 // Ends with a barrier, so `buf` can be reused at once.
 __device__ __forceinline__ float block_sum(float v, float* buf) {
