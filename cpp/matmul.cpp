@@ -1098,31 +1098,6 @@ const char* matmul_kernel_name() {
 
 void matmul_force_scalar(bool on) { g_force_scalar.store(on); }
 
-float dot_f32(const float* a, const float* b, int64_t n) {
-    int64_t k = 0;
-    float s = 0.0f;
-#if ORCD_MM_AVX2
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (; k + 16 <= n; k += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
-    }
-    for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-    s = hsum(_mm256_add_ps(s0, s1));
-#endif
-    for (; k < n; ++k) s += a[k] * b[k];
-    return s;
-}
-
-void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
-    int64_t k = 0;
-#if ORCD_MM_AVX2
-    const __m256 av = _mm256_set1_ps(alpha);
-    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
-#endif
-    for (; k < n; ++k) y[k] += alpha * x[k];
-}
-
 WeightView make_weight_view(uint32_t type, const void* data, int64_t n_in, int64_t n_out) {
     const TypeInfo* ti = type_info(type);
     if (!ti || !matmul_supports(type))

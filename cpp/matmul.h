@@ -49,11 +49,6 @@ bool matmul_supports(uint32_t type);
 // Q8_0, Q4_K, Q5_K, Q6_K); other supported types take the fallback.
 bool matmul_has_kernel(uint32_t type);
 
-// Small float helpers for the engine's attention loops (vectorized):
-// dot_f32 = sum_k a[k]*b[k]; axpy_f32: y[k] += alpha * x[k].
-float dot_f32(const float* a, const float* b, int64_t n);
-void axpy_f32(float alpha, const float* x, float* y, int64_t n);
-
 // Name of the kernel set in use: "avx512vnni", "avx2" or "scalar".
 const char* matmul_kernel_name();
 // Test hook: force the portable scalar kernels (process-wide) instead of the

@@ -367,25 +367,3 @@ TEST_CASE("weight_row: one row as float equals dequantize_row") {
         CHECK_THROWS_AS(weight_row(w, -1, row.data()), Error);
     }
 }
-
-TEST_CASE("dot_f32 / axpy_f32 against double references") {
-    std::mt19937 rng(8);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    for (int64_t n : {0, 1, 7, 8, 15, 16, 17, 64, 100}) {
-        std::vector<float> a((size_t)n), b((size_t)n), y((size_t)n);
-        for (auto& v : a) v = nd(rng);
-        for (auto& v : b) v = nd(rng);
-        for (auto& v : y) v = nd(rng);
-        double ref = 0, mag = 0;
-        for (int64_t k = 0; k < n; ++k) {
-            ref += (double)a[(size_t)k] * b[(size_t)k];
-            mag += std::fabs((double)a[(size_t)k] * b[(size_t)k]);
-        }
-        CHECK(std::fabs(dot_f32(a.data(), b.data(), n) - ref) <= 2.0 * n * std::ldexp(1.0, -24) * mag + 1e-30);
-        std::vector<float> y2 = y;
-        axpy_f32(0.75f, a.data(), y2.data(), n);
-        for (int64_t k = 0; k < n; ++k)
-            CHECK(std::fabs(y2[(size_t)k] - (y[(size_t)k] + 0.75 * a[(size_t)k])) <=
-                  1e-6 * (std::fabs(y[(size_t)k]) + std::fabs(a[(size_t)k])));
-    }
-}
