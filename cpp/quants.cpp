@@ -339,14 +339,8 @@ uint16_t fp32_to_fp16(float f) {
 float bf16_to_fp32(uint16_t h) { return u2f(uint32_t(h) << 16); }
 
 bool can_dequantize(uint32_t type) {
-    switch (type) {
-    case T_F32: case T_F16: case T_BF16:
-    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0:
-    case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K:
-        return true;
-    default:
-        return false;
-    }
+    const TypeInfo* t = type_info(type);  // the type table marks what deq_* below covers
+    return t && t->dequantizable;
 }
 
 void dequantize_row(uint32_t type, const void* src, float* dst, int64_t n) {

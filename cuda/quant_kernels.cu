@@ -27,6 +27,7 @@
 
 #include "cuda_common.cuh"
 #include "ggml_types.h"
+#include "quants.h"
 #include "kernels.cuh"
 #include "quant_common.cuh"
 
@@ -178,16 +179,7 @@ void launch_matvec_rows(int rows, const uint8_t* w, size_t row_bytes, int n_in, 
 
 }  // namespace
 
-bool type_supported(uint32_t type) {
-    switch (type) {
-    case T_F32: case T_F16: case T_BF16:
-    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0:
-    case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K:
-        return true;
-    default:
-        return false;
-    }
-}
+bool type_supported(uint32_t type) { return can_dequantize(type); }  // deq8<T> covers every CPU type
 
 void dequantize_f16(uint32_t type, const uint8_t* src, int64_t n, __half* dst, cudaStream_t st, const char* what) {
     if (n <= 0) return;

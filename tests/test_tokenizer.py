@@ -151,15 +151,9 @@ def _reference_encoder(md):
     """Plain-Python byte-level BPE (GPT-2's algorithm) over the GGUF vocab and
     merges, with the Qwen2 split regex run by the `regex` module."""
     regex = pytest.importorskip("regex")
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:]
-    k = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + k)
-            k += 1
-    byte_char = {b: chr(c) for b, c in zip(bs, cs)}
+    from tiny_models import bytes_to_unicode  # GPT-2's byte table, test-side (not orcd's)
+
+    byte_char = bytes_to_unicode()
     vocab = {s: i for i, s in enumerate(md["tokenizer.ggml.tokens"])}
     ranks = {tuple(m.split(" ")): r for r, m in enumerate(md["tokenizer.ggml.merges"])}
     split = regex.compile(QWEN2_SPLIT)
