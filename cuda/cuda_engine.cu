@@ -132,7 +132,7 @@ private:
     void launch_decode_kernel(int k, bool greedy, bool pdl);
     void check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const;
     // The step as a graph launch (captured on first use) or as plain launches.
-    void run_decode(bool greedy);
+    void run_decode(bool greedy, int kv_len);  // kv_len: the step's cache length (picks the attention variant)
     void fast_forward_one(int slot, int32_t token, int pos, float* logits);
     void lm_head_last(const float* x_row);  // logits_ = output · rmsnorm(x_row), fused kernel
     const __half* weights16(std::initializer_list<const DevWeight*> ws);
@@ -182,7 +182,11 @@ private:
     std::vector<cu::DecAttnArgs> da_;
     std::vector<cu::DecProjArgs> dp_o_, dp_gu_, dp_d_;
     cu::DecProjArgs dp_lm_{};
-    cudaGraphExec_t graph_[2] = {nullptr, nullptr};  // [greedy]
+    cudaGraphExec_t graph_[4] = {nullptr, nullptr, nullptr, nullptr};  // [greedy + 2 * cluster attention]
+    // Steps whose cache holds at most dec_short_keys_ positions run the cluster attention
+    // (cu::DecAttnArgs::cluster; sm_90, 0: never); dec_cluster_ is the variant being launched.
+    int dec_short_keys_ = 0;
+    bool dec_cluster_ = false;
     struct ProjPlan {
         int rb = 0;      // rows per block (0: does not fit)
         int smem_w = 0;  // staged weight bytes
@@ -540,13 +544,16 @@ void CudaEngineImpl::plan_decode() {
     const PP o = plan_proj(E_, rb_o, 1, t_od, kDecStageCap, 64);
     const PP gu = plan_proj(F_, rb_gu, 2, t_gu, kDecStageCap, 64);
     const PP dn = plan_proj(E_, rb_d, 1, t_od, kDecStageCap, 64);
-    // lm_head: persistent blocks (2 per SM) over batches of up to 32 rows, two staging buffers
+    // lm_head: persistent blocks (3 per SM) over batches of up to 32 rows, two staging buffers
     PP lm{32, 0};
     while (lm.rb > 1 && 2 * cu::dec_stage_bytes(lm.rb, int(d_.output->row_bytes())) > kDecLmCap)
         lm.rb = lm.rb > 8 ? lm.rb - 8 : lm.rb - 1;
     lm.smem_w = int(2 * cu::dec_stage_bytes(lm.rb, int(d_.output->row_bytes())));
     if (size_t(lm.smem_w) > kDecLmCap) lm.rb = 0;
-    lm_grid_ = 2 * sms;
+    lm_grid_ = std::max(1, int(env_f("ORCD_CUDA_DEC_LM_SPM", 3.0) * sms));  // persistent lm_head blocks
+    // cluster attention up to this many cached positions (ORCD_CUDA_DEC_CLUSTER_KEYS, 0: off)
+    dec_short_keys_ = info_.cc_major >= 9 ? int(env_f("ORCD_CUDA_DEC_CLUSTER_KEYS", 512.0)) : 0;
+    if (const char* v = std::getenv("ORCD_CUDA_DEC_CLUSTER_KEYS"); v && std::atoi(v) == 0 && *v) dec_short_keys_ = 0;
     if (!o.rb || !gu.rb || !dn.rb || !lm.rb) return off("a weight row does not fit the shared-memory stage");
     plan_o_ = {o.rb, o.smem_w};
     plan_gu_ = {gu.rb, gu.smem_w};
@@ -738,6 +745,7 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
     case 1: {
         cu::DecAttnArgs a = da_[l];
         a.pdl_trigger = trig;
+        a.cluster = dec_cluster_ ? 1 : 0;
         cu::dec_attention(a, stream_, pdl, "decode attention");
         break;
     }
@@ -785,7 +793,7 @@ bool CudaEngineImpl::capture(bool greedy) {
             const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
             cudaGraphDestroy(graph);
             if (e != cudaSuccess) throw_cuda("cudaGraphInstantiate", e, "decode graph");
-            graph_[greedy ? 1 : 0] = exec;
+            graph_[(greedy ? 1 : 0) + (dec_cluster_ ? 2 : 0)] = exec;
             return true;
         } catch (const Error& err) {
             cudaGetLastError();
@@ -804,9 +812,10 @@ bool CudaEngineImpl::capture(bool greedy) {
     return false;
 }
 
-void CudaEngineImpl::run_decode(bool greedy) {
+void CudaEngineImpl::run_decode(bool greedy, int kv_len) {
+    dec_cluster_ = dec_short_keys_ > 0 && kv_len <= dec_short_keys_;
     if (opt_.graphs && graphs_ok_) {
-        cudaGraphExec_t& g = graph_[greedy ? 1 : 0];
+        cudaGraphExec_t& g = graph_[(greedy ? 1 : 0) + (dec_cluster_ ? 2 : 0)];
         if (g || capture(greedy)) {
             CUDA_CHECK(cudaGraphLaunch(g, stream_), "decode graph launch");
             return;
@@ -820,7 +829,7 @@ void CudaEngineImpl::fast_forward_one(int slot, int32_t token, int pos, float* l
     *pinned_state_ = cu::DecState{token, pos, slot, 0};
     CUDA_CHECK(cudaMemcpyAsync(d_state_, pinned_state_, sizeof(cu::DecState), cudaMemcpyHostToDevice, stream_),
                "decode state upload");
-    run_decode(false);
+    run_decode(false, pos + 1);
     CUDA_CHECK(cudaMemcpyAsync(pinned_logits_, logits_, size_t(V_) * 4, cudaMemcpyDeviceToHost, stream_),
                "logits copy");
     sync("forward (logits)");
@@ -899,7 +908,7 @@ void CudaEngineImpl::decode_greedy(int slot, int32_t first_token, int pos, int n
     *pinned_state_ = cu::DecState{first_token, pos, slot, 0};
     CUDA_CHECK(cudaMemcpyAsync(d_state_, pinned_state_, sizeof(cu::DecState), cudaMemcpyHostToDevice, stream_),
                "decode state upload");
-    for (int i = 0; i < n_steps; ++i) run_decode(true);
+    for (int i = 0; i < n_steps; ++i) run_decode(true, pos + i + 1);
     CUDA_CHECK(cudaMemcpyAsync(pinned_tokens_, d_out_tokens_, size_t(n_steps) * 4, cudaMemcpyDeviceToHost, stream_),
                "decoded tokens copy");
     sync("decode_greedy");
@@ -962,7 +971,8 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
     };
     try {
         for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e), "profile_decode events");
-        // per kernel: the step with an event after each kernel, no PDL
+        // per kernel: the step with an event after each kernel, no PDL (the attention variant of pos)
+        dec_cluster_ = dec_short_keys_ > 0 && pos + 1 <= dec_short_keys_;
         cudaGraphExec_t timed = make_graph([&]() {
             // External: inside a capture a plain record only orders streams; this makes event-record nodes
             CUDA_CHECK(cudaEventRecordWithFlags(ev[0], stream_, cudaEventRecordExternal), "profile_decode");
@@ -986,11 +996,11 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
         }
         // the step as the engine runs it
         put_state();
-        run_decode(true);  // captures the engine's graph if needed
+        run_decode(true, pos + 1);  // captures the engine's graph if needed
         sync("profile_decode");
         put_state();
         CUDA_CHECK(cudaEventRecord(ev[0], stream_), "profile_decode");
-        for (int i = 0; i < n_steps; ++i) run_decode(true);
+        for (int i = 0; i < n_steps; ++i) run_decode(true, pos + i + 1);
         CUDA_CHECK(cudaEventRecord(ev[1], stream_), "profile_decode");
         sync("profile_decode");
         float ms = 0.f;

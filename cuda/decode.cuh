@@ -39,6 +39,8 @@ namespace cu {
 
 constexpr int kDecThreads = 256;    // every decode kernel: 8 warps
 constexpr int kDecTK = 32;          // keys per attention tile
+constexpr int kDecAttnBufs = 4;     // attention tiles in flight (cp.async ring of K/V buffers)
+constexpr int kDecAttnCluster = 8;  // splits per KV head of the cluster attention (Hopper; portable cluster size)
 constexpr int kDecMaxSplits = 32;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
 
@@ -103,6 +105,7 @@ struct DecAttnArgs {
     float scale;
     int max_splits;
     int split_keys;           // keys per split at least (a multiple of kDecTK): fewer, longer splits
+    int cluster;              // 1: kDecAttnCluster splits per KV head merged in a thread-block cluster (sm_90)
     float* part_o;            // [n_head][max_splits][head_dim]
     float2* part_ml;          // [n_head][max_splits]
     float* out;               // n_head*head_dim

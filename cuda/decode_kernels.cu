@@ -21,6 +21,9 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
+
+#include <cooperative_groups.h>
 
 #include "cuda_common.cuh"
 #include "decode.cuh"
@@ -162,12 +165,15 @@ __device__ __forceinline__ Act carve_act(uint8_t* p, int n) {
 }
 __device__ __forceinline__ int xf_idx(int e) { return (e >> 5) * XF_STRIDE + (e & 31); }
 
-// xf holds the raw vector. Thread per 32-element chunk: the rmsnorm (when
-// norm_w; the block's sum of squares first), written back to xf, and the two
-// int8 code planes (when need_q8): with id = 127/max|x| and d = max|x|/127,
+// xf holds the raw vector. The rmsnorm (when norm_w; the block's sum of squares
+// first) is written back to xf, then the two int8 code planes of each 32-element
+// chunk (when need_q8): with id = 127/max|x| and d = max|x|/127,
 // q1 = rint(x*id), q2 = rint((x - q1*d)*id*256) clamped to +-127, so
 // x ~ d*(q1 + q2/256) (no FMA contraction: the tests mirror it in NumPy).
-// Ends with a barrier.
+// Eight threads per chunk, a float4 each (the chunk's max and sum by xor
+// shuffles inside aligned groups of 8 lanes): the whole vector in n/(4*NT)
+// rounds instead of a thread walking a chunk's 32 elements, which kept this
+// short latency-bound phase 8x longer. Ends with a barrier.
 __device__ void finish_act(const Act& a, int n, const float* norm_w, float eps, int need_q8, float ss_part) {
     float scale = 1.f;
     if (norm_w) {
@@ -177,49 +183,48 @@ __device__ void finish_act(const Act& a, int n, const float* norm_w, float eps, 
         __syncthreads();
         if (!need_q8) return;
     }
-    const int nch = n / 32;
-    for (int c = threadIdx.x; c < nch; c += NT) {
-        float4* x4 = reinterpret_cast<float4*>(a.xf + c * XF_STRIDE);
-        float amax = 0.f, sum = 0.f;
-        const float4* w4 = reinterpret_cast<const float4*>(norm_w ? norm_w + c * 32 : nullptr);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            float4 q = x4[i];
-            if (norm_w) {
-                const float4 w = w4[i];  // norm_w: staged in shared memory
-                q = make_float4((q.x * scale) * w.x, (q.y * scale) * w.y, (q.z * scale) * w.z, (q.w * scale) * w.w);
-                x4[i] = q;
-            }
-            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(q.x), fabsf(q.y)), fmaxf(fabsf(q.z), fabsf(q.w))));
-            sum += q.x + q.y + q.z + q.w;
+    const int nq = n / 4;  // float4s; 8 per chunk
+    for (int base = 0; base < nq; base += NT) {  // the same trip count in every warp: all lanes shuffle
+        const int i = base + int(threadIdx.x);
+        const bool ok = i < nq;
+        const int c = i >> 3, k = i & 7;
+        float4* x4 = reinterpret_cast<float4*>(a.xf + c * XF_STRIDE) + k;
+        float4 q = ok ? *x4 : make_float4(0.f, 0.f, 0.f, 0.f);
+        if (ok && norm_w) {
+            const float4 w = reinterpret_cast<const float4*>(norm_w)[i];  // norm_w: staged in shared memory
+            q = make_float4((q.x * scale) * w.x, (q.y * scale) * w.y, (q.z * scale) * w.z, (q.w * scale) * w.w);
+            *x4 = q;
         }
         if (!need_q8) continue;
+        float amax = fmaxf(fmaxf(fabsf(q.x), fabsf(q.y)), fmaxf(fabsf(q.z), fabsf(q.w)));
+        float sum = (q.x + q.y) + (q.z + q.w);
+#pragma unroll
+        for (int off = 1; off < 8; off <<= 1) {
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+            sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        }
         const float d = amax / 127.0f;
         const float id = amax > 0.f ? 127.0f / amax : 0.f;
-        uint32_t w1[8], w2[8];
+        const float xs4[4] = {q.x, q.y, q.z, q.w};
+        uint32_t w1 = 0u, w2 = 0u;
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const float4 q = x4[k];
-            const float xs4[4] = {q.x, q.y, q.z, q.w};
-            w1[k] = 0u;
-            w2[k] = 0u;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float x = xs4[j];
-                const int q1 = __float2int_rn(__fmul_rn(x, id));
-                const float r = __fsub_rn(x, __fmul_rn(float(q1), d));
-                const int q2 = min(127, max(-127, __float2int_rn(__fmul_rn(__fmul_rn(r, id), 256.0f))));
-                w1[k] |= (uint32_t(q1) & 0xFFu) << (8 * j);
-                w2[k] |= (uint32_t(q2) & 0xFFu) << (8 * j);
+        for (int j = 0; j < 4; ++j) {
+            const float x = xs4[j];
+            const int q1 = __float2int_rn(__fmul_rn(x, id));
+            const float r = __fsub_rn(x, __fmul_rn(float(q1), d));
+            const int q2 = min(127, max(-127, __float2int_rn(__fmul_rn(__fmul_rn(r, id), 256.0f))));
+            w1 |= (uint32_t(q1) & 0xFFu) << (8 * j);
+            w2 |= (uint32_t(q2) & 0xFFu) << (8 * j);
+        }
+        if (ok) {
+            uint32_t* qw = reinterpret_cast<uint32_t*>(a.xq + c * XQ_STRIDE);
+            qw[k] = w1;
+            qw[8 + k] = w2;
+            if (k == 0) {
+                a.xd[c] = d;
+                a.xs[c] = sum;
             }
         }
-        int4* q = reinterpret_cast<int4*>(a.xq + c * XQ_STRIDE);
-        q[0] = make_int4(int(w1[0]), int(w1[1]), int(w1[2]), int(w1[3]));
-        q[1] = make_int4(int(w1[4]), int(w1[5]), int(w1[6]), int(w1[7]));
-        q[2] = make_int4(int(w2[0]), int(w2[1]), int(w2[2]), int(w2[3]));
-        q[3] = make_int4(int(w2[4]), int(w2[5]), int(w2[6]), int(w2[7]));
-        a.xd[c] = d;
-        a.xs[c] = sum;
     }
     __syncthreads();
 }
@@ -431,6 +436,24 @@ __device__ float2 row_dot2(uint32_t type, const uint8_t* rp0, const uint8_t* rp1
     }
 }
 
+// Kernel instances are specialised on the weight type (T_ANY: the generic
+// instance, a switch per row). The specialised code is a fraction of the
+// generic one's, so a kernel's cold start fetches far fewer instructions: Nsight
+// Compute showed the warps of the 125-440 KB generic kernels stalled on
+// instruction fetch for ~40% of their cycles.
+constexpr uint32_t T_ANY = 0xFFFFFFFFu;
+template <uint32_t T>
+__device__ __forceinline__ float row_dot_k(uint32_t type, const uint8_t* rp, int n_in, const Act& a) {
+    if constexpr (T == T_ANY) return row_dot(type, rp, n_in, a);
+    else return row_dot_t<T>(rp, n_in, a);
+}
+template <uint32_t T>
+__device__ __forceinline__ float2 row_dot2_k(uint32_t type, const uint8_t* rp0, const uint8_t* rp1, int n_in,
+                                             const Act& a) {
+    if constexpr (T == T_ANY) return row_dot2(type, rp0, rp1, n_in, a);
+    else return row_dot2_t<T>(rp0, rp1, n_in, a);
+}
+
 // The 8 elements 8u..8u+7 of a (global) row of any type.
 __device__ void deq8_any(uint32_t type, const uint8_t* row, int64_t u, int64_t n, float (&o)[8]) {
     switch (type) {
@@ -457,6 +480,8 @@ __device__ __forceinline__ bool arg_better(float v, int i, float bv, int bi) {
 }
 
 // ---------------------------------------------------------------- dec_qkv
+// TQK: the type of the q and k rows, TV: of the v rows (T_ANY: any).
+template <uint32_t TQK, uint32_t TV>
 __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     const int hd = p.head_dim, half = hd / 2;
@@ -536,8 +561,9 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int j = warp; j < n; j += NW) {  // rows lo0+j and hi0+j together
-        const float2 dt =
-            row_dot2(w.type, smem + off0 + size_t(j) * w.row_bytes, base1 + off1 + size_t(j) * w.row_bytes, p.n_embd, a);
+        const uint8_t* r0 = smem + off0 + size_t(j) * w.row_bytes;
+        const uint8_t* r1 = base1 + off1 + size_t(j) * w.row_bytes;
+        const float2 dt = tt < 2 ? row_dot2_k<TQK>(w.type, r0, r1, p.n_embd, a) : row_dot2_k<TV>(w.type, r0, r1, p.n_embd, a);
         if (lane == 0) {
             dots[j] = dt.x;
             dots[n + j] = dt.y;
@@ -588,6 +614,21 @@ __device__ __forceinline__ void stage_kv(uint8_t* ks, uint8_t* vs, const __half*
     }
 }
 
+// Shared-memory bytes of the tile phase: q, scores, (m, l, corr), the K/V tile ring.
+__host__ __device__ inline size_t dec_attn_tile_bytes(int G, int hd) {
+    return dec_align16(size_t(G * hd + G * kDecTK + 3 * G) * 4) +
+           size_t(kDecAttnBufs) * 2 * kDecTK * dec_attn_row_stride(hd);
+}
+
+// NACC: outputs per thread, (n_head/n_head_kv)*head_dim/NT rounded up (instances 1-4 and 8).
+// CLUSTER (Hopper): the gridDim.x splits of a KV head form one thread-block cluster
+// and merge through distributed shared memory: each block leaves its partial (acc,
+// m, l) in its own shared memory, and after a cluster barrier block s merges
+// output slice s from all blocks' partials. No global round trip, no atomics, no
+// last-block tail: the split merge cost ~5 us per layer (gpu_profile at pos 64).
+// Without CLUSTER the last block of each KV head to finish merges (global
+// partials and a counter), which allows up to max_splits splits for long contexts.
+template <int NACC, bool CLUSTER>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     extern __shared__ __align__(16) uint8_t asmem[];
     __shared__ int is_last;
@@ -599,8 +640,13 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     float* mrun = sc + G * TK;                    // G
     float* lrun = mrun + G;                       // G
     float* corr = lrun + G;                       // G
-    uint8_t* ks = asmem + align16(size_t(GH + G * TK + 3 * G) * 4);  // TK rows
-    uint8_t* vs = ks + TK * rs;                                       // TK rows
+    // kDecAttnBufs tile buffers, each TK K rows then TK V rows
+    uint8_t* kv0 = asmem + align16(size_t(GH + G * TK + 3 * G) * 4);
+    auto kbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs; };
+    auto vbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs + size_t(TK) * rs; };
+    // CLUSTER: this block's partial, read by the other blocks of the cluster
+    float* po_c = reinterpret_cast<float*>(asmem + dec_attn_tile_bytes(G, hd));  // GH
+    float2* ml_c = reinterpret_cast<float2*>(po_c + ((GH + 3) & ~3));           // G
     l2_prefetch_slice(p.pf, p.pf_bytes);
     const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32;
@@ -608,8 +654,8 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // it, and both finished before this step's first kernel), so it may be read before
     // the wait; so may the cache rows before pos (written by earlier steps).
     const int pos = p.st->pos, kv_len = pos + 1, slot = p.st->slot;
-    const int sk = max(TK, p.split_keys);
-    int n_act = max(1, min(p.max_splits, (kv_len + sk - 1) / sk));
+    const int sk = CLUSTER ? TK : max(TK, p.split_keys);
+    int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (kv_len + sk - 1) / sk));
     const int S = ((kv_len + n_act - 1) / n_act + TK - 1) / TK * TK;
     n_act = (kv_len + S - 1) / S;
     const int start = s * S, end = min(start + S, kv_len);
@@ -619,10 +665,14 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
     const __half* K = p.kc + base;
     const __half* V = p.vc + base;
-    const int n0 = active ? min(TK, end - start) : 0;
-    const int pre = max(0, min(n0, pos - start));  // first-tile rows already in the cache
-    if (vec && pre > 0) {
-        stage_kv(ks, vs, K, V, p.kv_dim, start, 0, pre, hd, rs);
+    // Before the wait: the first kDecAttnBufs tiles' rows before pos (earlier steps
+    // wrote them), so their copy overlaps the previous kernel; row pos after it.
+    if (vec && active) {
+        for (int b = 0; b < kDecAttnBufs; ++b) {
+            const int tile = start + b * TK;
+            const int pre = max(0, min(min(TK, end - tile), pos - tile));
+            if (pre > 0) stage_kv(kbuf(b), vbuf(b), K, V, p.kv_dim, tile, 0, pre, hd, rs);
+        }
         cp_async_commit();
     }
     if (p.pdl_trigger == 0) pdl_trigger();
@@ -630,12 +680,14 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     if (p.pdl_trigger == 1) pdl_trigger();
 
     if (active) {
-        if (vec) {  // the rest of the first tile (incl. row pos) in flight while q loads
-            stage_kv(ks, vs, K, V, p.kv_dim, start, pre, n0, hd, rs);
-            cp_async_commit();
+        const int bp = (pos - start) / TK;  // the tile of row pos, when this split holds it
+        if (vec && pos >= start && pos < end && bp < kDecAttnBufs) {
+            stage_kv(kbuf(bp), vbuf(bp), K, V, p.kv_dim, start + bp * TK, pos - start - bp * TK,
+                     pos - start - bp * TK + 1, hd, rs);
         }
+        cp_async_commit();
 #pragma unroll
-        for (int k = 0; k < kDecMaxGroupDim / NT; ++k) {
+        for (int k = 0; k < NACC; ++k) {
             const int i = t + k * NT;
             if (i < GH) qs[i] = __ldcg(p.q + size_t(kvh) * GH + i) * p.scale;
         }
@@ -643,18 +695,17 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             mrun[t] = -INFINITY;
             lrun[t] = 0.f;
         }
-        float acc[kDecMaxGroupDim / NT];
+        float acc[NACC];
 #pragma unroll
-        for (int k = 0; k < kDecMaxGroupDim / NT; ++k) acc[k] = 0.f;
-        for (int tile = start; tile < end; tile += TK) {
+        for (int k = 0; k < NACC; ++k) acc[k] = 0.f;
+        for (int tile = start, it = 0; tile < end; tile += TK, ++it) {
             const int n = min(TK, end - tile);
-            if (tile != start) __syncthreads();  // the previous tile's K/V/sc consumed
-            if (vec) {
-                if (tile != start) {
-                    stage_kv(ks, vs, K, V, p.kv_dim, tile, 0, n, hd, rs);
-                    cp_async_commit();
-                }
-                cp_async_wait_all();
+            const int b = it % kDecAttnBufs;
+            uint8_t* ks = kbuf(b);
+            uint8_t* vs = vbuf(b);
+            if (vec) {  // tile `it` was issued kDecAttnBufs iterations back (one group per iteration)
+                if (it == 0) cp_async_wait_all();
+                else cp_async_wait_group<kDecAttnBufs - 1>();
             } else {
                 for (int idx = t; idx < 2 * n * hd; idx += NT) {
                     const int kv = idx / (n * hd), r = idx % (n * hd);
@@ -708,7 +759,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             }
             __syncthreads();
 #pragma unroll
-            for (int k = 0; k < kDecMaxGroupDim / NT; ++k) {
+            for (int k = 0; k < NACC; ++k) {
                 const int o = t + k * NT;
                 if (o < GH) {
                     const int g = o / hd, d = o % hd;
@@ -719,22 +770,71 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                     acc[k] = v;
                 }
             }
+            __syncthreads();  // this buffer and sc consumed
+            if (vec) {  // refill the buffer with tile it + kDecAttnBufs
+                const int nt = tile + kDecAttnBufs * TK;
+                if (nt < end) stage_kv(ks, vs, K, V, p.kv_dim, nt, 0, min(TK, end - nt), hd, rs);
+                cp_async_commit();
+            }
         }
         __syncthreads();
 #pragma unroll
-        for (int k = 0; k < kDecMaxGroupDim / NT; ++k) {
+        for (int k = 0; k < NACC; ++k) {
             const int o = t + k * NT;
             if (o < GH) {
                 const int g = o / hd, d = o % hd;
                 const int h = kvh * G + g;
                 if (direct) p.out[size_t(h) * hd + d] = acc[k] / lrun[g];
+                else if (CLUSTER) po_c[o] = acc[k];
                 else p.part_o[(size_t(h) * p.max_splits + s) * hd + d] = acc[k];
             }
         }
-        if (!direct && t < G) p.part_ml[size_t(kvh * G + t) * p.max_splits + s] = make_float2(mrun[t], lrun[t]);
+        if (!direct && t < G) {
+            if (CLUSTER) ml_c[t] = make_float2(mrun[t], lrun[t]);
+            else p.part_ml[size_t(kvh * G + t) * p.max_splits + s] = make_float2(mrun[t], lrun[t]);
+        }
     }
     if (p.pdl_trigger == 2) pdl_trigger();
-    if (direct) return;
+    if (direct) return;  // n_act is the same in every block: all of them return here or none
+
+    if constexpr (CLUSTER) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        namespace cg = cooperative_groups;
+        cg::cluster_group cl = cg::this_cluster();
+        cl.sync();  // every split's partial is in its block's shared memory
+        // block s: outputs [s*slice, (s+1)*slice); ranks >= n_act had no keys
+        const int slice = (GH + int(gridDim.x) - 1) / int(gridDim.x);
+        const int o = s * slice + t;
+        if (t < slice && o < GH) {
+            const int g = o / hd;
+            float2 mv[kDecAttnCluster];
+            float pv[kDecAttnCluster];
+#pragma unroll
+            for (int r = 0; r < kDecAttnCluster; ++r) {  // all remote loads in flight at once
+                if (r < n_act) {
+                    mv[r] = cl.map_shared_rank(ml_c, unsigned(r))[g];
+                    pv[r] = cl.map_shared_rank(po_c, unsigned(r))[o];
+                }
+            }
+            float M = -INFINITY;
+#pragma unroll
+            for (int r = 0; r < kDecAttnCluster; ++r)
+                if (r < n_act) M = fmaxf(M, mv[r].x);
+            float L = 0.f, acc_o = 0.f;
+#pragma unroll
+            for (int r = 0; r < kDecAttnCluster; ++r) {
+                if (r < n_act) {
+                    const float w = expf(mv[r].x - M);
+                    L += w * mv[r].y;
+                    acc_o += w * pv[r];
+                }
+            }
+            p.out[size_t(kvh) * GH + o] = acc_o / L;
+        }
+        cl.sync();  // no block leaves (freeing its shared memory) while others read it
+#endif
+        return;
+    }
 
     // The last block of this KV head to arrive merges its G heads' splits: the
     // partial results are copied to shared memory in one go (cp.async), then per
@@ -859,6 +959,8 @@ __device__ void argmax_tail(const DecProjArgs& p, float best_v, int best_i, floa
     }
 }
 
+// T: the type of the rows (both tensors' in the GLU mode; T_ANY: any).
+template <uint32_t T>
 __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float bv[NW];
@@ -909,7 +1011,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
             const uint8_t* g = smem + off0 + size_t(r - r0) * rb0;
             const uint8_t* u = base1 + off1 + size_t(r - r0) * rb1;
             float2 d;
-            if (same) d = row_dot2(p.w[0].type, g, u, n_in, a);
+            if (T != T_ANY || same) d = row_dot2_k<T>(p.w[0].type, g, u, n_in, a);
             else d = make_float2(row_dot(p.w[0].type, g, n_in, a), row_dot(p.w[1].type, u, n_in, a));
             if (lane == 0) p.y[r] = d.x / (1.0f + expf(-d.x)) * d.y;
         }
@@ -920,9 +1022,10 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
         const int r2 = r + NW;
         float2 d;
         if (r2 < r1)
-            d = row_dot2(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, smem + off0 + size_t(r2 - r0) * rb0, n_in, a);
+            d = row_dot2_k<T>(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, smem + off0 + size_t(r2 - r0) * rb0,
+                              n_in, a);
         else
-            d = make_float2(row_dot(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, n_in, a), 0.f);
+            d = make_float2(row_dot_k<T>(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, n_in, a), 0.f);
         if (p.mode == DEC_RESID) {
             if (lane == 0) {
                 p.y[r] = yold[r - r0] + d.x;
@@ -954,7 +1057,8 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
 // batches of rows_per_block rows b = blockIdx.x, + gridDim.x, ...; two staging
 // buffers (smem_w/2 bytes each): batch i+2 is copied while batch i+1 lands and
 // batch i is computed, and the activation prep happens once per block.
-__global__ void __launch_bounds__(NT, 2) dec_lm_kernel(const DecProjArgs p) {
+template <uint32_t T>
+__global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float bv[NW];
     __shared__ int bi[NW];
@@ -998,8 +1102,8 @@ __global__ void __launch_bounds__(NT, 2) dec_lm_kernel(const DecProjArgs p) {
         for (int r = r0 + warp; r < r1; r += 2 * NW) {
             const int r2 = r + NW;
             float2 d;
-            if (r2 < r1) d = row_dot2(type, base + size_t(r - r0) * rbytes, base + size_t(r2 - r0) * rbytes, n_in, a);
-            else d = make_float2(row_dot(type, base + size_t(r - r0) * rbytes, n_in, a), 0.f);
+            if (r2 < r1) d = row_dot2_k<T>(type, base + size_t(r - r0) * rbytes, base + size_t(r2 - r0) * rbytes, n_in, a);
+            else d = make_float2(row_dot_k<T>(type, base + size_t(r - r0) * rbytes, n_in, a), 0.f);
             if (lane == 0 && p.y) {
                 p.y[r] = d.x;
                 if (r2 < r1) p.y[r2] = d.y;
@@ -1039,23 +1143,93 @@ std::string ctx(const char* kernel, const char* what) {
     return std::string(kernel) + " for " + (what ? what : "?");
 }
 
+// cluster > 0: thread-block clusters of `cluster` blocks along x (Hopper).
 template <class Args>
 void launch(void (*kernel)(Args), dim3 grid, size_t smem, cudaStream_t st, bool pdl, const Args& a,
-            const std::string& what) {
+            const std::string& what, int cluster = 0) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(NT);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
+    int na = 0;
     if (pdl) {
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
+        attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[na].val.programmaticStreamSerializationAllowed = 1;
+        ++na;
     }
+    if (cluster > 0) {
+        attr[na].id = cudaLaunchAttributeClusterDimension;
+        attr[na].val.clusterDim.x = unsigned(cluster);
+        attr[na].val.clusterDim.y = 1;
+        attr[na].val.clusterDim.z = 1;
+        ++na;
+    }
+    cfg.attrs = na ? attr : nullptr;
+    cfg.numAttrs = unsigned(na);
     CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a), what);
     CUDA_LAUNCH_CHECK(what);
+}
+
+// ---------------------------------------------------------------- instances
+// The specialised instances (decode_kernels.cu's T_ANY note). Weight types with a
+// fast row dot get their own; q/k and v of different types get the pairs the
+// Q4_K_M / Q5_K_M mixes use; everything else runs the generic instance.
+using QkvKernel = void (*)(DecQkvArgs);
+using ProjKernel = void (*)(DecProjArgs);
+using AttnKernel = void (*)(DecAttnArgs);
+
+#define ORCD_DEC_FAST_TYPES(X) X(T_F16) X(T_Q4_0) X(T_Q5_0) X(T_Q8_0) X(T_Q4_K) X(T_Q6_K)
+#define ORCD_DEC_QKV_PAIRS(X) X(T_Q5_0, T_Q8_0) X(T_Q4_K, T_Q6_K) X(T_Q4_0, T_Q8_0) X(T_Q5_K, T_Q6_K)
+
+QkvKernel qkv_kernel_for(uint32_t tq, uint32_t tk, uint32_t tv) {
+    if (tq == tk) {
+#define ORCD_SAME(T) \
+    if (tq == T && tv == T) return dec_qkv_kernel<T, T>;
+        ORCD_DEC_FAST_TYPES(ORCD_SAME)
+#undef ORCD_SAME
+#define ORCD_PAIR(A, B) \
+    if (tq == A && tv == B) return dec_qkv_kernel<A, B>;
+        ORCD_DEC_QKV_PAIRS(ORCD_PAIR)
+#undef ORCD_PAIR
+    }
+    return dec_qkv_kernel<T_ANY, T_ANY>;
+}
+ProjKernel proj_kernel_for(const DecProjArgs& a) {
+    const uint32_t t = a.w[0].type;
+    if (a.n_tensors > 1 && a.w[1].type != t) return dec_proj_kernel<T_ANY>;
+#define ORCD_ONE(T) \
+    if (t == T) return a.mode == DEC_LOGITS ? dec_lm_kernel<T> : dec_proj_kernel<T>;
+    ORCD_DEC_FAST_TYPES(ORCD_ONE)
+#undef ORCD_ONE
+    return a.mode == DEC_LOGITS ? dec_lm_kernel<T_ANY> : dec_proj_kernel<T_ANY>;
+}
+template <bool C>
+AttnKernel attn_kernel_for(int group_dim) {
+    const int nacc = (group_dim + NT - 1) / NT;
+    if (nacc <= 1) return dec_attn_kernel<1, C>;
+    if (nacc == 2) return dec_attn_kernel<2, C>;
+    if (nacc == 3) return dec_attn_kernel<3, C>;
+    if (nacc == 4) return dec_attn_kernel<4, C>;
+    return dec_attn_kernel<8, C>;
+}
+static_assert(kDecMaxGroupDim <= 8 * NT, "dec_attn_kernel<8> holds the largest group");
+
+std::vector<const void*> all_kernels() {
+    std::vector<const void*> k = {reinterpret_cast<const void*>(dec_noop_kernel)};
+    auto add = [&](auto f) { k.push_back(reinterpret_cast<const void*>(f)); };
+#define ORCD_ADD(T) \
+    add(dec_qkv_kernel<T, T>); add(dec_proj_kernel<T>); add(dec_lm_kernel<T>);
+    ORCD_DEC_FAST_TYPES(ORCD_ADD)
+    ORCD_ADD(T_ANY)
+#undef ORCD_ADD
+#define ORCD_ADD_PAIR(A, B) add(dec_qkv_kernel<A, B>);
+    ORCD_DEC_QKV_PAIRS(ORCD_ADD_PAIR)
+#undef ORCD_ADD_PAIR
+    for (bool c : {false, true})
+        for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) add(c ? attn_kernel_for<true>(g) : attn_kernel_for<false>(g));
+    return k;
 }
 
 }  // namespace
@@ -1068,8 +1242,7 @@ size_t dec_stage_bytes(int rows, int row_bytes) { return align16(size_t(rows) * 
 
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
     const int G = n_head / n_head_kv;
-    const size_t tiles = align16(size_t(G * head_dim + G * kDecTK + 3 * G) * 4) +
-                         2 * size_t(kDecTK) * dec_attn_row_stride(head_dim);
+    const size_t tiles = dec_attn_tile_bytes(G, head_dim) + size_t((G * head_dim + 3) & ~3) * 4 + size_t(G) * 8;
     const size_t merge = size_t(G) * kDecMaxSplits * head_dim * 4 + size_t(G) * (kDecMaxSplits + 2) * 8;
     return std::max(tiles, merge);
 }
@@ -1084,23 +1257,16 @@ void dec_set_smem_limit(size_t bytes) {
     CUDA_CHECK(cudaGetDevice(&dev), "dec_set_smem_limit");
     size_t& cur = set[dev];
     if (bytes <= cur) return;
-    if (cur == 0) {  // one shared-memory carveout for all three: consecutive kernels can share an SM
-        for (const void* k : {reinterpret_cast<const void*>(dec_qkv_kernel), reinterpret_cast<const void*>(dec_proj_kernel),
-                              reinterpret_cast<const void*>(dec_attn_kernel), reinterpret_cast<const void*>(dec_noop_kernel),
-                              reinterpret_cast<const void*>(dec_lm_kernel)})
+    const std::vector<const void*> ks = all_kernels();
+    if (cur == 0) {  // one shared-memory carveout for all: consecutive kernels can share an SM
+        for (const void* k : ks)
             CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
                                             int(cudaSharedmemCarveoutMaxShared)),
                        "decode kernels carveout");
     }
-    const int b = int(bytes);
-    CUDA_CHECK(cudaFuncSetAttribute(dec_qkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b), "dec_qkv_kernel");
-    CUDA_CHECK(cudaFuncSetAttribute(dec_proj_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b),
-               "dec_proj_kernel");
-    CUDA_CHECK(cudaFuncSetAttribute(dec_attn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b),
-               "dec_attn_kernel");
-    CUDA_CHECK(cudaFuncSetAttribute(dec_noop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b),
-               "dec_noop_kernel");
-    CUDA_CHECK(cudaFuncSetAttribute(dec_lm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b), "dec_lm_kernel");
+    for (const void* k : ks)
+        CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+                   "decode kernels shared memory");
     cur = bytes;
 }
 
@@ -1108,29 +1274,26 @@ void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what, b
     const int H = a.n_head + 2 * a.n_head_kv;
     const size_t smem = dec_qkv_smem(a);
     if (noop) launch(dec_noop_kernel, dim3(H * a.parts), smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
-    else launch(dec_qkv_kernel, dim3(H * a.parts), smem, st, pdl, a, ctx("dec_qkv_kernel", what));
+    else launch(qkv_kernel_for(a.w[0].type, a.w[1].type, a.w[2].type), dim3(H * a.parts), smem, st, pdl, a,
+                ctx("dec_qkv_kernel", what));
 }
 
 void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
-    const dim3 grid(a.max_splits, a.n_head_kv);
+    const dim3 grid(a.cluster ? kDecAttnCluster : a.max_splits, a.n_head_kv);
     const size_t smem = dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim);
-    if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
-    else launch(dec_attn_kernel, grid, smem, st, pdl, a, ctx("dec_attn_kernel", what));
+    const int gd = a.n_head / a.n_head_kv * a.head_dim;
+    if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what), a.cluster ? kDecAttnCluster : 0);
+    else if (a.cluster) launch(attn_kernel_for<true>(gd), grid, smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), kDecAttnCluster);
+    else launch(attn_kernel_for<false>(gd), grid, smem, st, pdl, a, ctx("dec_attn_kernel", what));
 }
 
 void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
     if (a.mode == DEC_RESID && a.rows_per_block > 64)
         throw Error(std::string("dec_proj: at most 64 rows per block in the residual mode (") + (what ? what : "?") + ")");
     const size_t smem = dec_proj_smem(a);
-    if (a.mode == DEC_LOGITS) {
-        const dim3 grid(std::max(1, std::min(dec_proj_blocks(a), a.lm_grid)));
-        if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
-        else launch(dec_lm_kernel, grid, smem, st, pdl, a, ctx("dec_lm_kernel", what));
-        return;
-    }
-    if (noop)
-        launch(dec_noop_kernel, dim3(dec_proj_blocks(a)), smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
-    else launch(dec_proj_kernel, dim3(dec_proj_blocks(a)), smem, st, pdl, a, ctx("dec_proj_kernel", what));
+    const dim3 grid(a.mode == DEC_LOGITS ? std::max(1, std::min(dec_proj_blocks(a), a.lm_grid)) : dec_proj_blocks(a));
+    if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
+    else launch(proj_kernel_for(a), grid, smem, st, pdl, a, ctx(a.mode == DEC_LOGITS ? "dec_lm_kernel" : "dec_proj_kernel", what));
 }
 
 }  // namespace cu

@@ -542,6 +542,41 @@ def test_fast_decode_long_context(tiny_model):
     slow.close()
 
 
+def test_fast_decode_attention_variants(tiny_model, monkeypatch):
+    """The decode attention's variants against the mat-vec path at cache lengths on
+    both sides of every boundary: one split (direct output), several splits merged
+    in a thread-block cluster (Hopper, up to ORCD_CUDA_DEC_CLUSTER_KEYS positions),
+    the split merge through global memory (longer caches, or the cluster off), and
+    splits longer than the ring of K/V tile buffers (kDecAttnBufs = 4 tiles: the
+    ring wraps)."""
+    path = tiny_model("Q8_0")
+    n_ctx = 1200
+    slow = cu.CudaEngine(path, n_ctx, 1)
+    slow.set_options(fast_decode=False)
+    variants = {  # name: (environment, cache lengths)
+        "default": ({}, [1, 2, 32, 33, 65, 256, 257, 300, 512, 513, 700]),
+        "no cluster": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "0"}, [33, 300]),
+        "long splits": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "0", "ORCD_CUDA_DEC_SPLIT_KEYS": "256"}, [200, 300, 1100]),
+        "long cluster splits": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "2000"}, [1100]),
+    }
+    toks = np.random.default_rng(21).integers(0, slow.n_vocab, n_ctx).astype(np.int32)
+    for name, (env, lengths) in variants.items():
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            fast = _fast_engine(path, n_ctx)
+        for kv in lengths:
+            # the first kv-1 tokens as a prompt, then one fused decode step at pos kv-1
+            if kv > 1:
+                fast.forward(0, toks[: kv - 1], 0)
+                slow.forward(0, toks[: kv - 1], 0)
+            t = toks[kv - 1 : kv]
+            lf, ls = fast.forward(0, t, kv - 1), slow.forward(0, t, kv - 1)
+            assert_close_rows(lf, ls, f"{name}: decode step with {kv} cached positions", cos_min=0.99999)
+        fast.close()
+    slow.close()
+
+
 @pytest.mark.parametrize("wtype", ["Q4_K", "Q5_0", "F16"])
 def test_decode_graph_equals_direct(tiny_model, wtype):
     """The decode step replayed from a CUDA graph, launched directly, with and
