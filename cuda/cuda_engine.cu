@@ -186,6 +186,7 @@ private:
     // Steps whose cache holds at most dec_short_keys_ positions run the cluster attention
     // (cu::DecAttnArgs::cluster; sm_90, 0: never); dec_cluster_ is the variant being launched.
     int dec_short_keys_ = 0;
+    bool dn_ksplit_ = false;  // ffn_down with two warps per row (cu::DecProjArgs::ksplit)
     bool dec_cluster_ = false;
     struct ProjPlan {
         int rb = 0;      // rows per block (0: does not fit)
@@ -502,9 +503,9 @@ namespace {
 struct PP {
     int rb, smem_w;
 };
-PP plan_proj(int n_out, size_t row_bytes, int nt, int target_blocks, size_t cap, int rb_max) {
+PP plan_proj(int n_out, size_t row_bytes, int nt, int target_blocks, size_t cap, int rb_max, int rb_min = 8) {
     int rb = (n_out + target_blocks - 1) / target_blocks;
-    rb = std::max(8, (rb + 7) / 8 * 8);
+    rb = std::max(rb_min, (rb + 7) / 8 * 8);
     rb = std::min(rb, rb_max);
     auto need = [&](int r) { return size_t(nt) * cu::dec_stage_bytes(r, int(row_bytes)); };
     while (rb > 1 && need(rb) > cap) rb = rb > 8 ? rb - 8 : rb - 1;
@@ -543,16 +544,19 @@ void CudaEngineImpl::plan_decode() {
     const int t_od = std::max(1, int(env_f("ORCD_CUDA_DEC_OD_SPM", 1.0) * sms));
     const PP o = plan_proj(E_, rb_o, 1, t_od, kDecStageCap, 64);
     const PP gu = plan_proj(F_, rb_gu, 2, t_gu, kDecStageCap, 64);
-    const PP dn = plan_proj(E_, rb_d, 1, t_od, kDecStageCap, 64);
-    // lm_head: persistent blocks (3 per SM) over batches of up to 32 rows, two staging buffers
-    PP lm{32, 0};
-    while (lm.rb > 1 && 2 * cu::dec_stage_bytes(lm.rb, int(d_.output->row_bytes())) > kDecLmCap)
-        lm.rb = lm.rb > 8 ? lm.rb - 8 : lm.rb - 1;
-    lm.smem_w = int(2 * cu::dec_stage_bytes(lm.rb, int(d_.output->row_bytes())));
-    if (size_t(lm.smem_w) > kDecLmCap) lm.rb = 0;
+    // ffn_down: a warp per row as attn_output; ORCD_CUDA_DEC_DOWN_KSPLIT=1: two warps per row,
+    // 4 rows per block (measured slower: tg128 1,519 against 1,635 on the H200)
+    const char* ks = std::getenv("ORCD_CUDA_DEC_DOWN_KSPLIT");
+    dn_ksplit_ = ks && *ks == '1';
+    const PP dn = dn_ksplit_ ? plan_proj(E_, rb_d, 1, (E_ + 3) / 4, kDecStageCap, 4, 4)
+                             : plan_proj(E_, rb_d, 1, t_od, kDecStageCap, 64);
+    // lm_head: persistent blocks (3 per SM) over batches of up to 16 rows, a ring of
+    // kDecLmStages staging buffers
+    PP lm{0, 0};
+    cu::dec_lm_plan(d_.output->row_bytes(), kDecLmCap, &lm.rb, &lm.smem_w);
     lm_grid_ = std::max(1, int(env_f("ORCD_CUDA_DEC_LM_SPM", 3.0) * sms));  // persistent lm_head blocks
     // cluster attention up to this many cached positions (ORCD_CUDA_DEC_CLUSTER_KEYS, 0: off)
-    dec_short_keys_ = info_.cc_major >= 9 ? int(env_f("ORCD_CUDA_DEC_CLUSTER_KEYS", 512.0)) : 0;
+    dec_short_keys_ = info_.cc_major >= 9 ? int(env_f("ORCD_CUDA_DEC_CLUSTER_KEYS", 1024.0)) : 0;
     if (const char* v = std::getenv("ORCD_CUDA_DEC_CLUSTER_KEYS"); v && std::atoi(v) == 0 && *v) dec_short_keys_ = 0;
     if (!o.rb || !gu.rb || !dn.rb || !lm.rb) return off("a weight row does not fit the shared-memory stage");
     plan_o_ = {o.rb, o.smem_w};
@@ -665,6 +669,7 @@ void CudaEngineImpl::build_decode_args() {
         dn.w[0] = L.down.dt();
         dn.n_tensors = 1;
         dn.rows_per_block = plan_d_.rb;
+        dn.ksplit = dn_ksplit_ ? 1 : 0;
         dn.act = g_;
         dn.need_q8 = cu::dec_int8_type(L.down.type);
         dn.mode = cu::DEC_RESID;
@@ -924,7 +929,7 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
     sync("profile_decode");
     const int K = 5 * d_.n_layer + 1;
     std::vector<cudaEvent_t> ev(size_t(K) + 1, nullptr);
-    std::vector<double> us(9, 0.0);
+    std::vector<double> us(15, 0.0);
     std::vector<cudaGraphExec_t> execs;
     auto put_state = [&]() {
         *pinned_state_ = cu::DecState{token, pos, slot, 0};
@@ -1007,12 +1012,16 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
         CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]), "profile_decode");
         us[6] = 1000.0 * ms / n_steps;
         // empty kernels of the same shapes: the launch-boundary floor, with and without PDL
-        auto noop_step = [&](bool with_pdl) {
+        // empty kernels of the kind `noop_kind` (-1: of every kind), the others real
+        auto noop_step = [&](bool with_pdl, int noop_kind) {
             return make_graph([&]() {
                 const int trig = std::min(2, std::max(0, opt_.pdl_trigger));
                 for (int k = 0; k < K; ++k) {
                     const size_t l = size_t(k / 5);
-                    if (k == K - 1) {
+                    const int kind = k == K - 1 ? 5 : k % 5;
+                    if (noop_kind >= 0 && kind != noop_kind) {
+                        launch_decode_kernel(k, true, with_pdl);
+                    } else if (k == K - 1) {
                         cu::DecProjArgs a = dp_lm_;
                         a.pdl_trigger = trig;
                         cu::dec_proj(a, stream_, with_pdl, "noop", true);
@@ -1032,17 +1041,22 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
                 }
             });
         };
-        us[7] = time_graph(noop_step(pdl));
-        us[8] = time_graph(noop_step(false));
+        us[7] = time_graph(noop_step(pdl, -1));
+        us[8] = time_graph(noop_step(false, -1));
+        // marginal cost of each kind in the real pipeline (graph + PDL): the step minus the
+        // step with that kind's kernels empty (their outputs are stale: timing only)
+        for (int kind = 0; kind < 6; ++kind) us[size_t(9 + kind)] = us[6] - time_graph(noop_step(pdl, kind));
     } catch (...) {
         cleanup();
         throw;
     }
     cleanup();
-    static const char* names[9] = {"qkv",     "attention",  "attn_output", "ffn_gate_up",    "ffn_down",
-                                   "lm_head", "graph_step", "noop_step",   "noop_step_nopdl"};
+    static const char* names[15] = {"qkv",         "attention",          "attn_output",        "ffn_gate_up",
+                                    "ffn_down",    "lm_head",            "graph_step",         "noop_step",
+                                    "noop_step_nopdl", "marginal_qkv",   "marginal_attention", "marginal_attn_output",
+                                    "marginal_ffn_gate_up", "marginal_ffn_down", "marginal_lm_head"};
     std::vector<std::pair<std::string, double>> out;
-    for (int i = 0; i < 9; ++i) out.emplace_back(names[i], us[size_t(i)]);
+    for (int i = 0; i < 15; ++i) out.emplace_back(names[i], us[size_t(i)]);
     return out;
 }
 

@@ -12,7 +12,7 @@
 //   dec_proj    GLU:   a = silu(h·Wgᵀ)·(h·Wuᵀ), h = rmsnorm(x)
 //   dec_proj    RESID: x += a·Wdᵀ
 //   dec_proj    LOGITS: logits = rmsnorm(x)·Woutᵀ (a persistent kernel, double-buffered row
-//               batches), optional argmax: the last block writes the token into DecState (and
+//               batches in a ring of kDecLmStages buffers), optional argmax: the last block writes the token into DecState (and
 //               out_tokens[step]) and advances pos and step.
 //
 // Every kernel first asks L2 to prefetch a slice of a later kernel's weights
@@ -40,6 +40,7 @@ namespace cu {
 constexpr int kDecThreads = 256;    // every decode kernel: 8 warps
 constexpr int kDecTK = 32;          // keys per attention tile
 constexpr int kDecAttnBufs = 4;     // attention tiles in flight (cp.async ring of K/V buffers)
+constexpr int kDecLmStages = 4;     // lm_head staging buffers per block (batches in flight)
 constexpr int kDecAttnCluster = 8;  // splits per KV head of the cluster attention (Hopper; portable cluster size)
 constexpr int kDecMaxSplits = 32;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
@@ -119,7 +120,8 @@ struct DecAttnArgs {
 struct DecProjArgs {
     DTensor w[2];
     int n_tensors;            // 2 for GLU (gate, up)
-    int rows_per_block;
+    int rows_per_block;       // ksplit: at most NT/64
+    int ksplit;               // RESID: two warps per row, each half of the chunks (long rows: ffn_down)
     const float* act;         // input vector, n_in floats
     const float* norm_w;      // rmsnorm of act first when non-null
     float eps;
@@ -154,6 +156,9 @@ __host__ __device__ inline size_t dec_act_bytes(int n) {
 bool dec_int8_type(uint32_t type);
 // Bytes to stage `rows` rows of a tensor (worst-case alignment slack included).
 size_t dec_stage_bytes(int rows, int row_bytes);
+// The lm_head's batches: rows per batch (at most 16) and the staging bytes of its
+// kDecLmStages buffers, within `cap` bytes (rows 0: a row does not fit).
+void dec_lm_plan(size_t row_bytes, size_t cap, int* rows, int* smem_w);
 // Opt the decode kernels in to `bytes` of dynamic shared memory (once per device).
 void dec_set_smem_limit(size_t bytes);
 

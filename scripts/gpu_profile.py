@@ -7,7 +7,9 @@ The step is captured into a graph with an event after each kernel (no PDL), so
 the per-kernel numbers are GPU time including each kernel boundary; graph_step
 is the same steps as the engine runs them (graph + PDL by default); noop_step /
 noop_step_nopdl are graphs of empty kernels of the same shapes (the floor that
-the kernel boundaries alone cost). Prints a table; --json for JSON.
+the kernel boundaries alone cost); marginal_* is graph_step minus the same graph with
+one kind's kernels empty (what that kind costs in the real pipeline, PDL overlap
+included). Prints a table; --json for JSON.
 """
 import argparse
 import json
@@ -44,6 +46,10 @@ def main():
         s = sum(r[k] for k in keys)
         print(f"{r['model'][:18]:<18} {r['pos']:>4} " + " ".join(f"{r[k]:>11.1f}" for k in keys) + f" {s:>7.1f} " +
               " ".join(f"{r[k]:>15.1f}" for k in tail))
+        m = [r.get("marginal_" + k) for k in keys]
+        if None not in m:
+            print(f"{'  marginal':<18} {r['pos']:>4} " + " ".join(f"{v:>11.1f}" for v in m) + f" {sum(m):>7.1f}"
+                  + "  (graph_step minus the step with that kind's kernels empty)")
 
 
 if __name__ == "__main__":
