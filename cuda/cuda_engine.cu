@@ -697,7 +697,10 @@ void CudaEngineImpl::build_decode_args() {
     // L2 prefetch: each kernel prefetches the weights of the kernel two places ahead
     // (down(l), whose successor's successor is attention, takes attn_output(l+1)); the
     // last layer's gate/up and down prefetch the lm_head's first rows.
-    if (env_on("ORCD_CUDA_L2_PREFETCH", false)) {  // measured: neutral for Q4_K_M, -13% tg for F16 (perf_notes)
+    // ORCD_CUDA_L2_PREFETCH=1: as above; =2: the attention prefetches ffn_down too
+    const char* l2v = std::getenv("ORCD_CUDA_L2_PREFETCH");
+    const int l2_mode = l2v && *l2v ? std::atoi(l2v) : 0;
+    if (l2_mode > 0) {  // measured: neutral for Q4_K_M, -13% tg for F16 (perf_notes, before the type-specialised kernels)
         auto span = [](std::initializer_list<const DevWeight*> ws) {
             const uint8_t* lo = nullptr;
             const uint8_t* hi = nullptr;
@@ -714,6 +717,11 @@ void CudaEngineImpl::build_decode_args() {
             const DevLayer* N = last ? nullptr : &layers_[size_t(l) + 1];
             std::tie(dq_[size_t(l)].pf, dq_[size_t(l)].pf_bytes) = span({&L.wo});
             std::tie(da_[size_t(l)].pf, da_[size_t(l)].pf_bytes) = span({&L.gate, &L.up});
+            if (l2_mode == 2) {  // the attention (few blocks, the bandwidth idle) also takes ffn_down
+                const auto all = span({&L.gate, &L.up, &L.down});
+                const size_t want = L.gate.bytes() + L.up.bytes() + L.down.bytes();
+                if (all.second <= want + want / 8) std::tie(da_[size_t(l)].pf, da_[size_t(l)].pf_bytes) = all;
+            }
             std::tie(dp_o_[size_t(l)].pf, dp_o_[size_t(l)].pf_bytes) = span({&L.down});
             if (N) {
                 std::tie(dp_gu_[size_t(l)].pf, dp_gu_[size_t(l)].pf_bytes) = span({&N->wq, &N->wk, &N->wv});

@@ -657,9 +657,11 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // it, and both finished before this step's first kernel), so it may be read before
     // the wait; so may the cache rows before pos (written by earlier steps).
     const int pos = p.st->pos, kv_len = pos + 1, slot = p.st->slot;
-    const int sk = CLUSTER ? TK : max(TK, p.split_keys);
+    // splits of at least sk keys, a multiple of gran (CLUSTER: 8-key granularity, so short
+    // caches spread over all the cluster's blocks: the tile's cost grows with its keys)
+    const int sk = CLUSTER ? 8 : max(TK, p.split_keys), gran = CLUSTER ? 8 : TK;
     int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (kv_len + sk - 1) / sk));
-    const int S = ((kv_len + n_act - 1) / n_act + TK - 1) / TK * TK;
+    const int S = ((kv_len + n_act - 1) / n_act + gran - 1) / gran * gran;
     n_act = (kv_len + S - 1) / S;
     const int start = s * S, end = min(start + S, kv_len);
     const bool active = start < end;

@@ -554,7 +554,7 @@ def test_fast_decode_attention_variants(tiny_model, monkeypatch):
     slow = cu.CudaEngine(path, n_ctx, 1)
     slow.set_options(fast_decode=False)
     variants = {  # name: (environment, cache lengths)
-        "default": ({}, [1, 2, 32, 33, 65, 256, 257, 300, 512, 513, 700, 1024, 1025, 1100]),
+        "default": ({}, [1, 2, 8, 9, 17, 32, 33, 40, 65, 256, 257, 300, 512, 513, 700, 1024, 1025, 1100]),
         "no cluster": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "0"}, [33, 300]),
         "long splits": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "0", "ORCD_CUDA_DEC_SPLIT_KEYS": "256"}, [200, 300, 1100]),
         "long cluster splits": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "2000"}, [1100]),
