@@ -54,6 +54,7 @@ constexpr int kLogitRowsMin = 16;
 
 constexpr size_t kDecStageCap = size_t(96) << 10;  // staged weight bytes of one fused decode block
 constexpr size_t kDecLmCap = size_t(64) << 10;     // ... of one lm_head block (many blocks, streaming)
+constexpr int kDecGraphSteps = 8;                    // greedy decode steps per graph launch (decode_greedy)
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -122,17 +123,23 @@ private:
     void build(const ProgressFn& progress);
     void plan_decode();         // shapes of the fused decode kernels; sets dec_ok_
     void build_decode_args();   // their arguments, once the buffers and weights exist
-    bool capture(bool greedy);  // the decode step as a CUDA graph; false when graphs do not work
+    // `steps` decode steps as one CUDA graph (graph_slot); false when graphs do not work
+    bool capture(bool greedy, int steps);
+    cudaGraphExec_t& graph_slot(bool greedy, int steps) {
+        return graph_[(greedy ? 1 : 0) + (dec_cluster_ ? 2 : 0) + (steps > 1 ? 4 : 0)];
+    }
     void release() noexcept;
     void drop_graphs() noexcept;
     bool fast_on() const { return opt_.fast_decode && dec_ok_; }
     // One fused decode step on the stream (greedy: the lm_head writes the next token).
-    void launch_decode(bool greedy);
+    void launch_decode(bool greedy, int steps = 1);
     // Kernel k (0 .. 5*n_layer) of that step; 5*n_layer is the lm_head.
     void launch_decode_kernel(int k, bool greedy, bool pdl);
     void check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const;
     // The step as a graph launch (captured on first use) or as plain launches.
-    void run_decode(bool greedy, int kv_len);  // kv_len: the step's cache length (picks the attention variant)
+    // steps: 1, or kDecGraphSteps greedy steps in one graph (decode_greedy); kv_len: the
+    // cache length of the last of them (picks the attention variant)
+    void run_decode(bool greedy, int kv_len, int steps = 1);
     void fast_forward_one(int slot, int32_t token, int pos, float* logits);
     void lm_head_last(const float* x_row);  // logits_ = output · rmsnorm(x_row), fused kernel
     const __half* weights16(std::initializer_list<const DevWeight*> ws);
@@ -182,7 +189,8 @@ private:
     std::vector<cu::DecAttnArgs> da_;
     std::vector<cu::DecProjArgs> dp_o_, dp_gu_, dp_d_;
     cu::DecProjArgs dp_lm_{};
-    cudaGraphExec_t graph_[4] = {nullptr, nullptr, nullptr, nullptr};  // [greedy + 2 * cluster attention]
+    // [greedy + 2 * cluster attention + 4 * (kDecGraphSteps steps)]
+    cudaGraphExec_t graph_[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
     // Steps whose cache holds at most dec_short_keys_ positions run the cluster attention
     // (cu::DecAttnArgs::cluster; sm_90, 0: never); dec_cluster_ is the variant being launched.
     int dec_short_keys_ = 0;
@@ -783,18 +791,19 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
     }
 }
 
-void CudaEngineImpl::launch_decode(bool greedy) {
+void CudaEngineImpl::launch_decode(bool greedy, int steps) {
     const bool pdl = opt_.pdl && pdl_ok_;
-    for (int k = 0; k <= 5 * d_.n_layer; ++k) launch_decode_kernel(k, greedy, pdl);
+    for (int s = 0; s < steps; ++s)
+        for (int k = 0; k <= 5 * d_.n_layer; ++k) launch_decode_kernel(k, greedy, pdl);
 }
 
-bool CudaEngineImpl::capture(bool greedy) {
+bool CudaEngineImpl::capture(bool greedy, int steps) {
     for (int attempt = 0; attempt < 2; ++attempt) {
         cudaGraph_t graph = nullptr;
         try {
             CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "decode graph capture");
             try {
-                launch_decode(greedy);
+                launch_decode(greedy, steps);
             } catch (...) {
                 cudaStreamEndCapture(stream_, &graph);
                 if (graph) cudaGraphDestroy(graph);
@@ -806,7 +815,7 @@ bool CudaEngineImpl::capture(bool greedy) {
             const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
             cudaGraphDestroy(graph);
             if (e != cudaSuccess) throw_cuda("cudaGraphInstantiate", e, "decode graph");
-            graph_[(greedy ? 1 : 0) + (dec_cluster_ ? 2 : 0)] = exec;
+            graph_slot(greedy, steps) = exec;
             return true;
         } catch (const Error& err) {
             cudaGetLastError();
@@ -825,16 +834,16 @@ bool CudaEngineImpl::capture(bool greedy) {
     return false;
 }
 
-void CudaEngineImpl::run_decode(bool greedy, int kv_len) {
+void CudaEngineImpl::run_decode(bool greedy, int kv_len, int steps) {
     dec_cluster_ = dec_short_keys_ > 0 && kv_len <= dec_short_keys_;
     if (opt_.graphs && graphs_ok_) {
-        cudaGraphExec_t& g = graph_[(greedy ? 1 : 0) + (dec_cluster_ ? 2 : 0)];
-        if (g || capture(greedy)) {
+        cudaGraphExec_t& g = graph_slot(greedy, steps);
+        if (g || capture(greedy, steps)) {
             CUDA_CHECK(cudaGraphLaunch(g, stream_), "decode graph launch");
             return;
         }
     }
-    launch_decode(greedy);
+    launch_decode(greedy, steps);
 }
 
 void CudaEngineImpl::fast_forward_one(int slot, int32_t token, int pos, float* logits) {
@@ -921,7 +930,12 @@ void CudaEngineImpl::decode_greedy(int slot, int32_t first_token, int pos, int n
     *pinned_state_ = cu::DecState{first_token, pos, slot, 0};
     CUDA_CHECK(cudaMemcpyAsync(d_state_, pinned_state_, sizeof(cu::DecState), cudaMemcpyHostToDevice, stream_),
                "decode state upload");
-    for (int i = 0; i < n_steps; ++i) run_decode(true, pos + i + 1);
+    // kDecGraphSteps steps per graph launch while that many remain (the device state
+    // carries token and position from step to step), then single steps
+    int i = 0;
+    if (opt_.graphs && graphs_ok_)
+        for (; n_steps - i >= kDecGraphSteps; i += kDecGraphSteps) run_decode(true, pos + i + kDecGraphSteps, kDecGraphSteps);
+    for (; i < n_steps; ++i) run_decode(true, pos + i + 1);
     CUDA_CHECK(cudaMemcpyAsync(pinned_tokens_, d_out_tokens_, size_t(n_steps) * 4, cudaMemcpyDeviceToHost, stream_),
                "decoded tokens copy");
     sync("decode_greedy");

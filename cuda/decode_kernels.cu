@@ -257,7 +257,26 @@ __device__ __forceinline__ float load_act(const Act& a, const float* __restrict_
 }
 
 // ---------------------------------------------------------------- chunk dots
-__device__ __forceinline__ uint32_t u16x2(const uint16_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 16); }
+// N consecutive 32-bit words from a 2-byte aligned shared-memory address: N+1 aligned
+// word loads and a funnel shift each (the same instructions for either alignment, so
+// lanes on differently aligned blocks do not diverge), instead of two 16-bit loads and
+// a merge per word: the row dots of Q8_0/Q5_0/Q6_K blocks (34, 22, 210 bytes) were
+// bound by these loads.
+template <int N>
+__device__ __forceinline__ void ld_words_a2(const uint8_t* p, uint32_t (&w)[N]) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(a & ~uintptr_t(3));
+    const uint32_t sh = uint32_t(a & 2u) * 8u;  // 0 or 16
+    uint32_t t[N + 1];
+#pragma unroll
+    for (int k = 0; k <= N; ++k) t[k] = q[k];
+#pragma unroll
+    for (int k = 0; k < N; ++k) w[k] = __funnelshift_r(t[k], t[k + 1], sh);
+}
+// Bits 0..3 of h to bits 4, 12, 20, 28 (the fifth bit of four Q5 values): the copies
+// of h shifted by 4, 11, 18 and 25 do not overlap, so the product has no carries and
+// copy i puts bit i at 8i+4.
+__device__ __forceinline__ uint32_t spread4_bit4(uint32_t h) { return ((h & 0xFu) * 0x02040810u) & 0x10101010u; }
 __device__ __forceinline__ float ldh_s(const uint8_t* p) { return __half2float(*reinterpret_cast<const __half*>(p)); }
 
 // The two int8 code planes of activation chunk c (elements 4k..4k+3 in word k).
@@ -293,28 +312,25 @@ template <uint32_t T>
 __device__ __forceinline__ float chunk_dot(const uint8_t* rp, int c, int n_in, const Act& a) {
     if constexpr (T == T_Q8_0) {
         const uint8_t* b = rp + size_t(c) * 34;
-        const uint16_t* q = reinterpret_cast<const uint16_t*>(b + 2);
         uint32_t w[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) w[k] = u16x2(q + 2 * k);
+        ld_words_a2<8>(b + 2, w);
         return ldh_s(b) * a.xd[c] * dot_codes<0, 8>(w, load_codes(a, c));
     } else if constexpr (T == T_Q4_0 || T == T_Q5_0) {
         constexpr bool five = T == T_Q5_0;
         const uint8_t* b = rp + size_t(c) * (five ? 22 : 18);
-        const uint16_t* q = reinterpret_cast<const uint16_t*>(b + (five ? 6 : 2));
-        uint32_t qh = 0;
-        if constexpr (five) qh = u16x2(reinterpret_cast<const uint16_t*>(b + 2));
+        uint32_t qw[five ? 5 : 4];  // Q5_0: qh then the 16 bytes of nibbles; Q4_0: the nibbles
+        ld_words_a2<five ? 5 : 4>(b + 2, qw);
+        const uint32_t qh = five ? qw[0] : 0u;
         uint32_t w[8];  // words 0..3: elements 0..15 (low nibbles), 4..7: elements 16..31 (high nibbles)
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            const uint32_t v = u16x2(q + 2 * k);
+            const uint32_t v = qw[(five ? 1 : 0) + k];
             uint32_t lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
             if constexpr (five) {
-                const uint32_t h0 = qh >> (4 * k), h1 = qh >> (16 + 4 * k);
-                lo |= ((h0 & 1u) << 4) | ((h0 & 2u) << 11) | ((h0 & 4u) << 18) | ((h0 & 8u) << 25);
-                hi |= ((h1 & 1u) << 4) | ((h1 & 2u) << 11) | ((h1 & 4u) << 18) | ((h1 & 8u) << 25);
-                w[k] = __vsub4(lo, 0x10101010u);
-                w[4 + k] = __vsub4(hi, 0x10101010u);
+                // value - 16 = nibble - 16*(1 - fifth bit): a nibble whose fifth bit is clear
+                // becomes the signed byte nibble | 0xF0 (no per-byte subtraction)
+                w[k] = lo | (spread4_bit4(~(qh >> (4 * k))) * 15u);
+                w[4 + k] = hi | (spread4_bit4(~(qh >> (16 + 4 * k))) * 15u);
             } else {
                 w[k] = __vsub4(lo, 0x08080808u);
                 w[4 + k] = __vsub4(hi, 0x08080808u);
@@ -334,24 +350,29 @@ __device__ __forceinline__ float chunk_dot(const uint8_t* rp, int c, int n_in, c
             sc = (sc6[sub + 4] & 0x0F) | ((sc6[sub - 4] >> 6) << 4);
             mn = (sc6[sub + 4] >> 4) | ((sc6[sub] >> 6) << 4);
         }
-        const uint16_t* q = reinterpret_cast<const uint16_t*>(b + 16 + 32 * g);
+        // 144-byte blocks in rows staged 16-byte aligned (row bytes a multiple of 16): two
+        // 16-byte loads
+        const uint4* q4 = reinterpret_cast<const uint4*>(b + 16 + 32 * g);
+        const uint4 v0 = q4[0], v1 = q4[1];
+        const uint32_t raw[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
         uint32_t w[8];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) w[k] = (u16x2(q + 2 * k) >> (4 * hi)) & 0x0F0F0F0Fu;
+        for (int k = 0; k < 8; ++k) w[k] = (raw[k] >> (4 * hi)) & 0x0F0F0F0Fu;
         const float d = ldh_s(b) * float(sc), m = ldh_s(b + 2) * float(mn);
         return d * a.xd[c] * dot_codes<0, 8>(w, load_codes(a, c)) - m * a.xs[c];
     } else if constexpr (T == T_Q6_K) {
         const uint8_t* b = rp + size_t(c >> 3) * 210;
         const int j = c & 7, h = j >> 2, k = j & 3;
-        const uint16_t* ql = reinterpret_cast<const uint16_t*>(b + 64 * h + 32 * (k & 1));
-        const uint16_t* qh = reinterpret_cast<const uint16_t*>(b + 128 + 32 * h);
+        uint32_t ql[8], qh[8];
+        ld_words_a2<8>(b + 64 * h + 32 * (k & 1), ql);
+        ld_words_a2<8>(b + 128 + 32 * h, qh);
         const int shift = 4 * (k >> 1);
         const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
         uint32_t w[8];
 #pragma unroll
         for (int m = 0; m < 8; ++m) {
-            uint32_t v = (u16x2(ql + 2 * m) >> shift) & 0x0F0F0F0Fu;
-            v |= ((u16x2(qh + 2 * m) >> (2 * k)) & 0x03030303u) << 4;
+            uint32_t v = (ql[m] >> shift) & 0x0F0F0F0Fu;
+            v |= ((qh[m] >> (2 * k)) & 0x03030303u) << 4;
             w[m] = __vsub4(v, 0x20202020u);
         }
         const Codes x = load_codes(a, c);
