@@ -54,7 +54,11 @@ constexpr int kLogitRowsMin = 16;
 
 constexpr size_t kDecStageCap = size_t(96) << 10;  // staged weight bytes of one fused decode block
 constexpr size_t kDecLmCap = size_t(64) << 10;     // ... of one lm_head block (many blocks, streaming)
-constexpr int kDecGraphSteps = 8;                    // greedy decode steps per graph launch (decode_greedy)
+constexpr int kDecGraphSteps = 8;  // greedy decode steps per graph launch (decode_greedy)
+// ORCD_CUDA_PDL_EARLY's default: attn_output releases ffn_gate_up at its start, so the
+// largest weight copy (gate and up) overlaps attn_output's whole run (H200: tg128 1,727 ->
+// 1,749, tg128@pp512 1,471 -> 1,565; any other kind early was slower)
+const char* const kPdlEarlyDefault = "attn_output";
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -194,6 +198,7 @@ private:
     // Steps whose cache holds at most dec_short_keys_ positions run the cluster attention
     // (cu::DecAttnArgs::cluster; sm_90, 0: never); dec_cluster_ is the variant being launched.
     int dec_short_keys_ = 0;
+    int pdl_early_ = 0;  // bit per kernel kind (qkv, attention, attn_output, ffn_gate_up, ffn_down, lm_head)
     bool dn_ksplit_ = false;  // ffn_down with two warps per row (cu::DecProjArgs::ksplit)
     bool dec_cluster_ = false;
     struct ProjPlan {
@@ -347,6 +352,20 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     {
         const char* v = std::getenv("ORCD_CUDA_PDL_TRIGGER");
         opt_.pdl_trigger = (v && (v[0] == '0' || v[0] == '2')) ? v[0] - '0' : 1;
+    }
+    {  // ORCD_CUDA_PDL_EARLY: comma-separated kernel kinds that trigger at their start
+        const char* v = std::getenv("ORCD_CUDA_PDL_EARLY");
+        const std::string e = v ? v : kPdlEarlyDefault;
+        static const char* kinds[6] = {"qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head"};
+        pdl_early_ = 0;
+        size_t i = 0;
+        while (i <= e.size()) {
+            const size_t j = std::min(e.find(',', i), e.size());
+            const std::string name = e.substr(i, j - i);
+            for (int q = 0; q < 6; ++q)
+                if (name == kinds[q]) pdl_early_ |= 1 << q;
+            i = j + 1;
+        }
     }
     opt_.fused_prompt = env_on("ORCD_CUDA_FUSED_PROMPT", true);
     pdl_ok_ = info_.cc_major >= 9;
@@ -745,7 +764,11 @@ void CudaEngineImpl::build_decode_args() {
 }
 
 void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
-    const int trig = std::min(2, std::max(0, opt_.pdl_trigger));
+    const int trig0 = std::min(2, std::max(0, opt_.pdl_trigger));
+    // kinds in pdl_early_ release their successor at their start (its weight copy then
+    // overlaps this kernel's whole run), the others after their wait
+    const int kind = k == 5 * d_.n_layer ? 5 : k % 5;
+    const int trig = (pdl_early_ >> kind) & 1 ? 0 : trig0;
     if (k == 5 * d_.n_layer) {
         cu::DecProjArgs m = dp_lm_;
         m.y = greedy ? nullptr : logits_;
@@ -760,7 +783,11 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
     case 0: {
         cu::DecQkvArgs a = dq_[l];
         a.pdl_trigger = trig;
-        cu::dec_qkv(a, stream_, pdl && l > 0, "decode q/k/v");  // the step's first kernel follows a copy
+        // layer 0 follows a copy or the previous step's lm_head, which advances the state
+        // this kernel reads before its wait: no PDL. (Tried: reading the state after the
+        // wait and PDL between the steps of a multi-step graph: no faster on the H200, and
+        // test_decode_graph_equals_direct failed; the cause was not found.)
+        cu::dec_qkv(a, stream_, pdl && l > 0, "decode q/k/v");
         break;
     }
     case 1: {
