@@ -189,6 +189,7 @@ private:
     float2* dec_part_ml_ = nullptr;
     cu::ArgPart* dec_arg_ = nullptr;
     int lm_blocks_ = 0, lm_grid_ = 0;  // lm_head blocks (argmax parts), its persistent grid
+    int lm_stages_ = 0;                // lm_head staging buffers per warp
     std::vector<cu::DecQkvArgs> dq_;
     std::vector<cu::DecAttnArgs> da_;
     std::vector<cu::DecProjArgs> dp_o_, dp_gu_, dp_d_;
@@ -558,7 +559,10 @@ void CudaEngineImpl::plan_decode() {
         rb_d = std::max(rb_d, L.w_down->row_bytes());
     }
     const int sms = std::max(1, info_.sm_count);
+    // rows per half-head part of the q/k/v kernel (ORCD_CUDA_DEC_QKV_S: tuning knob)
     qkv_S_ = std::min(8, hd_ / 2);
+    if (const char* v = std::getenv("ORCD_CUDA_DEC_QKV_S"))
+        qkv_S_ = std::max(1, std::min(hd_ / 2, std::atoi(v)));
     qkv_parts_ = (hd_ / 2 + qkv_S_ - 1) / qkv_S_;
     qkv_smem_w_ = int(2 * cu::dec_stage_bytes(qkv_S_, int(rb_qkv)));
     // blocks per SM the projections aim for (ORCD_CUDA_DEC_GU_SPM / _OD_SPM: tuning knobs)
@@ -577,10 +581,10 @@ void CudaEngineImpl::plan_decode() {
     dn_ksplit_ = ks && *ks == '1';
     const PP dn = dn_ksplit_ ? plan_proj(E_, rb_d, 1, (E_ + 3) / 4, kDecStageCap, 4, 4)
                              : plan_proj(E_, rb_d, 1, t_od, kDecStageCap, 64);
-    // lm_head: persistent blocks (3 per SM) over batches of up to 16 rows, a ring of
-    // kDecLmStages staging buffers
+    // lm_head: persistent blocks (3 per SM), each warp streaming batches of 2 rows (1 for
+    // long rows) through its own ring of kDecLmStages buffers
     PP lm{0, 0};
-    cu::dec_lm_plan(d_.output->row_bytes(), kDecLmCap, &lm.rb, &lm.smem_w);
+    cu::dec_lm_plan(d_.output->row_bytes(), kDecLmCap, &lm.rb, &lm_stages_, &lm.smem_w);
     lm_grid_ = std::max(1, int(env_f("ORCD_CUDA_DEC_LM_SPM", 3.0) * sms));  // persistent lm_head blocks
     // cluster attention up to this many cached positions (ORCD_CUDA_DEC_CLUSTER_KEYS, 0: off)
     dec_short_keys_ = info_.cc_major >= 9 ? int(env_f("ORCD_CUDA_DEC_CLUSTER_KEYS", 1024.0)) : 0;
@@ -616,6 +620,10 @@ void CudaEngineImpl::build_decode_args() {
     int split_keys = cu::kDecTK;
     if (const char* v = std::getenv("ORCD_CUDA_DEC_SPLIT_KEYS"))
         split_keys = std::max(cu::kDecTK, std::atoi(v) / cu::kDecTK * cu::kDecTK);
+    // cluster attention: split lengths in multiples of this many keys (ORCD_CUDA_DEC_CLUSTER_GRAN)
+    int cluster_gran = 8;
+    if (const char* v = std::getenv("ORCD_CUDA_DEC_CLUSTER_GRAN"))
+        cluster_gran = std::max(1, std::min(cu::kDecTK, std::atoi(v)));
     for (int l = 0; l < n_layer; ++l) {
         const DevLayer& L = layers_[size_t(l)];
         __half* kc = kc_ + size_t(l) * layer_stride_;
@@ -663,6 +671,7 @@ void CudaEngineImpl::build_decode_args() {
         a.scale = 1.0f / std::sqrt(float(hd_));
         a.max_splits = cu::kDecMaxSplits;
         a.split_keys = split_keys;
+        a.cluster_gran = cluster_gran;
         a.part_o = dec_part_o_;
         a.part_ml = dec_part_ml_;
         a.out = att_;
@@ -720,6 +729,7 @@ void CudaEngineImpl::build_decode_args() {
     m.out_tokens = d_out_tokens_;
     m.smem_w = plan_lm_.smem_w;
     m.lm_grid = lm_grid_;
+    m.lm_stages = lm_stages_;
 
     // L2 prefetch: each kernel prefetches the weights of the kernel two places ahead
     // (down(l), whose successor's successor is attention, takes attn_output(l+1)); the

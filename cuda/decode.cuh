@@ -40,7 +40,7 @@ namespace cu {
 constexpr int kDecThreads = 256;    // every decode kernel: 8 warps
 constexpr int kDecTK = 32;          // keys per attention tile
 constexpr int kDecAttnBufs = 4;     // attention tiles in flight (cp.async ring of K/V buffers)
-constexpr int kDecLmStages = 4;     // lm_head staging buffers per block (batches in flight)
+constexpr int kDecLmStages = 4;     // lm_head staging buffers per warp (batches in flight)
 constexpr int kDecAttnCluster = 8;  // splits per KV head of the cluster attention (Hopper; portable cluster size)
 constexpr int kDecMaxSplits = 32;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
@@ -107,6 +107,7 @@ struct DecAttnArgs {
     int max_splits;
     int split_keys;           // keys per split at least (a multiple of kDecTK): fewer, longer splits
     int cluster;              // 1: kDecAttnCluster splits per KV head merged in a thread-block cluster (sm_90)
+    int cluster_gran;         // cluster: split lengths are multiples of this many keys (1..kDecTK)
     float* part_o;            // [n_head][max_splits][head_dim]
     float2* part_ml;          // [n_head][max_splits]
     float* out;               // n_head*head_dim
@@ -134,9 +135,10 @@ struct DecProjArgs {
     DecState* st;             // argmax: token (and advance)
     int32_t* out_tokens;      // advance: out_tokens[step] = token
     int advance;              // advance pos and step after the argmax
-    int smem_w;               // LOGITS: two staging buffers of smem_w/2 bytes
+    int smem_w;               // staged weight bytes (LOGITS: NW*lm_stages buffers of smem_w/(NW*lm_stages) bytes)
     int pdl_trigger;
     int lm_grid;              // LOGITS: persistent blocks (each takes every lm_grid-th batch of rows)
+    int lm_stages;            // LOGITS: staging buffers per warp (dec_lm_plan)
     const uint8_t* pf;
     size_t pf_bytes;
 };
@@ -156,9 +158,10 @@ __host__ __device__ inline size_t dec_act_bytes(int n) {
 bool dec_int8_type(uint32_t type);
 // Bytes to stage `rows` rows of a tensor (worst-case alignment slack included).
 size_t dec_stage_bytes(int rows, int row_bytes);
-// The lm_head's batches: rows per batch (at most 16) and the staging bytes of its
-// kDecLmStages buffers, within `cap` bytes (rows 0: a row does not fit).
-void dec_lm_plan(size_t row_bytes, size_t cap, int* rows, int* smem_w);
+// The lm_head's batches: rows per warp batch (2, or 1 for long rows), buffers per warp
+// ring (kDecLmStages, fewer for long rows) and their bytes, within `cap` bytes (rows 0:
+// a row does not fit).
+void dec_lm_plan(size_t row_bytes, size_t cap, int* rows, int* stages, int* smem_w);
 // Opt the decode kernels in to `bytes` of dynamic shared memory (once per device).
 void dec_set_smem_limit(size_t bytes);
 

@@ -72,6 +72,16 @@ __device__ __forceinline__ void cp_async_wait_group() {  // all but the N most r
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
+// cp_async_wait_group with a run-time count (0..4)
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+    switch (n) {
+    case 0: cp_async_wait_group<0>(); break;
+    case 1: cp_async_wait_group<1>(); break;
+    case 2: cp_async_wait_group<2>(); break;
+    case 3: cp_async_wait_group<3>(); break;
+    default: cp_async_wait_group<4>(); break;
+    }
+}
 __device__ __forceinline__ void cp_async_wait_older() {  // all but the most recent group
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group 1;" ::: "memory");
@@ -678,9 +688,10 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // it, and both finished before this step's first kernel), so it may be read before
     // the wait; so may the cache rows before pos (written by earlier steps).
     const int pos = p.st->pos, kv_len = pos + 1, slot = p.st->slot;
-    // splits of at least sk keys, a multiple of gran (CLUSTER: 8-key granularity, so short
-    // caches spread over all the cluster's blocks: the tile's cost grows with its keys)
-    const int sk = CLUSTER ? 8 : max(TK, p.split_keys), gran = CLUSTER ? 8 : TK;
+    // splits of at least sk keys, a multiple of gran (CLUSTER: cluster_gran, 8 by default,
+    // so short caches spread over all the cluster's blocks: a tile's cost grows with its keys)
+    const int cg = max(1, min(TK, p.cluster_gran));
+    const int sk = CLUSTER ? cg : max(TK, p.split_keys), gran = CLUSTER ? cg : TK;
     int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (kv_len + sk - 1) / sk));
     const int S = ((kv_len + n_act - 1) / n_act + gran - 1) / gran * gran;
     n_act = (kv_len + S - 1) / S;
@@ -1090,31 +1101,44 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
 }
 
 // ---------------------------------------------------------------- dec_lm
-// The lm_head (LOGITS mode) as a persistent kernel: gridDim.x blocks take the
-// batches of rows_per_block rows b = blockIdx.x, + gridDim.x, ...; a ring of
-// kDecLmStages staging buffers (smem_w/kDecLmStages bytes each) keeps the next
-// kDecLmStages-1 batches in flight while one is computed (with two buffers of
-// twice the rows, a block waited on HBM latency every batch: 55 us for 145 MB,
-// against a 34 us floor), and the activation prep happens once per block.
+// The lm_head (LOGITS mode) as a persistent kernel in which every warp streams its
+// own rows: warp w of block b takes the batches of rows_per_block rows (1 or 2)
+// numbered b*NW + w, + gridDim.x*NW, ..., through a private ring of lm_stages
+// staging buffers (smem_w / (NW*lm_stages) bytes each) that only that warp
+// fills, waits on and reads, so no block barrier couples the warps once the
+// activation prep (once per block) is done. (A block-wide ring of 16-row batches
+// with two barriers per batch ran 145 MB in ~50 us, against a 34 us floor.)
+// Sub-32-byte alignment: stage_rows_warp copies the 16-byte widened range.
+__device__ __forceinline__ int stage_rows_warp(uint8_t* dst, const DTensor& w, int r0, int r1) {
+    const size_t a = size_t(r0) * size_t(w.row_bytes), b = size_t(r1) * size_t(w.row_bytes);
+    const size_t A = a & ~size_t(15), B = (b + 15) & ~size_t(15);
+    const uint8_t* src = w.w + A;
+    const int n = int(B - A);
+    for (int i = (threadIdx.x % 32) * 16; i < n; i += 32 * 16) cp_async16(dst + i, src + i);
+    return int(a - A);
+}
+
 template <uint32_t T>
 __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float bv[NW];
     __shared__ int bi[NW];
     __shared__ int is_last;
-    constexpr int NS = kDecLmStages;
+    const int NS = p.lm_stages;  // 1 .. kDecLmStages
     const int n_out = p.w[0].n_out, n_in = p.w[0].n_in, rb = p.rows_per_block;
     const int nbatch = (n_out + rb - 1) / rb;
-    const int stage_w = p.smem_w / NS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int stage_w = p.smem_w / (NW * NS);
+    uint8_t* ring = smem + size_t(warp) * NS * stage_w;
     const size_t rbytes = size_t(p.w[0].row_bytes);
+    const int wb0 = blockIdx.x * NW + warp, wstep = gridDim.x * NW;
     l2_prefetch_slice(p.pf, p.pf_bytes);
     float* nw = reinterpret_cast<float*>(smem + p.smem_w);
     if (p.norm_w) stage_floats(nw, p.norm_w, n_in);
-    cp_async_commit();  // group: norm weights
-    int used;
-    for (int i = 0; i < NS; ++i) {  // groups: the first NS batches (empty ones keep the count uniform)
-        const int b = blockIdx.x + i * gridDim.x;
-        if (b < nbatch) stage_rows(smem + i * stage_w, p.w[0], b * rb, min(b * rb + rb, n_out), &used);
+    cp_async_commit();  // group: norm weights (every thread)
+    for (int i = 0; i < NS; ++i) {  // groups: this warp's first NS batches (empty ones keep the count)
+        const int b = wb0 + i * wstep;
+        if (b < nbatch) stage_rows_warp(ring + i * stage_w, p.w[0], b * rb, min(b * rb + rb, n_out));
         cp_async_commit();
     }
     if (p.pdl_trigger == 0) pdl_trigger();
@@ -1124,41 +1148,36 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);
     Act a = carve_act(actp, n_in);
     const float ss = load_act(a, p.act, n_in);
-    cp_async_wait_group<NS>();  // the norm weights
-    finish_act(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);
+    cp_async_wait_pending(NS);  // the norm weights
+    finish_act(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);  // ends with a block barrier
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t type = p.w[0].type;
     float best_v = -INFINITY;
     int best_i = INT_MAX;
     int slot = 0;
-    for (int b = blockIdx.x; b < nbatch; b += gridDim.x) {
-        cp_async_wait_group<NS - 1>();  // batch b (the later ones may still be in flight)
-        __syncthreads();
+    for (int b = wb0; b < nbatch; b += wstep) {
+        cp_async_wait_pending(NS - 1);  // this lane's copies of batch b
+        __syncwarp();                   // ... and the other lanes'
         const int r0 = b * rb, r1 = min(r0 + rb, n_out);
-        // stage_rows put row r0 at its offset inside the 16-byte aligned copy
-        const uint8_t* base = smem + slot * stage_w + ((size_t(r0) * rbytes) & 15);
-        for (int r = r0 + warp; r < r1; r += 2 * NW) {
-            const int r2 = r + NW;
-            float2 d;
-            if (r2 < r1) d = row_dot2_k<T>(type, base + size_t(r - r0) * rbytes, base + size_t(r2 - r0) * rbytes, n_in, a);
-            else d = make_float2(row_dot_k<T>(type, base + size_t(r - r0) * rbytes, n_in, a), 0.f);
-            if (lane == 0 && p.y) {
-                p.y[r] = d.x;
-                if (r2 < r1) p.y[r2] = d.y;
-            }
-            if (arg_better(d.x, r, best_v, best_i)) {
-                best_v = d.x;
-                best_i = r;
-            }
-            if (r2 < r1 && arg_better(d.y, r2, best_v, best_i)) {
-                best_v = d.y;
-                best_i = r2;
-            }
+        const uint8_t* base = ring + slot * stage_w + ((size_t(r0) * rbytes) & 15);
+        float2 d;
+        if (r1 - r0 == 2) d = row_dot2_k<T>(type, base, base + rbytes, n_in, a);
+        else d = make_float2(row_dot_k<T>(type, base, n_in, a), 0.f);
+        if (lane == 0 && p.y) {
+            p.y[r0] = d.x;
+            if (r1 - r0 == 2) p.y[r0 + 1] = d.y;
         }
-        __syncthreads();  // this buffer is free again
-        const int bn = b + NS * gridDim.x;
-        if (bn < nbatch) stage_rows(smem + slot * stage_w, p.w[0], bn * rb, min(bn * rb + rb, n_out), &used);
+        if (arg_better(d.x, r0, best_v, best_i)) {
+            best_v = d.x;
+            best_i = r0;
+        }
+        if (r1 - r0 == 2 && arg_better(d.y, r0 + 1, best_v, best_i)) {
+            best_v = d.y;
+            best_i = r0 + 1;
+        }
+        __syncwarp();  // every lane has read this buffer
+        const int bn = b + NS * wstep;
+        if (bn < nbatch) stage_rows_warp(ring + slot * stage_w, p.w[0], bn * rb, min(bn * rb + rb, n_out));
         cp_async_commit();  // (possibly empty: keeps the group count uniform)
         slot = slot + 1 == NS ? 0 : slot + 1;
     }
@@ -1276,12 +1295,18 @@ bool dec_int8_type(uint32_t type) {
 
 size_t dec_stage_bytes(int rows, int row_bytes) { return align16(size_t(rows) * size_t(row_bytes) + 32); }
 
-void dec_lm_plan(size_t row_bytes, size_t cap, int* rows, int* smem_w) {
-    int rb = 16;
-    auto need = [&](int r) { return size_t(kDecLmStages) * dec_stage_bytes(r, int(row_bytes)); };
-    while (rb > 1 && need(rb) > cap) rb = rb > 8 ? rb - 8 : rb - 1;
-    *rows = need(rb) > cap ? 0 : rb;
-    *smem_w = *rows ? int(need(rb)) : 0;
+void dec_lm_plan(size_t row_bytes, size_t cap, int* rows, int* stages, int* smem_w) {
+    // a ring per warp: kDecLmStages buffers of 2 rows, else of 1 row, else fewer buffers
+    auto need = [&](int r, int s) { return size_t(NW) * s * dec_stage_bytes(r, int(row_bytes)); };
+    *rows = *stages = *smem_w = 0;
+    for (int s = kDecLmStages; s >= 1; --s)
+        for (int r = 2; r >= 1; --r)
+            if (need(r, s) <= cap) {
+                *rows = r;
+                *stages = s;
+                *smem_w = int(need(r, s));
+                return;
+            }
 }
 
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {

@@ -146,8 +146,9 @@ std::vector<float> dec_matvec(uint32_t type, const uint8_t* w, size_t nbytes, in
     a.w[0] = cu::DTensor{dw.p, type, int(n_in), int(n_out), int(row_bytes)};
     a.n_tensors = 1;
     // the engine's lm_head plan (cu::dec_lm_plan within 64 KB), on a small persistent
-    // grid of 7 blocks so each block takes several batches and the buffer ring wraps
-    cu::dec_lm_plan(row_bytes, size_t(64) << 10, &a.rows_per_block, &a.smem_w);
+    // grid of 7 blocks (56 warps) so each warp takes several batches and, past 448 rows
+    // (2-row batches), its buffer ring wraps
+    cu::dec_lm_plan(row_bytes, size_t(64) << 10, &a.rows_per_block, &a.lm_stages, &a.smem_w);
     if (a.rows_per_block == 0) throw Error("dec_matvec test: a row is too long for the lm_head stage");
     a.lm_grid = 7;
     const size_t smem = cu::dec_proj_smem(a.smem_w, int(n_in));
