@@ -7,16 +7,24 @@
 //
 //   dec_qkv     x -> rmsnorm -> q, k, v rows (+bias) -> RoPE(q, k) -> q out, K/V into the fp16 cache
 //               (layer 0: x is the token's embedding row, written to the residual stream by block 0)
-//   dec_attn    split-K attention over the slot's cache; the last block to finish merges the splits
+//   dec_attn    split-K attention over the slot's cache: caches up to a length (the engine's
+//               choice, per step) as 8 splits per KV head in a thread-block cluster merging in
+//               distributed shared memory (sm_90), longer ones with up to kDecMaxSplits splits
+//               merged by the last block to finish
 //   dec_proj    RESID: x += att·Woᵀ          (no norm)
 //   dec_proj    GLU:   a = silu(h·Wgᵀ)·(h·Wuᵀ), h = rmsnorm(x)
 //   dec_proj    RESID: x += a·Wdᵀ
-//   dec_proj    LOGITS: logits = rmsnorm(x)·Woutᵀ (a persistent kernel, double-buffered row
-//               batches in a ring of kDecLmStages buffers), optional argmax: the last block writes the token into DecState (and
-//               out_tokens[step]) and advances pos and step.
+//   dec_proj    LOGITS: logits = rmsnorm(x)·Woutᵀ (a persistent kernel; each warp streams its
+//               own 1-2 row batches through a private ring of staging buffers), optional
+//               argmax: the last block writes the token into DecState (and out_tokens[step])
+//               and advances pos and step.
 //
-// Every kernel first asks L2 to prefetch a slice of a later kernel's weights
-// (cp.async.bulk.prefetch.L2: the weights of the kernel two places ahead), then
+// Each kernel has instances specialised on the weight type (the generic one switches
+// per row): the specialised code is a fraction of the generic kernel's 125-440 KB, whose
+// warps stalled on instruction fetch ~40% of their cycles (Nsight Compute).
+//
+// Every kernel first (with the engine's ORCD_CUDA_L2_PREFETCH) asks L2 to prefetch a
+// slice of a later kernel's weights (cp.async.bulk.prefetch.L2), then
 // copies its own weight rows into shared memory with cp.async (weights never
 // change), then waits for the previous kernel
 // (griddepcontrol.wait: with programmatic dependent launch on Hopper the
@@ -25,8 +33,9 @@
 // bank conflicts) and, for Q4_0/Q5_0/Q8_0/Q4_K/Q6_K weights, int8 codes per
 // 32-element chunk with a float scale d (llama.cpp's q8_1 idea) in two planes,
 // x ~ d*(q1 + q2/256), so those rows are dotted with __dp4a at the accuracy of
-// 16-bit codes (the CPU engine's activations). A warp computes one row, a lane
-// one 32-element chunk at a time. Other types go through deq8 in float32.
+// 16-bit codes (the CPU engine's activations); eight threads quantise a chunk. A warp
+// computes one row (two at once where it can), a lane one 32-element chunk at a time.
+// Other types go through deq8 in float32.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
