@@ -794,9 +794,10 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
         cu::DecQkvArgs a = dq_[l];
         a.pdl_trigger = trig;
         // layer 0 follows a copy or the previous step's lm_head, which advances the state
-        // this kernel reads before its wait: no PDL. (Tried: reading the state after the
-        // wait and PDL between the steps of a multi-step graph: no faster on the H200, and
-        // test_decode_graph_equals_direct failed; the cause was not found.)
+        // this kernel reads (plain loads, before its wait): no PDL. (Tried: the state read
+        // after the wait and PDL between the steps of a multi-step graph: no faster on the
+        // H200, and test_decode_graph_equals_direct failed; likely the plain loads hitting
+        // a stale L1 line: docs/perf_notes.md run 14.)
         cu::dec_qkv(a, stream_, pdl && l > 0, "decode q/k/v");
         break;
     }
