@@ -417,6 +417,30 @@ inline __m256i q5_lanes(__m256i v, uint32_t bits16) {
 // fp16 at p broadcast to 8 floats.
 inline __m256 bcast_h(const uint8_t* p) { return _mm256_cvtph_ps(_mm_set1_epi16((short)rd16(p))); }
 
+// Group j (elements 64j..64j+63) of a Q4_K / Q5_K block as unsigned int16 codes,
+// sub-block scales not applied: l0, l1 the low nibbles (64j..64j+31), h0, h1 the high
+// ones (64j+32..64j+63). qs: the block's nibbles; Q5: hq0, hq1 its high-bit bytes
+// qh[0..15], qh[16..31] as int16 (bit 2j of qh[l] is bit 4 of element 64j+l, bit 2j+1
+// of element 64j+32+l).
+template <bool Q5>
+inline void k45_group(const uint8_t* qs, __m256i hq0, __m256i hq1, int j, __m256i& l0, __m256i& l1, __m256i& h0,
+                      __m256i& h1) {
+    const __m256i m15 = _mm256_set1_epi16(15);
+    const __m256i v0 = zx16(qs + 32 * j), v1 = zx16(qs + 32 * j + 16);
+    l0 = _mm256_and_si256(v0, m15);
+    l1 = _mm256_and_si256(v1, m15);
+    h0 = _mm256_srli_epi16(v0, 4);
+    h1 = _mm256_srli_epi16(v1, 4);
+    if constexpr (Q5) {
+        const __m256i bl = _mm256_set1_epi16((short)(1 << (2 * j))), bh = _mm256_set1_epi16((short)(2 << (2 * j)));
+        const __m256i c16 = _mm256_set1_epi16(16);
+        l0 = _mm256_add_epi16(l0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bl), bl), c16));
+        l1 = _mm256_add_epi16(l1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bl), bl), c16));
+        h0 = _mm256_add_epi16(h0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bh), bh), c16));
+        h1 = _mm256_add_epi16(h1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bh), bh), c16));
+    }
+}
+
 // Q4_0 / Q5_0 / Q8_0 against MR activation rows: the 32 weights of a block
 // as two vectors of 16 signed int16, one dot product per activation row.
 template <uint32_t T, int MR>
@@ -478,7 +502,6 @@ void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
         xd[i] = a.d(i0 + i);
         acc[i] = accm[i] = _mm256_setzero_ps();
     }
-    const __m256i m15 = _mm256_set1_epi16(15);
     for (int64_t b = 0; b < a.nb; ++b) {
         const uint8_t* B = w + b * BB;
         const float d = h2f(rd16(B)), dmin = h2f(rd16(B + 2));
@@ -497,18 +520,8 @@ void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
         __m256i ia[MR], ib[MR];
         for (int i = 0; i < MR; ++i) ia[i] = ib[i] = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j) {
-            const __m256i v0 = zx16(qs + 32 * j), v1 = zx16(qs + 32 * j + 16);
-            __m256i l0 = _mm256_and_si256(v0, m15), l1 = _mm256_and_si256(v1, m15);
-            __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
-            if constexpr (Q5) {
-                // bit 2j of qh[l] is bit 4 of element 64j+l, bit 2j+1 of element 64j+32+l
-                const __m256i bl = _mm256_set1_epi16((short)(1 << (2 * j))), bh = _mm256_set1_epi16((short)(2 << (2 * j)));
-                const __m256i c16 = _mm256_set1_epi16(16);
-                l0 = _mm256_add_epi16(l0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bl), bl), c16));
-                l1 = _mm256_add_epi16(l1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bl), bl), c16));
-                h0 = _mm256_add_epi16(h0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bh), bh), c16));
-                h1 = _mm256_add_epi16(h1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bh), bh), c16));
-            }
+            __m256i l0, l1, h0, h1;
+            k45_group<Q5>(qs, hq0, hq1, j, l0, l1, h0, h1);
             const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
             l0 = _mm256_mullo_epi16(l0, s0);
             l1 = _mm256_mullo_epi16(l1, s0);
@@ -645,24 +658,14 @@ struct UnpackK45 {
         uint8_t sc[8], mn[8];
         k4_scales(B + 4, sc, mn);
         const uint8_t* qs = B + (Q5 ? 48 : 16);
-        const __m256i m15 = _mm256_set1_epi16(15);
         __m256i hq0, hq1;
         if constexpr (Q5) {
             hq0 = zx16(B + 16);
             hq1 = zx16(B + 32);
         }
         for (int j = 0; j < 4; ++j) {
-            const __m256i v0 = zx16(qs + 32 * j), v1 = zx16(qs + 32 * j + 16);
-            __m256i l0 = _mm256_and_si256(v0, m15), l1 = _mm256_and_si256(v1, m15);
-            __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
-            if constexpr (Q5) {
-                const __m256i bl = _mm256_set1_epi16((short)(1 << (2 * j))), bh = _mm256_set1_epi16((short)(2 << (2 * j)));
-                const __m256i c16 = _mm256_set1_epi16(16);
-                l0 = _mm256_add_epi16(l0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bl), bl), c16));
-                l1 = _mm256_add_epi16(l1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bl), bl), c16));
-                h0 = _mm256_add_epi16(h0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bh), bh), c16));
-                h1 = _mm256_add_epi16(h1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bh), bh), c16));
-            }
+            __m256i l0, l1, h0, h1;
+            k45_group<Q5>(qs, hq0, hq1, j, l0, l1, h0, h1);
             const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
             __m256i* o = reinterpret_cast<__m256i*>(dst + 64 * j);
             _mm256_store_si256(o + 0, _mm256_mullo_epi16(l0, s0));

@@ -128,17 +128,22 @@ private:
     void plan_decode();         // shapes of the fused decode kernels; sets dec_ok_
     void build_decode_args();   // their arguments, once the buffers and weights exist
     // `steps` decode steps as one CUDA graph (graph_slot); false when graphs do not work
-    bool capture(bool greedy, int steps);
-    cudaGraphExec_t& graph_slot(bool greedy, int steps) {
-        return graph_[(greedy ? 1 : 0) + (dec_cluster_ ? 2 : 0) + (steps > 1 ? 4 : 0)];
+    bool capture(bool greedy, int steps, bool cluster);
+    cudaGraphExec_t& graph_slot(bool greedy, int steps, bool cluster) {
+        return graph_[(greedy ? 1 : 0) + (cluster ? 2 : 0) + (steps > 1 ? 4 : 0)];
     }
+    // The stream work of `body` as an instantiated graph (a failed capture is cleaned up).
+    cudaGraphExec_t record_graph(const std::function<void()>& body, const char* what);
+    // The attention variant of a step whose cache holds kv_len positions.
+    bool cluster_for(int kv_len) const { return dec_short_keys_ > 0 && kv_len <= dec_short_keys_; }
     void release() noexcept;
     void drop_graphs() noexcept;
     bool fast_on() const { return opt_.fast_decode && dec_ok_; }
-    // One fused decode step on the stream (greedy: the lm_head writes the next token).
-    void launch_decode(bool greedy, int steps = 1);
-    // Kernel k (0 .. 5*n_layer) of that step; 5*n_layer is the lm_head.
-    void launch_decode_kernel(int k, bool greedy, bool pdl);
+    // `steps` fused decode steps on the stream (greedy: the lm_head writes the next token;
+    // cluster: the cluster attention, see cluster_for).
+    void launch_decode(bool greedy, int steps, bool cluster);
+    // Kernel k (0 .. 5*n_layer) of a step; 5*n_layer is the lm_head.
+    void launch_decode_kernel(int k, bool greedy, bool pdl, bool cluster);
     void check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const;
     // The step as a graph launch (captured on first use) or as plain launches.
     // steps: 1, or kDecGraphSteps greedy steps in one graph (decode_greedy); kv_len: the
@@ -197,11 +202,9 @@ private:
     // [greedy + 2 * cluster attention + 4 * (kDecGraphSteps steps)]
     cudaGraphExec_t graph_[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
     // Steps whose cache holds at most dec_short_keys_ positions run the cluster attention
-    // (cu::DecAttnArgs::cluster; sm_90, 0: never); dec_cluster_ is the variant being launched.
+    // (cu::DecAttnArgs::cluster; sm_90, 0: never).
     int dec_short_keys_ = 0;
     int pdl_early_ = 0;  // bit per kernel kind (qkv, attention, attn_output, ffn_gate_up, ffn_down, lm_head)
-    bool dn_ksplit_ = false;  // ffn_down with two warps per row (cu::DecProjArgs::ksplit)
-    bool dec_cluster_ = false;
     struct ProjPlan {
         int rb = 0;      // rows per block (0: does not fit)
         int smem_w = 0;  // staged weight bytes
@@ -531,9 +534,9 @@ namespace {
 struct PP {
     int rb, smem_w;
 };
-PP plan_proj(int n_out, size_t row_bytes, int nt, int target_blocks, size_t cap, int rb_max, int rb_min = 8) {
+PP plan_proj(int n_out, size_t row_bytes, int nt, int target_blocks, size_t cap, int rb_max) {
     int rb = (n_out + target_blocks - 1) / target_blocks;
-    rb = std::max(rb_min, (rb + 7) / 8 * 8);
+    rb = std::max(8, (rb + 7) / 8 * 8);
     rb = std::min(rb, rb_max);
     auto need = [&](int r) { return size_t(nt) * cu::dec_stage_bytes(r, int(row_bytes)); };
     while (rb > 1 && need(rb) > cap) rb = rb > 8 ? rb - 8 : rb - 1;
@@ -575,20 +578,15 @@ void CudaEngineImpl::plan_decode() {
     const int t_od = std::max(1, int(env_f("ORCD_CUDA_DEC_OD_SPM", 1.0) * sms));
     const PP o = plan_proj(E_, rb_o, 1, t_od, kDecStageCap, 64);
     const PP gu = plan_proj(F_, rb_gu, 2, t_gu, kDecStageCap, 64);
-    // ffn_down: a warp per row as attn_output; ORCD_CUDA_DEC_DOWN_KSPLIT=1: two warps per row,
-    // 4 rows per block (measured slower: tg128 1,519 against 1,635 on the H200)
-    const char* ks = std::getenv("ORCD_CUDA_DEC_DOWN_KSPLIT");
-    dn_ksplit_ = ks && *ks == '1';
-    const PP dn = dn_ksplit_ ? plan_proj(E_, rb_d, 1, (E_ + 3) / 4, kDecStageCap, 4, 4)
-                             : plan_proj(E_, rb_d, 1, t_od, kDecStageCap, 64);
+    const PP dn = plan_proj(E_, rb_d, 1, t_od, kDecStageCap, 64);
     // lm_head: persistent blocks (3 per SM), each warp streaming batches of 2 rows (1 for
     // long rows) through its own ring of kDecLmStages buffers
     PP lm{0, 0};
     cu::dec_lm_plan(d_.output->row_bytes(), kDecLmCap, &lm.rb, &lm_stages_, &lm.smem_w);
     lm_grid_ = std::max(1, int(env_f("ORCD_CUDA_DEC_LM_SPM", 3.0) * sms));  // persistent lm_head blocks
     // cluster attention up to this many cached positions (ORCD_CUDA_DEC_CLUSTER_KEYS, 0: off)
-    dec_short_keys_ = info_.cc_major >= 9 ? int(env_f("ORCD_CUDA_DEC_CLUSTER_KEYS", 1024.0)) : 0;
-    if (const char* v = std::getenv("ORCD_CUDA_DEC_CLUSTER_KEYS"); v && std::atoi(v) == 0 && *v) dec_short_keys_ = 0;
+    const char* ck = std::getenv("ORCD_CUDA_DEC_CLUSTER_KEYS");
+    dec_short_keys_ = info_.cc_major < 9 ? 0 : (ck && *ck ? std::max(0, std::atoi(ck)) : 1024);
     if (!o.rb || !gu.rb || !dn.rb || !lm.rb) return off("a weight row does not fit the shared-memory stage");
     plan_o_ = {o.rb, o.smem_w};
     plan_gu_ = {gu.rb, gu.smem_w};
@@ -705,7 +703,6 @@ void CudaEngineImpl::build_decode_args() {
         dn.w[0] = L.down.dt();
         dn.n_tensors = 1;
         dn.rows_per_block = plan_d_.rb;
-        dn.ksplit = dn_ksplit_ ? 1 : 0;
         dn.act = g_;
         dn.need_q8 = cu::dec_int8_type(L.down.type);
         dn.mode = cu::DEC_RESID;
@@ -773,7 +770,7 @@ void CudaEngineImpl::build_decode_args() {
     }
 }
 
-void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
+void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl, bool cluster) {
     const int trig0 = std::min(2, std::max(0, opt_.pdl_trigger));
     // kinds in pdl_early_ release their successor at their start (its weight copy then
     // overlaps this kernel's whole run), the others after their wait
@@ -804,7 +801,7 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
     case 1: {
         cu::DecAttnArgs a = da_[l];
         a.pdl_trigger = trig;
-        a.cluster = dec_cluster_ ? 1 : 0;
+        a.cluster = cluster ? 1 : 0;
         cu::dec_attention(a, stream_, pdl, "decode attention");
         break;
     }
@@ -829,31 +826,35 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl) {
     }
 }
 
-void CudaEngineImpl::launch_decode(bool greedy, int steps) {
+void CudaEngineImpl::launch_decode(bool greedy, int steps, bool cluster) {
     const bool pdl = opt_.pdl && pdl_ok_;
     for (int s = 0; s < steps; ++s)
-        for (int k = 0; k <= 5 * d_.n_layer; ++k) launch_decode_kernel(k, greedy, pdl);
+        for (int k = 0; k <= 5 * d_.n_layer; ++k) launch_decode_kernel(k, greedy, pdl, cluster);
 }
 
-bool CudaEngineImpl::capture(bool greedy, int steps) {
+cudaGraphExec_t CudaEngineImpl::record_graph(const std::function<void()>& body, const char* what) {
+    cudaGraph_t graph = nullptr;
+    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), what);
+    try {
+        body();
+    } catch (...) {
+        cudaStreamEndCapture(stream_, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        throw;
+    }
+    CUDA_CHECK(cudaStreamEndCapture(stream_, &graph), what);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (e != cudaSuccess) throw_cuda("cudaGraphInstantiate", e, what);
+    return exec;
+}
+
+bool CudaEngineImpl::capture(bool greedy, int steps, bool cluster) {
     for (int attempt = 0; attempt < 2; ++attempt) {
-        cudaGraph_t graph = nullptr;
         try {
-            CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "decode graph capture");
-            try {
-                launch_decode(greedy, steps);
-            } catch (...) {
-                cudaStreamEndCapture(stream_, &graph);
-                if (graph) cudaGraphDestroy(graph);
-                graph = nullptr;
-                throw;
-            }
-            CUDA_CHECK(cudaStreamEndCapture(stream_, &graph), "decode graph capture");
-            cudaGraphExec_t exec = nullptr;
-            const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
-            cudaGraphDestroy(graph);
-            if (e != cudaSuccess) throw_cuda("cudaGraphInstantiate", e, "decode graph");
-            graph_slot(greedy, steps) = exec;
+            graph_slot(greedy, steps, cluster) =
+                record_graph([&]() { launch_decode(greedy, steps, cluster); }, "decode graph capture");
             return true;
         } catch (const Error& err) {
             cudaGetLastError();
@@ -873,15 +874,15 @@ bool CudaEngineImpl::capture(bool greedy, int steps) {
 }
 
 void CudaEngineImpl::run_decode(bool greedy, int kv_len, int steps) {
-    dec_cluster_ = dec_short_keys_ > 0 && kv_len <= dec_short_keys_;
+    const bool cluster = cluster_for(kv_len);
     if (opt_.graphs && graphs_ok_) {
-        cudaGraphExec_t& g = graph_slot(greedy, steps);
-        if (g || capture(greedy, steps)) {
+        cudaGraphExec_t& g = graph_slot(greedy, steps, cluster);
+        if (g || capture(greedy, steps, cluster)) {
             CUDA_CHECK(cudaGraphLaunch(g, stream_), "decode graph launch");
             return;
         }
     }
-    launch_decode(greedy, steps);
+    launch_decode(greedy, steps, cluster);
 }
 
 void CudaEngineImpl::fast_forward_one(int slot, int32_t token, int pos, float* logits) {
@@ -998,22 +999,8 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
     };
     // a graph of `body` (captured on the stream)
     auto make_graph = [&](const std::function<void()>& body) {
-        cudaGraph_t g = nullptr;
-        CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "profile_decode capture");
-        try {
-            body();
-        } catch (...) {
-            cudaStreamEndCapture(stream_, &g);
-            if (g) cudaGraphDestroy(g);
-            throw;
-        }
-        CUDA_CHECK(cudaStreamEndCapture(stream_, &g), "profile_decode capture");
-        cudaGraphExec_t e = nullptr;
-        const cudaError_t err = cudaGraphInstantiate(&e, g, 0);
-        cudaGraphDestroy(g);
-        if (err != cudaSuccess) throw_cuda("cudaGraphInstantiate", err, "profile_decode");
-        execs.push_back(e);
-        return e;
+        execs.push_back(record_graph(body, "profile_decode capture"));
+        return execs.back();
     };
     // microseconds per launch of `exec`, n_steps launches from the start state
     auto time_graph = [&](cudaGraphExec_t exec) {
@@ -1037,12 +1024,12 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
     try {
         for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e), "profile_decode events");
         // per kernel: the step with an event after each kernel, no PDL (the attention variant of pos)
-        dec_cluster_ = dec_short_keys_ > 0 && pos + 1 <= dec_short_keys_;
+        const bool cluster = cluster_for(pos + 1);
         cudaGraphExec_t timed = make_graph([&]() {
             // External: inside a capture a plain record only orders streams; this makes event-record nodes
             CUDA_CHECK(cudaEventRecordWithFlags(ev[0], stream_, cudaEventRecordExternal), "profile_decode");
             for (int k = 0; k < K; ++k) {
-                launch_decode_kernel(k, true, false);
+                launch_decode_kernel(k, true, false, cluster);
                 CUDA_CHECK(cudaEventRecordWithFlags(ev[size_t(k) + 1], stream_, cudaEventRecordExternal),
                            "profile_decode");
             }
@@ -1080,7 +1067,7 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
                     const size_t l = size_t(k / 5);
                     const int kind = k == K - 1 ? 5 : k % 5;
                     if (noop_kind >= 0 && kind != noop_kind) {
-                        launch_decode_kernel(k, true, with_pdl);
+                        launch_decode_kernel(k, true, with_pdl, cluster);
                     } else if (k == K - 1) {
                         cu::DecProjArgs a = dp_lm_;
                         a.pdl_trigger = trig;

@@ -130,8 +130,7 @@ struct DecAttnArgs {
 struct DecProjArgs {
     DTensor w[2];
     int n_tensors;            // 2 for GLU (gate, up)
-    int rows_per_block;       // ksplit: at most NT/64
-    int ksplit;               // RESID: two warps per row, each half of the chunks (long rows: ffn_down)
+    int rows_per_block;
     const float* act;         // input vector, n_in floats
     const float* norm_w;      // rmsnorm of act first when non-null
     float eps;

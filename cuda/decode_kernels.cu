@@ -82,16 +82,8 @@ __device__ __forceinline__ void cp_async_wait_pending(int n) {
     default: cp_async_wait_group<4>(); break;
     }
 }
-__device__ __forceinline__ void cp_async_wait_older() {  // all but the most recent group
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-#endif
-}
+__device__ __forceinline__ void cp_async_wait_older() { cp_async_wait_group<1>(); }  // all but the most recent group
+__device__ __forceinline__ void cp_async_wait_all() { cp_async_wait_group<0>(); }
 
 // Block sum over NT threads; every thread gets it. `buf` holds NW floats.
 __device__ __forceinline__ float block_sum(float v, float* buf) {
@@ -420,13 +412,11 @@ __device__ __forceinline__ float chunk_dot(const uint8_t* rp, int c, int n_in, c
     }
 }
 
-// The warp's dot of a row: lane l takes chunks c0 + l, c0 + l + step, ... (all chunks:
-// c0 = 0, step = 32; half of them each for two warps: c0 = 0 / 32, step = 64).
 template <uint32_t T>
-__device__ __forceinline__ float row_dot_t(const uint8_t* rp, int n_in, const Act& a, int c0 = 0, int step = 32) {
+__device__ __forceinline__ float row_dot_t(const uint8_t* rp, int n_in, const Act& a) {
     const int lane = threadIdx.x % 32, nch = n_in / 32;
     float acc = 0.f;
-    for (int c = c0 + lane; c < nch; c += step) acc += chunk_dot<T>(rp, c, n_in, a);
+    for (int c = lane; c < nch; c += 32) acc += chunk_dot<T>(rp, c, n_in, a);
     return warp_sum(acc);
 }
 // Two rows of the same type at once (their shuffles interleave).
@@ -450,10 +440,10 @@ __device__ __forceinline__ float2 row_dot2_t(const uint8_t* rp0, const uint8_t* 
     X(T_F32) X(T_F16) X(T_BF16) X(T_Q4_0) X(T_Q4_1) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) \
     X(T_Q5_K) X(T_Q6_K)
 
-__device__ float row_dot(uint32_t type, const uint8_t* rp, int n_in, const Act& a, int c0 = 0, int step = 32) {
+__device__ float row_dot(uint32_t type, const uint8_t* rp, int n_in, const Act& a) {
     switch (type) {
 #define ORCD_RD(T) \
-    case T: return row_dot_t<T>(rp, n_in, a, c0, step);
+    case T: return row_dot_t<T>(rp, n_in, a);
         ORCD_DEC_TYPES(ORCD_RD)
 #undef ORCD_RD
     default: return __int_as_float(0x7fc00000);  // unreachable: the host checks the types
@@ -476,10 +466,9 @@ __device__ float2 row_dot2(uint32_t type, const uint8_t* rp0, const uint8_t* rp1
 // instruction fetch for ~40% of their cycles.
 constexpr uint32_t T_ANY = 0xFFFFFFFFu;
 template <uint32_t T>
-__device__ __forceinline__ float row_dot_k(uint32_t type, const uint8_t* rp, int n_in, const Act& a, int c0 = 0,
-                                           int step = 32) {
-    if constexpr (T == T_ANY) return row_dot(type, rp, n_in, a, c0, step);
-    else return row_dot_t<T>(rp, n_in, a, c0, step);
+__device__ __forceinline__ float row_dot_k(uint32_t type, const uint8_t* rp, int n_in, const Act& a) {
+    if constexpr (T == T_ANY) return row_dot(type, rp, n_in, a);
+    else return row_dot_t<T>(rp, n_in, a);
 }
 template <uint32_t T>
 __device__ __forceinline__ float2 row_dot2_k(uint32_t type, const uint8_t* rp0, const uint8_t* rp1, int n_in,
@@ -1055,17 +1044,6 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
         if (p.pdl_trigger == 2) pdl_trigger();
         return;
     }
-    if (p.mode == DEC_RESID && p.ksplit) {  // two warps per row, half of the chunks each
-        const int r = r0 + warp / 2;
-        float v = 0.f;
-        if (r < r1) v = row_dot_k<T>(p.w[0].type, smem + off0 + size_t(r - r0) * rb0, n_in, a, 32 * (warp & 1), 64);
-        if (lane == 0) bv[warp] = v;
-        __syncthreads();
-        const int j = threadIdx.x;
-        if (j < r1 - r0) p.y[r0 + j] = yold[j] + (bv[2 * j] + bv[2 * j + 1]);
-        if (p.pdl_trigger == 2) pdl_trigger();
-        return;
-    }
     for (int r = r0 + warp; r < r1; r += 2 * NW) {
         const int r2 = r + NW;
         float2 d;
@@ -1357,9 +1335,6 @@ void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* 
 }
 
 void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
-    if (a.ksplit && (a.mode != DEC_RESID || a.rows_per_block > NW / 2))
-        throw Error(std::string("dec_proj: ksplit needs the residual mode and at most ") + std::to_string(NW / 2) +
-                    " rows per block (" + (what ? what : "?") + ")");
     if (a.mode == DEC_RESID && a.rows_per_block > 64)
         throw Error(std::string("dec_proj: at most 64 rows per block in the residual mode (") + (what ? what : "?") + ")");
     const size_t smem = dec_proj_smem(a);
