@@ -8,7 +8,7 @@
 //       .decode_batch(slots, tokens, pos) -> float32 [n, n_vocab]
 //       .decode_greedy(slot, first_token, pos, n_steps) -> int32 [n_steps]   greedy tokens, argmax on the GPU
 //       .set_options(fast_decode=None, graphs=None, pdl=None, fused_prompt=None)   switches of the fast paths
-//       .paths() -> dict   what is in use: fast_decode, graphs, pdl, fused_prompt, fused_attn_output, *_available, note
+//       .paths() -> dict   what is in use: fast_decode, graphs, pdl, fused_prompt, *_available, note
 //       .profile_decode(slot, token, pos, n_steps=16) -> dict   us per step by kernel kind, and graph_step
 //       .info() -> dict (hyperparameters, n_ctx, n_slots, vram_* bytes, device, paths)
 //       .close()                          frees the GPU memory now
@@ -86,7 +86,6 @@ nb::dict paths_dict(const orcd::CudaEngine& e) {
     r["graphs"] = p.graphs;
     r["pdl"] = p.pdl;
     r["fused_prompt"] = p.fused_prompt;
-    r["fused_attn_output"] = p.fused_attn_output;
     r["pdl_trigger"] = e.options().pdl_trigger;
     r["fast_decode_available"] = p.fast_decode_available;
     r["pdl_available"] = p.pdl_available;

@@ -65,7 +65,6 @@ struct CudaPaths {
     bool fast_decode_available = false;  // the model/GPU suit the fused decode kernels
     bool pdl_available = false;          // compute capability >= 9.0
     bool fast_decode = false, graphs = false, pdl = false, fused_prompt = false;
-    bool fused_attn_output = false;      // the decode attention computes attn_output too (cluster attention, <= 2 KV heads)
     std::string note;                    // why something is off (empty when all is well)
 };
 

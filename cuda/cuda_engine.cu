@@ -136,10 +136,6 @@ private:
     cudaGraphExec_t record_graph(const std::function<void()>& body, const char* what);
     // The attention variant of a step whose cache holds kv_len positions.
     bool cluster_for(int kv_len) const { return dec_short_keys_ > 0 && kv_len <= dec_short_keys_; }
-    // steps with the cluster attention run attn_output inside it (fuse_out_)
-    bool fused_out(bool cluster) const { return cluster && fuse_out_; }
-    // layer l's attention arguments for the variant (cluster, fused_out(cluster))
-    cu::DecAttnArgs attn_args(size_t l, bool cluster, int trig) const;
     void release() noexcept;
     void drop_graphs() noexcept;
     bool fast_on() const { return opt_.fast_decode && dec_ok_; }
@@ -208,16 +204,12 @@ private:
     // Steps whose cache holds at most dec_short_keys_ positions run the cluster attention
     // (cu::DecAttnArgs::cluster; sm_90, 0: never).
     int dec_short_keys_ = 0;
-    // attn_output fused into the cluster attention (ORCD_CUDA_DEC_FUSE_OUT, default on where
-    // the GPU runs a cluster of kDecAttnCluster x n_head_kv <= 16 blocks)
-    bool fuse_out_ = false;
     int pdl_early_ = 0;  // bit per kernel kind (qkv, attention, attn_output, ffn_gate_up, ffn_down, lm_head)
     struct ProjPlan {
         int rb = 0;      // rows per block (0: does not fit)
         int smem_w = 0;  // staged weight bytes
     };
     ProjPlan plan_o_, plan_gu_, plan_d_, plan_lm_;
-    ProjPlan plan_fo_;  // Wo rows per block of the fused attention + attn_output
     int qkv_S_ = 0, qkv_parts_ = 0, qkv_smem_w_ = 0;
     size_t dec_smem_ = 0;
     float *qkv_ = nullptr, *gu_ = nullptr;
@@ -596,28 +588,6 @@ void CudaEngineImpl::plan_decode() {
     const char* ck = std::getenv("ORCD_CUDA_DEC_CLUSTER_KEYS");
     dec_short_keys_ = info_.cc_major < 9 ? 0 : (ck && *ck ? std::max(0, std::atoi(ck)) : 1024);
     if (!o.rb || !gu.rb || !dn.rb || !lm.rb) return off("a weight row does not fit the shared-memory stage");
-    int optin = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev_), "CudaEngine plan");
-    // attn_output fused into the cluster attention: the grid (kDecAttnCluster splits x the
-    // KV heads) is one cluster of at most 16 blocks, each computing E/16 rows of Wo
-    fuse_out_ = false;
-    plan_fo_ = {};
-    std::string fo_why;
-    size_t fo_smem = 0;
-    const int fo_blocks = cu::kDecAttnCluster * d_.n_head_kv;
-    if (!env_on("ORCD_CUDA_DEC_FUSE_OUT", true)) fo_why = "ORCD_CUDA_DEC_FUSE_OUT=0";
-    else if (dec_short_keys_ <= 0) fo_why = "no cluster attention";
-    else if (fo_blocks > 16) fo_why = std::to_string(d_.n_head_kv) + " KV heads (a cluster of " + std::to_string(fo_blocks) + " blocks)";
-    else if (hd_ % 8 || G * hd_ > 4 * cu::kDecThreads) fo_why = "head shape";
-    else {
-        const int R = (E_ + fo_blocks - 1) / fo_blocks;
-        plan_fo_ = {R, int(cu::dec_stage_bytes(R, int(rb_o)))};
-        fo_smem = cu::dec_attn_out_smem(d_.n_head, d_.n_head_kv, hd_, plan_fo_.smem_w, R);
-        if (R > cu::kDecThreads || fo_smem > size_t(optin)) {
-            fo_why = "needs " + std::to_string(fo_smem) + " bytes of shared memory";
-            fo_smem = 0;
-        }
-    }
     plan_o_ = {o.rb, o.smem_w};
     plan_gu_ = {gu.rb, gu.smem_w};
     plan_d_ = {dn.rb, dn.smem_w};
@@ -625,31 +595,15 @@ void CudaEngineImpl::plan_decode() {
     lm_blocks_ = std::min((V_ + lm.rb - 1) / lm.rb, lm_grid_);
     dec_smem_ = std::max({cu::dec_qkv_smem(qkv_smem_w_, E_, qkv_S_), cu::dec_proj_smem(o.smem_w, QD_),
                           cu::dec_proj_smem(gu.smem_w, E_), cu::dec_proj_smem(dn.smem_w, F_),
-                          cu::dec_proj_smem(lm.smem_w, E_), cu::dec_attn_smem(d_.n_head, d_.n_head_kv, hd_), fo_smem});
+                          cu::dec_proj_smem(lm.smem_w, E_), cu::dec_attn_smem(d_.n_head, d_.n_head_kv, hd_)});
+    int optin = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev_), "CudaEngine plan");
     if (dec_smem_ > size_t(optin))
         return off("needs " + std::to_string(dec_smem_) + " bytes of shared memory per block, the GPU allows " +
                    std::to_string(optin));
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine plan");
     cu::dec_set_smem_limit(std::max(dec_smem_, size_t(48) << 10));
     dec_ok_ = true;
-    if (fo_smem) {  // can the GPU hold such a cluster? (one shape per Wo type)
-        fuse_out_ = true;
-        for (const LayerDesc& L : d_.layers) {
-            cu::DecAttnArgs a{};
-            a.n_head = d_.n_head;
-            a.n_head_kv = d_.n_head_kv;
-            a.head_dim = hd_;
-            a.wo = cu::DTensor{nullptr, L.wo->type, QD_, E_, int(L.wo->row_bytes())};
-            a.wo_rows = plan_fo_.rb;
-            a.wo_smem = plan_fo_.smem_w;
-            if (cu::dec_attn_out_clusters(a) < 1) {
-                fuse_out_ = false;
-                fo_why = "a cluster of " + std::to_string(fo_blocks) + " blocks does not fit the GPU";
-                break;
-            }
-        }
-    }
-    if (!fuse_out_ && !fo_why.empty()) dec_base_note_ = dec_note_ = "attn_output not fused into the attention: " + fo_why;
 }
 
 void CudaEngineImpl::build_decode_args() {
@@ -721,11 +675,6 @@ void CudaEngineImpl::build_decode_args() {
         a.out = att_;
         a.counter = d_sync_->attn;
         a.st = d_state_;
-        a.wo = L.wo.dt();  // used where fused_out (attn_args)
-        a.wo_rows = plan_fo_.rb;
-        a.wo_smem = plan_fo_.smem_w;
-        a.wo_q8 = cu::dec_int8_type(L.wo.type);
-        a.wo_y = x_;
 
         cu::DecProjArgs& o = dp_o_[size_t(l)];
         o.w[0] = L.wo.dt();
@@ -821,22 +770,12 @@ void CudaEngineImpl::build_decode_args() {
     }
 }
 
-cu::DecAttnArgs CudaEngineImpl::attn_args(size_t l, bool cluster, int trig) const {
-    cu::DecAttnArgs a = da_[l];
-    a.pdl_trigger = trig;
-    a.cluster = cluster ? 1 : 0;
-    if (!fused_out(cluster)) a.wo.w = nullptr;
-    return a;
-}
-
 void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl, bool cluster) {
     const int trig0 = std::min(2, std::max(0, opt_.pdl_trigger));
     // kinds in pdl_early_ release their successor at their start (its weight copy then
-    // overlaps this kernel's whole run), the others after their wait; the attention with
-    // attn_output fused in is early when either kind is
+    // overlaps this kernel's whole run), the others after their wait
     const int kind = k == 5 * d_.n_layer ? 5 : k % 5;
-    const int early = fused_out(cluster) && kind == 1 ? (pdl_early_ >> 1) | (pdl_early_ >> 2) : pdl_early_ >> kind;
-    const int trig = early & 1 ? 0 : trig0;
+    const int trig = (pdl_early_ >> kind) & 1 ? 0 : trig0;
     if (k == 5 * d_.n_layer) {
         cu::DecProjArgs m = dp_lm_;
         m.y = greedy ? nullptr : logits_;
@@ -859,12 +798,14 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl, bool clu
         cu::dec_qkv(a, stream_, pdl && l > 0, "decode q/k/v");
         break;
     }
-    case 1:
-        cu::dec_attention(attn_args(l, cluster, trig), stream_, pdl,
-                          fused_out(cluster) ? "decode attention + attn_output" : "decode attention");
+    case 1: {
+        cu::DecAttnArgs a = da_[l];
+        a.pdl_trigger = trig;
+        a.cluster = cluster ? 1 : 0;
+        cu::dec_attention(a, stream_, pdl, "decode attention");
         break;
+    }
     case 2: {
-        if (fused_out(cluster)) break;  // done by the attention
         cu::DecProjArgs a = dp_o_[l];
         a.pdl_trigger = trig;
         cu::dec_proj(a, stream_, pdl, "decode attn_output");
@@ -983,7 +924,6 @@ CudaPaths CudaEngineImpl::paths() const {
     p.graphs = p.fast_decode && opt_.graphs && graphs_ok_;
     p.pdl = p.fast_decode && opt_.pdl && pdl_ok_;
     p.fused_prompt = opt_.fused_prompt;
-    p.fused_attn_output = p.fast_decode && fuse_out_;
     p.note = dec_note_;
     return p;
 }
@@ -1137,9 +1077,9 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
                         a.pdl_trigger = trig;
                         cu::dec_qkv(a, stream_, with_pdl && l > 0, "noop", true);
                     } else if (k % 5 == 1) {
-                        cu::dec_attention(attn_args(l, cluster, trig), stream_, with_pdl, "noop", true);
-                    } else if (k % 5 == 2 && fused_out(cluster)) {
-                        // attn_output runs inside the attention
+                        cu::DecAttnArgs a = da_[l];
+                        a.pdl_trigger = trig;
+                        cu::dec_attention(a, stream_, with_pdl, "noop", true);
                     } else {
                         cu::DecProjArgs a = k % 5 == 2 ? dp_o_[l] : (k % 5 == 3 ? dp_gu_[l] : dp_d_[l]);
                         a.pdl_trigger = trig;

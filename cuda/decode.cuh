@@ -11,9 +11,7 @@
 //               choice, per step) as 8 splits per KV head in a thread-block cluster merging in
 //               distributed shared memory (sm_90), longer ones with up to kDecMaxSplits splits
 //               merged by the last block to finish
-//   dec_proj    RESID: x += att·Woᵀ          (no norm; with the cluster attention and at most
-//               2 KV heads this is fused into dec_attn: all splits of all heads in one
-//               cluster, every block merging the heads and computing its slice of rows)
+//   dec_proj    RESID: x += att·Woᵀ          (no norm)
 //   dec_proj    GLU:   a = silu(h·Wgᵀ)·(h·Wuᵀ), h = rmsnorm(x)
 //   dec_proj    RESID: x += a·Wdᵀ
 //   dec_proj    LOGITS: logits = rmsnorm(x)·Woutᵀ (a persistent kernel; each warp streams its
@@ -127,14 +125,6 @@ struct DecAttnArgs {
     int pdl_trigger;
     const uint8_t* pf;
     size_t pf_bytes;
-    // attn_output fused in (with cluster, when wo.w is set): the grid is one cluster of
-    // kDecAttnCluster splits x n_head_kv blocks; every block merges all heads' splits and
-    // adds rows [rank*wo_rows, (rank+1)*wo_rows) of att·Woᵀ to wo_y (out is not written)
-    DTensor wo;
-    int wo_rows;              // rows per block (<= kDecThreads)
-    int wo_smem;              // staged bytes of those rows (dec_stage_bytes)
-    int wo_q8;                // Wo's rows are dotted with int8 activation codes
-    float* wo_y;              // the residual stream
 };
 
 struct DecProjArgs {
@@ -191,10 +181,6 @@ void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what, b
 void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop = false);
 void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop = false);
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim);
-// The attention with attn_output fused in: its shared memory, and how many of its
-// clusters fit the GPU at once (0: it cannot run; the shape or the Wo type has no instance).
-size_t dec_attn_out_smem(int n_head, int n_head_kv, int head_dim, int wo_smem, int wo_rows);
-int dec_attn_out_clusters(const DecAttnArgs& a);
 inline int dec_proj_blocks(const DecProjArgs& a) {
     return (a.w[0].n_out + a.rows_per_block - 1) / a.rows_per_block;
 }

@@ -52,18 +52,6 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// The two halves of a thread-block cluster barrier (every thread of every block of the
-// cluster arrives, then waits), so work can run between them.
-[[maybe_unused]] __device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-#endif
-}
-[[maybe_unused]] __device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -674,39 +662,17 @@ __host__ __device__ inline size_t dec_attn_tile_bytes(int G, int hd) {
     return dec_align16(size_t(G * hd + G * kDecTK + 3 * G) * 4) +
            size_t(kDecAttnBufs) * 2 * kDecTK * dec_attn_row_stride(hd);
 }
-// ... and the cluster variants' partial (acc, then (m, l) per head) after it.
-__host__ __device__ inline size_t dec_attn_cluster_bytes(int G, int hd) {
-    return dec_attn_tile_bytes(G, hd) + dec_align16(size_t((G * hd + 3) & ~3) * 4 + size_t(G) * 8);
-}
-// ... and ATT_CLUSTER_OUT's after that: staged Wo rows, the activations, the rows' old
-// values, the merge weights per (head, split).
-__host__ __device__ inline size_t dec_attn_out_bytes(int n_head, int n_head_kv, int hd, int wo_smem, int wo_rows) {
-    return dec_attn_cluster_bytes(n_head / n_head_kv, hd) + size_t(wo_smem) + dec_act_bytes(n_head * hd) +
-           dec_align16(size_t(wo_rows) * 4) + dec_align16(size_t(n_head) * kDecAttnCluster * 4);
-}
-
-enum AttnMode : int {
-    ATT_GLOBAL = 0,       // up to max_splits splits per KV head, the last block merges (global partials)
-    ATT_CLUSTER = 1,      // kDecAttnCluster splits per KV head in a cluster, merged in distributed shared memory
-    ATT_CLUSTER_OUT = 2,  // ATT_CLUSTER with all KV heads in one cluster and attn_output fused in
-};
 
 // NACC: outputs per thread, (n_head/n_head_kv)*head_dim/NT rounded up (instances 1-4 and 8).
-// MODE ATT_CLUSTER (Hopper): the gridDim.x splits of a KV head form one thread-block
-// cluster and merge through distributed shared memory: each block leaves its partial
-// (acc, m, l) in its own shared memory, and after a cluster barrier block s merges
+// CLUSTER (Hopper): the gridDim.x splits of a KV head form one thread-block cluster
+// and merge through distributed shared memory: each block leaves its partial (acc,
+// m, l) in its own shared memory, and after a cluster barrier block s merges
 // output slice s from all blocks' partials. No global round trip, no atomics, no
 // last-block tail: the split merge cost ~5 us per layer (gpu_profile at pos 64).
-// ATT_CLUSTER_OUT: the grid (all KV heads) is one cluster (16 blocks for 2 KV heads:
-// a non-portable size), and after the barrier every block merges all heads' outputs
-// into its activation area and adds its slice of rows of att·Woᵀ to the residual
-// stream (TO: Wo's type): the attn_output kernel, its launch and its wait on the
-// attention are gone, and its rows were copied to shared memory before the wait.
-// ATT_GLOBAL: the last block of each KV head to finish merges (global partials
-// and a counter), which allows up to max_splits splits for long contexts.
-template <int NACC, int MODE, uint32_t TO>
+// Without CLUSTER the last block of each KV head to finish merges (global
+// partials and a counter), which allows up to max_splits splits for long contexts.
+template <int NACC, bool CLUSTER>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
-    constexpr bool CLUSTER = MODE != ATT_GLOBAL, FUSED = MODE == ATT_CLUSTER_OUT;
     extern __shared__ __align__(16) uint8_t asmem[];
     __shared__ int is_last;
     constexpr int TK = kDecTK;
@@ -726,17 +692,6 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     float2* ml_c = reinterpret_cast<float2*>(po_c + ((GH + 3) & ~3));           // G
     l2_prefetch_slice(p.pf, p.pf_bytes);
     const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
-    // FUSED: this block's rows of Wo (the grid is one cluster; its rank) start copying
-    uint8_t* fo = asmem + dec_attn_cluster_bytes(G, hd);
-    const int rank = blockIdx.y * gridDim.x + blockIdx.x;
-    const int o_r0 = FUSED ? min(p.wo.n_out, rank * p.wo_rows) : 0;
-    const int o_r1 = FUSED ? min(p.wo.n_out, o_r0 + p.wo_rows) : 0;
-    int wo_off = 0;
-    if constexpr (FUSED) {
-        int used;
-        wo_off = stage_rows(fo, p.wo, o_r0, o_r1, &used);
-        cp_async_commit();
-    }
     const int warp = t / 32, lane = t % 32;
     // The state is stable during a step (the host or the previous step's lm_head wrote
     // it, and both finished before this step's first kernel), so it may be read before
@@ -751,7 +706,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     n_act = (kv_len + S - 1) / S;
     const int start = s * S, end = min(start + S, kv_len);
     const bool active = start < end;
-    const bool direct = !FUSED && n_act == 1;  // one split: it writes the output itself, no merge
+    const bool direct = n_act == 1;  // one split: it writes the output itself, no merge
     const bool vec = (hd & 7) == 0;
     const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
     const __half* K = p.kc + base;
@@ -769,8 +724,6 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     if (p.pdl_trigger == 0) pdl_trigger();
     pdl_wait();
     if (p.pdl_trigger == 1) pdl_trigger();
-    // FUSED: the old values of this block's residual rows (complete: written two kernels back)
-    const float yv = FUSED && t < o_r1 - o_r0 ? __ldcg(p.wo_y + o_r0 + t) : 0.f;
 
     if (active) {
         const int bp = (pos - start) / TK;  // the tile of row pos, when this split holds it
@@ -887,7 +840,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             else p.part_ml[size_t(kvh * G + t) * p.max_splits + s] = make_float2(mrun[t], lrun[t]);
         }
     }
-    if (!FUSED && p.pdl_trigger == 2) pdl_trigger();
+    if (p.pdl_trigger == 2) pdl_trigger();
     if (direct) return;  // n_act is the same in every block: all of them return here or none
 
     if constexpr (CLUSTER) {
@@ -895,54 +848,6 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         namespace cg = cooperative_groups;
         cg::cluster_group cl = cg::this_cluster();
         cl.sync();  // every split's partial is in its block's shared memory
-        if constexpr (FUSED) {
-            // The weight of split r in head h's output, exp(m_r - M) / L, then every
-            // output of every head (this block needs all of them for its rows of Wo).
-            constexpr int C = kDecAttnCluster;  // splits per KV head (gridDim.x)
-            const int QD = p.n_head * hd;
-            float* yold = reinterpret_cast<float*>(fo + p.wo_smem + dec_act_bytes(QD));
-            float* wgt = yold + ((p.wo_rows + 3) & ~3);
-            if (t < p.n_head) {
-                const int kv = t / G, g = t % G;
-                float2 mv[C];
-#pragma unroll
-                for (int r = 0; r < C; ++r)  // all remote loads in flight at once
-                    if (r < n_act) mv[r] = cl.map_shared_rank(ml_c, unsigned(kv * C + r))[g];
-                float M = -INFINITY;
-#pragma unroll
-                for (int r = 0; r < C; ++r)
-                    if (r < n_act) M = fmaxf(M, mv[r].x);
-                float L = 0.f;
-#pragma unroll
-                for (int r = 0; r < C; ++r)
-                    if (r < n_act) L += expf(mv[r].x - M) * mv[r].y;
-#pragma unroll
-                for (int r = 0; r < C; ++r) wgt[t * C + r] = r < n_act ? expf(mv[r].x - M) / L : 0.f;
-            }
-            if (t < o_r1 - o_r0) yold[t] = yv;
-            Act a = carve_act(fo + p.wo_smem, QD);
-            __syncthreads();
-            for (int o = t; o < QD; o += NT) {
-                const int h = o / hd, kv = h / G, og = o - kv * GH;
-                float pv[C];
-#pragma unroll
-                for (int r = 0; r < C; ++r)
-                    if (r < n_act) pv[r] = cl.map_shared_rank(po_c, unsigned(kv * C + r))[og];
-                float v = 0.f;
-#pragma unroll
-                for (int r = 0; r < C; ++r)
-                    if (r < n_act) v += wgt[h * C + r] * pv[r];
-                a.xf[xf_idx(o)] = v;
-            }
-            cluster_arrive();  // done reading the other blocks' partials
-            finish_act(a, QD, nullptr, 0.f, p.wo_q8, 0.f);
-            cp_async_wait_all();  // the Wo rows
-            __syncthreads();
-            resid_rows<TO>(p.wo, fo + wo_off, o_r0, o_r1, a, yold, p.wo_y);
-            if (p.pdl_trigger == 2) pdl_trigger();
-            cluster_wait();  // no block leaves (freeing its shared memory) while others read it
-            return;
-        }
         // block s: outputs [s*slice, (s+1)*slice); ranks >= n_act had no keys
         const int slice = (GH + int(gridDim.x) - 1) / int(gridDim.x);
         const int o = s * slice + t;
@@ -1255,38 +1160,31 @@ std::string ctx(const char* kernel, const char* what) {
     return std::string(kernel) + " for " + (what ? what : "?");
 }
 
-// The launch configuration: PDL and, with cluster.x > 0, thread-block clusters of that
-// shape (Hopper). `attr` holds the attributes cfg points at.
-cudaLaunchConfig_t launch_config(dim3 grid, size_t smem, cudaStream_t st, bool pdl, dim3 cluster,
-                                 cudaLaunchAttribute (&attr)[2]) {
+// cluster > 0: thread-block clusters of `cluster` blocks along x (Hopper).
+template <class Args>
+void launch(void (*kernel)(Args), dim3 grid, size_t smem, cudaStream_t st, bool pdl, const Args& a,
+            const std::string& what, int cluster = 0) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(NT);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
+    cudaLaunchAttribute attr[2];
     int na = 0;
     if (pdl) {
         attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[na].val.programmaticStreamSerializationAllowed = 1;
         ++na;
     }
-    if (cluster.x > 0) {
+    if (cluster > 0) {
         attr[na].id = cudaLaunchAttributeClusterDimension;
-        attr[na].val.clusterDim.x = cluster.x;
-        attr[na].val.clusterDim.y = cluster.y;
-        attr[na].val.clusterDim.z = cluster.z;
+        attr[na].val.clusterDim.x = unsigned(cluster);
+        attr[na].val.clusterDim.y = 1;
+        attr[na].val.clusterDim.z = 1;
         ++na;
     }
     cfg.attrs = na ? attr : nullptr;
     cfg.numAttrs = unsigned(na);
-    return cfg;
-}
-
-template <class Args>
-void launch(void (*kernel)(Args), dim3 grid, size_t smem, cudaStream_t st, bool pdl, const Args& a,
-            const std::string& what, dim3 cluster = dim3(0, 0, 0)) {
-    cudaLaunchAttribute attr[2];
-    const cudaLaunchConfig_t cfg = launch_config(grid, smem, st, pdl, cluster, attr);
     CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a), what);
     CUDA_LAUNCH_CHECK(what);
 }
@@ -1324,45 +1222,16 @@ ProjKernel proj_kernel_for(const DecProjArgs& a) {
 #undef ORCD_ONE
     return a.mode == DEC_LOGITS ? dec_lm_kernel<T_ANY> : dec_proj_kernel<T_ANY>;
 }
-template <int M>
+template <bool C>
 AttnKernel attn_kernel_for(int group_dim) {
     const int nacc = (group_dim + NT - 1) / NT;
-    if (nacc <= 1) return dec_attn_kernel<1, M, T_ANY>;
-    if (nacc == 2) return dec_attn_kernel<2, M, T_ANY>;
-    if (nacc == 3) return dec_attn_kernel<3, M, T_ANY>;
-    if (nacc == 4) return dec_attn_kernel<4, M, T_ANY>;
-    return dec_attn_kernel<8, M, T_ANY>;
+    if (nacc <= 1) return dec_attn_kernel<1, C>;
+    if (nacc == 2) return dec_attn_kernel<2, C>;
+    if (nacc == 3) return dec_attn_kernel<3, C>;
+    if (nacc == 4) return dec_attn_kernel<4, C>;
+    return dec_attn_kernel<8, C>;
 }
 static_assert(kDecMaxGroupDim <= 8 * NT, "dec_attn_kernel<8> holds the largest group");
-// ATT_CLUSTER_OUT: groups of up to 4*NT outputs, Wo of any type (null: none)
-template <uint32_t T>
-AttnKernel attn_out_kernel_nacc(int nacc) {
-    switch (nacc) {
-    case 1: return dec_attn_kernel<1, ATT_CLUSTER_OUT, T>;
-    case 2: return dec_attn_kernel<2, ATT_CLUSTER_OUT, T>;
-    case 3: return dec_attn_kernel<3, ATT_CLUSTER_OUT, T>;
-    case 4: return dec_attn_kernel<4, ATT_CLUSTER_OUT, T>;
-    default: return nullptr;
-    }
-}
-AttnKernel attn_out_kernel_for(int group_dim, uint32_t wo_type) {
-    const int nacc = std::max(1, (group_dim + NT - 1) / NT);
-#define ORCD_ONE(T) \
-    if (wo_type == T) return attn_out_kernel_nacc<T>(nacc);
-    ORCD_DEC_FAST_TYPES(ORCD_ONE)
-#undef ORCD_ONE
-    return attn_out_kernel_nacc<T_ANY>(nacc);
-}
-std::vector<AttnKernel> attn_out_kernels() {
-    std::vector<AttnKernel> k;
-    for (int n = 1; n <= 4; ++n) {
-#define ORCD_ADD(T) k.push_back(attn_out_kernel_nacc<T>(n));
-        ORCD_DEC_FAST_TYPES(ORCD_ADD)
-        ORCD_ADD(T_ANY)
-#undef ORCD_ADD
-    }
-    return k;
-}
 
 std::vector<const void*> all_kernels() {
     std::vector<const void*> k = {reinterpret_cast<const void*>(dec_noop_kernel)};
@@ -1375,11 +1244,8 @@ std::vector<const void*> all_kernels() {
 #define ORCD_ADD_PAIR(A, B) add(dec_qkv_kernel<A, B>);
     ORCD_DEC_QKV_PAIRS(ORCD_ADD_PAIR)
 #undef ORCD_ADD_PAIR
-    for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) {
-        add(attn_kernel_for<ATT_GLOBAL>(g));
-        add(attn_kernel_for<ATT_CLUSTER>(g));
-    }
-    for (AttnKernel f : attn_out_kernels()) add(f);
+    for (bool c : {false, true})
+        for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) add(c ? attn_kernel_for<true>(g) : attn_kernel_for<false>(g));
     return k;
 }
 
@@ -1407,33 +1273,9 @@ void dec_lm_plan(size_t row_bytes, size_t cap, int* rows, int* stages, int* smem
 
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
     const int G = n_head / n_head_kv;
-    const size_t tiles = dec_attn_cluster_bytes(G, head_dim);
+    const size_t tiles = dec_attn_tile_bytes(G, head_dim) + size_t((G * head_dim + 3) & ~3) * 4 + size_t(G) * 8;
     const size_t merge = size_t(G) * kDecMaxSplits * head_dim * 4 + size_t(G) * (kDecMaxSplits + 2) * 8;
     return std::max(tiles, merge);
-}
-
-size_t dec_attn_out_smem(int n_head, int n_head_kv, int head_dim, int wo_smem, int wo_rows) {
-    return dec_attn_out_bytes(n_head, n_head_kv, head_dim, wo_smem, wo_rows);
-}
-
-namespace {
-dim3 attn_out_cluster(const DecAttnArgs& a) { return dim3(kDecAttnCluster, unsigned(a.n_head_kv), 1); }
-size_t attn_out_smem(const DecAttnArgs& a) {
-    return dec_attn_out_bytes(a.n_head, a.n_head_kv, a.head_dim, a.wo_smem, a.wo_rows);
-}
-}  // namespace
-
-int dec_attn_out_clusters(const DecAttnArgs& a) {
-    const AttnKernel k = attn_out_kernel_for(a.n_head / a.n_head_kv * a.head_dim, a.wo.type);
-    if (!k) return 0;
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t cfg = launch_config(attn_out_cluster(a), attn_out_smem(a), nullptr, false, attn_out_cluster(a), attr);
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, k, &cfg) != cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    return n;
 }
 
 void dec_set_smem_limit(size_t bytes) {
@@ -1452,11 +1294,6 @@ void dec_set_smem_limit(size_t bytes) {
             CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
                                             int(cudaSharedmemCarveoutMaxShared)),
                        "decode kernels carveout");
-        // clusters of 16 blocks (8 splits x 2 KV heads) are beyond the portable 8
-        for (AttnKernel k : attn_out_kernels())
-            CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(k),
-                                            cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-                       "decode attention clusters");
     }
     for (const void* k : ks)
         CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
@@ -1474,20 +1311,11 @@ void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what, b
 
 void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
     const dim3 grid(a.cluster ? kDecAttnCluster : a.max_splits, a.n_head_kv);
-    const int gd = a.n_head / a.n_head_kv * a.head_dim;
-    if (a.cluster && a.wo.w) {  // attn_output fused in: the grid is one cluster
-        const AttnKernel k = attn_out_kernel_for(gd, a.wo.type);
-        if (!k) throw Error(std::string("dec_attention: no fused attn_output kernel for this shape (") + (what ? what : "?") + ")");
-        const size_t smem = attn_out_smem(a);
-        if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
-        else launch(k, grid, smem, st, pdl, a, ctx("dec_attn_kernel (cluster + attn_output)", what), attn_out_cluster(a));
-        return;
-    }
     const size_t smem = dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim);
-    const dim3 cl = a.cluster ? dim3(kDecAttnCluster, 1, 1) : dim3(0, 0, 0);
-    if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what), cl);
-    else if (a.cluster) launch(attn_kernel_for<ATT_CLUSTER>(gd), grid, smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), cl);
-    else launch(attn_kernel_for<ATT_GLOBAL>(gd), grid, smem, st, pdl, a, ctx("dec_attn_kernel", what));
+    const int gd = a.n_head / a.n_head_kv * a.head_dim;
+    if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what), a.cluster ? kDecAttnCluster : 0);
+    else if (a.cluster) launch(attn_kernel_for<true>(gd), grid, smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), kDecAttnCluster);
+    else launch(attn_kernel_for<false>(gd), grid, smem, st, pdl, a, ctx("dec_attn_kernel", what));
 }
 
 void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {

@@ -548,32 +548,27 @@ def test_fast_decode_attention_variants(tiny_model, monkeypatch):
     in a thread-block cluster (Hopper, up to ORCD_CUDA_DEC_CLUSTER_KEYS positions),
     the split merge through global memory (longer caches, or the cluster off), and
     splits longer than the ring of K/V tile buffers (kDecAttnBufs = 4 tiles: the
-    ring wraps). With the cluster attention and at most 2 KV heads, attn_output runs
-    inside the attention kernel (one cluster of 8 splits x the KV heads, every
-    block merging all heads); the separate attn_output kernel is checked with the
-    fusion off, and on a model with 4 KV heads (a cluster of 32 blocks: not fused)."""
-    _check_attention_variants(tiny_model("Q8_0"), monkeypatch, expect_fused=True, variants={
+    ring wraps)."""
+    _check_attention_variants(tiny_model("Q8_0"), monkeypatch, variants={
         "default": ({}, [1, 2, 8, 9, 17, 32, 33, 40, 65, 256, 257, 300, 512, 513, 700, 1024, 1025, 1100]),
         "no cluster": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "0"}, [33, 300]),
         "long splits": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "0", "ORCD_CUDA_DEC_SPLIT_KEYS": "256"}, [200, 300, 1100]),
         "long cluster splits": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "2000"}, [1100]),
-        "attn_output separate": ({"ORCD_CUDA_DEC_FUSE_OUT": "0"}, [1, 9, 33, 300, 1100]),
     })
 
 
-@pytest.mark.parametrize("wtype,shape,fused", [
-    ("Q4_K", dict(n_head=8, n_head_kv=1), True),     # one KV head: a cluster of 8
-    ("Q5_0", dict(n_head=8, n_head_kv=4), False),    # 4 KV heads: 32 blocks, attn_output separate
-    ("F32", dict(n_head=4, n_head_kv=2), True),      # Wo through the generic (any type) instance
+@pytest.mark.parametrize("wtype,shape", [
+    ("Q4_K", dict(n_head=8, n_head_kv=1)),  # one KV head, 8 query heads per group
+    ("Q5_0", dict(n_head=8, n_head_kv=4)),  # 4 KV heads: 4 clusters
+    ("F32", dict(n_head=4, n_head_kv=2)),   # the generic (any type) projection instances
 ])
-def test_fast_decode_attention_shapes(tiny_model, monkeypatch, wtype, shape, fused):
-    """The fused attention + attn_output (or its fallback) for other head shapes and
-    weight types, against the mat-vec path."""
-    _check_attention_variants(tiny_model(wtype, **shape), monkeypatch, expect_fused=fused,
-                              variants={"default": ({}, [1, 9, 40, 300])})
+def test_fast_decode_attention_shapes(tiny_model, monkeypatch, wtype, shape):
+    """The decode attention for other head shapes and weight types, against the
+    mat-vec path, on both sides of the split boundaries."""
+    _check_attention_variants(tiny_model(wtype, **shape), monkeypatch, variants={"default": ({}, [1, 9, 40, 300, 1100])})
 
 
-def _check_attention_variants(path, monkeypatch, expect_fused, variants):
+def _check_attention_variants(path, monkeypatch, variants):
     n_ctx = 1200
     slow = cu.CudaEngine(path, n_ctx, 1)
     slow.set_options(fast_decode=False)
@@ -583,11 +578,6 @@ def _check_attention_variants(path, monkeypatch, expect_fused, variants):
             for k, v in env.items():
                 m.setenv(k, v)
             fast = _fast_engine(path, n_ctx)
-        p = fast.paths()
-        if name == "default" and p["pdl_available"]:  # Hopper: the cluster attention is on
-            assert p["fused_attn_output"] == expect_fused, p
-        if env:
-            assert not p["fused_attn_output"] or "ORCD_CUDA_DEC_FUSE_OUT" not in env, p
         for kv in lengths:
             # the first kv-1 tokens as a prompt, then one fused decode step at pos kv-1
             if kv > 1:
@@ -697,10 +687,8 @@ def test_profile_decode(tiny_model):
     prof = e.profile_decode(0, 7, 5, 4)
     kinds = ["qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head"]
     assert set(prof) == set(kinds) | {"graph_step", "noop_step", "noop_step_nopdl"} | {"marginal_" + k for k in kinds}
-    # marginals are differences of two timings: finite, the rest positive (attn_output
-    # runs inside the attention kernel where that is fused: its own time is ~0 then)
-    fused = e.paths()["fused_attn_output"]
-    assert all(v > 0 for k, v in prof.items() if not k.startswith("marginal_") and not (fused and k == "attn_output")), prof
+    # marginals are differences of two timings: finite, the rest positive
+    assert all(v > 0 for k, v in prof.items() if not k.startswith("marginal_")), prof
     assert all(np.isfinite(v) for v in prof.values()), prof
     with pytest.raises(ValueError, match="n_ctx"):
         e.profile_decode(0, 7, 62, 4)

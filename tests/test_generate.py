@@ -153,6 +153,44 @@ def test_multi_turn_chat_reuses_cache(llm):
         assert fresh.chat(msgs, max_tokens=20, temperature=0).token_ids == r2.token_ids
 
 
+def test_same_prompt_reuses_prefill_logits(tiny_model):
+    """The same prompt twice: the second call takes the prompt's logits from the first
+    (its K/V are still cached) instead of evaluating the last prompt token again through
+    the single-token path, whose rounding on the GPU differs from the prompt path's
+    (a sampled token could change): same prompt + seed -> same tokens. Any other prompt
+    evaluates what is not cached."""
+    m = orcd.Model(tiny_model("Q8_0"), device="cpu", n_ctx=128)
+    calls, real = [], m._engine
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def forward(self, slot, ids, pos, all_logits):
+            calls.append((slot, len(ids), pos))
+            return real.forward(slot, ids, pos, all_logits)
+
+    m._engine = Spy()
+    ids = list(range(5, 17))
+    kw = dict(max_tokens=6, temperature=0.9, seed=3, ignore_eos=True)
+    a = m.generate(ids, **kw)
+    assert calls[0] == (0, 12, 0)
+    calls.clear()
+    b = m.generate(ids, **kw)
+    assert a.token_ids == b.token_ids
+    assert [c[1:] for c in calls] == [(1, 12 + i) for i in range(5)], calls  # no prompt token again
+    calls.clear()
+    m.generate(ids[:-1] + [99], max_tokens=1, temperature=0)
+    assert calls == [(0, 1, 11)]
+    calls.clear()
+    m.generate(ids, max_tokens=1, temperature=0)  # the latest prefill was another prompt
+    assert calls == [(0, 1, 11)]
+    m.logits(ids[:3])  # a fresh context in slot 0
+    calls.clear()
+    m.generate(ids, max_tokens=1, temperature=0)
+    assert calls == [(0, 9, 3)]
+
+
 # ------------------------------------------------------------------ acceptance
 def _transcript_path():
     d = os.environ.get("ORCD_TRANSCRIPTS") or os.path.join(os.path.dirname(__file__), "..", "build")

@@ -122,6 +122,8 @@ class Model:
         self.n_ctx = n_ctx
         self.n_vocab = self.info["n_vocab"]
         self._cached = [[] for _ in range(n_slots)]  # token ids whose K/V sit in each slot's cache
+        # per slot: (prompt ids, logits of its last token) of the latest prefill
+        self._prefilled = [None] * n_slots
         if verbose:
             print(f"orcd: {self.info.get('name') or self.path} on {device}, n_ctx={n_ctx}", file=sys.stderr)
 
@@ -157,6 +159,7 @@ class Model:
         """float32 [len(ids), n_vocab] for the ids evaluated in a fresh context."""
         ids = self._ids(ids)
         self._cached[0] = []  # overwritten from position 0 on, whatever happens below
+        self._prefilled[0] = None
         out = self._engine.forward(0, np.asarray(ids, np.int32), 0, True)
         self._cached[0] = list(ids)
         return out
@@ -165,6 +168,7 @@ class Model:
         """{'hidden': [embedding output, after layer 0, ...], 'logits': [n, n_vocab]}, fresh context."""
         ids = self._ids(ids)
         self._cached[0] = []
+        self._prefilled[0] = None
         hidden, logits = self._engine.trace(np.asarray(ids, np.int32))
         self._cached[0] = list(ids)
         return {"hidden": hidden, "logits": logits}
@@ -172,6 +176,16 @@ class Model:
     def _prefill(self, slot: int, ids: list) -> np.ndarray:
         """Logits of the last prompt token, reusing the cached prefix of this slot."""
         cached = self._cached[slot]
+        last = self._prefilled[slot]
+        if last is not None and last[0] == ids and cached[: len(ids)] == ids:
+            # The latest prefill's prompt again: its K/V are still cached (its generation
+            # wrote only later positions), and so are its logits. Evaluating the last token
+            # again would take the single-token path, whose rounding on the GPU differs
+            # from the prompt path's and can change a sampled token: the same prompt and
+            # seed must give the same output.
+            self._cached[slot] = list(ids)
+            return last[1].copy()
+        self._prefilled[slot] = None
         n = 0
         limit = min(len(cached), len(ids) - 1)  # always evaluate at least the last token
         while n < limit and cached[n] == ids[n]:
@@ -179,6 +193,7 @@ class Model:
         self._cached[slot] = cached[:n]  # all that stays valid if the forward below fails
         logits = self._engine.forward(slot, np.asarray(ids[n:], np.int32), n, False)
         self._cached[slot] = list(ids)
+        self._prefilled[slot] = (list(ids), logits.copy())
         return logits
 
     # ------------------------------------------------------------ generation
@@ -211,7 +226,7 @@ class Model:
         held = ""  # text not yet emitted because it may start a stop string
         logits = self._prefill(slot, ids)
         finish = "length"
-        for _ in range(max_new):
+        for step in range(max_new):
             tok = sampler.sample(logits, history[:n_hist])
             if tok in eos or tok in stop_ids:
                 finish = "stop"
@@ -231,7 +246,7 @@ class Model:
             else:
                 piece, held = held, ""
             yield tok, piece
-            if n_hist >= self.n_ctx:
+            if n_hist >= self.n_ctx or step + 1 == max_new:  # no step for logits nobody samples
                 break
             logits = self._engine.forward(slot, history[n_hist - 1:n_hist], n_hist - 1, False)
             self._cached[slot].append(tok)
