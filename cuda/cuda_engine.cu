@@ -552,6 +552,7 @@ void CudaEngineImpl::plan_decode() {
     if (info_.cc_major < 8) return off("compute capability " + std::to_string(info_.cc_major) + "." +
                                        std::to_string(info_.cc_minor) + " < 8.0");
     if (E_ % 32 || QD_ % 32 || F_ % 32) return off("n_embd, n_head*head_dim and n_ff must be multiples of 32");
+    if (hd_ % 8) return off("head_dim " + std::to_string(hd_) + " is not a multiple of 8 (16-byte K/V rows)");
     if (G * hd_ > cu::kDecMaxGroupDim) return off("(n_head/n_head_kv)*head_dim > " + std::to_string(cu::kDecMaxGroupDim));
     if (d_.n_head_kv > cu::kDecMaxKvHeads) return off("more than " + std::to_string(cu::kDecMaxKvHeads) + " KV heads");
     size_t rb_qkv = 0, rb_o = 0, rb_gu = 0, rb_d = 0;

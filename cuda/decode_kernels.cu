@@ -176,14 +176,20 @@ __device__ __forceinline__ int xf_idx(int e) { return (e >> 5) * XF_STRIDE + (e 
 // shuffles inside aligned groups of 8 lanes): the whole vector in n/(4*NT)
 // rounds instead of a thread walking a chunk's 32 elements, which kept this
 // short latency-bound phase 8x longer. Ends with a barrier.
+// NORM: the rmsnorm (1), none (0), norm_w says (-1); Q8: the codes are needed (1), not
+// (0), need_q8 says (-1). Both
+// fixed per kernel instance where they can be: a kernel's code is fetched cold at every
+// launch, so code it never runs still costs (decode_kernels.cu's T_ANY note).
+template <int NORM, int Q8>
 __device__ void finish_act(const Act& a, int n, const float* norm_w, float eps, int need_q8, float ss_part) {
     float scale = 1.f;
-    if (norm_w) {
+    const bool norm = NORM > 0 || (NORM < 0 && norm_w);
+    if (norm) {
         const float ss = block_sum(ss_part, a.red);  // its barriers also publish xf
         scale = 1.0f / sqrtf(ss / float(n) + eps);
     } else {
         __syncthreads();
-        if (!need_q8) return;
+        if (Q8 == 0 || (Q8 < 0 && !need_q8)) return;
     }
     const int nq = n / 4;  // float4s; 8 per chunk
     for (int base = 0; base < nq; base += NT) {  // the same trip count in every warp: all lanes shuffle
@@ -192,12 +198,12 @@ __device__ void finish_act(const Act& a, int n, const float* norm_w, float eps, 
         const int c = i >> 3, k = i & 7;
         float4* x4 = reinterpret_cast<float4*>(a.xf + c * XF_STRIDE) + k;
         float4 q = ok ? *x4 : make_float4(0.f, 0.f, 0.f, 0.f);
-        if (ok && norm_w) {
+        if (norm && ok) {
             const float4 w = reinterpret_cast<const float4*>(norm_w)[i];  // norm_w: staged in shared memory
             q = make_float4((q.x * scale) * w.x, (q.y * scale) * w.y, (q.z * scale) * w.z, (q.w * scale) * w.w);
             *x4 = q;
         }
-        if (!need_q8) continue;
+        if (Q8 == 0 || (Q8 < 0 && !need_q8)) continue;
         float amax = fmaxf(fmaxf(fabsf(q.x), fabsf(q.y)), fmaxf(fabsf(q.z), fabsf(q.w)));
         float sum = (q.x + q.y) + (q.z + q.w);
 #pragma unroll
@@ -465,6 +471,14 @@ __device__ float2 row_dot2(uint32_t type, const uint8_t* rp0, const uint8_t* rp1
 // Compute showed the warps of the 125-440 KB generic kernels stalled on
 // instruction fetch for ~40% of their cycles.
 constexpr uint32_t T_ANY = 0xFFFFFFFFu;
+// Rows of this type are dotted with int8 activation codes (dp4a).
+__host__ __device__ constexpr bool int8_row_type(uint32_t t) {
+    return t == T_Q4_0 || t == T_Q5_0 || t == T_Q8_0 || t == T_Q4_K || t == T_Q6_K;
+}
+// finish_act's Q8 for an instance whose rows have types a and b.
+__host__ __device__ constexpr int q8_of(uint32_t a, uint32_t b) {
+    return a == T_ANY || b == T_ANY ? -1 : (int8_row_type(a) || int8_row_type(b) ? 1 : 0);
+}
 template <uint32_t T>
 __device__ __forceinline__ float row_dot_k(uint32_t type, const uint8_t* rp, int n_in, const Act& a) {
     if constexpr (T == T_ANY) return row_dot(type, rp, n_in, a);
@@ -523,8 +537,10 @@ __device__ __forceinline__ void resid_rows(const DTensor& w, const uint8_t* rows
 }
 
 // ---------------------------------------------------------------- dec_qkv
-// TQK: the type of the q and k rows, TV: of the v rows (T_ANY: any).
-template <uint32_t TQK, uint32_t TV>
+// TQK: the type of the q and k rows, TV: of the v rows (T_ANY: any). EMBED: layer 0,
+// whose input is the token's embedding row (of any type: its dequantisation is a
+// switch over all types, kept out of the other layers' instances).
+template <uint32_t TQK, uint32_t TV, bool EMBED>
 __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     const int hd = p.head_dim, half = hd / 2;
@@ -577,7 +593,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     float* dots =
         reinterpret_cast<float*>(smem + p.smem_w + align16(size_t(p.n_embd) * 4) + dec_act_bytes(p.n_embd));
     float ss = 0.f;
-    if (p.embed) {
+    if constexpr (EMBED) {
         const uint8_t* row = p.emb.w + size_t(p.st->token) * size_t(p.emb.row_bytes);
         const int units = p.n_embd / 8;
         for (int u = threadIdx.x; u < units; u += NT) {
@@ -598,7 +614,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
         ss = load_act(a, p.x, p.n_embd);
     }
     cp_async_wait_older();  // the norm weights
-    finish_act(a, p.n_embd, nw, p.eps, p.need_q8, ss);
+    finish_act<1, q8_of(TQK, TV)>(a, p.n_embd, nw, p.eps, p.need_q8, ss);
     cp_async_wait_all();
     __syncthreads();
 
@@ -707,13 +723,12 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     const int start = s * S, end = min(start + S, kv_len);
     const bool active = start < end;
     const bool direct = n_act == 1;  // one split: it writes the output itself, no merge
-    const bool vec = (hd & 7) == 0;
     const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
     const __half* K = p.kc + base;
     const __half* V = p.vc + base;
     // Before the wait: the first kDecAttnBufs tiles' rows before pos (earlier steps
     // wrote them), so their copy overlaps the previous kernel; row pos after it.
-    if (vec && active) {
+    if (active) {
         for (int b = 0; b < kDecAttnBufs; ++b) {
             const int tile = start + b * TK;
             const int pre = max(0, min(min(TK, end - tile), pos - tile));
@@ -727,7 +742,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
 
     if (active) {
         const int bp = (pos - start) / TK;  // the tile of row pos, when this split holds it
-        if (vec && pos >= start && pos < end && bp < kDecAttnBufs) {
+        if (pos >= start && pos < end && bp < kDecAttnBufs) {
             stage_kv(kbuf(bp), vbuf(bp), K, V, p.kv_dim, start + bp * TK, pos - start - bp * TK,
                      pos - start - bp * TK + 1, hd, rs);
         }
@@ -749,17 +764,9 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             const int b = it % kDecAttnBufs;
             uint8_t* ks = kbuf(b);
             uint8_t* vs = vbuf(b);
-            if (vec) {  // tile `it` was issued kDecAttnBufs iterations back (one group per iteration)
-                if (it == 0) cp_async_wait_all();
-                else cp_async_wait_group<kDecAttnBufs - 1>();
-            } else {
-                for (int idx = t; idx < 2 * n * hd; idx += NT) {
-                    const int kv = idx / (n * hd), r = idx % (n * hd);
-                    const int j = r / hd, d = r % hd;
-                    reinterpret_cast<__half*>((kv ? vs : ks) + j * rs)[d] =
-                        (kv ? V : K)[size_t(tile + j) * p.kv_dim + d];
-                }
-            }
+            // tile `it` was issued kDecAttnBufs iterations back (one group per iteration)
+            if (it == 0) cp_async_wait_all();
+            else cp_async_wait_group<kDecAttnBufs - 1>();
             __syncthreads();  // K/V tile, qs, m/l ready
             for (int pi = t; pi < G * TK; pi += NT) {
                 const int g = pi / TK, j = pi % TK;
@@ -768,21 +775,13 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                     const uint8_t* kr = ks + j * rs;
                     const float* qg = qs + g * hd;
                     dot = 0.f;
-                    if (vec) {
-                        for (int d = 0; d < hd; d += 8) {
-                            const uint4 raw = *reinterpret_cast<const uint4*>(kr + 2 * d);
-                            const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+                    for (int d = 0; d < hd; d += 8) {
+                        const uint4 raw = *reinterpret_cast<const uint4*>(kr + 2 * d);
+                        const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
-                            for (int e = 0; e < 4; ++e) {
-                                const float2 f = __half22float2(h2[e]);
-                                dot += qg[d + 2 * e] * f.x + qg[d + 2 * e + 1] * f.y;
-                            }
-                        }
-                    } else {
-                        const __half2* k2 = reinterpret_cast<const __half2*>(kr);
-                        for (int d = 0; d < hd / 2; ++d) {
-                            const float2 f = __half22float2(k2[d]);
-                            dot += qg[2 * d] * f.x + qg[2 * d + 1] * f.y;
+                        for (int e = 0; e < 4; ++e) {
+                            const float2 f = __half22float2(h2[e]);
+                            dot += qg[d + 2 * e] * f.x + qg[d + 2 * e + 1] * f.y;
                         }
                     }
                 }
@@ -817,7 +816,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                 }
             }
             __syncthreads();  // this buffer and sc consumed
-            if (vec) {  // refill the buffer with tile it + kDecAttnBufs
+            {  // refill the buffer with tile it + kDecAttnBufs
                 const int nt = tile + kDecAttnBufs * TK;
                 if (nt < end) stage_kv(ks, vs, K, V, p.kv_dim, nt, 0, min(TK, end - nt), hd, rs);
                 cp_async_commit();
@@ -897,11 +896,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     for (int g = 0; g < G; ++g) {
         const int h = kvh * G + g;
         const float* src = p.part_o + size_t(h) * p.max_splits * hd;
-        if (vec) {
-            for (int i = t * 4; i < n_act * hd; i += NT * 4) cp_async16(po_s + size_t(g) * n_act * hd + i, src + i);
-        } else {
-            for (int i = t; i < n_act * hd; i += NT) po_s[size_t(g) * n_act * hd + i] = __ldcg(src + i);
-        }
+        for (int i = t * 4; i < n_act * hd; i += NT * 4) cp_async16(po_s + size_t(g) * n_act * hd + i, src + i);
         for (int i = t; i < n_act; i += NT) ml_s[g * mls + i] = __ldcg(p.part_ml + size_t(h) * p.max_splits + i);
     }
     cp_async_commit();
@@ -1005,26 +1000,27 @@ __device__ void argmax_tail(const DecProjArgs& p, float best_v, int best_i, floa
     }
 }
 
-// The RESID and GLU modes (LOGITS runs in dec_lm_kernel). T: the type of the rows
-// (both tensors' in the GLU mode; T_ANY: any).
-template <uint32_t T>
+// MODE: DEC_RESID (no norm, one tensor) or DEC_GLU (rmsnorm, gate and up); LOGITS runs
+// in dec_lm_kernel. T: the type of the rows (both tensors' in the GLU mode; T_ANY: any).
+template <uint32_t T, int MODE>
 __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
+    static_assert(MODE == DEC_RESID || MODE == DEC_GLU, "dec_proj_kernel: RESID or GLU");
+    constexpr bool GLU = MODE == DEC_GLU;
     extern __shared__ __align__(16) uint8_t smem[];
     const int n_out = p.w[0].n_out, n_in = p.w[0].n_in;
     const int r0 = blockIdx.x * p.rows_per_block;
     const int r1 = min(r0 + p.rows_per_block, n_out);
-    const bool two = p.n_tensors > 1;
 
     l2_prefetch_slice(p.pf, p.pf_bytes);
     // shared memory: [staged rows: smem_w][norm weights: n_in floats][activations][old y: 64 floats]
     float* nw = reinterpret_cast<float*>(smem + p.smem_w);
-    if (p.norm_w) stage_floats(nw, p.norm_w, n_in);
+    if (GLU) stage_floats(nw, p.norm_w, n_in);
     cp_async_commit();
     int used0, used1 = 0;
     const int off0 = stage_rows(smem, p.w[0], r0, r1, &used0);
     uint8_t* base1 = smem + used0;
     int off1 = 0;
-    if (two) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
+    if (GLU) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
     cp_async_commit();
     if (p.pdl_trigger == 0) pdl_trigger();
     pdl_wait();
@@ -1034,17 +1030,17 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     float* yold = reinterpret_cast<float*>(actp + dec_act_bytes(n_in));
     // RESID: the old values of our rows (complete: written two kernels back), loaded
     // alongside the activations rather than after the row dots
-    const bool own_old = p.mode == DEC_RESID && int(threadIdx.x) < r1 - r0;
+    const bool own_old = !GLU && int(threadIdx.x) < r1 - r0;
     const float yv = own_old ? __ldcg(p.y + r0 + threadIdx.x) : 0.f;
     Act a = carve_act(actp, n_in);
     const float ss = load_act(a, p.act, n_in);
     if (own_old) yold[threadIdx.x] = yv;  // published by finish_act's barriers
     cp_async_wait_older();  // the norm weights
-    finish_act(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);
+    finish_act<GLU ? 1 : 0, q8_of(T, T)>(a, n_in, nw, p.eps, p.need_q8, ss);
     cp_async_wait_all();
     __syncthreads();
 
-    if (p.mode == DEC_GLU) {
+    if constexpr (GLU) {
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
         const size_t rb0 = size_t(p.w[0].row_bytes), rb1 = size_t(p.w[1].row_bytes);
         const bool same = p.w[0].type == p.w[1].type;
@@ -1111,7 +1107,7 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     Act a = carve_act(actp, n_in);
     const float ss = load_act(a, p.act, n_in);
     cp_async_wait_pending(NS);  // the norm weights
-    finish_act(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);  // ends with a block barrier
+    finish_act<-1, q8_of(T, T)>(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);  // ends with a block barrier
 
     const uint32_t type = p.w[0].type;
     float best_v = -INFINITY;
@@ -1200,27 +1196,33 @@ using AttnKernel = void (*)(DecAttnArgs);
 #define ORCD_DEC_FAST_TYPES(X) X(T_F16) X(T_Q4_0) X(T_Q5_0) X(T_Q8_0) X(T_Q4_K) X(T_Q6_K)
 #define ORCD_DEC_QKV_PAIRS(X) X(T_Q5_0, T_Q8_0) X(T_Q4_K, T_Q6_K) X(T_Q4_0, T_Q8_0) X(T_Q5_K, T_Q6_K)
 
-QkvKernel qkv_kernel_for(uint32_t tq, uint32_t tk, uint32_t tv) {
+template <uint32_t A, uint32_t B>
+QkvKernel qkv_inst(bool embed) { return embed ? dec_qkv_kernel<A, B, true> : dec_qkv_kernel<A, B, false>; }
+QkvKernel qkv_kernel_for(uint32_t tq, uint32_t tk, uint32_t tv, bool embed) {
     if (tq == tk) {
 #define ORCD_SAME(T) \
-    if (tq == T && tv == T) return dec_qkv_kernel<T, T>;
+    if (tq == T && tv == T) return qkv_inst<T, T>(embed);
         ORCD_DEC_FAST_TYPES(ORCD_SAME)
 #undef ORCD_SAME
 #define ORCD_PAIR(A, B) \
-    if (tq == A && tv == B) return dec_qkv_kernel<A, B>;
+    if (tq == A && tv == B) return qkv_inst<A, B>(embed);
         ORCD_DEC_QKV_PAIRS(ORCD_PAIR)
 #undef ORCD_PAIR
     }
-    return dec_qkv_kernel<T_ANY, T_ANY>;
+    return qkv_inst<T_ANY, T_ANY>(embed);
+}
+template <uint32_t T>
+ProjKernel proj_inst(int mode) {
+    return mode == DEC_LOGITS ? dec_lm_kernel<T> : (mode == DEC_GLU ? dec_proj_kernel<T, DEC_GLU> : dec_proj_kernel<T, DEC_RESID>);
 }
 ProjKernel proj_kernel_for(const DecProjArgs& a) {
     const uint32_t t = a.w[0].type;
-    if (a.n_tensors > 1 && a.w[1].type != t) return dec_proj_kernel<T_ANY>;
+    if (a.n_tensors > 1 && a.w[1].type != t) return proj_inst<T_ANY>(a.mode);
 #define ORCD_ONE(T) \
-    if (t == T) return a.mode == DEC_LOGITS ? dec_lm_kernel<T> : dec_proj_kernel<T>;
+    if (t == T) return proj_inst<T>(a.mode);
     ORCD_DEC_FAST_TYPES(ORCD_ONE)
 #undef ORCD_ONE
-    return a.mode == DEC_LOGITS ? dec_lm_kernel<T_ANY> : dec_proj_kernel<T_ANY>;
+    return proj_inst<T_ANY>(a.mode);
 }
 template <bool C>
 AttnKernel attn_kernel_for(int group_dim) {
@@ -1237,11 +1239,12 @@ std::vector<const void*> all_kernels() {
     std::vector<const void*> k = {reinterpret_cast<const void*>(dec_noop_kernel)};
     auto add = [&](auto f) { k.push_back(reinterpret_cast<const void*>(f)); };
 #define ORCD_ADD(T) \
-    add(dec_qkv_kernel<T, T>); add(dec_proj_kernel<T>); add(dec_lm_kernel<T>);
+    for (bool e : {false, true}) add(qkv_inst<T, T>(e)); \
+    for (int m : {DEC_RESID, DEC_GLU, DEC_LOGITS}) add(proj_inst<T>(m));
     ORCD_DEC_FAST_TYPES(ORCD_ADD)
     ORCD_ADD(T_ANY)
 #undef ORCD_ADD
-#define ORCD_ADD_PAIR(A, B) add(dec_qkv_kernel<A, B>);
+#define ORCD_ADD_PAIR(A, B) for (bool e : {false, true}) add(qkv_inst<A, B>(e));
     ORCD_DEC_QKV_PAIRS(ORCD_ADD_PAIR)
 #undef ORCD_ADD_PAIR
     for (bool c : {false, true})
@@ -1251,9 +1254,7 @@ std::vector<const void*> all_kernels() {
 
 }  // namespace
 
-bool dec_int8_type(uint32_t type) {
-    return type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0 || type == T_Q4_K || type == T_Q6_K;
-}
+bool dec_int8_type(uint32_t type) { return int8_row_type(type); }
 
 size_t dec_stage_bytes(int rows, int row_bytes) { return align16(size_t(rows) * size_t(row_bytes) + 32); }
 
@@ -1305,7 +1306,7 @@ void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what, b
     const int H = a.n_head + 2 * a.n_head_kv;
     const size_t smem = dec_qkv_smem(a);
     if (noop) launch(dec_noop_kernel, dim3(H * a.parts), smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
-    else launch(qkv_kernel_for(a.w[0].type, a.w[1].type, a.w[2].type), dim3(H * a.parts), smem, st, pdl, a,
+    else launch(qkv_kernel_for(a.w[0].type, a.w[1].type, a.w[2].type, a.embed != 0), dim3(H * a.parts), smem, st, pdl, a,
                 ctx("dec_qkv_kernel", what));
 }
 
@@ -1321,6 +1322,9 @@ void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* 
 void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
     if (a.mode == DEC_RESID && a.rows_per_block > 64)
         throw Error(std::string("dec_proj: at most 64 rows per block in the residual mode (") + (what ? what : "?") + ")");
+    if ((a.mode == DEC_RESID && (a.norm_w || a.n_tensors != 1)) || (a.mode == DEC_GLU && (!a.norm_w || a.n_tensors != 2)))
+        throw Error(std::string("dec_proj: the residual mode takes one tensor and no norm, the GLU mode two and a norm (") +
+                    (what ? what : "?") + ")");
     const size_t smem = dec_proj_smem(a);
     const dim3 grid(a.mode == DEC_LOGITS ? std::max(1, std::min(dec_proj_blocks(a), a.lm_grid)) : dec_proj_blocks(a));
     if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
