@@ -20,8 +20,11 @@
 //               and advances pos and step.
 //
 // Each kernel has instances specialised on the weight type (the generic one switches
-// per row): the specialised code is a fraction of the generic kernel's 125-440 KB, whose
-// warps stalled on instruction fetch ~40% of their cycles (Nsight Compute).
+// per row), and dec_proj / dec_qkv also on the mode and on layer 0's embedding input, so
+// an instance holds only code it runs: a kernel's code is fetched cold at every launch
+// (the generic kernels' warps, 125-440 KB of code, stalled on instruction fetch ~40% of
+// their cycles; stripping never-run code from the specialised ones took tg128 from
+// 1,751 to 1,932 tok/s on the H200: docs/perf_notes.md runs 8 and 17).
 //
 // Every kernel first (with the engine's ORCD_CUDA_L2_PREFETCH) asks L2 to prefetch a
 // slice of a later kernel's weights (cp.async.bulk.prefetch.L2), then
