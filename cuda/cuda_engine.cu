@@ -728,47 +728,9 @@ void CudaEngineImpl::build_decode_args() {
     m.smem_w = plan_lm_.smem_w;
     m.lm_grid = lm_grid_;
     m.lm_stages = lm_stages_;
-
-    // L2 prefetch: each kernel prefetches the weights of the kernel two places ahead
-    // (down(l), whose successor's successor is attention, takes attn_output(l+1)); the
-    // last layer's gate/up and down prefetch the lm_head's first rows.
-    // ORCD_CUDA_L2_PREFETCH=1: as above; =2: the attention prefetches ffn_down too
-    const char* l2v = std::getenv("ORCD_CUDA_L2_PREFETCH");
-    const int l2_mode = l2v && *l2v ? std::atoi(l2v) : 0;
-    if (l2_mode > 0) {  // measured: neutral for Q4_K_M, -13% tg for F16 (perf_notes, before the type-specialised kernels)
-        auto span = [](std::initializer_list<const DevWeight*> ws) {
-            const uint8_t* lo = nullptr;
-            const uint8_t* hi = nullptr;
-            for (const DevWeight* w : ws) {
-                if (!lo || w->data < lo) lo = w->data;
-                if (!hi || w->data + w->bytes() > hi) hi = w->data + w->bytes();
-            }
-            return std::make_pair(lo, size_t(hi - lo));
-        };
-        const size_t lm_part = std::min(output_.bytes(), size_t(16) << 20) / 2 / 16 * 16;
-        for (int l = 0; l < n_layer; ++l) {
-            const DevLayer& L = layers_[size_t(l)];
-            const bool last = l + 1 == n_layer;
-            const DevLayer* N = last ? nullptr : &layers_[size_t(l) + 1];
-            std::tie(dq_[size_t(l)].pf, dq_[size_t(l)].pf_bytes) = span({&L.wo});
-            std::tie(da_[size_t(l)].pf, da_[size_t(l)].pf_bytes) = span({&L.gate, &L.up});
-            if (l2_mode == 2) {  // the attention (few blocks, the bandwidth idle) also takes ffn_down
-                const auto all = span({&L.gate, &L.up, &L.down});
-                const size_t want = L.gate.bytes() + L.up.bytes() + L.down.bytes();
-                if (all.second <= want + want / 8) std::tie(da_[size_t(l)].pf, da_[size_t(l)].pf_bytes) = all;
-            }
-            std::tie(dp_o_[size_t(l)].pf, dp_o_[size_t(l)].pf_bytes) = span({&L.down});
-            if (N) {
-                std::tie(dp_gu_[size_t(l)].pf, dp_gu_[size_t(l)].pf_bytes) = span({&N->wq, &N->wk, &N->wv});
-                std::tie(dp_d_[size_t(l)].pf, dp_d_[size_t(l)].pf_bytes) = span({&N->wo});
-            } else {
-                dp_gu_[size_t(l)].pf = output_.data;
-                dp_gu_[size_t(l)].pf_bytes = lm_part;
-                dp_d_[size_t(l)].pf = output_.data + lm_part;
-                dp_d_[size_t(l)].pf_bytes = lm_part;
-            }
-        }
-    }
+    // (An L2 prefetch of later kernels' weights, ORCD_CUDA_L2_PREFETCH, was measured neutral
+    // for Q4_K_M and -13% for F16 (perf_notes runs 6 and 11) and removed in round 3: its code
+    // sat in every kernel's prologue.)
 }
 
 void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl, bool cluster) {

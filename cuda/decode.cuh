@@ -24,11 +24,9 @@
 // an instance holds only code it runs: a kernel's code is fetched cold at every launch
 // (the generic kernels' warps, 125-440 KB of code, stalled on instruction fetch ~40% of
 // their cycles; stripping never-run code from the specialised ones took tg128 from
-// 1,751 to 1,932 tok/s on the H200: docs/perf_notes.md runs 8 and 17).
+// 1,751 to 1,968 tok/s on the H200: docs/perf_notes.md runs 8, 17 and 18).
 //
-// Every kernel first (with the engine's ORCD_CUDA_L2_PREFETCH) asks L2 to prefetch a
-// slice of a later kernel's weights (cp.async.bulk.prefetch.L2), then
-// copies its own weight rows into shared memory with cp.async (weights never
+// Every kernel first copies its weight rows into shared memory with cp.async (weights never
 // change), then waits for the previous kernel
 // (griddepcontrol.wait: with programmatic dependent launch on Hopper the
 // copy overlaps the previous kernel), then prepares its activation vector in
@@ -105,8 +103,6 @@ struct DecQkvArgs {
     int need_q8;
     int smem_w;               // bytes of staged weights (16-aligned)
     int pdl_trigger;          // when the next kernel may launch: 0 at the start, 1 after the wait, 2 after the row dots
-    const uint8_t* pf;        // L2 prefetch at the start: [pf, pf + pf_bytes) split over the blocks
-    size_t pf_bytes;          //   (a later kernel's weights; 16-aligned, padded allocations)
 };
 
 struct DecAttnArgs {
@@ -126,8 +122,6 @@ struct DecAttnArgs {
     unsigned* counter;        // one per KV head
     const DecState* st;
     int pdl_trigger;
-    const uint8_t* pf;
-    size_t pf_bytes;
 };
 
 struct DecProjArgs {
@@ -150,8 +144,6 @@ struct DecProjArgs {
     int pdl_trigger;
     int lm_grid;              // LOGITS: persistent blocks (each takes every lm_grid-th batch of rows)
     int lm_stages;            // LOGITS: staging buffers per warp (dec_lm_plan)
-    const uint8_t* pf;
-    size_t pf_bytes;
 };
 
 constexpr int kDecXfStride = 36;  // floats per 32-element chunk of the float activations (4 of padding)

@@ -100,28 +100,6 @@ __device__ __forceinline__ float block_sum(float v, float* buf) {
 
 __host__ __device__ __forceinline__ size_t align16(size_t n) { return dec_align16(n); }
 
-// This block's slice of [pf, pf + bytes) into L2 (one thread; pieces of at most
-// 64 KB). The region is 16-aligned and its allocation padded, so slices are
-// rounded up to 16 bytes.
-__device__ __forceinline__ void l2_prefetch_slice(const uint8_t* pf, size_t bytes) {
-    if (!pf || bytes == 0 || threadIdx.x != 0) return;
-    const unsigned nb = gridDim.x * gridDim.y;
-    const unsigned b = blockIdx.y * gridDim.x + blockIdx.x;
-    const size_t chunk = ((bytes + nb - 1) / nb + 15) & ~size_t(15);
-    const size_t lo = size_t(b) * chunk;
-    if (lo >= bytes) return;
-    const size_t hi = min(bytes, lo + chunk);
-    for (size_t o = lo; o < hi; o += 65536) {
-        const unsigned n = unsigned(((min(hi, o + 65536) - o) + 15) & ~size_t(15));
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(pf + o)), "r"(n)
-                     : "memory");
-#else
-        for (unsigned k = 0; k < n; k += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(pf + o + k));
-#endif
-    }
-}
-
 // ---------------------------------------------------------------- staging weight rows
 // Rows [r0, r1) of w are contiguous bytes; copy them (widened to 16-byte
 // boundaries: tensors start 256-aligned and their allocations are padded to
@@ -562,7 +540,6 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     const int n = min(p.S, half - i0);
     const int lo0 = hl * hd + i0, hi0 = lo0 + half;
 
-    l2_prefetch_slice(p.pf, p.pf_bytes);
     // Before the wait: everything that does not depend on the previous kernel. The
     // norm weights (group 0) and this block's weight rows (group 1) start copying;
     // the biases and RoPE factors of this thread's pair are read (the state is
@@ -660,16 +637,28 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
 // finish merges all splits of all heads.
 __host__ __device__ inline int dec_attn_row_stride(int hd) { return hd * 2 + 16; }
 
+// This thread's share of every K/V tile copy: 16-byte piece `piece` of the rows r0,
+// r0 + rstep, ... (hd/8 pieces a row, NT/(hd/8) rows a pass). Computed once per kernel:
+// with the divisions inside the copy loop, the three inlined copies were a quarter of
+// the attention kernel's code.
+struct KvPart {
+    int piece, r0, rstep;
+};
+__device__ __forceinline__ KvPart kv_part(int hd) {
+    const int pieces = hd / 8;
+    return KvPart{int(threadIdx.x) % pieces, int(threadIdx.x) / pieces, NT / pieces};
+}
 // Copies rows [j0, j1) of a K/V tile (rows of hd halves, kv_dim apart in the cache)
-// into shared memory rows of rs bytes: 16-byte cp.async pieces (hd % 8 == 0).
+// into shared memory rows of rs bytes: 16-byte cp.async pieces (hd % 8 == 0), the K
+// rows as rows 0..n-1 of the pass, the V rows as n..2n-1.
 __device__ __forceinline__ void stage_kv(uint8_t* ks, uint8_t* vs, const __half* K, const __half* V, int kv_dim,
-                                         int tile, int j0, int j1, int hd, int rs) {
-    const int pieces = hd / 8, n = j1 - j0;
-    for (int idx = threadIdx.x; idx < 2 * n * pieces; idx += NT) {
-        const int kv = idx / (n * pieces), r = idx % (n * pieces);
-        const int j = j0 + r / pieces, k = r % pieces;
-        const __half* src = (kv ? V : K) + size_t(tile + j) * kv_dim + 8 * k;
-        cp_async16((kv ? vs : ks) + j * rs + 16 * k, src);
+                                         int tile, int j0, int j1, int rs, const KvPart& kp) {
+    const int n = j1 - j0;
+    if (kp.r0 >= kp.rstep) return;  // beyond the last whole row of pieces of a pass
+    for (int r = kp.r0; r < 2 * n; r += kp.rstep) {
+        const bool v = r >= n;
+        const int j = j0 + (v ? r - n : r);
+        cp_async16((v ? vs : ks) + j * rs + 16 * kp.piece, (v ? V : K) + size_t(tile + j) * kv_dim + 8 * kp.piece);
     }
 }
 
@@ -694,6 +683,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     constexpr int TK = kDecTK;
     const int G = p.n_head / p.n_head_kv, hd = p.head_dim, GH = G * hd;
     const int rs = dec_attn_row_stride(hd);
+    const KvPart kvp = kv_part(hd);
     float* qs = reinterpret_cast<float*>(asmem);  // GH
     float* sc = qs + GH;                          // G*TK
     float* mrun = sc + G * TK;                    // G
@@ -706,7 +696,6 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // CLUSTER: this block's partial, read by the other blocks of the cluster
     float* po_c = reinterpret_cast<float*>(asmem + dec_attn_tile_bytes(G, hd));  // GH
     float2* ml_c = reinterpret_cast<float2*>(po_c + ((GH + 3) & ~3));           // G
-    l2_prefetch_slice(p.pf, p.pf_bytes);
     const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32;
     // The state is stable during a step (the host or the previous step's lm_head wrote
@@ -732,7 +721,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         for (int b = 0; b < kDecAttnBufs; ++b) {
             const int tile = start + b * TK;
             const int pre = max(0, min(min(TK, end - tile), pos - tile));
-            if (pre > 0) stage_kv(kbuf(b), vbuf(b), K, V, p.kv_dim, tile, 0, pre, hd, rs);
+            if (pre > 0) stage_kv(kbuf(b), vbuf(b), K, V, p.kv_dim, tile, 0, pre, rs, kvp);
         }
         cp_async_commit();
     }
@@ -744,7 +733,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         const int bp = (pos - start) / TK;  // the tile of row pos, when this split holds it
         if (pos >= start && pos < end && bp < kDecAttnBufs) {
             stage_kv(kbuf(bp), vbuf(bp), K, V, p.kv_dim, start + bp * TK, pos - start - bp * TK,
-                     pos - start - bp * TK + 1, hd, rs);
+                     pos - start - bp * TK + 1, rs, kvp);
         }
         cp_async_commit();
 #pragma unroll
@@ -818,7 +807,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             __syncthreads();  // this buffer and sc consumed
             {  // refill the buffer with tile it + kDecAttnBufs
                 const int nt = tile + kDecAttnBufs * TK;
-                if (nt < end) stage_kv(ks, vs, K, V, p.kv_dim, nt, 0, min(TK, end - nt), hd, rs);
+                if (nt < end) stage_kv(ks, vs, K, V, p.kv_dim, nt, 0, min(TK, end - nt), rs, kvp);
                 cp_async_commit();
             }
         }
@@ -1011,7 +1000,6 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     const int r0 = blockIdx.x * p.rows_per_block;
     const int r1 = min(r0 + p.rows_per_block, n_out);
 
-    l2_prefetch_slice(p.pf, p.pf_bytes);
     // shared memory: [staged rows: smem_w][norm weights: n_in floats][activations][old y: 64 floats]
     float* nw = reinterpret_cast<float*>(smem + p.smem_w);
     if (GLU) stage_floats(nw, p.norm_w, n_in);
@@ -1090,7 +1078,6 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     uint8_t* ring = smem + size_t(warp) * NS * stage_w;
     const size_t rbytes = size_t(p.w[0].row_bytes);
     const int wb0 = blockIdx.x * NW + warp, wstep = gridDim.x * NW;
-    l2_prefetch_slice(p.pf, p.pf_bytes);
     float* nw = reinterpret_cast<float*>(smem + p.smem_w);
     if (p.norm_w) stage_floats(nw, p.norm_w, n_in);
     cp_async_commit();  // group: norm weights (every thread)
