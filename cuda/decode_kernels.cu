@@ -155,9 +155,9 @@ __device__ __forceinline__ int xf_idx(int e) { return (e >> 5) * XF_STRIDE + (e 
 // rounds instead of a thread walking a chunk's 32 elements, which kept this
 // short latency-bound phase 8x longer. Ends with a barrier.
 // NORM: the rmsnorm (1), none (0), norm_w says (-1); Q8: the codes are needed (1), not
-// (0), need_q8 says (-1). Both
-// fixed per kernel instance where they can be: a kernel's code is fetched cold at every
-// launch, so code it never runs still costs (decode_kernels.cu's T_ANY note).
+// (0), need_q8 says (-1). Both are fixed per kernel instance where they can be: a
+// kernel's code is fetched cold at every launch, so code it never runs still costs
+// (the T_ANY note below).
 template <int NORM, int Q8>
 __device__ void finish_act(const Act& a, int n, const float* norm_w, float eps, int need_q8, float ss_part) {
     float scale = 1.f;
