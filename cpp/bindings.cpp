@@ -198,7 +198,6 @@ struct PyEngine {
 
     // n_steps greedy tokens after `first_token` at `pos` (llama-bench's tg: no sampling).
     NpArray<int32_t> decode_greedy(int slot, int32_t first_token, int pos, int n_steps) {
-        Engine& en = eng();
         if (n_steps < 0) throw Error("decode_greedy: n_steps must be >= 0 (got " + std::to_string(n_steps) + ")");
         std::vector<int32_t> out((size_t)n_steps);
         {

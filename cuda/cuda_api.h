@@ -82,7 +82,8 @@ public:
     // into a graph with an event after each kernel (no PDL). Also "graph_step": the same
     // steps as the engine runs them (graph/PDL per the options); "noop_step" and
     // "noop_step_nopdl": a graph of empty kernels of the same shapes, with the options'
-    // PDL and without (the launch-boundary floor).
+    // PDL and without (the launch-boundary floor); "marginal_<kind>": graph_step minus the
+    // same graph with that kind's kernels empty (what the kind costs in the pipeline).
     virtual std::vector<std::pair<std::string, double>> profile_decode(int slot, int32_t token, int pos,
                                                                        int n_steps) = 0;
 };

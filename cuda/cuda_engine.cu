@@ -59,6 +59,10 @@ constexpr int kDecGraphSteps = 8;  // greedy decode steps per graph launch (deco
 // largest weight copy (gate and up) overlaps attn_output's whole run (H200: tg128 1,727 ->
 // 1,749, tg128@pp512 1,471 -> 1,565; any other kind early was slower)
 const char* const kPdlEarlyDefault = "attn_output";
+// The decode step's kernel kinds, in launch order within a layer, then the lm_head
+// (ORCD_CUDA_PDL_EARLY's names, profile_decode's keys).
+constexpr int kDecKinds = 6;
+const char* const kDecKindNames[kDecKinds] = {"qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head"};
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -142,8 +146,9 @@ private:
     // `steps` fused decode steps on the stream (greedy: the lm_head writes the next token;
     // cluster: the cluster attention, see cluster_for).
     void launch_decode(bool greedy, int steps, bool cluster);
-    // Kernel k (0 .. 5*n_layer) of a step; 5*n_layer is the lm_head.
-    void launch_decode_kernel(int k, bool greedy, bool pdl, bool cluster);
+    // Kernel k (0 .. 5*n_layer) of a step; 5*n_layer is the lm_head. noop: an empty kernel
+    // of the same launch shape instead (profile_decode's launch-boundary floor).
+    void launch_decode_kernel(int k, bool greedy, bool pdl, bool cluster, bool noop = false);
     void check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const;
     // The step as a graph launch (captured on first use) or as plain launches.
     // steps: 1, or kDecGraphSteps greedy steps in one graph (decode_greedy); kv_len: the
@@ -360,14 +365,13 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     {  // ORCD_CUDA_PDL_EARLY: comma-separated kernel kinds that trigger at their start
         const char* v = std::getenv("ORCD_CUDA_PDL_EARLY");
         const std::string e = v ? v : kPdlEarlyDefault;
-        static const char* kinds[6] = {"qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head"};
         pdl_early_ = 0;
         size_t i = 0;
         while (i <= e.size()) {
             const size_t j = std::min(e.find(',', i), e.size());
             const std::string name = e.substr(i, j - i);
-            for (int q = 0; q < 6; ++q)
-                if (name == kinds[q]) pdl_early_ |= 1 << q;
+            for (int q = 0; q < kDecKinds; ++q)
+                if (name == kDecKindNames[q]) pdl_early_ |= 1 << q;
             i = j + 1;
         }
     }
@@ -733,7 +737,7 @@ void CudaEngineImpl::build_decode_args() {
     // sat in every kernel's prologue.)
 }
 
-void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl, bool cluster) {
+void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl, bool cluster, bool noop) {
     const int trig0 = std::min(2, std::max(0, opt_.pdl_trigger));
     // kinds in pdl_early_ release their successor at their start (its weight copy then
     // overlaps this kernel's whole run), the others after their wait
@@ -745,7 +749,7 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl, bool clu
         m.argmax = greedy ? 1 : 0;
         m.advance = greedy ? 1 : 0;
         m.pdl_trigger = trig;
-        cu::dec_proj(m, stream_, pdl, "decode lm_head");
+        cu::dec_proj(m, stream_, pdl, "decode lm_head", noop);
         return;
     }
     const size_t l = size_t(k / 5);
@@ -758,32 +762,32 @@ void CudaEngineImpl::launch_decode_kernel(int k, bool greedy, bool pdl, bool clu
         // after the wait and PDL between the steps of a multi-step graph: no faster on the
         // H200, and test_decode_graph_equals_direct failed; likely the plain loads hitting
         // a stale L1 line: docs/perf_notes.md run 14.)
-        cu::dec_qkv(a, stream_, pdl && l > 0, "decode q/k/v");
+        cu::dec_qkv(a, stream_, pdl && l > 0, "decode q/k/v", noop);
         break;
     }
     case 1: {
         cu::DecAttnArgs a = da_[l];
         a.pdl_trigger = trig;
         a.cluster = cluster ? 1 : 0;
-        cu::dec_attention(a, stream_, pdl, "decode attention");
+        cu::dec_attention(a, stream_, pdl, "decode attention", noop);
         break;
     }
     case 2: {
         cu::DecProjArgs a = dp_o_[l];
         a.pdl_trigger = trig;
-        cu::dec_proj(a, stream_, pdl, "decode attn_output");
+        cu::dec_proj(a, stream_, pdl, "decode attn_output", noop);
         break;
     }
     case 3: {
         cu::DecProjArgs a = dp_gu_[l];
         a.pdl_trigger = trig;
-        cu::dec_proj(a, stream_, pdl, "decode ffn_gate/ffn_up");
+        cu::dec_proj(a, stream_, pdl, "decode ffn_gate/ffn_up", noop);
         break;
     }
     default: {
         cu::DecProjArgs a = dp_d_[l];
         a.pdl_trigger = trig;
-        cu::dec_proj(a, stream_, pdl, "decode ffn_down");
+        cu::dec_proj(a, stream_, pdl, "decode ffn_down", noop);
         break;
     }
     }
@@ -1025,29 +1029,9 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
         // empty kernels of the kind `noop_kind` (-1: of every kind), the others real
         auto noop_step = [&](bool with_pdl, int noop_kind) {
             return make_graph([&]() {
-                const int trig = std::min(2, std::max(0, opt_.pdl_trigger));
                 for (int k = 0; k < K; ++k) {
-                    const size_t l = size_t(k / 5);
                     const int kind = k == K - 1 ? 5 : k % 5;
-                    if (noop_kind >= 0 && kind != noop_kind) {
-                        launch_decode_kernel(k, true, with_pdl, cluster);
-                    } else if (k == K - 1) {
-                        cu::DecProjArgs a = dp_lm_;
-                        a.pdl_trigger = trig;
-                        cu::dec_proj(a, stream_, with_pdl, "noop", true);
-                    } else if (k % 5 == 0) {
-                        cu::DecQkvArgs a = dq_[l];
-                        a.pdl_trigger = trig;
-                        cu::dec_qkv(a, stream_, with_pdl && l > 0, "noop", true);
-                    } else if (k % 5 == 1) {
-                        cu::DecAttnArgs a = da_[l];
-                        a.pdl_trigger = trig;
-                        cu::dec_attention(a, stream_, with_pdl, "noop", true);
-                    } else {
-                        cu::DecProjArgs a = k % 5 == 2 ? dp_o_[l] : (k % 5 == 3 ? dp_gu_[l] : dp_d_[l]);
-                        a.pdl_trigger = trig;
-                        cu::dec_proj(a, stream_, with_pdl, "noop", true);
-                    }
+                    launch_decode_kernel(k, true, with_pdl, cluster, noop_kind < 0 || kind == noop_kind);
                 }
             });
         };
@@ -1055,18 +1039,18 @@ std::vector<std::pair<std::string, double>> CudaEngineImpl::profile_decode(int s
         us[8] = time_graph(noop_step(false, -1));
         // marginal cost of each kind in the real pipeline (graph + PDL): the step minus the
         // step with that kind's kernels empty (their outputs are stale: timing only)
-        for (int kind = 0; kind < 6; ++kind) us[size_t(9 + kind)] = us[6] - time_graph(noop_step(pdl, kind));
+        for (int kind = 0; kind < kDecKinds; ++kind) us[size_t(9 + kind)] = us[6] - time_graph(noop_step(pdl, kind));
     } catch (...) {
         cleanup();
         throw;
     }
     cleanup();
-    static const char* names[15] = {"qkv",         "attention",          "attn_output",        "ffn_gate_up",
-                                    "ffn_down",    "lm_head",            "graph_step",         "noop_step",
-                                    "noop_step_nopdl", "marginal_qkv",   "marginal_attention", "marginal_attn_output",
-                                    "marginal_ffn_gate_up", "marginal_ffn_down", "marginal_lm_head"};
     std::vector<std::pair<std::string, double>> out;
-    for (int i = 0; i < 15; ++i) out.emplace_back(names[i], us[size_t(i)]);
+    for (int q = 0; q < kDecKinds; ++q) out.emplace_back(kDecKindNames[q], us[size_t(q)]);
+    out.emplace_back("graph_step", us[6]);
+    out.emplace_back("noop_step", us[7]);
+    out.emplace_back("noop_step_nopdl", us[8]);
+    for (int q = 0; q < kDecKinds; ++q) out.emplace_back(std::string("marginal_") + kDecKindNames[q], us[size_t(9 + q)]);
     return out;
 }
 

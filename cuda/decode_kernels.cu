@@ -103,15 +103,17 @@ __host__ __device__ __forceinline__ size_t align16(size_t n) { return dec_align1
 // ---------------------------------------------------------------- staging weight rows
 // Rows [r0, r1) of w are contiguous bytes; copy them (widened to 16-byte
 // boundaries: tensors start 256-aligned and their allocations are padded to
-// 256, so the widened range stays inside) into dst. Returns the offset of row
-// r0 inside dst and the bytes used (16-aligned) in *used.
-__device__ __forceinline__ int stage_rows(uint8_t* dst, const DTensor& w, int r0, int r1, int* used) {
+// 256, so the widened range stays inside) into dst, by the NTH threads of the
+// block (NT) or of the calling warp (32). Returns the offset of row r0 inside dst
+// and the bytes used (16-aligned) in *used.
+template <int NTH = NT>
+__device__ __forceinline__ int stage_rows(uint8_t* dst, const DTensor& w, int r0, int r1, int* used = nullptr) {
     const size_t a = size_t(r0) * size_t(w.row_bytes), b = size_t(r1) * size_t(w.row_bytes);
     const size_t A = a & ~size_t(15), B = (b + 15) & ~size_t(15);
     const uint8_t* src = w.w + A;
     const int n = int(B - A);
-    for (int i = threadIdx.x * 16; i < n; i += NT * 16) cp_async16(dst + i, src + i);
-    *used = n;
+    for (int i = int(threadIdx.x % NTH) * 16; i < n; i += NTH * 16) cp_async16(dst + i, src + i);
+    if (used) *used = n;
     return int(a - A);
 }
 
@@ -1054,16 +1056,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
 // fills, waits on and reads, so no block barrier couples the warps once the
 // activation prep (once per block) is done. (A block-wide ring of 16-row batches
 // with two barriers per batch ran 145 MB in ~50 us, against a 34 us floor.)
-// Sub-32-byte alignment: stage_rows_warp copies the 16-byte widened range.
-__device__ __forceinline__ int stage_rows_warp(uint8_t* dst, const DTensor& w, int r0, int r1) {
-    const size_t a = size_t(r0) * size_t(w.row_bytes), b = size_t(r1) * size_t(w.row_bytes);
-    const size_t A = a & ~size_t(15), B = (b + 15) & ~size_t(15);
-    const uint8_t* src = w.w + A;
-    const int n = int(B - A);
-    for (int i = (threadIdx.x % 32) * 16; i < n; i += 32 * 16) cp_async16(dst + i, src + i);
-    return int(a - A);
-}
-
+// A batch's rows are copied by its warp (stage_rows<32>, the 16-byte widened range).
 template <uint32_t T>
 __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
@@ -1083,7 +1076,7 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     cp_async_commit();  // group: norm weights (every thread)
     for (int i = 0; i < NS; ++i) {  // groups: this warp's first NS batches (empty ones keep the count)
         const int b = wb0 + i * wstep;
-        if (b < nbatch) stage_rows_warp(ring + i * stage_w, p.w[0], b * rb, min(b * rb + rb, n_out));
+        if (b < nbatch) stage_rows<32>(ring + i * stage_w, p.w[0], b * rb, min(b * rb + rb, n_out));
         cp_async_commit();
     }
     if (p.pdl_trigger == 0) pdl_trigger();
@@ -1122,7 +1115,7 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
         }
         __syncwarp();  // every lane has read this buffer
         const int bn = b + NS * wstep;
-        if (bn < nbatch) stage_rows_warp(ring + slot * stage_w, p.w[0], bn * rb, min(bn * rb + rb, n_out));
+        if (bn < nbatch) stage_rows<32>(ring + slot * stage_w, p.w[0], bn * rb, min(bn * rb + rb, n_out));
         cp_async_commit();  // (possibly empty: keeps the group count uniform)
         slot = slot + 1 == NS ? 0 : slot + 1;
     }

@@ -4,19 +4,13 @@
 # (made here with `mkdir old_src && git archive REV | tar -x -C old_src`, listed in
 # .git/info/exclude and named in the device call's `carry`, then copied to ~/old) and
 # installed into /tmp/oldsite (/tmp/oldbuild.log). Start both builds in the first call:
-#   (cd ~/old && setsid nohup bash -c 'ORCD_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=8 python3 -m pip install \
-#       --no-build-isolation --no-deps --target /tmp/oldsite . > /tmp/oldbuild.log 2>&1; \
-#       echo BUILD_DONE $? >> /tmp/oldbuild.log' &)
+#   bash scripts/gpu_build.sh start; bash scripts/gpu_build.sh start ~/old /tmp/oldbuild.log /tmp/oldsite
 # Then this prints tg128 / pp512 of each build, interleaved (machines differ by a few
 # percent from lease to lease: compare only within one).
 set -u
 M=${1:?model}
 ROUNDS=${2:-2}
-s=$(date +%s)
-while ! (grep -q BUILD_DONE /tmp/build.log 2>/dev/null && grep -q BUILD_DONE /tmp/oldbuild.log 2>/dev/null); do
-    sleep 2; [ $(( $(date +%s) - s )) -gt 400 ] && break
-done
-echo "builds: $(tail -n1 /tmp/build.log) / $(tail -n1 /tmp/oldbuild.log)"
+bash "$(dirname "$0")/gpu_build.sh" wait /tmp/build.log /tmp/oldbuild.log || exit 1
 cd /tmp
 for r in $(seq "$ROUNDS"); do
     for v in old new; do

@@ -12,9 +12,7 @@ F16=${2:-}
 D=${OUT:-/tmp/accept}
 mkdir -p "$D"
 R=$(pwd)
-s=$(date +%s)
-while ! grep -q BUILD_DONE /tmp/build.log 2>/dev/null; do sleep 2; [ $(( $(date +%s) - s )) -gt 400 ] && break; done
-grep -q "BUILD_DONE 0" /tmp/build.log || { tail -40 /tmp/build.log; exit 1; }
+bash scripts/gpu_build.sh wait || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ORCD_TEST_MODEL=$M
 if [ "${ACCEPT_TESTS:-1}" = 1 ]; then
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_engine.py \

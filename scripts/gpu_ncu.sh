@@ -8,6 +8,7 @@
 # kernel alone: launch to completion, weights from HBM (ncu flushes the caches).
 set -u
 cd "$(dirname "$0")/.."
+bash scripts/gpu_build.sh wait || exit 1
 M=${1:?model}
 L=${2:-5}
 D=${OUT:-/tmp/ncu}

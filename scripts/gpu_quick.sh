@@ -5,10 +5,7 @@
 set -u
 cd "$(dirname "$0")/.."
 M=${1:?model}
-s=$(date +%s)
-while ! grep -q BUILD_DONE /tmp/build.log 2>/dev/null; do sleep 2; [ $(( $(date +%s) - s )) -gt 400 ] && break; done
-echo "build waited $(( $(date +%s) - s ))s: $(tail -1 /tmp/build.log)"
-grep -q "BUILD_DONE 0" /tmp/build.log || { tail -40 /tmp/build.log; exit 1; }
+bash scripts/gpu_build.sh wait || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export ORCD_TEST_MODEL=$M
 [ "${QUICK_TESTS:-1}" = 1 ] && timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_engine.py ${QUICK_PYTEST:-} 2>&1 | tail -3
