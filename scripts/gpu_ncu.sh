@@ -7,13 +7,13 @@
 # Kernels run one at a time under ncu (no graph, no PDL), so durations are each
 # kernel alone: launch to completion, weights from HBM (ncu flushes the caches).
 set -u
-cd "$(dirname "$0")/.."
-bash scripts/gpu_build.sh wait || exit 1
+source "$(dirname "$0")/gpu_lib.sh"
+cd "$GPU_REPO"
+gpu_build_wait || exit 1
 M=${1:?model}
 L=${2:-5}
 D=${OUT:-/tmp/ncu}
 mkdir -p "$D"
-PY=${PYTHON:-python3}
 NL=$($PY -c "from orcd import GGUFFile; print(GGUFFile('$M').metadata['qwen2.block_count'])")
 K=$((5 * NL + 1))
 NCU="ncu --clock-control none -k regex:dec_"
