@@ -16,6 +16,7 @@
 #include <mutex>
 
 #include "bind_info.h"
+#include "bind_step_loop.h"
 #include "engine.h"
 #include "error.h"
 #include "ggml_types.h"
@@ -404,4 +405,9 @@ NB_MODULE(_orcd, m) {
             std::lock_guard<std::mutex> lock(*s.mu);
             s.e.reset();
         });
+
+    // ---- many sequences on a C++ thread (cpp/step_loop.h)
+    bind_step_loop(m, "StepLoop", [](const std::string& path, int n_ctx, int n_slots, int n_threads) {
+        return make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads);
+    });
 }

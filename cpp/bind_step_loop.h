@@ -1,0 +1,120 @@
+// bind_step_loop.h - the Python face of StepLoop, one definition for every backend
+// (orcd._orcd.StepLoop on the CPU engine, orcd._orcd_cuda.CudaStepLoop on the CUDA one).
+// Included by exactly one translation unit per module.
+#pragma once
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "step_loop.h"
+
+namespace orcd {
+
+using MakeEngineFn = std::function<std::unique_ptr<Engine>(const std::string& path, int n_ctx, int n_slots,
+                                                           int n_threads)>;
+
+// Each call holds its own reference while the GIL is released, so close() from one thread
+// never frees the loop under another thread's take_events.
+struct PyStepLoop {
+    std::shared_ptr<StepLoop> loop;
+    std::shared_ptr<StepLoop> get() const {
+        std::shared_ptr<StepLoop> l = loop;
+        if (!l) throw Error("the step loop is closed");
+        return l;
+    }
+};
+
+inline void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
+    namespace nb = nanobind;
+    using Tokens = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+    nb::class_<PyStepLoop>(m, name,
+        "Many sequences generated on a C++ thread: submit() requests, take_events() their tokens.\n"
+        "Events are (id, token, finish, message): token >= 0 with finish '' or 'length' (the last one),\n"
+        "or token -1 with finish 'stop', 'cancelled' or 'error' (message says why). Every request\n"
+        "ends with exactly one event whose finish is not ''.")
+        .def("__init__", [make](PyStepLoop* self, const std::string& path, int n_ctx, int n_slots, int n_threads,
+                                int max_waiting, int prefill_chunk) {
+            std::shared_ptr<StepLoop> l;
+            {
+                nb::gil_scoped_release nogil;
+                l = std::make_shared<StepLoop>(make(path, n_ctx, n_slots, n_threads), max_waiting, prefill_chunk);
+            }
+            new (self) PyStepLoop{std::move(l)};
+        }, nb::arg("path"), nb::arg("n_ctx") = 4096, nb::arg("n_slots") = 8, nb::arg("n_threads") = 0,
+           nb::arg("max_waiting") = 256, nb::arg("prefill_chunk") = 512,
+           "n_slots sequences run at once (each up to n_ctx positions); up to max_waiting more wait;\n"
+           "a step evaluates at most prefill_chunk prompt tokens. n_threads: CPU engine only.")
+        .def("submit", [](PyStepLoop& s, int64_t id, Tokens prompt, int max_tokens, std::vector<int32_t> stop_ids,
+                          float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
+                          float presence_penalty, float frequency_penalty, int penalty_last_n, uint64_t seed) {
+            StepRequest r;
+            r.id = id;
+            r.prompt.assign(prompt.data(), prompt.data() + prompt.shape(0));
+            r.max_tokens = max_tokens;
+            r.stop_ids = std::move(stop_ids);
+            r.sampling = {temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                          frequency_penalty, penalty_last_n, seed};
+            std::shared_ptr<StepLoop> l = s.get();
+            nb::gil_scoped_release nogil;
+            try {
+                l->submit(std::move(r));
+            } catch (const QueueFull&) {
+                return false;
+            }
+            return true;
+        }, nb::arg("id"), nb::arg("prompt"), nb::arg("max_tokens"), nb::arg("stop_ids"), nb::arg("temperature"),
+           nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("repetition_penalty"),
+           nb::arg("presence_penalty"), nb::arg("frequency_penalty"), nb::arg("penalty_last_n"), nb::arg("seed"),
+           "Queues a request; False when the queue is full (retry later). Bad input raises ValueError.")
+        .def("cancel", [](PyStepLoop& s, int64_t id) {
+            std::shared_ptr<StepLoop> l = s.get();
+            nb::gil_scoped_release nogil;
+            return l->cancel(id);
+        }, nb::arg("id"), "Ends a live request at the next step ('cancelled'); False if no such request.")
+        .def("take_events", [](PyStepLoop& s, int timeout_ms) {
+            std::shared_ptr<StepLoop> l = s.get();
+            std::vector<StepEvent> ev;
+            {
+                nb::gil_scoped_release nogil;
+                ev = l->take_events(timeout_ms);
+            }
+            nb::list out;
+            for (const StepEvent& e : ev)
+                out.append(nb::make_tuple(e.id, e.token, finish_name(e.finish), e.message));
+            return out;
+        }, nb::arg("timeout_ms") = 0, "Events so far, waiting up to timeout_ms for one when there are none.")
+        .def("stats", [](PyStepLoop& s) {
+            StepStats st = s.get()->stats();
+            nb::dict d;
+            d["running"] = st.running;
+            d["waiting"] = st.waiting;
+            d["steps"] = st.steps;
+            d["prompt_tokens"] = st.prompt_tokens;
+            d["generated"] = st.generated;
+            d["finished"] = st.finished;
+            return d;
+        })
+        .def_prop_ro("n_ctx", [](PyStepLoop& s) { return s.get()->n_ctx(); })
+        .def_prop_ro("n_slots", [](PyStepLoop& s) { return s.get()->n_slots(); })
+        .def_prop_ro("n_vocab", [](PyStepLoop& s) { return s.get()->desc().n_vocab; })
+        .def("shutdown", [](PyStepLoop& s) {
+            std::shared_ptr<StepLoop> l = s.loop;
+            if (!l) return;
+            nb::gil_scoped_release nogil;
+            l->shutdown();
+        }, "Ends every live request (each gets its terminal event, still readable) and stops the thread.")
+        .def("close", [](PyStepLoop& s) {
+            std::shared_ptr<StepLoop> l = std::move(s.loop);
+            if (!l) return;
+            nb::gil_scoped_release nogil;
+            l->shutdown();
+            l.reset();  // the engine goes with the last reference
+        }, "shutdown() and let go of the engine; the object is unusable afterwards.");
+}
+
+}  // namespace orcd

@@ -1,0 +1,283 @@
+// step_loop.cpp - see step_loop.h for what one step does and in which order.
+#include "step_loop.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "error.h"
+
+namespace orcd {
+
+const char* finish_name(Finish f) {
+    switch (f) {
+        case Finish::none: return "";
+        case Finish::stop: return "stop";
+        case Finish::length: return "length";
+        case Finish::cancelled: return "cancelled";
+        case Finish::error: return "error";
+    }
+    return "";
+}
+
+StepLoop::StepLoop(std::unique_ptr<Engine> engine, int max_waiting, int prefill_chunk)
+    : engine_(std::move(engine)), max_waiting_(max_waiting), prefill_chunk_(prefill_chunk) {
+    if (!engine_) throw Error("StepLoop: no engine");
+    if (max_waiting < 0) throw Error("max_waiting must be >= 0 (got " + std::to_string(max_waiting) + ")");
+    if (prefill_chunk < 1) throw Error("prefill_chunk must be >= 1 (got " + std::to_string(prefill_chunk) + ")");
+    const int n = engine_->n_slots();
+    slot_cache_.assign(size_t(n), {});
+    slot_free_.assign(size_t(n), true);
+    n_free_ = n;
+    thread_ = std::thread([this] { run(); });
+}
+
+StepLoop::~StepLoop() { shutdown(); }
+
+void StepLoop::submit(StepRequest r) {
+    const ModelDesc& d = engine_->desc();
+    const int n_ctx = engine_->n_ctx();
+    const std::string who = "request " + std::to_string(r.id) + ": ";
+    if (r.prompt.empty()) throw Error(who + "prompt is empty");
+    for (int32_t t : r.prompt)
+        if (t < 0 || t >= d.n_vocab)
+            throw Error(who + "prompt token id " + std::to_string(t) + " out of range [0, " +
+                        std::to_string(d.n_vocab) + ")");
+    if (int64_t(r.prompt.size()) >= n_ctx)
+        throw Error(who + "prompt of " + std::to_string(r.prompt.size()) + " tokens does not fit in n_ctx=" +
+                    std::to_string(n_ctx) + " (at least one position must stay free for generation)");
+    if (r.max_tokens < 1) throw Error(who + "max_tokens must be >= 1 (got " + std::to_string(r.max_tokens) + ")");
+    auto s = std::make_unique<Seq>(std::move(r));  // validates the sampling parameters
+    s->history = s->req.prompt;
+    s->limit = std::min(s->req.max_tokens, n_ctx - int(s->req.prompt.size()));
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (stopping_) throw Error("the step loop is shut down");
+        if (live_.count(s->req.id)) throw Error(who + "id is already in use by a live request");
+        if (int(waiting_.size()) >= max_waiting_ + n_free_)
+            throw QueueFull(who + "queue full (" + std::to_string(waiting_.size()) + " waiting)");
+        live_[s->req.id] = s.get();
+        waiting_.push_back(std::move(s));
+        stats_.waiting = int(waiting_.size());
+    }
+    work_cv_.notify_one();
+}
+
+bool StepLoop::cancel(int64_t id) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = live_.find(id);
+    if (it == live_.end()) return false;
+    it->second->cancel_requested = true;
+    work_cv_.notify_one();
+    return true;
+}
+
+std::vector<StepEvent> StepLoop::take_events(int timeout_ms) {
+    std::unique_lock<std::mutex> lk(mu_);
+    if (events_.empty() && timeout_ms > 0)
+        event_cv_.wait_for(lk, std::chrono::milliseconds(timeout_ms), [&] { return !events_.empty() || stopping_; });
+    std::vector<StepEvent> out;
+    out.swap(events_);
+    return out;
+}
+
+StepStats StepLoop::stats() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return stats_;
+}
+
+void StepLoop::shutdown() {
+    std::lock_guard<std::mutex> one_at_a_time(shutdown_mu_);
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (stopping_ && !thread_.joinable()) return;
+        stopping_ = true;
+    }
+    work_cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+    // The thread is gone: end what is left, each with its terminal event.
+    std::vector<StepEvent> out;
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& s : running_) finish_seq(*s, Finish::cancelled, "the step loop shut down", out);
+    running_.clear();
+    for (auto& s : waiting_) {
+        out.push_back({s->req.id, -1, Finish::cancelled, "the step loop shut down"});
+        live_.erase(s->req.id);
+        stats_.finished++;
+    }
+    waiting_.clear();
+    stats_.running = 0;
+    stats_.waiting = 0;
+    events_.insert(events_.end(), out.begin(), out.end());
+    event_cv_.notify_all();
+}
+
+void StepLoop::run() {
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> lk(mu_);
+            work_cv_.wait(lk, [&] { return stopping_ || !waiting_.empty() || !running_.empty(); });
+            if (stopping_) return;
+        }
+        step();
+    }
+}
+
+// Under mu_: cancelled waiting requests end here; waiting ones take free slots, each the
+// free slot whose cached tokens share the longest prefix with its prompt.
+void StepLoop::admit_locked() {
+    std::vector<StepEvent> out;
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+        if ((*it)->cancel_requested) {
+            out.push_back({(*it)->req.id, -1, Finish::cancelled, ""});
+            live_.erase((*it)->req.id);
+            stats_.finished++;
+            it = waiting_.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    while (!waiting_.empty()) {
+        int best = -1, best_len = -1;
+        const std::vector<int32_t>& p = waiting_.front()->req.prompt;
+        for (size_t k = 0; k < slot_free_.size(); ++k) {
+            if (!slot_free_[k]) continue;
+            const std::vector<int32_t>& c = slot_cache_[k];
+            // at least the last prompt token is evaluated: its logits are needed
+            const size_t cap = std::min(c.size(), p.size() - 1);
+            size_t n = 0;
+            while (n < cap && c[n] == p[n]) ++n;
+            if (int(n) > best_len) { best_len = int(n); best = int(k); }
+        }
+        if (best < 0) break;
+        std::unique_ptr<Seq> s = std::move(waiting_.front());
+        waiting_.pop_front();
+        s->slot = best;
+        s->n_done = best_len;
+        slot_free_[size_t(best)] = false;
+        running_.push_back(std::move(s));
+    }
+    n_free_ = int(std::count(slot_free_.begin(), slot_free_.end(), true));
+    stats_.waiting = int(waiting_.size());
+    stats_.running = int(running_.size());
+    events_.insert(events_.end(), out.begin(), out.end());
+}
+
+void StepLoop::finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out) {
+    out.push_back({s.req.id, -1, f, msg});
+    end_seq(s);
+}
+
+void StepLoop::end_seq(Seq& s) {
+    if (s.slot >= 0) {
+        // positions [0, n_done) hold this sequence's K/V: a later prompt may reuse them
+        slot_cache_[size_t(s.slot)].assign(s.history.begin(), s.history.begin() + s.n_done);
+        slot_free_[size_t(s.slot)] = true;
+        s.slot = -1;
+    }
+    s.ended = true;
+}
+
+void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& out) {
+    int32_t tok;
+    try {
+        tok = s.sampler.sample(logits, engine_->desc().n_vocab, s.history.data(), int(s.history.size()));
+    } catch (const std::exception& e) {
+        finish_seq(s, Finish::error, e.what(), out);
+        return;
+    }
+    if (std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), tok) != s.req.stop_ids.end()) {
+        finish_seq(s, Finish::stop, "", out);
+        return;
+    }
+    s.history.push_back(tok);
+    s.generated++;
+    if (s.generated >= s.limit) {
+        out.push_back({s.req.id, tok, Finish::length, ""});
+        end_seq(s);
+        return;
+    }
+    out.push_back({s.req.id, tok, Finish::none, ""});
+}
+
+void StepLoop::step() {
+    std::vector<StepEvent> out;
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        for (auto& s : running_)
+            if (s->cancel_requested && !s->ended) finish_seq(*s, Finish::cancelled, "", out);
+        admit_locked();
+    }
+    const int V = engine_->desc().n_vocab;
+    logits_.resize(size_t(V));
+    int64_t prompt_tokens = 0;
+
+    // 1. Prompt chunks, oldest request first, prefill_chunk tokens in all.
+    int budget = prefill_chunk_;
+    for (auto& sp : running_) {
+        Seq& s = *sp;
+        const int plen = int(s.req.prompt.size());
+        if (s.ended || s.n_done >= plen || budget <= 0) continue;
+        const int n = std::min(budget, plen - s.n_done);
+        try {
+            engine_->forward(s.slot, s.history.data() + s.n_done, n, s.n_done, logits_.data(), false, nullptr);
+            s.n_done += n;
+            budget -= n;
+            prompt_tokens += n;
+            if (s.n_done == plen) take_token(s, logits_.data(), out);
+        } catch (const std::exception& e) {
+            finish_seq(s, Finish::error, e.what(), out);
+        }
+    }
+
+    // 2. One decode step for every sequence whose last token is sampled but not evaluated.
+    std::vector<Seq*> dec;
+    for (auto& sp : running_)
+        if (!sp->ended && sp->n_done == int(sp->history.size()) - 1 && sp->generated > 0) dec.push_back(sp.get());
+    if (!dec.empty()) {
+        const int n = int(dec.size());
+        const size_t un = dec.size();
+        std::vector<int32_t> slots(un), toks(un), pos(un);
+        for (size_t i = 0; i < un; ++i) {
+            slots[i] = dec[i]->slot;
+            toks[i] = dec[i]->history.back();
+            pos[i] = dec[i]->n_done;
+        }
+        std::vector<float> logits(un * size_t(V));
+        try {
+            engine_->decode_batch(n, slots.data(), toks.data(), pos.data(), logits.data());
+            for (size_t i = 0; i < un; ++i) {
+                dec[i]->n_done++;
+                take_token(*dec[i], logits.data() + i * size_t(V), out);
+            }
+        } catch (const std::exception& e) {
+            for (Seq* s : dec) finish_seq(*s, Finish::error, e.what(), out);
+        }
+    }
+
+    // 3. Publish; drop the sequences that ended.
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& sp : running_)  // cancelled while this step ran
+        if (sp->cancel_requested && !sp->ended) finish_seq(*sp, Finish::cancelled, "", out);
+    int64_t emitted = 0;
+    for (const StepEvent& e : out) emitted += e.token >= 0;
+    for (auto it = running_.begin(); it != running_.end();) {
+        if ((*it)->ended) {
+            live_.erase((*it)->req.id);
+            stats_.finished++;
+            it = running_.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    stats_.steps++;
+    stats_.prompt_tokens += prompt_tokens;
+    stats_.generated += emitted;
+    stats_.running = int(running_.size());
+    n_free_ = int(std::count(slot_free_.begin(), slot_free_.end(), true));
+    if (!out.empty()) {
+        events_.insert(events_.end(), out.begin(), out.end());
+        event_cv_.notify_all();
+    }
+}
+
+}  // namespace orcd

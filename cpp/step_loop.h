@@ -1,0 +1,142 @@
+// step_loop.h - the per-token loop of many sequences, in C++ on its own thread.
+//
+// Callers submit requests (prompt token ids + sampling parameters + limits) and
+// take events (one token id per event, and one terminal event per request). The
+// loop thread owns the engine: each step it admits waiting requests into free
+// cache slots (reusing the longest cached prefix among the free slots), runs one
+// prompt chunk for sequences still in their prompt, one decode_batch for all
+// sequences that are generating, samples each sequence with its own Sampler (so a
+// seed gives the same tokens whatever else is in the batch) and publishes the
+// tokens. Requests join and leave at any step; a cancelled request ends at the
+// next step and its slot is free at once. No Python and no GIL inside.
+//
+// Order inside one step: admissions and cancellations -> prompt chunks
+// (prefill_chunk tokens in all, oldest request first) -> one decode_batch ->
+// sampling -> events. A request whose prompt completes in this step samples its
+// first token from the prompt's last logits and joins the same step's decode_batch.
+//
+// Limits: a request's prompt plus generated tokens never exceed the engine's
+// n_ctx (generation ends with "length" there); at most max_waiting requests
+// wait for a slot (submit throws past that: the caller answers "busy").
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "engine.h"
+#include "error.h"
+#include "sampler.h"
+
+namespace orcd {
+
+struct StepRequest {
+    int64_t id = 0;                   // unique among live requests
+    std::vector<int32_t> prompt;      // token ids, non-empty, each in [0, n_vocab)
+    SamplerParams sampling;
+    int max_tokens = 256;             // >= 1; capped by n_ctx - prompt size
+    std::vector<int32_t> stop_ids;    // sampling one ends the request ("stop"), not emitted
+};
+
+// submit() when max_waiting requests already wait: the caller answers "busy, retry".
+struct QueueFull : Error {
+    using Error::Error;
+};
+
+enum class Finish : int { none = 0, stop = 1, length = 2, cancelled = 3, error = 4 };
+const char* finish_name(Finish f);
+
+// token >= 0: a generated token (finish == none, or length when it is the last);
+// token < 0: a terminal event without a token (stop, cancelled, error + message).
+struct StepEvent {
+    int64_t id = 0;
+    int32_t token = -1;
+    Finish finish = Finish::none;
+    std::string message;
+};
+
+struct StepStats {
+    int running = 0;              // requests holding a slot
+    int waiting = 0;              // submitted, not yet in a slot
+    int64_t steps = 0;            // loop iterations that did work
+    int64_t prompt_tokens = 0;    // evaluated prompt tokens (cached prefixes not counted)
+    int64_t generated = 0;        // tokens emitted
+    int64_t finished = 0;         // requests ended (any reason)
+};
+
+class StepLoop {
+public:
+    // Takes the engine (it keeps its file alive) and starts the thread.
+    StepLoop(std::unique_ptr<Engine> engine, int max_waiting, int prefill_chunk);
+    ~StepLoop();  // shutdown()
+    StepLoop(const StepLoop&) = delete;
+    StepLoop& operator=(const StepLoop&) = delete;
+
+    // Validates (throws orcd::Error naming the problem) and queues the request.
+    void submit(StepRequest r);
+    // Ends a live request at the next step with a "cancelled" event; false if unknown.
+    bool cancel(int64_t id);
+    // Events so far; waits up to timeout_ms (0: no wait) when there are none.
+    std::vector<StepEvent> take_events(int timeout_ms);
+    StepStats stats();
+    // Cancels every live request (each gets its terminal event) and joins the thread.
+    void shutdown();
+
+    const ModelDesc& desc() const { return engine_->desc(); }
+    int n_ctx() const { return engine_->n_ctx(); }
+    int n_slots() const { return engine_->n_slots(); }
+
+private:
+    struct Seq {
+        StepRequest req;
+        Sampler sampler;
+        int slot = -1;
+        std::vector<int32_t> history;  // prompt + generated tokens
+        int n_done = 0;                // history entries whose K/V are in the slot's cache
+        int generated = 0;
+        int limit = 0;                 // max tokens to generate (max_tokens capped by n_ctx)
+        bool cancel_requested = false;  // set by cancel(), under mu_
+        bool ended = false;             // its terminal event is out; removed at the end of the step
+        explicit Seq(StepRequest r) : req(std::move(r)), sampler(req.sampling) {}
+    };
+
+    void run();
+    void admit_locked();
+    void step();
+    // Samples seq's next token from logits and publishes it, or its end (stop, length,
+    // or a sampling error).
+    void take_token(Seq& s, const float* logits, std::vector<StepEvent>& out);
+    // Publishes seq's terminal event (without a token) and ends it.
+    void finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out);
+    // Frees seq's slot (remembering the tokens whose K/V it holds) and marks it ended.
+    void end_seq(Seq& s);
+
+    std::unique_ptr<Engine> engine_;
+    const int max_waiting_;
+    const int prefill_chunk_;
+
+    std::mutex mu_;                       // guards everything below except the loop-only fields
+    std::condition_variable work_cv_;     // the loop waits for requests
+    std::condition_variable event_cv_;    // take_events waits for events
+    std::deque<std::unique_ptr<Seq>> waiting_;
+    std::unordered_map<int64_t, Seq*> live_;  // waiting and running, by id
+    int n_free_ = 0;                          // free slots as of the last step
+    std::vector<StepEvent> events_;
+    StepStats stats_;
+    bool stopping_ = false;
+    std::mutex shutdown_mu_;              // concurrent shutdown() calls join the thread once
+
+    // loop thread only
+    std::vector<std::unique_ptr<Seq>> running_;          // holding a slot, admission order
+    std::vector<std::vector<int32_t>> slot_cache_;       // tokens whose K/V each slot holds
+    std::vector<bool> slot_free_;
+    std::vector<float> logits_;
+    std::thread thread_;
+};
+
+}  // namespace orcd
