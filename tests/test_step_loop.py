@@ -107,11 +107,12 @@ def test_joins_at_any_step_and_cancel_leaves_others_unchanged(real):
     """The real model (a step takes tens of ms on the CPU, so the cancel lands mid-generation)."""
     path, model = real
     prompts = [model.tokenize(t) for t in ("def fib(n):", "The capital of France is", "1, 1, 2, 3, 5,",
-                                           "import numpy as np", "SELECT * FROM", "Once upon a time")]
-    want = [alone(model, p, 30) for p in prompts]
-    loop = _orcd.StepLoop(path, n_ctx=256, n_slots=6, prefill_chunk=5)
-    assert submit(loop, 0, prompts[0], 30)
-    assert submit(loop, 1, prompts[1], 30)
+                                           "import numpy as np")]
+    n_new = 16
+    want = [alone(model, p, n_new) for p in prompts]
+    loop = _orcd.StepLoop(path, n_ctx=256, n_slots=4, prefill_chunk=5)
+    assert submit(loop, 0, prompts[0], n_new)
+    assert submit(loop, 1, prompts[1], n_new)
     seen = {0: [], 1: []}
     # the others join while 0 and 1 are generating; 2 is cancelled part-way
     ends = {}
@@ -127,15 +128,15 @@ def test_joins_at_any_step_and_cancel_leaves_others_unchanged(real):
             if fin:
                 ends[rid] = fin
         if submitted < len(prompts) and len(seen[0]) >= 2 * (submitted - 1):
-            assert submit(loop, submitted, prompts[submitted], 30)
+            assert submit(loop, submitted, prompts[submitted], n_new)
             seen.setdefault(submitted, [])
             submitted += 1
-        if cancelled_at is None and len(seen.get(2, [])) >= 3:
+        if cancelled_at is None and len(seen.get(2, [])) >= 2:
             assert loop.cancel(2)
             cancelled_at = len(seen[2])
-    assert ends[2] == "cancelled" and len(seen[2]) < 30
+    assert ends[2] == "cancelled" and len(seen[2]) < n_new
     assert seen[2] == want[2][: len(seen[2])]  # what it produced before the cancel was right
-    for i in (0, 1, 3, 4, 5):
+    for i in (0, 1, 3):
         assert ends[i] == "length" and seen[i] == want[i], i
     assert not loop.cancel(2)  # gone
     assert loop.stats()["running"] == 0
