@@ -61,6 +61,16 @@ void validate(const SamplerParams& p) {
     // top_k: any value; <= 0 means off. seed: any value.
 }
 
+bool device_sampling_supports(const SamplerParams& p, int n_vocab, int n_history) {
+    const bool penalties = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+    const int window = p.penalty_last_n < 0 ? n_history : std::min(n_history, p.penalty_last_n);
+    if (penalties && window > kDevicePenaltyWindowMax) return false;
+    if (p.temperature == 0.0f) return true;
+    const bool top_k_on = p.top_k > 0 && p.top_k < n_vocab;
+    if (top_k_on) return p.top_k <= kDeviceTopKMax;
+    return p.top_p >= 1.0f;
+}
+
 Sampler::Sampler(const SamplerParams& p) : p_(p) {
     validate(p_);
     // Run the seed through one splitmix64 step so that nearby seeds

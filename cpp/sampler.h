@@ -25,6 +25,13 @@ struct SamplerParams {
 // Throws orcd::Error naming the first invalid parameter and its value.
 void validate(const SamplerParams& p);
 
+// Whether the GPU sampler (cuda/sample.cuh) runs these parameters over a history of
+// n_history tokens: greedy; top_k in [1, kDeviceTopKMax]; or top_k off with top_p == 1;
+// and a penalty window of at most kDevicePenaltyWindowMax tokens. Otherwise sample on the CPU.
+constexpr int kDeviceTopKMax = 1024;
+constexpr int kDevicePenaltyWindowMax = 4096;
+bool device_sampling_supports(const SamplerParams& p, int n_vocab, int n_history);
+
 class Sampler {
 public:
     explicit Sampler(const SamplerParams& p);  // validates
@@ -32,6 +39,9 @@ public:
     // tokens so far (prompt and generated), for the penalties.
     int32_t sample(const float* logits, int n_vocab, const int32_t* history, int n_history);
     const SamplerParams& params() const { return p_; }
+    // The generator's state: the GPU sampler (cuda/sample.cuh) continues the same stream.
+    uint64_t rng_state() const { return state_; }
+    void set_rng_state(uint64_t s) { state_ = s; }
 
 private:
     SamplerParams p_;

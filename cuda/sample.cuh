@@ -1,0 +1,43 @@
+// sample.cuh - sampling on the GPU: one block per row of logits, the chain of
+// cpp/sampler.h (its CPU twin, Sampler::sample) step for step, so only token ids
+// leave the device.
+//
+// Same as the CPU: penalties over the row's history window, greedy (first maximum),
+// top_k, top_p over the top_k set at temperature 1, min_p as a logit threshold,
+// temperature, the draw in ascending token-id order with the same splitmix64 stream
+// (the row's generator state goes in and comes out advanced, so a request can move
+// between the CPU and GPU samplers without changing its draws).
+// Differences, all rounding: sums of probabilities are added in another order (a
+// block reduction instead of a loop), so where a cumulative sum lands within ~1e-15
+// of a top_p target or of the drawn u the two may pick neighbours. Greedy is exact.
+//
+// Supported on the GPU (device_sampling_supports in cpp/sampler.h): greedy; top_k in
+// [1, 1024]; top_k off with top_p == 1 (the whole vocabulary, min_p optional); penalty
+// windows up to 4096 tokens. Anything else samples on the CPU.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "sampler.h"
+
+namespace orcd {
+namespace cu {
+
+// One row's inputs. history: the row's last n_history tokens (prompt + generated) in
+// device memory; the kernel reads the penalty window from its end.
+struct SampleRow {
+    SamplerParams p;
+    uint64_t rng_state;        // Sampler::rng_state() before this draw
+    const int32_t* history;    // device pointer
+    int n_history;
+};
+
+// logits: [n_rows, n_vocab] fp32 on the device, overwritten (penalised, sanitised).
+// rows: n_rows SampleRow on the device. out_token[r]: the token (-1 if every logit is
+// -inf/NaN); out_state[r]: the generator state after the draw.
+void launch_sample_rows(float* logits, int n_rows, int n_vocab, const SampleRow* rows, int32_t* out_token,
+                        uint64_t* out_state, cudaStream_t stream);
+
+}  // namespace cu
+}  // namespace orcd
