@@ -1,0 +1,190 @@
+"""Many generations at once: a Python face for the C++ step loop (cpp/step_loop.h).
+
+The loop runs on its own C++ thread (no GIL): it admits requests into free cache slots,
+runs prompt chunks and one batched decode step for all running sequences, samples each
+with its own sampler and publishes token ids. One Python thread (the pump) takes those
+events and hands them to each request's queue, so callers block only on their own
+request, and async code can be woken with a callback.
+
+    runner = BatchRunner(path, device="cpu", n_ctx=2048, n_slots=8)
+    req = runner.submit(prompt_ids, max_tokens=64, temperature=0.7, seed=1, stop_ids=eos_ids)
+    for tok in req:            # token ids as they come
+        ...
+    req.finish_reason          # "stop", "length", "cancelled" or "error"
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from . import _orcd
+from .backend import cuda_available, cuda_module, cuda_status
+
+
+class Busy(RuntimeError):
+    """The runner's queue is full: retry later (a server answers 429/503)."""
+
+
+class Request:
+    """One submitted generation. Iterate it for token ids; after the end, finish_reason
+    ("stop", "length", "cancelled", "error") and, for "error", message."""
+
+    def __init__(self, runner: "BatchRunner", rid: int, n_prompt: int):
+        self.id = rid
+        self.n_prompt = n_prompt
+        self.tokens: List[int] = []
+        self.finish_reason: Optional[str] = None
+        self.message = ""
+        self._runner = runner
+        self._q: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._done = threading.Event()
+        self.on_event: Optional[Callable[["Request"], None]] = None
+
+    def _push(self, tok: int, finish: str, message: str) -> None:
+        # pump thread: the queue first, then the state readers look at after the end
+        self._q.put((tok, finish, message))
+        if tok >= 0:
+            self.tokens.append(tok)
+        if finish:
+            self.finish_reason = finish
+            self.message = message
+            self._done.set()
+        cb = self.on_event
+        if cb is not None:
+            cb(self)
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            tok, finish, _ = self._q.get()
+            if tok >= 0:
+                yield tok
+            if finish:
+                return
+
+    def wait(self, timeout: Optional[float] = None) -> "Request":
+        """Blocks until the request ends (or timeout); returns self."""
+        self._done.wait(timeout)
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> bool:
+        """Ends the request at the next step ("cancelled"); False if it already ended."""
+        return self._runner._loop.cancel(self.id)
+
+
+class BatchRunner:
+    """A model loaded once, generating for many requests at once on the CPU or GPU.
+
+    path: a GGUF file. device: "auto", "cpu" or "cuda". n_ctx: positions per sequence.
+    n_slots: sequences generating at once; up to max_waiting more wait for a slot.
+    prefill_chunk: prompt tokens evaluated per step (long prompts are cut so the running
+    sequences keep generating).
+    """
+
+    def __init__(self, path: str, device: str = "auto", n_ctx: int = 4096, n_slots: int = 8, n_threads: int = 0,
+                 max_waiting: int = 256, prefill_chunk: int = 512):
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda' (got {device!r})")
+        for name, v, lo in (("n_ctx", n_ctx, 2), ("n_slots", n_slots, 1), ("max_waiting", max_waiting, 0),
+                            ("prefill_chunk", prefill_chunk, 1), ("n_threads", n_threads, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo} (got {v!r})")
+        if device == "auto":
+            device = "cuda" if cuda_available() else "cpu"
+        if device == "cuda":
+            if not cuda_available():
+                raise RuntimeError(f"device='cuda' requested but CUDA is not available: {cuda_status()}")
+            cls = cuda_module().CudaStepLoop
+        else:
+            cls = _orcd.StepLoop
+        self.device = device
+        self._loop = cls(str(path), n_ctx, n_slots, n_threads, max_waiting, prefill_chunk)
+        self.n_ctx = n_ctx
+        self.n_slots = n_slots
+        self.n_vocab = self._loop.n_vocab
+        self._ids = itertools.count(1)
+        self._live: dict = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pump = threading.Thread(target=self._pump_events, name="orcd-batch-pump", daemon=True)
+        self._pump.start()
+
+    def submit(self, prompt: Sequence[int], max_tokens: int = 256, stop_ids: Sequence[int] = (), *,
+               temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+               repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               penalty_last_n: int = 64, seed: int = 0) -> Request:
+        """Queues one generation of prompt (token ids). Raises ValueError for bad input,
+        Busy when the queue is full."""
+        if self._closed:
+            raise ValueError("the BatchRunner is closed")
+        ids = np.asarray(list(prompt), dtype=np.int64)
+        if ids.ndim != 1:
+            raise ValueError("prompt must be a sequence of token ids")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
+            raise ValueError(f"prompt token id out of range [0, {self.n_vocab})")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer (got {max_tokens!r})")
+        rid = next(self._ids)
+        req = Request(self, rid, int(ids.size))
+        with self._lock:
+            self._live[rid] = req
+        try:
+            ok = self._loop.submit(rid, ids.astype(np.int32), max_tokens, [int(t) for t in stop_ids],
+                                   float(temperature), int(top_k), float(top_p), float(min_p),
+                                   float(repetition_penalty), float(presence_penalty), float(frequency_penalty),
+                                   int(penalty_last_n), int(seed) & 0xFFFFFFFFFFFFFFFF)
+        except BaseException:
+            with self._lock:
+                self._live.pop(rid, None)
+            raise
+        if not ok:
+            with self._lock:
+                self._live.pop(rid, None)
+            raise Busy(f"the queue is full ({self.n_slots} running, waiting list full)")
+        return req
+
+    def stats(self) -> dict:
+        """running, waiting, steps, prompt_tokens, generated, finished (counts since start)."""
+        return self._loop.stats()
+
+    def _pump_events(self) -> None:
+        while True:
+            try:
+                events = self._loop.take_events(100)
+            except ValueError:  # closed
+                events = None
+            if events is None:
+                return
+            for rid, tok, finish, message in events:
+                with self._lock:
+                    req = self._live.get(rid)
+                    if finish:
+                        self._live.pop(rid, None)
+                if req is not None:
+                    req._push(tok, finish, message)
+            if self._closed and not events:
+                with self._lock:
+                    if not self._live:
+                        return
+
+    def close(self) -> None:
+        """Ends every live request ("cancelled"), stops the loop and frees the engine."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.shutdown()     # every live request gets its terminal event
+        self._pump.join(10)       # the pump hands them out, then ends
+        self._loop.close()
+
+    def __enter__(self) -> "BatchRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
