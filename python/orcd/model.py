@@ -431,7 +431,23 @@ def _sampling_args(args: dict) -> dict:
 
 
 def _release_freed_memory() -> None:
-    """Hands memory freed by close() back to the OS (glibc keeps it for reuse otherwise)."""
+    """Hands memory freed by close() back to the OS: glibc keeps freed heap memory for
+    reuse, so repeated load / close cycles grow the RSS without this (see tests/test_soak.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl, ...): nothing to do
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _load_progress(done: int, total: int) -> None:
