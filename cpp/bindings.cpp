@@ -376,9 +376,10 @@ NB_MODULE(_orcd, m) {
             p.penalty_last_n = penalty_last_n;
             p.seed = seed;
             new (self) Sampler(p);
-        }, nb::arg("temperature") = 0.8f, nb::arg("top_k") = 40, nb::arg("top_p") = 0.95f, nb::arg("min_p") = 0.05f,
-           nb::arg("repetition_penalty") = 1.0f, nb::arg("presence_penalty") = 0.0f,
-           nb::arg("frequency_penalty") = 0.0f, nb::arg("penalty_last_n") = 64, nb::arg("seed") = 0)
+        },  // every argument required: the defaults live in orcd.SamplingParams (python/orcd/types.py)
+           nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"),
+           nb::arg("repetition_penalty"), nb::arg("presence_penalty"), nb::arg("frequency_penalty"),
+           nb::arg("penalty_last_n"), nb::arg("seed"))
         .def("sample", [](Sampler& s, In1D<float> logits, In1D<int32_t> history) {
             return s.sample(logits.data(), (int)logits.shape(0), history.data(), (int)history.shape(0));
         }, nb::arg("logits"), nb::arg("history"));

@@ -3,6 +3,7 @@ and encode_chat's guarantee that caller text never becomes control tokens."""
 from __future__ import annotations
 
 import datetime
+import time
 
 import pytest
 
@@ -191,3 +192,53 @@ def test_encode_chat_with_default_template_and_empty_content(tok):
     assert ids == tok.encode(t.render(msgs, add_generation_prompt=False), special=True)
     with pytest.raises(ValueError, match=r"messages\[0\]"):
         encode_chat(tok, t, [{"role": "user", "content": 1}])
+
+
+# ---------------------------------------------------------------- untrusted templates are bounded
+BOMBS = {
+    "repetition": "{% set s = 'x' * 100000 %}{{ s * 20000 }}",
+    "nested range loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "nested string loops": "{% for a in 'x' * 100000 %}{% for b in 'y' * 100000 %}{% endfor %}{% endfor %}",
+    "doubling": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                "{% endfor %}{{ ns.s }}",
+    "doubling with +": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                       "{% endfor %}{{ ns.s }}",
+    "list repetition": "{% set l = [1] * 100000 %}{{ (l * 100000) | length }}",
+    "replace filter": "{% set s = 'x' * 100000 %}{{ s | replace('x', s) }}",
+    "replace method": "{% set s = 'x' * 100000 %}{{ s.replace('x', s) }}",
+    "join separator": "{{ (range(100000) | list) | join('y' * 100000) }}",
+    "center": "{{ 'x'.center(10 ** 10) }}",
+    "power": "{{ 10 ** 100000000 }}",
+    "exponential macro": "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+    "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOMBS))
+def test_template_bombs_are_bounded(name):
+    """Template code from a model file cannot crash, hang or exhaust memory: each of these
+    raises ValueError naming tokenizer.chat_template within the time budget."""
+    t = ChatTemplate(BOMBS[name], render_seconds=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="tokenizer.chat_template"):
+        t.render([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 10
+
+
+def test_bounded_template_features_still_work():
+    src = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+           "{{ m.role | upper }}:{{ m.content.replace('a', 'b') }}{{ ' ' ~ '-' * 3 }}{% endfor %}"
+           "{{ ns.n }}{{ [1, 2] + [3] }}{{ (range(3) | list) | join(',') }}{{ 2 ** 10 }}")
+    t = ChatTemplate(src)
+    out = t.render([{"role": "user", "content": "banana"}, {"role": "assistant", "content": "ok"}])
+    assert out == "USER:bbnbnb ---ASSISTANT:ok ---2[1, 2, 3]0,1,21024"
+
+
+def test_model_with_bomb_template_raises_at_chat(tiny_model):
+    import orcd
+
+    path = tiny_model("Q8_0", chat_template=BOMBS["repetition"])
+    with orcd.Model(path, device="cpu", n_ctx=64) as m:
+        with pytest.raises(ValueError, match="tokenizer.chat_template"):
+            m.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+        assert m.generate([10, 11], max_tokens=2, temperature=0).usage.prompt_tokens == 2  # still usable

@@ -59,7 +59,9 @@ def test_greedy_generate_matches_engine_argmax(llm):
     assert out.token_ids == want
     assert out.text == llm.detokenize(want)
     assert out.finish_reason in ("length", "stop")
-    assert out.usage == {"prompt_tokens": len(ids), "completion_tokens": len(want), "total_tokens": len(ids) + len(want)}
+    assert out.usage == orcd.Usage(prompt_tokens=len(ids), completion_tokens=len(want),
+                                   total_tokens=len(ids) + len(want))
+    assert out.usage["prompt_tokens"] == len(ids)
 
 
 def test_chat_answers_arithmetic(llm):
@@ -129,6 +131,12 @@ def test_bad_inputs(llm):
         llm.generate([1] * 2000)
     with pytest.raises(TypeError, match="bogus"):
         llm.generate("hi", bogus=1)
+    with pytest.raises(TypeError, match="prompt"):
+        llm.generate(b"hello")
+    with pytest.raises(ValueError, match="top_k"):
+        llm.generate("hi", top_k=-5)
+    with pytest.raises(TypeError, match="stop"):
+        llm.generate("hi", stop=123)
     with pytest.raises(ValueError, match="role|content"):
         llm.chat([{"content": "no role"}])
 

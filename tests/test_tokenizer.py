@@ -312,3 +312,26 @@ def test_unsupported_values_raise():
         Tokenizer.from_metadata(_byte_level_md(**{"tokenizer.ggml.merges": ["h e", "ll"]}))
     with pytest.raises(ValueError, match="eos_token_id"):
         Tokenizer.from_metadata(_byte_level_md(**{"tokenizer.ggml.eos_token_id": 9999}))
+
+
+@pytest.mark.parametrize("over,field", [
+    ({"tokenizer.ggml.tokens": np.arange(262, dtype=np.uint32)}, "tokenizer.ggml.tokens"),
+    ({"tokenizer.ggml.merges": ["h e", "zz qq"]}, r"merges\[1\]"),
+    ({"tokenizer.ggml.merges": ["h e", "h l"]}, r"merges\[1\]"),  # 'hl' is not a token
+    ({"tokenizer.ggml.merges": ["h e", 7]}, r"merges\[1\]"),
+    ({"tokenizer.ggml.eos_token_id": 3.5}, "eos_token_id"),
+    ({"tokenizer.ggml.bos_token_id": np.array([1, 2])}, "bos_token_id"),
+])
+def test_bad_metadata_is_a_value_error_naming_the_field(over, field):
+    """Malformed tokenizer metadata: ValueError naming the key (the tokenizer library's bare
+    Exception and TypeErrors before)."""
+    with pytest.raises(ValueError, match=field):
+        Tokenizer.from_metadata(_byte_level_md(**over))
+
+
+def test_max_token_bytes():
+    t = Tokenizer.from_metadata(_byte_level_md())
+    assert t.max_token_bytes == len("hello")  # the longest: "hello" (5 bytes) beats "</s>" (4)
+    md = _byte_level_md()
+    md["tokenizer.ggml.tokens"] = md["tokenizer.ggml.tokens"][:-2] + ["<s>", "\u00e9" * 3]  # a CONTROL token
+    assert Tokenizer.from_metadata(md).max_token_bytes == 6  # 3 x 2 UTF-8 bytes

@@ -24,10 +24,12 @@ def cuda_status() -> str:
 
 
 def cuda_available() -> bool:
+    """True when a usable NVIDIA GPU and the CUDA backend are present (see cuda_status)."""
     return _cuda_module()[0] is not None
 
 
 def cuda_module():
+    """The orcd._orcd_cuda module; RuntimeError saying why when CUDA is unusable."""
     mod, reason = _cuda_module()
     if mod is None:
         raise RuntimeError(f"CUDA is not available: {reason}")

@@ -31,9 +31,33 @@ CHATML_TEMPLATE = (
 )
 
 
+# Bounds on rendering a template (its code comes from the model file's author):
+# every string / list / dict a template builds, and the rendered text, hold at most
+# MAX_RENDER_ITEMS characters / items; a rendering stops after RENDER_SECONDS
+# (checked at every loop iteration, call, filter and output chunk).
+MAX_RENDER_ITEMS = 1 << 24
+RENDER_SECONDS = 2.0
+_MAX_POW_EXPONENT = 1024
+_TEMPLATE_KEY = "tokenizer.chat_template"
+
+
+class TemplateLimitError(Exception):
+    """A template went past a rendering bound (size or time)."""
+
+
+def _size(x) -> int:
+    return len(x) if isinstance(x, (str, bytes, list, tuple, dict, set)) else 0
+
+
 def _make_env():
+    import functools
+    import threading
+    import time
+
     import jinja2
     import jinja2.ext
+    from jinja2 import nodes
+    from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTracker(jinja2.ext.Extension):
@@ -46,6 +70,110 @@ def _make_env():
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
             return jinja2.nodes.Scope(body, lineno=lineno)
 
+    class BoundedCodeGenerator(CodeGenerator):
+        """Routes every loop iterable (through the _orcd_loop filter) and every `~`
+        concatenation through the environment's checks."""
+
+        def visit_Template(self, node, frame=None):
+            for loop in node.find_all(nodes.For):
+                if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == "_orcd_loop"):
+                    loop.iter = nodes.Filter(loop.iter, "_orcd_loop", [], [], None, None, lineno=loop.lineno)
+            super().visit_Template(node, frame)
+
+        def visit_Concat(self, node, frame):
+            self.write("environment.orcd_value(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        code_generator_class = BoundedCodeGenerator
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._state = threading.local()
+
+        # -- per rendering
+        def begin(self, seconds: float):
+            self._state.deadline = time.monotonic() + seconds
+            self._state.seconds = seconds
+
+        def orcd_tick(self):
+            deadline = getattr(self._state, "deadline", None)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TemplateLimitError(f"rendering took longer than {self._state.seconds:g} s")
+
+        def orcd_value(self, v):
+            if _size(v) > MAX_RENDER_ITEMS:
+                raise TemplateLimitError(f"a value of {_size(v):,} items (the bound is {MAX_RENDER_ITEMS:,})")
+            return v
+
+        def orcd_loop(self, iterable):
+            for x in iterable:
+                self.orcd_tick()
+                yield x
+
+        # -- sandbox hooks
+        def call_binop(self, context, operator, left, right):
+            self.orcd_tick()
+            if operator == "*":
+                for seq, k in ((left, right), (right, left)):
+                    if _size(seq) and isinstance(k, int) and _size(seq) * k > MAX_RENDER_ITEMS:
+                        raise TemplateLimitError(f"a repetition of {_size(seq):,} x {k:,} items "
+                                                 f"(the bound is {MAX_RENDER_ITEMS:,})")
+            elif operator == "+":
+                if _size(left) + _size(right) > MAX_RENDER_ITEMS:
+                    raise TemplateLimitError(f"a concatenation of {_size(left) + _size(right):,} items "
+                                             f"(the bound is {MAX_RENDER_ITEMS:,})")
+            elif operator == "**":
+                if isinstance(right, (int, float)) and abs(right) > _MAX_POW_EXPONENT and \
+                        isinstance(left, (int, float)) and abs(left) > 1:
+                    raise TemplateLimitError(f"a power with exponent {right} (the bound is {_MAX_POW_EXPONENT})")
+            return self.orcd_value(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own convention)
+            __self.orcd_tick()
+            _check_args(__obj, args, kwargs)
+            return __self.orcd_value(super().call(__context, __obj, *args, **kwargs))
+
+    def _check_args(fn, args, kwargs):
+        """Before a call: no size argument past the bound, and no str.replace / str.join
+        whose result would be past it."""
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_RENDER_ITEMS:
+                raise TemplateLimitError(f"an argument {a:,} (the bound is {MAX_RENDER_ITEMS:,})")
+        name = getattr(fn, "__name__", "")
+        owner = getattr(fn, "__self__", None)
+        text = old = new = None
+        if name == "replace" and isinstance(owner, str) and len(args) >= 2:  # str.replace
+            text, old, new = owner, args[0], args[1]
+        elif name == "do_replace" and len(args) >= 4:  # the replace filter: (eval_ctx, s, old, new)
+            text, old, new = args[1:4]
+        if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+            n = (len(text) + 1) if not old else text.count(old)
+            if len(text) + n * (len(new) - len(old)) > MAX_RENDER_ITEMS:
+                raise TemplateLimitError(f"a replace() of {n:,} x {len(new):,} characters "
+                                         f"(the bound is {MAX_RENDER_ITEMS:,})")
+        if name == "join" and isinstance(owner, str) and args and isinstance(args[0], (list, tuple)) \
+                and len(owner) * len(args[0]) > MAX_RENDER_ITEMS:  # str.join
+            raise TemplateLimitError(f"a join() of {len(args[0]):,} items with a separator of "
+                                     f"{len(owner):,} characters (the bound is {MAX_RENDER_ITEMS:,})")
+
+    def bounded_filter(env, f):
+        @functools.wraps(f)
+        def run(*args, **kwargs):
+            env.orcd_tick()
+            _check_args(f, args, kwargs)
+            if f.__name__ == "do_join" and args:  # (eval_ctx, value, d="", ...)
+                seq = args[1] if len(args) > 1 else None
+                d = args[2] if len(args) > 2 else kwargs.get("d", "")
+                if isinstance(seq, (list, tuple)) and isinstance(d, str) and \
+                        len(d) * len(seq) > MAX_RENDER_ITEMS:
+                    raise TemplateLimitError(f"a join of {len(seq):,} items with a separator of "
+                                             f"{len(d):,} characters (the bound is {MAX_RENDER_ITEMS:,})")
+            return env.orcd_value(f(*args, **kwargs))
+        return run
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -57,18 +185,23 @@ def _make_env():
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTracker, jinja2.ext.loopcontrols])
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                             extensions=[GenerationTracker, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.filters = {k: bounded_filter(env, f) for k, f in env.filters.items()}
+    env.filters["_orcd_loop"] = env.orcd_loop
     return env
 
 
 class ChatTemplate:
-    """A chat template. template_str None or empty -> ChatML."""
+    """A chat template (Jinja source from the file's tokenizer.chat_template).
+    template_str None or empty -> ChatML. Rendering is sandboxed and bounded
+    (MAX_RENDER_ITEMS, render_seconds); a template past a bound raises ValueError."""
 
-    def __init__(self, template_str: Optional[str] = None, bos_token: str = "", eos_token: str = ""):
+    def __init__(self, template_str: Optional[str] = None, bos_token: str = "", eos_token: str = "",
+                 render_seconds: float = RENDER_SECONDS):
         import jinja2
 
         if template_str is None or (isinstance(template_str, str) and not template_str.strip()):
@@ -77,14 +210,17 @@ class ChatTemplate:
         else:
             self.is_default = False
         if not isinstance(template_str, str):
-            raise ValueError(f"chat template must be a str (got {type(template_str).__name__})")
+            raise ValueError(f"chat template ({_TEMPLATE_KEY}) must be a str (got {type(template_str).__name__})")
         self.source = template_str
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
+        self.render_seconds = float(render_seconds)
+        self._env = _make_env()
         try:
-            self._template = _make_env().from_string(template_str)
+            self._template = self._env.from_string(template_str)
         except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ValueError(f"chat template: syntax error at line {e.lineno}: {e.message}") from None
+            raise ValueError(f"chat template ({_TEMPLATE_KEY}): syntax error at line {e.lineno}: "
+                             f"{e.message}") from None
 
     def render(self, messages, add_generation_prompt: bool = True, tools=None, **extra) -> str:
         """The prompt text for `messages` (validated; see validate_messages)."""
@@ -97,10 +233,26 @@ class ChatTemplate:
         ctx = dict(extra)
         ctx.update(messages=msgs, add_generation_prompt=bool(add_generation_prompt), tools=tools,
                    bos_token=self.bos_token, eos_token=self.eos_token)
+        env = self._env
+        parts, n = [], 0
         try:
-            return self._template.render(**ctx)
+            env.begin(self.render_seconds)
+            for chunk in self._template.generate(**ctx):
+                n += len(chunk)
+                if n > MAX_RENDER_ITEMS:
+                    raise TemplateLimitError(f"the rendered text is longer than {MAX_RENDER_ITEMS:,} characters")
+                env.orcd_tick()
+                parts.append(chunk)
+        except TemplateLimitError as e:
+            raise ValueError(f"chat template ({_TEMPLATE_KEY}) went past a rendering bound: {e}") from None
         except jinja2.exceptions.TemplateError as e:
-            raise ValueError(f"chat template error: {e.message if hasattr(e, 'message') else e}") from None
+            raise ValueError(f"chat template ({_TEMPLATE_KEY}) error: "
+                             f"{e.message if hasattr(e, 'message') else e}") from None
+        except (MemoryError, RecursionError) as e:
+            raise ValueError(f"chat template ({_TEMPLATE_KEY}) failed: {type(e).__name__}") from None
+        except Exception as e:  # the template's own code failed (a TypeError in it, ...)
+            raise ValueError(f"chat template ({_TEMPLATE_KEY}) failed: {type(e).__name__}: {e}") from None
+        return "".join(parts)
 
     def __repr__(self):
         return f"<orcd.ChatTemplate {'ChatML default' if self.is_default else f'{len(self.source)} chars'}>"
@@ -179,10 +331,17 @@ class _Defuser:
 
 
 def encode_chat(tokenizer, template: ChatTemplate, messages, add_generation_prompt: bool = True,
-                tools=None, **extra) -> list:
+                tools=None, max_bytes: Optional[int] = None, n_ctx: Optional[int] = None, **extra) -> list:
     """Token ids of the rendered conversation, where only control-token text
-    written by the template becomes control tokens (see the module docstring)."""
+    written by the template becomes control tokens (see the module docstring).
+    max_bytes: reject (ValueError) a conversation or rendering longer than this
+    before tokenizing it (n_ctx: for the message)."""
     msgs = validate_messages(messages)
+    if max_bytes is not None:
+        n = sum(len(m["content"]) for m in msgs)
+        if n > max_bytes:
+            raise ValueError(f"messages of {n:,} characters cannot fit in n_ctx={n_ctx} tokens "
+                             f"(at most {max_bytes:,} bytes)")
     rx = tokenizer.special_regex()
     nonce = secrets.token_hex(8)
     d = _Defuser(rx, nonce)
@@ -228,6 +387,13 @@ def encode_chat(tokenizer, template: ChatTemplate, messages, add_generation_prom
             pieces = [(template._render(full, add_generation_prompt, tools_d, extra_d), True)]
     else:
         pieces = [(rendered_s, True)]
+
+    if max_bytes is not None:
+        n = sum(len(p) for p, _ in pieces)
+        if n > max_bytes:
+            raise ValueError(f"the conversation rendered by the chat template ({_TEMPLATE_KEY}) is "
+                             f"{n:,} characters, which cannot fit in n_ctx={n_ctx} tokens "
+                             f"(at most {max_bytes:,} bytes)")
 
     # Split template text at control-token text; join the plain runs.
     out_parts = []  # str (plain text, to encode without special parsing) or int (token id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -10,24 +11,29 @@ def _add_model_arg(p, required=False):
 
 
 def _add_sampling_args(p):
+    from .types import SamplingParams as D  # the defaults live there
+
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--min-p", type=float, default=0.05)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=D.max_tokens)
+    g.add_argument("--temperature", type=float, default=D.temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=D.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=D.top_p)
+    g.add_argument("--min-p", type=float, default=D.min_p)
+    g.add_argument("--repetition-penalty", type=float, default=D.repetition_penalty)
+    g.add_argument("--presence-penalty", type=float, default=D.presence_penalty)
+    g.add_argument("--frequency-penalty", type=float, default=D.frequency_penalty)
+    g.add_argument("--penalty-last-n", type=int, default=D.penalty_last_n, help="-1 = all")
+    g.add_argument("--seed", type=int, default=D.seed)
+    g.add_argument("--stop", action="append", default=D.stop, help="stop string (repeatable)")
 
 
-def _sampling_kwargs(a) -> dict:
-    return dict(
+def _sampling_params(a):
+    from .types import SamplingParams
+
+    return SamplingParams(
         max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
         repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
-        frequency_penalty=a.frequency_penalty, seed=a.seed, stop=a.stop,
+        frequency_penalty=a.frequency_penalty, penalty_last_n=a.penalty_last_n, seed=a.seed, stop=a.stop,
     )
 
 
@@ -46,12 +52,12 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    params = _sampling_params(a)
     llm = _load(a)
-    kw = _sampling_kwargs(a)
     if a.chat:
-        it = llm.stream_chat([{"role": "user", "content": a.prompt}], **kw)
+        it = llm.stream_chat([{"role": "user", "content": a.prompt}], params)
     else:
-        it = llm.stream(a.prompt, **kw)
+        it = llm.stream(a.prompt, params)
     for piece in it:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -60,8 +66,8 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
+    params = _sampling_params(a)
     llm = _load(a)
-    kw = _sampling_kwargs(a)
     messages = []
     if a.system:
         messages.append({"role": "system", "content": a.system})
@@ -85,7 +91,7 @@ def cmd_chat(a) -> int:
         messages.append({"role": "user", "content": line})
         parts = []
         # The KV cache keeps the conversation so far: only the new turn is evaluated.
-        for piece in llm.stream_chat(messages, **kw):
+        for piece in llm.stream_chat(messages, params):
             parts.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -150,16 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The `orcd` command. Errors print one line `orcd: error: ...` and return 1
+    (2 for bad command-line arguments, from argparse); set ORCD_DEBUG=1 for a traceback."""
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
-        print(f"orcd: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # noqa: BLE001 - a command-line tool reports, it does not dump a traceback
+        if os.environ.get("ORCD_DEBUG"):
+            raise
+        msg = str(e) if isinstance(e, (ValueError, OSError, RuntimeError, KeyError)) else \
+            f"{type(e).__name__}: {e}"
+        print(f"orcd: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

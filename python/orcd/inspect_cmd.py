@@ -112,4 +112,13 @@ def format_text(d: dict) -> str:
 def run(path: str, as_json: bool = False) -> str:
     with GGUFFile(path) as f:
         d = describe(f)
-    return json.dumps(d, indent=1) if as_json else format_text(d)
+    return json.dumps(d, indent=1, default=_json_value) if as_json else format_text(d)
+
+
+def _json_value(v):
+    """Metadata values JSON does not know: NumPy arrays and scalars, bytes."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, (bytes, bytearray)):
+        return v.decode("utf-8", errors="replace")
+    return repr(v)

