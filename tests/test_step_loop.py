@@ -286,3 +286,44 @@ def test_close_while_another_thread_waits(tiny):
     t.join(10)
     assert not t.is_alive() and time.time() - t0 < 1.0  # woken by the shutdown, not the timeout
     assert out == [[]]
+
+
+# ------------------------------------------------------------------ orcd.batch.BatchRunner
+def test_batch_runner_requests_equal_alone(tiny):
+    from orcd.batch import BatchRunner, Busy
+    from orcd.types import SamplingParams
+    path, model = tiny
+    prompts = prompts_for(5, seed=21)
+    p = SamplingParams(max_tokens=9, temperature=0.7, seed=5)
+    want = [model.generate(q, params=p.replace(ignore_eos=True)).token_ids for q in prompts]
+    with BatchRunner(path, device="cpu", n_ctx=96, n_slots=2, max_waiting=3) as r:
+        reqs = [r.submit(q, p) for q in prompts[:5]]
+        assert [list(q) for q in reqs] == want  # iterating yields each request's tokens
+        assert all(q.finish_reason == "length" and q.done for q in reqs)
+        # a full queue is refused with Busy, not dropped
+        long = SamplingParams(max_tokens=80, temperature=0)
+        held = [r.submit([1, 2, 3], long) for _ in range(5)]
+        with pytest.raises(Busy):
+            for _ in range(20):
+                held.append(r.submit([1, 2, 3], long))
+        for q in held:
+            q.cancel()
+        assert all(q.wait(30).finish_reason in ("cancelled", "length") for q in held)
+        with pytest.raises(ValueError, match="out of range"):
+            r.submit([10**6], p)
+        with pytest.raises(ValueError, match="max_tokens"):
+            r.submit([1], SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="closed"):
+        r.submit([1], p)
+
+
+def test_batch_runner_close_ends_live_requests(tiny):
+    from orcd.batch import BatchRunner
+    from orcd.types import SamplingParams
+    path, _ = tiny
+    r = BatchRunner(path, device="cpu", n_ctx=96, n_slots=1, max_waiting=10)
+    reqs = [r.submit([1 + i, 2], SamplingParams(max_tokens=90, temperature=0)) for i in range(4)]
+    r.close()
+    assert all(q.wait(10).done for q in reqs)
+    assert {q.finish_reason for q in reqs} <= {"cancelled", "length"}
+    assert any(q.finish_reason == "cancelled" for q in reqs)

@@ -7,7 +7,7 @@ events and hands them to each request's queue, so callers block only on their ow
 request, and async code can be woken with a callback.
 
     runner = BatchRunner(path, device="cpu", n_ctx=2048, n_slots=8)
-    req = runner.submit(prompt_ids, max_tokens=64, temperature=0.7, seed=1, stop_ids=eos_ids)
+    req = runner.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1), stop_ids=eos_ids)
     for tok in req:            # token ids as they come
         ...
     req.finish_reason          # "stop", "length", "cancelled" or "error"
@@ -15,6 +15,7 @@ request, and async code can be woken with a callback.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -23,6 +24,7 @@ import numpy as np
 
 from . import _orcd
 from .backend import cuda_available, cuda_module, cuda_status
+from .types import SamplingParams
 
 
 class Busy(RuntimeError):
@@ -116,30 +118,32 @@ class BatchRunner:
         self._pump = threading.Thread(target=self._pump_events, name="orcd-batch-pump", daemon=True)
         self._pump.start()
 
-    def submit(self, prompt: Sequence[int], max_tokens: int = 256, stop_ids: Sequence[int] = (), *,
-               temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-               repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               penalty_last_n: int = 64, seed: int = 0) -> Request:
-        """Queues one generation of prompt (token ids). Raises ValueError for bad input,
-        Busy when the queue is full."""
+    def submit(self, prompt: Sequence[int], params: Optional[SamplingParams] = None,
+               stop_ids: Sequence[int] = ()) -> Request:
+        """Queues one generation of prompt (token ids) with params (SamplingParams; its
+        max_tokens None means until n_ctx is full, its seed None a fresh random one; stop
+        strings are the caller's business). stop_ids: tokens that end it ("stop"). Raises
+        ValueError / TypeError for bad input, Busy when the queue is full."""
         if self._closed:
             raise ValueError("the BatchRunner is closed")
+        p = (params or SamplingParams()).validate()
         ids = np.asarray(list(prompt), dtype=np.int64)
         if ids.ndim != 1:
             raise ValueError("prompt must be a sequence of token ids")
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
             raise ValueError(f"prompt token id out of range [0, {self.n_vocab})")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer (got {max_tokens!r})")
+        max_tokens = p.max_tokens if p.max_tokens is not None else self.n_ctx
+        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
+        stops = [int(t) for t in stop_ids] + [int(t) for t in (p.stop_token_ids or [])]
         rid = next(self._ids)
         req = Request(self, rid, int(ids.size))
         with self._lock:
             self._live[rid] = req
         try:
-            ok = self._loop.submit(rid, ids.astype(np.int32), max_tokens, [int(t) for t in stop_ids],
-                                   float(temperature), int(top_k), float(top_p), float(min_p),
-                                   float(repetition_penalty), float(presence_penalty), float(frequency_penalty),
-                                   int(penalty_last_n), int(seed) & 0xFFFFFFFFFFFFFFFF)
+            ok = self._loop.submit(rid, ids.astype(np.int32), max_tokens, stops, float(p.temperature),
+                                   min(int(p.top_k), 2**31 - 1), float(p.top_p), float(p.min_p),
+                                   float(p.repetition_penalty), float(p.presence_penalty),
+                                   float(p.frequency_penalty), int(p.penalty_last_n), int(seed) & 0xFFFFFFFFFFFFFFFF)
         except BaseException:
             with self._lock:
                 self._live.pop(rid, None)
