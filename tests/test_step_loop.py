@@ -184,7 +184,7 @@ def test_prefix_of_a_finished_request_is_reused(tiny):
 
 def test_bad_requests_are_clear_errors(tiny):
     path, _ = tiny
-    loop = _orcd.StepLoop(path, n_ctx=96, n_slots=1, max_waiting=1)
+    loop = _orcd.StepLoop(path, n_ctx=96, n_slots=1, max_waiting=30)
     with pytest.raises(ValueError, match="prompt is empty"):
         submit(loop, 1, [], 4)
     with pytest.raises(ValueError, match="token id 100000 out of range"):
@@ -195,9 +195,11 @@ def test_bad_requests_are_clear_errors(tiny):
         submit(loop, 1, [1], 0)
     with pytest.raises(ValueError, match="top_p"):
         submit(loop, 1, [1], 4, top_p=1.5)
-    assert submit(loop, 1, [1, 2], 50)
+    # 20 requests of 50 steps queue behind one slot: the last one is surely still waiting
+    for i in range(1, 21):
+        assert submit(loop, i, [1, 2], 50)
     with pytest.raises(ValueError, match="already in use"):
-        submit(loop, 1, [1, 2], 4)
+        submit(loop, 20, [1, 2], 4)
     loop.shutdown()
     with pytest.raises(ValueError, match="shut down"):
         submit(loop, 9, [1], 4)
