@@ -1,9 +1,7 @@
 """The Python API end to end on the real model: generate, stream, chat, stop
 handling, determinism, parameter validation, and the haiku acceptance test."""
 import os
-import random
 import re
-import string
 import time
 
 import numpy as np
@@ -209,13 +207,11 @@ def _transcript_path():
 def haiku_acceptance(llm, tries=5):
     """The anti-cheat test from the original spec; returns (passed, transcripts)."""
     transcripts = []
-    rng = random.SystemRandom()
     for attempt in range(1, tries + 1):
         now = time.localtime()
         word = minute_word(now.tm_min)
-        nonce = "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(8))
         seed = time.time_ns() & 0x7FFFFFFF
-        prompt = f'Write a haiku about GPU computing that includes the word "{word}" (nonce: {nonce})'
+        prompt = f"Write a haiku about GPU computing that includes the word '{word}'"
         out = llm.chat([{"role": "user", "content": prompt}], temperature=0.7, top_k=40, top_p=0.95, min_p=0.05,
                        seed=seed, max_tokens=100)
         ok = contains_word(out.text, word)
