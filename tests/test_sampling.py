@@ -204,3 +204,24 @@ def test_bad_history_raises():
         s.sample(logits, np.array([-1], np.int32))
     with pytest.raises(ValueError):
         s.sample(np.full(4, -np.inf, np.float32), np.zeros(0, np.int32))
+
+
+@pytest.mark.parametrize("cfg", [dict(top_k=50, top_p=0.9, min_p=0.0, temperature=0.8),
+                                 dict(top_k=0, top_p=1.0, min_p=0.02, temperature=1.0),
+                                 dict(top_k=0, top_p=0.7, min_p=0.0, temperature=1.2)])
+def test_draw_frequencies_follow_the_chain(cfg):
+    """The CPU sampler's draws (one seed per draw) against the chain's probabilities
+    computed independently in NumPy (tests/sampling_reference.py)."""
+    from sampling_reference import chain_probs, chi_square_z
+
+    rng = np.random.default_rng(7)
+    V = 1000
+    row = rng.normal(0, 1.5, size=V).astype(np.float32)
+    probs = chain_probs(row, **cfg)
+    hist = np.zeros(0, np.int32)
+    counts = np.zeros(V)
+    for seed in range(20000):
+        counts[_orcd.Sampler(**cfg, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                             penalty_last_n=64, seed=seed).sample(row, hist)] += 1
+    assert counts[probs == 0].sum() == 0, "drew a token the chain excludes"
+    assert chi_square_z(counts, probs) < 3.7
