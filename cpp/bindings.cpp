@@ -17,6 +17,7 @@
 
 #include "bind_info.h"
 #include "bind_step_loop.h"
+#include "cpu_ops.h"
 #include "engine.h"
 #include "error.h"
 #include "ggml_types.h"
@@ -411,4 +412,117 @@ NB_MODULE(_orcd, m) {
     bind_step_loop(m, "StepLoop", [](const std::string& path, int n_ctx, int n_slots, int n_threads) {
         return make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads);
     });
+    // ---- ops: the CPU engine's operations one at a time (cpp/cpu_ops.h), for kernel-level
+    // tests against the NumPy reference and the CUDA twins (orcd._orcd_cuda.<name>).
+    // The KV caches are float32 arrays in the engine's layout, written in place:
+    // kt [n_slots, n_head_kv, head_dim, n_ctx] (K transposed), v [n_slots, n_ctx, n_head_kv*head_dim].
+    {
+        using In3F = nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+        using KtF = nb::ndarray<float, nb::ndim<4>, nb::c_contig, nb::device::cpu>;
+        using VcF = nb::ndarray<float, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+        auto copy_of = [](const float* p, std::vector<size_t> shape) {
+            size_t n = 1;
+            for (size_t d : shape) n *= d;
+            FloatOut o = float_out(std::move(shape));
+            if (n) std::memcpy(o.data, p, n * sizeof(float));
+            return o;
+        };
+        // The cache of a (kt, v) pair; checks that the shapes agree with each other and
+        // with head_dim, and that every (slot, pos) lies inside it.
+        auto cache_of = [](float* kt, const std::vector<size_t>& ks, float* v, const std::vector<size_t>& vs,
+                           int head_dim, In1D<int32_t> slots, In1D<int32_t> pos, size_t n, const char* who) {
+            const std::string w(who);
+            if (ks[2] != (size_t)head_dim || vs[0] != ks[0] || vs[1] != ks[3] || vs[2] != ks[1] * ks[2])
+                throw Error(w + ": kt must be [n_slots, n_head_kv, head_dim, n_ctx] and v [n_slots, n_ctx, "
+                                "n_head_kv*head_dim] with the head_dim of the rows");
+            if (slots.shape(0) != n || pos.shape(0) != n)
+                throw Error(w + ": slots and pos need one entry per token (" + std::to_string(n) + ")");
+            for (size_t i = 0; i < n; ++i) {
+                if (slots.data()[i] < 0 || (size_t)slots.data()[i] >= ks[0])
+                    throw Error(w + ": slot " + std::to_string(slots.data()[i]) + " out of range [0, " +
+                                std::to_string(ks[0]) + ")");
+                if (pos.data()[i] < 0 || (size_t)pos.data()[i] >= ks[3])
+                    throw Error(w + ": pos " + std::to_string(pos.data()[i]) + " out of range [0, " +
+                                std::to_string(ks[3]) + ")");
+            }
+            return cpu_ops::KvCache{kt, v, vs[1] * vs[2], (int)ks[3], (int)ks[1], head_dim};
+        };
+
+        m.def("cpu_ops_rmsnorm", [](In2D<float> x, In1D<float> w, float eps) {
+            if (w.shape(0) != x.shape(1)) throw Error("cpu_ops_rmsnorm: w must have x's row length");
+            FloatOut o = float_out({x.shape(0), x.shape(1)});
+            cpu_ops::rmsnorm(x.data(), w.data(), o.data, (int)x.shape(0), (int)x.shape(1), eps);
+            return o.array;
+        }, nb::arg("x"), nb::arg("w"), nb::arg("eps"), "x[n, d] / sqrt(mean(x²) + eps) * w[d], per row");
+
+        m.def("cpu_ops_add_bias", [copy_of](In2D<float> x, In1D<float> b) {
+            if (b.shape(0) != x.shape(1)) throw Error("cpu_ops_add_bias: b must have x's row length");
+            FloatOut o = copy_of(x.data(), {x.shape(0), x.shape(1)});
+            cpu_ops::add_bias(o.data, b.data(), (int)x.shape(0), (int)x.shape(1));
+            return o.array;
+        }, nb::arg("x"), nb::arg("b"), "x[n, d] + b[d]");
+
+        m.def("cpu_ops_rope_neox", [copy_of](In3F x, In1D<int32_t> pos, double base) {
+            const int n = (int)x.shape(0), heads = (int)x.shape(1), hd = (int)x.shape(2);
+            if ((size_t)n != pos.shape(0)) throw Error("cpu_ops_rope_neox: pos needs one entry per token");
+            if (hd % 2) throw Error("cpu_ops_rope_neox: head_dim " + std::to_string(hd) + " is odd");
+            FloatOut o = copy_of(x.data(), {x.shape(0), x.shape(1), x.shape(2)});
+            std::vector<double> inv_freq(hd / 2);
+            cpu_ops::rope_inv_freq(hd, base, inv_freq.data());
+            std::vector<float> cs((size_t)n * hd / 2), sn((size_t)n * hd / 2);
+            cpu_ops::rope_tables(pos.data(), n, inv_freq.data(), hd / 2, cs.data(), sn.data());
+            for (int i = 0; i < n; ++i)
+                cpu_ops::rope_neox(o.data + (size_t)i * heads * hd, heads, hd, &cs[(size_t)i * hd / 2],
+                                   &sn[(size_t)i * hd / 2]);
+            return o.array;
+        }, nb::arg("x"), nb::arg("pos"), nb::arg("base"),
+           "NEOX RoPE of x[n, n_heads, head_dim], token t at position pos[t]");
+
+        m.def("cpu_ops_kv_append", [cache_of](KtF kt, VcF vc, In3F k, In3F v, In1D<int32_t> slots,
+                                              In1D<int32_t> pos) {
+            if (k.shape(0) != v.shape(0) || k.shape(1) != v.shape(1) || k.shape(2) != v.shape(2) ||
+                k.shape(1) != kt.shape(1))
+                throw Error("cpu_ops_kv_append: k and v must be [n, n_head_kv, head_dim] with the cache's n_head_kv");
+            const cpu_ops::KvCache kv = cache_of(kt.data(), {kt.shape(0), kt.shape(1), kt.shape(2), kt.shape(3)},
+                                                 vc.data(), {vc.shape(0), vc.shape(1), vc.shape(2)},
+                                                 (int)k.shape(2), slots, pos, k.shape(0), "cpu_ops_kv_append");
+            cpu_ops::kv_append(kv, k.data(), v.data(), (int)k.shape(0), slots.data(), pos.data());
+        }, nb::arg("kt"), nb::arg("v_cache"), nb::arg("k"), nb::arg("v"), nb::arg("slots"), nb::arg("pos"),
+           "Writes k, v [n, n_head_kv, head_dim] of token i at (slots[i], pos[i]) into the caches (in place)");
+
+        m.def("cpu_ops_attention", [cache_of](In3F q, KtF kt, VcF vc, In1D<int32_t> slots, In1D<int32_t> pos,
+                                              int n_threads) {
+            const int n = (int)q.shape(0), n_head = (int)q.shape(1), hd = (int)q.shape(2);
+            const int n_head_kv = (int)kt.shape(1);
+            if (n_head_kv < 1 || n_head % n_head_kv)
+                throw Error("cpu_ops_attention: n_head " + std::to_string(n_head) + " is not a multiple of n_head_kv " +
+                            std::to_string(n_head_kv));
+            const cpu_ops::KvCache kv = cache_of(kt.data(), {kt.shape(0), kt.shape(1), kt.shape(2), kt.shape(3)},
+                                                 vc.data(), {vc.shape(0), vc.shape(1), vc.shape(2)}, hd, slots,
+                                                 pos, (size_t)n, "cpu_ops_attention");
+            FloatOut o = float_out({q.shape(0), q.shape(1), q.shape(2)});
+            {
+                nb::gil_scoped_release nogil;
+                ThreadPool pool(n_threads);
+                cpu_ops::attention(q.data(), n, n_head, kv, slots.data(), pos.data(), o.data, pool);
+            }
+            return o.array;
+        }, nb::arg("q"), nb::arg("kt"), nb::arg("v_cache"), nb::arg("slots"), nb::arg("pos"),
+           nb::arg("n_threads") = 0,
+           "Causal GQA attention: query i [n, n_head, head_dim] over positions [0, pos[i]] of slot slots[i]");
+
+        m.def("cpu_ops_swiglu", [copy_of](nb::ndarray<const float, nb::c_contig, nb::device::cpu> g,
+                                          nb::ndarray<const float, nb::c_contig, nb::device::cpu> u, int n_threads) {
+            if (g.size() != u.size()) throw Error("cpu_ops_swiglu: g and u differ in size");
+            std::vector<size_t> shape(g.ndim());
+            for (size_t i = 0; i < g.ndim(); ++i) shape[i] = g.shape(i);
+            FloatOut o = copy_of(g.data(), shape);
+            {
+                nb::gil_scoped_release nogil;
+                ThreadPool pool(n_threads);
+                cpu_ops::swiglu(o.data, u.data(), (int64_t)g.size(), pool);
+            }
+            return o.array;
+        }, nb::arg("g"), nb::arg("u"), nb::arg("n_threads") = 0, "silu(g) * u, elementwise");
+    }
 }

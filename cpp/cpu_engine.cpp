@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu_ops.h"
 #include "engine.h"
 #include "error.h"
 #include "matmul.h"
@@ -25,39 +26,6 @@
 namespace orcd {
 
 namespace {
-
-// ============================================================ small kernels
-
-// out[i] = x[i] / sqrt(mean(x²) + eps) * w[i], for each of n rows of length d.
-void rmsnorm(const float* x, const float* w, float* out, int n, int d, float eps) {
-    for (int t = 0; t < n; ++t) {
-        const float* xr = x + (size_t)t * d;
-        float* o = out + (size_t)t * d;
-        double ss = 0;
-        for (int i = 0; i < d; ++i) ss += (double)xr[i] * xr[i];
-        float scale = (float)(1.0 / std::sqrt(ss / d + eps));
-        for (int i = 0; i < d; ++i) o[i] = xr[i] * scale * w[i];
-    }
-}
-
-// Rotates each head of row x (n_heads x head_dim) in the NEOX pairing:
-// (x[i], x[i + half]) by angle pos * base^(-2i/head_dim), with cos/sin given.
-void rope_neox(float* x, int n_heads, int head_dim, const float* cs, const float* sn) {
-    const int half = head_dim / 2;
-    for (int h = 0; h < n_heads; ++h) {
-        float* v = x + (size_t)h * head_dim;
-        for (int i = 0; i < half; ++i) {
-            float a = v[i], b = v[i + half];
-            v[i] = a * cs[i] - b * sn[i];
-            v[i + half] = a * sn[i] + b * cs[i];
-        }
-    }
-}
-
-void add_bias(float* y, const float* b, int n, int d) {
-    for (int t = 0; t < n; ++t)
-        for (int i = 0; i < d; ++i) y[(size_t)t * d + i] += b[i];
-}
 
 std::vector<float> to_float(const TensorInfo* t) {
     std::vector<float> v((size_t)t->n_elements());
@@ -170,12 +138,7 @@ private:
 
         // cos/sin of every token's angles, shared by all layers and heads.
         std::vector<float> cs((size_t)n * D / 2), sn((size_t)n * D / 2);
-        for (int i = 0; i < n; ++i)
-            for (int j = 0; j < D / 2; ++j) {
-                double a = (double)pos[i] * inv_freq_[j];
-                cs[(size_t)i * D / 2 + j] = (float)std::cos(a);
-                sn[(size_t)i * D / 2 + j] = (float)std::sin(a);
-            }
+        cpu_ops::rope_tables(pos, n, inv_freq_.data(), D / 2, cs.data(), sn.data());
 
         for (int i = 0; i < n; ++i) weight_row(emb_, tokens[i], &x[(size_t)i * E]);
         if (trace) {
@@ -184,77 +147,36 @@ private:
             trace->hidden.assign(1, x);
         }
 
-        const float scale = 1.0f / std::sqrt((float)D);
-        const int group = H / HKV;
         for (int l = 0; l < d_.n_layer; ++l) {
             Layer& L = layers_[l];
+            // this layer's cache (kt_at, cache_at: slots equally spaced, the same stride in K and V)
+            const cpu_ops::KvCache kv{&kcache_[kt_at(0, l, 0)], &vcache_[cache_at(0, l, 0)],
+                                      kt_at(1, l, 0) - kt_at(0, l, 0), n_ctx_, HKV, D};
             // ---- attention block
-            rmsnorm(x.data(), L.attn_norm.data(), xn.data(), n, E, d_.rms_eps);
+            cpu_ops::rmsnorm(x.data(), L.attn_norm.data(), xn.data(), n, E, d_.rms_eps);
             matmul(L.wq, xn.data(), n, q.data(), pool_);
             matmul(L.wk, xn.data(), n, k.data(), pool_);
             matmul(L.wv, xn.data(), n, v.data(), pool_);
-            add_bias(q.data(), L.bq.data(), n, q_dim_);
-            add_bias(k.data(), L.bk.data(), n, kv_dim_);
-            add_bias(v.data(), L.bv.data(), n, kv_dim_);
+            cpu_ops::add_bias(q.data(), L.bq.data(), n, q_dim_);
+            cpu_ops::add_bias(k.data(), L.bk.data(), n, kv_dim_);
+            cpu_ops::add_bias(v.data(), L.bv.data(), n, kv_dim_);
             for (int i = 0; i < n; ++i) {
                 const float* c = &cs[(size_t)i * D / 2];
                 const float* s = &sn[(size_t)i * D / 2];
-                rope_neox(&q[(size_t)i * q_dim_], H, D, c, s);
-                rope_neox(&k[(size_t)i * kv_dim_], HKV, D, c, s);
-                // K is stored transposed per head (kt_at): the score loop then
-                // runs along positions with no horizontal sums.
-                for (int g = 0; g < HKV; ++g) {
-                    float* kt = &kcache_[kt_at(slots[i], l, g)];
-                    const float* kg = &k[(size_t)i * kv_dim_ + (size_t)g * D];
-                    for (int e = 0; e < D; ++e) kt[(size_t)e * n_ctx_ + pos[i]] = kg[e];
-                }
-                std::memcpy(&vcache_[cache_at(slots[i], l, pos[i])], &v[(size_t)i * kv_dim_], kv_dim_ * sizeof(float));
+                cpu_ops::rope_neox(&q[(size_t)i * q_dim_], H, D, c, s);
+                cpu_ops::rope_neox(&k[(size_t)i * kv_dim_], HKV, D, c, s);
             }
-            // Causal GQA attention: one task per (token, query head).
-            pool_.parallel_for((int64_t)n * H, [&](int64_t t0, int64_t t1, int) {
-                std::vector<float> sc(n_ctx_);
-                for (int64_t t = t0; t < t1; ++t) {
-                    const int i = (int)(t / H), h = (int)(t % H), kvh = h / group;
-                    const float* qh = &q[(size_t)i * q_dim_ + (size_t)h * D];
-                    const int len = pos[i] + 1;  // keys 0..pos[i] of this token's slot
-                    const float* kt = &kcache_[kt_at(slots[i], l, kvh)];
-                    const float* vb = &vcache_[cache_at(slots[i], l, 0)] + (size_t)kvh * D;
-                    // scores: sc[j] = scale * sum_e q[e] * K[j][e], accumulated row by row of Kᵀ
-                    float* scp = sc.data();
-                    std::fill(scp, scp + len, 0.f);
-                    for (int e = 0; e < D; ++e) {
-                        const float qe = qh[e] * scale;
-                        const float* kr = kt + (size_t)e * n_ctx_;
-                        for (int j = 0; j < len; ++j) scp[j] += qe * kr[j];
-                    }
-                    float mx = -INFINITY;
-                    for (int j = 0; j < len; ++j) mx = std::max(mx, scp[j]);
-                    double sum = 0;
-                    for (int j = 0; j < len; ++j) {
-                        scp[j] = std::exp(scp[j] - mx);
-                        sum += scp[j];
-                    }
-                    const float inv = (float)(1.0 / sum);
-                    float* out = &att[(size_t)i * q_dim_ + (size_t)h * D];
-                    std::fill(out, out + D, 0.f);
-                    for (int j = 0; j < len; ++j) {
-                        const float w = scp[j] * inv;
-                        const float* vj = vb + (size_t)j * kv_dim_;
-                        for (int e = 0; e < D; ++e) out[e] += w * vj[e];
-                    }
-                }
-            });
+            // the whole batch's K/V go in first: token i sees tokens 0..i of its prompt
+            cpu_ops::kv_append(kv, k.data(), v.data(), n, slots, pos);
+            cpu_ops::attention(q.data(), n, H, kv, slots, pos, att.data(), pool_);
             matmul(L.wo, att.data(), n, o.data(), pool_);
             for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];
 
             // ---- feed-forward block: down(silu(gate(x)) * up(x))
-            rmsnorm(x.data(), L.ffn_norm.data(), xn.data(), n, E, d_.rms_eps);
+            cpu_ops::rmsnorm(x.data(), L.ffn_norm.data(), xn.data(), n, E, d_.rms_eps);
             matmul(L.gate, xn.data(), n, g.data(), pool_);
             matmul(L.up, xn.data(), n, u.data(), pool_);
-            // silu(g) * u: ~2.5M exp per layer for a 512-token prompt, so split over the pool
-            pool_.parallel_for((int64_t)g.size(), [&](int64_t e0, int64_t e1, int) {
-                for (int64_t e = e0; e < e1; ++e) g[e] = g[e] / (1.0f + std::exp(-g[e])) * u[e];
-            }, 1024);
+            cpu_ops::swiglu(g.data(), u.data(), (int64_t)g.size(), pool_);
             matmul(L.down, g.data(), n, o.data(), pool_);
             for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];
             if (trace) trace->hidden.push_back(x);
@@ -263,7 +185,7 @@ private:
         // ---- final norm and lm_head (only the rows whose logits are wanted)
         const int first = all_logits ? 0 : n - 1;
         const int rows = n - first;
-        rmsnorm(&x[(size_t)first * E], out_norm_.data(), xn.data(), rows, E, d_.rms_eps);
+        cpu_ops::rmsnorm(&x[(size_t)first * E], out_norm_.data(), xn.data(), rows, E, d_.rms_eps);
         matmul(out_, xn.data(), rows, logits, pool_);
     }
 

@@ -13,7 +13,8 @@
 //       .info() -> dict (hyperparameters, n_ctx, n_slots, vram_* bytes, device, paths)
 //       .close()                          frees the GPU memory now
 //   kernel entry points for the tests (NumPy in, NumPy out; see cuda_api.h):
-//   dequantize_f16, matvec, gemm, dec_matvec, get_rows, rmsnorm, rope, attention, swiglu, add_bias
+//   dequantize_f16, matvec, gemm, dec_matvec, get_rows, rmsnorm, rope_neox, attention, swiglu, add_bias,
+//   kv_append, qkv_post, rmsnorm_f16, swiglu_f16, f32_to_f16, gemm_f16, dec_qkv, dec_attn, dec_proj
 //
 // orcd::CudaError (CUDA/cuBLAS failures, not enough GPU memory) becomes
 // RuntimeError, other orcd::Error (bad input) ValueError, messages unchanged.
@@ -360,11 +361,11 @@ NB_MODULE(_orcd_cuda, m) {
         "x"_a, "w"_a, "eps"_a);
 
     m.def(
-        "rope",
+        "rope_neox",
         [](CArr<float> x, CArr<int32_t> pos, float base) {
             if (x.ndim() != 3 || pos.ndim() != 1 || pos.shape(0) != x.shape(0))
                 bad("rope: x must be [n_tok, n_heads, head_dim] and pos [n_tok]");
-            auto r = orcd::cuda_test::rope(x.data(), int(x.shape(0)), int(x.shape(1)), int(x.shape(2)), pos.data(),
+            auto r = orcd::cuda_test::rope_neox(x.data(), int(x.shape(0)), int(x.shape(1)), int(x.shape(2)), pos.data(),
                                            base);
             return to_numpy(std::move(r), {x.shape(0), x.shape(1), x.shape(2)});
         },
@@ -401,4 +402,176 @@ NB_MODULE(_orcd_cuda, m) {
             return to_numpy(std::move(r), {x.shape(0), x.shape(1)});
         },
         "x"_a, "b"_a);
+
+    // ---------------------------------------------------------------- fused prompt kernels, the decode step
+    // (named as their CPU twins, orcd._orcd.cpu_ops_<name>, where there is one)
+    {
+        auto f16 = [](std::vector<uint16_t>&& v, std::vector<size_t> shape) {
+            auto* p = new std::vector<uint16_t>(std::move(v));
+            nb::capsule owner(p, [](void* q) noexcept { delete static_cast<std::vector<uint16_t>*>(q); });
+            nb::dlpack::dtype dt{uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
+            return nb::ndarray<nb::numpy>(p->data(), shape.size(), shape.data(), owner, nullptr, dt);
+        };
+        auto need = [](bool ok, const char* msg) {
+            if (!ok) bad(msg);
+        };
+        auto weight = [](uint32_t type, const CArr<uint8_t>& w, int64_t n_in, int64_t n_out) {
+            return orcd::cuda_test::HostWeight{type, w.data(), w.size(), n_in, n_out};
+        };
+
+        m.def(
+            "kv_append",
+            [need](CArr<float> k, CArr<float> v, CArr<int32_t> slots, CArr<int32_t> pos, int n_slots, int n_ctx) {
+                need(k.ndim() == 3 && shape_of(k) == shape_of(v) && slots.ndim() == 1 && pos.ndim() == 1 &&
+                         slots.shape(0) == k.shape(0) && pos.shape(0) == k.shape(0),
+                     "kv_append: k and v [n, n_head_kv, head_dim], slots and pos [n]");
+                const int kd = int(k.shape(1) * k.shape(2));
+                auto r = orcd::cuda_test::kv_append(k.data(), v.data(), int(k.shape(0)), kd, slots.data(), pos.data(),
+                                                    n_slots, n_ctx);
+                const std::vector<size_t> sh = {size_t(n_slots), size_t(n_ctx), k.shape(1), k.shape(2)};
+                return nb::make_tuple(to_numpy(std::move(r.first), sh), to_numpy(std::move(r.second), sh));
+            },
+            "k"_a, "v"_a, "slots"_a, "pos"_a, "n_slots"_a, "n_ctx"_a,
+            "(K cache, V cache) [n_slots, n_ctx, n_head_kv, head_dim] after the KV-store kernel (NaN where unwritten).");
+
+        m.def(
+            "qkv_post",
+            [need](CArr<float> qkv, int n_head, int n_head_kv, int head_dim, CArr<int32_t> pos, CArr<int32_t> slots,
+                   float base, int n_slots, int n_ctx, nb::object bq, nb::object bk, nb::object bv) {
+                const size_t qd = size_t(n_head) * head_dim, kd = size_t(n_head_kv) * head_dim;
+                need(qkv.ndim() == 2 && qkv.shape(1) == qd + 2 * kd && pos.ndim() == 1 && slots.ndim() == 1 &&
+                         pos.shape(0) == qkv.shape(0) && slots.shape(0) == qkv.shape(0),
+                     "qkv_post: qkv [n, (n_head + 2*n_head_kv)*head_dim], pos and slots [n]");
+                std::vector<float> k1, k2, k3, kc, vc;
+                const float* b0 = opt_f32(bq, qd, k1, "qkv_post bq");
+                const float* b1 = opt_f32(bk, kd, k2, "qkv_post bk");
+                const float* b2 = opt_f32(bv, kd, k3, "qkv_post bv");
+                auto r = orcd::cuda_test::qkv_post(qkv.data(), int(qkv.shape(0)), n_head, n_head_kv, head_dim, b0, b1,
+                                                   b2, pos.data(), slots.data(), base, n_slots, n_ctx, &kc, &vc);
+                const std::vector<size_t> cs = {size_t(n_slots), size_t(n_ctx), kd};
+                return nb::make_tuple(to_numpy(std::move(r), {qkv.shape(0), qkv.shape(1)}),
+                                      to_numpy(std::move(kc), cs), to_numpy(std::move(vc), cs));
+            },
+            "qkv"_a, "n_head"_a, "n_head_kv"_a, "head_dim"_a, "pos"_a, "slots"_a, "base"_a, "n_slots"_a, "n_ctx"_a,
+            "bq"_a = nb::none(), "bk"_a = nb::none(), "bv"_a = nb::none(),
+            "(qkv rows after the kernel, K cache, V cache [n_slots, n_ctx, kv_dim]): bias + NEOX RoPE + KV append.");
+
+        m.def(
+            "rmsnorm_f16",
+            [f16, need](CArr<float> x, CArr<float> w, float eps) {
+                need(x.ndim() == 2 && w.ndim() == 1 && w.shape(0) == x.shape(1), "rmsnorm_f16: x [rows, n], w [n]");
+                auto r = orcd::cuda_test::rmsnorm_f16(x.data(), int64_t(x.shape(0)), int64_t(x.shape(1)), w.data(), eps);
+                return f16(std::move(r), {x.shape(0), x.shape(1)});
+            },
+            "x"_a, "w"_a, "eps"_a, "float16 [rows, n] = fp16(rmsnorm(x) * w).");
+
+        m.def(
+            "swiglu_f16",
+            [f16, need](CArr<float> gu) {
+                need(gu.ndim() == 2 && gu.shape(1) % 2 == 0, "swiglu_f16: gu [rows, 2n]");
+                const int n = int(gu.shape(1) / 2);
+                auto r = orcd::cuda_test::swiglu_f16(gu.data(), int(gu.shape(0)), n);
+                return f16(std::move(r), {gu.shape(0), size_t(n)});
+            },
+            "gu"_a, "float16 [rows, n] = fp16(silu(gu[:, :n]) * gu[:, n:]).");
+
+        m.def(
+            "f32_to_f16",
+            [f16](CArr<float> x) {
+                auto r = orcd::cuda_test::f32_to_f16(x.data(), int64_t(x.size()));
+                return f16(std::move(r), shape_of(x));
+            },
+            "x"_a, "float16 of x (round to nearest even).");
+
+        m.def(
+            "gemm_f16",
+            [need](CArr<uint16_t> a16, CArr<uint16_t> x16, nb::object y) {
+                need(a16.ndim() == 2 && x16.ndim() == 2 && a16.shape(1) == x16.shape(1),
+                     "gemm_f16: a16 [n_out, n_in] and x16 [rows, n_in] (float16 bits as uint16)");
+                const size_t rows = x16.shape(0), n_out = a16.shape(0);
+                std::vector<float> ky;
+                const float* yi = opt_f32(y, rows * n_out, ky, "gemm_f16 y");
+                auto r = orcd::cuda_test::gemm_f16(a16.data(), int(a16.shape(1)), int(n_out), x16.data(), int(rows), yi);
+                return to_numpy(std::move(r), {rows, n_out});
+            },
+            "a16"_a, "x16"_a, "y"_a = nb::none(),
+            "float32 [rows, n_out] (+)= x16 · a16ᵀ through cublasGemmEx (fp16 in, fp32 accumulate); "
+            "a16, x16 as uint16 views of float16 arrays.");
+
+        m.def(
+            "dec_qkv",
+            [need, weight](uint32_t type_q, CArr<uint8_t> wq, uint32_t type_k, CArr<uint8_t> wk, uint32_t type_v,
+                           CArr<uint8_t> wv, int n_embd, int n_head, int n_head_kv, int head_dim, CArr<float> norm_w,
+                           float eps, float base, int pos, int slot, int n_slots, int n_ctx, nb::object x,
+                           nb::object bq, nb::object bk, nb::object bv, uint32_t emb_type, nb::object emb,
+                           int64_t n_vocab, int32_t token, int rows_per_part) {
+                need(norm_w.size() == size_t(n_embd), "dec_qkv: norm_w must have n_embd floats");
+                const int64_t qd = int64_t(n_head) * head_dim, kd = int64_t(n_head_kv) * head_dim;
+                const orcd::cuda_test::HostWeight w[3] = {weight(type_q, wq, n_embd, qd), weight(type_k, wk, n_embd, kd),
+                                                          weight(type_v, wv, n_embd, kd)};
+                std::vector<float> kx, k1, k2, k3;
+                const float* xp = opt_f32(x, size_t(n_embd), kx, "dec_qkv x");
+                const float* b[3] = {opt_f32(bq, size_t(qd), k1, "dec_qkv bq"), opt_f32(bk, size_t(kd), k2, "dec_qkv bk"),
+                                     opt_f32(bv, size_t(kd), k3, "dec_qkv bv")};
+                orcd::cuda_test::HostWeight e{};
+                CArr<uint8_t> eb;
+                if (!emb.is_none()) {
+                    eb = nb::cast<CArr<uint8_t>>(emb);
+                    e = weight(emb_type, eb, n_embd, n_vocab);
+                }
+                auto r = orcd::cuda_test::dec_qkv(w, b, xp, emb.is_none() ? nullptr : &e, token, norm_w.data(), eps,
+                                                  n_head, n_head_kv, head_dim, base, pos, slot, n_slots, n_ctx,
+                                                  rows_per_part);
+                const std::vector<size_t> cs = {size_t(n_slots), size_t(n_ctx), size_t(kd)};
+                nb::object xo = nb::none();
+                if (!r.x.empty()) xo = nb::cast(to_numpy(std::move(r.x), {size_t(n_embd)}));
+                return nb::make_tuple(to_numpy(std::move(r.q), {size_t(qd)}), to_numpy(std::move(r.kc), cs),
+                                      to_numpy(std::move(r.vc), cs), xo);
+            },
+            "type_q"_a, "wq"_a, "type_k"_a, "wk"_a, "type_v"_a, "wv"_a, "n_embd"_a, "n_head"_a, "n_head_kv"_a,
+            "head_dim"_a, "norm_w"_a, "eps"_a, "base"_a, "pos"_a, "slot"_a, "n_slots"_a, "n_ctx"_a,
+            "x"_a = nb::none(), "bq"_a = nb::none(), "bk"_a = nb::none(), "bv"_a = nb::none(), "emb_type"_a = 0,
+            "emb"_a = nb::none(), "n_vocab"_a = 0, "token"_a = 0, "rows_per_part"_a = 0,
+            "(q [n_head*head_dim], K cache, V cache [n_slots, n_ctx, kv_dim], embedding row or None) of the fused "
+            "q/k/v kernel on x (or the embedding row of `token` of emb [n_vocab, n_embd]).");
+
+        m.def(
+            "dec_attn",
+            [need](CArr<float> q, CArr<float> k, CArr<float> v, bool cluster, int max_splits, int split_keys,
+                   int cluster_gran) {
+                need(q.ndim() == 2 && k.ndim() == 3 && shape_of(k) == shape_of(v) && q.shape(1) == k.shape(2),
+                     "dec_attn: q [n_head, head_dim], k and v [n_kv, n_head_kv, head_dim]");
+                auto r = orcd::cuda_test::dec_attn(q.data(), int(q.shape(0)), k.data(), v.data(), int(k.shape(0)),
+                                                   int(k.shape(1)), int(q.shape(1)), cluster, max_splits, split_keys,
+                                                   cluster_gran);
+                return nb::make_tuple(to_numpy(std::move(r.first), shape_of(q)), to_numpy(std::move(r.second), shape_of(q)));
+            },
+            "q"_a, "k"_a, "v"_a, "cluster"_a, "max_splits"_a = 32, "split_keys"_a = 32, "cluster_gran"_a = 8,
+            "(out, out of a second launch) [n_head, head_dim]: the decode attention of one query at position n_kv-1.");
+
+        m.def(
+            "dec_proj",
+            [need, weight](int mode, uint32_t type0, CArr<uint8_t> w0, int64_t n_in, int64_t n_out, CArr<float> act,
+                           nb::object y, uint32_t type1, nb::object w1, nb::object norm_w, float eps,
+                           int rows_per_block) {
+                need(act.size() == size_t(n_in), "dec_proj: act must have n_in floats");
+                std::vector<float> ky, kn;
+                const float* yi = opt_f32(y, size_t(n_out), ky, "dec_proj y");
+                const float* nw = opt_f32(norm_w, size_t(n_in), kn, "dec_proj norm_w");
+                const orcd::cuda_test::HostWeight h0 = weight(type0, w0, n_in, n_out);
+                orcd::cuda_test::HostWeight h1{};
+                CArr<uint8_t> b1;
+                if (!w1.is_none()) {
+                    b1 = nb::cast<CArr<uint8_t>>(w1);
+                    h1 = weight(type1, b1, n_in, n_out);
+                }
+                auto r = orcd::cuda_test::dec_proj(mode, h0, w1.is_none() ? nullptr : &h1, act.data(), nw, eps, yi,
+                                                   rows_per_block);
+                return to_numpy(std::move(r), {size_t(n_out)});
+            },
+            "mode"_a, "type0"_a, "w0"_a, "n_in"_a, "n_out"_a, "act"_a, "y"_a = nb::none(), "type1"_a = 0,
+            "w1"_a = nb::none(), "norm_w"_a = nb::none(), "eps"_a = 1e-6f, "rows_per_block"_a = 8,
+            "y [n_out] of the fused decode projection: mode 0 (RESID) y + W0·act, mode 1 (GLU) "
+            "silu(W0·h) * (W1·h), h = rmsnorm(act) * norm_w.");
+    }
 }

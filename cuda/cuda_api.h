@@ -130,7 +130,7 @@ std::vector<float> get_rows(uint32_t type, const uint8_t* w, size_t nbytes, int6
 std::vector<float> rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps);
 
 // NEOX RoPE on x[n_tok][n_heads][head_dim], token t at position pos[t].
-std::vector<float> rope(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base);
+std::vector<float> rope_neox(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base);
 
 // Causal GQA attention through the KV-cache path: k, v [n_kv][n_head_kv][hd]
 // are appended (fp16) to a one-slot cache of n_kv positions with the
@@ -144,6 +144,73 @@ std::vector<float> swiglu(const float* g, const float* u, int64_t n);
 
 // x[rows][n] + b[n].
 std::vector<float> add_bias(const float* x, int64_t rows, int64_t n, const float* b);
+
+// ---- the fused prompt kernels and the decode step (named as their CPU twins in
+// cpp/cpu_ops.h where there is one). fp16 outputs come back as uint16 bit patterns,
+// fp16 caches as float32 (exact); caches are n_slots x n_ctx x kv_dim, NaN where unwritten.
+
+// The KV-store kernel alone: token t's k and v rows (kv_dim floats) to (slots[t], pos[t]) of
+// fresh fp16 caches; returns (K cache, V cache).
+std::pair<std::vector<float>, std::vector<float>> kv_append(const float* k, const float* v, int n_tok, int kv_dim,
+                                                            const int32_t* slots, const int32_t* pos, int n_slots,
+                                                            int n_ctx);
+
+// The fused bias + RoPE + KV append of the prompt path on qkv rows [n_tok][q | k | v]
+// (biases may be null): returns the rows after the kernel (q roped in place; k, v as
+// given) and the caches in *kc, *vc.
+std::vector<float> qkv_post(const float* qkv, int n_tok, int n_head, int n_head_kv, int head_dim, const float* bq,
+                            const float* bk, const float* bv, const int32_t* pos, const int32_t* slots, float base,
+                            int n_slots, int n_ctx, std::vector<float>* kc, std::vector<float>* vc);
+
+// fp16(rmsnorm(x) * w), rows of n.
+std::vector<uint16_t> rmsnorm_f16(const float* x, int64_t rows, int64_t n, const float* w, float eps);
+
+// fp16(silu(gu[t][i]) * gu[t][n + i]) for gu rows of 2n floats.
+std::vector<uint16_t> swiglu_f16(const float* gu, int rows, int n);
+
+// fp16(x), round to nearest even.
+std::vector<uint16_t> f32_to_f16(const float* x, int64_t n);
+
+// y[rows][n_out] (+)= x16[rows][n_in] · a16[n_out][n_in]ᵀ through cublasGemmEx (fp16 in, fp32
+// accumulate and out); accumulates into y_init when given.
+std::vector<float> gemm_f16(const uint16_t* a16, int n_in, int n_out, const uint16_t* x16, int rows,
+                            const float* y_init);
+
+// A weight on the host for the decode kernels: n_out rows of n_in elements of `type`, as GGUF stores them.
+struct HostWeight {
+    uint32_t type = 0;
+    const uint8_t* data = nullptr;
+    size_t nbytes = 0;
+    int64_t n_in = 0, n_out = 0;
+};
+
+struct DecQkvOut {
+    std::vector<float> q;       // n_head*head_dim, roped, unscaled
+    std::vector<float> kc, vc;  // the caches (n_slots x n_ctx x n_head_kv*head_dim)
+    std::vector<float> x;       // the embedding row written to the residual stream (embedding input only)
+};
+
+// dec_qkv on one token: rmsnorm(x or the embedding row of `token`) · W{q,k,v}ᵀ + bias (any
+// may be null), NEOX RoPE of q and k at `pos` (from the engine's cos/sin table), k and v to
+// (slot, pos) of fresh caches. w[0..3) = q, k, v; give x or emb. rows_per_part: the
+// kernel's S (rows per half-head part), 0 = the engine's choice.
+DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float* x, const HostWeight* emb,
+                  int32_t token, const float* norm_w, float eps, int n_head, int n_head_kv, int head_dim, float base,
+                  int pos, int slot, int n_slots, int n_ctx, int rows_per_part);
+
+// dec_attn on one query q[n_head][head_dim] over k, v [n_kv][n_head_kv][head_dim] (stored as
+// fp16 at positions 0..n_kv-1 of one slot, the query at pos n_kv-1): the cluster variant
+// (sm_90; splits of multiples of cluster_gran keys) or the global merge (up to max_splits
+// splits of at least split_keys keys). Runs twice on the same buffers; returns both outputs.
+std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
+                                                           int n_kv, int n_head_kv, int head_dim, bool cluster,
+                                                           int max_splits, int split_keys, int cluster_gran);
+
+// dec_proj on one vector: mode 0 (RESID) y = y_init + W0 · act; mode 1 (GLU)
+// y = silu(W0 · h) * (W1 · h), h = rmsnorm(act) * norm_w. rows_per_block (1..64) rows per block.
+std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1, const float* act,
+                            const float* norm_w, float eps, const float* y_init, int rows_per_block);
+
 
 }  // namespace cuda_test
 }  // namespace orcd

@@ -2,8 +2,12 @@
 // tests/test_cuda_kernels.py: upload the inputs, poison the output with NaN,
 // run the same launcher the engine uses, download.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_common.cuh"
@@ -204,7 +208,7 @@ std::vector<float> rmsnorm(const float* x, int64_t rows, int64_t n, const float*
     return dy.download("rmsnorm y");
 }
 
-std::vector<float> rope(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base) {
+std::vector<float> rope_neox(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base) {
     ready();
     const size_t n = size_t(n_tok) * n_heads * head_dim;
     DBuf<float> dx(x, n, "rope x");
@@ -270,6 +274,357 @@ std::vector<float> add_bias(const float* x, int64_t rows, int64_t n, const float
     cu::add_bias(dx.p, int(rows), int(n), int(n), db.p, 0, "add_bias test");
     return dx.download("add_bias out");
 }
+
+// ---------------------------------------------------------------- fused prompt kernels and the decode step
+namespace {
+
+std::vector<float> to_float(const std::vector<__half>& h) {
+    std::vector<float> f(h.size());
+    for (size_t i = 0; i < h.size(); ++i) f[i] = __half2float(h[i]);
+    return f;
+}
+
+std::vector<uint16_t> to_bits(const std::vector<__half>& h) {
+    std::vector<uint16_t> b(h.size());
+    for (size_t i = 0; i < h.size(); ++i) b[i] = __half_as_ushort(h[i]);
+    return b;
+}
+
+std::vector<__half> from_bits(const uint16_t* b, size_t n) {
+    std::vector<__half> h(n);
+    for (size_t i = 0; i < n; ++i) h[i] = __ushort_as_half(b[i]);
+    return h;
+}
+
+// A fresh fp16 K and V cache of n_slots x n_ctx positions of kv_dim, poisoned.
+struct Cache {
+    DBuf<__half> k, v;
+    size_t slot_stride;
+    Cache(int n_slots, int n_ctx, int kv_dim, const char* what)
+        : k(size_t(n_slots) * n_ctx * kv_dim, what), v(size_t(n_slots) * n_ctx * kv_dim, what),
+          slot_stride(size_t(n_ctx) * kv_dim) {
+        cu::fill_nan(k.p, int64_t(k.n), 0);
+        cu::fill_nan(v.p, int64_t(v.n), 0);
+    }
+};
+
+void check_slots_pos(const int32_t* slots, const int32_t* pos, int n, int n_slots, int n_ctx, const char* what) {
+    if (n_slots < 1 || n_ctx < 1) throw Error(std::string(what) + ": n_slots and n_ctx must be >= 1");
+    for (int i = 0; i < n; ++i) {
+        if (slots[i] < 0 || slots[i] >= n_slots)
+            throw Error(std::string(what) + ": slot " + std::to_string(slots[i]) + " out of range [0, " +
+                        std::to_string(n_slots) + ")");
+        if (pos[i] < 0 || pos[i] >= n_ctx)
+            throw Error(std::string(what) + ": pos " + std::to_string(pos[i]) + " out of range [0, " +
+                        std::to_string(n_ctx) + ")");
+    }
+}
+
+// A host weight on the device as the engine holds it: rows as stored, plus 256
+// bytes of padding (the decode kernels' 16-byte staging may read up to 15 bytes
+// past the last row; the engine pads its uploads likewise).
+struct DevWeight {
+    std::vector<uint8_t> padded;
+    DBuf<uint8_t> buf;
+    cu::DTensor t;
+    DevWeight(const HostWeight& h, const char* what) : padded(pad(h, what)), buf(padded.data(), padded.size(), what) {
+        t = cu::DTensor{buf.p, h.type, int(h.n_in), int(h.n_out), int(bytes_for(h.type, h.n_in, what))};
+    }
+    static std::vector<uint8_t> pad(const HostWeight& h, const char* what) {
+        if (h.n_in <= 0 || h.n_out <= 0 || h.n_in % 32 != 0)
+            throw Error(std::string(what) + ": n_in must be a positive multiple of 32, n_out positive");
+        const size_t need = bytes_for(h.type, h.n_in, what) * size_t(h.n_out);
+        check_bytes(h.nbytes, need, what);
+        if (need > (size_t(1) << 34)) throw Error(std::string(what) + ": weights too large");
+        std::vector<uint8_t> p(need + 256, 0);
+        std::memcpy(p.data(), h.data, need);
+        return p;
+    }
+};
+
+// Opts the decode kernels in to `smem` bytes (at least the 48 KB default), after
+// checking the device allows it.
+void dec_smem(size_t smem, const char* what) {
+    int optin = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0), what);
+    if (smem > size_t(optin))
+        throw Error(std::string(what) + ": needs " + std::to_string(smem) + " bytes of shared memory, the GPU allows " +
+                    std::to_string(optin));
+    cu::dec_set_smem_limit(std::max(smem, size_t(48) << 10));
+}
+
+}  // namespace
+
+std::pair<std::vector<float>, std::vector<float>> kv_append(const float* k, const float* v, int n_tok, int kv_dim,
+                                                            const int32_t* slots, const int32_t* pos, int n_slots,
+                                                            int n_ctx) {
+    ready();
+    const char* what = "kv_append test";
+    if (n_tok <= 0 || kv_dim <= 0) throw Error("kv_append test: empty shape");
+    check_slots_pos(slots, pos, n_tok, n_slots, n_ctx, what);
+    DBuf<float> dk(k, size_t(n_tok) * kv_dim, what), dv(v, size_t(n_tok) * kv_dim, what);
+    DBuf<int32_t> ds(slots, size_t(n_tok), what), dp(pos, size_t(n_tok), what);
+    Cache c(n_slots, n_ctx, kv_dim, what);
+    cu::kv_store(dk.p, dv.p, kv_dim, n_tok, kv_dim, ds.p, dp.p, c.k.p, c.v.p, c.slot_stride, 0, what);
+    return {to_float(c.k.download(what)), to_float(c.v.download(what))};
+}
+
+std::vector<float> qkv_post(const float* qkv, int n_tok, int n_head, int n_head_kv, int head_dim, const float* bq,
+                            const float* bk, const float* bv, const int32_t* pos, const int32_t* slots, float base,
+                            int n_slots, int n_ctx, std::vector<float>* kc, std::vector<float>* vc) {
+    ready();
+    const char* what = "qkv_post test";
+    if (n_tok <= 0 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0) throw Error("qkv_post test: empty shape");
+    check_slots_pos(slots, pos, n_tok, n_slots, n_ctx, what);
+    const int qd = n_head * head_dim, kd = n_head_kv * head_dim, ld = qd + 2 * kd;
+    DBuf<float> d(qkv, size_t(n_tok) * ld, what);
+    DBuf<float> dbq(bq, bq ? size_t(qd) : 0, what), dbk(bk, bk ? size_t(kd) : 0, what),
+        dbv(bv, bv ? size_t(kd) : 0, what);
+    DBuf<int32_t> ds(slots, size_t(n_tok), what), dp(pos, size_t(n_tok), what);
+    Cache c(n_slots, n_ctx, kd, what);
+    cu::qkv_post(d.p, ld, n_tok, n_head, n_head_kv, head_dim, dbq.p, dbk.p, dbv.p, dp.p, ds.p, base, c.k.p, c.v.p,
+                 c.slot_stride, 0, what);
+    *kc = to_float(c.k.download(what));
+    *vc = to_float(c.v.download(what));
+    return d.download(what);
+}
+
+std::vector<uint16_t> rmsnorm_f16(const float* x, int64_t rows, int64_t n, const float* w, float eps) {
+    ready();
+    const char* what = "rmsnorm_f16 test";
+    DBuf<float> dx(x, size_t(rows * n), what), dw(w, size_t(n), what);
+    DBuf<__half> dy(size_t(rows * n), what);
+    cu::fill_nan(dy.p, int64_t(dy.n), 0);
+    cu::rmsnorm_f16(dx.p, int(rows), int(n), dw.p, eps, dy.p, 0, what);
+    return to_bits(dy.download(what));
+}
+
+std::vector<uint16_t> swiglu_f16(const float* gu, int rows, int n) {
+    ready();
+    const char* what = "swiglu_f16 test";
+    DBuf<float> dgu(gu, size_t(rows) * 2 * n, what);
+    DBuf<__half> act(size_t(rows) * n, what);
+    cu::fill_nan(act.p, int64_t(act.n), 0);
+    cu::swiglu_f16(dgu.p, n, rows, act.p, 0, what);
+    return to_bits(act.download(what));
+}
+
+std::vector<uint16_t> f32_to_f16(const float* x, int64_t n) {
+    ready();
+    const char* what = "f32_to_f16 test";
+    DBuf<float> dx(x, size_t(n), what);
+    DBuf<__half> dy(size_t(n), what);
+    cu::fill_nan(dy.p, int64_t(dy.n), 0);
+    cu::f32_to_f16(dx.p, n, dy.p, 0, what);
+    return to_bits(dy.download(what));
+}
+
+std::vector<float> gemm_f16(const uint16_t* a16, int n_in, int n_out, const uint16_t* x16, int rows,
+                            const float* y_init) {
+    ready();
+    const char* what = "gemm_f16 test";
+    if (n_in <= 0 || n_out <= 0 || rows <= 0) throw Error("gemm_f16 test: empty shape");
+    const std::vector<__half> ha = from_bits(a16, size_t(n_out) * n_in), hx = from_bits(x16, size_t(rows) * n_in);
+    DBuf<__half> da(ha.data(), ha.size(), what), dx(hx.data(), hx.size(), what);
+    DBuf<float> dy(size_t(rows) * n_out, what);
+    if (y_init) CUDA_CHECK(cudaMemcpy(dy.p, y_init, dy.n * sizeof(float), cudaMemcpyHostToDevice), what);
+    else cu::fill_nan(dy.p, int64_t(dy.n), 0);
+    Blas blas;
+    cu::gemm_f16(blas.h, da.p, n_in, n_out, dx.p, rows, dy.p, n_out, y_init != nullptr, what);
+    return dy.download(what);
+}
+
+DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float* x, const HostWeight* emb,
+                  int32_t token, const float* norm_w, float eps, int n_head, int n_head_kv, int head_dim, float base,
+                  int pos, int slot, int n_slots, int n_ctx, int rows_per_part) {
+    ready();
+    const char* what = "dec_qkv test";
+    const int n_embd = int(w[0].n_in), half = head_dim / 2;
+    if (n_head <= 0 || n_head_kv <= 0 || head_dim <= 0 || head_dim % 2)
+        throw Error("dec_qkv test: bad heads / head_dim");
+    const int64_t outs[3] = {int64_t(n_head) * head_dim, int64_t(n_head_kv) * head_dim, int64_t(n_head_kv) * head_dim};
+    for (int i = 0; i < 3; ++i)
+        if (w[i].n_in != n_embd || w[i].n_out != outs[i])
+            throw Error("dec_qkv test: q, k, v weights must be [n_head*head_dim | n_head_kv*head_dim, n_embd]");
+    if ((x == nullptr) == (emb == nullptr)) throw Error("dec_qkv test: give either x or the embedding");
+    if (emb && (emb->n_in != n_embd || token < 0 || token >= emb->n_out))
+        throw Error("dec_qkv test: embedding rows must be n_embd long and token in range");
+    const int32_t sl[1] = {slot}, ps[1] = {pos};
+    check_slots_pos(sl, ps, 1, n_slots, n_ctx, what);
+    const int S = rows_per_part > 0 ? rows_per_part : std::min(8, half);
+    if (S > half) throw Error("dec_qkv test: rows_per_part > head_dim / 2");
+
+    DevWeight wq(w[0], "dec_qkv test q"), wk(w[1], "dec_qkv test k"), wv(w[2], "dec_qkv test v");
+    std::unique_ptr<DevWeight> we;
+    if (emb) we = std::make_unique<DevWeight>(*emb, "dec_qkv test embedding");
+    DBuf<float> db0(bias[0], bias[0] ? size_t(outs[0]) : 0, what), db1(bias[1], bias[1] ? size_t(outs[1]) : 0, what),
+        db2(bias[2], bias[2] ? size_t(outs[2]) : 0, what);
+    DBuf<float> dx(x, x ? size_t(n_embd) : 0, what), dn(norm_w, size_t(n_embd), what);
+    DBuf<float> xo(emb ? size_t(n_embd) : 0, what), q(size_t(outs[0]), what);
+    if (emb) cu::fill_nan(xo.p, int64_t(xo.n), 0);
+    cu::fill_nan(q.p, int64_t(q.n), 0);
+    Cache c(n_slots, n_ctx, int(outs[1]), what);
+    // The engine's RoPE table (cuda_engine.cu): (cos, sin) of p * base^(-2i/head_dim),
+    // exponent and angle in double. Only row `pos` is filled; the rows the kernel must
+    // not read are NaN.
+    std::vector<float2> tab(size_t(pos + 1) * half,
+                            make_float2(std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::quiet_NaN()));
+    const double log2_base = std::log2(double(base));
+    for (int i = 0; i < half; ++i) {
+        const double th = double(pos) * std::exp2(-2.0 * double(i) / double(head_dim) * log2_base);
+        tab[size_t(pos) * half + i] = make_float2(float(std::cos(th)), float(std::sin(th)));
+    }
+    DBuf<float2> rope(tab.data(), tab.size(), what);
+    const cu::DecState hs{token, pos, slot, 0};
+    DBuf<cu::DecState> st(&hs, 1, what);
+
+    cu::DecQkvArgs a{};
+    a.w[0] = wq.t;
+    a.w[1] = wk.t;
+    a.w[2] = wv.t;
+    a.bias[0] = db0.p;
+    a.bias[1] = db1.p;
+    a.bias[2] = db2.p;
+    a.x = dx.p;
+    a.x_out = xo.p;
+    if (emb) a.emb = we->t;
+    a.embed = emb ? 1 : 0;
+    a.norm_w = dn.p;
+    a.eps = eps;
+    a.n_embd = n_embd;
+    a.n_head = n_head;
+    a.n_head_kv = n_head_kv;
+    a.head_dim = head_dim;
+    a.log2_base = log2_base;
+    a.S = S;
+    a.parts = (half + S - 1) / S;
+    a.rope = rope.p;
+    a.q_out = q.p;
+    a.kc = c.k.p;
+    a.vc = c.v.p;
+    a.slot_stride = c.slot_stride;
+    a.kv_dim = int(outs[1]);
+    a.st = st.p;
+    a.need_q8 = cu::dec_int8_type(w[0].type) || cu::dec_int8_type(w[1].type) || cu::dec_int8_type(w[2].type);
+    const int rb = std::max({wq.t.row_bytes, wk.t.row_bytes, wv.t.row_bytes});
+    a.smem_w = int(2 * cu::dec_stage_bytes(S, rb));
+    a.pdl_trigger = 1;
+    dec_smem(cu::dec_qkv_smem(a), what);
+    cu::dec_qkv(a, 0, false, what);
+    DecQkvOut out;
+    out.q = q.download(what);
+    out.kc = to_float(c.k.download(what));
+    out.vc = to_float(c.v.download(what));
+    if (emb) out.x = xo.download(what);
+    return out;
+}
+
+std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
+                                                           int n_kv, int n_head_kv, int head_dim, bool cluster,
+                                                           int max_splits, int split_keys, int cluster_gran) {
+    ready();
+    const char* what = cluster ? "dec_attn test (cluster)" : "dec_attn test (global merge)";
+    if (n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv) throw Error("dec_attn test: bad shape");
+    if (head_dim <= 0 || head_dim % 8) throw Error("dec_attn test: head_dim must be a positive multiple of 8");
+    if (n_head / n_head_kv * head_dim > cu::kDecMaxGroupDim || n_head_kv > cu::kDecMaxKvHeads)
+        throw Error("dec_attn test: (n_head/n_head_kv)*head_dim or n_head_kv beyond the kernel's limits");
+    if (max_splits < 1 || max_splits > cu::kDecMaxSplits)
+        throw Error("dec_attn test: max_splits must be in [1, " + std::to_string(cu::kDecMaxSplits) + "]");
+    if (cluster) {
+        int major = 0;
+        CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), what);
+        if (major < 9) throw Error("dec_attn test: the cluster variant needs compute capability 9.0");
+    }
+    const int kd = n_head_kv * head_dim, qd = n_head * head_dim, pos = n_kv - 1;
+    // Slot 1 of 2 holds positions 0..pos; slot 0 and positions past pos stay NaN.
+    const int n_ctx = n_kv + 7, slot = 1;
+    Cache c(2, n_ctx, kd, what);
+    {
+        std::vector<int32_t> kv_pos(n_kv), slots(n_kv, slot);
+        for (int i = 0; i < n_kv; ++i) kv_pos[i] = i;
+        DBuf<float> dk(k, size_t(n_kv) * kd, what), dv(v, size_t(n_kv) * kd, what);
+        DBuf<int32_t> dp(kv_pos.data(), kv_pos.size(), what), ds(slots.data(), slots.size(), what);
+        cu::kv_store(dk.p, dv.p, kd, n_kv, kd, ds.p, dp.p, c.k.p, c.v.p, c.slot_stride, 0, what);
+    }
+    DBuf<float> dq(q, size_t(qd), what), out(size_t(qd), what);
+    DBuf<float> part_o(size_t(n_head) * max_splits * head_dim, what);
+    DBuf<float2> part_ml(size_t(n_head) * max_splits, what);
+    DBuf<unsigned> counter(size_t(n_head_kv), what);
+    CUDA_CHECK(cudaMemset(counter.p, 0, counter.n * sizeof(unsigned)), what);
+    const cu::DecState hs{0, pos, slot, 0};
+    DBuf<cu::DecState> st(&hs, 1, what);
+    cu::DecAttnArgs a{};
+    a.q = dq.p;
+    a.kc = c.k.p;
+    a.vc = c.v.p;
+    a.slot_stride = c.slot_stride;
+    a.kv_dim = kd;
+    a.n_head = n_head;
+    a.n_head_kv = n_head_kv;
+    a.head_dim = head_dim;
+    a.scale = 1.0f / std::sqrt(float(head_dim));
+    a.max_splits = max_splits;
+    a.split_keys = split_keys;
+    a.cluster = cluster ? 1 : 0;
+    a.cluster_gran = cluster_gran;
+    a.part_o = part_o.p;
+    a.part_ml = part_ml.p;
+    a.out = out.p;
+    a.counter = counter.p;
+    a.st = st.p;
+    a.pdl_trigger = 1;
+    dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim), what);
+    // Twice on the same buffers: the global merge's completion counters must be back
+    // at zero after a launch, or the second one never merges (its output stays NaN).
+    std::vector<float> r[2];
+    for (int run = 0; run < 2; ++run) {
+        cu::fill_nan(out.p, int64_t(out.n), 0);
+        cu::fill_nan(part_o.p, int64_t(part_o.n), 0);
+        CUDA_CHECK(cudaMemset(part_ml.p, 0xff, part_ml.n * sizeof(float2)), what);  // NaN patterns
+        cu::dec_attention(a, 0, false, what);
+        r[run] = out.download(what);
+    }
+    return {std::move(r[0]), std::move(r[1])};
+}
+
+std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1, const float* act,
+                            const float* norm_w, float eps, const float* y_init, int rows_per_block) {
+    ready();
+    const char* what = mode == cu::DEC_GLU ? "dec_proj test (GLU)" : "dec_proj test (RESID)";
+    if (mode != cu::DEC_RESID && mode != cu::DEC_GLU) throw Error("dec_proj test: mode must be RESID (0) or GLU (1)");
+    const bool glu = mode == cu::DEC_GLU;
+    if (glu != (w1 != nullptr) || glu != (norm_w != nullptr) || glu == (y_init != nullptr))
+        throw Error("dec_proj test: RESID takes one weight and y_init, GLU two weights and norm_w");
+    if (w1 && (w1->n_in != w0.n_in || w1->n_out != w0.n_out)) throw Error("dec_proj test: gate and up differ in shape");
+    if (rows_per_block < 1 || rows_per_block > 64) throw Error("dec_proj test: rows_per_block must be in [1, 64]");
+    const int n_in = int(w0.n_in), n_out = int(w0.n_out);
+    DevWeight d0(w0, "dec_proj test w0");
+    std::unique_ptr<DevWeight> d1;
+    if (w1) d1 = std::make_unique<DevWeight>(*w1, "dec_proj test w1");
+    DBuf<float> da(act, size_t(n_in), what), dn(norm_w, norm_w ? size_t(n_in) : 0, what);
+    DBuf<float> dy(size_t(n_out), what);
+    if (y_init) CUDA_CHECK(cudaMemcpy(dy.p, y_init, dy.n * sizeof(float), cudaMemcpyHostToDevice), what);
+    else cu::fill_nan(dy.p, int64_t(dy.n), 0);
+    cu::DecProjArgs a{};
+    a.w[0] = d0.t;
+    if (d1) a.w[1] = d1->t;
+    a.n_tensors = d1 ? 2 : 1;
+    a.rows_per_block = rows_per_block;
+    a.act = da.p;
+    a.norm_w = dn.p;
+    a.eps = eps;
+    a.need_q8 = cu::dec_int8_type(w0.type) || (w1 && cu::dec_int8_type(w1->type));
+    a.mode = mode;
+    a.y = dy.p;
+    // the engine's plan (plan_proj): n_tensors staged ranges of rows_per_block rows of the longest row
+    const int rb = std::max(d0.t.row_bytes, d1 ? d1->t.row_bytes : 0);
+    a.smem_w = int(size_t(a.n_tensors) * cu::dec_stage_bytes(rows_per_block, rb));
+    a.pdl_trigger = 1;
+    dec_smem(cu::dec_proj_smem(a), what);
+    cu::dec_proj(a, 0, false, what);
+    return dy.download(what);
+}
+
 
 }  // namespace cuda_test
 }  // namespace orcd

@@ -35,7 +35,7 @@ from gguf import GGUFReader
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
-__all__ = ["Qwen2Reference", "rms_norm", "rope_neox", "rope_adjacent", "silu"]
+__all__ = ["Qwen2Reference", "rms_norm", "rope_neox", "rope_adjacent", "silu", "swiglu", "gqa_attention"]
 
 
 # ---------------------------------------------------------------- primitives
@@ -48,6 +48,37 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The FFN's gate: silu(g) * u."""
+    return silu(g) * u
+
+
+def gqa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: Sequence[int],
+                  kv_head_of=None) -> np.ndarray:
+    """Causal GQA attention of q (n_q, n_head, d) over k, v (n_kv, n_head_kv, d),
+    which hold positions 0 .. n_kv-1: query t sees the keys at positions
+    0 .. q_pos[t]. Query head h reads KV head kv_head_of(h) (default
+    h // (n_head / n_head_kv)); scores scaled by 1/sqrt(d); softmax with the
+    row max subtracted. Returns (n_q, n_head, d)."""
+    n_q, n_head, d = q.shape
+    n_kv, n_head_kv = k.shape[0], k.shape[1]
+    if kv_head_of is None:
+        group = n_head // n_head_kv
+        kv_head_of = lambda h: h // group  # noqa: E731
+    scale = 1.0 / np.sqrt(d)
+    mask = np.arange(n_kv)[None, :] > np.asarray(q_pos)[:, None]  # (n_q, n_kv): keys not yet seen
+    out = np.empty((n_q, n_head, d), dtype=q.dtype)
+    for h in range(n_head):
+        kvh = kv_head_of(h)
+        s = (q[:, h, :] @ k[:, kvh, :].T) * scale  # (n_q, n_kv)
+        s = np.where(mask, -np.inf, s)
+        s = s - s.max(axis=-1, keepdims=True)
+        e = np.exp(s)
+        pr = e / e.sum(axis=-1, keepdims=True)
+        out[:, h, :] = pr @ v[:, kvh, :]
+    return out
 
 
 def _rope_angles(positions: np.ndarray, head_dim: int, base: float) -> np.ndarray:
@@ -204,25 +235,15 @@ class Qwen2Reference:
         q = self._rope(q.reshape(n, self.n_head, d), positions)
         k = self._rope(k.reshape(n, self.n_head_kv, d), positions)
         v = v.reshape(n, self.n_head_kv, d)
-        scale = 1.0 / np.sqrt(d)
         # causal: query t sees keys s <= t (by order in the sequence)
-        mask = np.triu(np.ones((n, n), dtype=bool), k=1)
-        out = np.empty((n, self.n_head, d), dtype=x.dtype)
-        for h in range(self.n_head):
-            kvh = self.kv_head_for(h)
-            s = (q[:, h, :] @ k[:, kvh, :].T) * scale  # (n, n)
-            s = np.where(mask, -np.inf, s)
-            s = s - s.max(axis=-1, keepdims=True)
-            e = np.exp(s)
-            pr = e / e.sum(axis=-1, keepdims=True)
-            out[:, h, :] = pr @ v[:, kvh, :]
+        out = gqa_attention(q, k, v, np.arange(n), self.kv_head_for)
         return out.reshape(n, self.n_head * d) @ self.weight(p + "attn_output.weight").T
 
     def ffn(self, il: int, x: np.ndarray) -> np.ndarray:
         p = f"blk.{il}."
         g = x @ self.weight(p + "ffn_gate.weight").T
         u = x @ self.weight(p + "ffn_up.weight").T
-        return (silu(g) * u) @ self.weight(p + "ffn_down.weight").T
+        return swiglu(g, u) @ self.weight(p + "ffn_down.weight").T
 
     def layer(self, il: int, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         p = f"blk.{il}."

@@ -1,10 +1,50 @@
 """Each CUDA kernel of orcd._orcd_cuda against its CPU twin.
 
 Twins: the CPU dequantization (orcd._orcd.dequantize_raw, else gguf.quants,
-which it matches bitwise), float64 NumPy for products, norms, RoPE and
-attention. Inputs are random (fresh per case), of several sizes including odd
-ones, for every weight type; the entry points poison their outputs with NaN
-before the kernel runs, so an unwritten element fails the comparison.
+which it matches bitwise), the CPU engine's named operations (orcd._orcd.cpu_ops_<name>,
+cpp/cpu_ops.h: rmsnorm, add_bias, rope_neox, kv_append, attention, swiglu; the CUDA
+entry point of each has the same name), and the float64 NumPy reference's helpers
+(tests/reference_qwen2.py: rms_norm, rope_neox, gqa_attention, swiglu) for products,
+norms, RoPE and attention. Inputs are random (fresh per case), of several sizes
+including odd ones, for every weight type; the entry points poison their outputs
+(and KV caches) with NaN before the kernel runs, so an unwritten element fails the
+comparison.
+
+Bounds (u32 = 2^-24, the float32 unit roundoff; h = 2^-11, fp16's; rel_err is
+||got - ref|| / ||scale||, scale = the size of the terms, |W|·|x| for products):
+  dequantize_f16  bitwise = float16(CPU dequantization).
+  matvec          rel_err < 1e-5 (float32 dots of exact weights).
+  gemm            rel_err < 2e-3 (x and W rounded to fp16 first: h per element).
+  gemm_f16        rel_err < 1e-4: inputs already fp16, so the products are exact in
+                  float32; only the fp32 accumulation over <= 1000 terms errs
+                  (~sqrt(n) u32 with rounding, n u32 at worst if the tensor cores truncate).
+  dec_matvec, dec_proj
+                  rel_err < 2e-5: int8 code planes (x ~ d(q1 + q2/256), 16-bit codes,
+                  ~1.5e-5 of a chunk's max) for Q4_0/Q5_0/Q8_0/Q4_K/Q6_K, float32 for the
+                  others; GLU with the scale propagated through silu(g)*u.
+  dec_qkv         q: rel_err < 2e-5 as dec_proj (RoPE is a rotation: it keeps the
+                  norms); K/V caches: < 2e-5 + h (+ fp16 rounding of the stored value).
+  rmsnorm         rel_err < 1e-6 (float32 sum of squares); rope_neox < 1e-6; each within
+                  2e-6 of its CPU twin (both within 1e-6 of float64).
+  *_f16 outputs   |got - ref| <= h|ref| + 4e-6 scale + 2^-25 per element (fp16 rounding of
+                  a float32 value within a few u32 of the terms' size `scale`, |ref| for
+                  rmsnorm and swiglu, |x0| + |x1| for a rotated pair; 2^-25 covers fp16
+                  subnormals), and (rmsnorm_f16, swiglu_f16) within one fp16 step of the
+                  CPU twin's float32 result rounded to fp16.
+  f32_to_f16, kv_append, qkv_post's V cache
+                  bitwise = NumPy's float16 rounding (round to nearest even) of the
+                  float32 values.
+  attention, dec_attn
+                  rel_err < 2e-5 against float64 with the fp16-rounded K/V (float32
+                  online softmax over splits); the CPU twin within 3e-5; two launches of
+                  dec_attn on the same buffers bitwise equal.
+  swiglu, add_bias
+                  rel_err < 1e-6 (CPU twin within 2e-6) and < 1e-7 (CPU twin bitwise: one
+                  float32 add).
+  qkv_post        q: rel_err < 1e-6 (as rope_neox, after one float32 bias add), CPU twins
+                  (add_bias, rope_neox) within 2e-6; K cache as the *_f16 outputs (against
+                  float64 and against the CPU twins' float32); V cache
+                  bitwise fp16(v + bv); the rows' k, v parts unchanged.
 
 Skipped as a whole when the CUDA module is not built or no usable GPU is present.
 """
@@ -24,10 +64,9 @@ _status = cu.cuda_status()
 if _status:
     pytest.skip(f"no usable CUDA GPU: {_status}", allow_module_level=True)
 
-try:
-    from orcd import _orcd as core
-except ImportError:
-    core = None
+from orcd import _orcd as core  # noqa: E402  (the CPU twins; built with every orcd)
+
+from reference_qwen2 import gqa_attention, rms_norm, rope_neox, swiglu  # noqa: E402
 
 # id, block size, block bytes, byte offsets of fp16 scale fields in a block
 TYPES = {
@@ -77,7 +116,7 @@ def random_weights(rng, tname: str, n_rows: int, n_in: int) -> np.ndarray:
 
 def cpu_dequant(tname: str, data: np.ndarray, n: int) -> np.ndarray:
     tid = TYPES[tname][0]
-    if core is not None and hasattr(core, "dequantize_raw"):
+    if hasattr(core, "dequantize_raw"):
         return np.asarray(core.dequantize_raw(tid, data, n), dtype=np.float32)
     from gguf import quants
     from gguf.constants import GGMLQuantizationType
@@ -204,8 +243,6 @@ def test_matvec_large_real_shapes():
 
 def test_matvec_matches_cpu_matmul():
     """Same product as the CPU engine's matmul (orcd._orcd.matmul), where available."""
-    if core is None or not hasattr(core, "matmul"):
-        pytest.skip("orcd._orcd.matmul not available")
     for tname in ("Q4_K", "Q5_0", "Q6_K", "Q8_0", "F16", "F32"):
         bs = TYPES[tname][1]
         n_in, n_out = max(bs, 32) * 4, 77
@@ -266,8 +303,7 @@ def test_dec_matvec(tname):
             # with the rmsnorm in front
             nw = rng.uniform(0.5, 1.5, n_in).astype(np.float32)
             y2, arg2 = cu.dec_matvec(tid, w, n_in, n_out, x, norm_w=nw, eps=1e-6)
-            xd = x.astype(np.float64)
-            xn = xd / np.sqrt((xd * xd).mean() + 1e-6) * nw
+            xn = rms_norm(x.astype(np.float64), nw.astype(np.float64), 1e-6)
             e = rel_err(y2, W @ xn, np.abs(W) @ np.abs(xn))
             assert e < 2e-5, f"{tname} {n_in}x{n_out} (rmsnorm): rel err {e:.2e}"
             assert arg2 == int(np.argmax(y2))
@@ -339,9 +375,10 @@ def test_rmsnorm(rows, n):
     w = rng.standard_normal(n).astype(np.float32)
     eps = 1e-6
     got = cu.rmsnorm(x, w, eps)
-    xd = x.astype(np.float64)
-    ref = xd / np.sqrt((xd * xd).mean(axis=1, keepdims=True) + eps) * w
+    ref = rms_norm(x.astype(np.float64), w.astype(np.float64), eps)
     assert rel_err(got, ref) < 1e-6
+    # the CPU twin: double sum of squares, both within 1e-6 of float64
+    assert rel_err(got, core.cpu_ops_rmsnorm(x, w, eps)) < 2e-6
 
 
 @pytest.mark.parametrize("n_tok,n_heads,hd", [(1, 14, 64), (5, 2, 64), (7, 4, 16), (3, 3, 128), (2, 1, 6)])
@@ -351,15 +388,11 @@ def test_rope_neox(n_tok, n_heads, hd):
     pos = rng.integers(0, 32768, n_tok).astype(np.int32)
     pos[0] = 0
     base = 1e6
-    got = cu.rope(x, pos, base)
-    half = hd // 2
-    i = np.arange(half, dtype=np.float64)
-    theta = pos[:, None].astype(np.float64) * base ** (-2.0 * i / hd)[None, :]  # [n_tok, half]
-    c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-    x0, x1 = x[..., :half].astype(np.float64), x[..., half:].astype(np.float64)
-    ref = np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    got = cu.rope_neox(x, pos, base)
+    ref = rope_neox(x.astype(np.float64), pos, base)
     assert rel_err(got, ref) < 1e-6
     np.testing.assert_array_equal(got[0], x[0])  # position 0: no rotation
+    assert rel_err(got, core.cpu_ops_rope_neox(x, pos, base)) < 2e-6
 
 
 def test_swiglu_and_bias():
@@ -367,31 +400,36 @@ def test_swiglu_and_bias():
     for n in (1, 33, 4864 * 3):
         g = (rng.standard_normal(n) * 4).astype(np.float32)
         u = rng.standard_normal(n).astype(np.float32)
-        gd = g.astype(np.float64)
-        assert rel_err(cu.swiglu(g, u), gd / (1 + np.exp(-gd)) * u) < 1e-6
+        got = cu.swiglu(g, u)
+        assert rel_err(got, swiglu(g.astype(np.float64), u.astype(np.float64))) < 1e-6
+        assert rel_err(got, core.cpu_ops_swiglu(g, u)) < 2e-6
     for rows, n in ((1, 5), (7, 896), (3, 130)):
         x = rng.standard_normal((rows, n)).astype(np.float32)
         b = rng.standard_normal(n).astype(np.float32)
-        assert rel_err(cu.add_bias(x, b), x.astype(np.float64) + b) < 1e-7
+        got = cu.add_bias(x, b)
+        assert rel_err(got, x.astype(np.float64) + b) < 1e-7
+        # one float32 add each: bitwise
+        np.testing.assert_array_equal(got, core.cpu_ops_add_bias(x, b))
 
 
 # ------------------------------------------------------------------ attention
 
 def _ref_attention(q, k, v, pos):
-    n_q, n_head, hd = q.shape
-    n_head_kv = k.shape[1]
-    group = n_head // n_head_kv
-    k16 = k.astype(np.float16).astype(np.float64)  # the cache holds fp16
+    """float64 attention over the fp16-rounded K/V (the cache holds fp16)."""
+    k16 = k.astype(np.float16).astype(np.float64)
     v16 = v.astype(np.float16).astype(np.float64)
-    out = np.zeros(q.shape, np.float64)
-    for t in range(n_q):
-        L = int(pos[t]) + 1
-        for h in range(n_head):
-            kh = k16[:L, h // group, :]
-            s = kh @ q[t, h].astype(np.float64) / np.sqrt(hd)
-            p = np.exp(s - s.max())
-            out[t, h] = (p / p.sum()) @ v16[:L, h // group, :]
-    return out
+    return gqa_attention(q.astype(np.float64), k16, v16, pos)
+
+
+def _cpu_attention(q, k, v, pos):
+    """The CPU twin (kv_append + attention) on the fp16-rounded K/V, one slot."""
+    n_kv, n_head_kv, hd = k.shape
+    kt = np.full((1, n_head_kv, hd, n_kv), np.nan, np.float32)
+    vc = np.full((1, n_kv, n_head_kv * hd), np.nan, np.float32)
+    k16 = k.astype(np.float16).astype(np.float32)
+    v16 = v.astype(np.float16).astype(np.float32)
+    core.cpu_ops_kv_append(kt, vc, k16, v16, np.zeros(n_kv, np.int32), np.arange(n_kv, dtype=np.int32))
+    return core.cpu_ops_attention(q, kt, vc, np.zeros(len(pos), np.int32), np.asarray(pos, np.int32))
 
 
 @pytest.mark.parametrize("n_q,n_kv,n_head,n_head_kv,hd,mode,split", [
@@ -421,6 +459,8 @@ def test_attention(n_q, n_kv, n_head, n_head_kv, hd, mode, split):
     got = cu.attention(q, k, v, pos, split_len=split)
     e = rel_err(got, _ref_attention(q, k, v, pos))
     assert e < 2e-5, f"rel err {e:.2e}"
+    e = rel_err(got, _cpu_attention(q, k, v, pos))
+    assert e < 3e-5, f"rel err {e:.2e} against the CPU twin"
 
 
 def test_attention_splits_agree():
@@ -433,3 +473,364 @@ def test_attention_splits_agree():
     base = cu.attention(q, k, v, pos, split_len=100000)
     for s in (1, 64, 256, 999):
         assert rel_err(cu.attention(q, k, v, pos, split_len=s), base) < 1e-5
+
+
+# ------------------------------------------------------------------ fp16 helpers
+
+H = 2.0 ** -11  # fp16 unit roundoff
+F16_SUB = 2.0 ** -25  # half of fp16's smallest subnormal step
+
+
+def assert_f16_close(got, ref64, scale=None, rel=4e-6, what=""):
+    """got (float16) is ref64 rounded to fp16 after a float32 error of at most rel·scale
+    (scale: the size of the terms, |ref| by default): per element
+    |got - ref| <= h|ref| + rel·scale + 2^-25, and nothing left NaN."""
+    ref64 = np.asarray(ref64, np.float64)
+    scale = np.abs(ref64) if scale is None else np.asarray(scale, np.float64)
+    g = np.asarray(got).astype(np.float64)
+    assert np.all(np.isfinite(g)), f"{what}: {np.count_nonzero(~np.isfinite(g))} non-finite outputs (unwritten?)"
+    bad = np.abs(g - ref64) > H * np.abs(ref64) + rel * scale + F16_SUB
+    assert not bad.any(), f"{what}: {np.count_nonzero(bad)} elements beyond fp16 rounding, first at {np.argmax(bad)}"
+
+
+def assert_within_f16_ulp(got, twin32, what=""):
+    """got (float16) within one fp16 step of the twin's float32 result rounded to fp16."""
+    t16 = np.asarray(twin32, np.float32).astype(np.float16)
+    step = np.spacing(np.abs(t16)).astype(np.float64)
+    d = np.abs(np.asarray(got).astype(np.float64) - t16.astype(np.float64))
+    assert np.all(d <= step), f"{what}: {np.count_nonzero(d > step)} elements more than one fp16 step from the twin"
+
+
+# ------------------------------------------------------------------ KV append and the fused prompt kernels
+
+def _cpu_cache(n_slots, n_ctx, n_head_kv, hd, k, v, slots, pos):
+    """The CPU twin's caches after kv_append, as [n_slots, n_ctx, n_head_kv, hd] (K untransposed)."""
+    kt = np.full((n_slots, n_head_kv, hd, n_ctx), np.nan, np.float32)
+    vc = np.full((n_slots, n_ctx, n_head_kv * hd), np.nan, np.float32)
+    core.cpu_ops_kv_append(kt, vc, k, v, slots, pos)
+    return kt.transpose(0, 3, 1, 2), vc.reshape(n_slots, n_ctx, n_head_kv, hd)
+
+
+def test_kv_append():
+    """The KV-store kernel: token t's rows go to (slots[t], pos[t]) as fp16 (bitwise the
+    float16 rounding of the CPU twin's float32 cache); every other entry stays NaN."""
+    rng = rng_for("kv_append")
+    n_slots, n_ctx, n_head_kv, hd = 3, 11, 2, 64
+    pairs = rng.permutation(n_slots * n_ctx)[:9]  # distinct (slot, pos)
+    slots, pos = (pairs // n_ctx).astype(np.int32), (pairs % n_ctx).astype(np.int32)
+    k = (rng.standard_normal((9, n_head_kv, hd)) * 3).astype(np.float32)
+    v = (rng.standard_normal((9, n_head_kv, hd)) * 3).astype(np.float32)
+    kc, vc = cu.kv_append(k, v, slots, pos, n_slots, n_ctx)
+    assert kc.shape == (n_slots, n_ctx, n_head_kv, hd)
+    ck, cv = _cpu_cache(n_slots, n_ctx, n_head_kv, hd, k, v, slots, pos)
+    written = np.zeros((n_slots, n_ctx), bool)
+    written[slots, pos] = True
+    np.testing.assert_array_equal(kc[written], ck[written].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(vc[written], cv[written].astype(np.float16).astype(np.float32))
+    assert np.isnan(kc[~written]).all() and np.isnan(vc[~written]).all()
+    with pytest.raises(ValueError, match="pos 11 out of range"):
+        cu.kv_append(k[:1], v[:1], np.array([0], np.int32), np.array([11], np.int32), n_slots, n_ctx)
+
+
+@pytest.mark.parametrize("n_tok,n_head,n_head_kv,hd,biases", [
+    (1, 14, 2, 64, True),    # Qwen2.5-0.5B, one token
+    (40, 14, 2, 64, True),   # a prompt chunk
+    (7, 4, 4, 128, False),   # no biases
+    (5, 3, 1, 6, True),      # odd sizes
+])
+def test_qkv_post(n_tok, n_head, n_head_kv, hd, biases):
+    """Bias + NEOX RoPE + KV append in one kernel against the CPU twins in sequence
+    (add_bias, rope_neox, kv_append) and float64: q roped in place, k roped into the
+    cache, v (+ bias) into the cache; the rows' k and v parts are left as they were."""
+    rng = rng_for("qkv_post", n_tok, n_head, hd, biases)
+    qd, kd = n_head * hd, n_head_kv * hd
+    n_slots, n_ctx = 2, (40000 if kd <= 128 else 3000)  # positions past 32768 where the caches stay small
+    qkv = (rng.standard_normal((n_tok, qd + 2 * kd)) * 2).astype(np.float32)
+    bq, bk, bv = (rng.standard_normal(d).astype(np.float32) if biases else None for d in (qd, kd, kd))
+    pos = rng.integers(0, n_ctx, n_tok).astype(np.int32)
+    pos[0] = 0
+    slots = rng.integers(0, n_slots, n_tok).astype(np.int32)
+    _, uniq = np.unique(slots.astype(np.int64) * n_ctx + pos, return_index=True)
+    keep = np.sort(uniq)  # distinct (slot, pos): each entry has one writer
+    qkv, pos, slots, n_tok = qkv[keep], pos[keep], slots[keep], len(keep)
+    base = 1e6
+    got, kc, vc = cu.qkv_post(qkv, n_head, n_head_kv, hd, pos, slots, base, n_slots, n_ctx, bq=bq, bk=bk, bv=bv)
+    assert got.shape == qkv.shape and kc.shape == (n_slots, n_ctx, kd)
+    zero = lambda d: np.zeros(d, np.float32)  # noqa: E731
+    bq, bk, bv = (b if b is not None else zero(d) for b, d in ((bq, qd), (bk, kd), (bv, kd)))
+    q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+    # the CPU twins in the engine's order
+    q_cpu = core.cpu_ops_rope_neox(core.cpu_ops_add_bias(q, bq).reshape(n_tok, n_head, hd), pos, base)
+    k_cpu = core.cpu_ops_rope_neox(core.cpu_ops_add_bias(k, bk).reshape(n_tok, n_head_kv, hd), pos, base)
+    v_cpu = core.cpu_ops_add_bias(v, bv).reshape(n_tok, n_head_kv, hd)
+    ck, cv = _cpu_cache(n_slots, n_ctx, n_head_kv, hd, k_cpu, v_cpu, slots, pos)
+    # float64
+    q64 = rope_neox((q.astype(np.float64) + bq).reshape(n_tok, n_head, hd), pos, base)
+    k64 = rope_neox((k.astype(np.float64) + bk).reshape(n_tok, n_head_kv, hd), pos, base)
+
+    gq = got[:, :qd].reshape(n_tok, n_head, hd)
+    assert rel_err(gq, q64) < 1e-6
+    assert rel_err(gq, q_cpu) < 2e-6
+    np.testing.assert_array_equal(got[:, qd:], qkv[:, qd:])
+    written = np.zeros((n_slots, n_ctx), bool)
+    written[slots, pos] = True
+    gk = kc[written].reshape(-1, n_head_kv, hd)
+    order = np.lexsort((pos, slots))  # rows of kc[written] come in (slot, pos) order
+    # an element of a rotated pair can cancel to ~0: its float32 error is relative to the
+    # pair's size |x0| + |x1|, not to itself
+    kb = np.abs(k.astype(np.float64) + bk).reshape(n_tok, n_head_kv, 2, hd // 2)
+    pair = np.concatenate([kb.sum(axis=2)] * 2, axis=-1)[order]
+    assert_f16_close(gk, k64[order], scale=pair, what="K cache")
+    assert_f16_close(gk, ck[written].reshape(-1, n_head_kv, hd), scale=pair, what="K cache vs CPU twin")
+    np.testing.assert_array_equal(vc[written].reshape(-1, n_head_kv, hd),
+                                  cv[written].astype(np.float16).astype(np.float32))  # one float add, then fp16
+    assert np.isnan(kc[~written]).all() and np.isnan(vc[~written]).all()
+
+
+@pytest.mark.parametrize("rows,n", [(1, 7), (3, 64), (5, 896), (2, 4864), (64, 257)])
+def test_rmsnorm_f16(rows, n):
+    rng = rng_for("rms16", rows, n)
+    x = (rng.standard_normal((rows, n)) * rng.uniform(0.1, 30)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    got = cu.rmsnorm_f16(x, w, 1e-6)
+    assert got.dtype == np.float16 and got.shape == (rows, n)
+    assert_f16_close(got, rms_norm(x.astype(np.float64), w.astype(np.float64), 1e-6), what="rmsnorm_f16")
+    assert_within_f16_ulp(got, core.cpu_ops_rmsnorm(x, w, 1e-6), what="rmsnorm_f16 vs CPU twin")
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 33), (9, 4864), (600, 130)])
+def test_swiglu_f16(rows, n):
+    rng = rng_for("swiglu16", rows, n)
+    gu = (rng.standard_normal((rows, 2 * n)) * 3).astype(np.float32)
+    got = cu.swiglu_f16(gu)
+    assert got.dtype == np.float16 and got.shape == (rows, n)
+    g, u = gu[:, :n], gu[:, n:]
+    assert_f16_close(got, swiglu(g.astype(np.float64), u.astype(np.float64)), what="swiglu_f16")
+    assert_within_f16_ulp(got, core.cpu_ops_swiglu(np.ascontiguousarray(g), np.ascontiguousarray(u)),
+                          what="swiglu_f16 vs CPU twin")
+
+
+def test_f32_to_f16():
+    """Round to nearest even, bitwise as NumPy's float16: ordinary values, fp16
+    subnormals, exact ties, overflow to inf, signed zeros, infinities; NaN stays NaN."""
+    rng = rng_for("f32_to_f16")
+    special = np.array([0.0, -0.0, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 65504.0, 65520.0, 65519.99, 1e6, -1e6,
+                        2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -26, 6.1e-5, np.inf, -np.inf], np.float32)
+    for n in (1, 17, 70001):
+        x = np.concatenate([special, (rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 5, n)).astype(np.float32)])
+        got = cu.f32_to_f16(x)
+        assert got.dtype == np.float16 and got.shape == x.shape
+        np.testing.assert_array_equal(got.view(np.uint16), x.astype(np.float16).view(np.uint16))
+    assert np.isnan(cu.f32_to_f16(np.array([np.nan], np.float32))).all()
+
+
+@pytest.mark.parametrize("rows,n_in,n_out", [(1, 7, 5), (9, 896, 130), (37, 64, 896), (128, 1000, 67)])
+def test_gemm_f16(rows, n_in, n_out):
+    """cublasGemmEx on fp16 operands: the products are exact, so only the float32
+    accumulation errs; with y it accumulates (beta = 1) into y."""
+    rng = rng_for("gemm16", rows, n_in, n_out)
+    a = rng.standard_normal((n_out, n_in)).astype(np.float16)
+    x = (rng.standard_normal((rows, n_in)) * 2).astype(np.float16)
+    ad, xd = a.astype(np.float64), x.astype(np.float64)
+    ref, mag = xd @ ad.T, np.abs(xd) @ np.abs(ad).T
+    got = cu.gemm_f16(a.view(np.uint16), x.view(np.uint16))
+    assert got.shape == (rows, n_out)
+    e = rel_err(got, ref, mag)
+    assert e < 1e-4, f"rel err {e:.2e}"
+    y0 = rng.standard_normal((rows, n_out)).astype(np.float32)
+    got = cu.gemm_f16(a.view(np.uint16), x.view(np.uint16), y=y0)
+    e = rel_err(got, ref + y0, mag + np.abs(y0))
+    assert e < 1e-4, f"rel err {e:.2e} (accumulate)"
+
+
+# ------------------------------------------------------------------ the fused decode step
+
+def _fit_rows(rb, tname, n_in, n_tensors):
+    """rows_per_block shrunk until n_tensors staged ranges fit 160 KB of shared memory
+    (as the engine's plan does for long rows, e.g. float32 ones)."""
+    row_bytes = n_in // TYPES[tname][1] * TYPES[tname][2]
+    while rb > 1 and n_tensors * (rb * row_bytes + 48) > 160 * 1024:
+        rb -= 1
+    return rb
+
+
+def _dequant_rows(tname, w, n_out, n_in):
+    return cpu_dequant(tname, w, n_out * n_in).reshape(n_out, n_in).astype(np.float64)
+
+
+def _n_embd_for(*tnames):
+    """An n_embd every type's block divides (K-quants: 256), not a power of two where possible."""
+    return 768 if any(TYPES[t][1] == 256 for t in tnames) else 896
+
+
+@pytest.mark.parametrize("tq,tk,tv", [
+    ("Q5_0", "Q5_0", "Q8_0"), ("Q4_K", "Q4_K", "Q6_K"), ("Q4_0", "Q4_0", "Q8_0"), ("Q5_K", "Q5_K", "Q6_K"),
+    ("F16", "F16", "F16"), ("Q8_0", "Q8_0", "Q8_0"), ("Q4_K", "Q4_K", "Q4_K"), ("Q6_K", "Q6_K", "Q6_K"),
+    ("F32", "F32", "F32"), ("BF16", "BF16", "BF16"), ("Q4_1", "Q4_1", "Q4_1"), ("Q3_K", "Q3_K", "Q3_K"),
+    ("Q4_K", "Q8_0", "F16"),  # q and k of different types: the generic instance
+])
+def test_dec_qkv(tq, tk, tv):
+    """rmsnorm -> q/k/v row dots + bias -> RoPE -> q out, K/V into slot 1 at pos, against
+    float64 (the NumPy reference's rms_norm and rope_neox on the dequantized weights)."""
+    n_embd = _n_embd_for(tq, tk, tv)
+    n_head, n_head_kv, hd = 14, 2, 64
+    qd, kd = n_head * hd, n_head_kv * hd
+    n_slots, n_ctx, base, eps = 2, 5000, 1e6, 1e-6
+    # S = 32 stages 64 rows per block: 2 x 32 float32 rows of 896 would not fit in shared memory
+    s_max = 16 if "F32" in (tq, tk, tv) else 32
+    for pos, slot, biases, S in ((0, 0, True, 0), (4321, 1, True, 0), (17, 1, False, 3), (999, 0, True, s_max)):
+        rng = rng_for("dec_qkv", tq, tk, tv, pos)
+        ws = [random_weights(rng, t, d, n_embd) for t, d in ((tq, qd), (tk, kd), (tv, kd))]
+        x = (rng.standard_normal(n_embd) * rng.uniform(0.1, 3.0, n_embd)).astype(np.float32)
+        nw = rng.uniform(0.5, 1.5, n_embd).astype(np.float32)
+        bs = [rng.standard_normal(d).astype(np.float32) if biases else None for d in (qd, kd, kd)]
+        q, kc, vc, xo = cu.dec_qkv(TYPES[tq][0], ws[0], TYPES[tk][0], ws[1], TYPES[tv][0], ws[2], n_embd, n_head,
+                                   n_head_kv, hd, nw, eps, base, pos, slot, n_slots, n_ctx, x=x, bq=bs[0], bk=bs[1],
+                                   bv=bs[2], rows_per_part=S)
+        assert xo is None and q.shape == (qd,) and kc.shape == (n_slots, n_ctx, kd)
+        h = rms_norm(x.astype(np.float64), nw.astype(np.float64), eps)
+        ref, mag = [], []
+        for t, w, b, d in zip((tq, tk, tv), ws, bs, (qd, kd, kd)):
+            W = _dequant_rows(t, w, d, n_embd)
+            ref.append(W @ h + (b if b is not None else 0.0))
+            mag.append(np.abs(W) @ np.abs(h) + (np.abs(b) if b is not None else 0.0))
+        pa = np.array([pos])
+        rq = rope_neox(ref[0].reshape(1, n_head, hd), pa, base).reshape(-1)
+        rk = rope_neox(ref[1].reshape(1, n_head_kv, hd), pa, base).reshape(-1)
+        what = f"{tq}/{tk}/{tv} pos={pos} S={S}"
+        e = rel_err(q, rq, mag[0])
+        assert e < 2e-5, f"{what}: q rel err {e:.2e}"
+        e = rel_err(kc[slot, pos], rk, mag[1])
+        assert e < 2e-5 + H, f"{what}: K rel err {e:.2e}"
+        e = rel_err(vc[slot, pos], ref[2], mag[2])
+        assert e < 2e-5 + H, f"{what}: V rel err {e:.2e}"
+        written = np.zeros((n_slots, n_ctx), bool)
+        written[slot, pos] = True
+        assert np.isnan(kc[~written]).all() and np.isnan(vc[~written]).all(), f"{what}: writes outside (slot, pos)"
+
+
+@pytest.mark.parametrize("t_emb", ["F16", "Q8_0", "Q4_K", "Q6_K", "F32"])
+def test_dec_qkv_embedding_input(t_emb):
+    """Layer 0: the input is row `token` of the embedding (any type), which block 0 also
+    writes to the residual stream: bitwise the CPU dequantization of that row."""
+    n_embd, n_vocab, n_head, n_head_kv, hd = 768, 50, 4, 2, 64
+    qd, kd = n_head * hd, n_head_kv * hd
+    rng = rng_for("dec_qkv_emb", t_emb)
+    emb = random_weights(rng, t_emb, n_vocab, n_embd)
+    ws = [random_weights(rng, "Q4_K", d, n_embd) for d in (qd, kd, kd)]
+    nw = rng.uniform(0.5, 1.5, n_embd).astype(np.float32)
+    token, pos = 37, 5
+    q, kc, vc, xo = cu.dec_qkv(12, ws[0], 12, ws[1], 12, ws[2], n_embd, n_head, n_head_kv, hd, nw, 1e-6, 1e4, pos, 0,
+                               1, 8, emb_type=TYPES[t_emb][0], emb=emb, n_vocab=n_vocab, token=token)
+    row = _dequant_rows(t_emb, emb, n_vocab, n_embd)[token]
+    np.testing.assert_array_equal(xo, row.astype(np.float32))
+    h = rms_norm(row, nw.astype(np.float64), 1e-6)
+    W = _dequant_rows("Q4_K", ws[0], qd, n_embd)
+    rq = rope_neox((W @ h).reshape(1, n_head, hd), np.array([pos]), 1e4).reshape(-1)
+    assert rel_err(q, rq, np.abs(W) @ np.abs(h)) < 2e-5
+    Wv = _dequant_rows("Q4_K", ws[2], kd, n_embd)
+    assert rel_err(vc[0, pos], Wv @ h, np.abs(Wv) @ np.abs(h)) < 2e-5 + H
+
+
+def _has_cc90() -> bool:
+    return int(cu.device_info()["compute_capability"].split(".")[0]) >= 9
+
+
+# (n_head/n_head_kv)*head_dim = 448, 1536, 768, 128, 32: the kernel's instances of 2, 8, 3, 1, 1
+# outputs per thread (a group of 2048 would need more shared memory for the merge than a block has)
+@pytest.mark.parametrize("n_head,n_head_kv,hd", [(14, 2, 64), (12, 1, 128), (12, 2, 128), (4, 4, 128), (8, 2, 8)])
+@pytest.mark.parametrize("variant", ["cluster", "global"])
+def test_dec_attn(n_head, n_head_kv, hd, variant):
+    """The decode attention of one query at position n_kv-1 of slot 1 (slot 0 and later
+    positions NaN: reading them would show), in both merge variants, against float64
+    and the CPU twin; a second launch on the same buffers gives the same bits (the global
+    merge's completion counters are reset by the kernel)."""
+    cluster = variant == "cluster"
+    if cluster and not _has_cc90():
+        pytest.skip("the cluster attention needs compute capability 9.0")
+    plans = ([dict(cluster_gran=g) for g in (1, 8, 32)] if cluster else
+             [dict(split_keys=32), dict(split_keys=128), dict(max_splits=1), dict(max_splits=5, split_keys=32)])
+    for n_kv in (1, 7, 33, 100, 1000, 3000):
+        rng = rng_for("dec_attn", n_head, n_head_kv, hd, n_kv)
+        q = (rng.standard_normal((n_head, hd)) * 2).astype(np.float32)
+        k = rng.standard_normal((n_kv, n_head_kv, hd)).astype(np.float32)
+        v = rng.standard_normal((n_kv, n_head_kv, hd)).astype(np.float32)
+        pos = np.array([n_kv - 1])
+        ref = _ref_attention(q[None], k, v, pos)[0]
+        cpu = _cpu_attention(q[None], k, v, pos)[0]
+        for plan in plans:
+            out, again = cu.dec_attn(q, k, v, cluster, **plan)
+            what = f"{variant} {plan} n_kv={n_kv}"
+            e = rel_err(out, ref)
+            assert e < 2e-5, f"{what}: rel err {e:.2e}"
+            e = rel_err(out, cpu)
+            assert e < 3e-5, f"{what}: rel err {e:.2e} against the CPU twin"
+            np.testing.assert_array_equal(again, out, err_msg=what)
+
+
+def test_dec_attn_variants_agree():
+    """Cluster and global merge on the same long cache: both within float32 of each other."""
+    if not _has_cc90():
+        pytest.skip("the cluster attention needs compute capability 9.0")
+    rng = rng_for("dec_attn_agree")
+    q = (rng.standard_normal((14, 64)) * 3).astype(np.float32)
+    k = rng.standard_normal((2000, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((2000, 2, 64)).astype(np.float32)
+    a, _ = cu.dec_attn(q, k, v, True)
+    b, _ = cu.dec_attn(q, k, v, False)
+    assert rel_err(a, b) < 2e-5
+
+
+@pytest.mark.parametrize("tname", ALL_TYPES)
+def test_dec_proj_resid(tname):
+    """RESID mode: y = y_init + W · act (no norm), blocks of 1..64 rows, n_out not a
+    multiple of the block; each row's old value is read before it is written."""
+    tid, bs = TYPES[tname][0], TYPES[tname][1]
+    for n_in in ([256, 768] if bs == 256 else [32, 96, 896]):
+        for n_out, rb in ((1, 8), (67, 8), (200, 64), (130, 5)):
+            rb = _fit_rows(rb, tname, n_in, 1)
+            rng = rng_for("dec_resid", tname, n_in, n_out, rb)
+            w = random_weights(rng, tname, n_out, n_in)
+            x = (rng.standard_normal(n_in) * rng.uniform(0.1, 3.0, n_in)).astype(np.float32)
+            y0 = rng.standard_normal(n_out).astype(np.float32)
+            got = cu.dec_proj(0, tid, w, n_in, n_out, x, y=y0, rows_per_block=rb)
+            W = _dequant_rows(tname, w, n_out, n_in)
+            xd = x.astype(np.float64)
+            e = rel_err(got, y0 + W @ xd, np.abs(y0) + np.abs(W) @ np.abs(xd))
+            assert e < 2e-5, f"{tname} {n_in}x{n_out} rb={rb}: rel err {e:.2e}"
+
+
+@pytest.mark.parametrize("tg,tu", [(t, t) for t in ALL_TYPES] + [("Q4_K", "Q6_K"), ("Q8_0", "F16")])
+def test_dec_proj_glu(tg, tu):
+    """GLU mode: y = silu(Wg · h) * (Wu · h), h = rmsnorm(act) * norm_w (mixed gate/up
+    types run the generic instance). The error bound propagates the row dots' error
+    through silu(g)*u: scale = |silu'(g)| |u| |Wg||h| + |silu(g)| |Wu||h|."""
+    n_in = _n_embd_for(tg, tu)
+    for n_out, rb in ((5, 8), (200, 16), (130, 64)):
+        rb = min(_fit_rows(rb, tg, n_in, 2), _fit_rows(rb, tu, n_in, 2))
+        rng = rng_for("dec_glu", tg, tu, n_out)
+        wg, wu = random_weights(rng, tg, n_out, n_in), random_weights(rng, tu, n_out, n_in)
+        Wg, Wu = _dequant_rows(tg, wg, n_out, n_in), _dequant_rows(tu, wu, n_out, n_in)
+        x = (rng.standard_normal(n_in) * rng.uniform(0.1, 3.0, n_in)).astype(np.float32)
+        # norm weights scaled so the gate's values are a few units: silu's curved part
+        g1 = Wg @ rms_norm(x.astype(np.float64), 1.0, 1e-6)
+        nw = (rng.uniform(0.5, 1.5, n_in) * 3.0 / max(np.std(g1), 1e-30)).astype(np.float32)
+        got = cu.dec_proj(1, TYPES[tg][0], wg, n_in, n_out, x, type1=TYPES[tu][0], w1=wu, norm_w=nw, eps=1e-6,
+                          rows_per_block=rb)
+        assert got.shape == (n_out,)
+        h = rms_norm(x.astype(np.float64), nw.astype(np.float64), 1e-6)
+        g, u = Wg @ h, Wu @ h
+        sig = 1.0 / (1.0 + np.exp(-g))
+        dsilu = sig * (1.0 + g * (1.0 - sig))
+        scale = np.abs(dsilu) * np.abs(u) * (np.abs(Wg) @ np.abs(h)) + np.abs(g * sig) * (np.abs(Wu) @ np.abs(h))
+        e = rel_err(got, swiglu(g, u), scale)
+        assert e < 2e-5, f"{tg}/{tu} n_out={n_out} rb={rb}: rel err {e:.2e}"
+
+
+def test_dec_proj_rejects_bad_modes():
+    w = random_weights(rng_for("dec_bad"), "Q8_0", 8, 32)
+    x = np.zeros(32, np.float32)
+    with pytest.raises(ValueError, match="RESID takes one weight"):
+        cu.dec_proj(0, 8, w, 32, 8, x)  # RESID without y
+    with pytest.raises(ValueError, match="rows_per_block"):
+        cu.dec_proj(0, 8, w, 32, 8, x, y=np.zeros(8, np.float32), rows_per_block=65)

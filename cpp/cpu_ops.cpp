@@ -1,0 +1,116 @@
+// cpu_ops.cpp - the CPU engine's operations (cpu_ops.h).
+#include "cpu_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace orcd {
+namespace cpu_ops {
+
+void rmsnorm(const float* x, const float* w, float* out, int n, int d, float eps) {
+    for (int t = 0; t < n; ++t) {
+        const float* xr = x + (size_t)t * d;
+        float* o = out + (size_t)t * d;
+        double ss = 0;
+        for (int i = 0; i < d; ++i) ss += (double)xr[i] * xr[i];
+        float scale = (float)(1.0 / std::sqrt(ss / d + eps));
+        for (int i = 0; i < d; ++i) o[i] = xr[i] * scale * w[i];
+    }
+}
+
+void add_bias(float* y, const float* b, int n, int d) {
+    for (int t = 0; t < n; ++t)
+        for (int i = 0; i < d; ++i) y[(size_t)t * d + i] += b[i];
+}
+
+void rope_inv_freq(int head_dim, double base, double* inv_freq) {
+    for (int i = 0; i < head_dim / 2; ++i) inv_freq[i] = std::pow(base, -2.0 * i / head_dim);
+}
+
+void rope_tables(const int32_t* pos, int n, const double* inv_freq, int half, float* cs, float* sn) {
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < half; ++j) {
+            double a = (double)pos[i] * inv_freq[j];
+            cs[(size_t)i * half + j] = (float)std::cos(a);
+            sn[(size_t)i * half + j] = (float)std::sin(a);
+        }
+}
+
+void rope_neox(float* x, int n_heads, int head_dim, const float* cs, const float* sn) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < n_heads; ++h) {
+        float* v = x + (size_t)h * head_dim;
+        for (int i = 0; i < half; ++i) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = a * sn[i] + b * cs[i];
+        }
+    }
+}
+
+void kv_append(const KvCache& kv, const float* k, const float* v, int n, const int32_t* slots, const int32_t* pos) {
+    const int D = kv.head_dim, kv_dim = kv.kv_dim();
+    for (int i = 0; i < n; ++i) {
+        float* ks = kv.k + (size_t)slots[i] * kv.slot_stride;
+        const float* ki = k + (size_t)i * kv_dim;
+        for (int g = 0; g < kv.n_head_kv; ++g) {
+            float* kt = ks + (size_t)g * D * kv.n_ctx;
+            const float* kg = ki + (size_t)g * D;
+            for (int e = 0; e < D; ++e) kt[(size_t)e * kv.n_ctx + pos[i]] = kg[e];
+        }
+        std::memcpy(kv.v + (size_t)slots[i] * kv.slot_stride + (size_t)pos[i] * kv_dim, v + (size_t)i * kv_dim,
+                    kv_dim * sizeof(float));
+    }
+}
+
+void attention(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots, const int32_t* pos,
+               float* out, ThreadPool& pool) {
+    const int D = kv.head_dim, kv_dim = kv.kv_dim(), n_ctx = kv.n_ctx;
+    const int q_dim = n_head * D, group = n_head / kv.n_head_kv;
+    const float scale = 1.0f / std::sqrt((float)D);
+    pool.parallel_for((int64_t)n * n_head, [&](int64_t t0, int64_t t1, int) {
+        std::vector<float> sc(n_ctx);
+        for (int64_t t = t0; t < t1; ++t) {
+            const int i = (int)(t / n_head), h = (int)(t % n_head), kvh = h / group;
+            const float* qh = q + (size_t)i * q_dim + (size_t)h * D;
+            const int len = pos[i] + 1;  // keys 0..pos[i] of this token's slot
+            const float* kt = kv.k + (size_t)slots[i] * kv.slot_stride + (size_t)kvh * D * n_ctx;
+            const float* vb = kv.v + (size_t)slots[i] * kv.slot_stride + (size_t)kvh * D;
+            // scores: sc[j] = scale * sum_e q[e] * K[j][e], accumulated row by row of Kᵀ
+            float* scp = sc.data();
+            std::fill(scp, scp + len, 0.f);
+            for (int e = 0; e < D; ++e) {
+                const float qe = qh[e] * scale;
+                const float* kr = kt + (size_t)e * n_ctx;
+                for (int j = 0; j < len; ++j) scp[j] += qe * kr[j];
+            }
+            float mx = -INFINITY;
+            for (int j = 0; j < len; ++j) mx = std::max(mx, scp[j]);
+            double sum = 0;
+            for (int j = 0; j < len; ++j) {
+                scp[j] = std::exp(scp[j] - mx);
+                sum += scp[j];
+            }
+            const float inv = (float)(1.0 / sum);
+            float* o = out + (size_t)i * q_dim + (size_t)h * D;
+            std::fill(o, o + D, 0.f);
+            for (int j = 0; j < len; ++j) {
+                const float w = scp[j] * inv;
+                const float* vj = vb + (size_t)j * kv_dim;
+                for (int e = 0; e < D; ++e) o[e] += w * vj[e];
+            }
+        }
+    });
+}
+
+void swiglu(float* g, const float* u, int64_t n, ThreadPool& pool) {
+    // ~2.5M exp per layer for a 512-token prompt, so split over the pool
+    pool.parallel_for(n, [&](int64_t e0, int64_t e1, int) {
+        for (int64_t e = e0; e < e1; ++e) g[e] = g[e] / (1.0f + std::exp(-g[e])) * u[e];
+    }, 1024);
+}
+
+}  // namespace cpu_ops
+}  // namespace orcd

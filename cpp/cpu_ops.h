@@ -1,0 +1,68 @@
+// cpu_ops.h - the CPU engine's operations, one named function each, in the
+// order cpu_engine.cpp's run() calls them:
+//
+//   rmsnorm -> (matmul q, k, v: matmul.h) -> add_bias -> rope_neox -> kv_append
+//   -> attention -> (matmul o, residual) -> rmsnorm -> (matmul gate, up) -> swiglu
+//   -> (matmul down, residual)
+//
+// Each name is also the name of the CUDA twin's test entry point
+// (orcd._orcd_cuda.<name>, cuda/kernel_tests.cu), and each is bound as
+// orcd._orcd.cpu_ops_<name> (cpp/bindings.cpp) so tests/test_cpu_ops.py and
+// tests/test_cuda_kernels.py can run one operation on their own data.
+// No argument checks here (hot loops); the bindings check shapes and ranges.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "threadpool.h"
+
+namespace orcd {
+namespace cpu_ops {
+
+// out[t][i] = x[t][i] / sqrt(mean(x[t]²) + eps) * w[i] for n rows of d (sum of squares in double).
+void rmsnorm(const float* x, const float* w, float* out, int n, int d, float eps);
+
+// y[t][i] += b[i] for n rows of d.
+void add_bias(float* y, const float* b, int n, int d);
+
+// inv_freq[i] = base^(-2i/head_dim), i < head_dim/2, in double (the RoPE frequencies).
+void rope_inv_freq(int head_dim, double base, double* inv_freq);
+
+// cs[t][j], sn[t][j] = cos, sin of pos[t] * inv_freq[j] (angle in double), j < half:
+// the factors rope_neox takes, shared by all heads and layers of a token.
+void rope_tables(const int32_t* pos, int n, const double* inv_freq, int half, float* cs, float* sn);
+
+// Rotates each of n_heads heads of one row x in the NEOX pairing:
+// (x[i], x[i + head_dim/2]) by the angle whose cos/sin are cs[i], sn[i].
+void rope_neox(float* x, int n_heads, int head_dim, const float* cs, const float* sn);
+
+// One layer's float32 KV cache. K is transposed per head so the score loop
+// runs along positions: K[slot][kv_head][e][pos] at
+// k + slot*slot_stride + (kv_head*head_dim + e)*n_ctx + pos; V is row-major:
+// V[slot][pos][kv_head*head_dim + e] at v + slot*slot_stride + pos*kv_dim + ...
+struct KvCache {
+    float* k;
+    float* v;
+    size_t slot_stride;  // floats between slots, in both k and v
+    int n_ctx;
+    int n_head_kv, head_dim;
+    int kv_dim() const { return n_head_kv * head_dim; }
+};
+
+// Writes K and V of n tokens (rows of kv_dim floats) to the cache: token i
+// at position pos[i] of slot slots[i].
+void kv_append(const KvCache& kv, const float* k, const float* v, int n, const int32_t* slots, const int32_t* pos);
+
+// Causal GQA attention over the cache: query i (q + i*n_head*head_dim)
+// attends to positions [0, pos[i]] of slot slots[i]; query head h reads KV
+// head h / (n_head / n_head_kv); scores scaled by 1/sqrt(head_dim), softmax
+// with the max subtracted (sum in double). out + i*n_head*head_dim receives
+// the n_head heads. One task of the pool per (token, head).
+void attention(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots, const int32_t* pos,
+               float* out, ThreadPool& pool);
+
+// g[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], split over the pool.
+void swiglu(float* g, const float* u, int64_t n, ThreadPool& pool);
+
+}  // namespace cpu_ops
+}  // namespace orcd
