@@ -19,7 +19,9 @@ using MakeEngineFn = std::function<std::unique_ptr<Engine>(const std::string& pa
                                                            int n_threads)>;
 
 // Each call holds its own reference while the GIL is released, so close() from one thread
-// never frees the loop under another thread's take_events.
+// never frees the loop under another thread's take_events. Backend: a distinct C++ type per
+// module (nanobind registers each C++ type once across modules).
+template <int Backend>
 struct PyStepLoop {
     std::shared_ptr<StepLoop> loop;
     std::shared_ptr<StepLoop> get() const {
@@ -29,8 +31,10 @@ struct PyStepLoop {
     }
 };
 
-inline void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
+template <int Backend>
+void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
     namespace nb = nanobind;
+    using PyStepLoop = orcd::PyStepLoop<Backend>;
     using Tokens = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
     nb::class_<PyStepLoop>(m, name,
         "Many sequences generated on a C++ thread: submit() requests, take_events() their tokens.\n"

@@ -383,7 +383,9 @@ NB_MODULE(_orcd, m) {
            nb::arg("penalty_last_n"), nb::arg("seed"))
         .def("sample", [](Sampler& s, In1D<float> logits, In1D<int32_t> history) {
             return s.sample(logits.data(), (int)logits.shape(0), history.data(), (int)history.shape(0));
-        }, nb::arg("logits"), nb::arg("history"));
+        }, nb::arg("logits"), nb::arg("history"))
+        .def_prop_rw("rng_state", &Sampler::rng_state, &Sampler::set_rng_state,
+                     "the generator's state (the GPU sampler continues the same stream)");
 
     // ---- CPU engine
     nb::class_<PyEngine>(m, "CpuEngine")
@@ -409,7 +411,7 @@ NB_MODULE(_orcd, m) {
         });
 
     // ---- many sequences on a C++ thread (cpp/step_loop.h)
-    bind_step_loop(m, "StepLoop", [](const std::string& path, int n_ctx, int n_slots, int n_threads) {
+    bind_step_loop<0>(m, "StepLoop", [](const std::string& path, int n_ctx, int n_slots, int n_threads) {
         return make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads);
     });
     // ---- ops: the CPU engine's operations one at a time (cpp/cpu_ops.h), for kernel-level

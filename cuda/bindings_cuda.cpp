@@ -21,6 +21,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <memory>
 #include <mutex>
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "bind_info.h"
+#include "bind_step_loop.h"
 #include "cuda_api.h"
 #include "ggml_types.h"
 
@@ -574,4 +576,47 @@ NB_MODULE(_orcd_cuda, m) {
             "y [n_out] of the fused decode projection: mode 0 (RESID) y + W0·act, mode 1 (GLU) "
             "silu(W0·h) * (W1·h), h = rmsnorm(act) * norm_w.");
     }
+
+    // ---- GPU sampling against its CPU twin (orcd._orcd.Sampler)
+    m.def(
+        "test_sample_rows",
+        [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits, std::vector<nb::tuple> params,
+           nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> states,
+           std::vector<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>> histories) {
+            const int n = int(logits.shape(0)), V = int(logits.shape(1));
+            std::vector<orcd::SamplerParams> ps;
+            for (const nb::tuple& t : params) {
+                if (t.size() != 8) throw orcd::Error("test_sample_rows: params are (temperature, top_k, top_p, min_p, "
+                                                     "repetition_penalty, presence_penalty, frequency_penalty, penalty_last_n)");
+                orcd::SamplerParams p;
+                p.temperature = nb::cast<float>(t[0]);
+                p.top_k = nb::cast<int>(t[1]);
+                p.top_p = nb::cast<float>(t[2]);
+                p.min_p = nb::cast<float>(t[3]);
+                p.repetition_penalty = nb::cast<float>(t[4]);
+                p.presence_penalty = nb::cast<float>(t[5]);
+                p.frequency_penalty = nb::cast<float>(t[6]);
+                p.penalty_last_n = nb::cast<int>(t[7]);
+                ps.push_back(p);
+            }
+            std::vector<uint64_t> st(states.data(), states.data() + states.shape(0));
+            std::vector<std::vector<int32_t>> hs;
+            for (auto& h : histories) hs.emplace_back(h.data(), h.data() + h.shape(0));
+            std::pair<std::vector<int32_t>, std::vector<uint64_t>> r;
+            {
+                nb::gil_scoped_release nogil;
+                r = orcd::cuda_test::sample_rows(logits.data(), n, V, ps, st, hs);
+            }
+            return nb::make_tuple(nb::cast(r.first), nb::cast(r.second));
+        },
+        "logits"_a, "params"_a, "states"_a, "histories"_a,
+        "(tokens, states after the draw) of sample_rows on host logits [n, n_vocab]: row r with params[r] "
+        "(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, "
+        "penalty_last_n), generator state states[r] and history histories[r].");
+
+    // ---- many sequences on a C++ thread (cpp/step_loop.h) over the CUDA engine
+    orcd::bind_step_loop<1>(m, "CudaStepLoop", [](const std::string& path, int n_ctx, int n_slots, int) {
+        return std::unique_ptr<orcd::Engine>(
+            orcd::make_cuda_engine(std::make_shared<orcd::GGUFFile>(path), n_ctx, n_slots));
+    });
 }

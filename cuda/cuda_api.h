@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "sampler.h"
 #include "error.h"
 #include "gguf.h"
 
@@ -211,6 +212,14 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
 std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1, const float* act,
                             const float* norm_w, float eps, const float* y_init, int rows_per_block);
 
+
+// sample_rows (cuda/sample.cuh) on host logits [n_rows][n_vocab]: row r with params[r],
+// generator state states[r] and history histories[r]; returns the tokens and the states
+// after the draw.
+std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* logits, int n_rows, int n_vocab,
+                                                                   const std::vector<SamplerParams>& params,
+                                                                   const std::vector<uint64_t>& states,
+                                                                   const std::vector<std::vector<int32_t>>& histories);
 
 }  // namespace cuda_test
 }  // namespace orcd

@@ -12,6 +12,7 @@
 
 #include "cuda_common.cuh"
 #include "decode.cuh"
+#include "sample.cuh"
 #include "ggml_types.h"
 #include "kernels.cuh"
 
@@ -625,6 +626,38 @@ std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1
     return dy.download(what);
 }
 
+
+std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* logits, int n_rows, int n_vocab,
+                                                                   const std::vector<SamplerParams>& params,
+                                                                   const std::vector<uint64_t>& states,
+                                                                   const std::vector<std::vector<int32_t>>& histories) {
+    ready();
+    if (n_rows < 1 || n_vocab < 1) throw Error("sample_rows: need n_rows >= 1 and n_vocab >= 1");
+    if (params.size() != size_t(n_rows) || states.size() != size_t(n_rows) || histories.size() != size_t(n_rows))
+        throw Error("sample_rows: params, states and histories need one entry per row");
+    std::vector<int32_t> flat;
+    std::vector<size_t> off;
+    for (const auto& h : histories) {
+        off.push_back(flat.size());
+        for (int32_t t : h)
+            if (t < 0 || t >= n_vocab) throw Error("sample_rows: history token " + std::to_string(t) + " out of range");
+        flat.insert(flat.end(), h.begin(), h.end());
+    }
+    DBuf<float> d_logits(logits, size_t(n_rows) * size_t(n_vocab), "sample_rows logits");
+    DBuf<int32_t> d_hist(flat.data(), flat.size(), "sample_rows history");
+    std::vector<cu::SampleRow> rows(static_cast<size_t>(n_rows));
+    for (int r = 0; r < n_rows; ++r) {
+        validate(params[size_t(r)]);
+        rows[size_t(r)] = {params[size_t(r)], states[size_t(r)], d_hist.p ? d_hist.p + off[size_t(r)] : nullptr,
+                           int(histories[size_t(r)].size())};
+    }
+    DBuf<cu::SampleRow> d_rows(rows.data(), rows.size(), "sample_rows rows");
+    DBuf<int32_t> d_tok(size_t(n_rows), "sample_rows tokens");
+    DBuf<uint64_t> d_state(size_t(n_rows), "sample_rows states");
+    CUDA_CHECK(cudaMemset(d_tok.p, 0xFF, size_t(n_rows) * 4), "sample_rows");
+    cu::launch_sample_rows(d_logits.p, n_rows, n_vocab, d_rows.p, d_tok.p, d_state.p, nullptr);
+    return {d_tok.download("sample_rows"), d_state.download("sample_rows")};
+}
 
 }  // namespace cuda_test
 }  // namespace orcd
