@@ -80,8 +80,22 @@ const char* decode_kernel_name(DecodeKernel k);  // "qkv", "attention", ... (pro
 // Microseconds per decode step by kernel kind, summed over the layers.
 struct DecodeKernelTimes {
     double qkv = 0, attention = 0, attn_output = 0, ffn_gate_up = 0, ffn_down = 0, lm_head = 0;
-    double& operator[](DecodeKernel k);
-    double operator[](DecodeKernel k) const { return const_cast<DecodeKernelTimes&>(*this)[k]; }
+    double& operator[](DecodeKernel k) { return *field(this, k); }
+    double operator[](DecodeKernel k) const { return *field(this, k); }
+
+private:
+    template <class T>
+    static auto field(T* t, DecodeKernel k) -> decltype(&t->qkv) {
+        switch (k) {
+        case DecodeKernel::qkv: return &t->qkv;
+        case DecodeKernel::attention: return &t->attention;
+        case DecodeKernel::attn_output: return &t->attn_output;
+        case DecodeKernel::ffn_gate_up: return &t->ffn_gate_up;
+        case DecodeKernel::ffn_down: return &t->ffn_down;
+        case DecodeKernel::lm_head: break;
+        }
+        return &t->lm_head;
+    }
 };
 
 // CudaEngine::profile_decode: microseconds per step.
@@ -99,7 +113,8 @@ public:
     virtual const DeviceInfo& device() const = 0;
     virtual int max_prompt_chunk() const = 0;  // tokens a forward processes per pass
     virtual CudaOptions options() const = 0;
-    virtual void set_options(const CudaOptions& o) = 0;  // drops captured graphs
+    // Drops captured graphs; Error naming the field for cluster_keys < 0 or a bad split_keys.
+    virtual void set_options(const CudaOptions& o) = 0;
     virtual CudaPaths paths() const = 0;
     // Times the fused decode step: n_steps greedy steps from (token, pos) of `slot`
     // (they overwrite that slot's cache from pos on).

@@ -17,18 +17,6 @@ const char* decode_kernel_name(DecodeKernel k) {
     return "?";
 }
 
-double& DecodeKernelTimes::operator[](DecodeKernel k) {
-    switch (k) {
-    case DecodeKernel::qkv: return qkv;
-    case DecodeKernel::attention: return attention;
-    case DecodeKernel::attn_output: return attn_output;
-    case DecodeKernel::ffn_gate_up: return ffn_gate_up;
-    case DecodeKernel::ffn_down: return ffn_down;
-    case DecodeKernel::lm_head: break;
-    }
-    return lm_head;
-}
-
 namespace {
 
 // The events and graphs of one profile, destroyed however it ends.
