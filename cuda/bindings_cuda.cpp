@@ -7,9 +7,13 @@
 //       .trace(tokens) -> (list of float32 [n, n_embd] x (n_layer+1), float32 [n, n_vocab])
 //       .decode_batch(slots, tokens, pos) -> float32 [n, n_vocab]
 //       .decode_greedy(slot, first_token, pos, n_steps) -> int32 [n_steps]   greedy tokens, argmax on the GPU
-//       .set_options(fast_decode=None, graphs=None, pdl=None, fused_prompt=None)   switches of the fast paths
+//       .set_options(fast_decode=None, graphs=None, pdl=None, fused_prompt=None, cluster_keys=None,
+//                    split_keys=None) -> paths()   switches of the fast paths, test hooks (CudaOptions)
+//       .options() -> dict   the CudaOptions in force
 //       .paths() -> dict   what is in use: fast_decode, graphs, pdl, fused_prompt, *_available, note
-//       .profile_decode(slot, token, pos, n_steps=16) -> dict   us per step by kernel kind, and graph_step
+//       .profile_decode(slot, token, pos, n_steps=16) -> dict   DecodeProfile: us per step by kernel kind
+//                    (keys decode_kernel_kinds), marginal_<kind>, graph_step, noop_step, noop_step_nopdl
+//   decode_kernel_kinds: tuple of the fused decode step's kernel kinds, in launch order
 //       .info() -> dict (hyperparameters, n_ctx, n_slots, vram_* bytes, device, paths)
 //       .close()                          frees the GPU memory now
 //   kernel entry points for the tests (NumPy in, NumPy out; see cuda_api.h):
@@ -89,10 +93,36 @@ nb::dict paths_dict(const orcd::CudaEngine& e) {
     r["graphs"] = p.graphs;
     r["pdl"] = p.pdl;
     r["fused_prompt"] = p.fused_prompt;
-    r["pdl_trigger"] = e.options().pdl_trigger;
     r["fast_decode_available"] = p.fast_decode_available;
     r["pdl_available"] = p.pdl_available;
     r["note"] = p.note;
+    return r;
+}
+
+nb::dict options_dict(const orcd::CudaOptions& o) {
+    nb::dict r;
+    r["fast_decode"] = o.fast_decode;
+    r["graphs"] = o.graphs;
+    r["pdl"] = o.pdl;
+    r["fused_prompt"] = o.fused_prompt;
+    r["cluster_keys"] = o.cluster_keys;
+    r["split_keys"] = o.split_keys;
+    return r;
+}
+
+nb::dict profile_dict(const orcd::DecodeProfile& p) {
+    nb::dict r;
+    for (int k = 0; k < orcd::kDecodeKernelKinds; ++k) {
+        const auto kind = orcd::DecodeKernel(k);
+        r[orcd::decode_kernel_name(kind)] = p.kernel[kind];
+    }
+    r["graph_step"] = p.graph_step;
+    r["noop_step"] = p.noop_step;
+    r["noop_step_nopdl"] = p.noop_step_nopdl;
+    for (int k = 0; k < orcd::kDecodeKernelKinds; ++k) {
+        const auto kind = orcd::DecodeKernel(k);
+        r[(std::string("marginal_") + orcd::decode_kernel_name(kind)).c_str()] = p.marginal[kind];
+    }
     return r;
 }
 
@@ -142,6 +172,12 @@ NB_MODULE(_orcd_cuda, m) {
             PyErr_SetString(PyExc_ValueError, e.what());
         }
     });
+
+    {
+        nb::list kinds;
+        for (int k = 0; k < orcd::kDecodeKernelKinds; ++k) kinds.append(orcd::decode_kernel_name(orcd::DecodeKernel(k)));
+        m.attr("decode_kernel_kinds") = nb::tuple(kinds);
+    }
 
     m.def("cuda_status", &orcd::cuda_status,
           "'' when a usable CUDA GPU is present, else the reason (no driver, no device, no kernel image).");
@@ -234,7 +270,6 @@ NB_MODULE(_orcd_cuda, m) {
         .def(
             "decode_greedy",
             [](PyCudaEngine& self, int slot, int32_t first_token, int pos, int n_steps) {
-                orcd::CudaEngine& e = self.get();
                 if (n_steps < 0) bad("decode_greedy: n_steps must be >= 0");
                 std::vector<int32_t> out(static_cast<size_t>(n_steps));
                 {
@@ -249,37 +284,42 @@ NB_MODULE(_orcd_cuda, m) {
         .def(
             "set_options",
             [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
-               nb::object fused_prompt, nb::object pdl_trigger) {
+               nb::object fused_prompt, nb::object cluster_keys, nb::object split_keys) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
                 if (!graphs.is_none()) o.graphs = nb::cast<bool>(graphs);
                 if (!pdl.is_none()) o.pdl = nb::cast<bool>(pdl);
                 if (!fused_prompt.is_none()) o.fused_prompt = nb::cast<bool>(fused_prompt);
-                if (!pdl_trigger.is_none()) o.pdl_trigger = nb::cast<int>(pdl_trigger);
-                e.set_options(o);
-                return paths_dict(e);
-            },
-            "fast_decode"_a = nb::none(), "graphs"_a = nb::none(), "pdl"_a = nb::none(),
-            "fused_prompt"_a = nb::none(), "pdl_trigger"_a = nb::none(),
-            "Turn fast paths on/off (None leaves one as is); returns paths().")
-        .def(
-            "profile_decode",
-            [](PyCudaEngine& self, int slot, int32_t token, int pos, int n_steps) {
-                orcd::CudaEngine& e = self.get();
-                std::vector<std::pair<std::string, double>> r;
+                if (!cluster_keys.is_none()) o.cluster_keys = nb::cast<int>(cluster_keys);
+                if (!split_keys.is_none()) o.split_keys = nb::cast<int>(split_keys);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
-                    r = self.get().profile_decode(slot, token, pos, n_steps);
+                    e.set_options(o);
                 }
-                nb::dict d;
-                for (auto& kv : r) d[kv.first.c_str()] = kv.second;
-                return d;
+                return paths_dict(e);
+            },
+            "fast_decode"_a = nb::none(), "graphs"_a = nb::none(), "pdl"_a = nb::none(),
+            "fused_prompt"_a = nb::none(), "cluster_keys"_a = nb::none(), "split_keys"_a = nb::none(),
+            "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
+            "returns paths().")
+        .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })
+        .def(
+            "profile_decode",
+            [](PyCudaEngine& self, int slot, int32_t token, int pos, int n_steps) {
+                orcd::DecodeProfile p;
+                {
+                    nb::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    p = self.get().profile_decode(slot, token, pos, n_steps);
+                }
+                return profile_dict(p);
             },
             "slot"_a, "token"_a, "pos"_a, "n_steps"_a = 16,
-            "Microseconds per decode step by kernel kind (events around each kernel, no PDL) and "
-            "'graph_step' (the step as the engine runs it).")
+            "Microseconds per decode step: each kernel kind (events around each kernel, no PDL), "
+            "marginal_<kind> (its cost in the graph + PDL pipeline), 'graph_step' (the step as the engine "
+            "runs it), 'noop_step' / 'noop_step_nopdl' (empty kernels of the same shapes).")
         .def("paths", [](PyCudaEngine& self) { return paths_dict(self.get()); })
         .def("info", [](PyCudaEngine& self) { return engine_info(self.get()); })
         .def("close", [](PyCudaEngine& self) {

@@ -49,17 +49,21 @@ struct CudaMemoryUse {
     size_t total() const { return weights + kv + scratch; }
 };
 
-// Switches of the fast paths (each on by default where the GPU allows it; the
-// environment variables ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL,
-// ORCD_CUDA_FUSED_PROMPT set to 0 turn one off for a new engine; ORCD_CUDA_PDL_TRIGGER=0|1|2
-// sets pdl_trigger).
+// Switches of the fast paths (each on by default where the GPU allows it) and the test
+// hooks of the fused decode attention. A new engine starts from options_from_env().
 struct CudaOptions {
     bool fast_decode = true;   // fused decode kernels for single-sequence steps (forward n=1, decode_greedy)
     bool graphs = true;        // the fused decode step captured once into a CUDA graph and replayed
     bool pdl = true;           // programmatic dependent launch between the fused kernels (Hopper)
-    int pdl_trigger = 1;       // ... each kernel lets its successor launch: 0 at its start, 1 after its wait, 2 after its row dots
     bool fused_prompt = true;  // prompt path: fused q|k|v and gate|up GEMMs, fp16 norms, bias+RoPE+KV in one kernel
+    // The decode attention's variants (the tests reach each one through these):
+    int cluster_keys = 1024;   // caches of up to this many positions: the thread-block cluster merge (Hopper); 0: never
+    int split_keys = 32;       // the global merge's splits hold at least this many keys (a positive multiple of 32)
 };
+
+// The defaults with ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL and
+// ORCD_CUDA_FUSED_PROMPT applied (0, n or f: off). The only place that reads the environment.
+CudaOptions options_from_env();
 
 // What the engine actually uses (an option is on only where the GPU and model allow it).
 struct CudaPaths {
@@ -69,24 +73,53 @@ struct CudaPaths {
     std::string note;                    // why something is off (empty when all is well)
 };
 
+// The fused decode step's kernel kinds: five per layer in this order, then the lm_head.
+enum class DecodeKernel : int { qkv, attention, attn_output, ffn_gate_up, ffn_down, lm_head };
+constexpr int kDecodeKernelKinds = 6;
+const char* decode_kernel_name(DecodeKernel k);  // "qkv", "attention", ... (profile_decode's keys)
+
+// Microseconds per decode step by kernel kind, summed over the layers.
+struct DecodeKernelTimes {
+    double qkv = 0, attention = 0, attn_output = 0, ffn_gate_up = 0, ffn_down = 0, lm_head = 0;
+    double& operator[](DecodeKernel k) { return *field(this, k); }
+    double operator[](DecodeKernel k) const { return *field(this, k); }
+
+private:
+    template <class T>
+    static auto field(T* t, DecodeKernel k) -> decltype(&t->qkv) {
+        switch (k) {
+        case DecodeKernel::qkv: return &t->qkv;
+        case DecodeKernel::attention: return &t->attention;
+        case DecodeKernel::attn_output: return &t->attn_output;
+        case DecodeKernel::ffn_gate_up: return &t->ffn_gate_up;
+        case DecodeKernel::ffn_down: return &t->ffn_down;
+        case DecodeKernel::lm_head: break;
+        }
+        return &t->lm_head;
+    }
+};
+
+// CudaEngine::profile_decode: microseconds per step.
+struct DecodeProfile {
+    DecodeKernelTimes kernel;    // each kind's GPU time: the step as a graph with an event after each kernel, no PDL
+    double graph_step = 0;       // the step as the engine runs it (graph / PDL per the options)
+    double noop_step = 0;        // a graph of empty kernels of the same launch shapes, the options' PDL
+    double noop_step_nopdl = 0;  // ... without PDL (the launch-boundary floor)
+    DecodeKernelTimes marginal;  // graph_step minus the same graph with that kind's kernels empty
+};
+
 class CudaEngine : public Engine {
 public:
     virtual CudaMemoryUse memory_use() const = 0;
     virtual const DeviceInfo& device() const = 0;
     virtual int max_prompt_chunk() const = 0;  // tokens a forward processes per pass
     virtual CudaOptions options() const = 0;
-    virtual void set_options(const CudaOptions& o) = 0;  // drops captured graphs
+    // Drops captured graphs; Error naming the field for cluster_keys < 0 or a bad split_keys.
+    virtual void set_options(const CudaOptions& o) = 0;
     virtual CudaPaths paths() const = 0;
-    // GPU time of the fused decode step's kernels by kind ("qkv", "attention", "attn_output",
-    // "ffn_gate_up", "ffn_down", "lm_head"; microseconds per step, summed over layers),
-    // averaged over n_steps greedy steps from (token, pos) of `slot`: the step captured
-    // into a graph with an event after each kernel (no PDL). Also "graph_step": the same
-    // steps as the engine runs them (graph/PDL per the options); "noop_step" and
-    // "noop_step_nopdl": a graph of empty kernels of the same shapes, with the options'
-    // PDL and without (the launch-boundary floor); "marginal_<kind>": graph_step minus the
-    // same graph with that kind's kernels empty (what the kind costs in the pipeline).
-    virtual std::vector<std::pair<std::string, double>> profile_decode(int slot, int32_t token, int pos,
-                                                                       int n_steps) = 0;
+    // Times the fused decode step: n_steps greedy steps from (token, pos) of `slot`
+    // (they overwrite that slot's cache from pos on).
+    virtual DecodeProfile profile_decode(int slot, int32_t token, int pos, int n_steps) = 0;
 };
 
 // progress(bytes uploaded, bytes to upload), called after each tensor.

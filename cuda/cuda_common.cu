@@ -13,6 +13,8 @@ void throw_cuda(const char* call, cudaError_t e, const std::string& what) {
                     what + ")");
 }
 
+namespace {
+
 const char* cublas_status_string(cublasStatus_t s) {
     switch (s) {
     case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
@@ -28,6 +30,8 @@ const char* cublas_status_string(cublasStatus_t s) {
     default: return "unknown cuBLAS status";
     }
 }
+
+}  // namespace
 
 void throw_cublas(const char* call, cublasStatus_t s, const std::string& what) {
     throw CudaError(std::string(call) + " failed: " + cublas_status_string(s) + " (" + what + ")");

@@ -18,7 +18,6 @@ namespace orcd {
 
 [[noreturn]] void throw_cuda(const char* call, cudaError_t e, const std::string& what);
 [[noreturn]] void throw_cublas(const char* call, cublasStatus_t s, const std::string& what);
-const char* cublas_status_string(cublasStatus_t s);
 
 }  // namespace orcd
 

@@ -22,14 +22,13 @@
 // Each kernel has instances specialised on the weight type (the generic one switches
 // per row), and dec_proj / dec_qkv also on the mode and on layer 0's embedding input, so
 // an instance holds only code it runs: a kernel's code is fetched cold at every launch
-// (the generic kernels' warps, 125-440 KB of code, stalled on instruction fetch ~40% of
-// their cycles; stripping never-run code from the specialised ones took tg128 from
-// 1,751 to 1,968 tok/s on the H200: docs/perf_notes.md runs 8, 17 and 18).
+// (docs/perf_notes.md runs 8, 17 and 18).
 //
 // Every kernel first copies its weight rows into shared memory with cp.async (weights never
 // change), then waits for the previous kernel
 // (griddepcontrol.wait: with programmatic dependent launch on Hopper the
-// copy overlaps the previous kernel), then prepares its activation vector in
+// copy overlaps the previous kernel) and releases its successor (pdl_early: at its start
+// instead, before the copy's wait), then prepares its activation vector in
 // shared memory: float32 (padded so a lane per 32-element chunk reads without
 // bank conflicts) and, for Q4_0/Q5_0/Q8_0/Q4_K/Q6_K weights, int8 codes per
 // 32-element chunk with a float scale d (llama.cpp's q8_1 idea) in two planes,
@@ -54,6 +53,7 @@ constexpr int kDecLmStages = 4;     // lm_head staging buffers per warp (batches
 constexpr int kDecAttnCluster = 8;  // splits per KV head of the cluster attention (Hopper; portable cluster size)
 constexpr int kDecMaxSplits = 32;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
+constexpr int kDecClusterGran = 8;  // cluster attention: split lengths are multiples of this many keys (<= kDecTK)
 
 // Device-side state of a decode step. The host writes token/pos/slot/step
 // before a run; the greedy lm_head advances it.
@@ -84,15 +84,13 @@ enum DecMode : int { DEC_RESID = 0, DEC_GLU = 1, DEC_LOGITS = 2 };
 struct DecQkvArgs {
     DTensor w[3];             // q, k, v
     const float* bias[3];     // may be null
-    const float* x;           // residual stream (n_embd floats), read unless embed
-    float* x_out;             // embed: block 0 writes the embedding row here
+    float* x;                 // residual stream (n_embd floats): read, or (embed) written by block 0
     DTensor emb;              // embed: token_embd
     int embed;
     const float* norm_w;
     float eps;
     int n_embd;
     int n_head, n_head_kv, head_dim;
-    double log2_base;
     int S, parts;             // rows per half-head part, parts per head
     const float2* rope;       // [n_ctx][head_dim/2] (cos, sin) of pos * base^(-2i/head_dim)
     float* q_out;             // n_head*head_dim floats (roped, unscaled)
@@ -102,7 +100,7 @@ struct DecQkvArgs {
     const DecState* st;
     int need_q8;
     int smem_w;               // bytes of staged weights (16-aligned)
-    int pdl_trigger;          // when the next kernel may launch: 0 at the start, 1 after the wait, 2 after the row dots
+    int pdl_early;            // 1: release the next kernel at the start, 0: right after griddepcontrol.wait
 };
 
 struct DecAttnArgs {
@@ -115,13 +113,12 @@ struct DecAttnArgs {
     int max_splits;
     int split_keys;           // keys per split at least (a multiple of kDecTK): fewer, longer splits
     int cluster;              // 1: kDecAttnCluster splits per KV head merged in a thread-block cluster (sm_90)
-    int cluster_gran;         // cluster: split lengths are multiples of this many keys (1..kDecTK)
     float* part_o;            // [n_head][max_splits][head_dim]
     float2* part_ml;          // [n_head][max_splits]
     float* out;               // n_head*head_dim
     unsigned* counter;        // one per KV head
     const DecState* st;
-    int pdl_trigger;
+    int pdl_early;
 };
 
 struct DecProjArgs {
@@ -141,7 +138,7 @@ struct DecProjArgs {
     int32_t* out_tokens;      // advance: out_tokens[step] = token
     int advance;              // advance pos and step after the argmax
     int smem_w;               // staged weight bytes (LOGITS: NW*lm_stages buffers of smem_w/(NW*lm_stages) bytes)
-    int pdl_trigger;
+    int pdl_early;
     int lm_grid;              // LOGITS: persistent blocks (each takes every lm_grid-th batch of rows)
     int lm_stages;            // LOGITS: staging buffers per warp (dec_lm_plan)
 };
@@ -171,10 +168,22 @@ void dec_set_smem_limit(size_t bytes);
 // Launchers: stream-ordered, no host sync; `pdl` launches with programmatic
 // stream serialization (the kernels call griddepcontrol.wait before reading
 // anything an earlier kernel wrote).
-// noop: an empty kernel of the same grid, block and shared memory (the launch-boundary floor, profiling).
-void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop = false);
-void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop = false);
-void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop = false);
+void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what);
+void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what);
+void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what);
+
+// The grid, dynamic shared memory and cluster size (0: none) each launcher uses.
+struct DecLaunchShape {
+    dim3 grid;
+    size_t smem;
+    int cluster;
+};
+DecLaunchShape dec_qkv_shape(const DecQkvArgs& a);
+DecLaunchShape dec_attention_shape(const DecAttnArgs& a);
+DecLaunchShape dec_proj_shape(const DecProjArgs& a);
+// An empty kernel of that shape with the decode kernels' PDL handshake (pdl_early as
+// theirs): what a launch boundary costs alone (the profiler's floor and marginal costs).
+void dec_noop(const DecLaunchShape& shape, int pdl_early, cudaStream_t st, bool pdl, const char* what);
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim);
 inline int dec_proj_blocks(const DecProjArgs& a) {
     return (a.w[0].n_out + a.rows_per_block - 1) / a.rows_per_block;

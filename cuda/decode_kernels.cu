@@ -52,6 +52,14 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// The PDL handshake of every decode kernel, after its weight copies are issued: wait for
+// the previous kernel, and release the next one right after that (early: before the
+// wait, so the successor's weight copy overlaps this kernel's whole run).
+__device__ __forceinline__ void pdl_wait_release(int early) {
+    if (early) pdl_trigger();
+    pdl_wait();
+    if (!early) pdl_trigger();
+}
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -154,8 +162,7 @@ __device__ __forceinline__ int xf_idx(int e) { return (e >> 5) * XF_STRIDE + (e 
 // x ~ d*(q1 + q2/256) (no FMA contraction: the tests mirror it in NumPy).
 // Eight threads per chunk, a float4 each (the chunk's max and sum by xor
 // shuffles inside aligned groups of 8 lanes): the whole vector in n/(4*NT)
-// rounds instead of a thread walking a chunk's 32 elements, which kept this
-// short latency-bound phase 8x longer. Ends with a barrier.
+// rounds, which keeps this short latency-bound phase short. Ends with a barrier.
 // NORM: the rmsnorm (1), none (0), norm_w says (-1); Q8: the codes are needed (1), not
 // (0), need_q8 says (-1). Both are fixed per kernel instance where they can be: a
 // kernel's code is fetched cold at every launch, so code it never runs still costs
@@ -247,9 +254,8 @@ __device__ __forceinline__ float load_act(const Act& a, const float* __restrict_
 // ---------------------------------------------------------------- chunk dots
 // N consecutive 32-bit words from a 2-byte aligned shared-memory address: N+1 aligned
 // word loads and a funnel shift each (the same instructions for either alignment, so
-// lanes on differently aligned blocks do not diverge), instead of two 16-bit loads and
-// a merge per word: the row dots of Q8_0/Q5_0/Q6_K blocks (34, 22, 210 bytes) were
-// bound by these loads.
+// lanes on differently aligned blocks do not diverge): the row dots of Q8_0/Q5_0/Q6_K
+// blocks (34, 22, 210 bytes) are bound by these loads.
 template <int N>
 __device__ __forceinline__ void ld_words_a2(const uint8_t* p, uint32_t (&w)[N]) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -564,9 +570,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
         }
         if (tt < 2) cs = __ldg(p.rope + size_t(pos) * half + i0 + threadIdx.x);
     }
-    if (p.pdl_trigger == 0) pdl_trigger();
-    pdl_wait();
-    if (p.pdl_trigger == 1) pdl_trigger();
+    pdl_wait_release(p.pdl_early);
 
     Act a = carve_act(smem + p.smem_w + align16(size_t(p.n_embd) * 4), p.n_embd);
     float* dots =
@@ -586,7 +590,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
             }
             if (blockIdx.x == 0) {
 #pragma unroll
-                for (int i = 0; i < 8; ++i) p.x_out[e0 + i] = v[i];
+                for (int i = 0; i < 8; ++i) p.x[e0 + i] = v[i];
             }
         }
     } else {
@@ -608,7 +612,6 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
         }
     }
     __syncthreads();
-    if (p.pdl_trigger == 2) pdl_trigger();
     if (threadIdx.x < n) {
         const int j = threadIdx.x, i = i0 + j;
         float x0 = dots[j] + b0, x1 = dots[n + j] + b1;
@@ -640,9 +643,8 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
 __host__ __device__ inline int dec_attn_row_stride(int hd) { return hd * 2 + 16; }
 
 // This thread's share of every K/V tile copy: 16-byte piece `piece` of the rows r0,
-// r0 + rstep, ... (hd/8 pieces a row, NT/(hd/8) rows a pass). Computed once per kernel:
-// with the divisions inside the copy loop, the three inlined copies were a quarter of
-// the attention kernel's code.
+// r0 + rstep, ... (hd/8 pieces a row, NT/(hd/8) rows a pass). Computed once per kernel,
+// so the divisions stay out of the three inlined copies (kernel code is fetched cold).
 struct KvPart {
     int piece, r0, rstep;
 };
@@ -675,7 +677,7 @@ __host__ __device__ inline size_t dec_attn_tile_bytes(int G, int hd) {
 // and merge through distributed shared memory: each block leaves its partial (acc,
 // m, l) in its own shared memory, and after a cluster barrier block s merges
 // output slice s from all blocks' partials. No global round trip, no atomics, no
-// last-block tail: the split merge cost ~5 us per layer (gpu_profile at pos 64).
+// last-block tail (docs/perf_notes.md has the merge's cost).
 // Without CLUSTER the last block of each KV head to finish merges (global
 // partials and a counter), which allows up to max_splits splits for long contexts.
 template <int NACC, bool CLUSTER>
@@ -704,9 +706,10 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // it, and both finished before this step's first kernel), so it may be read before
     // the wait; so may the cache rows before pos (written by earlier steps).
     const int pos = p.st->pos, kv_len = pos + 1, slot = p.st->slot;
-    // splits of at least sk keys, a multiple of gran (CLUSTER: cluster_gran, 8 by default,
-    // so short caches spread over all the cluster's blocks: a tile's cost grows with its keys)
-    const int cg = max(1, min(TK, p.cluster_gran));
+    // splits of at least sk keys, a multiple of gran (CLUSTER: kDecClusterGran, so short
+    // caches spread over all the cluster's blocks: a tile's cost grows with its keys)
+    constexpr int cg = kDecClusterGran;
+    static_assert(cg >= 1 && cg <= TK, "kDecClusterGran: 1 .. kDecTK keys");
     const int sk = CLUSTER ? cg : max(TK, p.split_keys), gran = CLUSTER ? cg : TK;
     int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (kv_len + sk - 1) / sk));
     const int S = ((kv_len + n_act - 1) / n_act + gran - 1) / gran * gran;
@@ -727,9 +730,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         }
         cp_async_commit();
     }
-    if (p.pdl_trigger == 0) pdl_trigger();
-    pdl_wait();
-    if (p.pdl_trigger == 1) pdl_trigger();
+    pdl_wait_release(p.pdl_early);
 
     if (active) {
         const int bp = (pos - start) / TK;  // the tile of row pos, when this split holds it
@@ -830,7 +831,6 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             else p.part_ml[size_t(kvh * G + t) * p.max_splits + s] = make_float2(mrun[t], lrun[t]);
         }
     }
-    if (p.pdl_trigger == 2) pdl_trigger();
     if (direct) return;  // n_act is the same in every block: all of them return here or none
 
     if constexpr (CLUSTER) {
@@ -1012,9 +1012,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     int off1 = 0;
     if (GLU) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
     cp_async_commit();
-    if (p.pdl_trigger == 0) pdl_trigger();
-    pdl_wait();
-    if (p.pdl_trigger == 1) pdl_trigger();
+    pdl_wait_release(p.pdl_early);
 
     uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);
     float* yold = reinterpret_cast<float*>(actp + dec_act_bytes(n_in));
@@ -1045,7 +1043,6 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     } else {
         resid_rows<T>(p.w[0], smem + off0, r0, r1, a, yold, p.y);
     }
-    if (p.pdl_trigger == 2) pdl_trigger();
 }
 
 // ---------------------------------------------------------------- dec_lm
@@ -1054,8 +1051,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
 // numbered b*NW + w, + gridDim.x*NW, ..., through a private ring of lm_stages
 // staging buffers (smem_w / (NW*lm_stages) bytes each) that only that warp
 // fills, waits on and reads, so no block barrier couples the warps once the
-// activation prep (once per block) is done. (A block-wide ring of 16-row batches
-// with two barriers per batch ran 145 MB in ~50 us, against a 34 us floor.)
+// activation prep (once per block) is done (docs/perf_notes.md: the lm_head).
 // A batch's rows are copied by its warp (stage_rows<32>, the 16-byte widened range).
 template <uint32_t T>
 __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
@@ -1079,9 +1075,7 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
         if (b < nbatch) stage_rows<32>(ring + i * stage_w, p.w[0], b * rb, min(b * rb + rb, n_out));
         cp_async_commit();
     }
-    if (p.pdl_trigger == 0) pdl_trigger();
-    pdl_wait();
-    if (p.pdl_trigger == 1) pdl_trigger();
+    pdl_wait_release(p.pdl_early);
 
     uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);
     Act a = carve_act(actp, n_in);
@@ -1120,17 +1114,12 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
         slot = slot + 1 == NS ? 0 : slot + 1;
     }
     cp_async_wait_all();
-    if (p.pdl_trigger == 2) pdl_trigger();
     if (!p.argmax) return;
     argmax_tail(p, best_v, best_i, bv, bi, &is_last);
 }
 
 // An empty kernel with the decode kernels' PDL handshake: the launch-boundary floor.
-__global__ void __launch_bounds__(NT) dec_noop_kernel(int trigger) {
-    if (trigger == 0) pdl_trigger();
-    pdl_wait();
-    if (trigger != 0) pdl_trigger();
-}
+__global__ void __launch_bounds__(NT) dec_noop_kernel(int early) { pdl_wait_release(early); }
 
 std::string ctx(const char* kernel, const char* what) {
     return std::string(kernel) + " for " + (what ? what : "?");
@@ -1282,33 +1271,45 @@ void dec_set_smem_limit(size_t bytes) {
     cur = bytes;
 }
 
-void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
-    const int H = a.n_head + 2 * a.n_head_kv;
-    const size_t smem = dec_qkv_smem(a);
-    if (noop) launch(dec_noop_kernel, dim3(H * a.parts), smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
-    else launch(qkv_kernel_for(a.w[0].type, a.w[1].type, a.w[2].type, a.embed != 0), dim3(H * a.parts), smem, st, pdl, a,
-                ctx("dec_qkv_kernel", what));
+DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
+    return {dim3((a.n_head + 2 * a.n_head_kv) * a.parts), dec_qkv_smem(a), 0};
 }
 
-void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
-    const dim3 grid(a.cluster ? kDecAttnCluster : a.max_splits, a.n_head_kv);
-    const size_t smem = dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim);
+DecLaunchShape dec_attention_shape(const DecAttnArgs& a) {
+    return {dim3(a.cluster ? kDecAttnCluster : a.max_splits, a.n_head_kv), dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim),
+            a.cluster ? kDecAttnCluster : 0};
+}
+
+DecLaunchShape dec_proj_shape(const DecProjArgs& a) {
+    const int blocks = a.mode == DEC_LOGITS ? std::max(1, std::min(dec_proj_blocks(a), a.lm_grid)) : dec_proj_blocks(a);
+    return {dim3(blocks), dec_proj_smem(a), 0};
+}
+
+void dec_noop(const DecLaunchShape& shape, int pdl_early, cudaStream_t st, bool pdl, const char* what) {
+    launch(dec_noop_kernel, shape.grid, shape.smem, st, pdl, pdl_early, ctx("dec_noop_kernel", what), shape.cluster);
+}
+
+void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what) {
+    const DecLaunchShape sh = dec_qkv_shape(a);
+    launch(qkv_kernel_for(a.w[0].type, a.w[1].type, a.w[2].type, a.embed != 0), sh.grid, sh.smem, st, pdl, a,
+           ctx("dec_qkv_kernel", what));
+}
+
+void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what) {
+    const DecLaunchShape sh = dec_attention_shape(a);
     const int gd = a.n_head / a.n_head_kv * a.head_dim;
-    if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what), a.cluster ? kDecAttnCluster : 0);
-    else if (a.cluster) launch(attn_kernel_for<true>(gd), grid, smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), kDecAttnCluster);
-    else launch(attn_kernel_for<false>(gd), grid, smem, st, pdl, a, ctx("dec_attn_kernel", what));
+    if (a.cluster) launch(attn_kernel_for<true>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
+    else launch(attn_kernel_for<false>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel", what));
 }
 
-void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what, bool noop) {
+void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what) {
     if (a.mode == DEC_RESID && a.rows_per_block > 64)
         throw Error(std::string("dec_proj: at most 64 rows per block in the residual mode (") + (what ? what : "?") + ")");
     if ((a.mode == DEC_RESID && (a.norm_w || a.n_tensors != 1)) || (a.mode == DEC_GLU && (!a.norm_w || a.n_tensors != 2)))
         throw Error(std::string("dec_proj: the residual mode takes one tensor and no norm, the GLU mode two and a norm (") +
                     (what ? what : "?") + ")");
-    const size_t smem = dec_proj_smem(a);
-    const dim3 grid(a.mode == DEC_LOGITS ? std::max(1, std::min(dec_proj_blocks(a), a.lm_grid)) : dec_proj_blocks(a));
-    if (noop) launch(dec_noop_kernel, grid, smem, st, pdl, a.pdl_trigger, ctx("dec_noop_kernel", what));
-    else launch(proj_kernel_for(a), grid, smem, st, pdl, a, ctx(a.mode == DEC_LOGITS ? "dec_lm_kernel" : "dec_proj_kernel", what));
+    const DecLaunchShape sh = dec_proj_shape(a);
+    launch(proj_kernel_for(a), sh.grid, sh.smem, st, pdl, a, ctx(a.mode == DEC_LOGITS ? "dec_lm_kernel" : "dec_proj_kernel", what));
 }
 
 }  // namespace cu

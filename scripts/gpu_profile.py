@@ -3,13 +3,13 @@ at an empty context and after a prompt, for each model given.
 
     python3 scripts/gpu_profile.py MODEL.gguf [MODEL2.gguf ...] [--prompt 512] [--steps 32]
 
-The step is captured into a graph with an event after each kernel (no PDL), so
-the per-kernel numbers are GPU time including each kernel boundary; graph_step
-is the same steps as the engine runs them (graph + PDL by default); noop_step /
-noop_step_nopdl are graphs of empty kernels of the same shapes (the floor that
-the kernel boundaries alone cost); marginal_* is graph_step minus the same graph with
-one kind's kernels empty (what that kind costs in the real pipeline, PDL overlap
-included). Prints a table; --json for JSON.
+profile_decode returns the engine's DecodeProfile (cuda/cuda_api.h) as a dict: per kernel
+kind (orcd._orcd_cuda.decode_kernel_kinds) the GPU time from a graph with an event after each
+kernel (no PDL), so including each kernel boundary; graph_step, the same steps as the engine
+runs them (graph + PDL by default); noop_step / noop_step_nopdl, graphs of empty kernels of
+the same shapes (the floor that the kernel boundaries alone cost); marginal_<kind>, graph_step
+minus the same graph with that kind's kernels empty (what the kind costs in the real
+pipeline, PDL overlap included). Prints a table; --json for JSON.
 """
 import argparse
 import json
@@ -38,7 +38,7 @@ def main():
     if a.json:
         print(json.dumps(rows, indent=1))
         return
-    keys = ["qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head"]
+    keys = list(cu.decode_kernel_kinds)
     tail = ["graph_step", "noop_step", "noop_step_nopdl"]
     print(f"{'model':<18} {'pos':>4} " + " ".join(f"{k[:11]:>11}" for k in keys) + f" {'sum':>7} " +
           " ".join(f"{k:>15}" for k in tail) + "  (us per step)")
@@ -46,10 +46,9 @@ def main():
         s = sum(r[k] for k in keys)
         print(f"{r['model'][:18]:<18} {r['pos']:>4} " + " ".join(f"{r[k]:>11.1f}" for k in keys) + f" {s:>7.1f} " +
               " ".join(f"{r[k]:>15.1f}" for k in tail))
-        m = [r.get("marginal_" + k) for k in keys]
-        if None not in m:
-            print(f"{'  marginal':<18} {r['pos']:>4} " + " ".join(f"{v:>11.1f}" for v in m) + f" {sum(m):>7.1f}"
-                  + "  (graph_step minus the step with that kind's kernels empty)")
+        m = [r["marginal_" + k] for k in keys]
+        print(f"{'  marginal':<18} {r['pos']:>4} " + " ".join(f"{v:>11.1f}" for v in m) + f" {sum(m):>7.1f}"
+              + "  (graph_step minus the step with that kind's kernels empty)")
 
 
 if __name__ == "__main__":

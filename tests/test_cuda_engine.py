@@ -542,18 +542,18 @@ def test_fast_decode_long_context(tiny_model):
     slow.close()
 
 
-def test_fast_decode_attention_variants(tiny_model, monkeypatch):
+def test_fast_decode_attention_variants(tiny_model):
     """The decode attention's variants against the mat-vec path at cache lengths on
     both sides of every boundary: one split (direct output), several splits merged
-    in a thread-block cluster (Hopper, up to ORCD_CUDA_DEC_CLUSTER_KEYS positions),
+    in a thread-block cluster (Hopper, up to options' cluster_keys positions),
     the split merge through global memory (longer caches, or the cluster off), and
     splits longer than the ring of K/V tile buffers (kDecAttnBufs = 4 tiles: the
     ring wraps)."""
-    _check_attention_variants(tiny_model("Q8_0"), monkeypatch, variants={
+    _check_attention_variants(tiny_model("Q8_0"), variants={
         "default": ({}, [1, 2, 8, 9, 17, 32, 33, 40, 65, 256, 257, 300, 512, 513, 700, 1024, 1025, 1100]),
-        "no cluster": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "0"}, [33, 300]),
-        "long splits": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "0", "ORCD_CUDA_DEC_SPLIT_KEYS": "256"}, [200, 300, 1100]),
-        "long cluster splits": ({"ORCD_CUDA_DEC_CLUSTER_KEYS": "2000"}, [1100]),
+        "no cluster": (dict(cluster_keys=0), [33, 300]),
+        "long splits": (dict(cluster_keys=0, split_keys=256), [200, 300, 1100]),
+        "long cluster splits": (dict(cluster_keys=2000), [1100]),
     })
 
 
@@ -562,22 +562,21 @@ def test_fast_decode_attention_variants(tiny_model, monkeypatch):
     ("Q5_0", dict(n_head=8, n_head_kv=4)),  # 4 KV heads: 4 clusters
     ("F32", dict(n_head=4, n_head_kv=2)),   # the generic (any type) projection instances
 ])
-def test_fast_decode_attention_shapes(tiny_model, monkeypatch, wtype, shape):
+def test_fast_decode_attention_shapes(tiny_model, wtype, shape):
     """The decode attention for other head shapes and weight types, against the
     mat-vec path, on both sides of the split boundaries."""
-    _check_attention_variants(tiny_model(wtype, **shape), monkeypatch, variants={"default": ({}, [1, 9, 40, 300, 1100])})
+    _check_attention_variants(tiny_model(wtype, **shape), variants={"default": ({}, [1, 9, 40, 300, 1100])})
 
 
-def _check_attention_variants(path, monkeypatch, variants):
+def _check_attention_variants(path, variants):
     n_ctx = 1200
     slow = cu.CudaEngine(path, n_ctx, 1)
     slow.set_options(fast_decode=False)
     toks = np.random.default_rng(21).integers(0, slow.n_vocab, n_ctx).astype(np.int32)
-    for name, (env, lengths) in variants.items():
-        with monkeypatch.context() as m:
-            for k, v in env.items():
-                m.setenv(k, v)
-            fast = _fast_engine(path, n_ctx)
+    for name, (opts, lengths) in variants.items():
+        fast = _fast_engine(path, n_ctx)
+        fast.set_options(**opts)
+        assert all(fast.options()[k] == v for k, v in opts.items()), (opts, fast.options())
         for kv in lengths:
             # the first kv-1 tokens as a prompt, then one fused decode step at pos kv-1
             if kv > 1:
@@ -598,8 +597,7 @@ def test_decode_graph_equals_direct(tiny_model, wtype):
     path = tiny_model(wtype)
     prompt = np.random.default_rng(13).integers(0, 200, 9).astype(np.int32)
     variants = [dict(graphs=True, pdl=True), dict(graphs=False, pdl=True), dict(graphs=True, pdl=False),
-                dict(graphs=False, pdl=False), dict(graphs=True, pdl=True, pdl_trigger=0),
-                dict(graphs=True, pdl=True, pdl_trigger=2)]
+                dict(graphs=False, pdl=False)]
     results = []
     for opts in variants:
         e = _fast_engine(path)
@@ -678,6 +676,34 @@ def test_decode_greedy_errors_and_fallback(tiny_model):
     gpu.close()
 
 
+def test_options_and_environment(tiny_model, monkeypatch):
+    """options() reports what set_options set (None leaves a field as is); the test hooks
+    are checked (a clear ValueError naming the field, the options unchanged); a new engine
+    starts from the ORCD_CUDA_* switches of the environment."""
+    for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT"):
+        monkeypatch.delenv(name, raising=False)
+    path = tiny_model("Q4_0")
+    e = cu.CudaEngine(path, 32, 1)
+    base = e.options()
+    assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, cluster_keys=1024,
+                        split_keys=32), base
+    e.set_options(graphs=False, cluster_keys=0, split_keys=64)
+    assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
+    assert not e.paths()["graphs"]
+    for bad, field in [(dict(split_keys=48), "split_keys"), (dict(split_keys=0), "split_keys"),
+                       (dict(cluster_keys=-1), "cluster_keys")]:
+        with pytest.raises(ValueError, match=field):
+            e.set_options(**bad)
+    assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
+    e.close()
+    monkeypatch.setenv("ORCD_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("ORCD_CUDA_FUSED_PROMPT", "false")
+    e = cu.CudaEngine(path, 32, 1)
+    assert e.options() == dict(base, graphs=False, fused_prompt=False)
+    assert not e.paths()["graphs"] and not e.paths()["fused_prompt"]
+    e.close()
+
+
 def test_profile_decode(tiny_model):
     """profile_decode: per-kernel-kind times of real steps, and the greedy tokens it
     leaves in the cache do not disturb later use."""
@@ -686,6 +712,7 @@ def test_profile_decode(tiny_model):
     e.forward(0, np.arange(1, 6, dtype=np.int32), 0)
     prof = e.profile_decode(0, 7, 5, 4)
     kinds = ["qkv", "attention", "attn_output", "ffn_gate_up", "ffn_down", "lm_head"]
+    assert list(cu.decode_kernel_kinds) == kinds
     assert set(prof) == set(kinds) | {"graph_step", "noop_step", "noop_step_nopdl"} | {"marginal_" + k for k in kinds}
     # marginals are differences of two timings: finite, the rest positive
     assert all(v > 0 for k, v in prof.items() if not k.startswith("marginal_")), prof

@@ -1,0 +1,88 @@
+// cuda_engine.cuh - CudaEngineImpl, the CUDA engine (private to cuda/): setup and memory
+// in engine_memory.cu, the forward step and the public methods in cuda_engine.cu; the
+// fused single-sequence step is a FusedDecoder (fused_decoder.cuh).
+#pragma once
+#include <initializer_list>
+#include <memory>
+#include <string>
+
+#include "cuda_common.cuh"
+#include "engine_weights.cuh"
+#include "fused_decoder.cuh"
+
+namespace orcd {
+
+enum class Logits { None, Last, All };
+
+class CudaEngineImpl final : public CudaEngine {
+public:
+    CudaEngineImpl(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, const ProgressFn& progress, int device);
+    ~CudaEngineImpl() override { release(); }
+
+    const ModelDesc& desc() const override { return d_; }
+    int n_ctx() const override { return n_ctx_; }
+    int n_slots() const override { return n_slots_; }
+    CudaMemoryUse memory_use() const override { return mem_; }
+    const DeviceInfo& device() const override { return info_; }
+    int max_prompt_chunk() const override { return C_; }
+    CudaOptions options() const override { return opt_; }
+    void set_options(const CudaOptions& o) override;
+    CudaPaths paths() const override;
+
+    void forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
+                 Trace* trace) override;
+    void decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
+                      float* logits) override;
+    void decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) override;
+    DecodeProfile profile_decode(int slot, int32_t token, int pos, int n_steps) override;
+
+private:
+    // engine_memory.cu
+    void build(const ProgressFn& progress);  // checks, plans and allocates everything, uploads the weights
+    void release() noexcept;
+
+    // cuda_engine.cu
+    bool fast_on() const { return opt_.fast_decode && dec_.available(); }
+    void fast_forward_one(int slot, int32_t token, int pos, float* logits);
+    void check_token(int32_t t) const;
+    void check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const;
+    // Runs nr rows whose ids/positions/slots are in pinned_ids_ [0,R) [R,2R) [2R,3R).
+    void step(int nr, bool matvec, int kv_max, Logits mode, float* logits, Trace* trace, int trace_row0);
+    void linear(const DevWeight& w, const float* x, int rows, float* y, int ldy, const float* bias, bool acc,
+                bool matvec);
+    // fp16 weights of ws (adjacent in memory) for one GEMM: in place when they are F16, else dequantized
+    const __half* weights16(std::initializer_list<const DevWeight*> ws);
+    void sync(const char* what) { CUDA_CHECK(cudaStreamSynchronize(stream_), what); }
+
+    std::shared_ptr<GGUFFile> file_;
+    ModelDesc d_;
+    int n_ctx_, n_slots_, dev_;
+    DeviceInfo info_;
+    CudaMemoryUse mem_;
+    CudaOptions opt_;
+    int E_ = 0, QD_ = 0, KD_ = 0, F_ = 0, V_ = 0, hd_ = 0;  // n_embd, n_head*hd, n_head_kv*hd, n_ff, n_vocab, head_dim
+    int C_ = 0, R_ = 0, L_ = 0;  // prompt chunk, activation rows, logit rows per copy
+    size_t w16_elems_ = 0, slot_stride_ = 0, layer_stride_ = 0;
+
+    cudaStream_t stream_ = nullptr;
+    cublasHandle_t blas_ = nullptr;
+    cudaEvent_t upload_done_ = nullptr;
+    uint8_t* wbuf_ = nullptr;  // weights
+    uint8_t* sbuf_ = nullptr;  // scratch
+    __half *kc_ = nullptr, *vc_ = nullptr;
+    int32_t* pinned_ids_ = nullptr;
+    float* pinned_logits_ = nullptr;
+
+    // views of the scratch (q_/k_/v_ inside qkv_, g_/u_ inside gu_)
+    float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr;
+    float *att_ = nullptr, *gu_ = nullptr, *g_ = nullptr, *u_ = nullptr, *logits_ = nullptr, *part_o_ = nullptr;
+    float2* part_ml_ = nullptr;
+    __half *act16_ = nullptr, *w16_ = nullptr;
+    int32_t* d_ids_ = nullptr;
+    void* blas_ws_ = nullptr;
+
+    DeviceWeights weights_;
+    FusedDecoder dec_;
+};
+
+}  // namespace orcd

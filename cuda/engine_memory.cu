@@ -1,0 +1,187 @@
+// engine_memory.cu - CudaEngineImpl's setup: the model checked, the scratch planned,
+// the memory check before any allocation, the allocations, the weight upload (DeviceWeights)
+// and the fused decoder's plan and arguments; and their release.
+//
+// Device memory: the weights buffer, the K and V caches (fp16 [slot][layer][pos][n_head_kv *
+// head_dim]) and one scratch buffer carved into the slices below. Prompts run in chunks of
+// up to kPromptChunk tokens, so the activations hold max(chunk, n_slots) rows.
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda_engine.cuh"
+#include "kernels.cuh"
+
+namespace orcd {
+namespace {
+
+constexpr int kPromptChunk = 512;
+constexpr size_t kAlign = 256;
+constexpr size_t kCublasWorkspace = size_t(32) << 20;
+constexpr size_t kReserve = size_t(64) << 20;      // CUDA context growth and cuBLAS internals
+constexpr size_t kW16MaxElems = size_t(16) << 20;  // fp16 scratch cap: lm_head is dequantized in chunks
+constexpr int kLogitRowsMin = 16;
+
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+std::string fmt_bytes(size_t b) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%zu bytes (%.1f MiB)", b, double(b) / (1024.0 * 1024.0));
+    return buf;
+}
+
+}  // namespace
+
+CudaEngineImpl::CudaEngineImpl(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, const ProgressFn& progress,
+                               int device)
+    : file_(std::move(file)), n_ctx_(n_ctx), n_slots_(n_slots), dev_(device), opt_(options_from_env()) {
+    try {
+        build(progress);
+    } catch (...) {
+        release();
+        throw;
+    }
+}
+
+void CudaEngineImpl::release() noexcept {
+    if (dev_ >= 0) cudaSetDevice(dev_);
+    if (stream_) cudaStreamSynchronize(stream_);
+    dec_.release();
+    if (blas_) cublasDestroy(blas_);
+    blas_ = nullptr;
+    if (upload_done_) cudaEventDestroy(upload_done_);
+    upload_done_ = nullptr;
+    if (stream_) cudaStreamDestroy(stream_);
+    stream_ = nullptr;
+    for (void* p : {static_cast<void*>(wbuf_), static_cast<void*>(sbuf_), static_cast<void*>(kc_),
+                    static_cast<void*>(vc_)})
+        if (p) cudaFree(p);
+    wbuf_ = sbuf_ = nullptr;
+    kc_ = vc_ = nullptr;
+    if (pinned_ids_) cudaFreeHost(pinned_ids_);
+    if (pinned_logits_) cudaFreeHost(pinned_logits_);
+    pinned_ids_ = nullptr;
+    pinned_logits_ = nullptr;
+}
+
+void CudaEngineImpl::build(const ProgressFn& progress) {
+    if (n_ctx_ < 1) throw Error("CudaEngine: n_ctx must be >= 1, got " + std::to_string(n_ctx_));
+    if (n_slots_ < 1) throw Error("CudaEngine: n_slots must be >= 1, got " + std::to_string(n_slots_));
+    if (!file_) throw Error("CudaEngine: no model file");
+    d_ = describe_model(*file_);
+    E_ = d_.n_embd;
+    hd_ = d_.head_dim;
+    QD_ = d_.n_head * hd_;
+    KD_ = d_.n_head_kv * hd_;
+    F_ = d_.n_ff;
+    V_ = d_.n_vocab;
+    const std::string where = "CudaEngine(" + file_->path() + ")";
+    if (hd_ < 2 || hd_ % 2 != 0 || hd_ > cu::kAttnMaxHeadDim)
+        throw Error(where + ": head_dim " + std::to_string(hd_) + " is not supported (even, at most " +
+                    std::to_string(cu::kAttnMaxHeadDim) + ")");
+    if (d_.n_head_kv < 1 || d_.n_head % d_.n_head_kv != 0)
+        throw Error(where + ": n_head " + std::to_string(d_.n_head) + " is not a multiple of n_head_kv " +
+                    std::to_string(d_.n_head_kv));
+    weights_.plan(d_, where);
+
+    // ---- scratch plan
+    C_ = std::min(kPromptChunk, n_ctx_);
+    R_ = std::max(C_, n_slots_);
+    L_ = std::max(kLogitRowsMin, n_slots_);
+    size_t max_layer_w = 0;
+    for (const LayerDesc& L : d_.layers)
+        for (const TensorInfo* t : {L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down})
+            max_layer_w = std::max(max_layer_w, size_t(t->n_elements()));
+    w16_elems_ = std::max({max_layer_w, std::min(size_t(d_.output->n_elements()), kW16MaxElems), size_t(E_),
+                           size_t(QD_ + 2 * KD_) * E_, size_t(2) * F_ * E_});
+    // Device properties first (this creates the context), then the memory check.
+    info_ = device_info(dev_);
+    size_t part_rows = 0;
+    for (int nq = 1; nq <= R_; ++nq)
+        part_rows = std::max(part_rows,
+                             cu::attn_partials(nq, d_.n_head, cu::attn_plan(nq, n_ctx_, d_.n_head, info_.sm_count)));
+    dec_.plan(d_, info_, n_ctx_);
+    dec_.set_options(opt_);
+
+    const size_t fR = size_t(R_);
+    auto slice = [](auto** p, size_t bytes) { return ScratchSlice{reinterpret_cast<void**>(p), bytes}; };
+    std::vector<ScratchSlice> slices = {
+        slice(&x_, fR * E_ * 4),
+        slice(&h_, fR * E_ * 4),
+        slice(&qkv_, fR * (QD_ + 2 * KD_) * 4),  // q_, k_, v_ of the mat-vec path inside
+        slice(&att_, fR * QD_ * 4),
+        slice(&gu_, fR * 2 * F_ * 4),            // g_, u_ of the mat-vec path inside
+        slice(&logits_, size_t(L_) * V_ * 4),
+        slice(&part_o_, part_rows * hd_ * 4),
+        slice(&part_ml_, part_rows * sizeof(float2)),
+        slice(&act16_, fR * std::max({E_, F_, QD_}) * 2),
+        slice(&w16_, w16_elems_ * 2),
+        slice(&d_ids_, fR * 3 * 4),
+        {&blas_ws_, kCublasWorkspace},
+    };
+    dec_.add_scratch(slices);
+    size_t sbytes = 0;
+    for (const ScratchSlice& s : slices) sbytes += align_up(s.bytes);
+    slot_stride_ = size_t(d_.n_layer) * n_ctx_ * KD_;
+    layer_stride_ = size_t(n_ctx_) * KD_;
+    const size_t kv_bytes = size_t(n_slots_) * slot_stride_ * 2;  // one cache (K or V), fp16
+    const size_t wbytes = weights_.bytes();
+    mem_.weights = wbytes;
+    mem_.kv = 2 * kv_bytes;
+    mem_.scratch = sbytes;
+
+    // ---- enough memory? (nothing allocated yet)
+    const size_t need = mem_.total() + kReserve;
+    if (need > info_.free_mem)
+        throw CudaError("not enough GPU memory: need " + std::to_string(need) + " bytes, " +
+                        std::to_string(info_.free_mem) + " free on " + info_.name + " (weights " +
+                        fmt_bytes(mem_.weights) + ", KV cache " + fmt_bytes(mem_.kv) + " for n_ctx=" +
+                        std::to_string(n_ctx_) + " x n_slots=" + std::to_string(n_slots_) + ", scratch " +
+                        fmt_bytes(mem_.scratch) + ", reserve " + fmt_bytes(kReserve) + ")");
+
+    // ---- allocate
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), where);
+    CUDA_CHECK(cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming), where);
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&wbuf_), wbytes), where + ": weights, " + fmt_bytes(wbytes));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&kc_), kv_bytes), where + ": K cache, " + fmt_bytes(kv_bytes));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&vc_), kv_bytes), where + ": V cache, " + fmt_bytes(kv_bytes));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sbuf_), sbytes), where + ": scratch, " + fmt_bytes(sbytes));
+    CUDA_CHECK(cudaMemsetAsync(kc_, 0, kv_bytes, stream_), where + ": K cache");
+    CUDA_CHECK(cudaMemsetAsync(vc_, 0, kv_bytes, stream_), where + ": V cache");
+    {
+        size_t off = 0;
+        for (const ScratchSlice& s : slices) {
+            *s.dst = sbuf_ + off;
+            off += align_up(s.bytes);
+        }
+    }
+    q_ = qkv_;
+    k_ = q_ + fR * QD_;
+    v_ = k_ + fR * KD_;
+    g_ = gu_;
+    u_ = gu_ + fR * F_;
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_ids_), fR * 3 * 4), where + ": pinned ids");
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_logits_), size_t(L_) * V_ * 4),
+               where + ": pinned logits");
+    std::memset(pinned_ids_, 0, fR * 3 * 4);
+    CUBLAS_CHECK(cublasCreate(&blas_), where);
+    CUBLAS_CHECK(cublasSetStream(blas_, stream_), where);
+    CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace), where);
+
+    // ---- upload, then the fused decoder's arguments
+    weights_.upload(d_, wbuf_, progress, where);
+    DecodeBuffers db;
+    db.x = x_;
+    db.q = q_;
+    db.att = att_;
+    db.act = g_;
+    db.logits = logits_;
+    db.kc = kc_;
+    db.vc = vc_;
+    dec_.build(weights_, db, stream_);
+    sync("CudaEngine setup");
+}
+
+}  // namespace orcd

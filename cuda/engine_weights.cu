@@ -1,0 +1,123 @@
+// engine_weights.cu - DeviceWeights: check, lay out and upload the model's tensors.
+#include <vector>
+
+#include "cuda_common.cuh"
+#include "engine_weights.cuh"
+#include "kernels.cuh"
+#include "quants.h"
+
+namespace orcd {
+namespace {
+
+constexpr size_t kAlign = 256;  // every tensor starts 256-aligned (the decode kernels' 16-byte widened copies stay inside)
+
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+}  // namespace
+
+void DeviceWeights::plan(const ModelDesc& d, const std::string& where) {
+    ups_.clear();
+    const int64_t E = d.n_embd, QD = int64_t(d.n_head) * d.head_dim, KD = int64_t(d.n_head_kv) * d.head_dim;
+    const int64_t F = d.n_ff, V = d.n_vocab;
+    auto add_mat = [&](const TensorInfo* t, int64_t n_in, int64_t n_out) {
+        if (!t) throw Error(where + ": missing weight tensor");
+        if (t->ne[0] != n_in || t->n_rows() != n_out)
+            throw Error(where + ": tensor '" + t->name + "' " + t->shape_str() + " is not [" + std::to_string(n_in) +
+                        ", " + std::to_string(n_out) + "]");
+        if (!cu::type_supported(t->type))
+            throw Error(where + ": tensor '" + t->name + "' has type " + type_name(t->type) +
+                        ", which the CUDA backend cannot read");
+        for (const Upload& u : ups_)
+            if (u.t == t) return;  // tied output: uploaded once
+        ups_.push_back({t, false, t->nbytes, 0});
+    };
+    auto add_vec = [&](const TensorInfo* t, int64_t n) {
+        if (!t) throw Error(where + ": missing norm/bias tensor");
+        if (t->n_elements() != n)
+            throw Error(where + ": tensor '" + t->name + "' " + t->shape_str() + " does not have " +
+                        std::to_string(n) + " elements");
+        if (!can_dequantize(t->type))
+            throw Error(where + ": tensor '" + t->name + "' has type " + type_name(t->type) + ", not dequantizable");
+        ups_.push_back({t, true, size_t(n) * 4, 0});
+    };
+    add_mat(d.tok_embd, E, V);
+    add_vec(d.output_norm, E);
+    add_mat(d.output, E, V);
+    for (const LayerDesc& L : d.layers) {
+        // q|k|v and gate|up next to each other: F16 weights then feed one GEMM in place
+        add_mat(L.wq, E, QD);
+        add_mat(L.wk, E, KD);
+        add_mat(L.wv, E, KD);
+        add_mat(L.w_gate, E, F);
+        add_mat(L.w_up, E, F);
+        add_mat(L.wo, QD, E);
+        add_mat(L.w_down, F, E);
+        add_vec(L.attn_norm, E);
+        add_vec(L.bq, QD);
+        add_vec(L.bk, KD);
+        add_vec(L.bv, KD);
+        add_vec(L.ffn_norm, E);
+    }
+    bytes_ = 0;
+    for (Upload& u : ups_) {
+        u.offset = bytes_;
+        bytes_ += align_up(u.bytes);
+    }
+}
+
+void DeviceWeights::upload(const ModelDesc& d, uint8_t* buf, const ProgressFn& progress, const std::string& where) {
+    size_t done = 0, total = 0;
+    for (const Upload& u : ups_) total += u.bytes;
+    std::vector<float> tmp;
+    for (const Upload& u : ups_) {
+        if (!u.t->data) throw Error(where + ": tensor '" + u.t->name + "' has no data (file closed?)");
+        uint8_t* dst = buf + u.offset;
+        if (u.vec) {
+            tmp.resize(size_t(u.t->n_elements()));
+            dequantize_rows(*u.t, 0, u.t->n_rows(), tmp.data());
+            CUDA_CHECK(cudaMemcpy(dst, tmp.data(), u.bytes, cudaMemcpyHostToDevice), "upload of '" + u.t->name + "'");
+        } else {
+            CUDA_CHECK(cudaMemcpy(dst, u.t->data, u.bytes, cudaMemcpyHostToDevice), "upload of '" + u.t->name + "'");
+        }
+        done += u.bytes;
+        if (progress) progress(done, total);
+    }
+    auto dev_of = [&](const TensorInfo* t) -> uint8_t* {
+        for (const Upload& u : ups_)
+            if (u.t == t) return buf + u.offset;
+        throw Error(where + ": internal: tensor not uploaded");
+    };
+    auto vec = [&](const TensorInfo* t) { return reinterpret_cast<const float*>(dev_of(t)); };
+    auto mat = [&](const TensorInfo* t) {
+        DevWeight w;
+        w.type = t->type;
+        w.data = dev_of(t);
+        w.n_in = int(t->ne[0]);
+        w.n_out = int(t->n_rows());
+        w.row_bytes = t->row_bytes();
+        w.name = t->name;
+        return w;
+    };
+    tok_embd = mat(d.tok_embd);
+    output = mat(d.output);
+    output_norm = vec(d.output_norm);
+    layers.clear();
+    for (const LayerDesc& L : d.layers) {
+        DevLayer D;
+        D.attn_norm = vec(L.attn_norm);
+        D.bq = vec(L.bq);
+        D.bk = vec(L.bk);
+        D.bv = vec(L.bv);
+        D.ffn_norm = vec(L.ffn_norm);
+        D.wq = mat(L.wq);
+        D.wk = mat(L.wk);
+        D.wv = mat(L.wv);
+        D.wo = mat(L.wo);
+        D.gate = mat(L.w_gate);
+        D.up = mat(L.w_up);
+        D.down = mat(L.w_down);
+        layers.push_back(std::move(D));
+    }
+}
+
+}  // namespace orcd

@@ -1,0 +1,426 @@
+// fused_decoder.cu - FusedDecoder: plan, arguments, launches and graphs of the fused
+// decode step (decode.cuh). docs/perf_notes.md has the measurements behind each
+// constant below.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "fused_decoder.cuh"
+
+namespace orcd {
+namespace {
+
+constexpr size_t kDecStageCap = size_t(96) << 10;  // staged weight bytes of one fused decode block
+constexpr size_t kDecLmCap = size_t(64) << 10;     // ... of one lm_head block (many blocks, streaming)
+constexpr int kDecQkvRows = 8;          // rows per half-head part of dec_qkv (at most head_dim/2)
+constexpr double kDecGateUpPerSm = 2;   // blocks per SM the gate/up projection aims for
+constexpr double kDecProjPerSm = 1;     // ... attn_output and ffn_down
+constexpr double kDecLmPerSm = 3;       // persistent lm_head blocks per SM
+constexpr int kDecProjMaxRows = 64;     // rows per projection block at most (dec_proj's residual mode)
+// The kinds that release their successor at their start instead of after their wait:
+// attn_output, so the largest weight copy (gate and up) overlaps its whole run.
+constexpr unsigned kDecPdlEarly = 1u << int(DecodeKernel::attn_output);
+
+int pdl_early(DecodeKernel k) { return int((kDecPdlEarly >> int(k)) & 1u); }
+
+// Rows per block of a fused mat-vec: about target_blocks blocks, a multiple of 8 (one row
+// per warp and round), shrunk until nt tensors' staged rows fit `cap` (rows 0: they do not).
+struct PlannedRows {
+    int rows, smem_w;
+};
+PlannedRows plan_proj(int n_out, size_t row_bytes, int nt, int target_blocks, size_t cap) {
+    int rb = (n_out + target_blocks - 1) / target_blocks;
+    rb = std::max(8, (rb + 7) / 8 * 8);
+    rb = std::min(rb, kDecProjMaxRows);
+    auto need = [&](int r) { return size_t(nt) * cu::dec_stage_bytes(r, int(row_bytes)); };
+    while (rb > 1 && need(rb) > cap) rb = rb > 8 ? rb - 8 : rb - 1;
+    if (need(rb) > cap) return {0, 0};
+    return {rb, int(need(rb))};
+}
+
+bool is_noop(const StepLaunch& s, DecodeKernel k) { return (s.noop_kinds >> int(k)) & 1u; }
+
+}  // namespace
+
+// ---------------------------------------------------------------- plan
+
+void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
+    d_ = d;
+    n_ctx_ = n_ctx;
+    hopper_ = info.cc_major >= 9;
+    pdl_ok_ = hopper_;
+    ok_ = false;
+    auto off = [&](const std::string& why) { note_ = unavailable_ = "fast decode unavailable: " + why; };
+    const int E = d.n_embd, hd = d.head_dim, QD = d.n_head * hd, F = d.n_ff, V = d.n_vocab;
+    const int G = d.n_head / d.n_head_kv;
+    if (info.cc_major < 8)
+        return off("compute capability " + std::to_string(info.cc_major) + "." + std::to_string(info.cc_minor) +
+                   " < 8.0");
+    if (E % 32 || QD % 32 || F % 32) return off("n_embd, n_head*head_dim and n_ff must be multiples of 32");
+    if (hd % 8) return off("head_dim " + std::to_string(hd) + " is not a multiple of 8 (16-byte K/V rows)");
+    if (G * hd > cu::kDecMaxGroupDim)
+        return off("(n_head/n_head_kv)*head_dim > " + std::to_string(cu::kDecMaxGroupDim));
+    if (d.n_head_kv > cu::kDecMaxKvHeads) return off("more than " + std::to_string(cu::kDecMaxKvHeads) + " KV heads");
+    size_t rb_qkv = 0, rb_o = 0, rb_gu = 0, rb_d = 0;
+    for (const LayerDesc& L : d.layers) {
+        rb_qkv = std::max({rb_qkv, L.wq->row_bytes(), L.wk->row_bytes(), L.wv->row_bytes()});
+        rb_o = std::max(rb_o, L.wo->row_bytes());
+        rb_gu = std::max({rb_gu, L.w_gate->row_bytes(), L.w_up->row_bytes()});
+        rb_d = std::max(rb_d, L.w_down->row_bytes());
+    }
+    const int sms = std::max(1, info.sm_count);
+    auto per_sm = [&](double blocks_per_sm) { return std::max(1, int(blocks_per_sm * sms)); };
+    qkv_rows_ = std::min(kDecQkvRows, hd / 2);
+    qkv_parts_ = (hd / 2 + qkv_rows_ - 1) / qkv_rows_;
+    qkv_smem_w_ = int(2 * cu::dec_stage_bytes(qkv_rows_, int(rb_qkv)));
+    const PlannedRows o = plan_proj(E, rb_o, 1, per_sm(kDecProjPerSm), kDecStageCap);
+    const PlannedRows gu = plan_proj(F, rb_gu, 2, per_sm(kDecGateUpPerSm), kDecStageCap);
+    const PlannedRows dn = plan_proj(E, rb_d, 1, per_sm(kDecProjPerSm), kDecStageCap);
+    // lm_head: persistent blocks, each warp streaming batches of 2 rows (1 for long rows)
+    // through its own ring of kDecLmStages buffers
+    PlannedRows lm{0, 0};
+    cu::dec_lm_plan(d.output->row_bytes(), kDecLmCap, &lm.rows, &lm_stages_, &lm.smem_w);
+    lm_grid_ = per_sm(kDecLmPerSm);
+    if (!o.rows || !gu.rows || !dn.rows || !lm.rows) return off("a weight row does not fit the shared-memory stage");
+    plan_o_ = {o.rows, o.smem_w};
+    plan_gu_ = {gu.rows, gu.smem_w};
+    plan_d_ = {dn.rows, dn.smem_w};
+    plan_lm_ = {lm.rows, lm.smem_w};
+    lm_blocks_ = std::min((V + lm.rows - 1) / lm.rows, lm_grid_);
+    const size_t smem = std::max({cu::dec_qkv_smem(qkv_smem_w_, E, qkv_rows_), cu::dec_proj_smem(o.smem_w, QD),
+                                  cu::dec_proj_smem(gu.smem_w, E), cu::dec_proj_smem(dn.smem_w, F),
+                                  cu::dec_proj_smem(lm.smem_w, E), cu::dec_attn_smem(d.n_head, d.n_head_kv, hd)});
+    int optin = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, info.device), "CudaEngine plan");
+    if (smem > size_t(optin))
+        return off("needs " + std::to_string(smem) + " bytes of shared memory per block, the GPU allows " +
+                   std::to_string(optin));
+    CUDA_CHECK(cudaSetDevice(info.device), "CudaEngine plan");
+    cu::dec_set_smem_limit(std::max(smem, size_t(48) << 10));
+    ok_ = true;
+}
+
+void FusedDecoder::add_scratch(std::vector<ScratchSlice>& slices) {
+    const size_t heads = size_t(d_.n_head), hd = size_t(d_.head_dim);
+    auto add = [&](auto** p, size_t bytes) { slices.push_back({reinterpret_cast<void**>(p), bytes}); };
+    add(&state_, sizeof(cu::DecState));
+    add(&sync_, sizeof(cu::DecSync));
+    add(&out_tokens_, size_t(n_ctx_) * 4);
+    add(&part_o_, ok_ ? heads * cu::kDecMaxSplits * hd * 4 : 0);
+    add(&part_ml_, ok_ ? heads * cu::kDecMaxSplits * sizeof(float2) : 0);
+    add(&arg_, ok_ ? size_t(lm_blocks_) * sizeof(cu::ArgPart) : 0);
+    add(&rope_, ok_ ? size_t(n_ctx_) * (hd / 2) * sizeof(float2) : 0);
+}
+
+// ---------------------------------------------------------------- arguments
+
+void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStream_t stream) {
+    stream_ = stream;
+    logits_ = b.logits;
+    const char* where = "CudaEngine setup";
+    CUDA_CHECK(cudaMemsetAsync(state_, 0, sizeof(cu::DecState), stream_), "CudaEngine setup: decode state");
+    CUDA_CHECK(cudaMemsetAsync(sync_, 0, sizeof(cu::DecSync), stream_), "CudaEngine setup: decode counters");
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_state_), sizeof(cu::DecState)),
+               "CudaEngine setup: pinned state");
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_tokens_), size_t(n_ctx_) * 4),
+               "CudaEngine setup: pinned tokens");
+    if (!ok_) return;
+
+    const int hd = d_.head_dim, half = hd / 2, kv_dim = d_.n_head_kv * hd;
+    {  // RoPE table: the prompt kernels' formula (theta in double)
+        const double log2_base = std::log2(double(d_.rope_base));
+        std::vector<float2> tab(size_t(n_ctx_) * half);
+        for (int i = 0; i < half; ++i) {
+            const double f = std::exp2(-2.0 * double(i) / double(hd) * log2_base);
+            for (int p = 0; p < n_ctx_; ++p) {
+                const double th = double(p) * f;
+                tab[size_t(p) * half + i] = make_float2(float(std::cos(th)), float(std::sin(th)));
+            }
+        }
+        CUDA_CHECK(cudaMemcpy(rope_, tab.data(), tab.size() * sizeof(float2), cudaMemcpyHostToDevice),
+                   std::string(where) + ": RoPE table");
+    }
+    const size_t layer_stride = size_t(n_ctx_) * kv_dim;
+    const size_t slot_stride = size_t(d_.n_layer) * layer_stride;
+    layers_.assign(size_t(d_.n_layer), LayerArgs{});
+    for (int l = 0; l < d_.n_layer; ++l) {
+        const DevLayer& L = w.layers[size_t(l)];
+        LayerArgs& A = layers_[size_t(l)];
+        __half* kc = b.kc + size_t(l) * layer_stride;
+        __half* vc = b.vc + size_t(l) * layer_stride;
+
+        cu::DecQkvArgs& q = A.qkv;
+        q.w[0] = L.wq.dt();
+        q.w[1] = L.wk.dt();
+        q.w[2] = L.wv.dt();
+        q.bias[0] = L.bq;
+        q.bias[1] = L.bk;
+        q.bias[2] = L.bv;
+        q.x = b.x;
+        q.emb = w.tok_embd.dt();
+        q.embed = l == 0;
+        q.norm_w = L.attn_norm;
+        q.eps = d_.rms_eps;
+        q.n_embd = d_.n_embd;
+        q.n_head = d_.n_head;
+        q.n_head_kv = d_.n_head_kv;
+        q.head_dim = hd;
+        q.S = qkv_rows_;
+        q.parts = qkv_parts_;
+        q.rope = rope_;
+        q.q_out = b.q;
+        q.kc = kc;
+        q.vc = vc;
+        q.slot_stride = slot_stride;
+        q.kv_dim = kv_dim;
+        q.st = state_;
+        q.need_q8 = cu::dec_int8_type(L.wq.type) || cu::dec_int8_type(L.wk.type) || cu::dec_int8_type(L.wv.type);
+        q.smem_w = qkv_smem_w_;
+        q.pdl_early = pdl_early(DecodeKernel::qkv);
+
+        cu::DecAttnArgs& a = A.attention;
+        a.q = b.q;
+        a.kc = kc;
+        a.vc = vc;
+        a.slot_stride = slot_stride;
+        a.kv_dim = kv_dim;
+        a.n_head = d_.n_head;
+        a.n_head_kv = d_.n_head_kv;
+        a.head_dim = hd;
+        a.scale = 1.0f / std::sqrt(float(hd));
+        a.max_splits = cu::kDecMaxSplits;
+        a.split_keys = opt_.split_keys;
+        a.part_o = part_o_;
+        a.part_ml = part_ml_;
+        a.out = b.att;
+        a.counter = sync_->attn;
+        a.st = state_;
+        a.pdl_early = pdl_early(DecodeKernel::attention);
+
+        cu::DecProjArgs& o = A.attn_output;
+        o.w[0] = L.wo.dt();
+        o.n_tensors = 1;
+        o.rows_per_block = plan_o_.rows_per_block;
+        o.act = b.att;
+        o.need_q8 = cu::dec_int8_type(L.wo.type);
+        o.mode = cu::DEC_RESID;
+        o.y = b.x;
+        o.smem_w = plan_o_.smem_w;
+        o.pdl_early = pdl_early(DecodeKernel::attn_output);
+
+        cu::DecProjArgs& g = A.ffn_gate_up;
+        g.w[0] = L.gate.dt();
+        g.w[1] = L.up.dt();
+        g.n_tensors = 2;
+        g.rows_per_block = plan_gu_.rows_per_block;
+        g.act = b.x;
+        g.norm_w = L.ffn_norm;
+        g.eps = d_.rms_eps;
+        g.need_q8 = cu::dec_int8_type(L.gate.type) || cu::dec_int8_type(L.up.type);
+        g.mode = cu::DEC_GLU;
+        g.y = b.act;
+        g.smem_w = plan_gu_.smem_w;
+        g.pdl_early = pdl_early(DecodeKernel::ffn_gate_up);
+
+        cu::DecProjArgs& dn = A.ffn_down;
+        dn.w[0] = L.down.dt();
+        dn.n_tensors = 1;
+        dn.rows_per_block = plan_d_.rows_per_block;
+        dn.act = b.act;
+        dn.need_q8 = cu::dec_int8_type(L.down.type);
+        dn.mode = cu::DEC_RESID;
+        dn.y = b.x;
+        dn.smem_w = plan_d_.smem_w;
+        dn.pdl_early = pdl_early(DecodeKernel::ffn_down);
+    }
+    cu::DecProjArgs& m = lm_;
+    m = cu::DecProjArgs{};
+    m.w[0] = w.output.dt();
+    m.n_tensors = 1;
+    m.rows_per_block = plan_lm_.rows_per_block;
+    m.act = b.x;
+    m.norm_w = w.output_norm;
+    m.eps = d_.rms_eps;
+    m.need_q8 = cu::dec_int8_type(w.output.type);
+    m.mode = cu::DEC_LOGITS;
+    m.y = b.logits;
+    m.part = arg_;
+    m.counter = &sync_->lm;
+    m.st = state_;
+    m.out_tokens = out_tokens_;
+    m.smem_w = plan_lm_.smem_w;
+    m.lm_grid = lm_grid_;
+    m.lm_stages = lm_stages_;
+    m.pdl_early = pdl_early(DecodeKernel::lm_head);
+}
+
+void FusedDecoder::release() noexcept {
+    drop_graphs();
+    if (pinned_state_) cudaFreeHost(pinned_state_);
+    if (pinned_tokens_) cudaFreeHost(pinned_tokens_);
+    pinned_state_ = nullptr;
+    pinned_tokens_ = nullptr;
+}
+
+void FusedDecoder::set_options(const CudaOptions& o) {
+    drop_graphs();
+    opt_ = o;
+    pdl_ok_ = hopper_;
+    graphs_ok_ = true;
+    note_ = unavailable_;
+    for (LayerArgs& A : layers_) A.attention.split_keys = o.split_keys;
+}
+
+void FusedDecoder::add_note(const std::string& s) { note_ += (note_.empty() ? "" : "; ") + s; }
+
+// ---------------------------------------------------------------- launches
+
+void FusedDecoder::launch_qkv(const cu::DecQkvArgs& a, bool pdl, const StepLaunch& s) const {
+    const char* what = "decode q/k/v";
+    if (is_noop(s, DecodeKernel::qkv)) cu::dec_noop(cu::dec_qkv_shape(a), a.pdl_early, stream_, pdl, what);
+    else cu::dec_qkv(a, stream_, pdl, what);
+    if (s.after_each) s.after_each(DecodeKernel::qkv);
+}
+
+void FusedDecoder::launch_attention(const cu::DecAttnArgs& args, const StepLaunch& s) const {
+    const char* what = "decode attention";
+    cu::DecAttnArgs a = args;
+    a.cluster = s.cluster ? 1 : 0;
+    if (is_noop(s, DecodeKernel::attention)) cu::dec_noop(cu::dec_attention_shape(a), a.pdl_early, stream_, s.pdl, what);
+    else cu::dec_attention(a, stream_, s.pdl, what);
+    if (s.after_each) s.after_each(DecodeKernel::attention);
+}
+
+void FusedDecoder::launch_proj(DecodeKernel kind, const cu::DecProjArgs& a, const StepLaunch& s,
+                               const char* what) const {
+    if (is_noop(s, kind)) cu::dec_noop(cu::dec_proj_shape(a), a.pdl_early, stream_, s.pdl, what);
+    else cu::dec_proj(a, stream_, s.pdl, what);
+    if (s.after_each) s.after_each(kind);
+}
+
+void FusedDecoder::launch_lm_head(const StepLaunch& s) const {
+    cu::DecProjArgs m = lm_;
+    m.y = s.greedy ? nullptr : logits_;
+    m.argmax = s.greedy ? 1 : 0;
+    m.advance = s.greedy ? 1 : 0;
+    launch_proj(DecodeKernel::lm_head, m, s, "decode lm_head");
+}
+
+void FusedDecoder::launch_step(const StepLaunch& s) const {
+    for (size_t l = 0; l < layers_.size(); ++l) {
+        const LayerArgs& A = layers_[l];
+        // Layer 0 follows a copy or the previous step's lm_head, which advances the state
+        // this kernel reads with plain loads before its wait: no PDL (docs/perf_notes.md run 14).
+        launch_qkv(A.qkv, s.pdl && l > 0, s);
+        launch_attention(A.attention, s);
+        launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");
+        launch_proj(DecodeKernel::ffn_gate_up, A.ffn_gate_up, s, "decode ffn_gate/ffn_up");
+        launch_proj(DecodeKernel::ffn_down, A.ffn_down, s, "decode ffn_down");
+    }
+    launch_lm_head(s);
+}
+
+void FusedDecoder::lm_head_last(const float* x_row) {
+    cu::DecProjArgs m = lm_;
+    m.act = x_row;
+    m.y = logits_;
+    m.argmax = 0;
+    m.advance = 0;
+    cu::dec_proj(m, stream_, false, "lm_head (last row)");
+}
+
+// ---------------------------------------------------------------- graphs and runs
+
+void FusedDecoder::drop_graphs() noexcept {
+    for (cudaGraphExec_t& g : graph_) {
+        if (g) cudaGraphExecDestroy(g);
+        g = nullptr;
+    }
+}
+
+cudaGraphExec_t FusedDecoder::record_graph(const std::function<void()>& body, const char* what) {
+    cudaGraph_t graph = nullptr;
+    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), what);
+    try {
+        body();
+    } catch (...) {
+        cudaStreamEndCapture(stream_, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        throw;
+    }
+    CUDA_CHECK(cudaStreamEndCapture(stream_, &graph), what);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (e != cudaSuccess) throw_cuda("cudaGraphInstantiate", e, what);
+    return exec;
+}
+
+bool FusedDecoder::capture(bool greedy, int steps, bool cluster) {
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        try {
+            StepLaunch s;
+            s.greedy = greedy;
+            s.cluster = cluster;
+            s.pdl = pdl_on();
+            graph_slot(greedy, steps, cluster) = record_graph(
+                [&]() {
+                    for (int i = 0; i < steps; ++i) launch_step(s);
+                },
+                "decode graph capture");
+            return true;
+        } catch (const Error& err) {
+            cudaGetLastError();
+            if (pdl_on()) {
+                pdl_ok_ = false;
+                drop_graphs();
+                add_note(std::string("PDL off: graph capture with PDL failed: ") + err.what());
+                continue;
+            }
+            graphs_ok_ = false;
+            add_note(std::string("graphs off: capture failed: ") + err.what());
+            return false;
+        }
+    }
+    return false;
+}
+
+void FusedDecoder::run(bool greedy, int kv_len, int steps) {
+    const bool cluster = cluster_for(kv_len);
+    if (graphs_on()) {
+        cudaGraphExec_t& g = graph_slot(greedy, steps, cluster);
+        if (g || capture(greedy, steps, cluster)) {
+            CUDA_CHECK(cudaGraphLaunch(g, stream_), "decode graph launch");
+            return;
+        }
+    }
+    StepLaunch s;
+    s.greedy = greedy;
+    s.cluster = cluster;
+    s.pdl = pdl_on();
+    for (int i = 0; i < steps; ++i) launch_step(s);
+}
+
+void FusedDecoder::start(int slot, int32_t token, int pos) {
+    *pinned_state_ = cu::DecState{token, pos, slot, 0};
+    CUDA_CHECK(cudaMemcpyAsync(state_, pinned_state_, sizeof(cu::DecState), cudaMemcpyHostToDevice, stream_),
+               "decode state upload");
+}
+
+void FusedDecoder::greedy(int slot, int32_t token, int pos, int n_steps, int32_t* out) {
+    start(slot, token, pos);
+    // kGraphSteps steps per graph launch while that many remain (the device state
+    // carries token and position from step to step), then single steps
+    int i = 0;
+    if (graphs_on())
+        for (; n_steps - i >= kGraphSteps; i += kGraphSteps) run(true, pos + i + kGraphSteps, kGraphSteps);
+    for (; i < n_steps; ++i) run(true, pos + i + 1);
+    CUDA_CHECK(cudaMemcpyAsync(pinned_tokens_, out_tokens_, size_t(n_steps) * 4, cudaMemcpyDeviceToHost, stream_),
+               "decoded tokens copy");
+    CUDA_CHECK(cudaStreamSynchronize(stream_), "decode_greedy");
+    std::memcpy(out, pinned_tokens_, size_t(n_steps) * 4);
+}
+
+}  // namespace orcd

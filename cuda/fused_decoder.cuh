@@ -1,0 +1,146 @@
+// fused_decoder.cuh - the fused single-sequence decode step of one engine: its plan
+// (the kernels' shapes for the model and GPU), their arguments, the launches (five
+// per layer, then the lm_head) and the CUDA graphs the step is replayed from.
+//
+// The step reads token, position and slot from a device DecState, so its launches
+// have fixed arguments and are captured once per variant: logits out or greedy (the
+// lm_head writes the argmax token and advances the state), the cluster or the
+// global-merge attention (picked per step from the cache length), one step or
+// kDecGraphSteps greedy steps.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "cuda_common.cuh"
+#include "decode.cuh"
+#include "engine_weights.cuh"
+
+namespace orcd {
+
+// A piece of the engine's scratch buffer: *dst is set to its start once it is allocated.
+struct ScratchSlice {
+    void** dst;
+    size_t bytes;
+};
+
+// The engine's buffers the step reads and writes.
+struct DecodeBuffers {
+    float* x = nullptr;       // residual stream [n_embd]
+    float* q = nullptr;       // roped q [n_head * head_dim]
+    float* att = nullptr;     // attention output [n_head * head_dim]
+    float* act = nullptr;     // silu(gate) * up [n_ff]
+    float* logits = nullptr;  // [n_vocab]
+    __half *kc = nullptr, *vc = nullptr;  // K and V caches [slot][layer][pos][n_head_kv * head_dim]
+};
+
+// How FusedDecoder::launch_step launches a step's kernels.
+struct StepLaunch {
+    bool greedy = false;      // the lm_head writes the argmax token and advances the state (else: logits)
+    bool cluster = false;     // the cluster attention (FusedDecoder::cluster_for)
+    bool pdl = false;         // programmatic dependent launch (layer 0's q/k/v never: see launch_step)
+    unsigned noop_kinds = 0;  // bit per DecodeKernel: an empty kernel of the same shape instead (profiling)
+    std::function<void(DecodeKernel)> after_each;  // called after each launch (profiling: event records)
+};
+
+class FusedDecoder {
+public:
+    static constexpr int kGraphSteps = 8;  // greedy steps per graph launch (greedy())
+
+    FusedDecoder() = default;
+    FusedDecoder(const FusedDecoder&) = delete;
+    FusedDecoder& operator=(const FusedDecoder&) = delete;
+
+    // The kernels' shapes for model d (head_dim and head counts already checked) on the
+    // GPU `info`; available() says whether they fit, note() why not. Raises the decode
+    // kernels' shared-memory limit when they do.
+    void plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx);
+    bool available() const { return ok_; }
+    // Its device buffers (state, counters, greedy tokens, and when available the attention
+    // partials, argmax parts and RoPE table) as slices of the engine's scratch.
+    void add_scratch(std::vector<ScratchSlice>& slices);
+    // Once the scratch is allocated and the weights uploaded: the state zeroed, pinned
+    // host buffers, and when available the RoPE table and every kernel's arguments.
+    void build(const DeviceWeights& w, const DecodeBuffers& b, cudaStream_t stream);
+    void release() noexcept;  // graphs and pinned buffers (the stream is idle)
+
+    // graphs / pdl / cluster_keys / split_keys of `o`; drops the captured graphs.
+    void set_options(const CudaOptions& o);
+    bool graphs_on() const { return opt_.graphs && graphs_ok_; }
+    bool pdl_on() const { return opt_.pdl && pdl_ok_; }
+    // Why the step or a part of it is off ("" when all is well).
+    const std::string& note() const { return note_; }
+
+    // The device state a run starts from (stream-ordered upload).
+    void start(int slot, int32_t token, int pos);
+    // One step (steps = 1) or kGraphSteps greedy steps whose last cache holds kv_len
+    // positions: a graph launch (captured on first use) or plain launches.
+    void run(bool greedy, int kv_len, int steps = 1);
+    // n_steps greedy steps from (token, pos) of `slot`: out[i] = the token of step i. Syncs.
+    void greedy(int slot, int32_t token, int pos, int n_steps, int32_t* out);
+    // logits = lm_head(rmsnorm(x_row)) with the fused lm_head (the prompt path's last row).
+    void lm_head_last(const float* x_row);
+
+    // For the profiler (decode_profiler.cu):
+    bool cluster_for(int kv_len) const { return hopper_ && opt_.cluster_keys > 0 && kv_len <= opt_.cluster_keys; }
+    void launch_step(const StepLaunch& s) const;
+    // The stream work of `body` as an instantiated graph (a failed capture is cleaned up).
+    cudaGraphExec_t record_graph(const std::function<void()>& body, const char* what);
+    cudaStream_t stream() const { return stream_; }
+    int kernels_per_step() const { return 5 * d_.n_layer + 1; }
+
+private:
+    struct LayerArgs {
+        cu::DecQkvArgs qkv;
+        cu::DecAttnArgs attention;
+        cu::DecProjArgs attn_output, ffn_gate_up, ffn_down;
+    };
+    struct ProjPlan {
+        int rows_per_block = 0;  // 0: a row does not fit the stage
+        int smem_w = 0;          // staged weight bytes
+    };
+
+    void launch_qkv(const cu::DecQkvArgs& a, bool pdl, const StepLaunch& s) const;
+    void launch_attention(const cu::DecAttnArgs& a, const StepLaunch& s) const;
+    void launch_proj(DecodeKernel kind, const cu::DecProjArgs& a, const StepLaunch& s, const char* what) const;
+    void launch_lm_head(const StepLaunch& s) const;
+    cudaGraphExec_t& graph_slot(bool greedy, int steps, bool cluster) {
+        return graph_[(greedy ? 1 : 0) + (cluster ? 2 : 0) + (steps > 1 ? 4 : 0)];
+    }
+    bool capture(bool greedy, int steps, bool cluster);  // false: graphs do not work here
+    void drop_graphs() noexcept;
+    void add_note(const std::string& s);
+
+    ModelDesc d_;
+    int n_ctx_ = 0;
+    bool hopper_ = false;  // compute capability >= 9.0: PDL and thread-block clusters
+    bool ok_ = false, pdl_ok_ = false, graphs_ok_ = true;
+    CudaOptions opt_;
+    std::string unavailable_, note_;
+
+    // plan
+    ProjPlan plan_o_, plan_gu_, plan_d_, plan_lm_;
+    int qkv_rows_ = 0, qkv_parts_ = 0, qkv_smem_w_ = 0;
+    int lm_blocks_ = 0, lm_grid_ = 0, lm_stages_ = 0;  // lm_head blocks (argmax parts), persistent grid, ring buffers
+
+    // device buffers (slices of the engine's scratch) and pinned host buffers
+    cu::DecState* state_ = nullptr;
+    cu::DecSync* sync_ = nullptr;
+    int32_t* out_tokens_ = nullptr;
+    float* part_o_ = nullptr;
+    float2* part_ml_ = nullptr;
+    cu::ArgPart* arg_ = nullptr;
+    float2* rope_ = nullptr;  // [n_ctx][head_dim/2] (cos, sin)
+    cu::DecState* pinned_state_ = nullptr;
+    int32_t* pinned_tokens_ = nullptr;
+
+    cudaStream_t stream_ = nullptr;
+    float* logits_ = nullptr;
+    std::vector<LayerArgs> layers_;
+    cu::DecProjArgs lm_{};
+    cudaGraphExec_t graph_[8] = {};  // graph_slot
+};
+
+}  // namespace orcd
