@@ -579,16 +579,14 @@ NB_MODULE(_orcd_cuda, m) {
 
         m.def(
             "dec_attn",
-            [need](CArr<float> q, CArr<float> k, CArr<float> v, bool cluster, int max_splits, int split_keys,
-                   int cluster_gran) {
+            [need](CArr<float> q, CArr<float> k, CArr<float> v, bool cluster, int max_splits, int split_keys) {
                 need(q.ndim() == 2 && k.ndim() == 3 && shape_of(k) == shape_of(v) && q.shape(1) == k.shape(2),
                      "dec_attn: q [n_head, head_dim], k and v [n_kv, n_head_kv, head_dim]");
                 auto r = orcd::cuda_test::dec_attn(q.data(), int(q.shape(0)), k.data(), v.data(), int(k.shape(0)),
-                                                   int(k.shape(1)), int(q.shape(1)), cluster, max_splits, split_keys,
-                                                   cluster_gran);
+                                                   int(k.shape(1)), int(q.shape(1)), cluster, max_splits, split_keys);
                 return nb::make_tuple(to_numpy(std::move(r.first), shape_of(q)), to_numpy(std::move(r.second), shape_of(q)));
             },
-            "q"_a, "k"_a, "v"_a, "cluster"_a, "max_splits"_a = 32, "split_keys"_a = 32, "cluster_gran"_a = 8,
+            "q"_a, "k"_a, "v"_a, "cluster"_a, "max_splits"_a = 32, "split_keys"_a = 32,
             "(out, out of a second launch) [n_head, head_dim]: the decode attention of one query at position n_kv-1.");
 
         m.def(

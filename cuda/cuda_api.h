@@ -234,11 +234,11 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
 
 // dec_attn on one query q[n_head][head_dim] over k, v [n_kv][n_head_kv][head_dim] (stored as
 // fp16 at positions 0..n_kv-1 of one slot, the query at pos n_kv-1): the cluster variant
-// (sm_90; splits of multiples of cluster_gran keys) or the global merge (up to max_splits
+// (sm_90; splits of multiples of kDecClusterGran keys) or the global merge (up to max_splits
 // splits of at least split_keys keys). Runs twice on the same buffers; returns both outputs.
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
                                                            int n_kv, int n_head_kv, int head_dim, bool cluster,
-                                                           int max_splits, int split_keys, int cluster_gran);
+                                                           int max_splits, int split_keys);
 
 // dec_proj on one vector: mode 0 (RESID) y = y_init + W0 · act; mode 1 (GLU)
 // y = silu(W0 · h) * (W1 · h), h = rmsnorm(act) * norm_w. rows_per_block (1..64) rows per block.

@@ -22,7 +22,7 @@
 // Each kernel has instances specialised on the weight type (the generic one switches
 // per row), and dec_proj / dec_qkv also on the mode and on layer 0's embedding input, so
 // an instance holds only code it runs: a kernel's code is fetched cold at every launch
-// (docs/perf_notes.md runs 8, 17 and 18).
+// (docs/perf_log.md runs 8, 17 and 18).
 //
 // Every kernel first copies its weight rows into shared memory with cp.async (weights never
 // change), then waits for the previous kernel

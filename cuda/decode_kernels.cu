@@ -677,7 +677,7 @@ __host__ __device__ inline size_t dec_attn_tile_bytes(int G, int hd) {
 // and merge through distributed shared memory: each block leaves its partial (acc,
 // m, l) in its own shared memory, and after a cluster barrier block s merges
 // output slice s from all blocks' partials. No global round trip, no atomics, no
-// last-block tail (docs/perf_notes.md has the merge's cost).
+// last-block tail (docs/perf_log.md has the merge's cost).
 // Without CLUSTER the last block of each KV head to finish merges (global
 // partials and a counter), which allows up to max_splits splits for long contexts.
 template <int NACC, bool CLUSTER>
@@ -1051,7 +1051,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
 // numbered b*NW + w, + gridDim.x*NW, ..., through a private ring of lm_stages
 // staging buffers (smem_w / (NW*lm_stages) bytes each) that only that warp
 // fills, waits on and reads, so no block barrier couples the warps once the
-// activation prep (once per block) is done (docs/perf_notes.md: the lm_head).
+// activation prep (once per block) is done (docs/perf_log.md: the lm_head).
 // A batch's rows are copied by its warp (stage_rows<32>, the 16-byte widened range).
 template <uint32_t T>
 __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {

@@ -1,5 +1,5 @@
 // fused_decoder.cu - FusedDecoder: plan, arguments, launches and graphs of the fused
-// decode step (decode.cuh). docs/perf_notes.md has the measurements behind each
+// decode step (decode.cuh). docs/perf_log.md has the measurements behind each
 // constant below.
 #include <algorithm>
 #include <cmath>
@@ -312,7 +312,7 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
     for (size_t l = 0; l < layers_.size(); ++l) {
         const LayerArgs& A = layers_[l];
         // Layer 0 follows a copy or the previous step's lm_head, which advances the state
-        // this kernel reads with plain loads before its wait: no PDL (docs/perf_notes.md run 14).
+        // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
         launch_qkv(A.qkv, s.pdl && l > 0, s);
         launch_attention(A.attention, s);
         launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");

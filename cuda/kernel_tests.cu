@@ -486,8 +486,7 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
     a.bias[0] = db0.p;
     a.bias[1] = db1.p;
     a.bias[2] = db2.p;
-    a.x = dx.p;
-    a.x_out = xo.p;
+    a.x = emb ? xo.p : dx.p;  // embedding input: block 0 writes the row there
     if (emb) a.emb = we->t;
     a.embed = emb ? 1 : 0;
     a.norm_w = dn.p;
@@ -496,7 +495,6 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
     a.n_head = n_head;
     a.n_head_kv = n_head_kv;
     a.head_dim = head_dim;
-    a.log2_base = log2_base;
     a.S = S;
     a.parts = (half + S - 1) / S;
     a.rope = rope.p;
@@ -509,7 +507,7 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
     a.need_q8 = cu::dec_int8_type(w[0].type) || cu::dec_int8_type(w[1].type) || cu::dec_int8_type(w[2].type);
     const int rb = std::max({wq.t.row_bytes, wk.t.row_bytes, wv.t.row_bytes});
     a.smem_w = int(2 * cu::dec_stage_bytes(S, rb));
-    a.pdl_trigger = 1;
+    a.pdl_early = 0;
     dec_smem(cu::dec_qkv_smem(a), what);
     cu::dec_qkv(a, 0, false, what);
     DecQkvOut out;
@@ -522,7 +520,7 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
 
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
                                                            int n_kv, int n_head_kv, int head_dim, bool cluster,
-                                                           int max_splits, int split_keys, int cluster_gran) {
+                                                           int max_splits, int split_keys) {
     ready();
     const char* what = cluster ? "dec_attn test (cluster)" : "dec_attn test (global merge)";
     if (n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv) throw Error("dec_attn test: bad shape");
@@ -567,13 +565,12 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
     a.max_splits = max_splits;
     a.split_keys = split_keys;
     a.cluster = cluster ? 1 : 0;
-    a.cluster_gran = cluster_gran;
     a.part_o = part_o.p;
     a.part_ml = part_ml.p;
     a.out = out.p;
     a.counter = counter.p;
     a.st = st.p;
-    a.pdl_trigger = 1;
+    a.pdl_early = 0;
     dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim), what);
     // Twice on the same buffers: the global merge's completion counters must be back
     // at zero after a launch, or the second one never merges (its output stays NaN).
@@ -620,7 +617,7 @@ std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1
     // the engine's plan (plan_proj): n_tensors staged ranges of rows_per_block rows of the longest row
     const int rb = std::max(d0.t.row_bytes, d1 ? d1->t.row_bytes : 0);
     a.smem_w = int(size_t(a.n_tensors) * cu::dec_stage_bytes(rows_per_block, rb));
-    a.pdl_trigger = 1;
+    a.pdl_early = 0;
     dec_smem(cu::dec_proj_smem(a), what);
     cu::dec_proj(a, 0, false, what);
     return dy.download(what);
