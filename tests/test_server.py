@@ -198,6 +198,32 @@ def slow_server(slow_path, logs):
 GREEDY = dict(temperature=0, top_k=0, top_p=1.0, min_p=0.0)
 
 
+# ------------------------------------------------------------------ encodings (no server)
+TRICKY = ["", "a", 'quote " and \\ backslash', "new\nline\r\t", "\u2028\u2029", "caf\u00e9 \U0001F600 \ufffd",
+          "\x00\x1f", "\ue000orcd-text\ue001", "</script>"]
+
+
+def test_fast_event_encodings_equal_the_builders():
+    from orcd import openai_format as fmt
+    from orcd.server.worker_api import _token_event
+
+    for chat in (True, False):
+        for usage in (True, False):
+            def build(text):
+                return (fmt.chat_chunk("chatcmpl-1", 5, "m", 3, content=text, with_usage_field=usage) if chat
+                        else fmt.completion_chunk("cmpl-1", 5, "m", 3, text, with_usage_field=usage))
+
+            ev = fmt.TextEvents(build(fmt.TextEvents.MARK))
+            for t in TRICKY:
+                assert ev(t) == fmt.sse_data(build(t))
+                assert json.loads(ev(t)[len(b"data: "):])["choices"][0]["text" if not chat else "delta"] == (
+                    t if not chat else {"content": t})
+    for i, t in enumerate(TRICKY):
+        assert _token_event(t, i * 37) == fmt.sse_event("token", {"t": t, "i": i * 37})
+    with pytest.raises(ValueError, match="MARK"):
+        fmt.TextEvents({"no": "mark"})
+
+
 # ------------------------------------------------------------------ health, models, metrics
 def test_health_models_metrics(server, tiny_path):
     h = httpx.get(server.url + "/health", timeout=10).json()
@@ -256,6 +282,20 @@ def test_loading_state_answers_503(tiny_path, logs):
         assert s.stop() == 0
 
 
+def test_bad_arguments_and_missing_model_exit_1(tiny_path, logs):
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "orcd.cli", "serve", "--device", "cpu",
+                               "--port", str(free_port()), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=60, cwd=logs)
+
+    p = serve("-m", tiny_path, "--max-seqs", "0")
+    assert p.returncode == 1 and "--max-seqs must be an integer >= 1" in p.stderr
+    p = serve("-m", tiny_path, "--grace", "-1")
+    assert p.returncode == 1 and "--grace" in p.stderr
+    p = serve("-m", os.path.join(logs, "no-such-model.gguf"))
+    assert p.returncode == 1 and "could not load the model" in p.stderr and "no-such-model" in p.stderr
+
+
 # ------------------------------------------------------------------ OpenAI API
 def test_completions_greedy_equal_the_model(server, ref):
     c = server.client()
@@ -285,6 +325,12 @@ def test_completions_token_id_prompt_and_model_field_optional(server, ref):
                    timeout=30)  # no "model": the served one
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == want.text
+    # a max_tokens beyond the context: generation ends where the context does
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": ids, "max_tokens": 10**12, "temperature": 0,
+                                                          "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 512 - len(ids)
 
 
 def test_chat_equal_the_model(server, ref):

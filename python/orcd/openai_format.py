@@ -127,8 +127,30 @@ def sse_event(event: str, obj) -> bytes:
             + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n")
 
 
+class TextEvents:
+    """Encodes the events of a stream that differ only in one text field, quickly: the
+    JSON around the text is encoded once (the per-token cost of a stream is then one
+    json.dumps of a short string). Build it from a shape whose text field is TextEvents.MARK:
+
+        ev = TextEvents(chat_chunk(rid, created, model, 0, content=TextEvents.MARK))
+        ev("hello") == sse_data(chat_chunk(rid, created, model, 0, content="hello"))
+    """
+
+    MARK = "\ue000orcd-text\ue001"
+
+    def __init__(self, obj, event: Optional[str] = None):
+        enc = sse_event(event, obj) if event else sse_data(obj)
+        quoted = json.dumps(self.MARK, ensure_ascii=False).encode("utf-8")
+        if enc.count(quoted) != 1:
+            raise ValueError("TextEvents needs exactly one field equal to TextEvents.MARK")
+        self._pre, _, self._post = enc.partition(quoted)
+
+    def __call__(self, text: str) -> bytes:
+        return self._pre + json.dumps(text, ensure_ascii=False).encode("utf-8") + self._post
+
+
 __all__: List[str] = [
     "new_id", "now", "usage", "chat_completion", "chat_chunk", "chat_usage_chunk", "completion",
     "completion_chunk", "completion_usage_chunk", "model_card", "model_list", "error", "sse_data",
-    "sse_event", "SSE_DONE", "SYSTEM_FINGERPRINT",
+    "sse_event", "SSE_DONE", "SYSTEM_FINGERPRINT", "TextEvents",
 ]

@@ -47,6 +47,11 @@ def _error_response(path: str, e: ApiError) -> web.Response:
     return openai_response(e) if _is_openai(path) else worker_response(e)
 
 
+def _allow(e: web.HTTPException) -> dict:
+    allow = e.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
 def _make_middlewares(st: ServerState):
     @web.middleware
     async def track(request: web.Request, handler):
@@ -67,7 +72,8 @@ def _make_middlewares(st: ServerState):
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            return _error_response(request.path, ApiError(e.status, e.reason, code="http_error"))
+            return _error_response(request.path, ApiError(e.status, f"{request.method} {request.path}: {e.reason}",
+                                                          code="http_error", headers=_allow(e)))
         except ApiError as e:
             return _error_response(request.path, e)
         except (asyncio.CancelledError, ConnectionError):
@@ -75,7 +81,7 @@ def _make_middlewares(st: ServerState):
         except Exception as e:  # noqa: BLE001 - one request fails, the server goes on
             log.exception("internal error on %s %s", request.method, request.path)
             return _error_response(request.path, ApiError(500, f"internal error: {type(e).__name__}: {e}",
-                                                          code="INTERNAL"))
+                                                          code="internal_error"))
 
     @web.middleware
     async def auth(request: web.Request, handler):
@@ -154,6 +160,14 @@ async def serve(model: Optional[str] = None, host: str = "127.0.0.1", port: int 
     """Runs the server until SIGTERM / SIGINT; returns the exit code (0, or 1 when the
     model fails to load). load_delay: seconds to wait before loading (tests observe the
     "loading" state with it)."""
+    for name, v, lo in (("max_seqs", max_seqs, 1), ("n_ctx", n_ctx, 2), ("max_queue", max_queue, 0),
+                        ("prefill_chunk", prefill_chunk, 1), ("threads", n_threads, 0), ("port", port, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {lo} (got {v!r})")
+    if port > 65535:
+        raise ValueError(f"--port must be at most 65535 (got {port})")
+    if not grace >= 0:
+        raise ValueError(f"--grace must be >= 0 seconds (got {grace!r})")
     loop = asyncio.get_running_loop()
     metrics_ = ServerMetrics()
     engine = ServeEngine(model, device=device, n_ctx=n_ctx, max_seqs=max_seqs, max_queue=max_queue,

@@ -234,6 +234,8 @@ class ServeEngine:
         (not ready), Busy (queue full), ValueError / TypeError (bad parameters)."""
         if self.state != "ready":
             raise Unavailable(f"the model is {self.state}")
+        if params.max_tokens is not None and params.max_tokens > self.n_ctx:  # the context ends it first
+            params = params.replace(max_tokens=self.n_ctx)
         stop_ids = () if params.ignore_eos else sorted(self.tokenizer.eos_ids)
         try:
             req = self.runner.submit(ids, params, stop_ids=stop_ids)
@@ -250,7 +252,8 @@ class ServeEngine:
         return gen
 
     def _notify(self, wake: asyncio.Event) -> None:
-        # pump thread: one call_soon_threadsafe for every wake requested until it runs
+        # pump thread: one call_soon_threadsafe for every wake requested until it runs.
+        # Never raises: an exception here would end the pump thread and strand every request.
         with self._wake_lock:
             self._to_wake.add(wake)
             if self._wake_pending:
@@ -258,8 +261,9 @@ class ServeEngine:
             self._wake_pending = True
         try:
             self._loop.call_soon_threadsafe(self._run_wakes)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+        except (RuntimeError, AttributeError):  # the loop is closed (or was never attached): nobody waits
+            with self._wake_lock:
+                self._wake_pending = False
 
     def _run_wakes(self) -> None:
         with self._wake_lock:

@@ -146,11 +146,14 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
             for i in range(len(gens)):
                 await resp.write(fmt.sse_data(fmt.chat_chunk(rid, created, model, i, content="", role="assistant",
                                                              with_usage_field=u)))
+        mark = fmt.TextEvents.MARK
+        text_events = [fmt.TextEvents(fmt.chat_chunk(rid, created, model, i, content=mark, with_usage_field=u)
+                                      if chat else
+                                      fmt.completion_chunk(rid, created, model, i, mark, with_usage_field=u))
+                       for i in range(len(gens))]
         async for i, text, ended in follow(gens, wake):
             if text:
-                chunk = (fmt.chat_chunk(rid, created, model, i, content=text, with_usage_field=u) if chat else
-                         fmt.completion_chunk(rid, created, model, i, text, with_usage_field=u))
-                await resp.write(fmt.sse_data(chunk))
+                await resp.write(text_events[i](text))
             if not ended:
                 continue
             g = gens[i]

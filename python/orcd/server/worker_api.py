@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import time
 from typing import Optional
 
@@ -95,6 +96,12 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _token_event(text: str, i: int) -> bytes:
+    """fmt.sse_event("token", {"t": text, "i": i}), encoded without a dict (once per piece)."""
+    return (b'event: token\ndata: {"t":' + json.dumps(text, ensure_ascii=False).encode("utf-8")
+            + b',"i":' + str(i).encode("ascii") + b"}\n\n")
+
+
 def _terminal(gen) -> tuple:
     if gen.finish_reason in ("stop", "length"):
         t_end = gen.t_last if gen.t_last is not None else time.monotonic()
@@ -155,7 +162,7 @@ async def execute(request: web.Request) -> web.StreamResponse:
         i = 0
         async for _, text, ended in follow([gen], wake):
             if text:
-                await resp.write(fmt.sse_event("token", {"t": text, "i": i}))
+                await resp.write(_token_event(text, i))
                 i += 1
             if ended:
                 await resp.write(fmt.sse_event(*_terminal(gen)))
