@@ -419,6 +419,7 @@ def test_stop_strings(server, ref):
 def test_openai_errors(server):
     c = server.client()
     m = server.model_id
+    rejected0 = server.metrics()['orcd_requests_total{outcome="rejected"}']
     with pytest.raises(openai.NotFoundError) as e:
         c.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
@@ -457,7 +458,10 @@ def test_openai_errors(server):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/nothing-here", json={}, timeout=10)
     assert r.status_code == 404 and "error" in r.json()
-    server.wait_idle()
+    m = server.wait_idle()
+    # every refusal above but the unknown route is counted (model, bad values, logprobs x 3, messages,
+    # 3 context overflows, bad JSON)
+    assert m['orcd_requests_total{outcome="rejected"}'] - rejected0 == 1 + len(bad) + 3 + 1 + 3 + 1
 
 
 def test_api_key_and_full_queue(slow_path, logs):
@@ -809,7 +813,7 @@ class _HttpChat:
 
 
 def test_haiku_over_http(real_model_path, logs):
-    from test_generate import contains_word, haiku_acceptance, minute_word  # noqa: F401
+    from test_generate import haiku_acceptance  # the minute word, its check and the 5 tries
 
     with Server(real_model_path, "--n-ctx", "512", "--max-seqs", "2", log_dir=logs, threads=2) as s:
         passed, transcripts = haiku_acceptance(_HttpChat(s.url))
