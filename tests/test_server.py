@@ -263,7 +263,7 @@ def test_health_models_metrics(server, tiny_path):
 
 
 def test_loading_state_answers_503(tiny_path, logs):
-    with Server(tiny_path, "--n-ctx", "256", "--load-delay", "2", log_dir=logs, wait=False) as s:
+    with Server(tiny_path, "--n-ctx", "256", "--load-delay", "3", log_dir=logs, wait=False) as s:
         t0 = time.monotonic()
         while True:
             assert time.monotonic() - t0 < 30, s.log()
@@ -784,6 +784,7 @@ def test_200_mixed_requests_leak_nothing(server):
     m = server.wait_idle()
     assert m["orcd_kv_slots_in_use"] == 0
     rss1 = _rss_kb(pid)
+    print(f"\nserver RSS {rss0} -> {rss1} kB over 200 mixed requests")
     assert rss1 - rss0 < 32 * 1024, f"RSS grew {rss0} -> {rss1} kB over 200 requests"
     h = httpx.get(server.url + "/health", timeout=10).json()
     assert h["status"] == "ok"
