@@ -1,4 +1,4 @@
-"""The `orcd` command: inspect, generate, chat, verify, bench."""
+"""The `orcd` command: inspect, generate, chat, verify, bench, serve, bench-serve."""
 from __future__ import annotations
 
 import argparse
@@ -112,6 +112,22 @@ def cmd_bench(a) -> int:
     return run(a)
 
 
+def cmd_serve(a) -> int:
+    try:
+        from .server import run
+    except ImportError as e:
+        raise RuntimeError(f"orcd serve needs the server extra: pip install \"orcd[server]\" ({e})") from None
+    return run(model=a.model, host=a.host, port=a.port, device=a.device, max_seqs=a.max_seqs, n_ctx=a.n_ctx,
+               max_queue=a.max_queue, api_key=a.api_key or os.environ.get("ORCD_API_KEY") or None,
+               grace=a.grace, n_threads=a.threads, prefill_chunk=a.prefill_chunk, load_delay=a.load_delay)
+
+
+def cmd_bench_serve(a) -> int:
+    from .bench_serve import run
+
+    return run(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orcd", description="Run GGUF language models on NVIDIA GPUs or the CPU")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -152,6 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("serve", help="serve the model over HTTP (OpenAI API, worker API, /health, /metrics)")
+    _add_model_arg(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--max-seqs", type=int, default=64, help="sequences generated at once (KV cache slots)")
+    s.add_argument("--n-ctx", type=int, default=4096, help="positions per sequence (prompt + generated)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; more get 429")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $ORCD_API_KEY)")
+    s.add_argument("--grace", type=float, default=10.0,
+                   help="seconds running requests may finish after SIGTERM / Ctrl-C")
+    s.add_argument("--threads", type=int, default=0, help="CPU engine threads (0: one per core)")
+    s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens evaluated per step")
+    s.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: see "loading"
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server with concurrent streams")
+    s.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    s.add_argument("--clients", type=int, default=1, help="concurrent streaming clients")
+    s.add_argument("--requests", type=int, default=1, help="requests each client sends, one after another")
+    s.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (ignore_eos)")
+    s.add_argument("--prompt-words", type=int, default=100, help="words in each prompt")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench_serve)
     return p
 
 

@@ -1,0 +1,156 @@
+"""OpenAI's response shapes as plain dicts: completions, chat completions, their stream
+chunks, usage, the model list and errors. One place for them, so the HTTP server
+(orcd serve) and a Python API that returns OpenAI-shaped results never drift apart.
+
+Only the standard library; nothing here knows about engines or HTTP. The shapes follow
+OpenAI's API reference (the fields its official client reads): every choice carries
+"logprobs": None (orcd does not compute log-probabilities yet) and finish_reason
+"stop" / "length" (None in chunks until the choice ends).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Iterable, List, Optional, Sequence
+
+SYSTEM_FINGERPRINT = "fp_orcd"
+
+
+def new_id(prefix: str) -> str:
+    """A fresh response id: "chatcmpl-..." / "cmpl-..."."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """The "created" field: Unix seconds."""
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens),
+            "total_tokens": int(prompt_tokens) + int(completion_tokens)}
+
+
+# ---------------------------------------------------------------- chat completions
+def chat_completion(rid: str, created: int, model: str, choices: Sequence[tuple], usage_: dict) -> dict:
+    """A whole chat completion. choices: (text, finish_reason) in index order."""
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": finish}
+                    for i, (text, finish) in enumerate(choices)],
+        "usage": usage_,
+    }
+
+
+def chat_chunk(rid: str, created: int, model: str, index: int, content: Optional[str] = None,
+               role: Optional[str] = None, finish_reason: Optional[str] = None,
+               with_usage_field: bool = False) -> dict:
+    """One streamed chat chunk for choice `index`: a delta with the role (the first chunk),
+    some content, or nothing with the finish_reason (the last chunk). with_usage_field:
+    the client asked for stream_options.include_usage, so every chunk has "usage": None."""
+    delta = {}
+    if role is not None:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "system_fingerprint": SYSTEM_FINGERPRINT,
+           "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if with_usage_field:
+        out["usage"] = None
+    return out
+
+
+def chat_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [], "usage": usage_}
+
+
+# ---------------------------------------------------------------- (text) completions
+def completion(rid: str, created: int, model: str, choices: Sequence[tuple], usage_: dict) -> dict:
+    """A whole text completion. choices: (text, finish_reason) in index order."""
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                    for i, (text, finish) in enumerate(choices)],
+        "usage": usage_,
+    }
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str = "",
+                     finish_reason: Optional[str] = None, with_usage_field: bool = False) -> dict:
+    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+           "system_fingerprint": SYSTEM_FINGERPRINT,
+           "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    if with_usage_field:
+        out["usage"] = None
+    return out
+
+
+def completion_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [], "usage": usage_}
+
+
+# ---------------------------------------------------------------- models, errors
+def model_card(model_id: str, created: int, owned_by: str = "orcd") -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
+
+
+def model_list(cards: Iterable[dict]) -> dict:
+    return {"object": "list", "data": list(cards)}
+
+
+def error(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+          code: Optional[str] = None) -> dict:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------- server-sent events
+def sse_data(obj) -> bytes:
+    """One `data: {...}` event (compact JSON, UTF-8)."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(event: str, obj) -> bytes:
+    """One named event: `event: NAME` and `data: {...}`."""
+    return (b"event: " + event.encode("ascii") + b"\ndata: "
+            + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n")
+
+
+class TextEvents:
+    """Encodes the events of a stream that differ only in one text field, quickly: the
+    JSON around the text is encoded once (the per-token cost of a stream is then one
+    json.dumps of a short string). Build it from a shape whose text field is TextEvents.MARK:
+
+        ev = TextEvents(chat_chunk(rid, created, model, 0, content=TextEvents.MARK))
+        ev("hello") == sse_data(chat_chunk(rid, created, model, 0, content="hello"))
+    """
+
+    MARK = "\ue000orcd-text\ue001"
+
+    def __init__(self, obj, event: Optional[str] = None):
+        enc = sse_event(event, obj) if event else sse_data(obj)
+        quoted = json.dumps(self.MARK, ensure_ascii=False).encode("utf-8")
+        if enc.count(quoted) != 1:
+            raise ValueError("TextEvents needs exactly one field equal to TextEvents.MARK")
+        self._pre, _, self._post = enc.partition(quoted)
+
+    def __call__(self, text: str) -> bytes:
+        return self._pre + json.dumps(text, ensure_ascii=False).encode("utf-8") + self._post
+
+
+__all__: List[str] = [
+    "new_id", "now", "usage", "chat_completion", "chat_chunk", "chat_usage_chunk", "completion",
+    "completion_chunk", "completion_usage_chunk", "model_card", "model_list", "error", "sse_data",
+    "sse_event", "SSE_DONE", "SYSTEM_FINGERPRINT", "TextEvents",
+]

@@ -1,0 +1,178 @@
+"""The OpenAI-compatible routes: POST /v1/chat/completions, POST /v1/completions,
+GET /v1/models (and /v1/models/{id}).
+
+A request is parsed (openai_params), its prompts encoded off the event loop, then its
+n choices (per prompt) submitted to the engine at once; they run in the same batch.
+Non-streamed: one JSON response with every choice, usage and finish_reason. Streamed:
+`data: {chunk}` events (a chat choice starts with a role-only delta and ends with an
+empty delta carrying its finish_reason), the usage chunk with stream_options.include_usage,
+then `data: [DONE]`. A choice that ends otherwise (the server shutting down, an engine
+error) ends the stream with `data: {"error": {...}}` and `data: [DONE]` (the openai
+client raises APIError). Choice index: prompt index * n + i; choice i is seeded seed + i.
+A client that disconnects cancels its generations (their slots are freed).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from .. import openai_format as fmt
+from .engine import Busy, Unavailable, follow
+from .errors import ApiError, busy, openai_response, unavailable
+from .openai_params import OpenAIRequest, parse
+from .state import SSE_HEADERS, STATE, ServerState
+
+
+
+def _state(request: web.Request) -> ServerState:
+    return request.app[STATE]
+
+
+async def models(request: web.Request) -> web.Response:
+    st = _state(request)
+    try:
+        st.check_ready()
+    except ApiError as e:
+        return openai_response(e)
+    card = fmt.model_card(st.engine.model_id, st.engine.created)
+    mid = request.match_info.get("model")
+    if mid is None:
+        return web.json_response(fmt.model_list([card]))
+    try:
+        st.check_model(mid)
+    except ApiError as e:
+        return openai_response(e)
+    return web.json_response(card)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "completion")
+
+
+async def _prepare(st: ServerState, request: web.Request, kind: str, t0: float):
+    """Parses, encodes and submits: (OpenAIRequest, prompt token counts, gens, wake)."""
+    st.check_ready()
+    req = parse(await st.read_json(request), kind)
+    st.check_model(req.model)
+    eng = st.engine
+    if kind == "chat":
+        prompt_ids = [await st.encode(eng.encode_chat, req.messages, param="messages")]
+    else:
+        prompt_ids = []
+        for p in req.prompts:
+            fn = eng.encode_prompt if isinstance(p, str) else eng.check_ids
+            prompt_ids.append(await st.encode(fn, p, param="prompt"))
+    st.check_ready()  # the server may have begun draining meanwhile
+    wake = asyncio.Event()
+    gens = []
+    try:
+        for ids in prompt_ids:
+            for i in range(req.n):
+                gens.append(eng.start(ids, req.params_for(i), wake, t0))
+    except BaseException as e:
+        for g in gens:
+            g.cancel()
+        if isinstance(e, Busy):
+            raise busy() from None
+        if isinstance(e, Unavailable):
+            raise unavailable(str(e)) from None
+        if isinstance(e, (ValueError, TypeError)):
+            raise ApiError(400, str(e), code="invalid_value") from None
+        raise
+    return req, [len(ids) for ids in prompt_ids], gens, wake
+
+
+async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
+    st = _state(request)
+    t0 = time.monotonic()
+    try:
+        req, n_prompt, gens, wake = await _prepare(st, request, kind, t0)
+    except ApiError as e:
+        st.metrics.outcome("rejected")
+        return openai_response(e)
+    usage_prompt = sum(n_prompt)
+    try:
+        if req.stream:
+            return await _stream(request, st, req, gens, wake, usage_prompt)
+        return await _whole(st, req, gens, wake, usage_prompt)
+    finally:
+        for g in gens:  # a client gone (handler cancelled) or an error: free the slots
+            g.cancel("the request ended early")
+
+
+def _ended_badly(gen) -> ApiError:
+    if gen.finish_reason == "cancelled":
+        return ApiError(503, f"the generation was cancelled: {gen.message}", code="cancelled")
+    return ApiError(500, f"the engine failed: {gen.message}", code="engine_error")
+
+
+async def _whole(st: ServerState, req: OpenAIRequest, gens, wake, usage_prompt: int) -> web.Response:
+    texts = [[] for _ in gens]
+    async for i, text, _ in follow(gens, wake):
+        if text:
+            texts[i].append(text)
+    for g in gens:
+        if g.finish_reason not in ("stop", "length"):
+            return openai_response(_ended_badly(g))
+    rid = fmt.new_id("chatcmpl" if req.kind == "chat" else "cmpl")
+    choices = [("".join(t), g.finish_reason) for t, g in zip(texts, gens)]
+    usage = fmt.usage(usage_prompt, sum(g.completion_tokens for g in gens))
+    build = fmt.chat_completion if req.kind == "chat" else fmt.completion
+    return web.json_response(build(rid, fmt.now(), st.engine.model_id, choices, usage),
+                             dumps=_dumps)
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gens, wake,
+                  usage_prompt: int) -> web.StreamResponse:
+    rid = fmt.new_id("chatcmpl" if req.kind == "chat" else "cmpl")
+    created, model = fmt.now(), st.engine.model_id
+    chat = req.kind == "chat"
+    u = req.include_usage
+    resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await resp.prepare(request)
+    try:
+        if chat:
+            for i in range(len(gens)):
+                await resp.write(fmt.sse_data(fmt.chat_chunk(rid, created, model, i, content="", role="assistant",
+                                                             with_usage_field=u)))
+        mark = fmt.TextEvents.MARK
+        text_events = [fmt.TextEvents(fmt.chat_chunk(rid, created, model, i, content=mark, with_usage_field=u)
+                                      if chat else
+                                      fmt.completion_chunk(rid, created, model, i, mark, with_usage_field=u))
+                       for i in range(len(gens))]
+        async for i, text, ended in follow(gens, wake):
+            if text:
+                await resp.write(text_events[i](text))
+            if not ended:
+                continue
+            g = gens[i]
+            if g.finish_reason not in ("stop", "length"):
+                for other in gens:
+                    other.cancel("another choice of the request ended")
+                e = _ended_badly(g)
+                await resp.write(fmt.sse_data(fmt.error(e.message, "server_error", None, e.code)))
+                await resp.write(fmt.SSE_DONE)
+                return resp
+            chunk = (fmt.chat_chunk(rid, created, model, i, finish_reason=g.finish_reason, with_usage_field=u)
+                     if chat else
+                     fmt.completion_chunk(rid, created, model, i, "", g.finish_reason, with_usage_field=u))
+            await resp.write(fmt.sse_data(chunk))
+        if u:
+            usage = fmt.usage(usage_prompt, sum(g.completion_tokens for g in gens))
+            build = fmt.chat_usage_chunk if chat else fmt.completion_usage_chunk
+            await resp.write(fmt.sse_data(build(rid, created, model, usage)))
+        await resp.write(fmt.SSE_DONE)
+    except ConnectionError:  # the client went away while we wrote
+        pass
+    return resp

@@ -1,0 +1,55 @@
+"""`orcd bench-serve` against our own server (a tiny model): the JSON report's counts are
+those of the run, and its statistics helpers agree with NumPy."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("httpx")
+pytest.importorskip("prometheus_client")
+
+from orcd.bench_serve import make_prompt, percentile  # noqa: E402
+from test_server import Server  # noqa: E402
+
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100):
+        v = rng.random(n).tolist()
+        for q in (0, 50, 99, 100):
+            assert percentile(v, q) == pytest.approx(float(np.percentile(v, q)), rel=1e-12, abs=1e-15)
+    assert percentile([], 50) is None
+
+
+def test_prompt_has_the_words_asked_for():
+    for n in (1, 5, 100):
+        p = make_prompt(n, "3-1")
+        assert len(p.split("\n")[0].split()) == n + 1  # "Request 3-1:" is two words
+    assert make_prompt(20, "0-0") != make_prompt(20, "1-0")
+
+
+def test_bench_serve_against_our_server(tiny_model, tmp_path):
+    with Server(tiny_model("Q8_0"), "--n-ctx", "512", "--max-seqs", "4", log_dir=str(tmp_path)) as s:
+        p = subprocess.run([sys.executable, "-m", "orcd.cli", "bench-serve", "--url", s.url, "--clients", "2",
+                            "--max-tokens", "8", "--prompt-words", "30", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout)
+        assert r["model"] == s.model_id and r["clients"] == 2
+        assert r["requests"] == 2 and r["completed"] == 2 and r["errors"] == 0 and r["error_samples"] == []
+        assert r["generated_tokens"] == 16  # ignore_eos: every request runs to max_tokens
+        assert r["tok_per_s"] > 0 and r["wall_s"] > 0
+        assert r["ttft_ms"]["n"] == 2 and 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] < r["wall_s"] * 1000
+        assert r["tpot_ms"]["n"] == 2
+        m = s.metrics()
+        assert m["orcd_generation_tokens_total"] == 16 and m['orcd_requests_total{outcome="length"}'] == 2
+        # text output, and a server that is not there: every request an error, exit code 1
+        p = subprocess.run([sys.executable, "-m", "orcd.cli", "bench-serve", "--url", s.url, "--clients", "1",
+                            "--max-tokens", "4", "--model", "no-such-model"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert p.returncode == 1 and "errors 1" in p.stdout and "HTTP 404" in p.stdout
