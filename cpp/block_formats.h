@@ -66,24 +66,17 @@ ORCD_HD uint32_t read_u32le(const uint8_t* p) {
     return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24);
 }
 
-ORCD_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-    return __float_as_uint(f);
-#else
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return u;
-#endif
+// The bits of a value as another type of the same size (memcpy is a register
+// move after inlining, on the host and in device code).
+template <class To, class From>
+ORCD_HD To bit_cast(From v) {
+    static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
+    To t;
+    memcpy(&t, &v, sizeof(To));
+    return t;
 }
-ORCD_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-    return __uint_as_float(u);
-#else
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-#endif
-}
+ORCD_HD uint32_t float_bits(float f) { return bit_cast<uint32_t>(f); }
+ORCD_HD float bits_float(uint32_t u) { return bit_cast<float>(u); }
 
 // fp16 bits -> fp32 bits, exact for every input: subnormals, +-0, +-inf, and
 // NaNs keep sign and payload, signalling NaNs are not quieted (NumPy's
