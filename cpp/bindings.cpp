@@ -15,7 +15,9 @@
 #include <memory>
 #include <mutex>
 
+#include "bind_engine.h"
 #include "bind_info.h"
+#include "bind_numpy.h"
 #include "bind_step_loop.h"
 #include "cpu_ops.h"
 #include "engine.h"
@@ -32,37 +34,7 @@ using namespace orcd;
 
 namespace {
 
-// ============================================================ NumPy helpers
-
-template <typename T>
-using NpArray = nb::ndarray<nb::numpy, T>;
-
-// Hands a heap vector to NumPy without copying; the capsule frees it.
-template <typename T>
-NpArray<T> to_numpy(std::vector<T>&& v, std::vector<size_t> shape) {
-    auto* heap = new std::vector<T>(std::move(v));
-    nb::capsule owner(heap, [](void* p) noexcept { delete (std::vector<T>*)p; });
-    return NpArray<T>(heap->data(), shape.size(), shape.data(), owner);
-}
-
-// A fresh float32 NumPy array of `shape` whose memory is not zero-filled:
-// for outputs a kernel overwrites completely (dequantization of big tensors).
-struct FloatOut {
-    float* data;
-    NpArray<float> array;
-};
-FloatOut float_out(std::vector<size_t> shape) {
-    size_t n = 1;
-    for (size_t d : shape) n *= d;
-    float* p = new float[n ? n : 1];  // default-initialised: no page-touching zero fill
-    nb::capsule owner(p, [](void* q) noexcept { delete[] (float*)q; });
-    return {p, NpArray<float>(p, shape.size(), shape.data(), owner)};
-}
-
-template <typename T>
-using In1D = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-template <typename T>
-using In2D = nb::ndarray<const T, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+// NumPy helpers (to_numpy, float_out, In1D, In2D): bind_numpy.h.
 
 // ============================================================ GGUF metadata -> Python
 
@@ -140,78 +112,6 @@ std::vector<size_t> reversed_shape(const TensorInfo& t) {
     for (int d = (int)t.n_dims - 1; d >= 0; --d) s.push_back((size_t)t.ne[d]);
     return s;
 }
-
-// ============================================================ engine wrapper
-
-// Calls into one engine are serialised: its KV cache and thread pool serve
-// one caller at a time, and Python threads may share a Model.
-struct PyEngine {
-    std::unique_ptr<Engine> e;
-    std::unique_ptr<std::mutex> mu = std::make_unique<std::mutex>();
-
-    Engine& eng() {
-        if (!e) throw Error("engine is closed");
-        return *e;
-    }
-
-    NpArray<float> forward(int slot, In1D<int32_t> tokens, int pos0, bool all_logits) {
-        Engine& en = eng();
-        const int n = (int)tokens.shape(0);
-        const size_t V = (size_t)en.desc().n_vocab;
-        FloatOut out = all_logits ? float_out({(size_t)n, V}) : float_out({V});
-        {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> lock(*mu);
-            eng().forward(slot, tokens.data(), n, pos0, out.data, all_logits, nullptr);
-        }
-        return out.array;
-    }
-
-    nb::tuple trace(In1D<int32_t> tokens) {
-        Engine& en = eng();
-        const int n = (int)tokens.shape(0);
-        const size_t V = (size_t)en.desc().n_vocab;
-        std::vector<float> logits((size_t)n * V);
-        Trace tr;
-        {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> lock(*mu);
-            eng().forward(0, tokens.data(), n, 0, logits.data(), true, &tr);
-        }
-        nb::list hidden;
-        for (auto& h : tr.hidden) hidden.append(to_numpy(std::move(h), {(size_t)n, (size_t)tr.n_embd}));
-        return nb::make_tuple(hidden, to_numpy(std::move(logits), {(size_t)n, V}));
-    }
-
-    NpArray<float> decode_batch(In1D<int32_t> slots, In1D<int32_t> tokens, In1D<int32_t> pos) {
-        Engine& en = eng();
-        const int n = (int)tokens.shape(0);
-        if ((int)slots.shape(0) != n || (int)pos.shape(0) != n)
-            throw Error("decode_batch: slots, tokens and pos must have the same length");
-        const size_t V = (size_t)en.desc().n_vocab;
-        FloatOut out = float_out({(size_t)n, V});
-        {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> lock(*mu);
-            eng().decode_batch(n, slots.data(), tokens.data(), pos.data(), out.data);
-        }
-        return out.array;
-    }
-
-    // n_steps greedy tokens after `first_token` at `pos` (llama-bench's tg: no sampling).
-    NpArray<int32_t> decode_greedy(int slot, int32_t first_token, int pos, int n_steps) {
-        if (n_steps < 0) throw Error("decode_greedy: n_steps must be >= 0 (got " + std::to_string(n_steps) + ")");
-        std::vector<int32_t> out((size_t)n_steps);
-        {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> lock(*mu);
-            eng().decode_greedy(slot, first_token, pos, n_steps, out.data());
-        }
-        return to_numpy(std::move(out), {(size_t)n_steps});
-    }
-
-    nb::dict info() { return engine_info_dict(eng(), "cpu"); }
-};
 
 }  // namespace
 
@@ -387,28 +287,18 @@ NB_MODULE(_orcd, m) {
         .def_prop_rw("rng_state", &Sampler::rng_state, &Sampler::set_rng_state,
                      "the generator's state (the GPU sampler continues the same stream)");
 
-    // ---- CPU engine
-    nb::class_<PyEngine>(m, "CpuEngine")
-        .def("__init__", [](PyEngine* self, const std::string& path, int n_ctx, int n_slots, int n_threads) {
-            std::unique_ptr<Engine> e;
-            {
-                nb::gil_scoped_release nogil;
-                e = make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads);
-            }
-            new (self) PyEngine{std::move(e)};
-        }, nb::arg("path"), nb::arg("n_ctx") = 4096, nb::arg("n_slots") = 1, nb::arg("n_threads") = 0)
-        .def("forward", &PyEngine::forward, nb::arg("slot"), nb::arg("tokens"), nb::arg("pos0"),
-             nb::arg("all_logits") = false)
-        .def("trace", &PyEngine::trace, nb::arg("tokens"))
-        .def("decode_batch", &PyEngine::decode_batch, nb::arg("slots"), nb::arg("tokens"), nb::arg("pos"))
-        .def("decode_greedy", &PyEngine::decode_greedy, nb::arg("slot"), nb::arg("first_token"), nb::arg("pos"),
-             nb::arg("n_steps"))
-        .def("info", &PyEngine::info)
-        .def("close", [](PyEngine& s) {
+    // ---- CPU engine (methods: bind_engine.h)
+    using PyEngine = EngineHolder<Engine>;
+    nb::class_<PyEngine> cpu_engine(m, "CpuEngine");
+    cpu_engine.def("__init__", [](PyEngine* self, const std::string& path, int n_ctx, int n_slots, int n_threads) {
+        std::unique_ptr<Engine> e;
+        {
             nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> lock(*s.mu);
-            s.e.reset();
-        });
+            e = make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads);
+        }
+        new (self) PyEngine{std::move(e)};
+    }, nb::arg("path"), nb::arg("n_ctx") = 4096, nb::arg("n_slots") = 1, nb::arg("n_threads") = 0);
+    bind_engine_methods<Engine>(cpu_engine, [](const Engine& e) { return engine_info_dict(e, "cpu"); });
 
     // ---- many sequences on a C++ thread (cpp/step_loop.h)
     bind_step_loop<0>(m, "StepLoop", [](const std::string& path, int n_ctx, int n_slots, int n_threads) {

@@ -81,11 +81,7 @@ public:
 
     void forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
                  Trace* trace) override {
-        if (n < 1) throw Error("forward needs at least one token");
-        check_slot(slot);
-        if (pos0 < 0 || (int64_t)pos0 + n > n_ctx_)
-            throw Error("context full: positions " + std::to_string(pos0) + ".." + std::to_string((int64_t)pos0 + n - 1) +
-                        " do not fit in n_ctx = " + std::to_string(n_ctx_));
+        check_forward_args("forward", *this, slot, tokens, n, pos0);
         std::vector<int32_t> slots(n, slot), pos(n);
         for (int i = 0; i < n; ++i) pos[i] = pos0 + i;
         run(tokens, slots.data(), pos.data(), n, logits, all_logits, trace);
@@ -93,15 +89,7 @@ public:
 
     void decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                       float* logits) override {
-        if (n < 1) throw Error("decode_batch needs at least one token");
-        for (int i = 0; i < n; ++i) {
-            check_slot(slots[i]);
-            if (pos[i] < 0 || pos[i] >= n_ctx_)
-                throw Error("context full: position " + std::to_string(pos[i]) + " of slot " + std::to_string(slots[i]) +
-                            " does not fit in n_ctx = " + std::to_string(n_ctx_));
-            for (int j = 0; j < i; ++j)
-                if (slots[j] == slots[i]) throw Error("decode_batch: slot " + std::to_string(slots[i]) + " appears twice");
-        }
+        check_decode_batch_args(*this, n, slots, tokens, pos);
         run(tokens, slots, pos, n, logits, true, nullptr);
     }
 
@@ -110,11 +98,6 @@ private:
         std::vector<float> attn_norm, bq, bk, bv, ffn_norm;  // float copies of the small tensors
         WeightView wq, wk, wv, wo, gate, up, down;            // views into the mmap
     };
-
-    void check_slot(int slot) const {
-        if (slot < 0 || slot >= n_slots_)
-            throw Error("slot " + std::to_string(slot) + " out of range [0, " + std::to_string(n_slots_) + ")");
-    }
 
     // Start of K for slot s, layer l, kv head g: head_dim rows of n_ctx positions.
     size_t kt_at(int s, int l, int g) const {
@@ -129,9 +112,6 @@ private:
     void run(const int32_t* tokens, const int32_t* slots, const int32_t* pos, int n, float* logits, bool all_logits,
              Trace* trace) {
         const int E = d_.n_embd, F = d_.n_ff, D = d_.head_dim, H = d_.n_head, HKV = d_.n_head_kv;
-        for (int i = 0; i < n; ++i)
-            if (tokens[i] < 0 || tokens[i] >= d_.n_vocab)
-                throw Error("token id " + std::to_string(tokens[i]) + " out of range [0, " + std::to_string(d_.n_vocab) + ")");
 
         std::vector<float> x((size_t)n * E), xn((size_t)n * E), q((size_t)n * q_dim_), k((size_t)n * kv_dim_),
             v((size_t)n * kv_dim_), att((size_t)n * q_dim_), o((size_t)n * E), g((size_t)n * F), u((size_t)n * F);

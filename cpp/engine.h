@@ -8,8 +8,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "error.h"
 #include "model.h"
 
 namespace orcd {
@@ -21,6 +23,28 @@ struct Trace {
     int n_embd = 0;
     std::vector<std::vector<float>> hidden;
 };
+
+class Engine;
+
+// ---- argument checks, shared by every backend and the bindings, so a bad call
+// gets the same orcd::Error whichever engine serves it. `who` names the call
+// ("forward", "decode_batch", "decode_greedy", ...) and starts the message:
+//   forward: slot 3 out of range [0, 2)
+//   forward: token id 151936 out of range [0, 151936)
+//   forward: no tokens
+//   forward: context full: positions 30..34 do not fit in n_ctx = 32
+//   decode_batch: context full: position 32 of slot 1 does not fit in n_ctx = 32
+//   decode_batch: slot 1 appears twice
+//   decode_greedy: n_steps must be >= 0 (got -1)
+inline void check_slot(const char* who, const Engine& e, int slot);
+inline void check_tokens(const char* who, const Engine& e, const int32_t* tokens, int n);
+// n >= 1 tokens of `slot` at positions pos0 .. pos0+n-1.
+inline void check_forward_args(const char* who, const Engine& e, int slot, const int32_t* tokens, int n, int pos0);
+// n >= 1 (slot, token, position) triples, each slot at most once.
+inline void check_decode_batch_args(const Engine& e, int n, const int32_t* slots, const int32_t* tokens,
+                                    const int32_t* pos);
+// n_steps >= 0 single-token steps of `slot` from `pos` (positions pos .. pos+n_steps-1).
+inline void check_greedy_args(const char* who, const Engine& e, int slot, int32_t first_token, int pos, int n_steps);
 
 class Engine {
 public:
@@ -49,6 +73,7 @@ public:
     // Equivalent to forward + argmax per step; a backend may keep the argmax
     // on its device (the CUDA engine does) so only token ids reach the host.
     virtual void decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) {
+        check_greedy_args("decode_greedy", *this, slot, first_token, pos, n_steps);
         std::vector<float> logits(size_t(desc().n_vocab));
         int32_t t = first_token;
         for (int i = 0; i < n_steps; ++i) {
@@ -58,6 +83,63 @@ public:
         }
     }
 };
+
+// ---- the checks (inline: the CUDA library uses them without the CPU one)
+namespace engine_args {
+inline std::string span(int64_t first, int64_t n) {  // "position 7" / "positions 7..9"
+    return n == 1 ? "position " + std::to_string(first)
+                  : "positions " + std::to_string(first) + ".." + std::to_string(first + n - 1);
+}
+inline void check_range(const char* who, const Engine& e, int64_t first, int64_t n, const std::string& of) {
+    if (first < 0 || first + n > e.n_ctx())
+        throw Error(std::string(who) + ": context full: " + span(first, n) + of + (n == 1 ? " does" : " do") +
+                    " not fit in n_ctx = " + std::to_string(e.n_ctx()));
+}
+}  // namespace engine_args
+
+inline void check_slot(const char* who, const Engine& e, int slot) {
+    if (slot < 0 || slot >= e.n_slots())
+        throw Error(std::string(who) + ": slot " + std::to_string(slot) + " out of range [0, " +
+                    std::to_string(e.n_slots()) + ")");
+}
+
+inline void check_tokens(const char* who, const Engine& e, const int32_t* tokens, int n) {
+    const int32_t n_vocab = e.desc().n_vocab;
+    for (int i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= n_vocab)
+            throw Error(std::string(who) + ": token id " + std::to_string(tokens[i]) + " out of range [0, " +
+                        std::to_string(n_vocab) + ")");
+}
+
+inline void check_forward_args(const char* who, const Engine& e, int slot, const int32_t* tokens, int n,
+                               int pos0) {
+    check_slot(who, e, slot);
+    if (n < 1) throw Error(std::string(who) + ": no tokens");
+    engine_args::check_range(who, e, pos0, n, "");
+    check_tokens(who, e, tokens, n);
+}
+
+inline void check_decode_batch_args(const Engine& e, int n, const int32_t* slots, const int32_t* tokens,
+                                    const int32_t* pos) {
+    const char* who = "decode_batch";
+    if (n < 1) throw Error(std::string(who) + ": no tokens");
+    std::vector<char> seen(size_t(e.n_slots()), 0);
+    for (int i = 0; i < n; ++i) {
+        check_slot(who, e, slots[i]);
+        if (seen[size_t(slots[i])]++)
+            throw Error(std::string(who) + ": slot " + std::to_string(slots[i]) + " appears twice");
+        engine_args::check_range(who, e, pos[i], 1, " of slot " + std::to_string(slots[i]));
+    }
+    check_tokens(who, e, tokens, n);
+}
+
+inline void check_greedy_args(const char* who, const Engine& e, int slot, int32_t first_token, int pos,
+                              int n_steps) {
+    check_slot(who, e, slot);
+    if (n_steps < 0) throw Error(std::string(who) + ": n_steps must be >= 0 (got " + std::to_string(n_steps) + ")");
+    if (n_steps > 0) engine_args::check_range(who, e, pos, n_steps, "");
+    check_tokens(who, e, &first_token, 1);
+}
 
 // The CPU engine (cpp/cpu_engine.cpp). `file` must outlive the engine.
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<GGUFFile> file, int n_ctx,

@@ -73,6 +73,7 @@
 #include <string>
 #include <vector>
 
+#include "block_formats.h"
 #include "error.h"
 #include "quants.h"
 
@@ -92,30 +93,13 @@ constexpr int kMR = 4;  // activation rows per tile
 std::atomic<bool> g_force_scalar{false};
 
 // ------------------------------------------------------------------ helpers
-inline uint16_t rd16(const uint8_t* p) {
-    uint16_t v;
-    std::memcpy(&v, p, 2);
-    return v;
-}
-inline uint32_t rd32(const uint8_t* p) {
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return v;
-}
-
-inline float h2f(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    return fp16_to_fp32(h);
-#endif
-}
-inline float b2f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
+// Block layouts and field readers: block_formats.h.
+using LQ4_0 = Block<T_Q4_0>;
+using LQ5_0 = Block<T_Q5_0>;
+using LQ8_0 = Block<T_Q8_0>;
+using LQ6_K = Block<T_Q6_K>;
+template <bool Q5>
+using LQ45_K = Block<Q5 ? T_Q5_K : T_Q4_K>;
 
 // 64-byte aligned growable buffer.
 struct AlignedBuf {
@@ -240,27 +224,6 @@ void quant_row(const float* x, int64_t nb, int64_t B, uint8_t* row, bool scalar)
     }
 }
 
-// ------------------------------------------------------------ block layouts
-// Bytes per block and field offsets (ggml-common.h):
-//   Q4_0 (18): d f16 | qs[16]            x[j] = (qs[j]&15)-8, x[j+16] = (qs[j]>>4)-8
-//   Q5_0 (22): d f16 | qh u32 | qs[16]   bit j of qh is bit 4 of element j, value - 16
-//   Q8_0 (34): d f16 | qs[32] int8
-//   Q4_K (144): d, dmin f16 | scales[12] (6-bit sc, m) | qs[128]
-//   Q5_K (176): d, dmin f16 | scales[12] | qh[32] | qs[128]
-//   Q6_K (210): ql[128] | qh[64] | scales[16] int8 | d f16
-
-// Decodes the 8 6-bit scales and 8 6-bit mins of Q4_K / Q5_K.
-inline void k4_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
-    for (int j = 0; j < 4; ++j) {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-    }
-    for (int j = 4; j < 8; ++j) {
-        sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-        mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
 // ------------------------------------------------------------ scalar kernels
 // One weight row against MR activation rows; out[i] = dot with act row i0+i.
 // Integer block sums exactly as the SIMD kernels form them.
@@ -275,24 +238,26 @@ void s_q32(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out
             int32_t isum = 0;
             float dw;
             if (type == T_Q4_0) {
-                const uint8_t* B = w + b * 18;
-                dw = h2f(rd16(B));
+                const uint8_t* B = w + b * LQ4_0::bytes;
+                const uint8_t* qs = B + LQ4_0::qs;
+                dw = read_fp16le_operand(B + LQ4_0::d);
                 for (int j = 0; j < 16; ++j) {
-                    isum += ((B[2 + j] & 15) - 8) * x[j];
-                    isum += ((B[2 + j] >> 4) - 8) * x[j + 16];
+                    isum += ((qs[j] & 15) - 8) * x[j];
+                    isum += ((qs[j] >> 4) - 8) * x[j + 16];
                 }
             } else if (type == T_Q5_0) {
-                const uint8_t* B = w + b * 22;
-                dw = h2f(rd16(B));
-                const uint32_t qh = rd32(B + 2);
+                const uint8_t* B = w + b * LQ5_0::bytes;
+                const uint8_t* qs = B + LQ5_0::qs;
+                dw = read_fp16le_operand(B + LQ5_0::d);
+                const uint32_t qh = read_u32le(B + LQ5_0::qh);
                 for (int j = 0; j < 16; ++j) {
-                    isum += (((B[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16) * x[j];
-                    isum += (((B[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16) * x[j + 16];
+                    isum += (((qs[j] & 15) | (((qh >> j) & 1) << 4)) - 16) * x[j];
+                    isum += (((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16) * x[j + 16];
                 }
             } else {  // Q8_0
-                const uint8_t* B = w + b * 34;
-                dw = h2f(rd16(B));
-                const int8_t* qs = reinterpret_cast<const int8_t*>(B + 2);
+                const uint8_t* B = w + b * LQ8_0::bytes;
+                dw = read_fp16le_operand(B + LQ8_0::d);
+                const int8_t* qs = reinterpret_cast<const int8_t*>(B + LQ8_0::qs);
                 for (int j = 0; j < 32; ++j) isum += qs[j] * x[j];
             }
             sum += (float)isum * xd[b] * dw;
@@ -311,13 +276,13 @@ void s_qk(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out)
         for (int64_t b = 0; b < a.nb; ++b) {
             const int16_t* x = xq + b * 256;
             if (type == T_Q6_K) {
-                const uint8_t* B = w + b * 210;
-                const int8_t* sc = reinterpret_cast<const int8_t*>(B + 192);
-                const float d = h2f(rd16(B + 208));
+                const uint8_t* B = w + b * LQ6_K::bytes;
+                const int8_t* sc = reinterpret_cast<const int8_t*>(B + LQ6_K::scales);
+                const float d = read_fp16le_operand(B + LQ6_K::d);
                 int32_t isum = 0;
                 for (int h = 0; h < 2; ++h) {
-                    const uint8_t* ql = B + 64 * h;
-                    const uint8_t* qh = B + 128 + 32 * h;
+                    const uint8_t* ql = B + LQ6_K::ql + 64 * h;
+                    const uint8_t* qh = B + LQ6_K::qh + 32 * h;
                     for (int l = 0; l < 32; ++l) {
                         const int xo = 128 * h + l, g = 8 * h + l / 16;
                         const int q0 = (ql[l] & 15) | ((qh[l] & 3) << 4);
@@ -333,12 +298,12 @@ void s_qk(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out)
                 sum += (float)isum * (d * xd[b]);
             } else {  // Q4_K / Q5_K
                 const bool q5 = type == T_Q5_K;
-                const uint8_t* B = w + b * (q5 ? 176 : 144);
-                const float d = h2f(rd16(B)), dmin = h2f(rd16(B + 2));
+                const uint8_t* B = w + b * (q5 ? LQ45_K<true>::bytes : LQ45_K<false>::bytes);
+                const float d = read_fp16le_operand(B + LQ45_K<false>::d), dmin = read_fp16le_operand(B + LQ45_K<false>::dmin);
                 uint8_t sc[8], mn[8];
-                k4_scales(B + 4, sc, mn);
-                const uint8_t* qh = B + 16;
-                const uint8_t* qs = B + (q5 ? 48 : 16);
+                k4_scales_mins(B + LQ45_K<false>::scales, sc, mn);
+                const uint8_t* qh = B + LQ45_K<true>::qh;
+                const uint8_t* qs = B + (q5 ? LQ45_K<true>::qs : LQ45_K<false>::qs);
                 int32_t isum = 0;
                 float msum = 0.0f;
                 for (int j = 0; j < 4; ++j)
@@ -367,9 +332,9 @@ inline float wget(const uint8_t* w, int64_t k) {
         std::memcpy(&f, w + 4 * k, 4);
         return f;
     } else if constexpr (T == T_F16) {
-        return h2f(rd16(w + 2 * k));
+        return read_fp16le_operand(w + 2 * k);
     } else {
-        return b2f(rd16(w + 2 * k));
+        return bf16_bits_to_fp32(read_u16le(w + 2 * k));
     }
 }
 
@@ -414,38 +379,104 @@ inline __m256i q5_lanes(__m256i v, uint32_t bits16) {
     return _mm256_sub_epi16(v, _mm256_andnot_si256(m, _mm256_set1_epi16(16)));
 #endif
 }
-// fp16 at p broadcast to 8 floats.
-inline __m256 bcast_h(const uint8_t* p) { return _mm256_cvtph_ps(_mm_set1_epi16((short)rd16(p))); }
+// fp16 at p broadcast to 8 floats. F16C, one instruction in the per-block
+// loop: it differs from read_fp16le only in quieting signalling NaNs, and a
+// NaN scale makes the product NaN either way.
+inline __m256 bcast_h(const uint8_t* p) { return _mm256_cvtph_ps(_mm_set1_epi16((short)read_u16le(p))); }
 
-// Group j (elements 64j..64j+63) of a Q4_K / Q5_K block as unsigned int16 codes,
-// sub-block scales not applied: l0, l1 the low nibbles (64j..64j+31), h0, h1 the high
-// ones (64j+32..64j+63). qs: the block's nibbles; Q5: hq0, hq1 its high-bit bytes
-// qh[0..15], qh[16..31] as int16 (bit 2j of qh[l] is bit 4 of element 64j+l, bit 2j+1
-// of element 64j+32+l).
-template <bool Q5>
-inline void k45_group(const uint8_t* qs, __m256i hq0, __m256i hq1, int j, __m256i& l0, __m256i& l1, __m256i& h0,
-                      __m256i& h1) {
-    const __m256i m15 = _mm256_set1_epi16(15);
-    const __m256i v0 = zx16(qs + 32 * j), v1 = zx16(qs + 32 * j + 16);
-    l0 = _mm256_and_si256(v0, m15);
-    l1 = _mm256_and_si256(v1, m15);
-    h0 = _mm256_srli_epi16(v0, 4);
-    h1 = _mm256_srli_epi16(v1, 4);
-    if constexpr (Q5) {
-        const __m256i bl = _mm256_set1_epi16((short)(1 << (2 * j))), bh = _mm256_set1_epi16((short)(2 << (2 * j)));
-        const __m256i c16 = _mm256_set1_epi16(16);
-        l0 = _mm256_add_epi16(l0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bl), bl), c16));
-        l1 = _mm256_add_epi16(l1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bl), bl), c16));
-        h0 = _mm256_add_epi16(h0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bh), bh), c16));
-        h1 = _mm256_add_epi16(h1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bh), bh), c16));
+// The 32 weights of a Q4_0 / Q5_0 / Q8_0 block as signed int16 codes: w0 the
+// elements 0..15, w1 16..31.
+template <uint32_t T>
+inline void q32_codes(const uint8_t* B, __m256i& w0, __m256i& w1) {
+    using L = Block<T>;
+    if constexpr (T == T_Q8_0) {
+        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + L::qs)));
+        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + L::qs + 16)));
+    } else if constexpr (T == T_Q4_0) {
+        const __m256i v = zx16(B + L::qs), m15 = _mm256_set1_epi16(15), c8 = _mm256_set1_epi16(8);
+        w0 = _mm256_sub_epi16(_mm256_and_si256(v, m15), c8);
+        w1 = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), c8);
+    } else {
+        const __m256i v = zx16(B + L::qs), m15 = _mm256_set1_epi16(15);
+        const uint32_t qh = read_u32le(B + L::qh);
+        w0 = q5_lanes(_mm256_and_si256(v, m15), qh & 0xFFFF);
+        w1 = q5_lanes(_mm256_srli_epi16(v, 4), qh >> 16);
     }
+}
+
+// A Q4_K / Q5_K block: its float scales, 6-bit scales and mins, and its
+// groups of 64 elements as int16 weights q*sc (<= 63*31 = 1953).
+template <bool Q5>
+struct K45Block {
+    using L = LQ45_K<Q5>;
+    float d, dmin;
+    uint8_t sc[8], mn[8];
+    const uint8_t* qs;
+    __m256i hq0, hq1;  // Q5: the high-bit bytes qh[0..15], qh[16..31] as int16
+
+    explicit K45Block(const uint8_t* B) : d(read_fp16le_operand(B + L::d)), dmin(read_fp16le_operand(B + L::dmin)), qs(B + L::qs) {
+        k4_scales_mins(B + L::scales, sc, mn);
+        if constexpr (Q5) {
+            hq0 = zx16(B + Block<T_Q5_K>::qh);
+            hq1 = zx16(B + Block<T_Q5_K>::qh + 16);
+        } else {
+            hq0 = hq1 = _mm256_setzero_si256();
+        }
+    }
+
+    // Group j (elements 64j..64j+63): l0, l1 the low nibbles (64j..64j+31, sub-block
+    // 2j), h0, h1 the high ones (64j+32..64j+63, sub-block 2j+1), times their scales.
+    // Q5: bit 2j of qh[l] is bit 4 of element 64j+l, bit 2j+1 of element 64j+32+l.
+    inline void group(int j, __m256i& l0, __m256i& l1, __m256i& h0, __m256i& h1) const {
+        const __m256i m15 = _mm256_set1_epi16(15);
+        const __m256i v0 = zx16(qs + 32 * j), v1 = zx16(qs + 32 * j + 16);
+        l0 = _mm256_and_si256(v0, m15);
+        l1 = _mm256_and_si256(v1, m15);
+        h0 = _mm256_srli_epi16(v0, 4);
+        h1 = _mm256_srli_epi16(v1, 4);
+        if constexpr (Q5) {
+            const __m256i bl = _mm256_set1_epi16((short)(1 << (2 * j))), bh = _mm256_set1_epi16((short)(2 << (2 * j)));
+            const __m256i c16 = _mm256_set1_epi16(16);
+            l0 = _mm256_add_epi16(l0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bl), bl), c16));
+            l1 = _mm256_add_epi16(l1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bl), bl), c16));
+            h0 = _mm256_add_epi16(h0, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq0, bh), bh), c16));
+            h1 = _mm256_add_epi16(h1, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(hq1, bh), bh), c16));
+        }
+        const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
+        l0 = _mm256_mullo_epi16(l0, s0);
+        l1 = _mm256_mullo_epi16(l1, s0);
+        h0 = _mm256_mullo_epi16(h0, s1);
+        h1 = _mm256_mullo_epi16(h1, s1);
+    }
+};
+
+// Half h (elements 128h..128h+127) of a Q6_K block: q[k] holds the 6-bit codes
+// (0..63) of elements 128h + 32k + (0..31) as bytes.
+inline void q6k_codes(const uint8_t* B, int h, __m256i q[4]) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    const __m256i qlA = ldu(B + LQ6_K::ql + 64 * h), qlB = ldu(B + LQ6_K::ql + 64 * h + 32);
+    const __m256i qh = ldu(B + LQ6_K::qh + 32 * h);
+    q[0] = _mm256_or_si256(_mm256_and_si256(qlA, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+    q[1] = _mm256_or_si256(_mm256_and_si256(qlB, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), m4), _mm256_and_si256(qh, m30));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), m4),
+                           _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+}
+// Codes q (elements 128h+32k+0..31) as int16 weights (q-32)*sc (|.| <= 4096): w0 the
+// first 16 (scale sc[8h+2k]), w1 the next 16 (sc[8h+2k+1]).
+inline void q6k_weights(__m256i q, const int8_t* sc, int h, int k, __m256i& w0, __m256i& w1) {
+    const __m256i c32 = _mm256_set1_epi16(32);
+    w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+    w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
+    w0 = _mm256_mullo_epi16(_mm256_sub_epi16(w0, c32), _mm256_set1_epi16(sc[8 * h + 2 * k]));
+    w1 = _mm256_mullo_epi16(_mm256_sub_epi16(w1, c32), _mm256_set1_epi16(sc[8 * h + 2 * k + 1]));
 }
 
 // Q4_0 / Q5_0 / Q8_0 against MR activation rows: the 32 weights of a block
 // as two vectors of 16 signed int16, one dot product per activation row.
 template <uint32_t T, int MR>
 void v_q32(const uint8_t* w, const Act& a, int64_t i0, float* out) {
-    constexpr int64_t BB = T == T_Q4_0 ? 18 : (T == T_Q5_0 ? 22 : 34);
+    using L = Block<T>;
     const int16_t* xq[MR];
     const float* xd[MR];
     __m256 acc0[MR], acc1[MR];  // even / odd blocks: two FMA chains per row
@@ -454,24 +485,11 @@ void v_q32(const uint8_t* w, const Act& a, int64_t i0, float* out) {
         xd[i] = a.d(i0 + i);
         acc0[i] = acc1[i] = _mm256_setzero_ps();
     }
-    const __m256i m15 = _mm256_set1_epi16(15);
     auto step = [&](int64_t b, __m256* acc) __attribute__((always_inline)) {
-        const uint8_t* B = w + b * BB;
-        const __m256 dw = bcast_h(B);
+        const uint8_t* B = w + b * L::bytes;
+        const __m256 dw = bcast_h(B + L::d);
         __m256i w0, w1;  // elements 0..15, 16..31
-        if constexpr (T == T_Q8_0) {
-            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 2)));
-            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 18)));
-        } else if constexpr (T == T_Q4_0) {
-            const __m256i v = zx16(B + 2), c8 = _mm256_set1_epi16(8);
-            w0 = _mm256_sub_epi16(_mm256_and_si256(v, m15), c8);
-            w1 = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), c8);
-        } else {
-            const __m256i v = zx16(B + 6);
-            const uint32_t qh = rd32(B + 2);
-            w0 = q5_lanes(_mm256_and_si256(v, m15), qh & 0xFFFF);
-            w1 = q5_lanes(_mm256_srli_epi16(v, 4), qh >> 16);
-        }
+        q32_codes<T>(B, w0, w1);
         for (int i = 0; i < MR; ++i) {
             const int16_t* x = xq[i] + 32 * b;
             __m256i p = dp16(_mm256_madd_epi16(w0, ld(x)), w1, ld(x + 16));
@@ -491,7 +509,6 @@ void v_q32(const uint8_t* w, const Act& a, int64_t i0, float* out) {
 // summed over the super-block in int32, mins via the per-32 code sums.
 template <bool Q5, int MR>
 void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
-    constexpr int64_t BB = Q5 ? 176 : 144;
     const int16_t* xq[MR];
     const float* xs[MR];
     const float* xd[MR];
@@ -503,30 +520,16 @@ void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
         acc[i] = accm[i] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < a.nb; ++b) {
-        const uint8_t* B = w + b * BB;
-        const float d = h2f(rd16(B)), dmin = h2f(rd16(B + 2));
-        uint8_t sc[8], mn[8];
-        k4_scales(B + 4, sc, mn);
+        const K45Block<Q5> blk(w + b * LQ45_K<Q5>::bytes);
         uint64_t mn64;
-        std::memcpy(&mn64, mn, 8);
+        std::memcpy(&mn64, blk.mn, 8);
         const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn64))),
-                                          _mm256_set1_ps(dmin));
-        const uint8_t* qs = B + (Q5 ? 48 : 16);
-        __m256i hq0, hq1;  // Q5: high-bit bytes qh[0..15], qh[16..31] as int16
-        if constexpr (Q5) {
-            hq0 = zx16(B + 16);
-            hq1 = zx16(B + 32);
-        }
+                                          _mm256_set1_ps(blk.dmin));
         __m256i ia[MR], ib[MR];
         for (int i = 0; i < MR; ++i) ia[i] = ib[i] = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j) {
             __m256i l0, l1, h0, h1;
-            k45_group<Q5>(qs, hq0, hq1, j, l0, l1, h0, h1);
-            const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
-            l0 = _mm256_mullo_epi16(l0, s0);
-            l1 = _mm256_mullo_epi16(l1, s0);
-            h0 = _mm256_mullo_epi16(h0, s1);
-            h1 = _mm256_mullo_epi16(h1, s1);
+            blk.group(j, l0, l1, h0, h1);
             for (int i = 0; i < MR; ++i) {
                 const int16_t* x = xq[i] + 256 * b + 64 * j;
                 ia[i] = dp16(dp16(ia[i], l0, ld(x)), l1, ld(x + 16));
@@ -535,7 +538,8 @@ void v_q45k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
         }
         for (int i = 0; i < MR; ++i) {
             const float dx = xd[i][b];
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ia[i], ib[i])), _mm256_set1_ps(d * dx), acc[i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ia[i], ib[i])), _mm256_set1_ps(blk.d * dx),
+                                     acc[i]);
             accm[i] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs[i] + 8 * b), accm[i]);
         }
     }
@@ -553,27 +557,18 @@ void v_q6k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
         xd[i] = a.d(i0 + i);
         acc[i] = _mm256_setzero_ps();
     }
-    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), c32 = _mm256_set1_epi16(32);
     for (int64_t b = 0; b < a.nb; ++b) {
-        const uint8_t* B = w + b * 210;
-        const int8_t* sc = reinterpret_cast<const int8_t*>(B + 192);
-        const float d = h2f(rd16(B + 208));
+        const uint8_t* B = w + b * LQ6_K::bytes;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(B + LQ6_K::scales);
+        const float d = read_fp16le_operand(B + LQ6_K::d);
         __m256i ia[MR], ib[MR];
         for (int i = 0; i < MR; ++i) ia[i] = ib[i] = _mm256_setzero_si256();
         for (int h = 0; h < 2; ++h) {
-            const __m256i qlA = ldu(B + 64 * h), qlB = ldu(B + 64 * h + 32), qh = ldu(B + 128 + 32 * h);
-            __m256i q[4];  // codes 0..63 of elements 128h + 32k + (0..31)
-            q[0] = _mm256_or_si256(_mm256_and_si256(qlA, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
-            q[1] = _mm256_or_si256(_mm256_and_si256(qlB, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), m4), _mm256_and_si256(qh, m30));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), m4),
-                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            __m256i q[4];
+            q6k_codes(B, h, q);
             for (int k = 0; k < 4; ++k) {
-                // groups of 16: elements 128h+32k+0..15 use sc[8h+2k], +16..31 use sc[8h+2k+1]
-                __m256i w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q[k]));
-                __m256i w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q[k], 1));
-                w0 = _mm256_mullo_epi16(_mm256_sub_epi16(w0, c32), _mm256_set1_epi16(sc[8 * h + 2 * k]));
-                w1 = _mm256_mullo_epi16(_mm256_sub_epi16(w1, c32), _mm256_set1_epi16(sc[8 * h + 2 * k + 1]));
+                __m256i w0, w1;
+                q6k_weights(q[k], sc, h, k, w0, w1);
                 for (int i = 0; i < MR; ++i) {
                     const int16_t* x = xq[i] + 256 * b + 128 * h + 32 * k;
                     if (k & 1)
@@ -614,68 +609,36 @@ struct Packed {
 };
 
 // Unpack one block (32 elements, Q*_0) or super-block (256, K-quants) of a
-// weight row into int16 codes; per 32-group scale and mins coefficient.
+// weight row into the row kernels' int16 codes; per 32-group scale and mins
+// coefficient. The primary template serves Q4_0 / Q5_0 / Q8_0.
 template <uint32_t T>
-struct Unpack;
-
-template <>
-struct Unpack<T_Q4_0> {
-    static constexpr int UE = 32, BB = 18;
+struct Unpack {
+    static constexpr int UE = 32, BB = Block<T>::bytes;
     static void run(const uint8_t* B, int16_t* dst, float* sc, float*) {
-        const __m256i v = zx16(B + 2), c8 = _mm256_set1_epi16(8);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(15)), c8));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), _mm256_sub_epi16(_mm256_srli_epi16(v, 4), c8));
-        sc[0] = h2f(rd16(B));
-    }
-};
-template <>
-struct Unpack<T_Q5_0> {
-    static constexpr int UE = 32, BB = 22;
-    static void run(const uint8_t* B, int16_t* dst, float* sc, float*) {
-        const __m256i v = zx16(B + 6);
-        const uint32_t qh = rd32(B + 2);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst), q5_lanes(_mm256_and_si256(v, _mm256_set1_epi16(15)), qh & 0xFFFF));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), q5_lanes(_mm256_srli_epi16(v, 4), qh >> 16));
-        sc[0] = h2f(rd16(B));
-    }
-};
-template <>
-struct Unpack<T_Q8_0> {
-    static constexpr int UE = 32, BB = 34;
-    static void run(const uint8_t* B, int16_t* dst, float* sc, float*) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst),
-                           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 2))));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16),
-                           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 18))));
-        sc[0] = h2f(rd16(B));
+        __m256i w0, w1;
+        q32_codes<T>(B, w0, w1);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst), w0);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), w1);
+        sc[0] = read_fp16le_operand(B + Block<T>::d);
     }
 };
 template <bool Q5>
 struct UnpackK45 {
-    static constexpr int UE = 256, BB = Q5 ? 176 : 144;
+    static constexpr int UE = 256, BB = LQ45_K<Q5>::bytes;
     static void run(const uint8_t* B, int16_t* dst, float* scv, float* mc) {
-        const float d = h2f(rd16(B)), dmin = h2f(rd16(B + 2));
-        uint8_t sc[8], mn[8];
-        k4_scales(B + 4, sc, mn);
-        const uint8_t* qs = B + (Q5 ? 48 : 16);
-        __m256i hq0, hq1;
-        if constexpr (Q5) {
-            hq0 = zx16(B + 16);
-            hq1 = zx16(B + 32);
-        }
+        const K45Block<Q5> blk(B);
         for (int j = 0; j < 4; ++j) {
             __m256i l0, l1, h0, h1;
-            k45_group<Q5>(qs, hq0, hq1, j, l0, l1, h0, h1);
-            const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
+            blk.group(j, l0, l1, h0, h1);
             __m256i* o = reinterpret_cast<__m256i*>(dst + 64 * j);
-            _mm256_store_si256(o + 0, _mm256_mullo_epi16(l0, s0));
-            _mm256_store_si256(o + 1, _mm256_mullo_epi16(l1, s0));
-            _mm256_store_si256(o + 2, _mm256_mullo_epi16(h0, s1));
-            _mm256_store_si256(o + 3, _mm256_mullo_epi16(h1, s1));
+            _mm256_store_si256(o + 0, l0);
+            _mm256_store_si256(o + 1, l1);
+            _mm256_store_si256(o + 2, h0);
+            _mm256_store_si256(o + 3, h1);
         }
         for (int g = 0; g < 8; ++g) {
-            scv[g] = d;
-            mc[g] = dmin * (float)mn[g];
+            scv[g] = blk.d;
+            mc[g] = blk.dmin * (float)blk.mn[g];
         }
     }
 };
@@ -685,24 +648,16 @@ template <>
 struct Unpack<T_Q5_K> : UnpackK45<true> {};
 template <>
 struct Unpack<T_Q6_K> {
-    static constexpr int UE = 256, BB = 210;
+    static constexpr int UE = 256, BB = LQ6_K::bytes;
     static void run(const uint8_t* B, int16_t* dst, float* scv, float*) {
-        const int8_t* sc = reinterpret_cast<const int8_t*>(B + 192);
-        const float d = h2f(rd16(B + 208));
-        const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), c32 = _mm256_set1_epi16(32);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(B + LQ6_K::scales);
+        const float d = read_fp16le_operand(B + LQ6_K::d);
         for (int h = 0; h < 2; ++h) {
-            const __m256i qlA = ldu(B + 64 * h), qlB = ldu(B + 64 * h + 32), qh = ldu(B + 128 + 32 * h);
             __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(qlA, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
-            q[1] = _mm256_or_si256(_mm256_and_si256(qlB, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), m4), _mm256_and_si256(qh, m30));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), m4),
-                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            q6k_codes(B, h, q);
             for (int k = 0; k < 4; ++k) {
-                __m256i w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q[k]));
-                __m256i w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q[k], 1));
-                w0 = _mm256_mullo_epi16(_mm256_sub_epi16(w0, c32), _mm256_set1_epi16(sc[8 * h + 2 * k]));
-                w1 = _mm256_mullo_epi16(_mm256_sub_epi16(w1, c32), _mm256_set1_epi16(sc[8 * h + 2 * k + 1]));
+                __m256i w0, w1;
+                q6k_weights(q[k], sc, h, k, w0, w1);
                 __m256i* o = reinterpret_cast<__m256i*>(dst + 128 * h + 32 * k);
                 _mm256_store_si256(o, w0);
                 _mm256_store_si256(o + 1, w1);
@@ -1138,8 +1093,8 @@ void weight_row(const WeightView& w, int64_t row, float* dst) {
     const uint8_t* p = w.data + row * w.row_bytes;
     switch (w.type) {
         case T_F32: std::memcpy(dst, p, w.n_in * sizeof(float)); return;
-        case T_F16: for (int64_t k = 0; k < w.n_in; ++k) dst[k] = h2f(rd16(p + 2 * k)); return;
-        case T_BF16: for (int64_t k = 0; k < w.n_in; ++k) dst[k] = b2f(rd16(p + 2 * k)); return;
+        case T_F16: for (int64_t k = 0; k < w.n_in; ++k) dst[k] = read_fp16le(p + 2 * k); return;
+        case T_BF16: for (int64_t k = 0; k < w.n_in; ++k) dst[k] = bf16_bits_to_fp32(read_u16le(p + 2 * k)); return;
         default: dequantize_row(w.type, p, dst, w.n_in);
     }
 }

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_engine.h"
 #include "bind_info.h"
 #include "bind_step_loop.h"
 #include "cuda_api.h"
@@ -141,17 +142,9 @@ nb::dict engine_info(const orcd::CudaEngine& e) {
     return r;
 }
 
-// Calls into one engine are serialised (its KV cache, graphs and stream serve
-// one caller at a time; Python threads may share a Model).
-struct PyCudaEngine {
-    std::unique_ptr<orcd::CudaEngine> e;
-    std::unique_ptr<std::mutex> mu = std::make_unique<std::mutex>();
-
-    orcd::CudaEngine& get() {
-        if (!e) bad("CudaEngine is closed");
-        return *e;
-    }
-};
+// The engine and its lock (calls are serialised: its KV cache, graphs and stream
+// serve one caller at a time); the methods every engine has: bind_engine.h.
+using PyCudaEngine = orcd::EngineHolder<orcd::CudaEngine>;
 
 std::vector<int32_t> ints(const CArr<int32_t>& a, const char* who) {
     if (a.ndim() != 1) bad(std::string(who) + " must be a 1-D int32 array");
@@ -200,7 +193,9 @@ NB_MODULE(_orcd_cuda, m) {
         },
         "device"_a = 0);
 
-    nb::class_<PyCudaEngine>(m, "CudaEngine")
+    nb::class_<PyCudaEngine> cuda_engine(m, "CudaEngine");
+    orcd::bind_engine_methods<orcd::CudaEngine>(cuda_engine, engine_info);
+    cuda_engine
         .def(
             "__init__",
             [](PyCudaEngine* self, const std::string& path, int n_ctx, int n_slots, nb::object progress,
@@ -213,74 +208,6 @@ NB_MODULE(_orcd_cuda, m) {
                 new (self) PyCudaEngine{orcd::make_cuda_engine(file, n_ctx, n_slots, fn, device)};
             },
             "path"_a, "n_ctx"_a, "n_slots"_a = 1, "progress"_a = nb::none(), "device"_a = 0)
-        .def(
-            "forward",
-            [](PyCudaEngine& self, int slot, CArr<int32_t> tokens, int pos0, bool all_logits) {
-                orcd::CudaEngine& e = self.get();
-                const std::vector<int32_t> tok = ints(tokens, "tokens");
-                const int n = int(tok.size());
-                const size_t V = size_t(e.desc().n_vocab);
-                std::vector<float> out((all_logits ? size_t(n) : 1) * V);
-                {
-                    nb::gil_scoped_release nogil;
-                    std::lock_guard<std::mutex> lock(*self.mu);
-                    self.get().forward(slot, tok.data(), n, pos0, out.data(), all_logits, nullptr);
-                }
-                if (all_logits) return to_numpy(std::move(out), {size_t(n), V});
-                return to_numpy(std::move(out), {V});
-            },
-            "slot"_a, "tokens"_a, "pos0"_a, "all_logits"_a = false)
-        .def(
-            "trace",
-            [](PyCudaEngine& self, CArr<int32_t> tokens) {
-                orcd::CudaEngine& e = self.get();
-                const std::vector<int32_t> tok = ints(tokens, "tokens");
-                const int n = int(tok.size());
-                const size_t V = size_t(e.desc().n_vocab);
-                std::vector<float> logits(size_t(n) * V);
-                orcd::Trace tr;
-                {
-                    nb::gil_scoped_release nogil;
-                    std::lock_guard<std::mutex> lock(*self.mu);
-                    self.get().forward(0, tok.data(), n, 0, logits.data(), true, &tr);
-                }
-                nb::list hidden;
-                for (auto& h : tr.hidden)
-                    hidden.append(to_numpy(std::move(h), {size_t(tr.n_tokens), size_t(tr.n_embd)}));
-                return nb::make_tuple(hidden, to_numpy(std::move(logits), {size_t(n), V}));
-            },
-            "tokens"_a)
-        .def(
-            "decode_batch",
-            [](PyCudaEngine& self, CArr<int32_t> slots, CArr<int32_t> tokens, CArr<int32_t> pos) {
-                orcd::CudaEngine& e = self.get();
-                const std::vector<int32_t> s = ints(slots, "slots"), t = ints(tokens, "tokens"), p = ints(pos, "pos");
-                if (s.size() != t.size() || s.size() != p.size())
-                    bad("decode_batch: slots, tokens and pos must have the same length");
-                const size_t V = size_t(e.desc().n_vocab);
-                std::vector<float> out(s.size() * V);
-                {
-                    nb::gil_scoped_release nogil;
-                    std::lock_guard<std::mutex> lock(*self.mu);
-                    self.get().decode_batch(int(s.size()), s.data(), t.data(), p.data(), out.data());
-                }
-                return to_numpy(std::move(out), {s.size(), V});
-            },
-            "slots"_a, "tokens"_a, "pos"_a)
-        .def(
-            "decode_greedy",
-            [](PyCudaEngine& self, int slot, int32_t first_token, int pos, int n_steps) {
-                if (n_steps < 0) bad("decode_greedy: n_steps must be >= 0");
-                std::vector<int32_t> out(static_cast<size_t>(n_steps));
-                {
-                    nb::gil_scoped_release nogil;
-                    std::lock_guard<std::mutex> lock(*self.mu);
-                    self.get().decode_greedy(slot, first_token, pos, n_steps, out.data());
-                }
-                return to_numpy(std::move(out), {size_t(n_steps)});
-            },
-            "slot"_a, "first_token"_a, "pos"_a, "n_steps"_a,
-            "Greedy decoding: step i evaluates t_i at pos+i (t_0 = first_token) and returns t_{i+1}.")
         .def(
             "set_options",
             [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
@@ -321,12 +248,6 @@ NB_MODULE(_orcd_cuda, m) {
             "marginal_<kind> (its cost in the graph + PDL pipeline), 'graph_step' (the step as the engine "
             "runs it), 'noop_step' / 'noop_step_nopdl' (empty kernels of the same shapes).")
         .def("paths", [](PyCudaEngine& self) { return paths_dict(self.get()); })
-        .def("info", [](PyCudaEngine& self) { return engine_info(self.get()); })
-        .def("close", [](PyCudaEngine& self) {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> lock(*self.mu);
-            self.e.reset();
-        })
         .def_prop_ro("n_ctx", [](PyCudaEngine& self) { return self.get().n_ctx(); })
         .def_prop_ro("n_slots", [](PyCudaEngine& self) { return self.get().n_slots(); })
         .def_prop_ro("n_vocab", [](PyCudaEngine& self) { return self.get().desc().n_vocab; });

@@ -82,21 +82,8 @@ CudaPaths CudaEngineImpl::paths() const {
 
 // ---------------------------------------------------------------- checks
 
-void CudaEngineImpl::check_token(int32_t t) const {
-    if (t < 0 || t >= d_.n_vocab)
-        throw Error("CudaEngine: token id " + std::to_string(t) + " out of range [0, " + std::to_string(d_.n_vocab) +
-                    ")");
-}
-
 void CudaEngineImpl::check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const {
-    if (slot < 0 || slot >= n_slots_)
-        throw Error(std::string("CudaEngine.") + who + ": slot " + std::to_string(slot) + " out of range [0, " +
-                    std::to_string(n_slots_) + ")");
-    if (n_steps < 0) throw Error(std::string("CudaEngine.") + who + ": negative step count");
-    if (pos < 0 || int64_t(pos) + n_steps > n_ctx_)
-        throw Error(std::string("CudaEngine.") + who + ": positions " + std::to_string(pos) + " .. " +
-                    std::to_string(int64_t(pos) + n_steps - 1) + " do not fit n_ctx=" + std::to_string(n_ctx_));
-    check_token(token);
+    orcd::check_greedy_args(who, *this, slot, token, pos, n_steps);
 }
 
 // ---------------------------------------------------------------- the fused single-sequence step
@@ -251,14 +238,7 @@ void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logit
 
 void CudaEngineImpl::forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
                              Trace* trace) {
-    if (slot < 0 || slot >= n_slots_)
-        throw Error("CudaEngine.forward: slot " + std::to_string(slot) + " out of range [0, " +
-                    std::to_string(n_slots_) + ")");
-    if (n < 1) throw Error("CudaEngine.forward: no tokens");
-    if (pos0 < 0 || int64_t(pos0) + n > n_ctx_)
-        throw Error("CudaEngine.forward: positions " + std::to_string(pos0) + " .. " +
-                    std::to_string(int64_t(pos0) + n - 1) + " do not fit n_ctx=" + std::to_string(n_ctx_));
-    for (int i = 0; i < n; ++i) check_token(tokens[i]);
+    check_forward_args("forward", *this, slot, tokens, n, pos0);
     if (n == 1 && !trace && fast_on()) {
         fast_forward_one(slot, tokens[0], pos0, logits);
         return;
@@ -284,24 +264,9 @@ void CudaEngineImpl::forward(int slot, const int32_t* tokens, int n, int pos0, f
 
 void CudaEngineImpl::decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                                   float* logits) {
-    if (n < 1) throw Error("CudaEngine.decode_batch: no tokens");
-    if (n > n_slots_)
-        throw Error("CudaEngine.decode_batch: " + std::to_string(n) + " tokens for " + std::to_string(n_slots_) +
-                    " slots");
-    std::vector<char> seen(size_t(n_slots_), 0);
+    check_decode_batch_args(*this, n, slots, tokens, pos);  // so n <= n_slots_ (distinct slots)
     int kv_max = 0;
-    for (int i = 0; i < n; ++i) {
-        if (slots[i] < 0 || slots[i] >= n_slots_)
-            throw Error("CudaEngine.decode_batch: slot " + std::to_string(slots[i]) + " out of range [0, " +
-                        std::to_string(n_slots_) + ")");
-        if (seen[size_t(slots[i])]++)
-            throw Error("CudaEngine.decode_batch: slot " + std::to_string(slots[i]) + " appears twice");
-        if (pos[i] < 0 || pos[i] >= n_ctx_)
-            throw Error("CudaEngine.decode_batch: position " + std::to_string(pos[i]) + " of slot " +
-                        std::to_string(slots[i]) + " outside n_ctx=" + std::to_string(n_ctx_));
-        check_token(tokens[i]);
-        kv_max = std::max(kv_max, pos[i] + 1);
-    }
+    for (int i = 0; i < n; ++i) kv_max = std::max(kv_max, pos[i] + 1);
     CUDA_CHECK(cudaEventSynchronize(upload_done_), "decode_batch");
     for (int i = 0; i < n; ++i) {
         pinned_ids_[i] = tokens[i];

@@ -44,7 +44,6 @@ private:
     // cuda_engine.cu
     bool fast_on() const { return opt_.fast_decode && dec_.available(); }
     void fast_forward_one(int slot, int32_t token, int pos, float* logits);
-    void check_token(int32_t t) const;
     void check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const;
     // Runs nr rows whose ids/positions/slots are in pinned_ids_ [0,R) [R,2R) [2R,3R).
     void step(int nr, bool matvec, int kv_max, Logits mode, float* logits, Trace* trace, int trace_row0);

@@ -335,15 +335,8 @@ __device__ __forceinline__ float chunk_dot(const uint8_t* rp, int c, int n_in, c
         // value = d*sc*q - dmin*mn with q in 0..15: the min term uses the chunk's float sum
         const uint8_t* b = rp + size_t(c >> 3) * 144;
         const int sub = c & 7, g = sub >> 1, hi = sub & 1;
-        const uint8_t* sc6 = b + 4;
         int sc, mn;
-        if (sub < 4) {
-            sc = sc6[sub] & 0x3F;
-            mn = sc6[sub + 4] & 0x3F;
-        } else {
-            sc = (sc6[sub + 4] & 0x0F) | ((sc6[sub - 4] >> 6) << 4);
-            mn = (sc6[sub + 4] >> 4) | ((sc6[sub] >> 6) << 4);
-        }
+        k4_scale_min(b + Block<T_Q4_K>::scales, sub, sc, mn);
         // 144-byte blocks in rows staged 16-byte aligned (row bytes a multiple of 16): two
         // 16-byte loads
         const uint4* q4 = reinterpret_cast<const uint4*>(b + 16 + 32 * g);

@@ -1,35 +1,24 @@
-// quant_common.cuh - reading GGUF blocks on the GPU: per-type block sizes (TT<T>)
-// and deq8<T>, the 8 consecutive elements of a row as float32 with
-// cpp/quants.cpp's float operations one for one. Shared by quant_kernels.cu
-// (dequantize, mat-vec, embedding) and decode_kernels.cu (fused decode step).
-// The block layouts are listed at the top of quant_kernels.cu.
+// quant_common.cuh - reading GGUF blocks on the GPU: deq8<T>, the 8
+// consecutive elements of a row as float32 with cpp/quants.cpp's float
+// operations one for one. Shared by quant_kernels.cu (dequantize, mat-vec,
+// embedding) and decode_kernels.cu (fused decode step). The block layouts
+// (Block<T>) and the scale unpacking are cpp/block_formats.h's, shared with the CPU.
 #pragma once
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "block_formats.h"
 #include "ggml_types.h"
 
 namespace orcd {
 namespace cu {
 namespace {
 
-template <uint32_t T> struct TT;  // block size (elements) and bytes
-template <> struct TT<T_F32> { static constexpr int bs = 1, bb = 4; };
-template <> struct TT<T_F16> { static constexpr int bs = 1, bb = 2; };
-template <> struct TT<T_BF16> { static constexpr int bs = 1, bb = 2; };
-template <> struct TT<T_Q4_0> { static constexpr int bs = 32, bb = 18; };
-template <> struct TT<T_Q4_1> { static constexpr int bs = 32, bb = 20; };
-template <> struct TT<T_Q5_0> { static constexpr int bs = 32, bb = 22; };
-template <> struct TT<T_Q5_1> { static constexpr int bs = 32, bb = 24; };
-template <> struct TT<T_Q8_0> { static constexpr int bs = 32, bb = 34; };
-template <> struct TT<T_Q2_K> { static constexpr int bs = 256, bb = 84; };
-template <> struct TT<T_Q3_K> { static constexpr int bs = 256, bb = 110; };
-template <> struct TT<T_Q4_K> { static constexpr int bs = 256, bb = 144; };
-template <> struct TT<T_Q5_K> { static constexpr int bs = 256, bb = 176; };
-template <> struct TT<T_Q6_K> { static constexpr int bs = 256, bb = 210; };
+template <uint32_t T> __host__ __device__ constexpr bool is_plain() { return Block<T>::elems == 1; }
 
-template <uint32_t T> __host__ __device__ constexpr bool is_plain() { return TT<T>::bs == 1; }
-
+// Block fields at their natural 2-byte alignment: one load (and the hardware
+// conversion for fp16) instead of block_formats.h's byte-wise readers. For every
+// value but NaNs the same as read_fp16le / read_u32le.
 __device__ __forceinline__ float ldh(const uint8_t* p) {  // fp16 at a 2-byte aligned address
     return __half2float(*reinterpret_cast<const __half*>(p));
 }
@@ -55,12 +44,13 @@ __device__ __forceinline__ void deq8(const uint8_t* __restrict__ row, int64_t u,
             o[i] = v;
         }
     } else {
-        constexpr int UPB = TT<T>::bs / 8;  // 8-element units per block
-        const uint8_t* b = row + (u / UPB) * TT<T>::bb;
+        using L = Block<T>;
+        constexpr int UPB = L::elems / 8;  // 8-element units per block
+        const uint8_t* b = row + (u / UPB) * L::bytes;
         const int j0 = int(u % UPB) * 8;
         if constexpr (T == T_Q4_0) {
-            const float d = ldh(b);
-            const uint8_t* qs = b + 2;
+            const float d = ldh(b + L::d);
+            const uint8_t* qs = b + L::qs;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const int e = j0 + i;
@@ -68,8 +58,8 @@ __device__ __forceinline__ void deq8(const uint8_t* __restrict__ row, int64_t u,
                 o[i] = __fmul_rn(d, float(q - 8));
             }
         } else if constexpr (T == T_Q4_1) {
-            const float d = ldh(b), m = ldh(b + 2);
-            const uint8_t* qs = b + 4;
+            const float d = ldh(b + L::d), m = ldh(b + L::m);
+            const uint8_t* qs = b + L::qs;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const int e = j0 + i;
@@ -78,10 +68,11 @@ __device__ __forceinline__ void deq8(const uint8_t* __restrict__ row, int64_t u,
             }
         } else if constexpr (T == T_Q5_0 || T == T_Q5_1) {
             constexpr bool one = T == T_Q5_1;
-            const float d = ldh(b);
-            const float m = one ? ldh(b + 2) : 0.f;
-            const uint32_t qh = ld32(b + (one ? 4 : 2));
-            const uint8_t* qs = b + (one ? 8 : 6);
+            const float d = ldh(b + L::d);
+            float m = 0.f;
+            if constexpr (one) m = ldh(b + Block<T_Q5_1>::m);
+            const uint32_t qh = ld32(b + L::qh);
+            const uint8_t* qs = b + L::qs;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const int e = j0 + i;
@@ -91,31 +82,28 @@ __device__ __forceinline__ void deq8(const uint8_t* __restrict__ row, int64_t u,
                 else o[i] = __fmul_rn(d, float(q - 16));
             }
         } else if constexpr (T == T_Q8_0) {
-            const float d = ldh(b);
-            const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
+            const float d = ldh(b + L::d);
+            const int8_t* qs = reinterpret_cast<const int8_t*>(b + L::qs);
 #pragma unroll
             for (int i = 0; i < 8; ++i) o[i] = __fmul_rn(float(qs[j0 + i]), d);
         } else if constexpr (T == T_Q2_K) {
             // element 128j + 32k + 16h + l: sub-block s = 8j + 2k + h, bits 2k of qs[32j + 16h + l]
             const int j = j0 >> 7, k = (j0 >> 5) & 3, h = (j0 >> 4) & 1, l0 = j0 & 15;
             const int s = 8 * j + 2 * k + h;
-            const uint8_t sc = b[s];
-            const float d = ldh(b + 80), dmin = ldh(b + 82);
+            const uint8_t sc = b[L::scales + s];
+            const float d = ldh(b + L::d), dmin = ldh(b + L::dmin);
             const float dl = __fmul_rn(d, float(sc & 0x0F));
             const float ml = __fmul_rn(dmin, float(sc >> 4));
-            const uint8_t* q = b + 16 + 32 * j + 16 * h + l0;
+            const uint8_t* q = b + L::qs + 32 * j + 16 * h + l0;
 #pragma unroll
             for (int i = 0; i < 8; ++i) o[i] = __fsub_rn(__fmul_rn(dl, float((q[i] >> (2 * k)) & 3)), ml);
         } else if constexpr (T == T_Q3_K) {
             const int j = j0 >> 7, k = (j0 >> 5) & 3, h = (j0 >> 4) & 1, l0 = j0 & 15;
             const int s = 8 * j + 2 * k + h;
-            const uint8_t* sc = b + 96;
-            const int lo = (sc[s % 8] >> (4 * (s / 8))) & 0x0F;
-            const int hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 0x03;
-            const float dl = __fmul_rn(ldh(b + 108), float((lo | (hi << 4)) - 32));
+            const float dl = __fmul_rn(ldh(b + L::d), float(q3k_scale(b + L::scales, s)));
             const int bit = 4 * j + k;
-            const uint8_t* q = b + 32 + 32 * j + 16 * h + l0;
-            const uint8_t* hm = b + 16 * h + l0;
+            const uint8_t* q = b + L::qs + 32 * j + 16 * h + l0;
+            const uint8_t* hm = b + L::hmask + 16 * h + l0;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const int v = int((q[i] >> (2 * k)) & 3) - (((hm[i] >> bit) & 1) ? 0 : 4);
@@ -125,25 +113,18 @@ __device__ __forceinline__ void deq8(const uint8_t* __restrict__ row, int64_t u,
             // element 64g + 32sub + l: sub-block is = 2g + sub; nibble `sub` of qs[32g + l]
             const int g = j0 >> 6, sub = (j0 >> 5) & 1, l0 = j0 & 31;
             const int is = 2 * g + sub;
-            const uint8_t* s = b + 4;
             int sc, mn;
-            if (is < 4) {
-                sc = s[is] & 0x3F;
-                mn = s[is + 4] & 0x3F;
-            } else {
-                sc = (s[is + 4] & 0x0F) | ((s[is - 4] >> 6) << 4);
-                mn = (s[is + 4] >> 4) | ((s[is] >> 6) << 4);
-            }
-            const float d0 = __fmul_rn(ldh(b), float(sc));
-            const float m0 = __fmul_rn(ldh(b + 2), float(mn));
+            k4_scale_min(b + L::scales, is, sc, mn);
+            const float d0 = __fmul_rn(ldh(b + L::d), float(sc));
+            const float m0 = __fmul_rn(ldh(b + L::dmin), float(mn));
             if constexpr (T == T_Q4_K) {
-                const uint8_t* q = b + 16 + 32 * g + l0;
+                const uint8_t* q = b + L::qs + 32 * g + l0;
 #pragma unroll
                 for (int i = 0; i < 8; ++i)
                     o[i] = __fsub_rn(__fmul_rn(d0, float((q[i] >> (4 * sub)) & 0x0F)), m0);
             } else {
-                const uint8_t* qh = b + 16 + l0;
-                const uint8_t* q = b + 48 + 32 * g + l0;
+                const uint8_t* qh = b + Block<T_Q5_K>::qh + l0;
+                const uint8_t* q = b + Block<T_Q5_K>::qs + 32 * g + l0;
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
                     const int v = ((q[i] >> (4 * sub)) & 0x0F) | (((qh[i] >> is) & 1) << 4);
@@ -154,10 +135,10 @@ __device__ __forceinline__ void deq8(const uint8_t* __restrict__ row, int64_t u,
             // element 128h + 32k + l: nibble k/2 of ql[64h + 32(k%2) + l], bits 2k of qh[32h + l],
             // scale scales[8h + 2k + l/16]
             const int h = j0 >> 7, k = (j0 >> 5) & 3, l0 = j0 & 31;
-            const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-            const float dl = __fmul_rn(ldh(b + 208), float(scales[8 * h + 2 * k + (l0 >> 4)]));
-            const uint8_t* ql = b + 64 * h + 32 * (k & 1) + l0;
-            const uint8_t* qh = b + 128 + 32 * h + l0;
+            const int8_t* scales = reinterpret_cast<const int8_t*>(b + L::scales);
+            const float dl = __fmul_rn(ldh(b + L::d), float(scales[8 * h + 2 * k + (l0 >> 4)]));
+            const uint8_t* ql = b + L::ql + 64 * h + 32 * (k & 1) + l0;
+            const uint8_t* qh = b + L::qh + 32 * h + l0;
             const int shift = 4 * (k >> 1);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {

@@ -9,18 +9,7 @@
 // contracting them into FMAs), so a dequantized value is bitwise the CPU's
 // and its fp16 rounding is numpy's float16 of the CPU result.
 //
-// Block layouts (ggml-common.h; byte offsets):
-//   Q4_0 (32, 18B)  d@0 qs[16]@2            element i<16: lo nibble of qs[i], else hi nibble of qs[i-16]
-//   Q4_1 (32, 20B)  d@0 m@2 qs[16]@4
-//   Q5_0 (32, 22B)  d@0 qh(u32)@2 qs[16]@6  fifth bit of element i: bit i of qh
-//   Q5_1 (32, 24B)  d@0 m@2 qh@4 qs[16]@8
-//   Q8_0 (32, 34B)  d@0 qs[32](int8)@2
-//   Q2_K (256, 84B) scales[16]@0 qs[64]@16 d@80 dmin@82
-//   Q3_K (256,110B) hmask[32]@0 qs[64]@32 scales[12]@96 d@108
-//   Q4_K (256,144B) d@0 dmin@2 scales[12]@4 qs[128]@16
-//   Q5_K (256,176B) d@0 dmin@2 scales[12]@4 qh[32]@16 qs[128]@48
-//   Q6_K (256,210B) ql[128]@0 qh[64]@128 scales[16](int8)@192 d@208
-// Within a block, 8 consecutive elements starting at a multiple of 8 always
+// Block layouts: cpp/block_formats.h. Within a block, 8 consecutive elements starting at a multiple of 8 always
 // share one scale (sub-blocks are 16 or 32 elements), which deq8 exploits.
 #include <cstdio>
 #include <string>

@@ -6,12 +6,12 @@
 // per tensor kind and the implied tokens/s of the matmuls alone (attention,
 // norms etc. not included). Also times single shapes per type.
 //
-// Build (after building orcd_core, e.g. in build/h-matmul):
-//   g++ -O3 -march=native -std=c++17 -Icpp scripts/bench_matmul.cpp \
-//       build/h-matmul/liborcd_core.a -lpthread -o build/bench_matmul
-// Run:
-//   build/bench_matmul /root/qwen05.gguf [m ...] [--threads N ...] [--reps R]
-//   build/bench_matmul --micro [m ...] [--threads N]    (kernel speed, cache-resident)
+// Build: the CMake target orcd_bench_matmul (option ORCD_BUILD_BENCH), e.g.
+//   cmake -S . -B build/bench -DORCD_PYTHON=OFF -DORCD_CUDA=OFF -DORCD_BUILD_BENCH=ON
+//   cmake --build build/bench --target orcd_bench_matmul
+// (scripts/bench_matmul.py speed|micro does both). Run:
+//   build/bench/orcd_bench_matmul /root/qwen05.gguf [m ...] [--threads N ...] [--reps R]
+//   build/bench/orcd_bench_matmul --micro [m ...] [--threads N]    (kernel speed, cache-resident)
 //   --scalar forces the portable kernels.
 #include <algorithm>
 #include <chrono>

@@ -11,10 +11,10 @@ exact float64 product of the same inputs and the dequantized weights:
 
 reported per tensor kind and weight type (worst and mean over layers).
 
-speed: builds and runs the C++ bench (scripts/bench_matmul.cpp, linked with
-build/h-matmul/liborcd_core.a or $ORCD_CORE_LIB), which times all matmuls of
-one forward pass of the real model at m = 1 and m = 512 for 1 and 2 threads
-and prints GFLOP/s and the implied tokens/s of the matmuls alone.
+speed: builds the CMake target orcd_bench_matmul (scripts/bench_matmul.cpp, option
+ORCD_BUILD_BENCH; build directory build/bench or $ORCD_BENCH_BUILD_DIR) and runs it:
+it times all matmuls of one forward pass of the real model at m = 1 and m = 512
+for 1 and 2 threads and prints GFLOP/s and the implied tokens/s of the matmuls alone.
 micro: the same binary's cache-resident per-type kernel speed (1 thread).
 
     python scripts/bench_matmul.py [accuracy|speed|micro] [--model PATH] [--tokens N]
@@ -25,7 +25,6 @@ by ORCD_NATIVE_DIR (e.g. build/h-matmul-py) when that is set.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import subprocess
 import sys
@@ -177,20 +176,13 @@ def accuracy(args):
 # ----------------------------------------------------------------- speed
 
 def build_bench():
-    exe = os.path.join(ROOT, "build", "bench_matmul")
-    lib = os.environ.get("ORCD_CORE_LIB")
-    if not lib and os.path.exists(os.path.join(ROOT, "build", "h-matmul", "liborcd_core.a")):
-        lib = os.path.join(ROOT, "build", "h-matmul", "liborcd_core.a")
-    if not lib:
-        for cand in glob.glob(os.path.join(ROOT, "build", "*", "liborcd_core.a")):
-            if lib is None or os.path.getmtime(cand) > os.path.getmtime(lib):
-                lib = cand
-    if lib is None:
-        raise SystemExit("build orcd_core first (cmake --build build/h-matmul)")
-    cmd = ["g++", "-O3", "-march=native", "-std=c++17", "-I", os.path.join(ROOT, "cpp"),
-           os.path.join(ROOT, "scripts", "bench_matmul.cpp"), lib, "-lpthread", "-o", exe]
-    subprocess.check_call(cmd)
-    return exe
+    """Configures and builds orcd_bench_matmul; returns the executable's path."""
+    bdir = os.environ.get("ORCD_BENCH_BUILD_DIR", os.path.join(ROOT, "build", "bench"))
+    subprocess.check_call(["cmake", "-S", ROOT, "-B", bdir, "-DCMAKE_BUILD_TYPE=Release", "-DORCD_PYTHON=OFF",
+                           "-DORCD_CUDA=OFF", "-DORCD_BUILD_TESTS=OFF", "-DORCD_BUILD_BENCH=ON"])
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+    subprocess.check_call(["cmake", "--build", bdir, "--target", "orcd_bench_matmul", "-j", jobs])
+    return os.path.join(bdir, "orcd_bench_matmul")
 
 
 def speed(args, micro=False):

@@ -193,3 +193,63 @@ def test_engine_calls_from_threads_are_serialised(tiny_model):
     assert not errors and not any(t.is_alive() for t in threads)
     for s in (0, 1):
         assert np.allclose(results[s], want[s], atol=1e-4 * np.abs(want[s]).max())
+
+
+# ------------------------------------------------------------------ argument errors, every backend
+
+def _engines(path, n_ctx, n_slots):
+    """(name, engine) for the CPU engine and, where a GPU is usable, the CUDA engine."""
+    yield "cpu", orcd._orcd.CpuEngine(path, n_ctx, n_slots)
+    try:
+        from orcd import _orcd_cuda as cu
+    except ImportError:
+        return
+    if cu.cuda_status() == "":
+        yield "cuda", cu.CudaEngine(path, n_ctx, n_slots)
+
+
+def test_argument_errors_read_the_same_on_every_engine(tiny_model):
+    """Bad slot, position, token id or a repeated slot: one exact message (engine.h's
+    checks), whichever engine gets the call; the CUDA engine is checked where a GPU is usable."""
+    path = tiny_model("Q8_0")
+    ids = lambda *v: np.array(v, np.int32)  # noqa: E731
+    seen = {}
+    for name, eng in _engines(path, 8, 2):
+        V = eng.info()["n_vocab"]
+        cases = [
+            (lambda: eng.forward(2, ids(1), 0), "forward: slot 2 out of range [0, 2)"),
+            (lambda: eng.forward(-1, ids(1), 0), "forward: slot -1 out of range [0, 2)"),
+            (lambda: eng.forward(0, ids(), 0), "forward: no tokens"),
+            (lambda: eng.forward(0, ids(*range(6)), 3),
+             "forward: context full: positions 3..8 do not fit in n_ctx = 8"),
+            (lambda: eng.forward(0, ids(1), 8), "forward: context full: position 8 does not fit in n_ctx = 8"),
+            (lambda: eng.forward(0, ids(1, V), 0), f"forward: token id {V} out of range [0, {V})"),
+            (lambda: eng.forward(0, ids(-3), 0), f"forward: token id -3 out of range [0, {V})"),
+            (lambda: eng.decode_batch(ids(1, 1), ids(1, 2), ids(0, 0)), "decode_batch: slot 1 appears twice"),
+            (lambda: eng.decode_batch(ids(0, 2), ids(1, 2), ids(0, 0)), "decode_batch: slot 2 out of range [0, 2)"),
+            (lambda: eng.decode_batch(ids(0, 1), ids(1, 2), ids(0, 8)),
+             "decode_batch: context full: position 8 of slot 1 does not fit in n_ctx = 8"),
+            (lambda: eng.decode_batch(ids(0), ids(V), ids(0)), f"decode_batch: token id {V} out of range [0, {V})"),
+            (lambda: eng.decode_batch(ids(), ids(), ids()), "decode_batch: no tokens"),
+            (lambda: eng.decode_batch(ids(0), ids(1, 2), ids(0)),
+             "decode_batch: slots, tokens and pos must have the same length"),
+            (lambda: eng.decode_greedy(2, 1, 0, 3), "decode_greedy: slot 2 out of range [0, 2)"),
+            (lambda: eng.decode_greedy(0, 1, 6, 3),
+             "decode_greedy: context full: positions 6..8 do not fit in n_ctx = 8"),
+            (lambda: eng.decode_greedy(0, V, 0, 3), f"decode_greedy: token id {V} out of range [0, {V})"),
+            (lambda: eng.decode_greedy(0, 1, 0, -1), "decode_greedy: n_steps must be >= 0 (got -1)"),
+        ]
+        got = []
+        for call, want in cases:
+            with pytest.raises(ValueError) as err:
+                call()
+            assert str(err.value) == want, name
+            got.append(str(err.value))
+        # a refused call leaves the engine usable, and a closed engine says so
+        assert eng.forward(0, ids(1, 2), 0).shape == (V,)
+        assert eng.decode_greedy(0, 3, 2, 0).shape == (0,)
+        eng.close()
+        with pytest.raises(ValueError, match="engine is closed"):
+            eng.forward(0, ids(1), 0)
+        seen[name] = got
+    assert len(set(map(tuple, seen.values()))) == 1, seen

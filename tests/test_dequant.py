@@ -142,6 +142,20 @@ def test_every_f16_pattern():
     assert np.array_equal(got[is_nan], want[is_nan]), "NumPy converts fp16 NaNs differently here"
 
 
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_1, QT.Q3_K, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
+def test_every_f16_pattern_as_block_scale(qtype):
+    """Each fp16 scale field of a block holds every bit pattern once (inf, NaN,
+    subnormals included): the block readers agree with NumPy's float16."""
+    _, block_bytes = GGML_QUANT_SIZES[qtype]
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    raw = random_blocks(qtype, h.size, seed=int(qtype) + 500)
+    for k, off in enumerate(F16_FIELDS[qtype]):
+        field = np.roll(h, 4099 * k)  # different patterns in d and dmin of one block
+        raw[:, off:off + 2] = field.view(np.uint8).reshape(-1, 2)
+    n = h.size * GGML_QUANT_SIZES[qtype][0]
+    assert_bitwise_equal(orcd_raw(qtype, raw, n), gguf_dequantize(raw.copy(), qtype), f"{qtype.name} scales")
+
+
 def test_every_bf16_pattern():
     h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     got = bits(orcd_raw(QT.BF16, h.view(np.uint8), h.size))

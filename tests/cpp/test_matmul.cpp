@@ -367,3 +367,22 @@ TEST_CASE("weight_row: one row as float equals dequantize_row") {
         CHECK_THROWS_AS(weight_row(w, -1, row.data()), Error);
     }
 }
+
+TEST_CASE("weight_row: F16 rows keep every fp16 pattern exactly, signalling NaNs included") {
+    // a copy must not go through an arithmetic-grade conversion (F16C quiets
+    // signalling NaNs); fp16_to_fp32 is checked against NumPy by tests/test_dequant.py
+    std::vector<uint8_t> wb(2 * 65536);
+    for (uint32_t h = 0; h < 65536; ++h) {
+        wb[2 * h] = uint8_t(h & 0xFF);
+        wb[2 * h + 1] = uint8_t(h >> 8);
+    }
+    WeightView w = make_weight_view(T_F16, wb.data(), 65536, 1);
+    std::vector<float> row(65536);
+    weight_row(w, 0, row.data());
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; ++h) {
+        const float want = fp16_to_fp32(uint16_t(h));
+        if (std::memcmp(&row[h], &want, 4) != 0) ++bad;
+    }
+    CHECK(bad == 0);
+}

@@ -10,9 +10,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "block_formats.h"
 #include "error.h"
 #include "ggml_types.h"
 #include "gguf.h"
@@ -111,6 +113,69 @@ TEST_CASE("quants: bf16_to_fp32 is the top half of the float") {
     CHECK(bf16_to_fp32(0xC040) == -3.0f);
     CHECK(bits(bf16_to_fp32(0x7FC1)) == 0x7FC10000u);
     CHECK(bits(bf16_to_fp32(0x0001)) == 0x00010000u);  // subnormal stays subnormal
+}
+
+// ------------------------------------------------------------------ block_formats.h readers
+
+// fp16 -> fp32 bits by arithmetic on the fields (independent of the bit tricks
+// under test): subnormals m * 2^-24, normals (1024 + m) * 2^(e-25), inf, and
+// NaNs with sign and payload in place (NumPy's conversion).
+static uint32_t fp16_rule(uint32_t h) {
+    const uint32_t sign = (h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023;
+    if (e == 31) return sign | 0x7F800000u | (m << 13);
+    const float mag = e == 0 ? std::ldexp(float(m), -24) : std::ldexp(float(1024 + m), int(e) - 25);
+    return sign | bits(mag);
+}
+
+TEST_CASE("block_formats: every fp16 pattern through each fp16 reader") {
+    int bad_bits = 0, bad_value = 0, bad_read = 0, bad_operand = 0;
+    for (uint32_t h = 0; h < 0x10000; ++h) {
+        const uint32_t want = fp16_rule(h);
+        if (fp16_bits_to_fp32_bits(h) != want) ++bad_bits;
+        if (bits(fp16_bits_to_fp32(uint16_t(h))) != want) ++bad_value;  // F16C fast path + NaN fallback
+        const uint8_t le[3] = {0xEE, uint8_t(h & 0xFF), uint8_t(h >> 8)};  // at an odd address
+        if (bits(read_fp16le(le + 1)) != want) ++bad_read;
+        // the arithmetic operand form may only quiet signalling NaNs
+        const uint32_t op = bits(read_fp16le_operand(le + 1));
+        const bool nan = (h & 0x7C00) == 0x7C00 && (h & 0x03FF);
+        if (nan ? (op | 0x00400000u) != (want | 0x00400000u) : op != want) ++bad_operand;
+    }
+    CHECK(bad_bits == 0);
+    CHECK(bad_value == 0);
+    CHECK(bad_read == 0);
+    CHECK(bad_operand == 0);
+    CHECK(bits(fp16_to_fp32(0x7C01)) == 0x7F802000u);  // quants.h's entry point is the same reader
+}
+
+TEST_CASE("block_formats: little-endian fields at any alignment") {
+    const uint8_t b[6] = {0x11, 0x22, 0x33, 0x44, 0x55, 0x66};
+    CHECK(read_u16le(b) == 0x2211);
+    CHECK(read_u16le(b + 1) == 0x3322);
+    CHECK(read_u32le(b + 1) == 0x55443322u);
+    CHECK(read_u32le(b + 2) == 0x66554433u);
+    CHECK(bits(bf16_bits_to_fp32(0xC040)) == 0xC0400000u);
+}
+
+TEST_CASE("block_formats: layouts agree with the type table") {
+    auto same = [](uint32_t t, int elems, int bytes) {
+        const TypeInfo* ti = type_info(t);
+        return ti && ti->block_size == elems && ti->block_bytes == bytes;
+    };
+    CHECK(same(T_Q4_0, 32, 18));
+    CHECK(same(T_Q5_1, 32, 24));
+    CHECK(same(T_Q3_K, 256, 110));
+    CHECK(same(T_Q6_K, 256, 210));
+    // the last field of every block ends at the block's end
+    CHECK(Block<T_Q4_0>::qs + 16 == Block<T_Q4_0>::bytes);
+    CHECK(Block<T_Q4_1>::qs + 16 == Block<T_Q4_1>::bytes);
+    CHECK(Block<T_Q5_0>::qs + 16 == Block<T_Q5_0>::bytes);
+    CHECK(Block<T_Q5_1>::qs + 16 == Block<T_Q5_1>::bytes);
+    CHECK(Block<T_Q8_0>::qs + 32 == Block<T_Q8_0>::bytes);
+    CHECK(Block<T_Q2_K>::dmin + 2 == Block<T_Q2_K>::bytes);
+    CHECK(Block<T_Q3_K>::d + 2 == Block<T_Q3_K>::bytes);
+    CHECK(Block<T_Q4_K>::qs + 128 == Block<T_Q4_K>::bytes);
+    CHECK(Block<T_Q5_K>::qs + 128 == Block<T_Q5_K>::bytes);
+    CHECK(Block<T_Q6_K>::d + 2 == Block<T_Q6_K>::bytes);
 }
 
 // ------------------------------------------------------------------ plain types
@@ -294,6 +359,46 @@ static void pack_k4_scales(const int sc[8], const int mn[8], uint8_t* s) {
         s[4 + i] = uint8_t((mn[i] & 63) | ((mn[4 + i] >> 4) << 6));
         s[8 + i] = uint8_t((sc[4 + i] & 15) | ((mn[4 + i] & 15) << 4));
     }
+}
+
+TEST_CASE("block_formats: K-quant scales unpack what was packed, one at a time or all eight") {
+    std::mt19937 rng(11);
+    int bad = 0;
+    for (int trial = 0; trial < 2000; ++trial) {
+        int sc[8], mn[8];
+        for (int j = 0; j < 8; ++j) {
+            sc[j] = int(rng() % 64);
+            mn[j] = int(rng() % 64);
+        }
+        uint8_t s[12];
+        pack_k4_scales(sc, mn, s);
+        uint8_t all_sc[8], all_mn[8];
+        k4_scales_mins(s, all_sc, all_mn);
+        for (int j = 0; j < 8; ++j) {
+            int a, b;
+            k4_scale_min(s, j, a, b);
+            if (a != sc[j] || b != mn[j] || all_sc[j] != sc[j] || all_mn[j] != mn[j]) ++bad;
+        }
+    }
+    CHECK(bad == 0);
+}
+
+TEST_CASE("block_formats: Q3_K scales unpack what was packed") {
+    std::mt19937 rng(12);
+    int bad = 0;
+    for (int trial = 0; trial < 2000; ++trial) {
+        int want[16];
+        uint8_t s[12] = {};
+        for (int k = 0; k < 16; ++k) {  // 6-bit codes: low 4 bits in nibble k/8 of s[k%8], high 2 at bit 2*(k/4) of s[8+k%4]
+            const int code = int(rng() % 64);
+            want[k] = code - 32;
+            s[k % 8] |= uint8_t((code & 15) << (4 * (k / 8)));
+            s[8 + k % 4] |= uint8_t((code >> 4) << (2 * (k / 4)));
+        }
+        for (int k = 0; k < 16; ++k)
+            if (q3k_scale(s, k) != want[k]) ++bad;
+    }
+    CHECK(bad == 0);
 }
 
 TEST_CASE("quants: Q4_K block: y = d*sc*q - dmin*m (mins subtracted)") {

@@ -1,0 +1,127 @@
+// bind_engine.h - the Python methods every engine class has, written once for
+// orcd._orcd.CpuEngine (cpp/bindings.cpp) and orcd._orcd_cuda.CudaEngine
+// (cuda/bindings_cuda.cpp):
+//   .forward(slot, tokens int32[n], pos0, all_logits=False) -> float32 [n_vocab] | [n, n_vocab]
+//   .trace(tokens) -> (list of float32 [n, n_embd] x (n_layer+1), float32 [n, n_vocab])
+//   .decode_batch(slots, tokens, pos) -> float32 [n, n_vocab]
+//   .decode_greedy(slot, first_token, pos, n_steps) -> int32 [n_steps]
+//   .info() -> dict
+//   .close()
+// Calls into one engine are serialised by its lock (its KV cache and scratch
+// serve one caller at a time; Python threads may share a Model); the GIL is
+// released while the engine runs. Bad arguments raise orcd::Error from
+// engine.h's checks, so the messages are the same for every backend.
+#pragma once
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "bind_numpy.h"
+#include "engine.h"
+#include "error.h"
+
+namespace orcd {
+
+// The Python object behind an engine class: the engine (null once closed) and its lock.
+template <class E>
+struct EngineHolder {
+    std::unique_ptr<E> e;
+    std::unique_ptr<std::mutex> mu = std::make_unique<std::mutex>();
+
+    E& get() {
+        if (!e) throw Error("engine is closed");
+        return *e;
+    }
+};
+
+namespace bind_detail {
+// The arguments are copied before the GIL is released: another Python thread
+// could change a NumPy array while the engine reads it, after the checks.
+inline std::vector<int32_t> ids(const In1D<int32_t>& a) { return std::vector<int32_t>(a.data(), a.data() + a.shape(0)); }
+}  // namespace bind_detail
+
+// Adds the methods above to `cls` (a nanobind::class_<EngineHolder<E>>);
+// info(engine) -> nanobind::dict supplies .info().
+template <class E, class Cls, class InfoFn>
+void bind_engine_methods(Cls& cls, InfoFn info) {
+    namespace nb = nanobind;
+    using H = EngineHolder<E>;
+    cls.def(
+           "forward",
+           [](H& self, int slot, In1D<int32_t> tokens, int pos0, bool all_logits) {
+               const std::vector<int32_t> tok = bind_detail::ids(tokens);
+               const int n = int(tok.size());
+               const size_t V = size_t(self.get().desc().n_vocab);
+               FloatOut out = all_logits ? float_out({size_t(n), V}) : float_out({V});
+               {
+                   nb::gil_scoped_release nogil;
+                   std::lock_guard<std::mutex> lock(*self.mu);
+                   self.get().forward(slot, tok.data(), n, pos0, out.data, all_logits, nullptr);
+               }
+               return out.array;
+           },
+           nb::arg("slot"), nb::arg("tokens"), nb::arg("pos0"), nb::arg("all_logits") = false)
+        .def(
+            "trace",
+            [](H& self, In1D<int32_t> tokens) {
+                const std::vector<int32_t> tok = bind_detail::ids(tokens);
+                const int n = int(tok.size());
+                const size_t V = size_t(self.get().desc().n_vocab);
+                std::vector<float> logits(size_t(n) * V);
+                Trace tr;
+                {
+                    nb::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    self.get().forward(0, tok.data(), n, 0, logits.data(), true, &tr);
+                }
+                nb::list hidden;
+                for (auto& h : tr.hidden) hidden.append(to_numpy(std::move(h), {size_t(n), size_t(tr.n_embd)}));
+                return nb::make_tuple(hidden, to_numpy(std::move(logits), {size_t(n), V}));
+            },
+            nb::arg("tokens"))
+        .def(
+            "decode_batch",
+            [](H& self, In1D<int32_t> slots, In1D<int32_t> tokens, In1D<int32_t> pos) {
+                const std::vector<int32_t> s = bind_detail::ids(slots), t = bind_detail::ids(tokens),
+                                           p = bind_detail::ids(pos);
+                if (s.size() != t.size() || s.size() != p.size())
+                    throw Error("decode_batch: slots, tokens and pos must have the same length");
+                const size_t V = size_t(self.get().desc().n_vocab);
+                FloatOut out = float_out({s.size(), V});
+                {
+                    nb::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    self.get().decode_batch(int(s.size()), s.data(), t.data(), p.data(), out.data);
+                }
+                return out.array;
+            },
+            nb::arg("slots"), nb::arg("tokens"), nb::arg("pos"))
+        .def(
+            "decode_greedy",
+            [](H& self, int slot, int32_t first_token, int pos, int n_steps) {
+                // checked here too: n_steps sizes the output before the engine sees it
+                check_greedy_args("decode_greedy", self.get(), slot, first_token, pos, n_steps);
+                std::vector<int32_t> out(static_cast<size_t>(n_steps));
+                {
+                    nb::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    self.get().decode_greedy(slot, first_token, pos, n_steps, out.data());
+                }
+                return to_numpy(std::move(out), {size_t(n_steps)});
+            },
+            nb::arg("slot"), nb::arg("first_token"), nb::arg("pos"), nb::arg("n_steps"),
+            "Greedy decoding: step i evaluates t_i at pos+i (t_0 = first_token) and returns t_{i+1} "
+            "(llama-bench's tg: no sampling).")
+        .def("info", [info](H& self) { return info(self.get()); })
+        .def("close", [](H& self) {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lock(*self.mu);
+            self.e.reset();
+        });
+}
+
+}  // namespace orcd
