@@ -357,3 +357,15 @@ def test_fuzz_seed_models_run(seed):
     eng = _orcd.CpuEngine(seed, 8, 1, 1)
     logits = eng.forward(0, np.array([0, eng.info()["n_vocab"] - 1], np.int32), 0)
     assert np.isfinite(logits).all() and np.abs(logits).max() > 0
+
+
+def test_tokenizer_fuzz_corpus_and_regressions_replay():
+    """Every seed and saved finding of tests/fuzz/fuzz_tokenizer.py passes its
+    properties (round trip, control tokens only from the template)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fuzz_tokenizer", os.path.join(TESTS_DIR, "fuzz", "fuzz_tokenizer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    n = mod.replay([os.path.join(TESTS_DIR, "fuzz", "corpus", "tokenizer"),
+                    os.path.join(TESTS_DIR, "fuzz", "regressions", "tokenizer")])
+    assert n >= 5
