@@ -95,16 +95,24 @@ nb::object value_to_py(const Value& v) {
 // ============================================================ GGUFFile wrapper
 
 // The Python object holds a shared_ptr: zero-copy views of tensor bytes hold
-// another, so close() never invalidates memory NumPy still points at.
+// another, so close() never invalidates memory NumPy still points at. Calls
+// that release the GIL (dequantize) take their own reference first, so a
+// close() from another thread only drops the object's reference and the
+// mapping goes away when the last running call returns.
 struct PyGGUF {
     std::shared_ptr<GGUFFile> f;
     std::string path;
 
     const GGUFFile& file() const {
-        if (!f) throw Error(path + ": file is closed");
+        if (!f) throw Error("GGUF file '" + path + "' is closed");
         return *f;
     }
-    const TensorInfo& tensor(const std::string& name) const { return file().tensor(name); }
+    // A reference for a call that reads tensor data: checks first that the
+    // file is open and was not truncated or rewritten since it was mapped.
+    std::shared_ptr<GGUFFile> for_reading() const {
+        file().check_unchanged();
+        return f;
+    }
 };
 
 std::vector<size_t> reversed_shape(const TensorInfo& t) {
@@ -232,14 +240,16 @@ NB_MODULE(_orcd, m) {
             return l;
         })
         .def("tensor_bytes", [](const PyGGUF& s, const std::string& name) {
-            const TensorInfo& t = s.tensor(name);
-            auto* keep = new std::shared_ptr<GGUFFile>(s.f);
+            std::shared_ptr<GGUFFile> f = s.for_reading();
+            const TensorInfo& t = f->tensor(name);
+            auto* keep = new std::shared_ptr<GGUFFile>(std::move(f));
             nb::capsule owner(keep, [](void* p) noexcept { delete (std::shared_ptr<GGUFFile>*)p; });
             size_t shape[1] = {(size_t)t.nbytes};
             return nb::ndarray<nb::numpy, const uint8_t>(t.data, 1, shape, owner);
         }, nb::arg("name"), "Zero-copy read-only uint8 view of a tensor's bytes")
         .def("dequantize", [](const PyGGUF& s, const std::string& name) {
-            const TensorInfo& t = s.tensor(name);
+            std::shared_ptr<GGUFFile> f = s.for_reading();
+            const TensorInfo& t = f->tensor(name);
             FloatOut out = float_out(reversed_shape(t));
             {
                 nb::gil_scoped_release nogil;
@@ -248,7 +258,8 @@ NB_MODULE(_orcd, m) {
             return out.array;
         }, nb::arg("name"))
         .def("dequantize_rows", [](const PyGGUF& s, const std::string& name, int64_t r0, int64_t r1) {
-            const TensorInfo& t = s.tensor(name);
+            std::shared_ptr<GGUFFile> f = s.for_reading();
+            const TensorInfo& t = f->tensor(name);
             if (r0 < 0 || r1 < r0 || r1 > t.n_rows())
                 throw Error("tensor '" + name + "': rows [" + std::to_string(r0) + ", " + std::to_string(r1) +
                             ") out of range [0, " + std::to_string(t.n_rows()) + ")");

@@ -12,9 +12,12 @@
 // K is cached transposed ([head_dim][n_ctx] per head) so the scores of one
 // query are D passes of multiply-add along the positions (auto-vectorized).
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 
 #include "cpu_ops.h"
 #include "engine.h"
@@ -22,10 +25,23 @@
 #include "matmul.h"
 #include "quants.h"
 #include "threadpool.h"
+#include "zeroed_buffer.h"
 
 namespace orcd {
 
 namespace {
+
+// n_threads as the pool takes it, after refusing negative counts (0 = all cores).
+int checked_threads(int n_threads) {
+    if (n_threads < 0)
+        throw Error("n_threads must be >= 0 (0: all cores; got " + std::to_string(n_threads) + ")");
+    return n_threads;
+}
+
+uint64_t physical_memory_bytes() {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : UINT64_MAX;  // unknown: no bound
+}
 
 std::vector<float> to_float(const TensorInfo* t) {
     std::vector<float> v((size_t)t->n_elements());
@@ -38,16 +54,32 @@ std::vector<float> to_float(const TensorInfo* t) {
 class CpuEngine final : public Engine {
 public:
     CpuEngine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, int n_threads)
-        : file_(std::move(file)), d_(describe_model(*file_)), n_ctx_(n_ctx), n_slots_(n_slots), pool_(n_threads) {
+        : file_(std::move(file)), d_(describe_model(*file_)), n_ctx_(n_ctx), n_slots_(n_slots),
+          pool_(checked_threads(n_threads)) {
         if (n_ctx < 1) throw Error("n_ctx must be >= 1 (got " + std::to_string(n_ctx) + ")");
         if (n_slots < 1) throw Error("n_slots must be >= 1 (got " + std::to_string(n_slots) + ")");
+        file_->check_unchanged();
         kv_dim_ = d_.n_head_kv * d_.head_dim;
         q_dim_ = d_.n_head * d_.head_dim;
-        uint64_t cache = (uint64_t)n_slots * d_.n_layer * n_ctx * kv_dim_;
-        if (cache > (1ull << 33))
-            throw Error("KV cache of " + std::to_string(cache * 8) + " bytes is too large: lower n_ctx or n_slots");
-        kcache_.assign(cache, 0.f);
-        vcache_.assign(cache, 0.f);
+        // K and V caches: allocated lazily (zeroed_buffer.h), but a cache
+        // that could never fit in RAM is refused now rather than paging the
+        // machine to death once the context fills.
+        const unsigned __int128 need128 = (unsigned __int128)n_slots * d_.n_layer * n_ctx * kv_dim_ * 2 * sizeof(float);
+        const uint64_t need = need128 > UINT64_MAX ? UINT64_MAX : (uint64_t)need128;
+        const uint64_t cache = need / (2 * sizeof(float));
+        const uint64_t have = physical_memory_bytes();
+        if (need > have)
+            throw Error("KV cache for n_ctx = " + std::to_string(n_ctx) + " and n_slots = " + std::to_string(n_slots) +
+                        " needs " + std::to_string(need) + " bytes (" + std::to_string(need >> 20) +
+                        " MiB) but this machine has " + std::to_string(have) + " bytes (" +
+                        std::to_string(have >> 20) + " MiB) of memory: lower n_ctx or n_slots");
+        try {
+            kcache_ = ZeroedBuffer(cache);
+            vcache_ = ZeroedBuffer(cache);
+        } catch (const std::bad_alloc&) {
+            throw Error("KV cache for n_ctx = " + std::to_string(n_ctx) + " and n_slots = " + std::to_string(n_slots) +
+                        ": the system refused " + std::to_string(need) + " bytes: lower n_ctx or n_slots");
+        }
 
         emb_ = weight_view(*d_.tok_embd);
         out_ = weight_view(*d_.output);
@@ -82,6 +114,7 @@ public:
     void forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
                  Trace* trace) override {
         check_forward_args("forward", *this, slot, tokens, n, pos0);
+        file_->check_unchanged();  // the weights are read from the mapping: a truncated file would SIGBUS
         std::vector<int32_t> slots(n, slot), pos(n);
         for (int i = 0; i < n; ++i) pos[i] = pos0 + i;
         run(tokens, slots.data(), pos.data(), n, logits, all_logits, trace);
@@ -90,6 +123,7 @@ public:
     void decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                       float* logits) override {
         check_decode_batch_args(*this, n, slots, tokens, pos);
+        file_->check_unchanged();
         run(tokens, slots, pos, n, logits, true, nullptr);
     }
 
@@ -178,8 +212,8 @@ private:
     std::vector<float> out_norm_;
     std::vector<Layer> layers_;
     std::vector<double> inv_freq_;
-    std::vector<float> kcache_;  // [slot][layer][kv_head][head_dim][pos]: transposed for the score loop
-    std::vector<float> vcache_;  // [slot][layer][pos][kv_head * head_dim]
+    ZeroedBuffer kcache_;  // [slot][layer][kv_head][head_dim][pos]: transposed for the score loop
+    ZeroedBuffer vcache_;  // [slot][layer][pos][kv_head * head_dim]
 };
 
 }  // namespace

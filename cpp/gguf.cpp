@@ -81,10 +81,13 @@ static bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
     return __builtin_mul_overflow(a, b, out);
 }
 
-// Limits that keep a hostile file from making us allocate or loop absurdly.
-// The real vocabularies have ~150k entries; nested depth 1 in practice.
+// Limits that keep a hostile file from making us allocate or loop absurdly
+// (stated in gguf.h). The real vocabularies have ~150k entries in flat string
+// arrays; nested arrays do not occur in practice.
 static constexpr uint64_t kMaxStringLen = 1ull << 30;   // 1 GiB
 static constexpr int kMaxArrayDepth = 8;
+static constexpr uint64_t kMaxKeys = 1u << 16;
+static constexpr uint64_t kMaxNestedItems = 1u << 16;
 static constexpr uint32_t kMaxDims = 4;
 
 // ============================================================ Value accessors
@@ -135,6 +138,14 @@ std::string TensorInfo::shape_str() const {
 
 namespace {
 
+// Field descriptions for error messages are built only when a read fails:
+// `what` is either a string or a callable returning one (the vocabulary has
+// ~150k strings; formatting a name for each would dominate the parse).
+inline const std::string& describe(const std::string& s) { return s; }
+inline std::string describe(const char* s) { return s; }
+template <typename F>
+std::string describe(const F& f) { return f(); }
+
 struct Cursor {
     const uint8_t* base;  // start of file
     uint64_t size;        // file size
@@ -148,17 +159,18 @@ struct Cursor {
     }
 
     // Ensures n more bytes exist; `what` names the field for the message.
-    void need(uint64_t n, const std::string& what) const {
+    template <typename W>
+    void need(uint64_t n, const W& what) const {
         if (n > size - pos) {
             std::ostringstream m;
-            m << "truncated file: " << what << " needs " << n << " bytes but only "
+            m << "truncated file: " << describe(what) << " needs " << n << " bytes but only "
               << (size - pos) << " remain";
             fail(m.str(), pos);
         }
     }
 
-    template <typename T>
-    T read(const std::string& what) {
+    template <typename T, typename W>
+    T read(const W& what) {
         need(sizeof(T), what);
         T v;
         std::memcpy(&v, base + pos, sizeof(T));
@@ -166,12 +178,13 @@ struct Cursor {
         return v;
     }
 
-    std::string_view read_string(const std::string& what) {
+    template <typename W>
+    std::string_view read_string(const W& what) {
         uint64_t at = pos;
-        uint64_t len = read<uint64_t>(what + " (string length)");
+        uint64_t len = read<uint64_t>([&] { return describe(what) + " (string length)"; });
         if (len > kMaxStringLen) {
             std::ostringstream m;
-            m << what << ": string length " << len << " is absurd";
+            m << describe(what) << ": string length " << len << " is absurd";
             fail(m.str(), at);
         }
         need(len, what);
@@ -181,10 +194,15 @@ struct Cursor {
     }
 };
 
+// Items of nested arrays parsed so far in one file (see kMaxNestedItems).
+struct Budget {
+    uint64_t nested_items = 0;
+};
+
 }  // namespace
 
 // Reads a value of type `t` at the cursor into `v`. `what` names the key.
-static void read_value(Cursor& c, VT t, Value& v, const std::string& what, int depth) {
+static void read_value(Cursor& c, VT t, Value& v, const std::string& what, int depth, Budget& budget) {
     v.type = t;
     switch (t) {
         case VT::U8: v.num.u = c.read<uint8_t>(what); break;
@@ -231,11 +249,18 @@ static void read_value(Cursor& c, VT t, Value& v, const std::string& what, int d
             } else if (v.elem == VT::STRING) {
                 v.strs.reserve(v.count);
                 for (uint64_t k = 0; k < v.count; ++k)
-                    v.strs.push_back(c.read_string(what + "[" + std::to_string(k) + "]"));
+                    v.strs.push_back(c.read_string([&] { return what + "[" + std::to_string(k) + "]"; }));
             } else {
+                if (v.count > kMaxNestedItems - budget.nested_items) {
+                    std::ostringstream m;
+                    m << what << ": array of " << v.count << " arrays would bring the file's nested array items to "
+                      << budget.nested_items + v.count << ", over the limit of " << kMaxNestedItems;
+                    c.fail(m.str(), at);
+                }
+                budget.nested_items += v.count;
                 v.items.resize(v.count);
                 for (uint64_t k = 0; k < v.count; ++k)
-                    read_value(c, VT::ARRAY, v.items[k], what + "[" + std::to_string(k) + "]", depth + 1);
+                    read_value(c, VT::ARRAY, v.items[k], what + "[" + std::to_string(k) + "]", depth + 1, budget);
             }
             break;
         }
@@ -246,8 +271,17 @@ static void read_value(Cursor& c, VT t, Value& v, const std::string& what, int d
 
 // ============================================================ GGUFFile
 
+// Modification time of a stat result in nanoseconds.
+static int64_t mtime_ns(const struct stat& st) {
+    return (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+}
+
 GGUFFile::GGUFFile(const std::string& path) : path_(path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (path.find('\0') != std::string::npos)
+        throw Error("model path contains a NUL character: '" + path.substr(0, path.find('\0')) + "\\0...'");
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+    // writer; the type check below then refuses it.
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
@@ -257,17 +291,24 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path) {
     }
     if (!S_ISREG(st.st_mode)) {
         ::close(fd);
-        throw Error(path + ": not a regular file");
+        const char* kind = S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO"
+                         : S_ISCHR(st.st_mode) ? "a character device" : S_ISBLK(st.st_mode) ? "a block device"
+                         : S_ISSOCK(st.st_mode) ? "a socket" : "not a regular file";
+        throw Error(path + ": not a regular file (" + kind + "); a GGUF model must be a regular file");
     }
     size_ = (uint64_t)st.st_size;
+    mtime_ns_ = mtime_ns(st);
     if (size_ == 0) {
         ::close(fd);
         throw Error(path + ": empty file, not a GGUF model");
     }
     void* p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
     int e = errno;
-    ::close(fd);
-    if (p == MAP_FAILED) throw Error(path + ": mmap failed: " + std::strerror(e));
+    if (p == MAP_FAILED) {
+        ::close(fd);
+        throw Error(path + ": mmap failed: " + std::strerror(e));
+    }
+    fd_ = fd;
     base_ = (const uint8_t*)p;
     mapped_ = true;
     try {
@@ -293,11 +334,29 @@ std::unique_ptr<GGUFFile> GGUFFile::from_bytes(const void* bytes, size_t n, cons
 GGUFFile::~GGUFFile() { close(); }
 
 void GGUFFile::close() {
+    if (fd_ >= 0) {
+        ::close(fd_);
+        fd_ = -1;
+    }
     if (!base_) return;
     if (mapped_) munmap((void*)base_, size_);
     else delete[] base_;
     base_ = nullptr;
     for (TensorInfo& t : tensors_) t.data = nullptr;
+}
+
+void GGUFFile::check_unchanged() const {
+    if (!base_) throw Error("GGUF file '" + path_ + "' is closed");
+    if (fd_ < 0) return;  // an in-memory image cannot change
+    struct stat st;
+    if (fstat(fd_, &st) != 0) throw Error(path_ + ": cannot stat: " + std::strerror(errno));
+    if ((uint64_t)st.st_size != size_ || mtime_ns(st) != mtime_ns_) {
+        std::ostringstream m;
+        m << path_ << ": the file changed while open (size " << size_ << " -> " << st.st_size << " bytes"
+          << (mtime_ns(st) != mtime_ns_ ? ", modification time changed" : "")
+          << "); a model file must not be modified or truncated while orcd has it mapped: reopen it";
+        throw Error(m.str());
+    }
 }
 
 void GGUFFile::parse() {
@@ -320,10 +379,14 @@ void GGUFFile::parse() {
     // Each kv takes >= 8+4+1 bytes, each tensor info >= 8+4+8+4+8 bytes.
     if (n_kv > (size_ - c.pos) / 13)
         c.fail("metadata count " + std::to_string(n_kv) + " cannot fit in the file", 16);
+    if (n_kv > kMaxKeys)
+        c.fail("metadata count " + std::to_string(n_kv) + " is over the limit of " + std::to_string(kMaxKeys) +
+               " keys", 16);
     if (n_tensors > (size_ - c.pos) / 32)
         c.fail("tensor count " + std::to_string(n_tensors) + " cannot fit in the file", 8);
 
     // ---- metadata
+    Budget budget;
     kv_.reserve(n_kv);
     for (uint64_t k = 0; k < n_kv; ++k) {
         uint64_t at = c.pos;
@@ -333,7 +396,7 @@ void GGUFFile::parse() {
         if (!vt_known(t))
             c.fail("metadata key '" + key + "' has unknown value type " + std::to_string(t), at);
         Value v;
-        read_value(c, (VT)t, v, "metadata key '" + key + "'", 0);
+        read_value(c, (VT)t, v, "metadata key '" + key + "'", 0, budget);
         if (kv_index_.count(key)) c.fail("duplicate metadata key '" + key + "'", at);
         kv_index_[key] = kv_.size();
         kv_.emplace_back(std::move(key), std::move(v));

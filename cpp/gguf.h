@@ -6,6 +6,24 @@
 // problem throws orcd::Error naming the file, the field or tensor, and the
 // byte offset. Tensor data is never copied: TensorInfo::data points into the
 // mapping, which lives as long as the GGUFFile.
+//
+// Bounds (enforced by the reader, tested in tests/cpp/test_gguf.cpp):
+//   string length            <= 1 GiB
+//   array nesting depth      <= 8
+//   metadata keys            <= 65,536 per file (real models carry ~40)
+//   items of nested arrays   <= 65,536 per file, all levels together (real
+//                               models carry none): each parsed item costs
+//                               ~100 bytes here and more as a Python object,
+//                               so a small file of empty arrays must not
+//                               expand to gigabytes
+//   tensor dimensions        1..4
+// Only regular files are opened (a FIFO or device would block or lie about
+// its size), and a path with an embedded NUL is refused.
+//
+// A mapped file that is truncated by someone else makes the next read of a
+// lost page raise SIGBUS, which no check can catch. The file stays open and
+// check_unchanged() compares its size and modification time with those
+// recorded at open, so callers can refuse to read a file that has changed.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -94,6 +112,12 @@ public:
     void close();
     bool closed() const { return base_ == nullptr; }
 
+    // Throws orcd::Error naming the file if it is closed, or if its size or
+    // modification time differ from those seen at open (it was truncated,
+    // extended or rewritten while mapped). One fstat: cheap enough to call
+    // before every bulk read of tensor data. No-op for from_bytes images.
+    void check_unchanged() const;
+
 private:
     GGUFFile() = default;
     void parse();
@@ -102,6 +126,8 @@ private:
     const uint8_t* base_ = nullptr;  // mapping (or owned copy for from_bytes)
     uint64_t size_ = 0;
     bool mapped_ = false;            // munmap on close if true, else delete[]
+    int fd_ = -1;                    // kept open for check_unchanged()
+    int64_t mtime_ns_ = 0;           // st_mtim at open
     uint32_t version_ = 0;
     uint64_t alignment_ = 32;
     uint64_t data_offset_ = 0;

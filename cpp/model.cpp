@@ -2,7 +2,15 @@
 //
 // Every tensor the forward pass touches is checked here for presence, shape
 // (in ne order) and a type the kernels support, so the engines never meet a
-// surprise mid-generation.
+// surprise mid-generation. The hyperparameters are checked against each other
+// and against the tensors; where the file states the per-head size a second
+// time (attention.key_length / value_length, rope.dimension_count) it must
+// agree with embedding_length / head_count. A head_count edit that keeps
+// n_head x head_dim (7 x 128 instead of 14 x 64) leaves every shape intact and
+// is only caught when one of those keys is present.
+// The vocabulary: tokenizer.ggml.tokens may list fewer tokens than
+// token_embd has rows (Qwen pads the embedding), never more, and every
+// special token id the tokenizer names must have a row.
 
 #include "model.h"
 
@@ -47,6 +55,33 @@ struct Checker {
     }
 };
 
+// The token list and special token ids against the embedding's n_rows rows.
+void check_vocabulary(const GGUFFile& f, int64_t n_rows) {
+    int64_t n_tokens = n_rows;
+    if (const Value* t = f.find("tokenizer.ggml.tokens")) {
+        if (t->type != VT::ARRAY || t->elem != VT::STRING)
+            throw Error(f.path() + ": metadata 'tokenizer.ggml.tokens' is " + vt_name(t->type) +
+                        (t->type == VT::ARRAY ? std::string(" of ") + vt_name(t->elem) : std::string()) +
+                        ", expected an array of strings");
+        if ((int64_t)t->count > n_rows)
+            throw Error(f.path() + ": metadata 'tokenizer.ggml.tokens' lists " + std::to_string(t->count) +
+                        " tokens but tensor 'token_embd.weight' has only " + std::to_string(n_rows) +
+                        " rows: token ids from " + std::to_string(n_rows) + " on could not be embedded");
+        n_tokens = (int64_t)t->count;
+    }
+    const std::string prefix = "tokenizer.ggml.", suffix = "_token_id";
+    for (const auto& [key, v] : f.metadata()) {
+        if (key.size() <= prefix.size() + suffix.size() || key.compare(0, prefix.size(), prefix) != 0 ||
+            key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0)
+            continue;
+        const int64_t id = v.as_int(key);
+        if (id >= n_tokens)
+            throw Error(f.path() + ": metadata '" + key + "' = " + std::to_string(id) + " is not a token id: " +
+                        (n_tokens < n_rows ? "'tokenizer.ggml.tokens' lists " + std::to_string(n_tokens) + " tokens"
+                                           : "'token_embd.weight' has " + std::to_string(n_rows) + " rows"));
+    }
+}
+
 }  // namespace
 
 ModelDesc describe_model(const GGUFFile& f) {
@@ -74,6 +109,16 @@ ModelDesc describe_model(const GGUFFile& f) {
     d.head_dim = d.n_embd / d.n_head;
     if (d.head_dim % 2 != 0)
         throw Error(f.path() + ": head dimension " + std::to_string(d.head_dim) + " is odd; RoPE needs pairs");
+    for (const char* k : {"attention.key_length", "attention.value_length", "rope.dimension_count"}) {
+        const std::string key = a + k;
+        if (!f.find(key)) continue;
+        const int64_t v = f.get(key).as_int(key);
+        if (v != d.head_dim)
+            throw Error(f.path() + ": metadata '" + key + "' = " + std::to_string(v) +
+                        " disagrees with the head dimension embedding_length / head_count = " +
+                        std::to_string(d.n_embd) + " / " + std::to_string(d.n_head) + " = " +
+                        std::to_string(d.head_dim) + " (orcd's qwen2 uses full-width heads and RoPE)");
+    }
     if (const Value* v = f.find(a + "rope.freq_base")) d.rope_base = (float)v->as_float(a + "rope.freq_base");
     if (const Value* v = f.find(a + "attention.layer_norm_rms_epsilon"))
         d.rms_eps = (float)v->as_float(a + "attention.layer_norm_rms_epsilon");
@@ -97,6 +142,8 @@ ModelDesc describe_model(const GGUFFile& f) {
         d.output = d.tok_embd;
         d.tied_output = true;
     }
+
+    check_vocabulary(f, d.n_vocab);
 
     const int q_dim = d.n_head * d.head_dim, kv_dim = d.n_head_kv * d.head_dim;
     d.layers.resize(d.n_layer);

@@ -41,6 +41,9 @@
 #include <chrono>
 #include <exception>
 #include <map>
+#include <string>
+
+#include "error.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -144,20 +147,39 @@ int available_cores() {
     return hc > 0 ? (int)hc : 1;
 }
 
+// The chunk count is a 16-bit field of generation_, hence the inner bound.
+int max_pool_threads() { return std::max(4, 4 * std::min(available_cores(), 16383)); }
+
 ThreadPool::ThreadPool(int n_threads) {
     n_threads_ = n_threads > 0 ? n_threads : available_cores();
-    n_threads_ = std::max(1, std::min(n_threads_, 4096));
-    threads_.reserve(n_threads_ - 1);
-    for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
+    n_threads_ = std::max(1, std::min(n_threads_, max_pool_threads()));
+    try {
+        threads_.reserve(n_threads_ - 1);
+        for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
+    } catch (const std::exception& e) {
+        // The destructor does not run for a half-built object: stop and join
+        // the workers already started here, or their condition variable and
+        // mutex would be destroyed under them.
+        const size_t started = threads_.size();
+        stop_and_join();
+        throw Error("thread pool: could not start thread " + std::to_string(started + 1) + " of " +
+                    std::to_string(n_threads_) + " (" + e.what() + "); ask for fewer threads or raise the " +
+                    "process's memory / thread limits");
+    }
 }
 
-ThreadPool::~ThreadPool() {
+void ThreadPool::stop_and_join() {
     {
         std::lock_guard<std::mutex> lk(mu_);
         __atomic_store_n(&stop_, true, __ATOMIC_RELEASE);
     }
     cv_start_.notify_all();
     for (auto& t : threads_) t.join();
+    threads_.clear();
+}
+
+ThreadPool::~ThreadPool() {
+    stop_and_join();
     take_exception(this);  // drop anything left over
 }
 

@@ -3,6 +3,13 @@
 // parallel_for splits [0, n) into contiguous chunks, one per thread, and
 // blocks until all are done. The calling thread takes chunk 0, so a pool of
 // size 1 runs everything inline with no synchronisation.
+//
+// Size: n_threads <= 0 means available_cores(); any request is capped at
+// max_pool_threads() = 4 x available_cores() (at least 4),
+// because the workers spin-wait between jobs and thousands of them on a few
+// cores turn a millisecond step into seconds. If the system refuses to create
+// a thread, the constructor stops and joins the workers already started and
+// throws orcd::Error saying how many started.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -15,7 +22,8 @@ namespace orcd {
 
 class ThreadPool {
 public:
-    // n_threads <= 0: the number of cores this process may run on.
+    // n_threads <= 0: the number of cores this process may run on; capped
+    // at max_pool_threads().
     explicit ThreadPool(int n_threads = 0);
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;
@@ -29,6 +37,7 @@ public:
 
 private:
     void worker(int index);
+    void stop_and_join();
 
     int n_threads_ = 1;
     std::vector<std::thread> threads_;
@@ -43,5 +52,8 @@ private:
 
 // Cores this process may run on (sched_getaffinity), at least 1.
 int available_cores();
+
+// The largest pool ThreadPool creates: 4 x available_cores(), at least 4.
+int max_pool_threads();
 
 }  // namespace orcd

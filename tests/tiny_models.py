@@ -439,3 +439,140 @@ def _write_f16(r: GGUFReader, arch: str, tmp: str) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# ------------------------------------------------------------------ edited copies and fuzz seeds
+
+def _raw_tensor(t) -> Tuple[np.ndarray, Optional[GGMLQuantizationType]]:
+    """(array, raw_dtype) that GGUFWriter.add_tensor writes back byte for byte."""
+    ne = [int(n) for n in t.shape]
+    shape = tuple(reversed(ne))
+    if t.tensor_type == GGMLQuantizationType.F32:
+        return np.asarray(t.data, dtype=np.float32).reshape(shape), None
+    if t.tensor_type == GGMLQuantizationType.F16:
+        return np.asarray(t.data).view(np.float16).reshape(shape), None
+    qt = GGMLQuantizationType(int(t.tensor_type))
+    rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
+    return np.ascontiguousarray(np.asarray(t.data).view(np.uint8).reshape(rows, -1)), qt
+
+
+def copy_with_metadata(src_path, dst_path, set_values: Optional[Mapping] = None,
+                       drop: Tuple[str, ...] = ()) -> str:
+    """Copy a GGUF with metadata edits; tensors are copied byte for byte.
+
+    set_values: key -> value (keeps the key's type when it exists) or
+        key -> (value, GGUFValueType[, sub_type]) for a new key or a new type.
+    drop: keys to leave out. Returns str(dst_path)."""
+    src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
+    set_values = dict(set_values or {})
+    r = GGUFReader(src_path)
+    arch = r.fields["general.architecture"].contents()
+    w = GGUFWriter(dst_path, arch)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue
+        val, vtype, sub = _field_value(field)
+        if key in set_values:
+            new = set_values.pop(key)
+            if isinstance(new, tuple):
+                val, vtype, sub = (tuple(new) + (None,))[:3]
+            else:
+                val = new
+        if vtype == GGUFValueType.ARRAY and len(val) == 0:
+            continue  # the writer cannot write an empty array
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    for key, new in set_values.items():
+        if not isinstance(new, tuple):
+            raise ValueError(f"new key {key!r} needs (value, GGUFValueType[, sub_type])")
+        val, vtype, sub = (tuple(new) + (None,))[:3]
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    for t in r.tensors:
+        arr, raw = _raw_tensor(t)
+        w.add_tensor(t.name, arr, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst_path
+
+
+def write_micro_qwen2(path, weight_type: str = "F32", tied: bool = False, seed: int = 0,
+                      n_layer: int = 1, n_embd: int = 8, n_head: int = 2, n_head_kv: int = 1,
+                      n_ff: int = 16, n_vocab: int = 16) -> str:
+    """A complete but minimal qwen2 GGUF (a few KB) for fuzz seeds: n_vocab
+    single-character tokens, no merges, all hyperparameter keys. n_embd must
+    be a multiple of weight_type's block size."""
+    rng = np.random.default_rng(seed)
+    path = os.fspath(path)
+    head_dim = n_embd // n_head
+    w = GGUFWriter(path, "qwen2")
+    w.add_name(f"micro-qwen2-{weight_type}")
+    w.add_block_count(n_layer)
+    w.add_context_length(64)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(ord("a") + i % 26) * (1 + i // 26) for i in range(n_vocab)])
+    w.add_token_types([TOKEN_NORMAL] * n_vocab)
+    w.add_eos_token_id(n_vocab - 1)
+
+    def mat(name, n_out, n_in):
+        arr, raw = _encode_matrix(rng, weight_type, n_out, n_in, 1 / np.sqrt(n_in))
+        w.add_tensor(name, arr, raw_dtype=raw)
+
+    def vec(name, n):
+        w.add_tensor(name, (1.0 + rng.standard_normal(n) * 0.1).astype(np.float32))
+
+    mat("token_embd.weight", n_vocab, n_embd)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        vec(p + "attn_norm.weight", n_embd)
+        mat(p + "attn_q.weight", n_head * head_dim, n_embd)
+        vec(p + "attn_q.bias", n_head * head_dim)
+        mat(p + "attn_k.weight", n_head_kv * head_dim, n_embd)
+        vec(p + "attn_k.bias", n_head_kv * head_dim)
+        mat(p + "attn_v.weight", n_head_kv * head_dim, n_embd)
+        vec(p + "attn_v.bias", n_head_kv * head_dim)
+        mat(p + "attn_output.weight", n_embd, n_head * head_dim)
+        vec(p + "ffn_norm.weight", n_embd)
+        mat(p + "ffn_gate.weight", n_ff, n_embd)
+        mat(p + "ffn_up.weight", n_ff, n_embd)
+        mat(p + "ffn_down.weight", n_embd, n_ff)
+    vec("output_norm.weight", n_embd)
+    if not tied:
+        mat("output.weight", n_vocab, n_embd)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_all_types(path, seed: int = 0) -> str:
+    """One small tensor of every type in WEIGHT_TYPES (two rows of one block
+    each, named after the type) and a few metadata values of every kind,
+    nested arrays included: a fuzz seed for the reader and every dequantizer."""
+    rng = np.random.default_rng(seed)
+    path = os.fspath(path)
+    w = GGUFWriter(path, "none")
+    w.add_uint8("k.u8", 7)
+    w.add_int16("k.i16", -3)
+    w.add_float64("k.f64", 0.5)
+    w.add_bool("k.bool", True)
+    w.add_string("k.str", "héllo")
+    w.add_array("k.arr_f32", [1.0, 2.0])
+    w.add_array("k.arr_str", ["a", "bc"])
+    w.add_array("k.nested", [[1, 2], ["x"]])
+    for name in WEIGHT_TYPES:
+        bs = GGML_QUANT_SIZES[_qtype(name)][0]
+        arr, raw = _encode_matrix(rng, name, 2, bs, 1.0)
+        w.add_tensor(name, arr, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

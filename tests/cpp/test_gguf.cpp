@@ -1,8 +1,16 @@
 // test_gguf.cpp - the GGUF reader on hand-built byte buffers, valid and malformed.
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "error.h"
@@ -280,4 +288,129 @@ TEST_CASE("gguf: keys and tensor names must be UTF-8") {
     Builder ok;
     ok.header(3, 1, 1).kv_u32("ключ✓", 1).tensor("тензор😀", {8}, 0, 0).pad().data(32);
     CHECK(error_of(ok.b) == "");
+}
+
+// ---------------------------------------------------------------- resource bounds (see gguf.h)
+
+namespace {
+
+// One key holding `count` empty arrays (12 bytes each in the file).
+std::vector<uint8_t> nested_empty_arrays(const std::string& key, uint64_t count) {
+    Builder w;
+    w.header(3, 0, 1).str(key).put<uint32_t>(9).put<uint32_t>(9).put<uint64_t>(count);
+    for (uint64_t k = 0; k < count; ++k) w.put<uint32_t>(4).put<uint64_t>(0);
+    return w.b;
+}
+
+std::string temp_path(const std::string& name) {
+    const char* dir = std::getenv("TMPDIR");
+    return std::string(dir && *dir ? dir : "/tmp") + "/orcd_test_" + std::to_string(getpid()) + "_" + name;
+}
+
+void write_file(const std::string& path, const std::vector<uint8_t>& b) {
+    std::ofstream o(path, std::ios::binary | std::ios::trunc);
+    o.write((const char*)b.data(), (std::streamsize)b.size());
+}
+
+}  // namespace
+
+TEST_CASE("gguf: nested array items are bounded per file, naming the key and offset") {
+    // At the limit: parses.
+    auto ok = nested_empty_arrays("nest", 1u << 16);
+    auto f = parse(ok);
+    CHECK(f->get("nest").items.size() == (1u << 16));
+    // One over: a clear error before the items are allocated.
+    std::string e = error_of(nested_empty_arrays("tokenizer.nest", (1u << 16) + 1));
+    CHECK(e.find("metadata key 'tokenizer.nest'") != std::string::npos);
+    CHECK(e.find("over the limit of 65536") != std::string::npos);
+    CHECK(e.find("at byte offset 54") != std::string::npos);  // the array length field: 24 + 8+14 + 4 + 4
+    // The limit covers the whole file: two keys of 40,000 each.
+    Builder w;
+    w.header(3, 0, 2);
+    for (const char* key : {"a", "b"}) {
+        w.str(key).put<uint32_t>(9).put<uint32_t>(9).put<uint64_t>(40000);
+        for (int k = 0; k < 40000; ++k) w.put<uint32_t>(4).put<uint64_t>(0);
+    }
+    e = error_of(w.b);
+    CHECK(e.find("metadata key 'b'") != std::string::npos);
+    CHECK(e.find("80000") != std::string::npos);
+    // Deeper levels count too: 300 arrays each holding 300 empty arrays.
+    Builder d;
+    d.header(3, 0, 1).str("deep").put<uint32_t>(9).put<uint32_t>(9).put<uint64_t>(300);
+    for (int i = 0; i < 300; ++i) {
+        d.put<uint32_t>(9).put<uint64_t>(300);
+        for (int k = 0; k < 300; ++k) d.put<uint32_t>(4).put<uint64_t>(0);
+    }
+    e = error_of(d.b);
+    CHECK(e.find("metadata key 'deep'[") != std::string::npos);
+    CHECK(e.find("over the limit") != std::string::npos);
+}
+
+TEST_CASE("gguf: the metadata key count is bounded") {
+    Builder w;
+    const uint64_t n = (1u << 16) + 1;
+    w.header(3, 0, n);
+    for (uint64_t k = 0; k < n; ++k) w.kv_u32("k" + std::to_string(k), 1);
+    std::string e = error_of(w.b);
+    CHECK(e.find("metadata count 65537 is over the limit of 65536") != std::string::npos);
+}
+
+TEST_CASE("gguf: only regular files are opened; a FIFO fails at once instead of blocking") {
+    const std::string fifo = temp_path("fifo.gguf");
+    ::unlink(fifo.c_str());
+    REQUIRE(mkfifo(fifo.c_str(), 0600) == 0);
+    auto t0 = std::chrono::steady_clock::now();
+    try {
+        GGUFFile f(fifo);
+        FAIL("a FIFO opened");
+    } catch (const Error& e) {
+        CHECK(std::string(e.what()).find(fifo) != std::string::npos);
+        CHECK(std::string(e.what()).find("not a regular file (a FIFO)") != std::string::npos);
+    }
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+    ::unlink(fifo.c_str());
+    CHECK_THROWS_WITH_AS(GGUFFile{"/tmp"}, doctest::Contains("(a directory)"), Error);
+    CHECK_THROWS_WITH_AS(GGUFFile{"/dev/null"}, doctest::Contains("(a character device)"), Error);
+}
+
+TEST_CASE("gguf: a path with an embedded NUL is refused, not truncated") {
+    const std::string real = temp_path("nul.gguf");
+    write_file(real, valid_file());
+    GGUFFile ok(real);  // the prefix is a valid file
+    CHECK(ok.tensors().size() == 2);
+    const std::string with_nul = real + std::string("\0.ignored", 9);
+    CHECK_THROWS_WITH_AS(GGUFFile{with_nul}, doctest::Contains("NUL"), Error);
+    ::unlink(real.c_str());
+}
+
+TEST_CASE("gguf: check_unchanged notices a file that grew, shrank or was rewritten") {
+    const std::string path = temp_path("changed.gguf");
+    auto b = valid_file();
+    write_file(path, b);
+    {
+        GGUFFile f(path);
+        CHECK_NOTHROW(f.check_unchanged());
+        std::ofstream(path, std::ios::binary | std::ios::app).put('x');
+        CHECK_THROWS_WITH_AS(f.check_unchanged(), doctest::Contains("changed while open"), Error);
+        f.close();
+        CHECK_THROWS_WITH_AS(f.check_unchanged(), doctest::Contains("is closed"), Error);
+    }
+    write_file(path, b);
+    {
+        GGUFFile f(path);
+        CHECK(::truncate(path.c_str(), (off_t)b.size() / 2) == 0);
+        const std::string was = "size " + std::to_string(b.size()) + " -> " + std::to_string(b.size() / 2);
+        CHECK_THROWS_WITH_AS(f.check_unchanged(), doctest::Contains(was.c_str()), Error);
+    }
+    write_file(path, b);
+    {
+        GGUFFile f(path);
+        // same size, new contents: only the modification time tells
+        struct timespec times[2] = {{0, UTIME_OMIT}, {12345, 0}};
+        REQUIRE(utimensat(AT_FDCWD, path.c_str(), times, 0) == 0);
+        CHECK_THROWS_WITH_AS(f.check_unchanged(), doctest::Contains("modification time changed"), Error);
+    }
+    auto mem = parse(b);
+    CHECK_NOTHROW(mem->check_unchanged());  // an in-memory image
+    ::unlink(path.c_str());
 }

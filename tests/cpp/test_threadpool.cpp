@@ -1,7 +1,16 @@
 // test_threadpool.cpp - ThreadPool::parallel_for: coverage, chunking, reuse, pool of 1.
 #include <doctest/doctest.h>
 
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
 #include <chrono>
 #include <mutex>
 #include <set>
@@ -9,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "error.h"
 #include "threadpool.h"
 
 using orcd::ThreadPool;
@@ -43,7 +53,7 @@ std::vector<Chunk> run_chunks(ThreadPool& pool, int64_t n, int64_t grain, std::v
 TEST_CASE("threadpool: every index of [0,n) is covered exactly once") {
     for (int nt : {1, 2, 3, 4, 7}) {
         ThreadPool pool(nt);
-        CHECK(pool.size() == nt);
+        CHECK(pool.size() == std::min(nt, orcd::max_pool_threads()));
         for (int64_t n : {1, 2, 3, 5, 7, 8, 64, 100, 1000, 4097}) {
             std::vector<int> hits;
             auto chunks = run_chunks(pool, n, 1, hits);
@@ -205,3 +215,77 @@ TEST_CASE("threadpool: a nested parallel_for on the same pool runs inline") {
     run_chunks(pool, 9, 1, hits);
     for (int h : hits) CHECK(h == 1);
 }
+
+// ---------------------------------------------------------------- size bounds and failed starts
+
+TEST_CASE("threadpool: requests are capped at 4 x available cores") {
+    const int cap = orcd::max_pool_threads();
+    CHECK(cap == std::max(4, 4 * orcd::available_cores()));
+    ThreadPool big(100000);
+    CHECK(big.size() == cap);
+    std::vector<int> hits;
+    run_chunks(big, 1000, 1, hits);
+    for (int h : hits) REQUIRE(h == 1);
+    ThreadPool at_cap(cap);
+    CHECK(at_cap.size() == cap);
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+#define ORCD_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ORCD_TEST_ASAN 1
+#endif
+#endif
+
+#ifndef ORCD_TEST_ASAN  // ASan reserves terabytes of address space: RLIMIT_AS cannot apply
+namespace {
+// Virtual memory of this process in bytes (/proc/self/statm, first field).
+long vm_bytes() {
+    FILE* f = std::fopen("/proc/self/statm", "r");
+    long pages = 0;
+    if (f) {
+        if (std::fscanf(f, "%ld", &pages) != 1) pages = 0;
+        std::fclose(f);
+    }
+    return pages * sysconf(_SC_PAGESIZE);
+}
+}  // namespace
+
+TEST_CASE("threadpool: a thread that cannot start is a clear error, not a hang or abort") {
+    // In a child: cap the address space a little above what is mapped now and
+    // keep building pools (each holding its workers' stacks) until a thread
+    // cannot start. The pool that fails must join the workers it had
+    // started and throw orcd::Error; the pools built before must still shut
+    // down. The child exits 0 on that outcome; a hang is cut by alarm().
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        alarm(30);
+        struct rlimit rl;
+        rl.rlim_cur = rl.rlim_max = (rlim_t)(vm_bytes() + (24l << 20));
+        if (setrlimit(RLIMIT_AS, &rl) != 0) _exit(10);
+        std::vector<std::unique_ptr<ThreadPool>> pools;
+        int code = 11;  // every pool started: the limit never bit
+        try {
+            for (int i = 0; i < 256; ++i) pools.push_back(std::make_unique<ThreadPool>(orcd::max_pool_threads()));
+        } catch (const orcd::Error& e) {
+            code = std::strstr(e.what(), "could not start thread") ? 0 : 12;
+        } catch (...) {
+            code = 13;
+        }
+        if (code == 0 && !pools.empty()) {  // the pools built before still work
+            std::atomic<int64_t> sum{0};
+            pools[0]->parallel_for(100, [&](int64_t b, int64_t e, int) { sum += e - b; });
+            if (sum != 100) code = 14;
+        }
+        pools.clear();
+        _exit(code);
+    }
+    int status = 0;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    INFO("child status " << status << (WIFSIGNALED(status) ? " (signal " + std::to_string(WTERMSIG(status)) + ")" : ""));
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+}
+#endif
