@@ -116,6 +116,41 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
             nb::arg("slot"), nb::arg("first_token"), nb::arg("pos"), nb::arg("n_steps"),
             "Greedy decoding: step i evaluates t_i at pos+i (t_0 = first_token) and returns t_{i+1} "
             "(llama-bench's tg: no sampling).")
+        .def(
+            "decode_sample",
+            [](H& self, int slot, int32_t token, int pos, nb::tuple params, uint64_t rng_state,
+               In1D<int32_t> history) -> nb::object {
+                if (params.size() != 8)
+                    throw Error("decode_sample: params are (temperature, top_k, top_p, min_p, repetition_penalty, "
+                                "presence_penalty, frequency_penalty, penalty_last_n)");
+                DeviceSampleRow row;
+                row.params.temperature = nb::cast<float>(params[0]);
+                row.params.top_k = nb::cast<int>(params[1]);
+                row.params.top_p = nb::cast<float>(params[2]);
+                row.params.min_p = nb::cast<float>(params[3]);
+                row.params.repetition_penalty = nb::cast<float>(params[4]);
+                row.params.presence_penalty = nb::cast<float>(params[5]);
+                row.params.frequency_penalty = nb::cast<float>(params[6]);
+                row.params.penalty_last_n = nb::cast<int>(params[7]);
+                row.rng_state = rng_state;
+                const std::vector<int32_t> h = bind_detail::ids(history);
+                row.history = h.data();
+                row.n_history = int(h.size());
+                int32_t out = -1;
+                bool done;
+                {
+                    nb::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    done = self.get().decode_batch_sample(1, &slot, &token, &pos, &row, &out);
+                }
+                if (!done) return nb::none();
+                return nb::make_tuple(out, row.rng_state);
+            },
+            nb::arg("slot"), nb::arg("token"), nb::arg("pos"), nb::arg("params"), nb::arg("rng_state"),
+            nb::arg("history"),
+            "One decode step of `slot` (token at pos) with the next token sampled on the engine's device:\n"
+            "(token, generator state after the draw), or None where the engine cannot (the CPU engine, or\n"
+            "parameters beyond the device sampler): then forward() and Sampler.sample.")
         .def("info", [info](H& self) { return info(self.get()); })
         .def("close", [](H& self) {
             nb::gil_scoped_release nogil;

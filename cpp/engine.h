@@ -13,6 +13,7 @@
 
 #include "error.h"
 #include "model.h"
+#include "sampler.h"
 
 namespace orcd {
 
@@ -25,6 +26,15 @@ struct Trace {
 };
 
 class Engine;
+
+// One row of sampling where the logits are (decode_batch_sample): what Sampler::sample
+// takes, with the sampler's generator state passed in and handed back advanced.
+struct DeviceSampleRow {
+    SamplerParams params;
+    uint64_t rng_state = 0;           // in: Sampler::rng_state() before the draw; out: after it
+    const int32_t* history = nullptr;  // the sequence so far (prompt + generated), host memory
+    int n_history = 0;
+};
 
 // ---- argument checks, shared by every backend and the bindings, so a bad call
 // gets the same orcd::Error whichever engine serves it. `who` names the call
@@ -66,6 +76,16 @@ public:
     // slot slots[i]; logits is n x n_vocab. Equivalent to n forward() calls.
     virtual void decode_batch(int n, const int32_t* slots, const int32_t* tokens,
                               const int32_t* pos, float* logits) = 0;
+
+    // decode_batch, then each row's next token sampled on the engine's device, so only
+    // token ids come back (the CUDA engine; logits never leave the GPU). Returns false,
+    // having done nothing, where the engine has no such path (the CPU engine: its logits
+    // are on the host already) or a row's parameters are beyond the device sampler
+    // (device_sampling_supports): the caller then runs decode_batch and a Sampler.
+    virtual bool decode_batch_sample(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
+                                     DeviceSampleRow* rows, int32_t* out_tokens) {
+        return false;
+    }
 
     // Greedy decoding of one sequence: n_steps single-token steps of `slot`,
     // step i evaluating token t_i at position pos + i (t_0 = first_token) and

@@ -185,6 +185,10 @@ void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& o
         finish_seq(s, Finish::error, e.what(), out);
         return;
     }
+    accept_token(s, tok, out);
+}
+
+void StepLoop::accept_token(Seq& s, int32_t tok, std::vector<StepEvent>& out) {
     if (std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), tok) != s.req.stop_ids.end()) {
         finish_seq(s, Finish::stop, "", out);
         return;
@@ -242,12 +246,27 @@ void StepLoop::step() {
             toks[i] = dec[i]->history.back();
             pos[i] = dec[i]->n_done;
         }
-        std::vector<float> logits(un * size_t(V));
+        // Sampled where the logits are when the engine can (only token ids come back), else
+        // the logits come to the host and each sequence's Sampler picks.
+        std::vector<DeviceSampleRow> rows(un);
+        for (size_t i = 0; i < un; ++i)
+            rows[i] = {dec[i]->sampler.params(), dec[i]->sampler.rng_state(), dec[i]->history.data(),
+                       int(dec[i]->history.size())};
+        std::vector<int32_t> picked(un);
         try {
-            engine_->decode_batch(n, slots.data(), toks.data(), pos.data(), logits.data());
-            for (size_t i = 0; i < un; ++i) {
-                dec[i]->n_done++;
-                take_token(*dec[i], logits.data() + i * size_t(V), out);
+            if (engine_->decode_batch_sample(n, slots.data(), toks.data(), pos.data(), rows.data(), picked.data())) {
+                for (size_t i = 0; i < un; ++i) {
+                    dec[i]->n_done++;
+                    dec[i]->sampler.set_rng_state(rows[i].rng_state);
+                    accept_token(*dec[i], picked[i], out);
+                }
+            } else {
+                std::vector<float> logits(un * size_t(V));
+                engine_->decode_batch(n, slots.data(), toks.data(), pos.data(), logits.data());
+                for (size_t i = 0; i < un; ++i) {
+                    dec[i]->n_done++;
+                    take_token(*dec[i], logits.data() + i * size_t(V), out);
+                }
             }
         } catch (const std::exception& e) {
             for (Seq* s : dec) finish_seq(*s, Finish::error, e.what(), out);

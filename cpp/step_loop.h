@@ -111,6 +111,8 @@ private:
     // Samples seq's next token from logits and publishes it, or its end (stop, length,
     // or a sampling error).
     void take_token(Seq& s, const float* logits, std::vector<StepEvent>& out);
+    // Publishes tok as seq's next token, or its end when tok is a stop id or the last allowed.
+    void accept_token(Seq& s, int32_t tok, std::vector<StepEvent>& out);
     // Publishes seq's terminal event (without a token) and ends it.
     void finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out);
     // Frees seq's slot (remembering the tokens whose K/V it holds) and marks it ended.

@@ -220,6 +220,9 @@ void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logit
                    "logits copy");
         sync("forward (logits)");
         std::memcpy(logits, pinned_logits_, size_t(V_) * 4);
+    } else if (mode == Logits::Device) {  // nr <= n_slots_ <= L_: every row's logits stay in logits_
+        cu::rmsnorm(x_, nr, E_, weights_.output_norm, d_.rms_eps, h_, stream_, "output_norm");
+        linear(weights_.output, h_, nr, logits_, V_, nullptr, false, mv);
     } else if (mode == Logits::All) {
         cu::rmsnorm(x_, nr, E_, weights_.output_norm, d_.rms_eps, h_, stream_, "output_norm");
         for (int r0 = 0; r0 < nr; r0 += L_) {
@@ -274,6 +277,69 @@ void CudaEngineImpl::decode_batch(int n, const int32_t* slots, const int32_t* to
         pinned_ids_[2 * R_ + i] = slots[i];
     }
     step(n, n <= cu::kMatvecMaxRows, kv_max, Logits::All, logits, nullptr, 0);
+}
+
+bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
+                                         DeviceSampleRow* rows, int32_t* out_tokens) {
+    check_decode_batch_args(*this, n, slots, tokens, pos);  // so n <= n_slots_
+    for (int i = 0; i < n; ++i) {
+        validate(rows[i].params);
+        if (!device_sampling_supports(rows[i].params, V_, rows[i].n_history)) return false;
+    }
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_batch_sample");
+    CUDA_CHECK(cudaEventSynchronize(upload_done_), "decode_batch_sample");  // pinned ids (and rows) free again
+    // Stage each row and its penalty window (the last penalty_last_n tokens, or all), packed.
+    const SampleLayout lay = sample_layout(n_slots_);
+    auto* prow = reinterpret_cast<cu::SampleRow*>(samp_pinned_ + lay.rows);
+    auto* phist = reinterpret_cast<int32_t*>(samp_pinned_ + lay.hist);
+    const auto* dhist = reinterpret_cast<const int32_t*>(samp_dev_ + lay.hist);
+    size_t used = 0;
+    for (int i = 0; i < n; ++i) {
+        const SamplerParams& p = rows[i].params;
+        const bool pen = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+        int w = 0;
+        if (pen && p.penalty_last_n != 0)
+            w = p.penalty_last_n < 0 ? rows[i].n_history : std::min(rows[i].n_history, p.penalty_last_n);
+        std::memcpy(phist + used, rows[i].history + (rows[i].n_history - w), size_t(w) * 4);
+        prow[i] = cu::SampleRow{p, rows[i].rng_state, dhist + used, w};
+        used += size_t(w);
+    }
+    CUDA_CHECK(cudaMemcpyAsync(samp_dev_ + lay.rows, samp_pinned_ + lay.rows, sizeof(cu::SampleRow) * size_t(n),
+                               cudaMemcpyHostToDevice, stream_), "sampling rows upload");
+    if (used)
+        CUDA_CHECK(cudaMemcpyAsync(samp_dev_ + lay.hist, samp_pinned_ + lay.hist, used * 4, cudaMemcpyHostToDevice,
+                                   stream_), "sampling history upload");
+    if (n == 1 && fast_on()) {
+        dec_.start(slots[0], tokens[0], pos[0]);  // the fused step: its logits land in logits_
+        dec_.run(false, pos[0] + 1);
+    } else {
+        int kv_max = 0;
+        for (int i = 0; i < n; ++i) {
+            kv_max = std::max(kv_max, pos[i] + 1);
+            pinned_ids_[i] = tokens[i];
+            pinned_ids_[R_ + i] = pos[i];
+            pinned_ids_[2 * R_ + i] = slots[i];
+        }
+        step(n, n <= cu::kMatvecMaxRows, kv_max, Logits::Device, nullptr, nullptr, 0);
+    }
+    auto* dtok = reinterpret_cast<int32_t*>(samp_dev_ + lay.tokens);
+    auto* dst = reinterpret_cast<uint64_t*>(samp_dev_ + lay.states);
+    cu::launch_sample_rows(logits_, n, V_, reinterpret_cast<const cu::SampleRow*>(samp_dev_ + lay.rows), dtok, dst,
+                           stream_);
+    CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.tokens, dtok, size_t(n) * 4, cudaMemcpyDeviceToHost, stream_),
+               "sampled tokens copy");
+    CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.states, dst, size_t(n) * 8, cudaMemcpyDeviceToHost, stream_),
+               "sampled states copy");
+    CUDA_CHECK(cudaEventRecord(upload_done_, stream_), "decode_batch_sample");
+    sync("decode_batch_sample");
+    const auto* ptok = reinterpret_cast<const int32_t*>(samp_pinned_ + lay.tokens);
+    const auto* pst = reinterpret_cast<const uint64_t*>(samp_pinned_ + lay.states);
+    for (int i = 0; i < n; ++i) {
+        if (ptok[i] < 0) throw Error("decode_batch_sample: every logit of row " + std::to_string(i) + " is -inf or NaN");
+        out_tokens[i] = ptok[i];
+        rows[i].rng_state = pst[i];
+    }
+    return true;
 }
 
 std::unique_ptr<CudaEngine> make_cuda_engine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots,

@@ -9,10 +9,28 @@
 #include "cuda_common.cuh"
 #include "engine_weights.cuh"
 #include "fused_decoder.cuh"
+#include "sample.cuh"
 
 namespace orcd {
 
-enum class Logits { None, Last, All };
+// What a step does with the final hidden states: nothing, the last row's logits to the
+// host, every row's logits to the host, or every row's logits left in logits_ (sampled there).
+enum class Logits { None, Last, All, Device };
+
+// Byte offsets of the device-sampling buffers (the same layout on the device and in
+// pinned memory): n_slots SampleRows, n_slots penalty windows, tokens, generator states.
+struct SampleLayout {
+    size_t rows = 0, hist = 0, tokens = 0, states = 0, bytes = 0;
+};
+inline SampleLayout sample_layout(int n_slots) {
+    auto up = [](size_t b) { return (b + 255) & ~size_t(255); };
+    SampleLayout l;
+    l.hist = up(sizeof(cu::SampleRow) * size_t(n_slots));
+    l.tokens = l.hist + up(size_t(n_slots) * kDevicePenaltyWindowMax * 4);
+    l.states = l.tokens + up(size_t(n_slots) * 4);
+    l.bytes = l.states + up(size_t(n_slots) * 8);
+    return l;
+}
 
 class CudaEngineImpl final : public CudaEngine {
 public:
@@ -31,6 +49,8 @@ public:
 
     void forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
                  Trace* trace) override;
+    bool decode_batch_sample(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
+                             DeviceSampleRow* rows, int32_t* out_tokens) override;
     void decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                       float* logits) override;
     void decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) override;
@@ -71,6 +91,11 @@ private:
     __half *kc_ = nullptr, *vc_ = nullptr;
     int32_t* pinned_ids_ = nullptr;
     float* pinned_logits_ = nullptr;
+    // device sampling: per slot a SampleRow, a penalty window of history, the token and the
+    // generator state out; pinned staging in the same layout (samp_bytes_ each)
+    uint8_t* samp_dev_ = nullptr;
+    uint8_t* samp_pinned_ = nullptr;
+    size_t samp_bytes_ = 0;
 
     // views of the scratch (q_/k_/v_ inside qkv_, g_/u_ inside gu_)
     float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr;

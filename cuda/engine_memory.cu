@@ -62,8 +62,10 @@ void CudaEngineImpl::release() noexcept {
     kc_ = vc_ = nullptr;
     if (pinned_ids_) cudaFreeHost(pinned_ids_);
     if (pinned_logits_) cudaFreeHost(pinned_logits_);
+    if (samp_pinned_) cudaFreeHost(samp_pinned_);
     pinned_ids_ = nullptr;
     pinned_logits_ = nullptr;
+    samp_pinned_ = nullptr;
 }
 
 void CudaEngineImpl::build(const ProgressFn& progress) {
@@ -106,6 +108,7 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     dec_.set_options(opt_);
 
     const size_t fR = size_t(R_);
+    samp_bytes_ = sample_layout(n_slots_).bytes;
     auto slice = [](auto** p, size_t bytes) { return ScratchSlice{reinterpret_cast<void**>(p), bytes}; };
     std::vector<ScratchSlice> slices = {
         slice(&x_, fR * E_ * 4),
@@ -119,6 +122,7 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
         slice(&act16_, fR * std::max({E_, F_, QD_}) * 2),
         slice(&w16_, w16_elems_ * 2),
         slice(&d_ids_, fR * 3 * 4),
+        slice(&samp_dev_, samp_bytes_),
         {&blas_ws_, kCublasWorkspace},
     };
     dec_.add_scratch(slices);
@@ -166,6 +170,7 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_logits_), size_t(L_) * V_ * 4),
                where + ": pinned logits");
     std::memset(pinned_ids_, 0, fR * 3 * 4);
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&samp_pinned_), samp_bytes_), where + ": pinned sampling rows");
     CUBLAS_CHECK(cublasCreate(&blas_), where);
     CUBLAS_CHECK(cublasSetStream(blas_, stream_), where);
     CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace), where);

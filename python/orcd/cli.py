@@ -107,8 +107,14 @@ def cmd_verify(a) -> int:
 
 
 def cmd_bench(a) -> int:
+    if a.batch:
+        from .bench_batch import run as run_batch
+
+        return run_batch(a)
     from .bench import run
 
+    if a.n_prompt is None:
+        a.n_prompt = 512
     return run(a)
 
 
@@ -162,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="measure load, prompt and decode speed")
     _add_model_arg(s)
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("-p", "--n-prompt", type=int, default=512)
+    s.add_argument("-p", "--n-prompt", type=int, default=None,
+                   help="prompt tokens (default 512; 128 per sequence with --batch)")
     s.add_argument("-n", "--n-gen", type=int, default=128)
+    s.add_argument("--batch", default=None, metavar="B,B,...",
+                   help="many sequences at once (e.g. 1,8,32,64,128), llama-batched-bench's conventions, "
+                        "sampled unless --greedy, plus Model.chat sampled (python/orcd/bench_batch.py)")
+    s.add_argument("--greedy", action="store_true", help="with --batch: greedy instead of sampled")
     s.add_argument("--repeat", type=int, default=5)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--json", action="store_true")

@@ -246,6 +246,27 @@ class Model:
                 return logits
             return self._prefill(slot, history[:n].tolist(), owner)
 
+    def _next_on_device(self, slot: _Slot, history: np.ndarray, n: int, owner, sampler, dev_params):
+        """(token after history[:n] sampled on the engine's device, True) when this step
+        continues the owner's cache of the slot and the engine can; else (None, whether the
+        engine could): nothing was evaluated, the caller takes the logits path."""
+        if dev_params is None:
+            return None, False
+        with self._lock:
+            eng = self._live_engine()
+            if slot.owner is not owner or len(slot.cached) != n - 1:
+                return None, True
+            slot.last_used = next(self._clock)
+            slot.owner = None  # until the step below succeeds
+            r = eng.decode_sample(slot.index, int(history[n - 1]), n - 1, dev_params, sampler.rng_state,
+                                  history[:n])
+            slot.owner = owner
+            if r is None:
+                return None, False
+            slot.cached.append(int(history[n - 1]))
+            sampler.rng_state = r[1]
+            return int(r[0]), True
+
     # ------------------------------------------------------------ generation
     def _params(self, params: Optional[SamplingParams], overrides: dict) -> SamplingParams:
         """params (default SamplingParams()) with the keyword arguments that are not None."""
@@ -289,10 +310,12 @@ class Model:
             except BaseException:
                 slot.users -= 1
                 raise
+        # the GPU engine samples next to its logits (only token ids come back) when it can
+        dev_params = _device_params(p) if self.device == "cuda" else None
         try:
             finish = "length"
+            tok = sampler.sample(logits, history[:n_hist])
             for step in range(max_new):
-                tok = sampler.sample(logits, history[:n_hist])
                 if tok in eos or tok in stop_ids:
                     finish = "stop"
                     break
@@ -313,7 +336,11 @@ class Model:
                 yield tok, piece, None
                 if n_hist >= self.n_ctx or step + 1 == max_new:  # no step for logits nobody samples
                     break
-                logits = self._step(slot, history, n_hist, me)
+                tok, can = self._next_on_device(slot, history, n_hist, me, sampler, dev_params)
+                if tok is None:
+                    dev_params = dev_params if can else None  # cannot: the CPU sampler from here on
+                    logits = self._step(slot, history, n_hist, me)
+                    tok = sampler.sample(logits, history[:n_hist])
             rest = ""
             if not (finish == "stop" and stops and not held):
                 rest = held + decoder.flush()
@@ -423,6 +450,13 @@ class Model:
 
     def __repr__(self):
         return f"<orcd.Model {self.path!r} on {self.device}{' (closed)' if self.closed else ''}>"
+
+
+def _device_params(p: SamplingParams) -> tuple:
+    """The sampling chain's parameters as the engines' decode_sample takes them."""
+    return (float(p.temperature), min(int(p.top_k), 2**31 - 1), float(p.top_p), float(p.min_p),
+            float(p.repetition_penalty), float(p.presence_penalty), float(p.frequency_penalty),
+            int(p.penalty_last_n))
 
 
 def _sampling_args(args: dict) -> dict:
