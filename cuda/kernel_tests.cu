@@ -645,6 +645,9 @@ std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* 
     std::vector<cu::SampleRow> rows(static_cast<size_t>(n_rows));
     for (int r = 0; r < n_rows; ++r) {
         validate(params[size_t(r)]);
+        if (!device_sampling_supports(params[size_t(r)], n_vocab, int(histories[size_t(r)].size())))
+            throw Error("sample_rows: row " + std::to_string(r) +
+                        ": parameters beyond the device sampler (device_sampling_supports)");
         rows[size_t(r)] = {params[size_t(r)], states[size_t(r)], d_hist.p ? d_hist.p + off[size_t(r)] : nullptr,
                            int(histories[size_t(r)].size())};
     }

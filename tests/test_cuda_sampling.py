@@ -87,7 +87,7 @@ def test_seeded_draws_match_cpu(V):
         dict(top_k=0, top_p=1.0, min_p=0.0, temperature=0.9),
         dict(top_k=40, top_p=1.0, min_p=0.0, temperature=2.0, repetition_penalty=1.2, frequency_penalty=0.3,
              presence_penalty=0.2, penalty_last_n=-1),
-        dict(top_k=V - 1, top_p=1.0, min_p=0.1, temperature=0.8) if V < 10000 else dict(top_k=200, top_p=0.8),
+        dict(top_k=V if V < 10000 else 0, top_p=1.0, min_p=0.1, temperature=0.8),  # top_k >= V: off
     ]
     plist, hist = [], []
     for r in range(n):
@@ -102,6 +102,15 @@ def test_seeded_draws_match_cpu(V):
         if toks[r] != want:
             diff.append((r, int(toks[r]), want))
     assert len(diff) <= max(1, n // 100), diff
+
+
+def test_unsupported_parameters_are_refused():
+    """top_k above 1024, or top_p < 1 without top_k, are not run on the device (the engines
+    fall back to the CPU sampler); the test entry says so instead of running them."""
+    x = np.zeros((1, 3000), np.float32)
+    for p in (params(top_k=2000), params(top_k=0, top_p=0.9)):
+        with pytest.raises(ValueError, match="beyond the device sampler"):
+            gpu_sample(x, [p], [1], [np.zeros(0, np.int32)])
 
 
 @pytest.mark.parametrize("cfg", [dict(top_k=50, top_p=0.9, min_p=0.0, temperature=0.8),
