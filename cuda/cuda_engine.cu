@@ -320,7 +320,9 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
             pinned_ids_[R_ + i] = pos[i];
             pinned_ids_[2 * R_ + i] = slots[i];
         }
-        step(n, n <= cu::kMatvecMaxRows, kv_max, Logits::Device, nullptr, nullptr, 0);
+        // the GEMM path from two rows on: the 8-row mat-vec path took 4.8 ms a step at 8 rows on
+        // the H200, more than the GEMM path at 32 (docs/perf_log.md, round 4)
+        step(n, false, kv_max, Logits::Device, nullptr, nullptr, 0);
     }
     auto* dtok = reinterpret_cast<int32_t*>(samp_dev_ + lay.tokens);
     auto* dst = reinterpret_cast<uint64_t*>(samp_dev_ + lay.states);
