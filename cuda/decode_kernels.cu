@@ -780,6 +780,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                 const float pr = lane < n ? expf(v - m_new) : 0.f;
                 sc[g * TK + lane] = pr;
                 const float ts = warp_sum(pr);
+                __syncwarp();  // every lane has read mrun[g] before lane 0 replaces it (racecheck)
                 if (lane == 0) {
                     const float c = expf(m_old - m_new);  // 0 on the first tile
                     corr[g] = c;
