@@ -33,7 +33,9 @@ class Busy(RuntimeError):
 
 class Request:
     """One submitted generation. Iterate it for token ids; after the end, finish_reason
-    ("stop", "length", "cancelled", "error") and, for "error", message."""
+    ("stop", "length", "cancelled", "error") and, for "error", message. Or set on_event
+    (called on the pump thread after each event; .tokens grows, .done tells the end)
+    instead of iterating."""
 
     def __init__(self, runner: "BatchRunner", rid: int, n_prompt: int):
         self.id = rid
@@ -47,15 +49,17 @@ class Request:
         self.on_event: Optional[Callable[["Request"], None]] = None
 
     def _push(self, tok: int, finish: str, message: str) -> None:
-        # pump thread: the queue first, then the state readers look at after the end
-        self._q.put((tok, finish, message))
+        # pump thread. With on_event set the caller reads .tokens / .finish_reason and the
+        # events are not queued for iteration (a server would hold every event otherwise).
+        cb = self.on_event
+        if cb is None:
+            self._q.put((tok, finish, message))
         if tok >= 0:
             self.tokens.append(tok)
         if finish:
             self.finish_reason = finish
             self.message = message
             self._done.set()
-        cb = self.on_event
         if cb is not None:
             cb(self)
 
