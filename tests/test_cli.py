@@ -101,3 +101,109 @@ def test_bad_arguments_are_one_line_errors(real_model_path):
     for args, field in ((("--top-k", "-5"), "top_k"), (("--threads", "-3"), "n_threads")):
         p = orcd_cmd("generate", "hi", "-m", real_model_path, "--device", "cpu", *args, timeout=120)
         assert p.returncode == 1 and field in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------- `python -m orcd`, help, messages
+def orcd_main(*args, stdin=None, env=None, timeout=300):
+    import os
+
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "orcd", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=e)
+
+
+def test_python_m_orcd_and_version():
+    p = orcd_main("--version")
+    assert p.returncode == 0 and p.stdout == f"orcd {orcd.__version__}\n", (p.stdout, p.stderr)
+
+
+def test_no_command_prints_usage_and_exits_2():
+    p = orcd_main()
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("usage: orcd")
+    assert "a command is needed" in p.stderr and "generate" in p.stderr and "serve" in p.stderr
+    # no parser internals (argparse's "required: cmd"), no traceback
+    assert "cmd" not in p.stderr.replace("command", "") and "Traceback" not in p.stderr
+
+
+def _options(parser):
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield from ((f"{name} {o}", x) for o, x in _options(sp))
+        elif a.option_strings:
+            yield a.option_strings[-1], a
+
+
+def test_every_option_has_help_text():
+    import argparse
+
+    from orcd.cli import build_parser
+
+    opts = list(_options(build_parser()))
+    assert len(opts) > 40
+    missing = [name for name, a in opts if not a.help or (a.help == argparse.SUPPRESS and "load-delay" not in name)]
+    assert not missing, missing
+
+
+def test_help_shows_defaults():
+    import re
+
+    d = orcd.SamplingParams()
+    p = orcd_main("generate", "--help")
+    assert p.returncode == 0, p.stderr
+    text = re.sub(r"\s+", " ", p.stdout)
+    for opt, value in (("--max-tokens MAX_TOKENS", d.max_tokens), ("--temperature TEMPERATURE", d.temperature),
+                       ("--top-k TOP_K", d.top_k), ("--n-ctx N_CTX", 4096), ("--threads THREADS", 0),
+                       ("--presence-penalty PRESENCE_PENALTY", d.presence_penalty)):
+        m = re.search(re.escape(opt) + r" (.*?)(?= --|$)", text)
+        assert m and f"(default: {value})" in m.group(1), (opt, m and m.group(1))
+    p = orcd_main("serve", "--help")
+    assert p.returncode == 0 and "(default: 8000)" in p.stdout and "load-delay" not in p.stdout
+
+
+def test_generate_reads_the_prompt_from_stdin(real_model_path):
+    p = orcd_main("generate", "-", "-m", real_model_path, "--device", "cpu", "--temperature", "0",
+                  "--max-tokens", "12", stdin="def add(a, b):")
+    assert p.returncode == 0, p.stderr
+    with orcd.Model(real_model_path, device="cpu", n_ctx=256) as llm:
+        assert p.stdout == llm.generate("def add(a, b):", max_tokens=12, temperature=0).text + "\n"
+    p = orcd_main("generate", "-", "-m", real_model_path, "--device", "cpu", stdin="  \n")
+    assert p.returncode == 1 and "stdin" in p.stderr and "empty" in p.stderr
+
+
+def test_device_cuda_on_a_cpu_only_build_says_how_to_rebuild(real_model_path):
+    import pytest
+
+    if "built without" not in orcd.cuda_status():
+        pytest.skip(f"not a CPU-only build: {orcd.cuda_status() or 'CUDA available'}")
+    p = orcd_main("generate", "hi", "-m", real_model_path, "--device", "cuda")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert "built without the CUDA backend" in p.stderr and "ORCD_CUDA=ON pip install" in p.stderr
+
+
+def test_unknown_model_name_lists_the_known_names():
+    from orcd.default_model import MODELS
+
+    p = orcd_main("generate", "hi", "-m", "qwen-nonesuch", "--device", "cpu")
+    assert p.returncode == 1 and "unknown model 'qwen-nonesuch'" in p.stderr
+    assert all(name in p.stderr for name in MODELS)
+    p = orcd_main("bench", "-m", "qwen-nonesuch", "--device", "cpu")
+    assert p.returncode == 1 and "unknown model 'qwen-nonesuch'" in p.stderr
+
+
+def test_missing_other_model_is_not_called_the_default_model(tmp_path):
+    import pytest
+
+    from orcd import default_model as dm
+
+    name = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+    assert name != dm.DEFAULT_MODEL
+    if dm.installed_parts(name) is not None:
+        pytest.skip("the 1.5B model's packages are installed here")
+    p = orcd_main("generate", "hi", "-m", name, "--device", "cpu", env={"ORCD_CACHE": str(tmp_path)})
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "default model" not in p.stderr
+    assert f"the model {name}" in p.stderr and 'pip install "orcd[qwen-1.5b]"' in p.stderr

@@ -6,6 +6,8 @@
     p = orcd.SamplingParams(temperature=0, max_tokens=32)
     for piece in llm.stream("def fib(n):", p):
         print(piece, end="")
+    outs = llm.generate(["def add(a, b):", "def sub(a, b):"], p)   # a batch: a list of Completions
+    llm.create_chat_completion([{"role": "user", "content": "Hi"}])  # an OpenAI-shaped dict
 
 Public names: Model, SamplingParams, Completion, CompletionStream, Usage, Tokenizer,
 GGUFFile, TensorInfo, DefaultModelMissing, cuda_available, cuda_status.

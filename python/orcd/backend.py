@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 
 @functools.lru_cache(maxsize=None)
@@ -11,8 +12,10 @@ def _cuda_module():
         from . import _orcd_cuda  # built only where nvcc and cuBLAS were found
     except ImportError as e:
         msg = str(e)
-        if "_orcd_cuda" in msg and "No module" in msg:
-            return None, "orcd was built without the CUDA backend (no nvcc/cuBLAS at build time)"
+        if importlib.util.find_spec(f"{__package__}._orcd_cuda") is None:  # not built, not a load failure
+            return None, ("orcd was built without the CUDA backend (ORCD_CUDA=OFF, or no nvcc / cuBLAS at "
+                          "build time); to use an NVIDIA GPU, rebuild it with CUDA from the source: "
+                          "ORCD_CUDA=ON pip install . (needs the CUDA toolkit: nvcc and cuBLAS)")
         return None, f"the CUDA backend failed to load: {msg}"
     reason = _orcd_cuda.cuda_status()
     return (_orcd_cuda if not reason else None), reason

@@ -85,7 +85,8 @@ _PART_RE = re.compile(r"(?:^|/)data/part(\d+)\.bin$")
 
 
 class DefaultModelMissing(FileNotFoundError):
-    """The default model is neither in the cache nor installed as packages."""
+    """A known model (the default one or another of MODELS) is neither in the cache nor installed
+    as packages."""
 
 
 # ---------------------------------------------------------------- helpers
@@ -256,7 +257,8 @@ def installed_parts(model: Optional[str] = None) -> Optional[List[str]]:
 
 
 def _missing_error(spec: ModelSpec, detail: str = "") -> DefaultModelMissing:
-    msg = (f"the default model ({spec.description or spec.key}) is not available"
+    which = "the default model" if spec.key == DEFAULT_MODEL else f"the model {spec.key}"
+    msg = (f"{which} ({spec.description or spec.key}) is not available"
            f"{': ' + detail if detail else ''}. Install it with "
            f"pip install \"orcd[{spec.extra}]\" (packages {spec.dist_names()[0]} .. "
            f"{spec.dist_names()[-1]}), or pass the path of a GGUF file.")
@@ -383,7 +385,8 @@ def model_path(model: Optional[str] = None, progress: bool = True) -> str:
     parts = installed_parts(spec.key)
     if parts is None:
         missing = [n for n in spec.dist_names() if _part_in_dist(n) is None]
-        raise _missing_error(spec, "not installed: " + ", ".join(missing))
+        shown = ", ".join(missing) if len(missing) <= 3 else f"{missing[0]} .. {missing[-1]}"
+        raise _missing_error(spec, f"{len(missing)} of {spec.n_parts} part packages not installed ({shown})")
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     return assemble(parts, dest, spec.sha256, spec.size, progress=progress)
 
@@ -396,7 +399,16 @@ def resolve_model(path=None, progress: bool = True) -> str:
     path = os.fspath(path)
     if path in MODELS and not os.path.exists(path):
         return model_path(path, progress=progress)
+    if not os.path.exists(path) and not _looks_like_path(path):
+        raise ValueError(f"unknown model {path!r}: no such file, and not a known model name "
+                         f"(known: {', '.join(MODELS)})")
     return path
+
+
+def _looks_like_path(s: str) -> bool:
+    """A file path (a folder part or a .gguf suffix) rather than a model name: a missing
+    one is reported by the file reader as a missing file."""
+    return os.sep in s or "/" in s or s.lower().endswith(".gguf")
 
 
 def default_model_path(progress: bool = True) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import os
 import sys
 import threading
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
@@ -110,6 +111,7 @@ class Model:
         self.info = self._engine.info()
         self.n_ctx = n_ctx
         self.n_slots = n_slots
+        self.n_threads = n_threads
         self.n_vocab = self.info["n_vocab"]
         self._slots = [_Slot(i) for i in range(n_slots)]
         self._clock = itertools.count(1)
@@ -362,20 +364,90 @@ class Model:
     def _stream(self, ids: List[int], p: SamplingParams) -> CompletionStream:
         return CompletionStream(self._start(ids, p), len(ids))
 
-    def generate(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+    def generate(self, prompt: Union[Prompt, Sequence[Prompt]], params: Optional[SamplingParams] = None,
                  *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
                  repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
                  frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
                  seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
-                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None) -> Completion:
+                 stop_token_ids: Optional[Sequence[int]] = None,
+                 ignore_eos: Optional[bool] = None) -> Union[Completion, List[Completion]]:
         """Complete `prompt` (text, with control tokens parsed, or a list of token ids).
+
+        A batch of prompts (a list of strings, or of token-id lists) returns a list of
+        Completions in input order, all generated at once (see generate_batch); a flat list
+        of ints stays one prompt of token ids.
 
         params: a SamplingParams (default SamplingParams()); the keyword arguments that are
         not None override its fields (see SamplingParams for their meaning and defaults).
         """
         p = self._params(params, _sampling_args(locals()))
+        if _is_batch(prompt):
+            return self.generate_batch(prompt, p)
         return self._complete(self._ids(prompt), p)
+
+    def generate_batch(self, prompts: Sequence[Prompt], params: Optional[SamplingParams] = None) -> List[Completion]:
+        """Completions of many prompts (strings or token-id lists), in input order, each
+        equal to generate(prompt, params) with the same seed (a seed None: a fresh random
+        one per prompt). They run together through orcd.batch.BatchRunner, the C++ step
+        loop (one batched decode step for all sequences), which is created for the call
+        from this model's file and device (min(len(prompts), MAX_BATCH_SLOTS) slots; it
+        loads the weights a second time) and closed after. Stop strings are cut here,
+        as generate does."""
+        from .batch import BatchRunner
+
+        p = self._params(params, {})
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of prompts (got {type(prompts).__name__})")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        all_ids = [self._ids(x) for x in prompts]
+        self._live_engine()
+        stops = p.stop_strings()
+        eos = () if p.ignore_eos else sorted(self.tokenizer.eos_ids)
+        out: List[Optional[Completion]] = [None] * len(all_ids)
+        todo = []
+        for i, ids in enumerate(all_ids):
+            budget = self.n_ctx - len(ids)
+            if budget <= 0:  # the prompt fills the context: nothing to generate (as generate)
+                out[i] = Completion("", [], "length", Usage(len(ids), 0, len(ids)))
+            else:
+                todo.append((i, ids, min(budget, p.max_tokens or budget)))
+        if todo:
+            runner = BatchRunner(self.path, device=self.device, n_ctx=self.n_ctx,
+                                 n_slots=min(len(todo), MAX_BATCH_SLOTS), n_threads=self.n_threads,
+                                 max_waiting=len(todo))
+            try:
+                reqs = [(i, ids, runner.submit(ids, p.replace(max_tokens=n), stop_ids=eos)) for i, ids, n in todo]
+                for i, ids, req in reqs:
+                    out[i] = self._collect(req, ids, stops)
+            finally:
+                runner.close()
+        return out
+
+    def _collect(self, req, ids: List[int], stops: List[str]) -> Completion:
+        """A BatchRunner request's tokens as generate's Completion: detokenized as they
+        come, cut at the first stop string (the request is then cancelled)."""
+        decoder = StreamDecoder(self.tokenizer)
+        text, toks, finish = "", [], None
+        longest = max((len(s) for s in stops), default=0)
+        for tok in req:
+            toks.append(tok)
+            start = max(0, len(text) - longest + 1)
+            text += decoder.feed(tok)
+            if stops:
+                cut = _find_stop(text[start:], stops)
+                if cut is not None:
+                    req.cancel()
+                    text, finish = text[: start + cut], "stop"
+                    break
+        if finish is None:
+            req.wait()
+            if req.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"batch generation ended with {req.finish_reason!r}: {req.message}")
+            finish = req.finish_reason
+            text += decoder.flush()
+        return Completion(text, toks, finish, Usage(len(ids), len(toks), len(ids) + len(toks)))
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
@@ -424,6 +496,66 @@ class Model:
         p = self._params(params, _sampling_args(locals()))
         return self._stream(self.chat_ids(messages), p)
 
+    # ------------------------------------------------------------ OpenAI-shaped results
+    @property
+    def model_id(self) -> str:
+        """The "model" field of OpenAI-shaped results: the file name without .gguf (as orcd serve)."""
+        return os.path.splitext(os.path.basename(self.path))[0]
+
+    def create_completion(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                          temperature: Optional[float] = None, top_p: Optional[float] = None,
+                          top_k: Optional[int] = None, min_p: Optional[float] = None,
+                          stop: Optional[Union[str, Sequence[str]]] = None, seed: Optional[int] = None,
+                          presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
+                          repetition_penalty: Optional[float] = None, stream: bool = False,
+                          params: Optional[SamplingParams] = None, model: Optional[str] = None):
+        """An OpenAI text completion of `prompt` (as llama-cpp-python's create_completion):
+        a dict {id, object: "text_completion", created, model, choices: [{index, text,
+        logprobs: None, finish_reason}], usage}, or with stream=True an iterator of chunk dicts
+        whose last one carries the finish_reason and the usage.
+
+        The parameters are those of the OpenAI API (and orcd serve); those left None take
+        their value from `params` (default SamplingParams(): orcd's defaults, not OpenAI's).
+        model: the "model" field (default: the file name without .gguf).
+        """
+        p = self._params(params, _openai_args(locals()))
+        ids = self._ids(prompt)
+        return self._openai_result(ids, p, stream, False, model)
+
+    def create_chat_completion(self, messages: Messages, max_tokens: Optional[int] = None,
+                               temperature: Optional[float] = None, top_p: Optional[float] = None,
+                               top_k: Optional[int] = None, min_p: Optional[float] = None,
+                               stop: Optional[Union[str, Sequence[str]]] = None, seed: Optional[int] = None,
+                               presence_penalty: Optional[float] = None,
+                               frequency_penalty: Optional[float] = None,
+                               repetition_penalty: Optional[float] = None, stream: bool = False,
+                               params: Optional[SamplingParams] = None, model: Optional[str] = None):
+        """An OpenAI chat completion of `messages` (as llama-cpp-python's
+        create_chat_completion): a dict {id, object: "chat.completion", created, model,
+        choices: [{index, message: {role: "assistant", content}, logprobs: None,
+        finish_reason}], usage}, or with stream=True an iterator of "chat.completion.chunk"
+        dicts: a role-only delta first, content deltas, then an empty delta carrying the
+        finish_reason and the usage. Parameters as create_completion.
+        """
+        p = self._params(params, _openai_args(locals()))
+        ids = self.chat_ids(messages)
+        return self._openai_result(ids, p, stream, True, model)
+
+    def _openai_result(self, ids: List[int], p: SamplingParams, stream: bool, chat: bool, model: Optional[str]):
+        from . import openai_format as fmt
+
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be a bool (got {type(stream).__name__})")
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a str or None (got {type(model).__name__})")
+        rid, created, name = fmt.new_id("chatcmpl" if chat else "cmpl"), fmt.now(), model or self.model_id
+        if not stream:
+            out = self._complete(ids, p)
+            usage = fmt.usage(out.usage.prompt_tokens, out.usage.completion_tokens)
+            build = fmt.chat_completion if chat else fmt.completion
+            return build(rid, created, name, [(out.text, out.finish_reason)], usage)
+        return _openai_chunks(self._start(ids, p), len(ids), rid, created, name, chat)
+
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Frees the engine (KV caches, weights) and the file mapping. Generations still
@@ -457,6 +589,50 @@ def _device_params(p: SamplingParams) -> tuple:
     return (float(p.temperature), min(int(p.top_k), 2**31 - 1), float(p.top_p), float(p.min_p),
             float(p.repetition_penalty), float(p.presence_penalty), float(p.frequency_penalty),
             int(p.penalty_last_n))
+
+
+MAX_BATCH_SLOTS = 16  # generate_batch runs at most this many prompts at once (the rest wait)
+
+
+def _is_batch(prompt) -> bool:
+    """A list of prompts (strings or token-id lists) rather than one prompt."""
+    if isinstance(prompt, (str, bytes, bytearray, memoryview, np.ndarray)) or not isinstance(prompt, Sequence):
+        return False
+    if not prompt or isinstance(prompt[0], numbers.Integral):
+        return False
+    return True
+
+
+_OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "presence_penalty",
+                  "frequency_penalty", "repetition_penalty")
+
+
+def _openai_args(args: dict) -> dict:
+    """The sampling keyword arguments of a create_completion / create_chat_completion call."""
+    return {k: args[k] for k in _OPENAI_FIELDS}
+
+
+def _openai_chunks(pieces: Iterator[tuple], n_prompt: int, rid: str, created: int, model: str,
+                   chat: bool) -> Iterator[dict]:
+    """The stream chunks of one generation (pieces: Model._start's tuples)."""
+    from . import openai_format as fmt
+
+    if chat:
+        yield fmt.chat_chunk(rid, created, model, 0, content="", role="assistant")
+    n_tokens = 0
+    try:
+        for tok, piece, finish in pieces:
+            if tok is not None:
+                n_tokens += 1
+            if piece:
+                yield (fmt.chat_chunk(rid, created, model, 0, content=piece) if chat
+                       else fmt.completion_chunk(rid, created, model, 0, piece))
+            if finish is not None:
+                usage = fmt.usage(n_prompt, n_tokens)
+                yield (fmt.chat_chunk(rid, created, model, 0, finish_reason=finish, usage_=usage) if chat
+                       else fmt.completion_chunk(rid, created, model, 0, "", finish, usage_=usage))
+    finally:
+        pieces.close()  # a consumer that stops early frees the generation's slot now
 
 
 def _sampling_args(args: dict) -> dict:

@@ -47,10 +47,11 @@ def chat_completion(rid: str, created: int, model: str, choices: Sequence[tuple]
 
 def chat_chunk(rid: str, created: int, model: str, index: int, content: Optional[str] = None,
                role: Optional[str] = None, finish_reason: Optional[str] = None,
-               with_usage_field: bool = False) -> dict:
+               with_usage_field: bool = False, usage_: Optional[dict] = None) -> dict:
     """One streamed chat chunk for choice `index`: a delta with the role (the first chunk),
     some content, or nothing with the finish_reason (the last chunk). with_usage_field:
-    the client asked for stream_options.include_usage, so every chunk has "usage": None."""
+    the client asked for stream_options.include_usage, so every chunk has "usage": None.
+    usage_: the usage on this chunk (Model.create_chat_completion's last chunk)."""
     delta = {}
     if role is not None:
         delta["role"] = role
@@ -59,8 +60,8 @@ def chat_chunk(rid: str, created: int, model: str, index: int, content: Optional
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": SYSTEM_FINGERPRINT,
            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-    if with_usage_field:
-        out["usage"] = None
+    if with_usage_field or usage_ is not None:
+        out["usage"] = usage_
     return out
 
 
@@ -83,12 +84,14 @@ def completion(rid: str, created: int, model: str, choices: Sequence[tuple], usa
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str = "",
-                     finish_reason: Optional[str] = None, with_usage_field: bool = False) -> dict:
+                     finish_reason: Optional[str] = None, with_usage_field: bool = False,
+                     usage_: Optional[dict] = None) -> dict:
+    """One streamed completion chunk (with_usage_field / usage_: as chat_chunk)."""
     out = {"id": rid, "object": "text_completion", "created": created, "model": model,
            "system_fingerprint": SYSTEM_FINGERPRINT,
            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
-    if with_usage_field:
-        out["usage"] = None
+    if with_usage_field or usage_ is not None:
+        out["usage"] = usage_
     return out
 
 

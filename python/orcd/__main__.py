@@ -1,0 +1,6 @@
+"""`python -m orcd`: the orcd command (orcd.cli)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
