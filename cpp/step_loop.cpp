@@ -159,7 +159,10 @@ void StepLoop::admit_locked() {
     n_free_ = int(std::count(slot_free_.begin(), slot_free_.end(), true));
     stats_.waiting = int(waiting_.size());
     stats_.running = int(running_.size());
-    events_.insert(events_.end(), out.begin(), out.end());
+    if (!out.empty()) {
+        events_.insert(events_.end(), out.begin(), out.end());
+        event_cv_.notify_all();
+    }
 }
 
 void StepLoop::finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out) {
