@@ -163,6 +163,7 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
                 e = _ended_badly(g)
                 await resp.write(fmt.sse_data(fmt.error(e.message, "server_error", None, e.code)))
                 await resp.write(fmt.SSE_DONE)
+                await resp.write_eof()
                 return resp
             chunk = (fmt.chat_chunk(rid, created, model, i, finish_reason=g.finish_reason, with_usage_field=u)
                      if chat else
@@ -173,6 +174,9 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
             build = fmt.chat_usage_chunk if chat else fmt.completion_usage_chunk
             await resp.write(fmt.sse_data(build(rid, created, model, usage)))
         await resp.write(fmt.SSE_DONE)
+        # flushed here, inside the handler: a drain waits for the handlers, and the
+        # connections close after it (aiohttp's own write_eof would run after the handler)
+        await resp.write_eof()
     except ConnectionError:  # the client went away while we wrote
         pass
     return resp

@@ -166,6 +166,7 @@ async def execute(request: web.Request) -> web.StreamResponse:
                 i += 1
             if ended:
                 await resp.write(fmt.sse_event(*_terminal(gen)))
+        await resp.write_eof()  # flushed before the handler ends (see openai_api._stream)
         return resp
     except ConnectionError:  # the client went away while we wrote
         return resp
