@@ -36,20 +36,23 @@ def test_prompt_has_the_words_asked_for():
 def test_bench_serve_against_our_server(tiny_model, tmp_path):
     with Server(tiny_model("Q8_0"), "--n-ctx", "512", "--max-seqs", "4", log_dir=str(tmp_path)) as s:
         p = subprocess.run([sys.executable, "-m", "orcd.cli", "bench-serve", "--url", s.url, "--clients", "2",
-                            "--max-tokens", "8", "--prompt-words", "30", "--json"],
+                            "--requests", "1", "--warmup", "1", "--max-tokens", "8", "--prompt-words", "30",
+                            "--json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         r = json.loads(p.stdout)
         assert r["model"] == s.model_id and r["clients"] == 2
         assert r["requests"] == 2 and r["completed"] == 2 and r["errors"] == 0 and r["error_samples"] == []
+        assert r["warmup_requests"] == 2 and r["warmup_errors"] == 0
         assert r["generated_tokens"] == 16  # ignore_eos: every request runs to max_tokens
         assert r["tok_per_s"] > 0 and r["wall_s"] > 0
         assert r["ttft_ms"]["n"] == 2 and 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] < r["wall_s"] * 1000
         assert r["tpot_ms"]["n"] == 2
         m = s.metrics()
-        assert m["orcd_generation_tokens_total"] == 16 and m['orcd_requests_total{outcome="length"}'] == 2
+        # the server saw the warm-up requests too (16 tokens each), the report did not count them
+        assert m["orcd_generation_tokens_total"] == 16 + 2 * 16 and m['orcd_requests_total{outcome="length"}'] == 4
         # text output, and a server that is not there: every request an error, exit code 1
         p = subprocess.run([sys.executable, "-m", "orcd.cli", "bench-serve", "--url", s.url, "--clients", "1",
-                            "--max-tokens", "4", "--model", "no-such-model"],
+                            "--requests", "1", "--warmup", "0", "--max-tokens", "4", "--model", "no-such-model"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
         assert p.returncode == 1 and "errors 1" in p.stdout and "HTTP 404" in p.stdout

@@ -1,7 +1,9 @@
 """`orcd bench-serve`: load-test any OpenAI-compatible server (orcd serve, llama.cpp's
 llama-server, vLLM) with N concurrent streaming clients.
 
-Each client sends --requests streamed POST /v1/completions one after another, each with
+First each client sends --warmup short requests (16 tokens; not measured: they let the server
+capture its kernels and graphs, as a long-running server would have). Then each client sends
+--requests streamed POST /v1/completions one after another, each with
 a prompt of --prompt-words words (different per request) and max_tokens generated with
 ignore_eos at --temperature, and stream_options.include_usage (the token count comes from
 the usage chunk when the server sends one, else from the number of text chunks).
@@ -104,7 +106,7 @@ async def _one(session, url: str, body: dict, headers: dict, timeout: float) -> 
 
 async def bench(url: str, clients: int = 1, requests: int = 1, max_tokens: int = 128, prompt_words: int = 100,
                 temperature: float = 0.7, model: Optional[str] = None, api_key: Optional[str] = None,
-                timeout: float = 600.0) -> dict:
+                timeout: float = 600.0, warmup: int = 1) -> dict:
     import aiohttp
 
     url = url.rstrip("/")
@@ -120,15 +122,18 @@ async def bench(url: str, clients: int = 1, requests: int = 1, max_tokens: int =
                     raise RuntimeError(f"GET {url}/v1/models: HTTP {r.status}: {(await r.text())[:300]}")
                 model = (await r.json())["data"][0]["id"]
 
-        async def client(c: int) -> List[dict]:
-            out = []
-            for k in range(requests):
-                body = {"model": model, "prompt": make_prompt(prompt_words, f"{c}-{k}"), "max_tokens": max_tokens,
-                        "temperature": temperature, "stream": True, "ignore_eos": True,
-                        "stream_options": {"include_usage": True}}
-                out.append(await _one(session, url, body, headers, timeout))
-            return out
+        def body(c: int, k, n_tokens: int) -> dict:
+            return {"model": model, "prompt": make_prompt(prompt_words, f"{c}-{k}"), "max_tokens": n_tokens,
+                    "temperature": temperature, "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}
 
+        async def client(c: int) -> List[dict]:
+            return [await _one(session, url, body(c, k, max_tokens), headers, timeout) for k in range(requests)]
+
+        async def warm(c: int) -> List[dict]:
+            return [await _one(session, url, body(c, f"w{k}", 16), headers, timeout) for k in range(warmup)]
+
+        warm_results = [r for rs in await asyncio.gather(*(warm(c) for c in range(clients))) for r in rs]
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(client(c) for c in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
@@ -137,6 +142,7 @@ async def bench(url: str, clients: int = 1, requests: int = 1, max_tokens: int =
     tokens = sum(r["tokens"] for r in ok)
     return {
         "url": url, "model": model, "clients": clients, "requests_per_client": requests,
+        "warmup_requests": len(warm_results), "warmup_errors": sum(1 for r in warm_results if "error" in r),
         "max_tokens": max_tokens, "prompt_words": prompt_words, "temperature": temperature,
         "requests": len(results), "completed": len(ok), "errors": len(errors), "error_samples": errors[:3],
         "wall_s": round(wall, 3), "generated_tokens": tokens,
@@ -152,7 +158,8 @@ def format_text(r: dict) -> str:
         f"{r['url']}  model {r['model']}",
         f"{r['clients']} clients x {r['requests_per_client']} requests, {r['prompt_words']}-word prompts, "
         f"{r['max_tokens']} tokens each (ignore_eos, T={r['temperature']:g})",
-        f"completed {r['completed']}/{r['requests']}, errors {r['errors']}",
+        f"completed {r['completed']}/{r['requests']}, errors {r['errors']} "
+        f"(after {r['warmup_requests']} warm-up requests, {r['warmup_errors']} errors)",
         f"generated {r['generated_tokens']} tokens in {r['wall_s']:.2f} s: {r['tok_per_s']} tok/s aggregate",
         f"TTFT          p50 {t['p50']} ms  p99 {t['p99']} ms  mean {t['mean']} ms",
         f"per token     p50 {p['p50']} ms  p99 {p['p99']} ms  mean {p['mean']} ms",
@@ -166,8 +173,11 @@ def run(a) -> int:
     for name in ("clients", "requests", "max_tokens", "prompt_words"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
+    warmup = getattr(a, "warmup", 1)
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0 (got {warmup})")
     r = asyncio.run(bench(a.url, a.clients, a.requests, a.max_tokens, a.prompt_words, a.temperature,
-                          a.model, a.api_key, a.timeout))
+                          a.model, a.api_key, a.timeout, warmup))
     print(json.dumps(r, indent=2) if a.json else format_text(r))
     sys.stdout.flush()
     return 0 if r["completed"] else 1

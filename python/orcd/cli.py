@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=F)
     s.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
     s.add_argument("--clients", type=int, default=1, help="concurrent streaming clients")
-    s.add_argument("--requests", type=int, default=1, help="requests each client sends, one after another")
+    s.add_argument("--requests", type=int, default=3, help="requests each client sends, one after another")
+    s.add_argument("--warmup", type=int, default=1,
+                   help="short requests (16 tokens) each client sends first, not measured")
     s.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (ignore_eos)")
     s.add_argument("--prompt-words", type=int, default=100, help="words in each prompt")
     s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the requests")
