@@ -19,6 +19,15 @@
 #             (make old_src here: `mkdir old_src && git archive REV | tar -x -C old_src`, exclude it
 #             in .git/info/exclude and name it in the device call's carry)
 #   ncu       scripts/gpu_ncu.sh MODEL (Nsight Compute on the decode kernels)
+#   batch     orcd bench --batch 1,8,32,64,128 --json (sampled, pp128 + tg128 per sequence, and the
+#             Model.chat user path)
+#   long      orcd bench -p 4096 and -p 16384 (-n 128: tg128 at that depth) --json
+#   serve     orcd serve --device cuda --max-seqs 128, then orcd bench-serve at 1, 8, 32, 64, 128 clients
+#   lcp_start start building llama.cpp's tools (.carry/llamacpp-src.tgz, ../shared/device/README.md)
+#   lcp       wait for that build, then llama-bench (pp512/tg128, pp4096, pp16384, tg128 at depth 4096
+#             and 16384), llama-batched-bench (pp128/tg128 at 1,8,32,64,128) and llama-server under
+#             orcd bench-serve at the same client counts as `serve`
+#   passkey   scripts/passkey.py on orcd (and on llama-server when the lcp build is there)
 # Options: --model PATH, --f16 PATH (written from MODEL when missing), --old DIR, --repeat N (5),
 #          --rounds N (2), --deadline S (540: steps that would start later are skipped, so the table
 #          comes back inside a 10-minute call), --pytest "ARGS".
@@ -70,6 +79,26 @@ EOF
 )"
 }
 
+serve_bench() {  # tag, server command: start it, bench-serve at each client count, stop it
+    local tag=$1 cmd=$2 n pid s
+    s=$(date +%s)
+    (cd /tmp && setsid $cmd > "$D/serve_$tag.log" 2>&1 & echo $! > /tmp/serve_$tag.pid)
+    pid=$(cat /tmp/serve_$tag.pid)
+    until $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8090/v1/models', timeout=2)" > /dev/null 2>&1 \
+          || [ $(( $(date +%s) - s )) -gt 120 ]; do sleep 1; done
+    : > "$D/serve_$tag.txt"
+    for n in 1 8 32 64 128; do
+        (cd /tmp && timeout 120 $PY -m orcd.cli bench-serve --url http://127.0.0.1:8090 --clients $n --requests 3 \
+            --max-tokens 128 --prompt-words 100 --json > "$D/serve_${tag}_$n.json" 2>> "$D/serve_$tag.txt")
+        echo "$n clients: $($PY -c "import json; d=json.load(open('$D/serve_${tag}_$n.json')); print(d['tok_per_s'], 'tok/s, ttft p50/p99', d['ttft_ms']['p50'], d['ttft_ms']['p99'], 'errors', d['errors'])" 2>&1)" >> "$D/serve_$tag.txt"
+    done
+    kill -TERM -- -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null
+    sleep 3; kill -KILL -- -$pid 2>/dev/null
+    STEP_SECS=$(( $(date +%s) - s ))
+    cat "$D/serve_$tag.txt" >> "$GPU_LOG"
+    record serve_$tag ok "$STEP_SECS" "$(tr '\n' ';' < "$D/serve_$tag.txt" | cut -c1-300)"
+}
+
 {
     echo "== machine"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
@@ -94,7 +123,7 @@ for step in "${STEPS[@]}"; do
     tests)
         [ -n "$MODEL" ] && export ORCD_TEST_MODEL=$MODEL
         run_step tests_cuda 420 "$D/tests_cuda.txt" $PY -m pytest -q -rfEs -p no:cacheprovider \
-            tests/test_cuda_kernels.py tests/test_cuda_engine.py $PYARGS
+            $(ls tests/test_cuda_*.py tests/test_long_context.py 2>/dev/null) $PYARGS
         ok_or_fail tests_cuda $? "$(pytest_note "$D/tests_cuda.txt")"
         run_step tests_gen 300 "$D/tests_generate_gpu.txt" $PY -m pytest -q -rfEs -p no:cacheprovider \
             tests/test_generate.py -k gpu $PYARGS
@@ -152,6 +181,42 @@ for step in "${STEPS[@]}"; do
         needs_model ncu || continue
         run_step ncu 400 "$D/ncu.txt" bash scripts/gpu_ncu.sh "$MODEL"
         ok_or_fail ncu $? "" ;;
+    batch)
+        needs_model batch || continue
+        run_step batch 400 "$D/batch.err" bash -c "cd /tmp && $PY -m orcd.cli bench -m '$MODEL' --device cuda \
+            --batch 1,8,32,64,128 --json > '$D/batch.json'"
+        ok_or_fail batch $? "$(tail -c 300 "$D/batch.err" | tr '\n' ' ')" ;;
+    long)
+        needs_model long || continue
+        for p in 4096 16384; do
+            run_step long_$p 300 "$D/long_$p.err" bash -c "cd /tmp && $PY -m orcd.cli bench -m '$MODEL' --device cuda \
+                -p $p -n 128 --repeat 3 --json > '$D/long_$p.json'"
+            ok_or_fail long_$p $? "$($PY -c "import json,sys; d=json.load(open('$D/long_$p.json')); print({k: (v['median'] if isinstance(v, dict) else v) for k, v in d.items() if 'tok_s' in k})" 2>&1 | cut -c1-200)"
+        done ;;
+    serve)
+        needs_model serve || continue
+        serve_bench orcd "$PY -m orcd.cli serve -m $MODEL --device cuda --max-seqs 128 --n-ctx 4096 --port 8090" ;;
+    lcp_start)
+        if [ -f .carry/llamacpp-src.tgz ]; then bash .carry/llamacpp-build.sh .carry/llamacpp-src.tgz > /dev/null 2>&1
+            record lcp_start ok 0 "started"; else record lcp_start skip 0 "no .carry/llamacpp-src.tgz"; fi ;;
+    lcp)
+        needs_model lcp || continue
+        s=$(date +%s)
+        while ! grep -q LCP_DONE /tmp/lcp.log 2>/dev/null && [ $(( $(date +%s) - s )) -lt 400 ]; do sleep 3; done
+        grep -q "LCP_DONE 0" /tmp/lcp.log 2>/dev/null || { record lcp FAIL 0 "llama.cpp build: $(tail -3 /tmp/lcp.log | tr '\n' ' ')"; failed=1; continue; }
+        B=/tmp/lcp/llama.cpp/build/bin
+        run_step lcp_bench 300 "$D/lcp_bench.txt" bash -c "$B/llama-bench -m $MODEL -p 512,4096,16384 -n 128 -r 3 -fa 1 -o md; \
+            $B/llama-bench -m $MODEL -p 0 -n 128 -d 4096,16384 -r 3 -fa 1 -o md"
+        ok_or_fail lcp_bench $? "$(grep -E 'pp|tg' "$D/lcp_bench.txt" | awk -F'|' '{print \$(NF-2), \$(NF-1)}' | tr '\n' ';' | cut -c1-250)"
+        run_step lcp_batched 300 "$D/lcp_batched.txt" $B/llama-batched-bench -m $MODEL -ngl 99 -fa on -c 40000 \
+            -npp 128 -ntg 128 -npl 1,8,32,64,128
+        ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print \$4, \$(NF-1)}' | tr '\n' ';')"
+        serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090" ;;
+    passkey)
+        needs_model passkey || continue
+        run_step passkey 400 "$D/passkey.txt" bash -c "cd /tmp && $PY $GPU_REPO/scripts/passkey.py --model '$MODEL' --device cuda \
+            \$( [ -x /tmp/lcp/llama.cpp/build/bin/llama-server ] && echo --llama-server /tmp/lcp/llama.cpp/build/bin/llama-server )"
+        ok_or_fail passkey $? "$(tail -2 "$D/passkey.txt" | tr '\n' ' ' | cut -c1-250)" ;;
     *)
         record "$step" FAIL 0 "unknown step"; failed=1 ;;
     esac
@@ -161,4 +226,6 @@ for f in "$D"/tests_*.txt; do
     [ -f "$f" ] && sed -n '/short test summary/,$p' "$f" | grep -E "^(FAILED|ERROR)" | cut -c1-300 | head -20
 done
 summary | tee "$D/summary.txt"
+# the device tool brings back few files: everything else travels in one archive
+[ -n "${OUT:-}" ] && tar czf /tmp/gpu_results.tgz -C "$D" --exclude results.tgz . && mv /tmp/gpu_results.tgz "$D/results.tgz"
 exit $failed
