@@ -84,7 +84,7 @@ serve_bench() {  # tag, server command: start it, bench-serve at each client cou
     s=$(date +%s)
     (cd /tmp && setsid $cmd > "$D/serve_$tag.log" 2>&1 & echo $! > /tmp/serve_$tag.pid)
     pid=$(cat /tmp/serve_$tag.pid)
-    until $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8090/v1/models', timeout=2)" > /dev/null 2>&1 \
+    until $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8090/health', timeout=2)" > /dev/null 2>&1 \
           || [ $(( $(date +%s) - s )) -gt 120 ]; do sleep 1; done
     : > "$D/serve_$tag.txt"
     for n in 1 8 32 64 128; do
