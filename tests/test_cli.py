@@ -255,7 +255,7 @@ def test_bench_shows_progress_and_records_the_real_thread_count(real_model_path)
         d = json.loads(p.stdout)
         assert d["threads"] == want and d["threads_requested"] == threads
         steps = [l for l in p.stderr.splitlines() if l.startswith("orcd bench: ")]
-        for phase in ("loading", "warm-up: pp8", "run 1/2: pp8", "run 2/2: tg2@pp8", "run 2/2: tg2",
+        for phase in ("loaded", "warm-up: pp8", "run 1/2: pp8", "run 2/2: tg2@pp8", "run 2/2: tg2",
                       "warm load 2/2"):
             assert any(phase in l for l in steps), (phase, p.stderr)
 

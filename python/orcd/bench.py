@@ -177,10 +177,11 @@ def run(a) -> int:
         cu = cuda_module()
         free_before = cu.device_info()["free_memory"]  # creates the context first
     progress = _Progress()
-    progress(f"loading {os.path.basename(path)} on {device}")
     t0 = time.perf_counter()
     engine = _load(device, path, n_ctx, a.threads)
     load_s = time.perf_counter() - t0
+    # after the load: a file that cannot be loaded stays a one-line error
+    progress(f"loaded {os.path.basename(path)} on {device} in {load_s:.2f} s")
     info = engine.info()
     free_min = [None]
 
