@@ -167,3 +167,35 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_quits(llm):
 def test_ctrl_d_quits(llm):
     r, out, err = _repl(llm, "", read_line=_reader([]))
     assert r.run() == 0 and r.turns == []
+
+
+def test_readline_history_is_kept_and_bounded(tmp_path, monkeypatch):
+    readline = pytest.importorskip("readline")
+    from orcd import chat_cli
+
+    monkeypatch.setenv("ORCD_CACHE", str(tmp_path))
+    path = chat_cli.history_path()
+    assert path.startswith(str(tmp_path))
+    readline.clear_history()
+    try:
+        save = chat_cli.setup_readline()
+        for i in range(chat_cli.HISTORY_LINES + 50):
+            readline.add_history(f"question {i}")
+        save()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [l for l in f.read().splitlines() if l and not l.startswith("_HiStOrY_V2_")]
+        assert len(lines) == chat_cli.HISTORY_LINES
+        assert lines[-1].replace("\\040", " ") == f"question {chat_cli.HISTORY_LINES + 49}"
+        readline.clear_history()
+        chat_cli.setup_readline()  # a new session reads it back
+        n = readline.get_current_history_length()
+        assert n == chat_cli.HISTORY_LINES and readline.get_history_item(n) == f"question {chat_cli.HISTORY_LINES + 49}"
+        with open(path, "wb") as f:
+            f.write(b"\xff\xfe\x00 not a history file")
+        chat_cli.setup_readline()()  # an unreadable history does not stop the chat
+        blocker = tmp_path / "a-file"
+        blocker.write_text("x")
+        monkeypatch.setenv("ORCD_CACHE", str(blocker))
+        chat_cli.setup_readline()()  # nor does an unwritable cache
+    finally:
+        readline.clear_history()

@@ -262,6 +262,7 @@ def setup_readline(path: Optional[str] = None) -> Callable[[], None]:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             readline.write_history_file(path)
+            os.chmod(path, 0o600)  # what was typed is the user's own
         except OSError:  # an unwritable cache only loses the history
             pass
     return save
