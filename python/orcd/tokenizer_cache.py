@@ -2,8 +2,8 @@
 so loading the same model again skips the per-merge validation loop.
 
 Why not a cached tokenizer.json: the `tokenizers` library builds the BPE model from
-Python's vocab dict and merge pairs faster than it parses its own tokenizer.json
-(about 2.5 times faster for Qwen2.5's 151k merges), so what is worth caching is the outcome of
+Python's vocab dict and merge pairs several times faster than it parses its own
+tokenizer.json, so what is worth caching is the outcome of
 the Python-side checks (every merge is two non-empty tokens of the vocab whose
 concatenation is in the vocab too), which take about as long as the build itself.
 
