@@ -14,7 +14,9 @@ file `<cache>/tokenizers/<key>.ok` holding its own key records that such content
 tokenizer; the cache is default_model.cache_dir() ($ORCD_CACHE, else the platformdirs
 user cache dir). A missing, unreadable or corrupt marker (any content but its key) is a
 miss: the checks run and the marker is written again. An unwritable cache only costs
-the shortcut. Nothing here can make a tokenizer accept content the checks refuse.
+the shortcut. Markers are only ever written for content that passed, so bad content is
+always checked and refused (the cache is trusted as its model files are: a marker written
+by hand for bad content would skip the checks). ORCD_TOKENIZER_CACHE=0 turns it off.
 
 Bounds: at most MAX_MARKERS markers (the least recently written go first), each
 a few bytes.
