@@ -207,3 +207,76 @@ def test_missing_other_model_is_not_called_the_default_model(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "default model" not in p.stderr
     assert f"the model {name}" in p.stderr and 'pip install "orcd[qwen-1.5b]"' in p.stderr
+
+
+# ---------------------------------------------------------------- -m everywhere, bench progress, chat
+def test_inspect_takes_a_path_or_dash_m_or_a_name(real_model_path):
+    import json
+
+    from orcd.default_model import DEFAULT_MODEL, cached_model_path
+
+    by_path = json.loads(orcd_main("inspect", real_model_path, "--json").stdout)
+    p = orcd_main("inspect", "-m", real_model_path, "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == by_path
+    if real_model_path == cached_model_path():  # the name resolves to this very file
+        p = orcd_main("inspect", "--model", DEFAULT_MODEL, "--json")
+        assert p.returncode == 0 and json.loads(p.stdout) == by_path, p.stderr
+    p = orcd_main("inspect", real_model_path, "-m", "/elsewhere/other.gguf")
+    assert p.returncode == 1 and "two models given" in p.stderr and p.stderr.count("\n") == 1
+    p = orcd_main("inspect", "-m", "qwen-nonesuch")
+    assert p.returncode == 1 and "unknown model 'qwen-nonesuch'" in p.stderr
+
+
+def test_verify_takes_a_positional_model_or_dash_m():
+    from orcd.cli import _model_from_args, build_parser
+
+    parse = build_parser().parse_args
+    assert _model_from_args(parse(["verify", "a.gguf"]), "model_pos") == "a.gguf"
+    assert _model_from_args(parse(["verify", "-m", "b.gguf"]), "model_pos") == "b.gguf"
+    assert _model_from_args(parse(["verify", "--model", "c", "c"]), "model_pos") == "c"
+    assert _model_from_args(parse(["verify"]), "model_pos") is None
+    import pytest
+
+    with pytest.raises(ValueError, match="two models given"):
+        _model_from_args(parse(["verify", "a.gguf", "-m", "b.gguf"]), "model_pos")
+    for cmd in ("generate", "chat", "bench", "inspect", "verify", "serve"):
+        assert "-m MODEL, --model MODEL" in orcd_main(cmd, "--help").stdout, cmd
+
+
+def test_bench_shows_progress_and_records_the_real_thread_count(real_model_path):
+    import json
+    import os
+
+    for threads, want in ((0, len(os.sched_getaffinity(0))), (3, 3)):
+        p = orcd_main("bench", "-m", real_model_path, "--device", "cpu", "-p", "8", "-n", "2", "--repeat", "2",
+                      "--threads", str(threads), "--json")
+        assert p.returncode == 0, p.stderr
+        d = json.loads(p.stdout)
+        assert d["threads"] == want and d["threads_requested"] == threads
+        steps = [l for l in p.stderr.splitlines() if l.startswith("orcd bench: ")]
+        for phase in ("loaded", "warm-up: pp8", "run 1/2: pp8", "run 2/2: tg2@pp8", "run 2/2: tg2",
+                      "warm load 2/2"):
+            assert any(phase in l for l in steps), (phase, p.stderr)
+
+
+def test_bench_and_chat_device_cuda_on_a_cpu_only_build_say_how_to_rebuild():
+    import pytest
+
+    if "built without" not in orcd.cuda_status():
+        pytest.skip(f"not a CPU-only build: {orcd.cuda_status() or 'CUDA available'}")
+    for args in (("bench", "--device", "cuda", "-m", "qwen-nonesuch"), ("chat", "--device", "cuda"),
+                 ("generate", "hi", "--device", "cuda")):
+        p = orcd_main(*args, stdin="")
+        assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
+        assert "built without the CUDA backend" in p.stderr and "ORCD_CUDA=ON pip install" in p.stderr, args
+
+
+def test_chat_banner_and_cut_marker_on_stderr(real_model_path):
+    p = orcd_cmd("chat", "-m", real_model_path, "--device", "cpu", "--temperature", "0", "--max-tokens", "4",
+                 "--system", "You are terse.", stdin="Write a long poem about rivers.\n/reset\n")
+    assert p.returncode == 0, p.stderr
+    err = p.stderr.splitlines()
+    assert err[0].startswith("orcd chat: Qwen2.5 Coder 0.5B Instruct") and "Q4_K_M" in err[0] and "on cpu" in err[0]
+    assert "[cut at max_tokens=4]" in err and "[conversation cleared, system prompt kept]" in err
+    assert "[cut" not in p.stdout and p.stdout.strip(), "stdout holds the answer only"

@@ -19,6 +19,9 @@ time to first token and peak memory, with llama-bench's conventions.
   scratch) and the device memory the process took beyond that while running
   (`vram_peak_bytes`: free memory before loading minus the least seen);
   CPU: peak RSS.
+- threads (CPU): the thread count the engine runs with (`--threads 0` is one per
+  core); `threads_requested` is --threads as given. Progress (phase and run) goes
+  to stderr.
 
 Every measurement is repeated --repeat times after one warm-up run of each
 kind; the JSON holds median, min, max, stdev and the values.
@@ -26,8 +29,10 @@ kind; the JSON holds median, min, max, stdev and the values.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -80,22 +85,28 @@ class _Runner:
 
 
 def bench_engine(engine, n_vocab: int, n_prompt: int, n_gen: int, repeat: int, seed: int = 0,
-                 on_step=None) -> dict:
-    """pp / tg / tg-after-pp / ttft statistics of one engine (see the module doc)."""
+                 on_step=None, progress=None) -> dict:
+    """pp / tg / tg-after-pp / ttft statistics of one engine (see the module doc).
+    progress(text): told which phase of which run starts (None: silent)."""
     r = _Runner(engine, n_vocab, seed)
+    say = progress or (lambda text: None)
     pp_s, ttft_s, tg_s, tga_s = [], [], [], []
     for it in range(repeat + 1):  # run 0 is the warm-up
+        run = f"run {it}/{repeat}" if it else "warm-up"
         first = None
         if n_prompt > 0:
+            say(f"{run}: pp{n_prompt}")
             dt, first = r.prompt(r.tokens(n_prompt))
             if it:
                 pp_s.append(dt)
                 ttft_s.append(dt)
             if n_gen > 0:
+                say(f"{run}: tg{n_gen}@pp{n_prompt}")
                 dt = r.generate(first, n_prompt, n_gen)
                 if it:
                     tga_s.append(dt)
         if n_gen > 0:
+            say(f"{run}: tg{n_gen}")
             dt = r.generate(int(r.tokens(1)[0]), 0, n_gen)
             if it:
                 tg_s.append(dt)
@@ -118,9 +129,37 @@ def _load(device: str, path: str, n_ctx: int, threads: int):
     return _orcd.CpuEngine(path, n_ctx, 1, threads)
 
 
-def run(a) -> int:
-    import os
+class _Progress:
+    """Which phase runs now, on stderr: one line rewritten in place on a terminal, a line per
+    phase otherwise (so a log shows where a slow run was)."""
 
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def __call__(self, text: str) -> None:
+        self.stream.write(f"\r\033[Korcd bench: {text}" if self.tty else f"orcd bench: {text}\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def cpu_threads(requested: int) -> int:
+    """The CPU engine's thread count for n_threads=requested, as cpp/threadpool.cpp sets it:
+    0 is one per core this process may run on; at most 4 per core (and at least 4)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    cores = max(1, cores)
+    n = requested if requested > 0 else cores
+    return max(1, min(n, max(4, 4 * min(cores, 16383))))
+
+
+def run(a) -> int:
     from .backend import cuda_available
     from .default_model import default_model_path
 
@@ -137,9 +176,12 @@ def run(a) -> int:
         from .backend import cuda_module
         cu = cuda_module()
         free_before = cu.device_info()["free_memory"]  # creates the context first
+    progress = _Progress()
     t0 = time.perf_counter()
     engine = _load(device, path, n_ctx, a.threads)
     load_s = time.perf_counter() - t0
+    # after the load: a file that cannot be loaded stays a one-line error
+    progress(f"loaded {os.path.basename(path)} on {device} in {load_s:.2f} s")
     info = engine.info()
     free_min = [None]
 
@@ -149,21 +191,25 @@ def run(a) -> int:
             free_min[0] = f if free_min[0] is None else min(free_min[0], f)
 
     sample_free()
-    res = bench_engine(engine, info["n_vocab"], n_prompt, n_gen, repeat, on_step=sample_free)
+    res = bench_engine(engine, info["n_vocab"], n_prompt, n_gen, repeat, on_step=sample_free, progress=progress)
 
     warm = []
     engine.close()
-    for _ in range(2):
+    for i in range(2):
+        progress(f"warm load {i + 1}/2")
         t0 = time.perf_counter()
         e2 = _load(device, path, n_ctx, a.threads)
         warm.append(time.perf_counter() - t0)
         e2.close()
+    progress.done()
 
     out = {
         "model": path,
         "model_bytes": os.path.getsize(path),
         "device": device,
-        "threads": a.threads if device == "cpu" else None,
+        # the engine's own count when it reports one, else what the thread pool makes of --threads
+        "threads": (info.get("n_threads") or cpu_threads(a.threads)) if device == "cpu" else None,
+        "threads_requested": a.threads if device == "cpu" else None,
         "n_prompt": n_prompt,
         "n_gen": n_gen,
         "repeat": repeat,
@@ -180,10 +226,15 @@ def run(a) -> int:
         out["paths"] = info.get("paths")
     else:
         out["peak_rss_bytes"] = _rss_peak_bytes()
+        if info.get("cpu_kernel") is not None:
+            out["cpu_kernel"] = info.get("cpu_kernel")
     if a.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"model {path} on {device}" + (f" ({out['gpu']})" if out.get("gpu") else "") +
+    where = f" ({out['gpu']})" if out.get("gpu") else ""
+    if device == "cpu":
+        where = f" ({out['threads']} threads" + (f", {out['cpu_kernel']}" if out.get("cpu_kernel") else "") + ")"
+    print(f"model {path} on {device}{where}"
           f": load {load_s:.3f} s (warm {out['load_warm_s']['median']:.3f} s)")
     for k in (f"pp{n_prompt}_tok_s", f"tg{n_gen}_tok_s", f"tg{n_gen}@pp{n_prompt}_tok_s"):
         s = out.get(k)

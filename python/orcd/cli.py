@@ -59,21 +59,35 @@ def _sampling_params(a):
     )
 
 
-def _load(a):
+def _check_device(a) -> None:
+    """--device cuda where CUDA cannot run: say why (and how to rebuild) before loading anything."""
     from .backend import cuda_available, cuda_status
-    from .model import Model
 
-    if a.device == "cuda" and not cuda_available():  # before loading anything
+    if a.device == "cuda" and not cuda_available():
         raise RuntimeError(f"--device cuda: CUDA is not available: {cuda_status()}")
 
+
+def _load(a):
+    from .model import Model
+
+    _check_device(a)
     return Model(a.model, device=a.device, n_ctx=a.n_ctx, n_threads=getattr(a, "threads", 0),
                  verbose=getattr(a, "verbose", False))
 
 
+def _model_from_args(a, positional: str = "path"):
+    """The model of a command that takes it positionally or as -m/--model (not both)."""
+    pos = getattr(a, positional, None)
+    if pos is not None and a.model is not None and pos != a.model:
+        raise ValueError(f"two models given: {pos!r} and -m {a.model!r}; give one")
+    return pos if pos is not None else a.model
+
+
 def cmd_inspect(a) -> int:
+    from .default_model import resolve_model
     from .inspect_cmd import run
 
-    print(run(a.path, as_json=a.json))
+    print(run(resolve_model(_model_from_args(a)), as_json=a.json))
     return 0
 
 
@@ -96,49 +110,24 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
+    from .chat_cli import run_cli
+
     params = _sampling_params(a)
     llm = _load(a)
-    messages = []
-    if a.system:
-        messages.append({"role": "system", "content": a.system})
-    interactive = sys.stdin.isatty()
-    while True:
-        try:
-            if interactive:
-                line = input(">>> ")
-            else:
-                line = sys.stdin.readline()
-                if not line:
-                    break
-                line = line.rstrip("\n")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            break
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit"):
-            break
-        messages.append({"role": "user", "content": line})
-        parts = []
-        # The KV cache keeps the conversation so far: only the new turn is evaluated.
-        for piece in llm.stream_chat(messages, params):
-            parts.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(parts)})
-    return 0
+    return run_cli(llm, params, system=a.system)
 
 
 def cmd_verify(a) -> int:
     from .verify import run
 
+    a.model = _model_from_args(a, "model_pos")
     return run(a)
 
 
 def cmd_bench(a) -> int:
     from .default_model import resolve_model
 
+    _check_device(a)
     a.model = resolve_model(a.model)  # a path, a known model name or None, as for generate
     if a.batch:
         from .bench_batch import run as run_batch
@@ -177,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
 
     s = sub.add_parser("inspect", help="show a GGUF file's metadata and tensors", formatter_class=F)
-    s.add_argument("path", help="the GGUF file")
+    s.add_argument("path", nargs="?", default=None, help="the GGUF file or a known model name (as -m)")
+    _add_model_arg(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(fn=cmd_inspect)
 
@@ -188,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("prompt", help="the prompt text ('-': read it from stdin)")
             s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
         else:
-            s.add_argument("--system", default=None, help="system message")
+            s.add_argument("--system", default=None,
+                           help="system message (default: the chat template's own, if it has one)")
         _add_model_arg(s)
         s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto: CUDA when available, else the CPU")
@@ -199,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
 
     s = sub.add_parser("verify", help="run CPU and GPU side by side and compare every layer", formatter_class=F)
-    s.add_argument("model", nargs="?", default=None, help="a GGUF file or a known model name "
-                                                          "(default: the default model)")
+    s.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                   help="a GGUF file or a known model name (as -m)")
+    _add_model_arg(s)
     s.add_argument("--prompt", action="append", default=None, help="a prompt to run (repeatable)")
     s.add_argument("--tolerance", type=float, default=0.999, help="minimum cosine per layer")
     s.set_defaults(fn=cmd_verify)

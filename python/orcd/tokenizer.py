@@ -27,6 +27,8 @@ import re
 import threading
 from typing import Iterable, Optional
 
+from . import tokenizer_cache
+
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_NORMAL = 1
 TOKEN_UNKNOWN = 2
@@ -143,8 +145,11 @@ class Tokenizer:
 
         # On a duplicate string keep the first id (built backwards so it wins).
         vocab = dict(zip(reversed(tokens), range(n - 1, -1, -1)))
-        pairs = []
-        for k, m in enumerate(merges):
+        # Content that built a tokenizer before skips the per-merge checks (see tokenizer_cache).
+        content_key = tokenizer_cache.content_key(tokens, merges, pre)
+        known_good = tokenizer_cache.is_validated(content_key)
+        pairs = [tuple(m.split(" ")) for m in merges] if known_good else []
+        for k, m in enumerate(() if known_good else merges):
             pr = tuple(m.split(" ")) if isinstance(m, str) else ()
             if len(pr) != 2 or not pr[0] or not pr[1]:
                 raise ValueError(f"tokenizer metadata: tokenizer.ggml.merges[{k}]={m!r} "
@@ -202,6 +207,8 @@ class Tokenizer:
             if i is not None:
                 eos.add(i)
         self.eos_ids = frozenset(eos)
+        if not known_good:
+            tokenizer_cache.mark_validated(content_key)
 
     # ------------------------------------------------------------ construction
     @classmethod

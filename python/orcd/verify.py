@@ -48,10 +48,10 @@ def run(a) -> int:
     from .tokenizer import Tokenizer
     from . import _orcd
 
-    path = resolve_model(a.model)
-    if cuda_status():
+    if cuda_status():  # before assembling or reading any model
         print(f"orcd verify: CUDA is not available: {cuda_status()}", file=sys.stderr)
         return 2
+    path = resolve_model(a.model)
     with GGUFFile(path) as f:
         tok = Tokenizer.from_metadata(f.metadata)
     prompts = a.prompt or DEFAULT_PROMPTS
