@@ -680,13 +680,14 @@ def test_options_and_environment(tiny_model, monkeypatch):
     """options() reports what set_options set (None leaves a field as is); the test hooks
     are checked (a clear ValueError naming the field, the options unchanged); a new engine
     starts from the ORCD_CUDA_* switches of the environment."""
-    for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT"):
+    for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT",
+                 "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
     base = e.options()
-    assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, cluster_keys=1024,
-                        split_keys=32), base
+    assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, batch_graphs=True,
+                        resident_f16=True, sample_split=True, cluster_keys=1024, split_keys=32), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
     assert not e.paths()["graphs"]
