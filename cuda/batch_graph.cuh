@@ -17,7 +17,7 @@
 namespace orcd {
 
 // Graphs a cache holds at most: each is one step's ~15 nodes per layer.
-constexpr int kBatchGraphsMax = 32;
+constexpr int kBatchGraphsMax = 64;
 // The smallest cache bucket (the attention's splits are multiples of 256 keys).
 constexpr int kBatchKvMin = 256;
 

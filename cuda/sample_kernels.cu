@@ -431,6 +431,40 @@ __device__ int block_excl_scan(int v, int* wbuf, int* total) {
     return base + x - v;
 }
 
+// Warp 0: the bin b that holds the want-th largest key of hist (bins in descending order,
+// counts above it: cum <= want - 1 < cum + hist[b]) -> s_int[0] = b, s_int[1] = cum; the same
+// answer as sample_rows_kernel's walk from bin 255 down (bin 0 when no higher bin reaches
+// want), with each lane summing 8 bins and a warp scan instead of one thread's 256 steps.
+__device__ __forceinline__ void select_bin(const int* hist, int want, int* s_int) {
+    const int lane = threadIdx.x & 31;
+    int c[8], sum = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        c[i] = hist[255 - (8 * lane + i)];
+        sum += c[i];
+    }
+    int incl = sum;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    const unsigned reach = __ballot_sync(0xffffffffu, incl >= want);
+    const int owner = reach ? __ffs(reach) - 1 : 31;
+    if (lane == owner) {
+        int cum = incl - sum;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int b = 255 - (8 * lane + i);
+            if (b == 0 || cum + c[i] >= want) {
+                s_int[0] = b;
+                s_int[1] = cum;
+                break;
+            }
+            cum += c[i];
+        }
+    }
+}
+
 // The want-th largest key over the block's keys (key_at(e, &key): this thread's e-th key,
 // false past its end; per: the same for every thread) by a 4-pass radix select, 8 bits a
 // pass, as sample_rows_kernel does; *K: the key, *left: how many of the keys equal to K
@@ -448,15 +482,7 @@ __device__ void radix_kth(const KeyAt& key_at, int per, int want, int* hist, int
             hist_add(hist, (key >> shift) & 255u, ok && (key & mask) == prefix);
         }
         __syncthreads();
-        if (t == 0) {
-            int cum = 0, b = 255;
-            for (; b > 0; --b) {
-                if (cum + hist[b] >= want) break;
-                cum += hist[b];
-            }
-            s_int[0] = b;
-            s_int[1] = cum;
-        }
+        if (t < 32) select_bin(hist, want, s_int);
         __syncthreads();
         want -= s_int[1];
         prefix |= uint32_t(s_int[0]) << shift;

@@ -364,7 +364,8 @@ def test_info_and_errors(tiny_model):
     gpu = cu.CudaEngine(path, 32, 2, progress=lambda done, total: calls.append((done, total)))
     info = gpu.info()
     assert info["backend"] == "cuda" and info["n_ctx"] == 32 and info["n_slots"] == 2
-    assert info["vram_bytes"] == info["vram_weights"] + info["vram_kv"] + info["vram_scratch"] > 0
+    assert info["vram_bytes"] == info["vram_weights"] + info["vram_kv"] + info["vram_scratch"] + \
+        info["vram_resident_f16"] > 0
     cinfo = core.CpuEngine(path, 32, 2).info()
     for k in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "n_vocab", "tied_output"):
         assert info[k] == cinfo[k], k
