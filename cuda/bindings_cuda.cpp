@@ -8,7 +8,8 @@
 //       .decode_batch(slots, tokens, pos) -> float32 [n, n_vocab]
 //       .decode_greedy(slot, first_token, pos, n_steps) -> int32 [n_steps]   greedy tokens, argmax on the GPU
 //       .set_options(fast_decode=None, graphs=None, pdl=None, fused_prompt=None, cluster_keys=None,
-//                    split_keys=None) -> paths()   switches of the fast paths, test hooks (CudaOptions)
+//                    split_keys=None, batch_graphs=None, resident_f16=None, sample_split=None) -> paths()
+//                                     switches of the fast paths, test hooks (CudaOptions)
 //       .options() -> dict   the CudaOptions in force
 //       .paths() -> dict   what is in use: fast_decode, graphs, pdl, fused_prompt, *_available, note
 //       .profile_decode(slot, token, pos, n_steps=16) -> dict   DecodeProfile: us per step by kernel kind
@@ -94,6 +95,11 @@ nb::dict paths_dict(const orcd::CudaEngine& e) {
     r["graphs"] = p.graphs;
     r["pdl"] = p.pdl;
     r["fused_prompt"] = p.fused_prompt;
+    r["batch_graphs"] = p.batch_graphs;
+    r["batch_graphs_cached"] = p.batch_graphs_cached;
+    r["resident_f16"] = p.resident_f16;
+    r["resident_f16_bytes"] = p.resident_f16_bytes;
+    r["sample_split"] = p.sample_split;
     r["fast_decode_available"] = p.fast_decode_available;
     r["pdl_available"] = p.pdl_available;
     r["note"] = p.note;
@@ -106,6 +112,9 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["graphs"] = o.graphs;
     r["pdl"] = o.pdl;
     r["fused_prompt"] = o.fused_prompt;
+    r["batch_graphs"] = o.batch_graphs;
+    r["resident_f16"] = o.resident_f16;
+    r["sample_split"] = o.sample_split;
     r["cluster_keys"] = o.cluster_keys;
     r["split_keys"] = o.split_keys;
     return r;
@@ -134,6 +143,7 @@ nb::dict engine_info(const orcd::CudaEngine& e) {
     r["vram_weights"] = m.weights;
     r["vram_kv"] = m.kv;
     r["vram_scratch"] = m.scratch;
+    r["vram_resident_f16"] = m.resident_f16;
     r["vram_bytes"] = m.total();
     r["device"] = e.device().name;
     r["device_name"] = e.device().name;
@@ -211,7 +221,8 @@ NB_MODULE(_orcd_cuda, m) {
         .def(
             "set_options",
             [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
-               nb::object fused_prompt, nb::object cluster_keys, nb::object split_keys) {
+               nb::object fused_prompt, nb::object cluster_keys, nb::object split_keys, nb::object batch_graphs,
+               nb::object resident_f16, nb::object sample_split) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -220,6 +231,9 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!fused_prompt.is_none()) o.fused_prompt = nb::cast<bool>(fused_prompt);
                 if (!cluster_keys.is_none()) o.cluster_keys = nb::cast<int>(cluster_keys);
                 if (!split_keys.is_none()) o.split_keys = nb::cast<int>(split_keys);
+                if (!batch_graphs.is_none()) o.batch_graphs = nb::cast<bool>(batch_graphs);
+                if (!resident_f16.is_none()) o.resident_f16 = nb::cast<bool>(resident_f16);
+                if (!sample_split.is_none()) o.sample_split = nb::cast<bool>(sample_split);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -229,6 +243,7 @@ NB_MODULE(_orcd_cuda, m) {
             },
             "fast_decode"_a = nb::none(), "graphs"_a = nb::none(), "pdl"_a = nb::none(),
             "fused_prompt"_a = nb::none(), "cluster_keys"_a = nb::none(), "split_keys"_a = nb::none(),
+            "batch_graphs"_a = nb::none(), "resident_f16"_a = nb::none(), "sample_split"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })
@@ -541,7 +556,8 @@ NB_MODULE(_orcd_cuda, m) {
         "test_sample_rows",
         [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits, std::vector<nb::tuple> params,
            nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> states,
-           std::vector<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>> histories) {
+           std::vector<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>> histories,
+           bool split) {
             const int n = int(logits.shape(0)), V = int(logits.shape(1));
             std::vector<orcd::SamplerParams> ps;
             for (const nb::tuple& t : params) {
@@ -564,14 +580,15 @@ NB_MODULE(_orcd_cuda, m) {
             std::pair<std::vector<int32_t>, std::vector<uint64_t>> r;
             {
                 nb::gil_scoped_release nogil;
-                r = orcd::cuda_test::sample_rows(logits.data(), n, V, ps, st, hs);
+                r = orcd::cuda_test::sample_rows(logits.data(), n, V, ps, st, hs, split);
             }
             return nb::make_tuple(nb::cast(r.first), nb::cast(r.second));
         },
-        "logits"_a, "params"_a, "states"_a, "histories"_a,
+        "logits"_a, "params"_a, "states"_a, "histories"_a, "split"_a = true,
         "(tokens, states after the draw) of sample_rows on host logits [n, n_vocab]: row r with params[r] "
         "(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, "
-        "penalty_last_n), generator state states[r] and history histories[r].");
+        "penalty_last_n), generator state states[r] and history histories[r]; split=False: the one-block "
+        "kernel for every row.");
 
     // ---- many sequences on a C++ thread (cpp/step_loop.h) over the CUDA engine
     orcd::bind_step_loop<1>(m, "CudaStepLoop", [](const std::string& path, int n_ctx, int n_slots, int) {

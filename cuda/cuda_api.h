@@ -46,7 +46,8 @@ struct CudaMemoryUse {
     size_t weights = 0;  // the GGUF tensors as stored, plus the F32 norms/biases
     size_t kv = 0;       // fp16 K and V caches
     size_t scratch = 0;  // activations, dequantization scratch, attention partials, cuBLAS workspace
-    size_t total() const { return weights + kv + scratch; }
+    size_t resident_f16 = 0;  // the fp16 copy of the matrices the GEMM paths read (0: none, see CudaOptions)
+    size_t total() const { return weights + kv + scratch + resident_f16; }
 };
 
 // Switches of the fast paths (each on by default where the GPU allows it) and the test
@@ -56,13 +57,20 @@ struct CudaOptions {
     bool graphs = true;        // the fused decode step captured once into a CUDA graph and replayed
     bool pdl = true;           // programmatic dependent launch between the fused kernels (Hopper)
     bool fused_prompt = true;  // prompt path: fused q|k|v and gate|up GEMMs, fp16 norms, bias+RoPE+KV in one kernel
+    bool batch_graphs = true;  // decode steps of several sequences replayed from CUDA graphs per (rows, cache) bucket
+    // GEMMs read a resident fp16 copy of the matrices instead of dequantizing them each time.
+    // Its memory is taken when the engine is built and free VRAM allows (an engine built with
+    // this off never has it); turning it off later only stops its use.
+    bool resident_f16 = true;
+    bool sample_split = true;  // device sampling of top_k rows: many blocks per row, then a merge
     // The decode attention's variants (the tests reach each one through these):
     int cluster_keys = 1024;   // caches of up to this many positions: the thread-block cluster merge (Hopper); 0: never
     int split_keys = 32;       // the global merge's splits hold at least this many keys (a positive multiple of 32)
 };
 
-// The defaults with ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL and
-// ORCD_CUDA_FUSED_PROMPT applied (0, n or f: off). The only place that reads the environment.
+// The defaults with ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL,
+// ORCD_CUDA_FUSED_PROMPT, ORCD_CUDA_BATCH_GRAPHS, ORCD_CUDA_RESIDENT_F16 and
+// ORCD_CUDA_SAMPLE_SPLIT applied (0, n or f: off). The only place that reads the environment.
 CudaOptions options_from_env();
 
 // What the engine actually uses (an option is on only where the GPU and model allow it).
@@ -70,6 +78,9 @@ struct CudaPaths {
     bool fast_decode_available = false;  // the model/GPU suit the fused decode kernels
     bool pdl_available = false;          // compute capability >= 9.0
     bool fast_decode = false, graphs = false, pdl = false, fused_prompt = false;
+    bool batch_graphs = false, resident_f16 = false, sample_split = false;
+    size_t resident_f16_bytes = 0;       // the resident fp16 copy (allocated, whether in use or not)
+    int batch_graphs_cached = 0;         // instantiated batch-step graphs held now
     std::string note;                    // why something is off (empty when all is well)
 };
 
@@ -248,11 +259,12 @@ std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1
 
 // sample_rows (cuda/sample.cuh) on host logits [n_rows][n_vocab]: row r with params[r],
 // generator state states[r] and history histories[r]; returns the tokens and the states
-// after the draw.
+// after the draw. split: the split path for the rows it takes (else the one-block kernel for all).
 std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* logits, int n_rows, int n_vocab,
                                                                    const std::vector<SamplerParams>& params,
                                                                    const std::vector<uint64_t>& states,
-                                                                   const std::vector<std::vector<int32_t>>& histories);
+                                                                   const std::vector<std::vector<int32_t>>& histories,
+                                                                   bool split = true);
 
 }  // namespace cuda_test
 }  // namespace orcd

@@ -51,6 +51,9 @@ CudaOptions options_from_env() {
     o.graphs = env_on("ORCD_CUDA_GRAPHS", o.graphs);
     o.pdl = env_on("ORCD_CUDA_PDL", o.pdl);
     o.fused_prompt = env_on("ORCD_CUDA_FUSED_PROMPT", o.fused_prompt);
+    o.batch_graphs = env_on("ORCD_CUDA_BATCH_GRAPHS", o.batch_graphs);
+    o.resident_f16 = env_on("ORCD_CUDA_RESIDENT_F16", o.resident_f16);
+    o.sample_split = env_on("ORCD_CUDA_SAMPLE_SPLIT", o.sample_split);
     return o;
 }
 
@@ -66,6 +69,9 @@ void CudaEngineImpl::set_options(const CudaOptions& o) {
     sync("set_options");
     opt_ = o;
     dec_.set_options(o);
+    batch_graphs_.clear();  // they read the weights through the options' paths
+    batch_graphs_ok_ = true;
+    batch_note_.clear();
 }
 
 CudaPaths CudaEngineImpl::paths() const {
@@ -76,7 +82,14 @@ CudaPaths CudaEngineImpl::paths() const {
     p.graphs = p.fast_decode && dec_.graphs_on();
     p.pdl = p.fast_decode && dec_.pdl_on();
     p.fused_prompt = opt_.fused_prompt;
+    p.batch_graphs = batch_graphs_on();
+    p.batch_graphs_cached = batch_graphs_.size();
+    p.resident_f16 = resident_on();
+    p.resident_f16_bytes = mem_.resident_f16;
+    p.sample_split = opt_.sample_split;
     p.note = dec_.note();
+    for (const std::string* n : {&res_note_, &batch_note_})
+        if (!n->empty()) p.note += (p.note.empty() ? "" : "; ") + *n;
     return p;
 }
 
@@ -131,6 +144,8 @@ const __half* CudaEngineImpl::weights16(std::initializer_list<const DevWeight*> 
         expect = w->data + w->bytes();
     }
     if (in_place) return reinterpret_cast<const __half*>((*ws.begin())->data);
+    if (resident_on())
+        if (const __half* r = resident_.find((*ws.begin())->data)) return r;  // the group follows in order
     size_t off = 0;
     for (const DevWeight* w : ws) {
         cu::dequantize_f16(w->type, w->data, w->elems(), w16_ + off, stream_, w->name.c_str());
@@ -141,23 +156,30 @@ const __half* CudaEngineImpl::weights16(std::initializer_list<const DevWeight*> 
 
 void CudaEngineImpl::linear(const DevWeight& w, const float* x, int rows, float* y, int ldy, const float* bias,
                             bool acc, bool matvec) {
-    if (matvec && rows <= cu::kMatvecMaxRows)
+    const __half* r16 = resident_on() ? resident_.find(w.data) : nullptr;
+    if (matvec && rows <= cu::kMatvecMaxRows) {
         cu::matvec(w.type, w.data, w.row_bytes, w.n_in, w.n_out, x, w.n_in, rows, y, ldy, bias, acc, stream_,
                    w.name.c_str());
-    else
+    } else if (r16) {  // gemm_linear's product on the resident fp16 rows, in one GEMM
+        cu::f32_to_f16(x, int64_t(rows) * w.n_in, act16_, stream_, w.name.c_str());
+        cu::gemm_f16(blas_, r16, w.n_in, w.n_out, act16_, rows, y, ldy, acc, w.name.c_str());
+        if (bias) cu::add_bias(y, rows, w.n_out, ldy, bias, stream_, w.name.c_str());
+    } else {
         cu::gemm_linear(blas_, stream_, w.type, w.data, w.row_bytes, w.n_in, w.n_out, x, rows, y, ldy, bias, acc,
                         act16_, w16_, w16_elems_, w.name.c_str());
+    }
 }
 
-void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logits, Trace* trace, int trace_row0) {
-    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine step");
-    const int32_t* d_tok = d_ids_;
-    const int32_t* d_pos = d_ids_ + R_;
-    const int32_t* d_slot = d_ids_ + 2 * R_;
+void CudaEngineImpl::upload_ids() {
     CUDA_CHECK(cudaMemcpyAsync(d_ids_, pinned_ids_, size_t(R_) * 3 * 4, cudaMemcpyHostToDevice, stream_),
                "token/position upload");
     CUDA_CHECK(cudaEventRecord(upload_done_, stream_), "token/position upload");
+}
 
+void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_row0) {
+    const int32_t* d_tok = d_ids_;
+    const int32_t* d_pos = d_ids_ + R_;
+    const int32_t* d_slot = d_ids_ + 2 * R_;
     auto trace_copy = [&](int idx) {
         float* dst = trace->hidden[size_t(idx)].data() + size_t(trace_row0) * E_;
         CUDA_CHECK(cudaMemcpyAsync(dst, x_, size_t(nr) * E_ * 4, cudaMemcpyDeviceToHost, stream_), "trace copy");
@@ -208,7 +230,17 @@ void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logit
         }
         if (trace) trace_copy(l + 1);
     }
+}
 
+void CudaEngineImpl::device_logits(int nr, bool mv) {
+    cu::rmsnorm(x_, nr, E_, weights_.output_norm, d_.rms_eps, h_, stream_, "output_norm");
+    linear(weights_.output, h_, nr, logits_, V_, nullptr, false, mv);
+}
+
+void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logits, Trace* trace, int trace_row0) {
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine step");
+    upload_ids();
+    body(nr, mv, kv_max, trace, trace_row0);
     if (mode == Logits::Last) {
         if (fast_on()) {
             dec_.lm_head_last(x_ + size_t(nr - 1) * E_);
@@ -221,8 +253,7 @@ void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logit
         sync("forward (logits)");
         std::memcpy(logits, pinned_logits_, size_t(V_) * 4);
     } else if (mode == Logits::Device) {  // nr <= n_slots_ <= L_: every row's logits stay in logits_
-        cu::rmsnorm(x_, nr, E_, weights_.output_norm, d_.rms_eps, h_, stream_, "output_norm");
-        linear(weights_.output, h_, nr, logits_, V_, nullptr, false, mv);
+        device_logits(nr, mv);
     } else if (mode == Logits::All) {
         cu::rmsnorm(x_, nr, E_, weights_.output_norm, d_.rms_eps, h_, stream_, "output_norm");
         for (int r0 = 0; r0 < nr; r0 += L_) {
@@ -265,18 +296,61 @@ void CudaEngineImpl::forward(int slot, const int32_t* tokens, int n, int pos0, f
     }
 }
 
+void CudaEngineImpl::batch_step(int n, bool mv, int kv_max) {
+    // n <= n_slots_ <= min(R_, L_): the bucket fits the id, activation and logit rows
+    const int nb = batch_row_bucket(n, mv ? std::min(n_slots_, cu::kMatvecMaxRows) : n_slots_);
+    const int kvb = batch_kv_bucket(kv_max, n_ctx_);
+    for (int i = n; i < nb; ++i) {
+        pinned_ids_[i] = pinned_ids_[n - 1];
+        pinned_ids_[R_ + i] = pinned_ids_[R_ + n - 1];
+        pinned_ids_[2 * R_ + i] = pinned_ids_[2 * R_ + n - 1];
+    }
+    upload_ids();
+    auto run = [&]() {
+        body(nb, mv, kvb, nullptr, 0);
+        device_logits(nb, mv);
+    };
+    if (batch_graphs_on()) {
+        const uint64_t key = BatchGraphCache::key(mv, nb, kvb);
+        if (cudaGraphExec_t g = batch_graphs_.find(key)) {
+            CUDA_CHECK(cudaGraphLaunch(g, stream_), "batch graph launch");
+            return;
+        }
+        if (!batch_graphs_.first_use(key)) {
+            cudaGraphExec_t g = nullptr;
+            try {
+                g = record_stream_graph(stream_, run, "batch graph capture");
+            } catch (const Error& e) {
+                batch_graphs_ok_ = false;  // run uncaptured from now on
+                batch_note_ = std::string("batch graphs off: capture failed: ") + e.what();
+            }
+            if (g) {
+                batch_graphs_.put(key, g, stream_);
+                CUDA_CHECK(cudaGraphLaunch(g, stream_), "batch graph launch");
+                return;
+            }
+        }
+    }
+    run();
+}
+
 void CudaEngineImpl::decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                                   float* logits) {
     check_decode_batch_args(*this, n, slots, tokens, pos);  // so n <= n_slots_ (distinct slots)
     int kv_max = 0;
     for (int i = 0; i < n; ++i) kv_max = std::max(kv_max, pos[i] + 1);
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_batch");
     CUDA_CHECK(cudaEventSynchronize(upload_done_), "decode_batch");
     for (int i = 0; i < n; ++i) {
         pinned_ids_[i] = tokens[i];
         pinned_ids_[R_ + i] = pos[i];
         pinned_ids_[2 * R_ + i] = slots[i];
     }
-    step(n, n <= cu::kMatvecMaxRows, kv_max, Logits::All, logits, nullptr, 0);
+    batch_step(n, n <= cu::kMatvecMaxRows, kv_max);
+    CUDA_CHECK(cudaMemcpyAsync(pinned_logits_, logits_, size_t(n) * V_ * 4, cudaMemcpyDeviceToHost, stream_),
+               "logits copy");
+    sync("decode_batch (logits)");
+    std::memcpy(logits, pinned_logits_, size_t(n) * V_ * 4);
 }
 
 bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
@@ -288,8 +362,9 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
     }
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_batch_sample");
     CUDA_CHECK(cudaEventSynchronize(upload_done_), "decode_batch_sample");  // pinned ids (and rows) free again
-    // Stage each row and its penalty window (the last penalty_last_n tokens, or all), packed.
-    const SampleLayout lay = sample_layout(n_slots_);
+    // Stage each row and its penalty window (the last penalty_last_n tokens, or all), packed
+    // right after the rows: one upload for both.
+    const SampleLayout lay = sample_layout(n_slots_, V_);
     auto* prow = reinterpret_cast<cu::SampleRow*>(samp_pinned_ + lay.rows);
     auto* phist = reinterpret_cast<int32_t*>(samp_pinned_ + lay.hist);
     const auto* dhist = reinterpret_cast<const int32_t*>(samp_dev_ + lay.hist);
@@ -304,11 +379,9 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
         prow[i] = cu::SampleRow{p, rows[i].rng_state, dhist + used, w};
         used += size_t(w);
     }
-    CUDA_CHECK(cudaMemcpyAsync(samp_dev_ + lay.rows, samp_pinned_ + lay.rows, sizeof(cu::SampleRow) * size_t(n),
-                               cudaMemcpyHostToDevice, stream_), "sampling rows upload");
-    if (used)
-        CUDA_CHECK(cudaMemcpyAsync(samp_dev_ + lay.hist, samp_pinned_ + lay.hist, used * 4, cudaMemcpyHostToDevice,
-                                   stream_), "sampling history upload");
+    const size_t up_bytes = used ? lay.hist + used * 4 : sizeof(cu::SampleRow) * size_t(n);
+    CUDA_CHECK(cudaMemcpyAsync(samp_dev_ + lay.rows, samp_pinned_ + lay.rows, up_bytes, cudaMemcpyHostToDevice,
+                               stream_), "sampling rows upload");
     if (n == 1 && fast_on()) {
         dec_.start(slots[0], tokens[0], pos[0]);  // the fused step: its logits land in logits_
         dec_.run(false, pos[0] + 1);
@@ -322,16 +395,15 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
         }
         // the GEMM path from two rows on: the 8-row mat-vec path took 4.8 ms a step at 8 rows on
         // the H200, more than the GEMM path at 32 (docs/perf_log.md, round 4)
-        step(n, false, kv_max, Logits::Device, nullptr, nullptr, 0);
+        batch_step(n, false, kv_max);
     }
     auto* dtok = reinterpret_cast<int32_t*>(samp_dev_ + lay.tokens);
     auto* dst = reinterpret_cast<uint64_t*>(samp_dev_ + lay.states);
     cu::launch_sample_rows(logits_, n, V_, reinterpret_cast<const cu::SampleRow*>(samp_dev_ + lay.rows), dtok, dst,
-                           stream_);
-    CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.tokens, dtok, size_t(n) * 4, cudaMemcpyDeviceToHost, stream_),
-               "sampled tokens copy");
-    CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.states, dst, size_t(n) * 8, cudaMemcpyDeviceToHost, stream_),
-               "sampled states copy");
+                           stream_, samp_dev_ + lay.work, prow, opt_.sample_split);
+    // tokens and states come back in one copy (the states follow the tokens' region)
+    CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.tokens, dtok, lay.states - lay.tokens + size_t(n) * 8,
+                               cudaMemcpyDeviceToHost, stream_), "sampled tokens copy");
     CUDA_CHECK(cudaEventRecord(upload_done_, stream_), "decode_batch_sample");
     sync("decode_batch_sample");
     const auto* ptok = reinterpret_cast<const int32_t*>(samp_pinned_ + lay.tokens);

@@ -6,9 +6,11 @@
 #include <memory>
 #include <string>
 
+#include "batch_graph.cuh"
 #include "cuda_common.cuh"
 #include "engine_weights.cuh"
 #include "fused_decoder.cuh"
+#include "resident_f16.cuh"
 #include "sample.cuh"
 
 namespace orcd {
@@ -18,17 +20,20 @@ namespace orcd {
 enum class Logits { None, Last, All, Device };
 
 // Byte offsets of the device-sampling buffers (the same layout on the device and in
-// pinned memory): n_slots SampleRows, n_slots penalty windows, tokens, generator states.
+// pinned memory): n_slots SampleRows, n_slots penalty windows, tokens, generator states
+// (rows and windows go up in one copy, tokens and states come back in one), then the
+// sampler's workspace (device only).
 struct SampleLayout {
-    size_t rows = 0, hist = 0, tokens = 0, states = 0, bytes = 0;
+    size_t rows = 0, hist = 0, tokens = 0, states = 0, work = 0, bytes = 0;
 };
-inline SampleLayout sample_layout(int n_slots) {
+inline SampleLayout sample_layout(int n_slots, int n_vocab) {
     auto up = [](size_t b) { return (b + 255) & ~size_t(255); };
     SampleLayout l;
     l.hist = up(sizeof(cu::SampleRow) * size_t(n_slots));
     l.tokens = l.hist + up(size_t(n_slots) * kDevicePenaltyWindowMax * 4);
     l.states = l.tokens + up(size_t(n_slots) * 4);
-    l.bytes = l.states + up(size_t(n_slots) * 8);
+    l.work = l.states + up(size_t(n_slots) * 8);
+    l.bytes = l.work + up(cu::sample_workspace_bytes(n_slots, n_vocab));
     return l;
 }
 
@@ -67,6 +72,17 @@ private:
     void check_greedy_args(const char* who, int slot, int32_t token, int pos, int n_steps) const;
     // Runs nr rows whose ids/positions/slots are in pinned_ids_ [0,R) [R,2R) [2R,3R).
     void step(int nr, bool matvec, int kv_max, Logits mode, float* logits, Trace* trace, int trace_row0);
+    void upload_ids();  // pinned_ids_ -> d_ids_, then upload_done_
+    // The kernels of a step after the upload: embedding and layers of nr rows over a cache
+    // plan of kv_max positions (trace: the residual stream after each to the host).
+    void body(int nr, bool matvec, int kv_max, Trace* trace, int trace_row0);
+    void device_logits(int nr, bool matvec);  // every row's logits into logits_
+    // A decode step of n sequences staged in pinned_ids_ rows [0, n): padded to the row and
+    // cache buckets (batch_graph.cuh), replayed from a graph when batch graphs are on; every
+    // row's logits in logits_ after it (rows >= n: copies of row n-1).
+    void batch_step(int n, bool matvec, int kv_max);
+    bool batch_graphs_on() const { return opt_.batch_graphs && batch_graphs_ok_; }
+    bool resident_on() const { return opt_.resident_f16 && res_buf_ != nullptr; }
     void linear(const DevWeight& w, const float* x, int rows, float* y, int ldy, const float* bias, bool acc,
                 bool matvec);
     // fp16 weights of ws (adjacent in memory) for one GEMM: in place when they are F16, else dequantized
@@ -87,12 +103,19 @@ private:
     cublasHandle_t blas_ = nullptr;
     cudaEvent_t upload_done_ = nullptr;
     uint8_t* wbuf_ = nullptr;  // weights
+    __half* res_buf_ = nullptr;  // the resident fp16 copy (null: none)
+    ResidentF16 resident_;
+    std::string res_note_;       // why there is no resident copy ("" when there is or it was not asked for)
+    BatchGraphCache batch_graphs_;
+    bool batch_graphs_ok_ = true;
+    std::string batch_note_;     // why batch graphs stopped
     uint8_t* sbuf_ = nullptr;  // scratch
     __half *kc_ = nullptr, *vc_ = nullptr;
     int32_t* pinned_ids_ = nullptr;
     float* pinned_logits_ = nullptr;
     // device sampling: per slot a SampleRow, a penalty window of history, the token and the
-    // generator state out; pinned staging in the same layout (samp_bytes_ each)
+    // generator state out, then the sampler's workspace (samp_bytes_ in all); pinned staging
+    // in the same layout up to the workspace
     uint8_t* samp_dev_ = nullptr;
     uint8_t* samp_pinned_ = nullptr;
     size_t samp_bytes_ = 0;

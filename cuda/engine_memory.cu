@@ -4,7 +4,9 @@
 //
 // Device memory: the weights buffer, the K and V caches (fp16 [slot][layer][pos][n_head_kv *
 // head_dim]) and one scratch buffer carved into the slices below. Prompts run in chunks of
-// up to kPromptChunk tokens, so the activations hold max(chunk, n_slots) rows.
+// up to kPromptChunk tokens, so the activations hold max(chunk, n_slots) rows. When
+// CudaOptions::resident_f16 is on and the GPU has the room (everything else, then
+// kResidentHeadroom left free), a resident fp16 copy of the matrices (resident_f16.cuh).
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -23,6 +25,8 @@ constexpr size_t kCublasWorkspace = size_t(32) << 20;
 constexpr size_t kReserve = size_t(64) << 20;      // CUDA context growth and cuBLAS internals
 constexpr size_t kW16MaxElems = size_t(16) << 20;  // fp16 scratch cap: lm_head is dequantized in chunks
 constexpr int kLogitRowsMin = 16;
+// Free memory the resident fp16 copy must leave: other processes and the CUDA context's growth.
+constexpr size_t kResidentHeadroom = size_t(1) << 30;
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -55,10 +59,13 @@ void CudaEngineImpl::release() noexcept {
     upload_done_ = nullptr;
     if (stream_) cudaStreamDestroy(stream_);
     stream_ = nullptr;
+    batch_graphs_.clear();
+    resident_.clear();
     for (void* p : {static_cast<void*>(wbuf_), static_cast<void*>(sbuf_), static_cast<void*>(kc_),
-                    static_cast<void*>(vc_)})
+                    static_cast<void*>(vc_), static_cast<void*>(res_buf_)})
         if (p) cudaFree(p);
     wbuf_ = sbuf_ = nullptr;
+    res_buf_ = nullptr;
     kc_ = vc_ = nullptr;
     if (pinned_ids_) cudaFreeHost(pinned_ids_);
     if (pinned_logits_) cudaFreeHost(pinned_logits_);
@@ -108,7 +115,8 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     dec_.set_options(opt_);
 
     const size_t fR = size_t(R_);
-    samp_bytes_ = sample_layout(n_slots_).bytes;
+    const SampleLayout slay = sample_layout(n_slots_, V_);
+    samp_bytes_ = slay.bytes;
     auto slice = [](auto** p, size_t bytes) { return ScratchSlice{reinterpret_cast<void**>(p), bytes}; };
     std::vector<ScratchSlice> slices = {
         slice(&x_, fR * E_ * 4),
@@ -144,6 +152,13 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
                         fmt_bytes(mem_.weights) + ", KV cache " + fmt_bytes(mem_.kv) + " for n_ctx=" +
                         std::to_string(n_ctx_) + " x n_slots=" + std::to_string(n_slots_) + ", scratch " +
                         fmt_bytes(mem_.scratch) + ", reserve " + fmt_bytes(kReserve) + ")");
+    // the resident fp16 copy only where it leaves kResidentHeadroom free
+    size_t res_bytes = opt_.resident_f16 ? ResidentF16::bytes_for(d_) : 0;
+    if (res_bytes && need + res_bytes + kResidentHeadroom > info_.free_mem) {
+        res_note_ = "resident fp16 weights off: they need " + fmt_bytes(res_bytes) + ", " +
+                    fmt_bytes(info_.free_mem - need) + " free after the rest";
+        res_bytes = 0;
+    }
 
     // ---- allocate
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), where);
@@ -152,6 +167,11 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&kc_), kv_bytes), where + ": K cache, " + fmt_bytes(kv_bytes));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&vc_), kv_bytes), where + ": V cache, " + fmt_bytes(kv_bytes));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sbuf_), sbytes), where + ": scratch, " + fmt_bytes(sbytes));
+    if (res_bytes) {
+        CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&res_buf_), res_bytes),
+                   where + ": resident fp16 weights, " + fmt_bytes(res_bytes));
+        mem_.resident_f16 = res_bytes;
+    }
     CUDA_CHECK(cudaMemsetAsync(kc_, 0, kv_bytes, stream_), where + ": K cache");
     CUDA_CHECK(cudaMemsetAsync(vc_, 0, kv_bytes, stream_), where + ": V cache");
     {
@@ -170,13 +190,15 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_logits_), size_t(L_) * V_ * 4),
                where + ": pinned logits");
     std::memset(pinned_ids_, 0, fR * 3 * 4);
-    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&samp_pinned_), samp_bytes_), where + ": pinned sampling rows");
+    // pinned: the staged rows, windows, tokens and states (not the sampler's workspace)
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&samp_pinned_), slay.work), where + ": pinned sampling rows");
     CUBLAS_CHECK(cublasCreate(&blas_), where);
     CUBLAS_CHECK(cublasSetStream(blas_, stream_), where);
     CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace), where);
 
     // ---- upload, then the fused decoder's arguments
     weights_.upload(d_, wbuf_, progress, where);
+    if (res_buf_) resident_.build(weights_, res_buf_, res_bytes, stream_);
     DecodeBuffers db;
     db.x = x_;
     db.q = q_;

@@ -627,7 +627,7 @@ std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1
 std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* logits, int n_rows, int n_vocab,
                                                                    const std::vector<SamplerParams>& params,
                                                                    const std::vector<uint64_t>& states,
-                                                                   const std::vector<std::vector<int32_t>>& histories) {
+                                                                   const std::vector<std::vector<int32_t>>& histories, bool split) {
     ready();
     if (n_rows < 1 || n_vocab < 1) throw Error("sample_rows: need n_rows >= 1 and n_vocab >= 1");
     if (params.size() != size_t(n_rows) || states.size() != size_t(n_rows) || histories.size() != size_t(n_rows))
@@ -655,7 +655,9 @@ std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* 
     DBuf<int32_t> d_tok(size_t(n_rows), "sample_rows tokens");
     DBuf<uint64_t> d_state(size_t(n_rows), "sample_rows states");
     CUDA_CHECK(cudaMemset(d_tok.p, 0xFF, size_t(n_rows) * 4), "sample_rows");
-    cu::launch_sample_rows(d_logits.p, n_rows, n_vocab, d_rows.p, d_tok.p, d_state.p, nullptr);
+    DBuf<uint8_t> d_work(cu::sample_workspace_bytes(n_rows, n_vocab), "sample_rows workspace");
+    cu::launch_sample_rows(d_logits.p, n_rows, n_vocab, d_rows.p, d_tok.p, d_state.p, nullptr, d_work.p, nullptr,
+                           split);
     return {d_tok.download("sample_rows"), d_state.download("sample_rows")};
 }
 

@@ -1,4 +1,4 @@
-// sample.cuh - sampling on the GPU: one block per row of logits, the chain of
+// sample.cuh - sampling on the GPU: per row of logits the chain of
 // cpp/sampler.h (its CPU twin, Sampler::sample) step for step, so only token ids
 // leave the device.
 //
@@ -36,8 +36,23 @@ struct SampleRow {
 // logits: [n_rows, n_vocab] fp32 on the device, overwritten (penalised, sanitised).
 // rows: n_rows SampleRow on the device. out_token[r]: the token (-1 if every logit is
 // -inf/NaN); out_state[r]: the generator state after the draw.
+//
+// Rows that are greedy or have top_k in [1, kDeviceTopKMax] (below n_vocab) take the split
+// path when `split`: one block per slice of kSampleSlice logits sanitises and penalises its
+// slice and keeps its first maximum and its own top_k (ties: lowest ids), then one block per
+// row merges those and runs the same chain on them. The global top_k set is contained in the
+// union of the slices' top_k sets (ordered by (logit desc, id asc)), the merge lays it out in
+// the order the one-block kernel does and runs the same code on it, so the tokens and
+// generator states are the one-block kernel's bit for bit. Other rows (top_k off) take the
+// one-block kernel.
+// host_rows: the same rows on the host (picks the launches; null: every kernel is launched
+// and each row's kernel is chosen on the device). workspace: sample_workspace_bytes(n_rows,
+// n_vocab) bytes of device memory.
+constexpr int kSampleSlice = 4096;
+size_t sample_workspace_bytes(int n_rows, int n_vocab);
 void launch_sample_rows(float* logits, int n_rows, int n_vocab, const SampleRow* rows, int32_t* out_token,
-                        uint64_t* out_state, cudaStream_t stream);
+                        uint64_t* out_state, cudaStream_t stream, void* workspace, const SampleRow* host_rows,
+                        bool split);
 
 }  // namespace cu
 }  // namespace orcd

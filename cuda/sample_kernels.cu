@@ -1,6 +1,7 @@
-// sample_kernels.cu - sample_rows: the CPU sampler's chain (cpp/sampler.cpp) on the GPU,
-// one 1024-thread block per row. See sample.cuh for what is supported and how the two
-// can differ (rounding of sums only).
+// sample_kernels.cu - sample_rows: the CPU sampler's chain (cpp/sampler.cpp) on the GPU.
+// See sample.cuh for what is supported, how the two can differ (rounding of sums only) and
+// which rows take the split path (sample_slices_kernel + sample_merge_kernel below) instead
+// of the one-block kernel (sample_rows_kernel, one 1024-thread block per row).
 //
 // Per row: sanitise (NaN -> -inf, +inf -> FLT_MAX, -0 -> +0 so equal floats have equal
 // keys) -> penalties over the history window -> first maximum (greedy ends here) ->
@@ -36,6 +37,33 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
 __device__ __forceinline__ uint32_t key_of(float v) {
     const uint32_t b = __float_as_uint(v);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// The chain's first step: NaN -> -inf, +inf -> FLT_MAX, -0 -> +0.
+__device__ __forceinline__ float sanitized(float v) {
+    if (isnan(v)) v = -INFINITY;
+    else if (v > FLT_MAX) v = FLT_MAX;
+    else if (v == 0.0f) v = 0.0f;
+    return v;
+}
+
+// A token's logit after its penalties (it occurs `count` times in the window).
+__device__ __forceinline__ float penalized(float v, int count, const SamplerParams& p, bool rep) {
+    if (rep) v = v > 0.0f ? v / p.repetition_penalty : v * p.repetition_penalty;
+    v -= float(count) * p.frequency_penalty + p.presence_penalty;
+    if (isnan(v)) v = -INFINITY;
+    return v;
+}
+
+__device__ __forceinline__ bool has_penalties(const SampleRow& row) {
+    const SamplerParams& p = row.p;
+    return (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) &&
+           row.n_history > 0 && p.penalty_last_n != 0;
+}
+
+// The rows the split path takes: greedy, or a top_k set the merge can hold.
+__device__ __host__ __forceinline__ bool split_row(const SamplerParams& p, int V) {
+    return p.temperature == 0.0f || (p.top_k > 0 && p.top_k < V && p.top_k <= kMaxCand);
 }
 
 // Inclusive scan of v over the block (every thread passes one value); returns this
@@ -92,8 +120,74 @@ __device__ void bitonic_sort_desc(uint64_t* s) {
     }
 }
 
+// The chain from the gathered top_k set on (both kernels run this same code): sbuf[0, C)
+// holds the set's ids, those above the k-th key in id order, then the ties at it (lowest
+// ids first). Normaliser z over the set at temperature 1, min_p, sort by (logit desc, id
+// asc), top_p cut by a prefix sum, re-sort by id, temperature weights, the draw.
+__device__ void draw_top_k(const float* w, int C, float lmax, int best, double u, double inv_t, bool use_min_p,
+                           double lmin, const SamplerParams& p, uint64_t* sbuf, double* dbuf, int* ibuf, int* s_int,
+                           int32_t* out) {
+    const int t = threadIdx.x;
+    const float ninf = -INFINITY;
+    // normaliser over the top_k set at temperature 1, then min_p, sorted by (logit desc, id asc)
+    const int id = t < C ? int(sbuf[t]) : -1;
+    const float wi = id >= 0 ? w[id] : ninf;
+    const double e1 = id >= 0 ? exp(double(wi) - double(lmax)) : 0.0;
+    double z;
+    block_scan(e1, dbuf, &z);
+    const bool kept = id >= 0 && !(use_min_p && double(wi) < lmin);
+    __syncthreads();
+    sbuf[t] = kept ? (uint64_t(key_of(wi)) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id)) : 0ull;
+    __syncthreads();
+    bitonic_sort_desc(sbuf);
+    int M;
+    block_scan_int(kept ? 1 : 0, ibuf, &M);
+    int keepN = M;
+    if (p.top_p < 1.0f) {
+        const int sid = t < M ? int(0xFFFFFFFFu - uint32_t(sbuf[t] & 0xFFFFFFFFull)) : -1;
+        const double e = sid >= 0 ? exp(double(w[sid]) - double(lmax)) : 0.0;
+        double tot;
+        const double cum = block_scan(e, dbuf, &tot);
+        const double target = double(p.top_p) * z;
+        if (t == 0) s_int[2] = M;
+        __syncthreads();
+        const double prev = t > 0 ? dbuf[t - 1] : 0.0;
+        if (t < M && cum >= target && prev < target) s_int[2] = t + 1;
+        __syncthreads();
+        keepN = s_int[2];
+    }
+    // the kept prefix, re-sorted by id: the low word (~id) alone sorts descending = ascending id
+    const uint64_t low = t < keepN ? (sbuf[t] & 0xFFFFFFFFull) : 0ull;
+    __syncthreads();
+    sbuf[t] = low;
+    __syncthreads();
+    bitonic_sort_desc(sbuf);
+    const int fid = t < keepN ? int(0xFFFFFFFFu - uint32_t(sbuf[t])) : -1;
+    const double e = fid >= 0 ? exp((double(w[fid]) - double(lmax)) * inv_t) : 0.0;
+    double total;
+    const double cum = block_scan(e, dbuf, &total);
+    const double target = u * total;
+    if (t == 0) s_int[3] = -1;
+    __syncthreads();
+    const double prev = t > 0 ? dbuf[t - 1] : 0.0;
+    if (fid >= 0 && e > 0.0 && target < cum && target >= prev) s_int[3] = fid;
+    __syncthreads();
+    if (s_int[3] < 0) {  // rounding: the last positive weight in id order
+        ibuf[t] = (fid >= 0 && e > 0.0) ? t : -1;
+        __syncthreads();
+        if (t == 0) {
+            int lt = -1;
+            for (int q = kThreads - 1; q >= 0 && lt < 0; --q) lt = ibuf[q];
+            s_int[3] = lt >= 0 ? int(0xFFFFFFFFu - uint32_t(sbuf[lt])) : best;
+        }
+        __syncthreads();
+    }
+    if (t == 0) *out = s_int[3];
+}
+
 __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, int V, const SampleRow* rows,
-                                                               int32_t* out_token, uint64_t* out_state) {
+                                                               int32_t* out_token, uint64_t* out_state,
+                                                               bool skip_split) {
     __shared__ double dbuf[kThreads];
     __shared__ int ibuf[kThreads];
     __shared__ uint64_t sbuf[kMaxCand];
@@ -109,21 +203,15 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
     float* w = logits + size_t(r) * size_t(V);
     const float ninf = -INFINITY;
 
+    if (skip_split && split_row(p, V)) return;  // sample_slices_kernel + sample_merge_kernel take it
+
     // 1. sanitise
-    for (int i = t; i < V; i += kThreads) {
-        float v = w[i];
-        if (isnan(v)) v = ninf;
-        else if (v > FLT_MAX) v = FLT_MAX;
-        else if (v == 0.0f) v = 0.0f;
-        w[i] = v;
-    }
+    for (int i = t; i < V; i += kThreads) w[i] = sanitized(w[i]);
     __syncthreads();
 
     // 2. penalties: each distinct token of the window once, by the thread holding its first occurrence
     const bool rep = p.repetition_penalty != 1.0f;
-    const bool pres = p.presence_penalty != 0.0f;
-    const bool freq = p.frequency_penalty != 0.0f;
-    if ((rep || pres || freq) && row.n_history > 0 && p.penalty_last_n != 0) {
+    if (has_penalties(row)) {
         const int n = p.penalty_last_n < 0 ? row.n_history : min(row.n_history, p.penalty_last_n);
         const int32_t* win = row.history + (row.n_history - n);
         for (int j = t; j < n; j += kThreads) {
@@ -133,11 +221,7 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
             if (!first) continue;
             int count = 0;
             for (int k = j; k < n; ++k) count += win[k] == tok;
-            float v = w[tok];
-            if (rep) v = v > 0.0f ? v / p.repetition_penalty : v * p.repetition_penalty;
-            v -= float(count) * p.frequency_penalty + p.presence_penalty;
-            if (isnan(v)) v = ninf;
-            w[tok] = v;
+            w[tok] = penalized(w[tok], count, p, rep);
         }
     }
     __syncthreads();
@@ -290,69 +374,359 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
     }
     __syncthreads();
 
-    // normaliser over the top_k set at temperature 1, then min_p, sorted by (logit desc, id asc)
-    const int id = t < C ? int(sbuf[t]) : -1;
-    const float wi = id >= 0 ? w[id] : ninf;
-    const double e1 = id >= 0 ? exp(double(wi) - double(lmax)) : 0.0;
-    double z;
-    block_scan(e1, dbuf, &z);
-    const bool kept = id >= 0 && !(use_min_p && double(wi) < lmin);
-    __syncthreads();
-    sbuf[t] = kept ? (uint64_t(key_of(wi)) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id)) : 0ull;
-    __syncthreads();
-    bitonic_sort_desc(sbuf);
-    int M;
-    block_scan_int(kept ? 1 : 0, ibuf, &M);
-    int keepN = M;
-    if (p.top_p < 1.0f) {
-        const int sid = t < M ? int(0xFFFFFFFFu - uint32_t(sbuf[t] & 0xFFFFFFFFull)) : -1;
-        const double e = sid >= 0 ? exp(double(w[sid]) - double(lmax)) : 0.0;
-        double tot;
-        const double cum = block_scan(e, dbuf, &tot);
-        const double target = double(p.top_p) * z;
-        if (t == 0) s_int[2] = M;
-        __syncthreads();
-        const double prev = t > 0 ? dbuf[t - 1] : 0.0;
-        if (t < M && cum >= target && prev < target) s_int[2] = t + 1;
-        __syncthreads();
-        keepN = s_int[2];
+    draw_top_k(w, C, lmax, best, u, inv_t, use_min_p, lmin, p, sbuf, dbuf, ibuf, s_int, out_token + r);
+}
+
+// ---------------------------------------------------------------- the split path
+// sample_slices_kernel: block (slice b, row r) sanitises and penalises logits [b*kSampleSlice,
+// +kSampleSlice) of row r in place, records the slice's first maximum and (top_k rows) its
+// own top_k ids in id order. sample_merge_kernel: one block per row takes the first maximum
+// over the slices, the k-th key over the candidates (the same as over the row: they hold the
+// row's top_k), gathers the set as sample_rows_kernel does and runs draw_top_k.
+
+constexpr int kSliceThreads = 256;
+constexpr int kSlicePer = kSampleSlice / kSliceThreads;  // contiguous logits per thread
+
+struct MaxPart {
+    float w;
+    int i;  // -1: every logit of the slice is -inf
+};
+
+__host__ __device__ inline int n_slices(int V) { return (V + kSampleSlice - 1) / kSampleSlice; }
+// Per row of the workspace: n_slices MaxParts, then n_slices candidate lists of kMaxCand ids.
+__host__ __device__ inline size_t work_row_bytes(int S) { return size_t(S) * (sizeof(MaxPart) + size_t(kMaxCand) * 4); }
+
+// hist[bin] += 1 for every active lane, one atomic per distinct bin of the warp (the top
+// bytes of logits of similar size collide: per-lane atomics on one address serialise).
+__device__ __forceinline__ void hist_add(int* hist, uint32_t bin, bool active) {
+    const unsigned act = __ballot_sync(0xffffffffu, active);
+    if (!active) return;
+    const unsigned peers = __match_any_sync(act, bin);
+    if (int(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+}
+
+// Exclusive prefix sum of v over the block (blockDim.x a multiple of 32); *total: the sum.
+// wbuf: 32 ints of shared memory.
+__device__ int block_excl_scan(int v, int* wbuf, int* total) {
+    const int t = threadIdx.x, lane = t & 31, wid = t >> 5, nw = int(blockDim.x) >> 5;
+    int x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
     }
-    // the kept prefix, re-sorted by id: the low word (~id) alone sorts descending = ascending id
-    const uint64_t low = t < keepN ? (sbuf[t] & 0xFFFFFFFFull) : 0ull;
+    if (lane == 31) wbuf[wid] = x;
     __syncthreads();
-    sbuf[t] = low;
+    if (wid == 0) {
+        int s = lane < nw ? wbuf[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
+        }
+        if (lane < nw) wbuf[lane] = s;
+    }
     __syncthreads();
-    bitonic_sort_desc(sbuf);
-    const int fid = t < keepN ? int(0xFFFFFFFFu - uint32_t(sbuf[t])) : -1;
-    const double e = fid >= 0 ? exp((double(w[fid]) - double(lmax)) * inv_t) : 0.0;
-    double total;
-    const double cum = block_scan(e, dbuf, &total);
-    const double target = u * total;
-    if (t == 0) s_int[3] = -1;
+    const int base = wid ? wbuf[wid - 1] : 0;
+    *total = wbuf[nw - 1];
     __syncthreads();
-    const double prev = t > 0 ? dbuf[t - 1] : 0.0;
-    if (fid >= 0 && e > 0.0 && target < cum && target >= prev) s_int[3] = fid;
-    __syncthreads();
-    if (s_int[3] < 0) {  // rounding: the last positive weight in id order
-        ibuf[t] = (fid >= 0 && e > 0.0) ? t : -1;
+    return base + x - v;
+}
+
+// Warp 0: the bin b that holds the want-th largest key of hist (bins in descending order,
+// counts above it: cum <= want - 1 < cum + hist[b]) -> s_int[0] = b, s_int[1] = cum; the same
+// answer as sample_rows_kernel's walk from bin 255 down (bin 0 when no higher bin reaches
+// want), with each lane summing 8 bins and a warp scan instead of one thread's 256 steps.
+__device__ __forceinline__ void select_bin(const int* hist, int want, int* s_int) {
+    const int lane = threadIdx.x & 31;
+    int c[8], sum = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        c[i] = hist[255 - (8 * lane + i)];
+        sum += c[i];
+    }
+    int incl = sum;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    const unsigned reach = __ballot_sync(0xffffffffu, incl >= want);
+    const int owner = reach ? __ffs(reach) - 1 : 31;
+    if (lane == owner) {
+        int cum = incl - sum;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int b = 255 - (8 * lane + i);
+            if (b == 0 || cum + c[i] >= want) {
+                s_int[0] = b;
+                s_int[1] = cum;
+                break;
+            }
+            cum += c[i];
+        }
+    }
+}
+
+// The want-th largest key over the block's keys (key_at(e, &key): this thread's e-th key,
+// false past its end; per: the same for every thread) by a 4-pass radix select, 8 bits a
+// pass, as sample_rows_kernel does; *K: the key, *left: how many of the keys equal to K
+// are among the want largest.
+template <class KeyAt>
+__device__ void radix_kth(const KeyAt& key_at, int per, int want, int* hist, int* s_int, uint32_t* K, int* left) {
+    const int t = threadIdx.x;
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = t; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        if (t == 0) {
-            int lt = -1;
-            for (int q = kThreads - 1; q >= 0 && lt < 0; --q) lt = ibuf[q];
-            s_int[3] = lt >= 0 ? int(0xFFFFFFFFu - uint32_t(sbuf[lt])) : best;
+        for (int e = 0; e < per; ++e) {
+            uint32_t key = 0;
+            const bool ok = key_at(e, &key);
+            hist_add(hist, (key >> shift) & 255u, ok && (key & mask) == prefix);
+        }
+        __syncthreads();
+        if (t < 32) select_bin(hist, want, s_int);
+        __syncthreads();
+        want -= s_int[1];
+        prefix |= uint32_t(s_int[0]) << shift;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    *K = prefix;
+    *left = want;
+}
+
+// First maximum of the block: (lw, li) per thread, ties to the lowest id, -1 when none;
+// red_w/red_i: one slot per warp. Every thread gets the result.
+__device__ void block_first_max(float lw, int li, float* red_w, int* red_i, float* bw_out, int* bi_out) {
+    const int t = threadIdx.x, nw = int(blockDim.x) >> 5;
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ow = __shfl_xor_sync(0xffffffffu, lw, off);
+        const int oi = __shfl_xor_sync(0xffffffffu, li, off);
+        if (ow > lw || (ow == lw && oi >= 0 && (li < 0 || oi < li))) { lw = ow; li = oi; }
+    }
+    if ((t & 31) == 0) { red_w[t >> 5] = lw; red_i[t >> 5] = li; }
+    __syncthreads();
+    if (t == 0) {
+        float bw = red_w[0];
+        int bi = red_i[0];
+        for (int k = 1; k < nw; ++k)
+            if (red_w[k] > bw || (red_w[k] == bw && red_i[k] >= 0 && (bi < 0 || red_i[k] < bi))) {
+                bw = red_w[k];
+                bi = red_i[k];
+            }
+        red_w[0] = bw;
+        red_i[0] = bi;
+    }
+    __syncthreads();
+    *bw_out = red_w[0];
+    *bi_out = red_i[0];
+}
+
+__global__ void __launch_bounds__(kSliceThreads) sample_slices_kernel(float* logits, int V, const SampleRow* rows,
+                                                                      uint8_t* work, int S) {
+    __shared__ float sv[kSampleSlice];
+    __shared__ int hist[256];
+    __shared__ int wbuf[32];
+    __shared__ float red_w[kSliceThreads / 32];
+    __shared__ int red_i[kSliceThreads / 32];
+    __shared__ int s_int[2];
+
+    const int b = blockIdx.x, r = blockIdx.y, t = threadIdx.x;
+    const SampleRow& row = rows[r];
+    const SamplerParams& p = row.p;
+    if (!split_row(p, V)) return;  // sample_rows_kernel takes it
+    float* w = logits + size_t(r) * size_t(V);
+    const int s0 = b * kSampleSlice, len = min(kSampleSlice, V - s0);
+
+    // 1. sanitise, 2. penalties (the tokens of this slice), each as sample_rows_kernel
+    for (int i = t; i < len; i += kSliceThreads) sv[i] = sanitized(w[s0 + i]);
+    __syncthreads();
+    if (has_penalties(row)) {
+        const bool rep = p.repetition_penalty != 1.0f;
+        const int n = p.penalty_last_n < 0 ? row.n_history : min(row.n_history, p.penalty_last_n);
+        const int32_t* win = row.history + (row.n_history - n);
+        for (int j = t; j < n; j += kSliceThreads) {
+            const int32_t tok = win[j];
+            if (tok < s0 || tok >= s0 + len) continue;
+            bool first = true;
+            for (int k = 0; k < j && first; ++k) first = win[k] != tok;
+            if (!first) continue;
+            int count = 0;
+            for (int k = j; k < n; ++k) count += win[k] == tok;
+            sv[tok - s0] = penalized(sv[tok - s0], count, p, rep);
         }
         __syncthreads();
     }
-    if (t == 0) out_token[r] = s_int[3];
+    for (int i = t; i < len; i += kSliceThreads) w[s0 + i] = sv[i];  // the merge reads the set's logits here
+
+    // 3. the slice's first maximum
+    const int c0 = t * kSlicePer;
+    float lw = -INFINITY;
+    int li = -1;
+    for (int e = 0; e < kSlicePer; ++e) {
+        const int i = c0 + e;
+        if (i < len && sv[i] > lw) { lw = sv[i]; li = s0 + i; }
+    }
+    float bw;
+    int bi;
+    block_first_max(lw, li, red_w, red_i, &bw, &bi);
+    auto* part = reinterpret_cast<MaxPart*>(work + size_t(r) * work_row_bytes(S));
+    if (t == 0) part[b] = MaxPart{bw, bi};
+    if (p.temperature == 0.0f) return;  // greedy: the maximum is all the merge needs
+
+    // 4. the slice's top_k (ties at the k-th key: lowest ids), in id order
+    int32_t* cand = reinterpret_cast<int32_t*>(part + S) + size_t(b) * kMaxCand;
+    const int k = min(p.top_k, len);
+    if (k == len) {
+        for (int i = t; i < len; i += kSliceThreads) cand[i] = s0 + i;
+        return;
+    }
+    uint32_t K;
+    int want;
+    radix_kth(
+        [&](int e, uint32_t* key) {
+            const int i = c0 + e;
+            if (i >= len) return false;
+            *key = key_of(sv[i]);
+            return true;
+        },
+        kSlicePer, k, hist, s_int, &K, &want);
+    int n_eq = 0;
+    for (int e = 0; e < kSlicePer; ++e) n_eq += c0 + e < len && key_of(sv[c0 + e]) == K;
+    int total;
+    const int eq0 = block_excl_scan(n_eq, wbuf, &total);
+    int n_sel = 0;
+    for (int e = 0, er = eq0; e < kSlicePer; ++e) {
+        if (c0 + e >= len) break;
+        const uint32_t key = key_of(sv[c0 + e]);
+        if (key > K) ++n_sel;
+        else if (key == K) n_sel += er++ < want;
+    }
+    int at = block_excl_scan(n_sel, wbuf, &total);
+    for (int e = 0, er = eq0; e < kSlicePer; ++e) {
+        if (c0 + e >= len) break;
+        const uint32_t key = key_of(sv[c0 + e]);
+        if (key > K || (key == K && er++ < want)) cand[at++] = s0 + c0 + e;
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) sample_merge_kernel(const float* logits, int V, const SampleRow* rows,
+                                                                const uint8_t* work, int S, int32_t* out_token,
+                                                                uint64_t* out_state) {
+    __shared__ double dbuf[kThreads];
+    __shared__ int ibuf[kThreads];
+    __shared__ uint64_t sbuf[kMaxCand];
+    __shared__ int hist[256];
+    __shared__ float red_w[kThreads / 32];
+    __shared__ int red_i[kThreads / 32];
+    __shared__ int s_int[4];
+
+    const int r = blockIdx.x, t = threadIdx.x;
+    const SampleRow& row = rows[r];
+    const SamplerParams& p = row.p;
+    if (!split_row(p, V)) return;
+    const float* w = logits + size_t(r) * size_t(V);
+    const auto* part = reinterpret_cast<const MaxPart*>(work + size_t(r) * work_row_bytes(S));
+
+    // first maximum over the slices' (every slice's ids are above the previous slice's)
+    float lw = -INFINITY;
+    int li = -1;
+    for (int b = t; b < S; b += kThreads) {
+        const MaxPart m = part[b];
+        if (m.w > lw || (m.w == lw && m.i >= 0 && (li < 0 || m.i < li))) { lw = m.w; li = m.i; }
+    }
+    float lmax;
+    int best;
+    block_first_max(lw, li, red_w, red_i, &lmax, &best);
+    if (best < 0 || p.temperature == 0.0f) {
+        if (t == 0) {
+            out_token[r] = best;
+            out_state[r] = row.rng_state;
+        }
+        return;
+    }
+
+    // the draw: the CPU sampler's next_uniform()
+    const uint64_t state = row.rng_state + kGolden;
+    const double u = double(mix64(state) >> 11) * (1.0 / 9007199254740992.0);
+    if (t == 0) out_state[r] = state;
+    const double inv_t = 1.0 / double(p.temperature);
+    const bool use_min_p = p.min_p > 0.0f;
+    const double lmin = use_min_p ? double(lmax) + log(double(p.min_p)) : 0.0;
+
+    // candidates j = slice j / k, entry j % k (every slice but the last has k); in id order
+    const int k = p.top_k;
+    const int32_t* cand = reinterpret_cast<const int32_t*>(part + S);
+    const int Ct = (S - 1) * k + min(k, V - (S - 1) * kSampleSlice);
+    auto cand_id = [&](int j) {
+        const int b = j / k;
+        return cand[size_t(b) * kMaxCand + size_t(j - b * k)];
+    };
+    const int chunk = (Ct + kThreads - 1) / kThreads;
+    const int c0 = min(Ct, t * chunk), c1 = min(Ct, c0 + chunk);
+    uint32_t K;
+    int want;
+    radix_kth(
+        [&](int e, uint32_t* key) {
+            const int j = c0 + e;
+            if (j >= c1) return false;
+            *key = key_of(w[cand_id(j)]);
+            return true;
+        },
+        chunk, k, hist, s_int, &K, &want);
+    const bool k_finite = K != key_of(-INFINITY);
+    const int take_eq = k_finite ? want : 0;  // ties at K: the lowest ids
+
+    // gather as sample_rows_kernel: entries above K to [0, above), the first take_eq ties after them
+    int n_gt = 0, n_eq = 0;
+    for (int j = c0; j < c1; ++j) {
+        const uint32_t key = key_of(w[cand_id(j)]);
+        n_gt += key > K;
+        n_eq += key == K;
+    }
+    int tot_gt, tot_eq;
+    int gt_pos = block_scan_int(n_gt, ibuf, &tot_gt) - n_gt;
+    int eq_pos = block_scan_int(n_eq, ibuf, &tot_eq) - n_eq;
+    const int C = tot_gt + min(take_eq, tot_eq);
+    for (int j = c0; j < c1; ++j) {
+        const int id = cand_id(j);
+        const uint32_t key = key_of(w[id]);
+        if (key > K) {
+            sbuf[gt_pos++] = uint64_t(id);
+        } else if (key == K && k_finite) {
+            if (eq_pos < take_eq) sbuf[tot_gt + eq_pos] = uint64_t(id);
+            ++eq_pos;
+        }
+    }
+    __syncthreads();
+    draw_top_k(w, C, lmax, best, u, inv_t, use_min_p, lmin, p, sbuf, dbuf, ibuf, s_int, out_token + r);
 }
 
 }  // namespace
 
+size_t sample_workspace_bytes(int n_rows, int n_vocab) {
+    return n_rows > 0 && n_vocab > 0 ? size_t(n_rows) * work_row_bytes(n_slices(n_vocab)) : 0;
+}
+
 void launch_sample_rows(float* logits, int n_rows, int n_vocab, const SampleRow* rows, int32_t* out_token,
-                        uint64_t* out_state, cudaStream_t stream) {
+                        uint64_t* out_state, cudaStream_t stream, void* workspace, const SampleRow* host_rows,
+                        bool split) {
     if (n_rows <= 0) return;
-    sample_rows_kernel<<<n_rows, kThreads, 0, stream>>>(logits, n_vocab, rows, out_token, out_state);
-    CUDA_LAUNCH_CHECK("sample_rows");
+    bool any_split = split, any_other = true;
+    if (split && host_rows) {
+        any_split = any_other = false;
+        for (int r = 0; r < n_rows; ++r) (split_row(host_rows[r].p, n_vocab) ? any_split : any_other) = true;
+    }
+    if (any_split) {
+        const int S = n_slices(n_vocab);
+        auto* work = static_cast<uint8_t*>(workspace);
+        sample_slices_kernel<<<dim3(S, n_rows), kSliceThreads, 0, stream>>>(logits, n_vocab, rows, work, S);
+        CUDA_LAUNCH_CHECK("sample_slices_kernel");
+        sample_merge_kernel<<<n_rows, kThreads, 0, stream>>>(logits, n_vocab, rows, work, S, out_token, out_state);
+        CUDA_LAUNCH_CHECK("sample_merge_kernel");
+    }
+    if (any_other) {
+        sample_rows_kernel<<<n_rows, kThreads, 0, stream>>>(logits, n_vocab, rows, out_token, out_state, split);
+        CUDA_LAUNCH_CHECK("sample_rows");
+    }
 }
 
 }  // namespace cu

@@ -364,7 +364,8 @@ def test_info_and_errors(tiny_model):
     gpu = cu.CudaEngine(path, 32, 2, progress=lambda done, total: calls.append((done, total)))
     info = gpu.info()
     assert info["backend"] == "cuda" and info["n_ctx"] == 32 and info["n_slots"] == 2
-    assert info["vram_bytes"] == info["vram_weights"] + info["vram_kv"] + info["vram_scratch"] > 0
+    assert info["vram_bytes"] == info["vram_weights"] + info["vram_kv"] + info["vram_scratch"] + \
+        info["vram_resident_f16"] > 0
     cinfo = core.CpuEngine(path, 32, 2).info()
     for k in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "n_vocab", "tied_output"):
         assert info[k] == cinfo[k], k
@@ -680,13 +681,14 @@ def test_options_and_environment(tiny_model, monkeypatch):
     """options() reports what set_options set (None leaves a field as is); the test hooks
     are checked (a clear ValueError naming the field, the options unchanged); a new engine
     starts from the ORCD_CUDA_* switches of the environment."""
-    for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT"):
+    for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT",
+                 "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
     base = e.options()
-    assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, cluster_keys=1024,
-                        split_keys=32), base
+    assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, batch_graphs=True,
+                        resident_f16=True, sample_split=True, cluster_keys=1024, split_keys=32), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
     assert not e.paths()["graphs"]
