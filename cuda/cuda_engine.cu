@@ -167,7 +167,9 @@ void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logit
     cu::get_rows(emb.type, emb.data, emb.row_bytes, E_, d_tok, nr, x_, stream_, emb.name.c_str());
     if (trace) trace_copy(0);
 
-    const cu::AttnPlan plan = cu::attn_plan(nr, kv_max, d_.n_head, info_.sm_count);
+    bool one_slot = true;  // a prompt chunk: the tensor-core attention may take it
+    for (int i = 1; i < nr; ++i) one_slot = one_slot && pinned_ids_[2 * R_ + i] == pinned_ids_[2 * R_];
+    const cu::AttnPlan plan = cu::attn_plan(nr, kv_max, d_.n_head, info_.sm_count, one_slot);
     const bool fused = !mv && opt_.fused_prompt;
     const int QKVW = QD_ + 2 * KD_;
     for (int l = 0; l < d_.n_layer; ++l) {
