@@ -119,6 +119,20 @@ ModelDesc describe_model(const GGUFFile& f) {
                         std::to_string(d.n_embd) + " / " + std::to_string(d.n_head) + " = " +
                         std::to_string(d.head_dim) + " (orcd's qwen2 uses full-width heads and RoPE)");
     }
+    // Context-extension RoPE scaling (linear, yarn, ...) changes every angle: refuse it
+    // rather than run the model at the wrong positions; "none" (or no key) is plain RoPE.
+    if (const Value* v = f.find(a + "rope.scaling.type")) {
+        const std::string st = v->as_string(a + "rope.scaling.type");
+        if (st != "none")
+            throw Error(f.path() + ": metadata '" + a + "rope.scaling.type' = '" + st +
+                        "' is not supported (orcd implements plain RoPE only: 'none' or no key)");
+    }
+    if (const Value* v = f.find(a + "rope.scale_linear")) {
+        const double sl = v->as_float(a + "rope.scale_linear");
+        if (sl != 1.0)
+            throw Error(f.path() + ": metadata '" + a + "rope.scale_linear' = " + std::to_string(sl) +
+                        " is not supported (orcd implements plain RoPE only: 1 or no key)");
+    }
     if (const Value* v = f.find(a + "rope.freq_base")) d.rope_base = (float)v->as_float(a + "rope.freq_base");
     if (const Value* v = f.find(a + "attention.layer_norm_rms_epsilon"))
         d.rms_eps = (float)v->as_float(a + "attention.layer_norm_rms_epsilon");

@@ -18,7 +18,8 @@
 //       .info() -> dict (hyperparameters, n_ctx, n_slots, vram_* bytes, device, paths)
 //       .close()                          frees the GPU memory now
 //   kernel entry points for the tests (NumPy in, NumPy out; see cuda_api.h):
-//   dequantize_f16, matvec, gemm, dec_matvec, get_rows, rmsnorm, rope_neox, attention, swiglu, add_bias,
+//   dequantize_f16, matvec, gemm, dec_matvec, get_rows, rmsnorm, rope_neox, attention, flash_attention,
+//   swiglu, add_bias,
 //   kv_append, qkv_post, rmsnorm_f16, swiglu_f16, f32_to_f16, gemm_f16, dec_qkv, dec_attn, dec_proj
 //
 // orcd::CudaError (CUDA/cuBLAS failures, not enough GPU memory) becomes
@@ -362,6 +363,21 @@ NB_MODULE(_orcd_cuda, m) {
         },
         "q"_a, "k"_a, "v"_a, "pos"_a, "split_len"_a = 0,
         "Query t attends to positions [0, pos[t]] of k/v after they pass through the fp16 KV-cache store kernel.");
+
+    m.def(
+        "flash_attention",
+        [](CArr<float> q, CArr<float> k, CArr<float> v, CArr<int32_t> pos, bool routed, int split_len) {
+            if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || shape_of(k) != shape_of(v) ||
+                q.shape(2) != k.shape(2) || pos.ndim() != 1 || pos.shape(0) != q.shape(0))
+                bad("flash_attention: q [n_q, n_head, hd], k and v [n_kv, n_head_kv, hd], pos [n_q]");
+            auto r = orcd::cuda_test::flash_attention(q.data(), int(q.shape(0)), int(q.shape(1)), k.data(),
+                                                      v.data(), int(k.shape(0)), int(k.shape(1)), int(q.shape(2)),
+                                                      pos.data(), routed, split_len);
+            return to_numpy(std::move(r), {q.shape(0), q.shape(1), q.shape(2)});
+        },
+        "q"_a, "k"_a, "v"_a, "pos"_a, "routed"_a = false, "split_len"_a = 0,
+        "The prompt attention with the keys in slot 1 of 3 (others NaN): routed=True as the engine picks "
+        "for a one-slot launch, else the tensor-core kernel in split_len-key splits (0: one).");
 
     m.def(
         "swiglu",

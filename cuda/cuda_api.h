@@ -183,6 +183,13 @@ std::vector<float> rope_neox(const float* x, int n_tok, int n_heads, int head_di
 // positions [0, pos[t]]. split_len = 0 picks the split as the engine does.
 std::vector<float> attention(const float* q, int n_q, int n_head, const float* k, const float* v, int n_kv,
                              int n_head_kv, int head_dim, const int32_t* pos, int split_len);
+// The same through the prompt path's attention: the cache has 3 slots of n_kv positions,
+// the keys in slot 1, slots 0 and 2 NaN (a read outside the slot's positions shows).
+// routed: cu::attention with the engine's plan for a one-slot launch (the tensor-core
+// kernel from kFlashMinQ queries, head_dim 64/128); else flash_attention itself for
+// any n_q in split_len-key splits (0: one split) merged by the combine kernel.
+std::vector<float> flash_attention(const float* q, int n_q, int n_head, const float* k, const float* v, int n_kv,
+                                   int n_head_kv, int head_dim, const int32_t* pos, bool routed, int split_len);
 
 // silu(g) * u, elementwise.
 std::vector<float> swiglu(const float* g, const float* u, int64_t n);

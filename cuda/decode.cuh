@@ -51,7 +51,8 @@ constexpr int kDecTK = 32;          // keys per attention tile
 constexpr int kDecAttnBufs = 4;     // attention tiles in flight (cp.async ring of K/V buffers)
 constexpr int kDecLmStages = 4;     // lm_head staging buffers per warp (batches in flight)
 constexpr int kDecAttnCluster = 8;  // splits per KV head of the cluster attention (Hopper; portable cluster size)
-constexpr int kDecMaxSplits = 32;   // attention blocks per KV head (upper bound; idle ones exit)
+constexpr int kDecMaxSplits = 64;   // attention blocks per KV head (upper bound; idle ones exit)
+constexpr int kDecMergeChunk = 32;  // the global merge stages this many splits' partials at a time
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
 constexpr int kDecClusterGran = 8;  // cluster attention: split lengths are multiples of this many keys (<= kDecTK)
 

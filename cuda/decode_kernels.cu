@@ -665,6 +665,213 @@ __host__ __device__ inline size_t dec_attn_tile_bytes(int G, int hd) {
            size_t(kDecAttnBufs) * 2 * kDecTK * dec_attn_row_stride(hd);
 }
 
+// ---- the global-merge variant's tile phase on tensor cores (long caches)
+// Rows of the m16n8k16 products are the G <= 16 query heads of the KV head (rows
+// G..15 zero); each warp takes tiles of 16 keys (warp w: tiles w, w + NW, ...) and
+// reads K and V straight from global memory in 16-byte pieces, no staging:
+//   S = Q·Kᵀ: the head dimension is summed in a permuted order (thread t of a quad
+//     loads dims 32c + 8t .. + 7 of its key; the Q fragments use the same order), so
+//     every K load is 16 contiguous bytes and a warp's load covers whole rows;
+//   O += P·V: the output dimension of n-tile (64cb + m) of thread group g is
+//     64cb + 8g + m... so a thread loads dims 64cb + 8g .. + 7 of its 4 keys and
+//     pairs the halves of two keys with __byte_perm.
+// Q and P enter as fp16 hi + lo pairs (x = hi + lo to ~2^-22), so the products keep
+// float32 accuracy (K and V are fp16 already; mma accumulates in float32).
+// Per warp an online softmax (base 2); the block's warps merge in shared memory
+// into one partial (acc, m in natural-log units, l) as the CUDA-core phase leaves it.
+constexpr int kDecMmaTK = 16;  // keys per warp tile
+__host__ __device__ inline bool dec_attn_mma_ok(int G, int hd) { return G <= 16 && (hd == 64 || hd == 128); }
+// Shared memory of the phase: Q fragments (hi, lo) per lane, the warps' (m, l) and outputs.
+__host__ __device__ inline size_t dec_attn_mma_bytes(int G, int hd) {
+    return size_t(hd / 16) * 32 * 32 + size_t(NW) * 16 * 8 + size_t(NW) * G * hd * 4;
+}
+
+__device__ __forceinline__ void mma_f16(float* d, const uint4& a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned h2u(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
+// (x, y) as fp16 hi and lo words: x = hi.x + lo.x to about 2^-22 relative
+__device__ __forceinline__ void split_half2(float x, float y, unsigned& hi, unsigned& lo) {
+    const __half2 h = __floats2half2_rn(x, y);
+    const float2 hf = __half22float2(h);
+    hi = h2u(h);
+    lo = h2u(__floats2half2_rn(x - hf.x, y - hf.y));
+}
+__device__ __forceinline__ uint4 ld_kv16(const __half* p, bool ok) {
+    return ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+// Keys [start, end) (start < end) of the slot's KV head (K, V at row stride kv_dim); p.q:
+// the G heads' query rows (float32, unscaled). Head g's result goes to acc + g*acc_stride
+// (hd floats): acc / l when direct, else the unnormalised acc and ml[g*ml_stride] =
+// (max in natural-log units, l).
+template <int HD>
+__device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const __half* V, int start, int end, int G,
+                                   int kvh, uint8_t* sm, bool direct, float* acc, size_t acc_stride, float2* ml,
+                                   size_t ml_stride) {
+    constexpr int KS = HD / 16, NTO = HD / 8;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    uint4* qf = reinterpret_cast<uint4*>(sm);                          // [KS][2][32]: hi, lo
+    float* wm = reinterpret_cast<float*>(sm + size_t(KS) * 32 * 32);   // [NW][16]
+    float* wl = wm + NW * 16;                                          // [NW][16]
+    float* wo = wl + NW * 16;                                          // [NW][G][HD]
+    const float sl2 = p.scale * 1.4426950408889634f;
+    // Q fragments in the permuted dimension order (k-step 2c: dims 32c+8t + 0..3, 2c+1: + 4..7)
+    for (int i = threadIdx.x; i < KS * 32; i += NT) {
+        const int ks = i / 32, ln = i % 32, gg = ln >> 2, tt = ln & 3;
+        const int d0 = 32 * (ks / 2) + 8 * tt + 4 * (ks & 1);
+        float x[2][4];
+        for (int r = 0; r < 2; ++r) {
+            const int row = gg + 8 * r;
+            for (int e = 0; e < 4; ++e)
+                x[r][e] = row < G ? __ldcg(p.q + size_t(kvh * G + row) * HD + d0 + e) * sl2 : 0.f;
+        }
+        uint4 hi, lo;
+        split_half2(x[0][0], x[0][1], hi.x, lo.x);  // row g, cols 2t, 2t+1
+        split_half2(x[1][0], x[1][1], hi.y, lo.y);  // row g+8
+        split_half2(x[0][2], x[0][3], hi.z, lo.z);  // row g, cols 2t+8, 2t+9
+        split_half2(x[1][2], x[1][3], hi.w, lo.w);  // row g+8
+        qf[(ks * 2) * 32 + ln] = hi;
+        qf[(ks * 2 + 1) * 32 + ln] = lo;
+    }
+    __syncthreads();
+
+    float o[NTO][4];
+#pragma unroll
+    for (int n = 0; n < NTO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    const int n_tiles = (end - start + kDecMmaTK - 1) / kDecMmaTK;
+    for (int it = warp; it < n_tiles; it += NW) {
+        const int tile = start + it * kDecMmaTK;
+        // V rows of this thread (keys 2t, 2t+1, 2t+8, 2t+9 of the tile), loaded first
+        uint4 vr[HD / 64][4];
+#pragma unroll
+        for (int cb = 0; cb < HD / 64; ++cb)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int key = tile + 2 * t + (r & 1) + 8 * (r >> 1);
+                vr[cb][r] = ld_kv16(V + size_t(key) * p.kv_dim + 64 * cb + 8 * g, key < end);
+            }
+        // ---- S (16 heads x 16 keys): n-tile j holds keys tile + 8j + (0..7), thread's key tile + 8j + g
+        float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int c = 0; c < HD / 32; ++c) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int key = tile + 8 * j + g;
+                const uint4 kr = ld_kv16(K + size_t(key) * p.kv_dim + 32 * c + 8 * t, key < end);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {  // k-step 2c + h: words (x, y) or (z, w)
+                    const unsigned b0 = h ? kr.z : kr.x, b1 = h ? kr.w : kr.y;
+                    mma_f16(sc[j], qf[((2 * c + h) * 2) * 32 + lane], b0, b1);
+                    mma_f16(sc[j], qf[((2 * c + h) * 2 + 1) * 32 + lane], b0, b1);
+                }
+            }
+        }
+        // ---- online softmax per row (rows g: elements 0, 1; g+8: 2, 3)
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = tile + 8 * j + 2 * t + (e & 1);
+                if (key >= end) sc[j][e] = -INFINITY;
+                mx[e >> 1] = fmaxf(mx[e >> 1], sc[j][e]);
+            }
+        float mu[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m_run[r], mx[r]);  // finite: key `tile` is < end
+            const float corr = exp2f(m_run[r] - m_new);
+            m_run[r] = m_new;
+            mu[r] = m_new;
+            l_run[r] *= corr;
+#pragma unroll
+            for (int n = 0; n < NTO; ++n) {
+                o[n][2 * r] *= corr;
+                o[n][2 * r + 1] *= corr;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float pe = exp2f(sc[j][e] - mu[e >> 1]);
+                sc[j][e] = pe;
+                l_run[e >> 1] += pe;
+            }
+        uint4 pa_hi, pa_lo;
+        split_half2(sc[0][0], sc[0][1], pa_hi.x, pa_lo.x);
+        split_half2(sc[0][2], sc[0][3], pa_hi.y, pa_lo.y);
+        split_half2(sc[1][0], sc[1][1], pa_hi.z, pa_lo.z);
+        split_half2(sc[1][2], sc[1][3], pa_hi.w, pa_lo.w);
+        // ---- O += P V: n-tile 8cb + m holds output dims 64cb + 8*(column) + m
+#pragma unroll
+        for (int cb = 0; cb < HD / 64; ++cb) {
+            const unsigned* w0 = reinterpret_cast<const unsigned*>(&vr[cb][0]);
+            const unsigned* w1 = reinterpret_cast<const unsigned*>(&vr[cb][1]);
+            const unsigned* w2 = reinterpret_cast<const unsigned*>(&vr[cb][2]);
+            const unsigned* w3 = reinterpret_cast<const unsigned*>(&vr[cb][3]);
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+                const unsigned sel = (m & 1) ? 0x7632u : 0x5410u;
+                const unsigned b0 = __byte_perm(w0[m >> 1], w1[m >> 1], sel);
+                const unsigned b1 = __byte_perm(w2[m >> 1], w3[m >> 1], sel);
+                mma_f16(o[8 * cb + m], pa_hi, b0, b1);
+                mma_f16(o[8 * cb + m], pa_lo, b0, b1);
+            }
+        }
+    }
+    // ---- the warps' partials -> one block partial
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+        l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    }
+    const bool has = warp < n_tiles;
+    if (t == 0) {
+        wm[warp * 16 + g] = has ? m_run[0] : -INFINITY;
+        wm[warp * 16 + g + 8] = has ? m_run[1] : -INFINITY;
+        wl[warp * 16 + g] = l_run[0];
+        wl[warp * 16 + g + 8] = l_run[1];
+    }
+    if (has) {
+#pragma unroll
+        for (int n = 0; n < NTO; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = g + 8 * (e >> 1);
+                const int d = 64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8;
+                if (row < G) wo[(size_t(warp) * G + row) * HD + d] = o[n][e];
+            }
+    }
+    __syncthreads();
+    const int nw = min(NW, n_tiles);
+    for (int i = threadIdx.x; i < G * HD; i += NT) {
+        const int row = i / HD;
+        float M = -INFINITY;
+        for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w * 16 + row]);
+        float L = 0.f, A = 0.f;
+        for (int w = 0; w < nw; ++w) {
+            const float f = exp2f(wm[w * 16 + row] - M);
+            L += f * wl[w * 16 + row];
+            A += f * wo[(size_t(w) * G + row) * HD + i % HD];
+        }
+        if (direct) {
+            acc[row * acc_stride + i % HD] = A / L;
+        } else {
+            acc[row * acc_stride + i % HD] = A;
+            if (i % HD == 0) ml[row * ml_stride] = make_float2(M * 0.69314718055994531f, L);
+        }
+    }
+}
+
 // NACC: outputs per thread, (n_head/n_head_kv)*head_dim/NT rounded up (instances 1-4 and 8).
 // CLUSTER (Hopper): the gridDim.x splits of a KV head form one thread-block cluster
 // and merge through distributed shared memory: each block leaves its partial (acc,
@@ -713,9 +920,11 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
     const __half* K = p.kc + base;
     const __half* V = p.vc + base;
+    // Long caches without the cluster merge: the tensor-core phase (no staging).
+    const bool use_mma = !CLUSTER && dec_attn_mma_ok(G, hd);
     // Before the wait: the first kDecAttnBufs tiles' rows before pos (earlier steps
     // wrote them), so their copy overlaps the previous kernel; row pos after it.
-    if (active) {
+    if (active && !use_mma) {
         for (int b = 0; b < kDecAttnBufs; ++b) {
             const int tile = start + b * TK;
             const int pre = max(0, min(min(TK, end - tile), pos - tile));
@@ -725,7 +934,17 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     }
     pdl_wait_release(p.pdl_early);
 
-    if (active) {
+    if constexpr (!CLUSTER) {
+        if (active && use_mma) {
+            const int h0 = kvh * G;
+            float* acc = direct ? p.out + size_t(h0) * hd : p.part_o + (size_t(h0) * p.max_splits + s) * hd;
+            const size_t acc_stride = direct ? size_t(hd) : size_t(p.max_splits) * hd;
+            float2* ml = p.part_ml + size_t(h0) * p.max_splits + s;
+            if (hd == 64) dec_attn_mma_phase<64>(p, K, V, start, end, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits);
+            else dec_attn_mma_phase<128>(p, K, V, start, end, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits);
+        }
+    }
+    if (active && !use_mma) {
         const int bp = (pos - start) / TK;  // the tile of row pos, when this split holds it
         if (pos >= start && pos < end && bp < kDecAttnBufs) {
             stage_kv(kbuf(bp), vbuf(bp), K, V, p.kv_dim, start + bp * TK, pos - start - bp * TK,
@@ -867,39 +1086,60 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     }
 
     // The last block of this KV head to arrive merges its G heads' splits: the
-    // partial results are copied to shared memory in one go (cp.async), then per
-    // output one pass over the splits with an online (max, sum).
+    // partial results are copied to shared memory kDecMergeChunk splits at a time
+    // (cp.async), then per output one pass over them with an online (max, sum).
     __threadfence();
     __syncthreads();
     if (t == 0) is_last = atomicAdd(p.counter + kvh, 1u) == gridDim.x - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    float* po_s = reinterpret_cast<float*>(asmem);                    // [G][n_act][hd]
-    float2* ml_s = reinterpret_cast<float2*>(po_s + size_t(G) * n_act * hd);  // [G][n_act (+1)]
-    const int mls = (n_act + 1) & ~1;  // float2 row length, 16-byte multiple
-    for (int g = 0; g < G; ++g) {
-        const int h = kvh * G + g;
-        const float* src = p.part_o + size_t(h) * p.max_splits * hd;
-        for (int i = t * 4; i < n_act * hd; i += NT * 4) cp_async16(po_s + size_t(g) * n_act * hd + i, src + i);
-        for (int i = t; i < n_act; i += NT) ml_s[g * mls + i] = __ldcg(p.part_ml + size_t(h) * p.max_splits + i);
+    float* po_s = reinterpret_cast<float*>(asmem);                    // [G][nc][hd]
+    float Mo[NACC], Lo[NACC], Ao[NACC];
+#pragma unroll
+    for (int k = 0; k < NACC; ++k) {
+        Mo[k] = -INFINITY;
+        Lo[k] = Ao[k] = 0.f;
     }
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-    for (int o = t; o < GH; o += NT) {
-        const int g = o / hd, d = o % hd;
-        float M = -INFINITY, L = 0.f, acc = 0.f;
-        for (int sp = 0; sp < n_act; ++sp) {
-            const float2 mv = ml_s[g * mls + sp];
-            const float m_new = fmaxf(M, mv.x);
-            const float c = expf(M - m_new);  // 0 at the first split
-            const float w = expf(mv.x - m_new);
-            L = L * c + w * mv.y;
-            acc = acc * c + w * po_s[(size_t(g) * n_act + sp) * hd + d];
-            M = m_new;
+    for (int c0 = 0; c0 < n_act; c0 += kDecMergeChunk) {
+        const int nc = min(kDecMergeChunk, n_act - c0);
+        float2* ml_s = reinterpret_cast<float2*>(po_s + size_t(G) * nc * hd);  // [G][nc (+1)]
+        const int mls = (nc + 1) & ~1;  // float2 row length, 16-byte multiple
+        for (int g = 0; g < G; ++g) {
+            const int h = kvh * G + g;
+            const float* src = p.part_o + (size_t(h) * p.max_splits + c0) * hd;
+            for (int i = t * 4; i < nc * hd; i += NT * 4) cp_async16(po_s + size_t(g) * nc * hd + i, src + i);
+            for (int i = t; i < nc; i += NT) ml_s[g * mls + i] = __ldcg(p.part_ml + size_t(h) * p.max_splits + c0 + i);
         }
-        p.out[size_t(kvh) * GH + o] = acc / L;
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < NACC; ++k) {
+            const int o = t + k * NT;
+            if (o < GH) {
+                const int g = o / hd, d = o % hd;
+                float M = Mo[k], L = Lo[k], acc = Ao[k];
+                for (int sp = 0; sp < nc; ++sp) {
+                    const float2 mv = ml_s[g * mls + sp];
+                    const float m_new = fmaxf(M, mv.x);
+                    const float c = expf(M - m_new);  // 0 at the first split
+                    const float w = expf(mv.x - m_new);
+                    L = L * c + w * mv.y;
+                    acc = acc * c + w * po_s[(size_t(g) * nc + sp) * hd + d];
+                    M = m_new;
+                }
+                Mo[k] = M;
+                Lo[k] = L;
+                Ao[k] = acc;
+            }
+        }
+        __syncthreads();  // po_s and ml_s are refilled by the next chunk
+    }
+#pragma unroll
+    for (int k = 0; k < NACC; ++k) {
+        const int o = t + k * NT;
+        if (o < GH) p.out[size_t(kvh) * GH + o] = Ao[k] / Lo[k];
     }
     if (t == 0) p.counter[kvh] = 0u;
 }
@@ -1238,8 +1478,8 @@ void dec_lm_plan(size_t row_bytes, size_t cap, int* rows, int* stages, int* smem
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
     const int G = n_head / n_head_kv;
     const size_t tiles = dec_attn_tile_bytes(G, head_dim) + size_t((G * head_dim + 3) & ~3) * 4 + size_t(G) * 8;
-    const size_t merge = size_t(G) * kDecMaxSplits * head_dim * 4 + size_t(G) * (kDecMaxSplits + 2) * 8;
-    return std::max(tiles, merge);
+    const size_t merge = size_t(G) * kDecMergeChunk * head_dim * 4 + size_t(G) * (kDecMergeChunk + 2) * 8;
+    return std::max({tiles, merge, dec_attn_mma_bytes(G, head_dim)});
 }
 
 void dec_set_smem_limit(size_t bytes) {

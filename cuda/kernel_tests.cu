@@ -262,6 +262,54 @@ std::vector<float> attention(const float* q, int n_q, int n_head, const float* k
     return out.download("attention out");
 }
 
+std::vector<float> flash_attention(const float* q, int n_q, int n_head, const float* k, const float* v, int n_kv,
+                                   int n_head_kv, int head_dim, const int32_t* pos, bool routed, int split_len) {
+    ready();
+    if (n_q <= 0 || n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv != 0)
+        throw Error("flash_attention test: bad shape");
+    if (!routed && (!cu::flash_supported(head_dim) || split_len < 0 || split_len % 64 != 0))
+        throw Error("flash_attention test: head_dim must be 64 or 128 and split_len a multiple of 64");
+    int kv_max = 0;
+    for (int i = 0; i < n_q; ++i) {
+        if (pos[i] < 0 || pos[i] >= n_kv)
+            throw Error("flash_attention test: pos " + std::to_string(pos[i]) + " outside the " +
+                        std::to_string(n_kv) + " cached positions");
+        kv_max = std::max(kv_max, pos[i] + 1);
+    }
+    const int kv_dim = n_head_kv * head_dim, q_dim = n_head * head_dim;
+    const size_t slot_stride = size_t(n_kv) * kv_dim;
+    DBuf<float> dq(q, size_t(n_q) * q_dim, "flash q");
+    DBuf<float> dk(k, size_t(n_kv) * kv_dim, "flash k");
+    DBuf<float> dv(v, size_t(n_kv) * kv_dim, "flash v");
+    DBuf<__half> kc(3 * slot_stride, "flash k cache"), vc(3 * slot_stride, "flash v cache");
+    cu::fill_nan(kc.p, int64_t(kc.n), 0);
+    cu::fill_nan(vc.p, int64_t(vc.n), 0);
+    std::vector<int32_t> kv_pos(n_kv), ones(std::max(n_kv, n_q), 1);
+    for (int i = 0; i < n_kv; ++i) kv_pos[i] = i;
+    DBuf<int32_t> dkp(kv_pos.data(), kv_pos.size(), "flash kv pos");
+    DBuf<int32_t> dslot(ones.data(), ones.size(), "flash slots");
+    DBuf<int32_t> dpos(pos, size_t(n_q), "flash pos");
+    cu::kv_store(dk.p, dv.p, kv_dim, n_kv, kv_dim, dslot.p, dkp.p, kc.p, vc.p, slot_stride, 0, "flash test");
+
+    int sms = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "flash test");
+    cu::AttnPlan plan = cu::attn_plan(n_q, kv_max, n_head, sms, true);
+    if (!routed) {
+        plan.flash = true;
+        plan.flash_len = split_len > 0 ? split_len : ((kv_max + 63) / 64) * 64;
+        plan.flash_splits = (kv_max + plan.flash_len - 1) / plan.flash_len;
+    }
+    const size_t np = cu::attn_partials(n_q, n_head, plan);
+    DBuf<float> part_o(np * head_dim, "flash partials");
+    DBuf<float2> part_ml(np, "flash partials");
+    DBuf<float> out(size_t(n_q) * q_dim, "flash out");
+    cu::fill_nan(part_o.p, int64_t(part_o.n), 0);
+    cu::fill_nan(out.p, int64_t(out.n), 0);
+    cu::attention(dq.p, q_dim, kc.p, vc.p, slot_stride, kv_dim, dslot.p, dpos.p, n_q, n_head, n_head_kv, head_dim,
+                  plan, part_o.p, part_ml.p, out.p, q_dim, 0, "flash test");
+    return out.download("flash out");
+}
+
 std::vector<float> swiglu(const float* g, const float* u, int64_t n) {
     ready();
     DBuf<float> dg(g, size_t(n), "swiglu g"), du(u, size_t(n), "swiglu u");

@@ -61,27 +61,63 @@ void kv_store(const float* k, const float* v, int ld, int n_tok, int kv_dim, con
               const int32_t* pos, __half* kc, __half* vc, size_t slot_stride, cudaStream_t st, const char* what);
 
 // How an attention launch splits the keys: n_splits blocks per (query, head),
-// each over split_len consecutive keys (a multiple of kAttnTile).
+// each over split_len consecutive keys (a multiple of kAttnTile). For a launch
+// whose queries all sit in one slot (a prompt chunk) and number at least
+// kFlashMinQ, `flash` routes head_dim 64/128 to the tensor-core kernel
+// (flash_attention), which splits the keys in flash_splits parts of flash_len.
+constexpr int kFlashMinQ = 16;
+constexpr int kFlashRows = 64;        // (query, head) rows per flash block: 4 warps x 16
+constexpr int kFlashMinSplitLen = 512;  // keys per flash split at least (a multiple of 64)
 struct AttnPlan {
     int n_splits = 1;
     int split_len = kAttnTile;
+    bool flash = false;
+    int flash_splits = 1;
+    int flash_len = 1 << 30;
 };
-AttnPlan attn_plan(int n_q, int kv_max, int n_head, int sm_count);
-AttnPlan attn_plan_fixed(int kv_max, int split_len);  // for tests: a given split length
-// Elements of the partial buffers a plan needs: part_o n_q*n_head*n_splits*head_dim
-// floats, part_ml n_q*n_head*n_splits float2.
+// one_slot: the caller knows every query of the launch is in the same slot.
+AttnPlan attn_plan(int n_q, int kv_max, int n_head, int sm_count, bool one_slot = false);
+AttnPlan attn_plan_fixed(int kv_max, int split_len);  // for tests: a given split length, no flash
+// Partial results a plan needs (the larger of its two kernels' needs, whichever runs):
+// part_o that many * head_dim floats, part_ml that many float2.
 inline size_t attn_partials(int n_q, int n_head, const AttnPlan& p) {
-    return size_t(n_q) * n_head * p.n_splits;
+    return size_t(n_q) * n_head * size_t(p.n_splits > p.flash_splits ? p.n_splits : p.flash_splits);
 }
 
 // Causal GQA attention over the cache: query t (q + t*ldq, n_head heads of
 // head_dim) attends to positions [0, pos[t]] of slot slots[t]; query head h
 // reads KV head h / (n_head / n_head_kv). Softmax in float32 with scale
-// 1/sqrt(head_dim); out + t*ldo receives n_head*head_dim floats.
+// 1/sqrt(head_dim); out + t*ldo receives n_head*head_dim floats. With plan.flash
+// and head_dim 64/128: flash_attention (Q and P rounded to fp16, fp32 accumulation),
+// else one block per (head, query, split) on CUDA cores; then attn_combine when split.
 void attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
                const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
                const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
                const char* what);
+
+// The tensor-core attention (flash_attn.cu). Every query in one slot (the block reads
+// the slot of its first row); head_dim 64 or 128; ldq, ldo even; split_len a multiple
+// of 64. n_splits == 1: out receives the normalised result; else part_o / part_ml
+// (indexed as attn_combine reads them: ((t*n_head + h)*n_splits + s)) receive each
+// split's unnormalised output and (max in natural-log units, sum).
+struct FlashArgs {
+    const float* q;
+    int ldq;
+    const __half *kc, *vc;
+    size_t slot_stride;
+    int kv_dim;
+    const int32_t* slots;
+    const int32_t* pos;
+    int n_q, n_head, group, head_dim;
+    float scale_log2;  // log2(e) / sqrt(head_dim)
+    int n_splits, split_len;
+    float* part_o;
+    float2* part_ml;
+    float* out;
+    int ldo;
+};
+bool flash_supported(int head_dim);
+void flash_attention(const FlashArgs& a, int n_head_kv, cudaStream_t st, const char* what);
 
 // Prompt path, fused: y16[r] = fp16(rmsnorm(x[r]) * w) for rows of n floats.
 void rmsnorm_f16(const float* x, int rows, int n, const float* w, float eps, __half* y16, cudaStream_t st,

@@ -327,7 +327,7 @@ void kv_store(const float* k, const float* v, int ld, int n_tok, int kv_dim, con
     CUDA_LAUNCH_CHECK(ctx("kv_store_kernel", what));
 }
 
-AttnPlan attn_plan(int n_q, int kv_max, int n_head, int sm_count) {
+AttnPlan attn_plan(int n_q, int kv_max, int n_head, int sm_count, bool one_slot) {
     AttnPlan p;
     const int by_len = (kv_max + kAttnTile - 1) / kAttnTile;                // at least one tile per split
     const int blocks = n_q * n_head;
@@ -338,6 +338,18 @@ AttnPlan attn_plan(int n_q, int kv_max, int n_head, int sm_count) {
     p.split_len = ((per + kAttnTile - 1) / kAttnTile) * kAttnTile;
     p.n_splits = (kv_max + p.split_len - 1) / p.split_len;
     if (p.n_splits < 1) p.n_splits = 1;
+    if (n_q >= kFlashMinQ) {
+        // flash blocks hold kFlashRows (query, head) rows: split the keys until there are
+        // about two blocks per SM, each split at least kFlashMinSplitLen keys
+        const int fblocks = std::max(1, (n_q * n_head + kFlashRows - 1) / kFlashRows);
+        const int fwant = (2 * sm_count + fblocks - 1) / fblocks;
+        const int fby_len = (kv_max + kFlashMinSplitLen - 1) / kFlashMinSplitLen;
+        const int fs = std::max(1, std::min(std::min(fwant, fby_len), kAttnMaxSplits));
+        const int fper = (kv_max + fs - 1) / fs;
+        p.flash_len = std::max(64, (fper + 63) / 64 * 64);
+        p.flash_splits = std::max(1, (kv_max + p.flash_len - 1) / p.flash_len);
+        p.flash = one_slot;
+    }
     return p;
 }
 
@@ -356,6 +368,35 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
     if (head_dim < 2 || head_dim > kAttnMaxHeadDim || head_dim % 2 != 0 || n_head % n_head_kv != 0)
         throw Error("attention: unsupported head_dim " + std::to_string(head_dim) + " / heads " +
                     std::to_string(n_head) + "/" + std::to_string(n_head_kv) + " for " + (what ? what : "?"));
+    if (plan.flash && flash_supported(head_dim)) {
+        FlashArgs a{};
+        a.q = q;
+        a.ldq = ldq;
+        a.kc = kc;
+        a.vc = vc;
+        a.slot_stride = slot_stride;
+        a.kv_dim = kv_dim;
+        a.slots = slots;
+        a.pos = pos;
+        a.n_q = n_q;
+        a.n_head = n_head;
+        a.group = n_head / n_head_kv;
+        a.head_dim = head_dim;
+        a.scale_log2 = float(1.4426950408889634 / std::sqrt(double(head_dim)));
+        a.n_splits = plan.flash_splits;
+        a.split_len = plan.flash_len;
+        a.part_o = part_o;
+        a.part_ml = part_ml;
+        a.out = out;
+        a.ldo = ldo;
+        flash_attention(a, n_head_kv, st, what);
+        if (plan.flash_splits > 1) {
+            attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim,
+                                                                        plan.flash_splits, out, ldo);
+            CUDA_LAUNCH_CHECK(ctx("attn_combine_kernel (flash)", what));
+        }
+        return;
+    }
     const int nt = head_dim <= 128 ? 128 : 256;
     const size_t smem = size_t(head_dim + 2 * nt) * sizeof(float);
     const float scale = 1.0f / std::sqrt(float(head_dim));
