@@ -305,7 +305,7 @@ NB_MODULE(_orcd, m) {
         if (int(chosen.shape(0)) != n)
             throw Error("logprobs: chosen has " + std::to_string(chosen.shape(0)) + " ids for " + std::to_string(n) +
                         " rows of logits");
-        std::vector<Logprobs> out(size_t(n));
+        std::vector<Logprobs> out(static_cast<size_t>(n));
         {
             nb::gil_scoped_release nogil;
             for (int i = 0; i < n; ++i) compute_logprobs(logits.data() + size_t(i) * V, V, chosen.data()[i], n_top,

@@ -9,6 +9,7 @@
 #include "cuda_common.cuh"
 #include "engine_weights.cuh"
 #include "fused_decoder.cuh"
+#include "logprob_kernels.cuh"
 #include "sample.cuh"
 
 namespace orcd {
@@ -107,6 +108,8 @@ private:
 
     DeviceWeights weights_;
     FusedDecoder dec_;
+    // decode_batch_sample's rows asking for logprobs (cuda/logprob_kernels.cuh); idle otherwise
+    cu::LogprobRows logprob_rows_;
 };
 
 }  // namespace orcd
