@@ -11,17 +11,10 @@
 #include <memory>
 #include <string>
 
+#include "bind_logprobs.h"
 #include "step_loop.h"
 
 namespace orcd {
-
-// One position's logprobs as Python sees them everywhere (step loop events, orcd._orcd.logprobs,
-// the CUDA kernel's test entry): (logprob of the token, [(token id, logprob), ...] best first).
-inline nanobind::tuple logprobs_to_py(const Logprobs& lp) {
-    nanobind::list top;
-    for (const TokenLogprob& t : lp.top) top.append(nanobind::make_tuple(t.token, t.logprob));
-    return nanobind::make_tuple(lp.logprob, top);
-}
 
 using MakeEngineFn = std::function<std::unique_ptr<Engine>(const std::string& path, int n_ctx, int n_slots,
                                                            int n_threads)>;

@@ -120,6 +120,7 @@ def test_cuda_step_loop_logprobs_match_forward(tiny_model):
 
 
 def test_cuda_model_logprobs(tiny_model):
+    """Model on the GPU: decode_sample(..., n_logprobs) computes them next to the logits."""
     import orcd
 
     with orcd.Model(tiny_model("Q8_0"), device="cuda", n_ctx=128) as m:
@@ -129,3 +130,36 @@ def test_cuda_model_logprobs(tiny_model):
         for k, e in enumerate(out.logprobs):
             assert e.token_id == out.token_ids[k] == e.top[0][0]
             assert abs(e.logprob - rows[len(prompt) - 1 + k][e.token_id]) <= 0.05
+        # asking for logprobs does not change a seeded sampled generation
+        kw = dict(max_tokens=12, temperature=1.0, top_k=40, top_p=1.0, min_p=0.0, repetition_penalty=1.3, seed=11,
+                  ignore_eos=True)
+        a = m.generate(prompt, logprobs=5, **kw)
+        b = m.generate(prompt, **kw)
+        assert a.token_ids == b.token_ids and len(a.logprobs) == 12
+        rows = log_softmax(m.logits(prompt + a.token_ids))
+        for k, e in enumerate(a.logprobs):
+            assert abs(e.logprob - rows[len(prompt) - 1 + k][e.token_id]) <= 0.05
+
+
+def test_decode_sample_logprobs_equal_cpu_reference_on_its_logits(tiny_model):
+    """decode_sample's logprobs against the CPU reference on forward()'s logits for the same
+    step (the fused single-sequence path and forward() share the decode kernels)."""
+    c = cuda_module()
+    path = tiny_model("Q8_0")
+    eng = c.CudaEngine(path, 64, 2)
+    try:
+        ids = np.asarray([4, 5, 6, 7], np.int32)
+        greedy = (0.0, 40, 0.95, 0.05, 1.0, 0.0, 0.0, 64)
+        eng.forward(0, ids[:3], 0)
+        eng.forward(1, ids[:3], 0)
+        r = eng.decode_sample(0, int(ids[3]), 3, greedy, 0, ids, 7)
+        assert r is not None and len(r) == 3
+        tok, _, (lp, top) = r
+        logits = eng.forward(1, ids[3:], 3)  # the same step in the other slot, logits to the host
+        clp, ctop = _orcd.logprobs(logits.reshape(1, -1), np.asarray([tok], np.int32), 7)[0]
+        assert top[0][0] == tok
+        assert abs(lp - clp) <= 0.05
+        assert sum(math.exp(v) for _, v in top) <= 1 + 1e-5
+        assert len(top) == len(ctop) == 7
+    finally:
+        eng.close()

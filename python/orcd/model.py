@@ -248,26 +248,28 @@ class Model:
                 return logits
             return self._prefill(slot, history[:n].tolist(), owner)
 
-    def _next_on_device(self, slot: _Slot, history: np.ndarray, n: int, owner, sampler, dev_params):
-        """(token after history[:n] sampled on the engine's device, True) when this step
-        continues the owner's cache of the slot and the engine can; else (None, whether the
-        engine could): nothing was evaluated, the caller takes the logits path."""
+    def _next_on_device(self, slot: _Slot, history: np.ndarray, n: int, owner, sampler, dev_params,
+                        n_logprobs: int = -1):
+        """(token after history[:n] sampled on the engine's device, True, its logprobs pair or
+        None) when this step continues the owner's cache of the slot and the engine can; else
+        (None, whether the engine could, None): nothing was evaluated, the caller takes the
+        logits path. n_logprobs >= 0: the token's logprobs come back too (computed there)."""
         if dev_params is None:
-            return None, False
+            return None, False, None
         with self._lock:
             eng = self._live_engine()
             if slot.owner is not owner or len(slot.cached) != n - 1:
-                return None, True
+                return None, True, None
             slot.last_used = next(self._clock)
             slot.owner = None  # until the step below succeeds
             r = eng.decode_sample(slot.index, int(history[n - 1]), n - 1, dev_params, sampler.rng_state,
-                                  history[:n])
+                                  history[:n], n_logprobs)
             slot.owner = owner
             if r is None:
-                return None, False
+                return None, False, None
             slot.cached.append(int(history[n - 1]))
             sampler.rng_state = r[1]
-            return int(r[0]), True
+            return int(r[0]), True, (r[2] if n_logprobs >= 0 else None)
 
     # ------------------------------------------------------------ generation
     def _params(self, params: Optional[SamplingParams], overrides: dict) -> SamplingParams:
@@ -330,8 +332,8 @@ class Model:
                 slot.users -= 1
                 raise
         # the GPU engine samples next to its logits (only token ids come back) when it can
-        # (logprobs need the host logits: that path then)
-        dev_params = _device_params(p) if self.device == "cuda" and sink is None else None
+        dev_params = _device_params(p) if self.device == "cuda" else None
+        n_lp = -1 if sink is None else p.logprobs
         try:
             finish = "length"
             tok = sampler.sample(logits, history[:n_hist])
@@ -359,7 +361,9 @@ class Model:
                 yield tok, piece, None
                 if n_hist >= self.n_ctx or step + 1 == max_new:  # no step for logits nobody samples
                     break
-                tok, can = self._next_on_device(slot, history, n_hist, me, sampler, dev_params)
+                tok, can, pair = self._next_on_device(slot, history, n_hist, me, sampler, dev_params, n_lp)
+                if pair is not None:
+                    lp = TokenLogprobs.from_native(tok, pair)
                 if tok is None:
                     dev_params = dev_params if can else None  # cannot: the CPU sampler from here on
                     logits = self._step(slot, history, n_hist, me)
@@ -396,8 +400,8 @@ class Model:
                  frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
                  seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
                  stop_token_ids: Optional[Sequence[int]] = None,
-                 ignore_eos: Optional[bool] = None,
-                 logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> Union[Completion, List[Completion]]:
+                 ignore_eos: Optional[bool] = None, logprobs: Optional[int] = None,
+                 prompt_logprobs: Optional[int] = None) -> Union[Completion, List[Completion]]:
         """Complete `prompt` (text, with control tokens parsed, or a list of token ids).
 
         A batch of prompts (a list of strings, or of token-id lists) returns a list of

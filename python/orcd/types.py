@@ -9,12 +9,13 @@ CompletionStream (the iterator that stream() returns).
     text = "".join(s); s.finish_reason, s.usage         # known once exhausted
 
 Bounds: top_k is clamped to 2**31 - 1 (any value >= n_vocab keeps every token);
-seed is used modulo 2**64; logprobs and prompt_logprobs in [0, MAX_LOGPROBS].
+seed is used modulo 2**64; logprobs and prompt_logprobs in [0, MAX_LOGPROBS]. The
+numeric ranges of the float parameters are checked by the native sampler
+(cpp/sampler.cpp), which names the parameter.
 
 Logprobs are log-probabilities under the model's raw distribution: log_softmax of the
 logits before penalties, temperature, top_k / top_p / min_p and any token mask (vLLM's
-default), computed in C++ (cpp/logprobs.h) or next to the logits on the GPU. The numeric ranges of the float parameters are
-checked by the native sampler (cpp/sampler.cpp), which names the parameter.
+default), computed in C++ (cpp/logprobs.h) or next to the logits on the GPU.
 """
 from __future__ import annotations
 
