@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_logprobs.h"
 #include "bind_numpy.h"
 #include "engine.h"
 #include "error.h"
@@ -119,7 +120,7 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
         .def(
             "decode_sample",
             [](H& self, int slot, int32_t token, int pos, nb::tuple params, uint64_t rng_state,
-               In1D<int32_t> history) -> nb::object {
+               In1D<int32_t> history, int n_logprobs) -> nb::object {
                 if (params.size() != 8)
                     throw Error("decode_sample: params are (temperature, top_k, top_p, min_p, repetition_penalty, "
                                 "presence_penalty, frequency_penalty, penalty_last_n)");
@@ -136,6 +137,14 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
                 const std::vector<int32_t> h = bind_detail::ids(history);
                 row.history = h.data();
                 row.n_history = int(h.size());
+                Logprobs lp;
+                if (n_logprobs >= 0) {
+                    if (n_logprobs > kMaxTopLogprobs)
+                        throw Error("decode_sample: n_logprobs must be in [-1, " + std::to_string(kMaxTopLogprobs) +
+                                    "] (got " + std::to_string(n_logprobs) + ")");
+                    row.n_logprobs = n_logprobs;
+                    row.logprobs = &lp;
+                }
                 int32_t out = -1;
                 bool done;
                 {
@@ -144,13 +153,16 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
                     done = self.get().decode_batch_sample(1, &slot, &token, &pos, &row, &out);
                 }
                 if (!done) return nb::none();
+                if (n_logprobs >= 0) return nb::make_tuple(out, row.rng_state, logprobs_to_py(lp));
                 return nb::make_tuple(out, row.rng_state);
             },
             nb::arg("slot"), nb::arg("token"), nb::arg("pos"), nb::arg("params"), nb::arg("rng_state"),
-            nb::arg("history"),
+            nb::arg("history"), nb::arg("n_logprobs") = -1,
             "One decode step of `slot` (token at pos) with the next token sampled on the engine's device:\n"
             "(token, generator state after the draw), or None where the engine cannot (the CPU engine, or\n"
-            "parameters beyond the device sampler): then forward() and Sampler.sample.")
+            "parameters beyond the device sampler): then forward() and Sampler.sample.\n"
+            "n_logprobs >= 0 (up to 20): a third item, the token's (logprob, [(id, logprob), ...] top\n"
+            "n_logprobs) under the raw distribution (cpp/logprobs.h), computed next to the logits.")
         .def("info", [info](H& self) { return info(self.get()); })
         .def("close", [](H& self) {
             nb::gil_scoped_release nogil;

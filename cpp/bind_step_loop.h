@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "bind_logprobs.h"
 #include "step_loop.h"
 
 namespace orcd {
@@ -40,7 +41,11 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
         "Many sequences generated on a C++ thread: submit() requests, take_events() their tokens.\n"
         "Events are (id, token, finish, message): token >= 0 with finish '' or 'length' (the last one),\n"
         "or token -1 with finish 'stop', 'cancelled' or 'error' (message says why). Every request\n"
-        "ends with exactly one event whose finish is not ''.")
+        "ends with exactly one event whose finish is not ''.\n"
+        "An event of a request that asked for logprobs is a 5-tuple: the fifth item a dict with\n"
+        "'logprobs': (logprob, [(id, logprob), ...]) of its token, and on the request's first event,\n"
+        "when it asked for prompt logprobs, 'prompt_logprobs': one such pair per prompt token after\n"
+        "the first (cpp/logprobs.h: the raw distribution, before penalties, temperature and top-k/p).")
         .def("__init__", [make](PyStepLoop* self, const std::string& path, int n_ctx, int n_slots, int n_threads,
                                 int max_waiting, int prefill_chunk) {
             std::shared_ptr<StepLoop> l;
@@ -55,7 +60,8 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
            "a step evaluates at most prefill_chunk prompt tokens. n_threads: CPU engine only.")
         .def("submit", [](PyStepLoop& s, int64_t id, Tokens prompt, int max_tokens, std::vector<int32_t> stop_ids,
                           float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
-                          float presence_penalty, float frequency_penalty, int penalty_last_n, uint64_t seed) {
+                          float presence_penalty, float frequency_penalty, int penalty_last_n, uint64_t seed,
+                          int n_logprobs, int n_prompt_logprobs) {
             StepRequest r;
             r.id = id;
             r.prompt.assign(prompt.data(), prompt.data() + prompt.shape(0));
@@ -63,6 +69,8 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
             r.stop_ids = std::move(stop_ids);
             r.sampling = {temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                           frequency_penalty, penalty_last_n, seed};
+            r.n_logprobs = n_logprobs;
+            r.n_prompt_logprobs = n_prompt_logprobs;
             std::shared_ptr<StepLoop> l = s.get();
             nb::gil_scoped_release nogil;
             try {
@@ -74,7 +82,9 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
         }, nb::arg("id"), nb::arg("prompt"), nb::arg("max_tokens"), nb::arg("stop_ids"), nb::arg("temperature"),
            nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("repetition_penalty"),
            nb::arg("presence_penalty"), nb::arg("frequency_penalty"), nb::arg("penalty_last_n"), nb::arg("seed"),
-           "Queues a request; False when the queue is full (retry later). Bad input raises ValueError.")
+           nb::arg("n_logprobs") = -1, nb::arg("n_prompt_logprobs") = -1,
+           "Queues a request; False when the queue is full (retry later). Bad input raises ValueError.\n"
+           "n_logprobs / n_prompt_logprobs: -1 (none) or 0..20 top tokens, see the class docstring.")
         .def("cancel", [](PyStepLoop& s, int64_t id) {
             std::shared_ptr<StepLoop> l = s.get();
             nb::gil_scoped_release nogil;
@@ -88,8 +98,20 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
                 ev = l->take_events(timeout_ms);
             }
             nb::list out;
-            for (const StepEvent& e : ev)
-                out.append(nb::make_tuple(e.id, e.token, finish_name(e.finish), e.message));
+            for (const StepEvent& e : ev) {
+                if (!e.has_logprobs && !e.has_prompt_logprobs) {
+                    out.append(nb::make_tuple(e.id, e.token, finish_name(e.finish), e.message));
+                    continue;
+                }
+                nb::dict lp;
+                if (e.has_logprobs) lp["logprobs"] = logprobs_to_py(e.logprobs);
+                if (e.has_prompt_logprobs) {
+                    nb::list pl;
+                    for (const Logprobs& p : e.prompt_logprobs) pl.append(logprobs_to_py(p));
+                    lp["prompt_logprobs"] = pl;
+                }
+                out.append(nb::make_tuple(e.id, e.token, finish_name(e.finish), e.message, lp));
+            }
             return out;
         }, nb::arg("timeout_ms") = 0, "Events so far, waiting up to timeout_ms for one when there are none.")
         .def("stats", [](PyStepLoop& s) {

@@ -24,6 +24,7 @@
 #include "error.h"
 #include "ggml_types.h"
 #include "gguf.h"
+#include "logprobs.h"
 #include "matmul.h"
 #include "quants.h"
 #include "sampler.h"
@@ -297,6 +298,25 @@ NB_MODULE(_orcd, m) {
         }, nb::arg("logits"), nb::arg("history"))
         .def_prop_rw("rng_state", &Sampler::rng_state, &Sampler::set_rng_state,
                      "the generator's state (the GPU sampler continues the same stream)");
+
+    // ---- logprobs (cpp/logprobs.h): the CPU reference, also used by Model for its host logits
+    m.def("logprobs", [](In2D<float> logits, In1D<int32_t> chosen, int n_top) {
+        const int n = int(logits.shape(0)), V = int(logits.shape(1));
+        if (int(chosen.shape(0)) != n)
+            throw Error("logprobs: chosen has " + std::to_string(chosen.shape(0)) + " ids for " + std::to_string(n) +
+                        " rows of logits");
+        std::vector<Logprobs> out(static_cast<size_t>(n));
+        {
+            nb::gil_scoped_release nogil;
+            for (int i = 0; i < n; ++i) compute_logprobs(logits.data() + size_t(i) * V, V, chosen.data()[i], n_top,
+                                                         out[size_t(i)]);
+        }
+        nb::list res;
+        for (const Logprobs& lp : out) res.append(logprobs_to_py(lp));
+        return res;
+    }, nb::arg("logits"), nb::arg("chosen"), nb::arg("n_top"),
+       "Per row of logits float32 [n, n_vocab]: (logprob of chosen[i], [(id, logprob), ...] the n_top best,\n"
+       "best first) under log_softmax of the raw logits (NaN as -inf). n_top in [0, 20].");
 
     // ---- CPU engine (methods: bind_engine.h)
     using PyEngine = EngineHolder<Engine>;

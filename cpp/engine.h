@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "error.h"
+#include "logprobs.h"
 #include "model.h"
 #include "sampler.h"
 
@@ -34,6 +35,10 @@ struct DeviceSampleRow {
     uint64_t rng_state = 0;           // in: Sampler::rng_state() before the draw; out: after it
     const int32_t* history = nullptr;  // the sequence so far (prompt + generated), host memory
     int n_history = 0;
+    // -1: none; 0..kMaxTopLogprobs: *logprobs receives the sampled token's log-probability and
+    // this many top ones (cpp/logprobs.h: the raw distribution, before the sampling chain)
+    int n_logprobs = -1;
+    Logprobs* logprobs = nullptr;
 };
 
 // ---- argument checks, shared by every backend and the bindings, so a bad call

@@ -46,6 +46,13 @@ void StepLoop::submit(StepRequest r) {
         throw Error(who + "prompt of " + std::to_string(r.prompt.size()) + " tokens does not fit in n_ctx=" +
                     std::to_string(n_ctx) + " (at least one position must stay free for generation)");
     if (r.max_tokens < 1) throw Error(who + "max_tokens must be >= 1 (got " + std::to_string(r.max_tokens) + ")");
+    auto check_lp = [&](const char* name, int v) {
+        if (v < -1 || v > kMaxTopLogprobs)
+            throw Error(who + name + " must be in [-1, " + std::to_string(kMaxTopLogprobs) + "] (got " +
+                        std::to_string(v) + ")");
+    };
+    check_lp("n_logprobs", r.n_logprobs);
+    check_lp("n_prompt_logprobs", r.n_prompt_logprobs);
     auto s = std::make_unique<Seq>(std::move(r));  // validates the sampling parameters
     s->history = s->req.prompt;
     s->limit = std::min(s->req.max_tokens, n_ctx - int(s->req.prompt.size()));
@@ -142,8 +149,9 @@ void StepLoop::admit_locked() {
         for (size_t k = 0; k < slot_free_.size(); ++k) {
             if (!slot_free_[k]) continue;
             const std::vector<int32_t>& c = slot_cache_[k];
-            // at least the last prompt token is evaluated: its logits are needed
-            const size_t cap = std::min(c.size(), p.size() - 1);
+            // at least the last prompt token is evaluated: its logits are needed; prompt
+            // logprobs need every prompt row's logits, so nothing cached is reused then
+            const size_t cap = waiting_.front()->req.n_prompt_logprobs >= 0 ? 0 : std::min(c.size(), p.size() - 1);
             size_t n = 0;
             while (n < cap && c[n] == p[n]) ++n;
             if (int(n) > best_len) { best_len = int(n); best = int(k); }
@@ -166,8 +174,21 @@ void StepLoop::admit_locked() {
 }
 
 void StepLoop::finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out) {
-    out.push_back({s.req.id, -1, f, msg});
+    StepEvent ev;
+    ev.id = s.req.id;
+    ev.finish = f;
+    ev.message = msg;
+    publish(s, std::move(ev), out);
     end_seq(s);
+}
+
+void StepLoop::publish(Seq& s, StepEvent ev, std::vector<StepEvent>& out) {
+    if (s.req.n_prompt_logprobs >= 0 && !s.prompt_lps_sent && s.n_done >= int(s.req.prompt.size())) {
+        ev.has_prompt_logprobs = true;
+        ev.prompt_logprobs = std::move(s.prompt_lps);
+        s.prompt_lps_sent = true;
+    }
+    out.push_back(std::move(ev));
 }
 
 void StepLoop::end_seq(Seq& s) {
@@ -182,28 +203,57 @@ void StepLoop::end_seq(Seq& s) {
 
 void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& out) {
     int32_t tok;
+    Logprobs lp;
     try {
-        tok = s.sampler.sample(logits, engine_->desc().n_vocab, s.history.data(), int(s.history.size()));
+        const int V = engine_->desc().n_vocab;
+        tok = s.sampler.sample(logits, V, s.history.data(), int(s.history.size()));
+        if (s.req.n_logprobs >= 0) compute_logprobs(logits, V, tok, s.req.n_logprobs, lp);
     } catch (const std::exception& e) {
         finish_seq(s, Finish::error, e.what(), out);
         return;
     }
-    accept_token(s, tok, out);
+    accept_token(s, tok, s.req.n_logprobs >= 0 ? &lp : nullptr, out);
 }
 
-void StepLoop::accept_token(Seq& s, int32_t tok, std::vector<StepEvent>& out) {
+void StepLoop::accept_token(Seq& s, int32_t tok, const Logprobs* lp, std::vector<StepEvent>& out) {
     if (std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), tok) != s.req.stop_ids.end()) {
         finish_seq(s, Finish::stop, "", out);
         return;
     }
     s.history.push_back(tok);
     s.generated++;
-    if (s.generated >= s.limit) {
-        out.push_back({s.req.id, tok, Finish::length, ""});
-        end_seq(s);
-        return;
+    StepEvent ev;
+    ev.id = s.req.id;
+    ev.token = tok;
+    if (lp) {
+        ev.has_logprobs = true;
+        ev.logprobs = *lp;
     }
-    out.push_back({s.req.id, tok, Finish::none, ""});
+    const bool last = s.generated >= s.limit;
+    ev.finish = last ? Finish::length : Finish::none;
+    publish(s, std::move(ev), out);
+    if (last) end_seq(s);
+}
+
+void StepLoop::prompt_chunk_with_logprobs(Seq& s, int n, std::vector<StepEvent>& out) {
+    const int V = engine_->desc().n_vocab;
+    const int plen = int(s.req.prompt.size());
+    prompt_logits_.resize(size_t(prompt_logprob_rows) * size_t(V));
+    for (int done = 0; done < n;) {
+        const int m = std::min(prompt_logprob_rows, n - done);
+        engine_->forward(s.slot, s.history.data() + s.n_done, m, s.n_done, prompt_logits_.data(), true, nullptr);
+        for (int r = 0; r < m; ++r) {
+            const int next = s.n_done + r + 1;  // the row at position p predicts prompt token p + 1
+            if (next >= plen) break;
+            Logprobs lp;
+            compute_logprobs(prompt_logits_.data() + size_t(r) * V, V, s.req.prompt[size_t(next)],
+                             s.req.n_prompt_logprobs, lp);
+            s.prompt_lps.push_back(std::move(lp));
+        }
+        s.n_done += m;
+        done += m;
+    }
+    if (s.n_done == plen) take_token(s, prompt_logits_.data() + size_t((n - 1) % prompt_logprob_rows) * V, out);
 }
 
 void StepLoop::step() {
@@ -225,6 +275,16 @@ void StepLoop::step() {
         const int plen = int(s.req.prompt.size());
         if (s.ended || s.n_done >= plen || budget <= 0) continue;
         const int n = std::min(budget, plen - s.n_done);
+        if (s.req.n_prompt_logprobs >= 0) {
+            try {
+                prompt_chunk_with_logprobs(s, n, out);
+                budget -= n;
+                prompt_tokens += n;
+            } catch (const std::exception& e) {
+                finish_seq(s, Finish::error, e.what(), out);
+            }
+            continue;
+        }
         try {
             engine_->forward(s.slot, s.history.data() + s.n_done, n, s.n_done, logits_.data(), false, nullptr);
             s.n_done += n;
@@ -252,16 +312,20 @@ void StepLoop::step() {
         // Sampled where the logits are when the engine can (only token ids come back), else
         // the logits come to the host and each sequence's Sampler picks.
         std::vector<DeviceSampleRow> rows(un);
-        for (size_t i = 0; i < un; ++i)
+        std::vector<Logprobs> lps(un);
+        for (size_t i = 0; i < un; ++i) {
             rows[i] = {dec[i]->sampler.params(), dec[i]->sampler.rng_state(), dec[i]->history.data(),
                        int(dec[i]->history.size())};
+            rows[i].n_logprobs = dec[i]->req.n_logprobs;
+            if (rows[i].n_logprobs >= 0) rows[i].logprobs = &lps[i];
+        }
         std::vector<int32_t> picked(un);
         try {
             if (engine_->decode_batch_sample(n, slots.data(), toks.data(), pos.data(), rows.data(), picked.data())) {
                 for (size_t i = 0; i < un; ++i) {
                     dec[i]->n_done++;
                     dec[i]->sampler.set_rng_state(rows[i].rng_state);
-                    accept_token(*dec[i], picked[i], out);
+                    accept_token(*dec[i], picked[i], rows[i].logprobs, out);
                 }
             } else {
                 std::vector<float> logits(un * size_t(V));

@@ -18,6 +18,14 @@
 // Limits: a request's prompt plus generated tokens never exceed the engine's
 // n_ctx (generation ends with "length" there); at most max_waiting requests
 // wait for a slot (submit throws past that: the caller answers "busy").
+//
+// Logprobs (cpp/logprobs.h: the raw distribution, before the sampling chain): a request
+// with n_logprobs >= 0 gets, on each token event, the token's log-probability and the
+// n_logprobs most likely tokens (on the CUDA engine computed next to the logits, see
+// DeviceSampleRow). n_prompt_logprobs >= 0 (OpenAI's echo): its prompt is evaluated with
+// every row's logits (prompt_logprob_rows at a time, no cached prefix reused) and its first
+// event carries the log-probability of each prompt token after the first. Requests
+// without them cost nothing extra.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -41,6 +49,8 @@ struct StepRequest {
     SamplerParams sampling;
     int max_tokens = 256;             // >= 1; capped by n_ctx - prompt size
     std::vector<int32_t> stop_ids;    // sampling one ends the request ("stop"), not emitted
+    int n_logprobs = -1;              // -1: none; [0, kMaxTopLogprobs]: see the header comment
+    int n_prompt_logprobs = -1;       // -1: none; [0, kMaxTopLogprobs]: the prompt's, on the first event
 };
 
 // submit() when max_waiting requests already wait: the caller answers "busy, retry".
@@ -58,6 +68,10 @@ struct StepEvent {
     int32_t token = -1;
     Finish finish = Finish::none;
     std::string message;
+    bool has_logprobs = false;         // token >= 0 of a request with n_logprobs >= 0
+    Logprobs logprobs;
+    bool has_prompt_logprobs = false;  // the first event of a request with n_prompt_logprobs >= 0
+    std::vector<Logprobs> prompt_logprobs;  // prompt tokens 1 .. n-1 (token 0 has no context)
 };
 
 struct StepStats {
@@ -71,6 +85,10 @@ struct StepStats {
 
 class StepLoop {
 public:
+    // Prompt rows evaluated per forward for a request asking for prompt logprobs (each row's
+    // logits come to the host: this bounds that buffer).
+    static constexpr int prompt_logprob_rows = 32;
+
     // Takes the engine (it keeps its file alive) and starts the thread.
     StepLoop(std::unique_ptr<Engine> engine, int max_waiting, int prefill_chunk);
     ~StepLoop();  // shutdown()
@@ -102,6 +120,8 @@ private:
         int limit = 0;                 // max tokens to generate (max_tokens capped by n_ctx)
         bool cancel_requested = false;  // set by cancel(), under mu_
         bool ended = false;             // its terminal event is out; removed at the end of the step
+        std::vector<Logprobs> prompt_lps;  // n_prompt_logprobs >= 0: filled as the prompt runs
+        bool prompt_lps_sent = false;
         explicit Seq(StepRequest r) : req(std::move(r)), sampler(req.sampling) {}
     };
 
@@ -111,8 +131,14 @@ private:
     // Samples seq's next token from logits and publishes it, or its end (stop, length,
     // or a sampling error).
     void take_token(Seq& s, const float* logits, std::vector<StepEvent>& out);
-    // Publishes tok as seq's next token, or its end when tok is a stop id or the last allowed.
-    void accept_token(Seq& s, int32_t tok, std::vector<StepEvent>& out);
+    // Publishes tok as seq's next token (with lp when the request asked for logprobs), or its
+    // end when tok is a stop id or the last allowed.
+    void accept_token(Seq& s, int32_t tok, const Logprobs* lp, std::vector<StepEvent>& out);
+    // Appends ev, first attaching seq's prompt logprobs when they are complete and not yet sent.
+    void publish(Seq& s, StepEvent ev, std::vector<StepEvent>& out);
+    // Evaluates n prompt tokens of seq with every row's logits, recording the prompt logprobs;
+    // samples the first token when the prompt is done.
+    void prompt_chunk_with_logprobs(Seq& s, int n, std::vector<StepEvent>& out);
     // Publishes seq's terminal event (without a token) and ends it.
     void finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out);
     // Frees seq's slot (remembering the tokens whose K/V it holds) and marks it ended.
@@ -138,6 +164,7 @@ private:
     std::vector<std::vector<int32_t>> slot_cache_;       // tokens whose K/V each slot holds
     std::vector<bool> slot_free_;
     std::vector<float> logits_;
+    std::vector<float> prompt_logits_;  // prompt_logprob_rows x n_vocab, for n_prompt_logprobs requests
     std::thread thread_;
 };
 

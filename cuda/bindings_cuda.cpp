@@ -38,6 +38,7 @@
 #include "bind_info.h"
 #include "bind_step_loop.h"
 #include "cuda_api.h"
+#include "logprob_kernels.h"
 #include "ggml_types.h"
 
 namespace nb = nanobind;
@@ -605,6 +606,26 @@ NB_MODULE(_orcd_cuda, m) {
         "(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, "
         "penalty_last_n), generator state states[r] and history histories[r]; split=False: the one-block "
         "kernel for every row.");
+
+    // ---- logprobs next to the logits against the CPU reference (orcd._orcd.logprobs)
+    m.def(
+        "test_logprob_rows",
+        [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits,
+           nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> chosen, int n_top) {
+            const int n = int(logits.shape(0)), V = int(logits.shape(1));
+            if (int(chosen.shape(0)) != n) throw orcd::Error("test_logprob_rows: chosen needs one id per row");
+            std::vector<orcd::Logprobs> r;
+            {
+                nb::gil_scoped_release nogil;
+                r = orcd::cuda_test::logprob_rows(logits.data(), n, V, chosen.data(), n_top);
+            }
+            nb::list out;
+            for (const orcd::Logprobs& lp : r) out.append(orcd::logprobs_to_py(lp));
+            return out;
+        },
+        "logits"_a, "chosen"_a, "n_top"_a,
+        "The CUDA logprob kernel on host logits [n, n_vocab]: per row (logprob of chosen[r], [(id, logprob), ...]),\n"
+        "as orcd._orcd.logprobs computes it on the CPU.");
 
     // ---- many sequences on a C++ thread (cpp/step_loop.h) over the CUDA engine
     orcd::bind_step_loop<1>(m, "CudaStepLoop", [](const std::string& path, int n_ctx, int n_slots, int) {

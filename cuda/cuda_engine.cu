@@ -401,6 +401,8 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
     }
     auto* dtok = reinterpret_cast<int32_t*>(samp_dev_ + lay.tokens);
     auto* dst = reinterpret_cast<uint64_t*>(samp_dev_ + lay.states);
+    // logprobs: the rows asking are copied aside before the sampler changes them (nothing when none asks)
+    const bool want_logprobs = logprob_rows_.save(logits_, n, V_, rows, stream_);
     cu::launch_sample_rows(logits_, n, V_, reinterpret_cast<const cu::SampleRow*>(samp_dev_ + lay.rows), dtok, dst,
                            stream_, samp_dev_ + lay.work, prow, opt_.sample_split);
     // tokens and states come back in one copy (the states follow the tokens' region)
@@ -415,6 +417,7 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
         out_tokens[i] = ptok[i];
         rows[i].rng_state = pst[i];
     }
+    if (want_logprobs) logprob_rows_.finish(dtok, V_, rows, stream_);  // from the saved rows and the drawn ids
     return true;
 }
 

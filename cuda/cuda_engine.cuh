@@ -10,6 +10,7 @@
 #include "cuda_common.cuh"
 #include "engine_weights.cuh"
 #include "fused_decoder.cuh"
+#include "logprob_kernels.cuh"
 #include "resident_f16.cuh"
 #include "sample.cuh"
 
@@ -130,6 +131,8 @@ private:
 
     DeviceWeights weights_;
     FusedDecoder dec_;
+    // decode_batch_sample's rows asking for logprobs (cuda/logprob_kernels.cuh); idle otherwise
+    cu::LogprobRows logprob_rows_;
 };
 
 }  // namespace orcd

@@ -24,6 +24,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -436,13 +437,13 @@ def test_openai_errors(server):
         assert e.value.status_code == 400 and e.value.body["param"] == param, (kw, e.value.body)
         assert param in e.value.body["message"]
         assert e.value.body["type"] == "invalid_request_error"
-    for kw, param in ((dict(logprobs=True), "logprobs"), (dict(logprobs=True, top_logprobs=2), "logprobs")):
+    for kw, param in ((dict(logprobs=True, top_logprobs=21), "top_logprobs"), (dict(top_logprobs=2), "top_logprobs")):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=m, messages=[{"role": "user", "content": "Hi"}], **kw)
-        assert e.value.body["param"] == param and "not supported yet" in e.value.body["message"]
+        assert e.value.body["param"] == param and param in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        c.completions.create(model=m, prompt="Hi", logprobs=2)
-    assert e.value.body["param"] == "logprobs"
+        c.completions.create(model=m, prompt="Hi", logprobs=21)
+    assert e.value.body["param"] == "logprobs" and "logprobs" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=m, messages=[])
     assert e.value.body["param"] == "messages"
@@ -462,6 +463,74 @@ def test_openai_errors(server):
     # every refusal above but the unknown route is counted (model, bad values, logprobs x 3, messages,
     # 3 context overflows, bad JSON)
     assert m['orcd_requests_total{outcome="rejected"}'] - rejected0 == 1 + len(bad) + 3 + 1 + 3 + 1
+
+
+def test_logprobs_over_http(server, ref, tiny_path):
+    """logprobs / top_logprobs / echo through the official client, streamed and not, against
+    NumPy's log_softmax of the CPU engine's logits for the same tokens (tests/test_logprobs.py).
+    Tolerance 1e-3: another request may share the server's batch (rounding of a batched row)."""
+    from test_logprobs import forward_rows, log_softmax, ref_top
+
+    c = server.client()
+    m = server.model_id
+    tok = ref.tokenizer
+    piece = (lambda t: tok.token_to_bytes(t).decode("utf-8", errors="replace"))
+    eng = orcd._orcd.CpuEngine(tiny_path, 512, 1)
+    try:
+        msgs = [{"role": "user", "content": "Say something"}]
+        want = ref.chat(msgs, max_tokens=8, ignore_eos=True, **GREEDY)
+        ids = ref.chat_ids(msgs)
+        rows = log_softmax(forward_rows(eng, ids, want.token_ids))
+        out = c.chat.completions.create(model=m, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                        top_logprobs=3, extra_body={"ignore_eos": True})
+        content = out.choices[0].logprobs.content
+        assert len(content) == len(want.token_ids) == 8
+        for k, (e, t) in enumerate(zip(content, want.token_ids)):
+            row = rows[len(ids) - 1 + k]
+            assert e.bytes == list(tok.token_to_bytes(t)) and e.token == piece(t)
+            assert abs(e.logprob - row[t]) <= 1e-3
+            assert [x.token for x in e.top_logprobs] == [piece(i) for i, _ in ref_top(row, 3)]
+            assert e.top_logprobs[0].token == e.token  # greedy: the chosen token is the top-1
+            assert sum(np.exp(x.logprob) for x in e.top_logprobs) <= 1 + 1e-5
+        chunks = list(c.chat.completions.create(model=m, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                                top_logprobs=3, stream=True, extra_body={"ignore_eos": True}))
+        streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs
+                    for x in ch.choices[0].logprobs.content]
+        assert [x.token for x in streamed] == [x.token for x in content]
+        # (the cached prompt prefix is reused this time: its last token alone rounds differently)
+        assert all(abs(a.logprob - b.logprob) <= 1e-3 for a, b in zip(streamed, content))
+        plain = c.chat.completions.create(model=m, messages=msgs, max_tokens=2, temperature=0)
+        assert plain.choices[0].logprobs is None
+
+        prompt = "Hello world"
+        pids = ref.tokenize(prompt, special=True)
+        want = ref.generate(prompt, max_tokens=5, ignore_eos=True, **GREEDY)
+        rows = log_softmax(forward_rows(eng, pids, want.token_ids))
+        out = c.completions.create(model=m, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True,
+                                   extra_body={"ignore_eos": True})
+        ch = out.choices[0]
+        assert ch.text == prompt + want.text
+        lp = ch.logprobs
+        n = len(pids)
+        assert len(lp.tokens) == n + 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for j in range(1, n):  # prompt token j given the tokens before it
+            assert abs(lp.token_logprobs[j] - rows[j - 1][pids[j]]) <= 1e-3
+        for k, t in enumerate(want.token_ids):
+            assert abs(lp.token_logprobs[n + k] - rows[n - 1 + k][t]) <= 1e-3
+            assert set(lp.top_logprobs[n + k]) == {piece(i) for i, _ in ref_top(rows[n - 1 + k], 2)}
+        for t_text, off in zip(lp.tokens, lp.text_offset):
+            assert ch.text[off:off + len(t_text)] == t_text
+        chunks = list(c.completions.create(model=m, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                                           echo=True, stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(x.choices[0].text for x in chunks) == ch.text
+        got = [v for x in chunks if x.choices[0].logprobs for v in x.choices[0].logprobs.tokens]
+        offs = [v for x in chunks if x.choices[0].logprobs for v in x.choices[0].logprobs.text_offset]
+        assert got == lp.tokens and offs == lp.text_offset
+        echo_only = c.completions.create(model=m, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+        assert echo_only.choices[0].text.startswith(prompt) and echo_only.choices[0].logprobs is None
+    finally:
+        eng.close()
+    server.wait_idle()
 
 
 def test_api_key_and_full_queue(slow_path, logs):

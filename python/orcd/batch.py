@@ -11,6 +11,11 @@ request, and async code can be woken with a callback.
     for tok in req:            # token ids as they come
         ...
     req.finish_reason          # "stop", "length", "cancelled" or "error"
+
+With params.logprobs = N, req.logprobs holds one orcd.types.TokenLogprobs per token (raw
+distribution, cpp/logprobs.h; on the GPU computed next to the logits); with
+params.prompt_logprobs = N, req.prompt_logprobs one per prompt token (None for the first),
+set before the first token arrives.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import numpy as np
 
 from . import _orcd
 from .backend import cuda_available, cuda_module, cuda_status
-from .types import SamplingParams
+from .types import SamplingParams, TokenLogprobs
 
 
 class Busy(RuntimeError):
@@ -37,10 +42,15 @@ class Request:
     (called on the pump thread after each event; .tokens grows, .done tells the end)
     instead of iterating."""
 
-    def __init__(self, runner: "BatchRunner", rid: int, n_prompt: int):
+    def __init__(self, runner: "BatchRunner", rid: int, n_prompt: int, logprobs: bool = False,
+                 prompt: Optional[Sequence[int]] = None):
         self.id = rid
         self.n_prompt = n_prompt
         self.tokens: List[int] = []
+        # appended before the token (a reader that sees n tokens sees their n logprobs)
+        self.logprobs: Optional[List[TokenLogprobs]] = [] if logprobs else None
+        self.prompt_logprobs: Optional[list] = None
+        self._prompt = prompt  # with prompt logprobs: the ids they are of
         self.finish_reason: Optional[str] = None
         self.message = ""
         self._runner = runner
@@ -48,9 +58,15 @@ class Request:
         self._done = threading.Event()
         self.on_event: Optional[Callable[["Request"], None]] = None
 
-    def _push(self, tok: int, finish: str, message: str) -> None:
+    def _push(self, tok: int, finish: str, message: str, extra: Optional[dict] = None) -> None:
         # pump thread. With on_event set the caller reads .tokens / .finish_reason and the
         # events are not queued for iteration (a server would hold every event otherwise).
+        if extra is not None:
+            if "prompt_logprobs" in extra and self._prompt is not None:
+                self.prompt_logprobs = [None] + [TokenLogprobs.from_native(t, pr)
+                                                 for t, pr in zip(self._prompt[1:], extra["prompt_logprobs"])]
+            if "logprobs" in extra and self.logprobs is not None and tok >= 0:
+                self.logprobs.append(TokenLogprobs.from_native(tok, extra["logprobs"]))
         cb = self.on_event
         if cb is None:
             self._q.put((tok, finish, message))
@@ -140,14 +156,17 @@ class BatchRunner:
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
         stops = [int(t) for t in stop_ids] + [int(t) for t in (p.stop_token_ids or [])]
         rid = next(self._ids)
-        req = Request(self, rid, int(ids.size))
+        req = Request(self, rid, int(ids.size), p.logprobs is not None,
+                      [int(t) for t in ids] if p.prompt_logprobs is not None else None)
         with self._lock:
             self._live[rid] = req
         try:
             ok = self._loop.submit(rid, ids.astype(np.int32), max_tokens, stops, float(p.temperature),
                                    min(int(p.top_k), 2**31 - 1), float(p.top_p), float(p.min_p),
                                    float(p.repetition_penalty), float(p.presence_penalty),
-                                   float(p.frequency_penalty), int(p.penalty_last_n), int(seed) & 0xFFFFFFFFFFFFFFFF)
+                                   float(p.frequency_penalty), int(p.penalty_last_n), int(seed) & 0xFFFFFFFFFFFFFFFF,
+                                   -1 if p.logprobs is None else int(p.logprobs),
+                                   -1 if p.prompt_logprobs is None else int(p.prompt_logprobs))
         except BaseException:
             with self._lock:
                 self._live.pop(rid, None)
@@ -170,13 +189,14 @@ class BatchRunner:
                 events = None
             if events is None:
                 return
-            for rid, tok, finish, message in events:
+            for ev in events:  # (id, token, finish, message[, logprobs dict])
+                rid, tok, finish, message = ev[:4]
                 with self._lock:
                     req = self._live.get(rid)
                     if finish:
                         self._live.pop(rid, None)
                 if req is not None:
-                    req._push(tok, finish, message)
+                    req._push(tok, finish, message, ev[4] if len(ev) > 4 else None)
             if self._closed and not events:
                 with self._lock:
                     if not self._live:

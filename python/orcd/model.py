@@ -30,7 +30,7 @@ from .chat import ChatTemplate, encode_chat
 from .default_model import DefaultModelMissing, resolve_model  # noqa: F401  (re-exported)
 from .gguf_file import GGUFFile
 from .tokenizer import StreamDecoder, Tokenizer
-from .types import SAMPLING_FIELDS, Completion, CompletionStream, SamplingParams, Usage
+from .types import SAMPLING_FIELDS, Completion, CompletionStream, SamplingParams, TokenLogprobs, Usage
 
 Prompt = Union[str, Sequence[int]]
 Messages = Sequence[dict]
@@ -248,26 +248,28 @@ class Model:
                 return logits
             return self._prefill(slot, history[:n].tolist(), owner)
 
-    def _next_on_device(self, slot: _Slot, history: np.ndarray, n: int, owner, sampler, dev_params):
-        """(token after history[:n] sampled on the engine's device, True) when this step
-        continues the owner's cache of the slot and the engine can; else (None, whether the
-        engine could): nothing was evaluated, the caller takes the logits path."""
+    def _next_on_device(self, slot: _Slot, history: np.ndarray, n: int, owner, sampler, dev_params,
+                        n_logprobs: int = -1):
+        """(token after history[:n] sampled on the engine's device, True, its logprobs pair or
+        None) when this step continues the owner's cache of the slot and the engine can; else
+        (None, whether the engine could, None): nothing was evaluated, the caller takes the
+        logits path. n_logprobs >= 0: the token's logprobs come back too (computed there)."""
         if dev_params is None:
-            return None, False
+            return None, False, None
         with self._lock:
             eng = self._live_engine()
             if slot.owner is not owner or len(slot.cached) != n - 1:
-                return None, True
+                return None, True, None
             slot.last_used = next(self._clock)
             slot.owner = None  # until the step below succeeds
             r = eng.decode_sample(slot.index, int(history[n - 1]), n - 1, dev_params, sampler.rng_state,
-                                  history[:n])
+                                  history[:n], n_logprobs)
             slot.owner = owner
             if r is None:
-                return None, False
+                return None, False, None
             slot.cached.append(int(history[n - 1]))
             sampler.rng_state = r[1]
-            return int(r[0]), True
+            return int(r[0]), True, (r[2] if n_logprobs >= 0 else None)
 
     # ------------------------------------------------------------ generation
     def _params(self, params: Optional[SamplingParams], overrides: dict) -> SamplingParams:
@@ -285,14 +287,31 @@ class Model:
                 raise ValueError(f"stop_token_ids: token id {t} out of range [0, {self.n_vocab})")
         return p
 
-    def _start(self, prompt_ids: List[int], p: SamplingParams) -> Iterator[tuple]:
+    def _start(self, prompt_ids: List[int], p: SamplingParams, sink: Optional[list] = None) -> Iterator[tuple]:
         """Validates everything now (so stream() raises at the call, not at the first
-        piece), then returns the generator of (token_id or None, text piece, finish or None)."""
+        piece), then returns the generator of (token_id or None, text piece, finish or None).
+        sink: with p.logprobs, receives each yielded token's TokenLogprobs before it is yielded."""
         self._live_engine()
         sampler = p.native_sampler()
-        return self._run(prompt_ids, p, sampler, p.stop_strings())
+        return self._run(prompt_ids, p, sampler, p.stop_strings(), sink)
 
-    def _run(self, ids: List[int], p: SamplingParams, sampler, stops: List[str]) -> Iterator[tuple]:
+    # ------------------------------------------------------------ logprobs (cpp/logprobs.h: raw distribution)
+    def _prompt_logprobs(self, ids: List[int], n_top: int) -> List[Optional[TokenLogprobs]]:
+        """Each prompt token's logprobs given the tokens before it (None for the first): the
+        prompt evaluated once more with every row's logits, in a fresh context (slot 0)."""
+        if len(ids) < 2:
+            return [None]
+        logits = self.logits(ids)
+        pairs = _orcd.logprobs(logits[:-1], np.asarray(ids[1:], np.int32), n_top)
+        return [None] + [TokenLogprobs.from_native(t, pr) for t, pr in zip(ids[1:], pairs)]
+
+    def _logprob_lists(self, ids: List[int], p: SamplingParams):
+        """(sink for the generated tokens' logprobs or None, the prompt's logprobs or None)."""
+        plp = None if p.prompt_logprobs is None else self._prompt_logprobs(ids, p.prompt_logprobs)
+        return ([] if p.logprobs is not None else None), plp
+
+    def _run(self, ids: List[int], p: SamplingParams, sampler, stops: List[str],
+             sink: Optional[list] = None) -> Iterator[tuple]:
         """Yields (token_id or None, text piece, None) and last (None, rest, finish) with
         finish "stop" or "length"."""
         stop_ids = set(int(t) for t in (p.stop_token_ids or []))
@@ -314,15 +333,19 @@ class Model:
                 raise
         # the GPU engine samples next to its logits (only token ids come back) when it can
         dev_params = _device_params(p) if self.device == "cuda" else None
+        n_lp = -1 if sink is None else p.logprobs
         try:
             finish = "length"
             tok = sampler.sample(logits, history[:n_hist])
+            lp = _token_logprobs(logits, tok, p.logprobs) if sink is not None else None
             for step in range(max_new):
                 if tok in eos or tok in stop_ids:
                     finish = "stop"
                     break
                 history[n_hist] = tok
                 n_hist += 1
+                if sink is not None:
+                    sink.append(lp)
                 held += decoder.feed(tok)
                 if stops:
                     cut = _find_stop(held, stops)
@@ -338,11 +361,15 @@ class Model:
                 yield tok, piece, None
                 if n_hist >= self.n_ctx or step + 1 == max_new:  # no step for logits nobody samples
                     break
-                tok, can = self._next_on_device(slot, history, n_hist, me, sampler, dev_params)
+                tok, can, pair = self._next_on_device(slot, history, n_hist, me, sampler, dev_params, n_lp)
+                if pair is not None:
+                    lp = TokenLogprobs.from_native(tok, pair)
                 if tok is None:
                     dev_params = dev_params if can else None  # cannot: the CPU sampler from here on
                     logits = self._step(slot, history, n_hist, me)
                     tok = sampler.sample(logits, history[:n_hist])
+                    if sink is not None:
+                        lp = _token_logprobs(logits, tok, p.logprobs)
             rest = ""
             if not (finish == "stop" and stops and not held):
                 rest = held + decoder.flush()
@@ -353,16 +380,18 @@ class Model:
 
     def _complete(self, ids: List[int], p: SamplingParams) -> Completion:
         toks, parts, finish = [], [], "length"
-        for tok, piece, fin in self._start(ids, p):
+        sink, plp = self._logprob_lists(ids, p)
+        for tok, piece, fin in self._start(ids, p, sink):
             if tok is not None:
                 toks.append(tok)
             parts.append(piece)
             if fin is not None:
                 finish = fin
-        return Completion("".join(parts), toks, finish, Usage(len(ids), len(toks), len(ids) + len(toks)))
+        return Completion("".join(parts), toks, finish, Usage(len(ids), len(toks), len(ids) + len(toks)), sink, plp)
 
     def _stream(self, ids: List[int], p: SamplingParams) -> CompletionStream:
-        return CompletionStream(self._start(ids, p), len(ids))
+        sink, plp = self._logprob_lists(ids, p)
+        return CompletionStream(self._start(ids, p, sink), len(ids), sink, plp)
 
     def generate(self, prompt: Union[Prompt, Sequence[Prompt]], params: Optional[SamplingParams] = None,
                  *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
@@ -371,7 +400,8 @@ class Model:
                  frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
                  seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
                  stop_token_ids: Optional[Sequence[int]] = None,
-                 ignore_eos: Optional[bool] = None) -> Union[Completion, List[Completion]]:
+                 ignore_eos: Optional[bool] = None, logprobs: Optional[int] = None,
+                 prompt_logprobs: Optional[int] = None) -> Union[Completion, List[Completion]]:
         """Complete `prompt` (text, with control tokens parsed, or a list of token ids).
 
         A batch of prompts (a list of strings, or of token-id lists) returns a list of
@@ -380,6 +410,8 @@ class Model:
 
         params: a SamplingParams (default SamplingParams()); the keyword arguments that are
         not None override its fields (see SamplingParams for their meaning and defaults).
+        logprobs=N / prompt_logprobs=N fill Completion.logprobs / .prompt_logprobs (raw
+        distribution: log_softmax of the logits before penalties, temperature and top-k/p).
         """
         p = self._params(params, _sampling_args(locals()))
         if _is_batch(prompt):
@@ -447,7 +479,9 @@ class Model:
                 raise RuntimeError(f"batch generation ended with {req.finish_reason!r}: {req.message}")
             finish = req.finish_reason
             text += decoder.flush()
-        return Completion(text, toks, finish, Usage(len(ids), len(toks), len(ids) + len(toks)))
+        lps = None if req.logprobs is None else req.logprobs[: len(toks)]
+        return Completion(text, toks, finish, Usage(len(ids), len(toks), len(ids) + len(toks)), lps,
+                          req.prompt_logprobs)
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
@@ -455,7 +489,8 @@ class Model:
                  repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
                  frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
                  seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
-                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None) -> CompletionStream:
+                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None,
+                 logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> CompletionStream:
         """Like generate, returning an iterator of text pieces as they are produced; its
         finish_reason and usage are set once it is exhausted."""
         p = self._params(params, _sampling_args(locals()))
@@ -476,7 +511,8 @@ class Model:
                  repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
                  frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
                  seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
-                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None) -> Completion:
+                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None,
+                 logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> Completion:
         """Answer a conversation [{'role': ..., 'content': ...}, ...] using the model's chat template.
 
         params: a SamplingParams (default SamplingParams()); the keyword arguments that are
@@ -491,7 +527,8 @@ class Model:
                  repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
                  frequency_penalty: Optional[float] = None, penalty_last_n: Optional[int] = None,
                  seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
-                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None) -> CompletionStream:
+                 stop_token_ids: Optional[Sequence[int]] = None, ignore_eos: Optional[bool] = None,
+                 logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> CompletionStream:
         """Like chat, returning an iterator of text pieces (see stream)."""
         p = self._params(params, _sampling_args(locals()))
         return self._stream(self.chat_ids(messages), p)
@@ -508,19 +545,32 @@ class Model:
                           stop: Optional[Union[str, Sequence[str]]] = None, seed: Optional[int] = None,
                           presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
                           repetition_penalty: Optional[float] = None, stream: bool = False,
-                          params: Optional[SamplingParams] = None, model: Optional[str] = None):
+                          params: Optional[SamplingParams] = None, model: Optional[str] = None,
+                          logprobs: Optional[int] = None, echo: bool = False):
         """An OpenAI text completion of `prompt` (as llama-cpp-python's create_completion):
         a dict {id, object: "text_completion", created, model, choices: [{index, text,
-        logprobs: None, finish_reason}], usage}, or with stream=True an iterator of chunk dicts
+        logprobs, finish_reason}], usage}, or with stream=True an iterator of chunk dicts
         whose last one carries the finish_reason and the usage.
 
         The parameters are those of the OpenAI API (and orcd serve); those left None take
         their value from `params` (default SamplingParams(): orcd's defaults, not OpenAI's).
         model: the "model" field (default: the file name without .gguf).
+        logprobs=N (0..20): choices[0].logprobs = {tokens, token_logprobs, top_logprobs (the N
+        most likely and the chosen token, {text: logprob}), text_offset}, else None. Raw
+        distribution: log_softmax of the logits before penalties, temperature and top-k/p.
+        echo: the text starts with the prompt; with logprobs the prompt's tokens come first
+        (the first one's logprob None; the prompt is evaluated once more for them).
         """
         p = self._params(params, _openai_args(locals()))
+        if not isinstance(echo, bool):
+            raise TypeError(f"echo must be a bool (got {type(echo).__name__})")
+        if logprobs is not None:
+            p = p.replace(logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
         ids = self._ids(prompt)
-        return self._openai_result(ids, p, stream, False, model)
+        echo_text = None
+        if echo:
+            echo_text = prompt if isinstance(prompt, str) else self.detokenize(ids)
+        return self._openai_result(ids, p, stream, False, model, echo_text)
 
     def create_chat_completion(self, messages: Messages, max_tokens: Optional[int] = None,
                                temperature: Optional[float] = None, top_p: Optional[float] = None,
@@ -529,19 +579,30 @@ class Model:
                                presence_penalty: Optional[float] = None,
                                frequency_penalty: Optional[float] = None,
                                repetition_penalty: Optional[float] = None, stream: bool = False,
-                               params: Optional[SamplingParams] = None, model: Optional[str] = None):
+                               params: Optional[SamplingParams] = None, model: Optional[str] = None,
+                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None):
         """An OpenAI chat completion of `messages` (as llama-cpp-python's
         create_chat_completion): a dict {id, object: "chat.completion", created, model,
         choices: [{index, message: {role: "assistant", content}, logprobs: None,
         finish_reason}], usage}, or with stream=True an iterator of "chat.completion.chunk"
         dicts: a role-only delta first, content deltas, then an empty delta carrying the
         finish_reason and the usage. Parameters as create_completion.
+        logprobs=True: choices[0].logprobs = {content: [{token, logprob, bytes, top_logprobs:
+        [{token, logprob, bytes}] (top_logprobs of them, 0..20)}]} (in each content chunk when
+        streamed); raw distribution, as create_completion.
         """
         p = self._params(params, _openai_args(locals()))
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise TypeError(f"logprobs must be a bool (got {type(logprobs).__name__})")
+        if top_logprobs is not None and not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        if logprobs:
+            p = p.replace(logprobs=0 if top_logprobs is None else top_logprobs)
         ids = self.chat_ids(messages)
         return self._openai_result(ids, p, stream, True, model)
 
-    def _openai_result(self, ids: List[int], p: SamplingParams, stream: bool, chat: bool, model: Optional[str]):
+    def _openai_result(self, ids: List[int], p: SamplingParams, stream: bool, chat: bool, model: Optional[str],
+                       echo_text: Optional[str] = None):
         from . import openai_format as fmt
 
         if not isinstance(stream, bool):
@@ -552,9 +613,20 @@ class Model:
         if not stream:
             out = self._complete(ids, p)
             usage = fmt.usage(out.usage.prompt_tokens, out.usage.completion_tokens)
-            build = fmt.chat_completion if chat else fmt.completion
-            return build(rid, created, name, [(out.text, out.finish_reason)], usage)
-        return _openai_chunks(self._start(ids, p), len(ids), rid, created, name, chat)
+            if chat:
+                lp = None if out.logprobs is None else fmt.chat_logprobs(self.tokenizer, out.logprobs)
+                return fmt.chat_completion(rid, created, name, [(out.text, out.finish_reason, lp)], usage)
+            lp = None
+            if out.logprobs is not None:
+                lp_ids, lp_vals = list(out.token_ids), list(out.logprobs)
+                if echo_text is not None:
+                    lp_ids, lp_vals = list(ids) + lp_ids, list(out.prompt_logprobs) + lp_vals
+                lp = fmt.CompletionLogprobs(self.tokenizer)(lp_ids, lp_vals)
+            text = out.text if echo_text is None else echo_text + out.text
+            return fmt.completion(rid, created, name, [(text, out.finish_reason, lp)], usage)
+        sink, plp = self._logprob_lists(ids, p)
+        return _openai_chunks(self._start(ids, p, sink), len(ids), rid, created, name, chat,
+                              _ChunkLogprobs(self.tokenizer, chat, ids, sink, plp, echo_text))
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -612,27 +684,68 @@ def _openai_args(args: dict) -> dict:
     return {k: args[k] for k in _OPENAI_FIELDS}
 
 
+class _ChunkLogprobs:
+    """The logprobs objects of a stream's chunks: each chunk carries those of the tokens
+    generated since the previous one (an echo's first chunk, the prompt's)."""
+
+    def __init__(self, tokenizer, chat: bool, ids: List[int], sink: Optional[list], plp, echo_text: Optional[str]):
+        from . import openai_format as fmt
+
+        self.tokenizer, self.chat, self.ids, self.sink, self.plp = tokenizer, chat, ids, sink, plp
+        self.echo_text = echo_text
+        self.fmt = None if chat or sink is None else fmt.CompletionLogprobs(tokenizer)
+        self.sent = 0
+
+    def echo(self):
+        """(prompt text, its logprobs object or None) for an echo's first chunk."""
+        lp = None if self.plp is None or self.fmt is None else self.fmt(self.ids, self.plp)
+        return self.echo_text, lp
+
+    def new(self, toks: List[int]):
+        """The logprobs object of the tokens toks[self.sent:] (None without logprobs)."""
+        if self.sink is None:
+            return None
+        from . import openai_format as fmt
+
+        new = self.sink[self.sent: len(toks)]
+        ids = toks[self.sent: len(toks)]
+        self.sent = len(toks)
+        return fmt.chat_logprobs(self.tokenizer, new) if self.chat else self.fmt(ids, new)
+
+
 def _openai_chunks(pieces: Iterator[tuple], n_prompt: int, rid: str, created: int, model: str,
-                   chat: bool) -> Iterator[dict]:
+                   chat: bool, lps: Optional[_ChunkLogprobs] = None) -> Iterator[dict]:
     """The stream chunks of one generation (pieces: Model._start's tuples)."""
     from . import openai_format as fmt
 
     if chat:
         yield fmt.chat_chunk(rid, created, model, 0, content="", role="assistant")
+    elif lps is not None and lps.echo_text is not None:
+        text, lp = lps.echo()
+        yield fmt.completion_chunk(rid, created, model, 0, text, logprobs=lp)
     n_tokens = 0
+    toks: List[int] = []
     try:
         for tok, piece, finish in pieces:
             if tok is not None:
                 n_tokens += 1
-            if piece:
-                yield (fmt.chat_chunk(rid, created, model, 0, content=piece) if chat
-                       else fmt.completion_chunk(rid, created, model, 0, piece))
+                toks.append(tok)
+            lp = lps.new(toks) if lps is not None and lps.sink is not None and len(toks) > lps.sent else None
+            if piece or lp is not None:
+                yield (fmt.chat_chunk(rid, created, model, 0, content=piece, logprobs=lp) if chat
+                       else fmt.completion_chunk(rid, created, model, 0, piece, logprobs=lp))
             if finish is not None:
                 usage = fmt.usage(n_prompt, n_tokens)
                 yield (fmt.chat_chunk(rid, created, model, 0, finish_reason=finish, usage_=usage) if chat
                        else fmt.completion_chunk(rid, created, model, 0, "", finish, usage_=usage))
     finally:
         pieces.close()  # a consumer that stops early frees the generation's slot now
+
+
+def _token_logprobs(logits: np.ndarray, tok: int, n_top: int) -> TokenLogprobs:
+    """The sampled token's logprobs from its host logits (cpp/logprobs.h)."""
+    pair = _orcd.logprobs(logits.reshape(1, -1), np.asarray([tok], np.int32), n_top)[0]
+    return TokenLogprobs.from_native(tok, pair)
 
 
 def _sampling_args(args: dict) -> dict:

@@ -4,15 +4,26 @@ chunks, usage, the model list and errors. One place for them, so the HTTP server
 
 Only the standard library; nothing here knows about engines or HTTP. The shapes follow
 OpenAI's API reference (the fields its official client reads): every choice carries
-"logprobs": None (orcd does not compute log-probabilities yet) and finish_reason
-"stop" / "length" (None in chunks until the choice ends).
+"logprobs" (None unless asked for) and finish_reason "stop" / "length" (None in chunks
+until the choice ends).
+
+Logprobs (built here from orcd.types.TokenLogprobs-like entries: .token_id, .logprob,
+.top = [(id, logprob)], and a tokenizer with token_to_bytes): the model's raw distribution
+(log_softmax of the logits before penalties, temperature, top-k/p and masks, as vLLM).
+A token's "bytes" are its raw bytes (a byte-level BPE token may hold part of a UTF-8
+character); its "token" text is those bytes decoded with U+FFFD for the incomplete part.
+Chat: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}],
+"refusal": None}. Completions: {tokens, token_logprobs, top_logprobs: [{text: logprob}]
+(the top N and the chosen token, so up to N+1 keys; None for an echoed first prompt
+token), text_offset (character offsets into the choice's text, running across a stream)}.
+-inf (a token the model rules out) is written as -9999.0: JSON has no infinity.
 """
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 SYSTEM_FINGERPRINT = "fp_orcd"
 
@@ -33,25 +44,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 # ---------------------------------------------------------------- chat completions
+def _choice_logprobs(c: tuple):
+    return c[2] if len(c) > 2 else None
+
+
 def chat_completion(rid: str, created: int, model: str, choices: Sequence[tuple], usage_: dict) -> dict:
-    """A whole chat completion. choices: (text, finish_reason) in index order."""
+    """A whole chat completion. choices: (text, finish_reason) or (text, finish_reason,
+    chat_logprobs(...) or None) in index order."""
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": finish}
-                    for i, (text, finish) in enumerate(choices)],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c[0]},
+                     "logprobs": _choice_logprobs(c), "finish_reason": c[1]}
+                    for i, c in enumerate(choices)],
         "usage": usage_,
     }
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, content: Optional[str] = None,
                role: Optional[str] = None, finish_reason: Optional[str] = None,
-               with_usage_field: bool = False, usage_: Optional[dict] = None) -> dict:
+               with_usage_field: bool = False, usage_: Optional[dict] = None,
+               logprobs: Optional[dict] = None) -> dict:
     """One streamed chat chunk for choice `index`: a delta with the role (the first chunk),
     some content, or nothing with the finish_reason (the last chunk). with_usage_field:
     the client asked for stream_options.include_usage, so every chunk has "usage": None.
-    usage_: the usage on this chunk (Model.create_chat_completion's last chunk)."""
+    usage_: the usage on this chunk (Model.create_chat_completion's last chunk).
+    logprobs: chat_logprobs(...) of this chunk's tokens."""
     delta = {}
     if role is not None:
         delta["role"] = role
@@ -59,7 +77,7 @@ def chat_chunk(rid: str, created: int, model: str, index: int, content: Optional
         delta["content"] = content
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": SYSTEM_FINGERPRINT,
-           "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+           "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage_field or usage_ is not None:
         out["usage"] = usage_
     return out
@@ -73,23 +91,24 @@ def chat_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:
 
 # ---------------------------------------------------------------- (text) completions
 def completion(rid: str, created: int, model: str, choices: Sequence[tuple], usage_: dict) -> dict:
-    """A whole text completion. choices: (text, finish_reason) in index order."""
+    """A whole text completion. choices: (text, finish_reason) or (text, finish_reason,
+    CompletionLogprobs(...)(...) or None) in index order."""
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                    for i, (text, finish) in enumerate(choices)],
+        "choices": [{"index": i, "text": c[0], "logprobs": _choice_logprobs(c), "finish_reason": c[1]}
+                    for i, c in enumerate(choices)],
         "usage": usage_,
     }
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str = "",
                      finish_reason: Optional[str] = None, with_usage_field: bool = False,
-                     usage_: Optional[dict] = None) -> dict:
-    """One streamed completion chunk (with_usage_field / usage_: as chat_chunk)."""
+                     usage_: Optional[dict] = None, logprobs: Optional[dict] = None) -> dict:
+    """One streamed completion chunk (with_usage_field / usage_ / logprobs: as chat_chunk)."""
     out = {"id": rid, "object": "text_completion", "created": created, "model": model,
            "system_fingerprint": SYSTEM_FINGERPRINT,
-           "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+           "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage_field or usage_ is not None:
         out["usage"] = usage_
     return out
@@ -98,6 +117,65 @@ def completion_chunk(rid: str, created: int, model: str, index: int, text: str =
 def completion_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [], "usage": usage_}
+
+
+# ---------------------------------------------------------------- logprobs
+LOGPROB_FLOOR = -9999.0  # what -inf is written as
+
+
+def _lp(v: float) -> float:
+    v = float(v)
+    return v if v > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def token_piece(tokenizer, token_id: int) -> Tuple[str, bytes]:
+    """(text, raw bytes) of one token: the bytes decoded with U+FFFD where a UTF-8
+    character is incomplete (OpenAI's "token"), and the bytes themselves."""
+    raw = tokenizer.token_to_bytes(int(token_id))
+    return raw.decode("utf-8", errors="replace"), raw
+
+
+def chat_logprobs(tokenizer, entries: Sequence) -> dict:
+    """A chat choice's (or chunk's) logprobs: entries are TokenLogprobs-like, one per token."""
+    content = []
+    for e in entries:
+        text, raw = token_piece(tokenizer, e.token_id)
+        top = []
+        for t, v in e.top:
+            tt, tr = token_piece(tokenizer, t)
+            top.append({"token": tt, "logprob": _lp(v), "bytes": list(tr)})
+        content.append({"token": text, "logprob": _lp(e.logprob), "bytes": list(raw), "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+class CompletionLogprobs:
+    """Builds a completion choice's logprobs objects; one instance per choice, so that
+    text_offset keeps running across the chunks of a stream (and after an echoed prompt)."""
+
+    def __init__(self, tokenizer, offset: int = 0):
+        self.tokenizer = tokenizer
+        self.offset = offset
+
+    def __call__(self, ids: Sequence[int], entries: Sequence) -> dict:
+        """ids: the tokens; entries: their TokenLogprobs-like logprobs (None: no context,
+        an echoed prompt's first token)."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, e in zip(ids, entries):
+            text, _ = token_piece(self.tokenizer, tid)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+            if e is None:
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            token_lps.append(_lp(e.logprob))
+            d: dict = {}
+            for t, v in e.top:
+                d.setdefault(token_piece(self.tokenizer, t)[0], _lp(v))
+            d.setdefault(text, _lp(e.logprob))
+            tops.append(d)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 # ---------------------------------------------------------------- models, errors
@@ -155,5 +233,6 @@ class TextEvents:
 __all__: List[str] = [
     "new_id", "now", "usage", "chat_completion", "chat_chunk", "chat_usage_chunk", "completion",
     "completion_chunk", "completion_usage_chunk", "model_card", "model_list", "error", "sse_data",
-    "sse_event", "SSE_DONE", "SYSTEM_FINGERPRINT", "TextEvents",
+    "sse_event", "SSE_DONE", "SYSTEM_FINGERPRINT", "TextEvents", "chat_logprobs", "CompletionLogprobs",
+    "token_piece", "LOGPROB_FLOOR",
 ]

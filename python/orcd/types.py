@@ -9,8 +9,13 @@ CompletionStream (the iterator that stream() returns).
     text = "".join(s); s.finish_reason, s.usage         # known once exhausted
 
 Bounds: top_k is clamped to 2**31 - 1 (any value >= n_vocab keeps every token);
-seed is used modulo 2**64. The numeric ranges of the float parameters are
-checked by the native sampler (cpp/sampler.cpp), which names the parameter.
+seed is used modulo 2**64; logprobs and prompt_logprobs in [0, MAX_LOGPROBS]. The
+numeric ranges of the float parameters are checked by the native sampler
+(cpp/sampler.cpp), which names the parameter.
+
+Logprobs are log-probabilities under the model's raw distribution: log_softmax of the
+logits before penalties, temperature, top_k / top_p / min_p and any token mask (vLLM's
+default), computed in C++ (cpp/logprobs.h) or next to the logits on the GPU.
 """
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ import dataclasses
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Literal, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 FinishReason = Literal["stop", "length"]
 
 _INT32_MAX = 2**31 - 1
+MAX_LOGPROBS = 20  # top tokens per position (OpenAI's chat limit; cpp/logprobs.h kMaxTopLogprobs)
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
 
@@ -48,6 +54,10 @@ class SamplingParams:
     stop                a stop string or a list of them (not included in the text)
     stop_token_ids      token ids that end the generation (not included)
     ignore_eos          keep going past end-of-generation tokens
+    logprobs            None, or N in [0, 20]: each generated token's log-probability and the
+                        N most likely tokens' (Completion.logprobs); raw distribution, see above
+    prompt_logprobs     None, or N in [0, 20]: the same for each prompt token after the first
+                        (Completion.prompt_logprobs; the prompt is evaluated for every row)
 
     Validated when created and again when used (fields can be reassigned).
     """
@@ -65,6 +75,8 @@ class SamplingParams:
     stop: Optional[Union[str, Sequence[str]]] = None
     stop_token_ids: Optional[Sequence[int]] = None
     ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         self.validate()
@@ -105,6 +117,14 @@ class SamplingParams:
                     raise TypeError(f"stop_token_ids must be a list of ints (got an item {t!r})")
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool (got {type(self.ignore_eos).__name__})")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not _is_int(v):
+                raise TypeError(f"{name} must be an int or None (got {type(v).__name__})")
+            if not 0 <= v <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] or None (got {v!r})")
         return self
 
     def stop_strings(self) -> List[str]:
@@ -170,20 +190,40 @@ class Usage:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One position's log-probabilities: the token there, its logprob and the most likely
+    tokens' [(token_id, logprob), ...], best first (SamplingParams.logprobs of them)."""
+
+    token_id: int
+    logprob: float
+    top: List[Tuple[int, float]]
+
+    @classmethod
+    def from_native(cls, token_id: int, pair) -> "TokenLogprobs":
+        """From the engine's (logprob, [(id, logprob), ...])."""
+        return cls(int(token_id), float(pair[0]), [(int(t), float(v)) for t, v in pair[1]])
+
+
 @dataclass
 class Completion:
     """The result of generate() / chat().
 
-    text           the generated text (stop strings and end tokens excluded)
-    token_ids      the generated token ids
-    finish_reason  "stop" (an end-of-generation token, stop string or stop id) or "length"
-    usage          prompt, completion and total token counts
+    text             the generated text (stop strings and end tokens excluded)
+    token_ids        the generated token ids
+    finish_reason    "stop" (an end-of-generation token, stop string or stop id) or "length"
+    usage            prompt, completion and total token counts
+    logprobs         with SamplingParams.logprobs: one TokenLogprobs per token id, else None
+    prompt_logprobs  with SamplingParams.prompt_logprobs: one per prompt token (None for the
+                     first, which has no context), else None
     """
 
     text: str
     token_ids: List[int]
     finish_reason: FinishReason
     usage: Usage
+    logprobs: Optional[List[TokenLogprobs]] = None
+    prompt_logprobs: Optional[List[Optional[TokenLogprobs]]] = None
 
 
 class CompletionStream(Iterator[str]):
@@ -191,8 +231,12 @@ class CompletionStream(Iterator[str]):
     generated. Once exhausted, finish_reason ("stop" / "length"), usage and text are set;
     token_ids grows as tokens arrive. close() stops the generation early."""
 
-    def __init__(self, pieces: Iterator[tuple], prompt_tokens: int):
+    def __init__(self, pieces: Iterator[tuple], prompt_tokens: int,
+                 logprobs: Optional[List[TokenLogprobs]] = None,
+                 prompt_logprobs: Optional[List[Optional[TokenLogprobs]]] = None):
         self._pieces = pieces
+        self.logprobs = logprobs  # with SamplingParams.logprobs: grows with token_ids
+        self.prompt_logprobs = prompt_logprobs
         self.token_ids: List[int] = []
         self.finish_reason: Optional[FinishReason] = None
         self.usage: Optional[Usage] = None
@@ -233,4 +277,5 @@ class CompletionStream(Iterator[str]):
         """Runs the stream to its end and returns it as a Completion."""
         for _ in self:
             pass
-        return Completion(self.text, list(self.token_ids), self.finish_reason, self.usage)
+        return Completion(self.text, list(self.token_ids), self.finish_reason, self.usage,
+                          None if self.logprobs is None else list(self.logprobs), self.prompt_logprobs)

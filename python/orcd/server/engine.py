@@ -326,6 +326,7 @@ class Generation:
         self._dec = StreamDecoder(engine.tokenizer)
         self._held = ""  # text that may start a stop string
         self._seen = 0   # req.tokens consumed
+        self._lp_taken = 0  # req.logprobs handed out by take_logprobs
 
     @property
     def ended(self) -> bool:
@@ -339,6 +340,22 @@ class Generation:
         self.req.cancel()
         self._end("cancelled", message)
         self.wake.set()
+
+    @property
+    def prompt_logprobs(self) -> Optional[list]:
+        """With params.prompt_logprobs: one TokenLogprobs per prompt token (None for the
+        first), once the generation's first event has arrived; else None."""
+        return self.req.prompt_logprobs
+
+    def take_logprobs(self) -> list:
+        """With params.logprobs: the TokenLogprobs of the tokens poll() consumed since the
+        last call (those after a stop-string match are never consumed); else []."""
+        lps = self.req.logprobs
+        if lps is None:
+            return []
+        out = lps[self._lp_taken:self._seen]  # the pump appends a token's logprobs before the token
+        self._lp_taken = self._seen
+        return out
 
     def poll(self) -> Tuple[str, bool]:
         """(text produced since the last poll, whether the generation has ended)."""

@@ -10,6 +10,12 @@ then `data: [DONE]`. A choice that ends otherwise (the server shutting down, an 
 error) ends the stream with `data: {"error": {...}}` and `data: [DONE]` (the openai
 client raises APIError). Choice index: prompt index * n + i; choice i is seeded seed + i.
 A client that disconnects cancels its generations (their slots are freed).
+
+Logprobs (openai_params: chat logprobs/top_logprobs, completions logprobs/echo) ride on the
+same batched path: the step loop reports each token's (and, for echo, each prompt token's)
+logprobs with its events (raw distribution, before penalties / temperature / top-k/p). A
+streamed chunk carries the logprobs of the tokens consumed since the previous one; with
+echo a choice's first chunk is its prompt (and the prompt's logprobs).
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _prepare(st: ServerState, request: web.Request, kind: str, t0: float):
-    """Parses, encodes and submits: (OpenAIRequest, prompt token counts, gens, wake)."""
+    """Parses, encodes and submits: (OpenAIRequest, prompt token ids, gens, wake)."""
     st.check_ready()
     req = parse(await st.read_json(request), kind)
     st.check_model(req.model)
@@ -86,22 +92,23 @@ async def _prepare(st: ServerState, request: web.Request, kind: str, t0: float):
         if isinstance(e, (ValueError, TypeError)):
             raise ApiError(400, str(e), code="invalid_value") from None
         raise
-    return req, [len(ids) for ids in prompt_ids], gens, wake
+    return req, prompt_ids, gens, wake
 
 
 async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
     st = _state(request)
     t0 = time.monotonic()
     try:
-        req, n_prompt, gens, wake = await _prepare(st, request, kind, t0)
+        req, prompt_ids, gens, wake = await _prepare(st, request, kind, t0)
     except ApiError as e:
         st.metrics.outcome("rejected")
         return openai_response(e)
-    usage_prompt = sum(n_prompt)
+    usage_prompt = sum(len(ids) for ids in prompt_ids)
+    lp = _Logprobs(st, req, prompt_ids, gens)
     try:
         if req.stream:
-            return await _stream(request, st, req, gens, wake, usage_prompt)
-        return await _whole(st, req, gens, wake, usage_prompt)
+            return await _stream(request, st, req, gens, wake, usage_prompt, lp)
+        return await _whole(st, req, gens, wake, usage_prompt, lp)
     finally:
         for g in gens:  # a client gone (handler cancelled) or an error: free the slots
             g.cancel("the request ended early")
@@ -113,7 +120,53 @@ def _ended_badly(gen) -> ApiError:
     return ApiError(500, f"the engine failed: {gen.message}", code="engine_error")
 
 
-async def _whole(st: ServerState, req: OpenAIRequest, gens, wake, usage_prompt: int) -> web.Response:
+class _Logprobs:
+    """A request's logprobs and echo, per choice (choice i answers prompt i // n)."""
+
+    def __init__(self, st: ServerState, req: OpenAIRequest, prompt_ids, gens):
+        self.tok = st.engine.tokenizer
+        self.chat = req.kind == "chat"
+        self.on = req.params.logprobs is not None
+        self.echo = req.echo
+        self.prompt_ids = [prompt_ids[i // req.n] for i in range(len(gens))]
+        self.prompt_text = []
+        if self.echo:
+            for i in range(len(gens)):
+                p = req.prompts[i // req.n]
+                self.prompt_text.append(p if isinstance(p, str) else self.tok.decode(p))
+        self.gens = gens
+        self.fmt = [fmt.CompletionLogprobs(self.tok) for _ in gens]
+        self.echoed = [False] * len(gens)
+
+    def prompt(self, i: int):
+        """(prompt text, its logprobs object or None) for choice i's echo."""
+        self.echoed[i] = True
+        plp = self.gens[i].prompt_logprobs
+        lp = None if not self.on or plp is None else self.fmt[i](self.prompt_ids[i], plp)
+        return self.prompt_text[i], lp
+
+    def new(self, i: int):
+        """The logprobs object of choice i's tokens since the last call, or None."""
+        if not self.on:
+            return None
+        lps = self.gens[i].take_logprobs()
+        if not lps:
+            return None
+        if self.chat:
+            return fmt.chat_logprobs(self.tok, lps)
+        return self.fmt[i]([e.token_id for e in lps], lps)
+
+
+def _merge_completion_logprobs(parts) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for p in parts:
+        if p:
+            for k in out:
+                out[k] += p[k]
+    return out
+
+
+async def _whole(st: ServerState, req: OpenAIRequest, gens, wake, usage_prompt: int, lp: _Logprobs) -> web.Response:
     texts = [[] for _ in gens]
     async for i, text, _ in follow(gens, wake):
         if text:
@@ -122,7 +175,19 @@ async def _whole(st: ServerState, req: OpenAIRequest, gens, wake, usage_prompt: 
         if g.finish_reason not in ("stop", "length"):
             return openai_response(_ended_badly(g))
     rid = fmt.new_id("chatcmpl" if req.kind == "chat" else "cmpl")
-    choices = [("".join(t), g.finish_reason) for t, g in zip(texts, gens)]
+    choices = []
+    for i, (t, g) in enumerate(zip(texts, gens)):
+        text, lps = "".join(t), None
+        if lp.chat:
+            lps = lp.new(i) if lp.on else None
+            if lp.on and lps is None:
+                lps = fmt.chat_logprobs(lp.tok, [])
+        else:
+            head, head_lp = lp.prompt(i) if lp.echo else ("", None)
+            text = head + text
+            if lp.on:
+                lps = _merge_completion_logprobs([head_lp, lp.new(i)])
+        choices.append((text, g.finish_reason, lps))
     usage = fmt.usage(usage_prompt, sum(g.completion_tokens for g in gens))
     build = fmt.chat_completion if req.kind == "chat" else fmt.completion
     return web.json_response(build(rid, fmt.now(), st.engine.model_id, choices, usage),
@@ -134,7 +199,7 @@ def _dumps(obj) -> str:
 
 
 async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gens, wake,
-                  usage_prompt: int) -> web.StreamResponse:
+                  usage_prompt: int, lp: _Logprobs) -> web.StreamResponse:
     rid = fmt.new_id("chatcmpl" if req.kind == "chat" else "cmpl")
     created, model = fmt.now(), st.engine.model_id
     chat = req.kind == "chat"
@@ -152,7 +217,16 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
                                       fmt.completion_chunk(rid, created, model, i, mark, with_usage_field=u))
                        for i in range(len(gens))]
         async for i, text, ended in follow(gens, wake):
-            if text:
+            if lp.echo and not lp.echoed[i]:
+                head, head_lp = lp.prompt(i)
+                await resp.write(fmt.sse_data(fmt.completion_chunk(rid, created, model, i, head, with_usage_field=u,
+                                                                   logprobs=head_lp)))
+            lps = lp.new(i)
+            if lps is not None:
+                await resp.write(fmt.sse_data(
+                    fmt.chat_chunk(rid, created, model, i, content=text, with_usage_field=u, logprobs=lps) if chat
+                    else fmt.completion_chunk(rid, created, model, i, text, with_usage_field=u, logprobs=lps)))
+            elif text:
                 await resp.write(text_events[i](text))
             if not ended:
                 continue

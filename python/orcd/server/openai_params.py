@@ -7,8 +7,14 @@ up to the context for chat. Extensions accepted as llama.cpp and vLLM do: top_k 
 off), min_p, repetition_penalty, ignore_eos. Penalties look at the last 64 tokens
 (SamplingParams.penalty_last_n).
 
-Refused with 400 "not supported yet" rather than ignored: logprobs / top_logprobs, echo,
-suffix, best_of > n, logit_bias, tools / functions, response_format other than text.
+Logprobs: chat logprobs=true with top_logprobs in [0, MAX_LOGPROBS] (top_logprobs alone
+is a 400); completions logprobs in [0, MAX_LOGPROBS] (OpenAI allows 5, vLLM 20) and echo
+(the prompt's text first; with logprobs its tokens' logprobs too, the first null). The
+values are the model's raw distribution: log_softmax of the logits before penalties,
+temperature, top-k/p (vLLM's default), see openai_format.
+
+Refused with 400 "not supported yet" rather than ignored: suffix, best_of > n,
+logit_bias, tools / functions, response_format other than text.
 
 Bounds: n in [1, MAX_N]; at most MAX_PROMPTS prompts in one completion request; at most
 MAX_STOPS stop strings, each 1..MAX_STOP_CHARS characters.
@@ -19,7 +25,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
-from ..types import SamplingParams
+from ..types import MAX_LOGPROBS, SamplingParams
 from .errors import ApiError
 
 MAX_N = 32
@@ -37,6 +43,7 @@ class OpenAIRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    echo: bool = False                # completion: the prompt's text first
     messages: list = field(default_factory=list)                       # chat
     prompts: List[Union[str, List[int]]] = field(default_factory=list)  # completion
 
@@ -125,16 +132,7 @@ def parse_seed(v, name: str = "seed") -> Optional[int]:
 
 
 def _refuse_unsupported(body: dict, kind: str) -> None:
-    if kind == "chat":
-        if body.get("logprobs") not in (None, False):
-            raise _unsupported("logprobs")
-        if body.get("top_logprobs") is not None:
-            raise _unsupported("top_logprobs")
-    else:
-        if body.get("logprobs") is not None:
-            raise _unsupported("logprobs")
-        if body.get("echo") not in (None, False):
-            raise _unsupported("echo")
+    if kind != "chat":
         if body.get("suffix") not in (None, ""):
             raise _unsupported("suffix")
     if body.get("logit_bias") not in (None, {}):
@@ -251,8 +249,21 @@ def parse(body, kind: str) -> OpenAIRequest:
             raise _bad("stream_options", "stream_options must be an object")
         include_usage = boolean(so, "include_usage", False)
     params = _sampling(body, kind)
+    echo = False
+    if kind == "chat":
+        logprobs = boolean(body, "logprobs", False)
+        top = integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+        if top is not None and not logprobs:
+            raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
+        if logprobs:
+            params = params.replace(logprobs=top or 0)
+    else:
+        n_lp = integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+        echo = boolean(body, "echo", False)
+        if n_lp is not None:
+            params = params.replace(logprobs=n_lp, prompt_logprobs=n_lp if echo else None)
     req = OpenAIRequest(kind=kind, model=model, params=params, n=n, stream=stream,
-                        include_usage=include_usage and stream)
+                        include_usage=include_usage and stream, echo=echo)
     if kind == "chat":
         req.messages = _messages(body.get("messages"))
     else:
