@@ -46,16 +46,22 @@ _LLAMA3_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# Every digit its own piece (HF: Digits(individual_digits=True); llama.cpp: "\p{N}"
+# before the GPT-2 expression for smollm, starcoder, refact, command-r, codeshell).
+_DIGIT_PATTERN = r"\p{N}"
 
-# pre -> (pattern, ignore_merges)
+# pre -> (split patterns applied in turn, ignore_merges)
 PRE_TOKENIZERS = {
-    "qwen2": (_QWEN2_PATTERN, False),
-    "llama3": (_LLAMA3_PATTERN, True),
-    "llama-bpe": (_LLAMA3_PATTERN, True),
-    "gpt2": (_GPT2_PATTERN, False),
+    "qwen2": ((_QWEN2_PATTERN,), False),
+    "llama3": ((_LLAMA3_PATTERN,), True),
+    "llama-bpe": ((_LLAMA3_PATTERN,), True),
+    "gpt2": ((_GPT2_PATTERN,), False),
+    "smollm": ((_DIGIT_PATTERN, _GPT2_PATTERN), False),
+    "starcoder": ((_DIGIT_PATTERN, _GPT2_PATTERN), False),
 }
 
-_EOS_TEXTS = ("<|im_end|>", "<|endoftext|>")
+# Text of tokens that end a turn in the chat templates orcd knows (ChatML, Gemma).
+_EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>")
 
 
 def _bytes_to_unicode() -> dict:
@@ -155,16 +161,15 @@ class Tokenizer:
                                      f"{part!r}, which is not in tokenizer.ggml.tokens")
             pairs.append(pr)
 
-        pattern, ignore_merges = PRE_TOKENIZERS[pre]
+        patterns, ignore_merges = PRE_TOKENIZERS[pre]
 
         try:
             hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
         except Exception as e:  # the library raises a bare Exception on vocab / merge problems
             raise ValueError(f"tokenizer metadata (tokenizer.ggml.tokens / merges): {e}") from None
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in patterns]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         hf.decoder = decoders.ByteLevel()
         # Control / user-defined tokens are special added tokens: matched in the
         # text by encode(special=True); encode(special=False) switches that off
