@@ -645,7 +645,8 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
     if sliding_window:
         w.add_sliding_window(int(sliding_window))
     if window_pattern is not None:
-        w.add_uint32(f"{arch}.attention.sliding_window_pattern", int(window_pattern))
+        w.add_sliding_window_pattern(window_pattern if isinstance(window_pattern, int)
+                                     else [bool(b) for b in window_pattern])
     if rope_base_swa is not None:
         w.add_float32(f"{arch}.rope.freq_base_swa", float(rope_base_swa))
     if logit_softcap:
