@@ -211,13 +211,18 @@ class Tokenizer:
     # ------------------------------------------------------------ construction
     @classmethod
     def from_metadata(cls, md: dict) -> "Tokenizer":
-        """From a GGUF metadata dict (orcd.GGUFFile(path).metadata)."""
+        """From a GGUF metadata dict (orcd.GGUFFile(path).metadata): a Tokenizer for
+        tokenizer.ggml.model 'gpt2', an orcd.tokenizer_spm.SpmTokenizer (same methods)
+        for 'llama'."""
         model = md.get("tokenizer.ggml.model")
         if model is None:
             raise ValueError("the file has no tokenizer (tokenizer.ggml.model is missing)")
+        if model == "llama":  # SentencePiece BPE with scores (Gemma 3): orcd.tokenizer_spm
+            from .tokenizer_spm import SpmTokenizer
+            return SpmTokenizer.from_metadata(md)
         if model != "gpt2":
             raise ValueError(f"unsupported tokenizer model tokenizer.ggml.model={model!r} "
-                             "(orcd supports byte-level BPE: 'gpt2')")
+                             "(orcd supports byte-level BPE 'gpt2' and SentencePiece BPE 'llama')")
         pre = md.get("tokenizer.ggml.pre", "gpt2")
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"unsupported tokenizer pre-tokenizer tokenizer.ggml.pre={pre!r} "
