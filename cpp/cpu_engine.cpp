@@ -182,7 +182,8 @@ private:
         for (size_t b = 0; b < nb; ++b)
             cpu_ops::rope_tables(pos, n, inv_freqs_[b].data(), D / 2, cs[b].data(), sn[b].data());
         // the attention op scales scores by 1/sqrt(head_dim); another scale is folded into q
-        const float q_scale = d_.score_scale() * std::sqrt((float)D);
+        // (exactly 1 when the family keeps the default: no rounding of q for qwen2/llama)
+        const float q_scale = d_.attn_scale > 0 ? d_.attn_scale * std::sqrt((float)D) : 1.f;
         int max_pos = 0;
         for (int i = 0; i < n; ++i) max_pos = std::max(max_pos, pos[i]);
 
