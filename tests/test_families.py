@@ -357,3 +357,12 @@ def test_gemma3_greedy_text_is_coherent(gemma3_path):
         assert "France" in m.generate("Paris is the capital of", max_tokens=6, temperature=0).text
     finally:
         m.close()
+
+
+def test_gemma3_window_keys_are_checked(family_model):
+    bad_len = family_model("gemma3", "F32", n_layer=2, sliding_window=4, window_pattern=[True, False, True])
+    with pytest.raises(ValueError, match="'gemma3.attention.sliding_window_pattern' must be an integer or 2 bools"):
+        orcd._orcd.CpuEngine(bad_len, 8)
+    zero = family_model("gemma3", "F32", n_layer=2, sliding_window=4, window_pattern=0)
+    with pytest.raises(ValueError, match=r"'gemma3.attention.sliding_window_pattern' = 0 is out of range \[1, 65536\]"):
+        orcd._orcd.CpuEngine(zero, 8)
