@@ -24,7 +24,7 @@ if _status:
 
 from orcd import _orcd as core  # noqa: E402
 from test_cuda_engine import assert_close_rows  # noqa: E402
-from test_families import family_model, ids_for  # noqa: E402,F401  (the fixture)
+from test_families import family_model, ids_for, smollm2_path  # noqa: E402,F401  (the fixtures)
 
 TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 
@@ -35,7 +35,10 @@ def compare(gpu, cpu, ids):
     for i, (g, c) in enumerate(zip(gh, ch)):
         assert_close_rows(g, c, f"hidden {i}")
     assert_close_rows(gl, cl, "logits")
-    assert (np.argmax(gl, -1) == np.argmax(cl, -1)).all()
+    # the same pick, unless the CPU's own logits for the two picks are a near tie (tiny random
+    # models have top-2 margins of 0.01; tests/test_cuda_engine.py explains the arbitration)
+    for t, (g, c) in enumerate(zip(np.argmax(gl, -1), np.argmax(cl, -1))):
+        assert g == c or cl[t, c] - cl[t, g] < 0.05, f"token {t}: GPU picks {g}, CPU {c}"
 
 
 @pytest.mark.parametrize("fused_prompt", [True, False])
@@ -58,11 +61,11 @@ def test_llama_generic_step_matches_cpu(family_model, wtype, fused_prompt):
 
 
 def test_llama_fused_decoder_says_why_it_is_off(family_model):
-    gpu = cu.CudaEngine(family_model("llama", "Q8_0"), 32, 1)
+    gpu = cu.CudaEngine(family_model("llama", "F16"), 32, 1)
     p = gpu.paths()
     assert not p["fast_decode_available"] and not p["fast_decode"]
     assert "qwen2 shape only" in p["note"] and "llama" in p["note"]
-    cpu = core.CpuEngine(family_model("llama", "Q8_0"), 32, 1)
+    cpu = core.CpuEngine(family_model("llama", "F16"), 32, 1)
     first = int(np.argmax(cpu.forward(0, np.array([3, 4, 5], np.int32), 0)))
     gpu.forward(0, np.array([3, 4, 5], np.int32), 0)
     assert list(gpu.decode_greedy(0, first, 3, 6)) == list(cpu.decode_greedy(0, first, 3, 6))
