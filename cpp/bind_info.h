@@ -4,6 +4,7 @@
 #pragma once
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "engine.h"
 
@@ -26,6 +27,23 @@ inline nanobind::dict engine_info_dict(const Engine& e, const char* backend) {
     r["rope_base"] = d.rope_base;
     r["rms_eps"] = d.rms_eps;
     r["tied_output"] = d.tied_output;
+    r["rope_style"] = rope_style_name(d.rope_style);
+    r["activation"] = activation_name(d.activation);
+    r["qkv_bias"] = d.qkv_bias;
+    r["fused_qkv"] = d.fused_qkv;
+    r["fused_gate_up"] = d.fused_gate_up;
+    r["qk_norm"] = d.qk_norm;
+    r["post_norms"] = d.post_norms;
+    r["embd_scale"] = d.embd_scale;
+    r["attn_scale"] = d.score_scale();
+    r["logit_softcap"] = d.logit_softcap;
+    nanobind::list windows, bases;
+    for (const LayerDesc& L : d.layers) {
+        windows.append(L.sliding_window);
+        bases.append(L.rope_base);
+    }
+    r["sliding_window"] = windows;  // per layer, 0 = full attention
+    r["layer_rope_base"] = bases;
     r["n_ctx"] = e.n_ctx();
     r["n_slots"] = e.n_slots();
     return r;

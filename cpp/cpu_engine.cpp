@@ -1,4 +1,10 @@
-// cpu_engine.cpp - the Qwen2 forward pass on the CPU: the reference backend.
+// cpu_engine.cpp - the decoder forward pass on the CPU: the reference backend.
+//
+// Every family (qwen2, llama, phi3, gemma3) runs through the same run(); the
+// ModelDesc fields (model.h) choose the variant of each step: fused or separate
+// projections, biases, per-head Q/K norms, RoPE pairing and base per layer,
+// sliding-window attention, post-norms, the FFN activation, the embedding scale
+// and logit soft-capping.
 //
 // Weights stay in the mmap in their GGUF types; matmul() (matmul.h) reads
 // the quantized blocks directly. Small vectors (norm weights, biases) are
@@ -84,27 +90,42 @@ public:
         emb_ = weight_view(*d_.tok_embd);
         out_ = weight_view(*d_.output);
         out_norm_ = to_float(d_.output_norm);
+        auto opt_float = [](const TensorInfo* t) { return t ? to_float(t) : std::vector<float>(); };
+        auto opt_view = [](const TensorInfo* t) { return t ? weight_view(*t) : WeightView{}; };
         layers_.resize(d_.n_layer);
         for (int l = 0; l < d_.n_layer; ++l) {
             const LayerDesc& s = d_.layers[l];
             Layer& L = layers_[l];
             L.attn_norm = to_float(s.attn_norm);
-            L.bq = to_float(s.bq);
-            L.bk = to_float(s.bk);
-            L.bv = to_float(s.bv);
+            L.bq = opt_float(s.bq);
+            L.bk = opt_float(s.bk);
+            L.bv = opt_float(s.bv);
+            L.q_norm = opt_float(s.q_norm);
+            L.k_norm = opt_float(s.k_norm);
+            L.post_attn_norm = opt_float(s.post_attn_norm);
             L.ffn_norm = to_float(s.ffn_norm);
-            L.wq = weight_view(*s.wq);
-            L.wk = weight_view(*s.wk);
-            L.wv = weight_view(*s.wv);
+            L.post_ffn_norm = opt_float(s.post_ffn_norm);
+            L.wq = opt_view(s.wq);
+            L.wk = opt_view(s.wk);
+            L.wv = opt_view(s.wv);
+            L.wqkv = opt_view(s.wqkv);
             L.wo = weight_view(*s.wo);
-            L.gate = weight_view(*s.w_gate);
-            L.up = weight_view(*s.w_up);
+            L.gate = opt_view(s.w_gate);
+            L.up = opt_view(s.w_up);
+            L.gate_up = opt_view(s.w_gate_up);
             L.down = weight_view(*s.w_down);
+            // one inv_freq table per distinct RoPE base (gemma3: local and global layers)
+            L.rope = -1;
+            for (size_t b = 0; b < rope_bases_.size(); ++b)
+                if (rope_bases_[b] == s.rope_base) L.rope = (int)b;
+            if (L.rope < 0) {
+                L.rope = (int)rope_bases_.size();
+                rope_bases_.push_back(s.rope_base);
+                // inv_freq[i] = base^(-2i/head_dim), in double for accuracy.
+                inv_freqs_.emplace_back(d_.head_dim / 2);
+                cpu_ops::rope_inv_freq(d_.head_dim, (double)s.rope_base, inv_freqs_.back().data());
+            }
         }
-        // inv_freq[i] = base^(-2i/head_dim), in double for accuracy.
-        inv_freq_.resize(d_.head_dim / 2);
-        for (int i = 0; i < d_.head_dim / 2; ++i)
-            inv_freq_[i] = std::pow((double)d_.rope_base, -2.0 * i / d_.head_dim);
     }
 
     const ModelDesc& desc() const override { return d_; }
@@ -129,8 +150,10 @@ public:
 
 private:
     struct Layer {
-        std::vector<float> attn_norm, bq, bk, bv, ffn_norm;  // float copies of the small tensors
-        WeightView wq, wk, wv, wo, gate, up, down;            // views into the mmap
+        // float copies of the small tensors (empty where the family has none)
+        std::vector<float> attn_norm, bq, bk, bv, q_norm, k_norm, post_attn_norm, ffn_norm, post_ffn_norm;
+        WeightView wq, wk, wv, wqkv, wo, gate, up, gate_up, down;  // views into the mmap
+        int rope = 0;                                              // index into inv_freqs_
     };
 
     // Start of K for slot s, layer l, kv head g: head_dim rows of n_ctx positions.
@@ -149,12 +172,23 @@ private:
 
         std::vector<float> x((size_t)n * E), xn((size_t)n * E), q((size_t)n * q_dim_), k((size_t)n * kv_dim_),
             v((size_t)n * kv_dim_), att((size_t)n * q_dim_), o((size_t)n * E), g((size_t)n * F), u((size_t)n * F);
+        std::vector<float> fused;  // a fused projection's output before the split
+        if (d_.fused_qkv || d_.fused_gate_up)
+            fused.resize((size_t)n * std::max(d_.fused_qkv ? q_dim_ + 2 * kv_dim_ : 0, d_.fused_gate_up ? 2 * F : 0));
 
-        // cos/sin of every token's angles, shared by all layers and heads.
-        std::vector<float> cs((size_t)n * D / 2), sn((size_t)n * D / 2);
-        cpu_ops::rope_tables(pos, n, inv_freq_.data(), D / 2, cs.data(), sn.data());
+        // cos/sin of every token's angles per RoPE base, shared by all layers and heads.
+        const size_t nb = inv_freqs_.size();
+        std::vector<std::vector<float>> cs(nb, std::vector<float>((size_t)n * D / 2)), sn = cs;
+        for (size_t b = 0; b < nb; ++b)
+            cpu_ops::rope_tables(pos, n, inv_freqs_[b].data(), D / 2, cs[b].data(), sn[b].data());
+        // the attention op scales scores by 1/sqrt(head_dim); another scale is folded into q
+        // (exactly 1 when the family keeps the default: no rounding of q for qwen2/llama)
+        const float q_scale = d_.attn_scale > 0 ? d_.attn_scale * std::sqrt((float)D) : 1.f;
+        int max_pos = 0;
+        for (int i = 0; i < n; ++i) max_pos = std::max(max_pos, pos[i]);
 
         for (int i = 0; i < n; ++i) weight_row(emb_, tokens[i], &x[(size_t)i * E]);
+        if (d_.embd_scale != 1.f) cpu_ops::scale(x.data(), (int64_t)x.size(), d_.embd_scale);
         if (trace) {
             trace->n_tokens = n;
             trace->n_embd = E;
@@ -163,35 +197,66 @@ private:
 
         for (int l = 0; l < d_.n_layer; ++l) {
             Layer& L = layers_[l];
+            const LayerDesc& S = d_.layers[l];
             // this layer's cache (kt_at, cache_at: slots equally spaced, the same stride in K and V)
             const cpu_ops::KvCache kv{&kcache_[kt_at(0, l, 0)], &vcache_[cache_at(0, l, 0)],
                                       kt_at(1, l, 0) - kt_at(0, l, 0), n_ctx_, HKV, D};
             // ---- attention block
             cpu_ops::rmsnorm(x.data(), L.attn_norm.data(), xn.data(), n, E, d_.rms_eps);
-            matmul(L.wq, xn.data(), n, q.data(), pool_);
-            matmul(L.wk, xn.data(), n, k.data(), pool_);
-            matmul(L.wv, xn.data(), n, v.data(), pool_);
-            cpu_ops::add_bias(q.data(), L.bq.data(), n, q_dim_);
-            cpu_ops::add_bias(k.data(), L.bk.data(), n, kv_dim_);
-            cpu_ops::add_bias(v.data(), L.bv.data(), n, kv_dim_);
-            for (int i = 0; i < n; ++i) {
-                const float* c = &cs[(size_t)i * D / 2];
-                const float* s = &sn[(size_t)i * D / 2];
-                cpu_ops::rope_neox(&q[(size_t)i * q_dim_], H, D, c, s);
-                cpu_ops::rope_neox(&k[(size_t)i * kv_dim_], HKV, D, c, s);
+            if (d_.fused_qkv) {
+                matmul(L.wqkv, xn.data(), n, fused.data(), pool_);
+                cpu_ops::split_rows(fused.data(), n, q_dim_, kv_dim_, kv_dim_, q.data(), k.data(), v.data());
+            } else {
+                matmul(L.wq, xn.data(), n, q.data(), pool_);
+                matmul(L.wk, xn.data(), n, k.data(), pool_);
+                matmul(L.wv, xn.data(), n, v.data(), pool_);
             }
+            if (!L.bq.empty()) cpu_ops::add_bias(q.data(), L.bq.data(), n, q_dim_);
+            if (!L.bk.empty()) cpu_ops::add_bias(k.data(), L.bk.data(), n, kv_dim_);
+            if (!L.bv.empty()) cpu_ops::add_bias(v.data(), L.bv.data(), n, kv_dim_);
+            if (!L.q_norm.empty()) {  // per head: rows of head_dim
+                cpu_ops::rmsnorm(q.data(), L.q_norm.data(), q.data(), n * H, D, d_.rms_eps);
+                cpu_ops::rmsnorm(k.data(), L.k_norm.data(), k.data(), n * HKV, D, d_.rms_eps);
+            }
+            for (int i = 0; i < n; ++i) {
+                const float* c = &cs[L.rope][(size_t)i * D / 2];
+                const float* s = &sn[L.rope][(size_t)i * D / 2];
+                if (d_.rope_style == RopeStyle::Neox) {
+                    cpu_ops::rope_neox(&q[(size_t)i * q_dim_], H, D, c, s);
+                    cpu_ops::rope_neox(&k[(size_t)i * kv_dim_], HKV, D, c, s);
+                } else {
+                    cpu_ops::rope_normal(&q[(size_t)i * q_dim_], H, D, c, s);
+                    cpu_ops::rope_normal(&k[(size_t)i * kv_dim_], HKV, D, c, s);
+                }
+            }
+            if (q_scale != 1.f) cpu_ops::scale(q.data(), (int64_t)q.size(), q_scale);
             // the whole batch's K/V go in first: token i sees tokens 0..i of its prompt
             cpu_ops::kv_append(kv, k.data(), v.data(), n, slots, pos);
-            cpu_ops::attention(q.data(), n, H, kv, slots, pos, att.data(), pool_);
+            if (S.sliding_window > 0 && max_pos >= S.sliding_window)  // the window excludes some key
+                cpu_ops::attention_window(q.data(), n, H, kv, slots, pos, S.sliding_window, att.data(), pool_);
+            else
+                cpu_ops::attention(q.data(), n, H, kv, slots, pos, att.data(), pool_);
             matmul(L.wo, att.data(), n, o.data(), pool_);
+            if (!L.post_attn_norm.empty())
+                cpu_ops::rmsnorm(o.data(), L.post_attn_norm.data(), o.data(), n, E, d_.rms_eps);
             for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];
 
-            // ---- feed-forward block: down(silu(gate(x)) * up(x))
+            // ---- feed-forward block: down(act(gate(x)) * up(x))
             cpu_ops::rmsnorm(x.data(), L.ffn_norm.data(), xn.data(), n, E, d_.rms_eps);
-            matmul(L.gate, xn.data(), n, g.data(), pool_);
-            matmul(L.up, xn.data(), n, u.data(), pool_);
-            cpu_ops::swiglu(g.data(), u.data(), (int64_t)g.size(), pool_);
+            if (d_.fused_gate_up) {
+                matmul(L.gate_up, xn.data(), n, fused.data(), pool_);
+                cpu_ops::split_rows(fused.data(), n, F, F, 0, g.data(), u.data(), nullptr);
+            } else {
+                matmul(L.gate, xn.data(), n, g.data(), pool_);
+                matmul(L.up, xn.data(), n, u.data(), pool_);
+            }
+            if (d_.activation == Activation::Silu)
+                cpu_ops::swiglu(g.data(), u.data(), (int64_t)g.size(), pool_);
+            else
+                cpu_ops::geglu_tanh(g.data(), u.data(), (int64_t)g.size(), pool_);
             matmul(L.down, g.data(), n, o.data(), pool_);
+            if (!L.post_ffn_norm.empty())
+                cpu_ops::rmsnorm(o.data(), L.post_ffn_norm.data(), o.data(), n, E, d_.rms_eps);
             for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];
             if (trace) trace->hidden.push_back(x);
         }
@@ -201,6 +266,7 @@ private:
         const int rows = n - first;
         cpu_ops::rmsnorm(&x[(size_t)first * E], out_norm_.data(), xn.data(), rows, E, d_.rms_eps);
         matmul(out_, xn.data(), rows, logits, pool_);
+        if (d_.logit_softcap > 0) cpu_ops::softcap(logits, (int64_t)rows * d_.n_vocab, d_.logit_softcap);
     }
 
     std::shared_ptr<GGUFFile> file_;  // keeps the mapping (weights) alive
@@ -211,7 +277,8 @@ private:
     WeightView emb_, out_;
     std::vector<float> out_norm_;
     std::vector<Layer> layers_;
-    std::vector<double> inv_freq_;
+    std::vector<float> rope_bases_;               // the distinct RoPE bases of the layers
+    std::vector<std::vector<double>> inv_freqs_;  // inv_freq table of each
     ZeroedBuffer kcache_;  // [slot][layer][kv_head][head_dim][pos]: transposed for the score loop
     ZeroedBuffer vcache_;  // [slot][layer][pos][kv_head * head_dim]
 };

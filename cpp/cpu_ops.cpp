@@ -50,6 +50,32 @@ void rope_neox(float* x, int n_heads, int head_dim, const float* cs, const float
     }
 }
 
+void rope_normal(float* x, int n_heads, int head_dim, const float* cs, const float* sn) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < n_heads; ++h) {
+        float* v = x + (size_t)h * head_dim;
+        for (int i = 0; i < half; ++i) {
+            float a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * cs[i] - b * sn[i];
+            v[2 * i + 1] = a * sn[i] + b * cs[i];
+        }
+    }
+}
+
+void scale(float* x, int64_t n, float s) {
+    for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
+void split_rows(const float* x, int n, int d0, int d1, int d2, float* out0, float* out1, float* out2) {
+    const size_t w = (size_t)d0 + d1 + d2;
+    for (int t = 0; t < n; ++t) {
+        const float* r = x + (size_t)t * w;
+        std::memcpy(out0 + (size_t)t * d0, r, (size_t)d0 * sizeof(float));
+        std::memcpy(out1 + (size_t)t * d1, r + d0, (size_t)d1 * sizeof(float));
+        if (d2) std::memcpy(out2 + (size_t)t * d2, r + d0 + d1, (size_t)d2 * sizeof(float));
+    }
+}
+
 void kv_append(const KvCache& kv, const float* k, const float* v, int n, const int32_t* slots, const int32_t* pos) {
     const int D = kv.head_dim, kv_dim = kv.kv_dim();
     for (int i = 0; i < n; ++i) {
@@ -103,6 +129,59 @@ void attention(const float* q, int n, int n_head, const KvCache& kv, const int32
             }
         }
     });
+}
+
+void attention_window(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots,
+                      const int32_t* pos, int window, float* out, ThreadPool& pool) {
+    const int D = kv.head_dim, kv_dim = kv.kv_dim(), n_ctx = kv.n_ctx;
+    const int q_dim = n_head * D, group = n_head / kv.n_head_kv;
+    const float sc_q = 1.0f / std::sqrt((float)D);
+    pool.parallel_for((int64_t)n * n_head, [&](int64_t t0, int64_t t1, int) {
+        std::vector<float> sc(n_ctx);
+        for (int64_t t = t0; t < t1; ++t) {
+            const int i = (int)(t / n_head), h = (int)(t % n_head), kvh = h / group;
+            const float* qh = q + (size_t)i * q_dim + (size_t)h * D;
+            const int lo = std::max(0, pos[i] - window + 1), hi = pos[i] + 1;  // keys lo..pos[i]
+            const float* kt = kv.k + (size_t)slots[i] * kv.slot_stride + (size_t)kvh * D * n_ctx;
+            const float* vb = kv.v + (size_t)slots[i] * kv.slot_stride + (size_t)kvh * D;
+            float* scp = sc.data();
+            std::fill(scp + lo, scp + hi, 0.f);
+            for (int e = 0; e < D; ++e) {
+                const float qe = qh[e] * sc_q;
+                const float* kr = kt + (size_t)e * n_ctx;
+                for (int j = lo; j < hi; ++j) scp[j] += qe * kr[j];
+            }
+            float mx = -INFINITY;
+            for (int j = lo; j < hi; ++j) mx = std::max(mx, scp[j]);
+            double sum = 0;
+            for (int j = lo; j < hi; ++j) {
+                scp[j] = std::exp(scp[j] - mx);
+                sum += scp[j];
+            }
+            const float inv = (float)(1.0 / sum);
+            float* o = out + (size_t)i * q_dim + (size_t)h * D;
+            std::fill(o, o + D, 0.f);
+            for (int j = lo; j < hi; ++j) {
+                const float w = scp[j] * inv;
+                const float* vj = vb + (size_t)j * kv_dim;
+                for (int e = 0; e < D; ++e) o[e] += w * vj[e];
+            }
+        }
+    });
+}
+
+void geglu_tanh(float* g, const float* u, int64_t n, ThreadPool& pool) {
+    const float k = 0.7978845608028654f;  // sqrt(2/pi)
+    pool.parallel_for(n, [&](int64_t e0, int64_t e1, int) {
+        for (int64_t e = e0; e < e1; ++e) {
+            const float x = g[e];
+            g[e] = 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x))) * u[e];
+        }
+    }, 1024);
+}
+
+void softcap(float* x, int64_t n, float c) {
+    for (int64_t i = 0; i < n; ++i) x[i] = c * std::tanh(x[i] / c);
 }
 
 void swiglu(float* g, const float* u, int64_t n, ThreadPool& pool) {

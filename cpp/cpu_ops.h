@@ -5,6 +5,12 @@
 //   -> attention -> (matmul o, residual) -> rmsnorm -> (matmul gate, up) -> swiglu
 //   -> (matmul down, residual)
 //
+// and the other families' variants of those steps (the ModelDesc fields choose):
+// split_rows (fused q|k|v, gate|up), scale (embedding scale, attention scale),
+// rmsnorm over rows of head_dim (per-head Q/K norms), rope_normal (llama's
+// pairing), attention_window (sliding-window layers), geglu_tanh (gemma3's
+// FFN gate), softcap (final logit soft-capping).
+//
 // Each name is also the name of the CUDA twin's test entry point
 // (orcd._orcd_cuda.<name>, cuda/kernel_tests.cu), and each is bound as
 // orcd._orcd.cpu_ops_<name> (cpp/bindings.cpp) so tests/test_cpu_ops.py and
@@ -36,6 +42,17 @@ void rope_tables(const int32_t* pos, int n, const double* inv_freq, int half, fl
 // (x[i], x[i + head_dim/2]) by the angle whose cos/sin are cs[i], sn[i].
 void rope_neox(float* x, int n_heads, int head_dim, const float* cs, const float* sn);
 
+// Rotates each head in the "normal" (GPT-J / llama) pairing: (x[2i], x[2i+1]) by
+// the angle whose cos/sin are cs[i], sn[i], i < head_dim/2.
+void rope_normal(float* x, int n_heads, int head_dim, const float* cs, const float* sn);
+
+// x[i] *= s for n elements.
+void scale(float* x, int64_t n, float s);
+
+// Copies n rows of (d0 + d1 + d2) floats into rows of d0, d1 and d2 floats (a fused
+// projection's output split in its parts; d2 may be 0 with out2 null).
+void split_rows(const float* x, int n, int d0, int d1, int d2, float* out0, float* out1, float* out2);
+
 // One layer's float32 KV cache. K is transposed per head so the score loop
 // runs along positions: K[slot][kv_head][e][pos] at
 // k + slot*slot_stride + (kv_head*head_dim + e)*n_ctx + pos; V is row-major:
@@ -60,6 +77,17 @@ void kv_append(const KvCache& kv, const float* k, const float* v, int n, const i
 // the n_head heads. One task of the pool per (token, head).
 void attention(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots, const int32_t* pos,
                float* out, ThreadPool& pool);
+
+// attention() for a sliding-window layer: query i attends to positions
+// (pos[i] - window, pos[i]] of its slot only; scale 1/sqrt(head_dim) as attention().
+void attention_window(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots,
+                      const int32_t* pos, int window, float* out, ThreadPool& pool);
+
+// g[i] = gelu_tanh(g[i]) * u[i], gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+void geglu_tanh(float* g, const float* u, int64_t n, ThreadPool& pool);
+
+// x[i] = c * tanh(x[i] / c) for n elements (c > 0).
+void softcap(float* x, int64_t n, float c);
 
 // g[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], split over the pool.
 void swiglu(float* g, const float* u, int64_t n, ThreadPool& pool);

@@ -17,43 +17,12 @@
 #include <cmath>
 
 #include "error.h"
+#include "families/family.h"
 #include "quants.h"
 
 namespace orcd {
 
 namespace {
-
-struct Checker {
-    const GGUFFile& f;
-
-    int hparam(const std::string& key, int64_t lo, int64_t hi) const {
-        int64_t v = f.get(key).as_int(key);
-        if (v < lo || v > hi)
-            throw Error(f.path() + ": metadata '" + key + "' = " + std::to_string(v) + " is out of range [" +
-                        std::to_string(lo) + ", " + std::to_string(hi) + "]");
-        return (int)v;
-    }
-
-    // A tensor with exactly the given ne (ne1 == 0: 1-D) and a type we can compute with.
-    const TensorInfo* tensor(const std::string& name, int64_t ne0, int64_t ne1, bool want_f32 = false) const {
-        const TensorInfo* t = f.find_tensor(name);
-        if (!t) throw Error(f.path() + ": missing tensor '" + name + "'");
-        bool ok = ne1 == 0 ? (t->n_dims == 1 && t->ne[0] == ne0)
-                           : (t->n_dims == 2 && t->ne[0] == ne0 && t->ne[1] == ne1);
-        if (!ok) {
-            std::string want = ne1 == 0 ? "[" + std::to_string(ne0) + "]"
-                                        : "[" + std::to_string(ne0) + ", " + std::to_string(ne1) + "]";
-            throw Error(f.path() + ": tensor '" + name + "' has shape " + t->shape_str() + ", expected " + want);
-        }
-        if (want_f32 && t->type != T_F32 && t->type != T_F16 && t->type != T_BF16)
-            throw Error(f.path() + ": tensor '" + name + "' has type " + type_name(t->type) +
-                        ", expected F32 (norm weights and biases are kept in float)");
-        if (!can_dequantize(t->type))
-            throw Error(f.path() + ": tensor '" + name + "' has type " + type_name(t->type) +
-                        ", which orcd cannot compute with yet");
-        return t;
-    }
-};
 
 // The token list and special token ids against the embedding's n_rows rows.
 void check_vocabulary(const GGUFFile& f, int64_t n_rows) {
@@ -84,14 +53,87 @@ void check_vocabulary(const GGUFFile& f, int64_t n_rows) {
 
 }  // namespace
 
+namespace family {
+
+int Checker::hparam(const std::string& key, int64_t lo, int64_t hi) const {
+    int64_t v = f.get(key).as_int(key);
+    if (v < lo || v > hi)
+        throw Error(f.path() + ": metadata '" + key + "' = " + std::to_string(v) + " is out of range [" +
+                    std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return (int)v;
+}
+
+float Checker::fparam(const std::string& key, float dflt, bool positive) const {
+    const Value* v = f.find(key);
+    if (!v) return dflt;
+    const float x = (float)v->as_float(key);
+    if (!std::isfinite(x) || (positive && !(x > 0)))
+        throw Error(f.path() + ": metadata '" + key + "' = " + std::to_string(x) + " must be " +
+                    (positive ? "positive" : "finite"));
+    return x;
+}
+
+const TensorInfo* Checker::tensor(const std::string& name, int64_t ne0, int64_t ne1, bool want_f32) const {
+    const TensorInfo* t = f.find_tensor(name);
+    if (!t) throw Error(f.path() + ": missing tensor '" + name + "'");
+    bool ok = ne1 == 0 ? (t->n_dims == 1 && t->ne[0] == ne0)
+                       : (t->n_dims == 2 && t->ne[0] == ne0 && t->ne[1] == ne1);
+    if (!ok) {
+        std::string want = ne1 == 0 ? "[" + std::to_string(ne0) + "]"
+                                    : "[" + std::to_string(ne0) + ", " + std::to_string(ne1) + "]";
+        throw Error(f.path() + ": tensor '" + name + "' has shape " + t->shape_str() + ", expected " + want);
+    }
+    if (want_f32 && t->type != T_F32 && t->type != T_F16 && t->type != T_BF16)
+        throw Error(f.path() + ": tensor '" + name + "' has type " + type_name(t->type) +
+                    ", expected F32 (norm weights and biases are kept in float)");
+    if (!can_dequantize(t->type))
+        throw Error(f.path() + ": tensor '" + name + "' has type " + type_name(t->type) +
+                    ", which orcd cannot compute with yet");
+    return t;
+}
+
+const TensorInfo* Checker::optional(const std::string& name, int64_t ne0, int64_t ne1, bool want_f32) const {
+    return f.find_tensor(name) ? tensor(name, ne0, ne1, want_f32) : nullptr;
+}
+
+void Checker::refuse_key(const std::string& key, const std::string& why) const {
+    const Value* v = f.find(key);
+    if (!v) return;
+    if (v->type == VT::STRING && (std::string(v->str) == "none" || std::string(v->str).empty())) return;
+    throw Error(f.path() + ": metadata '" + key + "': " + why + " is not supported yet");
+}
+
+}  // namespace family
+
+const char* rope_style_name(RopeStyle s) { return s == RopeStyle::Neox ? "neox" : "normal"; }
+const char* activation_name(Activation a) { return a == Activation::Silu ? "silu" : "gelu_tanh"; }
+
+float ModelDesc::score_scale() const { return attn_scale > 0 ? attn_scale : 1.0f / std::sqrt((float)head_dim); }
+
+bool ModelDesc::is_qwen2_shape() const {
+    if (rope_style != RopeStyle::Neox || activation != Activation::Silu || !qkv_bias || fused_qkv ||
+        fused_gate_up || qk_norm || post_norms || embd_scale != 1.f || attn_scale != 0.f || logit_softcap != 0.f ||
+        sliding_window || head_dim * n_head != n_embd)
+        return false;
+    for (const LayerDesc& L : layers)
+        if (L.rope_base != rope_base) return false;
+    return true;
+}
+
 ModelDesc describe_model(const GGUFFile& f) {
     ModelDesc d;
     d.arch = f.get("general.architecture").as_string("general.architecture");
-    if (d.arch != "qwen2")
-        throw Error(f.path() + ": unsupported architecture '" + d.arch + "' (orcd supports: qwen2)");
+    void (*describe_family)(const family::Checker&, ModelDesc&) = nullptr;
+    if (d.arch == "qwen2") describe_family = family::describe_qwen2;
+    else if (d.arch == "llama") describe_family = family::describe_llama;
+    else if (d.arch == "phi3") describe_family = family::describe_phi3;
+    else if (d.arch == "gemma3") describe_family = family::describe_gemma3;
+    else
+        throw Error(f.path() + ": unsupported architecture '" + d.arch + "' (orcd supports: " +
+                    family::supported_architectures() + ")");
     if (const Value* n = f.find("general.name"); n && n->type == VT::STRING) d.name = std::string(n->str);
 
-    Checker c{f};
+    family::Checker c{f};
     const std::string a = d.arch + ".";
     d.n_layer = c.hparam(a + "block_count", 1, 1024);
     d.n_embd = c.hparam(a + "embedding_length", 1, 1 << 16);
@@ -100,13 +142,20 @@ ModelDesc describe_model(const GGUFFile& f) {
     d.n_head_kv = f.find(a + "attention.head_count_kv") ? c.hparam(a + "attention.head_count_kv", 1, d.n_head)
                                                          : d.n_head;
     d.n_ctx_train = f.find(a + "context_length") ? c.hparam(a + "context_length", 1, 1 << 24) : 4096;
-    if (d.n_embd % d.n_head != 0)
-        throw Error(f.path() + ": embedding_length " + std::to_string(d.n_embd) + " is not divisible by head_count " +
-                    std::to_string(d.n_head));
     if (d.n_head % d.n_head_kv != 0)
         throw Error(f.path() + ": head_count " + std::to_string(d.n_head) + " is not a multiple of head_count_kv " +
                     std::to_string(d.n_head_kv));
-    d.head_dim = d.n_embd / d.n_head;
+    // Gemma 3 states its head size (key_length) apart from n_embd / n_head (640 / 4 vs 256);
+    // for the other families the keys, when present, must agree with n_embd / n_head.
+    const bool free_head_dim = d.arch == "gemma3";
+    if (free_head_dim && f.find(a + "attention.key_length")) {
+        d.head_dim = c.hparam(a + "attention.key_length", 2, 1024);
+    } else {
+        if (d.n_embd % d.n_head != 0)
+            throw Error(f.path() + ": embedding_length " + std::to_string(d.n_embd) +
+                        " is not divisible by head_count " + std::to_string(d.n_head));
+        d.head_dim = d.n_embd / d.n_head;
+    }
     if (d.head_dim % 2 != 0)
         throw Error(f.path() + ": head dimension " + std::to_string(d.head_dim) + " is odd; RoPE needs pairs");
     for (const char* k : {"attention.key_length", "attention.value_length", "rope.dimension_count"}) {
@@ -115,9 +164,11 @@ ModelDesc describe_model(const GGUFFile& f) {
         const int64_t v = f.get(key).as_int(key);
         if (v != d.head_dim)
             throw Error(f.path() + ": metadata '" + key + "' = " + std::to_string(v) +
-                        " disagrees with the head dimension embedding_length / head_count = " +
-                        std::to_string(d.n_embd) + " / " + std::to_string(d.n_head) + " = " +
-                        std::to_string(d.head_dim) + " (orcd's qwen2 uses full-width heads and RoPE)");
+                        " disagrees with the head dimension " +
+                        (free_head_dim ? "attention.key_length = " + std::to_string(d.head_dim)
+                                       : "embedding_length / head_count = " + std::to_string(d.n_embd) + " / " +
+                                             std::to_string(d.n_head) + " = " + std::to_string(d.head_dim)) +
+                        " (orcd uses full-width heads and RoPE)");
     }
     // Context-extension RoPE scaling (linear, yarn, ...) changes every angle: refuse it
     // rather than run the model at the wrong positions; "none" (or no key) is plain RoPE.
@@ -133,13 +184,8 @@ ModelDesc describe_model(const GGUFFile& f) {
             throw Error(f.path() + ": metadata '" + a + "rope.scale_linear' = " + std::to_string(sl) +
                         " is not supported (orcd implements plain RoPE only: 1 or no key)");
     }
-    if (const Value* v = f.find(a + "rope.freq_base")) d.rope_base = (float)v->as_float(a + "rope.freq_base");
-    if (const Value* v = f.find(a + "attention.layer_norm_rms_epsilon"))
-        d.rms_eps = (float)v->as_float(a + "attention.layer_norm_rms_epsilon");
-    if (!(d.rope_base > 0) || !std::isfinite(d.rope_base))
-        throw Error(f.path() + ": rope.freq_base = " + std::to_string(d.rope_base) + " must be positive");
-    if (!(d.rms_eps > 0) || !std::isfinite(d.rms_eps))
-        throw Error(f.path() + ": layer_norm_rms_epsilon = " + std::to_string(d.rms_eps) + " must be positive");
+    d.rope_base = c.fparam(a + "rope.freq_base", 10000.f);
+    d.rms_eps = c.fparam(a + "attention.layer_norm_rms_epsilon", 1e-6f);
 
     const TensorInfo* emb = f.find_tensor("token_embd.weight");
     if (!emb) throw Error(f.path() + ": missing tensor 'token_embd.weight'");
@@ -159,24 +205,8 @@ ModelDesc describe_model(const GGUFFile& f) {
 
     check_vocabulary(f, d.n_vocab);
 
-    const int q_dim = d.n_head * d.head_dim, kv_dim = d.n_head_kv * d.head_dim;
     d.layers.resize(d.n_layer);
-    for (int l = 0; l < d.n_layer; ++l) {
-        const std::string p = "blk." + std::to_string(l) + ".";
-        LayerDesc& L = d.layers[l];
-        L.attn_norm = c.tensor(p + "attn_norm.weight", d.n_embd, 0, true);
-        L.wq = c.tensor(p + "attn_q.weight", d.n_embd, q_dim);
-        L.bq = c.tensor(p + "attn_q.bias", q_dim, 0, true);
-        L.wk = c.tensor(p + "attn_k.weight", d.n_embd, kv_dim);
-        L.bk = c.tensor(p + "attn_k.bias", kv_dim, 0, true);
-        L.wv = c.tensor(p + "attn_v.weight", d.n_embd, kv_dim);
-        L.bv = c.tensor(p + "attn_v.bias", kv_dim, 0, true);
-        L.wo = c.tensor(p + "attn_output.weight", q_dim, d.n_embd);
-        L.ffn_norm = c.tensor(p + "ffn_norm.weight", d.n_embd, 0, true);
-        L.w_gate = c.tensor(p + "ffn_gate.weight", d.n_embd, d.n_ff);
-        L.w_up = c.tensor(p + "ffn_up.weight", d.n_embd, d.n_ff);
-        L.w_down = c.tensor(p + "ffn_down.weight", d.n_ff, d.n_embd);
-    }
+    describe_family(c, d);
     return d;
 }
 

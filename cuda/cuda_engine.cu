@@ -31,6 +31,7 @@
 
 #include "cuda_engine.cuh"
 #include "decode_profiler.cuh"
+#include "family_kernels.cuh"
 #include "kernels.cuh"
 
 namespace orcd {
@@ -202,8 +203,15 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
         if (fused) {
             cu::rmsnorm_f16(x_, nr, E_, L.attn_norm, d_.rms_eps, act16_, stream_, "attn_norm");
             cu::gemm_f16(blas_, weights16({&L.wq, &L.wk, &L.wv}), E_, QKVW, act16_, nr, qkv_, QKVW, false, ln);
-            cu::qkv_post(qkv_, QKVW, nr, d_.n_head, d_.n_head_kv, hd_, L.bq, L.bk, L.bv, d_pos, d_slot, d_.rope_base,
-                         kc, vc, slot_stride_, stream_, ln);
+            if (d_.rope_style == RopeStyle::Neox) {
+                cu::qkv_post(qkv_, QKVW, nr, d_.n_head, d_.n_head_kv, hd_, L.bq, L.bk, L.bv, d_pos, d_slot,
+                             d_.rope_base, kc, vc, slot_stride_, stream_, ln);
+            } else {  // llama: no biases (check_cuda_family), the normal pairing, then the cache
+                cu::rope(d_, qkv_, QKVW, nr, d_.n_head, d_pos, stream_, ln);
+                cu::rope(d_, qkv_ + QD_, QKVW, nr, d_.n_head_kv, d_pos, stream_, ln);
+                cu::kv_store(qkv_ + QD_, qkv_ + QD_ + KD_, QKVW, nr, KD_, d_slot, d_pos, kc, vc, slot_stride_,
+                             stream_, ln);
+            }
             cu::attention(qkv_, QKVW, kc, vc, slot_stride_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_,
                           plan, part_o_, part_ml_, att_, QD_, stream_, ln);
             cu::f32_to_f16(att_, int64_t(nr) * QD_, act16_, stream_, ln);
@@ -218,8 +226,8 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
             linear(L.wq, h_, nr, q_, QD_, L.bq, false, mv);
             linear(L.wk, h_, nr, k_, KD_, L.bk, false, mv);
             linear(L.wv, h_, nr, v_, KD_, L.bv, false, mv);
-            cu::rope_neox(q_, QD_, nr, d_.n_head, hd_, d_pos, d_.rope_base, stream_, ln);
-            cu::rope_neox(k_, KD_, nr, d_.n_head_kv, hd_, d_pos, d_.rope_base, stream_, L.wk.name.c_str());
+            cu::rope(d_, q_, QD_, nr, d_.n_head, d_pos, stream_, ln);
+            cu::rope(d_, k_, KD_, nr, d_.n_head_kv, d_pos, stream_, L.wk.name.c_str());
             cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, slot_stride_, stream_, ln);
             cu::attention(q_, QD_, kc, vc, slot_stride_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_, plan,
                           part_o_, part_ml_, att_, QD_, stream_, ln);

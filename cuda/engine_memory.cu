@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda_engine.cuh"
+#include "family_kernels.cuh"
 #include "kernels.cuh"
 
 namespace orcd {
@@ -87,6 +88,7 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     F_ = d_.n_ff;
     V_ = d_.n_vocab;
     const std::string where = "CudaEngine(" + file_->path() + ")";
+    check_cuda_family(d_, where);  // features of other families the generic step lacks: refused by name
     if (hd_ < 2 || hd_ % 2 != 0 || hd_ > cu::kAttnMaxHeadDim)
         throw Error(where + ": head_dim " + std::to_string(hd_) + " is not supported (even, at most " +
                     std::to_string(cu::kAttnMaxHeadDim) + ")");

@@ -31,7 +31,8 @@ void DeviceWeights::plan(const ModelDesc& d, const std::string& where) {
             if (u.t == t) return;  // tied output: uploaded once
         ups_.push_back({t, false, t->nbytes, 0});
     };
-    auto add_vec = [&](const TensorInfo* t, int64_t n) {
+    auto add_vec = [&](const TensorInfo* t, int64_t n, bool optional = false) {
+        if (!t && optional) return;  // a family without biases (llama)
         if (!t) throw Error(where + ": missing norm/bias tensor");
         if (t->n_elements() != n)
             throw Error(where + ": tensor '" + t->name + "' " + t->shape_str() + " does not have " +
@@ -53,9 +54,9 @@ void DeviceWeights::plan(const ModelDesc& d, const std::string& where) {
         add_mat(L.wo, QD, E);
         add_mat(L.w_down, F, E);
         add_vec(L.attn_norm, E);
-        add_vec(L.bq, QD);
-        add_vec(L.bk, KD);
-        add_vec(L.bv, KD);
+        add_vec(L.bq, QD, true);
+        add_vec(L.bk, KD, true);
+        add_vec(L.bv, KD, true);
         add_vec(L.ffn_norm, E);
     }
     bytes_ = 0;
@@ -87,7 +88,7 @@ void DeviceWeights::upload(const ModelDesc& d, uint8_t* buf, const ProgressFn& p
             if (u.t == t) return buf + u.offset;
         throw Error(where + ": internal: tensor not uploaded");
     };
-    auto vec = [&](const TensorInfo* t) { return reinterpret_cast<const float*>(dev_of(t)); };
+    auto vec = [&](const TensorInfo* t) { return t ? reinterpret_cast<const float*>(dev_of(t)) : nullptr; };
     auto mat = [&](const TensorInfo* t) {
         DevWeight w;
         w.type = t->type;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "fused_decoder.cuh"
+#include "family_kernels.cuh"
 
 namespace orcd {
 namespace {
@@ -58,6 +59,7 @@ void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
     if (info.cc_major < 8)
         return off("compute capability " + std::to_string(info.cc_major) + "." + std::to_string(info.cc_minor) +
                    " < 8.0");
+    if (const std::string why = fused_decoder_unsupported(d); !why.empty()) return off(why);
     if (E % 32 || QD % 32 || F % 32) return off("n_embd, n_head*head_dim and n_ff must be multiples of 32");
     if (hd % 8) return off("head_dim " + std::to_string(hd) + " is not a multiple of 8 (16-byte K/V rows)");
     if (G * hd > cu::kDecMaxGroupDim)

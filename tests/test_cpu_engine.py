@@ -117,11 +117,11 @@ def test_engine_errors_name_the_problem(tiny_model, tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     import gguf
-    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
     w.add_tensor("x", np.zeros(4, np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    with pytest.raises(ValueError, match="unsupported architecture 'llama'"):
-        orcd._orcd.CpuEngine(str(tmp_path / "llama.gguf"), 8)
+    with pytest.raises(ValueError, match="unsupported architecture 'mamba'"):
+        orcd._orcd.CpuEngine(str(tmp_path / "mamba.gguf"), 8)
 
 
 # ------------------------------------------------------------------ real model

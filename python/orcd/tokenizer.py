@@ -48,16 +48,22 @@ _LLAMA3_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# Every digit its own piece (HF: Digits(individual_digits=True); llama.cpp: "\p{N}"
+# before the GPT-2 expression for smollm, starcoder, refact, command-r, codeshell).
+_DIGIT_PATTERN = r"\p{N}"
 
-# pre -> (pattern, ignore_merges)
+# pre -> (split patterns applied in turn, ignore_merges)
 PRE_TOKENIZERS = {
-    "qwen2": (_QWEN2_PATTERN, False),
-    "llama3": (_LLAMA3_PATTERN, True),
-    "llama-bpe": (_LLAMA3_PATTERN, True),
-    "gpt2": (_GPT2_PATTERN, False),
+    "qwen2": ((_QWEN2_PATTERN,), False),
+    "llama3": ((_LLAMA3_PATTERN,), True),
+    "llama-bpe": ((_LLAMA3_PATTERN,), True),
+    "gpt2": ((_GPT2_PATTERN,), False),
+    "smollm": ((_DIGIT_PATTERN, _GPT2_PATTERN), False),
+    "starcoder": ((_DIGIT_PATTERN, _GPT2_PATTERN), False),
 }
 
-_EOS_TEXTS = ("<|im_end|>", "<|endoftext|>")
+# Text of tokens that end a turn in the chat templates orcd knows (ChatML, Gemma).
+_EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>")
 
 
 def _bytes_to_unicode() -> dict:
@@ -160,16 +166,15 @@ class Tokenizer:
                                      f"{part!r}, which is not in tokenizer.ggml.tokens")
             pairs.append(pr)
 
-        pattern, ignore_merges = PRE_TOKENIZERS[pre]
+        patterns, ignore_merges = PRE_TOKENIZERS[pre]
 
         try:
             hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
         except Exception as e:  # the library raises a bare Exception on vocab / merge problems
             raise ValueError(f"tokenizer metadata (tokenizer.ggml.tokens / merges): {e}") from None
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in patterns]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         hf.decoder = decoders.ByteLevel()
         # Control / user-defined tokens are special added tokens: matched in the
         # text by encode(special=True); encode(special=False) switches that off
@@ -213,13 +218,18 @@ class Tokenizer:
     # ------------------------------------------------------------ construction
     @classmethod
     def from_metadata(cls, md: dict) -> "Tokenizer":
-        """From a GGUF metadata dict (orcd.GGUFFile(path).metadata)."""
+        """From a GGUF metadata dict (orcd.GGUFFile(path).metadata): a Tokenizer for
+        tokenizer.ggml.model 'gpt2', an orcd.tokenizer_spm.SpmTokenizer (same methods)
+        for 'llama'."""
         model = md.get("tokenizer.ggml.model")
         if model is None:
             raise ValueError("the file has no tokenizer (tokenizer.ggml.model is missing)")
+        if model == "llama":  # SentencePiece BPE with scores (Gemma 3): orcd.tokenizer_spm
+            from .tokenizer_spm import SpmTokenizer
+            return SpmTokenizer.from_metadata(md)
         if model != "gpt2":
             raise ValueError(f"unsupported tokenizer model tokenizer.ggml.model={model!r} "
-                             "(orcd supports byte-level BPE: 'gpt2')")
+                             "(orcd supports byte-level BPE 'gpt2' and SentencePiece BPE 'llama')")
         pre = md.get("tokenizer.ggml.pre", "gpt2")
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"unsupported tokenizer pre-tokenizer tokenizer.ggml.pre={pre!r} "

@@ -1,0 +1,35 @@
+// family_kernels.cuh - what the CUDA engine adds for model families other than
+// qwen2 (cuda/family_kernels.cu): the llama RoPE pairing, and the checks that say
+// which ModelDesc family features the CUDA engine runs and which it refuses.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "model.h"
+
+namespace orcd {
+namespace cu {
+
+// "Normal" (llama) RoPE in place on x[t][h*head_dim ...] (row stride ld): pairs
+// (x[2i], x[2i+1]) rotated by pos[t] * base^(-2i/head_dim), as rope_neox otherwise.
+void rope_normal(float* x, int ld, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base,
+                 cudaStream_t st, const char* what);
+
+// RoPE of the model's pairing (d.rope_style) at base d.rope_base.
+void rope(const ModelDesc& d, float* x, int ld, int n_tok, int n_heads, const int32_t* pos, cudaStream_t st,
+          const char* what);
+
+}  // namespace cu
+
+// Throws Error (ValueError in Python) "<where>: the CUDA engine does not run <arch> models
+// yet: <features>" when the model needs a feature the CUDA engine lacks. It runs qwen2's shape
+// plus: the normal RoPE pairing, layers without Q/K/V biases, a tied output.
+void check_cuda_family(const ModelDesc& d, const std::string& where);
+
+// Empty when the fused single-sequence decoder can run the model (qwen2's shape),
+// else why not (for its note: "measured, not silent").
+std::string fused_decoder_unsupported(const ModelDesc& d);
+
+}  // namespace orcd

