@@ -262,8 +262,6 @@ void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logit
                    "logits copy");
         sync("forward (logits)");
         std::memcpy(logits, pinned_logits_, size_t(V_) * 4);
-    } else if (mode == Logits::Device) {  // nr <= n_slots_ <= L_: every row's logits stay in logits_
-        device_logits(nr, mv);
     } else if (mode == Logits::All) {
         cu::rmsnorm(x_, nr, E_, weights_.output_norm, d_.rms_eps, h_, stream_, "output_norm");
         for (int r0 = 0; r0 < nr; r0 += L_) {

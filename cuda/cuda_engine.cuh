@@ -17,8 +17,8 @@
 namespace orcd {
 
 // What a step does with the final hidden states: nothing, the last row's logits to the
-// host, every row's logits to the host, or every row's logits left in logits_ (sampled there).
-enum class Logits { None, Last, All, Device };
+// host, or every row's logits to the host (decode batches: batch_step, logits left in logits_).
+enum class Logits { None, Last, All };
 
 // Byte offsets of the device-sampling buffers (the same layout on the device and in
 // pinned memory): n_slots SampleRows, n_slots penalty windows, tokens, generator states
