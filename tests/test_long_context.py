@@ -6,8 +6,10 @@ Bounds (stated here, enforced below):
   reference over the fp16-rounded Q, K, V: ||got - ref|| / ||ref|| < 3e-3 (P's
   rounding, 2^-11 per weight, and the rounding of Q itself are what remain);
   against the float64 reference over the unrounded Q: < 6e-3.
-- the CUDA-core decode attention (float32 throughout) at 4096 / 16384 positions:
-  < 2e-5 against float64, < 3e-5 against the CPU twin.
+- the fused decoder's attention at 4096 / 16384 positions (tensor-core tiles with Q and
+  P as fp16 hi + lo pairs, float32 softmax and merge) and the generic attention's decode
+  plan (CUDA cores, float32): < 2e-5 against float64, < 3e-5 against the CPU twin, the
+  same bits on a second launch.
 - a tiny model with head_dim 64 through the CUDA engine (prompt chunks on the
   tensor-core kernel) against the CPU engine: per-row logit cosine >= 0.999.
 - engines with n_ctx 32768 give the same logits as with n_ctx 64 for a short prompt
@@ -153,15 +155,17 @@ def test_flash_attention_rejects_bad_split():
 @pytest.mark.parametrize("n_head,n_head_kv,hd", [(14, 2, 64), (12, 2, 128)])
 def test_decode_attention_long_cache(n_kv, n_head, n_head_kv, hd):
     """One query at the last of n_kv positions: the fused decoder's attention (global
-    merge, the path of long caches, with its default splits) and the generic
-    attention's decode plan, against float64 and the CPU twin."""
+    merge, the path of long caches: tensor-core tiles with fp16 hi+lo operands) and the
+    generic attention's decode plan, against float64 and the CPU twin."""
     q, k, v, pos = _inputs(n_kv + hd, 1, n_kv, n_head, n_head_kv, hd, [n_kv - 1])
     ref = ref_attention(q, f16(k), f16(v), pos)[0]
     cpu = cpu_attention(q, k, v, pos)[0]
-    out, again = cu.dec_attn(q[0], k, v, False)
-    assert rel_err(out, ref) < 2e-5
-    assert rel_err(out, cpu) < 3e-5
-    np.testing.assert_array_equal(again, out)
+    # 64 splits: the engine's grid (two chunks of the staged merge); 32; few long splits
+    for plan in (dict(max_splits=64), dict(max_splits=32), dict(max_splits=5, split_keys=1024)):
+        out, again = cu.dec_attn(q[0], k, v, False, **plan)
+        assert rel_err(out, ref) < 2e-5, plan
+        assert rel_err(out, cpu) < 3e-5, plan
+        np.testing.assert_array_equal(again, out, err_msg=str(plan))
     gen = cu.attention(q, k, v, pos)[0]
     assert rel_err(gen, ref) < 2e-5
     assert rel_err(gen, cpu) < 3e-5
