@@ -95,6 +95,14 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
                const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
                const char* what);
 
+// Decode-shaped attention (rows_attn.cu): one block per (query, KV head, split) serving
+// the query heads of that KV head together; head_dim 64 or 128, n_head / n_head_kv <= 8.
+// Writes the partials of plan-style splits (attn_combine merges them).
+bool rows_attention_supported(int head_dim, int group);
+void rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
+                    const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
+                    int split_len, int n_splits, float* part_o, float2* part_ml, cudaStream_t st, const char* what);
+
 // The tensor-core attention (flash_attn.cu). Every query in one slot (the block reads
 // the slot of its first row); head_dim 64 or 128; ldq, ldo even; split_len a multiple
 // of 64. n_splits == 1: out receives the normalised result; else part_o / part_ml

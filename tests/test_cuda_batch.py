@@ -186,9 +186,12 @@ def test_batch_matches_each_alone(tiny_model, wtype):
 # ------------------------------------------------------------------ resident fp16 weights
 
 def _expected_resident_bytes(path):
-    import orcd
-    with orcd.GGUFFile(path) as f:
+    from orcd import _orcd
+    f = _orcd.GGUFFile(path)  # the native reader: tensor_infos() -> (name, ne, type_name, ...)
+    try:
         infos = {t[0]: t for t in f.tensor_infos()}
+    finally:
+        f.close()
 
     def elems(name):
         return int(np.prod(infos[name][1]))

@@ -111,7 +111,10 @@ def test_cuda_step_loop_logprobs_match_forward(tiny_model):
                 for j, (t, v) in enumerate(top):
                     assert abs(v - row[t]) <= 0.05
                     ref = ref_top(row, j + 2)
-                    if j + 1 < len(ref) and ref[j][1] - ref[j + 1][1] > 0.05:
+                    # the rank is certain only when both neighbours are clearly apart
+                    apart_below = j + 1 < len(ref) and ref[j][1] - ref[j + 1][1] > 0.05
+                    apart_above = j == 0 or ref[j - 1][1] - ref[j][1] > 0.05
+                    if apart_below and apart_above:
                         assert t == ref[j][0]
                 if rid == 1:
                     assert top[0][0] == e[1]  # greedy: the chosen token is the top-1
