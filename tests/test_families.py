@@ -366,3 +366,17 @@ def test_gemma3_window_keys_are_checked(family_model):
     zero = family_model("gemma3", "F32", n_layer=2, sliding_window=4, window_pattern=0)
     with pytest.raises(ValueError, match=r"'gemma3.attention.sliding_window_pattern' = 0 is out of range \[1, 65536\]"):
         orcd._orcd.CpuEngine(zero, 8)
+
+
+def test_smollm2_q4_1_dequantizes_bit_exact(smollm2_path):
+    """The file's Q4_1 matrices through orcd's dequantization equal gguf's, bit for bit."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    r = GGUFReader(smollm2_path)
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_up.weight")
+    assert t.tensor_type.name == "Q4_1"
+    want = dequantize(np.asarray(t.data).reshape(int(t.shape[1]), -1), t.tensor_type)
+    with orcd.GGUFFile(smollm2_path) as f:
+        got = f.dequantize("blk.0.ffn_up.weight")
+    assert got.shape == want.shape
+    assert np.array_equal(got.view(np.uint32), np.asarray(want, np.float32).view(np.uint32))
