@@ -933,6 +933,14 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         }
         cp_async_commit();
     }
+    if (active && use_mma) {  // the rows before pos into L2 while the previous kernel runs
+        const int nrow = max(0, min(end, pos) - start), lines = hd / 64;  // 128-byte lines per row
+        for (int i = t; i < nrow * lines; i += NT) {
+            const size_t off = size_t(start + i / lines) * p.kv_dim + (i % lines) * 64;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(K + off));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(V + off));
+        }
+    }
     pdl_wait_release(p.pdl_early);
 
     if constexpr (!CLUSTER) {
