@@ -10,7 +10,8 @@
 //   dec_attn    split-K attention over the slot's cache: caches up to a length (the engine's
 //               choice, per step) as 8 splits per KV head in a thread-block cluster merging in
 //               distributed shared memory (sm_90), longer ones with up to kDecMaxSplits splits
-//               merged by the last block to finish
+//               (tiles on tensor cores, fp16 hi+lo operands, when G <= 16 and head_dim is 64
+//               or 128; splits of at least 128 keys then) merged by the last block to finish
 //   dec_proj    RESID: x += att·Woᵀ          (no norm)
 //   dec_proj    GLU:   a = silu(h·Wgᵀ)·(h·Wuᵀ), h = rmsnorm(x)
 //   dec_proj    RESID: x += a·Wdᵀ

@@ -910,7 +910,10 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // caches spread over all the cluster's blocks: a tile's cost grows with its keys)
     constexpr int cg = kDecClusterGran;
     static_assert(cg >= 1 && cg <= TK, "kDecClusterGran: 1 .. kDecTK keys");
-    const int sk = CLUSTER ? cg : max(TK, p.split_keys), gran = CLUSTER ? cg : TK;
+    // Long caches without the cluster merge: the tensor-core phase (no staging), its
+    // splits at least one tile per warp (fewer partials for the merge).
+    const bool use_mma = !CLUSTER && dec_attn_mma_ok(G, hd);
+    const int sk = CLUSTER ? cg : max(use_mma ? NW * kDecMmaTK : TK, p.split_keys), gran = CLUSTER ? cg : TK;
     int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (kv_len + sk - 1) / sk));
     const int S = ((kv_len + n_act - 1) / n_act + gran - 1) / gran * gran;
     n_act = (kv_len + S - 1) / S;
@@ -920,8 +923,6 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
     const __half* K = p.kc + base;
     const __half* V = p.vc + base;
-    // Long caches without the cluster merge: the tensor-core phase (no staging).
-    const bool use_mma = !CLUSTER && dec_attn_mma_ok(G, hd);
     // Before the wait: the first kDecAttnBufs tiles' rows before pos (earlier steps
     // wrote them), so their copy overlaps the previous kernel; row pos after it.
     if (active && !use_mma) {
@@ -931,6 +932,14 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             if (pre > 0) stage_kv(kbuf(b), vbuf(b), K, V, p.kv_dim, tile, 0, pre, rs, kvp);
         }
         cp_async_commit();
+    }
+    if (active && use_mma) {  // the rows before pos into L2 while the previous kernel runs
+        const int nrow = max(0, min(end, pos) - start), lines = hd / 64;  // 128-byte lines per row
+        for (int i = t; i < nrow * lines; i += NT) {
+            const size_t off = size_t(start + i / lines) * p.kv_dim + (i % lines) * 64;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(K + off));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(V + off));
+        }
     }
     pdl_wait_release(p.pdl_early);
 

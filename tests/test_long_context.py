@@ -3,9 +3,10 @@ long caches, engines with the model's whole window (n_ctx 32768), RoPE scaling k
 
 Bounds (stated here, enforced below):
 - flash attention (Q and P rounded to fp16, fp32 accumulation) against a float64
-  reference over the fp16-rounded Q, K, V: ||got - ref|| / ||ref|| < 3e-3 (P's
-  rounding, 2^-11 per weight, and the rounding of Q itself are what remain);
-  against the float64 reference over the unrounded Q: < 6e-3.
+  reference over the fp16-rounded Q, K, V: ||got - ref|| / ||ref|| < 1e-3 (P's
+  rounding, 2^-11 per weight, is what remains: ~2e-4 in a NumPy model of it at 16384
+  keys); against the float64 reference over the unrounded Q and the CPU twin: < 2e-3
+  (~5e-4 modelled). A fragment-layout mistake gives errors of order 1.
 - the fused decoder's attention at 4096 / 16384 positions (tensor-core tiles with Q and
   P as fp16 hi + lo pairs, float32 softmax and merge) and the generic attention's decode
   plan (CUDA cores, float32): < 2e-5 against float64, < 3e-5 against the CPU twin, the
@@ -117,12 +118,12 @@ def test_flash_attention_vs_reference(case, n_head, n_head_kv, hd):
         got = cu.flash_attention(q, k, v, pos, routed=routed)
         what = f"{case} H={n_head}/{n_head_kv} hd={hd} routed={routed}"
         e = rel_err(got, ref16)
-        assert e < 3e-3, f"{what}: rel err {e:.2e} against float64 over fp16 inputs"
+        assert e < 1e-3, f"{what}: rel err {e:.2e} against float64 over fp16 inputs"
         e = rel_err(got, ref)
-        assert e < 6e-3, f"{what}: rel err {e:.2e} against float64"
+        assert e < 2e-3, f"{what}: rel err {e:.2e} against float64"
     if n_kv <= 4096:  # the CPU twin at 16384 positions is slow on a small machine
         e = rel_err(got, cpu_attention(q, k, v, pos))
-        assert e < 6e-3, f"{case}: rel err {e:.2e} against the CPU twin"
+        assert e < 2e-3, f"{case}: rel err {e:.2e} against the CPU twin"
 
 
 @needs_cuda
@@ -137,7 +138,7 @@ def test_flash_attention_splits(hd):
     for split in (0, 64, 128, 512):
         got = cu.flash_attention(q, k, v, pos, split_len=split)
         e = rel_err(got, ref16)
-        assert e < 3e-3, f"split_len={split}: rel err {e:.2e}"
+        assert e < 1e-3, f"split_len={split}: rel err {e:.2e}"
 
 
 @needs_cuda
