@@ -5,7 +5,7 @@
 // produced them, before penalties, temperature, top_k / top_p / min_p and any token
 // mask (vLLM's default). Sanitised as the sampler does: NaN counts as -inf, +inf as the
 // largest float. Order of the top list: logprob descending, token id ascending on ties
-// (the sampler's strict total order). Sums in double.
+// (the sampler's strict total order). exp in float, sums in double.
 //
 // Bounds: 0 <= n_top <= kMaxTopLogprobs (OpenAI's chat limit; completions allow 5,
 // vLLM 20); n_top > n_vocab yields n_vocab entries. The CUDA twin is
