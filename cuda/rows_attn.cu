@@ -63,11 +63,13 @@ rows_attn_kernel(const float* __restrict__ q, int ldq, const __half* __restrict_
     }
 
     for (int tile = start + w * 32; tile < end; tile += kRowsWarps * 32) {
-        const int j = tile + lane;
+        // lanes past the split's end score its last key (a valid row) and are masked below,
+        // so every load is unconditional and the compiler can issue them all at once
+        const int j = min(tile + lane, end - 1);
         float sc[kRowsMaxGroup];
 #pragma unroll
         for (int g = 0; g < kRowsMaxGroup; ++g) sc[g] = 0.f;
-        if (j < end) {
+        {
             const __half* kr = K + size_t(j) * kv_dim;
 #pragma unroll
             for (int d = 0; d < HD; d += 8) {
@@ -103,9 +105,11 @@ rows_attn_kernel(const float* __restrict__ q, int ldq, const __half* __restrict_
             m[g] = m_new;
             sc[g] = p;
         }
-#pragma unroll 8
-        for (int kk = 0; kk < nk; ++kk) {
-            const __half* vr = V + size_t(tile + kk) * kv_dim + lane * DPL;
+        // all 32 rows of the tile, fully unrolled: rows past the end reread the last key and
+        // weigh 0 (their p is 0), so the 32 V loads are independent and issued together
+#pragma unroll
+        for (int kk = 0; kk < 32; ++kk) {
+            const __half* vr = V + size_t(min(tile + kk, end - 1)) * kv_dim + lane * DPL;
             float vf[DPL];
             if constexpr (DPL == 2) {
                 const float2 f = __half22float2(*reinterpret_cast<const __half2*>(vr));
