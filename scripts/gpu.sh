@@ -27,6 +27,7 @@
 #   lcp       wait for that build, then llama-bench (pp512/tg128, pp4096, pp16384, tg128 at depth 4096
 #             and 16384), llama-batched-bench (pp128/tg128 at 1,8,32,64,128) and llama-server under
 #             orcd bench-serve at the same client counts as `serve`
+#   vram      VRAM of an engine for 64 sequences x 4096 positions, resident fp16 copy on and off
 #   passkey   scripts/passkey.py on orcd (and on llama-server when the lcp build is there)
 # Options: --model PATH, --f16 PATH (written from MODEL when missing), --old DIR, --repeat N (5),
 #          --rounds N (2), --deadline S (540: steps that would start later are skipped, so the table
@@ -212,6 +213,17 @@ for step in "${STEPS[@]}"; do
             -npp 128 -ntg 128 -npl 1,8,32,64,128
         ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print \$4, \$(NF-1)}' | tr '\n' ';')"
         serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090" ;;
+    vram)
+        needs_model vram || continue
+        : > "$D/vram.txt"
+        for rf in 1 0; do
+            ORCD_CUDA_RESIDENT_F16=$rf timeout 120 $PY -c "
+import orcd.backend as b
+e = b.cuda_module().CudaEngine('$MODEL', 4096, 64)
+i = e.info()
+print('resident_f16=$rf', 'vram_bytes', i.get('vram_bytes'), 'resident', i.get('vram_resident_f16'))" >> "$D/vram.txt" 2>&1
+        done
+        record vram ok 0 "$(tr '\n' ';' < "$D/vram.txt" | cut -c1-250)" ;;
     passkey)
         needs_model passkey || continue
         run_step passkey 400 "$D/passkey.txt" bash -c "cd /tmp && $PY $GPU_REPO/scripts/passkey.py --model '$MODEL' --device cuda \
