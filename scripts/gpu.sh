@@ -221,7 +221,7 @@ for step in "${STEPS[@]}"; do
 import orcd.backend as b
 e = b.cuda_module().CudaEngine('$MODEL', 4096, 64)
 i = e.info()
-print('resident_f16=$rf', 'vram_bytes', i.get('vram_bytes'), 'resident', i.get('vram_resident_f16'))" >> "$D/vram.txt" 2>&1
+print('resident_f16=$rf', {k: i.get(k) for k in ('vram_bytes', 'vram_weights', 'vram_kv', 'vram_scratch', 'vram_resident_f16')})" >> "$D/vram.txt" 2>&1
         done
         record vram ok 0 "$(tr '\n' ';' < "$D/vram.txt" | cut -c1-250)" ;;
     passkey)
