@@ -226,9 +226,17 @@ print('resident_f16=$rf', {k: i.get(k) for k in ('vram_bytes', 'vram_weights', '
         record vram ok 0 "$(tr '\n' ';' < "$D/vram.txt" | cut -c1-250)" ;;
     passkey)
         needs_model passkey || continue
-        run_step passkey 400 "$D/passkey.txt" bash -c "cd /tmp && $PY $GPU_REPO/scripts/passkey.py --model '$MODEL' --device cuda \
-            \$( [ -x /tmp/lcp/llama.cpp/build/bin/llama-server ] && echo --llama-server /tmp/lcp/llama.cpp/build/bin/llama-server )"
-        ok_or_fail passkey $? "$(tail -2 "$D/passkey.txt" | tr '\n' ' ' | cut -c1-250)" ;;
+        LS=/tmp/lcp/llama.cpp/build/bin/llama-server URLARG=
+        if [ -x $LS ]; then
+            (cd /tmp && setsid $LS -m $MODEL -ngl 99 -fa on -np 1 -c 20480 --port 8091 > "$D/passkey_llama_server.log" 2>&1 & echo $! > /tmp/pk.pid)
+            s=$(date +%s)
+            until $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8091/health', timeout=2)" > /dev/null 2>&1 \
+                  || [ $(( $(date +%s) - s )) -gt 120 ]; do sleep 1; done
+            URLARG="--url http://127.0.0.1:8091"
+        fi
+        run_step passkey 400 "$D/passkey.txt" bash -c "cd /tmp && $PY $GPU_REPO/scripts/passkey.py --model '$MODEL' --device cuda $URLARG"
+        ok_or_fail passkey $? "$(tail -2 "$D/passkey.txt" | tr '\n' ' ' | cut -c1-250)"
+        [ -f /tmp/pk.pid ] && { kill -TERM -- -$(cat /tmp/pk.pid) 2>/dev/null || kill $(cat /tmp/pk.pid) 2>/dev/null; rm -f /tmp/pk.pid; } ;;
     *)
         record "$step" FAIL 0 "unknown step"; failed=1 ;;
     esac
