@@ -129,6 +129,15 @@ namespace ORCD_CPU_NS {
 namespace {
 
 constexpr int kMR = 4;  // activation rows per tile
+
+// An fp16 block scale as a float operand (block_formats.h's read_fp16le_operand):
+// F16C's one instruction in the AVX variants (block_formats.h is compiled for the
+// baseline here, so its own F16C path is off).
+#if ORCD_MM_AVX2
+inline float fp16_operand(const uint8_t* p) { return _cvtsh_ss(read_u16le(p)); }
+#else
+inline float fp16_operand(const uint8_t* p) { return read_fp16le_operand(p); }
+#endif
 #if ORCD_MM_AVX2
 constexpr bool kScalar = false;
 #else
@@ -283,7 +292,7 @@ void s_q32(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out
             if (type == T_Q4_0) {
                 const uint8_t* B = w + b * LQ4_0::bytes;
                 const uint8_t* qs = B + LQ4_0::qs;
-                dw = read_fp16le_operand(B + LQ4_0::d);
+                dw = fp16_operand(B + LQ4_0::d);
                 for (int j = 0; j < 16; ++j) {
                     isum += ((qs[j] & 15) - 8) * x[j];
                     isum += ((qs[j] >> 4) - 8) * x[j + 16];
@@ -291,7 +300,7 @@ void s_q32(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out
             } else if (type == T_Q5_0) {
                 const uint8_t* B = w + b * LQ5_0::bytes;
                 const uint8_t* qs = B + LQ5_0::qs;
-                dw = read_fp16le_operand(B + LQ5_0::d);
+                dw = fp16_operand(B + LQ5_0::d);
                 const uint32_t qh = read_u32le(B + LQ5_0::qh);
                 for (int j = 0; j < 16; ++j) {
                     isum += (((qs[j] & 15) | (((qh >> j) & 1) << 4)) - 16) * x[j];
@@ -299,7 +308,7 @@ void s_q32(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out
                 }
             } else {  // Q8_0
                 const uint8_t* B = w + b * LQ8_0::bytes;
-                dw = read_fp16le_operand(B + LQ8_0::d);
+                dw = fp16_operand(B + LQ8_0::d);
                 const int8_t* qs = reinterpret_cast<const int8_t*>(B + LQ8_0::qs);
                 for (int j = 0; j < 32; ++j) isum += qs[j] * x[j];
             }
@@ -321,7 +330,7 @@ void s_qk(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out)
             if (type == T_Q6_K) {
                 const uint8_t* B = w + b * LQ6_K::bytes;
                 const int8_t* sc = reinterpret_cast<const int8_t*>(B + LQ6_K::scales);
-                const float d = read_fp16le_operand(B + LQ6_K::d);
+                const float d = fp16_operand(B + LQ6_K::d);
                 int32_t isum = 0;
                 for (int h = 0; h < 2; ++h) {
                     const uint8_t* ql = B + LQ6_K::ql + 64 * h;
@@ -342,7 +351,7 @@ void s_qk(uint32_t type, const uint8_t* w, const Act& a, int64_t i0, float* out)
             } else {  // Q4_K / Q5_K
                 const bool q5 = type == T_Q5_K;
                 const uint8_t* B = w + b * (q5 ? LQ45_K<true>::bytes : LQ45_K<false>::bytes);
-                const float d = read_fp16le_operand(B + LQ45_K<false>::d), dmin = read_fp16le_operand(B + LQ45_K<false>::dmin);
+                const float d = fp16_operand(B + LQ45_K<false>::d), dmin = fp16_operand(B + LQ45_K<false>::dmin);
                 uint8_t sc[8], mn[8];
                 k4_scales_mins(B + LQ45_K<false>::scales, sc, mn);
                 const uint8_t* qh = B + LQ45_K<true>::qh;
@@ -375,7 +384,7 @@ inline float wget(const uint8_t* w, int64_t k) {
         std::memcpy(&f, w + 4 * k, 4);
         return f;
     } else if constexpr (T == T_F16) {
-        return read_fp16le_operand(w + 2 * k);
+        return fp16_operand(w + 2 * k);
     } else {
         return bf16_bits_to_fp32(read_u16le(w + 2 * k));
     }
@@ -457,7 +466,7 @@ struct K45Block {
     const uint8_t* qs;
     __m256i hq0, hq1;  // Q5: the high-bit bytes qh[0..15], qh[16..31] as int16
 
-    explicit K45Block(const uint8_t* B) : d(read_fp16le_operand(B + L::d)), dmin(read_fp16le_operand(B + L::dmin)), qs(B + L::qs) {
+    explicit K45Block(const uint8_t* B) : d(fp16_operand(B + L::d)), dmin(fp16_operand(B + L::dmin)), qs(B + L::qs) {
         k4_scales_mins(B + L::scales, sc, mn);
         if constexpr (Q5) {
             hq0 = zx16(B + Block<T_Q5_K>::qh);
@@ -603,7 +612,7 @@ void v_q6k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
     for (int64_t b = 0; b < a.nb; ++b) {
         const uint8_t* B = w + b * LQ6_K::bytes;
         const int8_t* sc = reinterpret_cast<const int8_t*>(B + LQ6_K::scales);
-        const float d = read_fp16le_operand(B + LQ6_K::d);
+        const float d = fp16_operand(B + LQ6_K::d);
         __m256i ia[MR], ib[MR];
         for (int i = 0; i < MR; ++i) ia[i] = ib[i] = _mm256_setzero_si256();
         for (int h = 0; h < 2; ++h) {
@@ -662,7 +671,7 @@ struct Unpack {
         q32_codes<T>(B, w0, w1);
         _mm256_store_si256(reinterpret_cast<__m256i*>(dst), w0);
         _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), w1);
-        sc[0] = read_fp16le_operand(B + Block<T>::d);
+        sc[0] = fp16_operand(B + Block<T>::d);
     }
 };
 template <bool Q5>
@@ -694,7 +703,7 @@ struct Unpack<T_Q6_K> {
     static constexpr int UE = 256, BB = LQ6_K::bytes;
     static void run(const uint8_t* B, int16_t* dst, float* scv, float*) {
         const int8_t* sc = reinterpret_cast<const int8_t*>(B + LQ6_K::scales);
-        const float d = read_fp16le_operand(B + LQ6_K::d);
+        const float d = fp16_operand(B + LQ6_K::d);
         for (int h = 0; h < 2; ++h) {
             __m256i q[4];
             q6k_codes(B, h, q);
