@@ -166,3 +166,25 @@ def test_model_info_and_bench_report_the_variant(tiny_model):
                        env=dict(os.environ, ORCD_CPU_KERNEL="scalar"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["cpu_kernel"] == "scalar"
+
+
+def test_cublas_is_preloaded_only_for_the_cuda_module(tmp_path):
+    """orcd/backend.py loads cuBLAS from the nvidia-cublas wheel right before orcd._orcd_cuda
+    is imported (the wheel's module finds libcublas.so.13 that way wherever `nvidia` is
+    installed), and not on `import orcd`."""
+    try:
+        import nvidia  # noqa: F401
+        have = any(os.path.exists(os.path.join(p, "cu13", "lib", "libcublas.so.13")) for p in nvidia.__path__)
+    except ImportError:
+        have = False
+    if not have or not os.path.exists("/proc/self/maps"):
+        pytest.skip("no nvidia-cublas (CUDA 13) wheel here, or no /proc")
+    (tmp_path / "_orcd_cuda.cpython-fake.so").write_bytes(b"")
+    code = ("import orcd, orcd.backend as b\n"
+            "loaded = lambda: 'libcublas.so.13' in open('/proc/self/maps').read()\n"
+            "print(loaded())\n"
+            "b._CublasBeforeCudaModule().find_spec('orcd._orcd_cuda', [%r])\n"
+            "print(loaded())\n") % str(tmp_path)
+    r = _in_fresh_process(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]
