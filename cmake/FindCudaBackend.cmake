@@ -1,7 +1,8 @@
 # Finds nvcc and cuBLAS and builds the orcd_cuda library from cuda/.
 # cuBLAS may come from the CUDA toolkit or from the `nvidia-cublas` wheel
 # (site-packages/nvidia/cu13), which is how machines without a full toolkit
-# get it. Sets ORCD_HAVE_CUDA, and ORCD_CUBLAS_RPATH when the wheel is used.
+# get it. Sets ORCD_HAVE_CUDA, and ORCD_CUBLAS_RPATH (the build-time folder of
+# the wheel's libcublas) when the wheel is used.
 include(CheckLanguage)
 check_language(CUDA)
 set(_why "")
@@ -54,17 +55,33 @@ if(NOT _why STREQUAL "")
   return()
 endif()
 
+# GPU architectures (ORCD_CUDA_ARCHS, CMakeLists.txt): an explicit
+# CMAKE_CUDA_ARCHITECTURES wins; else "auto" is this machine's GPU when
+# nvidia-smi sees one (a quick single-architecture build) and the wheel set
+# otherwise; "all" is the wheel set: machine code for sm_80 (A100), sm_86
+# (RTX 30xx, A10/A40), sm_89 (RTX 40xx, L4/L40), sm_90 (H100/H200), sm_100
+# (B200) and sm_120 (RTX 50xx), plus compute_120 PTX that the driver compiles
+# for newer GPUs; "native" is this machine's GPU or an error; anything else is
+# taken as a CMAKE_CUDA_ARCHITECTURES list ("90", "89;90-real").
+set(_orcd_all_archs 80-real 86-real 89-real 90-real 100-real 120)
 if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-  # The GPU this machine has, else a portable set (sm_80 and newer).
-  execute_process(COMMAND nvidia-smi --query-gpu=compute_cap --format=csv,noheader
-                  OUTPUT_VARIABLE _cc OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE _rc)
-  if(_rc EQUAL 0 AND _cc)
-    string(REGEX MATCH "^[0-9]+\\.[0-9]+" _cc "${_cc}")
-    string(REPLACE "." "" _cc "${_cc}")
-    set(CMAKE_CUDA_ARCHITECTURES ${_cc})
-  else()
-    set(CMAKE_CUDA_ARCHITECTURES 80 90)
+  set(_archs "${ORCD_CUDA_ARCHS}")
+  if(_archs STREQUAL "auto" OR _archs STREQUAL "native")
+    execute_process(COMMAND nvidia-smi --query-gpu=compute_cap --format=csv,noheader
+                    OUTPUT_VARIABLE _cc OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE _rc)
+    if(_rc EQUAL 0 AND _cc)
+      string(REGEX MATCH "^[0-9]+\\.[0-9]+" _cc "${_cc}")
+      string(REPLACE "." "" _archs "${_cc}")
+    elseif(_archs STREQUAL "native")
+      message(FATAL_ERROR "ORCD_CUDA_ARCHS=native but nvidia-smi finds no GPU here")
+    else()
+      set(_archs all)
+    endif()
   endif()
+  if(_archs STREQUAL "all")
+    set(_archs ${_orcd_all_archs})
+  endif()
+  set(CMAKE_CUDA_ARCHITECTURES ${_archs})
 endif()
 enable_language(CUDA)
 message(STATUS "orcd: CUDA architectures ${CMAKE_CUDA_ARCHITECTURES}")

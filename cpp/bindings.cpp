@@ -24,6 +24,7 @@
 #include "error.h"
 #include "ggml_types.h"
 #include "gguf.h"
+#include "cpu_features.h"
 #include "logprobs.h"
 #include "matmul.h"
 #include "quants.h"
@@ -198,6 +199,12 @@ NB_MODULE(_orcd, m) {
     }, nb::arg("type_id"), nb::arg("w"), nb::arg("n_in"), nb::arg("n_out"), nb::arg("x"), nb::arg("n_threads") = 0);
 
     m.def("available_cores", &available_cores);
+    m.def("cpu_kernel", [] { return std::string(matmul_kernel_name()); },
+          "the CPU matmul variant in use: 'scalar', 'avx2' or 'avx512' (ORCD_CPU_KERNEL, else the best this CPU runs)");
+    m.def("cpu_kernels", &matmul_kernels, "the CPU matmul variants this CPU runs, lowest first");
+    m.def("set_cpu_kernel", [](const std::string& name) { return std::string(matmul_set_kernel(name)); },
+          nb::arg("name"), "test hook: use this CPU matmul variant process-wide ('' = the default); returns the one in use");
+    m.attr("native_build") = cpu_build_native();  // ORCD_NATIVE=ON: built for this machine's CPU only
 
     // ---- GGUF files
     nb::class_<PyGGUF>(m, "GGUFFile")
@@ -329,7 +336,11 @@ NB_MODULE(_orcd, m) {
         }
         new (self) PyEngine{std::move(e)};
     }, nb::arg("path"), nb::arg("n_ctx") = 4096, nb::arg("n_slots") = 1, nb::arg("n_threads") = 0);
-    bind_engine_methods<Engine>(cpu_engine, [](const Engine& e) { return engine_info_dict(e, "cpu"); });
+    bind_engine_methods<Engine>(cpu_engine, [](const Engine& e) {
+        nb::dict d = engine_info_dict(e, "cpu");
+        d["cpu_kernel"] = matmul_kernel_name();
+        return d;
+    });
 
     // ---- many sequences on a C++ thread (cpp/step_loop.h)
     bind_step_loop<0>(m, "StepLoop", [](const std::string& path, int n_ctx, int n_slots, int n_threads) {

@@ -9,6 +9,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "gguf.h"
 #include "threadpool.h"
@@ -49,11 +51,23 @@ bool matmul_supports(uint32_t type);
 // Q8_0, Q4_K, Q5_K, Q6_K); other supported types take the fallback.
 bool matmul_has_kernel(uint32_t type);
 
-// Name of the kernel set in use: "avx512vnni", "avx2" or "scalar".
+// The kernels come in variants per instruction set, chosen at run time
+// (cpu_features.h): "scalar" (any CPU), "avx2" (AVX2 + FMA + F16C), "avx512"
+// (AVX-512 F/BW/VL + VNNI). All use the same activation quantization and the
+// same integer block sums, so their results agree up to float summation order.
+// The default is ORCD_CPU_KERNEL=scalar|avx2|avx512 when set (lowered to what
+// the CPU runs), else the best the CPU runs.
+
+// Name of the variant in use. Throws orcd::Error if ORCD_CPU_KERNEL names no
+// variant (as matmul does).
 const char* matmul_kernel_name();
-// Test hook: force the portable scalar kernels (process-wide) instead of the
-// SIMD ones. They use the same activation quantization and integer block
-// dot products, so results agree up to float summation order.
+// The variants this CPU runs, lowest first.
+std::vector<std::string> matmul_kernels();
+// Test hook: use variant `name` process-wide (lowered to what the CPU runs);
+// "" goes back to the default. Returns the name of the variant now in use;
+// throws orcd::Error for an unknown name.
+const char* matmul_set_kernel(const std::string& name);
+// Test hook: matmul_set_kernel("scalar") when on, the default when off.
 void matmul_force_scalar(bool on);
 
 }  // namespace orcd

@@ -225,6 +225,7 @@ def run(a) -> int:
         out["vram_peak_bytes"] = (free_before - free_min[0]) if free_min[0] is not None else None
         out["paths"] = info.get("paths")
     else:
+        out["cpu_kernel"] = info.get("cpu_kernel")  # the matmul variant: scalar, avx2 or avx512
         out["peak_rss_bytes"] = _rss_peak_bytes()
         if info.get("cpu_kernel") is not None:
             out["cpu_kernel"] = info.get("cpu_kernel")
@@ -249,5 +250,6 @@ def run(a) -> int:
         if out.get("paths"):
             print(f"  paths: {out['paths']}")
     else:
+        print(f"  {'cpu kernels':<22} {out['cpu_kernel']:>10}")
         print(f"  {'peak rss':<22} {out['peak_rss_bytes'] / 1e6:>10.1f} MB")
     return 0
