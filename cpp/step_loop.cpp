@@ -183,12 +183,23 @@ void StepLoop::end_seq(Seq& s) {
 void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& out) {
     int32_t tok;
     try {
+        if (s.req.mask_fn) logits = masked_logits(s, logits);
         tok = s.sampler.sample(logits, engine_->desc().n_vocab, s.history.data(), int(s.history.size()));
     } catch (const std::exception& e) {
         finish_seq(s, Finish::error, e.what(), out);
         return;
     }
     accept_token(s, tok, out);
+}
+
+const float* StepLoop::masked_logits(const Seq& s, const float* logits) {
+    const int V = engine_->desc().n_vocab;
+    mask_.assign(size_t(token_mask_words(V)), 0u);
+    const size_t n_prompt = s.req.prompt.size();
+    s.req.mask_fn(s.history.data() + n_prompt, int(s.history.size() - n_prompt), mask_.data());
+    masked_logits_.assign(logits, logits + V);
+    apply_token_mask(masked_logits_.data(), V, mask_.data());
+    return masked_logits_.data();
 }
 
 void StepLoop::accept_token(Seq& s, int32_t tok, std::vector<StepEvent>& out) {
@@ -256,8 +267,10 @@ void StepLoop::step() {
             rows[i] = {dec[i]->sampler.params(), dec[i]->sampler.rng_state(), dec[i]->history.data(),
                        int(dec[i]->history.size())};
         std::vector<int32_t> picked(un);
+        // a structured-output row needs its mask on host logits: the whole step takes that path
+        const bool masked = std::any_of(dec.begin(), dec.end(), [](const Seq* q) { return bool(q->req.mask_fn); });
         try {
-            if (engine_->decode_batch_sample(n, slots.data(), toks.data(), pos.data(), rows.data(), picked.data())) {
+            if (!masked && engine_->decode_batch_sample(n, slots.data(), toks.data(), pos.data(), rows.data(), picked.data())) {
                 for (size_t i = 0; i < un; ++i) {
                     dec[i]->n_done++;
                     dec[i]->sampler.set_rng_state(rows[i].rng_state);

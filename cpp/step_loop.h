@@ -22,6 +22,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -35,12 +36,20 @@
 
 namespace orcd {
 
+// Structured output: fills mask[token_mask_words(n_vocab)] (sampler.h) with the tokens allowed
+// next, given the tokens generated so far; throws to end the request with an error.
+using TokenMaskFn = std::function<void(const int32_t* generated, int n_generated, uint32_t* mask)>;
+
 struct StepRequest {
     int64_t id = 0;                   // unique among live requests
     std::vector<int32_t> prompt;      // token ids, non-empty, each in [0, n_vocab)
     SamplerParams sampling;
     int max_tokens = 256;             // >= 1; capped by n_ctx - prompt size
     std::vector<int32_t> stop_ids;    // sampling one ends the request ("stop"), not emitted
+    // Optional (structured output): called on the loop thread before each of this request's
+    // tokens is sampled; the disallowed tokens' logits become -inf. A step with such a request
+    // samples every row from host logits (decode_batch + Sampler). Requests without one pay nothing.
+    TokenMaskFn mask_fn;
 };
 
 // submit() when max_waiting requests already wait: the caller answers "busy, retry".
@@ -111,6 +120,8 @@ private:
     // Samples seq's next token from logits and publishes it, or its end (stop, length,
     // or a sampling error).
     void take_token(Seq& s, const float* logits, std::vector<StepEvent>& out);
+    // Structured output: seq's mask applied to a copy of logits (in masked_logits_).
+    const float* masked_logits(const Seq& s, const float* logits);
     // Publishes tok as seq's next token, or its end when tok is a stop id or the last allowed.
     void accept_token(Seq& s, int32_t tok, std::vector<StepEvent>& out);
     // Publishes seq's terminal event (without a token) and ends it.
@@ -138,6 +149,8 @@ private:
     std::vector<std::vector<int32_t>> slot_cache_;       // tokens whose K/V each slot holds
     std::vector<bool> slot_free_;
     std::vector<float> logits_;
+    std::vector<uint32_t> mask_;          // structured output: the token mask of the row being sampled
+    std::vector<float> masked_logits_;
     std::thread thread_;
 };
 
