@@ -285,16 +285,20 @@ class Model:
                 raise ValueError(f"stop_token_ids: token id {t} out of range [0, {self.n_vocab})")
         return p
 
-    def _start(self, prompt_ids: List[int], p: SamplingParams) -> Iterator[tuple]:
+    def _start(self, prompt_ids: List[int], p: SamplingParams, constraint=None) -> Iterator[tuple]:
         """Validates everything now (so stream() raises at the call, not at the first
-        piece), then returns the generator of (token_id or None, text piece, finish or None)."""
+        piece), then returns the generator of (token_id or None, text piece, finish or None).
+        constraint: an orcd.structured.Constraint (structured output) or None."""
         self._live_engine()
         sampler = p.native_sampler()
-        return self._run(prompt_ids, p, sampler, p.stop_strings())
+        if constraint is not None and p.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with structured output (the grammar ends with EOS)")
+        return self._run(prompt_ids, p, sampler, p.stop_strings(), constraint)
 
-    def _run(self, ids: List[int], p: SamplingParams, sampler, stops: List[str]) -> Iterator[tuple]:
+    def _run(self, ids: List[int], p: SamplingParams, sampler, stops: List[str], constraint=None) -> Iterator[tuple]:
         """Yields (token_id or None, text piece, None) and last (None, rest, finish) with
-        finish "stop" or "length"."""
+        finish "stop" or "length". constraint: its mask is applied to the logits of every
+        token (on the host: such a generation never samples on the device)."""
         stop_ids = set(int(t) for t in (p.stop_token_ids or []))
         eos = set() if p.ignore_eos else set(self.tokenizer.eos_ids)
         budget = self.n_ctx - len(ids)
@@ -313,9 +317,11 @@ class Model:
                 slot.users -= 1
                 raise
         # the GPU engine samples next to its logits (only token ids come back) when it can
-        dev_params = _device_params(p) if self.device == "cuda" else None
+        dev_params = _device_params(p) if self.device == "cuda" and constraint is None else None
         try:
             finish = "length"
+            if constraint is not None:
+                constraint.apply(logits, history[len(ids):n_hist])
             tok = sampler.sample(logits, history[:n_hist])
             for step in range(max_new):
                 if tok in eos or tok in stop_ids:
@@ -342,6 +348,8 @@ class Model:
                 if tok is None:
                     dev_params = dev_params if can else None  # cannot: the CPU sampler from here on
                     logits = self._step(slot, history, n_hist, me)
+                    if constraint is not None:
+                        constraint.apply(logits, history[len(ids):n_hist])
                     tok = sampler.sample(logits, history[:n_hist])
             rest = ""
             if not (finish == "stop" and stops and not held):
@@ -351,9 +359,9 @@ class Model:
             with self._lock:
                 slot.users -= 1
 
-    def _complete(self, ids: List[int], p: SamplingParams) -> Completion:
+    def _complete(self, ids: List[int], p: SamplingParams, constraint=None) -> Completion:
         toks, parts, finish = [], [], "length"
-        for tok, piece, fin in self._start(ids, p):
+        for tok, piece, fin in self._start(ids, p, constraint):
             if tok is not None:
                 toks.append(tok)
             parts.append(piece)
@@ -461,11 +469,15 @@ class Model:
         p = self._params(params, _sampling_args(locals()))
         return self._stream(self._ids(prompt), p)
 
-    def chat_ids(self, messages: Messages, add_generation_prompt: bool = True) -> List[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+    def chat_ids(self, messages: Messages, add_generation_prompt: bool = True, tools=None) -> List[int]:
+        """Token ids of a conversation rendered with the model's chat template (tools: OpenAI
+        tool definitions the template renders; assistant tool_calls and `tool` messages in the
+        history are rendered too)."""
+        from .tools import check_tools, template_messages
+
         limit = self.max_prompt_bytes
-        ids = encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt,
-                          max_bytes=limit, n_ctx=self.n_ctx)
+        ids = encode_chat(self.tokenizer, self.chat_template, template_messages(messages), add_generation_prompt,
+                          tools=check_tools(tools), max_bytes=limit, n_ctx=self.n_ctx)
         if len(ids) > self.n_ctx:
             raise ValueError(f"conversation of {len(ids)} tokens does not fit in n_ctx={self.n_ctx}")
         return ids
@@ -508,7 +520,9 @@ class Model:
                           stop: Optional[Union[str, Sequence[str]]] = None, seed: Optional[int] = None,
                           presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
                           repetition_penalty: Optional[float] = None, stream: bool = False,
-                          params: Optional[SamplingParams] = None, model: Optional[str] = None):
+                          params: Optional[SamplingParams] = None, model: Optional[str] = None,
+                          response_format: Optional[dict] = None, regex: Optional[str] = None,
+                          grammar: Optional[str] = None):
         """An OpenAI text completion of `prompt` (as llama-cpp-python's create_completion):
         a dict {id, object: "text_completion", created, model, choices: [{index, text,
         logprobs: None, finish_reason}], usage}, or with stream=True an iterator of chunk dicts
@@ -517,10 +531,17 @@ class Model:
         The parameters are those of the OpenAI API (and orcd serve); those left None take
         their value from `params` (default SamplingParams(): orcd's defaults, not OpenAI's).
         model: the "model" field (default: the file name without .gguf).
+
+        Structured output (pip install "orcd[structured]", llguidance): response_format
+        {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}
+        makes the text valid JSON (for that schema); regex= a text that fully matches the
+        regular expression; grammar= a Lark (llguidance) or GBNF grammar. At most one of them.
+        Bad constraints raise ValueError naming the parameter.
         """
         p = self._params(params, _openai_args(locals()))
         ids = self._ids(prompt)
-        return self._openai_result(ids, p, stream, False, model)
+        structured = self._structured_plan(response_format, regex, grammar)
+        return self._openai_result(ids, p, stream, False, model, structured)
 
     def create_chat_completion(self, messages: Messages, max_tokens: Optional[int] = None,
                                temperature: Optional[float] = None, top_p: Optional[float] = None,
@@ -529,19 +550,41 @@ class Model:
                                presence_penalty: Optional[float] = None,
                                frequency_penalty: Optional[float] = None,
                                repetition_penalty: Optional[float] = None, stream: bool = False,
-                               params: Optional[SamplingParams] = None, model: Optional[str] = None):
+                               params: Optional[SamplingParams] = None, model: Optional[str] = None,
+                               response_format: Optional[dict] = None, regex: Optional[str] = None,
+                               grammar: Optional[str] = None, tools: Optional[list] = None,
+                               tool_choice=None):
         """An OpenAI chat completion of `messages` (as llama-cpp-python's
         create_chat_completion): a dict {id, object: "chat.completion", created, model,
         choices: [{index, message: {role: "assistant", content}, logprobs: None,
         finish_reason}], usage}, or with stream=True an iterator of "chat.completion.chunk"
         dicts: a role-only delta first, content deltas, then an empty delta carrying the
         finish_reason and the usage. Parameters as create_completion.
+
+        tools (OpenAI function definitions) are rendered by the chat template; the model's
+        <tool_call>{json}</tool_call> answers come back as message.tool_calls ({id, type:
+        "function", function: {name, arguments: JSON text}}) with finish_reason "tool_calls".
+        tool_choice: "auto" (the default with tools), "none" (tools not rendered, no
+        parsing), "required" or {"type": "function", "function": {"name": ...}}: the output
+        is then forced (structured output) to be valid calls (of that function). Streamed,
+        text before the first <tool_call> comes as content deltas and the calls as one
+        tool_calls delta at the end.
         """
         p = self._params(params, _openai_args(locals()))
-        ids = self.chat_ids(messages)
-        return self._openai_result(ids, p, stream, True, model)
+        structured = self._structured_plan(response_format, regex, grammar, tools, tool_choice)
+        ids = self.chat_ids(messages, tools=tools if structured[1] != "none" else None)
+        return self._openai_result(ids, p, stream, True, model, structured, tools)
 
-    def _openai_result(self, ids: List[int], p: SamplingParams, stream: bool, chat: bool, model: Optional[str]):
+    def _structured_plan(self, response_format=None, regex=None, grammar=None, tools=None, tool_choice=None):
+        """(StructuredSpec or None, tool mode) of a create_* call (orcd.structured.plan_request)."""
+        if response_format is None and regex is None and grammar is None and tools is None and tool_choice is None:
+            return None, "none"
+        from .structured import plan_request
+
+        return plan_request(self.tokenizer, self.n_vocab, response_format, regex, grammar, tools, tool_choice)
+
+    def _openai_result(self, ids: List[int], p: SamplingParams, stream: bool, chat: bool, model: Optional[str],
+                       structured: tuple = (None, "none"), tools: Optional[list] = None):
         from . import openai_format as fmt
 
         if not isinstance(stream, bool):
@@ -549,12 +592,17 @@ class Model:
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a str or None (got {type(model).__name__})")
         rid, created, name = fmt.new_id("chatcmpl" if chat else "cmpl"), fmt.now(), model or self.model_id
+        spec, tool_mode = structured
+        constraint = spec.new_constraint() if spec is not None else None
         if not stream:
-            out = self._complete(ids, p)
+            out = self._complete(ids, p, constraint)
             usage = fmt.usage(out.usage.prompt_tokens, out.usage.completion_tokens)
+            if chat and tool_mode != "none":
+                return _tool_call_result(rid, created, name, out.text, out.finish_reason, usage, _tool_names(tools))
             build = fmt.chat_completion if chat else fmt.completion
             return build(rid, created, name, [(out.text, out.finish_reason)], usage)
-        return _openai_chunks(self._start(ids, p), len(ids), rid, created, name, chat)
+        return _openai_chunks(self._start(ids, p, constraint), len(ids), rid, created, name, chat,
+                              tools=_tool_names(tools) if chat and tool_mode != "none" else None)
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -612,18 +660,51 @@ def _openai_args(args: dict) -> dict:
     return {k: args[k] for k in _OPENAI_FIELDS}
 
 
+def _tool_names(tools) -> list:
+    return [t["function"]["name"] for t in tools or ()]
+
+
+def _tool_call_result(rid: str, created: int, model: str, text: str, finish: str, usage: dict,
+                      names: list) -> dict:
+    """A chat completion whose text may hold tool calls (orcd.tools.parse_tool_calls)."""
+    from . import openai_format as fmt
+    from .tools import parse_tool_calls
+
+    content, calls = parse_tool_calls(text, names)
+    if calls:
+        return fmt.chat_completion(rid, created, model, [(content, "tool_calls")], usage, tool_calls=[calls])
+    return fmt.chat_completion(rid, created, model, [(text, finish)], usage)
+
+
 def _openai_chunks(pieces: Iterator[tuple], n_prompt: int, rid: str, created: int, model: str,
-                   chat: bool) -> Iterator[dict]:
-    """The stream chunks of one generation (pieces: Model._start's tuples)."""
+                   chat: bool, tools: Optional[list] = None) -> Iterator[dict]:
+    """The stream chunks of one generation (pieces: Model._start's tuples). tools: the tool
+    names when tool calls are parsed (content before the first <tool_call> streams; the
+    calls come last, see orcd.tools.ToolCallStream)."""
     from . import openai_format as fmt
 
     if chat:
         yield fmt.chat_chunk(rid, created, model, 0, content="", role="assistant")
     n_tokens = 0
+    if tools is not None:
+        from .tools import ToolCallStream
+
+        calls_stream = ToolCallStream(tools)
     try:
         for tok, piece, finish in pieces:
             if tok is not None:
                 n_tokens += 1
+            if tools is not None:
+                piece = calls_stream.feed(piece)
+                if finish is not None:
+                    rest, calls = calls_stream.finish()
+                    piece += rest
+                    if calls:
+                        if piece:
+                            yield fmt.chat_chunk(rid, created, model, 0, content=piece)
+                            piece = ""
+                        yield fmt.chat_chunk(rid, created, model, 0, tool_calls=calls)
+                        finish = "tool_calls"
             if piece:
                 yield (fmt.chat_chunk(rid, created, model, 0, content=piece) if chat
                        else fmt.completion_chunk(rid, created, model, 0, piece))

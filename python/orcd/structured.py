@@ -211,3 +211,23 @@ def structured_spec(tokenizer, n_vocab: int, response_format=None, regex=None, g
     if g is None:
         return None
     return StructuredSpec(g[1], tokenizer, n_vocab, g[0])
+
+
+def plan_request(tokenizer, n_vocab: int, response_format=None, regex=None, grammar=None, tools=None,
+                 tool_choice=None) -> tuple:
+    """(StructuredSpec or None, tool mode) of an OpenAI-style request: the tool mode is
+    orcd.tools.check_tool_choice's ("none", "auto", "required", "function:<name>"); a
+    required or named tool choice is a grammar too, which cannot be combined with another."""
+    from .tools import check_tool_choice, check_tools, tool_call_grammar
+
+    tools = check_tools(tools)
+    mode = check_tool_choice(tool_choice, tools)
+    g = request_grammar(response_format, regex, grammar)
+    tg = tool_call_grammar(tools, mode, tokenizer) if tools else None
+    if tg is not None:
+        if g is not None:
+            raise ValueError(f"{g[0]} cannot be combined with tool_choice {tool_choice!r}: give one constraint")
+        g = ("tools", tg)
+    if g is None:
+        return None, mode
+    return StructuredSpec(g[1], tokenizer, n_vocab, g[0]), mode

@@ -24,6 +24,8 @@ import re
 import uuid
 from typing import List, Optional, Tuple
 
+from .openai_format import tool_call
+
 MAX_TOOLS = 128
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -93,6 +95,8 @@ def template_messages(messages: list) -> list:
     """OpenAI messages as chat templates take them: an assistant message's tool_calls with
     their arguments (a JSON string in OpenAI's shape) parsed into objects (a string that is
     not JSON stays a string). Other messages are returned as they are."""
+    if not isinstance(messages, (list, tuple)):
+        return messages  # validate_messages names the problem
     out = []
     for m in messages:
         calls = m.get("tool_calls") if isinstance(m, dict) else None
@@ -177,16 +181,23 @@ def _parse_call(body: str) -> Optional[dict]:
             return None
     else:
         arg_text = json.dumps(args, ensure_ascii=False)
-    return {"id": new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arg_text}}
+    return tool_call(new_call_id(), obj["name"], arg_text)
 
 
-def parse_tool_calls(text: str) -> Tuple[Optional[str], List[dict]]:
+def parse_tool_calls(text: str, names=None) -> Tuple[Optional[str], List[dict]]:
     """(content, tool_calls) of a model's answer: every <tool_call>{json}</tool_call> block
     (an unclosed last block counts when its JSON is complete) becomes an OpenAI tool call
     {id, type: "function", function: {name, arguments: JSON string}}; the text around them,
     stripped, is the content (None when empty). A block that is not a call (bad JSON, no
-    name) makes the whole text plain content, with no calls."""
+    name) makes the whole text plain content, with no calls. names: the tools' names; an
+    answer that is only a JSON object {"name": one of them, "arguments": ...} without the
+    tags (small models write that) is a call too."""
     if CALL_OPEN not in text:
+        bare = text.strip()
+        if names and bare.startswith("{"):
+            call = _parse_call(bare)
+            if call is not None and call["function"]["name"] in names and '"arguments"' in bare:
+                return None, [call]
         return text, []
     calls, rest, pos = [], [], 0
     for m in _CALL_RX.finditer(text):
@@ -211,18 +222,31 @@ def parse_tool_calls(text: str) -> Tuple[Optional[str], List[dict]]:
 
 class ToolCallStream:
     """Streams a tool-enabled answer: feed(piece) returns the text to send as content now;
-    from the first <tool_call> on (and any tail that may begin one) text is held back;
-    finish() returns (content still to send, tool_calls)."""
+    from the first <tool_call> on (and any tail that may begin one) text is held back, and
+    so is an answer that starts with "{" when names are given (it may be a bare call, see
+    parse_tool_calls); finish() returns (content still to send, tool_calls)."""
 
-    def __init__(self):
+    def __init__(self, names=None):
+        self._names = names
         self._held = ""
         self._in_calls = False
+        self._started = False  # a non-blank character was seen
 
     def feed(self, piece: str) -> str:
         if self._in_calls:
             self._held += piece
             return ""
         text = self._held + piece
+        if not self._started:
+            bare = text.lstrip()
+            if not bare:
+                self._held = text
+                return ""
+            self._started = True
+            if self._names and bare.startswith("{"):
+                self._in_calls = True
+                self._held = text
+                return ""
         i = text.find(CALL_OPEN)
         if i >= 0:
             self._in_calls = True
@@ -240,7 +264,7 @@ class ToolCallStream:
         held, self._held = self._held, ""
         if not self._in_calls:
             return held, []
-        content, calls = parse_tool_calls(held)
+        content, calls = parse_tool_calls(held, self._names)
         if not calls:
             return held, []
         return content or "", calls
