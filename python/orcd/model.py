@@ -566,7 +566,7 @@ class Model:
         "function", function: {name, arguments: JSON text}}) with finish_reason "tool_calls".
         tool_choice: "auto" (the default with tools), "none" (tools not rendered, no
         parsing), "required" or {"type": "function", "function": {"name": ...}}: the output
-        is then forced (structured output) to be valid calls (of that function). Streamed,
+        is then forced (structured output) to be one valid call (of that function). Streamed,
         text before the first <tool_call> comes as content deltas and the calls as one
         tool_calls delta at the end.
         """

@@ -132,9 +132,10 @@ def _call_schema(tool: dict) -> dict:
 
 
 def tool_call_grammar(tools: list, choice: str, tokenizer=None) -> Optional[str]:
-    """A Lark grammar (llguidance) whose texts are tool calls: exactly one call of the named
-    function for "function:<name>", one or more calls of any tool for "required"; None for
-    "auto" / "none". <tool_call> / </tool_call> are matched as the tokenizer's special tokens
+    """A Lark grammar (llguidance) whose texts are one tool call: of the named function for
+    "function:<name>", of any of the tools for "required" (one call: a grammar allowing
+    more lets a model at low temperature repeat calls until max_tokens); None for "auto" /
+    "none". <tool_call> / </tool_call> are matched as the tokenizer's special tokens
     when it has them (Qwen2.5 does), else as text."""
     if choice in ("auto", "none"):
         return None
@@ -152,7 +153,7 @@ def tool_call_grammar(tools: list, choice: str, tokenizer=None) -> Optional[str]
 
     lines = ["%llguidance {}", ""]
     call = f'{tag(CALL_OPEN)} "\\n" body "\\n" {tag(CALL_CLOSE)}'
-    lines.append(f"start: call" if choice.startswith("function:") else 'start: call ("\\n" call)*')
+    lines.append("start: call")
     lines.append(f"call: {call}")
     lines.append("body: " + " | ".join(f"fn_{i}" for i in range(len(chosen))))
     for i, t in enumerate(chosen):
