@@ -282,3 +282,32 @@ def test_bad_constraints_are_refused(llm):
     a = llm.create_completion("def f(", max_tokens=6, temperature=0, response_format={"type": "text"})
     b = llm.create_completion("def f(", max_tokens=6, temperature=0)
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_dropping_a_loop_with_masked_requests_does_not_hang(tiny_model, tmp_path):
+    """The loop thread takes the GIL for mask functions: a StepLoop dropped (no close()) while
+    such a request runs must stop its thread without waiting for the GIL that the dropping
+    thread holds. In a subprocess, so a hang fails the test instead of stalling the suite."""
+    import subprocess
+    import sys
+
+    path = tiny_model("Q8_0")
+    code = f"""
+import numpy as np, gc, time
+from orcd import _orcd
+loop = _orcd.StepLoop({path!r}, n_ctx=96, n_slots=2, n_threads=1)
+calls = []
+def fn(generated, out):
+    calls.append(len(generated))
+    time.sleep(0.01)  # the GIL released here: the dropping thread takes it
+    out[:] = 0xFFFFFFFF
+for rid in (1, 2):
+    loop.submit(rid, np.asarray([1, 2, 3], np.int32), 90, [], 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 64, rid, mask_fn=fn)
+while len(calls) < 3:
+    time.sleep(0.001)
+del loop
+gc.collect()
+print("dropped", len(calls) < 180)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=str(tmp_path))
+    assert p.returncode == 0 and "dropped True" in p.stdout, p.stdout + p.stderr
