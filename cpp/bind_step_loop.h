@@ -25,12 +25,53 @@ using MakeEngineFn = std::function<std::unique_ptr<Engine>(const std::string& pa
 template <int Backend>
 struct PyStepLoop {
     std::shared_ptr<StepLoop> loop;
+    // Structured output: id -> the Python mask function of each request submitted with one.
+    // The loop thread calls it through a borrowed pointer; this dict keeps it alive until the
+    // request's terminal event is taken (no call follows that event) or the loop is closed.
+    nanobind::dict mask_fns;
+    bool python_masks = false;  // a request had a mask function: the loop thread may wait for the GIL
     std::shared_ptr<StepLoop> get() const {
         std::shared_ptr<StepLoop> l = loop;
         if (!l) throw Error("the step loop is closed");
         return l;
     }
+    ~PyStepLoop() {
+        if (python_masks && loop) {  // never join a loop thread that waits for the GIL while holding it
+            nanobind::gil_scoped_release nogil;
+            loop.reset();
+        }
+    }
 };
+
+inline bool python_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing() != 0;
+#else
+    return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// The StepRequest mask function that calls fn(generated: int32[n] (read-only), mask: uint32[words])
+// under the GIL; fn fills mask in place. fn is borrowed (PyStepLoop::mask_fns owns it). A Python
+// exception ends the request with an error naming it.
+inline TokenMaskFn python_mask_fn(nanobind::handle fn, int n_vocab) {
+    namespace nb = nanobind;
+    const size_t words = size_t(token_mask_words(n_vocab));
+    return [fn, words](const int32_t* generated, int n, uint32_t* mask) {
+        if (python_finalizing()) throw Error("structured output: the Python interpreter is shutting down");
+        nb::gil_scoped_acquire gil;
+        try {
+            using In = nb::ndarray<nb::numpy, const int32_t, nb::ndim<1>>;
+            using Out = nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>;
+            // views of the loop's memory (rv_policy::reference: no copy), valid during the call
+            fn(nb::cast(In(generated, {size_t(n)}), nb::rv_policy::reference),
+               nb::cast(Out(mask, {words}), nb::rv_policy::reference));
+        } catch (nb::python_error& e) {
+            std::string msg = nb::str(e.value()).c_str();
+            throw Error("structured output: " + msg);
+        }
+    };
+}
 
 template <int Backend>
 void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
@@ -61,7 +102,7 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
         .def("submit", [](PyStepLoop& s, int64_t id, Tokens prompt, int max_tokens, std::vector<int32_t> stop_ids,
                           float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
                           float presence_penalty, float frequency_penalty, int penalty_last_n, uint64_t seed,
-                          int n_logprobs, int n_prompt_logprobs) {
+                          int n_logprobs, int n_prompt_logprobs, nb::object mask_fn) {
             StepRequest r;
             r.id = id;
             r.prompt.assign(prompt.data(), prompt.data() + prompt.shape(0));
@@ -72,19 +113,45 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
             r.n_logprobs = n_logprobs;
             r.n_prompt_logprobs = n_prompt_logprobs;
             std::shared_ptr<StepLoop> l = s.get();
-            nb::gil_scoped_release nogil;
-            try {
-                l->submit(std::move(r));
-            } catch (const QueueFull&) {
-                return false;
+            if (mask_fn.is_none()) {
+                nb::gil_scoped_release nogil;
+                try {
+                    l->submit(std::move(r));
+                } catch (const QueueFull&) {
+                    return false;
+                }
+                return true;
             }
-            return true;
+            if (!PyCallable_Check(mask_fn.ptr())) throw Error("mask_fn must be callable or None");
+            // registered first: the loop may call it before submit returns
+            nb::object before = s.mask_fns.attr("get")(id);
+            s.mask_fns[nb::int_(id)] = mask_fn;
+            s.python_masks = true;
+            r.mask_fn = python_mask_fn(mask_fn, l->desc().n_vocab);
+            bool queued = false;
+            try {
+                nb::gil_scoped_release nogil;
+                l->submit(std::move(r));
+                queued = true;
+            } catch (const QueueFull&) {
+            } catch (...) {
+                if (before.is_none()) s.mask_fns.attr("pop")(id); else s.mask_fns[nb::int_(id)] = before;
+                throw;
+            }
+            if (!queued) {
+                if (before.is_none()) s.mask_fns.attr("pop")(id); else s.mask_fns[nb::int_(id)] = before;
+            }
+            return queued;
         }, nb::arg("id"), nb::arg("prompt"), nb::arg("max_tokens"), nb::arg("stop_ids"), nb::arg("temperature"),
            nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("repetition_penalty"),
            nb::arg("presence_penalty"), nb::arg("frequency_penalty"), nb::arg("penalty_last_n"), nb::arg("seed"),
-           nb::arg("n_logprobs") = -1, nb::arg("n_prompt_logprobs") = -1,
+           nb::arg("n_logprobs") = -1, nb::arg("n_prompt_logprobs") = -1, nb::arg("mask_fn") = nb::none(),
            "Queues a request; False when the queue is full (retry later). Bad input raises ValueError.\n"
-           "n_logprobs / n_prompt_logprobs: -1 (none) or 0..20 top tokens, see the class docstring.")
+           "n_logprobs / n_prompt_logprobs: -1 (none) or 0..20 top tokens, see the class docstring.\n"
+           "mask_fn (structured output): mask_fn(generated int32[n], mask uint32[(n_vocab + 31) // 32]) fills\n"
+           "mask in place before each token: bit t % 32 of mask[t // 32] set = token t may be sampled.\n"
+           "It runs on the loop thread under the GIL; an exception ends the request with 'error'.\n"
+           "Logprobs stay those of the unmasked distribution.")
         .def("cancel", [](PyStepLoop& s, int64_t id) {
             std::shared_ptr<StepLoop> l = s.get();
             nb::gil_scoped_release nogil;
@@ -112,6 +179,9 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
                 }
                 out.append(nb::make_tuple(e.id, e.token, finish_name(e.finish), e.message, lp));
             }
+            if (s.mask_fns.size())  // no call follows a terminal event: let go of its mask function
+                for (const StepEvent& e : ev)
+                    if (e.finish != Finish::none) s.mask_fns.attr("pop")(e.id, nb::none());
             return out;
         }, nb::arg("timeout_ms") = 0, "Events so far, waiting up to timeout_ms for one when there are none.")
         .def("stats", [](PyStepLoop& s) {
@@ -137,9 +207,12 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
         .def("close", [](PyStepLoop& s) {
             std::shared_ptr<StepLoop> l = std::move(s.loop);
             if (!l) return;
-            nb::gil_scoped_release nogil;
-            l->shutdown();
-            l.reset();  // the engine goes with the last reference
+            {
+                nb::gil_scoped_release nogil;
+                l->shutdown();
+                l.reset();  // the engine goes with the last reference
+            }
+            s.mask_fns.clear();  // the thread is gone: nothing calls them any more
         }, "shutdown() and let go of the engine; the object is unusable afterwards.");
 }
 

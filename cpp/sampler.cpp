@@ -71,6 +71,17 @@ bool device_sampling_supports(const SamplerParams& p, int n_vocab, int n_history
     return p.top_p >= 1.0f;
 }
 
+void apply_token_mask(float* logits, int n_vocab, const uint32_t* mask) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int w = 0; w < token_mask_words(n_vocab); ++w) {
+        const uint32_t bits = mask[w];
+        if (bits == 0xFFFFFFFFu) continue;
+        const int end = std::min(n_vocab, (w + 1) * 32);
+        for (int t = w * 32; t < end; ++t)
+            if (!((bits >> (t & 31)) & 1u)) logits[t] = ninf;
+    }
+}
+
 Sampler::Sampler(const SamplerParams& p) : p_(p) {
     validate(p_);
     // Run the seed through one splitmix64 step so that nearby seeds

@@ -32,6 +32,12 @@ constexpr int kDeviceTopKMax = 1024;
 constexpr int kDevicePenaltyWindowMax = 4096;
 bool device_sampling_supports(const SamplerParams& p, int n_vocab, int n_history);
 
+// Structured output: the words of a token mask over n_vocab tokens, and its application.
+// Bit t % 32 of mask[t / 32] set: token t may be sampled. apply_token_mask sets the logits of
+// every other token to -inf, which the Sampler never picks.
+inline int token_mask_words(int n_vocab) { return (n_vocab + 31) / 32; }
+void apply_token_mask(float* logits, int n_vocab, const uint32_t* mask);
+
 class Sampler {
 public:
     explicit Sampler(const SamplerParams& p);  // validates

@@ -206,13 +206,25 @@ void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& o
     Logprobs lp;
     try {
         const int V = engine_->desc().n_vocab;
-        tok = s.sampler.sample(logits, V, s.history.data(), int(s.history.size()));
+        // logprobs are of the raw distribution: from logits before the mask (a copy is masked)
+        const float* sample_from = s.req.mask_fn ? masked_logits(s, logits) : logits;
+        tok = s.sampler.sample(sample_from, V, s.history.data(), int(s.history.size()));
         if (s.req.n_logprobs >= 0) compute_logprobs(logits, V, tok, s.req.n_logprobs, lp);
     } catch (const std::exception& e) {
         finish_seq(s, Finish::error, e.what(), out);
         return;
     }
     accept_token(s, tok, s.req.n_logprobs >= 0 ? &lp : nullptr, out);
+}
+
+const float* StepLoop::masked_logits(const Seq& s, const float* logits) {
+    const int V = engine_->desc().n_vocab;
+    mask_.assign(size_t(token_mask_words(V)), 0u);
+    const size_t n_prompt = s.req.prompt.size();
+    s.req.mask_fn(s.history.data() + n_prompt, int(s.history.size() - n_prompt), mask_.data());
+    masked_logits_.assign(logits, logits + V);
+    apply_token_mask(masked_logits_.data(), V, mask_.data());
+    return masked_logits_.data();
 }
 
 void StepLoop::accept_token(Seq& s, int32_t tok, const Logprobs* lp, std::vector<StepEvent>& out) {
@@ -320,8 +332,10 @@ void StepLoop::step() {
             if (rows[i].n_logprobs >= 0) rows[i].logprobs = &lps[i];
         }
         std::vector<int32_t> picked(un);
+        // a structured-output row needs its mask on host logits: the whole step takes that path
+        const bool masked = std::any_of(dec.begin(), dec.end(), [](const Seq* q) { return bool(q->req.mask_fn); });
         try {
-            if (engine_->decode_batch_sample(n, slots.data(), toks.data(), pos.data(), rows.data(), picked.data())) {
+            if (!masked && engine_->decode_batch_sample(n, slots.data(), toks.data(), pos.data(), rows.data(), picked.data())) {
                 for (size_t i = 0; i < un; ++i) {
                     dec[i]->n_done++;
                     dec[i]->sampler.set_rng_state(rows[i].rng_state);

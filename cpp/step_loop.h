@@ -30,6 +30,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -43,6 +44,10 @@
 
 namespace orcd {
 
+// Structured output: fills mask[token_mask_words(n_vocab)] (sampler.h) with the tokens allowed
+// next, given the tokens generated so far; throws to end the request with an error.
+using TokenMaskFn = std::function<void(const int32_t* generated, int n_generated, uint32_t* mask)>;
+
 struct StepRequest {
     int64_t id = 0;                   // unique among live requests
     std::vector<int32_t> prompt;      // token ids, non-empty, each in [0, n_vocab)
@@ -51,6 +56,10 @@ struct StepRequest {
     std::vector<int32_t> stop_ids;    // sampling one ends the request ("stop"), not emitted
     int n_logprobs = -1;              // -1: none; [0, kMaxTopLogprobs]: see the header comment
     int n_prompt_logprobs = -1;       // -1: none; [0, kMaxTopLogprobs]: the prompt's, on the first event
+    // Optional (structured output): called on the loop thread before each of this request's
+    // tokens is sampled; the disallowed tokens' logits become -inf. A step with such a request
+    // samples every row from host logits (decode_batch + Sampler). Requests without one pay nothing.
+    TokenMaskFn mask_fn;
 };
 
 // submit() when max_waiting requests already wait: the caller answers "busy, retry".
@@ -139,6 +148,8 @@ private:
     // Evaluates n prompt tokens of seq with every row's logits, recording the prompt logprobs;
     // samples the first token when the prompt is done.
     void prompt_chunk_with_logprobs(Seq& s, int n, std::vector<StepEvent>& out);
+    // Structured output: seq's mask applied to a copy of logits (in masked_logits_).
+    const float* masked_logits(const Seq& s, const float* logits);
     // Publishes seq's terminal event (without a token) and ends it.
     void finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out);
     // Frees seq's slot (remembering the tokens whose K/V it holds) and marks it ended.
@@ -165,6 +176,8 @@ private:
     std::vector<bool> slot_free_;
     std::vector<float> logits_;
     std::vector<float> prompt_logits_;  // prompt_logprob_rows x n_vocab, for n_prompt_logprobs requests
+    std::vector<uint32_t> mask_;          // structured output: the token mask of the row being sampled
+    std::vector<float> masked_logits_;
     std::thread thread_;
 };
 

@@ -139,11 +139,12 @@ class BatchRunner:
         self._pump.start()
 
     def submit(self, prompt: Sequence[int], params: Optional[SamplingParams] = None,
-               stop_ids: Sequence[int] = ()) -> Request:
+               stop_ids: Sequence[int] = (), mask_fn: Optional[Callable] = None) -> Request:
         """Queues one generation of prompt (token ids) with params (SamplingParams; its
         max_tokens None means until n_ctx is full, its seed None a fresh random one; stop
         strings are the caller's business). stop_ids: tokens that end it ("stop"). Raises
-        ValueError / TypeError for bad input, Busy when the queue is full."""
+        ValueError / TypeError for bad input, Busy when the queue is full. mask_fn: structured
+        output (an orcd.structured.Constraint, or see StepLoop.submit)."""
         if self._closed:
             raise ValueError("the BatchRunner is closed")
         p = (params or SamplingParams()).validate()
@@ -166,7 +167,8 @@ class BatchRunner:
                                    float(p.repetition_penalty), float(p.presence_penalty),
                                    float(p.frequency_penalty), int(p.penalty_last_n), int(seed) & 0xFFFFFFFFFFFFFFFF,
                                    -1 if p.logprobs is None else int(p.logprobs),
-                                   -1 if p.prompt_logprobs is None else int(p.prompt_logprobs))
+                                   -1 if p.prompt_logprobs is None else int(p.prompt_logprobs),
+                                   mask_fn=mask_fn)
         except BaseException:
             with self._lock:
                 self._live.pop(rid, None)

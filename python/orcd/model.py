@@ -287,13 +287,17 @@ class Model:
                 raise ValueError(f"stop_token_ids: token id {t} out of range [0, {self.n_vocab})")
         return p
 
-    def _start(self, prompt_ids: List[int], p: SamplingParams, sink: Optional[list] = None) -> Iterator[tuple]:
+    def _start(self, prompt_ids: List[int], p: SamplingParams, sink: Optional[list] = None,
+               constraint=None) -> Iterator[tuple]:
         """Validates everything now (so stream() raises at the call, not at the first
         piece), then returns the generator of (token_id or None, text piece, finish or None).
-        sink: with p.logprobs, receives each yielded token's TokenLogprobs before it is yielded."""
+        sink: with p.logprobs, receives each yielded token's TokenLogprobs before it is yielded.
+        constraint: an orcd.structured.Constraint (structured output) or None."""
         self._live_engine()
         sampler = p.native_sampler()
-        return self._run(prompt_ids, p, sampler, p.stop_strings(), sink)
+        if constraint is not None and p.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with structured output (the grammar ends with EOS)")
+        return self._run(prompt_ids, p, sampler, p.stop_strings(), sink, constraint)
 
     # ------------------------------------------------------------ logprobs (cpp/logprobs.h: raw distribution)
     def _prompt_logprobs(self, ids: List[int], n_top: int) -> List[Optional[TokenLogprobs]]:
@@ -311,9 +315,10 @@ class Model:
         return ([] if p.logprobs is not None else None), plp
 
     def _run(self, ids: List[int], p: SamplingParams, sampler, stops: List[str],
-             sink: Optional[list] = None) -> Iterator[tuple]:
+             sink: Optional[list] = None, constraint=None) -> Iterator[tuple]:
         """Yields (token_id or None, text piece, None) and last (None, rest, finish) with
-        finish "stop" or "length"."""
+        finish "stop" or "length". constraint: its mask is applied to the logits of every
+        token (on the host: such a generation never samples on the device)."""
         stop_ids = set(int(t) for t in (p.stop_token_ids or []))
         eos = set() if p.ignore_eos else set(self.tokenizer.eos_ids)
         budget = self.n_ctx - len(ids)
@@ -332,12 +337,21 @@ class Model:
                 slot.users -= 1
                 raise
         # the GPU engine samples next to its logits (only token ids come back) when it can
-        dev_params = _device_params(p) if self.device == "cuda" else None
+        dev_params = _device_params(p) if self.device == "cuda" and constraint is None else None
         n_lp = -1 if sink is None else p.logprobs
+
+        def pick(logits: np.ndarray):
+            """(token sampled from logits, its TokenLogprobs or None). Logprobs are of the raw
+            distribution: with both a constraint and logprobs the mask goes on a copy."""
+            masked = logits
+            if constraint is not None:
+                masked = constraint.apply(logits.copy() if sink is not None else logits, history[len(ids):n_hist])
+            t = sampler.sample(masked, history[:n_hist])
+            return t, (_token_logprobs(logits, t, p.logprobs) if sink is not None else None)
+
         try:
             finish = "length"
-            tok = sampler.sample(logits, history[:n_hist])
-            lp = _token_logprobs(logits, tok, p.logprobs) if sink is not None else None
+            tok, lp = pick(logits)
             for step in range(max_new):
                 if tok in eos or tok in stop_ids:
                     finish = "stop"
@@ -366,10 +380,7 @@ class Model:
                     lp = TokenLogprobs.from_native(tok, pair)
                 if tok is None:
                     dev_params = dev_params if can else None  # cannot: the CPU sampler from here on
-                    logits = self._step(slot, history, n_hist, me)
-                    tok = sampler.sample(logits, history[:n_hist])
-                    if sink is not None:
-                        lp = _token_logprobs(logits, tok, p.logprobs)
+                    tok, lp = pick(self._step(slot, history, n_hist, me))
             rest = ""
             if not (finish == "stop" and stops and not held):
                 rest = held + decoder.flush()
@@ -378,10 +389,10 @@ class Model:
             with self._lock:
                 slot.users -= 1
 
-    def _complete(self, ids: List[int], p: SamplingParams) -> Completion:
+    def _complete(self, ids: List[int], p: SamplingParams, constraint=None) -> Completion:
         toks, parts, finish = [], [], "length"
         sink, plp = self._logprob_lists(ids, p)
-        for tok, piece, fin in self._start(ids, p, sink):
+        for tok, piece, fin in self._start(ids, p, sink, constraint):
             if tok is not None:
                 toks.append(tok)
             parts.append(piece)
@@ -496,11 +507,15 @@ class Model:
         p = self._params(params, _sampling_args(locals()))
         return self._stream(self._ids(prompt), p)
 
-    def chat_ids(self, messages: Messages, add_generation_prompt: bool = True) -> List[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+    def chat_ids(self, messages: Messages, add_generation_prompt: bool = True, tools=None) -> List[int]:
+        """Token ids of a conversation rendered with the model's chat template (tools: OpenAI
+        tool definitions the template renders; assistant tool_calls and `tool` messages in the
+        history are rendered too)."""
+        from .tools import check_tools, template_messages
+
         limit = self.max_prompt_bytes
-        ids = encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt,
-                          max_bytes=limit, n_ctx=self.n_ctx)
+        ids = encode_chat(self.tokenizer, self.chat_template, template_messages(messages), add_generation_prompt,
+                          tools=check_tools(tools), max_bytes=limit, n_ctx=self.n_ctx)
         if len(ids) > self.n_ctx:
             raise ValueError(f"conversation of {len(ids)} tokens does not fit in n_ctx={self.n_ctx}")
         return ids
@@ -546,7 +561,9 @@ class Model:
                           presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
                           repetition_penalty: Optional[float] = None, stream: bool = False,
                           params: Optional[SamplingParams] = None, model: Optional[str] = None,
-                          logprobs: Optional[int] = None, echo: bool = False):
+                          logprobs: Optional[int] = None, echo: bool = False,
+                          response_format: Optional[dict] = None, regex: Optional[str] = None,
+                          grammar: Optional[str] = None):
         """An OpenAI text completion of `prompt` (as llama-cpp-python's create_completion):
         a dict {id, object: "text_completion", created, model, choices: [{index, text,
         logprobs, finish_reason}], usage}, or with stream=True an iterator of chunk dicts
@@ -557,9 +574,15 @@ class Model:
         model: the "model" field (default: the file name without .gguf).
         logprobs=N (0..20): choices[0].logprobs = {tokens, token_logprobs, top_logprobs (the N
         most likely and the chosen token, {text: logprob}), text_offset}, else None. Raw
-        distribution: log_softmax of the logits before penalties, temperature and top-k/p.
-        echo: the text starts with the prompt; with logprobs the prompt's tokens come first
+        distribution: log_softmax of the logits before penalties, temperature, top-k/p and
+        a structured output's mask. echo: the text starts with the prompt; with logprobs the prompt's tokens come first
         (the first one's logprob None; the prompt is evaluated once more for them).
+
+        Structured output (pip install "orcd[structured]", llguidance): response_format
+        {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}
+        makes the text valid JSON (for that schema); regex= a text that fully matches the
+        regular expression; grammar= a Lark (llguidance) or GBNF grammar. At most one of them.
+        Bad constraints raise ValueError naming the parameter.
         """
         p = self._params(params, _openai_args(locals()))
         if not isinstance(echo, bool):
@@ -570,7 +593,8 @@ class Model:
         echo_text = None
         if echo:
             echo_text = prompt if isinstance(prompt, str) else self.detokenize(ids)
-        return self._openai_result(ids, p, stream, False, model, echo_text)
+        structured = self._structured_plan(response_format, regex, grammar)
+        return self._openai_result(ids, p, stream, False, model, echo_text, structured)
 
     def create_chat_completion(self, messages: Messages, max_tokens: Optional[int] = None,
                                temperature: Optional[float] = None, top_p: Optional[float] = None,
@@ -580,7 +604,10 @@ class Model:
                                frequency_penalty: Optional[float] = None,
                                repetition_penalty: Optional[float] = None, stream: bool = False,
                                params: Optional[SamplingParams] = None, model: Optional[str] = None,
-                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None):
+                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
+                               response_format: Optional[dict] = None, regex: Optional[str] = None,
+                               grammar: Optional[str] = None, tools: Optional[list] = None,
+                               tool_choice=None):
         """An OpenAI chat completion of `messages` (as llama-cpp-python's
         create_chat_completion): a dict {id, object: "chat.completion", created, model,
         choices: [{index, message: {role: "assistant", content}, logprobs: None,
@@ -589,7 +616,17 @@ class Model:
         finish_reason and the usage. Parameters as create_completion.
         logprobs=True: choices[0].logprobs = {content: [{token, logprob, bytes, top_logprobs:
         [{token, logprob, bytes}] (top_logprobs of them, 0..20)}]} (in each content chunk when
-        streamed); raw distribution, as create_completion.
+        streamed); raw distribution, as create_completion (also with structured output: the
+        values are of the model's distribution before the grammar's mask).
+
+        tools (OpenAI function definitions) are rendered by the chat template; the model's
+        <tool_call>{json}</tool_call> answers come back as message.tool_calls ({id, type:
+        "function", function: {name, arguments: JSON text}}) with finish_reason "tool_calls".
+        tool_choice: "auto" (the default with tools), "none" (tools not rendered, no
+        parsing), "required" or {"type": "function", "function": {"name": ...}}: the output
+        is then forced (structured output) to be one valid call (of that function). Streamed,
+        text before the first <tool_call> comes as content deltas and the calls as one
+        tool_calls delta at the end.
         """
         p = self._params(params, _openai_args(locals()))
         if logprobs is not None and not isinstance(logprobs, bool):
@@ -598,11 +635,21 @@ class Model:
             raise ValueError("top_logprobs needs logprobs=True")
         if logprobs:
             p = p.replace(logprobs=0 if top_logprobs is None else top_logprobs)
-        ids = self.chat_ids(messages)
-        return self._openai_result(ids, p, stream, True, model)
+        structured = self._structured_plan(response_format, regex, grammar, tools, tool_choice)
+        ids = self.chat_ids(messages, tools=tools if structured[1] != "none" else None)
+        return self._openai_result(ids, p, stream, True, model, None, structured, tools)
+
+    def _structured_plan(self, response_format=None, regex=None, grammar=None, tools=None, tool_choice=None):
+        """(StructuredSpec or None, tool mode) of a create_* call (orcd.structured.plan_request)."""
+        if response_format is None and regex is None and grammar is None and tools is None and tool_choice is None:
+            return None, "none"
+        from .structured import plan_request
+
+        return plan_request(self.tokenizer, self.n_vocab, response_format, regex, grammar, tools, tool_choice)
 
     def _openai_result(self, ids: List[int], p: SamplingParams, stream: bool, chat: bool, model: Optional[str],
-                       echo_text: Optional[str] = None):
+                       echo_text: Optional[str] = None, structured: tuple = (None, "none"),
+                       tools: Optional[list] = None):
         from . import openai_format as fmt
 
         if not isinstance(stream, bool):
@@ -610,11 +657,16 @@ class Model:
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a str or None (got {type(model).__name__})")
         rid, created, name = fmt.new_id("chatcmpl" if chat else "cmpl"), fmt.now(), model or self.model_id
+        spec, tool_mode = structured
+        constraint = spec.new_constraint() if spec is not None else None
         if not stream:
-            out = self._complete(ids, p)
+            out = self._complete(ids, p, constraint)
             usage = fmt.usage(out.usage.prompt_tokens, out.usage.completion_tokens)
             if chat:
                 lp = None if out.logprobs is None else fmt.chat_logprobs(self.tokenizer, out.logprobs)
+                if tool_mode != "none":
+                    return _tool_call_result(rid, created, name, out.text, out.finish_reason, usage,
+                                             _tool_names(tools), lp)
                 return fmt.chat_completion(rid, created, name, [(out.text, out.finish_reason, lp)], usage)
             lp = None
             if out.logprobs is not None:
@@ -625,8 +677,9 @@ class Model:
             text = out.text if echo_text is None else echo_text + out.text
             return fmt.completion(rid, created, name, [(text, out.finish_reason, lp)], usage)
         sink, plp = self._logprob_lists(ids, p)
-        return _openai_chunks(self._start(ids, p, sink), len(ids), rid, created, name, chat,
-                              _ChunkLogprobs(self.tokenizer, chat, ids, sink, plp, echo_text))
+        return _openai_chunks(self._start(ids, p, sink, constraint), len(ids), rid, created, name, chat,
+                              _ChunkLogprobs(self.tokenizer, chat, ids, sink, plp, echo_text),
+                              tools=_tool_names(tools) if chat and tool_mode != "none" else None)
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -713,9 +766,31 @@ class _ChunkLogprobs:
         return fmt.chat_logprobs(self.tokenizer, new) if self.chat else self.fmt(ids, new)
 
 
+def _tool_names(tools) -> list:
+    return [t["function"]["name"] for t in tools or ()]
+
+
+def _tool_call_result(rid: str, created: int, model: str, text: str, finish: str, usage: dict,
+                      names: list, logprobs: Optional[dict] = None) -> dict:
+    """A chat completion whose text may hold tool calls (orcd.tools.parse_tool_calls);
+    logprobs: the choice's (chat_logprobs of every generated token, the calls' included)."""
+    from . import openai_format as fmt
+    from .tools import parse_tool_calls
+
+    content, calls = parse_tool_calls(text, names)
+    if calls:
+        return fmt.chat_completion(rid, created, model, [(content, "tool_calls", logprobs)], usage,
+                                   tool_calls=[calls])
+    return fmt.chat_completion(rid, created, model, [(text, finish, logprobs)], usage)
+
+
 def _openai_chunks(pieces: Iterator[tuple], n_prompt: int, rid: str, created: int, model: str,
-                   chat: bool, lps: Optional[_ChunkLogprobs] = None) -> Iterator[dict]:
-    """The stream chunks of one generation (pieces: Model._start's tuples)."""
+                   chat: bool, lps: Optional[_ChunkLogprobs] = None, tools: Optional[list] = None
+                   ) -> Iterator[dict]:
+    """The stream chunks of one generation (pieces: Model._start's tuples). lps: the
+    chunks' logprobs (None without them; each chunk has its new tokens'). tools: the tool
+    names when tool calls are parsed (content before the first <tool_call> streams; the
+    calls come last, see orcd.tools.ToolCallStream)."""
     from . import openai_format as fmt
 
     if chat:
@@ -725,15 +800,30 @@ def _openai_chunks(pieces: Iterator[tuple], n_prompt: int, rid: str, created: in
         yield fmt.completion_chunk(rid, created, model, 0, text, logprobs=lp)
     n_tokens = 0
     toks: List[int] = []
+    if tools is not None:
+        from .tools import ToolCallStream
+
+        calls_stream = ToolCallStream(tools)
     try:
         for tok, piece, finish in pieces:
             if tok is not None:
                 n_tokens += 1
                 toks.append(tok)
             lp = lps.new(toks) if lps is not None and lps.sink is not None and len(toks) > lps.sent else None
+            calls = None
+            if tools is not None:
+                piece = calls_stream.feed(piece)
+                if finish is not None:
+                    rest, calls = calls_stream.finish()
+                    piece += rest
+                    if calls:
+                        finish = "tool_calls"
+            # a chunk carries its tokens' logprobs even when the tool-call parser holds their text
             if piece or lp is not None:
                 yield (fmt.chat_chunk(rid, created, model, 0, content=piece, logprobs=lp) if chat
                        else fmt.completion_chunk(rid, created, model, 0, piece, logprobs=lp))
+            if calls:
+                yield fmt.chat_chunk(rid, created, model, 0, tool_calls=calls)
             if finish is not None:
                 usage = fmt.usage(n_prompt, n_tokens)
                 yield (fmt.chat_chunk(rid, created, model, 0, finish_reason=finish, usage_=usage) if chat

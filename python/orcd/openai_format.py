@@ -4,8 +4,8 @@ chunks, usage, the model list and errors. One place for them, so the HTTP server
 
 Only the standard library; nothing here knows about engines or HTTP. The shapes follow
 OpenAI's API reference (the fields its official client reads): every choice carries
-"logprobs" (None unless asked for) and finish_reason "stop" / "length" (None in chunks
-until the choice ends).
+"logprobs" (None unless asked for) and finish_reason "stop" / "length" / "tool_calls"
+(None in chunks until the choice ends).
 
 Logprobs (built here from orcd.types.TokenLogprobs-like entries: .token_id, .logprob,
 .top = [(id, logprob)], and a tokenizer with token_to_bytes): the model's raw distribution
@@ -48,10 +48,13 @@ def _choice_logprobs(c: tuple):
     return c[2] if len(c) > 2 else None
 
 
-def chat_completion(rid: str, created: int, model: str, choices: Sequence[tuple], usage_: dict) -> dict:
+def chat_completion(rid: str, created: int, model: str, choices: Sequence[tuple], usage_: dict,
+                    tool_calls: Optional[Sequence[Optional[list]]] = None) -> dict:
     """A whole chat completion. choices: (text, finish_reason) or (text, finish_reason,
-    chat_logprobs(...) or None) in index order."""
-    return {
+    chat_logprobs(...) or None) in index order. tool_calls: per choice, None or its calls
+    (tool_call dicts); a choice with calls has them in its message (and its text, None when
+    empty, as the content)."""
+    out = {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [{"index": i, "message": {"role": "assistant", "content": c[0]},
@@ -59,22 +62,39 @@ def chat_completion(rid: str, created: int, model: str, choices: Sequence[tuple]
                     for i, c in enumerate(choices)],
         "usage": usage_,
     }
+    for ch, calls in zip(out["choices"], tool_calls or ()):
+        if calls:
+            ch["message"]["tool_calls"] = list(calls)
+    return out
+
+
+def tool_call(call_id: str, name: str, arguments: str) -> dict:
+    """One entry of message.tool_calls: arguments is a JSON text."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_call_deltas(calls: Sequence[dict]) -> list:
+    """A stream delta's tool_calls: each whole call with its index."""
+    return [dict(c, index=k) for k, c in enumerate(calls)]
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, content: Optional[str] = None,
                role: Optional[str] = None, finish_reason: Optional[str] = None,
                with_usage_field: bool = False, usage_: Optional[dict] = None,
-               logprobs: Optional[dict] = None) -> dict:
+               logprobs: Optional[dict] = None, tool_calls: Optional[Sequence[dict]] = None) -> dict:
     """One streamed chat chunk for choice `index`: a delta with the role (the first chunk),
     some content, or nothing with the finish_reason (the last chunk). with_usage_field:
     the client asked for stream_options.include_usage, so every chunk has "usage": None.
     usage_: the usage on this chunk (Model.create_chat_completion's last chunk).
-    logprobs: chat_logprobs(...) of this chunk's tokens."""
+    logprobs: chat_logprobs(...) of this chunk's tokens.
+    tool_calls: whole calls (tool_call dicts) for the delta, indexed in order."""
     delta = {}
     if role is not None:
         delta["role"] = role
     if content is not None:
         delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = tool_call_deltas(tool_calls)
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": SYSTEM_FINGERPRINT,
            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
@@ -231,8 +251,8 @@ class TextEvents:
 
 
 __all__: List[str] = [
-    "new_id", "now", "usage", "chat_completion", "chat_chunk", "chat_usage_chunk", "completion",
-    "completion_chunk", "completion_usage_chunk", "model_card", "model_list", "error", "sse_data",
+    "new_id", "now", "usage", "chat_completion", "tool_call", "tool_call_deltas", "chat_chunk",
+    "chat_usage_chunk", "completion", "completion_chunk", "completion_usage_chunk", "model_card", "model_list", "error", "sse_data",
     "sse_event", "SSE_DONE", "SYSTEM_FINGERPRINT", "TextEvents", "chat_logprobs", "CompletionLogprobs",
     "token_piece", "LOGPROB_FLOOR",
 ]

@@ -235,13 +235,17 @@ class ServeEngine:
             out.append(t)
         return self._check_ids(out, "prompt")
 
-    def encode_chat(self, messages: list) -> List[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+    def encode_chat(self, messages: list, tools: Optional[list] = None) -> List[int]:
+        """Token ids of a conversation rendered with the model's chat template (tools: the
+        OpenAI tool definitions it renders; assistant tool_calls in the history too)."""
+        from ..tools import template_messages
+
+        messages = template_messages(messages)
         n = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages
                 if isinstance(m, dict) and isinstance(m.get("content"), str))
         self._check_bytes(n, "messages")
         try:
-            ids = encode_chat(self.tokenizer, self.chat_template, messages, True,
+            ids = encode_chat(self.tokenizer, self.chat_template, messages, True, tools=tools,
                               max_bytes=self.max_prompt_bytes, n_ctx=self.n_ctx)
         except ValueError as e:
             if "cannot fit in n_ctx" in str(e):
@@ -251,16 +255,17 @@ class ServeEngine:
 
     # ------------------------------------------------------------ generations
     def start(self, ids: List[int], params: SamplingParams, wake: asyncio.Event,
-              t_arrival: Optional[float] = None) -> "Generation":
+              t_arrival: Optional[float] = None, mask_fn=None) -> "Generation":
         """Submits one generation (call on the event loop's thread). Raises Unavailable
-        (not ready), Busy (queue full), ValueError / TypeError (bad parameters)."""
+        (not ready), Busy (queue full), ValueError / TypeError (bad parameters).
+        mask_fn: structured output (an orcd.structured.Constraint)."""
         if self.state != "ready":
             raise Unavailable(f"the model is {self.state}")
         if params.max_tokens is not None and params.max_tokens > self.n_ctx:  # the context ends it first
             params = params.replace(max_tokens=self.n_ctx)
         stop_ids = () if params.ignore_eos else sorted(self.tokenizer.eos_ids)
         try:
-            req = self.runner.submit(ids, params, stop_ids=stop_ids)
+            req = self.runner.submit(ids, params, stop_ids=stop_ids, mask_fn=mask_fn)
         except ValueError as e:
             if "closed" in str(e):
                 raise Unavailable("the server is shutting down") from None

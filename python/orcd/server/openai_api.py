@@ -16,6 +16,12 @@ same batched path: the step loop reports each token's (and, for echo, each promp
 logprobs with its events (raw distribution, before penalties / temperature / top-k/p). A
 streamed chunk carries the logprobs of the tokens consumed since the previous one; with
 echo a choice's first chunk is its prompt (and the prompt's logprobs).
+
+Structured output and tools (orcd.structured, orcd.tools): the grammar is compiled and each
+choice's matcher made off the event loop; a chat request with tools (tool_choice not "none")
+has its answers parsed into message.tool_calls (finish_reason "tool_calls"); streamed, the
+text before the first <tool_call> comes as content deltas and the calls as one tool_calls
+delta at the end of the choice.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from .engine import Busy, Unavailable, follow
 from .errors import ApiError, busy, openai_response, unavailable
 from .openai_params import OpenAIRequest, parse
 from .state import SSE_HEADERS, STATE, ServerState
+
+_CONSTRAINT_FIELDS = ("response_format", "regex", "grammar", "tools", "tool_choice")
 
 
 
@@ -68,8 +76,11 @@ async def _prepare(st: ServerState, request: web.Request, kind: str, t0: float):
     req = parse(await st.read_json(request), kind)
     st.check_model(req.model)
     eng = st.engine
+    n_choices = req.n * (1 if kind == "chat" else len(req.prompts))
+    masks = await _constraints(req, eng, n_choices) if req.constrained else [None] * n_choices
     if kind == "chat":
-        prompt_ids = [await st.encode(eng.encode_chat, req.messages, param="messages")]
+        tools = req.tools if req.tool_mode != "none" else None
+        prompt_ids = [await st.encode(eng.encode_chat, req.messages, tools, param="messages")]
     else:
         prompt_ids = []
         for p in req.prompts:
@@ -81,7 +92,7 @@ async def _prepare(st: ServerState, request: web.Request, kind: str, t0: float):
     try:
         for ids in prompt_ids:
             for i in range(req.n):
-                gens.append(eng.start(ids, req.params_for(i), wake, t0))
+                gens.append(eng.start(ids, req.params_for(i), wake, t0, mask_fn=masks[len(gens)]))
     except BaseException as e:
         for g in gens:
             g.cancel()
@@ -112,6 +123,35 @@ async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
     finally:
         for g in gens:  # a client gone (handler cancelled) or an error: free the slots
             g.cancel("the request ended early")
+
+
+async def _constraints(req: OpenAIRequest, eng, n: int) -> list:
+    """One structured-output matcher per choice (or Nones), made in a worker thread (the
+    first use builds the llguidance tokenizer: seconds); sets req.tool_mode. A bad
+    constraint is a 400 naming its field."""
+    def make():
+        from ..structured import plan_request
+
+        spec, mode = plan_request(eng.tokenizer, eng.runner.n_vocab, req.response_format, req.regex,
+                                  req.grammar, req.tools, req.tool_choice)
+        if spec is not None and req.params.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with structured output (the grammar ends with EOS)")
+        return mode, [spec.new_constraint() if spec is not None else None for _ in range(n)]
+
+    try:
+        req.tool_mode, masks = await asyncio.get_running_loop().run_in_executor(None, make)
+    except ValueError as e:
+        msg = str(e)
+        field = next((f for f in _CONSTRAINT_FIELDS + ("ignore_eos",) if msg.startswith(f)), None)
+        raise ApiError(400, msg, param=field, code="invalid_value") from None
+    return masks
+
+
+def _tool_names(req: OpenAIRequest):
+    """The tool names whose calls are parsed from the answers, or None (no tool parsing)."""
+    if req.kind != "chat" or req.tool_mode == "none":
+        return None
+    return [t["function"]["name"] for t in req.tools or ()]
 
 
 def _ended_badly(gen) -> ApiError:
@@ -189,6 +229,18 @@ async def _whole(st: ServerState, req: OpenAIRequest, gens, wake, usage_prompt: 
                 lps = _merge_completion_logprobs([head_lp, lp.new(i)])
         choices.append((text, g.finish_reason, lps))
     usage = fmt.usage(usage_prompt, sum(g.completion_tokens for g in gens))
+    names = _tool_names(req)
+    if names is not None:
+        from ..tools import parse_tool_calls
+
+        calls = []
+        for k, (text, finish, lps) in enumerate(choices):
+            content, cs = parse_tool_calls(text, names)
+            calls.append(cs or None)
+            if cs:
+                choices[k] = (content, "tool_calls", lps)
+        return web.json_response(fmt.chat_completion(rid, fmt.now(), st.engine.model_id, choices, usage,
+                                                     tool_calls=calls), dumps=_dumps)
     build = fmt.chat_completion if req.kind == "chat" else fmt.completion
     return web.json_response(build(rid, fmt.now(), st.engine.model_id, choices, usage),
                              dumps=_dumps)
@@ -216,11 +268,26 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
                                       if chat else
                                       fmt.completion_chunk(rid, created, model, i, mark, with_usage_field=u))
                        for i in range(len(gens))]
+        names = _tool_names(req)
+        if names is not None:
+            from ..tools import ToolCallStream
+
+            calls_streams = [ToolCallStream(names) for _ in gens]
         async for i, text, ended in follow(gens, wake):
             if lp.echo and not lp.echoed[i]:
                 head, head_lp = lp.prompt(i)
                 await resp.write(fmt.sse_data(fmt.completion_chunk(rid, created, model, i, head, with_usage_field=u,
                                                                    logprobs=head_lp)))
+            finish = gens[i].finish_reason
+            calls = None
+            if names is not None:
+                text = calls_streams[i].feed(text)
+                if ended and finish in ("stop", "length"):
+                    rest, calls = calls_streams[i].finish()
+                    text += rest
+                    if calls:
+                        finish = "tool_calls"
+            # a chunk carries its tokens' logprobs even when the tool-call parser holds their text
             lps = lp.new(i)
             if lps is not None:
                 await resp.write(fmt.sse_data(
@@ -228,6 +295,9 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
                     else fmt.completion_chunk(rid, created, model, i, text, with_usage_field=u, logprobs=lps)))
             elif text:
                 await resp.write(text_events[i](text))
+            if calls:
+                await resp.write(fmt.sse_data(fmt.chat_chunk(rid, created, model, i, tool_calls=calls,
+                                                             with_usage_field=u)))
             if not ended:
                 continue
             g = gens[i]
@@ -239,7 +309,7 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
                 await resp.write(fmt.SSE_DONE)
                 await resp.write_eof()
                 return resp
-            chunk = (fmt.chat_chunk(rid, created, model, i, finish_reason=g.finish_reason, with_usage_field=u)
+            chunk = (fmt.chat_chunk(rid, created, model, i, finish_reason=finish, with_usage_field=u)
                      if chat else
                      fmt.completion_chunk(rid, created, model, i, "", g.finish_reason, with_usage_field=u))
             await resp.write(fmt.sse_data(chunk))

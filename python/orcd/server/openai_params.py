@@ -14,7 +14,13 @@ values are the model's raw distribution: log_softmax of the logits before penalt
 temperature, top-k/p (vLLM's default), see openai_format.
 
 Refused with 400 "not supported yet" rather than ignored: suffix, best_of > n,
-logit_bias, tools / functions, response_format other than text.
+logit_bias, functions (the legacy form of tools).
+
+Structured output (orcd.structured, llguidance): response_format (text, json_object,
+json_schema); orcd's regex / grammar (Lark or GBNF), also under vLLM's names guided_regex /
+guided_grammar, and guided_json (a schema). Tool calls (chat): tools and tool_choice
+(orcd.tools). Their shapes are checked here; the grammars are compiled with the tokenizer
+(openai_api), which names the field of a bad one.
 
 Bounds: n in [1, MAX_N]; at most MAX_PROMPTS prompts in one completion request; at most
 MAX_STOPS stop strings, each 1..MAX_STOP_CHARS characters.
@@ -46,6 +52,20 @@ class OpenAIRequest:
     echo: bool = False                # completion: the prompt's text first
     messages: list = field(default_factory=list)                       # chat
     prompts: List[Union[str, List[int]]] = field(default_factory=list)  # completion
+    # structured output and tool calls, as sent (None: not given)
+    response_format: Optional[dict] = None
+    regex: Optional[str] = None
+    grammar: Optional[str] = None
+    tools: Optional[list] = None
+    tool_choice: object = None
+    tool_mode: str = "none"          # set by the handler: orcd.tools.check_tool_choice's answer
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the request asks for structured output or tools (a grammar to compile)."""
+        rf = self.response_format
+        return (rf is not None and rf.get("type") != "text") or self.regex is not None or \
+            self.grammar is not None or self.tools is not None or self.tool_choice is not None
 
     def params_for(self, i: int) -> SamplingParams:
         """The parameters of choice i (of n): seed + i when a seed was given."""
@@ -137,12 +157,48 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
             raise _unsupported("suffix")
     if body.get("logit_bias") not in (None, {}):
         raise _unsupported("logit_bias")
-    for name in ("tools", "functions"):
-        if body.get(name) not in (None, []):
-            raise _unsupported(name)
+    if body.get("functions") not in (None, []):
+        raise _unsupported("functions", " (use tools)")
+    if kind != "chat":
+        for name in ("tools", "tool_choice"):
+            if body.get(name) is not None:
+                raise _bad(name, f"{name} is a chat completion parameter")
+
+
+def _structured(body: dict, req: "OpenAIRequest") -> None:
+    """response_format, regex / guided_regex, grammar / guided_grammar, guided_json, tools,
+    tool_choice: shapes checked, values kept for the grammar compiler."""
     rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise _unsupported("response_format", " (other than {\"type\": \"text\"})")
+    if rf is not None:
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+            raise _bad("response_format", "response_format must be an object with a type")
+        if rf["type"] not in ("text", "json_object", "json_schema"):
+            raise _bad("response_format", f"response_format.type must be 'text', 'json_object' or "
+                                          f"'json_schema' (got {rf['type']!r})")
+        if rf["type"] == "json_schema" and not isinstance(rf.get("json_schema"), dict):
+            raise _bad("response_format", "response_format.json_schema must be an object {name, schema, strict}")
+    gj = body.get("guided_json")
+    if gj is not None:
+        if rf is not None and rf.get("type") != "text":
+            raise _bad("guided_json", "guided_json and response_format cannot be combined")
+        if not isinstance(gj, (dict, str)):
+            raise _bad("guided_json", "guided_json must be a JSON schema (an object or its JSON text)")
+        rf = {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": gj}}
+    req.response_format = rf
+    for name, alias in (("regex", "guided_regex"), ("grammar", "guided_grammar")):
+        v, used = body.get(name), name
+        if body.get(alias) is not None:
+            if v is not None:
+                raise _bad(alias, f"{name} and {alias} cannot both be given")
+            v, used = body.get(alias), alias
+        if v is not None and (not isinstance(v, str) or not v):
+            raise _bad(used, f"{used} must be a non-empty string")
+        setattr(req, name, v)
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _bad("tools", "tools must be a list of {\"type\": \"function\", \"function\": {...}} objects")
+    req.tools = tools or None
+    req.tool_choice = body.get("tool_choice")
 
 
 def _sampling(body: dict, kind: str) -> SamplingParams:
@@ -177,8 +233,12 @@ def _messages(v) -> list:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise _bad("messages", f"messages[{i}].role must be a non-empty string (got {role!r})")
-        if m.get("tool_calls"):
-            raise _unsupported("messages", f"[{i}].tool_calls")
+        calls = m.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) for c in calls)):
+            raise _bad("messages", f"messages[{i}].tool_calls must be a list of "
+                                   "{id, type: \"function\", function: {name, arguments}} objects")
         content = m.get("content")
         if content is None:
             content = ""
@@ -194,7 +254,11 @@ def _messages(v) -> list:
         elif not isinstance(content, str):
             raise _bad("messages", f"messages[{i}].content must be a string or a list of text parts "
                                    f"(got {type(content).__name__})")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        for key in ("tool_calls", "tool_call_id", "name"):  # tool calls and results, for the template
+            if m.get(key) is not None:
+                msg[key] = m[key]
+        out.append(msg)
     return out
 
 
@@ -268,4 +332,5 @@ def parse(body, kind: str) -> OpenAIRequest:
         req.messages = _messages(body.get("messages"))
     else:
         req.prompts = _prompts(body.get("prompt"))
+    _structured(body, req)
     return req
