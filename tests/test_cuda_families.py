@@ -77,6 +77,30 @@ def test_other_families_are_refused_by_name(family_model, arch, feature):
         cu.CudaEngine(family_model(arch, "F32"), 16, 1)
 
 
+@pytest.mark.parametrize("arch", ["phi3", "gemma3"])
+def test_auto_device_falls_back_to_the_cpu_for_a_refused_family(family_model, arch, capfd):
+    """device="auto" on a GPU: a family the CUDA engine refuses runs on the CPU engine (with a
+    note naming why), giving the CPU's tokens; device="cuda" still refuses."""
+    import orcd
+    from orcd.batch import BatchRunner
+    path = family_model(arch, "F32")
+    m = orcd.Model(path, device="auto", n_ctx=64)
+    try:
+        assert m.device == "cpu"
+        assert "the CUDA engine does not run" in capfd.readouterr().err
+        ref = core.CpuEngine(path, 64, 1)
+        ids = np.asarray([3, 5, 7, 11], np.int32)
+        np.testing.assert_array_equal(m._engine.forward(0, ids, 0), ref.forward(0, ids, 0))
+        ref.close()
+    finally:
+        m.close()
+    r = BatchRunner(path, device="auto", n_ctx=64, n_slots=2)
+    assert r.device == "cpu"
+    r.close()
+    with pytest.raises(ValueError, match="the CUDA engine does not run"):
+        orcd.Model(path, device="cuda", n_ctx=64)
+
+
 def test_real_smollm2_greedy_equals_cpu(smollm2_path):
     cpu = core.CpuEngine(smollm2_path, 128, 1)
     gpu = cu.CudaEngine(smollm2_path, 128, 1)

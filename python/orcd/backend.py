@@ -95,3 +95,9 @@ def cuda_module():
     if mod is None:
         raise RuntimeError(f"CUDA is not available: {reason}")
     return mod
+
+
+def cuda_family_refused(err: BaseException) -> bool:
+    """True when the CUDA engine refused a model because it does not run that family (or one
+    of its features) yet: device="auto" then falls back to the CPU engine, which runs it."""
+    return "the CUDA engine does not run" in str(err)
