@@ -27,6 +27,8 @@
 #   lcp       wait for that build, then llama-bench (pp512/tg128, pp4096, pp16384, tg128 at depth 4096
 #             and 16384), llama-batched-bench (pp128/tg128 at 1,8,32,64,128) and llama-server under
 #             orcd bench-serve at the same client counts as `serve`
+#   smol      SmolLM2 (~/.cache/orcd/SmolLM2-135M-Instruct.Q4_1.gguf, when there): orcd bench and,
+#             with the lcp build, llama-bench on the same file
 #   vram      VRAM of an engine for 64 sequences x 4096 positions, resident fp16 copy on and off
 #   passkey   scripts/passkey.py on orcd (and on llama-server when the lcp build is there)
 # Options: --model PATH, --f16 PATH (written from MODEL when missing), --old DIR, --repeat N (5),
@@ -213,6 +215,14 @@ for step in "${STEPS[@]}"; do
             -npp 128 -ntg 128 -npl 1,8,32,64,128
         ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print \$4, \$(NF-1)}' | tr '\n' ';')"
         serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090" ;;
+    smol)
+        SM=$HOME/.cache/orcd/SmolLM2-135M-Instruct.Q4_1.gguf
+        [ -f "$SM" ] || { record smol skip 0 "no $SM"; continue; }
+        bench_json smol "$SM"
+        if [ -x /tmp/lcp/llama.cpp/build/bin/llama-bench ]; then
+            run_step smol_lcp 200 "$D/smol_lcp.txt" /tmp/lcp/llama.cpp/build/bin/llama-bench -m "$SM" -p 512 -n 128 -r 3 -fa 1 -o md
+            ok_or_fail smol_lcp $? "$(grep -E 'pp|tg' "$D/smol_lcp.txt" | awk -F'|' '{print \$(NF-2), \$(NF-1)}' | tr '\n' ';' | cut -c1-200)"
+        fi ;;
     vram)
         needs_model vram || continue
         : > "$D/vram.txt"
