@@ -56,7 +56,9 @@ class Server:
         self.model_id = os.path.splitext(os.path.basename(model_path))[0]
         self.log_path = os.path.join(log_dir, f"serve-{self.port}.log")
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "orcd.cli", "serve", "-m", model_path, "--device", "cpu",
+        # ORCD_TEST_SERVER_DEVICE=cuda: the same tests against a server on the GPU (the haiku over HTTP)
+        device = os.environ.get("ORCD_TEST_SERVER_DEVICE", "cpu")
+        cmd = [sys.executable, "-m", "orcd.cli", "serve", "-m", model_path, "--device", device,
                "--port", str(self.port), "--threads", str(threads), *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=log_dir)
         if wait:
@@ -865,7 +867,7 @@ class _HttpChat:
     .token_ids, device), answered by POST /execute on a server of the real model: the
     prompt is sent as it is and the server applies the chat template."""
 
-    device = "cpu (HTTP /execute)"
+    device = os.environ.get("ORCD_TEST_SERVER_DEVICE", "cpu") + " (HTTP /execute)"
 
     def __init__(self, url):
         self.url = url
