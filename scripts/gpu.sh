@@ -7,7 +7,7 @@
 #             start it in the first call of a lease, while the model's chunks arrive
 #   wait      wait for the build(s)
 #   tests     every tests/test_cuda_*.py and tests/test_long_context.py, tests/test_generate.py -k gpu,
-#             and tests/test_server.py's haiku over HTTP and 32 concurrent streams against a server
+#             and tests/test_server.py's haiku over HTTP against a server
 #             on the GPU (the real-model tests with --model); extra pytest arguments: --pytest "ARGS"
 #   sanitize  compute-sanitizer: memcheck on the kernel tests and a few engine tests,
 #             racecheck on the shared-memory kernels
@@ -133,7 +133,7 @@ for step in "${STEPS[@]}"; do
             tests/test_generate.py -k gpu $PYARGS
         ok_or_fail tests_gen $? "$(pytest_note "$D/tests_generate_gpu.txt")"
         run_step tests_http 300 "$D/tests_http_gpu.txt" env ORCD_TEST_SERVER_DEVICE=cuda $PY -m pytest -q -rfEs -s \
-            -p no:cacheprovider tests/test_server.py -k "haiku or 32_concurrent" $PYARGS
+            -p no:cacheprovider tests/test_server.py -k haiku $PYARGS
         ok_or_fail tests_http $? "$(pytest_note "$D/tests_http_gpu.txt")" ;;
     sanitize)
         CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
