@@ -383,6 +383,9 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
 // own top_k ids in id order. sample_merge_kernel: one block per row takes the first maximum
 // over the slices, the k-th key over the candidates (the same as over the row: they hold the
 // row's top_k), gathers the set as sample_rows_kernel does and runs draw_top_k.
+// Rows with top_k <= kWarpK (64) skip the radix select, the gather and draw_top_k: the slice
+// kernel stores its 64 largest composites (below) sorted, the merge folds them and warp 0 runs
+// draw_top_k_warp (scripts/model_warp_topk.py models the index arithmetic in NumPy).
 
 constexpr int kSliceThreads = 512;
 constexpr int kSlicePer = kSampleSlice / kSliceThreads;  // contiguous logits per thread
