@@ -45,6 +45,14 @@ struct SampleRow {
 // the order the one-block kernel does and runs the same code on it, so the tokens and
 // generator states are the one-block kernel's bit for bit. Other rows (top_k off) take the
 // one-block kernel.
+// Rows with top_k <= 64 take warp-level code on both kernels: ordered by the 64-bit composite
+// key_of(logit) << 32 | ~id (distinct per id, larger = higher logit, then lower id: the tie rule
+// above, ties at the k-th logit going to the lowest ids), each slice keeps its 64 largest sorted
+// (bitonic networks in registers), the merge folds the slices' lists and one warp runs the chain
+// with the one-block kernel's additions in the same order (its Hillis-Steele scan restricted to
+// the 64 positions that can be non-zero), so the same doubles come out. The one difference: where
+// rounding makes a prefix sum smaller than the one before it and several positions meet a top_p
+// cut or the drawn u, the one-block kernel lets them race and this takes the lowest.
 // host_rows: the same rows on the host (picks the launches; null: every kernel is launched
 // and each row's kernel is chosen on the device). workspace: sample_workspace_bytes(n_rows,
 // n_vocab) bytes of device memory.

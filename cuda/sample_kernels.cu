@@ -383,8 +383,11 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
 // own top_k ids in id order. sample_merge_kernel: one block per row takes the first maximum
 // over the slices, the k-th key over the candidates (the same as over the row: they hold the
 // row's top_k), gathers the set as sample_rows_kernel does and runs draw_top_k.
+// Rows with top_k <= kWarpK (64) skip the radix select, the gather and draw_top_k: the slice
+// kernel stores its 64 largest composites (below) sorted, the merge folds them and warp 0 runs
+// draw_top_k_warp (scripts/model_warp_topk.py models the index arithmetic in NumPy).
 
-constexpr int kSliceThreads = 256;
+constexpr int kSliceThreads = 512;
 constexpr int kSlicePer = kSampleSlice / kSliceThreads;  // contiguous logits per thread
 
 struct MaxPart {
@@ -520,9 +523,254 @@ __device__ void block_first_max(float lw, int li, float* red_w, int* red_i, floa
     *bi_out = red_i[0];
 }
 
+// ---------------------------------------------------------------- warp top-64 (top_k <= kWarpK)
+// Rows with top_k <= kWarpK take warp-level code on both split kernels instead of the radix
+// select and the 1024-thread draw: the order (logit desc, id asc) is the order of the 64-bit
+// composite comp_of(v, id) = key_of(v) << 32 | ~id, which is distinct per id, so "the top_k
+// by (logit desc, id asc)" - the set the CPU's heap keeps, ties at the k-th logit going to
+// the lowest ids - is just the k largest composites. A warp holds 64 composites, element
+// j = 2 * lane + i in register x[i]; 0 pads (below every real composite: key_of(-inf) > 0).
+constexpr int kWarpK = 64;
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ uint64_t comp_of(float v, int id) {
+    return (uint64_t(key_of(v)) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id));
+}
+__device__ __forceinline__ int comp_id(uint64_t c) { return int(0xFFFFFFFFu - uint32_t(c & 0xFFFFFFFFull)); }
+__device__ __forceinline__ uint32_t comp_key(uint64_t c) { return uint32_t(c >> 32); }
+// key_of's inverse: the float the key was made from (bit for bit).
+__device__ __forceinline__ float float_of_key(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
+
+// One compare-exchange stage of a bitonic network over the warp's 64 elements: element j
+// and j ^ stride, the lower one keeping the larger when the run (j & size) is descending.
+__device__ __forceinline__ void bitonic_stage(uint64_t x[2], int size, int stride) {
+    const int lane = threadIdx.x & 31;
+    if (stride == 1) {  // j = 2 lane and 2 lane + 1: both in this lane
+        const bool desc = ((2 * lane) & size) == 0;
+        if (desc ? (x[0] < x[1]) : (x[0] > x[1])) {
+            const uint64_t a = x[0];
+            x[0] = x[1];
+            x[1] = a;
+        }
+        return;
+    }
+    const bool desc = ((2 * lane) & size) == 0;     // j & size, the same for i = 0, 1 (size >= 4)
+    const bool lower = ((2 * lane) & stride) == 0;  // j < j ^ stride
+    const bool keep_max = lower == desc;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const uint64_t o = __shfl_xor_sync(kFull, x[i], stride >> 1);
+        x[i] = keep_max ? (x[i] > o ? x[i] : o) : (x[i] < o ? x[i] : o);
+    }
+}
+
+// Sorts the warp's 64 elements descending.
+__device__ __forceinline__ void warp_sort64_desc(uint64_t x[2]) {
+#pragma unroll
+    for (int size = 2; size <= 64; size <<= 1)
+#pragma unroll
+        for (int stride = size >> 1; stride > 0; stride >>= 1) bitonic_stage(x, size, stride);
+}
+
+// x, y: sorted descending -> x: the 64 largest of both, sorted descending (max(x[j], y[63 - j])
+// is a bitonic sequence holding them; a bitonic merge sorts it).
+__device__ __forceinline__ void warp_merge64_desc(uint64_t x[2], const uint64_t y[2]) {
+    const int lane = threadIdx.x & 31;
+    // y[63 - j], j = 2 lane + i: lane 31 - lane, register 1 - i
+    const uint64_t r0 = __shfl_sync(kFull, y[1], 31 - lane);
+    const uint64_t r1 = __shfl_sync(kFull, y[0], 31 - lane);
+    x[0] = x[0] > r0 ? x[0] : r0;
+    x[1] = x[1] > r1 ? x[1] : r1;
+#pragma unroll
+    for (int stride = 32; stride > 0; stride >>= 1) bitonic_stage(x, 64, stride);
+}
+
+// Element j of the warp's 64 (every lane gets it).
+__device__ __forceinline__ uint64_t warp_elem(const uint64_t x[2], int j) {
+    return __shfl_sync(kFull, (j & 1) ? x[1] : x[0], j >> 1);
+}
+
+// Inclusive scan over 64 positions t = 32 i + lane (v[i]: position 32 i + lane) with the very
+// additions block_scan makes: its Hillis-Steele steps (off = 1 .. 16 in the warp, off = 32 across
+// the two registers); positions 64 and up of block_scan hold zeros there, and x + 0.0 == x for the
+// non-negative weights summed, so every prefix below 64 and the total (its last position) are
+// the same doubles. prev[i]: the inclusive prefix at t - 1 (0 at t = 0).
+__device__ __forceinline__ void warp_scan64(const double v[2], double incl[2], double prev[2], double* total) {
+    const int lane = threadIdx.x & 31;
+    double a[2] = {v[0], v[1]};
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        // position t adds t - o: in the same register from lane - o, or (t = 32 + lane, lane < o)
+        // from register 0, lane 32 + lane - o; positions below o add 0.0 as block_scan does
+        const double y0 = __shfl_sync(kFull, a[0], (lane - o) & 31);
+        const double y1 = __shfl_up_sync(kFull, a[1], o);
+        a[0] += lane >= o ? y0 : 0.0;
+        a[1] += lane >= o ? y1 : y0;
+    }
+    a[1] += a[0];  // off = 32: position 32 + lane adds position lane
+    incl[0] = a[0];
+    incl[1] = a[1];
+    const double up0 = __shfl_up_sync(kFull, a[0], 1), up1 = __shfl_up_sync(kFull, a[1], 1);
+    const double last0 = __shfl_sync(kFull, a[0], 31);
+    prev[0] = lane > 0 ? up0 : 0.0;
+    prev[1] = lane > 0 ? up1 : last0;
+    *total = __shfl_sync(kFull, a[1], 31);
+}
+
+// Rank sort of up to 64 distinct 64-bit values by one warp: s[0, 64) in shared memory holds
+// them (~0ull for none); returns for each of this lane's values v[i] (position 32 i + lane)
+// how many are smaller. Callers skip the ~0ull entries.
+__device__ __forceinline__ void warp_rank64(const uint64_t* s, const uint64_t v[2], int rank[2]) {
+    rank[0] = rank[1] = 0;
+    for (int q = 0; q < 64; ++q) {
+        const uint64_t o = s[q];
+        rank[0] += o < v[0];
+        rank[1] += o < v[1];
+    }
+}
+
+// The merge's chain on the row's top_k set for k <= kWarpK, by warp 0 alone: top holds the
+// row's 64 largest composites sorted descending (x as above). Lays the set out as
+// sample_merge_kernel's gather does (the ids above the k-th key in id order, then the ties at it
+// in id order; -inf ties dropped) and runs draw_top_k's steps on it with the same sums
+// (warp_scan64) and the same sorted orders (the keys are distinct, so any sort gives them).
+// Where draw_top_k lets several threads race to write a cut or a pick (only when rounding makes
+// a prefix sum smaller than the one before it), this takes the lowest position.
+// s: 64 uint64_t of shared memory for this warp.
+__device__ void draw_top_k_warp(const uint64_t top[2], int k, float lmax, int best, double u, double inv_t,
+                                bool use_min_p, double lmin, const SamplerParams& p, uint64_t* s, int32_t* out) {
+    const int lane = threadIdx.x & 31;
+    const float ninf = -INFINITY;
+    const uint32_t K = comp_key(warp_elem(top, k - 1));
+    const bool k_finite = K != key_of(ninf);
+    // the layout: order (key == K, id); members: the first k composites, less -inf ones
+    uint64_t lay[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int j = 2 * lane + i;
+        const uint64_t c = top[i];
+        const bool member = j < k && (k_finite || comp_key(c) > K);
+        lay[i] = member ? (uint64_t(comp_key(c) == K) << 32) | uint64_t(uint32_t(comp_id(c))) : ~0ull;
+        s[j] = lay[i];
+    }
+    __syncwarp();
+    const int C = __popc(__ballot_sync(kFull, lay[0] != ~0ull)) + __popc(__ballot_sync(kFull, lay[1] != ~0ull));
+    int rk[2];
+    warp_rank64(s, lay, rk);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+        if (lay[i] != ~0ull) s[rk[i]] = top[i];  // s[0, C): the set's composites in layout order
+    __syncwarp();
+    int id[2];
+    float wv[2];
+    double e1[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int t = 32 * i + lane;
+        const uint64_t c = t < C ? s[t] : 0ull;
+        id[i] = t < C ? comp_id(c) : -1;
+        wv[i] = t < C ? float_of_key(comp_key(c)) : ninf;
+        e1[i] = id[i] >= 0 ? exp(double(wv[i]) - double(lmax)) : 0.0;
+    }
+    __syncwarp();
+    double inc[2], prv[2], z;
+    warp_scan64(e1, inc, prv, &z);
+    // min_p, then the kept sorted by (logit desc, id asc): rank among the kept composites
+    uint64_t kc[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const bool kept = id[i] >= 0 && !(use_min_p && double(wv[i]) < lmin);
+        kc[i] = kept ? comp_of(wv[i], id[i]) : 0ull;
+        s[32 * i + lane] = kc[i];
+    }
+    __syncwarp();
+    const int M = __popc(__ballot_sync(kFull, kc[0] != 0ull)) + __popc(__ballot_sync(kFull, kc[1] != 0ull));
+    // descending rank: how many kept are larger
+    int big[2] = {0, 0};
+    for (int q = 0; q < 64; ++q) {
+        const uint64_t o = s[q];
+        big[0] += o > kc[0];
+        big[1] += o > kc[1];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+        if (kc[i] != 0ull) s[big[i]] = kc[i];  // s[0, M): the kept, descending
+    __syncwarp();
+    uint64_t sorted[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sorted[i] = 32 * i + lane < M ? s[32 * i + lane] : 0ull;
+    __syncwarp();
+    int keepN = M;
+    if (p.top_p < 1.0f) {
+        double e[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            e[i] = 32 * i + lane < M ? exp(double(float_of_key(comp_key(sorted[i]))) - double(lmax)) : 0.0;
+        double cum[2], pre[2], tot;
+        warp_scan64(e, cum, pre, &tot);
+        const double target = double(p.top_p) * z;
+        bool hit[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) hit[i] = 32 * i + lane < M && cum[i] >= target && pre[i] < target;
+        const unsigned h0 = __ballot_sync(kFull, hit[0]), h1 = __ballot_sync(kFull, hit[1]);
+        if (h0) keepN = __ffs(h0);
+        else if (h1) keepN = 32 + __ffs(h1);
+    }
+    // the kept prefix [0, keepN) re-sorted by id: rank by id among it
+    uint64_t byid[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        byid[i] = 32 * i + lane < keepN ? uint64_t(uint32_t(comp_id(sorted[i]))) : ~0ull;
+        s[32 * i + lane] = byid[i];
+    }
+    __syncwarp();
+    int rid[2];
+    warp_rank64(s, byid, rid);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+        if (byid[i] != ~0ull) s[rid[i]] = sorted[i];
+    __syncwarp();
+    int fid[2];
+    double e[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int t = 32 * i + lane;
+        const uint64_t c = t < keepN ? s[t] : 0ull;
+        fid[i] = t < keepN ? comp_id(c) : -1;
+        e[i] = fid[i] >= 0 ? exp((double(float_of_key(comp_key(c))) - double(lmax)) * inv_t) : 0.0;
+    }
+    double cum[2], pre[2], total;
+    warp_scan64(e, cum, pre, &total);
+    const double target = u * total;
+    bool hit[2], pos[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        pos[i] = fid[i] >= 0 && e[i] > 0.0;
+        hit[i] = pos[i] && target < cum[i] && target >= pre[i];
+    }
+    const unsigned h0 = __ballot_sync(kFull, hit[0]), h1 = __ballot_sync(kFull, hit[1]);
+    int pick;
+    if (h0 || h1) {
+        const int t = h0 ? __ffs(h0) - 1 : 32 + __ffs(h1) - 1;
+        pick = __shfl_sync(kFull, t < 32 ? fid[0] : fid[1], t & 31);
+    } else {  // rounding: the last positive weight in id order
+        const unsigned p0 = __ballot_sync(kFull, pos[0]), p1 = __ballot_sync(kFull, pos[1]);
+        const int t = p1 ? 32 + 31 - __clz(p1) : (p0 ? 31 - __clz(p0) : -1);
+        const int f = __shfl_sync(kFull, t < 32 ? fid[0] : fid[1], t & 31);
+        pick = t >= 0 ? f : best;
+    }
+    if (lane == 0) *out = pick;
+}
+
 __global__ void __launch_bounds__(kSliceThreads) sample_slices_kernel(float* logits, int V, const SampleRow* rows,
                                                                       uint8_t* work, int S) {
     __shared__ float sv[kSampleSlice];
+    __shared__ uint64_t wl[kSliceThreads / 32][64];
     __shared__ int hist[256];
     __shared__ int wbuf[32];
     __shared__ float red_w[kSliceThreads / 32];
@@ -572,8 +820,45 @@ __global__ void __launch_bounds__(kSliceThreads) sample_slices_kernel(float* log
     if (t == 0) part[b] = MaxPart{bw, bi};
     if (p.temperature == 0.0f) return;  // greedy: the maximum is all the merge needs
 
-    // 4. the slice's top_k (ties at the k-th key: lowest ids), in id order
     int32_t* cand = reinterpret_cast<int32_t*>(part + S) + size_t(b) * kMaxCand;
+    if (p.top_k <= kWarpK) {
+        // 4w. the slice's 64 largest composites, sorted descending, as 64 uint64_t in its candidate
+        // space: each warp folds its kWarpSpan logits in 64 at a time (skipping a batch with none
+        // above its k-th so far: those cannot reach the row's top_k), then a tree over the warps
+        constexpr int kWarps = kSliceThreads / 32, kWarpSpan = kSampleSlice / kWarps;
+        const int lane = t & 31, wid = t >> 5, k = p.top_k;
+        uint64_t x[2] = {0ull, 0ull}, thr = 0ull;
+        for (int q = 0; q < kWarpSpan; q += 64) {
+            const int i0 = wid * kWarpSpan + q + 2 * lane;
+            uint64_t y[2];
+            y[0] = i0 < len ? comp_of(sv[i0], s0 + i0) : 0ull;
+            y[1] = i0 + 1 < len ? comp_of(sv[i0 + 1], s0 + i0 + 1) : 0ull;
+            if (!__any_sync(kFull, y[0] > thr || y[1] > thr)) continue;
+            warp_sort64_desc(y);
+            warp_merge64_desc(x, y);
+            thr = warp_elem(x, k - 1);
+        }
+        wl[wid][2 * lane] = x[0];
+        wl[wid][2 * lane + 1] = x[1];
+        __syncthreads();
+        for (int h = 1; h < kWarps; h <<= 1) {
+            if ((wid & (2 * h - 1)) == 0) {
+                const uint64_t y[2] = {wl[wid + h][2 * lane], wl[wid + h][2 * lane + 1]};
+                warp_merge64_desc(x, y);
+                wl[wid][2 * lane] = x[0];
+                wl[wid][2 * lane + 1] = x[1];
+            }
+            __syncthreads();
+        }
+        if (wid == 0) {
+            uint64_t* out = reinterpret_cast<uint64_t*>(cand);
+            out[2 * lane] = x[0];
+            out[2 * lane + 1] = x[1];
+        }
+        return;
+    }
+
+    // 4. the slice's top_k (ties at the k-th key: lowest ids), in id order
     const int k = min(p.top_k, len);
     if (k == len) {
         for (int i = t; i < len; i += kSliceThreads) cand[i] = s0 + i;
@@ -608,12 +893,13 @@ __global__ void __launch_bounds__(kSliceThreads) sample_slices_kernel(float* log
     }
 }
 
-__global__ void __launch_bounds__(kThreads) sample_merge_kernel(const float* logits, int V, const SampleRow* rows,
+__global__ void __launch_bounds__(kThreads, 1) sample_merge_kernel(const float* logits, int V, const SampleRow* rows,
                                                                 const uint8_t* work, int S, int32_t* out_token,
                                                                 uint64_t* out_state) {
     __shared__ double dbuf[kThreads];
     __shared__ int ibuf[kThreads];
     __shared__ uint64_t sbuf[kMaxCand];
+    __shared__ uint64_t wl[kThreads / 32][64];
     __shared__ int hist[256];
     __shared__ float red_w[kThreads / 32];
     __shared__ int red_i[kThreads / 32];
@@ -652,8 +938,35 @@ __global__ void __launch_bounds__(kThreads) sample_merge_kernel(const float* log
     const bool use_min_p = p.min_p > 0.0f;
     const double lmin = use_min_p ? double(lmax) + log(double(p.min_p)) : 0.0;
 
-    // candidates j = slice j / k, entry j % k (every slice but the last has k); in id order
     const int k = p.top_k;
+    if (k <= kWarpK) {
+        // the 64 largest composites of the row: the slices' sorted lists folded by each warp, then
+        // a tree over the warps; warp 0 runs the chain on them
+        const int lane = t & 31, wid = t >> 5;
+        const uint64_t* lists = reinterpret_cast<const uint64_t*>(part + S);
+        uint64_t x[2] = {0ull, 0ull};
+        for (int b = wid; b < S; b += kThreads / 32) {
+            const uint64_t* l = lists + size_t(b) * (kMaxCand / 2);
+            const uint64_t y[2] = {l[2 * lane], l[2 * lane + 1]};
+            warp_merge64_desc(x, y);
+        }
+        wl[wid][2 * lane] = x[0];
+        wl[wid][2 * lane + 1] = x[1];
+        __syncthreads();
+        for (int h = 1; h < kThreads / 32; h <<= 1) {
+            if ((wid & (2 * h - 1)) == 0) {
+                const uint64_t y[2] = {wl[wid + h][2 * lane], wl[wid + h][2 * lane + 1]};
+                warp_merge64_desc(x, y);
+                wl[wid][2 * lane] = x[0];
+                wl[wid][2 * lane + 1] = x[1];
+            }
+            __syncthreads();
+        }
+        if (wid == 0) draw_top_k_warp(x, k, lmax, best, u, inv_t, use_min_p, lmin, p, wl[0], out_token + r);
+        return;
+    }
+
+    // candidates j = slice j / k, entry j % k (every slice but the last has k); in id order
     const int32_t* cand = reinterpret_cast<const int32_t*>(part + S);
     const int Ct = (S - 1) * k + min(k, V - (S - 1) * kSampleSlice);
     auto cand_id = [&](int j) {

@@ -198,3 +198,69 @@ def test_model_chat_sampled_on_the_device_is_deterministic(real_model_path):
         c = m.chat(msgs, seed=12, **kw)
     assert a.token_ids == b.token_ids
     assert c.token_ids != a.token_ids
+
+
+# ------------------------------------------------------------------ split sampler, warp path
+def _stress_rows(rng, n, V):
+    """Rows that stress the split sampler's top_k selection: ties everywhere (a few distinct
+    values), all equal, one finite logit, sorted runs (every batch of the slice kernel enters the
+    top-64), the maximum in several slices, NaN and infinities."""
+    x = rng.normal(0, 3, size=(n, V)).astype(np.float32)
+    for r in range(n):
+        kind = r % 8
+        if kind == 1:    # a few distinct values: ties at the k-th logit across slices
+            x[r] = rng.integers(-3, 3, size=V).astype(np.float32)
+        elif kind == 2:  # all equal
+            x[r] = 0.5
+        elif kind == 3:  # a single finite logit, NaN elsewhere
+            x[r] = np.nan
+            x[r, int(rng.integers(0, V))] = -2.0
+        elif kind == 4:  # ascending: each new batch beats the running top-64
+            x[r] = np.linspace(-5, 5, V, dtype=np.float32)
+        elif kind == 5:  # descending
+            x[r] = np.linspace(5, -5, V, dtype=np.float32)
+        elif kind == 6:  # infinities, -0/+0, NaN, the maximum repeated in several slices
+            x[r, ::97] = np.inf
+            x[r, 1::89] = -np.inf
+            x[r, 2::83] = np.nan
+            x[r, 3::79] = -0.0
+        elif kind == 7:  # fewer finite logits than top_k
+            x[r] = -np.inf
+            x[r, rng.integers(0, V, size=5)] = rng.normal(0, 1, size=5).astype(np.float32)
+    return x
+
+
+@pytest.mark.parametrize("V", [151936, 4096, 5000, 12289, 70])
+@pytest.mark.parametrize("top_k", [1, 2, 40, 64, 65, 1024])
+def test_split_sampler_equals_one_block_stress(V, top_k):
+    """The split sampler (warp path for top_k <= 64, radix path above) against the one-block
+    kernel: the same tokens and generator states bit for bit, with penalties on some rows."""
+    if top_k >= V:
+        top_k = V - 1
+    rng = np.random.default_rng(V * 1000 + top_k)
+    n = 48
+    x = _stress_rows(rng, n, V)
+    cfgs = [
+        dict(top_p=0.95, min_p=0.05, temperature=0.7),
+        dict(top_p=1.0, min_p=0.0, temperature=1.0),
+        dict(top_p=0.5, min_p=0.3, temperature=0.4),
+        dict(top_p=0.9, min_p=0.0, temperature=1.7, repetition_penalty=1.3, frequency_penalty=0.4,
+             presence_penalty=-0.3, penalty_last_n=-1),
+        dict(top_p=0.999, min_p=0.01, temperature=0.05, repetition_penalty=0.8, penalty_last_n=32),
+        dict(top_p=0.3, min_p=0.0, temperature=3.0),
+    ]
+    plist, hist = [], []
+    for r in range(n):
+        plist.append(params(top_k=top_k, **cfgs[(r // 8 + r) % len(cfgs)]))
+        hist.append(rng.integers(0, V, size=int(rng.integers(0, 200))).astype(np.int32))
+    states = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    c = cuda_module()
+    args = (np.ascontiguousarray(x), plist, states, hist)
+    t1, s1 = c.test_sample_rows(*args, split=True)
+    t0, s0 = c.test_sample_rows(*args, split=False)
+    t1, t0 = np.asarray(t1), np.asarray(t0)
+    bad = np.nonzero(t1 != t0)[0]
+    assert bad.size == 0, [(int(r), int(t1[r]), int(t0[r]), plist[r]) for r in bad[:5]]
+    assert np.array_equal(np.asarray(s1), np.asarray(s0))
+    for r in range(3, n, 8):  # the single finite logit (penalties keep it finite) is the only draw
+        assert t0[r] == int(np.nonzero(np.isfinite(x[r]))[0][0]), r
