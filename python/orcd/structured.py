@@ -57,8 +57,12 @@ def ll_tokenizer(tokenizer, n_vocab: int):
             per = _tok_cache[tokenizer] = {}
         lt = per.get(n_vocab)
         if lt is None:
-            lt = llg.LLTokenizer(tokenizer._hf.to_str(), n_vocab=int(n_vocab),
-                                 eos_token=sorted(tokenizer.eos_ids))
+            hf, eos = tokenizer._hf.to_str(), sorted(tokenizer.eos_ids)
+            try:  # recent llguidance takes every end-of-generation id
+                lt = llg.LLTokenizer(hf, n_vocab=int(n_vocab), eos_token=eos)
+            except TypeError:  # older releases (1.6) take one: the EOS id, else the first EOG id
+                one = tokenizer.eos_id if tokenizer.eos_id is not None else eos[0]
+                lt = llg.LLTokenizer(hf, n_vocab=int(n_vocab), eos_token=int(one))
             per[n_vocab] = lt
         return lt
 
