@@ -13,14 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-try:
-    from orcd import _orcd_cuda as cu
-except ImportError as e:
-    pytest.skip(f"orcd._orcd_cuda is not available: {e}", allow_module_level=True)
+from cuda_skip import cuda_or_skip  # noqa: E402
 
-_status = cu.cuda_status()
-if _status:
-    pytest.skip(f"no usable CUDA GPU: {_status}", allow_module_level=True)
+cu = cuda_or_skip()
 
 from orcd import _orcd as core  # noqa: E402
 from test_cuda_engine import assert_close_rows  # noqa: E402

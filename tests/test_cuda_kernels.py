@@ -55,14 +55,9 @@ import zlib
 import numpy as np
 import pytest
 
-try:
-    from orcd import _orcd_cuda as cu
-except ImportError as e:  # built without CUDA, or the package is not installed
-    pytest.skip(f"orcd._orcd_cuda is not available: {e}", allow_module_level=True)
+from cuda_skip import cuda_or_skip  # noqa: E402
 
-_status = cu.cuda_status()
-if _status:
-    pytest.skip(f"no usable CUDA GPU: {_status}", allow_module_level=True)
+cu = cuda_or_skip()
 
 from orcd import _orcd as core  # noqa: E402  (the CPU twins; built with every orcd)
 

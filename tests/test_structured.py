@@ -33,20 +33,7 @@ def submit(loop, rid, ids, max_tokens, stop_ids=(), mask_fn=None, **sampling):
                        s["frequency_penalty"], s["penalty_last_n"], s["seed"], mask_fn=mask_fn)
 
 
-def drain(loop, ids, timeout=120.0):
-    """{id: (tokens, finish, message)} once every id has its terminal event."""
-    toks = {i: [] for i in ids}
-    ends = {}
-    t0 = time.time()
-    while len(ends) < len(ids):
-        assert time.time() - t0 < timeout, f"no terminal event for {set(ids) - set(ends)}"
-        for rid, tok, fin, msg in loop.take_events(200):
-            assert rid not in ends, f"event after the terminal event of {rid}"
-            if tok >= 0:
-                toks[rid].append(tok)
-            if fin:
-                ends[rid] = (fin, msg)
-    return {i: (toks[i], *ends[i]) for i in ids}
+from test_step_loop import drain  # noqa: E402  (every id's tokens and its one terminal event)
 
 
 def mask_of(allowed, n_vocab) -> np.ndarray:
