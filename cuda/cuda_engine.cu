@@ -192,7 +192,8 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
 
     bool one_slot = true;  // a prompt chunk: the tensor-core attention may take it
     for (int i = 1; i < nr; ++i) one_slot = one_slot && pinned_ids_[2 * R_ + i] == pinned_ids_[2 * R_];
-    const cu::AttnPlan plan = cu::attn_plan(nr, kv_max, d_.n_head, info_.sm_count, one_slot);
+    cu::AttnPlan plan = cu::attn_plan(nr, kv_max, d_.n_head, info_.sm_count, one_slot);
+    plan.partial_rows = part_rows_;  // the decode-shaped attention may split finer within them
     const bool fused = !mv && opt_.fused_prompt;
     const int QKVW = QD_ + 2 * KD_;
     for (int l = 0; l < d_.n_layer; ++l) {

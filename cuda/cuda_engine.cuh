@@ -124,6 +124,7 @@ private:
     // views of the scratch (q_/k_/v_ inside qkv_, g_/u_ inside gu_)
     float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr;
     float *att_ = nullptr, *gu_ = nullptr, *g_ = nullptr, *u_ = nullptr, *logits_ = nullptr, *part_o_ = nullptr;
+    size_t part_rows_ = 0;  // rows of part_o_ / part_ml_ (attention partials)
     float2* part_ml_ = nullptr;
     __half *act16_ = nullptr, *w16_ = nullptr;
     int32_t* d_ids_ = nullptr;

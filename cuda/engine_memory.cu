@@ -116,6 +116,7 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     dec_.plan(d_, info_, n_ctx_);
     dec_.set_options(opt_);
 
+    part_rows_ = part_rows;
     const size_t fR = size_t(R_);
     const SampleLayout slay = sample_layout(n_slots_, V_);
     samp_bytes_ = slay.bytes;

@@ -74,6 +74,9 @@ struct AttnPlan {
     bool flash = false;
     int flash_splits = 1;
     int flash_len = 1 << 30;
+    // Rows of the caller's part_o / part_ml (0: unknown). The decode-shaped kernel may split
+    // the keys finer than n_splits as long as n_q * n_head * its splits fit in them.
+    size_t partial_rows = 0;
 };
 // one_slot: the caller knows every query of the launch is in the same slot.
 AttnPlan attn_plan(int n_q, int kv_max, int n_head, int sm_count, bool one_slot = false);
@@ -95,13 +98,13 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
                const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
                const char* what);
 
-// Decode-shaped attention (rows_attn.cu): one block per (query, KV head, split) serving
-// the query heads of that KV head together; head_dim 64 or 128, n_head / n_head_kv <= 8.
-// Writes the partials of plan-style splits (attn_combine merges them).
+// Decode-shaped attention (rows_attn.cu): one warp per (query, head, split); head_dim 64 or
+// 128. Writes the partials of its splits (returned: attn_combine merges that many); splits
+// finer than the plan's when plan.partial_rows says the buffers hold them.
 bool rows_attention_supported(int head_dim, int group);
-void rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
-                    const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
-                    int split_len, int n_splits, float* part_o, float2* part_ml, cudaStream_t st, const char* what);
+int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
+                   const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
+                   const AttnPlan& plan, float* part_o, float2* part_ml, cudaStream_t st, const char* what);
 
 // The tensor-core attention (flash_attn.cu). Every query in one slot (the block reads
 // the slot of its first row); head_dim 64 or 128; ldq, ldo even; split_len a multiple

@@ -398,10 +398,9 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
         return;
     }
     if (rows_attention_supported(head_dim, n_head / n_head_kv)) {  // rows_attn.cu
-        rows_attention(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_q, n_head, n_head_kv, head_dim,
-                       plan.split_len, plan.n_splits, part_o, part_ml, st, what);
-        attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim, plan.n_splits,
-                                                                    out, ldo);
+        const int ns = rows_attention(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_q, n_head, n_head_kv,
+                                      head_dim, plan, part_o, part_ml, st, what);
+        attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim, ns, out, ldo);
         CUDA_LAUNCH_CHECK(ctx("attn_combine_kernel (rows)", what));
         return;
     }

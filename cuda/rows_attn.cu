@@ -2,17 +2,20 @@
 // slot and position (a batch of sequences, one new token each). The twin of the CPU
 // engine's attention (cpp/cpu_ops.cpp) through cu::attention, which routes here.
 //
-// Block (row i, KV head g, split s), 8 warps: the block's query heads are the `group` heads
-// that read KV head g, so each K/V row is loaded once for all of them (GQA without copies).
-// Warp w takes the split's keys in tiles of 32 (tile w, w+8, ...); in a tile, lane l scores
-// key tile+l for every head of the group (its K row read as 16-byte pieces), the warp folds
-// the tile into its running (max, sum, output) per head, then for P·V lane l owns head_dim/32
-// output dimensions and walks the tile's 32 V rows (each row read by the whole warp, coalesced).
-// The 8 warps merge in shared memory and the block writes its unnormalised output and
-// (max, sum) per head, the layout attn_combine_kernel merges across splits.
+// One warp per (row, query head, split). The warp walks its split's keys in tiles of 32:
+// lane l scores key tile+l (its K row read as 16-byte pieces, q broadcast from shared memory),
+// the warp folds the tile into its running (max, sum, output), then for P·V lane l owns
+// head_dim/32 output dimensions and reads the tile's 32 V rows (each row by the whole warp,
+// coalesced; rows past the split's end reread its last key and weigh 0, so every load is
+// unconditional and the 32 are issued together). The warp writes its unnormalised output and
+// (max, sum), the layout attn_combine_kernel merges across splits.
 //
-// Why not the (head, query) kernel: with one query per slot it walked V one scalar load
-// after another (latency-bound) and loaded each K/V row once per query head.
+// Why this shape: at small batches a decode step has few rows, so the work must spread over
+// many short, independent instruction chains. A block serving all heads of a KV head made each
+// warp score and accumulate 7 heads in one chain (Nsight Compute on the H200, B=8: 31 us, 16
+// blocks, 1% of the SM and memory throughput); the (head, query) block kernel before it walked
+// V one scalar load at a time. K/V rows read by the group's heads come from L2 after the first.
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -24,169 +27,118 @@ namespace orcd {
 namespace cu {
 namespace {
 
-constexpr int kRowsWarps = 8;
-constexpr int kRowsMaxGroup = 8;
+constexpr int kRowsMaxSplits = 256;  // partial rows per (row, head) at the most
+constexpr int kRowsMinSplitLen = 64;  // keys per warp at the least (two tiles)
 
 template <int HD>
-__global__ void __launch_bounds__(kRowsWarps * 32, 2)
+__global__ void __launch_bounds__(32)
 rows_attn_kernel(const float* __restrict__ q, int ldq, const __half* __restrict__ kc, const __half* __restrict__ vc,
                  size_t slot_stride, int kv_dim, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos,
                  int n_head, int group, float scale, int split_len, int n_splits, float* __restrict__ part_o,
                  float2* __restrict__ part_ml) {
     constexpr int DPL = HD / 32;  // output dimensions per lane
-    __shared__ float qs[kRowsMaxGroup][HD];
-    __shared__ float wm[kRowsWarps][kRowsMaxGroup], wl[kRowsWarps][kRowsMaxGroup];
-    __shared__ float wo[kRowsWarps][kRowsMaxGroup][HD];
+    __shared__ float qs[HD];
 
-    const int i = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int i = blockIdx.x, h = blockIdx.y, s = blockIdx.z, lane = threadIdx.x;
     const int kv_len = pos[i] + 1;
     const int start = s * split_len;
     const int end = min(start + split_len, kv_len);
-    const int h0 = kvh * group;
+    const size_t pidx = (size_t(i) * n_head + h) * n_splits + s;
 
-    for (int e = threadIdx.x; e < group * HD; e += kRowsWarps * 32)
-        qs[e / HD][e % HD] = q[size_t(i) * ldq + size_t(h0) * HD + e] * scale;
-    __syncthreads();
+    for (int d = lane; d < HD; d += 32) qs[d] = q[size_t(i) * ldq + size_t(h) * HD + d] * scale;
+    __syncwarp();
 
-    const size_t base = size_t(slots[i]) * slot_stride + size_t(kvh) * HD;
-    const __half* K = kc + base;
-    const __half* V = vc + base;
-
-    float m[kRowsMaxGroup], l[kRowsMaxGroup], acc[kRowsMaxGroup][DPL];
+    float m = -INFINITY, l = 0.f, acc[DPL];
 #pragma unroll
-    for (int g = 0; g < kRowsMaxGroup; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.f;
-#pragma unroll
-        for (int d = 0; d < DPL; ++d) acc[g][d] = 0.f;
-    }
+    for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
 
-    for (int tile = start + w * 32; tile < end; tile += kRowsWarps * 32) {
-        // lanes past the split's end score its last key (a valid row) and are masked below,
-        // so every load is unconditional and the compiler can issue them all at once
-        const int j = min(tile + lane, end - 1);
-        float sc[kRowsMaxGroup];
-#pragma unroll
-        for (int g = 0; g < kRowsMaxGroup; ++g) sc[g] = 0.f;
-        {
-            const __half* kr = K + size_t(j) * kv_dim;
+    if (start < end) {
+        const size_t base = size_t(slots[i]) * slot_stride + size_t(h / group) * HD;
+        const __half* K = kc + base;
+        const __half* V = vc + base;
+        for (int tile = start; tile < end; tile += 32) {
+            const int nk = min(32, end - tile);
+            const __half* kr = K + size_t(min(tile + lane, end - 1)) * kv_dim;
+            float sc = 0.f;
 #pragma unroll
             for (int d = 0; d < HD; d += 8) {
                 const uint4 raw = __ldg(reinterpret_cast<const uint4*>(kr + d));
                 const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
-                float kf[8];
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const float2 f = __half22float2(h2[e]);
-                    kf[2 * e] = f.x;
-                    kf[2 * e + 1] = f.y;
+                    sc += qs[d + 2 * e] * f.x + qs[d + 2 * e + 1] * f.y;
                 }
+            }
+            const float v = lane < nk ? sc : -INFINITY;
+            const float m_new = fmaxf(m, warp_max(v));  // finite: lane 0's key is in range
+            const float p = lane < nk ? __expf(v - m_new) : 0.f;
+            const float corr = __expf(m - m_new);       // 0 while m is -inf
+            l = l * corr + warp_sum(p);
+            m = m_new;
 #pragma unroll
-                for (int g = 0; g < kRowsMaxGroup; ++g) {
-                    if (g < group) {
+            for (int d = 0; d < DPL; ++d) acc[d] *= corr;
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) sc[g] += qs[g][d + e] * kf[e];
+            for (int kk = 0; kk < 32; ++kk) {
+                const __half* vr = V + size_t(min(tile + kk, end - 1)) * kv_dim + lane * DPL;
+                float vf[DPL];
+                if constexpr (DPL == 2) {
+                    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(vr));
+                    vf[0] = f.x;
+                    vf[1] = f.y;
+                } else {
+                    const uint2 raw = *reinterpret_cast<const uint2*>(vr);
+                    const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+                    for (int e = 0; e < DPL / 2; ++e) {
+                        const float2 f = __half22float2(h2[e]);
+                        vf[2 * e] = f.x;
+                        vf[2 * e + 1] = f.y;
                     }
                 }
-            }
-        }
-        const int nk = min(32, end - tile);
+                const float pk = __shfl_sync(0xffffffffu, p, kk);
 #pragma unroll
-        for (int g = 0; g < kRowsMaxGroup; ++g) {
-            if (g >= group) break;
-            const float v = lane < nk ? sc[g] : -INFINITY;
-            const float m_new = fmaxf(m[g], warp_max(v));  // finite: lane 0's key is in range
-            const float p = lane < nk ? __expf(v - m_new) : 0.f;
-            const float corr = __expf(m[g] - m_new);       // 0 while m[g] is -inf
-            l[g] = l[g] * corr + warp_sum(p);
-#pragma unroll
-            for (int d = 0; d < DPL; ++d) acc[g][d] *= corr;
-            m[g] = m_new;
-            sc[g] = p;
-        }
-        // all 32 rows of the tile, fully unrolled: rows past the end reread the last key and
-        // weigh 0 (their p is 0), so the 32 V loads are independent and issued together
-#pragma unroll
-        for (int kk = 0; kk < 32; ++kk) {
-            const __half* vr = V + size_t(min(tile + kk, end - 1)) * kv_dim + lane * DPL;
-            float vf[DPL];
-            if constexpr (DPL == 2) {
-                const float2 f = __half22float2(*reinterpret_cast<const __half2*>(vr));
-                vf[0] = f.x;
-                vf[1] = f.y;
-            } else {
-                const uint2 raw = *reinterpret_cast<const uint2*>(vr);
-                const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-                for (int e = 0; e < DPL / 2; ++e) {
-                    const float2 f = __half22float2(h2[e]);
-                    vf[2 * e] = f.x;
-                    vf[2 * e + 1] = f.y;
-                }
-            }
-#pragma unroll
-            for (int g = 0; g < kRowsMaxGroup; ++g) {
-                if (g >= group) break;
-                const float p = __shfl_sync(0xffffffffu, sc[g], kk);
-#pragma unroll
-                for (int d = 0; d < DPL; ++d) acc[g][d] += p * vf[d];
+                for (int d = 0; d < DPL; ++d) acc[d] += pk * vf[d];
             }
         }
     }
-
-    // merge the warps: each head's result relative to the largest of the warps' maxima
 #pragma unroll
-    for (int g = 0; g < kRowsMaxGroup; ++g) {
-        if (g >= group) break;
-        if (lane == 0) {
-            wm[w][g] = m[g];
-            wl[w][g] = l[g];
-        }
-#pragma unroll
-        for (int d = 0; d < DPL; ++d) wo[w][g][lane * DPL + d] = acc[g][d];
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < group * HD; e += kRowsWarps * 32) {
-        const int g = e / HD, d = e % HD;
-        float M = -INFINITY;
-#pragma unroll
-        for (int k = 0; k < kRowsWarps; ++k) M = fmaxf(M, wm[k][g]);
-        float L = 0.f, o = 0.f;
-        if (M != -INFINITY) {
-#pragma unroll
-            for (int k = 0; k < kRowsWarps; ++k) {
-                const float c = __expf(wm[k][g] - M);
-                L += c * wl[k][g];
-                o += c * wo[k][g][d];
-            }
-        }
-        const size_t pidx = (size_t(i) * n_head + h0 + g) * n_splits + s;
-        part_o[pidx * HD + d] = o;
-        if (d == 0) part_ml[pidx] = make_float2(M, L);
-    }
+    for (int d = 0; d < DPL; ++d) part_o[pidx * HD + lane * DPL + d] = acc[d];
+    if (lane == 0) part_ml[pidx] = make_float2(m, l);
 }
 
 }  // namespace
 
 bool rows_attention_supported(int head_dim, int group) {
-    return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= kRowsMaxGroup;
+    return (head_dim == 64 || head_dim == 128) && group >= 1;
 }
 
-void rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
-                    const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
-                    int split_len, int n_splits, float* part_o, float2* part_ml, cudaStream_t st, const char* what) {
+int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
+                   const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
+                   const AttnPlan& plan, float* part_o, float2* part_ml, cudaStream_t st, const char* what) {
+    // Keys the plan covers; splits of at least kRowsMinSplitLen keys, as many as the partial
+    // buffers hold (plan.partial_rows; without it, the plan's own splits, which always fit).
+    int split_len = plan.split_len, n_splits = plan.n_splits;
+    const long long cap = plan.partial_rows > 0 ? (long long)(plan.partial_rows / (size_t(n_q) * size_t(n_head))) : 0;
+    if (cap >= 1) {
+        const long long cover = (long long)plan.split_len * plan.n_splits;
+        long long ns = (cover + kRowsMinSplitLen - 1) / kRowsMinSplitLen;
+        ns = std::max<long long>(1, std::min<long long>({ns, cap, (long long)kRowsMaxSplits}));
+        const long long len = ((cover + ns - 1) / ns + 31) / 32 * 32;
+        split_len = int(len);
+        n_splits = int((cover + len - 1) / len);  // <= ns
+    }
     const int group = n_head / n_head_kv;
     const float scale = 1.0f / std::sqrt(float(head_dim));
-    const dim3 grid(n_q, n_head_kv, n_splits);
+    const dim3 grid(n_q, n_head, n_splits);
     if (head_dim == 64)
-        rows_attn_kernel<64><<<grid, kRowsWarps * 32, 0, st>>>(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_head,
-                                                               group, scale, split_len, n_splits, part_o, part_ml);
+        rows_attn_kernel<64><<<grid, 32, 0, st>>>(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_head, group,
+                                                  scale, split_len, n_splits, part_o, part_ml);
     else
-        rows_attn_kernel<128><<<grid, kRowsWarps * 32, 0, st>>>(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos,
-                                                                n_head, group, scale, split_len, n_splits, part_o,
-                                                                part_ml);
+        rows_attn_kernel<128><<<grid, 32, 0, st>>>(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_head, group,
+                                                   scale, split_len, n_splits, part_o, part_ml);
     CUDA_LAUNCH_CHECK(std::string("rows_attn_kernel for ") + (what ? what : "?"));
+    return n_splits;
 }
 
 }  // namespace cu
