@@ -5,7 +5,8 @@
 //   .trace(tokens) -> (list of float32 [n, n_embd] x (n_layer+1), float32 [n, n_vocab])
 //   .decode_batch(slots, tokens, pos) -> float32 [n, n_vocab]
 //   .decode_greedy(slot, first_token, pos, n_steps) -> int32 [n_steps]
-//   .info() -> dict
+//   .kv_reserve(slot, n_positions) -> bool, .kv_release(slot), .kv_reserved(slot) -> int
+//   .info() -> dict (kv_pool_positions / kv_pool_reserved / kv_pool_largest_free / kv_pool_unit)
 //   .close()
 // Calls into one engine are serialised by its lock (its KV cache and scratch
 // serve one caller at a time; Python threads may share a Model); the GIL is
@@ -163,6 +164,31 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
             "parameters beyond the device sampler): then forward() and Sampler.sample.\n"
             "n_logprobs >= 0 (up to 20): a third item, the token's (logprob, [(id, logprob), ...] top\n"
             "n_logprobs) under the raw distribution (cpp/logprobs.h), computed next to the logits.")
+        .def(
+            "kv_reserve",
+            [](H& self, int slot, int n_positions) {
+                nb::gil_scoped_release nogil;
+                std::lock_guard<std::mutex> lock(*self.mu);
+                return self.get().kv_reserve(slot, n_positions);
+            },
+            nb::arg("slot"), nb::arg("n_positions"),
+            "Makes `slot` hold positions [0, n_positions) of the KV pool (its cached positions stay);\n"
+            "False, changing nothing, when the pool has no free range that long.")
+        .def(
+            "kv_release",
+            [](H& self, int slot) {
+                nb::gil_scoped_release nogil;
+                std::lock_guard<std::mutex> lock(*self.mu);
+                self.get().kv_release(slot);
+            },
+            nb::arg("slot"), "Gives the slot's KV memory back to the pool: its cached positions are gone.")
+        .def(
+            "kv_reserved",
+            [](H& self, int slot) {
+                std::lock_guard<std::mutex> lock(*self.mu);
+                return self.get().kv_reserved(slot);
+            },
+            nb::arg("slot"), "Positions the slot holds in the KV pool now.")
         .def("info", [info](H& self) { return info(self.get()); })
         .def("close", [](H& self) {
             nb::gil_scoped_release nogil;

@@ -46,6 +46,11 @@ inline nanobind::dict engine_info_dict(const Engine& e, const char* backend) {
     r["layer_rope_base"] = bases;
     r["n_ctx"] = e.n_ctx();
     r["n_slots"] = e.n_slots();
+    const KvPoolStats kv = e.kv_stats();
+    r["kv_pool_positions"] = kv.capacity;
+    r["kv_pool_reserved"] = kv.reserved;
+    r["kv_pool_largest_free"] = kv.largest_free;
+    r["kv_pool_unit"] = kv.unit;
     return r;
 }
 

@@ -17,7 +17,7 @@
 namespace orcd {
 
 using MakeEngineFn = std::function<std::unique_ptr<Engine>(const std::string& path, int n_ctx, int n_slots,
-                                                           int n_threads)>;
+                                                           int n_threads, size_t kv_memory)>;
 
 // Each call holds its own reference while the GIL is released, so close() from one thread
 // never frees the loop under another thread's take_events. Backend: a distinct C++ type per
@@ -88,21 +88,23 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
         "when it asked for prompt logprobs, 'prompt_logprobs': one such pair per prompt token after\n"
         "the first (cpp/logprobs.h: the raw distribution, before penalties, temperature and top-k/p).")
         .def("__init__", [make](PyStepLoop* self, const std::string& path, int n_ctx, int n_slots, int n_threads,
-                                int max_waiting, int prefill_chunk) {
+                                int max_waiting, int prefill_chunk, size_t kv_memory) {
             std::shared_ptr<StepLoop> l;
             {
                 nb::gil_scoped_release nogil;
-                l = std::make_shared<StepLoop>(make(path, n_ctx, n_slots, n_threads), max_waiting, prefill_chunk);
+                l = std::make_shared<StepLoop>(make(path, n_ctx, n_slots, n_threads, kv_memory), max_waiting,
+                                               prefill_chunk);
             }
             new (self) PyStepLoop{std::move(l)};
         }, nb::arg("path"), nb::arg("n_ctx") = 4096, nb::arg("n_slots") = 8, nb::arg("n_threads") = 0,
-           nb::arg("max_waiting") = 256, nb::arg("prefill_chunk") = 512,
+           nb::arg("max_waiting") = 256, nb::arg("prefill_chunk") = 512, nb::arg("kv_memory") = 0,
            "n_slots sequences run at once (each up to n_ctx positions); up to max_waiting more wait;\n"
-           "a step evaluates at most prefill_chunk prompt tokens. n_threads: CPU engine only.")
+           "a step evaluates at most prefill_chunk prompt tokens. n_threads: CPU engine only.\n"
+           "kv_memory: bytes of the KV pool the slots share (0: the engine's default; cpp/kv_pool.h).")
         .def("submit", [](PyStepLoop& s, int64_t id, Tokens prompt, int max_tokens, std::vector<int32_t> stop_ids,
                           float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
                           float presence_penalty, float frequency_penalty, int penalty_last_n, uint64_t seed,
-                          int n_logprobs, int n_prompt_logprobs, nb::object mask_fn) {
+                          int n_logprobs, int n_prompt_logprobs, nb::object mask_fn, bool reuse_prefix) {
             StepRequest r;
             r.id = id;
             r.prompt.assign(prompt.data(), prompt.data() + prompt.shape(0));
@@ -112,6 +114,7 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
                           frequency_penalty, penalty_last_n, seed};
             r.n_logprobs = n_logprobs;
             r.n_prompt_logprobs = n_prompt_logprobs;
+            r.reuse_prefix = reuse_prefix;
             std::shared_ptr<StepLoop> l = s.get();
             if (mask_fn.is_none()) {
                 nb::gil_scoped_release nogil;
@@ -146,6 +149,7 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
            nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("repetition_penalty"),
            nb::arg("presence_penalty"), nb::arg("frequency_penalty"), nb::arg("penalty_last_n"), nb::arg("seed"),
            nb::arg("n_logprobs") = -1, nb::arg("n_prompt_logprobs") = -1, nb::arg("mask_fn") = nb::none(),
+           nb::arg("reuse_prefix") = true,
            "Queues a request; False when the queue is full (retry later). Bad input raises ValueError.\n"
            "n_logprobs / n_prompt_logprobs: -1 (none) or 0..20 top tokens, see the class docstring.\n"
            "mask_fn (structured output): mask_fn(generated int32[n], mask uint32[(n_vocab + 31) // 32]) fills\n"
@@ -193,6 +197,9 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
             d["prompt_tokens"] = st.prompt_tokens;
             d["generated"] = st.generated;
             d["finished"] = st.finished;
+            d["kv_positions"] = st.kv_positions;
+            d["kv_reserved"] = st.kv_reserved;
+            d["kv_waits"] = st.kv_waits;
             return d;
         })
         .def_prop_ro("n_ctx", [](PyStepLoop& s) { return s.get()->n_ctx(); })

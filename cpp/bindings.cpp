@@ -328,14 +328,16 @@ NB_MODULE(_orcd, m) {
     // ---- CPU engine (methods: bind_engine.h)
     using PyEngine = EngineHolder<Engine>;
     nb::class_<PyEngine> cpu_engine(m, "CpuEngine");
-    cpu_engine.def("__init__", [](PyEngine* self, const std::string& path, int n_ctx, int n_slots, int n_threads) {
+    cpu_engine.def("__init__", [](PyEngine* self, const std::string& path, int n_ctx, int n_slots, int n_threads,
+                                  size_t kv_memory) {
         std::unique_ptr<Engine> e;
         {
             nb::gil_scoped_release nogil;
-            e = make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads);
+            e = make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads, kv_memory);
         }
         new (self) PyEngine{std::move(e)};
-    }, nb::arg("path"), nb::arg("n_ctx") = 4096, nb::arg("n_slots") = 1, nb::arg("n_threads") = 0);
+    }, nb::arg("path"), nb::arg("n_ctx") = 4096, nb::arg("n_slots") = 1, nb::arg("n_threads") = 0,
+       nb::arg("kv_memory") = 0);
     bind_engine_methods<Engine>(cpu_engine, [](const Engine& e) {
         nb::dict d = engine_info_dict(e, "cpu");
         d["cpu_kernel"] = matmul_kernel_name();
@@ -343,8 +345,9 @@ NB_MODULE(_orcd, m) {
     });
 
     // ---- many sequences on a C++ thread (cpp/step_loop.h)
-    bind_step_loop<0>(m, "StepLoop", [](const std::string& path, int n_ctx, int n_slots, int n_threads) {
-        return make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads);
+    bind_step_loop<0>(m, "StepLoop", [](const std::string& path, int n_ctx, int n_slots, int n_threads,
+                                        size_t kv_memory) {
+        return make_cpu_engine(std::make_shared<GGUFFile>(path), n_ctx, n_slots, n_threads, kv_memory);
     });
     // ---- ops: the CPU engine's operations one at a time (cpp/cpu_ops.h), for kernel-level
     // tests against the NumPy reference and the CUDA twins (orcd._orcd_cuda.<name>).

@@ -59,7 +59,7 @@ std::vector<float> to_float(const TensorInfo* t) {
 
 class CpuEngine final : public Engine {
 public:
-    CpuEngine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, int n_threads)
+    CpuEngine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, int n_threads, size_t kv_memory)
         : file_(std::move(file)), d_(describe_model(*file_)), n_ctx_(n_ctx), n_slots_(n_slots),
           pool_(checked_threads(n_threads)) {
         if (n_ctx < 1) throw Error("n_ctx must be >= 1 (got " + std::to_string(n_ctx) + ")");
@@ -67,24 +67,29 @@ public:
         file_->check_unchanged();
         kv_dim_ = d_.n_head_kv * d_.head_dim;
         q_dim_ = d_.n_head * d_.head_dim;
-        // K and V caches: allocated lazily (zeroed_buffer.h), but a cache
-        // that could never fit in RAM is refused now rather than paging the
-        // machine to death once the context fills.
-        const unsigned __int128 need128 = (unsigned __int128)n_slots * d_.n_layer * n_ctx * kv_dim_ * 2 * sizeof(float);
+        // K and V caches: address space for every slot's n_ctx positions, memory committed
+        // as positions are written and given back when a slot is released (zeroed_buffer.h);
+        // the pool (kv_pool.h) bounds what the slots hold at once. A pool that could never
+        // fit in RAM is refused now rather than paging the machine to death once it fills.
+        const size_t pos_bytes = size_t(d_.n_layer) * kv_dim_ * 2 * sizeof(float);
+        const int64_t positions = kv_pool_positions("CpuEngine", n_slots, n_ctx, kv_memory, pos_bytes);
+        kv_ = KvPool(n_slots, positions, kKvUnit);
+        const unsigned __int128 need128 = (unsigned __int128)kv_.stats().capacity * pos_bytes;
         const uint64_t need = need128 > UINT64_MAX ? UINT64_MAX : (uint64_t)need128;
-        const uint64_t cache = need / (2 * sizeof(float));
         const uint64_t have = physical_memory_bytes();
         if (need > have)
             throw Error("KV cache for n_ctx = " + std::to_string(n_ctx) + " and n_slots = " + std::to_string(n_slots) +
                         " needs " + std::to_string(need) + " bytes (" + std::to_string(need >> 20) +
                         " MiB) but this machine has " + std::to_string(have) + " bytes (" +
-                        std::to_string(have >> 20) + " MiB) of memory: lower n_ctx or n_slots");
+                        std::to_string(have >> 20) + " MiB) of memory: lower n_ctx or n_slots, or set kv_memory");
+        const size_t cache = size_t(n_slots) * d_.n_layer * n_ctx * kv_dim_;
         try {
             kcache_ = ZeroedBuffer(cache);
             vcache_ = ZeroedBuffer(cache);
         } catch (const std::bad_alloc&) {
             throw Error("KV cache for n_ctx = " + std::to_string(n_ctx) + " and n_slots = " + std::to_string(n_slots) +
-                        ": the system refused " + std::to_string(need) + " bytes: lower n_ctx or n_slots");
+                        ": the system refused " + std::to_string(cache * 2 * sizeof(float)) +
+                        " bytes of address space: lower n_ctx or n_slots");
         }
 
         emb_ = weight_view(*d_.tok_embd);
@@ -132,10 +137,31 @@ public:
     int n_ctx() const override { return n_ctx_; }
     int n_slots() const override { return n_slots_; }
 
+    // The pool is an account here: each slot keeps its own n_ctx positions of address
+    // space, so a reservation never moves data; release gives the slot's pages back.
+    bool kv_reserve(int slot, int n_positions) override {
+        check_kv_reserve_args(*this, slot, n_positions);
+        return kv_.reserve(slot, n_positions, nullptr);
+    }
+    void kv_release(int slot) override {
+        check_slot("kv_release", *this, slot);
+        if (kv_.offset(slot) < 0) return;
+        const size_t per_slot = size_t(d_.n_layer) * n_ctx_ * kv_dim_;
+        kcache_.discard(size_t(slot) * per_slot, per_slot);
+        vcache_.discard(size_t(slot) * per_slot, per_slot);
+        kv_.release(slot);
+    }
+    KvPoolStats kv_stats() const override { return kv_.stats(); }
+    int64_t kv_reserved(int slot) const override {
+        check_slot("kv_reserved", *this, slot);
+        return std::min<int64_t>(kv_.size(slot), n_ctx_);
+    }
+
     void forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
                  Trace* trace) override {
         check_forward_args("forward", *this, slot, tokens, n, pos0);
         file_->check_unchanged();  // the weights are read from the mapping: a truncated file would SIGBUS
+        engine_args::ensure_kv("forward", *this, slot, int64_t(pos0) + n);
         std::vector<int32_t> slots(n, slot), pos(n);
         for (int i = 0; i < n; ++i) pos[i] = pos0 + i;
         run(tokens, slots.data(), pos.data(), n, logits, all_logits, trace);
@@ -145,6 +171,7 @@ public:
                       float* logits) override {
         check_decode_batch_args(*this, n, slots, tokens, pos);
         file_->check_unchanged();
+        for (int i = 0; i < n; ++i) engine_args::ensure_kv("decode_batch", *this, slots[i], int64_t(pos[i]) + 1);
         run(tokens, slots, pos, n, logits, true, nullptr);
     }
 
@@ -279,14 +306,16 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> rope_bases_;               // the distinct RoPE bases of the layers
     std::vector<std::vector<double>> inv_freqs_;  // inv_freq table of each
+    KvPool kv_;            // what each slot holds of the pool (an account: the layout below is per slot)
     ZeroedBuffer kcache_;  // [slot][layer][kv_head][head_dim][pos]: transposed for the score loop
     ZeroedBuffer vcache_;  // [slot][layer][pos][kv_head * head_dim]
 };
 
 }  // namespace
 
-std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, int n_threads) {
-    return std::make_unique<CpuEngine>(std::move(file), n_ctx, n_slots, n_threads);
+std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, int n_threads,
+                                        size_t kv_memory) {
+    return std::make_unique<CpuEngine>(std::move(file), n_ctx, n_slots, n_threads, kv_memory);
 }
 
 }  // namespace orcd

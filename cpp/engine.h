@@ -1,9 +1,11 @@
 // engine.h - what every backend (CPU, CUDA) implements.
 //
-// An engine owns the weights (as the file stores them) and a KV cache of
-// n_slots sequences x n_ctx positions. It knows nothing of tokenizers or
-// sampling: it maps token ids to logits. The Python layer keeps, per slot,
-// how many positions are valid and calls forward with pos0 = that count.
+// An engine owns the weights (as the file stores them) and the KV memory of
+// n_slots sequences of up to n_ctx positions each: one pool (cpp/kv_pool.h) of
+// kv_stats().capacity positions that the slots share, at least n_ctx and at most
+// n_slots x n_ctx. It knows nothing of tokenizers or sampling: it maps token ids
+// to logits. The caller keeps, per slot, how many positions are valid and calls
+// forward with pos0 = that count.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "error.h"
+#include "kv_pool.h"
 #include "logprobs.h"
 #include "model.h"
 #include "sampler.h"
@@ -68,6 +71,17 @@ public:
     virtual int n_ctx() const = 0;    // positions per slot
     virtual int n_slots() const = 0;  // independent sequences in the cache
 
+    // KV memory. A slot holds positions [0, its reservation) of the pool. forward, decode_batch
+    // and decode_greedy reserve what they write when the slot holds less (an Error naming the
+    // pool's state when it has no room: the caller releases slots or waits). kv_reserve takes
+    // n_positions (1 .. n_ctx) ahead and says false, changing nothing, when the pool has no
+    // room; a slot's cached positions survive its growth. kv_release gives the slot's memory
+    // back: its cached positions are gone.
+    virtual bool kv_reserve(int slot, int n_positions) = 0;
+    virtual void kv_release(int slot) = 0;
+    virtual KvPoolStats kv_stats() const = 0;
+    virtual int64_t kv_reserved(int slot) const = 0;  // positions the slot holds now
+
     // Runs tokens[0..n) of sequence `slot` at positions pos0 .. pos0+n-1,
     // attending to cache entries [0, pos0) plus themselves (causal), and
     // writes their K/V into the slot's cache. Writes n_vocab logits of the last
@@ -120,6 +134,15 @@ inline void check_range(const char* who, const Engine& e, int64_t first, int64_t
         throw Error(std::string(who) + ": context full: " + span(first, n) + of + (n == 1 ? " does" : " do") +
                     " not fit in n_ctx = " + std::to_string(e.n_ctx()));
 }
+// Grows the slot's reservation to cover positions [0, end): the engines call it before writing.
+inline void ensure_kv(const char* who, Engine& e, int slot, int64_t end) {
+    if (e.kv_reserved(slot) >= end || e.kv_reserve(slot, int(end))) return;
+    const KvPoolStats s = e.kv_stats();
+    throw Error(std::string(who) + ": KV memory full: slot " + std::to_string(slot) + " needs " +
+                std::to_string(end) + " positions; the pool of " + std::to_string(s.capacity) + " positions has " +
+                std::to_string(s.capacity - s.reserved) + " free, at most " + std::to_string(s.largest_free) +
+                " in one range (release slots, or give the engine more kv_memory)");
+}
 }  // namespace engine_args
 
 inline void check_slot(const char* who, const Engine& e, int slot) {
@@ -166,8 +189,16 @@ inline void check_greedy_args(const char* who, const Engine& e, int slot, int32_
     check_tokens(who, e, &first_token, 1);
 }
 
+inline void check_kv_reserve_args(const Engine& e, int slot, int n_positions) {
+    check_slot("kv_reserve", e, slot);
+    if (n_positions < 1 || n_positions > e.n_ctx())
+        throw Error("kv_reserve: n_positions must be in [1, n_ctx = " + std::to_string(e.n_ctx()) + "] (got " +
+                    std::to_string(n_positions) + ")");
+}
+
 // The CPU engine (cpp/cpu_engine.cpp). `file` must outlive the engine.
+// kv_memory: bytes for the K/V pool (0: every slot's n_ctx positions; see kv_pool_positions).
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<GGUFFile> file, int n_ctx,
-                                        int n_slots, int n_threads);
+                                        int n_slots, int n_threads, size_t kv_memory = 0);
 
 }  // namespace orcd

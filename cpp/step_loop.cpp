@@ -145,18 +145,36 @@ void StepLoop::admit_locked() {
     }
     while (!waiting_.empty()) {
         int best = -1, best_len = -1;
-        const std::vector<int32_t>& p = waiting_.front()->req.prompt;
+        const StepRequest& req = waiting_.front()->req;
+        const std::vector<int32_t>& p = req.prompt;
         for (size_t k = 0; k < slot_free_.size(); ++k) {
             if (!slot_free_[k]) continue;
             const std::vector<int32_t>& c = slot_cache_[k];
             // at least the last prompt token is evaluated: its logits are needed; prompt
             // logprobs need every prompt row's logits, so nothing cached is reused then
-            const size_t cap = waiting_.front()->req.n_prompt_logprobs >= 0 ? 0 : std::min(c.size(), p.size() - 1);
+            const size_t cap = req.n_prompt_logprobs >= 0 || !req.reuse_prefix ? 0 : std::min(c.size(), p.size() - 1);
             size_t n = 0;
             while (n < cap && c[n] == p[n]) ++n;
             if (int(n) > best_len) { best_len = int(n); best = int(k); }
         }
         if (best < 0) break;
+        // KV memory for the whole request (prompt + every token it may generate), so a
+        // running sequence never meets a full pool.
+        const int need = int(p.size()) + waiting_.front()->limit;
+        bool reserved = false;
+        try {
+            reserved = reserve_kv_locked(best, need, &best_len);
+        } catch (const std::exception& e) {  // the device failed: this request ends, the loop goes on
+            out.push_back({req.id, -1, Finish::error, e.what()});
+            live_.erase(req.id);
+            stats_.finished++;
+            waiting_.pop_front();
+            continue;
+        }
+        if (!reserved) {
+            stats_.kv_waits++;
+            break;  // the oldest request waits for memory; the younger ones wait behind it
+        }
         std::unique_ptr<Seq> s = std::move(waiting_.front());
         waiting_.pop_front();
         s->slot = best;
@@ -164,6 +182,9 @@ void StepLoop::admit_locked() {
         slot_free_[size_t(best)] = false;
         running_.push_back(std::move(s));
     }
+    const KvPoolStats kv = engine_->kv_stats();
+    stats_.kv_positions = kv.capacity;
+    stats_.kv_reserved = kv.reserved;
     n_free_ = int(std::count(slot_free_.begin(), slot_free_.end(), true));
     stats_.waiting = int(waiting_.size());
     stats_.running = int(running_.size());
@@ -171,6 +192,27 @@ void StepLoop::admit_locked() {
         events_.insert(events_.end(), out.begin(), out.end());
         event_cv_.notify_all();
     }
+}
+
+// Under mu_: `need` positions of KV memory for free slot `slot`, whose cached prefix of
+// *reuse tokens the new request keeps. When the pool has no room, idle slots give their
+// cached prefixes back (the other idle slots first, then this one's own, *reuse = 0) until
+// it does; false when even that is not enough (running sequences hold the rest).
+bool StepLoop::reserve_kv_locked(int slot, int need, int* reuse) {
+    if (engine_->kv_reserve(slot, need)) return true;
+    for (size_t k = 0; k < slot_free_.size(); ++k) {
+        if (!slot_free_[k] || int(k) == slot || engine_->kv_reserved(int(k)) == 0) continue;
+        engine_->kv_release(int(k));
+        slot_cache_[k].clear();
+        if (engine_->kv_reserve(slot, need)) return true;
+    }
+    if (engine_->kv_reserved(slot) > 0) {
+        engine_->kv_release(slot);
+        slot_cache_[size_t(slot)].clear();
+        *reuse = 0;
+        if (engine_->kv_reserve(slot, need)) return true;
+    }
+    return false;
 }
 
 void StepLoop::finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out) {

@@ -19,6 +19,13 @@
 // n_ctx (generation ends with "length" there); at most max_waiting requests
 // wait for a slot (submit throws past that: the caller answers "busy").
 //
+// KV memory: admission reserves a request's prompt + max_tokens (capped by n_ctx)
+// positions of the engine's pool (cpp/kv_pool.h) for its slot, so a running sequence
+// never meets a full pool. A free slot keeps its cached prefix (and memory) until an
+// admission needs the room; when even the idle slots' memory is not enough, the oldest
+// waiting request waits (and the ones behind it) until running ones finish.
+// Every request fits an empty pool: the engines hold at least n_ctx positions.
+//
 // Logprobs (cpp/logprobs.h: the raw distribution, before the sampling chain): a request
 // with n_logprobs >= 0 gets, on each token event, the token's log-probability and the
 // n_logprobs most likely tokens (on the CUDA engine computed next to the logits, see
@@ -60,6 +67,11 @@ struct StepRequest {
     // tokens is sampled; the disallowed tokens' logits become -inf. A step with such a request
     // samples every row from host logits (decode_batch + Sampler). Requests without one pay nothing.
     TokenMaskFn mask_fn;
+    // Reuse the longest cached prefix of a free slot (llama.cpp's cache_prompt). On the GPU the
+    // tokens after a reused prefix are evaluated in other shapes than a whole prompt is (the
+    // single-token kernels, other GEMM sizes), whose rounding differs: with false a given seed
+    // gives the same tokens as the first evaluation of the prompt did.
+    bool reuse_prefix = true;
 };
 
 // submit() when max_waiting requests already wait: the caller answers "busy, retry".
@@ -90,6 +102,9 @@ struct StepStats {
     int64_t prompt_tokens = 0;    // evaluated prompt tokens (cached prefixes not counted)
     int64_t generated = 0;        // tokens emitted
     int64_t finished = 0;         // requests ended (any reason)
+    int64_t kv_positions = 0;     // the engine's KV pool (cpp/kv_pool.h), in positions
+    int64_t kv_reserved = 0;      // positions held by slots (running requests and cached prefixes)
+    int64_t kv_waits = 0;         // admissions deferred because the pool had no room
 };
 
 class StepLoop {
@@ -136,6 +151,7 @@ private:
 
     void run();
     void admit_locked();
+    bool reserve_kv_locked(int slot, int need, int* reuse);
     void step();
     // Samples seq's next token from logits and publishes it, or its end (stop, length,
     // or a sampling error).

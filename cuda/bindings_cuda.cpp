@@ -211,15 +211,15 @@ NB_MODULE(_orcd_cuda, m) {
         .def(
             "__init__",
             [](PyCudaEngine* self, const std::string& path, int n_ctx, int n_slots, nb::object progress,
-               int device) {
+               int device, size_t kv_memory) {
                 orcd::ProgressFn fn;
                 if (!progress.is_none()) {
                     fn = [progress](uint64_t done, uint64_t total) { progress(done, total); };
                 }
                 auto file = std::make_shared<orcd::GGUFFile>(path);
-                new (self) PyCudaEngine{orcd::make_cuda_engine(file, n_ctx, n_slots, fn, device)};
+                new (self) PyCudaEngine{orcd::make_cuda_engine(file, n_ctx, n_slots, fn, device, kv_memory)};
             },
-            "path"_a, "n_ctx"_a, "n_slots"_a = 1, "progress"_a = nb::none(), "device"_a = 0)
+            "path"_a, "n_ctx"_a, "n_slots"_a = 1, "progress"_a = nb::none(), "device"_a = 0, "kv_memory"_a = 0)
         .def(
             "set_options",
             [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
@@ -628,8 +628,9 @@ NB_MODULE(_orcd_cuda, m) {
         "as orcd._orcd.logprobs computes it on the CPU.");
 
     // ---- many sequences on a C++ thread (cpp/step_loop.h) over the CUDA engine
-    orcd::bind_step_loop<1>(m, "CudaStepLoop", [](const std::string& path, int n_ctx, int n_slots, int) {
+    orcd::bind_step_loop<1>(m, "CudaStepLoop", [](const std::string& path, int n_ctx, int n_slots, int,
+                                                  size_t kv_memory) {
         return std::unique_ptr<orcd::Engine>(
-            orcd::make_cuda_engine(std::make_shared<orcd::GGUFFile>(path), n_ctx, n_slots));
+            orcd::make_cuda_engine(std::make_shared<orcd::GGUFFile>(path), n_ctx, n_slots, nullptr, 0, kv_memory));
     });
 }

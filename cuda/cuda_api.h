@@ -44,7 +44,7 @@ DeviceInfo device_info(int device = 0);  // throws CudaError when there is no us
 // ---------------------------------------------------------------- the engine
 struct CudaMemoryUse {
     size_t weights = 0;  // the GGUF tensors as stored, plus the F32 norms/biases
-    size_t kv = 0;       // fp16 K and V caches
+    size_t kv = 0;       // the fp16 K and V pools
     size_t scratch = 0;  // activations, dequantization scratch, attention partials, cuBLAS workspace
     size_t resident_f16 = 0;  // the fp16 copy of the matrices the GEMM paths read (0: none, see CudaOptions)
     size_t total() const { return weights + kv + scratch + resident_f16; }
@@ -139,8 +139,11 @@ using ProgressFn = std::function<void(uint64_t, uint64_t)>;
 // Uploads the model described by describe_model(*file) to GPU `device`.
 // Throws CudaError "not enough GPU memory: need X bytes, Y free" before
 // allocating anything when the weights, KV cache and scratch do not fit.
+// kv_memory: bytes of the K/V pool (cpp/kv_pool.h); 0: every slot's n_ctx positions where
+// they fit in 90% of the free memory beside the rest of the engine, else what fits there.
 std::unique_ptr<CudaEngine> make_cuda_engine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots,
-                                             ProgressFn progress = nullptr, int device = 0);
+                                             ProgressFn progress = nullptr, int device = 0,
+                                             size_t kv_memory = 0);
 
 // ---------------------------------------------------------------- kernels, for tests
 // Each runs one kernel on host data (uploaded, output poisoned with NaN before

@@ -100,6 +100,40 @@ void CudaEngineImpl::check_greedy_args(const char* who, int slot, int32_t token,
     orcd::check_greedy_args(who, *this, slot, token, pos, n_steps);
 }
 
+// ---------------------------------------------------------------- KV memory
+
+bool CudaEngineImpl::kv_reserve(int slot, int n_positions) {
+    check_kv_reserve_args(*this, slot, n_positions);
+    if (kv_.size(slot) >= n_positions) return true;
+    KvPool::Move mv;
+    if (!kv_.reserve(slot, n_positions, &mv)) return false;
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine kv_reserve");
+    const size_t row = size_t(KD_) * sizeof(__half), pitch = layer_stride_ * sizeof(__half);
+    if (mv.n > 0)  // the slot's cached positions to its new range, every layer, K and V
+        for (__half* c : {kc_, vc_})
+            CUDA_CHECK(cudaMemcpy2DAsync(c + size_t(mv.to) * KD_, pitch, c + size_t(mv.from) * KD_, pitch,
+                                         size_t(mv.n) * row, size_t(d_.n_layer), cudaMemcpyDeviceToDevice, stream_),
+                       "kv_reserve: moving slot " + std::to_string(slot) + "'s cache");
+    // The kernels read slot_off on the device; the stream orders the copy after the steps
+    // queued before (they used the old place) and the sync frees the pinned value for reuse.
+    pinned_slot_off_[slot] = kv_.offset(slot) * KD_;
+    CUDA_CHECK(cudaMemcpyAsync(d_slot_off_ + slot, pinned_slot_off_ + slot, sizeof(int64_t), cudaMemcpyHostToDevice,
+                               stream_),
+               "kv_reserve: slot table");
+    sync("kv_reserve");
+    return true;
+}
+
+void CudaEngineImpl::kv_release(int slot) {
+    check_slot("kv_release", *this, slot);
+    kv_.release(slot);  // the table keeps the old offset: no kernel reads a slot without a range
+}
+
+int64_t CudaEngineImpl::kv_reserved(int slot) const {
+    check_slot("kv_reserved", *this, slot);
+    return std::min<int64_t>(kv_.size(slot), n_ctx_);
+}
+
 // ---------------------------------------------------------------- the fused single-sequence step
 
 void CudaEngineImpl::fast_forward_one(int slot, int32_t token, int pos, float* logits) {
@@ -115,6 +149,7 @@ void CudaEngineImpl::fast_forward_one(int slot, int32_t token, int pos, float* l
 void CudaEngineImpl::decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) {
     check_greedy_args("decode_greedy", slot, first_token, pos, n_steps);
     if (n_steps == 0) return;
+    engine_args::ensure_kv("decode_greedy", *this, slot, int64_t(pos) + n_steps);
     if (!fast_on()) {
         Engine::decode_greedy(slot, first_token, pos, n_steps, out_tokens);
         return;
@@ -127,6 +162,7 @@ DecodeProfile CudaEngineImpl::profile_decode(int slot, int32_t token, int pos, i
     check_greedy_args("profile_decode", slot, token, pos, n_steps);
     if (!dec_.available()) throw Error("CudaEngine.profile_decode: " + dec_.note());
     if (n_steps < 1) throw Error("CudaEngine.profile_decode: n_steps must be >= 1");
+    engine_args::ensure_kv("profile_decode", *this, slot, int64_t(pos) + n_steps);
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine profile_decode");
     sync("profile_decode");
     return profile_decode_step(dec_, slot, token, pos, n_steps);
@@ -206,14 +242,14 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
             cu::gemm_f16(blas_, weights16({&L.wq, &L.wk, &L.wv}), E_, QKVW, act16_, nr, qkv_, QKVW, false, ln);
             if (d_.rope_style == RopeStyle::Neox) {
                 cu::qkv_post(qkv_, QKVW, nr, d_.n_head, d_.n_head_kv, hd_, L.bq, L.bk, L.bv, d_pos, d_slot,
-                             d_.rope_base, kc, vc, slot_stride_, stream_, ln);
+                             d_.rope_base, kc, vc, d_slot_off_, stream_, ln);
             } else {  // llama: no biases (check_cuda_family), the normal pairing, then the cache
                 cu::rope(d_, qkv_, QKVW, nr, d_.n_head, d_pos, stream_, ln);
                 cu::rope(d_, qkv_ + QD_, QKVW, nr, d_.n_head_kv, d_pos, stream_, ln);
-                cu::kv_store(qkv_ + QD_, qkv_ + QD_ + KD_, QKVW, nr, KD_, d_slot, d_pos, kc, vc, slot_stride_,
+                cu::kv_store(qkv_ + QD_, qkv_ + QD_ + KD_, QKVW, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_,
                              stream_, ln);
             }
-            cu::attention(qkv_, QKVW, kc, vc, slot_stride_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_,
+            cu::attention(qkv_, QKVW, kc, vc, d_slot_off_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_,
                           plan, part_o_, part_ml_, att_, QD_, stream_, ln);
             cu::f32_to_f16(att_, int64_t(nr) * QD_, act16_, stream_, ln);
             cu::gemm_f16(blas_, weights16({&L.wo}), QD_, E_, act16_, nr, x_, E_, true, L.wo.name.c_str());
@@ -229,8 +265,8 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
             linear(L.wv, h_, nr, v_, KD_, L.bv, false, mv);
             cu::rope(d_, q_, QD_, nr, d_.n_head, d_pos, stream_, ln);
             cu::rope(d_, k_, KD_, nr, d_.n_head_kv, d_pos, stream_, L.wk.name.c_str());
-            cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, slot_stride_, stream_, ln);
-            cu::attention(q_, QD_, kc, vc, slot_stride_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_, plan,
+            cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_, stream_, ln);
+            cu::attention(q_, QD_, kc, vc, d_slot_off_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_, plan,
                           part_o_, part_ml_, att_, QD_, stream_, ln);
             linear(L.wo, att_, nr, x_, E_, nullptr, true, mv);  // residual add
             cu::rmsnorm(x_, nr, E_, L.ffn_norm, d_.rms_eps, h_, stream_, "ffn_norm");
@@ -282,6 +318,7 @@ void CudaEngineImpl::step(int nr, bool mv, int kv_max, Logits mode, float* logit
 void CudaEngineImpl::forward(int slot, const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
                              Trace* trace) {
     check_forward_args("forward", *this, slot, tokens, n, pos0);
+    engine_args::ensure_kv("forward", *this, slot, int64_t(pos0) + n);
     if (n == 1 && !trace && fast_on()) {
         fast_forward_one(slot, tokens[0], pos0, logits);
         return;
@@ -346,6 +383,7 @@ void CudaEngineImpl::batch_step(int n, bool mv, int kv_max) {
 void CudaEngineImpl::decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                                   float* logits) {
     check_decode_batch_args(*this, n, slots, tokens, pos);  // so n <= n_slots_ (distinct slots)
+    for (int i = 0; i < n; ++i) engine_args::ensure_kv("decode_batch", *this, slots[i], int64_t(pos[i]) + 1);
     int kv_max = 0;
     for (int i = 0; i < n; ++i) kv_max = std::max(kv_max, pos[i] + 1);
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_batch");
@@ -369,6 +407,7 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
         validate(rows[i].params);
         if (!device_sampling_supports(rows[i].params, V_, rows[i].n_history)) return false;
     }
+    for (int i = 0; i < n; ++i) engine_args::ensure_kv("decode_batch_sample", *this, slots[i], int64_t(pos[i]) + 1);
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_batch_sample");
     CUDA_CHECK(cudaEventSynchronize(upload_done_), "decode_batch_sample");  // pinned ids (and rows) free again
     // Stage each row and its penalty window (the last penalty_last_n tokens, or all), packed
@@ -429,8 +468,8 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
 }
 
 std::unique_ptr<CudaEngine> make_cuda_engine(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots,
-                                             ProgressFn progress, int device) {
-    return std::make_unique<CudaEngineImpl>(std::move(file), n_ctx, n_slots, progress, device);
+                                             ProgressFn progress, int device, size_t kv_memory) {
+    return std::make_unique<CudaEngineImpl>(std::move(file), n_ctx, n_slots, progress, device, kv_memory);
 }
 
 }  // namespace orcd

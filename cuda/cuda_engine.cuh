@@ -40,12 +40,17 @@ inline SampleLayout sample_layout(int n_slots, int n_vocab) {
 
 class CudaEngineImpl final : public CudaEngine {
 public:
-    CudaEngineImpl(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, const ProgressFn& progress, int device);
+    CudaEngineImpl(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, const ProgressFn& progress, int device,
+                   size_t kv_memory);
     ~CudaEngineImpl() override { release(); }
 
     const ModelDesc& desc() const override { return d_; }
     int n_ctx() const override { return n_ctx_; }
     int n_slots() const override { return n_slots_; }
+    bool kv_reserve(int slot, int n_positions) override;
+    void kv_release(int slot) override;
+    KvPoolStats kv_stats() const override { return kv_.stats(); }
+    int64_t kv_reserved(int slot) const override;
     CudaMemoryUse memory_use() const override { return mem_; }
     const DeviceInfo& device() const override { return info_; }
     int max_prompt_chunk() const override { return C_; }
@@ -98,7 +103,14 @@ private:
     CudaOptions opt_;
     int E_ = 0, QD_ = 0, KD_ = 0, F_ = 0, V_ = 0, hd_ = 0;  // n_embd, n_head*hd, n_head_kv*hd, n_ff, n_vocab, head_dim
     int C_ = 0, R_ = 0, L_ = 0;  // prompt chunk, activation rows, logit rows per copy
-    size_t w16_elems_ = 0, slot_stride_ = 0, layer_stride_ = 0;
+    size_t w16_elems_ = 0;
+    // KV memory: K and V pools of kv_.stats().capacity positions per layer ([layer][position][KD_]
+    // fp16, layer_stride_ elements apart); slot s's position 0 is d_slot_off_[s] elements into a layer.
+    size_t kv_memory_ = 0;  // the budget asked for (0: auto)
+    size_t layer_stride_ = 0;
+    KvPool kv_;
+    int64_t* d_slot_off_ = nullptr;       // device, n_slots
+    int64_t* pinned_slot_off_ = nullptr;  // its staging
 
     cudaStream_t stream_ = nullptr;
     cublasHandle_t blas_ = nullptr;

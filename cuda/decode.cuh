@@ -96,8 +96,8 @@ struct DecQkvArgs {
     int S, parts;             // rows per half-head part, parts per head
     const float2* rope;       // [n_ctx][head_dim/2] (cos, sin) of pos * base^(-2i/head_dim)
     float* q_out;             // n_head*head_dim floats (roped, unscaled)
-    __half *kc, *vc;          // this layer's [pos][kv_dim] block of slot 0
-    size_t slot_stride;       // elements between slots
+    __half *kc, *vc;          // this layer's [pool position][kv_dim] block
+    const int64_t* slot_off;  // device: slot s's position 0 is slot_off[s] elements in
     int kv_dim;
     const DecState* st;
     int need_q8;
@@ -107,8 +107,8 @@ struct DecQkvArgs {
 
 struct DecAttnArgs {
     const float* q;
-    const __half *kc, *vc;    // this layer's block of slot 0
-    size_t slot_stride;
+    const __half *kc, *vc;    // this layer's block of the pool
+    const int64_t* slot_off;  // as in the qkv arguments
     int kv_dim;
     int n_head, n_head_kv, head_dim;
     float scale;

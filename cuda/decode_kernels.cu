@@ -618,7 +618,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
             p.q_out[hl * hd + i] = x0;
             p.q_out[hl * hd + i + half] = x1;
         } else {
-            __half* dst = (tt == 1 ? p.kc : p.vc) + size_t(slot) * p.slot_stride + size_t(pos) * p.kv_dim + hl * hd;
+            __half* dst = (tt == 1 ? p.kc : p.vc) + size_t(p.slot_off[slot]) + size_t(pos) * p.kv_dim + hl * hd;
             dst[i] = __float2half_rn(x0);
             dst[i + half] = __float2half_rn(x1);
         }
@@ -920,7 +920,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     const int start = s * S, end = min(start + S, kv_len);
     const bool active = start < end;
     const bool direct = n_act == 1;  // one split: it writes the output itself, no merge
-    const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * hd;
+    const size_t base = size_t(p.slot_off[slot]) + size_t(kvh) * hd;
     const __half* K = p.kc + base;
     const __half* V = p.vc + base;
     // Before the wait: the first kDecAttnBufs tiles' rows before pos (earlier steps

@@ -2,8 +2,8 @@
 // the memory check before any allocation, the allocations, the weight upload (DeviceWeights)
 // and the fused decoder's plan and arguments; and their release.
 //
-// Device memory: the weights buffer, the K and V caches (fp16 [slot][layer][pos][n_head_kv *
-// head_dim]) and one scratch buffer carved into the slices below. Prompts run in chunks of
+// Device memory: the weights buffer, the K and V pools (fp16 [layer][pool position][n_head_kv *
+// head_dim]; cpp/kv_pool.h says how the slots share them) and one scratch buffer carved into the slices below. Prompts run in chunks of
 // up to kPromptChunk tokens, so the activations hold max(chunk, n_slots) rows. When
 // CudaOptions::resident_f16 is on and the GPU has the room (everything else, then
 // kResidentHeadroom left free), a resident fp16 copy of the matrices (resident_f16.cuh).
@@ -28,6 +28,8 @@ constexpr size_t kW16MaxElems = size_t(16) << 20;  // fp16 scratch cap: lm_head 
 constexpr int kLogitRowsMin = 16;
 // Free memory the resident fp16 copy must leave: other processes and the CUDA context's growth.
 constexpr size_t kResidentHeadroom = size_t(1) << 30;
+// An automatic KV pool stays within this share of the free memory (with the rest of the engine).
+constexpr double kAutoKvShare = 0.9;
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -40,8 +42,9 @@ std::string fmt_bytes(size_t b) {
 }  // namespace
 
 CudaEngineImpl::CudaEngineImpl(std::shared_ptr<GGUFFile> file, int n_ctx, int n_slots, const ProgressFn& progress,
-                               int device)
-    : file_(std::move(file)), n_ctx_(n_ctx), n_slots_(n_slots), dev_(device), opt_(options_from_env()) {
+                               int device, size_t kv_memory)
+    : file_(std::move(file)), n_ctx_(n_ctx), n_slots_(n_slots), dev_(device), opt_(options_from_env()),
+      kv_memory_(kv_memory) {
     try {
         build(progress);
     } catch (...) {
@@ -63,11 +66,14 @@ void CudaEngineImpl::release() noexcept {
     batch_graphs_.clear();
     resident_.clear();
     for (void* p : {static_cast<void*>(wbuf_), static_cast<void*>(sbuf_), static_cast<void*>(kc_),
-                    static_cast<void*>(vc_), static_cast<void*>(res_buf_)})
+                    static_cast<void*>(vc_), static_cast<void*>(res_buf_), static_cast<void*>(d_slot_off_)})
         if (p) cudaFree(p);
     wbuf_ = sbuf_ = nullptr;
     res_buf_ = nullptr;
     kc_ = vc_ = nullptr;
+    d_slot_off_ = nullptr;
+    if (pinned_slot_off_) cudaFreeHost(pinned_slot_off_);
+    pinned_slot_off_ = nullptr;
     if (pinned_ids_) cudaFreeHost(pinned_ids_);
     if (pinned_logits_) cudaFreeHost(pinned_logits_);
     if (samp_pinned_) cudaFreeHost(samp_pinned_);
@@ -139,10 +145,26 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     dec_.add_scratch(slices);
     size_t sbytes = 0;
     for (const ScratchSlice& s : slices) sbytes += align_up(s.bytes);
-    slot_stride_ = size_t(d_.n_layer) * n_ctx_ * KD_;
-    layer_stride_ = size_t(n_ctx_) * KD_;
-    const size_t kv_bytes = size_t(n_slots_) * slot_stride_ * 2;  // one cache (K or V), fp16
     const size_t wbytes = weights_.bytes();
+
+    // ---- the KV pool: kv_memory_ bytes; or (0, auto) every slot's n_ctx positions where they
+    // fit in kAutoKvShare of the free memory beside everything else, else as many as fit there,
+    // never fewer than one sequence of n_ctx (the memory check below reports a GPU without
+    // that). The resident fp16 copy comes after it: on a GPU short of memory, the sequences
+    // served at once matter more than the prompt path's speed.
+    const size_t pos_bytes = size_t(d_.n_layer) * KD_ * 2 * sizeof(__half);  // K and V
+    size_t budget = kv_memory_;
+    if (budget == 0) {
+        const size_t worst = size_t(kv_pool_positions(where, n_slots_, n_ctx_, 0, pos_bytes)) * pos_bytes;
+        const size_t one = size_t(kv_pool_positions(where, 1, n_ctx_, 0, pos_bytes)) * pos_bytes;
+        const size_t others = wbytes + sbytes + kReserve;
+        const size_t share = size_t(double(info_.free_mem) * kAutoKvShare);
+        budget = std::max(one, std::min(worst, share > others ? share - others : 0));
+    }
+    const int64_t kv_positions = kv_pool_positions(where, n_slots_, n_ctx_, budget, pos_bytes);
+    kv_ = KvPool(n_slots_, kv_positions, kKvUnit);
+    layer_stride_ = size_t(kv_positions) * KD_;
+    const size_t kv_bytes = size_t(d_.n_layer) * layer_stride_ * sizeof(__half);  // one pool (K or V)
     mem_.weights = wbytes;
     mem_.kv = 2 * kv_bytes;
     mem_.scratch = sbytes;
@@ -152,8 +174,9 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     if (need > info_.free_mem)
         throw CudaError("not enough GPU memory: need " + std::to_string(need) + " bytes, " +
                         std::to_string(info_.free_mem) + " free on " + info_.name + " (weights " +
-                        fmt_bytes(mem_.weights) + ", KV cache " + fmt_bytes(mem_.kv) + " for n_ctx=" +
-                        std::to_string(n_ctx_) + " x n_slots=" + std::to_string(n_slots_) + ", scratch " +
+                        fmt_bytes(mem_.weights) + ", KV pool " + fmt_bytes(mem_.kv) + " for " +
+                        std::to_string(kv_positions) + " positions (n_ctx=" + std::to_string(n_ctx_) +
+                        ", n_slots=" + std::to_string(n_slots_) + "), scratch " +
                         fmt_bytes(mem_.scratch) + ", reserve " + fmt_bytes(kReserve) + ")");
     // the resident fp16 copy only where it leaves kResidentHeadroom free
     size_t res_bytes = opt_.resident_f16 ? ResidentF16::bytes_for(d_) : 0;
@@ -177,6 +200,15 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     }
     CUDA_CHECK(cudaMemsetAsync(kc_, 0, kv_bytes, stream_), where + ": K cache");
     CUDA_CHECK(cudaMemsetAsync(vc_, 0, kv_bytes, stream_), where + ": V cache");
+    // the slot table: no slot holds a range yet (every engine method reserves before it writes)
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_slot_off_), size_t(n_slots_) * sizeof(int64_t)),
+               where + ": KV slot table");
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_slot_off_), size_t(n_slots_) * sizeof(int64_t)),
+               where + ": pinned KV slot table");
+    std::memset(pinned_slot_off_, 0, size_t(n_slots_) * sizeof(int64_t));
+    CUDA_CHECK(cudaMemcpyAsync(d_slot_off_, pinned_slot_off_, size_t(n_slots_) * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, stream_),
+               where + ": KV slot table");
     {
         size_t off = 0;
         for (const ScratchSlice& s : slices) {
@@ -210,6 +242,8 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     db.logits = logits_;
     db.kc = kc_;
     db.vc = vc_;
+    db.layer_stride = layer_stride_;
+    db.slot_off = d_slot_off_;
     dec_.build(weights_, db, stream_);
     sync("CudaEngine setup");
 }

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_kernel(const FlashArgs p)
 
     if (k_begin < k_end) {
         const int slot = p.slots[r0 / G];
-        const size_t base = size_t(slot) * p.slot_stride + size_t(kvh) * HD;
+        const size_t base = size_t(p.slot_off[slot]) + size_t(kvh) * HD;
         const __half* K = p.kc + base;
         const __half* V = p.vc + base;
         auto kbuf = [&](int b) { return fsm + size_t(b) * 2 * T::BUF; };

@@ -144,8 +144,7 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         CUDA_CHECK(cudaMemcpy(rope_, tab.data(), tab.size() * sizeof(float2), cudaMemcpyHostToDevice),
                    std::string(where) + ": RoPE table");
     }
-    const size_t layer_stride = size_t(n_ctx_) * kv_dim;
-    const size_t slot_stride = size_t(d_.n_layer) * layer_stride;
+    const size_t layer_stride = b.layer_stride;
     layers_.assign(size_t(d_.n_layer), LayerArgs{});
     for (int l = 0; l < d_.n_layer; ++l) {
         const DevLayer& L = w.layers[size_t(l)];
@@ -175,7 +174,7 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         q.q_out = b.q;
         q.kc = kc;
         q.vc = vc;
-        q.slot_stride = slot_stride;
+        q.slot_off = b.slot_off;
         q.kv_dim = kv_dim;
         q.st = state_;
         q.need_q8 = cu::dec_int8_type(L.wq.type) || cu::dec_int8_type(L.wk.type) || cu::dec_int8_type(L.wv.type);
@@ -186,7 +185,7 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         a.q = b.q;
         a.kc = kc;
         a.vc = vc;
-        a.slot_stride = slot_stride;
+        a.slot_off = b.slot_off;
         a.kv_dim = kv_dim;
         a.n_head = d_.n_head;
         a.n_head_kv = d_.n_head_kv;

@@ -33,7 +33,9 @@ struct DecodeBuffers {
     float* att = nullptr;     // attention output [n_head * head_dim]
     float* act = nullptr;     // silu(gate) * up [n_ff]
     float* logits = nullptr;  // [n_vocab]
-    __half *kc = nullptr, *vc = nullptr;  // K and V caches [slot][layer][pos][n_head_kv * head_dim]
+    __half *kc = nullptr, *vc = nullptr;  // K and V pools [layer][pool position][n_head_kv * head_dim]
+    size_t layer_stride = 0;              // elements between layers of the pools
+    const int64_t* slot_off = nullptr;    // device: slot s's position 0 is slot_off[s] elements into a layer
 };
 
 // How FusedDecoder::launch_step launches a step's kernels.

@@ -44,6 +44,13 @@ struct DBuf {
     }
 };
 
+// The kernels' slot table for caches laid out [slot][pos][kv_dim]: slot s starts s*stride in.
+std::vector<int64_t> slot_offsets(int n_slots, size_t stride) {
+    std::vector<int64_t> off(static_cast<size_t>(n_slots), 0);
+    for (int s = 0; s < n_slots; ++s) off[size_t(s)] = int64_t(s) * int64_t(stride);
+    return off;
+}
+
 void ready() {
     const std::string st = cuda_status();
     if (!st.empty()) throw CudaError("CUDA backend unavailable: " + st);
@@ -244,8 +251,9 @@ std::vector<float> attention(const float* q, int n_q, int n_head, const float* k
     DBuf<int32_t> dkp(kv_pos.data(), kv_pos.size(), "attention kv pos");
     DBuf<int32_t> dslot(zeros.data(), zeros.size(), "attention slots");
     DBuf<int32_t> dpos(pos, size_t(n_q), "attention pos");
-    const size_t slot_stride = size_t(n_kv) * kv_dim;
-    cu::kv_store(dk.p, dv.p, kv_dim, n_kv, kv_dim, dslot.p, dkp.p, kc.p, vc.p, slot_stride, 0, "attention test");
+    const std::vector<int64_t> offs = slot_offsets(1, size_t(n_kv) * kv_dim);
+    DBuf<int64_t> doff(offs.data(), offs.size(), "attention slot table");
+    cu::kv_store(dk.p, dv.p, kv_dim, n_kv, kv_dim, dslot.p, dkp.p, kc.p, vc.p, doff.p, 0, "attention test");
 
     int sms = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "attention test");
@@ -257,7 +265,7 @@ std::vector<float> attention(const float* q, int n_q, int n_head, const float* k
     DBuf<float> out(size_t(n_q) * q_dim, "attention out");
     cu::fill_nan(part_o.p, int64_t(part_o.n), 0);
     cu::fill_nan(out.p, int64_t(out.n), 0);
-    cu::attention(dq.p, q_dim, kc.p, vc.p, slot_stride, kv_dim, dslot.p, dpos.p, n_q, n_head, n_head_kv, head_dim,
+    cu::attention(dq.p, q_dim, kc.p, vc.p, doff.p, kv_dim, dslot.p, dpos.p, n_q, n_head, n_head_kv, head_dim,
                   plan, part_o.p, part_ml.p, out.p, q_dim, 0, "attention test");
     return out.download("attention out");
 }
@@ -278,6 +286,9 @@ std::vector<float> flash_attention(const float* q, int n_q, int n_head, const fl
     }
     const int kv_dim = n_head_kv * head_dim, q_dim = n_head * head_dim;
     const size_t slot_stride = size_t(n_kv) * kv_dim;
+    // three slots out of order in the cache (slot 1, the one used, last): the kernels follow the table
+    const std::vector<int64_t> offs = {int64_t(slot_stride), int64_t(2 * slot_stride), 0};
+    DBuf<int64_t> doff(offs.data(), offs.size(), "flash slot table");
     DBuf<float> dq(q, size_t(n_q) * q_dim, "flash q");
     DBuf<float> dk(k, size_t(n_kv) * kv_dim, "flash k");
     DBuf<float> dv(v, size_t(n_kv) * kv_dim, "flash v");
@@ -289,7 +300,7 @@ std::vector<float> flash_attention(const float* q, int n_q, int n_head, const fl
     DBuf<int32_t> dkp(kv_pos.data(), kv_pos.size(), "flash kv pos");
     DBuf<int32_t> dslot(ones.data(), ones.size(), "flash slots");
     DBuf<int32_t> dpos(pos, size_t(n_q), "flash pos");
-    cu::kv_store(dk.p, dv.p, kv_dim, n_kv, kv_dim, dslot.p, dkp.p, kc.p, vc.p, slot_stride, 0, "flash test");
+    cu::kv_store(dk.p, dv.p, kv_dim, n_kv, kv_dim, dslot.p, dkp.p, kc.p, vc.p, doff.p, 0, "flash test");
 
     int sms = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "flash test");
@@ -305,7 +316,7 @@ std::vector<float> flash_attention(const float* q, int n_q, int n_head, const fl
     DBuf<float> out(size_t(n_q) * q_dim, "flash out");
     cu::fill_nan(part_o.p, int64_t(part_o.n), 0);
     cu::fill_nan(out.p, int64_t(out.n), 0);
-    cu::attention(dq.p, q_dim, kc.p, vc.p, slot_stride, kv_dim, dslot.p, dpos.p, n_q, n_head, n_head_kv, head_dim,
+    cu::attention(dq.p, q_dim, kc.p, vc.p, doff.p, kv_dim, dslot.p, dpos.p, n_q, n_head, n_head_kv, head_dim,
                   plan, part_o.p, part_ml.p, out.p, q_dim, 0, "flash test");
     return out.download("flash out");
 }
@@ -345,13 +356,13 @@ std::vector<__half> from_bits(const uint16_t* b, size_t n) {
     return h;
 }
 
-// A fresh fp16 K and V cache of n_slots x n_ctx positions of kv_dim, poisoned.
+// A fresh fp16 K and V cache of n_slots x n_ctx positions of kv_dim, poisoned, and its slot table.
 struct Cache {
     DBuf<__half> k, v;
-    size_t slot_stride;
+    DBuf<int64_t> off;
     Cache(int n_slots, int n_ctx, int kv_dim, const char* what)
         : k(size_t(n_slots) * n_ctx * kv_dim, what), v(size_t(n_slots) * n_ctx * kv_dim, what),
-          slot_stride(size_t(n_ctx) * kv_dim) {
+          off(slot_offsets(n_slots, size_t(n_ctx) * kv_dim).data(), size_t(n_slots), what) {
         cu::fill_nan(k.p, int64_t(k.n), 0);
         cu::fill_nan(v.p, int64_t(v.n), 0);
     }
@@ -414,7 +425,7 @@ std::pair<std::vector<float>, std::vector<float>> kv_append(const float* k, cons
     DBuf<float> dk(k, size_t(n_tok) * kv_dim, what), dv(v, size_t(n_tok) * kv_dim, what);
     DBuf<int32_t> ds(slots, size_t(n_tok), what), dp(pos, size_t(n_tok), what);
     Cache c(n_slots, n_ctx, kv_dim, what);
-    cu::kv_store(dk.p, dv.p, kv_dim, n_tok, kv_dim, ds.p, dp.p, c.k.p, c.v.p, c.slot_stride, 0, what);
+    cu::kv_store(dk.p, dv.p, kv_dim, n_tok, kv_dim, ds.p, dp.p, c.k.p, c.v.p, c.off.p, 0, what);
     return {to_float(c.k.download(what)), to_float(c.v.download(what))};
 }
 
@@ -432,7 +443,7 @@ std::vector<float> qkv_post(const float* qkv, int n_tok, int n_head, int n_head_
     DBuf<int32_t> ds(slots, size_t(n_tok), what), dp(pos, size_t(n_tok), what);
     Cache c(n_slots, n_ctx, kd, what);
     cu::qkv_post(d.p, ld, n_tok, n_head, n_head_kv, head_dim, dbq.p, dbk.p, dbv.p, dp.p, ds.p, base, c.k.p, c.v.p,
-                 c.slot_stride, 0, what);
+                 c.off.p, 0, what);
     *kc = to_float(c.k.download(what));
     *vc = to_float(c.v.download(what));
     return d.download(what);
@@ -549,7 +560,7 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
     a.q_out = q.p;
     a.kc = c.k.p;
     a.vc = c.v.p;
-    a.slot_stride = c.slot_stride;
+    a.slot_off = c.off.p;
     a.kv_dim = int(outs[1]);
     a.st = st.p;
     a.need_q8 = cu::dec_int8_type(w[0].type) || cu::dec_int8_type(w[1].type) || cu::dec_int8_type(w[2].type);
@@ -591,7 +602,7 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
         for (int i = 0; i < n_kv; ++i) kv_pos[i] = i;
         DBuf<float> dk(k, size_t(n_kv) * kd, what), dv(v, size_t(n_kv) * kd, what);
         DBuf<int32_t> dp(kv_pos.data(), kv_pos.size(), what), ds(slots.data(), slots.size(), what);
-        cu::kv_store(dk.p, dv.p, kd, n_kv, kd, ds.p, dp.p, c.k.p, c.v.p, c.slot_stride, 0, what);
+        cu::kv_store(dk.p, dv.p, kd, n_kv, kd, ds.p, dp.p, c.k.p, c.v.p, c.off.p, 0, what);
     }
     DBuf<float> dq(q, size_t(qd), what), out(size_t(qd), what);
     DBuf<float> part_o(size_t(n_head) * max_splits * head_dim, what);
@@ -604,7 +615,7 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
     a.q = dq.p;
     a.kc = c.k.p;
     a.vc = c.v.p;
-    a.slot_stride = c.slot_stride;
+    a.slot_off = c.off.p;
     a.kv_dim = kd;
     a.n_head = n_head;
     a.n_head_kv = n_head_kv;

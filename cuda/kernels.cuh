@@ -56,9 +56,10 @@ void rope_neox(float* x, int ld, int n_tok, int n_heads, int head_dim, const int
 
 // Appends K and V of n_tok tokens (float32 rows of kv_dim at k + t*ld) as fp16
 // to the caches: token t goes to slot slots[t], position pos[t]; kc/vc point at
-// the layer's [pos][kv_dim] block of slot 0, slots are slot_stride elements apart.
+// the layer's [pool position][kv_dim] block, slot s's position 0 is slot_off[s]
+// elements in (a device array: cpp/kv_pool.h says how the slots share the pool).
 void kv_store(const float* k, const float* v, int ld, int n_tok, int kv_dim, const int32_t* slots,
-              const int32_t* pos, __half* kc, __half* vc, size_t slot_stride, cudaStream_t st, const char* what);
+              const int32_t* pos, __half* kc, __half* vc, const int64_t* slot_off, cudaStream_t st, const char* what);
 
 // How an attention launch splits the keys: n_splits blocks per (query, head),
 // each over split_len consecutive keys (a multiple of kAttnTile). For a launch
@@ -93,7 +94,7 @@ inline size_t attn_partials(int n_q, int n_head, const AttnPlan& p) {
 // 1/sqrt(head_dim); out + t*ldo receives n_head*head_dim floats. With plan.flash
 // and head_dim 64/128: flash_attention (Q and P rounded to fp16, fp32 accumulation),
 // else one block per (head, query, split) on CUDA cores; then attn_combine when split.
-void attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
+void attention(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off, int kv_dim,
                const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
                const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
                const char* what);
@@ -102,7 +103,7 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
 // 128. Writes the partials of its splits (returned: attn_combine merges that many); splits
 // finer than the plan's when plan.partial_rows says the buffers hold them.
 bool rows_attention_supported(int head_dim, int group);
-int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
+int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off, int kv_dim,
                    const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
                    const AttnPlan& plan, float* part_o, float2* part_ml, cudaStream_t st, const char* what);
 
@@ -115,7 +116,7 @@ struct FlashArgs {
     const float* q;
     int ldq;
     const __half *kc, *vc;
-    size_t slot_stride;
+    const int64_t* slot_off;  // device: each slot's first element in kc / vc
     int kv_dim;
     const int32_t* slots;
     const int32_t* pos;
@@ -140,7 +141,7 @@ void rmsnorm_f16(const float* x, int rows, int n, const float* w, float eps, __h
 // slot slots[t], position pos[t] of the caches (layout as kv_store).
 void qkv_post(float* qkv, int ld, int n_tok, int n_head, int n_head_kv, int head_dim, const float* bq,
               const float* bk, const float* bv, const int32_t* pos, const int32_t* slots, float base, __half* kc,
-              __half* vc, size_t slot_stride, cudaStream_t st, const char* what);
+              __half* vc, const int64_t* slot_off, cudaStream_t st, const char* what);
 
 // Prompt path, fused: act[t][i] = fp16(silu(gu[t][i]) * gu[t][n + i]), gu rows of 2n floats.
 void swiglu_f16(const float* gu, int n, int rows, __half* act, cudaStream_t st, const char* what);

@@ -76,9 +76,9 @@ __global__ void rope_neox_kernel(float* __restrict__ x, int ld, int n_heads, int
 // ---------------------------------------------------------------- KV append
 __global__ void kv_store_kernel(const float* __restrict__ k, const float* __restrict__ v, int ld, int kv_dim,
                                 const int32_t* __restrict__ slots, const int32_t* __restrict__ pos,
-                                __half* __restrict__ kc, __half* __restrict__ vc, size_t slot_stride) {
+                                __half* __restrict__ kc, __half* __restrict__ vc, const int64_t* __restrict__ slot_off) {
     const int t = blockIdx.x;
-    const size_t dst = size_t(slots[t]) * slot_stride + size_t(pos[t]) * kv_dim;
+    const size_t dst = size_t(slot_off[slots[t]]) + size_t(pos[t]) * kv_dim;
     const float* kt = k + size_t(t) * ld;
     const float* vt = v + size_t(t) * ld;
     for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) {
@@ -96,7 +96,7 @@ __global__ void kv_store_kernel(const float* __restrict__ k, const float* __rest
 // tile (G = blockDim.x / hd key groups), reduced over the groups at the end.
 // The block writes its unnormalised output and (m, l); attn_combine merges splits.
 __global__ void attn_partial_kernel(const float* __restrict__ q, int ldq, const __half* __restrict__ kc,
-                                    const __half* __restrict__ vc, size_t slot_stride, int kv_dim,
+                                    const __half* __restrict__ vc, const int64_t* __restrict__ slot_off, int kv_dim,
                                     const int32_t* __restrict__ slots, const int32_t* __restrict__ pos, int n_head,
                                     int group, int hd, float scale, int split_len, int n_splits,
                                     float* __restrict__ part_o, float2* __restrict__ part_ml) {
@@ -113,7 +113,7 @@ __global__ void attn_partial_kernel(const float* __restrict__ q, int ldq, const 
     const int end = min(start + split_len, kv_len);
     const size_t pidx = (size_t(i) * n_head + h) * n_splits + s;
     const int kvh = h / group;
-    const size_t base = size_t(slots[i]) * slot_stride + size_t(kvh) * hd;
+    const size_t base = size_t(slot_off[slots[i]]) + size_t(kvh) * hd;
     const __half* K = kc + base;
     const __half* V = vc + base;
 
@@ -214,12 +214,12 @@ __global__ void qkv_post_kernel(float* __restrict__ qkv, int ld, int n_head, int
                                 const float* __restrict__ bq, const float* __restrict__ bk,
                                 const float* __restrict__ bv, const int32_t* __restrict__ pos,
                                 const int32_t* __restrict__ slots, double log2_base, __half* __restrict__ kc,
-                                __half* __restrict__ vc, size_t slot_stride) {
+                                __half* __restrict__ vc, const int64_t* __restrict__ slot_off) {
     const int t = blockIdx.x;
     const int half = hd / 2, qd = n_head * hd, kd = n_head_kv * hd;
     float* row = qkv + size_t(t) * ld;
     const double p = double(pos[t]);
-    const size_t dst = size_t(slots[t]) * slot_stride + size_t(pos[t]) * kd;
+    const size_t dst = size_t(slot_off[slots[t]]) + size_t(pos[t]) * kd;
     const int n_pairs = (n_head + n_head_kv) * half;
     for (int idx = threadIdx.x; idx < n_pairs + kd; idx += blockDim.x) {
         if (idx < n_pairs) {
@@ -321,9 +321,9 @@ void rope_neox(float* x, int ld, int n_tok, int n_heads, int head_dim, const int
 }
 
 void kv_store(const float* k, const float* v, int ld, int n_tok, int kv_dim, const int32_t* slots,
-              const int32_t* pos, __half* kc, __half* vc, size_t slot_stride, cudaStream_t st, const char* what) {
+              const int32_t* pos, __half* kc, __half* vc, const int64_t* slot_off, cudaStream_t st, const char* what) {
     if (n_tok <= 0) return;
-    kv_store_kernel<<<n_tok, 256, 0, st>>>(k, v, ld, kv_dim, slots, pos, kc, vc, slot_stride);
+    kv_store_kernel<<<n_tok, 256, 0, st>>>(k, v, ld, kv_dim, slots, pos, kc, vc, slot_off);
     CUDA_LAUNCH_CHECK(ctx("kv_store_kernel", what));
 }
 
@@ -360,7 +360,7 @@ AttnPlan attn_plan_fixed(int kv_max, int split_len) {
     return p;
 }
 
-void attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
+void attention(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off, int kv_dim,
                const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
                const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
                const char* what) {
@@ -374,7 +374,7 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
         a.ldq = ldq;
         a.kc = kc;
         a.vc = vc;
-        a.slot_stride = slot_stride;
+        a.slot_off = slot_off;
         a.kv_dim = kv_dim;
         a.slots = slots;
         a.pos = pos;
@@ -398,7 +398,7 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
         return;
     }
     if (rows_attention_supported(head_dim, n_head / n_head_kv)) {  // rows_attn.cu
-        const int ns = rows_attention(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_q, n_head, n_head_kv,
+        const int ns = rows_attention(q, ldq, kc, vc, slot_off, kv_dim, slots, pos, n_q, n_head, n_head_kv,
                                       head_dim, plan, part_o, part_ml, st, what);
         attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim, ns, out, ldo);
         CUDA_LAUNCH_CHECK(ctx("attn_combine_kernel (rows)", what));
@@ -408,7 +408,7 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, size
     const size_t smem = size_t(head_dim + 2 * nt) * sizeof(float);
     const float scale = 1.0f / std::sqrt(float(head_dim));
     attn_partial_kernel<<<dim3(n_head, n_q, plan.n_splits), nt, smem, st>>>(
-        q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_head, n_head / n_head_kv, head_dim, scale,
+        q, ldq, kc, vc, slot_off, kv_dim, slots, pos, n_head, n_head / n_head_kv, head_dim, scale,
         plan.split_len, plan.n_splits, part_o, part_ml);
     CUDA_LAUNCH_CHECK(ctx("attn_partial_kernel", what));
     attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim, plan.n_splits,
@@ -425,11 +425,11 @@ void rmsnorm_f16(const float* x, int rows, int n, const float* w, float eps, __h
 
 void qkv_post(float* qkv, int ld, int n_tok, int n_head, int n_head_kv, int head_dim, const float* bq,
               const float* bk, const float* bv, const int32_t* pos, const int32_t* slots, float base, __half* kc,
-              __half* vc, size_t slot_stride, cudaStream_t st, const char* what) {
+              __half* vc, const int64_t* slot_off, cudaStream_t st, const char* what) {
     if (n_tok <= 0) return;
     if (head_dim % 2 != 0) throw Error(std::string("qkv_post: odd head_dim for ") + (what ? what : "?"));
     qkv_post_kernel<<<n_tok, 256, 0, st>>>(qkv, ld, n_head, n_head_kv, head_dim, bq, bk, bv, pos, slots,
-                                           std::log2(double(base)), kc, vc, slot_stride);
+                                           std::log2(double(base)), kc, vc, slot_off);
     CUDA_LAUNCH_CHECK(ctx("qkv_post_kernel", what));
 }
 

@@ -33,7 +33,7 @@ constexpr int kRowsMinSplitLen = 64;  // keys per warp at the least (two tiles)
 template <int HD>
 __global__ void __launch_bounds__(32)
 rows_attn_kernel(const float* __restrict__ q, int ldq, const __half* __restrict__ kc, const __half* __restrict__ vc,
-                 size_t slot_stride, int kv_dim, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos,
+                 const int64_t* __restrict__ slot_off, int kv_dim, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos,
                  int n_head, int group, float scale, int split_len, int n_splits, float* __restrict__ part_o,
                  float2* __restrict__ part_ml) {
     constexpr int DPL = HD / 32;  // output dimensions per lane
@@ -53,7 +53,7 @@ rows_attn_kernel(const float* __restrict__ q, int ldq, const __half* __restrict_
     for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
 
     if (start < end) {
-        const size_t base = size_t(slots[i]) * slot_stride + size_t(h / group) * HD;
+        const size_t base = size_t(slot_off[slots[i]]) + size_t(h / group) * HD;
         const __half* K = kc + base;
         const __half* V = vc + base;
         for (int tile = start; tile < end; tile += 32) {
@@ -113,7 +113,7 @@ bool rows_attention_supported(int head_dim, int group) {
     return (head_dim == 64 || head_dim == 128) && group >= 1;
 }
 
-int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, size_t slot_stride, int kv_dim,
+int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off, int kv_dim,
                    const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
                    const AttnPlan& plan, float* part_o, float2* part_ml, cudaStream_t st, const char* what) {
     // Keys the plan covers; splits of at least kRowsMinSplitLen keys, as many as the partial
@@ -132,10 +132,10 @@ int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, 
     const float scale = 1.0f / std::sqrt(float(head_dim));
     const dim3 grid(n_q, n_head, n_splits);
     if (head_dim == 64)
-        rows_attn_kernel<64><<<grid, 32, 0, st>>>(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_head, group,
+        rows_attn_kernel<64><<<grid, 32, 0, st>>>(q, ldq, kc, vc, slot_off, kv_dim, slots, pos, n_head, group,
                                                   scale, split_len, n_splits, part_o, part_ml);
     else
-        rows_attn_kernel<128><<<grid, 32, 0, st>>>(q, ldq, kc, vc, slot_stride, kv_dim, slots, pos, n_head, group,
+        rows_attn_kernel<128><<<grid, 32, 0, st>>>(q, ldq, kc, vc, slot_off, kv_dim, slots, pos, n_head, group,
                                                    scale, split_len, n_splits, part_o, part_ml);
     CUDA_LAUNCH_CHECK(std::string("rows_attn_kernel for ") + (what ? what : "?"));
     return n_splits;

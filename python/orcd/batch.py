@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _orcd
 from .backend import cuda_available, cuda_family_refused, cuda_module, cuda_status
+from .sizes import parse_bytes
 from .types import SamplingParams, TokenLogprobs
 
 
@@ -108,11 +109,14 @@ class BatchRunner:
     path: a GGUF file. device: "auto", "cpu" or "cuda". n_ctx: positions per sequence.
     n_slots: sequences generating at once; up to max_waiting more wait for a slot.
     prefill_chunk: prompt tokens evaluated per step (long prompts are cut so the running
-    sequences keep generating).
+    sequences keep generating). kv_memory: bytes of KV memory the sequences share (an int or
+    "2GiB"; None: n_slots x n_ctx positions, on the GPU as far as 90% of its free memory allows);
+    a request reserves prompt + max_tokens positions when it starts, and waits while they are
+    not free.
     """
 
     def __init__(self, path: str, device: str = "auto", n_ctx: int = 4096, n_slots: int = 8, n_threads: int = 0,
-                 max_waiting: int = 256, prefill_chunk: int = 512):
+                 max_waiting: int = 256, prefill_chunk: int = 512, kv_memory=None):
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda' (got {device!r})")
         for name, v, lo in (("n_ctx", n_ctx, 2), ("n_slots", n_slots, 1), ("max_waiting", max_waiting, 0),
@@ -122,7 +126,8 @@ class BatchRunner:
         auto = device == "auto"
         if auto:
             device = "cuda" if cuda_available() else "cpu"
-        args = (str(path), n_ctx, n_slots, n_threads, max_waiting, prefill_chunk)
+        self.kv_memory = parse_bytes(kv_memory, "kv_memory")
+        args = (str(path), n_ctx, n_slots, n_threads, max_waiting, prefill_chunk, self.kv_memory or 0)
         self._loop = None
         if device == "cuda":
             if not cuda_available():
@@ -148,12 +153,16 @@ class BatchRunner:
         self._pump.start()
 
     def submit(self, prompt: Sequence[int], params: Optional[SamplingParams] = None,
-               stop_ids: Sequence[int] = (), mask_fn: Optional[Callable] = None) -> Request:
+               stop_ids: Sequence[int] = (), mask_fn: Optional[Callable] = None,
+               cache_prompt: bool = True) -> Request:
         """Queues one generation of prompt (token ids) with params (SamplingParams; its
         max_tokens None means until n_ctx is full, its seed None a fresh random one; stop
         strings are the caller's business). stop_ids: tokens that end it ("stop"). Raises
         ValueError / TypeError for bad input, Busy when the queue is full. mask_fn: structured
-        output (an orcd.structured.Constraint, or see StepLoop.submit)."""
+        output (an orcd.structured.Constraint, or see StepLoop.submit). cache_prompt=False:
+        evaluate the whole prompt even when a free slot holds a prefix of it (llama.cpp's
+        cache_prompt: on the GPU a reused prefix changes the rounding of what follows, so only
+        then does a seed give the same tokens as the prompt's first evaluation)."""
         if self._closed:
             raise ValueError("the BatchRunner is closed")
         p = (params or SamplingParams()).validate()
@@ -177,7 +186,7 @@ class BatchRunner:
                                    float(p.frequency_penalty), int(p.penalty_last_n), int(seed) & 0xFFFFFFFFFFFFFFFF,
                                    -1 if p.logprobs is None else int(p.logprobs),
                                    -1 if p.prompt_logprobs is None else int(p.prompt_logprobs),
-                                   mask_fn=mask_fn)
+                                   mask_fn=mask_fn, reuse_prefix=bool(cache_prompt))
         except BaseException:
             with self._lock:
                 self._live.pop(rid, None)
@@ -189,7 +198,9 @@ class BatchRunner:
         return req
 
     def stats(self) -> dict:
-        """running, waiting, steps, prompt_tokens, generated, finished (counts since start)."""
+        """running, waiting, steps, prompt_tokens, generated, finished (counts since start);
+        kv_positions (the KV pool), kv_reserved (positions held), kv_waits (admissions deferred
+        for want of KV memory)."""
         return self._loop.stats()
 
     def _pump_events(self) -> None:

@@ -29,6 +29,7 @@ from .backend import cuda_family_refused, cuda_available, cuda_module, cuda_stat
 from .chat import ChatTemplate, encode_chat
 from .default_model import DefaultModelMissing, resolve_model  # noqa: F401  (re-exported)
 from .gguf_file import GGUFFile
+from .sizes import parse_bytes
 from .tokenizer import StreamDecoder, Tokenizer
 from .types import SAMPLING_FIELDS, Completion, CompletionStream, SamplingParams, TokenLogprobs, Usage
 
@@ -61,16 +62,19 @@ class Model:
     device:    "auto" (CUDA when available, else CPU), "cuda" or "cpu".
     n_ctx:     positions of KV cache per sequence (prompt + generated tokens).
     n_threads: CPU engine threads (0: one per core).
-    n_slots:   KV caches (each n_ctx long). Generations running at the same time (threads or
+    n_slots:   KV caches (each up to n_ctx long). Generations running at the same time (threads or
                interleaved streams) each take a free slot; with fewer slots than generations they
                share slots and are still correct, but evaluate their tokens again on each switch.
+    kv_memory: bytes of KV memory the slots share (an int or "2GiB"; None: every slot's n_ctx
+               positions, on the GPU as far as 90% of its free memory allows). At least one
+               sequence of n_ctx.
     verbose:   report loading on stderr.
 
     Safe to share between threads and streams; see the module docstring.
     """
 
     def __init__(self, path: Optional[str] = None, device: str = "auto", n_ctx: int = 4096, n_threads: int = 0,
-                 n_slots: int = 1, verbose: bool = False):
+                 n_slots: int = 1, verbose: bool = False, kv_memory=None):
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda' (got {device!r})")
         for name, v, lo in (("n_ctx", n_ctx, 1), ("n_threads", n_threads, 0), ("n_slots", n_slots, 1)):
@@ -79,6 +83,7 @@ class Model:
             if v < lo or v > 2**31 - 1:
                 raise ValueError(f"{name} must be an integer >= {lo} (got {v!r})")
         n_ctx, n_threads, n_slots = int(n_ctx), int(n_threads), int(n_slots)
+        self.kv_memory = parse_bytes(kv_memory, "kv_memory")
         self._engine = None
         self._slots: List[_Slot] = []
         self._lock = threading.RLock()
@@ -108,14 +113,15 @@ class Model:
                 raise RuntimeError(f"device='cuda' requested but CUDA is not available: {cuda_status()}")
             try:
                 self._engine = cuda_module().CudaEngine(self.path, n_ctx, n_slots,
-                                                        _load_progress if verbose else None)
+                                                        _load_progress if verbose else None,
+                                                        kv_memory=self.kv_memory or 0)
             except ValueError as e:
                 if not (auto and cuda_family_refused(e)):
                     raise
                 print(f"orcd: {e}; running on the CPU", file=sys.stderr)
                 device = "cpu"
         if self._engine is None:
-            self._engine = _orcd.CpuEngine(self.path, n_ctx, n_slots, n_threads)
+            self._engine = _orcd.CpuEngine(self.path, n_ctx, n_slots, n_threads, kv_memory=self.kv_memory or 0)
         self.device = device
         self.info = self._engine.info()
         self.n_ctx = n_ctx
@@ -239,9 +245,27 @@ class Model:
             n += 1
         # all that stays valid if the forward below fails
         slot.cached, slot.prefilled, slot.owner = cached[:n], None, None
-        logits = eng.forward(slot.index, np.asarray(ids[n:], np.int32), n, False)
+        logits = self._with_room(slot, lambda: eng.forward(slot.index, np.asarray(ids[n:], np.int32), n, False))
         slot.cached, slot.prefilled, slot.owner = list(ids), (list(ids), logits.copy()), owner
         return logits
+
+    def _with_room(self, slot: _Slot, call):
+        """call() (an engine write to `slot`). When the KV pool (kv_memory) is full, other slots give
+        their memory back, idle ones first, least recently used first, until it runs: a generation
+        whose slot lost its cache evaluates its history again at its next step, as when slots are
+        shared. Call with self._lock held."""
+        while True:
+            try:
+                return call()
+            except ValueError as e:
+                if "KV memory full" not in str(e):
+                    raise
+                others = [s for s in self._slots if s is not slot and self._engine.kv_reserved(s.index)]
+                if not others:
+                    raise
+                victim = min(others, key=lambda s: (s.users > 0, s.last_used))
+                self._engine.kv_release(victim.index)
+                victim.forget()
 
     def _step(self, slot: _Slot, history: np.ndarray, n: int, owner) -> np.ndarray:
         """Logits after history[:n], where history[:n-1] was this owner's last state of the
@@ -251,7 +275,7 @@ class Model:
             if slot.owner is owner and len(slot.cached) == n - 1:
                 slot.last_used = next(self._clock)
                 slot.owner = None  # until the forward below succeeds
-                logits = eng.forward(slot.index, history[n - 1:n], n - 1, False)
+                logits = self._with_room(slot, lambda: eng.forward(slot.index, history[n - 1:n], n - 1, False))
                 slot.cached.append(int(history[n - 1]))
                 slot.owner = owner
                 return logits
@@ -271,8 +295,8 @@ class Model:
                 return None, True, None
             slot.last_used = next(self._clock)
             slot.owner = None  # until the step below succeeds
-            r = eng.decode_sample(slot.index, int(history[n - 1]), n - 1, dev_params, sampler.rng_state,
-                                  history[:n], n_logprobs)
+            r = self._with_room(slot, lambda: eng.decode_sample(slot.index, int(history[n - 1]), n - 1, dev_params,
+                                                                sampler.rng_state, history[:n], n_logprobs))
             slot.owner = owner
             if r is None:
                 return None, False, None

@@ -39,8 +39,14 @@ class ServerMetrics:
                               buckets=TPOT_BUCKETS, registry=r)
         self.running = Gauge("orcd_requests_running", "Generations holding a KV cache slot", registry=r)
         self.waiting = Gauge("orcd_requests_waiting", "Generations waiting for a KV cache slot", registry=r)
-        self.kv_slots_used = Gauge("orcd_kv_slots_in_use", "KV cache slots in use (each holds n_ctx positions)",
+        self.kv_slots_used = Gauge("orcd_kv_slots_in_use", "KV cache slots held by running generations",
                                    registry=r)
+        self.kv_pool = Gauge("orcd_kv_pool_positions", "Positions of the KV memory pool the slots share", registry=r)
+        self.kv_reserved = Gauge("orcd_kv_pool_reserved_positions",
+                                 "KV pool positions held by slots (running generations and cached prefixes)",
+                                 registry=r)
+        self.kv_waits = Gauge("orcd_kv_admission_waits",
+                              "Admissions deferred because the KV pool had no room (since start)", registry=r)
         self.kv_slots_total = Gauge("orcd_kv_slots_total", "KV cache slots (--max-seqs)", registry=r)
         self.vram = Gauge("orcd_vram_bytes_used", "GPU memory in use on the device (0 on the CPU)", registry=r)
         self.uptime = Gauge("orcd_uptime_seconds", "Seconds since the server started", registry=r)
@@ -52,6 +58,9 @@ class ServerMetrics:
         self.waiting.set_function(lambda: stats()["waiting"])
         self.kv_slots_used.set_function(lambda: stats()["running"])
         self.kv_slots_total.set(n_slots)
+        self.kv_pool.set_function(lambda: stats().get("kv_positions", 0))
+        self.kv_reserved.set_function(lambda: stats().get("kv_reserved", 0))
+        self.kv_waits.set_function(lambda: stats().get("kv_waits", 0))
         self.vram.set_function(lambda: vram() or 0)
 
     def outcome(self, outcome: str) -> None:
