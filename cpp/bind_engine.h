@@ -4,6 +4,7 @@
 //   .forward(slot, tokens int32[n], pos0, all_logits=False) -> float32 [n_vocab] | [n, n_vocab]
 //   .trace(tokens) -> (list of float32 [n, n_embd] x (n_layer+1), float32 [n, n_vocab])
 //   .decode_batch(slots, tokens, pos) -> float32 [n, n_vocab]
+//   .forward_rows(slots, tokens, pos, out_rows) -> float32 [len(out_rows), n_vocab]
 //   .decode_greedy(slot, first_token, pos, n_steps) -> int32 [n_steps]
 //   .kv_reserve(slot, n_positions) -> bool, .kv_release(slot), .kv_reserved(slot) -> int
 //   .info() -> dict (kv_pool_positions / kv_pool_reserved / kv_pool_largest_free / kv_pool_unit)
@@ -102,6 +103,26 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
                 return out.array;
             },
             nb::arg("slots"), nb::arg("tokens"), nb::arg("pos"))
+        .def(
+            "forward_rows",
+            [](H& self, In1D<int32_t> slots, In1D<int32_t> tokens, In1D<int32_t> pos, In1D<int32_t> out_rows) {
+                const std::vector<int32_t> s = bind_detail::ids(slots), t = bind_detail::ids(tokens),
+                                           p = bind_detail::ids(pos), o = bind_detail::ids(out_rows);
+                if (s.size() != t.size() || s.size() != p.size())
+                    throw Error("forward_rows: slots, tokens and pos must have the same length");
+                const size_t V = size_t(self.get().desc().n_vocab);
+                FloatOut out = float_out({o.size(), V});
+                {
+                    nb::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    self.get().forward_rows(int(s.size()), s.data(), t.data(), p.data(), int(o.size()), o.data(),
+                                            out.data);
+                }
+                return out.array;
+            },
+            nb::arg("slots"), nb::arg("tokens"), nb::arg("pos"), nb::arg("out_rows"),
+            "Prompt chunks of several slots in one pass (row i: tokens[i] at pos[i] of slots[i]); the logits\n"
+            "of the rows listed in out_rows.")
         .def(
             "decode_greedy",
             [](H& self, int slot, int32_t first_token, int pos, int n_steps) {

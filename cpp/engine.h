@@ -56,6 +56,9 @@ struct DeviceSampleRow {
 //   decode_greedy: n_steps must be >= 0 (got -1)
 inline void check_slot(const char* who, const Engine& e, int slot);
 inline void check_tokens(const char* who, const Engine& e, const int32_t* tokens, int n);
+// forward_rows: slots in range, a slot's rows at consecutive positions in n_ctx, out rows in [0, n).
+inline void check_forward_rows_args(const Engine& e, int n, const int32_t* slots, const int32_t* tokens,
+                                    const int32_t* pos, int k, const int32_t* out_rows);
 // n >= 1 tokens of `slot` at positions pos0 .. pos0+n-1.
 inline void check_forward_args(const char* who, const Engine& e, int slot, const int32_t* tokens, int n, int pos0);
 // n >= 1 (slot, token, position) triples, each slot at most once.
@@ -90,6 +93,29 @@ public:
     // Throws orcd::Error if pos0 + n > n_ctx or slot/tokens are out of range.
     virtual void forward(int slot, const int32_t* tokens, int n, int pos0,
                          float* logits, bool all_logits, Trace* trace) = 0;
+
+    // Prompt chunks of several slots in one pass: row i is tokens[i] at position pos[i] of slot
+    // slots[i]; a slot's rows come in position order, right after what it holds (each row sees
+    // its slot's positions up to its own). The logits of the k rows out_rows[0..k) go to
+    // logits (k x n_vocab). Equivalent to one forward per slot (this default does that); the
+    // CUDA engine runs the rows as one batch, so a burst of short prompts costs one pass.
+    virtual void forward_rows(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos, int k,
+                              const int32_t* out_rows, float* logits) {
+        check_forward_rows_args(*this, n, slots, tokens, pos, k, out_rows);
+        const size_t V = size_t(desc().n_vocab);
+        for (int i = 0; i < n;) {  // runs of one slot at consecutive positions
+            int j = i + 1;
+            while (j < n && slots[j] == slots[i] && pos[j] == pos[j - 1] + 1) ++j;
+            bool inner = false;  // an out row before the run's last: every row's logits
+            for (int o = 0; o < k; ++o) inner = inner || (out_rows[o] >= i && out_rows[o] < j - 1);
+            std::vector<float> got((inner ? size_t(j - i) : 1) * V);
+            forward(slots[i], tokens + i, j - i, pos[i], got.data(), inner, nullptr);
+            for (int o = 0; o < k; ++o)
+                if (out_rows[o] >= i && out_rows[o] < j)
+                    std::copy_n(got.data() + (inner ? size_t(out_rows[o] - i) * V : 0), V, logits + size_t(o) * V);
+            i = j;
+        }
+    }
 
     // One decode step for `n` distinct slots: token[i] at position pos[i] of
     // slot slots[i]; logits is n x n_vocab. Equivalent to n forward() calls.
@@ -187,6 +213,29 @@ inline void check_greedy_args(const char* who, const Engine& e, int slot, int32_
     if (n_steps < 0) throw Error(std::string(who) + ": n_steps must be >= 0 (got " + std::to_string(n_steps) + ")");
     if (n_steps > 0) engine_args::check_range(who, e, pos, n_steps, "");
     check_tokens(who, e, &first_token, 1);
+}
+
+inline void check_forward_rows_args(const Engine& e, int n, const int32_t* slots, const int32_t* tokens,
+                                    const int32_t* pos, int k, const int32_t* out_rows) {
+    const char* who = "forward_rows";
+    if (n < 1) throw Error(std::string(who) + ": no tokens");
+    std::vector<int64_t> next(size_t(e.n_slots()), -1);  // each slot's next position, once seen
+    for (int i = 0; i < n; ++i) {
+        check_slot(who, e, slots[i]);
+        engine_args::check_range(who, e, pos[i], 1, " of slot " + std::to_string(slots[i]));
+        int64_t& nx = next[size_t(slots[i])];
+        if (nx >= 0 && pos[i] != nx)
+            throw Error(std::string(who) + ": row " + std::to_string(i) + " of slot " + std::to_string(slots[i]) +
+                        " is at position " + std::to_string(pos[i]) + ", its slot's previous row at " +
+                        std::to_string(nx - 1) + " (a slot's rows must be consecutive positions)");
+        nx = int64_t(pos[i]) + 1;
+    }
+    check_tokens(who, e, tokens, n);
+    if (k < 0 || k > n) throw Error(std::string(who) + ": k must be in [0, n] (got " + std::to_string(k) + ")");
+    for (int o = 0; o < k; ++o)
+        if (out_rows[o] < 0 || out_rows[o] >= n)
+            throw Error(std::string(who) + ": out row " + std::to_string(out_rows[o]) + " out of range [0, " +
+                        std::to_string(n) + ")");
 }
 
 inline void check_kv_reserve_args(const Engine& e, int slot, int n_positions) {

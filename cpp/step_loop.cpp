@@ -322,8 +322,10 @@ void StepLoop::step() {
     logits_.resize(size_t(V));
     int64_t prompt_tokens = 0;
 
-    // 1. Prompt chunks, oldest request first, prefill_chunk tokens in all.
+    // 1. Prompt chunks, oldest request first, prefill_chunk tokens in all: the chunks of several
+    // requests go through the engine as one pass (forward_rows), a lone chunk as a forward.
     int budget = prefill_chunk_;
+    std::vector<std::pair<Seq*, int>> chunks;  // (sequence, tokens this step)
     for (auto& sp : running_) {
         Seq& s = *sp;
         const int plen = int(s.req.prompt.size());
@@ -339,14 +341,43 @@ void StepLoop::step() {
             }
             continue;
         }
+        chunks.emplace_back(&s, n);
+        budget -= n;
+    }
+    if (chunks.size() == 1) {
+        Seq& s = *chunks[0].first;
+        const int n = chunks[0].second;
         try {
             engine_->forward(s.slot, s.history.data() + s.n_done, n, s.n_done, logits_.data(), false, nullptr);
             s.n_done += n;
-            budget -= n;
             prompt_tokens += n;
-            if (s.n_done == plen) take_token(s, logits_.data(), out);
+            if (s.n_done == int(s.req.prompt.size())) take_token(s, logits_.data(), out);
         } catch (const std::exception& e) {
             finish_seq(s, Finish::error, e.what(), out);
+        }
+    } else if (chunks.size() > 1) {
+        std::vector<int32_t> slots, toks, pos, out_rows;
+        std::vector<Seq*> done;  // prompts that end in this pass, in out_rows order
+        for (auto& [s, n] : chunks) {
+            for (int j = 0; j < n; ++j) {
+                slots.push_back(s->slot);
+                toks.push_back(s->history[size_t(s->n_done + j)]);
+                pos.push_back(s->n_done + j);
+            }
+            if (s->n_done + n == int(s->req.prompt.size())) {
+                out_rows.push_back(int32_t(slots.size()) - 1);
+                done.push_back(s);
+            }
+        }
+        std::vector<float> lg(out_rows.size() * size_t(V));
+        try {
+            engine_->forward_rows(int(slots.size()), slots.data(), toks.data(), pos.data(), int(out_rows.size()),
+                                  out_rows.data(), lg.data());
+            for (auto& [s, n] : chunks) s->n_done += n;
+            prompt_tokens += int64_t(slots.size());
+            for (size_t o = 0; o < done.size(); ++o) take_token(*done[o], lg.data() + o * size_t(V), out);
+        } catch (const std::exception& e) {
+            for (auto& [s, n] : chunks) finish_seq(*s, Finish::error, e.what(), out);
         }
     }
 

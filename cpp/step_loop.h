@@ -11,7 +11,8 @@
 // next step and its slot is free at once. No Python and no GIL inside.
 //
 // Order inside one step: admissions and cancellations -> prompt chunks
-// (prefill_chunk tokens in all, oldest request first) -> one decode_batch ->
+// (prefill_chunk tokens in all, oldest request first; the chunks of several
+// requests go to the engine as one forward_rows pass) -> one decode_batch ->
 // sampling -> events. A request whose prompt completes in this step samples its
 // first token from the prompt's last logits and joins the same step's decode_batch.
 //

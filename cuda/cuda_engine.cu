@@ -342,6 +342,46 @@ void CudaEngineImpl::forward(int slot, const int32_t* tokens, int n, int pos0, f
     }
 }
 
+void CudaEngineImpl::forward_rows(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos, int k,
+                                  const int32_t* out_rows, float* logits) {
+    check_forward_rows_args(*this, n, slots, tokens, pos, k, out_rows);
+    {  // every slot's memory first: a full pool leaves nothing evaluated
+        std::vector<int64_t> end(size_t(n_slots_), 0);
+        for (int i = 0; i < n; ++i) end[size_t(slots[i])] = std::max<int64_t>(end[size_t(slots[i])], pos[i] + 1);
+        for (int s = 0; s < n_slots_; ++s)
+            if (end[size_t(s)] > 0) engine_args::ensure_kv("forward_rows", *this, s, end[size_t(s)]);
+    }
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine forward_rows");
+    for (int r0 = 0; r0 < n; r0 += C_) {  // chunks of rows; a slot's later rows see its earlier ones in the cache
+        const int nc = std::min(C_, n - r0);
+        CUDA_CHECK(cudaEventSynchronize(upload_done_), "forward_rows");  // the pinned ids are free again
+        int kv_max = 0;
+        for (int i = 0; i < nc; ++i) {
+            pinned_ids_[i] = tokens[r0 + i];
+            pinned_ids_[R_ + i] = pos[r0 + i];
+            pinned_ids_[2 * R_ + i] = slots[r0 + i];
+            kv_max = std::max(kv_max, pos[r0 + i] + 1);
+        }
+        step(nc, nc <= cu::kMatvecMaxRows, kv_max, Logits::None, nullptr, nullptr, 0);
+        std::vector<int> mine;  // indices into out_rows of this chunk's rows
+        for (int o = 0; o < k; ++o)
+            if (out_rows[o] >= r0 && out_rows[o] < r0 + nc) mine.push_back(o);
+        for (size_t b = 0; b < mine.size(); b += size_t(L_)) {  // their logits, L_ rows at a time
+            const int rows = int(std::min(mine.size() - b, size_t(L_)));
+            for (int j = 0; j < rows; ++j)  // the norm gathers the rows into h_
+                cu::rmsnorm(x_ + size_t(out_rows[mine[b + j]] - r0) * E_, 1, E_, weights_.output_norm, d_.rms_eps,
+                            h_ + size_t(j) * E_, stream_, "output_norm");
+            linear(weights_.output, h_, rows, logits_, V_, nullptr, false, rows <= cu::kMatvecMaxRows);
+            CUDA_CHECK(cudaMemcpyAsync(pinned_logits_, logits_, size_t(rows) * V_ * 4, cudaMemcpyDeviceToHost,
+                                       stream_),
+                       "logits copy");
+            sync("forward_rows (logits)");
+            for (int j = 0; j < rows; ++j)
+                std::memcpy(logits + size_t(mine[b + j]) * V_, pinned_logits_ + size_t(j) * V_, size_t(V_) * 4);
+        }
+    }
+}
+
 void CudaEngineImpl::batch_step(int n, bool mv, int kv_max) {
     // n <= n_slots_ <= min(R_, L_): the bucket fits the id, activation and logit rows
     const int nb = batch_row_bucket(n, mv ? std::min(n_slots_, cu::kMatvecMaxRows) : n_slots_);

@@ -64,6 +64,8 @@ public:
                              DeviceSampleRow* rows, int32_t* out_tokens) override;
     void decode_batch(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                       float* logits) override;
+    void forward_rows(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos, int k,
+                      const int32_t* out_rows, float* logits) override;
     void decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) override;
     DecodeProfile profile_decode(int slot, int32_t token, int pos, int n_steps) override;
 

@@ -230,14 +230,17 @@ for step in "${STEPS[@]}"; do
     vram)
         needs_model vram || continue
         : > "$D/vram.txt"
-        for rf in 1 0; do
+        # 64 sequences x 4096 positions with and without the resident fp16 copy, then the same
+        # 64 slots sharing a 1 GiB pool (kv_memory): what the VRAM is with a budget
+        for cfg in "1 0" "0 0" "1 1073741824" "0 1073741824"; do
+            read -r rf kvm <<< "$cfg"
             ORCD_CUDA_RESIDENT_F16=$rf timeout 120 $PY -c "
 import orcd.backend as b
-e = b.cuda_module().CudaEngine('$MODEL', 4096, 64)
+e = b.cuda_module().CudaEngine('$MODEL', 4096, 64, kv_memory=$kvm)
 i = e.info()
-print('resident_f16=$rf', {k: i.get(k) for k in ('vram_bytes', 'vram_weights', 'vram_kv', 'vram_scratch', 'vram_resident_f16')})" >> "$D/vram.txt" 2>&1
+print('resident_f16=$rf kv_memory=$kvm', {k: i.get(k) for k in ('vram_bytes', 'vram_weights', 'vram_kv', 'vram_scratch', 'vram_resident_f16', 'kv_pool_positions')})" >> "$D/vram.txt" 2>&1
         done
-        record vram ok 0 "$(tr '\n' ';' < "$D/vram.txt" | cut -c1-250)" ;;
+        record vram ok 0 "$(tr '\n' ';' < "$D/vram.txt" | cut -c1-400)" ;;
     passkey)
         needs_model passkey || continue
         LS=/tmp/lcp/llama.cpp/build/bin/llama-server URLARG=

@@ -92,3 +92,27 @@ def test_real_model_small_pool_step_loop_equals_alone(real_model_path, tok, monk
     assert st["kv_positions"] == 2 * 512 and st["kv_waits"] > 0, st
     want = [_run(real_model_path, [q], 1, p, monkeypatch, ORCD_CUDA_FAST_DECODE="0")[0] for q in prompts]
     assert got == want
+
+
+# ------------------------------------------------------------------ prompt chunks of several slots in one pass
+@pytest.mark.parametrize("lens", [(5, 9, 3), (40, 300, 17, 120)])
+def test_forward_rows_equals_a_forward_per_slot(tiny_model, lens):
+    """One pass over the prompt rows of several slots (the decode-shaped attention, per-row slots)
+    against a forward per slot (flash attention where a prompt has 16+ rows): logits within
+    1e-4 x the largest |logit| (float32 sums in another order), then the same greedy tokens."""
+    path = tiny_model("Q8_0")
+    n = len(lens)
+    a, b = cu.CudaEngine(path, 512, n), cu.CudaEngine(path, 512, n)
+    V = a.info()["n_vocab"]
+    prompts = [_ids(V, m, 10 + i) for i, m in enumerate(lens)]
+    slots = np.concatenate([np.full(m, s, np.int32) for s, m in enumerate(lens)])
+    pos = np.concatenate([np.arange(m, dtype=np.int32) for m in lens])
+    ends = np.cumsum(lens) - 1
+    got = a.forward_rows(slots, np.concatenate(prompts), pos, ends.astype(np.int32))
+    want = np.stack([b.forward(s, q, 0) for s, q in enumerate(prompts)])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+    for s, m in enumerate(lens):
+        t = int(np.argmax(want[s]))
+        assert list(a.decode_greedy(s, t, m, 4)) == list(b.decode_greedy(s, t, m, 4))
+    a.close()
+    b.close()

@@ -200,3 +200,39 @@ def test_model_kv_memory(tiny):
     got_b += list(b)
     assert "".join(got_a) == model.generate(p, **kw).text and "".join(got_b) == model.generate(q, **kw).text
     m.close()
+
+
+# ------------------------------------------------------------------ prompt chunks of several slots in one pass
+def test_forward_rows_equals_a_forward_per_slot(tiny):
+    """forward_rows (the CPU engine's: a forward per run of one slot) against forwards of each
+    slot alone: the same logits for the out rows, inner rows included, and the same caches after
+    (the next greedy tokens)."""
+    path, _ = tiny
+    a, b = _orcd.CpuEngine(path, N_CTX, 3), _orcd.CpuEngine(path, N_CTX, 3)
+    p = prompts_for(3, seed=40, lo=5, hi=12)
+    for e in (a, b):  # slot 2 already holds 4 positions
+        e.forward(2, np.asarray(p[2][:4], np.int32), 0)
+    slots, toks, pos = [], [], []
+    for s, (start, ids) in enumerate([(0, p[0]), (0, p[1]), (4, p[2][4:])]):
+        slots += [s] * len(ids)
+        toks += ids
+        pos += list(range(start, start + len(ids)))
+    ends = [len(p[0]) - 1, len(p[0]) + len(p[1]) - 1, len(slots) - 1]
+    out_rows = [ends[2], 2, ends[0], ends[1]]  # any order, an inner row too
+    got = a.forward_rows(np.asarray(slots, np.int32), np.asarray(toks, np.int32), np.asarray(pos, np.int32),
+                         np.asarray(out_rows, np.int32))
+    w0 = b.forward(0, np.asarray(p[0], np.int32), 0, True)
+    w1 = b.forward(1, np.asarray(p[1], np.int32), 0)
+    w2 = b.forward(2, np.asarray(p[2][4:], np.int32), 4)
+    np.testing.assert_array_equal(got, np.stack([w2, w0[2], w0[-1], w1]))
+    for s, n in ((0, len(p[0])), (1, len(p[1])), (2, len(p[2]))):
+        t = int(np.argmax(got[[2, 3, 0][s]]))
+        assert list(a.decode_greedy(s, t, n, 3)) == list(b.decode_greedy(s, t, n, 3))
+    with pytest.raises(ValueError, match="consecutive positions"):
+        a.forward_rows(np.asarray([0, 1, 0], np.int32), np.asarray([1, 2, 3], np.int32),
+                       np.asarray([0, 0, 2], np.int32), np.asarray([2], np.int32))
+    with pytest.raises(ValueError, match="out row 3 out of range"):
+        a.forward_rows(np.asarray([0], np.int32), np.asarray([1], np.int32), np.asarray([0], np.int32),
+                       np.asarray([3], np.int32))
+    a.close()
+    b.close()
