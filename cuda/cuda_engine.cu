@@ -230,6 +230,38 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
     for (int i = 1; i < nr; ++i) one_slot = one_slot && pinned_ids_[2 * R_ + i] == pinned_ids_[2 * R_];
     cu::AttnPlan plan = cu::attn_plan(nr, kv_max, d_.n_head, info_.sm_count, one_slot);
     plan.partial_rows = part_rows_;  // the decode-shaped attention may split finer within them
+    // A pass over the prompt chunks of several slots (forward_rows): when a slot's run of rows is
+    // long enough for the tensor-core attention, each run attends on its own with the plan its
+    // own forward would use, so a packed prompt's attention is that of the prompt alone.
+    struct Run {
+        int row, n;
+        cu::AttnPlan plan;
+    };
+    std::vector<Run> runs;
+    if (packed_rows_ && !one_slot) {
+        bool long_run = false;
+        for (int i = 0; i < nr;) {
+            int j = i + 1;
+            while (j < nr && pinned_ids_[2 * R_ + j] == pinned_ids_[2 * R_ + i]) ++j;
+            Run r{i, j - i, cu::attn_plan(j - i, pinned_ids_[R_ + j - 1] + 1, d_.n_head, info_.sm_count, true)};
+            r.plan.partial_rows = part_rows_;
+            long_run = long_run || r.n >= cu::kFlashMinQ;
+            runs.push_back(r);
+            i = j;
+        }
+        if (!long_run) runs.clear();
+    }
+    auto attend = [&](const float* q, int ldq, const __half* kc, const __half* vc, const char* ln) {
+        if (runs.empty()) {
+            cu::attention(q, ldq, kc, vc, d_slot_off_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_, plan,
+                          part_o_, part_ml_, att_, QD_, stream_, ln);
+            return;
+        }
+        for (const Run& r : runs)
+            cu::attention(q + size_t(r.row) * ldq, ldq, kc, vc, d_slot_off_, KD_, d_slot + r.row, d_pos + r.row, r.n,
+                          d_.n_head, d_.n_head_kv, hd_, r.plan, part_o_, part_ml_, att_ + size_t(r.row) * QD_, QD_,
+                          stream_, ln);
+    };
     const bool fused = !mv && opt_.fused_prompt;
     const int QKVW = QD_ + 2 * KD_;
     for (int l = 0; l < d_.n_layer; ++l) {
@@ -249,8 +281,7 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
                 cu::kv_store(qkv_ + QD_, qkv_ + QD_ + KD_, QKVW, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_,
                              stream_, ln);
             }
-            cu::attention(qkv_, QKVW, kc, vc, d_slot_off_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_,
-                          plan, part_o_, part_ml_, att_, QD_, stream_, ln);
+            attend(qkv_, QKVW, kc, vc, ln);
             cu::f32_to_f16(att_, int64_t(nr) * QD_, act16_, stream_, ln);
             cu::gemm_f16(blas_, weights16({&L.wo}), QD_, E_, act16_, nr, x_, E_, true, L.wo.name.c_str());
             cu::rmsnorm_f16(x_, nr, E_, L.ffn_norm, d_.rms_eps, act16_, stream_, "ffn_norm");
@@ -266,8 +297,7 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
             cu::rope(d_, q_, QD_, nr, d_.n_head, d_pos, stream_, ln);
             cu::rope(d_, k_, KD_, nr, d_.n_head_kv, d_pos, stream_, L.wk.name.c_str());
             cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_, stream_, ln);
-            cu::attention(q_, QD_, kc, vc, d_slot_off_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_, plan,
-                          part_o_, part_ml_, att_, QD_, stream_, ln);
+            attend(q_, QD_, kc, vc, ln);
             linear(L.wo, att_, nr, x_, E_, nullptr, true, mv);  // residual add
             cu::rmsnorm(x_, nr, E_, L.ffn_norm, d_.rms_eps, h_, stream_, "ffn_norm");
             linear(L.gate, h_, nr, g_, F_, nullptr, false, mv);
@@ -362,7 +392,14 @@ void CudaEngineImpl::forward_rows(int n, const int32_t* slots, const int32_t* to
             pinned_ids_[2 * R_ + i] = slots[r0 + i];
             kv_max = std::max(kv_max, pos[r0 + i] + 1);
         }
-        step(nc, nc <= cu::kMatvecMaxRows, kv_max, Logits::None, nullptr, nullptr, 0);
+        packed_rows_ = true;
+        try {
+            step(nc, nc <= cu::kMatvecMaxRows, kv_max, Logits::None, nullptr, nullptr, 0);
+        } catch (...) {
+            packed_rows_ = false;
+            throw;
+        }
+        packed_rows_ = false;
         std::vector<int> mine;  // indices into out_rows of this chunk's rows
         for (int o = 0; o < k; ++o)
             if (out_rows[o] >= r0 && out_rows[o] < r0 + nc) mine.push_back(o);

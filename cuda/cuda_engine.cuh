@@ -123,6 +123,7 @@ private:
     std::string res_note_;       // why there is no resident copy ("" when there is or it was not asked for)
     BatchGraphCache batch_graphs_;
     bool batch_graphs_ok_ = true;
+    bool packed_rows_ = false;   // body() runs a forward_rows chunk: attention per run of one slot
     std::string batch_note_;     // why batch graphs stopped
     uint8_t* sbuf_ = nullptr;  // scratch
     __half *kc_ = nullptr, *vc_ = nullptr;
