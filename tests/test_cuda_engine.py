@@ -382,10 +382,18 @@ def test_info_and_errors(tiny_model):
 
 
 def test_not_enough_memory(tiny_model):
+    """A pool of every slot's n_ctx that cannot fit is sized down to what fits in 90% of the free
+    memory (at least one sequence); a kv_memory beyond the free memory is refused before anything
+    is allocated."""
     path = tiny_model("Q4_0")
     free_before = cu.device_info()["free_memory"]
-    with pytest.raises(RuntimeError, match=r"not enough GPU memory: need \d+ bytes, \d+ free"):
-        cu.CudaEngine(path, 1 << 20, 1 << 16)
+    e = cu.CudaEngine(path, 1 << 20, 1 << 16)
+    info = e.info()
+    assert (1 << 20) <= info["kv_pool_positions"] < (1 << 36)
+    assert info["vram_bytes"] <= 0.9 * free_before
+    e.close()
+    with pytest.raises(RuntimeError, match=r"not enough GPU memory: need \d+ bytes, \d+ free .*KV pool"):
+        cu.CudaEngine(path, 1 << 20, 1 << 16, kv_memory=free_before + (1 << 30))
     # nothing was left allocated
     assert cu.device_info()["free_memory"] >= free_before - (64 << 20)
 
