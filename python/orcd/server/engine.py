@@ -104,8 +104,7 @@ class ServeEngine:
             template = md.get("tokenizer.chat_template")
             self.has_chat_template = isinstance(template, str) and bool(template.strip())
             self.chat_template = ChatTemplate(template, bos_token=text(tok.bos_id), eos_token=text(tok.eos_id))
-            self.tokenizer = tok
-            self.token_bytes = [tok.token_to_bytes(i) for i in range(tok.n_vocab)]
+            self.use_tokenizer(tok)
             self.runner = BatchRunner(path, device=self.device_arg, n_ctx=self.n_ctx, n_slots=self.max_seqs,
                                       n_threads=self.n_threads, max_waiting=self.max_queue,
                                       prefill_chunk=self.prefill_chunk)
@@ -117,6 +116,11 @@ class ServeEngine:
             self.state = "failed"
             self.error = str(e) or type(e).__name__
             raise
+
+    def use_tokenizer(self, tok: Tokenizer) -> None:
+        """The tokenizer the generations detokenize with (and its bytes table)."""
+        self.tokenizer = tok
+        self.token_bytes = [tok.token_to_bytes(i) for i in range(tok.n_vocab)]
 
     def _warm_up(self) -> None:
         """A few short generations before the server says it is ready, so the first client
@@ -444,7 +448,14 @@ async def follow_batches(gens: Sequence[Generation],
     order (so a caller can write them at once); every generation's last item has
     ended=True. gens share `wake` (they were started with it)."""
     open_ = list(range(len(gens)))
+    first = True  # tokens may have come before the wake was installed: poll once unwoken
     while open_:
+        # Every token appended after a poll read req.tokens sets the wake later (the
+        # pump's notify follows the append), and the wake is cleared before each poll:
+        # so an unset wake means nothing new, and the poll can wait for it.
+        if not first and not wake.is_set():
+            await wake.wait()
+        first = False
         wake.clear()
         batch = []
         for i in open_:
@@ -452,7 +463,6 @@ async def follow_batches(gens: Sequence[Generation],
             if text or ended:
                 batch.append((i, text, ended))
         if not batch:
-            await wake.wait()
             continue
         if any(e for _, _, e in batch):
             open_ = [i for i in open_ if not gens[i].ended]
