@@ -151,7 +151,12 @@ def test_follow_batches_hands_over_every_choice_of_a_wake_in_order(tok):
 
 
 # ------------------------------------------------------------------ over HTTP (tiny model server)
-from test_server import GREEDY, Server, httpx, openai, sse  # noqa: E402,F401  (the server harness)
+@pytest.fixture(scope="module")
+def ts():
+    """tests/test_server.py: its server harness (skips without httpx / openai / aiohttp)."""
+    import test_server
+
+    return test_server
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +174,12 @@ def ref(tiny_path):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_path, tmp_path_factory):
-    with Server(tiny_path, "--n-ctx", "512", "--max-seqs", "8", log_dir=str(tmp_path_factory.mktemp("logs"))) as s:
+def server(ts, tiny_path, tmp_path_factory):
+    with ts.Server(tiny_path, "--n-ctx", "512", "--max-seqs", "8", log_dir=str(tmp_path_factory.mktemp("logs"))) as s:
         yield s
 
 
-def test_streamed_choices_equal_the_model_and_end_in_order(server, ref):
+def test_streamed_choices_equal_the_model_and_end_in_order(ts, server, ref):
     msgs = [{"role": "user", "content": "Write a list of fruits"}]
     sampling = dict(temperature=0.9, top_p=1.0)
     want = [ref.chat(msgs, max_tokens=40, seed=100 + i, top_k=0, min_p=0.0, ignore_eos=True, **sampling)
@@ -196,10 +201,10 @@ def test_streamed_choices_equal_the_model_and_end_in_order(server, ref):
     assert finishes == ["length"] * 3
     assert usage.completion_tokens == sum(len(w.token_ids) for w in want) == 120
     # the raw events: role chunks first, each a JSON chunk, the usage chunk then [DONE] last
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=dict(body, ignore_eos=True),
+    with ts.httpx.stream("POST", server.url + "/v1/chat/completions", json=dict(body, ignore_eos=True),
                       timeout=60.0) as r:
         assert r.status_code == 200
-        events = [d for _, d in sse(r.iter_lines())]
+        events = [d for _, d in ts.sse(r.iter_lines())]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(d) for d in events[:-1]]
     assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": ""}] * 3
@@ -212,14 +217,14 @@ def test_streamed_choices_equal_the_model_and_end_in_order(server, ref):
     server.wait_idle()
 
 
-def test_worker_pieces_with_a_stop_string_equal_the_model(server, ref):
-    want = ref.generate("Hello world", max_tokens=60, ignore_eos=True, **GREEDY)
+def test_worker_pieces_with_a_stop_string_equal_the_model(ts, server, ref):
+    want = ref.generate("Hello world", max_tokens=60, ignore_eos=True, **ts.GREEDY)
     stop = want.text[25:29]  # a stop string from the middle of the text, perhaps across tokens
     assert len(stop) == 4
-    with httpx.stream("POST", server.url + "/execute", timeout=60.0,
+    with ts.httpx.stream("POST", server.url + "/execute", timeout=60.0,
                       json={"job_id": "c1", "prompt": "Hello world", "raw": True, "max_tokens": 60,
                             "temperature": 0, "top_k": 0, "stop": [stop], "ignore_eos": True}) as r:
-        events = [(e, json.loads(d)) for e, d in sse(r.iter_lines())]
+        events = [(e, json.loads(d)) for e, d in ts.sse(r.iter_lines())]
     names = [e for e, _ in events]
     assert names[0] == "started" and names[-1] == "end" and set(names[1:-1]) == {"token"}
     toks = [d for e, d in events if e == "token"]
