@@ -3,7 +3,7 @@ can deliver, and what it costs in CPU per token, with the C++ step loop replaced
 synthetic token source.
 
 What runs for real: orcd.server's aiohttp application (create_app), ServeEngine, the
-BatchRunner and its pump thread, Generation.poll (StreamDecoder, stop strings) and the
+BatchRunner and its pump thread, Generation.poll (detokenization, stop strings) and the
 OpenAI / worker SSE handlers, over TCP on 127.0.0.1. What is fake: the native StepLoop
 (FakeStepLoop below: its interface, with a virtual clock run by the pump thread's
 take_events calls, so it needs no thread of its own), which every --step-ms gives one
@@ -15,17 +15,18 @@ after another for --seconds.
     python scripts/serve_overhead.py --streams 1 8 64 --api chat --step-ms 0.05
     python scripts/serve_overhead.py --streams 64 --api worker --profile /tmp/prof.txt
 
---step-ms: the fake engine's step time (one token per running sequence per step); small
-values (0.05) saturate the Python side, so the delivered rate is its capacity; an H200
-runs the real 0.5B model at about 0.57 ms a step for 1 sequence and 1.8 ms for 64.
-Reported per run: delivered tokens/s (tokens in the streams' usage / end events over the
+--step-ms: the fake engine's step time (one token per running sequence per step): the
+step times `orcd bench-batch` measures on the GPU mimic a real load; small values (0.05)
+saturate the Python side, so the delivered rate is its capacity (the wakes then carry
+many tokens each). On a machine with few cores the client process may be the limit:
+compare the CPU per token, which does not depend on it. Reported per run: delivered tokens/s (tokens in the streams' usage / end events over the
 measured window), server CPU per delivered token (the whole process; the event loop
 thread; the pump thread, which also builds the synthetic events as the native
 take_events does; the other threads: the executor threads encoding the prompts), reads
-(socket reads by the clients, about the server's writes) and bytes per token. --check: the clients compare every
-stream's text with the tokenizer's decoding of the ids the fake engine sent (slower
+(socket reads by the clients, about the server's writes) and bytes per token.
+--check: the clients compare every stream's text with the tokenizer's decoding of the ids the fake engine sent (slower
 clients; for correctness, not for numbers). --profile FILE: cProfile of the event loop
-thread's run, the top functions by internal time written to FILE.
+thread's run, the top functions by internal time written to FILE.<streams>.
 """
 from __future__ import annotations
 
