@@ -228,6 +228,14 @@ def sse_event(event: str, obj) -> bytes:
             + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n")
 
 
+_encode_string = json.encoder.encode_basestring  # what json.dumps(str, ensure_ascii=False) returns
+
+
+def json_string(text: str) -> bytes:
+    """json.dumps(text, ensure_ascii=False) as UTF-8, without building an encoder per call."""
+    return _encode_string(text).encode("utf-8")
+
+
 class TextEvents:
     """Encodes the events of a stream that differ only in one text field, quickly: the
     JSON around the text is encoded once (the per-token cost of a stream is then one
@@ -247,12 +255,12 @@ class TextEvents:
         self._pre, _, self._post = enc.partition(quoted)
 
     def __call__(self, text: str) -> bytes:
-        return self._pre + json.dumps(text, ensure_ascii=False).encode("utf-8") + self._post
+        return self._pre + _encode_string(text).encode("utf-8") + self._post
 
 
 __all__: List[str] = [
     "new_id", "now", "usage", "chat_completion", "tool_call", "tool_call_deltas", "chat_chunk",
     "chat_usage_chunk", "completion", "completion_chunk", "completion_usage_chunk", "model_card", "model_list", "error", "sse_data",
-    "sse_event", "SSE_DONE", "SYSTEM_FINGERPRINT", "TextEvents", "chat_logprobs", "CompletionLogprobs",
+    "sse_event", "SSE_DONE", "json_string", "SYSTEM_FINGERPRINT", "TextEvents", "chat_logprobs", "CompletionLogprobs",
     "token_piece", "LOGPROB_FLOOR",
 ]

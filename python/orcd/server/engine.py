@@ -7,15 +7,18 @@ BatchRunner (the C++ step loop), turning a request into text pieces for asyncio 
     ids = eng.encode_prompt("def fib(n):")           # or eng.encode_chat(messages)
     wake = asyncio.Event()
     gen = eng.start(ids, SamplingParams(...), wake, t_arrival=time.monotonic())
-    async for i, text, ended in follow([gen], wake): ...
+    async for batch in follow_batches([gen], wake):   # per wake: [(i, new text, ended), ...]
+        ...
     gen.finish_reason, gen.completion_tokens
 
 The per-token loop stays in C++: BatchRunner's pump thread appends token ids to each
 request and calls its on_event, which here only schedules (coalesced: at most one
 call_soon_threadsafe pending for all requests) the setting of the generation's asyncio
-Event. Python runs once per wake, not per engine step: detokenization (StreamDecoder,
-UTF-8 safe), stop strings (the request is cancelled at the match; text that may start
-a stop string is held back, as Model._run does) and the caller's SSE framing.
+Event. Python runs once per wake, not per engine step: detokenization (the tokens' bytes
+from a table built at load, through one incremental UTF-8 decoder per generation, as
+StreamDecoder), stop strings (the request is cancelled at the match; text that may start
+a stop string is held back, as Model._run does) and the caller's SSE framing, which
+writes everything one wake produced for a response at once (follow_batches).
 
 A generation ends exactly once (finish_reason "stop", "length", "cancelled" or "error"):
 from the engine's terminal event, at a stop-string match, or at once when cancel() is
@@ -28,6 +31,7 @@ generation stops with "length" at n_ctx positions whatever max_tokens says.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import threading
 import time
@@ -38,7 +42,7 @@ from ..chat import ChatTemplate, encode_chat
 from ..default_model import resolve_model
 from ..gguf_file import GGUFFile
 from ..model import _find_stop, _stop_prefix_len
-from ..tokenizer import StreamDecoder, Tokenizer
+from ..tokenizer import Tokenizer
 from ..types import SamplingParams
 
 # llama.cpp's general.file_type values (LlamaFileType) -> the usual quantization names.
@@ -73,6 +77,7 @@ class ServeEngine:
         self.created = int(time.time())
         self.runner: Optional[BatchRunner] = None
         self.tokenizer: Optional[Tokenizer] = None
+        self.token_bytes: List[bytes] = []  # token id -> its bytes (tokenizer.token_to_bytes)
         self.chat_template: Optional[ChatTemplate] = None
         self.has_chat_template = False
         self.live: Set["Generation"] = set()
@@ -99,7 +104,7 @@ class ServeEngine:
             template = md.get("tokenizer.chat_template")
             self.has_chat_template = isinstance(template, str) and bool(template.strip())
             self.chat_template = ChatTemplate(template, bos_token=text(tok.bos_id), eos_token=text(tok.eos_id))
-            self.tokenizer = tok
+            self.use_tokenizer(tok)
             self.runner = BatchRunner(path, device=self.device_arg, n_ctx=self.n_ctx, n_slots=self.max_seqs,
                                       n_threads=self.n_threads, max_waiting=self.max_queue,
                                       prefill_chunk=self.prefill_chunk)
@@ -111,6 +116,11 @@ class ServeEngine:
             self.state = "failed"
             self.error = str(e) or type(e).__name__
             raise
+
+    def use_tokenizer(self, tok: Tokenizer) -> None:
+        """The tokenizer the generations detokenize with (and its bytes table)."""
+        self.tokenizer = tok
+        self.token_bytes = [tok.token_to_bytes(i) for i in range(tok.n_vocab)]
 
     def _warm_up(self) -> None:
         """A few short generations before the server says it is ready, so the first client
@@ -328,7 +338,7 @@ class Generation:
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
         self._stops = stops
-        self._dec = StreamDecoder(engine.tokenizer)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # StreamDecoder's
         self._held = ""  # text that may start a stop string
         self._seen = 0   # req.tokens consumed
         self._lp_taken = 0  # req.logprobs handed out by take_logprobs
@@ -370,41 +380,59 @@ class Generation:
         done = req.done  # first: once done, every token is already in req.tokens
         toks = req.tokens
         n = len(toks)
-        if self._seen == n and not done:
+        seen = self._seen
+        if seen == n and not done:
             return "", False
-        now = time.monotonic()
-        if self._seen < n:
+        text = ""
+        if seen < n:
+            now = time.monotonic()
             if self.t_first is None:
                 self.t_first = now
             self.t_last = now
-        parts = []
-        held, stops = self._held, self._stops
-        while self._seen < n:
-            tok = toks[self._seen]
-            self._seen += 1
-            self.completion_tokens += 1
-            held += self._dec.feed(tok)
-            if stops:
-                cut = _find_stop(held, stops)
-                if cut is not None:
-                    parts.append(held[:cut])
-                    self._held = ""
-                    req.cancel()  # the engine would go on: the stop string is ours
-                    self._end("stop", "")
-                    return "".join(parts), True
-                keep = _stop_prefix_len(held, stops)
-                if keep < len(held):
-                    parts.append(held[: len(held) - keep])
-                    held = held[len(held) - keep:]
-            else:
-                parts.append(held)
-                held = ""
-        self._held = held
+            if self._stops:
+                text, stopped = self._take_with_stops(toks, seen, n)
+                if stopped:
+                    return text, True
+            else:  # no stop strings: the wake's tokens decode at once (the same text, UTF-8 safe)
+                text = self._utf8.decode(self._bytes_of(toks[seen:n]))
+                self._seen = n
+                self.completion_tokens += n - seen
         if done:
-            parts.append(self._held + self._dec.flush())
+            text += self._held + self._utf8.decode(b"", final=True)
             self._held = ""
             self._end(req.finish_reason, req.message)
-            return "".join(parts), True
+            return text, True
+        return text, False
+
+    def _bytes_of(self, ids) -> bytes:
+        table = self.engine.token_bytes
+        try:
+            return b"".join([table[t] for t in ids])
+        except IndexError:  # an id past the tokenizer's vocabulary: its error
+            tok = self.engine.tokenizer
+            return b"".join([tok.token_to_bytes(t) for t in ids])
+
+    def _take_with_stops(self, toks: List[int], seen: int, n: int) -> Tuple[str, bool]:
+        # token by token: a stop string ends the text (and the tokens counted) at the
+        # token that completes it, as Model._run does
+        parts = []
+        held, stops, decode = self._held, self._stops, self._utf8.decode
+        for k in range(seen, n):
+            self._seen = k + 1
+            self.completion_tokens += 1
+            held += decode(self._bytes_of((toks[k],)))
+            cut = _find_stop(held, stops)
+            if cut is not None:
+                parts.append(held[:cut])
+                self._held = ""
+                self.req.cancel()  # the engine would go on: the stop string is ours
+                self._end("stop", "")
+                return "".join(parts), True
+            keep = _stop_prefix_len(held, stops)
+            if keep < len(held):
+                parts.append(held[: len(held) - keep])
+                held = held[len(held) - keep:]
+        self._held = held
         return "".join(parts), False
 
     def _end(self, finish: str, message: str) -> None:
@@ -414,19 +442,36 @@ class Generation:
         self.engine._ended(self)
 
 
+async def follow_batches(gens: Sequence[Generation],
+                         wake: asyncio.Event) -> AsyncIterator[List[Tuple[int, str, bool]]]:
+    """Per wake, the (index, new text, ended) of every generation that produced, in index
+    order (so a caller can write them at once); every generation's last item has
+    ended=True. gens share `wake` (they were started with it)."""
+    open_ = list(range(len(gens)))
+    first = True  # tokens may have come before the wake was installed: poll once unwoken
+    while open_:
+        # Every token appended after a poll read req.tokens sets the wake later (the
+        # pump's notify follows the append), and the wake is cleared before each poll:
+        # so an unset wake means nothing new, and the poll can wait for it.
+        if not first and not wake.is_set():
+            await wake.wait()
+        first = False
+        wake.clear()
+        batch = []
+        for i in open_:
+            text, ended = gens[i].poll()
+            if text or ended:
+                batch.append((i, text, ended))
+        if not batch:
+            continue
+        if any(e for _, _, e in batch):
+            open_ = [i for i in open_ if not gens[i].ended]
+        yield batch
+
+
 async def follow(gens: Sequence[Generation], wake: asyncio.Event) -> AsyncIterator[Tuple[int, str, bool]]:
     """(index, new text, ended) for each generation as it produces; every generation's
     last item has ended=True. gens share `wake` (they were started with it)."""
-    open_ = list(range(len(gens)))
-    while open_:
-        wake.clear()
-        progressed = False
-        for i in list(open_):
-            text, ended = gens[i].poll()
-            if text or ended:
-                progressed = True
-                if ended:
-                    open_.remove(i)
-                yield i, text, ended
-        if not progressed:
-            await wake.wait()
+    async for batch in follow_batches(gens, wake):
+        for item in batch:
+            yield item

@@ -32,7 +32,7 @@ import time
 from aiohttp import web
 
 from .. import openai_format as fmt
-from .engine import Busy, Unavailable, follow
+from .engine import Busy, Unavailable, follow, follow_batches
 from .errors import ApiError, busy, openai_response, unavailable
 from .openai_params import OpenAIRequest, parse
 from .state import SSE_HEADERS, STATE, ServerState
@@ -252,6 +252,8 @@ def _dumps(obj) -> str:
 
 async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gens, wake,
                   usage_prompt: int, lp: _Logprobs) -> web.StreamResponse:
+    # Everything one wake produced (every choice's chunks; at the end the finish chunks,
+    # the usage chunk, [DONE] and the end of the chunked body) goes out in one write.
     rid = fmt.new_id("chatcmpl" if req.kind == "chat" else "cmpl")
     created, model = fmt.now(), st.engine.model_id
     chat = req.kind == "chat"
@@ -260,9 +262,9 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
     await resp.prepare(request)
     try:
         if chat:
-            for i in range(len(gens)):
-                await resp.write(fmt.sse_data(fmt.chat_chunk(rid, created, model, i, content="", role="assistant",
-                                                             with_usage_field=u)))
+            await resp.write(b"".join(fmt.sse_data(fmt.chat_chunk(rid, created, model, i, content="",
+                                                                  role="assistant", with_usage_field=u))
+                                      for i in range(len(gens))))
         mark = fmt.TextEvents.MARK
         text_events = [fmt.TextEvents(fmt.chat_chunk(rid, created, model, i, content=mark, with_usage_field=u)
                                       if chat else
@@ -273,54 +275,61 @@ async def _stream(request: web.Request, st: ServerState, req: OpenAIRequest, gen
             from ..tools import ToolCallStream
 
             calls_streams = [ToolCallStream(names) for _ in gens]
-        async for i, text, ended in follow(gens, wake):
-            if lp.echo and not lp.echoed[i]:
-                head, head_lp = lp.prompt(i)
-                await resp.write(fmt.sse_data(fmt.completion_chunk(rid, created, model, i, head, with_usage_field=u,
-                                                                   logprobs=head_lp)))
-            finish = gens[i].finish_reason
-            calls = None
-            if names is not None:
-                text = calls_streams[i].feed(text)
-                if ended and finish in ("stop", "length"):
-                    rest, calls = calls_streams[i].finish()
-                    text += rest
-                    if calls:
-                        finish = "tool_calls"
-            # a chunk carries its tokens' logprobs even when the tool-call parser holds their text
-            lps = lp.new(i)
-            if lps is not None:
-                await resp.write(fmt.sse_data(
-                    fmt.chat_chunk(rid, created, model, i, content=text, with_usage_field=u, logprobs=lps) if chat
-                    else fmt.completion_chunk(rid, created, model, i, text, with_usage_field=u, logprobs=lps)))
-            elif text:
-                await resp.write(text_events[i](text))
-            if calls:
-                await resp.write(fmt.sse_data(fmt.chat_chunk(rid, created, model, i, tool_calls=calls,
-                                                             with_usage_field=u)))
-            if not ended:
-                continue
-            g = gens[i]
-            if g.finish_reason not in ("stop", "length"):
-                for other in gens:
-                    other.cancel("another choice of the request ended")
-                e = _ended_badly(g)
-                await resp.write(fmt.sse_data(fmt.error(e.message, "server_error", None, e.code)))
-                await resp.write(fmt.SSE_DONE)
-                await resp.write_eof()
-                return resp
-            chunk = (fmt.chat_chunk(rid, created, model, i, finish_reason=finish, with_usage_field=u)
-                     if chat else
-                     fmt.completion_chunk(rid, created, model, i, "", g.finish_reason, with_usage_field=u))
-            await resp.write(fmt.sse_data(chunk))
+        n_open = len(gens)
+        out = []
+        async for batch in follow_batches(gens, wake):
+            for i, text, ended in batch:
+                if lp.echo and not lp.echoed[i]:
+                    head, head_lp = lp.prompt(i)
+                    out.append(fmt.sse_data(fmt.completion_chunk(rid, created, model, i, head, with_usage_field=u,
+                                                                 logprobs=head_lp)))
+                finish = gens[i].finish_reason
+                calls = None
+                if names is not None:
+                    text = calls_streams[i].feed(text)
+                    if ended and finish in ("stop", "length"):
+                        rest, calls = calls_streams[i].finish()
+                        text += rest
+                        if calls:
+                            finish = "tool_calls"
+                # a chunk carries its tokens' logprobs even when the tool-call parser holds their text
+                lps = lp.new(i)
+                if lps is not None:
+                    out.append(fmt.sse_data(
+                        fmt.chat_chunk(rid, created, model, i, content=text, with_usage_field=u, logprobs=lps)
+                        if chat else
+                        fmt.completion_chunk(rid, created, model, i, text, with_usage_field=u, logprobs=lps)))
+                elif text:
+                    out.append(text_events[i](text))
+                if calls:
+                    out.append(fmt.sse_data(fmt.chat_chunk(rid, created, model, i, tool_calls=calls,
+                                                           with_usage_field=u)))
+                if not ended:
+                    continue
+                n_open -= 1
+                g = gens[i]
+                if g.finish_reason not in ("stop", "length"):
+                    for other in gens:
+                        other.cancel("another choice of the request ended")
+                    e = _ended_badly(g)
+                    out.append(fmt.sse_data(fmt.error(e.message, "server_error", None, e.code)))
+                    out.append(fmt.SSE_DONE)
+                    await resp.write_eof(b"".join(out))
+                    return resp
+                out.append(fmt.sse_data(
+                    fmt.chat_chunk(rid, created, model, i, finish_reason=finish, with_usage_field=u) if chat
+                    else fmt.completion_chunk(rid, created, model, i, "", g.finish_reason, with_usage_field=u)))
+            if out and n_open:
+                await resp.write(b"".join(out))
+                out = []
         if u:
             usage = fmt.usage(usage_prompt, sum(g.completion_tokens for g in gens))
             build = fmt.chat_usage_chunk if chat else fmt.completion_usage_chunk
-            await resp.write(fmt.sse_data(build(rid, created, model, usage)))
-        await resp.write(fmt.SSE_DONE)
+            out.append(fmt.sse_data(build(rid, created, model, usage)))
+        out.append(fmt.SSE_DONE)
         # flushed here, inside the handler: a drain waits for the handlers, and the
         # connections close after it (aiohttp's own write_eof would run after the handler)
-        await resp.write_eof()
+        await resp.write_eof(b"".join(out))
     except ConnectionError:  # the client went away while we wrote
         pass
     return resp

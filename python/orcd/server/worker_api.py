@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import time
 from typing import Optional
 
@@ -34,7 +33,7 @@ from aiohttp import web
 
 from .. import openai_format as fmt
 from ..types import SamplingParams
-from .engine import Busy, Unavailable, follow
+from .engine import Busy, Unavailable, follow_batches
 from .errors import ApiError, busy, unavailable, worker_response
 from .openai_params import boolean, integer, number, parse_seed, parse_stop
 from .state import SSE_HEADERS, STATE, ServerState
@@ -98,7 +97,7 @@ def _now_iso() -> str:
 
 def _token_event(text: str, i: int) -> bytes:
     """fmt.sse_event("token", {"t": text, "i": i}), encoded without a dict (once per piece)."""
-    return (b'event: token\ndata: {"t":' + json.dumps(text, ensure_ascii=False).encode("utf-8")
+    return (b'event: token\ndata: {"t":' + fmt.json_string(text)
             + b',"i":' + str(i).encode("ascii") + b"}\n\n")
 
 
@@ -160,13 +159,16 @@ async def execute(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         await resp.write(fmt.sse_event("started", {"job_id": jid, "model": eng.model_id, "started_at": _now_iso()}))
         i = 0
-        async for _, text, ended in follow([gen], wake):
-            if text:
-                await resp.write(_token_event(text, i))
-                i += 1
-            if ended:
-                await resp.write(fmt.sse_event(*_terminal(gen)))
-        await resp.write_eof()  # flushed before the handler ends (see openai_api._stream)
+        async for batch in follow_batches([gen], wake):  # one write per wake
+            _, text, ended = batch[0]
+            piece = _token_event(text, i) if text else b""
+            i += bool(text)
+            if ended:  # the last piece, the terminal event and the body's end in one write,
+                # flushed before the handler ends (see openai_api._stream)
+                await resp.write_eof(piece + fmt.sse_event(*_terminal(gen)))
+                break
+            await resp.write(piece)
+        await resp.write_eof()  # a no-op after the terminal write
         return resp
     except ConnectionError:  # the client went away while we wrote
         return resp
