@@ -28,6 +28,7 @@ StepLoop::StepLoop(std::unique_ptr<Engine> engine, int max_waiting, int prefill_
     slot_cache_.assign(size_t(n), {});
     slot_free_.assign(size_t(n), true);
     n_free_ = n;
+    stats_.kv_positions = engine_->kv_stats().capacity;
     thread_ = std::thread([this] { run(); });
 }
 

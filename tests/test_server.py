@@ -240,6 +240,8 @@ def test_health_models_metrics(server, tiny_path):
     assert h["tokenizer_kind"] == "gpt2/qwen2"
     assert h["vocab_size"] == n_vocab
     assert h["context_length"] == 512
+    assert h["kv_pool_positions"] == 32 * 512  # every sequence's n_ctx (a multiple of the 64-position unit)
+    assert 0 <= h["kv_pool_reserved"] <= h["kv_pool_positions"]
     assert h["sm"] is None and h["cuda_runtime_version"] is None and h["vram_bytes_used"] is None
     assert 0 < h["uptime_seconds"] < 3600
     for k in ("status", "model", "resident", "quant_kind", "vram_bytes_used", "tokenizer_kind", "vocab_size",
@@ -616,7 +618,8 @@ def test_execute_validation(server):
              ({"job_id": "v", "prompt": "Hi", "max_tokens": -1}, "max_tokens"),
              ({"job_id": "v", "prompt": "Hi", "top_p": 1.5}, "top_p"),
              ({"job_id": "v", "prompt": "Hi", "stop": 5}, "stop"),
-             ({"job_id": "v", "prompt": "Hi", "raw": "yes"}, "raw")]
+             ({"job_id": "v", "prompt": "Hi", "raw": "yes"}, "raw"),
+             ({"job_id": "v", "prompt": "Hi", "cache_prompt": "no"}, "cache_prompt")]
     for body, param in cases:
         st, out = execute(server.url, body)
         assert st == 400 and out["error"]["code"] == "INVALID_REQUEST" and out["error"]["param"] == param, (body, out)
@@ -779,6 +782,44 @@ def test_32_concurrent_greedy_streams_equal_single(server, ref):
     server.wait_idle()
 
 
+def test_kv_memory_budget_waits_and_stays_correct(tiny_path, ref, logs):
+    """--kv-memory for two sequences, four slots: requests that do not fit wait for memory
+    (orcd_kv_admission_waits), and every stream gives the text it gives alone; cache_prompt
+    false gives the same text as the cached prefix."""
+    with orcd.GGUFFile(tiny_path) as f:
+        n_layer = f.get("qwen2.block_count")
+        kv_dim = f.get("qwen2.embedding_length") // f.get("qwen2.attention.head_count") * \
+            f.get("qwen2.attention.head_count_kv")
+    budget = 2 * 512 * n_layer * kv_dim * 2 * 4  # two sequences of n_ctx, float32 K and V
+    prompts = PROMPTS32[:6]
+    want = [ref.generate(p, max_tokens=300, ignore_eos=True, **GREEDY).text for p in prompts]
+    with Server(tiny_path, "--n-ctx", "512", "--max-seqs", "4", "--kv-memory", str(budget), log_dir=logs) as s:
+        assert httpx.get(s.url + "/health", timeout=10).json()["kv_pool_positions"] == 2 * 512
+
+        async def run_all():
+            c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+            async def one(p):
+                text = ""
+                async for ch in await c.completions.create(model=s.model_id, prompt=p, max_tokens=300,
+                                                           temperature=0, stream=True,
+                                                           extra_body={"ignore_eos": True}):
+                    text += ch.choices[0].text
+                return text
+
+            try:
+                return await asyncio.gather(*(one(p) for p in prompts))
+            finally:
+                await c.close()
+
+        got = asyncio.run(run_all())
+        assert got == want
+        assert s.metrics()["orcd_kv_admission_waits"] > 0
+        again = s.client().completions.create(model=s.model_id, prompt=prompts[0], max_tokens=300, temperature=0,
+                                              extra_body={"ignore_eos": True, "cache_prompt": False})
+        assert again.choices[0].text == want[0]
+
+
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -877,7 +918,10 @@ class _HttpChat:
         self.n += 1
         st, events = execute(self.url, {"job_id": f"haiku-{self.n}", "prompt": messages[-1]["content"],
                                         "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                                        "min_p": min_p, "seed": seed, "max_tokens": max_tokens}, timeout=300)
+                                        "min_p": min_p, "seed": seed, "max_tokens": max_tokens,
+                                        # the whole prompt evaluated each time: on the GPU a reused
+                                        # prefix changes the rounding of what follows
+                                        "cache_prompt": False}, timeout=300)
         assert st == 200, events
         text, (name, end) = check_execute_events(events)
         assert name == "end", end

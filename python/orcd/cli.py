@@ -147,7 +147,8 @@ def cmd_serve(a) -> int:
         raise RuntimeError(f"orcd serve needs the server extra: pip install \"orcd[server]\" ({e})") from None
     return run(model=a.model, host=a.host, port=a.port, device=a.device, max_seqs=a.max_seqs, n_ctx=a.n_ctx,
                max_queue=a.max_queue, api_key=a.api_key or os.environ.get("ORCD_API_KEY") or None,
-               grace=a.grace, n_threads=a.threads, prefill_chunk=a.prefill_chunk, load_delay=a.load_delay)
+               grace=a.grace, n_threads=a.threads, prefill_chunk=a.prefill_chunk, load_delay=a.load_delay,
+               kv_memory=a.kv_memory)
 
 
 def cmd_bench_serve(a) -> int:
@@ -221,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available, else the CPU")
     s.add_argument("--max-seqs", type=int, default=64, help="sequences generated at once (KV cache slots)")
+    s.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="KV memory the sequences share, e.g. 2GiB (default: every sequence's --n-ctx, on the GPU "
+                        "as far as 90%% of its free memory allows); a request reserves prompt + max_tokens"
+                        " positions when it starts and waits while they are not free")
     s.add_argument("--n-ctx", type=int, default=4096, help="positions per sequence (prompt + generated)")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; more get 429")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $ORCD_API_KEY)")

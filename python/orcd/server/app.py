@@ -27,6 +27,7 @@ from typing import Optional
 import aiohttp
 from aiohttp import web
 
+from ..sizes import parse_bytes
 from . import openai_api, worker_api
 from .engine import ServeEngine
 from .errors import ApiError, openai_response, worker_response
@@ -124,6 +125,9 @@ async def health(request: web.Request) -> web.Response:
         "vocab_size": eng.runner.n_vocab if ready else None,
         "context_length": eng.n_ctx,
         "max_seqs": eng.max_seqs,
+        # the KV pool the sequences share (cpp/kv_pool.h), in positions
+        "kv_pool_positions": eng.stats().get("kv_positions") if ready else None,
+        "kv_pool_reserved": eng.stats().get("kv_reserved") if ready else None,
         "uptime_seconds": round(time.monotonic() - st.started, 3),
         "sm": ("sm_" + str(cuda["compute_capability"]).replace(".", "")) if cuda else None,
         "cuda_runtime_version": _runtime_version(cuda.get("runtime_version")) if cuda else None,
@@ -156,7 +160,7 @@ def create_app(engine: ServeEngine, metrics_: ServerMetrics, api_key: Optional[s
 async def serve(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
                 max_seqs: int = 64, n_ctx: int = 4096, max_queue: int = 256, api_key: Optional[str] = None,
                 grace: float = 10.0, n_threads: int = 0, prefill_chunk: int = 512,
-                load_delay: float = 0.0) -> int:
+                load_delay: float = 0.0, kv_memory=None) -> int:
     """Runs the server until SIGTERM / SIGINT; returns the exit code (0, or 1 when the
     model fails to load). load_delay: seconds to wait before loading (tests observe the
     "loading" state with it)."""
@@ -168,10 +172,11 @@ async def serve(model: Optional[str] = None, host: str = "127.0.0.1", port: int 
         raise ValueError(f"--port must be at most 65535 (got {port})")
     if not grace >= 0:
         raise ValueError(f"--grace must be >= 0 seconds (got {grace!r})")
+    kv_memory = parse_bytes(kv_memory, "--kv-memory")
     loop = asyncio.get_running_loop()
     metrics_ = ServerMetrics()
     engine = ServeEngine(model, device=device, n_ctx=n_ctx, max_seqs=max_seqs, max_queue=max_queue,
-                         n_threads=n_threads, prefill_chunk=prefill_chunk, metrics=metrics_)
+                         n_threads=n_threads, prefill_chunk=prefill_chunk, metrics=metrics_, kv_memory=kv_memory)
     engine.attach(loop)
     app = create_app(engine, metrics_, api_key)
     st: ServerState = app[STATE]

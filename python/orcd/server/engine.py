@@ -61,7 +61,8 @@ class ContextOverflow(ValueError):
 
 class ServeEngine:
     def __init__(self, model: Optional[str] = None, device: str = "auto", n_ctx: int = 4096, max_seqs: int = 64,
-                 max_queue: int = 256, n_threads: int = 0, prefill_chunk: int = 512, metrics=None):
+                 max_queue: int = 256, n_threads: int = 0, prefill_chunk: int = 512, metrics=None,
+                 kv_memory=None):
         self.model_arg = model
         self.device_arg = device
         self.n_ctx = n_ctx
@@ -69,6 +70,7 @@ class ServeEngine:
         self.max_queue = max_queue
         self.n_threads = n_threads
         self.prefill_chunk = prefill_chunk
+        self.kv_memory = kv_memory
         self.metrics = metrics
         self.state = "loading"          # "loading" -> "ready" -> "closed"; "failed" if load() raised
         self.error = ""
@@ -107,7 +109,7 @@ class ServeEngine:
             self.use_tokenizer(tok)
             self.runner = BatchRunner(path, device=self.device_arg, n_ctx=self.n_ctx, n_slots=self.max_seqs,
                                       n_threads=self.n_threads, max_waiting=self.max_queue,
-                                      prefill_chunk=self.prefill_chunk)
+                                      prefill_chunk=self.prefill_chunk, kv_memory=self.kv_memory)
             if self.metrics is not None:
                 self.metrics.bind_engine(self.stats, self.max_seqs, self.vram_bytes_used)
             self._warm_up()
@@ -265,17 +267,18 @@ class ServeEngine:
 
     # ------------------------------------------------------------ generations
     def start(self, ids: List[int], params: SamplingParams, wake: asyncio.Event,
-              t_arrival: Optional[float] = None, mask_fn=None) -> "Generation":
+              t_arrival: Optional[float] = None, mask_fn=None, cache_prompt: bool = True) -> "Generation":
         """Submits one generation (call on the event loop's thread). Raises Unavailable
         (not ready), Busy (queue full), ValueError / TypeError (bad parameters).
-        mask_fn: structured output (an orcd.structured.Constraint)."""
+        mask_fn: structured output (an orcd.structured.Constraint). cache_prompt: reuse a free
+        slot's cached prefix (BatchRunner.submit)."""
         if self.state != "ready":
             raise Unavailable(f"the model is {self.state}")
         if params.max_tokens is not None and params.max_tokens > self.n_ctx:  # the context ends it first
             params = params.replace(max_tokens=self.n_ctx)
         stop_ids = () if params.ignore_eos else sorted(self.tokenizer.eos_ids)
         try:
-            req = self.runner.submit(ids, params, stop_ids=stop_ids, mask_fn=mask_fn)
+            req = self.runner.submit(ids, params, stop_ids=stop_ids, mask_fn=mask_fn, cache_prompt=cache_prompt)
         except ValueError as e:
             if "closed" in str(e):
                 raise Unavailable("the server is shutting down") from None

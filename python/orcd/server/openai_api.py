@@ -92,7 +92,8 @@ async def _prepare(st: ServerState, request: web.Request, kind: str, t0: float):
     try:
         for ids in prompt_ids:
             for i in range(req.n):
-                gens.append(eng.start(ids, req.params_for(i), wake, t0, mask_fn=masks[len(gens)]))
+                gens.append(eng.start(ids, req.params_for(i), wake, t0, mask_fn=masks[len(gens)],
+                                          cache_prompt=req.cache_prompt))
     except BaseException as e:
         for g in gens:
             g.cancel()

@@ -50,6 +50,7 @@ class OpenAIRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False                # completion: the prompt's text first
+    cache_prompt: bool = True         # llama.cpp's: reuse a free slot's cached prefix of the prompt
     messages: list = field(default_factory=list)                       # chat
     prompts: List[Union[str, List[int]]] = field(default_factory=list)  # completion
     # structured output and tool calls, as sent (None: not given)
@@ -327,7 +328,8 @@ def parse(body, kind: str) -> OpenAIRequest:
         if n_lp is not None:
             params = params.replace(logprobs=n_lp, prompt_logprobs=n_lp if echo else None)
     req = OpenAIRequest(kind=kind, model=model, params=params, n=n, stream=stream,
-                        include_usage=include_usage and stream, echo=echo)
+                        include_usage=include_usage and stream, echo=echo,
+                        cache_prompt=boolean(body, "cache_prompt", True))
     if kind == "chat":
         req.messages = _messages(body.get("messages"))
     else:

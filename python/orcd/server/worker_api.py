@@ -67,7 +67,8 @@ def _job_id(body) -> str:
 
 
 def parse_execute(body) -> tuple:
-    """(job_id, prompt, raw, SamplingParams); ApiError 400 INVALID_REQUEST naming the field."""
+    """(job_id, prompt, raw, SamplingParams, cache_prompt); ApiError 400 INVALID_REQUEST naming
+    the field."""
     jid = _job_id(body)
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
@@ -86,9 +87,10 @@ def parse_execute(body) -> tuple:
             ignore_eos=boolean(body, "ignore_eos", False),
         )
         raw = boolean(body, "raw", False)
+        cache_prompt = boolean(body, "cache_prompt", True)
     except ApiError as e:
         raise _bad(e.param, e.message) from None
-    return jid, prompt, raw, params
+    return jid, prompt, raw, params, cache_prompt
 
 
 def _now_iso() -> str:
@@ -121,7 +123,7 @@ async def execute(request: web.Request) -> web.StreamResponse:
     job: Optional[Job] = None
     try:
         st.check_ready()
-        jid, prompt, raw, params = parse_execute(await st.read_json(request))
+        jid, prompt, raw, params, cache_prompt = parse_execute(await st.read_json(request))
         if jid in st.jobs:
             raise ApiError(409, f"job_id {jid!r} is already running", param="job_id", code="DUPLICATE_JOB")
         job = Job(jid)
@@ -135,7 +137,7 @@ async def execute(request: web.Request) -> web.StreamResponse:
         st.check_ready()
         wake = asyncio.Event()
         try:
-            gen = eng.start(ids, params, wake, t0)
+            gen = eng.start(ids, params, wake, t0, cache_prompt=cache_prompt)
         except Busy:
             raise busy() from None
         except Unavailable as e:
