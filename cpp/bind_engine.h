@@ -210,6 +210,35 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
                 return self.get().kv_reserved(slot);
             },
             nb::arg("slot"), "Positions the slot holds in the KV pool now.")
+        .def(
+            "decode_sample_steps",
+            [](H& self, int slot, int32_t token, int pos, int n_steps, nb::tuple params, uint64_t rng_state)
+                -> nb::object {
+                if (params.size() != 8)
+                    throw Error("decode_sample_steps: params are (temperature, top_k, top_p, min_p, "
+                                "repetition_penalty, presence_penalty, frequency_penalty, penalty_last_n)");
+                check_greedy_args("decode_sample_steps", self.get(), slot, token, pos, n_steps);
+                DeviceSampleRow row;
+                row.params = SamplerParams{nb::cast<float>(params[0]), nb::cast<int>(params[1]),
+                                           nb::cast<float>(params[2]), nb::cast<float>(params[3]),
+                                           nb::cast<float>(params[4]), nb::cast<float>(params[5]),
+                                           nb::cast<float>(params[6]), nb::cast<int>(params[7]), 0};
+                row.rng_state = rng_state;
+                std::vector<int32_t> out(static_cast<size_t>(n_steps));
+                bool done;
+                {
+                    nb::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(*self.mu);
+                    done = self.get().decode_sample_steps(slot, token, pos, n_steps, row, out.data());
+                }
+                if (!done) return nb::none();
+                return nb::make_tuple(to_numpy(std::move(out), {size_t(n_steps)}), row.rng_state);
+            },
+            nb::arg("slot"), nb::arg("token"), nb::arg("pos"), nb::arg("n_steps"), nb::arg("params"),
+            nb::arg("rng_state"),
+            "n_steps steps of `slot` from (token, pos), each next token sampled on the engine's device and fed\n"
+            "to the next step: (int32 tokens [n_steps], generator state after the last draw), or None where the\n"
+            "engine cannot (the CPU engine, penalties, parameters beyond the device sampler).")
         .def("info", [info](H& self) { return info(self.get()); })
         .def("close", [](H& self) {
             nb::gil_scoped_release nogil;

@@ -132,6 +132,17 @@ public:
         return false;
     }
 
+    // n_steps single-token steps of one slot from (token, pos), each next token sampled on the
+    // engine's device with row's parameters and fed to the next step without a round trip to the
+    // host: out_tokens[i] is step i's draw, row.rng_state advances as n_steps draws do. Returns
+    // false, having done nothing, where the engine has no such path (the CPU engine, a row with
+    // penalties or logprobs, parameters beyond the device sampler). Equivalent to n_steps
+    // decode_batch_sample calls of one row, each given the previous call's token.
+    virtual bool decode_sample_steps(int slot, int32_t token, int pos, int n_steps, DeviceSampleRow& row,
+                                     int32_t* out_tokens) {
+        return false;
+    }
+
     // Greedy decoding of one sequence: n_steps single-token steps of `slot`,
     // step i evaluating token t_i at position pos + i (t_0 = first_token) and
     // writing t_{i+1} = argmax of its logits (first maximum) to out_tokens[i].

@@ -158,6 +158,44 @@ void CudaEngineImpl::decode_greedy(int slot, int32_t first_token, int pos, int n
     dec_.greedy(slot, first_token, pos, n_steps, out_tokens);
 }
 
+bool CudaEngineImpl::decode_sample_steps(int slot, int32_t token, int pos, int n_steps, DeviceSampleRow& row,
+                                         int32_t* out_tokens) {
+    check_greedy_args("decode_sample_steps", slot, token, pos, n_steps);
+    validate(row.params);
+    const SamplerParams& p = row.params;
+    const bool pen = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+    if (!fast_on() || pen || row.n_logprobs >= 0 || !device_sampling_supports(p, V_, 0)) return false;
+    if (n_steps == 0) return true;
+    engine_args::ensure_kv("decode_sample_steps", *this, slot, int64_t(pos) + n_steps);
+    CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_sample_steps");
+    CUDA_CHECK(cudaEventSynchronize(upload_done_), "decode_sample_steps");  // the pinned row is free again
+    const SampleLayout lay = sample_layout(n_slots_, V_);
+    auto* prow = reinterpret_cast<cu::SampleRow*>(samp_pinned_ + lay.rows);
+    auto* drow = reinterpret_cast<cu::SampleRow*>(samp_dev_ + lay.rows);
+    auto* dtok = reinterpret_cast<int32_t*>(samp_dev_ + lay.tokens);
+    auto* dst = reinterpret_cast<uint64_t*>(samp_dev_ + lay.states);
+    prow[0] = cu::SampleRow{p, row.rng_state, nullptr, 0};
+    CUDA_CHECK(cudaMemcpyAsync(drow, prow, sizeof(cu::SampleRow), cudaMemcpyHostToDevice, stream_),
+               "sampling row upload");
+    // each step: the fused step's logits, the draw, the draw fed to the next step (decode_batch_sample's
+    // kernels for one row, without the host in between)
+    dec_.start(slot, token, pos);
+    for (int i = 0; i < n_steps; ++i) {
+        dec_.run(false, pos + i + 1);
+        cu::launch_sample_rows(logits_, 1, V_, drow, dtok, dst, stream_, samp_dev_ + lay.work, prow, opt_.sample_split);
+        dec_.feed_sampled(dtok, dst, &drow->rng_state, i);
+    }
+    CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.states, dst, sizeof(uint64_t), cudaMemcpyDeviceToHost, stream_),
+               "generator state copy");
+    CUDA_CHECK(cudaEventRecord(upload_done_, stream_), "decode_sample_steps");
+    dec_.copy_tokens(n_steps, out_tokens);  // syncs
+    for (int i = 0; i < n_steps; ++i)
+        if (out_tokens[i] < 0)
+            throw Error("decode_sample_steps: every logit of step " + std::to_string(i) + " is -inf or NaN");
+    row.rng_state = *reinterpret_cast<const uint64_t*>(samp_pinned_ + lay.states);
+    return true;
+}
+
 DecodeProfile CudaEngineImpl::profile_decode(int slot, int32_t token, int pos, int n_steps) {
     check_greedy_args("profile_decode", slot, token, pos, n_steps);
     if (!dec_.available()) throw Error("CudaEngine.profile_decode: " + dec_.note());

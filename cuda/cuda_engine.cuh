@@ -67,6 +67,8 @@ public:
     void forward_rows(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos, int k,
                       const int32_t* out_rows, float* logits) override;
     void decode_greedy(int slot, int32_t first_token, int pos, int n_steps, int32_t* out_tokens) override;
+    bool decode_sample_steps(int slot, int32_t token, int pos, int n_steps, DeviceSampleRow& row,
+                             int32_t* out_tokens) override;
     DecodeProfile profile_decode(int slot, int32_t token, int pos, int n_steps) override;
 
 private:

@@ -410,6 +410,29 @@ void FusedDecoder::start(int slot, int32_t token, int pos) {
                "decode state upload");
 }
 
+namespace {
+__global__ void feed_sampled_kernel(const int32_t* tok, const uint64_t* state_out, uint64_t* row_state,
+                                    cu::DecState* s, int32_t* out, int i) {
+    const int32_t t = tok[0];
+    out[i] = t;          // -1 (no finite logit) is reported by the host from here
+    s->token = t < 0 ? 0 : t;
+    s->pos += 1;
+    *row_state = state_out[0];
+}
+}  // namespace
+
+void FusedDecoder::feed_sampled(const int32_t* tok, const uint64_t* state_out, uint64_t* row_state, int i) {
+    feed_sampled_kernel<<<1, 1, 0, stream_>>>(tok, state_out, row_state, state_, out_tokens_, i);
+    CUDA_LAUNCH_CHECK("feed_sampled_kernel");
+}
+
+void FusedDecoder::copy_tokens(int n, int32_t* out) {
+    CUDA_CHECK(cudaMemcpyAsync(pinned_tokens_, out_tokens_, size_t(n) * 4, cudaMemcpyDeviceToHost, stream_),
+               "decoded tokens copy");
+    CUDA_CHECK(cudaStreamSynchronize(stream_), "decoded tokens copy");
+    std::memcpy(out, pinned_tokens_, size_t(n) * 4);
+}
+
 void FusedDecoder::greedy(int slot, int32_t token, int pos, int n_steps, int32_t* out) {
     start(slot, token, pos);
     // kGraphSteps steps per graph launch while that many remain (the device state
@@ -418,10 +441,7 @@ void FusedDecoder::greedy(int slot, int32_t token, int pos, int n_steps, int32_t
     if (graphs_on())
         for (; n_steps - i >= kGraphSteps; i += kGraphSteps) run(true, pos + i + kGraphSteps, kGraphSteps);
     for (; i < n_steps; ++i) run(true, pos + i + 1);
-    CUDA_CHECK(cudaMemcpyAsync(pinned_tokens_, out_tokens_, size_t(n_steps) * 4, cudaMemcpyDeviceToHost, stream_),
-               "decoded tokens copy");
-    CUDA_CHECK(cudaStreamSynchronize(stream_), "decode_greedy");
-    std::memcpy(out, pinned_tokens_, size_t(n_steps) * 4);
+    copy_tokens(n_steps, out);
 }
 
 }  // namespace orcd

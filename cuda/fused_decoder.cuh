@@ -82,6 +82,13 @@ public:
     void run(bool greedy, int kv_len, int steps = 1);
     // n_steps greedy steps from (token, pos) of `slot`: out[i] = the token of step i. Syncs.
     void greedy(int slot, int32_t token, int pos, int n_steps, int32_t* out);
+    // After a logits step (run(false, ...)) and a device draw of its next token (tok[0], the
+    // generator state state_out[0]): that token becomes the next step's input one position on,
+    // *row_state the row's generator state for the next draw, and step i's entry of the token
+    // buffer the token (copy_tokens). Stream-ordered, no host round trip.
+    void feed_sampled(const int32_t* tok, const uint64_t* state_out, uint64_t* row_state, int i);
+    // The first n entries of the token buffer (greedy() and feed_sampled() write it) to out; syncs.
+    void copy_tokens(int n, int32_t* out);
     // logits = lm_head(rmsnorm(x_row)) with the fused lm_head (the prompt path's last row).
     void lm_head_last(const float* x_row);
 

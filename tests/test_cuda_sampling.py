@@ -200,6 +200,51 @@ def test_model_chat_sampled_on_the_device_is_deterministic(real_model_path):
     assert c.token_ids != a.token_ids
 
 
+@pytest.mark.parametrize("temperature,top_k", [(0.9, 40), (0.7, 0), (1.0, 200), (0.0, 40)])
+def test_decode_sample_steps_equal_single_steps(real_model_path, real_cpu, temperature, top_k):
+    """decode_sample_steps (n steps, each draw fed to the next step on the device) against n
+    decode_sample calls on another slot, each given the previous draw: the same tokens and the
+    same generator state (the same kernels on the same inputs); temperature 0 is decode_greedy.
+    Penalties are refused (None, nothing evaluated)."""
+    c = cuda_module()
+    eng = c.CudaEngine(real_model_path, 256, 2)
+    ids = np.asarray(real_cpu.tokenize("Once upon a time"), np.int32)
+    for s in (0, 1):
+        eng.forward(s, ids, 0)
+    p = params(temperature=temperature, top_k=top_k, top_p=0.95, min_p=0.02)
+    n, pos, state = 24, len(ids) - 1, 987654321
+    got = eng.decode_sample_steps(0, int(ids[-1]), pos, n, p, state)
+    assert got is not None
+    toks, st, tok, want = got[0].tolist(), state, int(ids[-1]), []
+    for i in range(n):
+        r = eng.decode_sample(1, tok, pos + i, p, st, np.asarray(list(ids) + want, np.int32))
+        tok, st = r
+        want.append(tok)
+    assert toks == want and got[1] == st
+    if temperature == 0.0:
+        assert toks == eng.decode_greedy(1, int(ids[-1]), pos, n).tolist()
+    assert eng.decode_sample_steps(0, 1, 5, 4, params(repetition_penalty=1.1), 1) is None
+    eng.close()
+
+
+def test_model_chat_blocks_equal_single_steps(real_model_path, monkeypatch):
+    """Model.chat takes DEVICE_BLOCK tokens per device call: the same tokens, finish reason and
+    text as one token per call, with a stop inside a block (the tokens after it dropped) and with
+    max_tokens not a multiple of the block."""
+    import orcd
+    import orcd.model as om
+    msgs = [{"role": "user", "content": "Name three colors, one word each."}]
+    kw = dict(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, seed=5)
+    with orcd.Model(real_model_path, device="cuda", n_ctx=512) as m:
+        a = [m.chat(msgs, max_tokens=mt, **kw) for mt in (200, 13)]
+        monkeypatch.setattr(om, "DEVICE_BLOCK", 1)
+        b = [m.chat(msgs, max_tokens=mt, **kw) for mt in (200, 13)]
+    for x, y in zip(a, b):
+        assert (x.token_ids, x.finish_reason, x.text) == (y.token_ids, y.finish_reason, y.text)
+    assert a[0].finish_reason == "stop"  # a short answer: the end-of-turn token inside some block
+    assert a[1].finish_reason == "length" and len(a[1].token_ids) == 13
+
+
 # ------------------------------------------------------------------ split sampler, warp path
 def _stress_rows(rng, n, V):
     """Rows that stress the split sampler's top_k selection: ties everywhere (a few distinct

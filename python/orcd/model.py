@@ -304,6 +304,30 @@ class Model:
             sampler.rng_state = r[1]
             return int(r[0]), True, (r[2] if n_logprobs >= 0 else None)
 
+    def _block_on_device(self, slot: _Slot, history: np.ndarray, n: int, owner, sampler, dev_params,
+                         k: int) -> Optional[List[int]]:
+        """The k tokens after history[:n], each sampled on the device and evaluated there as the
+        input of the next (one engine call), when this step continues the owner's cache of the
+        slot and the engine can; else None (nothing evaluated). The slot then holds history[:n]
+        and the first k-1 of them."""
+        with self._lock:
+            eng = self._live_engine()
+            if slot.owner is not owner or len(slot.cached) != n - 1:
+                return None
+            slot.last_used = next(self._clock)
+            slot.owner = None  # until the steps below succeed
+            r = self._with_room(slot, lambda: eng.decode_sample_steps(slot.index, int(history[n - 1]), n - 1, k,
+                                                                      dev_params, sampler.rng_state))
+            if r is None:
+                slot.owner = owner
+                return None
+            toks = [int(t) for t in r[0]]
+            slot.cached.append(int(history[n - 1]))
+            slot.cached.extend(toks[:-1])
+            slot.owner = owner
+            sampler.rng_state = r[1]
+            return toks
+
     # ------------------------------------------------------------ generation
     def _params(self, params: Optional[SamplingParams], overrides: dict) -> SamplingParams:
         """params (default SamplingParams()) with the keyword arguments that are not None."""
@@ -372,6 +396,10 @@ class Model:
         # the GPU engine samples next to its logits (only token ids come back) when it can
         dev_params = _device_params(p) if self.device == "cuda" and constraint is None else None
         n_lp = -1 if sink is None else p.logprobs
+        # without logprobs, tokens come DEVICE_BLOCK at a time from one engine call (each fed to
+        # the next step on the device); the ones after a stop are dropped
+        pending: List[int] = []
+        blocks = dev_params is not None and sink is None
 
         def pick(logits: np.ndarray):
             """(token sampled from logits, its TokenLogprobs or None). Logprobs are of the raw
@@ -408,6 +436,16 @@ class Model:
                 yield tok, piece, None
                 if n_hist >= self.n_ctx or step + 1 == max_new:  # no step for logits nobody samples
                     break
+                if pending:
+                    tok = pending.pop(0)
+                    continue
+                if blocks:
+                    k = min(DEVICE_BLOCK, max_new - step - 1, self.n_ctx - n_hist)
+                    got = self._block_on_device(slot, history, n_hist, me, sampler, dev_params, k)
+                    if got is not None:
+                        tok, pending = got[0], got[1:]
+                        continue
+                    blocks = False
                 tok, can, pair = self._next_on_device(slot, history, n_hist, me, sampler, dev_params, n_lp)
                 if pair is not None:
                     lp = TokenLogprobs.from_native(tok, pair)
@@ -750,6 +788,9 @@ def _device_params(p: SamplingParams) -> tuple:
 
 
 MAX_BATCH_SLOTS = 16  # generate_batch runs at most this many prompts at once (the rest wait)
+# Tokens a generation without logprobs takes from one device call (Engine.decode_sample_steps):
+# the host's round trip is paid once per block; a stop wastes at most DEVICE_BLOCK - 1 steps.
+DEVICE_BLOCK = 8
 
 
 def _is_batch(prompt) -> bool:
