@@ -200,7 +200,7 @@ def test_model_chat_sampled_on_the_device_is_deterministic(real_model_path):
     assert c.token_ids != a.token_ids
 
 
-@pytest.mark.parametrize("temperature,top_k", [(0.9, 40), (0.7, 0), (1.0, 200), (0.0, 40)])
+@pytest.mark.parametrize("temperature,top_k", [(0.9, 40), (0.7, 1000), (1.0, 200), (0.0, 40)])
 def test_decode_sample_steps_equal_single_steps(real_model_path, real_cpu, temperature, top_k):
     """decode_sample_steps (n steps, each draw fed to the next step on the device) against n
     decode_sample calls on another slot, each given the previous draw: the same tokens and the
@@ -233,12 +233,14 @@ def test_model_chat_blocks_equal_single_steps(real_model_path, monkeypatch):
     max_tokens not a multiple of the block."""
     import orcd
     import orcd.model as om
-    msgs = [{"role": "user", "content": "Name three colors, one word each."}]
+    short = [{"role": "user", "content": "Name three colors, one word each."}]
+    long = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     kw = dict(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, seed=5)
+    cases = [(short, 200), (long, 13)]
     with orcd.Model(real_model_path, device="cuda", n_ctx=512) as m:
-        a = [m.chat(msgs, max_tokens=mt, **kw) for mt in (200, 13)]
+        a = [m.chat(msgs, max_tokens=mt, **kw) for msgs, mt in cases]
         monkeypatch.setattr(om, "DEVICE_BLOCK", 1)
-        b = [m.chat(msgs, max_tokens=mt, **kw) for mt in (200, 13)]
+        b = [m.chat(msgs, max_tokens=mt, **kw) for msgs, mt in cases]
     for x, y in zip(a, b):
         assert (x.token_ids, x.finish_reason, x.text) == (y.token_ids, y.finish_reason, y.text)
     assert a[0].finish_reason == "stop"  # a short answer: the end-of-turn token inside some block
