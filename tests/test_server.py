@@ -755,28 +755,32 @@ PROMPTS32 = [f"Prompt number {i}: " + " ".join(["the", "dog", "fox", "is"][j % 4
              for i in range(32)]
 
 
+def _stream_all(server, prompts, **kw) -> list:
+    """Every prompt streamed at once through /v1/completions (the official async client): the texts."""
+    async def run_all():
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+        async def one(p):
+            text = ""
+            async for ch in await c.completions.create(model=server.model_id, prompt=p, stream=True, **kw):
+                text += ch.choices[0].text
+            return text
+
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await c.close()
+
+    return asyncio.run(run_all())
+
+
 def test_32_concurrent_greedy_streams_equal_single(server, ref):
     want = [ref.generate(p, max_tokens=24, **GREEDY).text for p in PROMPTS32]
     single = server.client().completions.create(model=server.model_id, prompt=PROMPTS32[5], max_tokens=24,
                                                 temperature=0)
     assert single.choices[0].text == want[5]
 
-    async def run_all():
-        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-        async def one(p):
-            text = ""
-            async for ch in await c.completions.create(model=server.model_id, prompt=p, max_tokens=24,
-                                                       temperature=0, stream=True):
-                text += ch.choices[0].text
-            return text
-
-        try:
-            return await asyncio.gather(*(one(p) for p in PROMPTS32))
-        finally:
-            await c.close()
-
-    got = asyncio.run(run_all())
+    got = _stream_all(server, PROMPTS32, max_tokens=24, temperature=0)
     for i in range(32):
         assert got[i] == want[i], i
     server.wait_idle()
@@ -796,23 +800,7 @@ def test_kv_memory_budget_waits_and_stays_correct(tiny_path, ref, logs):
     with Server(tiny_path, "--n-ctx", "512", "--max-seqs", "4", "--kv-memory", str(budget), log_dir=logs) as s:
         assert httpx.get(s.url + "/health", timeout=10).json()["kv_pool_positions"] == 2 * 512
 
-        async def run_all():
-            c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=300)
-
-            async def one(p):
-                text = ""
-                async for ch in await c.completions.create(model=s.model_id, prompt=p, max_tokens=300,
-                                                           temperature=0, stream=True,
-                                                           extra_body={"ignore_eos": True}):
-                    text += ch.choices[0].text
-                return text
-
-            try:
-                return await asyncio.gather(*(one(p) for p in prompts))
-            finally:
-                await c.close()
-
-        got = asyncio.run(run_all())
+        got = _stream_all(s, prompts, max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
         assert got == want
         assert s.metrics()["orcd_kv_admission_waits"] > 0
         again = s.client().completions.create(model=s.model_id, prompt=prompts[0], max_tokens=300, temperature=0,

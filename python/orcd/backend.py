@@ -101,3 +101,22 @@ def cuda_family_refused(err: BaseException) -> bool:
     """True when the CUDA engine refused a model because it does not run that family (or one
     of its features) yet: device="auto" then falls back to the CPU engine, which runs it."""
     return "the CUDA engine does not run" in str(err)
+
+
+def open_on_device(device: str, on_cuda, on_cpu) -> tuple:
+    """(on_cuda() or on_cpu(), the device it runs on) for device "auto", "cuda" or "cpu".
+    "auto" takes CUDA when it is available and falls back to the CPU, with a note on stderr,
+    when the CUDA engine refuses the model's family; "cuda" without CUDA is a RuntimeError."""
+    auto = device == "auto"
+    if auto:
+        device = "cuda" if cuda_available() else "cpu"
+    if device == "cuda":
+        if not cuda_available():
+            raise RuntimeError(f"device='cuda' requested but CUDA is not available: {cuda_status()}")
+        try:
+            return on_cuda(), "cuda"
+        except ValueError as e:
+            if not (auto and cuda_family_refused(e)):
+                raise
+            print(f"orcd: {e}; running on the CPU", file=sys.stderr)
+    return on_cpu(), "cpu"

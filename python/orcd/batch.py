@@ -22,14 +22,13 @@ from __future__ import annotations
 import itertools
 import os
 import queue
-import sys
 import threading
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from . import _orcd
-from .backend import cuda_available, cuda_family_refused, cuda_module, cuda_status
+from .backend import cuda_module, open_on_device
 from .sizes import parse_bytes
 from .types import SamplingParams, TokenLogprobs
 
@@ -123,25 +122,11 @@ class BatchRunner:
                             ("prefill_chunk", prefill_chunk, 1), ("n_threads", n_threads, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo} (got {v!r})")
-        auto = device == "auto"
-        if auto:
-            device = "cuda" if cuda_available() else "cpu"
         self.kv_memory = parse_bytes(kv_memory, "kv_memory")
         args = (str(path), n_ctx, n_slots, n_threads, max_waiting, prefill_chunk, self.kv_memory or 0)
-        self._loop = None
-        if device == "cuda":
-            if not cuda_available():
-                raise RuntimeError(f"device='cuda' requested but CUDA is not available: {cuda_status()}")
-            try:
-                self._loop = cuda_module().CudaStepLoop(*args)
-            except ValueError as e:
-                if not (auto and cuda_family_refused(e)):
-                    raise
-                print(f"orcd: {e}; running on the CPU", file=sys.stderr)
-                device = "cpu"
-        if self._loop is None:
-            self._loop = _orcd.StepLoop(*args)
-        self.device = device
+        self._loop = None  # close() / __del__ see a runner whose loop failed to open
+        self._loop, self.device = open_on_device(device, lambda: cuda_module().CudaStepLoop(*args),
+                                                 lambda: _orcd.StepLoop(*args))
         self.n_ctx = n_ctx
         self.n_slots = n_slots
         self.n_vocab = self._loop.n_vocab

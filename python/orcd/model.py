@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _orcd
-from .backend import cuda_family_refused, cuda_available, cuda_module, cuda_status
+from .backend import cuda_module, open_on_device
 from .chat import ChatTemplate, encode_chat
 from .default_model import DefaultModelMissing, resolve_model  # noqa: F401  (re-exported)
 from .gguf_file import GGUFFile
@@ -104,24 +104,12 @@ class Model:
             bos_token=self._token_text(self.tokenizer.bos_id),
             eos_token=self._token_text(self.tokenizer.eos_id),
         )
-        auto = device == "auto"
-        if auto:
-            device = "cuda" if cuda_available() else "cpu"
-        self._engine = None
-        if device == "cuda":
-            if not cuda_available():
-                raise RuntimeError(f"device='cuda' requested but CUDA is not available: {cuda_status()}")
-            try:
-                self._engine = cuda_module().CudaEngine(self.path, n_ctx, n_slots,
-                                                        _load_progress if verbose else None,
-                                                        kv_memory=self.kv_memory or 0)
-            except ValueError as e:
-                if not (auto and cuda_family_refused(e)):
-                    raise
-                print(f"orcd: {e}; running on the CPU", file=sys.stderr)
-                device = "cpu"
-        if self._engine is None:
-            self._engine = _orcd.CpuEngine(self.path, n_ctx, n_slots, n_threads, kv_memory=self.kv_memory or 0)
+        kv = self.kv_memory or 0
+        self._engine, device = open_on_device(
+            device,
+            lambda: cuda_module().CudaEngine(self.path, n_ctx, n_slots, _load_progress if verbose else None,
+                                             kv_memory=kv),
+            lambda: _orcd.CpuEngine(self.path, n_ctx, n_slots, n_threads, kv_memory=kv))
         self.device = device
         self.info = self._engine.info()
         self.n_ctx = n_ctx
