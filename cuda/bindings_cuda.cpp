@@ -119,6 +119,10 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["sample_split"] = o.sample_split;
     r["cluster_keys"] = o.cluster_keys;
     r["split_keys"] = o.split_keys;
+    r["cluster_size"] = o.cluster_size;
+    r["cluster_mma"] = o.cluster_mma;
+    r["cluster_span"] = o.cluster_span;
+    r["direct_keys"] = o.direct_keys;
     return r;
 }
 
@@ -224,7 +228,8 @@ NB_MODULE(_orcd_cuda, m) {
             "set_options",
             [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
                nb::object fused_prompt, nb::object cluster_keys, nb::object split_keys, nb::object batch_graphs,
-               nb::object resident_f16, nb::object sample_split) {
+               nb::object resident_f16, nb::object sample_split, nb::object cluster_size, nb::object cluster_mma,
+               nb::object cluster_span, nb::object direct_keys) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -236,6 +241,10 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!batch_graphs.is_none()) o.batch_graphs = nb::cast<bool>(batch_graphs);
                 if (!resident_f16.is_none()) o.resident_f16 = nb::cast<bool>(resident_f16);
                 if (!sample_split.is_none()) o.sample_split = nb::cast<bool>(sample_split);
+                if (!cluster_size.is_none()) o.cluster_size = nb::cast<int>(cluster_size);
+                if (!cluster_mma.is_none()) o.cluster_mma = nb::cast<bool>(cluster_mma);
+                if (!cluster_span.is_none()) o.cluster_span = nb::cast<int>(cluster_span);
+                if (!direct_keys.is_none()) o.direct_keys = nb::cast<int>(direct_keys);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -246,6 +255,8 @@ NB_MODULE(_orcd_cuda, m) {
             "fast_decode"_a = nb::none(), "graphs"_a = nb::none(), "pdl"_a = nb::none(),
             "fused_prompt"_a = nb::none(), "cluster_keys"_a = nb::none(), "split_keys"_a = nb::none(),
             "batch_graphs"_a = nb::none(), "resident_f16"_a = nb::none(), "sample_split"_a = nb::none(),
+            "cluster_size"_a = nb::none(), "cluster_mma"_a = nb::none(), "cluster_span"_a = nb::none(),
+            "direct_keys"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })
@@ -532,15 +543,31 @@ NB_MODULE(_orcd_cuda, m) {
 
         m.def(
             "dec_attn",
-            [need](CArr<float> q, CArr<float> k, CArr<float> v, bool cluster, int max_splits, int split_keys) {
+            [need](CArr<float> q, CArr<float> k, CArr<float> v, bool cluster, int max_splits, int split_keys,
+                   int cluster_size, bool cluster_mma, int clusters) {
                 need(q.ndim() == 2 && k.ndim() == 3 && shape_of(k) == shape_of(v) && q.shape(1) == k.shape(2),
                      "dec_attn: q [n_head, head_dim], k and v [n_kv, n_head_kv, head_dim]");
                 auto r = orcd::cuda_test::dec_attn(q.data(), int(q.shape(0)), k.data(), v.data(), int(k.shape(0)),
-                                                   int(k.shape(1)), int(q.shape(1)), cluster, max_splits, split_keys);
+                                                   int(k.shape(1)), int(q.shape(1)), cluster ? cluster_size : 0,
+                                                   max_splits, split_keys, cluster_mma, clusters);
                 return nb::make_tuple(to_numpy(std::move(r.first), shape_of(q)), to_numpy(std::move(r.second), shape_of(q)));
             },
-            "q"_a, "k"_a, "v"_a, "cluster"_a, "max_splits"_a = 32, "split_keys"_a = 32,
+            "q"_a, "k"_a, "v"_a, "cluster"_a, "max_splits"_a = 32, "split_keys"_a = 32, "cluster_size"_a = 8,
+            "cluster_mma"_a = false, "clusters"_a = 1,
             "(out, out of a second launch) [n_head, head_dim]: the decode attention of one query at position n_kv-1.");
+
+        m.def(
+            "dec_attn_time",
+            [](int n_head, int n_head_kv, int head_dim, int n_kv, int cluster, int max_splits, int split_keys,
+               bool cluster_mma, int layers, int iters, int clusters) {
+                nb::gil_scoped_release nogil;
+                return orcd::cuda_test::dec_attn_time(n_head, n_head_kv, head_dim, n_kv, cluster, max_splits,
+                                                      split_keys, cluster_mma, layers, iters, clusters);
+            },
+            "n_head"_a, "n_head_kv"_a, "head_dim"_a, "n_kv"_a, "cluster"_a = 0, "max_splits"_a = 64,
+            "split_keys"_a = 32, "cluster_mma"_a = false, "layers"_a = 24, "iters"_a = 20, "clusters"_a = 1,
+            "Microseconds per decode-attention launch at n_kv positions (cluster: blocks per KV head of the "
+            "cluster variant, 0: the global merge; cuda/cuda_api.h).");
 
         m.def(
             "dec_proj",
@@ -569,31 +596,40 @@ NB_MODULE(_orcd_cuda, m) {
     }
 
     // ---- GPU sampling against its CPU twin (orcd._orcd.Sampler)
+    using HistArrays = std::vector<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>>;
+    auto sample_params = [](const std::vector<nb::tuple>& params, const char* fn) {
+        std::vector<orcd::SamplerParams> ps;
+        for (const nb::tuple& t : params) {
+            if (t.size() != 8) throw orcd::Error(std::string(fn) + ": params are (temperature, top_k, top_p, min_p, "
+                                                 "repetition_penalty, presence_penalty, frequency_penalty, penalty_last_n)");
+            orcd::SamplerParams p;
+            p.temperature = nb::cast<float>(t[0]);
+            p.top_k = nb::cast<int>(t[1]);
+            p.top_p = nb::cast<float>(t[2]);
+            p.min_p = nb::cast<float>(t[3]);
+            p.repetition_penalty = nb::cast<float>(t[4]);
+            p.presence_penalty = nb::cast<float>(t[5]);
+            p.frequency_penalty = nb::cast<float>(t[6]);
+            p.penalty_last_n = nb::cast<int>(t[7]);
+            ps.push_back(p);
+        }
+        return ps;
+    };
+    auto histories_of = [](HistArrays& histories) {
+        std::vector<std::vector<int32_t>> hs;
+        for (auto& h : histories) hs.emplace_back(h.data(), h.data() + h.shape(0));
+        return hs;
+    };
     m.def(
         "test_sample_rows",
-        [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits, std::vector<nb::tuple> params,
-           nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> states,
-           std::vector<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>> histories,
-           bool split) {
+        [sample_params, histories_of](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits,
+                                      std::vector<nb::tuple> params,
+                                      nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> states,
+                                      HistArrays histories, bool split) {
             const int n = int(logits.shape(0)), V = int(logits.shape(1));
-            std::vector<orcd::SamplerParams> ps;
-            for (const nb::tuple& t : params) {
-                if (t.size() != 8) throw orcd::Error("test_sample_rows: params are (temperature, top_k, top_p, min_p, "
-                                                     "repetition_penalty, presence_penalty, frequency_penalty, penalty_last_n)");
-                orcd::SamplerParams p;
-                p.temperature = nb::cast<float>(t[0]);
-                p.top_k = nb::cast<int>(t[1]);
-                p.top_p = nb::cast<float>(t[2]);
-                p.min_p = nb::cast<float>(t[3]);
-                p.repetition_penalty = nb::cast<float>(t[4]);
-                p.presence_penalty = nb::cast<float>(t[5]);
-                p.frequency_penalty = nb::cast<float>(t[6]);
-                p.penalty_last_n = nb::cast<int>(t[7]);
-                ps.push_back(p);
-            }
+            std::vector<orcd::SamplerParams> ps = sample_params(params, "test_sample_rows");
             std::vector<uint64_t> st(states.data(), states.data() + states.shape(0));
-            std::vector<std::vector<int32_t>> hs;
-            for (auto& h : histories) hs.emplace_back(h.data(), h.data() + h.shape(0));
+            std::vector<std::vector<int32_t>> hs = histories_of(histories);
             std::pair<std::vector<int32_t>, std::vector<uint64_t>> r;
             {
                 nb::gil_scoped_release nogil;
@@ -606,6 +642,18 @@ NB_MODULE(_orcd_cuda, m) {
         "(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, "
         "penalty_last_n), generator state states[r] and history histories[r]; split=False: the one-block "
         "kernel for every row.");
+    m.def(
+        "sample_rows_time",
+        [sample_params, histories_of](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits,
+                                      std::vector<nb::tuple> params, HistArrays histories, bool split, int iters) {
+            const int n = int(logits.shape(0)), V = int(logits.shape(1));
+            std::vector<orcd::SamplerParams> ps = sample_params(params, "sample_rows_time");
+            std::vector<std::vector<int32_t>> hs = histories_of(histories);
+            nb::gil_scoped_release nogil;
+            return orcd::cuda_test::sample_rows_time(logits.data(), n, V, ps, hs, split, iters);
+        },
+        "logits"_a, "params"_a, "histories"_a, "split"_a = true, "iters"_a = 50,
+        "Microseconds per sample_rows launch (test_sample_rows' arguments, the engine's launch choice).");
 
     // ---- logprobs next to the logits against the CPU reference (orcd._orcd.logprobs)
     m.def(

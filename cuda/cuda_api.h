@@ -64,8 +64,12 @@ struct CudaOptions {
     bool resident_f16 = true;
     bool sample_split = true;  // device sampling of top_k rows: many blocks per row, then a merge
     // The decode attention's variants (the tests reach each one through these):
-    int cluster_keys = 1024;   // caches of up to this many positions: the thread-block cluster merge (Hopper); 0: never
+    int cluster_keys = 1 << 30;  // caches of up to this many positions: the thread-block cluster merge (Hopper); 0: never
     int split_keys = 32;       // the global merge's splits hold at least this many keys (a positive multiple of 32)
+    int cluster_size = 16;     // blocks (splits) per cluster: 1..16 (above 8 where the GPU allows non-portable clusters)
+    bool cluster_mma = true;   // the cluster merge's blocks run the tensor-core tile phase (G <= 16, head_dim 64/128)
+    int cluster_span = 8192;   // positions per cluster: 1, 2 or 4 clusters per KV head (partials merged by attn_output)
+    int direct_keys = 128;     // caches of up to this many positions: one attention block per KV head, no merge
 };
 
 // The defaults with ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL,
@@ -257,9 +261,20 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
 // fp16 at positions 0..n_kv-1 of one slot, the query at pos n_kv-1): the cluster variant
 // (sm_90; splits of multiples of kDecClusterGran keys) or the global merge (up to max_splits
 // splits of at least split_keys keys). Runs twice on the same buffers; returns both outputs.
+// cluster: the cluster variant's blocks per cluster (0: the global merge); clusters: clusters
+// per KV head (more than one: their partials are merged here on the host in float64, as
+// attn_output's input does on the device); cluster_mma: its blocks on the tensor-core phase.
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
-                                                           int n_kv, int n_head_kv, int head_dim, bool cluster,
-                                                           int max_splits, int split_keys);
+                                                           int n_kv, int n_head_kv, int head_dim, int cluster,
+                                                           int max_splits, int split_keys, bool cluster_mma = false,
+                                                           int clusters = 1);
+
+// Microseconds per dec_attn launch at n_kv cached positions (zeros; the time does not depend
+// on the values), averaged over `iters` rounds of `layers` launches on `layers` separate caches
+// (as the layers of a step read theirs: from HBM, not L2) captured in one CUDA graph, no PDL.
+// The variant as in dec_attn.
+double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int cluster, int max_splits, int split_keys,
+                     bool cluster_mma, int layers, int iters, int clusters = 1);
 
 // dec_proj on one vector: mode 0 (RESID) y = y_init + W0 · act; mode 1 (GLU)
 // y = silu(W0 · h) * (W1 · h), h = rmsnorm(act) * norm_w. rows_per_block (1..64) rows per block.
@@ -275,6 +290,10 @@ std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* 
                                                                    const std::vector<uint64_t>& states,
                                                                    const std::vector<std::vector<int32_t>>& histories,
                                                                    bool split = true);
+// Microseconds per sample_rows launch on those logits (generator states fixed), as the engine
+// launches it (the host rows pick the kernels), `iters` launches in one CUDA graph.
+double sample_rows_time(const float* logits, int n_rows, int n_vocab, const std::vector<SamplerParams>& params,
+                        const std::vector<std::vector<int32_t>>& histories, bool split, int iters);
 
 }  // namespace cuda_test
 }  // namespace orcd

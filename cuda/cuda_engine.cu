@@ -66,6 +66,13 @@ void CudaEngineImpl::set_options(const CudaOptions& o) {
     if (o.split_keys < cu::kDecTK || o.split_keys % cu::kDecTK != 0)
         throw Error("CudaEngine.set_options: split_keys must be a positive multiple of " + std::to_string(cu::kDecTK) +
                     ", got " + std::to_string(o.split_keys));
+    if (o.direct_keys < 0)
+        throw Error("CudaEngine.set_options: direct_keys must be >= 0, got " + std::to_string(o.direct_keys));
+    if (o.cluster_span < 1)
+        throw Error("CudaEngine.set_options: cluster_span must be >= 1, got " + std::to_string(o.cluster_span));
+    if (o.cluster_size < 1 || o.cluster_size > cu::kDecAttnClusterMax)
+        throw Error("CudaEngine.set_options: cluster_size must be in [1, " + std::to_string(cu::kDecAttnClusterMax) +
+                    "], got " + std::to_string(o.cluster_size));
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine set_options");
     sync("set_options");
     opt_ = o;

@@ -51,7 +51,10 @@ constexpr int kDecThreads = 256;    // every decode kernel: 8 warps
 constexpr int kDecTK = 32;          // keys per attention tile
 constexpr int kDecAttnBufs = 4;     // attention tiles in flight (cp.async ring of K/V buffers)
 constexpr int kDecLmStages = 4;     // lm_head staging buffers per warp (batches in flight)
-constexpr int kDecAttnCluster = 8;  // splits per KV head of the cluster attention (Hopper; portable cluster size)
+constexpr int kDecAttnCluster = 8;  // splits per KV head of the cluster attention (Hopper; the portable cluster size)
+constexpr int kDecAttnClusterMax = 16;  // ... at most (16: a non-portable cluster size, H100/H200)
+constexpr int kDecAttnMaxClusters = 4;  // clusters per KV head at most (their partials merged by attn_output;
+                                        // 8 clusters of 16 did not fit the GPU at once: docs/perf_log.md run 36)
 constexpr int kDecMaxSplits = 64;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMergeChunk = 32;  // the global merge stages this many splits' partials at a time
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
@@ -114,7 +117,10 @@ struct DecAttnArgs {
     float scale;
     int max_splits;
     int split_keys;           // keys per split at least (a multiple of kDecTK): fewer, longer splits
-    int cluster;              // 1: kDecAttnCluster splits per KV head merged in a thread-block cluster (sm_90)
+    int cluster;              // > 0: blocks per thread-block cluster (sm_90), each cluster merging its splits
+    int clusters;             // clusters per KV head (cluster > 0): 1 writes out; more write partials to
+                              // part_o [clusters][n_head*head_dim] / part_ml [clusters][n_head] (attn_output merges)
+    int cluster_mma;          // 1: the cluster's blocks run the tensor-core tile phase (where dec_attn_mma_ok)
     float* part_o;            // [n_head][max_splits][head_dim]
     float2* part_ml;          // [n_head][max_splits]
     float* out;               // n_head*head_dim
@@ -143,6 +149,11 @@ struct DecProjArgs {
     int pdl_early;
     int lm_grid;              // LOGITS: persistent blocks (each takes every lm_grid-th batch of rows)
     int lm_stages;            // LOGITS: staging buffers per warp (dec_lm_plan)
+    // RESID after a multi-cluster attention: act holds act_parts partials [act_parts][n_in]
+    // (unnormalised) with (max, sum) per head of act_hd elements in act_ml [act_parts][n_in/act_hd];
+    // the kernel merges them into its input vector. 0 or 1: act is the vector itself.
+    const float2* act_ml;
+    int act_parts, act_hd;
 };
 
 constexpr int kDecXfStride = 36;  // floats per 32-element chunk of the float activations (4 of padding)
@@ -187,6 +198,8 @@ DecLaunchShape dec_proj_shape(const DecProjArgs& a);
 // theirs): what a launch boundary costs alone (the profiler's floor and marginal costs).
 void dec_noop(const DecLaunchShape& shape, int pdl_early, cudaStream_t st, bool pdl, const char* what);
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim);
+// The largest cluster (16, else 8) of the cluster attention this GPU can run for the shape.
+int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim);
 inline int dec_proj_blocks(const DecProjArgs& a) {
     return (a.w[0].n_out + a.rows_per_block - 1) / a.rows_per_block;
 }

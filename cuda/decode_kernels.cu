@@ -251,6 +251,49 @@ __device__ __forceinline__ float load_act(const Act& a, const float* __restrict_
     return ss;
 }
 
+// The input vector merged from `parts` partials of a multi-cluster attention (DecProjArgs'
+// act_parts): element e = sum_c w_c src[c*n + e] / sum_c w_c l_c over the partials' (m_c, l_c)
+// = ml[c*(n/hd) + e/hd], w_c = exp(m_c - max m); a part without keys has m = -inf (weight 0).
+// Returns the thread's sum of squares, as load_act.
+__device__ __forceinline__ float load_act_parts(const Act& a, const float* __restrict__ src, const float2* __restrict__ ml,
+                                             int parts, int hd, int n) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    const int n4 = n / 4, heads = n / hd;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n4; i += NT) {
+        const int e = 4 * i, h = e / hd;
+        float2 m[kDecAttnMaxClusters];
+        float4 v[kDecAttnMaxClusters];
+#pragma unroll
+        for (int c = 0; c < kDecAttnMaxClusters; ++c)
+            if (c < parts) {
+                m[c] = __ldcg(ml + size_t(c) * heads + h);
+                v[c] = __ldcg(s4 + size_t(c) * n4 + i);
+            }
+        float M = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < kDecAttnMaxClusters; ++c)
+            if (c < parts) M = fmaxf(M, m[c].x);
+        float L = 0.f;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int c = 0; c < kDecAttnMaxClusters; ++c)
+            if (c < parts) {
+                const float w = expf(m[c].x - M);
+                L += w * m[c].y;
+                acc.x += w * v[c].x;
+                acc.y += w * v[c].y;
+                acc.z += w * v[c].z;
+                acc.w += w * v[c].w;
+            }
+        const float il = 1.0f / L;
+        const float4 r = make_float4(acc.x * il, acc.y * il, acc.z * il, acc.w * il);
+        *reinterpret_cast<float4*>(a.xf + (e >> 5) * XF_STRIDE + (e & 31)) = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    return ss;
+}
+
 // ---------------------------------------------------------------- chunk dots
 // N consecutive 32-bit words from a 2-byte aligned shared-memory address: N+1 aligned
 // word loads and a funnel shift each (the same instructions for either alignment, so
@@ -685,6 +728,11 @@ __host__ __device__ inline bool dec_attn_mma_ok(int G, int hd) { return G <= 16 
 __host__ __device__ inline size_t dec_attn_mma_bytes(int G, int hd) {
     return size_t(hd / 16) * 32 * 32 + size_t(NW) * 16 * 8 + size_t(NW) * G * hd * 4;
 }
+// The cluster variant's partial (acc, then (m, l)) sits past both tile phases' areas.
+__host__ __device__ inline size_t dec_attn_part_off(int G, int hd) {
+    const size_t a = dec_attn_tile_bytes(G, hd), b = dec_attn_mma_bytes(G, hd);
+    return dec_align16(a > b ? a : b);
+}
 
 __device__ __forceinline__ void mma_f16(float* d, const uint4& a, unsigned b0, unsigned b1) {
     asm volatile(
@@ -745,10 +793,13 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     for (int n = 0; n < NTO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     const int n_tiles = (end - start + kDecMmaTK - 1) / kDecMmaTK;
-    for (int it = warp; it < n_tiles; it += NW) {
-        const int tile = start + it * kDecMmaTK;
-        // V rows of this thread (keys 2t, 2t+1, 2t+8, 2t+9 of the tile), loaded first
-        uint4 vr[HD / 64][4];
+    // This thread's K and V pieces of a tile: V rows of keys 2t, 2t+1, 2t+8, 2t+9 (dims
+    // 64cb + 8g ..), K rows of keys 8j + g (dims 32c + 8t ..).
+    // PIPE (head_dim 64: the registers allow it): the next tile's pieces are loaded while
+    // this one is computed, so a warp's loads overlap its math instead of waiting on each tile.
+    constexpr bool PIPE = HD == 64;
+    // (Without PIPE each K piece is loaded where it is used: fewer live registers.)
+    auto load_v = [&](int tile, uint4 (&vr)[HD / 64][4]) {
 #pragma unroll
         for (int cb = 0; cb < HD / 64; ++cb)
 #pragma unroll
@@ -756,14 +807,39 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
                 const int key = tile + 2 * t + (r & 1) + 8 * (r >> 1);
                 vr[cb][r] = ld_kv16(V + size_t(key) * p.kv_dim + 64 * cb + 8 * g, key < end);
             }
+    };
+    auto load_k = [&](int tile, int c, int j) {
+        const int key = tile + 8 * j + g;
+        return ld_kv16(K + size_t(key) * p.kv_dim + 32 * c + 8 * t, key < end);
+    };
+    constexpr int KP = PIPE ? HD / 32 : 1;  // K pieces held across iterations (PIPE only)
+    uint4 vr[HD / 64][4], kr_all[KP][2];
+    if (PIPE && warp < n_tiles) {
+        load_v(start + warp * kDecMmaTK, vr);
+#pragma unroll
+        for (int c = 0; c < KP; ++c)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) kr_all[c][j] = load_k(start + warp * kDecMmaTK, c, j);
+    }
+    for (int it = warp; it < n_tiles; it += NW) {
+        const int tile = start + it * kDecMmaTK;
+        uint4 vn[HD / 64][4], kn[KP][2];
+        if (!PIPE) {
+            load_v(tile, vr);
+        } else if (it + NW < n_tiles) {
+            load_v(tile + NW * kDecMmaTK, vn);
+#pragma unroll
+            for (int c = 0; c < KP; ++c)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) kn[c][j] = load_k(tile + NW * kDecMmaTK, c, j);
+        }
         // ---- S (16 heads x 16 keys): n-tile j holds keys tile + 8j + (0..7), thread's key tile + 8j + g
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int c = 0; c < HD / 32; ++c) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                const int key = tile + 8 * j + g;
-                const uint4 kr = ld_kv16(K + size_t(key) * p.kv_dim + 32 * c + 8 * t, key < end);
+                const uint4 kr = PIPE ? kr_all[PIPE ? c : 0][j] : load_k(tile, c, j);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {  // k-step 2c + h: words (x, y) or (z, w)
                     const unsigned b0 = h ? kr.z : kr.x, b1 = h ? kr.w : kr.y;
@@ -826,6 +902,16 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
                 mma_f16(o[8 * cb + m], pa_hi, b0, b1);
                 mma_f16(o[8 * cb + m], pa_lo, b0, b1);
             }
+        }
+        if (PIPE) {
+#pragma unroll
+            for (int cb = 0; cb < HD / 64; ++cb)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) vr[cb][r] = vn[cb][r];
+#pragma unroll
+            for (int c = 0; c < KP; ++c)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) kr_all[c][j] = kn[c][j];
         }
     }
     // ---- the warps' partials -> one block partial
@@ -898,7 +984,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     auto kbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs; };
     auto vbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs + size_t(TK) * rs; };
     // CLUSTER: this block's partial, read by the other blocks of the cluster
-    float* po_c = reinterpret_cast<float*>(asmem + dec_attn_tile_bytes(G, hd));  // GH
+    float* po_c = reinterpret_cast<float*>(asmem + dec_attn_part_off(G, hd));  // GH
     float2* ml_c = reinterpret_cast<float2*>(po_c + ((GH + 3) & ~3));           // G
     const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32;
@@ -910,16 +996,19 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // caches spread over all the cluster's blocks: a tile's cost grows with its keys)
     constexpr int cg = kDecClusterGran;
     static_assert(cg >= 1 && cg <= TK, "kDecClusterGran: 1 .. kDecTK keys");
-    // Long caches without the cluster merge: the tensor-core phase (no staging), its
-    // splits at least one tile per warp (fewer partials for the merge).
-    const bool use_mma = !CLUSTER && dec_attn_mma_ok(G, hd);
+    // The tensor-core phase (no staging): long caches without the cluster merge, its
+    // splits at least one tile per warp (fewer partials for the merge); in the cluster
+    // variant where p.cluster_mma asks for it.
+    const bool use_mma = dec_attn_mma_ok(G, hd) && (!CLUSTER || p.cluster_mma);
     const int sk = CLUSTER ? cg : max(use_mma ? NW * kDecMmaTK : TK, p.split_keys), gran = CLUSTER ? cg : TK;
     int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (kv_len + sk - 1) / sk));
     const int S = ((kv_len + n_act - 1) / n_act + gran - 1) / gran * gran;
     n_act = (kv_len + S - 1) / S;
     const int start = s * S, end = min(start + S, kv_len);
     const bool active = start < end;
-    const bool direct = n_act == 1;  // one split: it writes the output itself, no merge
+    // one split: it writes the output itself, no merge (the multi-cluster variant always
+    // leaves its clusters' partials: attn_output merges them)
+    const bool direct = n_act == 1 && (!CLUSTER || p.clusters <= 1);
     const size_t base = size_t(p.slot_off[slot]) + size_t(kvh) * hd;
     const __half* K = p.kc + base;
     const __half* V = p.vc + base;
@@ -943,7 +1032,13 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     }
     pdl_wait_release(p.pdl_early);
 
-    if constexpr (!CLUSTER) {
+    if constexpr (CLUSTER) {
+        if (active && use_mma) {  // the partial into this block's shared memory (or the output when direct)
+            float* acc = direct ? p.out + size_t(kvh * G) * hd : po_c;
+            if (hd == 64) dec_attn_mma_phase<64>(p, K, V, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1);
+            else dec_attn_mma_phase<128>(p, K, V, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1);
+        }
+    } else {
         if (active && use_mma) {
             const int h0 = kvh * G;
             float* acc = direct ? p.out + size_t(h0) * hd : p.part_o + (size_t(h0) * p.max_splits + s) * hd;
@@ -1060,34 +1155,43 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         namespace cg = cooperative_groups;
         cg::cluster_group cl = cg::this_cluster();
         cl.sync();  // every split's partial is in its block's shared memory
-        // block s: outputs [s*slice, (s+1)*slice); ranks >= n_act had no keys
-        const int slice = (GH + int(gridDim.x) - 1) / int(gridDim.x);
-        const int o = s * slice + t;
-        if (t < slice && o < GH) {
+        // cluster c = blocks [c*cs, (c+1)*cs) of the KV head's splits; its first n_in had keys
+        const int cs = p.cluster, rank = s % cs, c = s / cs;
+        const int n_in = min(cs, max(0, n_act - c * cs));
+        const bool whole = p.clusters <= 1;  // one cluster: the output; else this cluster's partial
+        // rank r merges outputs [r*slice, (r+1)*slice)
+        const int slice = (GH + cs - 1) / cs;
+        for (int o = rank * slice + t; o < min(GH, (rank + 1) * slice); o += NT) {
             const int g = o / hd;
-            float2 mv[kDecAttnCluster];
-            float pv[kDecAttnCluster];
+            float2 mv[kDecAttnClusterMax];
+            float pv[kDecAttnClusterMax];
 #pragma unroll
-            for (int r = 0; r < kDecAttnCluster; ++r) {  // all remote loads in flight at once
-                if (r < n_act) {
+            for (int r = 0; r < kDecAttnClusterMax; ++r) {  // all remote loads in flight at once
+                if (r < n_in) {
                     mv[r] = cl.map_shared_rank(ml_c, unsigned(r))[g];
                     pv[r] = cl.map_shared_rank(po_c, unsigned(r))[o];
                 }
             }
             float M = -INFINITY;
 #pragma unroll
-            for (int r = 0; r < kDecAttnCluster; ++r)
-                if (r < n_act) M = fmaxf(M, mv[r].x);
+            for (int r = 0; r < kDecAttnClusterMax; ++r)
+                if (r < n_in) M = fmaxf(M, mv[r].x);
             float L = 0.f, acc_o = 0.f;
 #pragma unroll
-            for (int r = 0; r < kDecAttnCluster; ++r) {
-                if (r < n_act) {
+            for (int r = 0; r < kDecAttnClusterMax; ++r) {
+                if (r < n_in) {
                     const float w = expf(mv[r].x - M);
                     L += w * mv[r].y;
                     acc_o += w * pv[r];
                 }
             }
-            p.out[size_t(kvh) * GH + o] = acc_o / L;
+            if (whole) {
+                p.out[size_t(kvh) * GH + o] = acc_o / L;
+            } else {  // a cluster without keys leaves (-inf, 0) and zeros: weight 0 in the merge
+                const size_t hq = size_t(p.n_head) * hd;
+                p.part_o[size_t(c) * hq + size_t(kvh) * GH + o] = acc_o;
+                if (o % hd == 0) p.part_ml[size_t(c) * p.n_head + kvh * G + g] = make_float2(M, L);
+            }
         }
         cl.sync();  // no block leaves (freeing its shared memory) while others read it
 #endif
@@ -1236,10 +1340,14 @@ __device__ void argmax_tail(const DecProjArgs& p, float best_v, int best_i, floa
 
 // MODE: DEC_RESID (no norm, one tensor) or DEC_GLU (rmsnorm, gate and up); LOGITS runs
 // in dec_lm_kernel. T: the type of the rows (both tensors' in the GLU mode; T_ANY: any).
+// The residual mode whose input is a multi-cluster attention's partials (act_parts > 1): its own
+// instance, so the plain residual kernels hold no code for it.
+constexpr int DEC_RESID_PARTS = 3;
+
 template <uint32_t T, int MODE>
 __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
-    static_assert(MODE == DEC_RESID || MODE == DEC_GLU, "dec_proj_kernel: RESID or GLU");
-    constexpr bool GLU = MODE == DEC_GLU;
+    static_assert(MODE == DEC_RESID || MODE == DEC_GLU || MODE == DEC_RESID_PARTS, "dec_proj_kernel: RESID or GLU");
+    constexpr bool GLU = MODE == DEC_GLU, PARTS = MODE == DEC_RESID_PARTS;
     extern __shared__ __align__(16) uint8_t smem[];
     const int n_out = p.w[0].n_out, n_in = p.w[0].n_in;
     const int r0 = blockIdx.x * p.rows_per_block;
@@ -1264,7 +1372,9 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     const bool own_old = !GLU && int(threadIdx.x) < r1 - r0;
     const float yv = own_old ? __ldcg(p.y + r0 + threadIdx.x) : 0.f;
     Act a = carve_act(actp, n_in);
-    const float ss = load_act(a, p.act, n_in);
+    float ss;
+    if constexpr (PARTS) ss = load_act_parts(a, p.act, p.act_ml, p.act_parts, p.act_hd, n_in);
+    else ss = load_act(a, p.act, n_in);
     if (own_old) yold[threadIdx.x] = yv;  // published by finish_act's barriers
     cp_async_wait_older();  // the norm weights
     finish_act<GLU ? 1 : 0, q8_of(T, T)>(a, n_in, nw, p.eps, p.need_q8, ss);
@@ -1425,16 +1535,19 @@ QkvKernel qkv_kernel_for(uint32_t tq, uint32_t tk, uint32_t tv, bool embed) {
 }
 template <uint32_t T>
 ProjKernel proj_inst(int mode) {
-    return mode == DEC_LOGITS ? dec_lm_kernel<T> : (mode == DEC_GLU ? dec_proj_kernel<T, DEC_GLU> : dec_proj_kernel<T, DEC_RESID>);
+    if (mode == DEC_LOGITS) return dec_lm_kernel<T>;
+    if (mode == DEC_GLU) return dec_proj_kernel<T, DEC_GLU>;
+    return mode == DEC_RESID_PARTS ? dec_proj_kernel<T, DEC_RESID_PARTS> : dec_proj_kernel<T, DEC_RESID>;
 }
 ProjKernel proj_kernel_for(const DecProjArgs& a) {
     const uint32_t t = a.w[0].type;
-    if (a.n_tensors > 1 && a.w[1].type != t) return proj_inst<T_ANY>(a.mode);
+    const int mode = a.mode == DEC_RESID && a.act_parts > 1 ? DEC_RESID_PARTS : a.mode;
+    if (a.n_tensors > 1 && a.w[1].type != t) return proj_inst<T_ANY>(mode);
 #define ORCD_ONE(T) \
-    if (t == T) return proj_inst<T>(a.mode);
+    if (t == T) return proj_inst<T>(mode);
     ORCD_DEC_FAST_TYPES(ORCD_ONE)
 #undef ORCD_ONE
-    return proj_inst<T_ANY>(a.mode);
+    return proj_inst<T_ANY>(mode);
 }
 template <bool C>
 AttnKernel attn_kernel_for(int group_dim) {
@@ -1452,7 +1565,7 @@ std::vector<const void*> all_kernels() {
     auto add = [&](auto f) { k.push_back(reinterpret_cast<const void*>(f)); };
 #define ORCD_ADD(T) \
     for (bool e : {false, true}) add(qkv_inst<T, T>(e)); \
-    for (int m : {DEC_RESID, DEC_GLU, DEC_LOGITS}) add(proj_inst<T>(m));
+    for (int m : {int(DEC_RESID), int(DEC_GLU), int(DEC_LOGITS), DEC_RESID_PARTS}) add(proj_inst<T>(m));
     ORCD_DEC_FAST_TYPES(ORCD_ADD)
     ORCD_ADD(T_ANY)
 #undef ORCD_ADD
@@ -1486,7 +1599,7 @@ void dec_lm_plan(size_t row_bytes, size_t cap, int* rows, int* stages, int* smem
 
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
     const int G = n_head / n_head_kv;
-    const size_t tiles = dec_attn_tile_bytes(G, head_dim) + size_t((G * head_dim + 3) & ~3) * 4 + size_t(G) * 8;
+    const size_t tiles = dec_attn_part_off(G, head_dim) + size_t((G * head_dim + 3) & ~3) * 4 + size_t(G) * 8;
     const size_t merge = size_t(G) * kDecMergeChunk * head_dim * 4 + size_t(G) * (kDecMergeChunk + 2) * 8;
     return std::max({tiles, merge, dec_attn_mma_bytes(G, head_dim)});
 }
@@ -1502,6 +1615,15 @@ void dec_set_smem_limit(size_t bytes) {
     size_t& cur = set[dev];
     if (bytes <= cur) return;
     const std::vector<const void*> ks = all_kernels();
+    if (cur == 0) {
+        // the cluster attention may run 16 blocks a cluster (H100/H200 allow it, not portably)
+        // (and its empty stand-in, dec_noop_kernel, in the profiler)
+        std::vector<const void*> ck = {reinterpret_cast<const void*>(dec_noop_kernel)};
+        for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) ck.push_back(reinterpret_cast<const void*>(attn_kernel_for<true>(g)));
+        for (const void* k : ck)
+            CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+                       "decode attention: non-portable cluster size");
+    }
     if (cur == 0) {  // one shared-memory carveout for all: consecutive kernels can share an SM
         for (const void* k : ks)
             CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
@@ -1514,13 +1636,34 @@ void dec_set_smem_limit(size_t bytes) {
     cur = bytes;
 }
 
+int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim) {
+    const int gd = n_head / n_head_kv * head_dim;
+    for (int c : {kDecAttnClusterMax, kDecAttnCluster}) {
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(unsigned(c), unsigned(n_head_kv));
+        cfg.blockDim = dim3(NT);
+        cfg.dynamicSmemBytes = dec_attn_smem(n_head, n_head_kv, head_dim);
+        cudaLaunchAttribute attr;
+        attr.id = cudaLaunchAttributeClusterDimension;
+        attr.val.clusterDim.x = unsigned(c);
+        attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+        cfg.attrs = &attr;
+        cfg.numAttrs = 1;
+        int n = 0;
+        const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, attn_kernel_for<true>(gd), &cfg);
+        if (e == cudaSuccess && n > 0) return c;
+        cudaGetLastError();  // a size this GPU refuses: try the portable one
+    }
+    return kDecAttnCluster;
+}
+
 DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
     return {dim3((a.n_head + 2 * a.n_head_kv) * a.parts), dec_qkv_smem(a), 0};
 }
 
 DecLaunchShape dec_attention_shape(const DecAttnArgs& a) {
-    return {dim3(a.cluster ? kDecAttnCluster : a.max_splits, a.n_head_kv), dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim),
-            a.cluster ? kDecAttnCluster : 0};
+    return {dim3(a.cluster > 0 ? a.cluster * std::max(1, a.clusters) : a.max_splits, a.n_head_kv),
+            dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim), a.cluster > 0 ? a.cluster : 0};
 }
 
 DecLaunchShape dec_proj_shape(const DecProjArgs& a) {
@@ -1539,6 +1682,14 @@ void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what) {
 }
 
 void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what) {
+    if (a.cluster < 0 || a.cluster > kDecAttnClusterMax)
+        throw Error(ctx("dec_attention", what) + ": cluster size " + std::to_string(a.cluster) + " outside [0, " +
+                    std::to_string(kDecAttnClusterMax) + "]");
+    if (a.cluster > 0 && (a.clusters < 1 || a.clusters > kDecAttnMaxClusters ||
+                          a.clusters > a.max_splits))
+        throw Error(ctx("dec_attention", what) + ": " + std::to_string(a.clusters) + " clusters of " +
+                    std::to_string(a.cluster) + " (at most " + std::to_string(kDecAttnMaxClusters) +
+                    " clusters and max_splits blocks: the partial buffers' size)");
     const DecLaunchShape sh = dec_attention_shape(a);
     const int gd = a.n_head / a.n_head_kv * a.head_dim;
     if (a.cluster) launch(attn_kernel_for<true>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
@@ -1551,6 +1702,10 @@ void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what)
     if ((a.mode == DEC_RESID && (a.norm_w || a.n_tensors != 1)) || (a.mode == DEC_GLU && (!a.norm_w || a.n_tensors != 2)))
         throw Error(std::string("dec_proj: the residual mode takes one tensor and no norm, the GLU mode two and a norm (") +
                     (what ? what : "?") + ")");
+    if (a.act_parts > 1 && (a.mode != DEC_RESID || !a.act_ml || a.act_parts > kDecAttnMaxClusters || a.act_hd <= 0 ||
+                            a.w[0].n_in % a.act_hd || a.act_hd % 4))
+        throw Error(std::string("dec_proj: merged partial inputs need the residual mode, act_ml, at most ") +
+                    std::to_string(kDecAttnMaxClusters) + " parts and a head size dividing n_in (" + (what ? what : "?") + ")");
     const DecLaunchShape sh = dec_proj_shape(a);
     launch(proj_kernel_for(a), sh.grid, sh.smem, st, pdl, a, ctx(a.mode == DEC_LOGITS ? "dec_lm_kernel" : "dec_proj_kernel", what));
 }

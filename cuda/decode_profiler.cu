@@ -77,7 +77,7 @@ DecodeProfile profile_decode_step(FusedDecoder& dec, int slot, int32_t token, in
     ProfileRun run(dec, slot, token, pos, n_steps);
     const cudaStream_t st = dec.stream();
     const int K = dec.kernels_per_step();
-    const bool cluster = dec.cluster_for(pos + 1);  // the attention variant of pos
+    const int clusters = dec.attn_variant(pos + 1);  // the attention variant of pos
     const bool pdl = dec.pdl_on();
     std::vector<cudaEvent_t> ev(size_t(K) + 1);
     for (cudaEvent_t& e : ev) e = run.event();
@@ -89,7 +89,7 @@ DecodeProfile profile_decode_step(FusedDecoder& dec, int slot, int32_t token, in
         CUDA_CHECK(cudaEventRecordWithFlags(ev[0], st, cudaEventRecordExternal), "profile_decode");
         StepLaunch s;
         s.greedy = true;
-        s.cluster = cluster;
+        s.attn_clusters = clusters;
         s.after_each = [&](DecodeKernel k) {
             kinds.push_back(k);
             CUDA_CHECK(cudaEventRecordWithFlags(ev[kinds.size()], st, cudaEventRecordExternal), "profile_decode");
@@ -120,7 +120,7 @@ DecodeProfile profile_decode_step(FusedDecoder& dec, int slot, int32_t token, in
     auto noop_step = [&](bool with_pdl, unsigned noop_kinds) {
         StepLaunch s;
         s.greedy = true;
-        s.cluster = cluster;
+        s.attn_clusters = clusters;
         s.pdl = with_pdl;
         s.noop_kinds = noop_kinds;
         return run.time_graph(run.graph([&]() { dec.launch_step(s); }), ev[0], ev[1]);

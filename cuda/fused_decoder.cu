@@ -101,6 +101,7 @@ void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
                    std::to_string(optin));
     CUDA_CHECK(cudaSetDevice(info.device), "CudaEngine plan");
     cu::dec_set_smem_limit(std::max(smem, size_t(48) << 10));
+    max_cluster_ = hopper_ ? cu::dec_attn_max_cluster(d.n_head, d.n_head_kv, hd) : 0;
     ok_ = true;
 }
 
@@ -288,7 +289,10 @@ void FusedDecoder::launch_qkv(const cu::DecQkvArgs& a, bool pdl, const StepLaunc
 void FusedDecoder::launch_attention(const cu::DecAttnArgs& args, const StepLaunch& s) const {
     const char* what = "decode attention";
     cu::DecAttnArgs a = args;
-    a.cluster = s.cluster ? 1 : 0;
+    a.cluster = s.attn_clusters > 0 ? std::min(opt_.cluster_size, max_cluster_) : 0;
+    a.clusters = std::max(1, s.attn_clusters);
+    if (s.attn_clusters < 0) a.max_splits = 1;  // one block per KV head: no merge
+    a.cluster_mma = opt_.cluster_mma ? 1 : 0;
     if (is_noop(s, DecodeKernel::attention)) cu::dec_noop(cu::dec_attention_shape(a), a.pdl_early, stream_, s.pdl, what);
     else cu::dec_attention(a, stream_, s.pdl, what);
     if (s.after_each) s.after_each(DecodeKernel::attention);
@@ -316,7 +320,16 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
         // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
         launch_qkv(A.qkv, s.pdl && l > 0, s);
         launch_attention(A.attention, s);
-        launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");
+        if (s.attn_clusters > 1) {  // its input: the clusters' partials, merged as it loads them
+            cu::DecProjArgs o = A.attn_output;
+            o.act = part_o_;
+            o.act_ml = part_ml_;
+            o.act_parts = s.attn_clusters;
+            o.act_hd = d_.head_dim;
+            launch_proj(DecodeKernel::attn_output, o, s, "decode attn_output");
+        } else {
+            launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");
+        }
         launch_proj(DecodeKernel::ffn_gate_up, A.ffn_gate_up, s, "decode ffn_gate/ffn_up");
         launch_proj(DecodeKernel::ffn_down, A.ffn_down, s, "decode ffn_down");
     }
@@ -359,14 +372,23 @@ cudaGraphExec_t FusedDecoder::record_graph(const std::function<void()>& body, co
     return exec;
 }
 
-bool FusedDecoder::capture(bool greedy, int steps, bool cluster) {
+int FusedDecoder::attn_variant(int kv_len) const {
+    if (kv_len <= opt_.direct_keys) return -1;
+    if (!hopper_ || opt_.cluster_keys <= 0 || kv_len > opt_.cluster_keys) return 0;
+    const int want = (kv_len + opt_.cluster_span - 1) / opt_.cluster_span;
+    int c = 1;
+    while (c < want && c < cu::kDecAttnMaxClusters) c *= 2;
+    return c;
+}
+
+bool FusedDecoder::capture(bool greedy, int steps, int clusters) {
     for (int attempt = 0; attempt < 2; ++attempt) {
         try {
             StepLaunch s;
             s.greedy = greedy;
-            s.cluster = cluster;
+            s.attn_clusters = clusters;
             s.pdl = pdl_on();
-            graph_slot(greedy, steps, cluster) = record_graph(
+            graph_slot(greedy, steps, clusters) = record_graph(
                 [&]() {
                     for (int i = 0; i < steps; ++i) launch_step(s);
                 },
@@ -389,17 +411,17 @@ bool FusedDecoder::capture(bool greedy, int steps, bool cluster) {
 }
 
 void FusedDecoder::run(bool greedy, int kv_len, int steps) {
-    const bool cluster = cluster_for(kv_len);
+    const int clusters = attn_variant(kv_len);
     if (graphs_on()) {
-        cudaGraphExec_t& g = graph_slot(greedy, steps, cluster);
-        if (g || capture(greedy, steps, cluster)) {
+        cudaGraphExec_t& g = graph_slot(greedy, steps, clusters);
+        if (g || capture(greedy, steps, clusters)) {
             CUDA_CHECK(cudaGraphLaunch(g, stream_), "decode graph launch");
             return;
         }
     }
     StepLaunch s;
     s.greedy = greedy;
-    s.cluster = cluster;
+    s.attn_clusters = clusters;
     s.pdl = pdl_on();
     for (int i = 0; i < steps; ++i) launch_step(s);
 }

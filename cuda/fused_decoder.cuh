@@ -41,7 +41,8 @@ struct DecodeBuffers {
 // How FusedDecoder::launch_step launches a step's kernels.
 struct StepLaunch {
     bool greedy = false;      // the lm_head writes the argmax token and advances the state (else: logits)
-    bool cluster = false;     // the cluster attention (FusedDecoder::cluster_for)
+    int attn_clusters = 0;    // the attention variant (FusedDecoder::attn_variant): -1 one block per KV head,
+                              // 0 the global merge, else clusters per KV head
     bool pdl = false;         // programmatic dependent launch (layer 0's q/k/v never: see launch_step)
     unsigned noop_kinds = 0;  // bit per DecodeKernel: an empty kernel of the same shape instead (profiling)
     std::function<void(DecodeKernel)> after_each;  // called after each launch (profiling: event records)
@@ -93,7 +94,11 @@ public:
     void lm_head_last(const float* x_row);
 
     // For the profiler (decode_profiler.cu):
-    bool cluster_for(int kv_len) const { return hopper_ && opt_.cluster_keys > 0 && kv_len <= opt_.cluster_keys; }
+    // The attention variant of a step whose cache holds kv_len positions: -1 = one block per KV
+    // head writing the output (up to options' direct_keys), 0 = the global merge (no Hopper, or
+    // beyond cluster_keys), else the clusters per KV head of the cluster variant (1, 2 or 4: the
+    // next power of two of kv_len / cluster_span).
+    int attn_variant(int kv_len) const;
     void launch_step(const StepLaunch& s) const;
     // The stream work of `body` as an instantiated graph (a failed capture is cleaned up).
     cudaGraphExec_t record_graph(const std::function<void()>& body, const char* what);
@@ -115,10 +120,12 @@ private:
     void launch_attention(const cu::DecAttnArgs& a, const StepLaunch& s) const;
     void launch_proj(DecodeKernel kind, const cu::DecProjArgs& a, const StepLaunch& s, const char* what) const;
     void launch_lm_head(const StepLaunch& s) const;
-    cudaGraphExec_t& graph_slot(bool greedy, int steps, bool cluster) {
-        return graph_[(greedy ? 1 : 0) + (cluster ? 2 : 0) + (steps > 1 ? 4 : 0)];
+    static constexpr int kAttnVariants = 5;  // one block, the global merge, then 1, 2, 4 clusters
+    cudaGraphExec_t& graph_slot(bool greedy, int steps, int clusters) {
+        const int v = clusters < 0 ? 0 : clusters == 0 ? 1 : clusters == 1 ? 2 : clusters == 2 ? 3 : 4;
+        return graph_[((steps > 1 ? 2 : 0) + (greedy ? 1 : 0)) * kAttnVariants + v];
     }
-    bool capture(bool greedy, int steps, bool cluster);  // false: graphs do not work here
+    bool capture(bool greedy, int steps, int clusters);  // false: graphs do not work here
     void drop_graphs() noexcept;
     void add_note(const std::string& s);
 
@@ -149,7 +156,8 @@ private:
     float* logits_ = nullptr;
     std::vector<LayerArgs> layers_;
     cu::DecProjArgs lm_{};
-    cudaGraphExec_t graph_[8] = {};  // graph_slot
+    int max_cluster_ = 8;  // the largest cluster the attention can launch here (16 where non-portable ones fit)
+    cudaGraphExec_t graph_[4 * kAttnVariants] = {};  // graph_slot
 };
 
 }  // namespace orcd

@@ -578,8 +578,9 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
 }
 
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
-                                                           int n_kv, int n_head_kv, int head_dim, bool cluster,
-                                                           int max_splits, int split_keys) {
+                                                           int n_kv, int n_head_kv, int head_dim, int cluster,
+                                                           int max_splits, int split_keys, bool cluster_mma,
+                                                           int clusters) {
     ready();
     const char* what = cluster ? "dec_attn test (cluster)" : "dec_attn test (global merge)";
     if (n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv) throw Error("dec_attn test: bad shape");
@@ -588,6 +589,8 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
         throw Error("dec_attn test: (n_head/n_head_kv)*head_dim or n_head_kv beyond the kernel's limits");
     if (max_splits < 1 || max_splits > cu::kDecMaxSplits)
         throw Error("dec_attn test: max_splits must be in [1, " + std::to_string(cu::kDecMaxSplits) + "]");
+    if (cluster < 0 || cluster > cu::kDecAttnClusterMax)
+        throw Error("dec_attn test: cluster must be in [0, " + std::to_string(cu::kDecAttnClusterMax) + "]");
     if (cluster) {
         int major = 0;
         CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), what);
@@ -623,13 +626,16 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
     a.scale = 1.0f / std::sqrt(float(head_dim));
     a.max_splits = max_splits;
     a.split_keys = split_keys;
-    a.cluster = cluster ? 1 : 0;
+    a.cluster = cluster;
+    a.clusters = clusters;
+    a.cluster_mma = cluster_mma ? 1 : 0;
     a.part_o = part_o.p;
     a.part_ml = part_ml.p;
     a.out = out.p;
     a.counter = counter.p;
     a.st = st.p;
     a.pdl_early = 0;
+    const bool parts = cluster > 0 && clusters > 1;
     dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim), what);
     // Twice on the same buffers: the global merge's completion counters must be back
     // at zero after a launch, or the second one never merges (its output stays NaN).
@@ -640,8 +646,122 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
         CUDA_CHECK(cudaMemset(part_ml.p, 0xff, part_ml.n * sizeof(float2)), what);  // NaN patterns
         cu::dec_attention(a, 0, false, what);
         r[run] = out.download(what);
+        if (parts) {  // the clusters' partials merged as load_act_parts does, in float64
+            const std::vector<float> po = part_o.download(what);
+            const std::vector<float2> ml = part_ml.download(what);
+            for (int h = 0; h < n_head; ++h) {
+                double M = -INFINITY;
+                for (int c = 0; c < clusters; ++c) M = std::max(M, double(ml[size_t(c) * n_head + h].x));
+                double L = 0;
+                for (int c = 0; c < clusters; ++c) {
+                    const float2 m = ml[size_t(c) * n_head + h];
+                    L += std::exp(double(m.x) - M) * m.y;
+                }
+                for (int d = 0; d < head_dim; ++d) {
+                    double acc = 0;
+                    for (int c = 0; c < clusters; ++c)
+                        acc += std::exp(double(ml[size_t(c) * n_head + h].x) - M) *
+                               po[size_t(c) * qd + size_t(h) * head_dim + d];
+                    r[run][size_t(h) * head_dim + d] = float(acc / L);
+                }
+            }
+        }
     }
     return {std::move(r[0]), std::move(r[1])};
+}
+
+double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int cluster, int max_splits, int split_keys,
+                     bool cluster_mma, int layers, int iters, int clusters) {
+    ready();
+    const char* what = "dec_attn_time";
+    if (n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || head_dim <= 0 || head_dim % 8)
+        throw Error("dec_attn_time: bad shape");
+    if (cluster < 0 || cluster > cu::kDecAttnClusterMax || max_splits < 1 || max_splits > cu::kDecMaxSplits ||
+        layers < 1 || iters < 1)
+        throw Error("dec_attn_time: cluster in [0, 16], max_splits in [1, 64], layers and iters >= 1");
+    const int kd = n_head_kv * head_dim, qd = n_head * head_dim;
+    struct Layer {
+        DBuf<__half> k, v;
+        DBuf<float> part_o;
+        DBuf<float2> part_ml;
+        DBuf<unsigned> counter;
+        DBuf<float> out;
+    };
+    const int64_t zero_off = 0;
+    DBuf<int64_t> off(&zero_off, 1, what);
+    const cu::DecState hs{0, n_kv - 1, 0, 0};
+    DBuf<cu::DecState> st(&hs, 1, what);
+    DBuf<float> dq(size_t(qd), what);
+    CUDA_CHECK(cudaMemset(dq.p, 0, dq.n * sizeof(float)), what);
+    std::vector<std::unique_ptr<Layer>> ls;
+    std::vector<cu::DecAttnArgs> args;
+    for (int l = 0; l < layers; ++l) {
+        auto L = std::unique_ptr<Layer>(new Layer{DBuf<__half>(size_t(n_kv) * kd, what), DBuf<__half>(size_t(n_kv) * kd, what),
+                                                  DBuf<float>(size_t(n_head) * max_splits * head_dim, what),
+                                                  DBuf<float2>(size_t(n_head) * max_splits, what),
+                                                  DBuf<unsigned>(size_t(n_head_kv), what), DBuf<float>(size_t(qd), what)});
+        CUDA_CHECK(cudaMemset(L->k.p, 0, L->k.n * sizeof(__half)), what);
+        CUDA_CHECK(cudaMemset(L->v.p, 0, L->v.n * sizeof(__half)), what);
+        CUDA_CHECK(cudaMemset(L->counter.p, 0, L->counter.n * sizeof(unsigned)), what);
+        cu::DecAttnArgs a{};
+        a.q = dq.p;
+        a.kc = L->k.p;
+        a.vc = L->v.p;
+        a.slot_off = off.p;
+        a.kv_dim = kd;
+        a.n_head = n_head;
+        a.n_head_kv = n_head_kv;
+        a.head_dim = head_dim;
+        a.scale = 1.0f / std::sqrt(float(head_dim));
+        a.max_splits = max_splits;
+        a.split_keys = split_keys;
+        a.cluster = cluster;
+        a.clusters = clusters;
+        a.cluster_mma = cluster_mma ? 1 : 0;
+        a.part_o = L->part_o.p;
+        a.part_ml = L->part_ml.p;
+        a.out = L->out.p;
+        a.counter = L->counter.p;
+        a.st = st.p;
+        args.push_back(a);
+        ls.push_back(std::move(L));
+    }
+    dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim), what);
+    cudaStream_t s = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), what);
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t ge = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    double us = 0;
+    try {
+        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), what);
+        for (const cu::DecAttnArgs& a : args) cu::dec_attention(a, s, false, what);
+        CUDA_CHECK(cudaStreamEndCapture(s, &g), what);
+        CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0), what);
+        CUDA_CHECK(cudaEventCreate(&e0), what);
+        CUDA_CHECK(cudaEventCreate(&e1), what);
+        CUDA_CHECK(cudaGraphLaunch(ge, s), what);  // warm-up
+        CUDA_CHECK(cudaEventRecord(e0, s), what);
+        for (int i = 0; i < iters; ++i) CUDA_CHECK(cudaGraphLaunch(ge, s), what);
+        CUDA_CHECK(cudaEventRecord(e1, s), what);
+        CUDA_CHECK(cudaStreamSynchronize(s), what);
+        float ms = 0.f;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
+        us = 1000.0 * ms / (double(iters) * layers);
+    } catch (...) {
+        if (ge) cudaGraphExecDestroy(ge);
+        if (g) cudaGraphDestroy(g);
+        if (e0) cudaEventDestroy(e0);
+        if (e1) cudaEventDestroy(e1);
+        cudaStreamDestroy(s);
+        throw;
+    }
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaStreamDestroy(s);
+    return us;
 }
 
 std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1, const float* act,
@@ -683,41 +803,109 @@ std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1
 }
 
 
+namespace {
+// sample_rows' inputs on the device: logits, histories, rows, outputs and the workspace.
+struct SampleSetup {
+    DBuf<float> logits;
+    DBuf<int32_t> hist;
+    std::vector<cu::SampleRow> rows;
+    std::unique_ptr<DBuf<cu::SampleRow>> d_rows;
+    DBuf<int32_t> tok;
+    DBuf<uint64_t> state;
+    DBuf<uint8_t> work;
+    static std::vector<int32_t> flat(const std::vector<std::vector<int32_t>>& histories, int n_vocab) {
+        std::vector<int32_t> f;
+        for (const auto& h : histories)
+            for (int32_t t : h) {
+                if (t < 0 || t >= n_vocab) throw Error("sample_rows: history token " + std::to_string(t) + " out of range");
+                f.push_back(t);
+            }
+        return f;
+    }
+    SampleSetup(const float* host_logits, int n_rows, int n_vocab, const std::vector<SamplerParams>& params,
+                const std::vector<uint64_t>& states, const std::vector<std::vector<int32_t>>& histories)
+        : logits(host_logits, size_t(n_rows) * size_t(n_vocab), "sample_rows logits"),
+          hist(flat(histories, n_vocab).data(), flat(histories, n_vocab).size(), "sample_rows history"),
+          tok(size_t(n_rows), "sample_rows tokens"), state(size_t(n_rows), "sample_rows states"),
+          work(cu::sample_workspace_bytes(n_rows, n_vocab), "sample_rows workspace") {
+        size_t off = 0;
+        for (int r = 0; r < n_rows; ++r) {
+            validate(params[size_t(r)]);
+            if (!device_sampling_supports(params[size_t(r)], n_vocab, int(histories[size_t(r)].size())))
+                throw Error("sample_rows: row " + std::to_string(r) +
+                            ": parameters beyond the device sampler (device_sampling_supports)");
+            rows.push_back({params[size_t(r)], states[size_t(r)], hist.p ? hist.p + off : nullptr,
+                            int(histories[size_t(r)].size())});
+            off += histories[size_t(r)].size();
+        }
+        d_rows = std::make_unique<DBuf<cu::SampleRow>>(rows.data(), rows.size(), "sample_rows rows");
+        CUDA_CHECK(cudaMemset(tok.p, 0xFF, size_t(n_rows) * 4), "sample_rows");
+    }
+};
+
+void check_sample_args(int n_rows, int n_vocab, const std::vector<SamplerParams>& params,
+                       const std::vector<uint64_t>& states, const std::vector<std::vector<int32_t>>& histories) {
+    if (n_rows < 1 || n_vocab < 1) throw Error("sample_rows: need n_rows >= 1 and n_vocab >= 1");
+    if (params.size() != size_t(n_rows) || states.size() != size_t(n_rows) || histories.size() != size_t(n_rows))
+        throw Error("sample_rows: params, states and histories need one entry per row");
+}
+}  // namespace
+
 std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* logits, int n_rows, int n_vocab,
                                                                    const std::vector<SamplerParams>& params,
                                                                    const std::vector<uint64_t>& states,
                                                                    const std::vector<std::vector<int32_t>>& histories, bool split) {
     ready();
-    if (n_rows < 1 || n_vocab < 1) throw Error("sample_rows: need n_rows >= 1 and n_vocab >= 1");
-    if (params.size() != size_t(n_rows) || states.size() != size_t(n_rows) || histories.size() != size_t(n_rows))
-        throw Error("sample_rows: params, states and histories need one entry per row");
-    std::vector<int32_t> flat;
-    std::vector<size_t> off;
-    for (const auto& h : histories) {
-        off.push_back(flat.size());
-        for (int32_t t : h)
-            if (t < 0 || t >= n_vocab) throw Error("sample_rows: history token " + std::to_string(t) + " out of range");
-        flat.insert(flat.end(), h.begin(), h.end());
-    }
-    DBuf<float> d_logits(logits, size_t(n_rows) * size_t(n_vocab), "sample_rows logits");
-    DBuf<int32_t> d_hist(flat.data(), flat.size(), "sample_rows history");
-    std::vector<cu::SampleRow> rows(static_cast<size_t>(n_rows));
-    for (int r = 0; r < n_rows; ++r) {
-        validate(params[size_t(r)]);
-        if (!device_sampling_supports(params[size_t(r)], n_vocab, int(histories[size_t(r)].size())))
-            throw Error("sample_rows: row " + std::to_string(r) +
-                        ": parameters beyond the device sampler (device_sampling_supports)");
-        rows[size_t(r)] = {params[size_t(r)], states[size_t(r)], d_hist.p ? d_hist.p + off[size_t(r)] : nullptr,
-                           int(histories[size_t(r)].size())};
-    }
-    DBuf<cu::SampleRow> d_rows(rows.data(), rows.size(), "sample_rows rows");
-    DBuf<int32_t> d_tok(size_t(n_rows), "sample_rows tokens");
-    DBuf<uint64_t> d_state(size_t(n_rows), "sample_rows states");
-    CUDA_CHECK(cudaMemset(d_tok.p, 0xFF, size_t(n_rows) * 4), "sample_rows");
-    DBuf<uint8_t> d_work(cu::sample_workspace_bytes(n_rows, n_vocab), "sample_rows workspace");
-    cu::launch_sample_rows(d_logits.p, n_rows, n_vocab, d_rows.p, d_tok.p, d_state.p, nullptr, d_work.p, nullptr,
+    check_sample_args(n_rows, n_vocab, params, states, histories);
+    SampleSetup d(logits, n_rows, n_vocab, params, states, histories);
+    cu::launch_sample_rows(d.logits.p, n_rows, n_vocab, d.d_rows->p, d.tok.p, d.state.p, nullptr, d.work.p, nullptr,
                            split);
-    return {d_tok.download("sample_rows"), d_state.download("sample_rows")};
+    return {d.tok.download("sample_rows"), d.state.download("sample_rows")};
+}
+
+double sample_rows_time(const float* logits, int n_rows, int n_vocab, const std::vector<SamplerParams>& params,
+                        const std::vector<std::vector<int32_t>>& histories, bool split, int iters) {
+    ready();
+    const char* what = "sample_rows_time";
+    const std::vector<uint64_t> states(size_t(std::max(n_rows, 0)), 1234u);
+    check_sample_args(n_rows, n_vocab, params, states, histories);
+    if (iters < 1) throw Error("sample_rows_time: iters must be >= 1");
+    SampleSetup d(logits, n_rows, n_vocab, params, states, histories);
+    cudaStream_t s = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), what);
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t ge = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    float ms = 0.f;
+    auto cleanup = [&] {
+        if (ge) cudaGraphExecDestroy(ge);
+        if (g) cudaGraphDestroy(g);
+        if (e0) cudaEventDestroy(e0);
+        if (e1) cudaEventDestroy(e1);
+        cudaStreamDestroy(s);
+    };
+    try {
+        // as the engine launches it: the host rows pick the kernels
+        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), what);
+        for (int i = 0; i < iters; ++i)
+            cu::launch_sample_rows(d.logits.p, n_rows, n_vocab, d.d_rows->p, d.tok.p, d.state.p, s, d.work.p,
+                                   d.rows.data(), split);
+        CUDA_CHECK(cudaStreamEndCapture(s, &g), what);
+        CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0), what);
+        CUDA_CHECK(cudaEventCreate(&e0), what);
+        CUDA_CHECK(cudaEventCreate(&e1), what);
+        CUDA_CHECK(cudaGraphLaunch(ge, s), what);  // warm-up
+        CUDA_CHECK(cudaEventRecord(e0, s), what);
+        CUDA_CHECK(cudaGraphLaunch(ge, s), what);
+        CUDA_CHECK(cudaEventRecord(e1, s), what);
+        CUDA_CHECK(cudaStreamSynchronize(s), what);
+        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
+    } catch (...) {
+        cleanup();
+        throw;
+    }
+    cleanup();
+    return 1000.0 * ms / iters;
 }
 
 }  // namespace cuda_test

@@ -554,10 +554,19 @@ def test_fast_decode_attention_variants(tiny_model):
     splits longer than the ring of K/V tile buffers (kDecAttnBufs = 4 tiles: the
     ring wraps)."""
     _check_attention_variants(tiny_model("Q8_0"), variants={
-        "default": ({}, [1, 2, 8, 9, 17, 32, 33, 40, 65, 256, 257, 300, 512, 513, 700, 1024, 1025, 1100]),
-        "no cluster": (dict(cluster_keys=0), [33, 300]),
+        # one block per KV head up to direct_keys, then one cluster of 16 on tensor cores
+        "default": ({}, [1, 2, 8, 9, 17, 32, 33, 40, 65, 128, 129, 256, 257, 300, 512, 513, 700, 1024, 1025, 1100]),
+        "no cluster": (dict(cluster_keys=0, direct_keys=0), [1, 33, 300]),
         "long splits": (dict(cluster_keys=0, split_keys=256), [200, 300, 1100]),
-        "long cluster splits": (dict(cluster_keys=2000), [1100]),
+        "one block": (dict(direct_keys=2000), [1, 9, 40, 300, 1100]),
+        # the cluster's blocks on CUDA cores or the tensor-core tile phase, 8 or 16 blocks a cluster
+        "cluster 8 cuda cores": (dict(cluster_size=8, cluster_mma=False, direct_keys=0), [1, 2, 9, 17, 40, 300, 1100]),
+        "cluster 8 mma": (dict(cluster_size=8, direct_keys=0), [1, 2, 9, 17, 40, 300, 1100]),
+        "cluster 16 cuda cores": (dict(cluster_mma=False, direct_keys=0), [9, 300, 1024]),
+        # several clusters per KV head (the next power of two of positions / cluster_span, at most
+        # 4): attn_output merges their partials
+        "multi-cluster": (dict(cluster_span=100, direct_keys=0), [1, 9, 100, 101, 150, 201, 300, 401, 700, 1100]),
+        "multi-cluster cuda cores": (dict(cluster_span=128, cluster_mma=False, cluster_size=8), [129, 300, 1100]),
     })
 
 
@@ -691,12 +700,15 @@ def test_options_and_environment(tiny_model, monkeypatch):
     e = cu.CudaEngine(path, 32, 1)
     base = e.options()
     assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, batch_graphs=True,
-                        resident_f16=True, sample_split=True, cluster_keys=1024, split_keys=32), base
+                        resident_f16=True, sample_split=True, cluster_keys=1 << 30, split_keys=32, cluster_size=16,
+                        cluster_mma=True, cluster_span=8192, direct_keys=128), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
     assert not e.paths()["graphs"]
     for bad, field in [(dict(split_keys=48), "split_keys"), (dict(split_keys=0), "split_keys"),
-                       (dict(cluster_keys=-1), "cluster_keys")]:
+                       (dict(cluster_keys=-1), "cluster_keys"), (dict(cluster_size=0), "cluster_size"),
+                       (dict(cluster_size=17), "cluster_size"), (dict(cluster_span=0), "cluster_span"),
+                       (dict(direct_keys=-1), "direct_keys")]:
         with pytest.raises(ValueError, match=field):
             e.set_options(**bad)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)

@@ -743,7 +743,9 @@ def test_dec_attn(n_head, n_head_kv, hd, variant):
     cluster = variant == "cluster"
     if cluster and not _has_cc90():
         pytest.skip("the cluster attention needs compute capability 9.0")
-    plans = ([dict()] if cluster else
+    plans = ([dict(), dict(cluster_size=16), dict(cluster_mma=True), dict(cluster_size=16, cluster_mma=True),
+              dict(cluster_size=3, cluster_mma=True), dict(cluster_size=16, cluster_mma=True, clusters=2),
+              dict(cluster_size=8, cluster_mma=True, clusters=4), dict(cluster_size=8, clusters=3)] if cluster else
              [dict(split_keys=32), dict(split_keys=128), dict(max_splits=1), dict(max_splits=5, split_keys=32)])
     for n_kv in (1, 7, 33, 100, 1000, 3000):
         rng = rng_for("dec_attn", n_head, n_head_kv, hd, n_kv)

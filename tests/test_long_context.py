@@ -162,11 +162,18 @@ def test_decode_attention_long_cache(n_kv, n_head, n_head_kv, hd):
     ref = ref_attention(q, f16(k), f16(v), pos)[0]
     cpu = cpu_attention(q, k, v, pos)[0]
     # 64 splits: the engine's grid (two chunks of the staged merge); 32; few long splits
-    for plan in (dict(max_splits=64), dict(max_splits=32), dict(max_splits=5, split_keys=1024)):
-        out, again = cu.dec_attn(q[0], k, v, False, **plan)
-        assert rel_err(out, ref) < 2e-5, plan
-        assert rel_err(out, cpu) < 3e-5, plan
-        np.testing.assert_array_equal(again, out, err_msg=str(plan))
+    # and the cluster variant's blocks on the tensor-core phase (8 or 16 a cluster, Hopper)
+    plans = [dict(max_splits=64), dict(max_splits=32), dict(max_splits=5, split_keys=1024)]
+    if int(cu.device_info()["compute_capability"].split(".")[0]) >= 9:
+        plans += [dict(cluster=True, cluster_mma=True), dict(cluster=True, cluster_size=16, cluster_mma=True),
+                  dict(cluster=True, cluster_size=16, cluster_mma=True, clusters=4),
+                  dict(cluster=True, cluster_size=16, cluster_mma=True, clusters=2)]
+    for plan in plans:
+        what, plan = str(plan), dict(plan)
+        out, again = cu.dec_attn(q[0], k, v, plan.pop("cluster", False), **plan)
+        assert rel_err(out, ref) < 2e-5, what
+        assert rel_err(out, cpu) < 3e-5, what
+        np.testing.assert_array_equal(again, out, err_msg=what)
     gen = cu.attention(q, k, v, pos)[0]
     assert rel_err(gen, ref) < 2e-5
     assert rel_err(gen, cpu) < 3e-5

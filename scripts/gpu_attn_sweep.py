@@ -1,0 +1,109 @@
+"""The decode attention's variants at cache depths (GPU machine): the kernel alone, and the
+fused decode step of a real model after a long prompt; and the device sampler's time per call.
+
+    python3 scripts/gpu_attn_sweep.py [--model MODEL.gguf] [--depths 4096,16384] [--json OUT]
+
+1. `dec_attn_time` (cuda/cuda_api.h): microseconds per launch of each variant at each depth,
+   24 separate caches per round (K/V from HBM as in a step), zeros (the time does not depend
+   on the values), the 0.5B (14 heads / 2 KV heads / 64) and 1.5B (12 / 2 / 128) shapes.
+3. `sample_rows_time`: the device sampler on random logits of the Qwen2 vocabulary (rows 1/8/64)
+   with the user path's parameters (T=0.7, top_k 40, top_p 0.95, min_p 0.05) and greedy.
+2. With --model: for each engine option set, CudaEngine.profile_decode after a prompt of each
+   depth: the graph step (what a token costs) and the attention's marginal cost.
+"""
+import argparse
+import json
+
+import numpy as np
+
+from orcd import _orcd_cuda as cu
+
+# (name, dec_attn_time keyword arguments)
+KERNEL_VARIANTS = [
+    ("global 64 splits", dict(cluster=0, max_splits=64, split_keys=32)),
+    ("global 32 splits", dict(cluster=0, max_splits=32, split_keys=32)),
+    ("cluster 8 cuda cores", dict(cluster=8)),
+    ("cluster 8 mma", dict(cluster=8, cluster_mma=True)),
+    ("cluster 16 mma", dict(cluster=16, cluster_mma=True)),
+    ("cluster 16 mma x2", dict(cluster=16, cluster_mma=True, clusters=2)),
+    ("cluster 16 mma x4", dict(cluster=16, cluster_mma=True, clusters=4)),
+]
+# (name, set_options keyword arguments) for the engine's decode step
+ENGINE_VARIANTS = [
+    ("default", dict()),
+    ("direct_keys 256", dict(direct_keys=256)),
+    ("direct_keys 512", dict(direct_keys=512)),
+    ("direct_keys 0", dict(direct_keys=0)),
+    ("span 4096", dict(cluster_span=4096)),
+    ("span 16384", dict(cluster_span=16384)),
+    ("cluster 8", dict(cluster_size=8)),
+    ("global merge only", dict(cluster_keys=0, direct_keys=0)),
+    ("round-6 options", dict(cluster_keys=1024, cluster_size=8, cluster_mma=False, cluster_span=1 << 30,
+                             direct_keys=0)),
+]
+DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
+                direct_keys=128)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--depths", default="64,1024,4096,16384,32768")
+    ap.add_argument("--engine-depths", default="64,200,400,1024,4096,8192,16384,32000")
+    ap.add_argument("--no-kernel", action="store_true", help="skip the kernel-alone and sampler timings")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    out = {"kernel": [], "engine": []}
+    depths = [int(x) for x in a.depths.split(",")]
+    for shape_name, (nh, nkv, hd) in [] if a.no_kernel else (("0.5B", (14, 2, 64)), ("1.5B", (12, 2, 128))):
+        print(f"dec_attn_time, {shape_name} shape ({nh} heads, {nkv} KV heads, head_dim {hd}): us per launch")
+        print(f"{'variant':<40}" + "".join(f"{d:>9}" for d in depths))
+        for name, kw in KERNEL_VARIANTS:
+            row = []
+            for d in depths:
+                try:
+                    us = cu.dec_attn_time(nh, nkv, hd, d, layers=24 if d <= 16384 else 8, iters=20, **kw)
+                except Exception as err:  # a variant the GPU refuses (e.g. cluster size): say so, go on
+                    print(f"  {name} at {d}: {err}")
+                    us = float("nan")
+                row.append(us)
+                out["kernel"].append(dict(shape=shape_name, variant=name, n_kv=d, us=us))
+            print(f"{name:<40}" + "".join(f"{u:>9.2f}" for u in row))
+    rng = np.random.default_rng(0)
+    sampler = [("T0.7 k40 p0.95 min_p0.05", (0.7, 40, 0.95, 0.05, 1.0, 0.0, 0.0, 64)),
+               ("T0.7 k40 + repetition 1.1", (0.7, 40, 0.95, 0.05, 1.1, 0.0, 0.0, 64)),
+               ("greedy", (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 64))]
+    if not a.no_kernel:
+        print("sample_rows_time (151,936 logits a row): us per call")
+    for rows in () if a.no_kernel else (1, 8, 64):
+        logits = (rng.standard_normal((rows, 151936)) * 2).astype(np.float32)
+        hist = [rng.integers(0, 151936, 200).astype(np.int32) for _ in range(rows)]
+        for name, p in sampler:
+            for split in (True, False):
+                us = cu.sample_rows_time(logits, [p] * rows, hist, split, 50)
+                out["sampler"] = out.get("sampler", []) + [dict(rows=rows, params=name, split=split, us=us)]
+                print(f"  rows={rows:<3} {name:<28} split={split!s:<5} {us:8.1f}")
+    if a.model:
+        eds = [int(x) for x in a.engine_depths.split(",")]
+        e = cu.CudaEngine(a.model, max(eds) + 80, 1)
+        toks = np.random.default_rng(0).integers(100, 1000, max(eds)).astype(np.int32)
+        e.forward(0, toks, 0)
+        print("engine decode step after a prompt: graph_step us (attention marginal us)")
+        print(f"{'options':<28}" + "".join(f"{d:>17}" for d in eds))
+        for name, opts in ENGINE_VARIANTS:
+            e.set_options(**DEFAULTS)
+            e.set_options(**opts)
+            cells = []
+            for d in eds:
+                p = e.profile_decode(0, 100, d, 32)
+                cells.append(f"{p['graph_step']:7.1f} ({p['marginal_attention']:5.1f})")
+                out["engine"].append(dict(variant=name, pos=d, **{k: v for k, v in p.items()}))
+            print(f"{name:<28}" + "".join(f"{c:>17}" for c in cells), flush=True)
+        e.close()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
