@@ -70,22 +70,25 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
            nb::arg("slot"), nb::arg("tokens"), nb::arg("pos0"), nb::arg("all_logits") = false)
         .def(
             "trace",
-            [](H& self, In1D<int32_t> tokens) {
+            [](H& self, In1D<int32_t> tokens, bool all_logits) {
                 const std::vector<int32_t> tok = bind_detail::ids(tokens);
                 const int n = int(tok.size());
                 const size_t V = size_t(self.get().desc().n_vocab);
-                std::vector<float> logits(size_t(n) * V);
+                const size_t lrows = all_logits ? size_t(n) : 1;  // a long prompt: the last row's only
+                std::vector<float> logits(lrows * V);
                 Trace tr;
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
-                    self.get().forward(0, tok.data(), n, 0, logits.data(), true, &tr);
+                    self.get().forward(0, tok.data(), n, 0, logits.data(), all_logits, &tr);
                 }
                 nb::list hidden;
                 for (auto& h : tr.hidden) hidden.append(to_numpy(std::move(h), {size_t(n), size_t(tr.n_embd)}));
-                return nb::make_tuple(hidden, to_numpy(std::move(logits), {size_t(n), V}));
+                return nb::make_tuple(hidden, to_numpy(std::move(logits), {lrows, V}));
             },
-            nb::arg("tokens"))
+            nb::arg("tokens"), nb::arg("all_logits") = true,
+            "(hidden states after the embedding and each layer [n, n_embd], logits [n, n_vocab]) of a prompt "
+            "from position 0 of slot 0; all_logits=False: the last row's logits only ([1, n_vocab]).")
         .def(
             "decode_batch",
             [](H& self, In1D<int32_t> slots, In1D<int32_t> tokens, In1D<int32_t> pos) {

@@ -123,6 +123,7 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["cluster_mma"] = o.cluster_mma;
     r["cluster_span"] = o.cluster_span;
     r["direct_keys"] = o.direct_keys;
+    r["vram_limit"] = o.vram_limit;
     return r;
 }
 

@@ -69,12 +69,17 @@ struct CudaOptions {
     int cluster_size = 16;     // blocks (splits) per cluster: 1..16 (above 8 where the GPU allows non-portable clusters)
     bool cluster_mma = true;   // the cluster merge's blocks run the tensor-core tile phase (G <= 16, head_dim 64/128)
     int cluster_span = 8192;   // positions per cluster: 1, 2 or 4 clusters per KV head (partials merged by attn_output)
-    int direct_keys = 128;     // caches of up to this many positions: one attention block per KV head, no merge
+    int direct_keys = 512;     // caches of up to this many positions: one attention block per KV head, no merge
+    // Plan as if the GPU had at most this many bytes free (0: what it has): the automatic KV
+    // pool and the resident fp16 copy size themselves under it, as on a smaller GPU or beside
+    // other processes. Read when the engine is built (ORCD_CUDA_VRAM_LIMIT).
+    size_t vram_limit = 0;
 };
 
 // The defaults with ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL,
 // ORCD_CUDA_FUSED_PROMPT, ORCD_CUDA_BATCH_GRAPHS, ORCD_CUDA_RESIDENT_F16 and
-// ORCD_CUDA_SAMPLE_SPLIT applied (0, n or f: off). The only place that reads the environment.
+// ORCD_CUDA_SAMPLE_SPLIT applied (0, n or f: off), and ORCD_CUDA_VRAM_LIMIT (bytes, or with a
+// K/M/G/T suffix of powers of 1024, e.g. 4G or 4GiB). The only place that reads the environment.
 CudaOptions options_from_env();
 
 // What the engine actually uses (an option is on only where the GPU and model allow it).

@@ -24,6 +24,7 @@
 //   q|k|v and gate|up are uploaded next to each other, so F16 weights feed
 //   cuBLAS in place; the last token's logits use the fused decode lm_head.
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -44,6 +45,26 @@ bool env_on(const char* name, bool dflt) {
     return !(v[0] == '0' || v[0] == 'n' || v[0] == 'N' || v[0] == 'f' || v[0] == 'F');
 }
 
+// "4G", "4GiB", "512M", "4294967296": bytes (K/M/G/T: powers of 1024). An Error naming the
+// variable for anything else.
+size_t parse_vram_limit(const char* v) {
+    const std::string s(v);
+    size_t i = 0;
+    while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
+    std::string unit = s.substr(i);
+    for (char& c : unit) c = char(std::toupper(static_cast<unsigned char>(c)));
+    if (unit.size() >= 2 && unit.substr(unit.size() - 2) == "IB") unit = unit.substr(0, unit.size() - 2);
+    else if (unit.size() == 2 && unit[1] == 'B') unit = unit.substr(0, 1);
+    const std::string units = "KMGT";
+    if (i == 0 || i > 15 || unit.size() > 1 || (unit.size() == 1 && units.find(unit[0]) == std::string::npos))
+        throw Error("ORCD_CUDA_VRAM_LIMIT: '" + s + "' is not a size (bytes, or a number with K, M, G or T, e.g. 4G)");
+    size_t n = std::stoull(s.substr(0, i));
+    if (unit.size() == 1)
+        for (size_t k = 0; k <= units.find(unit[0]); ++k) n *= 1024;
+    if (n == 0) throw Error("ORCD_CUDA_VRAM_LIMIT: must be above 0, got '" + s + "'");
+    return n;
+}
+
 }  // namespace
 
 CudaOptions options_from_env() {
@@ -55,6 +76,7 @@ CudaOptions options_from_env() {
     o.batch_graphs = env_on("ORCD_CUDA_BATCH_GRAPHS", o.batch_graphs);
     o.resident_f16 = env_on("ORCD_CUDA_RESIDENT_F16", o.resident_f16);
     o.sample_split = env_on("ORCD_CUDA_SAMPLE_SPLIT", o.sample_split);
+    if (const char* v = std::getenv("ORCD_CUDA_VRAM_LIMIT"); v && *v) o.vram_limit = parse_vram_limit(v);
     return o;
 }
 

@@ -115,6 +115,7 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
                            size_t(QD_ + 2 * KD_) * E_, size_t(2) * F_ * E_});
     // Device properties first (this creates the context), then the memory check.
     info_ = device_info(dev_);
+    if (opt_.vram_limit) info_.free_mem = std::min(info_.free_mem, opt_.vram_limit);  // plan as on a smaller GPU
     size_t part_rows = 0;
     for (int nq = 1; nq <= R_; ++nq)
         part_rows = std::max(part_rows,

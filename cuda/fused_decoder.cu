@@ -375,9 +375,11 @@ cudaGraphExec_t FusedDecoder::record_graph(const std::function<void()>& body, co
 int FusedDecoder::attn_variant(int kv_len) const {
     if (kv_len <= opt_.direct_keys) return -1;
     if (!hopper_ || opt_.cluster_keys <= 0 || kv_len > opt_.cluster_keys) return 0;
+    // the largest power of two <= ceil(kv_len / cluster_span): at 8k-16k positions 2 clusters
+    // beat 1 and 4, at 32k 4 beat 2 (docs/perf_log.md run 36)
     const int want = (kv_len + opt_.cluster_span - 1) / opt_.cluster_span;
     int c = 1;
-    while (c < want && c < cu::kDecAttnMaxClusters) c *= 2;
+    while (2 * c <= want && 2 * c <= cu::kDecAttnMaxClusters) c *= 2;
     return c;
 }
 

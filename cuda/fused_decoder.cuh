@@ -97,7 +97,7 @@ public:
     // The attention variant of a step whose cache holds kv_len positions: -1 = one block per KV
     // head writing the output (up to options' direct_keys), 0 = the global merge (no Hopper, or
     // beyond cluster_keys), else the clusters per KV head of the cluster variant (1, 2 or 4: the
-    // next power of two of kv_len / cluster_span).
+    // largest power of two up to kv_len / cluster_span rounded up).
     int attn_variant(int kv_len) const;
     void launch_step(const StepLaunch& s) const;
     // The stream work of `body` as an instantiated graph (a failed capture is cleaned up).

@@ -12,6 +12,7 @@
 #   sanitize  compute-sanitizer: memcheck on the kernel tests and a few engine tests,
 #             racecheck on the shared-memory kernels
 #   verify    orcd verify MODEL (CPU vs GPU, layer by layer)
+#   verify_long  the same on a 16,384-token prompt (orcd verify --prompt-tokens 16384)
 #   bench     orcd bench --json (pp512 / tg128, --repeat N) for MODEL and the --f16 copy
 #   levers    bench again with each escape hatch off (ORCD_CUDA_PDL=0, ORCD_CUDA_GRAPHS=0,
 #             ORCD_CUDA_FAST_DECODE=0, ORCD_CUDA_FUSED_PROMPT=0)
@@ -152,6 +153,10 @@ for step in "${STEPS[@]}"; do
         needs_model verify || continue
         run_step verify 240 "$D/verify.txt" bash -c "cd /tmp && $PY -m orcd.cli verify '$MODEL'"
         ok_or_fail verify $? "$(tail -1 "$D/verify.txt")" ;;
+    verify_long)
+        needs_model verify_long || continue
+        run_step verify_long 400 "$D/verify_long.txt" bash -c "cd /tmp && $PY -m orcd.cli verify '$MODEL' --prompt-tokens 16384"
+        ok_or_fail verify_long $? "$(tail -1 "$D/verify_long.txt")" ;;
     bench)
         needs_model bench || continue
         bench_json main "$MODEL"
@@ -231,14 +236,17 @@ for step in "${STEPS[@]}"; do
         needs_model vram || continue
         : > "$D/vram.txt"
         # 64 sequences x 4096 positions with and without the resident fp16 copy, then the same
-        # 64 slots sharing a 1 GiB pool (kv_memory): what the VRAM is with a budget
-        for cfg in "1 0" "0 0" "1 1073741824" "0 1073741824"; do
-            read -r rf kvm <<< "$cfg"
-            ORCD_CUDA_RESIDENT_F16=$rf timeout 120 $PY -c "
+        # 64 slots sharing a 1 GiB pool (kv_memory): what the VRAM is with a budget; then planned
+        # as on a 4 GiB GPU (ORCD_CUDA_VRAM_LIMIT=4G): the automatic pool, and the whole 64 x 4096
+        # pool (3 GiB) asked for
+        for cfg in "1 0 0" "0 0 0" "1 1073741824 0" "0 1073741824 0" "1 0 4G" "1 3221225472 4G"; do
+            read -r rf kvm vl <<< "$cfg"
+            VL=; [ "$vl" != 0 ] && VL="ORCD_CUDA_VRAM_LIMIT=$vl"
+            env $VL ORCD_CUDA_RESIDENT_F16=$rf timeout 120 $PY -c "
 import orcd.backend as b
 e = b.cuda_module().CudaEngine('$MODEL', 4096, 64, kv_memory=$kvm)
 i = e.info()
-print('resident_f16=$rf kv_memory=$kvm', {k: i.get(k) for k in ('vram_bytes', 'vram_weights', 'vram_kv', 'vram_scratch', 'vram_resident_f16', 'kv_pool_positions')})" >> "$D/vram.txt" 2>&1
+print('resident_f16=$rf kv_memory=$kvm vram_limit=$vl', {k: i.get(k) for k in ('vram_bytes', 'vram_weights', 'vram_kv', 'vram_scratch', 'vram_resident_f16', 'kv_pool_positions')})" >> "$D/vram.txt" 2>&1
         done
         record vram ok 0 "$(tr '\n' ';' < "$D/vram.txt" | cut -c1-400)" ;;
     passkey)

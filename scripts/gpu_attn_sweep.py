@@ -31,8 +31,7 @@ KERNEL_VARIANTS = [
 # (name, set_options keyword arguments) for the engine's decode step
 ENGINE_VARIANTS = [
     ("default", dict()),
-    ("direct_keys 256", dict(direct_keys=256)),
-    ("direct_keys 512", dict(direct_keys=512)),
+    ("direct_keys 128", dict(direct_keys=128)),
     ("direct_keys 0", dict(direct_keys=0)),
     ("span 4096", dict(cluster_span=4096)),
     ("span 16384", dict(cluster_span=16384)),
@@ -42,7 +41,7 @@ ENGINE_VARIANTS = [
                              direct_keys=0)),
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
-                direct_keys=128)
+                direct_keys=512)
 
 
 def main():

@@ -1,6 +1,10 @@
 """The orcd command: generate and chat on the real model (subprocesses, as a user runs them)."""
+import pathlib
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 import orcd
 
@@ -280,3 +284,31 @@ def test_chat_banner_and_cut_marker_on_stderr(real_model_path):
     assert err[0].startswith("orcd chat: Qwen2.5 Coder 0.5B Instruct") and "Q4_K_M" in err[0] and "on cpu" in err[0]
     assert "[cut at max_tokens=4]" in err and "[conversation cleared, system prompt kept]" in err
     assert "[cut" not in p.stdout and p.stdout.strip(), "stdout holds the answer only"
+
+
+def test_verify_long_prompt_ids_are_deterministic_and_exact(tmp_path):
+    """`orcd verify --prompt-tokens N`: exactly N ids of orcd's own sources, the same on every
+    call (repeated past the sources' length), ids the tokenizer decodes back to that text."""
+    from orcd.verify import long_prompt_ids
+
+    class Chars:  # a stand-in tokenizer: one id per character
+        def encode(self, text, special=False):
+            return [ord(c) for c in text]
+
+    a = long_prompt_ids(Chars(), 1000)
+    b = long_prompt_ids(Chars(), 1000)
+    assert len(a) == 1000 and a.dtype == np.int32 and (a == b).all()
+    big = long_prompt_ids(Chars(), 3_000_000)  # beyond the sources: they repeat
+    assert len(big) == 3_000_000 and (big[:1000] == a).all()
+    src = "".join(f.read_text(encoding="utf-8") for f in sorted(pathlib.Path(orcd.__file__).parent.glob("*.py")))
+    assert "".join(map(chr, a)) == src[:1000]
+    assert "".join(map(chr, big[len(src):len(src) + 50])) == src[:50]
+    with pytest.raises(ValueError, match="prompt-tokens"):
+        long_prompt_ids(Chars(), 0)
+
+
+def test_verify_rejects_negative_prompt_tokens(capsys):
+    from orcd.cli import main
+
+    assert main(["verify", "--prompt-tokens", "-5", "x.gguf"]) == 1
+    assert "--prompt-tokens must be >= 0" in capsys.readouterr().err

@@ -44,6 +44,22 @@ def test_tiny_model_matches_reference(tiny_model, wtype):
     compare_trace(eng, ref, ids)
 
 
+def test_trace_last_row_logits_only(tiny_model):
+    """trace(ids, all_logits=False) (what `orcd verify` uses for long prompts): the same hidden
+    states, and the last row's logits only, matching the reference's last row."""
+    path = tiny_model("Q8_0")
+    eng = orcd._orcd.CpuEngine(path, 64)
+    ids = [3, 14, 15, 92, 65, 35, 89, 7, 9, 31]
+    hidden, logits = eng.trace(np.asarray(ids, np.int32), False)
+    ref_hidden, ref_logits = Qwen2Reference(path).forward(ids)
+    assert logits.shape == (1, ref_logits.shape[1])
+    assert cosine(logits[0], ref_logits[-1]) >= MIN_COSINE
+    assert int(np.argmax(logits[0])) == int(np.argmax(ref_logits[-1]))
+    assert len(hidden) == len(ref_hidden)
+    for h, r in zip(hidden, ref_hidden):
+        assert h.shape == r.shape and cosine(h, r) >= MIN_COSINE
+
+
 def test_tied_output_falls_back_to_token_embd(tiny_model):
     path = tiny_model("Q8_0", tied=True)
     with orcd.GGUFFile(path) as f:

@@ -563,10 +563,11 @@ def test_fast_decode_attention_variants(tiny_model):
         "cluster 8 cuda cores": (dict(cluster_size=8, cluster_mma=False, direct_keys=0), [1, 2, 9, 17, 40, 300, 1100]),
         "cluster 8 mma": (dict(cluster_size=8, direct_keys=0), [1, 2, 9, 17, 40, 300, 1100]),
         "cluster 16 cuda cores": (dict(cluster_mma=False, direct_keys=0), [9, 300, 1024]),
-        # several clusters per KV head (the next power of two of positions / cluster_span, at most
-        # 4): attn_output merges their partials
+        # several clusters per KV head (the largest power of two up to positions / cluster_span,
+        # at most 4): attn_output merges their partials
         "multi-cluster": (dict(cluster_span=100, direct_keys=0), [1, 9, 100, 101, 150, 201, 300, 401, 700, 1100]),
-        "multi-cluster cuda cores": (dict(cluster_span=128, cluster_mma=False, cluster_size=8), [129, 300, 1100]),
+        "multi-cluster cuda cores": (dict(cluster_span=128, cluster_mma=False, cluster_size=8, direct_keys=128),
+                                     [129, 300, 1100]),
     })
 
 
@@ -694,14 +695,14 @@ def test_options_and_environment(tiny_model, monkeypatch):
     are checked (a clear ValueError naming the field, the options unchanged); a new engine
     starts from the ORCD_CUDA_* switches of the environment."""
     for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT",
-                 "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT"):
+                 "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_VRAM_LIMIT"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
     base = e.options()
     assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, batch_graphs=True,
                         resident_f16=True, sample_split=True, cluster_keys=1 << 30, split_keys=32, cluster_size=16,
-                        cluster_mma=True, cluster_span=8192, direct_keys=128), base
+                        cluster_mma=True, cluster_span=8192, direct_keys=512, vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
     assert not e.paths()["graphs"]
@@ -719,6 +720,33 @@ def test_options_and_environment(tiny_model, monkeypatch):
     assert e.options() == dict(base, graphs=False, fused_prompt=False)
     assert not e.paths()["graphs"] and not e.paths()["fused_prompt"]
     e.close()
+
+
+def test_vram_limit_plans_as_a_smaller_gpu(tiny_model, monkeypatch):
+    """ORCD_CUDA_VRAM_LIMIT: the engine plans as if the GPU had that much free: the automatic
+    KV pool shrinks to what fits (never below one sequence) and the resident fp16 copy stays
+    off; the text is the same as without the limit; a value that is not a size is a clear error."""
+    for name in ("ORCD_CUDA_VRAM_LIMIT", "ORCD_CUDA_RESIDENT_F16"):
+        monkeypatch.delenv(name, raising=False)
+    path = tiny_model("Q8_0")
+    free = cu.CudaEngine(path, 4096, 64)
+    fi = free.info()
+    assert fi["kv_pool_positions"] == 64 * 4096 and fi["vram_resident_f16"] > 0
+    toks = np.arange(1, 20, dtype=np.int32)
+    want = free.forward(0, toks, 0)
+    free.close()
+    monkeypatch.setenv("ORCD_CUDA_VRAM_LIMIT", "160MiB")  # the 64 x 4096 pool (64 MiB) does not fit beside the rest
+    small = cu.CudaEngine(path, 4096, 64)
+    si = small.info()
+    assert small.options()["vram_limit"] == 160 << 20
+    assert 4096 <= si["kv_pool_positions"] < 64 * 4096, si
+    assert si["vram_resident_f16"] == 0 and si["vram_bytes"] <= 160 << 20, si
+    np.testing.assert_allclose(small.forward(0, toks, 0), want, rtol=2e-3, atol=2e-3)
+    small.close()
+    for bad in ("lots", "4X", "0", "-1G"):
+        monkeypatch.setenv("ORCD_CUDA_VRAM_LIMIT", bad)
+        with pytest.raises(ValueError, match="ORCD_CUDA_VRAM_LIMIT"):
+            cu.CudaEngine(path, 64, 1)
 
 
 def test_profile_decode(tiny_model):

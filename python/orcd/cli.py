@@ -120,6 +120,8 @@ def cmd_chat(a) -> int:
 def cmd_verify(a) -> int:
     from .verify import run
 
+    if a.prompt_tokens < 0:
+        raise ValueError(f"--prompt-tokens must be >= 0, got {a.prompt_tokens}")
     a.model = _model_from_args(a, "model_pos")
     return run(a)
 
@@ -195,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a GGUF file or a known model name (as -m)")
     _add_model_arg(s)
     s.add_argument("--prompt", action="append", default=None, help="a prompt to run (repeatable)")
+    s.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
+                   help="also a long prompt of exactly N tokens (orcd's own sources), e.g. 16384")
     s.add_argument("--tolerance", type=float, default=0.999, help="minimum cosine per layer")
     s.set_defaults(fn=cmd_verify)
 

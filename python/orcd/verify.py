@@ -4,6 +4,12 @@ For each prompt, both engines trace the same token ids (hidden state after
 the embedding and after every layer, then the logits); the table shows the
 cosine and max |difference| per layer and where they first diverge beyond
 the tolerance. Exit code 1 on divergence or argmax mismatch.
+
+`--prompt-tokens N` adds a long prompt of exactly N tokens (orcd's own Python
+sources, repeated as needed): the prompt path's chunks, long-cache attention and
+RoPE at large positions, compared at every position of every layer. Prompts longer
+than LAST_ROW_ONLY tokens compare the last row's logits only (all rows' logits of a
+16k prompt would be 10 GB per engine).
 """
 from __future__ import annotations
 
@@ -15,6 +21,21 @@ DEFAULT_PROMPTS = [
     "<|im_start|>user\nWrite a haiku about GPU computing<|im_end|>\n<|im_start|>assistant\n",
     "def quicksort(arr):",
 ]
+
+
+LAST_ROW_ONLY = 2048
+
+
+def long_prompt_ids(tok, n: int) -> np.ndarray:
+    """n token ids of orcd's own Python sources (this package's files in name order,
+    repeated as needed): the same ids on every machine with the same orcd."""
+    import pathlib
+    if n < 1:
+        raise ValueError(f"--prompt-tokens must be >= 1, got {n}")
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(pathlib.Path(__file__).parent.glob("*.py")))
+    ids = np.asarray(tok.encode(text, special=False), np.int32)
+    reps = -(-n // len(ids))
+    return np.tile(ids, reps)[:n]
 
 
 def _cos(a, b) -> float:
@@ -54,16 +75,19 @@ def run(a) -> int:
     path = resolve_model(a.model)
     with GGUFFile(path) as f:
         tok = Tokenizer.from_metadata(f.metadata)
-    prompts = a.prompt or DEFAULT_PROMPTS
-    n_ctx = max(64, max(len(tok.encode(p, special=True)) for p in prompts) + 1)
+    texts = a.prompt or ([] if a.prompt_tokens else DEFAULT_PROMPTS)
+    runs = [(repr(p), np.asarray(tok.encode(p, special=True), np.int32)) for p in texts]
+    if a.prompt_tokens:
+        runs.append((f"<{a.prompt_tokens} tokens of orcd's sources>", long_prompt_ids(tok, a.prompt_tokens)))
+    n_ctx = max(64, max(len(ids) for _, ids in runs) + 1)
     cpu = _orcd.CpuEngine(path, n_ctx)
     gpu = cuda_module().CudaEngine(path, n_ctx, 1)
     failed = False
     worst = 1.0
-    for p in prompts:
-        ids = np.asarray(tok.encode(p, special=True), np.int32)
-        rows, first_bad, argmax_ok = compare(cpu.trace(ids), gpu.trace(ids), a.tolerance)
-        print(f"prompt: {p!r} ({len(ids)} tokens)")
+    for name, ids in runs:
+        all_logits = len(ids) <= LAST_ROW_ONLY
+        rows, first_bad, argmax_ok = compare(cpu.trace(ids, all_logits), gpu.trace(ids, all_logits), a.tolerance)
+        print(f"prompt: {name} ({len(ids)} tokens{'' if all_logits else '; logits of the last row'})")
         print(f"  {'where':<10} {'cosine':>10} {'max|diff|':>11}")
         for label, c, d, ok in rows:
             worst = min(worst, c)
