@@ -7,11 +7,13 @@
 //
 //   dec_qkv     x -> rmsnorm -> q, k, v rows (+bias) -> RoPE(q, k) -> q out, K/V into the fp16 cache
 //               (layer 0: x is the token's embedding row, written to the residual stream by block 0)
-//   dec_attn    split-K attention over the slot's cache: caches up to a length (the engine's
-//               choice, per step) as 8 splits per KV head in a thread-block cluster merging in
-//               distributed shared memory (sm_90), longer ones with up to kDecMaxSplits splits
-//               (tiles on tensor cores, fp16 hi+lo operands, when G <= 16 and head_dim is 64
-//               or 128; splits of at least 128 keys then) merged by the last block to finish
+//   dec_attn    attention over the slot's cache, in the variant the engine picks per step from
+//               the cache length (FusedDecoder::attn_variant): one block per KV head (short
+//               caches: no merge); a thread-block cluster of up to 16 splits per KV head merging
+//               in distributed shared memory (sm_90), or 2-4 such clusters whose partials the
+//               next kernel (attn_output) merges as it loads them; or up to kDecMaxSplits splits
+//               merged by the last block to finish (no clusters). Tiles on tensor cores (fp16
+//               hi+lo operands) where G <= 16 and head_dim is 64 or 128, else on CUDA cores
 //   dec_proj    RESID: x += att·Woᵀ          (no norm)
 //   dec_proj    GLU:   a = silu(h·Wgᵀ)·(h·Wuᵀ), h = rmsnorm(x)
 //   dec_proj    RESID: x += a·Wdᵀ

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
@@ -577,6 +578,70 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
     return out;
 }
 
+namespace {
+// Microseconds per launch of a CUDA graph of what `body` puts on a stream: a warm-up launch,
+// then `rounds` launches between two events (the timing entries below).
+double graph_us(const std::function<void(cudaStream_t)>& body, int rounds, const char* what) {
+    cudaStream_t s = nullptr;
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t ge = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    float ms = 0.f;
+    auto cleanup = [&] {
+        if (ge) cudaGraphExecDestroy(ge);
+        if (g) cudaGraphDestroy(g);
+        if (e0) cudaEventDestroy(e0);
+        if (e1) cudaEventDestroy(e1);
+        if (s) cudaStreamDestroy(s);
+    };
+    try {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), what);
+        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), what);
+        try {
+            body(s);
+        } catch (...) {
+            cudaStreamEndCapture(s, &g);
+            throw;
+        }
+        CUDA_CHECK(cudaStreamEndCapture(s, &g), what);
+        CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0), what);
+        CUDA_CHECK(cudaEventCreate(&e0), what);
+        CUDA_CHECK(cudaEventCreate(&e1), what);
+        CUDA_CHECK(cudaGraphLaunch(ge, s), what);  // warm-up
+        CUDA_CHECK(cudaEventRecord(e0, s), what);
+        for (int i = 0; i < rounds; ++i) CUDA_CHECK(cudaGraphLaunch(ge, s), what);
+        CUDA_CHECK(cudaEventRecord(e1, s), what);
+        CUDA_CHECK(cudaStreamSynchronize(s), what);
+        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
+    } catch (...) {
+        cleanup();
+        throw;
+    }
+    cleanup();
+    return 1000.0 * double(ms) / rounds;
+}
+
+// The shape and variant part of a dec_attn launch's arguments (the buffers are the caller's).
+struct AttnShape {
+    int n_head, n_head_kv, head_dim, max_splits, split_keys, cluster, clusters;
+    bool cluster_mma;
+};
+cu::DecAttnArgs attn_args(const AttnShape& sh) {
+    cu::DecAttnArgs a{};
+    a.kv_dim = sh.n_head_kv * sh.head_dim;
+    a.n_head = sh.n_head;
+    a.n_head_kv = sh.n_head_kv;
+    a.head_dim = sh.head_dim;
+    a.scale = 1.0f / std::sqrt(float(sh.head_dim));
+    a.max_splits = sh.max_splits;
+    a.split_keys = sh.split_keys;
+    a.cluster = sh.cluster;
+    a.clusters = sh.clusters;
+    a.cluster_mma = sh.cluster_mma ? 1 : 0;
+    return a;
+}
+}  // namespace
+
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
                                                            int n_kv, int n_head_kv, int head_dim, int cluster,
                                                            int max_splits, int split_keys, bool cluster_mma,
@@ -614,21 +679,11 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
     CUDA_CHECK(cudaMemset(counter.p, 0, counter.n * sizeof(unsigned)), what);
     const cu::DecState hs{0, pos, slot, 0};
     DBuf<cu::DecState> st(&hs, 1, what);
-    cu::DecAttnArgs a{};
+    cu::DecAttnArgs a = attn_args({n_head, n_head_kv, head_dim, max_splits, split_keys, cluster, clusters, cluster_mma});
     a.q = dq.p;
     a.kc = c.k.p;
     a.vc = c.v.p;
     a.slot_off = c.off.p;
-    a.kv_dim = kd;
-    a.n_head = n_head;
-    a.n_head_kv = n_head_kv;
-    a.head_dim = head_dim;
-    a.scale = 1.0f / std::sqrt(float(head_dim));
-    a.max_splits = max_splits;
-    a.split_keys = split_keys;
-    a.cluster = cluster;
-    a.clusters = clusters;
-    a.cluster_mma = cluster_mma ? 1 : 0;
     a.part_o = part_o.p;
     a.part_ml = part_ml.p;
     a.out = out.p;
@@ -703,21 +758,12 @@ double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int clus
         CUDA_CHECK(cudaMemset(L->k.p, 0, L->k.n * sizeof(__half)), what);
         CUDA_CHECK(cudaMemset(L->v.p, 0, L->v.n * sizeof(__half)), what);
         CUDA_CHECK(cudaMemset(L->counter.p, 0, L->counter.n * sizeof(unsigned)), what);
-        cu::DecAttnArgs a{};
+        cu::DecAttnArgs a =
+            attn_args({n_head, n_head_kv, head_dim, max_splits, split_keys, cluster, clusters, cluster_mma});
         a.q = dq.p;
         a.kc = L->k.p;
         a.vc = L->v.p;
         a.slot_off = off.p;
-        a.kv_dim = kd;
-        a.n_head = n_head;
-        a.n_head_kv = n_head_kv;
-        a.head_dim = head_dim;
-        a.scale = 1.0f / std::sqrt(float(head_dim));
-        a.max_splits = max_splits;
-        a.split_keys = split_keys;
-        a.cluster = cluster;
-        a.clusters = clusters;
-        a.cluster_mma = cluster_mma ? 1 : 0;
         a.part_o = L->part_o.p;
         a.part_ml = L->part_ml.p;
         a.out = L->out.p;
@@ -727,41 +773,12 @@ double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int clus
         ls.push_back(std::move(L));
     }
     dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim), what);
-    cudaStream_t s = nullptr;
-    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), what);
-    cudaGraph_t g = nullptr;
-    cudaGraphExec_t ge = nullptr;
-    cudaEvent_t e0 = nullptr, e1 = nullptr;
-    double us = 0;
-    try {
-        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), what);
-        for (const cu::DecAttnArgs& a : args) cu::dec_attention(a, s, false, what);
-        CUDA_CHECK(cudaStreamEndCapture(s, &g), what);
-        CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0), what);
-        CUDA_CHECK(cudaEventCreate(&e0), what);
-        CUDA_CHECK(cudaEventCreate(&e1), what);
-        CUDA_CHECK(cudaGraphLaunch(ge, s), what);  // warm-up
-        CUDA_CHECK(cudaEventRecord(e0, s), what);
-        for (int i = 0; i < iters; ++i) CUDA_CHECK(cudaGraphLaunch(ge, s), what);
-        CUDA_CHECK(cudaEventRecord(e1, s), what);
-        CUDA_CHECK(cudaStreamSynchronize(s), what);
-        float ms = 0.f;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
-        us = 1000.0 * ms / (double(iters) * layers);
-    } catch (...) {
-        if (ge) cudaGraphExecDestroy(ge);
-        if (g) cudaGraphDestroy(g);
-        if (e0) cudaEventDestroy(e0);
-        if (e1) cudaEventDestroy(e1);
-        cudaStreamDestroy(s);
-        throw;
-    }
-    cudaGraphExecDestroy(ge);
-    cudaGraphDestroy(g);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    cudaStreamDestroy(s);
-    return us;
+    const double us = graph_us(
+        [&](cudaStream_t st) {
+            for (const cu::DecAttnArgs& a : args) cu::dec_attention(a, st, false, what);
+        },
+        iters, what);
+    return us / layers;
 }
 
 std::vector<float> dec_proj(int mode, const HostWeight& w0, const HostWeight* w1, const float* act,
@@ -871,41 +888,15 @@ double sample_rows_time(const float* logits, int n_rows, int n_vocab, const std:
     check_sample_args(n_rows, n_vocab, params, states, histories);
     if (iters < 1) throw Error("sample_rows_time: iters must be >= 1");
     SampleSetup d(logits, n_rows, n_vocab, params, states, histories);
-    cudaStream_t s = nullptr;
-    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), what);
-    cudaGraph_t g = nullptr;
-    cudaGraphExec_t ge = nullptr;
-    cudaEvent_t e0 = nullptr, e1 = nullptr;
-    float ms = 0.f;
-    auto cleanup = [&] {
-        if (ge) cudaGraphExecDestroy(ge);
-        if (g) cudaGraphDestroy(g);
-        if (e0) cudaEventDestroy(e0);
-        if (e1) cudaEventDestroy(e1);
-        cudaStreamDestroy(s);
-    };
-    try {
-        // as the engine launches it: the host rows pick the kernels
-        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), what);
-        for (int i = 0; i < iters; ++i)
-            cu::launch_sample_rows(d.logits.p, n_rows, n_vocab, d.d_rows->p, d.tok.p, d.state.p, s, d.work.p,
-                                   d.rows.data(), split);
-        CUDA_CHECK(cudaStreamEndCapture(s, &g), what);
-        CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0), what);
-        CUDA_CHECK(cudaEventCreate(&e0), what);
-        CUDA_CHECK(cudaEventCreate(&e1), what);
-        CUDA_CHECK(cudaGraphLaunch(ge, s), what);  // warm-up
-        CUDA_CHECK(cudaEventRecord(e0, s), what);
-        CUDA_CHECK(cudaGraphLaunch(ge, s), what);
-        CUDA_CHECK(cudaEventRecord(e1, s), what);
-        CUDA_CHECK(cudaStreamSynchronize(s), what);
-        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
-    } catch (...) {
-        cleanup();
-        throw;
-    }
-    cleanup();
-    return 1000.0 * ms / iters;
+    // as the engine launches it: the host rows pick the kernels
+    const double us = graph_us(
+        [&](cudaStream_t st) {
+            for (int i = 0; i < iters; ++i)
+                cu::launch_sample_rows(d.logits.p, n_rows, n_vocab, d.d_rows->p, d.tok.p, d.state.p, st, d.work.p,
+                                       d.rows.data(), split);
+        },
+        1, what);
+    return us / iters;
 }
 
 }  // namespace cuda_test

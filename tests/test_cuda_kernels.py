@@ -831,3 +831,19 @@ def test_dec_proj_rejects_bad_modes():
         cu.dec_proj(0, 8, w, 32, 8, x)  # RESID without y
     with pytest.raises(ValueError, match="rows_per_block"):
         cu.dec_proj(0, 8, w, 32, 8, x, y=np.zeros(8, np.float32), rows_per_block=65)
+
+
+def test_timing_entries():
+    """dec_attn_time and sample_rows_time (scripts/gpu_attn_sweep.py): each variant runs and
+    gives a positive time; a bad variant is a clear error, not a launch failure."""
+    for kw in (dict(cluster=0), dict(cluster=8, cluster_mma=True, clusters=2)):
+        if kw["cluster"] and not _has_cc90():
+            continue
+        us = cu.dec_attn_time(14, 2, 64, 300, layers=2, iters=2, **kw)
+        assert 0 < us < 1e5, (kw, us)
+    with pytest.raises(ValueError, match="cluster"):
+        cu.dec_attn_time(14, 2, 64, 300, cluster=17)
+    logits = np.random.default_rng(0).standard_normal((2, 5000)).astype(np.float32)
+    hist = [np.array([1, 2, 3], np.int32)] * 2
+    us = cu.sample_rows_time(logits, [(0.7, 40, 0.95, 0.05, 1.0, 0.0, 0.0, 64)] * 2, hist, True, 3)
+    assert 0 < us < 1e5
