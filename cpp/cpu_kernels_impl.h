@@ -41,18 +41,20 @@
 // Row kernels (every path, any m): one weight row against a tile of up to 4
 //   activation rows; the weight block is unpacked once per tile, the int32
 //   sums run along the row in 8 lanes and are reduced at the end of the row.
-// Packed tiles (AVX512-VNNI builds, quantized types, m >= 16): 16 weight rows
-//   are unpacked once to int16 and transposed so one zmm holds one input pair
-//   of all 16 rows; the micro-kernel broadcasts activation pairs into
-//   vpdpwssd for 8 activation rows at a time (lanes = output rows; ~3x the
-//   throughput of the row kernels). Same integers, float sums per 32 inputs.
+// Packed tiles (the SIMD variants, quantized types, m >= 16): 16 weight rows
+//   are unpacked once to int16 and transposed so one zmm (two ymm) holds one
+//   input pair of all 16 rows; the micro-kernel broadcasts activation pairs
+//   into vpdpwssd for 8 activation rows at a time (AVX2: vpmaddwd + vpaddd,
+//   8 output rows by 6 activation rows at a time, within its 16 registers;
+//   lanes = output rows, several times the throughput of the row kernels).
+//   Same integers, the same float sums per 32 inputs in both variants.
 //
 // Code paths (one variant per ORCD_CPU_ISA, picked at run time by CPUID or
 // ORCD_CPU_KERNEL: matmul.cpp)
 // ----------
 // ORCD_MM_VNNI, "avx512" (AVX512F/BW/VL + AVX512-VNNI): vpdpwssd and mask registers;
 //   256-bit vectors in the row kernels, 512-bit in the packed micro-kernel.
-// ORCD_MM_AVX2, "avx2" (AVX2 + FMA + F16C): vpmaddwd + vpaddd, row kernels only.
+// ORCD_MM_AVX2, "avx2" (AVX2 + FMA + F16C): vpmaddwd + vpaddd; 256-bit packed micro-kernel.
 // "scalar": portable C++ (baseline x86-64 or any other CPU) with the same activation quantization and the same
 //   integer block sums; only the float summation order differs.
 //
@@ -636,7 +638,7 @@ void v_q6k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
     for (int i = 0; i < MR; ++i) out[i] = hsum(acc[i]);
 }
 
-#if ORCD_MM_VNNI
+#if ORCD_MM_AVX2
 // ---------------------------------------------------------------- packed GEMM
 // For m >= kPackMinRows: a tile of kNT = 16 weight rows is unpacked once to
 // signed int16 codes (exactly the codes the row kernels use: q, q*sc or
@@ -650,7 +652,11 @@ void v_q6k(const uint8_t* w, const Act& a, int64_t i0, float* out) {
 // scaled in float: y += sum * dx * d_w (per-row scale vector), and for
 // Q4_K/Q5_K y -= (dmin*m_s) * (dx*sum_s(qx)).
 constexpr int kNT = 16;          // weight rows per packed tile
+#if ORCD_MM_VNNI
 constexpr int kPMR = 8;          // activation rows per micro-kernel call
+#else
+constexpr int kPMR = 6;          // (AVX2: 6 int + 6 float accumulators, a weight vector, a broadcast)
+#endif
 constexpr int64_t kPackMinRows = 16;
 
 struct Packed {
@@ -719,6 +725,7 @@ struct Unpack<T_Q6_K> {
     }
 };
 
+#if ORCD_MM_VNNI
 // In-register transpose of a 16x16 matrix of 32-bit elements.
 inline void transpose16(__m512i r[16]) {
     __m512i t[16], u[16];
@@ -743,6 +750,8 @@ inline void transpose16(__m512i r[16]) {
     }
 }
 
+#endif  // ORCD_MM_VNNI
+
 // Packs rows [r0, r0+nr) (nr <= 16; missing rows are zero) into P.
 // tmp: 16 * UE int16, 64-byte aligned.
 template <uint32_t T>
@@ -762,11 +771,18 @@ void pack_tile(const WeightView& w, int64_t r0, int nr, Packed& P, int16_t* tmp)
         }
         for (int gi = 0; gi < GU; ++gi) {
             const int64_t g = u * GU + gi;
+            int32_t* Wg = P.W + g * 256;
+#if ORCD_MM_VNNI
             __m512i rows[16];
             for (int r = 0; r < kNT; ++r) rows[r] = _mm512_load_si512(tmp + r * U::UE + 32 * gi);
             transpose16(rows);
-            int32_t* Wg = P.W + g * 256;
             for (int j = 0; j < 16; ++j) _mm512_store_si512(Wg + 16 * j, rows[j]);
+#else  // pair j of row r to Wg[16 j + r] (once per 16 rows: the micro-kernel's cost dwarfs it)
+            for (int r = 0; r < kNT; ++r) {
+                const int32_t* src = reinterpret_cast<const int32_t*>(tmp + r * U::UE + 32 * gi);
+                for (int j = 0; j < 16; ++j) Wg[16 * j + r] = src[j];
+            }
+#endif
             for (int r = 0; r < kNT; ++r) {
                 P.S[g * 16 + r] = sc[r][gi];
                 if (P.M) P.M[g * 16 + r] = mc[r][gi];
@@ -776,6 +792,7 @@ void pack_tile(const WeightView& w, int64_t r0, int nr, Packed& P, int16_t* tmp)
 }
 
 // y[(i0+i)*ldy + c] for c < nr, i < MR: one packed tile against MR act rows.
+#if ORCD_MM_VNNI
 template <int MR, bool MINS>
 void packed_kernel(const Packed& P, const Act& a, int64_t i0, int gshift, float* y, int64_t ldy, int nr) {
     const int16_t* xq[MR];
@@ -812,18 +829,79 @@ void packed_kernel(const Packed& P, const Act& a, int64_t i0, int gshift, float*
     const __mmask16 k = (__mmask16)((1u << nr) - 1);
     for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + (i0 + i) * ldy, k, facc[i]);
 }
+#else
+// AVX2: each half of the tile (rows 8h .. 8h+7) in turn, the same integer sums and the same
+// float operations per group as the vpdpwssd kernel, so the two variants agree bit for bit.
+template <int MR, bool MINS>
+void packed_kernel(const Packed& P, const Act& a, int64_t i0, int gshift, float* y, int64_t ldy, int nr) {
+    const int16_t* xq[MR];
+    const float* xd[MR];
+    const float* xs[MR];
+    for (int i = 0; i < MR; ++i) {
+        xq[i] = a.q(i0 + i);
+        xd[i] = a.d(i0 + i);
+        xs[i] = MINS ? a.s(i0 + i) : nullptr;
+    }
+    for (int h = 0; h < 2 && 8 * h < nr; ++h) {
+        __m256 facc[MR];
+        for (int i = 0; i < MR; ++i) facc[i] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < P.G; ++g) {
+            __m256i ia[MR];
+            for (int i = 0; i < MR; ++i) ia[i] = _mm256_setzero_si256();
+            const int32_t* Wg = P.W + g * 256 + 8 * h;
+            // unrolled by 4: rolled, GCC copied every accumulator each pair (vpaddd does not
+            // accumulate in place as vpdpwssd does); unrolled by 16 it hoisted all 96 products
+            // and spilled them (m=256 Q5_0 896x4864: 63 / 51 / 38 ms rolled / by 16 / by 4)
+#if defined(__clang__)
+#pragma unroll 4
+#else
+#pragma GCC unroll 4
+#endif
+            for (int j = 0; j < 16; ++j) {
+                const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(Wg + 16 * j));
+                for (int i = 0; i < MR; ++i) {
+                    int32_t pair;
+                    std::memcpy(&pair, xq[i] + 32 * g + 2 * j, 4);
+                    ia[i] = _mm256_add_epi32(ia[i], _mm256_madd_epi16(wv, _mm256_set1_epi32(pair)));
+                }
+            }
+            const __m256 sv = _mm256_load_ps(P.S + 16 * g + 8 * h);
+            for (int i = 0; i < MR; ++i)
+                facc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ia[i]), _mm256_set1_ps(xd[i][g >> gshift])),
+                                          sv, facc[i]);
+            if constexpr (MINS) {
+                const __m256 mv = _mm256_load_ps(P.M + 16 * g + 8 * h);
+                for (int i = 0; i < MR; ++i) facc[i] = _mm256_fnmadd_ps(mv, _mm256_set1_ps(xs[i][g]), facc[i]);
+            }
+        }
+        const int n = std::min(8, nr - 8 * h);
+        if (n == 8) {
+            for (int i = 0; i < MR; ++i) _mm256_storeu_ps(y + (i0 + i) * ldy + 8 * h, facc[i]);
+        } else {
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+            for (int i = 0; i < MR; ++i) _mm256_maskstore_ps(y + (i0 + i) * ldy + 8 * h, k, facc[i]);
+        }
+    }
+}
+#endif
 
 using PackFn = void (*)(const WeightView& w, int64_t r0, int nr, Packed& P, int16_t* tmp);
 using PKernFn = void (*)(const Packed& P, const Act& a, int64_t i0, int gshift, float* y, int64_t ldy, int nr);
 
 template <bool MINS>
 PKernFn packed_kernel_for(int mr) {
+#if ORCD_MM_VNNI
     static const PKernFn t[kPMR] = {packed_kernel<1, MINS>, packed_kernel<2, MINS>, packed_kernel<3, MINS>,
                                     packed_kernel<4, MINS>, packed_kernel<5, MINS>, packed_kernel<6, MINS>,
                                     packed_kernel<7, MINS>, packed_kernel<8, MINS>};
+#else
+    static const PKernFn t[kPMR] = {packed_kernel<1, MINS>, packed_kernel<2, MINS>, packed_kernel<3, MINS>,
+                                    packed_kernel<4, MINS>, packed_kernel<5, MINS>, packed_kernel<6, MINS>};
+#endif
     return t[mr - 1];
 }
-#endif  // ORCD_MM_VNNI
+#endif  // ORCD_MM_AVX2
 
 // Float weights, 8 at a time; out[i*NR + j].
 template <uint32_t T>
@@ -886,7 +964,7 @@ struct Kernel {
     Kind kind = Kind::Fallback;
     QFn q[kMR] = {};    // Q32/QK: [MR-1]
     FFn f[kMR][2] = {}; // Float/Fallback: [MR-1][NR-1]
-#if ORCD_MM_VNNI
+#if ORCD_MM_AVX2
     PackFn pack = nullptr;  // packed GEMM for m >= kPackMinRows (Q32/QK, SIMD only)
     bool mins = false;      // Q4_K/Q5_K: packed tiles carry mins coefficients
 #endif
@@ -927,9 +1005,7 @@ Kernel make_kernel() {
         if (!Scalar) {
             QFn t[kMR] = {v_q32<T, 1>, v_q32<T, 2>, v_q32<T, 3>, v_q32<T, 4>};
             std::memcpy(k.q, t, sizeof(t));
-#if ORCD_MM_VNNI
             k.pack = pack_tile<T>;
-#endif
             return k;
         }
 #endif
@@ -947,10 +1023,8 @@ Kernel make_kernel() {
                 QFn t[kMR] = {v_q45k<Q5, 1>, v_q45k<Q5, 2>, v_q45k<Q5, 3>, v_q45k<Q5, 4>};
                 std::memcpy(k.q, t, sizeof(t));
             }
-#if ORCD_MM_VNNI
             k.pack = pack_tile<T>;
             k.mins = T != T_Q6_K;
-#endif
             return k;
         }
 #endif
@@ -1008,7 +1082,7 @@ void band_quant(const Kernel& K, const WeightView& w, const Act& a, int64_t m, i
     }
 }
 
-#if ORCD_MM_VNNI
+#if ORCD_MM_AVX2
 // Rows [r0, r1) through packed tiles: a few tiles are packed (about 256 KiB,
 // L2-resident), then every activation micro-tile runs against each of them.
 void band_packed(const Kernel& K, const WeightView& w, const Act& a, int64_t m, int64_t r0, int64_t r1, float* y) {
@@ -1088,7 +1162,7 @@ void matmul(const WeightView& w, const float* x, int64_t m, float* y, ThreadPool
 
     // Output rows in chunks, handed out dynamically.
     bool packed = false;
-#if ORCD_MM_VNNI
+#if ORCD_MM_AVX2
     packed = K.pack != nullptr && m >= kPackMinRows;
 #endif
     int64_t chunk = std::max<int64_t>(2, w.n_out / ((int64_t)nt * 6));
@@ -1107,7 +1181,7 @@ void matmul(const WeightView& w, const float* x, int64_t m, float* y, ThreadPool
             switch (K.kind) {
                 case Kind::Q32:
                 case Kind::QK:
-#if ORCD_MM_VNNI
+#if ORCD_MM_AVX2
                     if (packed) {
                         band_packed(K, w, act, m, r0, r1, y);
                         break;

@@ -104,6 +104,27 @@ def test_variant_matches_scalar(use_kernel, variant, qtype):
         assert np.all(diff <= diff_bound), f"m={m}: {variant} vs scalar, worst excess {np.max(diff - diff_bound):.3g}"
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+def test_packed_tiles_agree_bitwise_across_simd_variants(use_kernel, qtype):
+    """m >= 16 takes the packed tiles in both SIMD variants (avx512: vpdpwssd over 16 output rows
+    and 8 activation rows; avx2: vpmaddwd + vpaddd over each half of 8 rows and 6 activation
+    rows): the same integer sums and the same float operations per output, so the same bits,
+    for whole and partial tiles (n_out 37 = 2 x 16 + 5, 24 = 16 + 8)."""
+    _needs("avx512")
+    rng = np.random.default_rng(11)
+    B = 256 if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K) else 32
+    n_in = 2 * 256 + (0 if B == 256 else 64)
+    for n_out in (37, 24):
+        raw, _ = make_weights(rng, qtype, n_in, n_out)
+        for m in (16, 23, 40):
+            x = make_acts(rng, m, n_in)
+            use_kernel("avx2")
+            a = _orcd.matmul(int(qtype), raw, n_in, n_out, x, 2)
+            use_kernel("avx512")
+            b = _orcd.matmul(int(qtype), raw, n_in, n_out, x, 2)
+            np.testing.assert_array_equal(a, b, err_msg=f"n_out={n_out} m={m}")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("wtype", ["F16", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K"])
 def test_engine_matches_reference_under_every_variant(tiny_model, use_kernel, variant, wtype):
