@@ -69,7 +69,7 @@ public:
     void build(const DeviceWeights& w, const DecodeBuffers& b, cudaStream_t stream);
     void release() noexcept;  // graphs and pinned buffers (the stream is idle)
 
-    // graphs / pdl / cluster_keys / split_keys of `o`; drops the captured graphs.
+    // graphs / pdl and the attention variants' fields of `o`; drops the captured graphs.
     void set_options(const CudaOptions& o);
     bool graphs_on() const { return opt_.graphs && graphs_ok_; }
     bool pdl_on() const { return opt_.pdl && pdl_ok_; }

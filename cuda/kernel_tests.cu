@@ -824,6 +824,7 @@ namespace {
 // sample_rows' inputs on the device: logits, histories, rows, outputs and the workspace.
 struct SampleSetup {
     DBuf<float> logits;
+    std::vector<int32_t> flat_hist;  // every row's history, one after another
     DBuf<int32_t> hist;
     std::vector<cu::SampleRow> rows;
     std::unique_ptr<DBuf<cu::SampleRow>> d_rows;
@@ -842,7 +843,8 @@ struct SampleSetup {
     SampleSetup(const float* host_logits, int n_rows, int n_vocab, const std::vector<SamplerParams>& params,
                 const std::vector<uint64_t>& states, const std::vector<std::vector<int32_t>>& histories)
         : logits(host_logits, size_t(n_rows) * size_t(n_vocab), "sample_rows logits"),
-          hist(flat(histories, n_vocab).data(), flat(histories, n_vocab).size(), "sample_rows history"),
+          flat_hist(flat(histories, n_vocab)),
+          hist(flat_hist.data(), flat_hist.size(), "sample_rows history"),
           tok(size_t(n_rows), "sample_rows tokens"), state(size_t(n_rows), "sample_rows states"),
           work(cu::sample_workspace_bytes(n_rows, n_vocab), "sample_rows workspace") {
         size_t off = 0;

@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--no-kernel", action="store_true", help="skip the kernel-alone and sampler timings")
     ap.add_argument("--json")
     a = ap.parse_args()
-    out = {"kernel": [], "engine": []}
+    out = {"kernel": [], "engine": [], "sampler": []}
     depths = [int(x) for x in a.depths.split(",")]
     for shape_name, (nh, nkv, hd) in [] if a.no_kernel else (("0.5B", (14, 2, 64)), ("1.5B", (12, 2, 128))):
         print(f"dec_attn_time, {shape_name} shape ({nh} heads, {nkv} KV heads, head_dim {hd}): us per launch")
@@ -80,7 +80,7 @@ def main():
         for name, p in sampler:
             for split in (True, False):
                 us = cu.sample_rows_time(logits, [p] * rows, hist, split, 50)
-                out["sampler"] = out.get("sampler", []) + [dict(rows=rows, params=name, split=split, us=us)]
+                out["sampler"].append(dict(rows=rows, params=name, split=split, us=us))
                 print(f"  rows={rows:<3} {name:<28} split={split!s:<5} {us:8.1f}")
     if a.model:
         eds = [int(x) for x in a.engine_depths.split(",")]
