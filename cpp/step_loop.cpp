@@ -290,6 +290,27 @@ void StepLoop::accept_token(Seq& s, int32_t tok, const Logprobs* lp, std::vector
     if (last) end_seq(s);
 }
 
+bool StepLoop::lone_block(Seq& s, std::vector<StepEvent>& out) {
+    const int k = std::min(lone_block_steps, s.limit - s.generated);
+    if (k < 2 || s.req.mask_fn || s.req.n_logprobs >= 0) return false;
+    DeviceSampleRow row{s.sampler.params(), s.sampler.rng_state(), s.history.data(), int(s.history.size())};
+    std::vector<int32_t> toks(static_cast<size_t>(k));
+    try {
+        if (!engine_->decode_sample_steps(s.slot, s.history.back(), s.n_done, k, row, toks.data())) return false;
+    } catch (const std::exception& e) {
+        finish_seq(s, Finish::error, e.what(), out);
+        return true;
+    }
+    // draw i was made after evaluating the token before it: each accepted draw moves n_done by one;
+    // draws after a stop (or the last allowed token) are dropped, their K/V positions unclaimed
+    for (int i = 0; i < k && !s.ended; ++i) {
+        s.n_done++;
+        accept_token(s, toks[size_t(i)], nullptr, out);
+    }
+    if (!s.ended) s.sampler.set_rng_state(row.rng_state);
+    return true;
+}
+
 void StepLoop::prompt_chunk_with_logprobs(Seq& s, int n, std::vector<StepEvent>& out) {
     const int V = engine_->desc().n_vocab;
     const int plen = int(s.req.prompt.size());
@@ -313,11 +334,13 @@ void StepLoop::prompt_chunk_with_logprobs(Seq& s, int n, std::vector<StepEvent>&
 
 void StepLoop::step() {
     std::vector<StepEvent> out;
+    bool others_wait = false;  // requests still waiting for a slot or memory after the admissions
     {
         std::lock_guard<std::mutex> lk(mu_);
         for (auto& s : running_)
             if (s->cancel_requested && !s->ended) finish_seq(*s, Finish::cancelled, "", out);
         admit_locked();
+        others_wait = !waiting_.empty();
     }
     const int V = engine_->desc().n_vocab;
     logits_.resize(size_t(V));
@@ -386,6 +409,13 @@ void StepLoop::step() {
     std::vector<Seq*> dec;
     for (auto& sp : running_)
         if (!sp->ended && sp->n_done == int(sp->history.size()) - 1 && sp->generated > 0) dec.push_back(sp.get());
+    // A sequence alone in the loop (no prompt ran this step, nobody waits) takes a block of
+    // steps from one engine call where the engine can (the CUDA engine's decode_sample_steps:
+    // each draw feeds the next step on the device), so the host's round trip is paid once a
+    // block; a request arriving meanwhile waits at most lone_block steps for its admission.
+    if (dec.size() == 1 && chunks.empty() && prompt_tokens == 0 && !others_wait && running_.size() == 1 &&
+        lone_block(*dec[0], out))
+        dec.clear();
     if (!dec.empty()) {
         const int n = int(dec.size());
         const size_t un = dec.size();

@@ -15,6 +15,9 @@
 // requests go to the engine as one forward_rows pass) -> one decode_batch ->
 // sampling -> events. A request whose prompt completes in this step samples its
 // first token from the prompt's last logits and joins the same step's decode_batch.
+// A sequence alone in the loop (nothing else running or waiting, no prompt in this step)
+// takes a block of up to lone_block_steps tokens from one engine call instead, where the
+// engine samples on its device (the same draws as that many single steps).
 //
 // Limits: a request's prompt plus generated tokens never exceed the engine's
 // n_ctx (generation ends with "length" there); at most max_waiting requests
@@ -113,6 +116,9 @@ public:
     // Prompt rows evaluated per forward for a request asking for prompt logprobs (each row's
     // logits come to the host: this bounds that buffer).
     static constexpr int prompt_logprob_rows = 32;
+    // Steps a sequence alone in the loop takes from one engine call (lone_block). Model's
+    // DEVICE_BLOCK for the same reason (python/orcd/model.py); a stop wastes at most 7 steps.
+    static constexpr int lone_block_steps = 8;
 
     // Takes the engine (it keeps its file alive) and starts the thread.
     StepLoop(std::unique_ptr<Engine> engine, int max_waiting, int prefill_chunk);
@@ -154,6 +160,10 @@ private:
     void admit_locked();
     bool reserve_kv_locked(int slot, int need, int* reuse);
     void step();
+    // Seq alone in the loop: up to lone_block_steps of its tokens from one decode_sample_steps
+    // call, accepted in order until it ends. False, having done nothing, where the engine or the
+    // request cannot (then the step's decode_batch runs it).
+    bool lone_block(Seq& s, std::vector<StepEvent>& out);
     // Samples seq's next token from logits and publishes it, or its end (stop, length,
     // or a sampling error).
     void take_token(Seq& s, const float* logits, std::vector<StepEvent>& out);

@@ -60,7 +60,7 @@ class FakeStepLoop:
     STEP_S = 0.001
     MAX_STEPS_PER_TAKE = 10000
 
-    def __init__(self, path, n_ctx, n_slots, n_threads, max_waiting, prefill_chunk):
+    def __init__(self, path, n_ctx, n_slots, n_threads, max_waiting, prefill_chunk, kv_memory=0):
         self.n_vocab = self.N_VOCAB
         self.n_slots = n_slots
         self.max_waiting = max_waiting
@@ -75,7 +75,7 @@ class FakeStepLoop:
         self.generated = 0
 
     def submit(self, rid, ids, max_tokens, stops, temperature, top_k, top_p, min_p, rep, pres, freq, last_n,
-               seed, logprobs, prompt_logprobs, mask_fn=None):
+               seed, logprobs, prompt_logprobs, mask_fn=None, reuse_prefix=True):
         with self._lock:
             if self._stop:
                 raise ValueError("the step loop is closed")

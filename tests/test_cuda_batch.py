@@ -391,6 +391,36 @@ def test_real_model_switches_give_the_same_tokens(real_model_path, tok, monkeypa
         _run(real_model_path, prompts, 24, gp, monkeypatch)
 
 
+def test_real_model_lone_request_blocks_equal_model(real_model_path, tok, monkeypatch):
+    """A request alone in the step loop takes blocks of up to 8 device-sampled steps from one
+    engine call (StepLoop::lone_block): its tokens are those of Model.generate on the GPU with
+    the same seed (Model's own blocks: the same kernels and draws), across block boundaries
+    (20 tokens after the first: blocks of 8, 8, 4), and a stop id inside a block ends it there
+    without the token."""
+    import orcd
+    from orcd.batch import BatchRunner
+    from orcd.types import SamplingParams
+    for k in ("ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_FAST_DECODE"):
+        monkeypatch.delenv(k, raising=False)
+    prompts = [[int(t) for t in tok.encode(s)] for s in ("def quicksort(xs):", "Write a limerick about caches.",
+                                                          "SELECT name FROM users WHERE")]
+    sp = SamplingParams(max_tokens=21, temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, ignore_eos=True)
+    with orcd.Model(real_model_path, device="cuda", n_ctx=512) as m:
+        want = [m.generate(p, params=sp.replace(seed=7 + i)).token_ids for i, p in enumerate(prompts)]
+    assert all(len(w) == 21 for w in want)
+    with BatchRunner(real_model_path, device="cuda", n_ctx=512, n_slots=1) as r:
+        for i, p in enumerate(prompts):  # one at a time: each alone in the loop
+            req = r.submit(p, sp.replace(seed=7 + i))
+            assert list(req) == want[i] and req.finish_reason == "length", i
+        # a stop id first met at draw 11 (inside the second block) ends the request there
+        stop = next(t for j, t in enumerate(want[0]) if j >= 11 and t not in want[0][:j])
+        at = want[0].index(stop)
+        req = r.submit(prompts[0], sp.replace(seed=7, stop_token_ids=[stop]))
+        assert list(req) == want[0][:at] and req.finish_reason == "stop"
+        st = r.stats()
+        assert st["running"] == 0 and st["generated"] == 3 * 21 + at
+
+
 def test_real_model_decode_sample_split_equals_one_block(real_model_path, tok):
     """The real vocabulary (151936 logits, 38 slices) on the user path: split on/off identical."""
     e = cu.CudaEngine(real_model_path, 256, 1)
