@@ -68,3 +68,27 @@ def test_bench_engine_counts(tiny_model, n_gen):
     res = bench_engine(e, e.info()["n_vocab"], 5, n_gen, 3)
     assert res["pp5_tok_s"]["n"] == 3 and res[f"tg{n_gen}_tok_s"]["n"] == 3
     assert res["ttft_ms"]["median"] > 0
+
+
+def test_bench_batch_cpu_json(tiny_model):
+    """`orcd bench --batch` on the CPU: every batch size measured --repeat times, the reported
+    figure is the median of those runs, and the token counts of each run are those asked for
+    (gen_tok_s = B * (n_gen - 1) / gen time, so a run's total time bounds it from below)."""
+    path = tiny_model("Q8_0")
+    p = _bench("-m", path, "--device", "cpu", "--batch", "1,3", "-p", "6", "-n", "5", "--repeat", "3",
+               "--threads", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["device"] == "cpu" and out["repeat"] == 3
+    assert [b["batch"] for b in out["batches"]] == [1, 3]
+    for b in out["batches"]:
+        assert b["n_prompt"] == 6 and b["n_gen"] == 5 and len(b["runs"]) == 3
+        for k in ("prompt_tok_s", "gen_tok_s", "total_s"):
+            vals = sorted(r[k] for r in b["runs"])
+            assert all(v > 0 for v in vals), (k, vals)
+            assert b[k] == vals[1], (k, b[k], vals)  # the median of three
+        for r in b["runs"]:
+            assert r["gen_tok_s"] >= b["batch"] * 4 / r["total_s"] * 0.999
+    c = out["chat_sampled"]
+    assert len(c["runs"]) == 3 and c["tokens"] == 5
+    assert c["decode_tok_s"] == sorted(r["decode_tok_s"] for r in c["runs"])[1]

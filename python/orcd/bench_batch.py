@@ -2,7 +2,8 @@
 (orcd.batch.BatchRunner), in llama-batched-bench's conventions, and the path a user
 calls (Model.chat with sampling).
 
-Per batch size B: B requests, each a prompt of P random token ids followed by N
+Per batch size B (one warm-up, then --repeat measured runs; the medians are reported
+beside every run's figures): B requests, each a prompt of P random token ids followed by N
 generated tokens (ignore_eos; sampled with T=0.7, top_k 40, top_p 0.95, min_p 0.05
 unless --greedy), all submitted at once into B slots.
 - prompt_tok_s: B*P / the time until every request has its first token (the prompts
@@ -12,11 +13,12 @@ unless --greedy), all submitted at once into B slots.
 - total_s: submit to the end.
 chat: Model.chat of one conversation, N tokens at the same sampling parameters,
 streamed: decode tok/s = (tokens - 1) / (last token - first token), and the time to the
-first token.
+first token; one warm-up, then --repeat conversations (each a new prompt), the median.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import numpy as np
@@ -25,7 +27,7 @@ SAMPLED = dict(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05)
 
 
 def bench_batches(path: str, device: str, batches, n_prompt: int, n_gen: int, greedy: bool = False,
-                  seed: int = 0) -> list:
+                  seed: int = 0, repeat: int = 1) -> list:
     from .batch import BatchRunner
     from .types import SamplingParams
 
@@ -56,22 +58,30 @@ def bench_batches(path: str, device: str, batches, n_prompt: int, n_gen: int, gr
                 return {"prompt_s": t_first - t0, "gen_s": t_end - t_first, "total_s": t_end - t0}
 
             once("warm-up")
-            r = once("measured")
-            out.append({"batch": B, "n_prompt": n_prompt, "n_gen": n_gen,
-                        "prompt_tok_s": B * n_prompt / r["prompt_s"],
-                        "gen_tok_s": B * (n_gen - 1) / r["gen_s"] if r["gen_s"] > 0 else None,
-                        "total_s": r["total_s"]})
+            runs = []
+            for _ in range(max(1, repeat)):
+                r = once("measured")
+                runs.append({"prompt_tok_s": B * n_prompt / r["prompt_s"],
+                             "gen_tok_s": B * (n_gen - 1) / r["gen_s"] if r["gen_s"] > 0 else None,
+                             "total_s": r["total_s"]})
+            med = {k: _median([x[k] for x in runs]) for k in ("prompt_tok_s", "gen_tok_s", "total_s")}
+            out.append({"batch": B, "n_prompt": n_prompt, "n_gen": n_gen, **med, "runs": runs})
         finally:
             runner.close()
     return out
 
 
-def bench_chat(path: str, device: str, n_gen: int, seed: int = 0) -> dict:
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def bench_chat(path: str, device: str, n_gen: int, seed: int = 0, repeat: int = 2) -> dict:
     from .model import Model
 
     with Model(path, device=device, n_ctx=n_gen + 256) as m:
         res = []
-        for i in range(3):  # the first is a warm-up; each a new prompt (no cached prefill)
+        for i in range(1 + max(1, repeat)):  # the first is a warm-up; each a new prompt (no cached prefill)
             msgs = [{"role": "user", "content": f"Write a long story about GPU number {i} that learns to paint."}]
             s = m.stream_chat(msgs, max_tokens=n_gen, ignore_eos=True, seed=seed + i, **SAMPLED)
             t0 = time.perf_counter()
@@ -81,7 +91,9 @@ def bench_chat(path: str, device: str, n_gen: int, seed: int = 0) -> dict:
             n = s.usage.completion_tokens
             res.append({"tokens": n, "ttft_ms": 1000 * (stamps[0] - t0),
                         "decode_tok_s": (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else None})
-        return {"chat_sampled": res[-1], "sampling": SAMPLED, "device": m.device}
+        runs = res[1:]
+        med = {k: _median([r[k] for r in runs]) for k in ("tokens", "ttft_ms", "decode_tok_s")}
+        return {"chat_sampled": {**med, "runs": runs}, "sampling": SAMPLED, "device": m.device}
 
 
 def run(a) -> int:
@@ -96,13 +108,14 @@ def run(a) -> int:
     n_prompt = a.n_prompt if a.n_prompt else 128
     n_gen = a.n_gen if a.n_gen else 128
     res = {"model": path, "device": device, "sampling": "greedy" if a.greedy else SAMPLED,
-           "batches": bench_batches(path, device, batches, n_prompt, n_gen, a.greedy)}
-    res.update(bench_chat(path, device, n_gen))
+           "repeat": max(1, a.repeat),
+           "batches": bench_batches(path, device, batches, n_prompt, n_gen, a.greedy, repeat=a.repeat)}
+    res.update(bench_chat(path, device, n_gen, repeat=a.repeat))
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
     print(f"model {path} on {device}, pp{n_prompt} + tg{n_gen} per sequence, "
-          f"{'greedy' if a.greedy else 'sampled ' + str(SAMPLED)}")
+          f"{'greedy' if a.greedy else 'sampled ' + str(SAMPLED)}, median of {res['repeat']} runs")
     print(f"  {'B':>5} {'prompt tok/s':>14} {'gen tok/s':>12} {'total s':>9}")
     for r in res["batches"]:
         print(f"  {r['batch']:>5} {r['prompt_tok_s']:>14.1f} {r['gen_tok_s'] or 0:>12.1f} {r['total_s']:>9.2f}")
