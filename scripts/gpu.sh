@@ -29,6 +29,8 @@
 #   lcp       wait for that build, then llama-bench (pp512/tg128, pp4096, pp16384, tg128 at depth 4096
 #             and 16384), llama-batched-bench (pp128/tg128 at 1,8,32,64,128) and llama-server under
 #             orcd bench-serve at the same client counts as `serve`
+#   lcp_serve only the llama-server part of `lcp` (the build done)
+#   (serve, lcp, lcp_serve: SERVE_BENCH_ARGS in the environment goes to every bench-serve call)
 #   smol      SmolLM2 (~/.cache/orcd/SmolLM2-135M-Instruct.Q4_1.gguf, when there): orcd bench and,
 #             with the lcp build, llama-bench on the same file
 #   vram      VRAM of an engine for 64 sequences x 4096 positions, resident fp16 copy on and off
@@ -87,18 +89,26 @@ EOF
 serve_bench() {  # tag, server command: start it, bench-serve at each client count, stop it
     local tag=$1 cmd=$2 n pid s
     s=$(date +%s)
-    (cd /tmp && setsid $cmd > "$D/serve_$tag.log" 2>&1 & echo $! > /tmp/serve_$tag.pid)
-    pid=$(cat /tmp/serve_$tag.pid)
+    # $! must be setsid's own pid (it becomes the server: a session and group leader), not a
+    # subshell's, or the group kill below misses the server and the port stays taken
+    pushd /tmp > /dev/null; setsid $cmd > "$D/serve_$tag.log" 2>&1 & pid=$!; popd > /dev/null
     until $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8090/health', timeout=2)" > /dev/null 2>&1 \
           || [ $(( $(date +%s) - s )) -gt 120 ]; do sleep 1; done
     : > "$D/serve_$tag.txt"
     for n in 1 8 32 64 128; do
         (cd /tmp && timeout 120 $PY -m orcd.cli bench-serve --url http://127.0.0.1:8090 --clients $n --requests 3 \
-            --max-tokens 128 --prompt-words 100 --json > "$D/serve_${tag}_$n.json" 2>> "$D/serve_$tag.txt")
+            --max-tokens 128 --prompt-words 100 ${SERVE_BENCH_ARGS:-} --json > "$D/serve_${tag}_$n.json" \
+            2>> "$D/serve_$tag.txt")
         echo "$n clients: $($PY -c "import json; d=json.load(open('$D/serve_${tag}_$n.json')); print(d['tok_per_s'], 'tok/s, ttft p50/p99', d['ttft_ms']['p50'], d['ttft_ms']['p99'], 'errors', d['errors'])" 2>&1)" >> "$D/serve_$tag.txt"
     done
     kill -TERM -- -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null
     sleep 3; kill -KILL -- -$pid 2>/dev/null
+    # the next server needs the port: a server that outlived its group's signals goes by name
+    # (pkill -x: the binary's name, not this script's command line, which names it too)
+    local bin=$(basename "${cmd%% *}")
+    if [ "$bin" = llama-server ]; then pkill -KILL -x llama-server 2>/dev/null; fi
+    until ! $PY -c "import socket; s=socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', 8090))" 2>/dev/null \
+          || [ $(( $(date +%s) - s )) -gt 300 ]; do sleep 1; done
     STEP_SECS=$(( $(date +%s) - s ))
     cat "$D/serve_$tag.txt" >> "$GPU_LOG"
     record serve_$tag ok "$STEP_SECS" "$(tr '\n' ';' < "$D/serve_$tag.txt" | cut -c1-300)"
@@ -224,6 +234,10 @@ for step in "${STEPS[@]}"; do
             -npp 128 -ntg 128 -npl 1,8,32,64,128
         ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print \$4, \$(NF-1)}' | tr '\n' ';')"
         serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090" ;;
+    lcp_serve)
+        needs_model lcp_serve || continue
+        [ -x /tmp/lcp/llama.cpp/build/bin/llama-server ] || { record lcp_serve skip 0 "no llama-server build"; continue; }
+        serve_bench llama "/tmp/lcp/llama.cpp/build/bin/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090" ;;
     smol)
         SM=$HOME/.cache/orcd/SmolLM2-135M-Instruct.Q4_1.gguf
         [ -f "$SM" ] || { record smol skip 0 "no $SM"; continue; }

@@ -5,8 +5,11 @@ First each client sends --warmup short requests (16 tokens; not measured: they l
 capture its kernels and graphs, as a long-running server would have). Then each client sends
 --requests streamed POST /v1/completions one after another, each with
 a prompt of --prompt-words words (different per request) and max_tokens generated with
-ignore_eos at --temperature, and stream_options.include_usage (the token count comes from
-the usage chunk when the server sends one, else from the number of text chunks).
+ignore_eos at --temperature with --top-k / --top-p / --min-p sent explicitly (default 40 / 0.95 /
+0.05, llama.cpp's defaults, which `orcd bench --batch` uses too: both servers then sample with the
+same chain instead of each its own defaults; 0 / 1 / 0 turn them off), and
+stream_options.include_usage (the token count comes from the usage chunk when the server sends
+one, else from the number of text chunks).
 
 Reported: aggregate generated tokens per second (all tokens / wall time from the first
 request sent to the last one ended), time to first token (request sent -> first text
@@ -106,7 +109,8 @@ async def _one(session, url: str, body: dict, headers: dict, timeout: float) -> 
 
 async def bench(url: str, clients: int = 1, requests: int = 1, max_tokens: int = 128, prompt_words: int = 100,
                 temperature: float = 0.7, model: Optional[str] = None, api_key: Optional[str] = None,
-                timeout: float = 600.0, warmup: int = 1) -> dict:
+                timeout: float = 600.0, warmup: int = 1, top_k: int = 40, top_p: float = 0.95,
+                min_p: float = 0.05) -> dict:
     import aiohttp
 
     url = url.rstrip("/")
@@ -124,7 +128,8 @@ async def bench(url: str, clients: int = 1, requests: int = 1, max_tokens: int =
 
         def body(c: int, k, n_tokens: int) -> dict:
             return {"model": model, "prompt": make_prompt(prompt_words, f"{c}-{k}"), "max_tokens": n_tokens,
-                    "temperature": temperature, "stream": True, "ignore_eos": True,
+                    "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                    "stream": True, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
 
         async def client(c: int) -> List[dict]:
@@ -144,6 +149,7 @@ async def bench(url: str, clients: int = 1, requests: int = 1, max_tokens: int =
         "url": url, "model": model, "clients": clients, "requests_per_client": requests,
         "warmup_requests": len(warm_results), "warmup_errors": sum(1 for r in warm_results if "error" in r),
         "max_tokens": max_tokens, "prompt_words": prompt_words, "temperature": temperature,
+        "top_k": top_k, "top_p": top_p, "min_p": min_p,
         "requests": len(results), "completed": len(ok), "errors": len(errors), "error_samples": errors[:3],
         "wall_s": round(wall, 3), "generated_tokens": tokens,
         "tok_per_s": round(tokens / wall, 2) if wall > 0 else None,
@@ -157,7 +163,8 @@ def format_text(r: dict) -> str:
     lines = [
         f"{r['url']}  model {r['model']}",
         f"{r['clients']} clients x {r['requests_per_client']} requests, {r['prompt_words']}-word prompts, "
-        f"{r['max_tokens']} tokens each (ignore_eos, T={r['temperature']:g})",
+        f"{r['max_tokens']} tokens each (ignore_eos, T={r['temperature']:g}, top_k {r['top_k']}, "
+        f"top_p {r['top_p']:g}, min_p {r['min_p']:g})",
         f"completed {r['completed']}/{r['requests']}, errors {r['errors']} "
         f"(after {r['warmup_requests']} warm-up requests, {r['warmup_errors']} errors)",
         f"generated {r['generated_tokens']} tokens in {r['wall_s']:.2f} s: {r['tok_per_s']} tok/s aggregate",
@@ -177,7 +184,8 @@ def run(a) -> int:
     if warmup < 0:
         raise ValueError(f"--warmup must be >= 0 (got {warmup})")
     r = asyncio.run(bench(a.url, a.clients, a.requests, a.max_tokens, a.prompt_words, a.temperature,
-                          a.model, a.api_key, a.timeout, warmup))
+                          a.model, a.api_key, a.timeout, warmup, getattr(a, "top_k", 40),
+                          getattr(a, "top_p", 0.95), getattr(a, "min_p", 0.05)))
     print(json.dumps(r, indent=2) if a.json else format_text(r))
     sys.stdout.flush()
     return 0 if r["completed"] else 1
