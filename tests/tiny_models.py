@@ -612,7 +612,7 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
     gpt-oss: Q/K/V and output biases, attn_sinks ([n_head], nonzero), post_attention_norm
     (the pre-FFN norm), a router ffn_gate_inp (F32, with bias) and n_expert experts of n_ff
     (expert_feed_forward_length) as 3-D ffn_{gate,up,down}_exps in weight_type with F32 biases;
-    sliding_window is required (pattern 2 unless window_pattern); rope_scaling: the
+    sliding_window (4 when 0; pattern 2 unless window_pattern); rope_scaling: the
     rope.scaling.* keys (default yarn, factor 32, original_context_length 64, which bites at
     a few positions of a head_dim-16 model; {} writes none). gate_std: the gate/up weights'
     std times sqrt(n_embd) (3: some activations pass swiglu_oai's limit 7). drop_tensors:
@@ -632,7 +632,7 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
         raise ValueError("only gemma3 and gpt-oss have a head_dim apart from n_embd / n_head")
     gptoss = arch == "gpt-oss"
     if gptoss and not sliding_window:
-        raise ValueError("gpt-oss needs a sliding_window")
+        sliding_window = 4  # llama.cpp requires the key for gpt-oss; 4 bites in a 12-token prompt
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
 
     tokens, types, merges = tiny_vocab()
