@@ -37,6 +37,15 @@ inline nanobind::dict engine_info_dict(const Engine& e, const char* backend) {
     r["embd_scale"] = d.embd_scale;
     r["attn_scale"] = d.score_scale();
     r["logit_softcap"] = d.logit_softcap;
+    r["attn_out_bias"] = d.attn_out_bias;
+    r["attn_sinks"] = d.attn_sinks;
+    r["rope_scaling"] = rope_scaling_name(d.rope_scaling);
+    r["rope_factor"] = d.rope_factor;
+    r["rope_n_ctx_orig"] = d.rope_n_ctx_orig;
+    r["yarn_mscale"] = d.yarn_mscale;
+    r["n_expert"] = d.n_expert;
+    r["n_expert_used"] = d.n_expert_used;
+    r["n_ff_exp"] = d.n_ff_exp;
     nanobind::list windows, bases;
     for (const LayerDesc& L : d.layers) {
         windows.append(L.sliding_window);

@@ -14,6 +14,8 @@
 //   Q4_K (256, 144)  d@0 dmin@2 scales[12]@4 qs[128]@16
 //   Q5_K (256, 176)  d@0 dmin@2 scales[12]@4 qh[32]@16 qs[128]@48
 //   Q6_K (256, 210)  ql[128]@0 qh[64]@128 scales[16](int8)@192 d@208
+//   MXFP4 ( 32,  17) e@0 (E8M0 exponent byte) qs[16]@1   element i<16: low nibble of qs[i], else high
+//                    nibble of qs[i-16]; each nibble an E2M1 code (mxfp4_code2)
 // How the codes of each type map to elements is described where they are
 // decoded (cpp/quants.cpp for the plain dequantization).
 //
@@ -58,6 +60,7 @@ template <> struct Block<T_Q3_K> { static constexpr int elems = 256, bytes = 110
 template <> struct Block<T_Q4_K> { static constexpr int elems = 256, bytes = 144, d = 0, dmin = 2, scales = 4, qs = 16; };
 template <> struct Block<T_Q5_K> { static constexpr int elems = 256, bytes = 176, d = 0, dmin = 2, scales = 4, qh = 16, qs = 48; };
 template <> struct Block<T_Q6_K> { static constexpr int elems = 256, bytes = 210, ql = 0, qh = 128, scales = 192, d = 208; };
+template <> struct Block<T_MXFP4> { static constexpr int elems = 32, bytes = 17, e = 0, qs = 1; };
 
 // ---------------------------------------------------------------- little-endian fields
 // At any alignment; on the host the compiler turns each into one load.
@@ -153,6 +156,22 @@ ORCD_HD int q3k_scale(const uint8_t* sc, int s) {
     const int lo = (sc[s % 8] >> (4 * (s / 8))) & 0x0F;
     const int hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 0x03;
     return (lo | (hi << 4)) - 32;
+}
+
+// MXFP4 (OCP microscaling, as ggml stores it): a code c (4 bits) is an E2M1 value
+// (sign, 2 exponent bits, 1 mantissa bit: 0, .5, 1, 1.5, 2, 3, 4, 6 and their
+// negatives); ggml keeps it doubled as a small integer, mxfp4_code2(c) = 2 * value,
+// and halves the block scale instead, so every product is of integers and a power
+// of two (exact in float).
+ORCD_HD int mxfp4_code2(int c) {
+    const int mag = (c & 7) < 4 ? (c & 7) : (c & 7) == 4 ? 4 : (c & 7) == 5 ? 6 : (c & 7) == 6 ? 8 : 12;
+    return (c & 8) ? -mag : mag;
+}
+// The E8M0 exponent byte e (scale 2^(e-127)) times 1/2, as float bits: 2^(e-128).
+// e < 2 gives the subnormals 2^-128 (e = 1) and 2^-129 (e = 0); e = 255 (the spec's NaN)
+// gives 2^127, as ggml's ggml_e8m0_to_fp32_half and gguf-py do.
+ORCD_HD uint32_t e8m0_half_bits(uint8_t e) {
+    return e < 2 ? (uint32_t(0x00200000) << e) : (uint32_t(e - 1) << 23);
 }
 
 }  // namespace orcd

@@ -1,10 +1,10 @@
 // cpu_engine.cpp - the decoder forward pass on the CPU: the reference backend.
 //
-// Every family (qwen2, llama, phi3, gemma3) runs through the same run(); the
-// ModelDesc fields (model.h) choose the variant of each step: fused or separate
-// projections, biases, per-head Q/K norms, RoPE pairing and base per layer,
-// sliding-window attention, post-norms, the FFN activation, the embedding scale
-// and logit soft-capping.
+// Every family (qwen2, llama, phi3, gemma3, gpt-oss) runs through the same run();
+// the ModelDesc fields (model.h) choose the variant of each step: fused or separate
+// projections, biases, per-head Q/K norms, RoPE pairing, base and YaRN scaling,
+// sliding-window attention, attention sinks, post-norms, the FFN activation or a
+// mixture of experts, the embedding scale and logit soft-capping.
 //
 // Weights stay in the mmap in their GGUF types; matmul() (matmul.h) reads
 // the quantized blocks directly. Small vectors (norm weights, biases) are
@@ -118,7 +118,25 @@ public:
             L.gate = opt_view(s.w_gate);
             L.up = opt_view(s.w_up);
             L.gate_up = opt_view(s.w_gate_up);
-            L.down = weight_view(*s.w_down);
+            L.down = opt_view(s.w_down);
+            L.bo = opt_float(s.bo);
+            L.sinks = opt_float(s.attn_sinks);
+            if (s.router) {  // mixture of experts: one view per expert into the 3-D tensors
+                L.router = weight_view(*s.router);
+                L.router_b = opt_float(s.router_b);
+                auto views = [](const ExpertTensor& x, int n_expert) {
+                    std::vector<WeightView> v;
+                    for (int e = 0; e < n_expert; ++e)
+                        v.push_back(make_weight_view(x.w->type, x.w->data + x.offset(e), x.n_in, x.n_out));
+                    return v;
+                };
+                L.gate_e = views(s.gate_exps, d_.n_expert);
+                L.up_e = views(s.up_exps, d_.n_expert);
+                L.down_e = views(s.down_exps, d_.n_expert);
+                L.gate_b = opt_float(s.gate_exps.b);
+                L.up_b = opt_float(s.up_exps.b);
+                L.down_b = opt_float(s.down_exps.b);
+            }
             // one inv_freq table per distinct RoPE base (gemma3: local and global layers)
             L.rope = -1;
             for (size_t b = 0; b < rope_bases_.size(); ++b)
@@ -128,7 +146,11 @@ public:
                 rope_bases_.push_back(s.rope_base);
                 // inv_freq[i] = base^(-2i/head_dim), in double for accuracy.
                 inv_freqs_.emplace_back(d_.head_dim / 2);
-                cpu_ops::rope_inv_freq(d_.head_dim, (double)s.rope_base, inv_freqs_.back().data());
+                if (d_.rope_scaling == RopeScaling::Yarn)
+                    cpu_ops::rope_inv_freq_yarn(d_.head_dim, (double)s.rope_base, d_.rope_factor, d_.rope_n_ctx_orig,
+                                                d_.yarn_beta_fast, d_.yarn_beta_slow, inv_freqs_.back().data());
+                else
+                    cpu_ops::rope_inv_freq(d_.head_dim, (double)s.rope_base, inv_freqs_.back().data());
             }
         }
     }
@@ -179,8 +201,14 @@ private:
     struct Layer {
         // float copies of the small tensors (empty where the family has none)
         std::vector<float> attn_norm, bq, bk, bv, q_norm, k_norm, post_attn_norm, ffn_norm, post_ffn_norm;
+        std::vector<float> bo, sinks;                              // gpt-oss: output bias, a sink per head
         WeightView wq, wk, wv, wqkv, wo, gate, up, gate_up, down;  // views into the mmap
         int rope = 0;                                              // index into inv_freqs_
+        // mixture of experts: the router and one view per expert (no copies); biases
+        // [n_expert][n_out] as floats
+        WeightView router;
+        std::vector<float> router_b, gate_b, up_b, down_b;
+        std::vector<WeightView> gate_e, up_e, down_e;
     };
 
     // Start of K for slot s, layer l, kv head g: head_dim rows of n_ctx positions.
@@ -193,6 +221,53 @@ private:
         return (((size_t)s * d_.n_layer + l) * n_ctx_ + p) * kv_dim_;
     }
 
+    // Buffers of the mixture-of-experts FFN for a batch of n tokens (an expert sees each token at most once).
+    struct MoeScratch {
+        std::vector<float> logits, w, xe, ge, ue, de, wr;
+        std::vector<int32_t> ids, rows;
+        void resize(int n, const ModelDesc& d) {
+            logits.resize((size_t)n * d.n_expert);
+            ids.resize((size_t)n * d.n_expert_used);
+            w.resize((size_t)n * d.n_expert_used);
+            rows.resize(n);
+            wr.resize(n);
+            xe.resize((size_t)n * d.n_embd);
+            de.resize((size_t)n * d.n_embd);
+            ge.resize((size_t)n * d.n_ff_exp);
+            ue.resize((size_t)n * d.n_ff_exp);
+        }
+    };
+
+    // out = sum over the router's k experts of w_k (down_k(swiglu_oai(gate_k xn + b, up_k xn + b)) + b_down_k)
+    // for n rows xn; each expert runs once on the rows routed to it, reading its slice of the
+    // 3-D tensors in place.
+    void moe_ffn(const Layer& L, const float* xn, int n, float* out, MoeScratch& m) {
+        const int E = d_.n_embd, F = d_.n_ff_exp, X = d_.n_expert, K = d_.n_expert_used;
+        matmul(L.router, xn, n, m.logits.data(), pool_);
+        if (!L.router_b.empty()) cpu_ops::add_bias(m.logits.data(), L.router_b.data(), n, X);
+        cpu_ops::moe_route(m.logits.data(), n, X, K, m.ids.data(), m.w.data());
+        std::fill(out, out + (size_t)n * E, 0.f);
+        for (int e = 0; e < X; ++e) {
+            int rows = 0;  // the tokens that picked expert e, and their weights
+            for (int t = 0; t < n; ++t)
+                for (int j = 0; j < K; ++j)
+                    if (m.ids[(size_t)t * K + j] == e) {
+                        m.rows[rows] = t;
+                        m.wr[rows++] = m.w[(size_t)t * K + j];
+                    }
+            if (rows == 0) continue;
+            cpu_ops::gather_rows(xn, E, m.rows.data(), rows, m.xe.data());
+            matmul(L.gate_e[e], m.xe.data(), rows, m.ge.data(), pool_);
+            matmul(L.up_e[e], m.xe.data(), rows, m.ue.data(), pool_);
+            if (!L.gate_b.empty()) cpu_ops::add_bias(m.ge.data(), &L.gate_b[(size_t)e * F], rows, F);
+            if (!L.up_b.empty()) cpu_ops::add_bias(m.ue.data(), &L.up_b[(size_t)e * F], rows, F);
+            cpu_ops::swiglu_oai(m.ge.data(), m.ue.data(), (int64_t)rows * F, d_.swiglu_alpha, d_.swiglu_limit, pool_);
+            matmul(L.down_e[e], m.ge.data(), rows, m.de.data(), pool_);
+            if (!L.down_b.empty()) cpu_ops::add_bias(m.de.data(), &L.down_b[(size_t)e * E], rows, E);
+            cpu_ops::scatter_add_rows(out, E, m.rows.data(), m.wr.data(), rows, m.de.data());
+        }
+    }
+
     void run(const int32_t* tokens, const int32_t* slots, const int32_t* pos, int n, float* logits, bool all_logits,
              Trace* trace) {
         const int E = d_.n_embd, F = d_.n_ff, D = d_.head_dim, H = d_.n_head, HKV = d_.n_head_kv;
@@ -200,14 +275,21 @@ private:
         std::vector<float> x((size_t)n * E), xn((size_t)n * E), q((size_t)n * q_dim_), k((size_t)n * kv_dim_),
             v((size_t)n * kv_dim_), att((size_t)n * q_dim_), o((size_t)n * E), g((size_t)n * F), u((size_t)n * F);
         std::vector<float> fused;  // a fused projection's output before the split
+        MoeScratch moe;            // the experts' buffers (gpt-oss)
+        if (d_.n_expert > 0) moe.resize(n, d_);
         if (d_.fused_qkv || d_.fused_gate_up)
             fused.resize((size_t)n * std::max(d_.fused_qkv ? q_dim_ + 2 * kv_dim_ : 0, d_.fused_gate_up ? 2 * F : 0));
 
         // cos/sin of every token's angles per RoPE base, shared by all layers and heads.
         const size_t nb = inv_freqs_.size();
         std::vector<std::vector<float>> cs(nb, std::vector<float>((size_t)n * D / 2)), sn = cs;
-        for (size_t b = 0; b < nb; ++b)
+        for (size_t b = 0; b < nb; ++b) {
             cpu_ops::rope_tables(pos, n, inv_freqs_[b].data(), D / 2, cs[b].data(), sn[b].data());
+            if (d_.yarn_mscale != 1.f) {  // YaRN's magnitude factor on both q and k, as ggml's rope_yarn
+                cpu_ops::scale(cs[b].data(), (int64_t)cs[b].size(), d_.yarn_mscale);
+                cpu_ops::scale(sn[b].data(), (int64_t)sn[b].size(), d_.yarn_mscale);
+            }
+        }
         // the attention op scales scores by 1/sqrt(head_dim); another scale is folded into q
         // (exactly 1 when the family keeps the default: no rounding of q for qwen2/llama)
         const float q_scale = d_.attn_scale > 0 ? d_.attn_scale * std::sqrt((float)D) : 1.f;
@@ -259,29 +341,37 @@ private:
             if (q_scale != 1.f) cpu_ops::scale(q.data(), (int64_t)q.size(), q_scale);
             // the whole batch's K/V go in first: token i sees tokens 0..i of its prompt
             cpu_ops::kv_append(kv, k.data(), v.data(), n, slots, pos);
-            if (S.sliding_window > 0 && max_pos >= S.sliding_window)  // the window excludes some key
+            if (!L.sinks.empty())  // gpt-oss: every layer, windowed or not
+                cpu_ops::attention_sinks(q.data(), n, H, kv, slots, pos, S.sliding_window, L.sinks.data(), att.data(),
+                                         pool_);
+            else if (S.sliding_window > 0 && max_pos >= S.sliding_window)  // the window excludes some key
                 cpu_ops::attention_window(q.data(), n, H, kv, slots, pos, S.sliding_window, att.data(), pool_);
             else
                 cpu_ops::attention(q.data(), n, H, kv, slots, pos, att.data(), pool_);
             matmul(L.wo, att.data(), n, o.data(), pool_);
+            if (!L.bo.empty()) cpu_ops::add_bias(o.data(), L.bo.data(), n, E);
             if (!L.post_attn_norm.empty())
                 cpu_ops::rmsnorm(o.data(), L.post_attn_norm.data(), o.data(), n, E, d_.rms_eps);
             for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];
 
-            // ---- feed-forward block: down(act(gate(x)) * up(x))
+            // ---- feed-forward block: down(act(gate(x)) * up(x)), or a mixture of experts
             cpu_ops::rmsnorm(x.data(), L.ffn_norm.data(), xn.data(), n, E, d_.rms_eps);
-            if (d_.fused_gate_up) {
-                matmul(L.gate_up, xn.data(), n, fused.data(), pool_);
-                cpu_ops::split_rows(fused.data(), n, F, F, 0, g.data(), u.data(), nullptr);
+            if (d_.n_expert > 0) {
+                moe_ffn(L, xn.data(), n, o.data(), moe);
             } else {
-                matmul(L.gate, xn.data(), n, g.data(), pool_);
-                matmul(L.up, xn.data(), n, u.data(), pool_);
+                if (d_.fused_gate_up) {
+                    matmul(L.gate_up, xn.data(), n, fused.data(), pool_);
+                    cpu_ops::split_rows(fused.data(), n, F, F, 0, g.data(), u.data(), nullptr);
+                } else {
+                    matmul(L.gate, xn.data(), n, g.data(), pool_);
+                    matmul(L.up, xn.data(), n, u.data(), pool_);
+                }
+                if (d_.activation == Activation::Silu)
+                    cpu_ops::swiglu(g.data(), u.data(), (int64_t)g.size(), pool_);
+                else
+                    cpu_ops::geglu_tanh(g.data(), u.data(), (int64_t)g.size(), pool_);
+                matmul(L.down, g.data(), n, o.data(), pool_);
             }
-            if (d_.activation == Activation::Silu)
-                cpu_ops::swiglu(g.data(), u.data(), (int64_t)g.size(), pool_);
-            else
-                cpu_ops::geglu_tanh(g.data(), u.data(), (int64_t)g.size(), pool_);
-            matmul(L.down, g.data(), n, o.data(), pool_);
             if (!L.post_ffn_norm.empty())
                 cpu_ops::rmsnorm(o.data(), L.post_ffn_norm.data(), o.data(), n, E, d_.rms_eps);
             for (size_t e = 0; e < x.size(); ++e) x[e] += o[e];

@@ -29,7 +29,7 @@ static const TypeInfo kTypes[] = {
     {26, "I32", 1, 4, false},      {27, "I64", 1, 8, false},
     {28, "F64", 1, 8, false},      {29, "IQ1_M", 256, 56, false},
     decoded<T_BF16>("BF16"),       {34, "TQ1_0", 256, 54, false},
-    {35, "TQ2_0", 256, 66, false}, {39, "MXFP4", 32, 17, false},
+    {35, "TQ2_0", 256, 66, false}, decoded<T_MXFP4>("MXFP4"),
 };
 
 const TypeInfo* type_info(uint32_t id) {

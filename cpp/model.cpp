@@ -92,6 +92,18 @@ const TensorInfo* Checker::tensor(const std::string& name, int64_t ne0, int64_t 
     return t;
 }
 
+const TensorInfo* Checker::tensor3(const std::string& name, int64_t ne0, int64_t ne1, int64_t ne2) const {
+    const TensorInfo* t = f.find_tensor(name);
+    if (!t) throw Error(f.path() + ": missing tensor '" + name + "'");
+    if (t->n_dims != 3 || t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != ne2)
+        throw Error(f.path() + ": tensor '" + name + "' has shape " + t->shape_str() + ", expected [" +
+                    std::to_string(ne0) + ", " + std::to_string(ne1) + ", " + std::to_string(ne2) + "]");
+    if (!can_dequantize(t->type))
+        throw Error(f.path() + ": tensor '" + name + "' has type " + type_name(t->type) +
+                    ", which orcd cannot compute with yet");
+    return t;
+}
+
 const TensorInfo* Checker::optional(const std::string& name, int64_t ne0, int64_t ne1, bool want_f32) const {
     return f.find_tensor(name) ? tensor(name, ne0, ne1, want_f32) : nullptr;
 }
@@ -106,14 +118,23 @@ void Checker::refuse_key(const std::string& key, const std::string& why) const {
 }  // namespace family
 
 const char* rope_style_name(RopeStyle s) { return s == RopeStyle::Neox ? "neox" : "normal"; }
-const char* activation_name(Activation a) { return a == Activation::Silu ? "silu" : "gelu_tanh"; }
+const char* activation_name(Activation a) {
+    switch (a) {
+        case Activation::Silu: return "silu";
+        case Activation::GeluTanh: return "gelu_tanh";
+        case Activation::SwigluOai: return "swiglu_oai";
+    }
+    return "?";
+}
+const char* rope_scaling_name(RopeScaling s) { return s == RopeScaling::Yarn ? "yarn" : "none"; }
 
 float ModelDesc::score_scale() const { return attn_scale > 0 ? attn_scale : 1.0f / std::sqrt((float)head_dim); }
 
 bool ModelDesc::is_qwen2_shape() const {
     if (rope_style != RopeStyle::Neox || activation != Activation::Silu || !qkv_bias || fused_qkv ||
         fused_gate_up || qk_norm || post_norms || embd_scale != 1.f || attn_scale != 0.f || logit_softcap != 0.f ||
-        sliding_window || head_dim * n_head != n_embd)
+        sliding_window || head_dim * n_head != n_embd || attn_out_bias || attn_sinks ||
+        rope_scaling != RopeScaling::None || n_expert > 0)
         return false;
     for (const LayerDesc& L : layers)
         if (L.rope_base != rope_base) return false;
@@ -128,6 +149,7 @@ ModelDesc describe_model(const GGUFFile& f) {
     else if (d.arch == "llama") describe_family = family::describe_llama;
     else if (d.arch == "phi3") describe_family = family::describe_phi3;
     else if (d.arch == "gemma3") describe_family = family::describe_gemma3;
+    else if (d.arch == "gpt-oss") describe_family = family::describe_gptoss;
     else
         throw Error(f.path() + ": unsupported architecture '" + d.arch + "' (orcd supports: " +
                     family::supported_architectures() + ")");
@@ -145,9 +167,10 @@ ModelDesc describe_model(const GGUFFile& f) {
     if (d.n_head % d.n_head_kv != 0)
         throw Error(f.path() + ": head_count " + std::to_string(d.n_head) + " is not a multiple of head_count_kv " +
                     std::to_string(d.n_head_kv));
-    // Gemma 3 states its head size (key_length) apart from n_embd / n_head (640 / 4 vs 256);
-    // for the other families the keys, when present, must agree with n_embd / n_head.
-    const bool free_head_dim = d.arch == "gemma3";
+    // Gemma 3 and gpt-oss state their head size (key_length) apart from n_embd / n_head
+    // (gemma3-270m: 640 / 4 vs 256; gpt-oss-20b: 2880 / 64 vs 64); for the other families
+    // the keys, when present, must agree with n_embd / n_head.
+    const bool free_head_dim = d.arch == "gemma3" || d.arch == "gpt-oss";
     if (free_head_dim && f.find(a + "attention.key_length")) {
         d.head_dim = c.hparam(a + "attention.key_length", 2, 1024);
     } else {
@@ -172,7 +195,9 @@ ModelDesc describe_model(const GGUFFile& f) {
     }
     // Context-extension RoPE scaling (linear, yarn, ...) changes every angle: refuse it
     // rather than run the model at the wrong positions; "none" (or no key) is plain RoPE.
-    if (const Value* v = f.find(a + "rope.scaling.type")) {
+    // gpt-oss reads its YaRN keys itself (describe_gptoss) and refuses other types there.
+    const bool family_rope_scaling = d.arch == "gpt-oss";
+    if (const Value* v = family_rope_scaling ? nullptr : f.find(a + "rope.scaling.type")) {
         const std::string st = v->as_string(a + "rope.scaling.type");
         if (st != "none")
             throw Error(f.path() + ": metadata '" + a + "rope.scaling.type' = '" + st +

@@ -7,6 +7,7 @@
 //   Q2_K            y = ((d * sc) * q) - (dmin * m)
 //   Q3_K/Q6_K       y = (d * sc) * q
 //   Q4_K/Q5_K       y = ((d * sc) * q) - (dmin * m)  (mins are subtracted)
+//   MXFP4           y = d_half * q2                  (d_half a power of two, q2 = 2 * E2M1 value)
 // where each parenthesised product is rounded to float32 on its own (never
 // in fp16). With fp16 scales (11-bit significands) and the small integer
 // scales/quants of these formats every product is in fact exact in float32,
@@ -244,6 +245,20 @@ void deq_q6_k(const uint8_t* x, float* y, int64_t nb) {
     }
 }
 
+// MXFP4: 32 E2M1 codes under one E8M0 exponent (block_formats.h); element i < 16 is the
+// low nibble of qs[i], element i + 16 its high nibble.
+void deq_mxfp4(const uint8_t* x, float* y, int64_t nb) {
+    using L = Block<T_MXFP4>;
+    for (int64_t b = 0; b < nb; ++b, x += L::bytes, y += 32) {
+        const float d = bits_float(e8m0_half_bits(x[L::e]));
+        const uint8_t* qs = x + L::qs;
+        for (int i = 0; i < 16; ++i) {
+            y[i] = d * float(mxfp4_code2(qs[i] & 0x0F));
+            y[i + 16] = d * float(mxfp4_code2(qs[i] >> 4));
+        }
+    }
+}
+
 [[noreturn]] void unsupported(uint32_t type, const char* what) {
     throw Error(std::string(what) + ": cannot dequantize type " + type_name(type) + " (id " +
                 std::to_string(type) + ")");
@@ -308,6 +323,7 @@ void dequantize_row(uint32_t type, const void* src, float* dst, int64_t n) {
     case T_Q4_K: deq_q45_k<false>(x, dst, nb); break;
     case T_Q5_K: deq_q45_k<true>(x, dst, nb); break;
     case T_Q6_K: deq_q6_k(x, dst, nb); break;
+    case T_MXFP4: deq_mxfp4(x, dst, nb); break;
     default: unsupported(type, "dequantize_row");
     }
 }

@@ -67,6 +67,10 @@ std::vector<std::string> missing_cuda_features(const ModelDesc& d) {
     if (d.embd_scale != 1.f) m.push_back("embedding scale");
     if (d.attn_scale != 0.f && d.attn_scale != 1.0f / std::sqrt(float(d.head_dim))) m.push_back("attention scale");
     if (d.logit_softcap > 0) m.push_back("logit soft-capping");
+    if (d.n_expert > 0) m.push_back("mixture-of-experts FFN");
+    if (d.attn_sinks) m.push_back("attention sinks");
+    if (d.attn_out_bias) m.push_back("attention output bias");
+    if (d.rope_scaling != RopeScaling::None) m.push_back(std::string(rope_scaling_name(d.rope_scaling)) + " RoPE scaling");
     if (d.head_dim * d.n_head != d.n_embd) m.push_back("head_dim * n_head != n_embd");
     for (const LayerDesc& L : d.layers)
         if (L.rope_base != d.rope_base) {

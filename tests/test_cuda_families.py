@@ -3,8 +3,8 @@
 llama (normal RoPE pairing, no biases, tied output) runs in the generic step:
 per-layer hidden states and logits against the CPU engine (cosine >= 0.999, same
 argmax) with the fused prompt path on and off, and decode_batch; the fused
-single-sequence decoder reports itself unavailable and says why. phi3 and
-gemma3 are refused at construction with a ValueError naming the family and
+single-sequence decoder reports itself unavailable and says why. phi3, gemma3
+and gpt-oss are refused at construction with a ValueError naming the family and
 the features the CUDA engine lacks. The real SmolLM2 file, when installed,
 gives the CPU engine's greedy tokens.
 """
@@ -66,13 +66,14 @@ def test_llama_fused_decoder_says_why_it_is_off(family_model):
     assert list(gpu.decode_greedy(0, first, 3, 6)) == list(cpu.decode_greedy(0, first, 3, 6))
 
 
-@pytest.mark.parametrize("arch,feature", [("phi3", "fused attn_qkv"), ("gemma3", "per-head Q/K norms")])
+@pytest.mark.parametrize("arch,feature", [("phi3", "fused attn_qkv"), ("gemma3", "per-head Q/K norms"),
+                                          ("gpt-oss", "mixture-of-experts FFN, attention sinks")])
 def test_other_families_are_refused_by_name(family_model, arch, feature):
     with pytest.raises(ValueError, match=f"the CUDA engine does not run {arch} models yet .*{feature}"):
         cu.CudaEngine(family_model(arch, "F32"), 16, 1)
 
 
-@pytest.mark.parametrize("arch", ["phi3", "gemma3"])
+@pytest.mark.parametrize("arch", ["phi3", "gemma3", "gpt-oss"])
 def test_auto_device_falls_back_to_the_cpu_for_a_refused_family(family_model, arch, capfd):
     """device="auto" on a GPU: a family the CUDA engine refuses runs on the CPU engine (with a
     note naming why), giving the CPU's tokens; device="cuda" still refuses."""

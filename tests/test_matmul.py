@@ -27,7 +27,8 @@ orcd = pytest.importorskip("orcd")
 from orcd import _orcd  # noqa: E402
 
 INT_KERNEL = {QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K}
-GGUF_QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
+GGUF_QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
+                    QT.MXFP4]  # MXFP4 (gpt-oss experts): rows dequantized to float scratch
 K_TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 ALL_TYPES = GGUF_QUANTIZABLE + K_TYPES
 F16_FIELDS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}

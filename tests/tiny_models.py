@@ -2,7 +2,7 @@
 
     write_tiny_qwen2(path, weight_type="Q8_0")      # random weights, real metadata,
                                                     # a small valid byte-level BPE vocab
-    write_tiny_family(path, "gemma3", "Q4_K")       # the same for llama, phi3, gemma3:
+    write_tiny_family(path, "gemma3", "Q4_K")       # the same for llama, phi3, gemma3, gpt-oss:
                                                     # each family's tensors and keys as
                                                     # llama.cpp's converter names them
     write_f16_copy(src, dst)                        # every quantized tensor -> F16
@@ -48,7 +48,7 @@ _K_SCALE_OFFSETS = {
 # llama.cpp's general.file_type values (LlamaFileType) for an all-one-type model.
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8,
               "Q5_1": 9, "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17,
-              "Q6_K": 18, "BF16": 32}
+              "Q6_K": 18, "BF16": 32, "MXFP4": 38}
 
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -583,7 +583,7 @@ def write_all_types(path, seed: int = 0) -> str:
 
 # ------------------------------------------------------------------ other families
 
-FAMILIES = ("llama", "phi3", "gemma3")
+FAMILIES = ("llama", "phi3", "gemma3", "gpt-oss")
 
 
 def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = False, seed: int = 0,
@@ -596,8 +596,11 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
                       tensor_types: Optional[Mapping[str, str]] = None,
                       extra_tensors: Optional[Mapping[str, np.ndarray]] = None,
                       extra_keys: Optional[Mapping] = None,
-                      chat_template: Optional[str] = CHATML_TEMPLATE) -> str:
-    """Write a random tiny llama / phi3 / gemma3 GGUF; returns str(path).
+                      chat_template: Optional[str] = CHATML_TEMPLATE,
+                      n_expert: int = 4, n_expert_used: int = 2,
+                      rope_scaling: Optional[Mapping] = None,
+                      gate_std: float = 3.0, drop_tensors: Tuple[str, ...] = ()) -> str:
+    """Write a random tiny llama / phi3 / gemma3 / gpt-oss GGUF; returns str(path).
 
     llama: attn_q/k/v without biases. phi3: attn_qkv (rows q | k | v) and ffn_up
     holding gate | up (2*n_ff rows), no ffn_gate. gemma3: attn_q_norm / attn_k_norm
@@ -606,6 +609,14 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
     head_dim may differ from n_embd / n_head (attention.key_length); sliding_window and
     window_pattern (attention.sliding_window_pattern, written only when given) place
     the local layers. sliding_window for phi3 applies to every layer.
+    gpt-oss: Q/K/V and output biases, attn_sinks ([n_head], nonzero), post_attention_norm
+    (the pre-FFN norm), a router ffn_gate_inp (F32, with bias) and n_expert experts of n_ff
+    (expert_feed_forward_length) as 3-D ffn_{gate,up,down}_exps in weight_type with F32 biases;
+    sliding_window (4 when 0; pattern 2 unless window_pattern); rope_scaling: the
+    rope.scaling.* keys (default yarn, factor 32, original_context_length 64, which bites at
+    a few positions of a head_dim-16 model; {} writes none). gate_std: the gate/up weights'
+    std times sqrt(n_embd) (3: some activations pass swiglu_oai's limit 7). drop_tensors:
+    names left out (for refusal tests).
     """
     if arch not in FAMILIES:
         raise ValueError(f"arch must be one of {FAMILIES}, not {arch!r}")
@@ -617,8 +628,11 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
         if n_embd % n_head:
             raise ValueError("n_embd must be a multiple of n_head")
         head_dim = n_embd // n_head
-    elif arch != "gemma3" and head_dim * n_head != n_embd:
-        raise ValueError("only gemma3 has a head_dim apart from n_embd / n_head")
+    elif arch not in ("gemma3", "gpt-oss") and head_dim * n_head != n_embd:
+        raise ValueError("only gemma3 and gpt-oss have a head_dim apart from n_embd / n_head")
+    gptoss = arch == "gpt-oss"
+    if gptoss and not sliding_window:
+        sliding_window = 4  # llama.cpp requires the key for gpt-oss; 4 bites in a 12-token prompt
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
 
     tokens, types, merges = tiny_vocab()
@@ -639,9 +653,23 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
     w.add_rope_freq_base(float(rope_base))
     w.add_layer_norm_rms_eps(float(rms_eps))
     w.add_rope_dimension_count(head_dim)
-    if arch == "gemma3":
+    if arch in ("gemma3", "gpt-oss"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if gptoss:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        w.add_expert_feed_forward_length(n_ff)
+        rs = {"type": "yarn", "factor": 32.0, "original_context_length": 64} if rope_scaling is None \
+            else dict(rope_scaling)
+        for k, v in rs.items():
+            key = f"{arch}.rope.scaling.{k}"
+            if isinstance(v, str):
+                w.add_string(key, v)
+            elif isinstance(v, int):
+                w.add_uint32(key, v)
+            else:
+                w.add_float32(key, float(v))
     if sliding_window:
         w.add_sliding_window(int(sliding_window))
     if window_pattern is not None:
@@ -662,7 +690,7 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
         w.add_file_type(_FILE_TYPE[weight_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm" if arch == "llama" else "gpt2")
+    w.add_tokenizer_pre({"llama": "smollm", "gpt-oss": "gpt-4o"}.get(arch, "gpt2"))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -680,18 +708,48 @@ def write_tiny_family(path, arch: str, weight_type: str = "F32", tied: bool = Fa
                 return v
         return weight_type
 
-    def mat(tname: str, n_out: int, n_in: int, std: float):
-        arr, raw = _encode_matrix(rng, type_for(tname), n_out, n_in, std)
+    def mat(tname: str, n_out: int, n_in: int, std: float, wtype: Optional[str] = None):
+        if tname in drop_tensors:
+            return
+        arr, raw = _encode_matrix(rng, wtype or type_for(tname), n_out, n_in, std)
         w.add_tensor(tname, arr, raw_dtype=raw)
 
     def vec(tname: str, n: int, mean: float, std: float):
+        if tname in drop_tensors:
+            return
         w.add_tensor(tname, (mean + rng.standard_normal(n) * std).astype(np.float32))
+
+    def experts(tname: str, n_out: int, n_in: int, std: float):
+        """One 3-D [n_in, n_out, n_expert] tensor: the experts' matrices stacked."""
+        parts = [_encode_matrix(rng, type_for(tname), n_out, n_in, std) for _ in range(n_expert)]
+        w.add_tensor(tname, np.stack([a for a, _ in parts]), raw_dtype=parts[0][1])
+
+    def bias2(tname: str, n: int, std: float):
+        """An expert bias [n, n_expert]: a row per expert."""
+        w.add_tensor(tname, (rng.standard_normal((n_expert, n)) * std).astype(np.float32))
 
     emb_std = 2.0 / np.sqrt(n_embd)
     if arch == "gemma3":
         emb_std /= np.sqrt(n_embd)  # the engine multiplies the rows by sqrt(n_embd)
     mat("token_embd.weight", rows, n_embd, emb_std)
-    for il in range(n_layer):
+    for il in range(n_layer if gptoss else 0):
+        p = f"blk.{il}."
+        vec(p + "attn_norm.weight", n_embd, 1.0, 0.1)
+        for nm, n_out in (("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+            mat(p + nm + ".weight", n_out, n_embd, 1 / np.sqrt(n_embd))
+            vec(p + nm + ".bias", n_out, 0.0, 0.2)
+        mat(p + "attn_output.weight", n_embd, q_dim, 1 / np.sqrt(q_dim))
+        vec(p + "attn_output.bias", n_embd, 0.0, 0.2)
+        vec(p + "attn_sinks.weight", n_head, 0.0, 1.0)
+        vec(p + "post_attention_norm.weight", n_embd, 1.0, 0.1)
+        mat(p + "ffn_gate_inp.weight", n_expert, n_embd, 2 / np.sqrt(n_embd), wtype="F32")
+        vec(p + "ffn_gate_inp.bias", n_expert, 0.0, 0.5)
+        for nm in ("ffn_gate_exps", "ffn_up_exps"):
+            experts(p + nm + ".weight", n_ff, n_embd, gate_std / np.sqrt(n_embd))
+            bias2(p + nm + ".bias", n_ff, 0.2)
+        experts(p + "ffn_down_exps.weight", n_embd, n_ff, 0.5 / np.sqrt(n_ff))
+        bias2(p + "ffn_down_exps.bias", n_embd, 0.2)
+    for il in range(0 if gptoss else n_layer):
         p = f"blk.{il}."
         vec(p + "attn_norm.weight", n_embd, 1.0, 0.1)
         if arch == "phi3":

@@ -13,7 +13,7 @@
 namespace orcd {
 namespace family {
 
-const char* supported_architectures() { return "qwen2, llama, phi3, gemma3"; }
+const char* supported_architectures() { return "qwen2, llama, phi3, gemma3, gpt-oss"; }
 
 namespace {
 std::string blk(int l) { return "blk." + std::to_string(l) + "."; }
@@ -150,6 +150,101 @@ void describe_gemma3(const Checker& c, ModelDesc& d) {
         L.sliding_window = global ? 0 : window;
         L.rope_base = global ? d.rope_base : local_base;
         if (L.sliding_window) d.sliding_window = true;
+    }
+}
+
+namespace {
+// One expert tensor (3-D) and its bias (2-D, one row per expert), both checked.
+ExpertTensor experts(const Checker& c, const std::string& name, int64_t n_in, int64_t n_out, int n_expert) {
+    ExpertTensor x;
+    x.w = c.tensor3(name + ".weight", n_in, n_out, n_expert);
+    x.b = c.tensor(name + ".bias", n_out, n_expert, true);
+    x.n_in = n_in;
+    x.n_out = n_out;
+    x.expert_bytes = size_t(n_out) * x.w->row_bytes();
+    return x;
+}
+
+// YaRN RoPE scaling of gpt-oss (rope.scaling.*), as llama.cpp reads it: the type must be
+// yarn (or none); factor, original_context_length (default: context_length), the ramp's
+// yarn_beta_fast / yarn_beta_slow (32 / 1) and attn_factor (1) come from the file.
+void gptoss_rope_scaling(const Checker& c, ModelDesc& d) {
+    const std::string k = d.arch + ".rope.scaling.";
+    const Value* tv = c.f.find(k + "type");
+    const std::string type = tv ? tv->as_string(k + "type") : "none";
+    if (type == "none") return;
+    if (type != "yarn")
+        throw Error(c.f.path() + ": gpt-oss: metadata '" + k + "type' = '" + type +
+                    "' is not supported (orcd implements 'yarn' and 'none' for gpt-oss)");
+    for (const char* key : {"yarn_log_multiplier", "yarn_ext_factor", "yarn_attn_factor"})
+        c.refuse_key(k + key, std::string("YaRN parameter '") + key + "'");
+    d.rope_scaling = RopeScaling::Yarn;
+    if (!c.f.find(k + "factor")) throw Error(c.f.path() + ": gpt-oss: YaRN needs metadata '" + k + "factor'");
+    d.rope_factor = c.fparam(k + "factor", 1.f);
+    if (d.rope_factor < 1.f)
+        throw Error(c.f.path() + ": metadata '" + k + "factor' = " + std::to_string(d.rope_factor) +
+                    " must be >= 1 (YaRN extends the context)");
+    d.rope_n_ctx_orig = c.f.find(k + "original_context_length")
+                            ? c.hparam(k + "original_context_length", 1, 1 << 24)
+                            : d.n_ctx_train;
+    d.yarn_beta_fast = c.fparam(k + "yarn_beta_fast", 32.f);
+    d.yarn_beta_slow = c.fparam(k + "yarn_beta_slow", 1.f);
+    // ggml's rope_yarn multiplies cos and sin by attn_factor * (1 + 0.1 ln(1/freq_scale)),
+    // freq_scale = 1/factor (HF: attention_scaling = 0.1 ln(factor) + 1, the same number).
+    d.yarn_mscale = c.fparam(k + "attn_factor", 1.f) * (1.f + 0.1f * std::log(d.rope_factor));
+}
+}  // namespace
+
+// GPT-OSS (llama.cpp's LLM_ARCH_OPENAI_MOE, HF GptOssForCausalLM): biases on Q/K/V and the
+// output projection, a learned sink logit per head in every softmax, NEOX RoPE with YaRN,
+// sliding-window attention on every other layer (layer l is local when
+// l % pattern < pattern - 1; pattern 2 when the file has no attention.sliding_window_pattern:
+// layers 0, 2, 4, ... as llama.cpp's set_swa_pattern(2) and HF's layer_types), and a
+// mixture-of-experts FFN behind 'post_attention_norm' (the pre-FFN norm): router with bias,
+// top-k by logit, softmax over the k picked, experts with biases and swiglu_oai.
+void describe_gptoss(const Checker& c, ModelDesc& d) {
+    const std::string a = d.arch + ".";
+    d.qkv_bias = true;
+    d.attn_out_bias = true;
+    d.attn_sinks = true;
+    d.activation = Activation::SwigluOai;
+    gptoss_rope_scaling(c, d);
+    d.n_expert = c.hparam(a + "expert_count", 1, 1 << 12);
+    d.n_expert_used = c.hparam(a + "expert_used_count", 1, d.n_expert);
+    d.n_ff_exp = c.hparam(a + "expert_feed_forward_length", 1, 1 << 18);
+    const int window = c.hparam(a + "attention.sliding_window", 1, 1 << 24);
+    const int pattern = c.f.find(a + "attention.sliding_window_pattern")
+                            ? c.hparam(a + "attention.sliding_window_pattern", 1, 1 << 16)
+                            : 2;
+    const float local_base = c.fparam(a + "rope.freq_base_swa", d.rope_base);
+    if (c.f.find_tensor("blk.0.ffn_gate_up_exps.weight"))
+        throw Error(c.f.path() + ": gpt-oss: fused experts (tensor 'blk.0.ffn_gate_up_exps.weight') are not "
+                    "supported yet; convert with separate ffn_gate_exps / ffn_up_exps");
+    const int q_dim = d.n_head * d.head_dim, kv_dim = d.n_head_kv * d.head_dim;
+    const int E = d.n_embd, F = d.n_ff_exp, X = d.n_expert;
+    for (int l = 0; l < d.n_layer; ++l) {
+        LayerDesc& L = d.layers[l];
+        const std::string p = blk(l);
+        L.attn_norm = c.tensor(p + "attn_norm.weight", E, 0, true);
+        L.wq = c.tensor(p + "attn_q.weight", E, q_dim);
+        L.wk = c.tensor(p + "attn_k.weight", E, kv_dim);
+        L.wv = c.tensor(p + "attn_v.weight", E, kv_dim);
+        L.bq = c.tensor(p + "attn_q.bias", q_dim, 0, true);
+        L.bk = c.tensor(p + "attn_k.bias", kv_dim, 0, true);
+        L.bv = c.tensor(p + "attn_v.bias", kv_dim, 0, true);
+        L.wo = c.tensor(p + "attn_output.weight", q_dim, E);
+        L.bo = c.tensor(p + "attn_output.bias", E, 0, true);
+        L.attn_sinks = c.tensor(p + "attn_sinks.weight", d.n_head, 0, true);
+        L.ffn_norm = c.tensor(p + "post_attention_norm.weight", E, 0, true);
+        L.router = c.tensor(p + "ffn_gate_inp.weight", E, X);
+        L.router_b = c.tensor(p + "ffn_gate_inp.bias", X, 0, true);
+        L.gate_exps = experts(c, p + "ffn_gate_exps", E, F, X);
+        L.up_exps = experts(c, p + "ffn_up_exps", E, F, X);
+        L.down_exps = experts(c, p + "ffn_down_exps", F, E, X);
+        const bool local = l % pattern < pattern - 1;
+        L.sliding_window = local ? window : 0;
+        L.rope_base = local ? local_base : d.rope_base;
+        if (local) d.sliding_window = true;
     }
 }
 

@@ -23,6 +23,8 @@ struct Checker {
     // A tensor with exactly the given ne (ne1 == 0: 1-D) and a type we can compute with;
     // want_f32: a norm weight or bias (F32/F16/BF16).
     const TensorInfo* tensor(const std::string& name, int64_t ne0, int64_t ne1, bool want_f32 = false) const;
+    // A 3-D tensor (experts) with exactly the given ne and a type we can compute with.
+    const TensorInfo* tensor3(const std::string& name, int64_t ne0, int64_t ne1, int64_t ne2) const;
     // The tensor when the file has it (checked as tensor()), else null.
     const TensorInfo* optional(const std::string& name, int64_t ne0, int64_t ne1, bool want_f32 = false) const;
     // Throws "<path>: <arch> ... <what>" when the file has metadata key `key`.
@@ -34,8 +36,9 @@ void describe_qwen2(const Checker& c, ModelDesc& d);
 void describe_llama(const Checker& c, ModelDesc& d);
 void describe_phi3(const Checker& c, ModelDesc& d);
 void describe_gemma3(const Checker& c, ModelDesc& d);
+void describe_gptoss(const Checker& c, ModelDesc& d);
 
-// "qwen2, llama, phi3, gemma3": for error messages.
+// "qwen2, llama, phi3, gemma3, gpt-oss": for error messages.
 const char* supported_architectures();
 
 // The tensors every family names the same way: attn_norm, attn_output, ffn_norm, ffn_down,

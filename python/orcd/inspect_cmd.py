@@ -16,6 +16,13 @@ _HPARAMS = [
     "attention.head_count_kv",
     "rope.freq_base",
     "attention.layer_norm_rms_epsilon",
+    # shown when present: sliding windows, RoPE scaling, experts (gemma3, gpt-oss)
+    "attention.key_length",
+    "attention.sliding_window",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "expert_count",
+    "expert_used_count",
 ]
 _SPECIAL = ["bos", "eos", "padding", "unknown", "eot"]
 

@@ -51,6 +51,16 @@ _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\
 # Every digit its own piece (HF: Digits(individual_digits=True); llama.cpp: "\p{N}"
 # before the GPT-2 expression for smollm, starcoder, refact, command-r, codeshell).
 _DIGIT_PATTERN = r"\p{N}"
+# o200k (tokenizer.ggml.pre "gpt-4o": GPT-OSS, GPT-4o), the expression of the HF
+# tokenizer.json (llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT4O quotes it and runs an
+# ASCII-case rewrite of it): words split before an upper-case run ("HelloWorld" ->
+# "Hello", "World") with a contraction kept on the word, digits in threes, a
+# punctuation run keeps trailing newlines and slashes.
+_O200K_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # pre -> (split patterns applied in turn, ignore_merges)
 PRE_TOKENIZERS = {
@@ -60,10 +70,15 @@ PRE_TOKENIZERS = {
     "gpt2": ((_GPT2_PATTERN,), False),
     "smollm": ((_DIGIT_PATTERN, _GPT2_PATTERN), False),
     "starcoder": ((_DIGIT_PATTERN, _GPT2_PATTERN), False),
+    "gpt-4o": ((_O200K_PATTERN,), False),
 }
 
-# Text of tokens that end a turn in the chat templates orcd knows (ChatML, Gemma).
-_EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>")
+# Text of tokens that end a turn in the chat templates orcd knows (ChatML, Gemma, and
+# gpt-oss's harmony: <|return|> ends the final answer, <|call|> a tool call, as in HF's
+# generation_config and llama.cpp's end-of-generation set; harmony's <|end|> closes a
+# message inside the turn (the analysis channel comes before the final one), so it is
+# not a stop token: llama.cpp drops it from its set when <|return|> and <|call|> exist).
+_EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|return|>", "<|call|>")
 
 
 def _bytes_to_unicode() -> dict:
