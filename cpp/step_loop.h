@@ -116,8 +116,9 @@ public:
     // Prompt rows evaluated per forward for a request asking for prompt logprobs (each row's
     // logits come to the host: this bounds that buffer).
     static constexpr int prompt_logprob_rows = 32;
-    // Steps a sequence alone in the loop takes from one engine call (lone_block). Model's
-    // DEVICE_BLOCK for the same reason (python/orcd/model.py); a stop wastes at most 7 steps.
+    // Steps a sequence alone in the loop takes from one engine call (lone_block), for the reason
+    // of Model's DEVICE_BLOCK (python/orcd/model.py); fewer here, as the loop's host turnaround is
+    // C++ only, and a request arriving meanwhile waits for the block. A stop wastes at most 7 steps.
     static constexpr int lone_block_steps = 8;
 
     // Takes the engine (it keeps its file alive) and starts the thread.
