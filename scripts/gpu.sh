@@ -30,7 +30,9 @@
 #             and 16384), llama-batched-bench (pp128/tg128 at 1,8,32,64,128) and llama-server under
 #             orcd bench-serve at the same client counts as `serve`
 #   lcp_serve only the llama-server part of `lcp` (the build done)
-#   (serve, lcp, lcp_serve: SERVE_BENCH_ARGS in the environment goes to every bench-serve call)
+#   (serve, lcp, lcp_serve: SERVE_BENCH_ARGS in the environment goes to every bench-serve call;
+#   LCP_SERVER_ARGS to llama-server's command line, e.g. "--kv-unified": in round 8 llama-server
+#   reported kv_unified = 'false' and ran 1.6 ms a token for one client, 2.5x round 6's)
 #   smol      SmolLM2 (~/.cache/orcd/SmolLM2-135M-Instruct.Q4_1.gguf, when there): orcd bench and,
 #             with the lcp build, llama-bench on the same file
 #   vram      VRAM of an engine for 64 sequences x 4096 positions, resident fp16 copy on and off
@@ -233,11 +235,11 @@ for step in "${STEPS[@]}"; do
         run_step lcp_batched 300 "$D/lcp_batched.txt" $B/llama-batched-bench -m $MODEL -ngl 99 -fa on -c 40000 \
             -npp 128 -ntg 128 -npl 1,8,32,64,128
         ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print \$4, \$(NF-1)}' | tr '\n' ';')"
-        serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090" ;;
+        serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090 ${LCP_SERVER_ARGS:-}" ;;
     lcp_serve)
         needs_model lcp_serve || continue
         [ -x /tmp/lcp/llama.cpp/build/bin/llama-server ] || { record lcp_serve skip 0 "no llama-server build"; continue; }
-        serve_bench llama "/tmp/lcp/llama.cpp/build/bin/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090" ;;
+        serve_bench llama "/tmp/lcp/llama.cpp/build/bin/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090 ${LCP_SERVER_ARGS:-}" ;;
     smol)
         SM=$HOME/.cache/orcd/SmolLM2-135M-Instruct.Q4_1.gguf
         [ -f "$SM" ] || { record smol skip 0 "no $SM"; continue; }
