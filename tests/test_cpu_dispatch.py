@@ -15,12 +15,18 @@ cosine bound against the NumPy reference model.
 Which variants the CPU runs is checked against /proc/cpuinfo (an independent
 reading of CPUID). That the core holds AVX instructions only inside the avx2 /
 avx512 variants (so the wheel runs on any x86-64) is ctest's orcd_cpu_isa
-(tests/cpu_isa_check.py: it needs the objects' local symbols).
+(tests/cpu_isa_check.py: it needs the objects' local symbols), and, end to end,
+the installed package run by QEMU's user-mode emulator as a CPU without AVX-512
+(Haswell: it must pick avx2) and without AVX (Nehalem: scalar): the same greedy
+tokens as on this CPU, no illegal instruction (skipped without qemu-x86_64;
+.ci/run installs qemu-user, so CI runs it against the wheel it built).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -209,3 +215,42 @@ def test_cublas_is_preloaded_only_for_the_cuda_module(tmp_path):
     r = _in_fresh_process(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True"]
+
+
+_EMULATED_CHILD = r"""
+import json, sys
+import numpy as np
+import orcd._orcd as c
+out = []
+for path in sys.argv[1:]:
+    e = c.CpuEngine(path, 64, 1, 1)
+    ids = np.array([3, 17, 5, 42, 9, 11], np.int32)
+    logits = e.forward(0, ids, 0)
+    first = int(np.argmax(logits))
+    out.append([first] + [int(t) for t in e.decode_greedy(0, first, len(ids), 6)])
+print(json.dumps({"kernel": c.cpu_kernel(), "available": list(c.cpu_kernels()), "tokens": out}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
+                    reason="qemu-x86_64 not installed (apt-get install qemu-user)")
+@pytest.mark.parametrize("cpu,variant", [("Haswell", "avx2"), ("Nehalem", "scalar")])
+def test_emulated_cpu_picks_its_variant_and_gives_the_same_tokens(tiny_model, cpu, variant):
+    """This interpreter and its orcd (in CI: the wheel .ci/run built) under `qemu-x86_64 -cpu
+    CPU`, whose CPUID lacks AVX-512 (Haswell) or AVX (Nehalem): the dispatch picks that CPU's
+    best variant, nothing executes an instruction the CPU lacks (QEMU would stop it with
+    SIGILL), and greedy tokens of models of several block types equal this CPU's own."""
+    paths = [tiny_model(t) for t in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F16")]
+
+    def run(prefix):
+        env = {k: v for k, v in os.environ.items() if k != "ORCD_CPU_KERNEL"}
+        p = subprocess.run(prefix + [sys.executable, "-c", _EMULATED_CHILD, *paths], capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert p.returncode == 0, f"{prefix or 'native'}: exit {p.returncode}\n{p.stderr[-2000:]}"
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    native = run([])
+    emu = run([shutil.which("qemu-x86_64"), "-cpu", cpu])
+    assert emu["kernel"] == variant, emu
+    assert "avx512" not in emu["available"] and (variant != "scalar" or emu["available"] == ["scalar"])
+    assert emu["tokens"] == native["tokens"]
