@@ -318,21 +318,23 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
         }
         if (!long_run) runs.clear();
     }
-    auto attend = [&](const float* q, int ldq, const __half* kc, const __half* vc, const char* ln) {
+    // window: the layer's sliding window (0: every earlier key)
+    auto attend = [&](const float* q, int ldq, const __half* kc, const __half* vc, const char* ln, int window) {
         if (runs.empty()) {
             cu::attention(q, ldq, kc, vc, d_slot_off_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv, hd_, plan,
-                          part_o_, part_ml_, att_, QD_, stream_, ln);
+                          part_o_, part_ml_, att_, QD_, stream_, ln, window);
             return;
         }
         for (const Run& r : runs)
             cu::attention(q + size_t(r.row) * ldq, ldq, kc, vc, d_slot_off_, KD_, d_slot + r.row, d_pos + r.row, r.n,
                           d_.n_head, d_.n_head_kv, hd_, r.plan, part_o_, part_ml_, att_ + size_t(r.row) * QD_, QD_,
-                          stream_, ln);
+                          stream_, ln, window);
     };
     const bool fused = !mv && opt_.fused_prompt;
     const int QKVW = QD_ + 2 * KD_;
     for (int l = 0; l < d_.n_layer; ++l) {
         const DevLayer& L = weights_.layers[size_t(l)];
+        const int window = d_.layers[size_t(l)].sliding_window;
         const char* ln = L.wq.name.c_str();
         __half* kc = kc_ + size_t(l) * layer_stride_;
         __half* vc = vc_ + size_t(l) * layer_stride_;
@@ -348,7 +350,7 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
                 cu::kv_store(qkv_ + QD_, qkv_ + QD_ + KD_, QKVW, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_,
                              stream_, ln);
             }
-            attend(qkv_, QKVW, kc, vc, ln);
+            attend(qkv_, QKVW, kc, vc, ln, window);
             cu::f32_to_f16(att_, int64_t(nr) * QD_, act16_, stream_, ln);
             cu::gemm_f16(blas_, weights16({&L.wo}), QD_, E_, act16_, nr, x_, E_, true, L.wo.name.c_str());
             cu::rmsnorm_f16(x_, nr, E_, L.ffn_norm, d_.rms_eps, act16_, stream_, "ffn_norm");
@@ -364,7 +366,7 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
             cu::rope(d_, q_, QD_, nr, d_.n_head, d_pos, stream_, ln);
             cu::rope(d_, k_, KD_, nr, d_.n_head_kv, d_pos, stream_, L.wk.name.c_str());
             cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_, stream_, ln);
-            attend(q_, QD_, kc, vc, ln);
+            attend(q_, QD_, kc, vc, ln, window);
             linear(L.wo, att_, nr, x_, E_, nullptr, true, mv);  // residual add
             cu::rmsnorm(x_, nr, E_, L.ffn_norm, d_.rms_eps, h_, stream_, "ffn_norm");
             linear(L.gate, h_, nr, g_, F_, nullptr, false, mv);

@@ -109,8 +109,8 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     L_ = std::max(kLogitRowsMin, n_slots_);
     size_t max_layer_w = 0;
     for (const LayerDesc& L : d_.layers)
-        for (const TensorInfo* t : {L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down})
-            max_layer_w = std::max(max_layer_w, size_t(t->n_elements()));
+        for (const TensorInfo* t : {L.wq, L.wk, L.wv, L.wqkv, L.wo, L.w_gate, L.w_up, L.w_gate_up, L.w_down})
+            if (t) max_layer_w = std::max(max_layer_w, size_t(t->n_elements()));
     w16_elems_ = std::max({max_layer_w, std::min(size_t(d_.output->n_elements()), kW16MaxElems), size_t(E_),
                            size_t(QD_ + 2 * KD_) * E_, size_t(2) * F_ * E_});
     // Device properties first (this creates the context), then the memory check.

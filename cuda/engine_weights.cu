@@ -13,6 +13,16 @@ constexpr size_t kAlign = 256;  // every tensor starts 256-aligned (the decode k
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
+// Rows [r0, r0 + n) of w (a fused tensor's part): rows are whole blocks, so the view starts
+// r0 rows in; its name says which part.
+DevWeight row_slice(const DevWeight& w, int r0, int n, const char* part) {
+    DevWeight s = w;
+    s.data = w.data + size_t(r0) * w.row_bytes;
+    s.n_out = n;
+    s.name = w.name + " (" + part + " rows)";
+    return s;
+}
+
 }  // namespace
 
 void DeviceWeights::plan(const ModelDesc& d, const std::string& where) {
@@ -46,11 +56,20 @@ void DeviceWeights::plan(const ModelDesc& d, const std::string& where) {
     add_mat(d.output, E, V);
     for (const LayerDesc& L : d.layers) {
         // q|k|v and gate|up next to each other: F16 weights then feed one GEMM in place
-        add_mat(L.wq, E, QD);
-        add_mat(L.wk, E, KD);
-        add_mat(L.wv, E, KD);
-        add_mat(L.w_gate, E, F);
-        add_mat(L.w_up, E, F);
+        // (a fused attn_qkv / ffn_up of phi3 is that layout already: its rows are sliced below)
+        if (L.wqkv) {
+            add_mat(L.wqkv, E, QD + 2 * KD);
+        } else {
+            add_mat(L.wq, E, QD);
+            add_mat(L.wk, E, KD);
+            add_mat(L.wv, E, KD);
+        }
+        if (L.w_gate_up) {
+            add_mat(L.w_gate_up, E, 2 * F);
+        } else {
+            add_mat(L.w_gate, E, F);
+            add_mat(L.w_up, E, F);
+        }
         add_mat(L.wo, QD, E);
         add_mat(L.w_down, F, E);
         add_vec(L.attn_norm, E);
@@ -110,12 +129,26 @@ void DeviceWeights::upload(const ModelDesc& d, uint8_t* buf, const ProgressFn& p
         D.bk = vec(L.bk);
         D.bv = vec(L.bv);
         D.ffn_norm = vec(L.ffn_norm);
-        D.wq = mat(L.wq);
-        D.wk = mat(L.wk);
-        D.wv = mat(L.wv);
+        if (L.wqkv) {
+            const DevWeight all = mat(L.wqkv);
+            const int QD = d.n_head * d.head_dim, KD = d.n_head_kv * d.head_dim;
+            D.wq = row_slice(all, 0, QD, "q");
+            D.wk = row_slice(all, QD, KD, "k");
+            D.wv = row_slice(all, QD + KD, KD, "v");
+        } else {
+            D.wq = mat(L.wq);
+            D.wk = mat(L.wk);
+            D.wv = mat(L.wv);
+        }
         D.wo = mat(L.wo);
-        D.gate = mat(L.w_gate);
-        D.up = mat(L.w_up);
+        if (L.w_gate_up) {
+            const DevWeight all = mat(L.w_gate_up);
+            D.gate = row_slice(all, 0, d.n_ff, "gate");
+            D.up = row_slice(all, d.n_ff, d.n_ff, "up");
+        } else {
+            D.gate = mat(L.w_gate);
+            D.up = mat(L.w_up);
+        }
         D.down = mat(L.w_down);
         layers.push_back(std::move(D));
     }

@@ -58,12 +58,9 @@ namespace {
 // The family features the CUDA engine's generic step does not run yet.
 std::vector<std::string> missing_cuda_features(const ModelDesc& d) {
     std::vector<std::string> m;
-    if (d.fused_qkv) m.push_back("fused attn_qkv");
-    if (d.fused_gate_up) m.push_back("fused gate|up in ffn_up");
     if (d.qk_norm) m.push_back("per-head Q/K norms");
     if (d.post_norms) m.push_back("post-attention/post-FFN norms");
     if (d.activation != Activation::Silu) m.push_back(std::string(activation_name(d.activation)) + " FFN");
-    if (d.sliding_window) m.push_back("sliding-window attention");
     if (d.embd_scale != 1.f) m.push_back("embedding scale");
     if (d.attn_scale != 0.f && d.attn_scale != 1.0f / std::sqrt(float(d.head_dim))) m.push_back("attention scale");
     if (d.logit_softcap > 0) m.push_back("logit soft-capping");

@@ -16,6 +16,9 @@
 // position are neither loaded (zero-filled) nor computed, tiles past a warp's
 // largest position are skipped by that warp, the mask is applied only to tiles
 // that reach past a warp's smallest position.
+// Sliding window (p.window > 0): row r sees keys pos - window + 1 .. pos only; the block
+// starts at its rows' earliest window start, a warp skips tiles wholly before all of its
+// rows' windows, and the mask also covers the keys before a row's window.
 // Preconditions (the caller, cu::attention through AttnPlan::flash, ensures them):
 // every query of a launch is in one slot (the block reads the slot of its first
 // row); positions 0..pos of that slot are written (finite); head_dim 64 or 128.
@@ -118,12 +121,16 @@ __global__ void __launch_bounds__(kThreads) flash_attn_kernel(const FlashArgs p)
         red_min[warp] = wmin;
     }
     __syncthreads();
-    int bmax = red_max[0];
+    int bmax = red_max[0], bmin = red_min[0];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) bmax = max(bmax, red_max[w]);
+    for (int w = 1; w < kWarps; ++w) {
+        bmax = max(bmax, red_max[w]);
+        bmin = min(bmin, red_min[w]);
+    }
 
-    const int k_begin = s * p.split_len;
-    const int k_end = min(k_begin + p.split_len, bmax + 1);  // exclusive; <= k_begin: no keys here
+    const int W = p.window;
+    const int k_begin = max(s * p.split_len, W > 0 ? bmin - W + 1 : 0);
+    const int k_end = min(s * p.split_len + p.split_len, bmax + 1);  // exclusive; <= k_begin: no keys here
 
     // Q fragments (A operand): rows g / g+8, columns 16*ks + 2*tq (+1) and + 8
     unsigned qa[KS][4];
@@ -177,7 +184,9 @@ __global__ void __launch_bounds__(kThreads) flash_attn_kernel(const FlashArgs p)
             cp_async_commit();
             cp_async_wait1();
             __syncthreads();
-            if (k0 <= wmax) {  // else every row of this warp is past its last key
+            // else every row of this warp is past its last key, or (window) the tile is before
+            // every row's first key
+            if (k0 <= wmax && (W <= 0 || k0 + BK - 1 >= wmin - W + 1)) {
                 // ---- S = Q Kᵀ (16 x BK per warp)
                 float sc[NT_S][4];
 #pragma unroll
@@ -197,14 +206,15 @@ __global__ void __launch_bounds__(kThreads) flash_attn_kernel(const FlashArgs p)
                         mma16816(sc[2 * n2 + 1], qa[ks], b2, b3);
                     }
                 // ---- scale, mask, online softmax (rows g: elements 0,1; g+8: 2,3)
-                const bool need_mask = k0 + BK - 1 > wmin;
+                const bool need_mask = k0 + BK - 1 > wmin || (W > 0 && k0 < wmax - W + 1);
                 float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
                 for (int n = 0; n < NT_S; ++n)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         float x = sc[n][e] * sl2;
-                        if (need_mask && k0 + 8 * n + 2 * tq + (e & 1) > qp[e >> 1]) x = -INFINITY;
+                        const int key = k0 + 8 * n + 2 * tq + (e & 1);
+                        if (need_mask && (key > qp[e >> 1] || (W > 0 && key <= qp[e >> 1] - W))) x = -INFINITY;
                         sc[n][e] = x;
                         mx[e >> 1] = fmaxf(mx[e >> 1], x);
                     }

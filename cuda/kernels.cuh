@@ -89,7 +89,9 @@ inline size_t attn_partials(int n_q, int n_head, const AttnPlan& p) {
 }
 
 // Causal GQA attention over the cache: query t (q + t*ldq, n_head heads of
-// head_dim) attends to positions [0, pos[t]] of slot slots[t]; query head h
+// head_dim) attends to positions [0, pos[t]] of slot slots[t] (window > 0: only the
+// last `window` of them, [pos[t] - window + 1, pos[t]], the sliding-window layers of
+// phi3 / gemma3 as cpp/cpu_ops.cpp's attention has them); query head h
 // reads KV head h / (n_head / n_head_kv). Softmax in float32 with scale
 // 1/sqrt(head_dim); out + t*ldo receives n_head*head_dim floats. With plan.flash
 // and head_dim 64/128: flash_attention (Q and P rounded to fp16, fp32 accumulation),
@@ -97,7 +99,7 @@ inline size_t attn_partials(int n_q, int n_head, const AttnPlan& p) {
 void attention(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off, int kv_dim,
                const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
                const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
-               const char* what);
+               const char* what, int window = 0);
 
 // Decode-shaped attention (rows_attn.cu): one warp per (query, head, split); head_dim 64 or
 // 128. Writes the partials of its splits (returned: attn_combine merges that many); splits
@@ -105,7 +107,8 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, cons
 bool rows_attention_supported(int head_dim, int group);
 int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off, int kv_dim,
                    const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
-                   const AttnPlan& plan, float* part_o, float2* part_ml, cudaStream_t st, const char* what);
+                   const AttnPlan& plan, float* part_o, float2* part_ml, cudaStream_t st, const char* what,
+                   int window = 0);
 
 // The tensor-core attention (flash_attn.cu). Every query in one slot (the block reads
 // the slot of its first row); head_dim 64 or 128; ldq, ldo even; split_len a multiple
@@ -127,6 +130,7 @@ struct FlashArgs {
     float2* part_ml;
     float* out;
     int ldo;
+    int window;  // > 0: row r sees keys [pos - window + 1, pos] only (a sliding-window layer)
 };
 bool flash_supported(int head_dim);
 void flash_attention(const FlashArgs& a, int n_head_kv, cudaStream_t st, const char* what);

@@ -88,7 +88,9 @@ __global__ void kv_store_kernel(const float* __restrict__ k, const float* __rest
 }
 
 // ---------------------------------------------------------------- attention
-// Block (head h, query i, split s) covers keys [s*split_len, min((s+1)*split_len, pos[i]+1)).
+// Block (head h, query i, split s) covers keys [s*split_len, min((s+1)*split_len, pos[i]+1)),
+// from pos[i] - window + 1 on when window > 0 (a split wholly before that is empty: m = -inf,
+// l = 0, which attn_combine skips).
 // Tiles of blockDim.x keys: thread t scores key tile+t (q·k in float32, q
 // pre-scaled), then the tile's softmax weights are folded into a running
 // (max m, sum l, output acc) with the usual rescaling. For the P·V product,
@@ -99,7 +101,7 @@ __global__ void attn_partial_kernel(const float* __restrict__ q, int ldq, const 
                                     const __half* __restrict__ vc, const int64_t* __restrict__ slot_off, int kv_dim,
                                     const int32_t* __restrict__ slots, const int32_t* __restrict__ pos, int n_head,
                                     int group, int hd, float scale, int split_len, int n_splits,
-                                    float* __restrict__ part_o, float2* __restrict__ part_ml) {
+                                    float* __restrict__ part_o, float2* __restrict__ part_ml, int window) {
     extern __shared__ float sm[];
     const int NT = blockDim.x;
     float* qs = sm;          // hd
@@ -109,8 +111,8 @@ __global__ void attn_partial_kernel(const float* __restrict__ q, int ldq, const 
 
     const int h = blockIdx.x, i = blockIdx.y, s = blockIdx.z, t = threadIdx.x;
     const int kv_len = pos[i] + 1;
-    const int start = s * split_len;
-    const int end = min(start + split_len, kv_len);
+    const int start = max(s * split_len, window > 0 ? kv_len - window : 0);
+    const int end = min(s * split_len + split_len, kv_len);
     const size_t pidx = (size_t(i) * n_head + h) * n_splits + s;
     const int kvh = h / group;
     const size_t base = size_t(slot_off[slots[i]]) + size_t(kvh) * hd;
@@ -363,8 +365,9 @@ AttnPlan attn_plan_fixed(int kv_max, int split_len) {
 void attention(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off, int kv_dim,
                const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
                const AttnPlan& plan, float* part_o, float2* part_ml, float* out, int ldo, cudaStream_t st,
-               const char* what) {
+               const char* what, int window) {
     if (n_q <= 0) return;
+    if (window < 0) throw Error("attention: window must be >= 0 (got " + std::to_string(window) + ")");
     if (head_dim < 2 || head_dim > kAttnMaxHeadDim || head_dim % 2 != 0 || n_head % n_head_kv != 0)
         throw Error("attention: unsupported head_dim " + std::to_string(head_dim) + " / heads " +
                     std::to_string(n_head) + "/" + std::to_string(n_head_kv) + " for " + (what ? what : "?"));
@@ -389,6 +392,7 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, cons
         a.part_ml = part_ml;
         a.out = out;
         a.ldo = ldo;
+        a.window = window;
         flash_attention(a, n_head_kv, st, what);
         if (plan.flash_splits > 1) {
             attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim,
@@ -399,7 +403,7 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, cons
     }
     if (rows_attention_supported(head_dim, n_head / n_head_kv)) {  // rows_attn.cu
         const int ns = rows_attention(q, ldq, kc, vc, slot_off, kv_dim, slots, pos, n_q, n_head, n_head_kv,
-                                      head_dim, plan, part_o, part_ml, st, what);
+                                      head_dim, plan, part_o, part_ml, st, what, window);
         attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim, ns, out, ldo);
         CUDA_LAUNCH_CHECK(ctx("attn_combine_kernel (rows)", what));
         return;
@@ -409,7 +413,7 @@ void attention(const float* q, int ldq, const __half* kc, const __half* vc, cons
     const float scale = 1.0f / std::sqrt(float(head_dim));
     attn_partial_kernel<<<dim3(n_head, n_q, plan.n_splits), nt, smem, st>>>(
         q, ldq, kc, vc, slot_off, kv_dim, slots, pos, n_head, n_head / n_head_kv, head_dim, scale,
-        plan.split_len, plan.n_splits, part_o, part_ml);
+        plan.split_len, plan.n_splits, part_o, part_ml, window);
     CUDA_LAUNCH_CHECK(ctx("attn_partial_kernel", what));
     attn_combine_kernel<<<dim3(n_head, n_q), head_dim, 0, st>>>(part_o, part_ml, n_head, head_dim, plan.n_splits,
                                                                 out, ldo);

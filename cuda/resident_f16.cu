@@ -26,10 +26,12 @@ size_t ResidentF16::bytes_for(const ModelDesc& d) {
         }
         if (!all_f16) total += align_up(elems * 2);
     };
-    for (const LayerDesc& L : d.layers) {
-        group({L.wq, L.wk, L.wv});
+    for (const LayerDesc& L : d.layers) {  // a fused attn_qkv / ffn_up is its group whole
+        if (L.wqkv) group({L.wqkv});
+        else group({L.wq, L.wk, L.wv});
         group({L.wo});
-        group({L.w_gate, L.w_up});
+        if (L.w_gate_up) group({L.w_gate_up});
+        else group({L.w_gate, L.w_up});
         group({L.w_down});
     }
     group({d.output});

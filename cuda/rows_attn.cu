@@ -35,14 +35,15 @@ __global__ void __launch_bounds__(32)
 rows_attn_kernel(const float* __restrict__ q, int ldq, const __half* __restrict__ kc, const __half* __restrict__ vc,
                  const int64_t* __restrict__ slot_off, int kv_dim, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos,
                  int n_head, int group, float scale, int split_len, int n_splits, float* __restrict__ part_o,
-                 float2* __restrict__ part_ml) {
+                 float2* __restrict__ part_ml, int window) {
     constexpr int DPL = HD / 32;  // output dimensions per lane
     __shared__ float qs[HD];
 
     const int i = blockIdx.x, h = blockIdx.y, s = blockIdx.z, lane = threadIdx.x;
     const int kv_len = pos[i] + 1;
-    const int start = s * split_len;
-    const int end = min(start + split_len, kv_len);
+    // window > 0: keys from pos - window + 1 on (a split wholly before them stays empty)
+    const int start = max(s * split_len, window > 0 ? kv_len - window : 0);
+    const int end = min(s * split_len + split_len, kv_len);
     const size_t pidx = (size_t(i) * n_head + h) * n_splits + s;
 
     for (int d = lane; d < HD; d += 32) qs[d] = q[size_t(i) * ldq + size_t(h) * HD + d] * scale;
@@ -115,7 +116,8 @@ bool rows_attention_supported(int head_dim, int group) {
 
 int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off, int kv_dim,
                    const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv, int head_dim,
-                   const AttnPlan& plan, float* part_o, float2* part_ml, cudaStream_t st, const char* what) {
+                   const AttnPlan& plan, float* part_o, float2* part_ml, cudaStream_t st, const char* what,
+                   int window) {
     // Keys the plan covers; splits of at least kRowsMinSplitLen keys, as many as the partial
     // buffers hold (plan.partial_rows; without it, the plan's own splits, which always fit).
     int split_len = plan.split_len, n_splits = plan.n_splits;
@@ -133,10 +135,10 @@ int rows_attention(const float* q, int ldq, const __half* kc, const __half* vc, 
     const dim3 grid(n_q, n_head, n_splits);
     if (head_dim == 64)
         rows_attn_kernel<64><<<grid, 32, 0, st>>>(q, ldq, kc, vc, slot_off, kv_dim, slots, pos, n_head, group,
-                                                  scale, split_len, n_splits, part_o, part_ml);
+                                                  scale, split_len, n_splits, part_o, part_ml, window);
     else
         rows_attn_kernel<128><<<grid, 32, 0, st>>>(q, ldq, kc, vc, slot_off, kv_dim, slots, pos, n_head, group,
-                                                   scale, split_len, n_splits, part_o, part_ml);
+                                                   scale, split_len, n_splits, part_o, part_ml, window);
     CUDA_LAUNCH_CHECK(std::string("rows_attn_kernel for ") + (what ? what : "?"));
     return n_splits;
 }

@@ -3,10 +3,14 @@
 llama (normal RoPE pairing, no biases, tied output) runs in the generic step:
 per-layer hidden states and logits against the CPU engine (cosine >= 0.999, same
 argmax) with the fused prompt path on and off, and decode_batch; the fused
-single-sequence decoder reports itself unavailable and says why. phi3, gemma3
-and gpt-oss are refused at construction with a ValueError naming the family and
-the features the CUDA engine lacks. The real SmolLM2 file, when installed,
-gives the CPU engine's greedy tokens.
+single-sequence decoder reports itself unavailable and says why. phi3 (fused
+attn_qkv and gate|up, read as row slices of one tensor; a sliding window on every
+layer) runs in the generic step too, held to the same bounds with a window that
+bites: head_dim 64 takes the tensor-core prompt attention and the decode-shaped
+kernel (rows_attn), head_dim 16 the CUDA-core split kernel, each with the window
+cutting the keys. gemma3 and gpt-oss are refused at construction with a
+ValueError naming the family and the features the CUDA engine lacks. The real
+SmolLM2 file, when installed, gives the CPU engine's greedy tokens.
 """
 from __future__ import annotations
 
@@ -66,14 +70,59 @@ def test_llama_fused_decoder_says_why_it_is_off(family_model):
     assert list(gpu.decode_greedy(0, first, 3, 6)) == list(cpu.decode_greedy(0, first, 3, 6))
 
 
-@pytest.mark.parametrize("arch,feature", [("phi3", "fused attn_qkv"), ("gemma3", "per-head Q/K norms"),
+# phi3 shapes: head_dim 64 (n_embd 256, 4 heads; the tensor-core prompt attention and rows_attn)
+# and 16 (n_embd 64; the CUDA-core split attention); window 5 bites in the 24- and 150-token
+# prompts and in every decode step after them
+PHI3_SHAPES = {"hd64": dict(n_embd=256, n_head=4, n_head_kv=2), "hd16": dict(n_embd=64, n_head=4, n_head_kv=2)}
+
+
+@pytest.mark.parametrize("fused_prompt", [True, False])
+@pytest.mark.parametrize("shape", sorted(PHI3_SHAPES))
+@pytest.mark.parametrize("wtype", ("F32", "F16", "Q8_0", "Q4_K", "Q6_K"))
+def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt):
+    dims = PHI3_SHAPES[shape]
+    if wtype in ("Q4_K", "Q6_K") and dims["n_embd"] % 256:
+        pytest.skip("K-quant rows need n_embd a multiple of 256")
+    path = family_model("phi3", wtype, sliding_window=5, **dims)
+    gpu = cu.CudaEngine(path, 256, 2)
+    gpu.set_options(fused_prompt=fused_prompt)
+    cpu = core.CpuEngine(path, 256, 2)
+    # 150 tokens: several key splits and tiles, most of them before every query's window
+    compare(gpu, cpu, ids_for(cpu, 150, seed=2))
+    ids = ids_for(cpu, 24)
+    compare(gpu, cpu, ids)
+    ids = np.asarray(ids, np.int32)
+    gpu.forward(0, ids[:20], 0)
+    cpu.forward(0, ids[:20], 0)
+    gpu.forward(1, ids[:9], 0)
+    cpu.forward(1, ids[:9], 0)
+    args = (np.array([0, 1], np.int32), np.array([7, 9], np.int32), np.array([20, 9], np.int32))
+    assert_close_rows(gpu.decode_batch(*args), cpu.decode_batch(*args), "decode_batch")
+    # single-token steps past the window (the mat-vec path), then greedy decoding from there
+    for p in range(21, 30):
+        assert_close_rows(gpu.forward(0, ids[p % 24:p % 24 + 1], p)[None], cpu.forward(0, ids[p % 24:p % 24 + 1], p)[None],
+                          f"position {p}")
+
+
+def test_phi3_window_is_what_the_gpu_computes(family_model):
+    """The window matters on the GPU too: the same weights without the window key give other
+    logits past position 5 (so the parity above is not a window both engines ignore)."""
+    dims = PHI3_SHAPES["hd64"]
+    with_w = cu.CudaEngine(family_model("phi3", "F16", sliding_window=5, **dims), 64, 1)
+    without = cu.CudaEngine(family_model("phi3", "F16", sliding_window=0, **dims), 64, 1)
+    ids = np.arange(3, 27, dtype=np.int32)
+    a, b = with_w.forward(0, ids, 0), without.forward(0, ids, 0)
+    assert np.abs(a - b).max() > 1e-3 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("arch,feature", [("gemma3", "per-head Q/K norms"),
                                           ("gpt-oss", "mixture-of-experts FFN, attention sinks")])
 def test_other_families_are_refused_by_name(family_model, arch, feature):
     with pytest.raises(ValueError, match=f"the CUDA engine does not run {arch} models yet .*{feature}"):
         cu.CudaEngine(family_model(arch, "F32"), 16, 1)
 
 
-@pytest.mark.parametrize("arch", ["phi3", "gemma3", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
 def test_auto_device_falls_back_to_the_cpu_for_a_refused_family(family_model, arch, capfd):
     """device="auto" on a GPU: a family the CUDA engine refuses runs on the CPU engine (with a
     note naming why), giving the CPU's tokens; device="cuda" still refuses."""
