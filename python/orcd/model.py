@@ -777,10 +777,9 @@ def _device_params(p: SamplingParams) -> tuple:
 
 MAX_BATCH_SLOTS = 16  # generate_batch runs at most this many prompts at once (the rest wait)
 # Tokens a generation without logprobs takes from one device call (Engine.decode_sample_steps):
-# the host's round trip (the call, then decoding and yielding the block's text while the device
-# waits: ~0.2 ms on the H200, docs/perf_log.md run 39) is paid once per block; a stop wastes at
-# most DEVICE_BLOCK - 1 steps (~8 ms at 16).
-DEVICE_BLOCK = 16
+# the host's round trip is paid once per block; a stop wastes at most DEVICE_BLOCK - 1 steps.
+# (Longer blocks would save little: the Python side costs ~1.6 us a token, docs/perf_log.md run 40.)
+DEVICE_BLOCK = 8
 
 
 def _is_batch(prompt) -> bool:
