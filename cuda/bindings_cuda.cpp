@@ -8,7 +8,7 @@
 //       .decode_batch(slots, tokens, pos) -> float32 [n, n_vocab]
 //       .decode_greedy(slot, first_token, pos, n_steps) -> int32 [n_steps]   greedy tokens, argmax on the GPU
 //       .set_options(fast_decode=None, graphs=None, pdl=None, fused_prompt=None, cluster_keys=None,
-//                    split_keys=None, batch_graphs=None, resident_f16=None, sample_split=None) -> paths()
+//                    split_keys=None, batch_graphs=None, resident_f16=None, sample_split=None, ..., sample_graphs=None) -> paths()
 //                                     switches of the fast paths, test hooks (CudaOptions)
 //       .options() -> dict   the CudaOptions in force
 //       .paths() -> dict   what is in use: fast_decode, graphs, pdl, fused_prompt, *_available, note
@@ -102,6 +102,7 @@ nb::dict paths_dict(const orcd::CudaEngine& e) {
     r["resident_f16"] = p.resident_f16;
     r["resident_f16_bytes"] = p.resident_f16_bytes;
     r["sample_split"] = p.sample_split;
+    r["sample_graphs"] = p.sample_graphs;
     r["fast_decode_available"] = p.fast_decode_available;
     r["pdl_available"] = p.pdl_available;
     r["note"] = p.note;
@@ -117,6 +118,7 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["batch_graphs"] = o.batch_graphs;
     r["resident_f16"] = o.resident_f16;
     r["sample_split"] = o.sample_split;
+    r["sample_graphs"] = o.sample_graphs;
     r["cluster_keys"] = o.cluster_keys;
     r["split_keys"] = o.split_keys;
     r["cluster_size"] = o.cluster_size;
@@ -230,7 +232,7 @@ NB_MODULE(_orcd_cuda, m) {
             [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
                nb::object fused_prompt, nb::object cluster_keys, nb::object split_keys, nb::object batch_graphs,
                nb::object resident_f16, nb::object sample_split, nb::object cluster_size, nb::object cluster_mma,
-               nb::object cluster_span, nb::object direct_keys) {
+               nb::object cluster_span, nb::object direct_keys, nb::object sample_graphs) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -246,6 +248,7 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!cluster_mma.is_none()) o.cluster_mma = nb::cast<bool>(cluster_mma);
                 if (!cluster_span.is_none()) o.cluster_span = nb::cast<int>(cluster_span);
                 if (!direct_keys.is_none()) o.direct_keys = nb::cast<int>(direct_keys);
+                if (!sample_graphs.is_none()) o.sample_graphs = nb::cast<bool>(sample_graphs);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -257,7 +260,7 @@ NB_MODULE(_orcd_cuda, m) {
             "fused_prompt"_a = nb::none(), "cluster_keys"_a = nb::none(), "split_keys"_a = nb::none(),
             "batch_graphs"_a = nb::none(), "resident_f16"_a = nb::none(), "sample_split"_a = nb::none(),
             "cluster_size"_a = nb::none(), "cluster_mma"_a = nb::none(), "cluster_span"_a = nb::none(),
-            "direct_keys"_a = nb::none(),
+            "direct_keys"_a = nb::none(), "sample_graphs"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })

@@ -63,6 +63,9 @@ struct CudaOptions {
     // this off never has it); turning it off later only stops its use.
     bool resident_f16 = true;
     bool sample_split = true;  // device sampling of top_k rows: many blocks per row, then a merge
+    // decode_sample_steps: 8 sampled steps (the fused step, the sampler, the feed) captured into
+    // one CUDA graph and replayed (off by default until measured on a GPU: docs/perf_log.md run 40)
+    bool sample_graphs = false;
     // The decode attention's variants (the tests reach each one through these):
     int cluster_keys = 1 << 30;  // caches of up to this many positions: the thread-block cluster merge (Hopper); 0: never
     int split_keys = 32;       // the global merge's splits hold at least this many keys (a positive multiple of 32)
@@ -77,8 +80,8 @@ struct CudaOptions {
 };
 
 // The defaults with ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL,
-// ORCD_CUDA_FUSED_PROMPT, ORCD_CUDA_BATCH_GRAPHS, ORCD_CUDA_RESIDENT_F16 and
-// ORCD_CUDA_SAMPLE_SPLIT applied (0, n or f: off), and ORCD_CUDA_VRAM_LIMIT (bytes, or with a
+// ORCD_CUDA_FUSED_PROMPT, ORCD_CUDA_BATCH_GRAPHS, ORCD_CUDA_RESIDENT_F16,
+// ORCD_CUDA_SAMPLE_SPLIT and ORCD_CUDA_SAMPLE_GRAPHS applied (0, n or f: off; 1, y or t: on), and ORCD_CUDA_VRAM_LIMIT (bytes, or with a
 // K/M/G/T suffix of powers of 1024, e.g. 4G or 4GiB). The only place that reads the environment.
 CudaOptions options_from_env();
 
@@ -87,7 +90,7 @@ struct CudaPaths {
     bool fast_decode_available = false;  // the model/GPU suit the fused decode kernels
     bool pdl_available = false;          // compute capability >= 9.0
     bool fast_decode = false, graphs = false, pdl = false, fused_prompt = false;
-    bool batch_graphs = false, resident_f16 = false, sample_split = false;
+    bool batch_graphs = false, resident_f16 = false, sample_split = false, sample_graphs = false;
     size_t resident_f16_bytes = 0;       // the resident fp16 copy (allocated, whether in use or not)
     int batch_graphs_cached = 0;         // instantiated batch-step graphs held now
     std::string note;                    // why something is off (empty when all is well)

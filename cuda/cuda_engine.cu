@@ -76,6 +76,7 @@ CudaOptions options_from_env() {
     o.batch_graphs = env_on("ORCD_CUDA_BATCH_GRAPHS", o.batch_graphs);
     o.resident_f16 = env_on("ORCD_CUDA_RESIDENT_F16", o.resident_f16);
     o.sample_split = env_on("ORCD_CUDA_SAMPLE_SPLIT", o.sample_split);
+    o.sample_graphs = env_on("ORCD_CUDA_SAMPLE_GRAPHS", o.sample_graphs);
     if (const char* v = std::getenv("ORCD_CUDA_VRAM_LIMIT"); v && *v) o.vram_limit = parse_vram_limit(v);
     return o;
 }
@@ -117,6 +118,7 @@ CudaPaths CudaEngineImpl::paths() const {
     p.resident_f16 = resident_on();
     p.resident_f16_bytes = mem_.resident_f16;
     p.sample_split = opt_.sample_split;
+    p.sample_graphs = p.fast_decode && dec_.sample_graphs_on();
     p.note = dec_.note();
     for (const std::string* n : {&res_note_, &batch_note_})
         if (!n->empty()) p.note += (p.note.empty() ? "" : "; ") + *n;
@@ -207,13 +209,17 @@ bool CudaEngineImpl::decode_sample_steps(int slot, int32_t token, int pos, int n
     CUDA_CHECK(cudaMemcpyAsync(drow, prow, sizeof(cu::SampleRow), cudaMemcpyHostToDevice, stream_),
                "sampling row upload");
     // each step: the fused step's logits, the draw, the draw fed to the next step (decode_batch_sample's
-    // kernels for one row, without the host in between)
+    // kernels for one row, without the host in between); the sampler's launches depend only on
+    // whether this row takes the split path, which names the captured graphs
     dec_.start(slot, token, pos);
-    for (int i = 0; i < n_steps; ++i) {
-        dec_.run(false, pos + i + 1);
-        cu::launch_sample_rows(logits_, 1, V_, drow, dtok, dst, stream_, samp_dev_ + lay.work, prow, opt_.sample_split);
-        dec_.feed_sampled(dtok, dst, &drow->rng_state, i);
-    }
+    const int sample_key = cu::sample_rows_split(p, V_, opt_.sample_split) ? 1 : 0;
+    dec_.sampled(
+        pos, n_steps,
+        [&]() {
+            cu::launch_sample_rows(logits_, 1, V_, drow, dtok, dst, stream_, samp_dev_ + lay.work, prow,
+                                   opt_.sample_split);
+        },
+        sample_key, dtok, dst, &drow->rng_state);
     CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.states, dst, sizeof(uint64_t), cudaMemcpyDeviceToHost, stream_),
                "generator state copy");
     CUDA_CHECK(cudaEventRecord(upload_done_, stream_), "decode_sample_steps");

@@ -352,6 +352,9 @@ void FusedDecoder::drop_graphs() noexcept {
         if (g) cudaGraphExecDestroy(g);
         g = nullptr;
     }
+    for (auto& kv : sampled_graphs_)
+        if (kv.second) cudaGraphExecDestroy(kv.second);
+    sampled_graphs_.clear();
 }
 
 cudaGraphExec_t FusedDecoder::record_graph(const std::function<void()>& body, const char* what) {
@@ -438,7 +441,9 @@ namespace {
 __global__ void feed_sampled_kernel(const int32_t* tok, const uint64_t* state_out, uint64_t* row_state,
                                     cu::DecState* s, int32_t* out, int i) {
     const int32_t t = tok[0];
-    out[i] = t;          // -1 (no finite logit) is reported by the host from here
+    const int k = i >= 0 ? i : s->step;
+    out[k] = t;          // -1 (no finite logit) is reported by the host from here
+    s->step = k + 1;
     s->token = t < 0 ? 0 : t;
     s->pos += 1;
     *row_state = state_out[0];
@@ -448,6 +453,48 @@ __global__ void feed_sampled_kernel(const int32_t* tok, const uint64_t* state_ou
 void FusedDecoder::feed_sampled(const int32_t* tok, const uint64_t* state_out, uint64_t* row_state, int i) {
     feed_sampled_kernel<<<1, 1, 0, stream_>>>(tok, state_out, row_state, state_, out_tokens_, i);
     CUDA_LAUNCH_CHECK("feed_sampled_kernel");
+}
+
+void FusedDecoder::sampled(int pos, int n_steps, const std::function<void()>& sample, int sample_key,
+                           const int32_t* tok, const uint64_t* state_out, uint64_t* row_state) {
+    int i = 0;
+    if (sample_graphs_on()) {
+        // The variant of a block's last cache length serves its earlier steps too (one block
+        // up to direct_keys, and the cluster variants take any length), as in greedy().
+        for (; n_steps - i >= kGraphSteps; i += kGraphSteps) {
+            const int clusters = attn_variant(pos + i + kGraphSteps);
+            cudaGraphExec_t& g = sampled_graphs_[std::make_tuple(clusters, sample_key)];
+            if (!g) {
+                try {
+                    StepLaunch s;
+                    s.greedy = false;
+                    s.attn_clusters = clusters;
+                    s.pdl = pdl_on();
+                    g = record_graph(
+                        [&]() {
+                            for (int k = 0; k < kGraphSteps; ++k) {
+                                launch_step(s);
+                                sample();
+                                feed_sampled(tok, state_out, row_state, -1);
+                            }
+                        },
+                        "sampled decode graph capture");
+                } catch (const Error& err) {
+                    cudaGetLastError();
+                    sampled_graphs_.erase(std::make_tuple(clusters, sample_key));
+                    opt_.sample_graphs = false;
+                    add_note(std::string("sampled-step graphs off: capture failed: ") + err.what());
+                    break;
+                }
+            }
+            CUDA_CHECK(cudaGraphLaunch(g, stream_), "sampled decode graph launch");
+        }
+    }
+    for (; i < n_steps; ++i) {
+        run(false, pos + i + 1);
+        sample();
+        feed_sampled(tok, state_out, row_state, -1);
+    }
 }
 
 void FusedDecoder::copy_tokens(int n, int32_t* out) {

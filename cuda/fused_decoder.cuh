@@ -11,7 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda_common.cuh"
@@ -73,6 +75,7 @@ public:
     void set_options(const CudaOptions& o);
     bool graphs_on() const { return opt_.graphs && graphs_ok_; }
     bool pdl_on() const { return opt_.pdl && pdl_ok_; }
+    bool sample_graphs_on() const { return graphs_on() && opt_.sample_graphs; }
     // Why the step or a part of it is off ("" when all is well).
     const std::string& note() const { return note_; }
 
@@ -87,7 +90,17 @@ public:
     // generator state state_out[0]): that token becomes the next step's input one position on,
     // *row_state the row's generator state for the next draw, and step i's entry of the token
     // buffer the token (copy_tokens). Stream-ordered, no host round trip.
+    // i < 0: the state's own step counter (start() zeroes it) picks the entry, so a captured
+    // run of steps serves any block.
     void feed_sampled(const int32_t* tok, const uint64_t* state_out, uint64_t* row_state, int i);
+    // n_steps sampled steps from the state start() set, each: a logits step, then sample() (the
+    // caller's device sampler launches, the same kernels every step, writing tok[0] and
+    // state_out[0]), then feed_sampled. With graphs and options' sample_graphs, kGraphSteps of
+    // them a graph launch while that many remain (one graph per attention variant and
+    // sample_key, which names the sampler's launch choice; captured on first use), then single
+    // steps as plain launches; else every step as run(false) and plain launches.
+    void sampled(int pos, int n_steps, const std::function<void()>& sample, int sample_key, const int32_t* tok,
+                 const uint64_t* state_out, uint64_t* row_state);
     // The first n entries of the token buffer (greedy() and feed_sampled() write it) to out; syncs.
     void copy_tokens(int n, int32_t* out);
     // logits = lm_head(rmsnorm(x_row)) with the fused lm_head (the prompt path's last row).
@@ -158,6 +171,8 @@ private:
     cu::DecProjArgs lm_{};
     int max_cluster_ = 8;  // the largest cluster the attention can launch here (16 where non-portable ones fit)
     cudaGraphExec_t graph_[4 * kAttnVariants] = {};  // graph_slot
+    // sampled(): (attention clusters, sample_key) -> kGraphSteps sampled steps
+    std::map<std::tuple<int, int>, cudaGraphExec_t> sampled_graphs_;
 };
 
 }  // namespace orcd

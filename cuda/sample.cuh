@@ -61,6 +61,8 @@ size_t sample_workspace_bytes(int n_rows, int n_vocab);
 void launch_sample_rows(float* logits, int n_rows, int n_vocab, const SampleRow* rows, int32_t* out_token,
                         uint64_t* out_state, cudaStream_t stream, void* workspace, const SampleRow* host_rows,
                         bool split);
+// Whether launch_sample_rows(split) takes the split kernels for a row with these parameters.
+bool sample_rows_split(const SamplerParams& p, int n_vocab, bool split);
 
 }  // namespace cu
 }  // namespace orcd

@@ -1019,6 +1019,8 @@ size_t sample_workspace_bytes(int n_rows, int n_vocab) {
     return n_rows > 0 && n_vocab > 0 ? size_t(n_rows) * work_row_bytes(n_slices(n_vocab)) : 0;
 }
 
+bool sample_rows_split(const SamplerParams& p, int n_vocab, bool split) { return split && split_row(p, n_vocab); }
+
 void launch_sample_rows(float* logits, int n_rows, int n_vocab, const SampleRow* rows, int32_t* out_token,
                         uint64_t* out_state, cudaStream_t stream, void* workspace, const SampleRow* host_rows,
                         bool split) {

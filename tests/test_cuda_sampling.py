@@ -227,6 +227,33 @@ def test_decode_sample_steps_equal_single_steps(real_model_path, real_cpu, tempe
     eng.close()
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 40, 0.95), (0.9, 0, 1.0), (0.0, 40, 0.95)])
+def test_sampled_step_graphs_equal_plain_launches(real_model_path, real_cpu, temperature, top_k, top_p):
+    """set_options(sample_graphs=True): decode_sample_steps replays 8 sampled steps (the fused
+    step, the sampler, the feed) from one captured graph. Against the same calls with it off:
+    the same tokens and generator states, for a split-sampler row (top_k 40), a one-block row
+    (top_k off) and greedy, for 24 steps (three graphs) and 13 (one graph, then single steps),
+    and across the attention's one-block -> cluster boundary (direct_keys 512)."""
+    c = cuda_module()
+    eng = c.CudaEngine(real_model_path, 1024, 2)
+    ids = np.asarray(real_cpu.tokenize("Once upon a time"), np.int32)
+    p = params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=0.02)
+    long_ids = np.resize(ids, 505)
+    results = {}
+    for on in (False, True):
+        paths = eng.set_options(sample_graphs=on)
+        assert paths["sample_graphs"] == on
+        out = []
+        for prompt, n in ((ids, 24), (ids, 13), (long_ids, 24)):
+            eng.forward(0, prompt, 0)
+            r = eng.decode_sample_steps(0, int(prompt[-1]), len(prompt) - 1, n, p, 4242)
+            assert r is not None
+            out.append((r[0].tolist(), r[1]))
+        results[on] = out
+    assert results[True] == results[False]
+    eng.close()
+
+
 def test_model_chat_blocks_equal_single_steps(real_model_path, monkeypatch):
     """Model.chat takes DEVICE_BLOCK tokens per device call: the same tokens, finish reason and
     text as one token per call, with a stop inside a block (the tokens after it dropped) and with
