@@ -342,8 +342,8 @@ private:
             // the whole batch's K/V go in first: token i sees tokens 0..i of its prompt
             cpu_ops::kv_append(kv, k.data(), v.data(), n, slots, pos);
             if (!L.sinks.empty())  // gpt-oss: every layer, windowed or not
-                cpu_ops::attention_sinks(q.data(), n, H, kv, slots, pos, S.sliding_window, L.sinks.data(), att.data(),
-                                         pool_);
+                cpu_ops::attention_window(q.data(), n, H, kv, slots, pos, S.sliding_window, att.data(), pool_,
+                                          L.sinks.data());
             else if (S.sliding_window > 0 && max_pos >= S.sliding_window)  // the window excludes some key
                 cpu_ops::attention_window(q.data(), n, H, kv, slots, pos, S.sliding_window, att.data(), pool_);
             else

@@ -148,46 +148,7 @@ void attention(const float* q, int n, int n_head, const KvCache& kv, const int32
 }
 
 void attention_window(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots,
-                      const int32_t* pos, int window, float* out, ThreadPool& pool) {
-    const int D = kv.head_dim, kv_dim = kv.kv_dim(), n_ctx = kv.n_ctx;
-    const int q_dim = n_head * D, group = n_head / kv.n_head_kv;
-    const float sc_q = 1.0f / std::sqrt((float)D);
-    pool.parallel_for((int64_t)n * n_head, [&](int64_t t0, int64_t t1, int) {
-        std::vector<float> sc(n_ctx);
-        for (int64_t t = t0; t < t1; ++t) {
-            const int i = (int)(t / n_head), h = (int)(t % n_head), kvh = h / group;
-            const float* qh = q + (size_t)i * q_dim + (size_t)h * D;
-            const int lo = std::max(0, pos[i] - window + 1), hi = pos[i] + 1;  // keys lo..pos[i]
-            const float* kt = kv.k + (size_t)slots[i] * kv.slot_stride + (size_t)kvh * D * n_ctx;
-            const float* vb = kv.v + (size_t)slots[i] * kv.slot_stride + (size_t)kvh * D;
-            float* scp = sc.data();
-            std::fill(scp + lo, scp + hi, 0.f);
-            for (int e = 0; e < D; ++e) {
-                const float qe = qh[e] * sc_q;
-                const float* kr = kt + (size_t)e * n_ctx;
-                for (int j = lo; j < hi; ++j) scp[j] += qe * kr[j];
-            }
-            float mx = -INFINITY;
-            for (int j = lo; j < hi; ++j) mx = std::max(mx, scp[j]);
-            double sum = 0;
-            for (int j = lo; j < hi; ++j) {
-                scp[j] = std::exp(scp[j] - mx);
-                sum += scp[j];
-            }
-            const float inv = (float)(1.0 / sum);
-            float* o = out + (size_t)i * q_dim + (size_t)h * D;
-            std::fill(o, o + D, 0.f);
-            for (int j = lo; j < hi; ++j) {
-                const float w = scp[j] * inv;
-                const float* vj = vb + (size_t)j * kv_dim;
-                for (int e = 0; e < D; ++e) o[e] += w * vj[e];
-            }
-        }
-    });
-}
-
-void attention_sinks(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots,
-                     const int32_t* pos, int window, const float* sinks, float* out, ThreadPool& pool) {
+                      const int32_t* pos, int window, float* out, ThreadPool& pool, const float* sinks) {
     const int D = kv.head_dim, kv_dim = kv.kv_dim(), n_ctx = kv.n_ctx;
     const int q_dim = n_head * D, group = n_head / kv.n_head_kv;
     const float sc_q = 1.0f / std::sqrt((float)D);
@@ -206,9 +167,10 @@ void attention_sinks(const float* q, int n, int n_head, const KvCache& kv, const
                 const float* kr = kt + (size_t)e * n_ctx;
                 for (int j = lo; j < hi; ++j) scp[j] += qe * kr[j];
             }
-            float mx = sinks[h];  // the sink takes part in the max and the sum, not in the output
+            // a sink takes part in the max and the sum, not in the output
+            float mx = sinks ? sinks[h] : -INFINITY;
             for (int j = lo; j < hi; ++j) mx = std::max(mx, scp[j]);
-            double sum = std::exp((double)sinks[h] - mx);
+            double sum = sinks ? std::exp((double)sinks[h] - mx) : 0.0;
             for (int j = lo; j < hi; ++j) {
                 scp[j] = std::exp(scp[j] - mx);
                 sum += scp[j];

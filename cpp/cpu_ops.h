@@ -10,7 +10,7 @@
 // rmsnorm over rows of head_dim (per-head Q/K norms), rope_normal (llama's
 // pairing), attention_window (sliding-window layers), geglu_tanh (gemma3's
 // FFN gate), softcap (final logit soft-capping), and gpt-oss's: rope_inv_freq_yarn
-// (YaRN frequencies), attention_sinks (a sink logit per head, windowed or not), and
+// (YaRN frequencies), attention_window's sinks (a sink logit per head, windowed or not), and
 // the mixture-of-experts FFN in the order it runs:
 //   (matmul router, add_bias) -> moe_route -> per expert: gather_rows ->
 //   (matmul gate, up, add_bias) -> swiglu_oai -> (matmul down, add_bias) -> scatter_add_rows
@@ -95,18 +95,15 @@ void kv_append(const KvCache& kv, const float* k, const float* v, int n, const i
 void attention(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots, const int32_t* pos,
                float* out, ThreadPool& pool);
 
-// attention() for a sliding-window layer: query i attends to positions
-// (pos[i] - window, pos[i]] of its slot only; scale 1/sqrt(head_dim) as attention().
-void attention_window(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots,
-                      const int32_t* pos, int window, float* out, ThreadPool& pool);
-
-// attention() / attention_window() (window 0: every earlier key) of a layer with attention
-// sinks (gpt-oss): head h's learned logit sinks[h] joins the softmax's max and denominator
-// and has no value, so the weights over the keys sum to less than 1:
+// attention() for a sliding-window layer and/or one with attention sinks: query i attends to
+// positions (pos[i] - window, pos[i]] of its slot only (window 0: every earlier key), scale
+// 1/sqrt(head_dim) as attention(). sinks (gpt-oss; null: none): head h's learned logit
+// sinks[h] joins the softmax's max and denominator and has no value, so the weights over the
+// keys sum to less than 1:
 //   w_j = exp(s_j - m) / (sum_j' exp(s_j' - m) + exp(sinks[h] - m)), m = max(max_j s_j, sinks[h]).
 // The sink is a logit as it stands (not scaled by 1/sqrt(head_dim)).
-void attention_sinks(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots,
-                     const int32_t* pos, int window, const float* sinks, float* out, ThreadPool& pool);
+void attention_window(const float* q, int n, int n_head, const KvCache& kv, const int32_t* slots,
+                      const int32_t* pos, int window, float* out, ThreadPool& pool, const float* sinks = nullptr);
 
 // The router's choice for n tokens (logits: n rows of n_expert, bias already added): the k
 // largest logits of each row (ties: the lower expert first), ids[t*k + j] their experts in
