@@ -40,6 +40,17 @@ def compare(gpu, cpu, ids):
         assert g == c or cl[t, c] - cl[t, g] < 0.05, f"token {t}: GPU picks {g}, CPU {c}"
 
 
+def compare_decode_batch(gpu, cpu, ids, n0, n1):
+    """Slots 0 and 1 prompted with ids[:n0] and ids[:n1] on both engines, then one two-slot
+    decode batch (the mat-vec path) at positions n0 and n1."""
+    ids = np.asarray(ids, np.int32)
+    for slot, n in ((0, n0), (1, n1)):
+        gpu.forward(slot, ids[:n], 0)
+        cpu.forward(slot, ids[:n], 0)
+    args = (np.array([0, 1], np.int32), np.array([7, 9], np.int32), np.array([n0, n1], np.int32))
+    assert_close_rows(gpu.decode_batch(*args), cpu.decode_batch(*args), "decode_batch")
+
+
 @pytest.mark.parametrize("fused_prompt", [True, False])
 @pytest.mark.parametrize("wtype", TYPES)
 def test_llama_generic_step_matches_cpu(family_model, wtype, fused_prompt):
@@ -49,14 +60,7 @@ def test_llama_generic_step_matches_cpu(family_model, wtype, fused_prompt):
     cpu = core.CpuEngine(path, 64, 2)
     ids = ids_for(cpu, 11)
     compare(gpu, cpu, ids)
-    # single-token steps (the mat-vec path) and a two-slot decode batch
-    ids = np.asarray(ids, np.int32)
-    gpu.forward(0, ids[:6], 0)
-    cpu.forward(0, ids[:6], 0)
-    gpu.forward(1, ids[:4], 0)
-    cpu.forward(1, ids[:4], 0)
-    args = (np.array([0, 1], np.int32), np.array([7, 9], np.int32), np.array([6, 4], np.int32))
-    assert_close_rows(gpu.decode_batch(*args), cpu.decode_batch(*args), "decode_batch")
+    compare_decode_batch(gpu, cpu, ids, 6, 4)
 
 
 def test_llama_fused_decoder_says_why_it_is_off(family_model):
@@ -91,17 +95,11 @@ def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt)
     compare(gpu, cpu, ids_for(cpu, 150, seed=2))
     ids = ids_for(cpu, 24)
     compare(gpu, cpu, ids)
-    ids = np.asarray(ids, np.int32)
-    gpu.forward(0, ids[:20], 0)
-    cpu.forward(0, ids[:20], 0)
-    gpu.forward(1, ids[:9], 0)
-    cpu.forward(1, ids[:9], 0)
-    args = (np.array([0, 1], np.int32), np.array([7, 9], np.int32), np.array([20, 9], np.int32))
-    assert_close_rows(gpu.decode_batch(*args), cpu.decode_batch(*args), "decode_batch")
-    # single-token steps past the window (the mat-vec path), then greedy decoding from there
+    compare_decode_batch(gpu, cpu, ids, 20, 9)
+    # single-token steps past the window (slot 0 holds positions 0..20 now)
     for p in range(21, 30):
-        assert_close_rows(gpu.forward(0, ids[p % 24:p % 24 + 1], p)[None], cpu.forward(0, ids[p % 24:p % 24 + 1], p)[None],
-                          f"position {p}")
+        tok = np.asarray([ids[p % 24]], np.int32)
+        assert_close_rows(gpu.forward(0, tok, p)[None], cpu.forward(0, tok, p)[None], f"position {p}")
 
 
 def test_phi3_window_is_what_the_gpu_computes(family_model):
