@@ -40,6 +40,13 @@ def compare(gpu, cpu, ids):
         assert g == c or cl[t, c] - cl[t, g] < 0.05, f"token {t}: GPU picks {g}, CPU {c}"
 
 
+@pytest.fixture
+def unverified(monkeypatch):
+    """phi3's CUDA path (fused tensors, sliding window) runs only with ORCD_CUDA_UNVERIFIED=1
+    until these tests have passed on a GPU (cuda/family_kernels.cu)."""
+    monkeypatch.setenv("ORCD_CUDA_UNVERIFIED", "1")
+
+
 def compare_decode_batch(gpu, cpu, ids, n0, n1):
     """Slots 0 and 1 prompted with ids[:n0] and ids[:n1] on both engines, then one two-slot
     decode batch (the mat-vec path) at positions n0 and n1."""
@@ -83,7 +90,7 @@ PHI3_SHAPES = {"hd64": dict(n_embd=256, n_head=4, n_head_kv=2), "hd16": dict(n_e
 @pytest.mark.parametrize("fused_prompt", [True, False])
 @pytest.mark.parametrize("shape", sorted(PHI3_SHAPES))
 @pytest.mark.parametrize("wtype", ("F32", "F16", "Q8_0", "Q4_K", "Q6_K"))
-def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt):
+def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt, unverified):
     dims = PHI3_SHAPES[shape]
     if wtype in ("Q4_K", "Q6_K") and dims["n_embd"] % 256:
         pytest.skip("K-quant rows need n_embd a multiple of 256")
@@ -102,7 +109,7 @@ def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt)
         assert_close_rows(gpu.forward(0, tok, p)[None], cpu.forward(0, tok, p)[None], f"position {p}")
 
 
-def test_phi3_window_is_what_the_gpu_computes(family_model):
+def test_phi3_window_is_what_the_gpu_computes(family_model, unverified):
     """The window matters on the GPU too: the same weights without the window key give other
     logits past position 5 (so the parity above is not a window both engines ignore)."""
     dims = PHI3_SHAPES["hd64"]
@@ -113,14 +120,15 @@ def test_phi3_window_is_what_the_gpu_computes(family_model):
     assert np.abs(a - b).max() > 1e-3 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("arch,feature", [("gemma3", "per-head Q/K norms"),
+@pytest.mark.parametrize("arch,feature", [("phi3", "fused attn_qkv .written, not yet verified"),
+                                          ("gemma3", "per-head Q/K norms"),
                                           ("gpt-oss", "mixture-of-experts FFN, attention sinks")])
 def test_other_families_are_refused_by_name(family_model, arch, feature):
     with pytest.raises(ValueError, match=f"the CUDA engine does not run {arch} models yet .*{feature}"):
         cu.CudaEngine(family_model(arch, "F32"), 16, 1)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["phi3", "gemma3", "gpt-oss"])
 def test_auto_device_falls_back_to_the_cpu_for_a_refused_family(family_model, arch, capfd):
     """device="auto" on a GPU: a family the CUDA engine refuses runs on the CPU engine (with a
     note naming why), giving the CPU's tokens; device="cuda" still refuses."""
