@@ -103,6 +103,7 @@ nb::dict paths_dict(const orcd::CudaEngine& e) {
     r["resident_f16_bytes"] = p.resident_f16_bytes;
     r["sample_split"] = p.sample_split;
     r["sample_graphs"] = p.sample_graphs;
+    r["sample_split_full"] = p.sample_split_full;
     r["fast_decode_available"] = p.fast_decode_available;
     r["pdl_available"] = p.pdl_available;
     r["note"] = p.note;
@@ -119,6 +120,7 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["resident_f16"] = o.resident_f16;
     r["sample_split"] = o.sample_split;
     r["sample_graphs"] = o.sample_graphs;
+    r["sample_split_full"] = o.sample_split_full;
     r["cluster_keys"] = o.cluster_keys;
     r["split_keys"] = o.split_keys;
     r["cluster_size"] = o.cluster_size;
@@ -232,7 +234,8 @@ NB_MODULE(_orcd_cuda, m) {
             [](PyCudaEngine& self, nb::object fast_decode, nb::object graphs, nb::object pdl,
                nb::object fused_prompt, nb::object cluster_keys, nb::object split_keys, nb::object batch_graphs,
                nb::object resident_f16, nb::object sample_split, nb::object cluster_size, nb::object cluster_mma,
-               nb::object cluster_span, nb::object direct_keys, nb::object sample_graphs) {
+               nb::object cluster_span, nb::object direct_keys, nb::object sample_graphs,
+               nb::object sample_split_full) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -249,6 +252,7 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!cluster_span.is_none()) o.cluster_span = nb::cast<int>(cluster_span);
                 if (!direct_keys.is_none()) o.direct_keys = nb::cast<int>(direct_keys);
                 if (!sample_graphs.is_none()) o.sample_graphs = nb::cast<bool>(sample_graphs);
+                if (!sample_split_full.is_none()) o.sample_split_full = nb::cast<bool>(sample_split_full);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -260,7 +264,7 @@ NB_MODULE(_orcd_cuda, m) {
             "fused_prompt"_a = nb::none(), "cluster_keys"_a = nb::none(), "split_keys"_a = nb::none(),
             "batch_graphs"_a = nb::none(), "resident_f16"_a = nb::none(), "sample_split"_a = nb::none(),
             "cluster_size"_a = nb::none(), "cluster_mma"_a = nb::none(), "cluster_span"_a = nb::none(),
-            "direct_keys"_a = nb::none(), "sample_graphs"_a = nb::none(),
+            "direct_keys"_a = nb::none(), "sample_graphs"_a = nb::none(), "sample_split_full"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })
@@ -629,7 +633,7 @@ NB_MODULE(_orcd_cuda, m) {
         [sample_params, histories_of](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits,
                                       std::vector<nb::tuple> params,
                                       nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> states,
-                                      HistArrays histories, bool split) {
+                                      HistArrays histories, bool split, bool split_full) {
             const int n = int(logits.shape(0)), V = int(logits.shape(1));
             std::vector<orcd::SamplerParams> ps = sample_params(params, "test_sample_rows");
             std::vector<uint64_t> st(states.data(), states.data() + states.shape(0));
@@ -637,26 +641,27 @@ NB_MODULE(_orcd_cuda, m) {
             std::pair<std::vector<int32_t>, std::vector<uint64_t>> r;
             {
                 nb::gil_scoped_release nogil;
-                r = orcd::cuda_test::sample_rows(logits.data(), n, V, ps, st, hs, split);
+                r = orcd::cuda_test::sample_rows(logits.data(), n, V, ps, st, hs, split, split_full);
             }
             return nb::make_tuple(nb::cast(r.first), nb::cast(r.second));
         },
-        "logits"_a, "params"_a, "states"_a, "histories"_a, "split"_a = true,
+        "logits"_a, "params"_a, "states"_a, "histories"_a, "split"_a = true, "split_full"_a = false,
         "(tokens, states after the draw) of sample_rows on host logits [n, n_vocab]: row r with params[r] "
         "(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, "
         "penalty_last_n), generator state states[r] and history histories[r]; split=False: the one-block "
-        "kernel for every row.");
+        "kernel for every row; split_full=True: rows with top_k off take the split path too.");
     m.def(
         "sample_rows_time",
         [sample_params, histories_of](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits,
-                                      std::vector<nb::tuple> params, HistArrays histories, bool split, int iters) {
+                                      std::vector<nb::tuple> params, HistArrays histories, bool split, int iters,
+                                      bool split_full) {
             const int n = int(logits.shape(0)), V = int(logits.shape(1));
             std::vector<orcd::SamplerParams> ps = sample_params(params, "sample_rows_time");
             std::vector<std::vector<int32_t>> hs = histories_of(histories);
             nb::gil_scoped_release nogil;
-            return orcd::cuda_test::sample_rows_time(logits.data(), n, V, ps, hs, split, iters);
+            return orcd::cuda_test::sample_rows_time(logits.data(), n, V, ps, hs, split, iters, split_full);
         },
-        "logits"_a, "params"_a, "histories"_a, "split"_a = true, "iters"_a = 50,
+        "logits"_a, "params"_a, "histories"_a, "split"_a = true, "iters"_a = 50, "split_full"_a = false,
         "Microseconds per sample_rows launch (test_sample_rows' arguments, the engine's launch choice).");
 
     // ---- logprobs next to the logits against the CPU reference (orcd._orcd.logprobs)

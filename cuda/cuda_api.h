@@ -66,6 +66,9 @@ struct CudaOptions {
     // decode_sample_steps: 8 sampled steps (the fused step, the sampler, the feed) captured into
     // one CUDA graph and replayed (off by default until measured on a GPU: docs/perf_log.md run 40)
     bool sample_graphs = false;
+    // with sample_split: rows with top_k off (the whole vocabulary) on many blocks too, the same
+    // draws as the one-block kernel (off by default until checked on a GPU: perf_log run 42)
+    bool sample_split_full = false;
     // The decode attention's variants (the tests reach each one through these):
     int cluster_keys = 1 << 30;  // caches of up to this many positions: the thread-block cluster merge (Hopper); 0: never
     int split_keys = 32;       // the global merge's splits hold at least this many keys (a positive multiple of 32)
@@ -81,7 +84,7 @@ struct CudaOptions {
 
 // The defaults with ORCD_CUDA_FAST_DECODE, ORCD_CUDA_GRAPHS, ORCD_CUDA_PDL,
 // ORCD_CUDA_FUSED_PROMPT, ORCD_CUDA_BATCH_GRAPHS, ORCD_CUDA_RESIDENT_F16,
-// ORCD_CUDA_SAMPLE_SPLIT and ORCD_CUDA_SAMPLE_GRAPHS applied (0, n or f: off; 1, y or t: on), and ORCD_CUDA_VRAM_LIMIT (bytes, or with a
+// ORCD_CUDA_SAMPLE_SPLIT, ORCD_CUDA_SAMPLE_GRAPHS and ORCD_CUDA_SAMPLE_SPLIT_FULL applied (0, n or f: off; 1, y or t: on), and ORCD_CUDA_VRAM_LIMIT (bytes, or with a
 // K/M/G/T suffix of powers of 1024, e.g. 4G or 4GiB). The only place that reads the environment.
 CudaOptions options_from_env();
 
@@ -91,6 +94,7 @@ struct CudaPaths {
     bool pdl_available = false;          // compute capability >= 9.0
     bool fast_decode = false, graphs = false, pdl = false, fused_prompt = false;
     bool batch_graphs = false, resident_f16 = false, sample_split = false, sample_graphs = false;
+    bool sample_split_full = false;
     size_t resident_f16_bytes = 0;       // the resident fp16 copy (allocated, whether in use or not)
     int batch_graphs_cached = 0;         // instantiated batch-step graphs held now
     std::string note;                    // why something is off (empty when all is well)
@@ -297,11 +301,12 @@ std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* 
                                                                    const std::vector<SamplerParams>& params,
                                                                    const std::vector<uint64_t>& states,
                                                                    const std::vector<std::vector<int32_t>>& histories,
-                                                                   bool split = true);
+                                                                   bool split = true, bool split_full = false);
 // Microseconds per sample_rows launch on those logits (generator states fixed), as the engine
 // launches it (the host rows pick the kernels), `iters` launches in one CUDA graph.
 double sample_rows_time(const float* logits, int n_rows, int n_vocab, const std::vector<SamplerParams>& params,
-                        const std::vector<std::vector<int32_t>>& histories, bool split, int iters);
+                        const std::vector<std::vector<int32_t>>& histories, bool split, int iters,
+                        bool split_full = false);
 
 }  // namespace cuda_test
 }  // namespace orcd

@@ -77,6 +77,7 @@ CudaOptions options_from_env() {
     o.resident_f16 = env_on("ORCD_CUDA_RESIDENT_F16", o.resident_f16);
     o.sample_split = env_on("ORCD_CUDA_SAMPLE_SPLIT", o.sample_split);
     o.sample_graphs = env_on("ORCD_CUDA_SAMPLE_GRAPHS", o.sample_graphs);
+    o.sample_split_full = env_on("ORCD_CUDA_SAMPLE_SPLIT_FULL", o.sample_split_full);
     if (const char* v = std::getenv("ORCD_CUDA_VRAM_LIMIT"); v && *v) o.vram_limit = parse_vram_limit(v);
     return o;
 }
@@ -119,6 +120,7 @@ CudaPaths CudaEngineImpl::paths() const {
     p.resident_f16_bytes = mem_.resident_f16;
     p.sample_split = opt_.sample_split;
     p.sample_graphs = p.fast_decode && dec_.sample_graphs_on();
+    p.sample_split_full = opt_.sample_split && opt_.sample_split_full;
     p.note = dec_.note();
     for (const std::string* n : {&res_note_, &batch_note_})
         if (!n->empty()) p.note += (p.note.empty() ? "" : "; ") + *n;
@@ -212,12 +214,12 @@ bool CudaEngineImpl::decode_sample_steps(int slot, int32_t token, int pos, int n
     // kernels for one row, without the host in between); the sampler's launches depend only on
     // whether this row takes the split path, which names the captured graphs
     dec_.start(slot, token, pos);
-    const int sample_key = cu::sample_rows_split(p, V_, opt_.sample_split) ? 1 : 0;
+    const int sample_key = cu::sample_rows_path(p, V_, opt_.sample_split, opt_.sample_split_full);
     dec_.sampled(
         pos, n_steps,
         [&]() {
             cu::launch_sample_rows(logits_, 1, V_, drow, dtok, dst, stream_, samp_dev_ + lay.work, prow,
-                                   opt_.sample_split);
+                                   opt_.sample_split, opt_.sample_split_full);
         },
         sample_key, dtok, dst, &drow->rng_state);
     CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.states, dst, sizeof(uint64_t), cudaMemcpyDeviceToHost, stream_),
@@ -602,7 +604,7 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
     // logprobs: the rows asking are copied aside before the sampler changes them (nothing when none asks)
     const bool want_logprobs = logprob_rows_.save(logits_, n, V_, rows, stream_);
     cu::launch_sample_rows(logits_, n, V_, reinterpret_cast<const cu::SampleRow*>(samp_dev_ + lay.rows), dtok, dst,
-                           stream_, samp_dev_ + lay.work, prow, opt_.sample_split);
+                           stream_, samp_dev_ + lay.work, prow, opt_.sample_split, opt_.sample_split_full);
     // tokens and states come back in one copy (the states follow the tokens' region)
     CUDA_CHECK(cudaMemcpyAsync(samp_pinned_ + lay.tokens, dtok, lay.states - lay.tokens + size_t(n) * 8,
                                cudaMemcpyDeviceToHost, stream_), "sampled tokens copy");

@@ -873,17 +873,18 @@ void check_sample_args(int n_rows, int n_vocab, const std::vector<SamplerParams>
 std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* logits, int n_rows, int n_vocab,
                                                                    const std::vector<SamplerParams>& params,
                                                                    const std::vector<uint64_t>& states,
-                                                                   const std::vector<std::vector<int32_t>>& histories, bool split) {
+                                                                   const std::vector<std::vector<int32_t>>& histories, bool split,
+                                                                   bool split_full) {
     ready();
     check_sample_args(n_rows, n_vocab, params, states, histories);
     SampleSetup d(logits, n_rows, n_vocab, params, states, histories);
     cu::launch_sample_rows(d.logits.p, n_rows, n_vocab, d.d_rows->p, d.tok.p, d.state.p, nullptr, d.work.p, nullptr,
-                           split);
+                           split, split_full);
     return {d.tok.download("sample_rows"), d.state.download("sample_rows")};
 }
 
 double sample_rows_time(const float* logits, int n_rows, int n_vocab, const std::vector<SamplerParams>& params,
-                        const std::vector<std::vector<int32_t>>& histories, bool split, int iters) {
+                        const std::vector<std::vector<int32_t>>& histories, bool split, int iters, bool split_full) {
     ready();
     const char* what = "sample_rows_time";
     const std::vector<uint64_t> states(size_t(std::max(n_rows, 0)), 1234u);
@@ -895,7 +896,7 @@ double sample_rows_time(const float* logits, int n_rows, int n_vocab, const std:
         [&](cudaStream_t st) {
             for (int i = 0; i < iters; ++i)
                 cu::launch_sample_rows(d.logits.p, n_rows, n_vocab, d.d_rows->p, d.tok.p, d.state.p, st, d.work.p,
-                                       d.rows.data(), split);
+                                       d.rows.data(), split, split_full);
         },
         1, what);
     return us / iters;

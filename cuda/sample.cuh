@@ -58,11 +58,16 @@ struct SampleRow {
 // n_vocab) bytes of device memory.
 constexpr int kSampleSlice = 4096;
 size_t sample_workspace_bytes(int n_rows, int n_vocab);
+// split_full (with split): rows with top_k off (the whole vocabulary) take the split path too:
+// the slice kernel, then the chunk sums of the one-block kernel over many blocks and its scan and
+// walk in one block per row (the same token and state bit for bit; ~150k exponentials of a
+// 151,936-logit row spread over the GPU).
 void launch_sample_rows(float* logits, int n_rows, int n_vocab, const SampleRow* rows, int32_t* out_token,
                         uint64_t* out_state, cudaStream_t stream, void* workspace, const SampleRow* host_rows,
-                        bool split);
-// Whether launch_sample_rows(split) takes the split kernels for a row with these parameters.
-bool sample_rows_split(const SamplerParams& p, int n_vocab, bool split);
+                        bool split, bool split_full = false);
+// Which kernels launch_sample_rows takes for a row with these parameters: 0 the one-block
+// kernel, 1 the split path (top_k / greedy), 2 the whole-vocabulary split path.
+int sample_rows_path(const SamplerParams& p, int n_vocab, bool split, bool split_full);
 
 }  // namespace cu
 }  // namespace orcd

@@ -65,6 +65,11 @@ __device__ __forceinline__ bool has_penalties(const SampleRow& row) {
 __device__ __host__ __forceinline__ bool split_row(const SamplerParams& p, int V) {
     return p.temperature == 0.0f || (p.top_k > 0 && p.top_k < V && p.top_k <= kMaxCand);
 }
+// The rows the whole-vocabulary split path takes (when asked for): sampled with top_k off
+// (top_p is 1 there: device_sampling_supports).
+__device__ __host__ __forceinline__ bool full_row(const SamplerParams& p, int V) {
+    return p.temperature != 0.0f && !(p.top_k > 0 && p.top_k < V);
+}
 
 // Inclusive scan of v over the block (every thread passes one value); returns this
 // thread's inclusive prefix; *total gets the sum. buf: kThreads doubles of shared memory.
@@ -185,9 +190,75 @@ __device__ void draw_top_k(const float* w, int C, float lmax, int best, double u
     if (t == 0) *out = s_int[3];
 }
 
+// The weights of logits [c0, c1) of w in id order (the whole-vocabulary draw's chunk of one
+// thread): exp((w - lmax) / T) in double for the finite ones at or above lmin (min_p).
+__device__ double chunk_weight_sum(const float* w, int c0, int c1, float lmax, double inv_t, bool use_min_p,
+                                   double lmin) {
+    double s = 0.0;
+    for (int i = c0; i < c1; ++i) {
+        if (!(w[i] > -INFINITY) || (use_min_p && double(w[i]) < lmin)) continue;
+        s += exp((double(w[i]) - double(lmax)) * inv_t);
+    }
+    return s;
+}
+
+// The whole-vocabulary draw (top_k off, top_p 1) of one row by a block of kThreads: thread t
+// holds the weight sum s of its chunk [t*chunk, +chunk) (chunk = ceil(V / kThreads)); a block
+// scan of the sums, and the thread whose chunk holds u*total walks it. sample_rows_kernel
+// computes the sums itself, sample_full_draw_kernel takes them from sample_full_sums_kernel:
+// the same values in the same threads, so the two pick the same token. Returns the token to
+// every thread.
+__device__ int draw_whole_vocab(const float* w, int V, double s, float lmax, int best, double u, double inv_t,
+                                bool use_min_p, double lmin, double* dbuf, int* ibuf, int* s_int) {
+    const float ninf = -INFINITY;
+    const int t = threadIdx.x;
+    const int chunk = (V + kThreads - 1) / kThreads;
+    const int c0 = min(V, t * chunk), c1 = min(V, c0 + chunk);
+    double total;
+    const double incl = block_scan(s, dbuf, &total);
+    const double target = u * total;
+    if (t == 0) s_int[0] = -1;
+    __syncthreads();
+    const double excl = t > 0 ? dbuf[t - 1] : 0.0;  // the scan's values stay in dbuf
+    if (s > 0.0 && target >= excl && target < incl) {
+        double cum = excl;
+        int pick = -1, last = -1;
+        for (int i = c0; i < c1; ++i) {
+            if (!(w[i] > ninf) || (use_min_p && double(w[i]) < lmin)) continue;
+            const double e = exp((double(w[i]) - double(lmax)) * inv_t);
+            if (e <= 0.0) continue;
+            cum += e;
+            last = i;
+            if (target < cum) { pick = i; break; }
+        }
+        s_int[0] = pick >= 0 ? pick : last;
+    }
+    __syncthreads();
+    if (s_int[0] < 0) {
+        // rounding put u*total at the very end: the last positive weight, as the CPU does
+        ibuf[t] = s > 0.0 ? t : -1;
+        __syncthreads();
+        if (t == 0) {
+            int lt = -1;
+            for (int k = kThreads - 1; k >= 0 && lt < 0; --k) lt = ibuf[k];
+            int last = best;
+            if (lt >= 0)
+                for (int i = min(V, lt * chunk); i < min(V, lt * chunk + chunk); ++i)
+                    if (w[i] > ninf && !(use_min_p && double(w[i]) < lmin) &&
+                        exp((double(w[i]) - double(lmax)) * inv_t) > 0.0)
+                        last = i;
+            s_int[0] = last;
+        }
+        __syncthreads();
+    }
+    return s_int[0];
+}
+
+// skip_split: rows the split path takes return at once; skip_full: so do full_row ones (the
+// whole-vocabulary split path takes them).
 __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, int V, const SampleRow* rows,
                                                                int32_t* out_token, uint64_t* out_state,
-                                                               bool skip_split) {
+                                                               bool skip_split, bool skip_full) {
     __shared__ double dbuf[kThreads];
     __shared__ int ibuf[kThreads];
     __shared__ uint64_t sbuf[kMaxCand];
@@ -204,6 +275,7 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
     const float ninf = -INFINITY;
 
     if (skip_split && split_row(p, V)) return;  // sample_slices_kernel + sample_merge_kernel take it
+    if (skip_full && full_row(p, V)) return;    // sample_slices_kernel + the two full kernels take it
 
     // 1. sanitise
     for (int i = t; i < V; i += kThreads) w[i] = sanitized(w[i]);
@@ -272,49 +344,9 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
 
     if (!(p.top_k > 0 && p.top_k < V)) {
         // 4a. the whole vocabulary (top_p == 1): weights in id order, chunk per thread
-        double s = 0.0;
-        for (int i = c0; i < c1; ++i) {
-            if (!(w[i] > ninf) || (use_min_p && double(w[i]) < lmin)) continue;
-            s += exp((double(w[i]) - double(lmax)) * inv_t);
-        }
-        double total;
-        const double incl = block_scan(s, dbuf, &total);
-        const double target = u * total;
-        if (t == 0) s_int[0] = -1;
-        __syncthreads();
-        const double excl = t > 0 ? dbuf[t - 1] : 0.0;  // the scan's values stay in dbuf
-        if (s > 0.0 && target >= excl && target < incl) {
-            double cum = excl;
-            int pick = -1, last = -1;
-            for (int i = c0; i < c1; ++i) {
-                if (!(w[i] > ninf) || (use_min_p && double(w[i]) < lmin)) continue;
-                const double e = exp((double(w[i]) - double(lmax)) * inv_t);
-                if (e <= 0.0) continue;
-                cum += e;
-                last = i;
-                if (target < cum) { pick = i; break; }
-            }
-            s_int[0] = pick >= 0 ? pick : last;
-        }
-        __syncthreads();
-        if (s_int[0] < 0) {
-            // rounding put u*total at the very end: the last positive weight, as the CPU does
-            ibuf[t] = s > 0.0 ? t : -1;
-            __syncthreads();
-            if (t == 0) {
-                int lt = -1;
-                for (int k = kThreads - 1; k >= 0 && lt < 0; --k) lt = ibuf[k];
-                int last = best;
-                if (lt >= 0)
-                    for (int i = min(V, lt * chunk); i < min(V, lt * chunk + chunk); ++i)
-                        if (w[i] > ninf && !(use_min_p && double(w[i]) < lmin) &&
-                            exp((double(w[i]) - double(lmax)) * inv_t) > 0.0)
-                            last = i;
-                s_int[0] = last;
-            }
-            __syncthreads();
-        }
-        if (t == 0) out_token[r] = s_int[0];
+        const double s = chunk_weight_sum(w, c0, c1, lmax, inv_t, use_min_p, lmin);
+        const int tok = draw_whole_vocab(w, V, s, lmax, best, u, inv_t, use_min_p, lmin, dbuf, ibuf, s_int);
+        if (t == 0) out_token[r] = tok;
         return;
     }
 
@@ -396,8 +428,12 @@ struct MaxPart {
 };
 
 __host__ __device__ inline int n_slices(int V) { return (V + kSampleSlice - 1) / kSampleSlice; }
-// Per row of the workspace: n_slices MaxParts, then n_slices candidate lists of kMaxCand ids.
-__host__ __device__ inline size_t work_row_bytes(int S) { return size_t(S) * (sizeof(MaxPart) + size_t(kMaxCand) * 4); }
+// Per row of the workspace: n_slices MaxParts, then n_slices candidate lists of kMaxCand ids
+// (or, for a full_row row, kThreads chunk sums in double: at least that much room).
+__host__ __device__ inline size_t work_row_bytes(int S) {
+    const size_t lists = size_t(S) * size_t(kMaxCand) * 4, sums = size_t(kThreads) * sizeof(double);
+    return size_t(S) * sizeof(MaxPart) + (lists > sums ? lists : sums);
+}
 
 // hist[bin] += 1 for every active lane, one atomic per distinct bin of the warp (the top
 // bytes of logits of similar size collide: per-lane atomics on one address serialise).
@@ -767,8 +803,10 @@ __device__ void draw_top_k_warp(const uint64_t top[2], int k, float lmax, int be
     if (lane == 0) *out = pick;
 }
 
+// full: full_row rows too (their sanitised, penalised logits and slice maxima, for the two
+// full kernels below)
 __global__ void __launch_bounds__(kSliceThreads) sample_slices_kernel(float* logits, int V, const SampleRow* rows,
-                                                                      uint8_t* work, int S) {
+                                                                      uint8_t* work, int S, bool full) {
     __shared__ float sv[kSampleSlice];
     __shared__ uint64_t wl[kSliceThreads / 32][64];
     __shared__ int hist[256];
@@ -780,7 +818,7 @@ __global__ void __launch_bounds__(kSliceThreads) sample_slices_kernel(float* log
     const int b = blockIdx.x, r = blockIdx.y, t = threadIdx.x;
     const SampleRow& row = rows[r];
     const SamplerParams& p = row.p;
-    if (!split_row(p, V)) return;  // sample_rows_kernel takes it
+    if (!split_row(p, V) && !(full && full_row(p, V))) return;  // sample_rows_kernel takes it
     float* w = logits + size_t(r) * size_t(V);
     const int s0 = b * kSampleSlice, len = min(kSampleSlice, V - s0);
 
@@ -818,7 +856,7 @@ __global__ void __launch_bounds__(kSliceThreads) sample_slices_kernel(float* log
     block_first_max(lw, li, red_w, red_i, &bw, &bi);
     auto* part = reinterpret_cast<MaxPart*>(work + size_t(r) * work_row_bytes(S));
     if (t == 0) part[b] = MaxPart{bw, bi};
-    if (p.temperature == 0.0f) return;  // greedy: the maximum is all the merge needs
+    if (p.temperature == 0.0f || !split_row(p, V)) return;  // greedy, or a full row: the maxima are all
 
     int32_t* cand = reinterpret_cast<int32_t*>(part + S) + size_t(b) * kMaxCand;
     if (p.top_k <= kWarpK) {
@@ -891,6 +929,86 @@ __global__ void __launch_bounds__(kSliceThreads) sample_slices_kernel(float* log
         const uint32_t key = key_of(sv[c0 + e]);
         if (key > K || (key == K && er++ < want)) cand[at++] = s0 + c0 + e;
     }
+}
+
+// ---- the whole-vocabulary split path (full_row rows, when asked for): after sample_slices_kernel,
+// sample_full_sums_kernel computes sample_rows_kernel's per-thread chunk sums (kThreads chunks of
+// ceil(V / kThreads) logits, the same loop) spread over kThreads / kFullSumThreads blocks per
+// row, and sample_full_draw_kernel (one block of kThreads per row) runs the same scan and walk
+// on them (draw_whole_vocab): the one-block kernel's token and state, bit for bit, with the
+// ~150k exponentials of a 151,936-logit row on many SMs instead of one.
+constexpr int kFullSumThreads = 128;
+
+// The row's maximum over the slices' first maxima, and its first index (the same rule as
+// sample_merge_kernel's, one thread).
+__device__ __forceinline__ MaxPart row_max_of(const MaxPart* part, int S) {
+    float lw = -INFINITY;
+    int li = -1;
+    for (int b = 0; b < S; ++b) {
+        const MaxPart m = part[b];
+        if (m.w > lw || (m.w == lw && m.i >= 0 && (li < 0 || m.i < li))) { lw = m.w; li = m.i; }
+    }
+    return MaxPart{lw, li};
+}
+
+// The chunk sums, kThreads doubles per row, where the row's candidate lists would be.
+__device__ __forceinline__ double* full_sums_of(uint8_t* work, int r, int S) {
+    return reinterpret_cast<double*>(work + size_t(r) * work_row_bytes(S) + size_t(S) * sizeof(MaxPart));
+}
+
+__global__ void __launch_bounds__(kFullSumThreads) sample_full_sums_kernel(const float* logits, int V,
+                                                                            const SampleRow* rows, uint8_t* work,
+                                                                            int S) {
+    __shared__ MaxPart m;
+    const int r = blockIdx.y;
+    const SamplerParams& p = rows[r].p;
+    if (!full_row(p, V)) return;
+    if (threadIdx.x == 0) m = row_max_of(reinterpret_cast<const MaxPart*>(work + size_t(r) * work_row_bytes(S)), S);
+    __syncthreads();
+    if (m.i < 0) return;  // nothing finite: the draw kernel answers -1
+    const float* w = logits + size_t(r) * size_t(V);
+    const int g = blockIdx.x * kFullSumThreads + threadIdx.x;  // the one-block kernel's thread index
+    const int chunk = (V + kThreads - 1) / kThreads;
+    const int c0 = min(V, g * chunk), c1 = min(V, c0 + chunk);
+    const double inv_t = 1.0 / double(p.temperature);
+    const bool use_min_p = p.min_p > 0.0f;
+    const double lmin = use_min_p ? double(m.w) + log(double(p.min_p)) : 0.0;
+    full_sums_of(work, r, S)[g] = chunk_weight_sum(w, c0, c1, m.w, inv_t, use_min_p, lmin);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) sample_full_draw_kernel(const float* logits, int V,
+                                                                       const SampleRow* rows, uint8_t* work, int S,
+                                                                       int32_t* out_token, uint64_t* out_state) {
+    __shared__ double dbuf[kThreads];
+    __shared__ int ibuf[kThreads];
+    __shared__ int s_int[4];
+    __shared__ MaxPart m;
+    const int r = blockIdx.x, t = threadIdx.x;
+    const SampleRow& row = rows[r];
+    const SamplerParams& p = row.p;
+    if (!full_row(p, V)) return;
+    if (t == 0) m = row_max_of(reinterpret_cast<const MaxPart*>(work + size_t(r) * work_row_bytes(S)), S);
+    __syncthreads();
+    const float lmax = m.w;
+    const int best = m.i;
+    if (best < 0) {
+        if (t == 0) {
+            out_token[r] = best;
+            out_state[r] = row.rng_state;
+        }
+        return;
+    }
+    // the draw: the CPU sampler's next_uniform(), as sample_rows_kernel
+    const uint64_t state = row.rng_state + kGolden;
+    const double u = double(mix64(state) >> 11) * (1.0 / 9007199254740992.0);
+    if (t == 0) out_state[r] = state;
+    const double inv_t = 1.0 / double(p.temperature);
+    const bool use_min_p = p.min_p > 0.0f;
+    const double lmin = use_min_p ? double(lmax) + log(double(p.min_p)) : 0.0;
+    const double s = full_sums_of(work, r, S)[t];
+    const int tok = draw_whole_vocab(logits + size_t(r) * size_t(V), V, s, lmax, best, u, inv_t, use_min_p, lmin,
+                                     dbuf, ibuf, s_int);
+    if (t == 0) out_token[r] = tok;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) sample_merge_kernel(const float* logits, int V, const SampleRow* rows,
@@ -1019,27 +1137,46 @@ size_t sample_workspace_bytes(int n_rows, int n_vocab) {
     return n_rows > 0 && n_vocab > 0 ? size_t(n_rows) * work_row_bytes(n_slices(n_vocab)) : 0;
 }
 
-bool sample_rows_split(const SamplerParams& p, int n_vocab, bool split) { return split && split_row(p, n_vocab); }
+int sample_rows_path(const SamplerParams& p, int n_vocab, bool split, bool split_full) {
+    if (split && split_row(p, n_vocab)) return 1;
+    if (split && split_full && full_row(p, n_vocab)) return 2;
+    return 0;
+}
 
 void launch_sample_rows(float* logits, int n_rows, int n_vocab, const SampleRow* rows, int32_t* out_token,
                         uint64_t* out_state, cudaStream_t stream, void* workspace, const SampleRow* host_rows,
-                        bool split) {
+                        bool split, bool split_full) {
     if (n_rows <= 0) return;
-    bool any_split = split, any_other = true;
+    split_full = split && split_full;
+    bool any_split = split, any_full = split_full, any_other = true;
     if (split && host_rows) {
-        any_split = any_other = false;
-        for (int r = 0; r < n_rows; ++r) (split_row(host_rows[r].p, n_vocab) ? any_split : any_other) = true;
+        any_split = any_full = any_other = false;
+        for (int r = 0; r < n_rows; ++r) {
+            const int path = sample_rows_path(host_rows[r].p, n_vocab, split, split_full);
+            (path == 1 ? any_split : path == 2 ? any_full : any_other) = true;
+        }
+    }
+    const int S = n_slices(n_vocab);
+    auto* work = static_cast<uint8_t*>(workspace);
+    if (any_split || any_full) {
+        sample_slices_kernel<<<dim3(S, n_rows), kSliceThreads, 0, stream>>>(logits, n_vocab, rows, work, S, split_full);
+        CUDA_LAUNCH_CHECK("sample_slices_kernel");
     }
     if (any_split) {
-        const int S = n_slices(n_vocab);
-        auto* work = static_cast<uint8_t*>(workspace);
-        sample_slices_kernel<<<dim3(S, n_rows), kSliceThreads, 0, stream>>>(logits, n_vocab, rows, work, S);
-        CUDA_LAUNCH_CHECK("sample_slices_kernel");
         sample_merge_kernel<<<n_rows, kThreads, 0, stream>>>(logits, n_vocab, rows, work, S, out_token, out_state);
         CUDA_LAUNCH_CHECK("sample_merge_kernel");
     }
+    if (any_full) {
+        sample_full_sums_kernel<<<dim3(kThreads / kFullSumThreads, n_rows), kFullSumThreads, 0, stream>>>(
+            logits, n_vocab, rows, work, S);
+        CUDA_LAUNCH_CHECK("sample_full_sums_kernel");
+        sample_full_draw_kernel<<<n_rows, kThreads, 0, stream>>>(logits, n_vocab, rows, work, S, out_token,
+                                                                  out_state);
+        CUDA_LAUNCH_CHECK("sample_full_draw_kernel");
+    }
     if (any_other) {
-        sample_rows_kernel<<<n_rows, kThreads, 0, stream>>>(logits, n_vocab, rows, out_token, out_state, split);
+        sample_rows_kernel<<<n_rows, kThreads, 0, stream>>>(logits, n_vocab, rows, out_token, out_state, split,
+                                                             split_full);
         CUDA_LAUNCH_CHECK("sample_rows");
     }
 }

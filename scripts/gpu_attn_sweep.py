@@ -71,17 +71,18 @@ def main():
     rng = np.random.default_rng(0)
     sampler = [("T0.7 k40 p0.95 min_p0.05", (0.7, 40, 0.95, 0.05, 1.0, 0.0, 0.0, 64)),
                ("T0.7 k40 + repetition 1.1", (0.7, 40, 0.95, 0.05, 1.1, 0.0, 0.0, 64)),
-               ("greedy", (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 64))]
+               ("greedy", (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 64)),
+               ("T0.7 top_k off (OpenAI's defaults)", (0.7, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 64))]
     if not a.no_kernel:
         print("sample_rows_time (151,936 logits a row): us per call")
     for rows in () if a.no_kernel else (1, 8, 64):
         logits = (rng.standard_normal((rows, 151936)) * 2).astype(np.float32)
         hist = [rng.integers(0, 151936, 200).astype(np.int32) for _ in range(rows)]
         for name, p in sampler:
-            for split in (True, False):
-                us = cu.sample_rows_time(logits, [p] * rows, hist, split, 50)
-                out["sampler"].append(dict(rows=rows, params=name, split=split, us=us))
-                print(f"  rows={rows:<3} {name:<28} split={split!s:<5} {us:8.1f}")
+            for split, full in ((True, True), (True, False), (False, False)):
+                us = cu.sample_rows_time(logits, [p] * rows, hist, split, 50, split_full=full)
+                out["sampler"].append(dict(rows=rows, params=name, split=split, split_full=full, us=us))
+                print(f"  rows={rows:<3} {name:<36} split={split!s:<5} full={full!s:<5} {us:8.1f}")
     if a.model:
         eds = [int(x) for x in a.engine_depths.split(",")]
         e = cu.CudaEngine(a.model, max(eds) + 80, 1)

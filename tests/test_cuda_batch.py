@@ -320,9 +320,41 @@ def test_split_sampling_equals_one_block(V):
     assert t0[4] == -1  # nothing finite: no token on either path
 
 
+@pytest.mark.parametrize("V", [151936, 3001, 4097, 9000])
+def test_split_full_sampling_equals_one_block(V):
+    """split_full: rows with top_k off (the whole vocabulary; with min_p, penalties, temperatures
+    from 0.3 to 2, rows of ties, NaN and infinities) take the slice kernel, the chunk sums over many
+    blocks and the scan and walk in one block: tokens and generator states bitwise those of the
+    one-block kernel, beside top_k and greedy rows in the same launch (V = 3001: one slice, the
+    workspace row sized for the sums)."""
+    rng = np.random.default_rng(V + 1)
+    n = 64
+    x = _random_rows(rng, n, V)
+    choices = [
+        dict(top_k=0, top_p=1.0, min_p=0.0, temperature=0.7),
+        dict(top_k=0, top_p=1.0, min_p=0.05, temperature=1.0),
+        dict(top_k=0, top_p=1.0, min_p=0.2, temperature=0.3, repetition_penalty=1.3, frequency_penalty=0.4),
+        dict(top_k=V, top_p=1.0, min_p=0.0, temperature=2.0, presence_penalty=0.5, penalty_last_n=-1),
+        dict(top_k=40, top_p=0.95, min_p=0.05, temperature=0.7),
+        dict(temperature=0.0),
+    ]
+    plist, hist = [], []
+    for r in range(n):
+        plist.append(_params(**choices[r % len(choices)]))
+        hist.append(rng.integers(0, V, size=int(rng.integers(0, 300))).astype(np.int32))
+    states = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    t1, s1 = cu.test_sample_rows(x, plist, states, hist, split=True, split_full=True)
+    t0, s0 = cu.test_sample_rows(x, plist, states, hist, split=False)
+    t1, t0 = np.asarray(t1), np.asarray(t0)
+    bad = np.nonzero(t1 != t0)[0]
+    assert bad.size == 0, [(int(r), int(t1[r]), int(t0[r]), plist[r]) for r in bad[:5]]
+    assert np.array_equal(np.asarray(s1), np.asarray(s0))
+
+
 def test_engine_decode_sample_split_equals_one_block(tiny_model):
     """The engine's single-sequence sampled step (the user path: fused step + sampling)
-    with the split sampler on and off: the same tokens and states for 60 generator states."""
+    with the split sampler (and its whole-vocabulary path) on and off: the same tokens and
+    states for 80 generator states."""
     path = tiny_model("Q5_0", n_vocab=9000)
     e = cu.CudaEngine(path, 64, 1)
     prompt = np.random.default_rng(2).integers(0, e.n_vocab, 12).astype(np.int32)
@@ -330,12 +362,13 @@ def test_engine_decode_sample_split_equals_one_block(tiny_model):
     hist = np.concatenate([prompt, [17]]).astype(np.int32)
     rng = np.random.default_rng(4)
     for p in (_params(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05), _params(temperature=0.0),
-              _params(temperature=1.1, top_k=1024, top_p=0.8, repetition_penalty=1.2)):
+              _params(temperature=1.1, top_k=1024, top_p=0.8, repetition_penalty=1.2),
+              _params(temperature=0.8, top_k=0, top_p=1.0, min_p=0.02)):
         for _ in range(20):
             st = int(rng.integers(0, 2**63))
-            e.set_options(sample_split=True)
+            e.set_options(sample_split=True, sample_split_full=True)
             a = e.decode_sample(0, 17, len(prompt), p, st, hist)
-            e.set_options(sample_split=False)
+            e.set_options(sample_split=False, sample_split_full=False)
             b = e.decode_sample(0, 17, len(prompt), p, st, hist)
             assert a is not None and a == b, (p, st, a, b)
     e.close()
