@@ -341,11 +341,10 @@ private:
             if (q_scale != 1.f) cpu_ops::scale(q.data(), (int64_t)q.size(), q_scale);
             // the whole batch's K/V go in first: token i sees tokens 0..i of its prompt
             cpu_ops::kv_append(kv, k.data(), v.data(), n, slots, pos);
-            if (!L.sinks.empty())  // gpt-oss: every layer, windowed or not
+            // attention_window where the window excludes some key or the layer has sinks (gpt-oss)
+            if (!L.sinks.empty() || (S.sliding_window > 0 && max_pos >= S.sliding_window))
                 cpu_ops::attention_window(q.data(), n, H, kv, slots, pos, S.sliding_window, att.data(), pool_,
-                                          L.sinks.data());
-            else if (S.sliding_window > 0 && max_pos >= S.sliding_window)  // the window excludes some key
-                cpu_ops::attention_window(q.data(), n, H, kv, slots, pos, S.sliding_window, att.data(), pool_);
+                                          L.sinks.empty() ? nullptr : L.sinks.data());
             else
                 cpu_ops::attention(q.data(), n, H, kv, slots, pos, att.data(), pool_);
             matmul(L.wo, att.data(), n, o.data(), pool_);

@@ -189,6 +189,7 @@ void attention_window(const float* q, int n, int n_head, const KvCache& kv, cons
 
 void moe_route(const float* logits, int n, int n_expert, int k, int32_t* ids, float* w) {
     std::vector<int32_t> order(n_expert);
+    std::vector<double> e_k(k);
     for (int t = 0; t < n; ++t) {
         const float* l = logits + (size_t)t * n_expert;
         for (int e = 0; e < n_expert; ++e) order[e] = e;
@@ -201,9 +202,10 @@ void moe_route(const float* logits, int n, int n_expert, int k, int32_t* ids, fl
         double sum = 0;
         for (int j = 0; j < k; ++j) {
             id[j] = order[j];
-            sum += std::exp((double)l[order[j]] - mx);
+            e_k[j] = std::exp((double)l[order[j]] - mx);
+            sum += e_k[j];
         }
-        for (int j = 0; j < k; ++j) wt[j] = (float)(std::exp((double)l[order[j]] - mx) / sum);
+        for (int j = 0; j < k; ++j) wt[j] = (float)(e_k[j] / sum);
     }
 }
 

@@ -190,6 +190,24 @@ __device__ void draw_top_k(const float* w, int C, float lmax, int best, double u
     if (t == 0) *out = s_int[3];
 }
 
+// What a sampled row's draw needs besides its weights: the CPU sampler's next_uniform() (u,
+// and the generator state after it), 1/T, and min_p as a logit threshold under the row's
+// maximum lmax (use_min_p off: no threshold). One definition for every kernel that draws.
+struct DrawSetup {
+    uint64_t state;
+    double u, inv_t, lmin;
+    bool use_min_p;
+};
+__device__ __forceinline__ DrawSetup draw_setup(const SampleRow& row, float lmax) {
+    DrawSetup d;
+    d.state = row.rng_state + kGolden;
+    d.u = double(mix64(d.state) >> 11) * (1.0 / 9007199254740992.0);
+    d.inv_t = 1.0 / double(row.p.temperature);
+    d.use_min_p = row.p.min_p > 0.0f;
+    d.lmin = d.use_min_p ? double(lmax) + log(double(row.p.min_p)) : 0.0;
+    return d;
+}
+
 // The weights of logits [c0, c1) of w in id order (the whole-vocabulary draw's chunk of one
 // thread): exp((w - lmax) / T) in double for the finite ones at or above lmin (min_p).
 __device__ double chunk_weight_sum(const float* w, int c0, int c1, float lmax, double inv_t, bool use_min_p,
@@ -333,12 +351,10 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
     }
 
     // the draw: the CPU sampler's next_uniform()
-    const uint64_t state = row.rng_state + kGolden;
-    const double u = double(mix64(state) >> 11) * (1.0 / 9007199254740992.0);
-    if (t == 0) out_state[r] = state;
-    const double inv_t = 1.0 / double(p.temperature);
-    const bool use_min_p = p.min_p > 0.0f;
-    const double lmin = use_min_p ? double(lmax) + log(double(p.min_p)) : 0.0;
+    const DrawSetup ds = draw_setup(row, lmax);
+    if (t == 0) out_state[r] = ds.state;
+    const double u = ds.u, inv_t = ds.inv_t, lmin = ds.lmin;
+    const bool use_min_p = ds.use_min_p;
     const int chunk = (V + kThreads - 1) / kThreads;
     const int c0 = min(V, t * chunk), c1 = min(V, c0 + chunk);
 
@@ -970,10 +986,8 @@ __global__ void __launch_bounds__(kFullSumThreads) sample_full_sums_kernel(const
     const int g = blockIdx.x * kFullSumThreads + threadIdx.x;  // the one-block kernel's thread index
     const int chunk = (V + kThreads - 1) / kThreads;
     const int c0 = min(V, g * chunk), c1 = min(V, c0 + chunk);
-    const double inv_t = 1.0 / double(p.temperature);
-    const bool use_min_p = p.min_p > 0.0f;
-    const double lmin = use_min_p ? double(m.w) + log(double(p.min_p)) : 0.0;
-    full_sums_of(work, r, S)[g] = chunk_weight_sum(w, c0, c1, m.w, inv_t, use_min_p, lmin);
+    const DrawSetup ds = draw_setup(rows[r], m.w);
+    full_sums_of(work, r, S)[g] = chunk_weight_sum(w, c0, c1, m.w, ds.inv_t, ds.use_min_p, ds.lmin);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) sample_full_draw_kernel(const float* logits, int V,
@@ -998,16 +1012,11 @@ __global__ void __launch_bounds__(kThreads, 1) sample_full_draw_kernel(const flo
         }
         return;
     }
-    // the draw: the CPU sampler's next_uniform(), as sample_rows_kernel
-    const uint64_t state = row.rng_state + kGolden;
-    const double u = double(mix64(state) >> 11) * (1.0 / 9007199254740992.0);
-    if (t == 0) out_state[r] = state;
-    const double inv_t = 1.0 / double(p.temperature);
-    const bool use_min_p = p.min_p > 0.0f;
-    const double lmin = use_min_p ? double(lmax) + log(double(p.min_p)) : 0.0;
+    const DrawSetup ds = draw_setup(row, lmax);  // the draw, as sample_rows_kernel's
+    if (t == 0) out_state[r] = ds.state;
     const double s = full_sums_of(work, r, S)[t];
-    const int tok = draw_whole_vocab(logits + size_t(r) * size_t(V), V, s, lmax, best, u, inv_t, use_min_p, lmin,
-                                     dbuf, ibuf, s_int);
+    const int tok = draw_whole_vocab(logits + size_t(r) * size_t(V), V, s, lmax, best, ds.u, ds.inv_t, ds.use_min_p,
+                                     ds.lmin, dbuf, ibuf, s_int);
     if (t == 0) out_token[r] = tok;
 }
 
@@ -1049,12 +1058,10 @@ __global__ void __launch_bounds__(kThreads, 1) sample_merge_kernel(const float* 
     }
 
     // the draw: the CPU sampler's next_uniform()
-    const uint64_t state = row.rng_state + kGolden;
-    const double u = double(mix64(state) >> 11) * (1.0 / 9007199254740992.0);
-    if (t == 0) out_state[r] = state;
-    const double inv_t = 1.0 / double(p.temperature);
-    const bool use_min_p = p.min_p > 0.0f;
-    const double lmin = use_min_p ? double(lmax) + log(double(p.min_p)) : 0.0;
+    const DrawSetup ds = draw_setup(row, lmax);
+    if (t == 0) out_state[r] = ds.state;
+    const double u = ds.u, inv_t = ds.inv_t, lmin = ds.lmin;
+    const bool use_min_p = ds.use_min_p;
 
     const int k = p.top_k;
     if (k <= kWarpK) {

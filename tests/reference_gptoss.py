@@ -37,6 +37,7 @@ import math
 
 import numpy as np
 
+from reference_phi3 import windowed_attention
 from reference_qwen2 import Qwen2Reference, rms_norm
 
 __all__ = ["GptOssReference", "yarn_inv_freq", "swiglu_oai", "route"]
@@ -86,25 +87,6 @@ def route(logits: np.ndarray, k: int):
     return idx, e / e.sum(axis=-1, keepdims=True)
 
 
-def sink_attention(q, k, v, window: int, kv_head_of, sinks: np.ndarray) -> np.ndarray:
-    """Causal GQA attention (positions 0..n-1) with a sink logit per head; window 0: full."""
-    n, n_head, d = q.shape
-    t = np.arange(n)
-    hidden = t[None, :] > t[:, None]
-    if window:
-        hidden |= (t[:, None] - t[None, :]) >= window
-    out = np.empty_like(q)
-    for h in range(n_head):
-        kvh = kv_head_of(h)
-        s = (q[:, h, :] @ k[:, kvh, :].T) / np.sqrt(d)
-        s = np.where(hidden, -np.inf, s)
-        s = np.concatenate([s, np.full((n, 1), sinks[h])], axis=-1)   # the sink column
-        e = np.exp(s - s.max(axis=-1, keepdims=True))
-        p = (e / e.sum(axis=-1, keepdims=True))[:, :-1]                 # ... dropped
-        out[:, h, :] = p @ v[:, kvh, :]
-    return out
-
-
 class GptOssReference(Qwen2Reference):
     """Knobs for tests that show what the engine's parity depends on: window (None: the
     file's; 0: none), truncate (YaRN range rounding), yarn (False: plain RoPE), clamp
@@ -140,7 +122,7 @@ class GptOssReference(Qwen2Reference):
         k = rope_neox_freqs(k, positions, self.inv_freq, self.mscale)
         sinks = self.weight(p + "attn_sinks.weight") if self.use_sinks else np.full(self.n_head, -np.inf)
         window = self.window if self.is_local[il] else 0
-        a = sink_attention(q, k, v, window, self.kv_head_for, sinks)
+        a = windowed_attention(q, k, v, window, self.kv_head_for, 1.0 / np.sqrt(d), sinks)
         return a.reshape(n, self.n_head * d) @ self.weight(p + "attn_output.weight").T \
             + self.weight(p + "attn_output.bias")
 

@@ -16,9 +16,11 @@ from reference_qwen2 import Qwen2Reference, rope_neox, silu
 __all__ = ["Phi3Reference", "windowed_attention"]
 
 
-def windowed_attention(q, k, v, window: int, kv_head_of, scale: float):
+def windowed_attention(q, k, v, window: int, kv_head_of, scale: float, sinks=None):
     """Causal GQA attention (q (n, H, d), k/v (n, HKV, d), positions 0..n-1) where
-    query t sees keys s with s <= t and (window == 0 or t - s < window); scores x scale."""
+    query t sees keys s with s <= t and (window == 0 or t - s < window); scores x scale.
+    sinks (gpt-oss; None: none): a logit per head that joins each softmax's max and
+    denominator as one more column, which is dropped (it has no value)."""
     n, n_head, d = q.shape
     t = np.arange(n)
     hidden = t[None, :] > t[:, None]
@@ -29,8 +31,10 @@ def windowed_attention(q, k, v, window: int, kv_head_of, scale: float):
         kvh = kv_head_of(h)
         s = (q[:, h, :] @ k[:, kvh, :].T) * scale
         s = np.where(hidden, -np.inf, s)
+        if sinks is not None:
+            s = np.concatenate([s, np.full((n, 1), sinks[h])], axis=-1)
         e = np.exp(s - s.max(axis=-1, keepdims=True))
-        out[:, h, :] = (e / e.sum(axis=-1, keepdims=True)) @ v[:, kvh, :]
+        out[:, h, :] = (e / e.sum(axis=-1, keepdims=True))[:, :n] @ v[:, kvh, :]
     return out
 
 
