@@ -6,6 +6,9 @@
 #   build     start the background build of this tree (and of --old DIR into /tmp/oldsite);
 #             start it in the first call of a lease, while the model's chunks arrive
 #   wait      wait for the build(s)
+#   wheel     instead of build + wait: install the wheels in WHEEL_DIR (default ~/w: orcd's wheel built
+#             on the CPU-only machine and nvidia-cublas, carried) into /tmp/site with --no-deps, no
+#             compiler involved; every later step then imports that orcd (its path and sha256 logged)
 #   tests     every tests/test_cuda_*.py and tests/test_long_context.py, tests/test_generate.py -k gpu,
 #             and tests/test_server.py's haiku over HTTP against a server
 #             on the GPU (the real-model tests with --model); extra pytest arguments: --pytest "ARGS"
@@ -137,6 +140,13 @@ for step in "${STEPS[@]}"; do
         else
             record wait FAIL $(( $(date +%s) - s )) "build failed: see wait.txt"; failed=1; cat "$D/wait.txt"; break
         fi ;;
+    wheel)
+        W=${WHEEL_DIR:-$HOME/w}
+        run_step wheel 300 "$D/wheel.txt" bash -c "sha256sum $W/*.whl; ls -l $W/*.whl; \
+            $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $W/*.whl \
+            && cd /tmp && $PY -c 'import orcd, orcd.backend as b; print(\"orcd from\", orcd.__file__); \
+r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b._preload_cublas_once()); raise SystemExit(1 if r else 0)'"
+        ok_or_fail wheel $? "$(grep -E '^(orcd from|CUDA:)' "$D/wheel.txt" | tr '\n' ' ' | cut -c1-250)" ;;
     tests)
         [ -n "$MODEL" ] && export ORCD_TEST_MODEL=$MODEL
         run_step tests_cuda 420 "$D/tests_cuda.txt" $PY -m pytest -q -rfEs -p no:cacheprovider \
