@@ -6,9 +6,10 @@
 #   build     start the background build of this tree (and of --old DIR into /tmp/oldsite);
 #             start it in the first call of a lease, while the model's chunks arrive
 #   wait      wait for the build(s)
-#   wheel     instead of build + wait: install the wheels in WHEEL_DIR (default ~/w: orcd's wheel built
-#             on the CPU-only machine and nvidia-cublas, carried) into /tmp/site with --no-deps, no
-#             compiler involved; every later step then imports that orcd (its path and sha256 logged)
+#   wheel     install the wheels in WHEEL_DIR (default ~/w: orcd's wheel built on the CPU-only machine
+#             and nvidia-cublas, carried) into WHEEL_SITE (/tmp/wsite) with --no-deps, no compiler
+#             involved (once a machine); the steps after it import that orcd (path and sha256 logged),
+#             the same steps without it the source build's
 #   tests     every tests/test_cuda_*.py and tests/test_long_context.py, tests/test_generate.py -k gpu,
 #             and tests/test_server.py's haiku over HTTP against a server
 #             on the GPU (the real-model tests with --model); extra pytest arguments: --pytest "ARGS"
@@ -43,6 +44,8 @@
 # Options: --model PATH, --f16 PATH (written from MODEL when missing), --old DIR, --repeat N (5),
 #          --rounds N (2), --deadline S (540: steps that would start later are skipped, so the table
 #          comes back inside a 10-minute call), --pytest "ARGS".
+# Environment: GPU_TAG names this run's archive and summary in $OUT (default results: results.tgz,
+#          summary_results.txt); ORCD_CUDA_* switches pass through to every step.
 # Exit status: 0 when every step that ran passed.
 set -u
 source "$(dirname "$0")/gpu_lib.sh"
@@ -141,12 +144,16 @@ for step in "${STEPS[@]}"; do
             record wait FAIL $(( $(date +%s) - s )) "build failed: see wait.txt"; failed=1; cat "$D/wait.txt"; break
         fi ;;
     wheel)
-        W=${WHEEL_DIR:-$HOME/w}
-        run_step wheel 300 "$D/wheel.txt" bash -c "sha256sum $W/*.whl; ls -l $W/*.whl; \
-            $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $W/*.whl \
-            && cd /tmp && $PY -c 'import orcd, orcd.backend as b; print(\"orcd from\", orcd.__file__); \
+        # the carried wheels go to their own folder, first on PYTHONPATH for the steps after this
+        # one, so a source build (build/wait, in the system site-packages) stays runnable beside it
+        W=${WHEEL_DIR:-$HOME/w} WS=${WHEEL_SITE:-/tmp/wsite}
+        run_step wheel 300 "$D/wheel.txt" bash -c "sha256sum $W/*.whl; ls -l $W/*.whl; [ -d $WS/orcd ] || \
+            $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $WS $W/*.whl \
+            && cd /tmp && PYTHONPATH=$WS:\$PYTHONPATH $PY -c 'import orcd, orcd.backend as b; print(\"orcd from\", orcd.__file__); \
 r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b._preload_cublas_once()); raise SystemExit(1 if r else 0)'"
-        ok_or_fail wheel $? "$(grep -E '^(orcd from|CUDA:)' "$D/wheel.txt" | tr '\n' ' ' | cut -c1-250)" ;;
+        rc=$?
+        export PYTHONPATH=$WS:$PYTHONPATH
+        ok_or_fail wheel $rc "$(grep -E '^(orcd from|CUDA:)' "$D/wheel.txt" | tr '\n' ' ' | cut -c1-250)" ;;
     tests)
         [ -n "$MODEL" ] && export ORCD_TEST_MODEL=$MODEL
         run_step tests_cuda 420 "$D/tests_cuda.txt" $PY -m pytest -q -rfEs -p no:cacheprovider \
@@ -301,7 +308,12 @@ echo
 for f in "$D"/tests_*.txt; do
     [ -f "$f" ] && sed -n '/short test summary/,$p' "$f" | grep -E "^(FAILED|ERROR)" | cut -c1-300 | head -20
 done
-summary | tee "$D/summary.txt"
-# the device tool brings back few files: everything else travels in one archive
-[ -n "${OUT:-}" ] && tar czf /tmp/gpu_results.tgz -C "$D" --exclude results.tgz . && mv /tmp/gpu_results.tgz "$D/results.tgz"
+TAG=${GPU_TAG:-results}
+summary | tee "$D/summary_$TAG.txt"
+# the device tool brings back at most 8 files: this run's files travel in one archive named by
+# GPU_TAG (several runs of this script in one call each leave their own) beside its summary
+if [ -n "${OUT:-}" ]; then
+    tar czf "/tmp/gpu_$TAG.tgz" -C "$D" --exclude '*.tgz' --exclude 'summary_*.txt' . && mv "/tmp/gpu_$TAG.tgz" "$D/$TAG.tgz" \
+        && find "$D" -mindepth 1 -maxdepth 1 ! -name '*.tgz' ! -name 'summary_*.txt' -exec rm -rf {} +
+fi
 exit $failed
