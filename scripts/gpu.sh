@@ -33,6 +33,7 @@
 #   lcp       wait for that build, then llama-bench (pp512/tg128, pp4096, pp16384, tg128 at depth 4096
 #             and 16384), llama-batched-bench (pp128/tg128 at 1,8,32,64,128) and llama-server under
 #             orcd bench-serve at the same client counts as `serve`
+#   lcp_batched  only the llama-batched-bench part of `lcp`
 #   lcp_serve only the llama-server part of `lcp` (the build done)
 #   (serve, lcp, lcp_serve: SERVE_BENCH_ARGS in the environment goes to every bench-serve call;
 #   LCP_SERVER_ARGS to llama-server's command line, e.g. "--kv-unified": in round 8 llama-server
@@ -245,19 +246,21 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
     lcp_start)
         if [ -f .carry/llamacpp-src.tgz ]; then bash .carry/llamacpp-build.sh .carry/llamacpp-src.tgz > /dev/null 2>&1
             record lcp_start ok 0 "started"; else record lcp_start skip 0 "no .carry/llamacpp-src.tgz"; fi ;;
-    lcp)
-        needs_model lcp || continue
+    lcp|lcp_batched)
+        needs_model $step || continue
         s=$(date +%s)
         while ! grep -q LCP_DONE /tmp/lcp.log 2>/dev/null && [ $(( $(date +%s) - s )) -lt 400 ]; do sleep 3; done
-        grep -q "LCP_DONE 0" /tmp/lcp.log 2>/dev/null || { record lcp FAIL 0 "llama.cpp build: $(tail -3 /tmp/lcp.log | tr '\n' ' ')"; failed=1; continue; }
+        grep -q "LCP_DONE 0" /tmp/lcp.log 2>/dev/null || { record $step FAIL 0 "llama.cpp build: $(tail -3 /tmp/lcp.log | tr '\n' ' ')"; failed=1; continue; }
         B=/tmp/lcp/llama.cpp/build/bin
-        run_step lcp_bench 300 "$D/lcp_bench.txt" bash -c "$B/llama-bench -m $MODEL -p 512,4096,16384 -n 128 -r 3 -fa 1 -o md; \
-            $B/llama-bench -m $MODEL -p 0 -n 128 -d 4096,16384 -r 3 -fa 1 -o md"
-        ok_or_fail lcp_bench $? "$(grep -E 'pp|tg' "$D/lcp_bench.txt" | awk -F'|' '{print \$(NF-2), \$(NF-1)}' | tr '\n' ';' | cut -c1-250)"
+        if [ $step = lcp ]; then
+            run_step lcp_bench 300 "$D/lcp_bench.txt" bash -c "$B/llama-bench -m $MODEL -p 512,4096,16384 -n 128 -r 3 -fa 1 -o md; \
+                $B/llama-bench -m $MODEL -p 0 -n 128 -d 4096,16384 -r 3 -fa 1 -o md"
+            ok_or_fail lcp_bench $? "$(grep -E 'pp|tg' "$D/lcp_bench.txt" | awk -F'|' '{print \$(NF-2), \$(NF-1)}' | tr '\n' ';' | cut -c1-250)"
+        fi
         run_step lcp_batched 300 "$D/lcp_batched.txt" $B/llama-batched-bench -m $MODEL -ngl 99 -fa on -c 40000 \
             -npp 128 -ntg 128 -npl 1,8,32,64,128
         ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print \$4, \$(NF-1)}' | tr '\n' ';')"
-        serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090 ${LCP_SERVER_ARGS:-}" ;;
+        [ $step = lcp ] && serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090 ${LCP_SERVER_ARGS:-}" ;;
     lcp_serve)
         needs_model lcp_serve || continue
         [ -x /tmp/lcp/llama.cpp/build/bin/llama-server ] || { record lcp_serve skip 0 "no llama-server build"; continue; }
