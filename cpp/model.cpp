@@ -130,16 +130,17 @@ const char* rope_scaling_name(RopeScaling s) { return s == RopeScaling::Yarn ? "
 
 float ModelDesc::score_scale() const { return attn_scale > 0 ? attn_scale : 1.0f / std::sqrt((float)head_dim); }
 
-bool ModelDesc::is_qwen2_shape() const {
-    if (rope_style != RopeStyle::Neox || activation != Activation::Silu || !qkv_bias || fused_qkv ||
-        fused_gate_up || qk_norm || post_norms || embd_scale != 1.f || attn_scale != 0.f || logit_softcap != 0.f ||
-        sliding_window || head_dim * n_head != n_embd || attn_out_bias || attn_sinks ||
-        rope_scaling != RopeScaling::None || n_expert > 0)
+bool ModelDesc::is_plain_decoder_shape() const {
+    if (activation != Activation::Silu || fused_qkv || fused_gate_up || qk_norm || post_norms || embd_scale != 1.f ||
+        attn_scale != 0.f || logit_softcap != 0.f || sliding_window || head_dim * n_head != n_embd || attn_out_bias ||
+        attn_sinks || rope_scaling != RopeScaling::None || n_expert > 0)
         return false;
     for (const LayerDesc& L : layers)
         if (L.rope_base != rope_base) return false;
     return true;
 }
+
+bool ModelDesc::is_qwen2_shape() const { return is_plain_decoder_shape() && rope_style == RopeStyle::Neox && qkv_bias; }
 
 ModelDesc describe_model(const GGUFFile& f) {
     ModelDesc d;

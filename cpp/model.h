@@ -146,9 +146,12 @@ struct ModelDesc {
     float swiglu_alpha = 1.702f, swiglu_limit = 7.f;  // Activation::SwigluOai (llama.cpp's constants)
 
     float score_scale() const;   // attn_scale, or 1/sqrt(head_dim) when 0
-    // True when the model is the shape of the original engines: qwen2's tensors and ops
-    // (NEOX, biases, separate projections, SiLU, no extra norms, no scales, one RoPE base,
-    // full attention). The CUDA fused decoder handles only this shape.
+    // The plain decoder layer: separate Q/K/V/O and gate/up/down projections, SiLU, two
+    // RMSNorms and nothing more (no extra norms, scales, window, sinks or experts), one RoPE
+    // base, n_head * head_dim == n_embd; either RoPE pairing, biases or none (qwen2, llama).
+    // The CUDA fused decoder handles this shape.
+    bool is_plain_decoder_shape() const;
+    // The plain decoder with qwen2's NEOX pairing and Q/K/V biases: the original engines' shape.
     bool is_qwen2_shape() const;
 };
 

@@ -100,6 +100,7 @@ struct DecQkvArgs {
     int n_head, n_head_kv, head_dim;
     int S, parts;             // rows per half-head part, parts per head
     const float2* rope;       // [n_ctx][head_dim/2] (cos, sin) of pos * base^(-2i/head_dim)
+    int rope_normal;          // 1: pair i is rows (2i, 2i+1) of a head (llama), 0: (i, i + head_dim/2) (NEOX)
     float* q_out;             // n_head*head_dim floats (roped, unscaled)
     __half *kc, *vc;          // this layer's [pool position][kv_dim] block
     const int64_t* slot_off;  // device: slot s's position 0 is slot_off[s] elements in

@@ -582,7 +582,11 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     const float* bias = tt == 0 ? p.bias[0] : (tt == 1 ? p.bias[1] : p.bias[2]);
     const int i0 = part * p.S;
     const int n = min(p.S, half - i0);
-    const int lo0 = hl * hd + i0, hi0 = lo0 + half;
+    // Pair i of this head: rows (lo0 + i*step, hi0 + i*step), rotated together by RoPE. NEOX
+    // pairs a row with the one half a head on; llama's normal pairing, its neighbour.
+    const bool normal = p.rope_normal;
+    const int step = normal ? 2 : 1;
+    const int lo0 = hl * hd + i0 * step, hi0 = normal ? lo0 + 1 : lo0 + half;
 
     // Before the wait: everything that does not depend on the previous kernel. The
     // norm weights (group 0) and this block's weight rows (group 1) start copying;
@@ -591,18 +595,19 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     float* nw = reinterpret_cast<float*>(smem + p.smem_w);
     stage_floats(nw, p.norm_w, p.n_embd);
     cp_async_commit();
-    int used0, used1;
-    const int off0 = stage_rows(smem, w, lo0, lo0 + n, &used0);
-    uint8_t* base1 = smem + used0;
-    const int off1 = stage_rows(base1, w, hi0, hi0 + n, &used1);
+    // NEOX: the two runs of n rows staged one after the other; normal: the 2n interleaved rows at once
+    int used0, used1 = 0;
+    const int off0 = stage_rows(smem, w, lo0, lo0 + n * step, &used0);
+    uint8_t* base1 = normal ? smem : smem + used0;
+    const int off1 = normal ? off0 + int(w.row_bytes) : stage_rows(base1, w, hi0, hi0 + n, &used1);
     cp_async_commit();
     const int pos = p.st->pos, slot = p.st->slot;
     float b0 = 0.f, b1 = 0.f;
     float2 cs = make_float2(1.f, 0.f);
     if (threadIdx.x < n) {
         if (bias) {
-            b0 = __ldg(bias + lo0 + threadIdx.x);
-            b1 = __ldg(bias + hi0 + threadIdx.x);
+            b0 = __ldg(bias + lo0 + threadIdx.x * step);
+            b1 = __ldg(bias + hi0 + threadIdx.x * step);
         }
         if (tt < 2) cs = __ldg(p.rope + size_t(pos) * half + i0 + threadIdx.x);
     }
@@ -638,9 +643,9 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     __syncthreads();
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int j = warp; j < n; j += NW) {  // rows lo0+j and hi0+j together
-        const uint8_t* r0 = smem + off0 + size_t(j) * w.row_bytes;
-        const uint8_t* r1 = base1 + off1 + size_t(j) * w.row_bytes;
+    for (int j = warp; j < n; j += NW) {  // pair j: rows lo0 + j*step and hi0 + j*step together
+        const uint8_t* r0 = smem + off0 + size_t(j * step) * w.row_bytes;
+        const uint8_t* r1 = base1 + off1 + size_t(j * step) * w.row_bytes;
         const float2 dt = tt < 2 ? row_dot2_k<TQK>(w.type, r0, r1, p.n_embd, a) : row_dot2_k<TV>(w.type, r0, r1, p.n_embd, a);
         if (lane == 0) {
             dots[j] = dt.x;
@@ -651,19 +656,20 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     if (threadIdx.x < n) {
         const int j = threadIdx.x, i = i0 + j;
         float x0 = dots[j] + b0, x1 = dots[n + j] + b1;
-        if (tt < 2) {  // NEOX RoPE with the engine's table: (cos, sin) of pos * base^(-2i/hd), from double
+        if (tt < 2) {  // RoPE with the engine's table: (cos, sin) of pos * base^(-2i/hd), from double
             const float y0 = x0 * cs.x - x1 * cs.y;
             const float y1 = x0 * cs.y + x1 * cs.x;
             x0 = y0;
             x1 = y1;
         }
+        const int c0 = normal ? 2 * i : i, c1 = normal ? c0 + 1 : i + half;  // the pair's columns in the head
         if (tt == 0) {
-            p.q_out[hl * hd + i] = x0;
-            p.q_out[hl * hd + i + half] = x1;
+            p.q_out[hl * hd + c0] = x0;
+            p.q_out[hl * hd + c1] = x1;
         } else {
             __half* dst = (tt == 1 ? p.kc : p.vc) + size_t(p.slot_off[slot]) + size_t(pos) * p.kv_dim + hl * hd;
-            dst[i] = __float2half_rn(x0);
-            dst[i + half] = __float2half_rn(x1);
+            dst[c0] = __float2half_rn(x0);
+            dst[c1] = __float2half_rn(x1);
         }
     }
 }

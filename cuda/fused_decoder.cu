@@ -172,6 +172,7 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         q.S = qkv_rows_;
         q.parts = qkv_parts_;
         q.rope = rope_;
+        q.rope_normal = d_.rope_style == RopeStyle::Normal;
         q.q_out = b.q;
         q.kc = kc;
         q.vc = vc;

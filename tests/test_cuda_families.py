@@ -3,7 +3,8 @@
 llama (normal RoPE pairing, no biases, tied output) runs in the generic step:
 per-layer hidden states and logits against the CPU engine (cosine >= 0.999, same
 argmax) with the fused prompt path on and off, and decode_batch; the fused
-single-sequence decoder reports itself unavailable and says why. phi3 (fused
+single-sequence decoder takes llama's shape (the normal pairing in its Q/K kernel) with
+ORCD_CUDA_UNVERIFIED=1 until these tests pass on a GPU, and otherwise says why it is off. phi3 (fused
 attn_qkv and gate|up, read as row slices of one tensor; a sliding window on every
 layer) runs in the generic step too, held to the same bounds with a window that
 bites: head_dim 64 takes the tensor-core prompt attention and the decode-shaped
@@ -42,8 +43,8 @@ def compare(gpu, cpu, ids):
 
 @pytest.fixture
 def unverified(monkeypatch):
-    """phi3's CUDA path (fused tensors, sliding window) runs only with ORCD_CUDA_UNVERIFIED=1
-    until these tests have passed on a GPU (cuda/family_kernels.cu)."""
+    """phi3's CUDA path (fused tensors, sliding window) and llama on the fused decoder run only
+    with ORCD_CUDA_UNVERIFIED=1 until these tests have passed on a GPU (cuda/family_kernels.cu)."""
     monkeypatch.setenv("ORCD_CUDA_UNVERIFIED", "1")
 
 
@@ -79,6 +80,37 @@ def test_llama_fused_decoder_says_why_it_is_off(family_model):
     first = int(np.argmax(cpu.forward(0, np.array([3, 4, 5], np.int32), 0)))
     gpu.forward(0, np.array([3, 4, 5], np.int32), 0)
     assert list(gpu.decode_greedy(0, first, 3, 6)) == list(cpu.decode_greedy(0, first, 3, 6))
+
+
+@pytest.mark.parametrize("wtype", ("F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"))
+def test_llama_fused_decoder_matches_cpu(family_model, wtype, unverified):
+    """llama on the fused single-sequence decoder (dec_qkv_kernel's normal RoPE pairing: rows
+    2i and 2i+1 of a head rotated together; no biases; a tied output for Q8_0): single-token
+    steps against the same engine's mat-vec path (fast_decode off) and the CPU engine, then
+    decode_greedy's graphs of 8 steps give the single steps' tokens."""
+    path = family_model("llama", wtype, tied=wtype == "Q8_0")
+    fast = cu.CudaEngine(path, 64, 1)
+    p = fast.paths()
+    assert p["fast_decode_available"] and p["fast_decode"], p
+    slow = cu.CudaEngine(path, 64, 1)
+    slow.set_options(fast_decode=False)
+    cpu = core.CpuEngine(path, 64, 1)
+    prompt = np.asarray(ids_for(cpu, 11), np.int32)
+    engines = (fast, slow, cpu)
+    lf, ls, lc = (e.forward(0, prompt, 0) for e in engines)
+    pos, picked = len(prompt), []
+    for step in range(10):
+        t = np.array([int(np.argmax(lf))], np.int32)
+        picked.append(int(t[0]))
+        lf, ls, lc = (e.forward(0, t, pos) for e in engines)
+        pos += 1
+        assert_close_rows(lf[None], ls[None], f"step {step}: fused vs mat-vec", cos_min=0.99999)
+        assert_close_rows(lf[None], lc[None], f"step {step}: fused vs CPU")
+    again = cu.CudaEngine(path, 64, 1)
+    again.forward(0, prompt, 0)
+    assert list(again.decode_greedy(0, picked[0], len(prompt), 9)) == picked[1:]
+    for e in (fast, slow, cpu, again):
+        e.close()
 
 
 # phi3 shapes: head_dim 64 (n_embd 256, 4 heads; the tensor-core prompt attention and rows_attn)
