@@ -184,9 +184,13 @@ def test_auto_device_falls_back_to_the_cpu_for_a_refused_family(family_model, ar
         orcd.Model(path, device="cuda", n_ctx=64)
 
 
-def test_real_smollm2_greedy_equals_cpu(smollm2_path):
+@pytest.mark.parametrize("fused_decoder", [False, True])
+def test_real_smollm2_greedy_equals_cpu(smollm2_path, fused_decoder, monkeypatch):
+    if fused_decoder:
+        monkeypatch.setenv("ORCD_CUDA_UNVERIFIED", "1")
     cpu = core.CpuEngine(smollm2_path, 128, 1)
     gpu = cu.CudaEngine(smollm2_path, 128, 1)
+    assert gpu.paths()["fast_decode"] == fused_decoder, gpu.paths()
     ids = np.array([504, 3575, 282, 4649, 314], np.int32)  # "The capital of France is"
     t_cpu = int(np.argmax(cpu.forward(0, ids, 0)))
     t_gpu = int(np.argmax(gpu.forward(0, ids, 0)))
