@@ -140,8 +140,6 @@ bool ModelDesc::is_plain_decoder_shape() const {
     return true;
 }
 
-bool ModelDesc::is_qwen2_shape() const { return is_plain_decoder_shape() && rope_style == RopeStyle::Neox && qkv_bias; }
-
 ModelDesc describe_model(const GGUFFile& f) {
     ModelDesc d;
     d.arch = f.get("general.architecture").as_string("general.architecture");

@@ -151,8 +151,6 @@ struct ModelDesc {
     // base, n_head * head_dim == n_embd; either RoPE pairing, biases or none (qwen2, llama).
     // The CUDA fused decoder handles this shape.
     bool is_plain_decoder_shape() const;
-    // The plain decoder with qwen2's NEOX pairing and Q/K/V biases: the original engines' shape.
-    bool is_qwen2_shape() const;
 };
 
 // Reads and validates the description; throws orcd::Error naming the file and

@@ -64,8 +64,9 @@ struct CudaOptions {
     bool resident_f16 = true;
     bool sample_split = true;  // device sampling of top_k rows: many blocks per row, then a merge
     // decode_sample_steps: 8 sampled steps (the fused step, the sampler, the feed) captured into
-    // one CUDA graph and replayed (off by default until measured on a GPU: docs/perf_log.md run 40)
-    bool sample_graphs = false;
+    // one CUDA graph and replayed (docs/perf_log.md runs 40, 43: Model.chat +0.8%, bitwise the
+    // plain launches' tokens)
+    bool sample_graphs = true;
     // with sample_split: rows with top_k off (the whole vocabulary) on many blocks too, the same
     // draws as the one-block kernel (off by default until checked on a GPU: perf_log run 42)
     bool sample_split_full = false;

@@ -56,23 +56,9 @@ void rope(const ModelDesc& d, float* x, int ld, int n_tok, int n_heads, const in
 
 namespace {
 
-// Features whose CUDA code is written but not yet checked on a GPU against the CPU engine
-// (tests/test_cuda_families.py sets the variable): refused unless ORCD_CUDA_UNVERIFIED=1, so
-// device='auto' keeps such a model on the CPU rather than risk wrong text.
-bool unverified_allowed() {
-    const char* v = std::getenv("ORCD_CUDA_UNVERIFIED");
-    return v && v[0] == '1';
-}
-
 // The family features the CUDA engine's generic step does not run yet.
 std::vector<std::string> missing_cuda_features(const ModelDesc& d) {
     std::vector<std::string> m;
-    if (!unverified_allowed()) {
-        const char* why = " (written, not yet verified on a GPU; ORCD_CUDA_UNVERIFIED=1 runs it)";
-        if (d.fused_qkv) m.push_back(std::string("fused attn_qkv") + why);
-        if (d.fused_gate_up) m.push_back(std::string("fused gate|up in ffn_up") + why);
-        if (d.sliding_window) m.push_back(std::string("sliding-window attention") + why);
-    }
     if (d.qk_norm) m.push_back("per-head Q/K norms");
     if (d.post_norms) m.push_back("post-attention/post-FFN norms");
     if (d.activation != Activation::Silu) m.push_back(std::string(activation_name(d.activation)) + " FFN");
@@ -113,19 +99,14 @@ void check_cuda_family(const ModelDesc& d, const std::string& where) {
 }
 
 std::string fused_decoder_unsupported(const ModelDesc& d) {
-    if (d.is_qwen2_shape()) return "";
-    // llama's shape (the normal pairing: dec_qkv_kernel's rope_normal; no biases) is written,
-    // held behind ORCD_CUDA_UNVERIFIED until tests/test_cuda_families.py has passed on a GPU
-    if (d.is_plain_decoder_shape()) {
-        if (unverified_allowed()) return "";
-        return "it handles the qwen2 shape only; " + d.arch +
-               "'s (normal RoPE pairing, no Q/K/V biases) is written, not yet verified on a GPU "
-               "(ORCD_CUDA_UNVERIFIED=1 runs it; the generic step runs it)";
-    }
+    // qwen2's and llama's layer (either RoPE pairing: dec_qkv_kernel's rope_normal; biases or none)
+    if (d.is_plain_decoder_shape()) return "";
     std::vector<std::string> m = missing_cuda_features(d);
-    if (d.rope_style != RopeStyle::Neox) m.push_back("the normal RoPE pairing");
-    if (!d.qkv_bias) m.push_back("no Q/K/V biases");
-    return "it handles the qwen2 shape only; " + d.arch + " has " + join(m) + " (the generic step runs it)";
+    if (d.fused_qkv) m.push_back("fused attn_qkv");
+    if (d.fused_gate_up) m.push_back("fused gate|up in ffn_up");
+    if (d.sliding_window) m.push_back("sliding-window attention");
+    return "it handles the plain decoder layer only (qwen2, llama); " + d.arch + " has " + join(m) +
+           " (the generic step runs it)";
 }
 
 }  // namespace orcd

@@ -28,7 +28,7 @@ void rope(const ModelDesc& d, float* x, int ld, int n_tok, int n_heads, const in
 // plus: the normal RoPE pairing, layers without Q/K/V biases, a tied output.
 void check_cuda_family(const ModelDesc& d, const std::string& where);
 
-// Empty when the fused single-sequence decoder can run the model (qwen2's shape),
+// Empty when the fused single-sequence decoder can run the model (the plain decoder layer),
 // else why not (for its note: "measured, not silent").
 std::string fused_decoder_unsupported(const ModelDesc& d);
 

@@ -26,7 +26,7 @@
 #             in .git/info/exclude and name it in the device call's carry)
 #   ncu       scripts/gpu_ncu.sh MODEL (Nsight Compute on the decode kernels)
 #   batch     orcd bench --batch 1,8,32,64,128 --json (sampled, pp128 + tg128 per sequence, and the
-#             Model.chat user path); batch_sg: the same with ORCD_CUDA_SAMPLE_GRAPHS=1 (batch_sg.json)
+#             Model.chat user path); batch_sg: B=1,8 and Model.chat with ORCD_CUDA_SAMPLE_GRAPHS=0 (batch_sg.json)
 #   long      orcd bench -p 4096 and -p 16384 (-n 128: tg128 at that depth) --json
 #   serve     orcd serve --device cuda --max-seqs 128, then orcd bench-serve at 1, 8, 32, 64, 128 clients
 #   lcp_start start building llama.cpp's tools (.carry/llamacpp-src.tgz, ../shared/device/README.md)
@@ -230,7 +230,7 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         ok_or_fail batch $? "$(tail -c 300 "$D/batch.err" | tr '\n' ' ')" ;;
     batch_sg)
         needs_model batch_sg || continue
-        run_step batch_sg 400 "$D/batch_sg.err" bash -c "cd /tmp && ORCD_CUDA_SAMPLE_GRAPHS=1 $PY -m orcd.cli bench \
+        run_step batch_sg 400 "$D/batch_sg.err" bash -c "cd /tmp && ORCD_CUDA_SAMPLE_GRAPHS=0 $PY -m orcd.cli bench \
             -m '$MODEL' --device cuda --batch 1,8 --json > '$D/batch_sg.json'"
         ok_or_fail batch_sg $? "$(tail -c 300 "$D/batch_sg.err" | tr '\n' ' ')" ;;
     long)

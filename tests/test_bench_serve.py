@@ -56,3 +56,81 @@ def test_bench_serve_against_our_server(tiny_model, tmp_path):
                             "--requests", "1", "--warmup", "0", "--max-tokens", "4", "--model", "no-such-model"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
         assert p.returncode == 1 and "errors 1" in p.stdout and "HTTP 404" in p.stdout
+
+
+def _one_request_per_connection_server():
+    """A raw OpenAI-shaped SSE server on 127.0.0.1 that answers one request per connection
+    and drops the connection, unanswered, when a second request arrives on it (a server that
+    closes kept-alive connections, as llama-server's HTTP library does, seen from a client
+    that reuses one: the request is lost). Returns (url, requests_answered, stop)."""
+    import asyncio
+    import threading
+
+    answered = []
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box = {}
+
+    async def handle(reader, writer):
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if served:  # a reused connection: dropped without an answer
+                    break
+                lines = head.decode().split("\r\n")
+                n = next((int(x.split(":")[1]) for x in lines if x.lower().startswith("content-length:")), 0)
+                if n:
+                    await reader.readexactly(n)
+                if lines[0].startswith("GET /v1/models"):
+                    body = json.dumps({"data": [{"id": "fake"}]}).encode()
+                    ctype = "application/json"
+                else:
+                    chunks = [{"choices": [{"text": f" t{i}"}]} for i in range(4)]
+                    chunks.append({"choices": [], "usage": {"completion_tokens": 4}})
+                    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
+                    ctype = "text/event-stream"
+                writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                             f"Connection: keep-alive\r\n\r\n".encode() + body)
+                await writer.drain()
+                served += 1
+                answered.append(lines[0])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        box["server"] = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+        ready.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    port = box["server"].sockets[0].getsockname()[1]
+
+    def stop():
+        loop.call_soon_threadsafe(box["server"].close)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+
+    return f"http://127.0.0.1:{port}", answered, stop
+
+
+def test_bench_serve_opens_a_connection_per_request():
+    """Against a server that drops reused connections, every request still arrives and
+    completes: bench-serve does not reuse pooled connections (a lost request would count as an
+    error of the server under test, as round 8's llama-server runs did)."""
+    import asyncio
+
+    from orcd.bench_serve import bench
+
+    url, answered, stop = _one_request_per_connection_server()
+    try:
+        r = asyncio.run(bench(url, clients=2, requests=3, max_tokens=4, prompt_words=5, warmup=1, timeout=30))
+    finally:
+        stop()
+    assert (r["errors"], r["warmup_errors"], r["completed"]) == (0, 0, 6), r
+    assert r["generated_tokens"] == 24
+    assert sum(1 for a in answered if a.startswith("POST /v1/completions")) == 8  # 2 warm-up + 6

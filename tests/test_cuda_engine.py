@@ -695,13 +695,15 @@ def test_options_and_environment(tiny_model, monkeypatch):
     are checked (a clear ValueError naming the field, the options unchanged); a new engine
     starts from the ORCD_CUDA_* switches of the environment."""
     for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT",
-                 "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_VRAM_LIMIT"):
+                 "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_SAMPLE_GRAPHS",
+                 "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
     base = e.options()
     assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, batch_graphs=True,
-                        resident_f16=True, sample_split=True, cluster_keys=1 << 30, split_keys=32, cluster_size=16,
+                        resident_f16=True, sample_split=True, sample_graphs=True, sample_split_full=False,
+                        cluster_keys=1 << 30, split_keys=32, cluster_size=16,
                         cluster_mma=True, cluster_span=8192, direct_keys=512, vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
@@ -716,8 +718,10 @@ def test_options_and_environment(tiny_model, monkeypatch):
     e.close()
     monkeypatch.setenv("ORCD_CUDA_GRAPHS", "0")
     monkeypatch.setenv("ORCD_CUDA_FUSED_PROMPT", "false")
+    monkeypatch.setenv("ORCD_CUDA_SAMPLE_GRAPHS", "0")
+    monkeypatch.setenv("ORCD_CUDA_SAMPLE_SPLIT_FULL", "1")
     e = cu.CudaEngine(path, 32, 1)
-    assert e.options() == dict(base, graphs=False, fused_prompt=False)
+    assert e.options() == dict(base, graphs=False, fused_prompt=False, sample_graphs=False, sample_split_full=True)
     assert not e.paths()["graphs"] and not e.paths()["fused_prompt"]
     e.close()
 

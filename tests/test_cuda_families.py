@@ -2,16 +2,16 @@
 
 llama (normal RoPE pairing, no biases, tied output) runs in the generic step:
 per-layer hidden states and logits against the CPU engine (cosine >= 0.999, same
-argmax) with the fused prompt path on and off, and decode_batch; the fused
-single-sequence decoder takes llama's shape (the normal pairing in its Q/K kernel) with
-ORCD_CUDA_UNVERIFIED=1 until these tests pass on a GPU, and otherwise says why it is off. phi3 (fused
-attn_qkv and gate|up, read as row slices of one tensor; a sliding window on every
-layer) runs in the generic step too, held to the same bounds with a window that
-bites: head_dim 64 takes the tensor-core prompt attention and the decode-shaped
-kernel (rows_attn), head_dim 16 the CUDA-core split kernel, each with the window
-cutting the keys. gemma3 and gpt-oss are refused at construction with a
-ValueError naming the family and the features the CUDA engine lacks. The real
-SmolLM2 file, when installed, gives the CPU engine's greedy tokens.
+argmax) with the fused prompt path on and off, and decode_batch; and on the fused
+single-sequence decoder (the normal pairing in its Q/K kernel), step by step against
+the mat-vec path and the CPU engine. phi3 (fused attn_qkv and gate|up, read as row
+slices of one tensor; a sliding window on every layer) runs in the generic step, held
+to the same bounds with a window that bites: head_dim 64 takes the tensor-core prompt
+attention and the decode-shaped kernel (rows_attn), head_dim 16 the CUDA-core split
+kernel, each with the window cutting the keys; the fused decoder says why it is off
+for phi3. gemma3 and gpt-oss are refused at construction with a ValueError naming the
+family and the features the CUDA engine lacks. The real SmolLM2 file, when installed,
+gives the CPU engine's greedy tokens on both decode paths.
 """
 from __future__ import annotations
 
@@ -41,13 +41,6 @@ def compare(gpu, cpu, ids):
         assert g == c or cl[t, c] - cl[t, g] < 0.05, f"token {t}: GPU picks {g}, CPU {c}"
 
 
-@pytest.fixture
-def unverified(monkeypatch):
-    """phi3's CUDA path (fused tensors, sliding window) and llama on the fused decoder run only
-    with ORCD_CUDA_UNVERIFIED=1 until these tests have passed on a GPU (cuda/family_kernels.cu)."""
-    monkeypatch.setenv("ORCD_CUDA_UNVERIFIED", "1")
-
-
 def compare_decode_batch(gpu, cpu, ids, n0, n1):
     """Slots 0 and 1 prompted with ids[:n0] and ids[:n1] on both engines, then one two-slot
     decode batch (the mat-vec path) at positions n0 and n1."""
@@ -71,19 +64,16 @@ def test_llama_generic_step_matches_cpu(family_model, wtype, fused_prompt):
     compare_decode_batch(gpu, cpu, ids, 6, 4)
 
 
-def test_llama_fused_decoder_says_why_it_is_off(family_model):
-    gpu = cu.CudaEngine(family_model("llama", "F16"), 32, 1)
+def test_fused_decoder_says_why_it_is_off_for_phi3(family_model):
+    gpu = cu.CudaEngine(family_model("phi3", "F16", sliding_window=5), 32, 1)
     p = gpu.paths()
     assert not p["fast_decode_available"] and not p["fast_decode"]
-    assert "qwen2 shape only" in p["note"] and "llama" in p["note"]
-    cpu = core.CpuEngine(family_model("llama", "F16"), 32, 1)
-    first = int(np.argmax(cpu.forward(0, np.array([3, 4, 5], np.int32), 0)))
-    gpu.forward(0, np.array([3, 4, 5], np.int32), 0)
-    assert list(gpu.decode_greedy(0, first, 3, 6)) == list(cpu.decode_greedy(0, first, 3, 6))
+    assert "plain decoder layer only" in p["note"] and "phi3" in p["note"] and "fused attn_qkv" in p["note"]
+    gpu.close()
 
 
 @pytest.mark.parametrize("wtype", ("F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"))
-def test_llama_fused_decoder_matches_cpu(family_model, wtype, unverified):
+def test_llama_fused_decoder_matches_cpu(family_model, wtype):
     """llama on the fused single-sequence decoder (dec_qkv_kernel's normal RoPE pairing: rows
     2i and 2i+1 of a head rotated together; no biases; a tied output for Q8_0): single-token
     steps against the same engine's mat-vec path (fast_decode off) and the CPU engine, then
@@ -122,7 +112,7 @@ PHI3_SHAPES = {"hd64": dict(n_embd=256, n_head=4, n_head_kv=2), "hd16": dict(n_e
 @pytest.mark.parametrize("fused_prompt", [True, False])
 @pytest.mark.parametrize("shape", sorted(PHI3_SHAPES))
 @pytest.mark.parametrize("wtype", ("F32", "F16", "Q8_0", "Q4_K", "Q6_K"))
-def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt, unverified):
+def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt):
     dims = PHI3_SHAPES[shape]
     if wtype in ("Q4_K", "Q6_K") and dims["n_embd"] % 256:
         pytest.skip("K-quant rows need n_embd a multiple of 256")
@@ -141,7 +131,7 @@ def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt,
         assert_close_rows(gpu.forward(0, tok, p)[None], cpu.forward(0, tok, p)[None], f"position {p}")
 
 
-def test_phi3_window_is_what_the_gpu_computes(family_model, unverified):
+def test_phi3_window_is_what_the_gpu_computes(family_model):
     """The window matters on the GPU too: the same weights without the window key give other
     logits past position 5 (so the parity above is not a window both engines ignore)."""
     dims = PHI3_SHAPES["hd64"]
@@ -152,15 +142,29 @@ def test_phi3_window_is_what_the_gpu_computes(family_model, unverified):
     assert np.abs(a - b).max() > 1e-3 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("arch,feature", [("phi3", "fused attn_qkv .written, not yet verified"),
-                                          ("gemma3", "per-head Q/K norms"),
+@pytest.mark.parametrize("arch,feature", [("gemma3", "per-head Q/K norms"),
                                           ("gpt-oss", "mixture-of-experts FFN, attention sinks")])
 def test_other_families_are_refused_by_name(family_model, arch, feature):
     with pytest.raises(ValueError, match=f"the CUDA engine does not run {arch} models yet .*{feature}"):
         cu.CudaEngine(family_model(arch, "F32"), 16, 1)
 
 
-@pytest.mark.parametrize("arch", ["phi3", "gemma3", "gpt-oss"])
+def test_auto_device_puts_phi3_on_the_gpu(family_model):
+    """phi3 runs on CUDA now: device="auto" on a GPU takes it there, with the CPU's greedy pick."""
+    import orcd
+    path = family_model("phi3", "F16", sliding_window=5)
+    m = orcd.Model(path, device="auto", n_ctx=64)
+    try:
+        assert m.device == "cuda"
+        cpu = core.CpuEngine(path, 64, 1)
+        ids = np.asarray([3, 5, 7, 11, 13, 17, 19, 23], np.int32)
+        assert_close_rows(m._engine.forward(0, ids, 0)[None], cpu.forward(0, ids, 0)[None], "phi3 under auto")
+        cpu.close()
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
 def test_auto_device_falls_back_to_the_cpu_for_a_refused_family(family_model, arch, capfd):
     """device="auto" on a GPU: a family the CUDA engine refuses runs on the CPU engine (with a
     note naming why), giving the CPU's tokens; device="cuda" still refuses."""
@@ -185,11 +189,10 @@ def test_auto_device_falls_back_to_the_cpu_for_a_refused_family(family_model, ar
 
 
 @pytest.mark.parametrize("fused_decoder", [False, True])
-def test_real_smollm2_greedy_equals_cpu(smollm2_path, fused_decoder, monkeypatch):
-    if fused_decoder:
-        monkeypatch.setenv("ORCD_CUDA_UNVERIFIED", "1")
+def test_real_smollm2_greedy_equals_cpu(smollm2_path, fused_decoder):
     cpu = core.CpuEngine(smollm2_path, 128, 1)
     gpu = cu.CudaEngine(smollm2_path, 128, 1)
+    gpu.set_options(fast_decode=fused_decoder)
     assert gpu.paths()["fast_decode"] == fused_decoder, gpu.paths()
     ids = np.array([504, 3575, 282, 4649, 314], np.int32)  # "The capital of France is"
     t_cpu = int(np.argmax(cpu.forward(0, ids, 0)))
