@@ -448,6 +448,20 @@ NB_MODULE(_orcd, m) {
            nb::arg("n_threads") = 0,
            "Causal GQA attention: query i [n, n_head, head_dim] over positions [0, pos[i]] of slot slots[i]");
 
+        m.def("cpu_ops_geglu_tanh", [copy_of](nb::ndarray<const float, nb::c_contig, nb::device::cpu> g,
+                                              nb::ndarray<const float, nb::c_contig, nb::device::cpu> u) {
+            if (g.size() != u.size()) throw Error("cpu_ops_geglu_tanh: g and u differ in size");
+            std::vector<size_t> shape(g.ndim());
+            for (size_t i = 0; i < g.ndim(); ++i) shape[i] = g.shape(i);
+            FloatOut o = copy_of(g.data(), shape);
+            {
+                nb::gil_scoped_release nogil;
+                ThreadPool pool(1);
+                cpu_ops::geglu_tanh(o.data, u.data(), (int64_t)g.size(), pool);
+            }
+            return o.array;
+        }, nb::arg("g"), nb::arg("u"), "gemma3's FFN gate: g = gelu_tanh(g) * u (a copy)");
+
         m.def("cpu_ops_swiglu", [copy_of](nb::ndarray<const float, nb::c_contig, nb::device::cpu> g,
                                           nb::ndarray<const float, nb::c_contig, nb::device::cpu> u, int n_threads) {
             if (g.size() != u.size()) throw Error("cpu_ops_swiglu: g and u differ in size");

@@ -19,7 +19,7 @@
 //       .close()                          frees the GPU memory now
 //   kernel entry points for the tests (NumPy in, NumPy out; see cuda_api.h):
 //   dequantize_f16, matvec, gemm, dec_matvec, get_rows, rmsnorm, rope_neox, attention, flash_attention,
-//   swiglu, add_bias,
+//   swiglu, rmsnorm_rows, geglu_tanh, add_bias,
 //   kv_append, qkv_post, rmsnorm_f16, swiglu_f16, f32_to_f16, gemm_f16, dec_qkv, dec_attn, dec_proj
 //
 // orcd::CudaError (CUDA/cuBLAS failures, not enough GPU memory) becomes
@@ -404,6 +404,25 @@ NB_MODULE(_orcd_cuda, m) {
         [](CArr<float> g, CArr<float> u) {
             if (g.size() != u.size()) bad("swiglu: g and u differ in size");
             auto r = orcd::cuda_test::swiglu(g.data(), u.data(), int64_t(g.size()));
+            return to_numpy(std::move(r), shape_of(g));
+        },
+        "g"_a, "u"_a);
+
+    m.def(
+        "rmsnorm_rows",
+        [](CArr<float> x, CArr<float> w, float eps) {
+            if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1))
+                bad("rmsnorm_rows: x must be [rows, n] and w [n]");
+            auto r = orcd::cuda_test::rmsnorm_rows(x.data(), int64_t(x.shape(0)), int64_t(x.shape(1)), w.data(), eps);
+            return to_numpy(std::move(r), {x.shape(0), x.shape(1)});
+        },
+        "x"_a, "w"_a, "eps"_a);
+
+    m.def(
+        "geglu_tanh",
+        [](CArr<float> g, CArr<float> u) {
+            if (g.size() != u.size()) bad("geglu_tanh: g and u differ in size");
+            auto r = orcd::cuda_test::geglu_tanh(g.data(), u.data(), int64_t(g.size()));
             return to_numpy(std::move(r), shape_of(g));
         },
         "g"_a, "u"_a);

@@ -193,6 +193,9 @@ std::vector<float> get_rows(uint32_t type, const uint8_t* w, size_t nbytes, int6
 
 // y = x / sqrt(mean(x²) + eps) * w, per row of n.
 std::vector<float> rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps);
+// gemma3's in-place row norm (the per-head Q/K norms, the post-norms) and GELU gate
+std::vector<float> rmsnorm_rows(const float* x, int64_t rows, int64_t n, const float* w, float eps);
+std::vector<float> geglu_tanh(const float* g, const float* u, int64_t n);
 
 // NEOX RoPE on x[n_tok][n_heads][head_dim], token t at position pos[t].
 std::vector<float> rope_neox(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base);

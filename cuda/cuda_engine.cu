@@ -25,6 +25,7 @@
 //   cuBLAS in place; the last token's logits use the fused decode lm_head.
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -299,6 +300,7 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
 
     const DevWeight& emb = weights_.tok_embd;
     cu::get_rows(emb.type, emb.data, emb.row_bytes, E_, d_tok, nr, x_, stream_, emb.name.c_str());
+    if (d_.embd_scale != 1.f) cu::scale(x_, int64_t(nr) * E_, d_.embd_scale, stream_, "embedding scale");
     if (trace) trace_copy(0);
 
     bool one_slot = true;  // a prompt chunk: the tensor-core attention may take it
@@ -338,11 +340,16 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
                           d_.n_head, d_.n_head_kv, hd_, r.plan, part_o_, part_ml_, att_ + size_t(r.row) * QD_, QD_,
                           stream_, ln, window);
     };
-    const bool fused = !mv && opt_.fused_prompt;
+    // the fused prompt path runs the plain layer and phi3's; gemma3's extra ops take the other
+    const bool fused = !mv && opt_.fused_prompt && !family_ops_;
+    // the attention kernels scale scores by 1/sqrt(head_dim); a family's other scale is folded
+    // into q (cpu_engine does the same)
+    const float q_scale = d_.attn_scale > 0 ? d_.attn_scale * std::sqrt(float(hd_)) : 1.f;
     const int QKVW = QD_ + 2 * KD_;
     for (int l = 0; l < d_.n_layer; ++l) {
         const DevLayer& L = weights_.layers[size_t(l)];
         const int window = d_.layers[size_t(l)].sliding_window;
+        const float rope_base = d_.layers[size_t(l)].rope_base;
         const char* ln = L.wq.name.c_str();
         __half* kc = kc_ + size_t(l) * layer_stride_;
         __half* vc = vc_ + size_t(l) * layer_stride_;
@@ -353,8 +360,8 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
                 cu::qkv_post(qkv_, QKVW, nr, d_.n_head, d_.n_head_kv, hd_, L.bq, L.bk, L.bv, d_pos, d_slot,
                              d_.rope_base, kc, vc, d_slot_off_, stream_, ln);
             } else {  // llama: no biases (check_cuda_family), the normal pairing, then the cache
-                cu::rope(d_, qkv_, QKVW, nr, d_.n_head, d_pos, stream_, ln);
-                cu::rope(d_, qkv_ + QD_, QKVW, nr, d_.n_head_kv, d_pos, stream_, ln);
+                cu::rope(d_, rope_base, qkv_, QKVW, nr, d_.n_head, d_pos, stream_, ln);
+                cu::rope(d_, rope_base, qkv_ + QD_, QKVW, nr, d_.n_head_kv, d_pos, stream_, ln);
                 cu::kv_store(qkv_ + QD_, qkv_ + QD_ + KD_, QKVW, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_,
                              stream_, ln);
             }
@@ -371,16 +378,35 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
             linear(L.wq, h_, nr, q_, QD_, L.bq, false, mv);
             linear(L.wk, h_, nr, k_, KD_, L.bk, false, mv);
             linear(L.wv, h_, nr, v_, KD_, L.bv, false, mv);
-            cu::rope(d_, q_, QD_, nr, d_.n_head, d_pos, stream_, ln);
-            cu::rope(d_, k_, KD_, nr, d_.n_head_kv, d_pos, stream_, L.wk.name.c_str());
+            if (L.q_norm) {  // gemma3: per head, rows of head_dim
+                cu::rmsnorm_rows(q_, nr * d_.n_head, hd_, L.q_norm, d_.rms_eps, stream_, "attn_q_norm");
+                cu::rmsnorm_rows(k_, nr * d_.n_head_kv, hd_, L.k_norm, d_.rms_eps, stream_, "attn_k_norm");
+            }
+            cu::rope(d_, rope_base, q_, QD_, nr, d_.n_head, d_pos, stream_, ln);
+            cu::rope(d_, rope_base, k_, KD_, nr, d_.n_head_kv, d_pos, stream_, L.wk.name.c_str());
+            if (q_scale != 1.f) cu::scale(q_, int64_t(nr) * QD_, q_scale, stream_, "attention scale");
             cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_, stream_, ln);
             attend(q_, QD_, kc, vc, ln, window);
-            linear(L.wo, att_, nr, x_, E_, nullptr, true, mv);  // residual add
+            // a block's output joins the residual stream directly, or (gemma3) through its
+            // own norm first: into h_, normed in place, added
+            auto residual = [&](const DevWeight& w, const float* in, const float* post_norm, const char* nn) {
+                if (!post_norm) {
+                    linear(w, in, nr, x_, E_, nullptr, true, mv);  // residual add
+                    return;
+                }
+                linear(w, in, nr, h_, E_, nullptr, false, mv);
+                cu::rmsnorm_rows(h_, nr, E_, post_norm, d_.rms_eps, stream_, nn);
+                cu::add(x_, h_, int64_t(nr) * E_, stream_, nn);
+            };
+            residual(L.wo, att_, L.post_attn_norm, "post_attention_norm");
             cu::rmsnorm(x_, nr, E_, L.ffn_norm, d_.rms_eps, h_, stream_, "ffn_norm");
             linear(L.gate, h_, nr, g_, F_, nullptr, false, mv);
             linear(L.up, h_, nr, u_, F_, nullptr, false, mv);
-            cu::swiglu(g_, u_, int64_t(nr) * F_, stream_, L.gate.name.c_str());
-            linear(L.down, g_, nr, x_, E_, nullptr, true, mv);  // residual add
+            if (d_.activation == Activation::GeluTanh)
+                cu::geglu_tanh(g_, u_, int64_t(nr) * F_, stream_, L.gate.name.c_str());
+            else
+                cu::swiglu(g_, u_, int64_t(nr) * F_, stream_, L.gate.name.c_str());
+            residual(L.down, g_, L.post_ffn_norm, "post_ffw_norm");
         }
         if (trace) trace_copy(l + 1);
     }

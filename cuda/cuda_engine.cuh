@@ -125,6 +125,9 @@ private:
     std::string res_note_;       // why there is no resident copy ("" when there is or it was not asked for)
     BatchGraphCache batch_graphs_;
     bool batch_graphs_ok_ = true;
+    // the model needs the generic step's family ops (gemma3: Q/K and post norms, GELU, scales,
+    // per-layer RoPE bases), which only its unfused branch runs
+    bool family_ops_ = false;
     bool packed_rows_ = false;   // body() runs a forward_rows chunk: attention per run of one slot
     std::string batch_note_;     // why batch graphs stopped
     uint8_t* sbuf_ = nullptr;  // scratch

@@ -95,6 +95,9 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     V_ = d_.n_vocab;
     const std::string where = "CudaEngine(" + file_->path() + ")";
     check_cuda_family(d_, where);  // features of other families the generic step lacks: refused by name
+    family_ops_ = d_.qk_norm || d_.post_norms || d_.activation != Activation::Silu || d_.embd_scale != 1.f ||
+                  d_.attn_scale != 0.f;
+    for (const LayerDesc& L : d_.layers) family_ops_ = family_ops_ || L.rope_base != d_.rope_base;
     if (hd_ < 2 || hd_ % 2 != 0 || hd_ > cu::kAttnMaxHeadDim)
         throw Error(where + ": head_dim " + std::to_string(hd_) + " is not supported (even, at most " +
                     std::to_string(cu::kAttnMaxHeadDim) + ")");

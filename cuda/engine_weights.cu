@@ -77,6 +77,10 @@ void DeviceWeights::plan(const ModelDesc& d, const std::string& where) {
         add_vec(L.bk, KD, true);
         add_vec(L.bv, KD, true);
         add_vec(L.ffn_norm, E);
+        add_vec(L.q_norm, d.head_dim, true);
+        add_vec(L.k_norm, d.head_dim, true);
+        add_vec(L.post_attn_norm, E, true);
+        add_vec(L.post_ffn_norm, E, true);
     }
     bytes_ = 0;
     for (Upload& u : ups_) {
@@ -129,6 +133,10 @@ void DeviceWeights::upload(const ModelDesc& d, uint8_t* buf, const ProgressFn& p
         D.bk = vec(L.bk);
         D.bv = vec(L.bv);
         D.ffn_norm = vec(L.ffn_norm);
+        D.q_norm = vec(L.q_norm);
+        D.k_norm = vec(L.k_norm);
+        D.post_attn_norm = vec(L.post_attn_norm);
+        D.post_ffn_norm = vec(L.post_ffn_norm);
         if (L.wqkv) {
             const DevWeight all = mat(L.wqkv);
             const int QD = d.n_head * d.head_dim, KD = d.n_head_kv * d.head_dim;

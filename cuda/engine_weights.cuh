@@ -29,6 +29,8 @@ struct DevWeight {
 
 struct DevLayer {
     const float *attn_norm = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr, *ffn_norm = nullptr;
+    // gemma3 (null elsewhere): per-head Q/K norms [head_dim], the blocks' output norms [n_embd]
+    const float *q_norm = nullptr, *k_norm = nullptr, *post_attn_norm = nullptr, *post_ffn_norm = nullptr;
     DevWeight wq, wk, wv, wo, gate, up, down;
 };
 

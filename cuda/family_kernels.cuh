@@ -1,6 +1,7 @@
 // family_kernels.cuh - what the CUDA engine adds for model families other than
-// qwen2 (cuda/family_kernels.cu): the llama RoPE pairing, and the checks that say
-// which ModelDesc family features the CUDA engine runs and which it refuses.
+// qwen2 (cuda/family_kernels.cu): the llama RoPE pairing, gemma3's ops (per-head norms,
+// scales, the GELU gate, the post-norm residual add), and the checks that say which
+// ModelDesc family features the CUDA engine runs and which it refuses.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,9 +18,18 @@ namespace cu {
 void rope_normal(float* x, int ld, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base,
                  cudaStream_t st, const char* what);
 
-// RoPE of the model's pairing (d.rope_style) at base d.rope_base.
-void rope(const ModelDesc& d, float* x, int ld, int n_tok, int n_heads, const int32_t* pos, cudaStream_t st,
-          const char* what);
+// RoPE of the model's pairing (d.rope_style) at `base` (the layer's: gemma3's local and
+// global layers differ).
+void rope(const ModelDesc& d, float base, float* x, int ld, int n_tok, int n_heads, const int32_t* pos,
+          cudaStream_t st, const char* what);
+
+// gemma3's ops (each the twin of the cpu_ops function of that name):
+// rows of n floats RMS-normalised in place and scaled by w (the per-head Q/K norms: rows =
+// tokens x heads, n = head_dim, a warp a row up to 256; the post-norms: n = n_embd, a block a row)
+void rmsnorm_rows(float* x, int rows, int n, const float* w, float eps, cudaStream_t st, const char* what);
+void scale(float* x, int64_t n, float s, cudaStream_t st, const char* what);   // x *= s
+void add(float* x, const float* y, int64_t n, cudaStream_t st, const char* what);  // x += y
+void geglu_tanh(float* g, const float* u, int64_t n, cudaStream_t st, const char* what);  // g = gelu_tanh(g) * u
 
 }  // namespace cu
 

@@ -13,6 +13,7 @@
 
 #include "cuda_common.cuh"
 #include "decode.cuh"
+#include "family_kernels.cuh"
 #include "sample.cuh"
 #include "ggml_types.h"
 #include "kernels.cuh"
@@ -215,6 +216,21 @@ std::vector<float> rmsnorm(const float* x, int64_t rows, int64_t n, const float*
     cu::fill_nan(dy.p, int64_t(dy.n), 0);
     cu::rmsnorm(dx.p, int(rows), int(n), dw.p, eps, dy.p, 0, "rmsnorm test");
     return dy.download("rmsnorm y");
+}
+
+std::vector<float> rmsnorm_rows(const float* x, int64_t rows, int64_t n, const float* w, float eps) {
+    ready();
+    DBuf<float> dx(x, size_t(rows * n), "rmsnorm_rows x");
+    DBuf<float> dw(w, size_t(n), "rmsnorm_rows w");
+    cu::rmsnorm_rows(dx.p, int(rows), int(n), dw.p, eps, 0, "rmsnorm_rows test");
+    return dx.download("rmsnorm_rows x");
+}
+
+std::vector<float> geglu_tanh(const float* g, const float* u, int64_t n) {
+    ready();
+    DBuf<float> dg(g, size_t(n), "geglu_tanh g"), du(u, size_t(n), "geglu_tanh u");
+    cu::geglu_tanh(dg.p, du.p, n, 0, "geglu_tanh test");
+    return dg.download("geglu_tanh out");
 }
 
 std::vector<float> rope_neox(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base) {

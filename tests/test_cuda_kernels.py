@@ -407,6 +407,32 @@ def test_swiglu_and_bias():
         np.testing.assert_array_equal(got, core.cpu_ops_add_bias(x, b))
 
 
+def _gelu_tanh_gate(g, u):
+    k = np.sqrt(2.0 / np.pi)
+    return 0.5 * g * (1.0 + np.tanh(k * (g + 0.044715 * g ** 3))) * u
+
+
+def test_gemma3_ops():
+    """gemma3's kernels against float64 NumPy and their CPU twins: the in-place row norm
+    (a warp a row up to 256, a block a row above: the per-head Q/K norms and the post-norms)
+    and the GELU(tanh) gate."""
+    rng = rng_for("gemma3 ops")
+    for rows, n in ((1, 16), (7, 64), (300, 256), (5, 257), (9, 640), (3, 1152)):
+        x = (rng.standard_normal((rows, n)) * 3).astype(np.float32)
+        w = (1 + rng.standard_normal(n) * 0.1).astype(np.float32)
+        got = cu.rmsnorm_rows(x, w, 1e-6)
+        x64 = x.astype(np.float64)
+        ref = x64 / np.sqrt((x64 * x64).mean(1, keepdims=True) + 1e-6) * w
+        assert rel_err(got, ref) < 1e-6, (rows, n)
+        assert rel_err(got, core.cpu_ops_rmsnorm(x, w, 1e-6)) < 2e-6, (rows, n)
+    for n in (1, 33, 2048 * 3):
+        g = (rng.standard_normal(n) * 4).astype(np.float32)
+        u = rng.standard_normal(n).astype(np.float32)
+        got = cu.geglu_tanh(g, u)
+        assert rel_err(got, _gelu_tanh_gate(g.astype(np.float64), u.astype(np.float64))) < 1e-6
+        assert rel_err(got, core.cpu_ops_geglu_tanh(g, u)) < 2e-6
+
+
 # ------------------------------------------------------------------ attention
 
 def _ref_attention(q, k, v, pos):

@@ -514,3 +514,16 @@ def test_smollm2_q4_1_dequantizes_bit_exact(smollm2_path):
         got = f.dequantize("blk.0.ffn_up.weight")
     assert got.shape == want.shape
     assert np.array_equal(got.view(np.uint32), np.asarray(want, np.float32).view(np.uint32))
+
+
+def test_cpu_geglu_tanh_matches_numpy():
+    """cpu_ops::geglu_tanh (gemma3's FFN gate, the CUDA kernel's twin) against float64 NumPy."""
+    rng = np.random.default_rng(7)
+    g = (rng.standard_normal(4099) * 4).astype(np.float32)
+    u = rng.standard_normal(4099).astype(np.float32)
+    k = np.sqrt(2.0 / np.pi)
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+    ref = 0.5 * g64 * (1.0 + np.tanh(k * (g64 + 0.044715 * g64 ** 3))) * u64
+    got = orcd._orcd.cpu_ops_geglu_tanh(g, u)
+    assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max()
+    np.testing.assert_array_equal(g, g.copy())  # the input is left as it was (a copy comes back)
