@@ -154,30 +154,9 @@ void rope(const ModelDesc& d, float base, float* x, int ld, int n_tok, int n_hea
 
 namespace {
 
-// Features whose CUDA code is written but not yet run on a GPU against the CPU engine
-// (tests/test_cuda_families.py sets the variable): refused unless ORCD_CUDA_UNVERIFIED=1, so
-// device='auto' keeps such a model on the CPU rather than risk wrong text.
-bool unverified_allowed() {
-    const char* v = std::getenv("ORCD_CUDA_UNVERIFIED");
-    return v && v[0] == '1';
-}
-
 // The family features the CUDA engine's generic step does not run yet.
 std::vector<std::string> missing_cuda_features(const ModelDesc& d) {
     std::vector<std::string> m;
-    if (!unverified_allowed()) {  // gemma3's ops (family_kernels.cuh), written
-        const char* why = " (written, not yet verified on a GPU; ORCD_CUDA_UNVERIFIED=1 runs it)";
-        if (d.qk_norm) m.push_back(std::string("per-head Q/K norms") + why);
-        if (d.post_norms) m.push_back(std::string("post-attention/post-FFN norms") + why);
-        if (d.activation == Activation::GeluTanh) m.push_back(std::string("gelu_tanh FFN") + why);
-        if (d.embd_scale != 1.f) m.push_back(std::string("embedding scale") + why);
-        if (d.attn_scale != 0.f) m.push_back(std::string("attention scale") + why);
-        for (const LayerDesc& L : d.layers)
-            if (L.rope_base != d.rope_base) {
-                m.push_back(std::string("per-layer RoPE bases") + why);
-                break;
-            }
-    }
     if (d.activation == Activation::SwigluOai) m.push_back("swiglu_oai FFN");
     if (d.logit_softcap > 0) m.push_back("logit soft-capping");
     if (d.n_expert > 0) m.push_back("mixture-of-experts FFN");
@@ -214,6 +193,17 @@ std::string fused_decoder_unsupported(const ModelDesc& d) {
     if (d.fused_qkv) m.push_back("fused attn_qkv");
     if (d.fused_gate_up) m.push_back("fused gate|up in ffn_up");
     if (d.sliding_window) m.push_back("sliding-window attention");
+    if (d.qk_norm) m.push_back("per-head Q/K norms");
+    if (d.post_norms) m.push_back("post-attention/post-FFN norms");
+    if (d.activation != Activation::Silu) m.push_back(std::string(activation_name(d.activation)) + " FFN");
+    if (d.embd_scale != 1.f) m.push_back("embedding scale");
+    if (d.attn_scale != 0.f) m.push_back("attention scale");
+    if (d.head_dim * d.n_head != d.n_embd) m.push_back("n_head * head_dim != n_embd");
+    for (const LayerDesc& L : d.layers)
+        if (L.rope_base != d.rope_base) {
+            m.push_back("per-layer RoPE bases");
+            break;
+        }
     return "it handles the plain decoder layer only (qwen2, llama); " + d.arch + " has " + join(m) +
            " (the generic step runs it)";
 }

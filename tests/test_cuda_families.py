@@ -8,10 +8,14 @@ the mat-vec path and the CPU engine. phi3 (fused attn_qkv and gate|up, read as r
 slices of one tensor; a sliding window on every layer) runs in the generic step, held
 to the same bounds with a window that bites: head_dim 64 takes the tensor-core prompt
 attention and the decode-shaped kernel (rows_attn), head_dim 16 the CUDA-core split
-kernel, each with the window cutting the keys; the fused decoder says why it is off
-for phi3. gemma3 and gpt-oss are refused at construction with a ValueError naming the
-family and the features the CUDA engine lacks. The real SmolLM2 file, when installed,
-gives the CPU engine's greedy tokens on both decode paths.
+kernel, each with the window cutting the keys. gemma3 (embedding scale, per-head Q/K
+norms, local and global layers with their own RoPE bases and windows, a score scale,
+post-norms, the GELU gate; n_head * head_dim != n_embd) runs in the generic step under the
+same bounds at head_dim 32, 128 and 256, each of its features shown to move the logits.
+The fused decoder says why it is off for phi3 and gemma3; device="auto" puts both on the
+GPU. gpt-oss is refused at construction with a ValueError naming the features the CUDA
+engine lacks. The real SmolLM2 and Gemma 3 files, when installed, give the CPU engine's
+greedy tokens (SmolLM2 on both decode paths).
 """
 from __future__ import annotations
 
@@ -41,13 +45,6 @@ def compare(gpu, cpu, ids):
         assert g == c or cl[t, c] - cl[t, g] < 0.05, f"token {t}: GPU picks {g}, CPU {c}"
 
 
-@pytest.fixture
-def unverified(monkeypatch):
-    """gemma3's CUDA ops run only with ORCD_CUDA_UNVERIFIED=1 until these tests have passed
-    on a GPU (cuda/family_kernels.cu)."""
-    monkeypatch.setenv("ORCD_CUDA_UNVERIFIED", "1")
-
-
 def compare_decode_batch(gpu, cpu, ids, n0, n1):
     """Slots 0 and 1 prompted with ids[:n0] and ids[:n1] on both engines, then one two-slot
     decode batch (the mat-vec path) at positions n0 and n1."""
@@ -71,11 +68,12 @@ def test_llama_generic_step_matches_cpu(family_model, wtype, fused_prompt):
     compare_decode_batch(gpu, cpu, ids, 6, 4)
 
 
-def test_fused_decoder_says_why_it_is_off_for_phi3(family_model):
-    gpu = cu.CudaEngine(family_model("phi3", "F16", sliding_window=5), 32, 1)
+@pytest.mark.parametrize("arch,why", [("phi3", "fused attn_qkv"), ("gemma3", "per-head Q/K norms")])
+def test_fused_decoder_says_why_it_is_off(family_model, arch, why):
+    gpu = cu.CudaEngine(family_model(arch, "F16", sliding_window=5), 32, 1)
     p = gpu.paths()
     assert not p["fast_decode_available"] and not p["fast_decode"]
-    assert "plain decoder layer only" in p["note"] and "phi3" in p["note"] and "fused attn_qkv" in p["note"]
+    assert "plain decoder layer only" in p["note"] and arch in p["note"] and why in p["note"], p["note"]
     gpu.close()
 
 
@@ -143,14 +141,15 @@ def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt)
 # every second one local (window 5, RoPE base 1e4) and the others global (base 1e6), and
 # query_pre_attn_scalar 48 (a score scale other than 1/sqrt(head_dim), folded into q)
 GEMMA3_SHAPES = {"hd128": dict(n_embd=256, n_head=4, n_head_kv=1, head_dim=128),
-                 "hd32": dict(n_embd=64, n_head=2, n_head_kv=1, head_dim=32)}
+                 "hd32": dict(n_embd=64, n_head=2, n_head_kv=1, head_dim=32),
+                 "hd256": dict(n_embd=256, n_head=2, n_head_kv=1, head_dim=256)}  # the real 270M's head_dim
 GEMMA3_LAYERS = dict(n_layer=4, sliding_window=5, window_pattern=2, rope_base=1e6, rope_base_swa=1e4,
                      query_pre_attn_scalar=48.0)
 
 
 @pytest.mark.parametrize("shape", sorted(GEMMA3_SHAPES))
 @pytest.mark.parametrize("wtype", ("F32", "F16", "Q8_0", "Q4_K", "Q6_K"))
-def test_gemma3_generic_step_matches_cpu(family_model, wtype, shape, unverified):
+def test_gemma3_generic_step_matches_cpu(family_model, wtype, shape):
     """gemma3 on the generic step (embedding scale, per-head Q/K norms, per-layer RoPE bases,
     the folded score scale, local windows, post-norms into the residual, the GELU gate):
     hidden states per layer and logits against the CPU engine for a 150- and a 24-token
@@ -171,7 +170,7 @@ def test_gemma3_generic_step_matches_cpu(family_model, wtype, shape, unverified)
         assert_close_rows(gpu.forward(0, tok, p)[None], cpu.forward(0, tok, p)[None], f"position {p}")
 
 
-def test_gemma3_ops_are_what_the_gpu_computes(family_model, unverified):
+def test_gemma3_ops_are_what_the_gpu_computes(family_model):
     """Each gemma3 feature changes the GPU's logits (so the parity above is not a feature both
     engines ignore): the same weights without the window, with one RoPE base, or without the
     score scale give other logits."""
@@ -184,7 +183,7 @@ def test_gemma3_ops_are_what_the_gpu_computes(family_model, unverified):
         assert np.abs(got - base).max() > 1e-3 * np.abs(base).max(), change
 
 
-def test_real_gemma3_greedy_equals_cpu(gemma3_path, unverified):
+def test_real_gemma3_greedy_equals_cpu(gemma3_path):
     cpu = core.CpuEngine(gemma3_path, 128, 1)
     gpu = cu.CudaEngine(gemma3_path, 128, 1)
     ids = np.asarray(_tokenizer(gemma3_path).encode("The capital of France is"), np.int32)
@@ -205,29 +204,29 @@ def test_phi3_window_is_what_the_gpu_computes(family_model):
     assert np.abs(a - b).max() > 1e-3 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("arch,feature", [("gemma3", "per-head Q/K norms"),
-                                          ("gpt-oss", "mixture-of-experts FFN, attention sinks")])
+@pytest.mark.parametrize("arch,feature", [("gpt-oss", "mixture-of-experts FFN, attention sinks")])
 def test_other_families_are_refused_by_name(family_model, arch, feature):
     with pytest.raises(ValueError, match=f"the CUDA engine does not run {arch} models yet .*{feature}"):
         cu.CudaEngine(family_model(arch, "F32"), 16, 1)
 
 
-def test_auto_device_puts_phi3_on_the_gpu(family_model):
-    """phi3 runs on CUDA now: device="auto" on a GPU takes it there, with the CPU's greedy pick."""
+@pytest.mark.parametrize("arch", ["phi3", "gemma3"])
+def test_auto_device_puts_the_family_on_the_gpu(family_model, arch):
+    """phi3 and gemma3 run on CUDA: device="auto" on a GPU takes them there, with the CPU's logits."""
     import orcd
-    path = family_model("phi3", "F16", sliding_window=5)
+    path = family_model(arch, "F16", sliding_window=5)
     m = orcd.Model(path, device="auto", n_ctx=64)
     try:
         assert m.device == "cuda"
         cpu = core.CpuEngine(path, 64, 1)
         ids = np.asarray([3, 5, 7, 11, 13, 17, 19, 23], np.int32)
-        assert_close_rows(m._engine.forward(0, ids, 0)[None], cpu.forward(0, ids, 0)[None], "phi3 under auto")
+        assert_close_rows(m._engine.forward(0, ids, 0)[None], cpu.forward(0, ids, 0)[None], f"{arch} under auto")
         cpu.close()
     finally:
         m.close()
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["gpt-oss"])
 def test_auto_device_falls_back_to_the_cpu_for_a_refused_family(family_model, arch, capfd):
     """device="auto" on a GPU: a family the CUDA engine refuses runs on the CPU engine (with a
     note naming why), giving the CPU's tokens; device="cuda" still refuses."""
