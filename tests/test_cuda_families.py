@@ -77,6 +77,19 @@ def test_fused_decoder_says_why_it_is_off(family_model, arch, why):
     gpu.close()
 
 
+def compare_past_a_window(gpu, cpu):
+    """The windowed families' parity run (window 5): a 150-token prompt (several key splits and
+    tiles, most of them before every query's window), a 24-token one, a two-slot decode batch,
+    then single-token steps past the window (slot 0 holds positions 0..20 by then)."""
+    compare(gpu, cpu, ids_for(cpu, 150, seed=2))
+    ids = ids_for(cpu, 24)
+    compare(gpu, cpu, ids)
+    compare_decode_batch(gpu, cpu, ids, 20, 9)
+    for p in range(21, 30):
+        tok = np.asarray([ids[p % 24]], np.int32)
+        assert_close_rows(gpu.forward(0, tok, p)[None], cpu.forward(0, tok, p)[None], f"position {p}")
+
+
 @pytest.mark.parametrize("wtype", ("F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"))
 def test_llama_fused_decoder_matches_cpu(family_model, wtype):
     """llama on the fused single-sequence decoder (dec_qkv_kernel's normal RoPE pairing: rows
@@ -125,15 +138,7 @@ def test_phi3_generic_step_matches_cpu(family_model, wtype, shape, fused_prompt)
     gpu = cu.CudaEngine(path, 256, 2)
     gpu.set_options(fused_prompt=fused_prompt)
     cpu = core.CpuEngine(path, 256, 2)
-    # 150 tokens: several key splits and tiles, most of them before every query's window
-    compare(gpu, cpu, ids_for(cpu, 150, seed=2))
-    ids = ids_for(cpu, 24)
-    compare(gpu, cpu, ids)
-    compare_decode_batch(gpu, cpu, ids, 20, 9)
-    # single-token steps past the window (slot 0 holds positions 0..20 now)
-    for p in range(21, 30):
-        tok = np.asarray([ids[p % 24]], np.int32)
-        assert_close_rows(gpu.forward(0, tok, p)[None], cpu.forward(0, tok, p)[None], f"position {p}")
+    compare_past_a_window(gpu, cpu)
 
 
 # gemma3 shapes: head_dim 128 with n_head * head_dim (512) != n_embd (256) and 4 query heads a
@@ -161,13 +166,7 @@ def test_gemma3_generic_step_matches_cpu(family_model, wtype, shape):
     gpu = cu.CudaEngine(path, 256, 2)
     cpu = core.CpuEngine(path, 256, 2)
     assert not gpu.paths()["fast_decode"]
-    compare(gpu, cpu, ids_for(cpu, 150, seed=2))
-    ids = ids_for(cpu, 24)
-    compare(gpu, cpu, ids)
-    compare_decode_batch(gpu, cpu, ids, 20, 9)
-    for p in range(21, 30):
-        tok = np.asarray([ids[p % 24]], np.int32)
-        assert_close_rows(gpu.forward(0, tok, p)[None], cpu.forward(0, tok, p)[None], f"position {p}")
+    compare_past_a_window(gpu, cpu)
 
 
 def test_gemma3_ops_are_what_the_gpu_computes(family_model):
