@@ -255,11 +255,11 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         if [ $step = lcp ]; then
             run_step lcp_bench 300 "$D/lcp_bench.txt" bash -c "$B/llama-bench -m $MODEL -p 512,4096,16384 -n 128 -r 3 -fa 1 -o md; \
                 $B/llama-bench -m $MODEL -p 0 -n 128 -d 4096,16384 -r 3 -fa 1 -o md"
-            ok_or_fail lcp_bench $? "$(grep -E 'pp|tg' "$D/lcp_bench.txt" | awk -F'|' '{print \$(NF-2), \$(NF-1)}' | tr '\n' ';' | cut -c1-250)"
+            ok_or_fail lcp_bench $? "$(grep -E 'pp|tg' "$D/lcp_bench.txt" | awk -F'|' '{print $(NF-2), $(NF-1)}' | tr '\n' ';' | cut -c1-250)"
         fi
         run_step lcp_batched 300 "$D/lcp_batched.txt" $B/llama-batched-bench -m $MODEL -ngl 99 -fa on -c 40000 \
             -npp 128 -ntg 128 -npl 1,8,32,64,128
-        ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print \$4, \$(NF-1)}' | tr '\n' ';')"
+        ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print $4, $(NF-3)}' | tr '\n' ';')"
         [ $step = lcp ] && serve_bench llama "$B/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090 ${LCP_SERVER_ARGS:-}" ;;
     lcp_serve)
         needs_model lcp_serve || continue
@@ -271,7 +271,7 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         bench_json smol "$SM"
         if [ -x /tmp/lcp/llama.cpp/build/bin/llama-bench ]; then
             run_step smol_lcp 200 "$D/smol_lcp.txt" /tmp/lcp/llama.cpp/build/bin/llama-bench -m "$SM" -p 512 -n 128 -r 3 -fa 1 -o md
-            ok_or_fail smol_lcp $? "$(grep -E 'pp|tg' "$D/smol_lcp.txt" | awk -F'|' '{print \$(NF-2), \$(NF-1)}' | tr '\n' ';' | cut -c1-200)"
+            ok_or_fail smol_lcp $? "$(grep -E 'pp|tg' "$D/smol_lcp.txt" | awk -F'|' '{print $(NF-2), $(NF-1)}' | tr '\n' ';' | cut -c1-200)"
         fi ;;
     vram)
         needs_model vram || continue
