@@ -94,11 +94,6 @@ __global__ void geglu_tanh_kernel(float* __restrict__ g, const float* __restrict
     }
 }
 
-int blocks_for(int64_t n, int threads) {
-    const int64_t b = (n + threads - 1) / threads;
-    return int(b < 65535 * 16 ? (b < 1 ? 1 : b) : 65535 * 16);
-}
-
 }  // namespace
 
 void rmsnorm_rows(float* x, int rows, int n, const float* w, float eps, cudaStream_t st, const char* what) {
@@ -117,19 +112,19 @@ void rmsnorm_rows(float* x, int rows, int n, const float* w, float eps, cudaStre
 
 void scale(float* x, int64_t n, float s, cudaStream_t st, const char* what) {
     if (n <= 0) return;
-    scale_kernel<<<blocks_for(n, 256), 256, 0, st>>>(x, n, s);
+    scale_kernel<<<grid_for(n, 256), 256, 0, st>>>(x, n, s);
     CUDA_LAUNCH_CHECK(std::string("scale_kernel (") + (what ? what : "?") + ")");
 }
 
 void add(float* x, const float* y, int64_t n, cudaStream_t st, const char* what) {
     if (n <= 0) return;
-    add_kernel<<<blocks_for(n, 256), 256, 0, st>>>(x, y, n);
+    add_kernel<<<grid_for(n, 256), 256, 0, st>>>(x, y, n);
     CUDA_LAUNCH_CHECK(std::string("add_kernel (") + (what ? what : "?") + ")");
 }
 
 void geglu_tanh(float* g, const float* u, int64_t n, cudaStream_t st, const char* what) {
     if (n <= 0) return;
-    geglu_tanh_kernel<<<blocks_for(n, 256), 256, 0, st>>>(g, u, n);
+    geglu_tanh_kernel<<<grid_for(n, 256), 256, 0, st>>>(g, u, n);
     CUDA_LAUNCH_CHECK(std::string("geglu_tanh_kernel (") + (what ? what : "?") + ")");
 }
 

@@ -30,6 +30,9 @@ constexpr int kAttnMaxSplits = 64;
 // all take them.
 bool type_supported(uint32_t type);
 
+// Blocks for a grid-stride loop over n elements, `threads` a block (at least 1, capped).
+int grid_for(int64_t n, int threads);
+
 // dst[0..n) = src's n elements (from a block boundary; n a multiple of the
 // block size for quantized types) rounded to fp16.
 void dequantize_f16(uint32_t type, const uint8_t* src, int64_t n, __half* dst, cudaStream_t st,

@@ -297,16 +297,16 @@ __global__ void fill_f16_kernel(__half* p, int64_t n, __half v) {
 
 __global__ void probe() {}
 
-int grid_for(int64_t n, int threads) {
-    const int64_t b = (n + threads - 1) / threads;
-    return int(b < 65535 * 16 ? (b < 1 ? 1 : b) : 65535 * 16);
-}
-
 std::string ctx(const char* kernel, const char* what) {
     return std::string(kernel) + " for " + (what ? what : "?");
 }
 
 }  // namespace
+
+int grid_for(int64_t n, int threads) {
+    const int64_t b = (n + threads - 1) / threads;
+    return int(b < 65535 * 16 ? (b < 1 ? 1 : b) : 65535 * 16);
+}
 
 void rmsnorm(const float* x, int rows, int n, const float* w, float eps, float* y, cudaStream_t st, const char* what) {
     if (rows <= 0) return;

@@ -118,9 +118,8 @@ async def bench(url: str, clients: int = 1, requests: int = 1, max_tokens: int =
         url = url[:-3]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     # A new connection for every request: a pooled keep-alive connection the server has closed
-    # in the meantime fails the next request on it ("Server disconnected") before the server
-    # sees it. llama-server (cpp-httplib) closes them, which made a third of round 8's and 9's
-    # requests against it errors; the cost, a localhost connect, is ~0.1 ms a request.
+    # in the meantime (llama-server's HTTP library closes them) fails the next request on it
+    # ("Server disconnected") before the server sees it; a localhost connect costs ~0.1 ms.
     conn = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=conn) as session:
         if model is None:
