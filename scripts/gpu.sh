@@ -40,6 +40,8 @@
 #   reported kv_unified = 'false' and ran 1.6 ms a token for one client, 2.5x round 6's)
 #   smol      SmolLM2 (~/.cache/orcd/SmolLM2-135M-Instruct.Q4_1.gguf, when there): orcd bench and,
 #             with the lcp build, llama-bench on the same file
+#   families  the same for SmolLM2 and Gemma 3 (~/.cache/orcd/gemma-3-270m-q4_k_m.gguf), with orcd verify
+#   sampler_ncu  the device sampler's times per call and its kernels under Nsight Compute (one row)
 #   vram      VRAM of an engine for 64 sequences x 4096 positions, resident fp16 copy on and off
 #   passkey   scripts/passkey.py on orcd (and on llama-server when the lcp build is there)
 # Options: --model PATH, --f16 PATH (written from MODEL when missing), --old DIR, --repeat N (5),
@@ -265,14 +267,33 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         needs_model lcp_serve || continue
         [ -x /tmp/lcp/llama.cpp/build/bin/llama-server ] || { record lcp_serve skip 0 "no llama-server build"; continue; }
         serve_bench llama "/tmp/lcp/llama.cpp/build/bin/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090 ${LCP_SERVER_ARGS:-}" ;;
-    smol)
-        SM=$HOME/.cache/orcd/SmolLM2-135M-Instruct.Q4_1.gguf
-        [ -f "$SM" ] || { record smol skip 0 "no $SM"; continue; }
-        bench_json smol "$SM"
-        if [ -x /tmp/lcp/llama.cpp/build/bin/llama-bench ]; then
-            run_step smol_lcp 200 "$D/smol_lcp.txt" /tmp/lcp/llama.cpp/build/bin/llama-bench -m "$SM" -p 512 -n 128 -r 3 -fa 1 -o md
-            ok_or_fail smol_lcp $? "$(grep -E 'pp|tg' "$D/smol_lcp.txt" | awk -F'|' '{print $(NF-2), $(NF-1)}' | tr '\n' ';' | cut -c1-200)"
-        fi ;;
+    smol|families)
+        # smol: SmolLM2 alone; families: SmolLM2 and Gemma 3, each bench, verify and llama-bench
+        FAM="smol:SmolLM2-135M-Instruct.Q4_1.gguf"
+        [ $step = families ] && FAM="$FAM gemma3:gemma-3-270m-q4_k_m.gguf"
+        for fm in $FAM; do
+            tag=${fm%%:*} FM=$HOME/.cache/orcd/${fm#*:}
+            [ -f "$FM" ] || { record $tag skip 0 "no $FM"; continue; }
+            bench_json $tag "$FM"
+            if [ $step = families ]; then
+                run_step ${tag}_verify 240 "$D/${tag}_verify.txt" bash -c "cd /tmp && $PY -m orcd.cli verify '$FM'"
+                ok_or_fail ${tag}_verify $? "$(tail -1 "$D/${tag}_verify.txt" | cut -c1-200)"
+            fi
+            if [ -x /tmp/lcp/llama.cpp/build/bin/llama-bench ]; then
+                run_step ${tag}_lcp 200 "$D/${tag}_lcp.txt" /tmp/lcp/llama.cpp/build/bin/llama-bench -m "$FM" -p 512 -n 128 -r 3 -fa 1 -o md
+                ok_or_fail ${tag}_lcp $? "$(grep -E 'pp|tg' "$D/${tag}_lcp.txt" | awk -F'|' '{print $(NF-2), $(NF-1)}' | tr '\n' ';' | cut -c1-200)"
+            fi
+        done ;;
+    sampler_ncu)
+        # the device sampler's kernels (slices, merge) on one row at the user path's parameters, under
+        # Nsight Compute: durations, stall reasons and the hottest source lines; and their times per call
+        run_step sampler_time 120 "$D/sampler_time.txt" $PY scripts/gpu_attn_sweep.py --sampler-only
+        ok_or_fail sampler_time $? "$(grep -E 'rows=1 .*k40 p0.95.*split=True' "$D/sampler_time.txt" | head -2 | tr -s ' ' | tr '\n' ';')"
+        run_step sampler_ncu 300 "$D/sampler_ncu.txt" ncu --clock-control none -k regex:sample_ --launch-skip 4 --launch-count 2 \
+            --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+            --section SourceCounters --section MemoryWorkloadAnalysis \
+            $PY scripts/gpu_attn_sweep.py --sampler-only --sampler-iters 4 --sampler-rows 1
+        ok_or_fail sampler_ncu $? "$(grep -E '^  sample_|Duration' "$D/sampler_ncu.txt" | head -4 | tr -s ' ' | tr '\n' ';' | cut -c1-250)" ;;
     vram)
         needs_model vram || continue
         : > "$D/vram.txt"

@@ -33,6 +33,8 @@ ENGINE_VARIANTS = [
     ("default", dict()),
     ("direct_keys 128", dict(direct_keys=128)),
     ("direct_keys 0", dict(direct_keys=0)),
+    ("span 1024", dict(cluster_span=1024)),
+    ("span 2048", dict(cluster_span=2048)),
     ("span 4096", dict(cluster_span=4096)),
     ("span 16384", dict(cluster_span=16384)),
     ("cluster 8", dict(cluster_size=8)),
@@ -50,11 +52,14 @@ def main():
     ap.add_argument("--depths", default="64,1024,4096,16384,32768")
     ap.add_argument("--engine-depths", default="64,200,400,1024,4096,8192,16384,32000")
     ap.add_argument("--no-kernel", action="store_true", help="skip the kernel-alone and sampler timings")
+    ap.add_argument("--sampler-only", action="store_true", help="only the sampler timings")
+    ap.add_argument("--sampler-iters", type=int, default=50)
+    ap.add_argument("--sampler-rows", default="1,8,64")
     ap.add_argument("--json")
     a = ap.parse_args()
     out = {"kernel": [], "engine": [], "sampler": []}
     depths = [int(x) for x in a.depths.split(",")]
-    for shape_name, (nh, nkv, hd) in [] if a.no_kernel else (("0.5B", (14, 2, 64)), ("1.5B", (12, 2, 128))):
+    for shape_name, (nh, nkv, hd) in [] if a.no_kernel or a.sampler_only else (("0.5B", (14, 2, 64)), ("1.5B", (12, 2, 128))):
         print(f"dec_attn_time, {shape_name} shape ({nh} heads, {nkv} KV heads, head_dim {hd}): us per launch")
         print(f"{'variant':<40}" + "".join(f"{d:>9}" for d in depths))
         for name, kw in KERNEL_VARIANTS:
@@ -75,15 +80,15 @@ def main():
                ("T0.7 top_k off (OpenAI's defaults)", (0.7, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 64))]
     if not a.no_kernel:
         print("sample_rows_time (151,936 logits a row): us per call")
-    for rows in () if a.no_kernel else (1, 8, 64):
+    for rows in () if a.no_kernel else [int(r) for r in a.sampler_rows.split(",")]:
         logits = (rng.standard_normal((rows, 151936)) * 2).astype(np.float32)
         hist = [rng.integers(0, 151936, 200).astype(np.int32) for _ in range(rows)]
         for name, p in sampler:
             for split, full in ((True, True), (True, False), (False, False)):
-                us = cu.sample_rows_time(logits, [p] * rows, hist, split, 50, split_full=full)
+                us = cu.sample_rows_time(logits, [p] * rows, hist, split, a.sampler_iters, split_full=full)
                 out["sampler"].append(dict(rows=rows, params=name, split=split, split_full=full, us=us))
                 print(f"  rows={rows:<3} {name:<36} split={split!s:<5} full={full!s:<5} {us:8.1f}")
-    if a.model:
+    if a.model and not a.sampler_only:
         eds = [int(x) for x in a.engine_depths.split(",")]
         e = cu.CudaEngine(a.model, max(eds) + 80, 1)
         toks = np.random.default_rng(0).integers(100, 1000, max(eds)).astype(np.int32)
