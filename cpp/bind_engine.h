@@ -16,9 +16,11 @@
 #pragma once
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -145,7 +147,7 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
         .def(
             "decode_sample",
             [](H& self, int slot, int32_t token, int pos, nb::tuple params, uint64_t rng_state,
-               In1D<int32_t> history, int n_logprobs) -> nb::object {
+               In1D<int32_t> history, int n_logprobs, std::optional<In1D<uint32_t>> mask) -> nb::object {
                 if (params.size() != 8)
                     throw Error("decode_sample: params are (temperature, top_k, top_p, min_p, repetition_penalty, "
                                 "presence_penalty, frequency_penalty, penalty_last_n)");
@@ -170,6 +172,13 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
                     row.n_logprobs = n_logprobs;
                     row.logprobs = &lp;
                 }
+                if (mask) {
+                    const int words = token_mask_words(self.get().desc().n_vocab);
+                    if (int(mask->shape(0)) != words)
+                        throw Error("decode_sample: the mask must be uint32[" + std::to_string(words) + "] (got " +
+                                    std::to_string(mask->shape(0)) + " words)");
+                    row.mask = mask->data();
+                }
                 int32_t out = -1;
                 bool done;
                 {
@@ -182,12 +191,14 @@ void bind_engine_methods(Cls& cls, InfoFn info) {
                 return nb::make_tuple(out, row.rng_state);
             },
             nb::arg("slot"), nb::arg("token"), nb::arg("pos"), nb::arg("params"), nb::arg("rng_state"),
-            nb::arg("history"), nb::arg("n_logprobs") = -1,
+            nb::arg("history"), nb::arg("n_logprobs") = -1, nb::arg("mask") = nb::none(),
             "One decode step of `slot` (token at pos) with the next token sampled on the engine's device:\n"
             "(token, generator state after the draw), or None where the engine cannot (the CPU engine, or\n"
             "parameters beyond the device sampler): then forward() and Sampler.sample.\n"
             "n_logprobs >= 0 (up to 20): a third item, the token's (logprob, [(id, logprob), ...] top\n"
-            "n_logprobs) under the raw distribution (cpp/logprobs.h), computed next to the logits.")
+            "n_logprobs) under the raw distribution (cpp/logprobs.h), computed next to the logits.\n"
+            "mask: structured output's allowed tokens, uint32[token_mask_words(n_vocab)] (bit t % 32 of\n"
+            "mask[t / 32]), applied after the logprobs and before the sampling chain.")
         .def(
             "kv_reserve",
             [](H& self, int slot, int n_positions) {

@@ -200,6 +200,7 @@ void bind_step_loop(nanobind::module_& m, const char* name, MakeEngineFn make) {
             d["kv_positions"] = st.kv_positions;
             d["kv_reserved"] = st.kv_reserved;
             d["kv_waits"] = st.kv_waits;
+            d["host_sampled"] = st.host_sampled;
             return d;
         })
         .def_prop_ro("n_ctx", [](PyStepLoop& s) { return s.get()->n_ctx(); })

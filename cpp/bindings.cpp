@@ -306,6 +306,18 @@ NB_MODULE(_orcd, m) {
         .def_prop_rw("rng_state", &Sampler::rng_state, &Sampler::set_rng_state,
                      "the generator's state (the GPU sampler continues the same stream)");
 
+    // ---- structured output's mask (cpp/sampler.h): the CPU twin of the GPU's apply_token_masks
+    m.def("apply_token_mask", [](In1D<float> logits, In1D<uint32_t> mask) {
+        const int V = int(logits.shape(0));
+        if (int(mask.shape(0)) != token_mask_words(V))
+            throw Error("apply_token_mask: the mask must be uint32[" + std::to_string(token_mask_words(V)) + "] for " +
+                        std::to_string(V) + " logits (got " + std::to_string(mask.shape(0)) + ")");
+        std::vector<float> out(logits.data(), logits.data() + V);
+        apply_token_mask(out.data(), V, mask.data());
+        return to_numpy(std::move(out), {size_t(V)});
+    }, nb::arg("logits"), nb::arg("mask"),
+       "A copy of logits float32 [n_vocab] with every token whose bit (t % 32 of mask[t / 32]) is clear at -inf.");
+
     // ---- logprobs (cpp/logprobs.h): the CPU reference, also used by Model for its host logits
     m.def("logprobs", [](In2D<float> logits, In1D<int32_t> chosen, int n_top) {
         const int n = int(logits.shape(0)), V = int(logits.shape(1));

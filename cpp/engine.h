@@ -42,6 +42,11 @@ struct DeviceSampleRow {
     // this many top ones (cpp/logprobs.h: the raw distribution, before the sampling chain)
     int n_logprobs = -1;
     Logprobs* logprobs = nullptr;
+    // Structured output: null, or token_mask_words(n_vocab) words in host memory (sampler.h's
+    // layout: bit t % 32 of mask[t / 32] set = token t may be drawn). The mask goes on the logits
+    // after the logprobs are taken (they stay of the raw distribution) and before the chain, as
+    // apply_token_mask does on the host.
+    const uint32_t* mask = nullptr;
 };
 
 // ---- argument checks, shared by every backend and the bindings, so a bad call
@@ -136,7 +141,7 @@ public:
     // engine's device with row's parameters and fed to the next step without a round trip to the
     // host: out_tokens[i] is step i's draw, row.rng_state advances as n_steps draws do. Returns
     // false, having done nothing, where the engine has no such path (the CPU engine, a row with
-    // penalties or logprobs, parameters beyond the device sampler). Equivalent to n_steps
+    // penalties, logprobs or a mask, parameters beyond the device sampler). Equivalent to n_steps
     // decode_batch_sample calls of one row, each given the previous call's token.
     virtual bool decode_sample_steps(int slot, int32_t token, int pos, int n_steps, DeviceSampleRow& row,
                                      int32_t* out_tokens) {

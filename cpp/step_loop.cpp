@@ -244,13 +244,13 @@ void StepLoop::end_seq(Seq& s) {
     s.ended = true;
 }
 
-void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& out) {
+void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& out, const uint32_t* mask) {
     int32_t tok;
     Logprobs lp;
     try {
         const int V = engine_->desc().n_vocab;
         // logprobs are of the raw distribution: from logits before the mask (a copy is masked)
-        const float* sample_from = s.req.mask_fn ? masked_logits(s, logits) : logits;
+        const float* sample_from = s.req.mask_fn ? masked_logits(s, logits, mask) : logits;
         tok = s.sampler.sample(sample_from, V, s.history.data(), int(s.history.size()));
         if (s.req.n_logprobs >= 0) compute_logprobs(logits, V, tok, s.req.n_logprobs, lp);
     } catch (const std::exception& e) {
@@ -260,13 +260,21 @@ void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& o
     accept_token(s, tok, s.req.n_logprobs >= 0 ? &lp : nullptr, out);
 }
 
-const float* StepLoop::masked_logits(const Seq& s, const float* logits) {
-    const int V = engine_->desc().n_vocab;
-    mask_.assign(size_t(token_mask_words(V)), 0u);
+std::vector<uint32_t> StepLoop::seq_mask(const Seq& s) const {
+    std::vector<uint32_t> m(size_t(token_mask_words(engine_->desc().n_vocab)), 0u);
     const size_t n_prompt = s.req.prompt.size();
-    s.req.mask_fn(s.history.data() + n_prompt, int(s.history.size() - n_prompt), mask_.data());
+    s.req.mask_fn(s.history.data() + n_prompt, int(s.history.size() - n_prompt), m.data());
+    return m;
+}
+
+const float* StepLoop::masked_logits(const Seq& s, const float* logits, const uint32_t* mask) {
+    const int V = engine_->desc().n_vocab;
+    if (!mask) {
+        mask_ = seq_mask(s);
+        mask = mask_.data();
+    }
     masked_logits_.assign(logits, logits + V);
-    apply_token_mask(masked_logits_.data(), V, mask_.data());
+    apply_token_mask(masked_logits_.data(), V, mask);
     return masked_logits_.data();
 }
 
@@ -345,6 +353,7 @@ void StepLoop::step() {
     const int V = engine_->desc().n_vocab;
     logits_.resize(size_t(V));
     int64_t prompt_tokens = 0;
+    int64_t host_sampled = 0;  // decode rows sampled from host logits this step
 
     // 1. Prompt chunks, oldest request first, prefill_chunk tokens in all: the chunks of several
     // requests go through the engine as one pass (forward_rows), a lone chunk as a forward.
@@ -436,21 +445,37 @@ void StepLoop::step() {
             if (rows[i].n_logprobs >= 0) rows[i].logprobs = &lps[i];
         }
         std::vector<int32_t> picked(un);
-        // a structured-output row needs its mask on host logits: the whole step takes that path
-        const bool masked = std::any_of(dec.begin(), dec.end(), [](const Seq* q) { return bool(q->req.mask_fn); });
+        // Structured output: each masked row's mask for this step, computed once; the device
+        // sampler applies it next to the logits, the host path below takes the same words. A row
+        // whose mask function fails is evaluated with the others and then ends with the error.
+        std::vector<std::vector<uint32_t>> masks(un);
+        std::vector<std::string> mask_err(un);
+        for (size_t i = 0; i < un; ++i) {
+            if (!dec[i]->req.mask_fn) continue;
+            try {
+                masks[i] = seq_mask(*dec[i]);
+                rows[i].mask = masks[i].data();
+            } catch (const std::exception& e) {
+                mask_err[i] = e.what();
+                masks[i].clear();
+            }
+        }
         try {
-            if (!masked && engine_->decode_batch_sample(n, slots.data(), toks.data(), pos.data(), rows.data(), picked.data())) {
+            if (engine_->decode_batch_sample(n, slots.data(), toks.data(), pos.data(), rows.data(), picked.data())) {
                 for (size_t i = 0; i < un; ++i) {
                     dec[i]->n_done++;
                     dec[i]->sampler.set_rng_state(rows[i].rng_state);
-                    accept_token(*dec[i], picked[i], rows[i].logprobs, out);
+                    if (!mask_err[i].empty()) finish_seq(*dec[i], Finish::error, mask_err[i], out);
+                    else accept_token(*dec[i], picked[i], rows[i].logprobs, out);
                 }
             } else {
                 std::vector<float> logits(un * size_t(V));
                 engine_->decode_batch(n, slots.data(), toks.data(), pos.data(), logits.data());
+                host_sampled += int64_t(un);
                 for (size_t i = 0; i < un; ++i) {
                     dec[i]->n_done++;
-                    take_token(*dec[i], logits.data() + i * size_t(V), out);
+                    if (!mask_err[i].empty()) finish_seq(*dec[i], Finish::error, mask_err[i], out);
+                    else take_token(*dec[i], logits.data() + i * size_t(V), out, masks[i].empty() ? nullptr : masks[i].data());
                 }
             }
         } catch (const std::exception& e) {
@@ -475,6 +500,7 @@ void StepLoop::step() {
     }
     stats_.steps++;
     stats_.prompt_tokens += prompt_tokens;
+    stats_.host_sampled += host_sampled;
     stats_.generated += emitted;
     stats_.running = int(running_.size());
     n_free_ = int(std::count(slot_free_.begin(), slot_free_.end(), true));

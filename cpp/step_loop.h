@@ -109,6 +109,8 @@ struct StepStats {
     int64_t kv_positions = 0;     // the engine's KV pool (cpp/kv_pool.h), in positions
     int64_t kv_reserved = 0;      // positions held by slots (running requests and cached prefixes)
     int64_t kv_waits = 0;         // admissions deferred because the pool had no room
+    int64_t host_sampled = 0;     // decode rows whose logits came to the host to be sampled (an engine
+                                  // without a device sampler, or a step with parameters beyond it)
 };
 
 class StepLoop {
@@ -167,7 +169,8 @@ private:
     bool lone_block(Seq& s, std::vector<StepEvent>& out);
     // Samples seq's next token from logits and publishes it, or its end (stop, length,
     // or a sampling error).
-    void take_token(Seq& s, const float* logits, std::vector<StepEvent>& out);
+    // mask: seq's structured-output mask for this token when already computed (else computed here).
+    void take_token(Seq& s, const float* logits, std::vector<StepEvent>& out, const uint32_t* mask = nullptr);
     // Publishes tok as seq's next token (with lp when the request asked for logprobs), or its
     // end when tok is a stop id or the last allowed.
     void accept_token(Seq& s, int32_t tok, const Logprobs* lp, std::vector<StepEvent>& out);
@@ -176,8 +179,10 @@ private:
     // Evaluates n prompt tokens of seq with every row's logits, recording the prompt logprobs;
     // samples the first token when the prompt is done.
     void prompt_chunk_with_logprobs(Seq& s, int n, std::vector<StepEvent>& out);
-    // Structured output: seq's mask applied to a copy of logits (in masked_logits_).
-    const float* masked_logits(const Seq& s, const float* logits);
+    // Structured output: seq's mask for its next token (its mask function on the tokens it generated).
+    std::vector<uint32_t> seq_mask(const Seq& s) const;
+    // Structured output: mask (or seq_mask's when null) applied to a copy of logits (in masked_logits_).
+    const float* masked_logits(const Seq& s, const float* logits, const uint32_t* mask = nullptr);
     // Publishes seq's terminal event (without a token) and ends it.
     void finish_seq(Seq& s, Finish f, const std::string& msg, std::vector<StepEvent>& out);
     // Frees seq's slot (remembering the tokens whose K/V it holds) and marks it ended.

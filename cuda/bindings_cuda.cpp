@@ -670,6 +670,24 @@ NB_MODULE(_orcd_cuda, m) {
         "penalty_last_n), generator state states[r] and history histories[r]; split=False: the one-block "
         "kernel for every row; split_full=True: rows with top_k off take the split path too.");
     m.def(
+        "test_apply_token_masks",
+        [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits,
+           nb::ndarray<const uint32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> masks) {
+            const int n = int(logits.shape(0)), V = int(logits.shape(1));
+            if (int(masks.shape(0)) != n || int(masks.shape(1)) != orcd::token_mask_words(V))
+                throw orcd::Error("test_apply_token_masks: masks must be uint32[" + std::to_string(n) + ", " +
+                                  std::to_string(orcd::token_mask_words(V)) + "]");
+            std::vector<float> r;
+            {
+                nb::gil_scoped_release nogil;
+                r = orcd::cuda_test::apply_token_masks(logits.data(), n, V, masks.data());
+            }
+            return orcd::to_numpy(std::move(r), {size_t(n), size_t(V)});
+        },
+        "logits"_a, "masks"_a,
+        "The structured-output mask kernel on host logits [n, n_vocab] with masks uint32[n, words]: the masked\n"
+        "logits (a clear bit: -inf), as orcd._orcd.apply_token_mask does on the CPU.");
+    m.def(
         "sample_rows_time",
         [sample_params, histories_of](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits,
                                       std::vector<nb::tuple> params, HistArrays histories, bool split, int iters,

@@ -306,6 +306,9 @@ std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* 
                                                                    const std::vector<uint64_t>& states,
                                                                    const std::vector<std::vector<int32_t>>& histories,
                                                                    bool split = true, bool split_full = false);
+// apply_token_masks (cuda/sample.cuh) on host logits [n_rows][n_vocab]: row r masked by
+// masks[r * token_mask_words(n_vocab) ...] (cpp/sampler.h's layout); returns the masked logits.
+std::vector<float> apply_token_masks(const float* logits, int n_rows, int n_vocab, const uint32_t* masks);
 // Microseconds per sample_rows launch on those logits (generator states fixed), as the engine
 // launches it (the host rows pick the kernels), `iters` launches in one CUDA graph.
 double sample_rows_time(const float* logits, int n_rows, int n_vocab, const std::vector<SamplerParams>& params,

@@ -198,7 +198,8 @@ bool CudaEngineImpl::decode_sample_steps(int slot, int32_t token, int pos, int n
     validate(row.params);
     const SamplerParams& p = row.params;
     const bool pen = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
-    if (!fast_on() || pen || row.n_logprobs >= 0 || !device_sampling_supports(p, V_, 0)) return false;
+    // a mask belongs to one step (it depends on the tokens drawn before it): such rows go step by step
+    if (!fast_on() || pen || row.n_logprobs >= 0 || row.mask || !device_sampling_supports(p, V_, 0)) return false;
     if (n_steps == 0) return true;
     engine_args::ensure_kv("decode_sample_steps", *this, slot, int64_t(pos) + n_steps);
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_sample_steps");
@@ -580,6 +581,25 @@ void CudaEngineImpl::decode_batch(int n, const int32_t* slots, const int32_t* to
     std::memcpy(logits, pinned_logits_, size_t(n) * V_ * 4);
 }
 
+void CudaEngineImpl::upload_and_apply_masks(int n, const DeviceSampleRow* rows, const SampleLayout& lay) {
+    const size_t words = size_t(token_mask_words(V_));
+    auto* prows = reinterpret_cast<int32_t*>(samp_pinned_ + lay.mask_rows);
+    auto* pmasks = reinterpret_cast<uint32_t*>(samp_pinned_ + lay.masks);
+    int m = 0;
+    for (int i = 0; i < n; ++i) {
+        if (!rows[i].mask) continue;
+        prows[m] = i;
+        std::memcpy(pmasks + size_t(m) * words, rows[i].mask, words * 4);
+        ++m;
+    }
+    if (m == 0) return;  // unconstrained steps: no copy, no kernel
+    CUDA_CHECK(cudaMemcpyAsync(samp_dev_ + lay.mask_rows, samp_pinned_ + lay.mask_rows,
+                               lay.masks - lay.mask_rows + size_t(m) * words * 4, cudaMemcpyHostToDevice, stream_),
+               "token masks upload");
+    cu::launch_apply_token_masks(logits_, V_, m, reinterpret_cast<const int32_t*>(samp_dev_ + lay.mask_rows),
+                                 reinterpret_cast<const uint32_t*>(samp_dev_ + lay.masks), stream_);
+}
+
 bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int32_t* tokens, const int32_t* pos,
                                          DeviceSampleRow* rows, int32_t* out_tokens) {
     check_decode_batch_args(*this, n, slots, tokens, pos);  // so n <= n_slots_
@@ -629,6 +649,7 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
     auto* dst = reinterpret_cast<uint64_t*>(samp_dev_ + lay.states);
     // logprobs: the rows asking are copied aside before the sampler changes them (nothing when none asks)
     const bool want_logprobs = logprob_rows_.save(logits_, n, V_, rows, stream_);
+    upload_and_apply_masks(n, rows, lay);
     cu::launch_sample_rows(logits_, n, V_, reinterpret_cast<const cu::SampleRow*>(samp_dev_ + lay.rows), dtok, dst,
                            stream_, samp_dev_ + lay.work, prow, opt_.sample_split, opt_.sample_split_full);
     // tokens and states come back in one copy (the states follow the tokens' region)

@@ -25,7 +25,7 @@ enum class Logits { None, Last, All };
 // (rows and windows go up in one copy, tokens and states come back in one), then the
 // sampler's workspace (device only).
 struct SampleLayout {
-    size_t rows = 0, hist = 0, tokens = 0, states = 0, work = 0, bytes = 0;
+    size_t rows = 0, hist = 0, tokens = 0, states = 0, work = 0, mask_rows = 0, masks = 0, bytes = 0;
 };
 inline SampleLayout sample_layout(int n_slots, int n_vocab) {
     auto up = [](size_t b) { return (b + 255) & ~size_t(255); };
@@ -34,7 +34,10 @@ inline SampleLayout sample_layout(int n_slots, int n_vocab) {
     l.tokens = l.hist + up(size_t(n_slots) * kDevicePenaltyWindowMax * 4);
     l.states = l.tokens + up(size_t(n_slots) * 4);
     l.work = l.states + up(size_t(n_slots) * 8);
-    l.bytes = l.work + up(cu::sample_workspace_bytes(n_slots, n_vocab));
+    l.mask_rows = l.work + up(cu::sample_workspace_bytes(n_slots, n_vocab));
+    // structured output: the masked rows' indices, then their masks (uploaded only in steps that have one)
+    l.masks = l.mask_rows + up(size_t(n_slots) * 4);
+    l.bytes = l.masks + up(size_t(n_slots) * size_t(token_mask_words(n_vocab)) * 4);
     return l;
 }
 
@@ -72,6 +75,8 @@ public:
     DecodeProfile profile_decode(int slot, int32_t token, int pos, int n_steps) override;
 
 private:
+    // decode_batch_sample's structured-output rows: their masks uploaded and applied to logits_
+    void upload_and_apply_masks(int n, const DeviceSampleRow* rows, const SampleLayout& lay);
     // engine_memory.cu
     void build(const ProgressFn& progress);  // checks, plans and allocates everything, uploads the weights
     void release() noexcept;

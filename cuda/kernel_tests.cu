@@ -886,6 +886,25 @@ void check_sample_args(int n_rows, int n_vocab, const std::vector<SamplerParams>
 }
 }  // namespace
 
+std::vector<float> apply_token_masks(const float* logits, int n_rows, int n_vocab, const uint32_t* masks) {
+    ready();
+    if (n_rows < 1 || n_vocab < 1) throw Error("apply_token_masks: need n_rows >= 1 and n_vocab >= 1");
+    const size_t words = size_t(token_mask_words(n_vocab));
+    DBuf<float> d(logits, size_t(n_rows) * size_t(n_vocab), "apply_token_masks logits");
+    DBuf<uint32_t> m(masks, size_t(n_rows) * words, "apply_token_masks masks");
+    // the masked rows in reverse order, so a mask's row is not its own index
+    std::vector<int32_t> rows_of(static_cast<size_t>(n_rows));
+    std::vector<uint32_t> by_slot(size_t(n_rows) * words);
+    for (int i = 0; i < n_rows; ++i) {
+        rows_of[size_t(i)] = n_rows - 1 - i;
+        std::copy(masks + size_t(n_rows - 1 - i) * words, masks + size_t(n_rows - i) * words, by_slot.begin() + ptrdiff_t(size_t(i) * words));
+    }
+    DBuf<int32_t> r(rows_of.data(), rows_of.size(), "apply_token_masks rows");
+    DBuf<uint32_t> mm(by_slot.data(), by_slot.size(), "apply_token_masks masks");
+    cu::launch_apply_token_masks(d.p, n_vocab, n_rows, r.p, mm.p, nullptr);
+    return d.download("apply_token_masks");
+}
+
 std::pair<std::vector<int32_t>, std::vector<uint64_t>> sample_rows(const float* logits, int n_rows, int n_vocab,
                                                                    const std::vector<SamplerParams>& params,
                                                                    const std::vector<uint64_t>& states,

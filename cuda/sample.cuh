@@ -65,6 +65,12 @@ size_t sample_workspace_bytes(int n_rows, int n_vocab);
 void launch_sample_rows(float* logits, int n_rows, int n_vocab, const SampleRow* rows, int32_t* out_token,
                         uint64_t* out_state, cudaStream_t stream, void* workspace, const SampleRow* host_rows,
                         bool split, bool split_full = false);
+// Structured output: for each i < n_masked, row rows_of[i] of logits (n_vocab each) gets the
+// mask masks[i] (token_mask_words(n_vocab) words, cpp/sampler.h's layout): a logit whose bit is
+// clear becomes -inf, as apply_token_mask (its CPU twin) does. Launched only for steps with a
+// masked row, before launch_sample_rows; rows_of and masks in device memory.
+void launch_apply_token_masks(float* logits, int n_vocab, int n_masked, const int32_t* rows_of,
+                              const uint32_t* masks, cudaStream_t stream);
 // Which kernels launch_sample_rows takes for a row with these parameters: 0 the one-block
 // kernel, 1 the split path (top_k / greedy), 2 the whole-vocabulary split path.
 int sample_rows_path(const SamplerParams& p, int n_vocab, bool split, bool split_full);

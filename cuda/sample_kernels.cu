@@ -1138,7 +1138,28 @@ __global__ void __launch_bounds__(kThreads, 1) sample_merge_kernel(const float* 
     draw_top_k(w, C, lmax, best, u, inv_t, use_min_p, lmin, p, sbuf, dbuf, ibuf, s_int, out_token + r);
 }
 
+// One thread per mask word (32 logits); blockIdx.y: the masked row.
+__global__ void apply_token_masks_kernel(float* logits, int V, const int32_t* rows_of, const uint32_t* masks) {
+    const int words = (V + 31) / 32, wd = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
+    if (wd >= words) return;
+    const uint32_t bits = masks[size_t(m) * size_t(words) + size_t(wd)];
+    if (bits == 0xFFFFFFFFu) return;
+    float* w = logits + size_t(rows_of[m]) * size_t(V);
+    const int end = min(V, (wd + 1) * 32);
+    for (int t = wd * 32; t < end; ++t)
+        if (!((bits >> (t & 31)) & 1u)) w[t] = -INFINITY;
+}
+
 }  // namespace
+
+void launch_apply_token_masks(float* logits, int n_vocab, int n_masked, const int32_t* rows_of,
+                              const uint32_t* masks, cudaStream_t stream) {
+    if (n_masked <= 0) return;
+    const int words = (n_vocab + 31) / 32, nt = 256;
+    apply_token_masks_kernel<<<dim3((words + nt - 1) / nt, n_masked), nt, 0, stream>>>(logits, n_vocab, rows_of,
+                                                                                       masks);
+    CUDA_LAUNCH_CHECK("apply_token_masks_kernel");
+}
 
 size_t sample_workspace_bytes(int n_rows, int n_vocab) {
     return n_rows > 0 && n_vocab > 0 ? size_t(n_rows) * work_row_bytes(n_slices(n_vocab)) : 0;

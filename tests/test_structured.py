@@ -56,6 +56,25 @@ class FixedMask:
         out[:] = self.mask
 
 
+def test_apply_token_mask_is_bitwise_numpy():
+    """The CPU mask (cpp/sampler.cpp apply_token_mask, the GPU kernel's twin) against NumPy's
+    unpacked bits: a clear bit sends that token's logit to -inf, a set one keeps it (inf and
+    NaN included), bit t % 32 of word t // 32; a mask of the wrong length is refused."""
+    rng = np.random.default_rng(11)
+    V = 777
+    logits = rng.standard_normal(V).astype(np.float32)
+    logits[3], logits[40] = np.inf, np.nan
+    allowed = set(rng.choice(V, 300, replace=False).tolist()) | {3, 40}
+    got = _orcd.apply_token_mask(logits, mask_of(allowed, V))
+    for t in range(V):
+        if t in allowed:
+            assert got[t] == logits[t] or (np.isnan(got[t]) and np.isnan(logits[t])), t
+        else:
+            assert got[t] == -np.inf, t
+    with pytest.raises(ValueError, match="uint32\\[25\\]"):
+        _orcd.apply_token_mask(logits, np.zeros(24, np.uint32))
+
+
 # ------------------------------------------------------------------ the mask hook (tiny model)
 @pytest.fixture(scope="module")
 def tiny(tiny_model):

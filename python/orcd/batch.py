@@ -185,7 +185,8 @@ class BatchRunner:
     def stats(self) -> dict:
         """running, waiting, steps, prompt_tokens, generated, finished (counts since start);
         kv_positions (the KV pool), kv_reserved (positions held), kv_waits (admissions deferred
-        for want of KV memory)."""
+        for want of KV memory); host_sampled (decode rows whose logits came to the host to be
+        sampled: the CPU engine's every row, on the GPU only parameters beyond its sampler)."""
         return self._loop.stats()
 
     def _pump_events(self) -> None:

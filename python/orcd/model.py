@@ -270,11 +270,12 @@ class Model:
             return self._prefill(slot, history[:n].tolist(), owner)
 
     def _next_on_device(self, slot: _Slot, history: np.ndarray, n: int, owner, sampler, dev_params,
-                        n_logprobs: int = -1):
+                        n_logprobs: int = -1, mask: Optional[np.ndarray] = None):
         """(token after history[:n] sampled on the engine's device, True, its logprobs pair or
         None) when this step continues the owner's cache of the slot and the engine can; else
         (None, whether the engine could, None): nothing was evaluated, the caller takes the
-        logits path. n_logprobs >= 0: the token's logprobs come back too (computed there)."""
+        logits path. n_logprobs >= 0: the token's logprobs come back too (computed there).
+        mask: structured output's allowed tokens for this token (uint32 words), applied there."""
         if dev_params is None:
             return None, False, None
         with self._lock:
@@ -284,7 +285,8 @@ class Model:
             slot.last_used = next(self._clock)
             slot.owner = None  # until the step below succeeds
             r = self._with_room(slot, lambda: eng.decode_sample(slot.index, int(history[n - 1]), n - 1, dev_params,
-                                                                sampler.rng_state, history[:n], n_logprobs))
+                                                                sampler.rng_state, history[:n], n_logprobs,
+                                                                mask))
             slot.owner = owner
             if r is None:
                 return None, False, None
@@ -363,7 +365,7 @@ class Model:
              sink: Optional[list] = None, constraint=None) -> Iterator[tuple]:
         """Yields (token_id or None, text piece, None) and last (None, rest, finish) with
         finish "stop" or "length". constraint: its mask is applied to the logits of every
-        token (on the host: such a generation never samples on the device)."""
+        token (on the GPU next to them when the engine samples there, one token a call)."""
         stop_ids = set(int(t) for t in (p.stop_token_ids or []))
         eos = set() if p.ignore_eos else set(self.tokenizer.eos_ids)
         budget = self.n_ctx - len(ids)
@@ -382,12 +384,12 @@ class Model:
                 slot.users -= 1
                 raise
         # the GPU engine samples next to its logits (only token ids come back) when it can
-        dev_params = _device_params(p) if self.device == "cuda" and constraint is None else None
+        dev_params = _device_params(p) if self.device == "cuda" else None
         n_lp = -1 if sink is None else p.logprobs
         # without logprobs, tokens come DEVICE_BLOCK at a time from one engine call (each fed to
         # the next step on the device); the ones after a stop are dropped
         pending: List[int] = []
-        blocks = dev_params is not None and sink is None
+        blocks = dev_params is not None and sink is None and constraint is None  # a mask is per token
 
         def pick(logits: np.ndarray):
             """(token sampled from logits, its TokenLogprobs or None). Logprobs are of the raw
@@ -434,7 +436,10 @@ class Model:
                         tok, pending = got[0], got[1:]
                         continue
                     blocks = False
-                tok, can, pair = self._next_on_device(slot, history, n_hist, me, sampler, dev_params, n_lp)
+                mask = None
+                if constraint is not None and dev_params is not None:
+                    mask = constraint.mask(history[len(ids):n_hist])
+                tok, can, pair = self._next_on_device(slot, history, n_hist, me, sampler, dev_params, n_lp, mask)
                 if pair is not None:
                     lp = TokenLogprobs.from_native(tok, pair)
                 if tok is None:
