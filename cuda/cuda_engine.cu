@@ -66,6 +66,19 @@ size_t parse_vram_limit(const char* v) {
     return n;
 }
 
+// An integer ORCD_CUDA_* setting in [lo, hi]: unset or empty keeps `dflt`; anything else is an
+// Error naming the variable.
+int env_int(const char* name, int dflt, int lo, int hi) {
+    const char* v = std::getenv(name);
+    if (!v || !*v) return dflt;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (*end != '\0' || n < lo || n > hi)
+        throw Error(std::string(name) + ": '" + v + "' is not an integer in [" + std::to_string(lo) + ", " +
+                    std::to_string(hi) + "]");
+    return int(n);
+}
+
 }  // namespace
 
 CudaOptions options_from_env() {
@@ -80,6 +93,9 @@ CudaOptions options_from_env() {
     o.sample_graphs = env_on("ORCD_CUDA_SAMPLE_GRAPHS", o.sample_graphs);
     o.sample_split_full = env_on("ORCD_CUDA_SAMPLE_SPLIT_FULL", o.sample_split_full);
     if (const char* v = std::getenv("ORCD_CUDA_VRAM_LIMIT"); v && *v) o.vram_limit = parse_vram_limit(v);
+    // the decode attention's cluster shape at depth (FusedDecoder::attn_variant), for measuring
+    o.cluster_size = env_int("ORCD_CUDA_CLUSTER_SIZE", o.cluster_size, 1, cu::kDecAttnClusterMax);
+    o.cluster_span = env_int("ORCD_CUDA_CLUSTER_SPAN", o.cluster_span, 1, 1 << 30);
     return o;
 }
 

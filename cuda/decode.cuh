@@ -55,8 +55,9 @@ constexpr int kDecAttnBufs = 4;     // attention tiles in flight (cp.async ring 
 constexpr int kDecLmStages = 4;     // lm_head staging buffers per warp (batches in flight)
 constexpr int kDecAttnCluster = 8;  // splits per KV head of the cluster attention (Hopper; the portable cluster size)
 constexpr int kDecAttnClusterMax = 16;  // ... at most (16: a non-portable cluster size, H100/H200)
-constexpr int kDecAttnMaxClusters = 4;  // clusters per KV head at most (their partials merged by attn_output;
-                                        // 8 clusters of 16 did not fit the GPU at once: docs/perf_log.md run 36)
+constexpr int kDecAttnMaxClusters = 16;  // clusters per KV head at most (their partials merged by attn_output;
+                                         // attn_variant keeps clusters x cluster size <= kDecMaxSplits: 8
+                                         // clusters of 16 did not fit the GPU at once, docs/perf_log.md run 36)
 constexpr int kDecMaxSplits = 64;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMergeChunk = 32;  // the global merge stages this many splits' partials at a time
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds

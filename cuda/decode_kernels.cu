@@ -260,32 +260,41 @@ __device__ __forceinline__ float load_act_parts(const Act& a, const float* __res
     const float4* s4 = reinterpret_cast<const float4*>(src);
     const int n4 = n / 4, heads = n / hd;
     float ss = 0.f;
+    // the partials in groups of kGroup, all of a group's loads in flight at once (16 partials'
+    // float4s would not fit the registers): the maxima first, then the weighted sums
+    constexpr int kGroup = 4;
     for (int i = threadIdx.x; i < n4; i += NT) {
         const int e = 4 * i, h = e / hd;
-        float2 m[kDecAttnMaxClusters];
-        float4 v[kDecAttnMaxClusters];
-#pragma unroll
-        for (int c = 0; c < kDecAttnMaxClusters; ++c)
-            if (c < parts) {
-                m[c] = __ldcg(ml + size_t(c) * heads + h);
-                v[c] = __ldcg(s4 + size_t(c) * n4 + i);
-            }
         float M = -INFINITY;
+        for (int c0 = 0; c0 < parts; c0 += kGroup) {
+            float mx[kGroup];
 #pragma unroll
-        for (int c = 0; c < kDecAttnMaxClusters; ++c)
-            if (c < parts) M = fmaxf(M, m[c].x);
+            for (int c = 0; c < kGroup; ++c) mx[c] = c0 + c < parts ? __ldcg(ml + size_t(c0 + c) * heads + h).x : -INFINITY;
+#pragma unroll
+            for (int c = 0; c < kGroup; ++c) M = fmaxf(M, mx[c]);
+        }
         float L = 0.f;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int c0 = 0; c0 < parts; c0 += kGroup) {
+            float2 m[kGroup];
+            float4 v[kGroup];
 #pragma unroll
-        for (int c = 0; c < kDecAttnMaxClusters; ++c)
-            if (c < parts) {
-                const float w = expf(m[c].x - M);
-                L += w * m[c].y;
-                acc.x += w * v[c].x;
-                acc.y += w * v[c].y;
-                acc.z += w * v[c].z;
-                acc.w += w * v[c].w;
-            }
+            for (int c = 0; c < kGroup; ++c)
+                if (c0 + c < parts) {
+                    m[c] = __ldcg(ml + size_t(c0 + c) * heads + h);
+                    v[c] = __ldcg(s4 + size_t(c0 + c) * n4 + i);
+                }
+#pragma unroll
+            for (int c = 0; c < kGroup; ++c)
+                if (c0 + c < parts) {
+                    const float w = expf(m[c].x - M);
+                    L += w * m[c].y;
+                    acc.x += w * v[c].x;
+                    acc.y += w * v[c].y;
+                    acc.z += w * v[c].z;
+                    acc.w += w * v[c].w;
+                }
+        }
         const float il = 1.0f / L;
         const float4 r = make_float4(acc.x * il, acc.y * il, acc.z * il, acc.w * il);
         *reinterpret_cast<float4*>(a.xf + (e >> 5) * XF_STRIDE + (e & 31)) = r;

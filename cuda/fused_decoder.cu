@@ -381,9 +381,12 @@ int FusedDecoder::attn_variant(int kv_len) const {
     if (!hopper_ || opt_.cluster_keys <= 0 || kv_len > opt_.cluster_keys) return 0;
     // the largest power of two <= ceil(kv_len / cluster_span): at 8k-16k positions 2 clusters
     // beat 1 and 4, at 32k 4 beat 2 (docs/perf_log.md run 36)
+    // (more clusters of fewer blocks, e.g. cluster_size 1-2 and a short span: the partials merged by
+    // attn_output instead of in the cluster; at most kDecMaxSplits blocks per KV head in all)
     const int want = (kv_len + opt_.cluster_span - 1) / opt_.cluster_span;
+    const int cs = std::min(opt_.cluster_size, max_cluster_);
     int c = 1;
-    while (2 * c <= want && 2 * c <= cu::kDecAttnMaxClusters) c *= 2;
+    while (2 * c <= want && 2 * c <= cu::kDecAttnMaxClusters && 2 * c * cs <= cu::kDecMaxSplits) c *= 2;
     return c;
 }
 

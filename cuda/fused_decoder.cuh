@@ -133,9 +133,11 @@ private:
     void launch_attention(const cu::DecAttnArgs& a, const StepLaunch& s) const;
     void launch_proj(DecodeKernel kind, const cu::DecProjArgs& a, const StepLaunch& s, const char* what) const;
     void launch_lm_head(const StepLaunch& s) const;
-    static constexpr int kAttnVariants = 5;  // one block, the global merge, then 1, 2, 4 clusters
+    // one block, the global merge, then 1, 2, 4, 8, 16 clusters (attn_variant's powers of two)
+    static constexpr int kAttnVariants = 7;
     cudaGraphExec_t& graph_slot(bool greedy, int steps, int clusters) {
-        const int v = clusters < 0 ? 0 : clusters == 0 ? 1 : clusters == 1 ? 2 : clusters == 2 ? 3 : 4;
+        int v = clusters < 0 ? 0 : clusters == 0 ? 1 : 2;
+        for (int c = clusters; c > 1; c >>= 1) ++v;
         return graph_[((steps > 1 ? 2 : 0) + (greedy ? 1 : 0)) * kAttnVariants + v];
     }
     bool capture(bool greedy, int steps, int clusters);  // false: graphs do not work here

@@ -564,8 +564,11 @@ def test_fast_decode_attention_variants(tiny_model):
         "cluster 8 mma": (dict(cluster_size=8, direct_keys=0), [1, 2, 9, 17, 40, 300, 1100]),
         "cluster 16 cuda cores": (dict(cluster_mma=False, direct_keys=0), [9, 300, 1024]),
         # several clusters per KV head (the largest power of two up to positions / cluster_span,
-        # at most 4): attn_output merges their partials
+        # at most 16 and 64 blocks in all): attn_output merges their partials
         "multi-cluster": (dict(cluster_span=100, direct_keys=0), [1, 9, 100, 101, 150, 201, 300, 401, 700, 1100]),
+        "16 one-block clusters": (dict(cluster_size=1, cluster_span=64, direct_keys=0),
+                                  [1, 9, 64, 65, 129, 300, 700, 1025, 1100]),
+        "16 clusters of 2": (dict(cluster_size=2, cluster_span=32, direct_keys=128), [129, 513, 700, 1100]),
         "multi-cluster cuda cores": (dict(cluster_span=128, cluster_mma=False, cluster_size=8, direct_keys=128),
                                      [129, 300, 1100]),
     })
@@ -696,7 +699,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
     starts from the ORCD_CUDA_* switches of the environment."""
     for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT",
                  "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_SAMPLE_GRAPHS",
-                 "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT"):
+                 "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT", "ORCD_CUDA_CLUSTER_SIZE", "ORCD_CUDA_CLUSTER_SPAN"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
@@ -724,6 +727,17 @@ def test_options_and_environment(tiny_model, monkeypatch):
     assert e.options() == dict(base, graphs=False, fused_prompt=False, sample_graphs=False, sample_split_full=True)
     assert not e.paths()["graphs"] and not e.paths()["fused_prompt"]
     e.close()
+    # the integer settings: the decode attention's cluster shape
+    monkeypatch.setenv("ORCD_CUDA_CLUSTER_SIZE", "2")
+    monkeypatch.setenv("ORCD_CUDA_CLUSTER_SPAN", "512")
+    e = cu.CudaEngine(path, 32, 1)
+    assert e.options()["cluster_size"] == 2 and e.options()["cluster_span"] == 512
+    e.close()
+    for name, bad in (("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            cu.CudaEngine(path, 32, 1)
+        monkeypatch.setenv(name, "2" if name.endswith("SIZE") else "512")
 
 
 def test_vram_limit_plans_as_a_smaller_gpu(tiny_model, monkeypatch):

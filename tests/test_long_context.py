@@ -167,7 +167,11 @@ def test_decode_attention_long_cache(n_kv, n_head, n_head_kv, hd):
     if int(cu.device_info()["compute_capability"].split(".")[0]) >= 9:
         plans += [dict(cluster=True, cluster_mma=True), dict(cluster=True, cluster_size=16, cluster_mma=True),
                   dict(cluster=True, cluster_size=16, cluster_mma=True, clusters=4),
-                  dict(cluster=True, cluster_size=16, cluster_mma=True, clusters=2)]
+                  dict(cluster=True, cluster_size=16, cluster_mma=True, clusters=2),
+                  # many small clusters, their partials merged outside (by attn_output in the engine)
+                  dict(cluster=True, cluster_size=1, cluster_mma=True, clusters=16),
+                  dict(cluster=True, cluster_size=2, cluster_mma=True, clusters=16),
+                  dict(cluster=True, cluster_size=4, cluster_mma=True, clusters=8)]
     for plan in plans:
         what, plan = str(plan), dict(plan)
         out, again = cu.dec_attn(q[0], k, v, plan.pop("cluster", False), **plan)
