@@ -260,6 +260,15 @@ void StepLoop::take_token(Seq& s, const float* logits, std::vector<StepEvent>& o
     accept_token(s, tok, s.req.n_logprobs >= 0 ? &lp : nullptr, out);
 }
 
+bool StepLoop::mask_allows_any(const std::vector<uint32_t>& mask, int n_vocab) {
+    for (int w = 0; w < token_mask_words(n_vocab); ++w) {
+        const int used = std::min(32, n_vocab - 32 * w);  // the last word's bits past n_vocab do not count
+        const uint32_t bits = used == 32 ? mask[size_t(w)] : mask[size_t(w)] & ((1u << used) - 1u);
+        if (bits) return true;
+    }
+    return false;
+}
+
 std::vector<uint32_t> StepLoop::seq_mask(const Seq& s) const {
     std::vector<uint32_t> m(size_t(token_mask_words(engine_->desc().n_vocab)), 0u);
     const size_t n_prompt = s.req.prompt.size();
@@ -271,6 +280,7 @@ const float* StepLoop::masked_logits(const Seq& s, const float* logits, const ui
     const int V = engine_->desc().n_vocab;
     if (!mask) {
         mask_ = seq_mask(s);
+        if (!mask_allows_any(mask_, V)) throw Error("structured output: the constraint allows no token here");
         mask = mask_.data();
     }
     masked_logits_.assign(logits, logits + V);
@@ -454,6 +464,9 @@ void StepLoop::step() {
             if (!dec[i]->req.mask_fn) continue;
             try {
                 masks[i] = seq_mask(*dec[i]);
+                // an empty mask is this request's error, not its step's (the device sampler would
+                // fail the whole step on a row with nothing to draw)
+                if (!mask_allows_any(masks[i], V)) throw Error("structured output: the constraint allows no token here");
                 rows[i].mask = masks[i].data();
             } catch (const std::exception& e) {
                 mask_err[i] = e.what();

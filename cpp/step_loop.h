@@ -181,6 +181,8 @@ private:
     void prompt_chunk_with_logprobs(Seq& s, int n, std::vector<StepEvent>& out);
     // Structured output: seq's mask for its next token (its mask function on the tokens it generated).
     std::vector<uint32_t> seq_mask(const Seq& s) const;
+    // Whether a mask lets any of the n_vocab tokens through.
+    static bool mask_allows_any(const std::vector<uint32_t>& mask, int n_vocab);
     // Structured output: mask (or seq_mask's when null) applied to a copy of logits (in masked_logits_).
     const float* masked_logits(const Seq& s, const float* logits, const uint32_t* mask = nullptr);
     // Publishes seq's terminal event (without a token) and ends it.

@@ -22,7 +22,7 @@ from orcd.backend import cuda_available, cuda_module, cuda_status
 
 pytestmark = pytest.mark.skipif(not cuda_available(), reason=f"no usable CUDA GPU: {cuda_status()}")
 
-from test_structured import RANDOM, SCHEMA, FixedMask, drain, mask_of, submit  # noqa: E402
+from test_structured import RANDOM, SCHEMA, FixedMask, drain, mask_emptied_mid_stream, mask_of, submit  # noqa: E402
 from test_cuda_sampling import cpu_sample, params  # noqa: E402
 
 
@@ -124,6 +124,12 @@ def test_cuda_step_loop_masks_hold(tiny_cuda):
     for k, t in enumerate(toks):
         row = model.logits(prompt + toks[:k])[-1]
         assert t in set(a.tolist()) and row[t] >= row[a].max() - 1e-2
+
+
+def test_cuda_step_loop_empty_mask_ends_only_its_request(tiny_cuda):
+    """On the device sampler too, a constrained row with nothing to draw ends its own request
+    (a clear error) and not the step it shares with others."""
+    mask_emptied_mid_stream(tiny_cuda[2])
 
 
 def test_cuda_model_json_schema(real_model_path):

@@ -150,10 +150,36 @@ def test_mask_fn_errors_end_the_request(tiny):
     assert submit(loop, 32, [1, 2], 5)
     out = drain(loop, [30, 31, 32])
     assert out[30][1:] == ("error", "structured output: no grammar today")
-    assert out[31][1] == "error" and "-inf" in out[31][2]
+    assert out[31][1:] == ("error", "structured output: the constraint allows no token here")
     assert out[32][1] == "length" and len(out[32][0]) == 5
     with pytest.raises(ValueError, match="mask_fn must be callable"):
         submit(loop, 33, [1, 2], 5, mask_fn=3)
+
+
+class EmptyAfter:
+    """Allows a fixed set for the first `n` generated tokens, then nothing."""
+
+    def __init__(self, allowed, n_vocab, n):
+        self.mask, self.n = mask_of(allowed, n_vocab), n
+
+    def __call__(self, generated, out):
+        out[:] = self.mask if len(generated) < self.n else 0
+
+
+def mask_emptied_mid_stream(loop):
+    """A constrained request whose mask empties after 3 tokens, decoding in the same steps as an
+    unconstrained one: it alone ends with the error; the other runs to its length."""
+    V = loop.n_vocab
+    assert submit(loop, 40, [5, 6, 7], 8, mask_fn=EmptyAfter(range(50, 90), V, 3), **dict(RANDOM, seed=4))
+    assert submit(loop, 41, [5, 6, 7], 8, **dict(RANDOM, seed=4))
+    out = drain(loop, [40, 41])
+    assert out[40][1:] == ("error", "structured output: the constraint allows no token here"), out[40]
+    assert len(out[40][0]) == 3 and set(out[40][0]) <= set(range(50, 90))
+    assert out[41][1] == "length" and len(out[41][0]) == 8
+
+
+def test_an_empty_mask_ends_only_its_request(tiny):
+    mask_emptied_mid_stream(tiny[2])
 
 
 def test_tiny_model_regex_through_model_and_batch(tiny):
