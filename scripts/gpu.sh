@@ -29,12 +29,15 @@
 #             Model.chat user path); batch_sg: B=1,8 and Model.chat with ORCD_CUDA_SAMPLE_GRAPHS=0 (batch_sg.json)
 #   long      orcd bench -p 4096 and -p 16384 (-n 128: tg128 at that depth) --json
 #   serve     orcd serve --device cuda --max-seqs 128, then orcd bench-serve at 1, 8, 32, 64, 128 clients
-#   lcp_start start building llama.cpp's tools (.carry/llamacpp-src.tgz, ../shared/device/README.md)
+#   lcp_start start building llama.cpp's tools (.carry/llamacpp-src.tgz, ../shared/device/README.md; the
+#             device tool puts a carried .carry in the repo root of that call only: carry it in the call
+#             that copies the tree to where this script runs, or start the build from that root)
 #   lcp       wait for that build, then llama-bench (pp512/tg128, pp4096, pp16384, tg128 at depth 4096
 #             and 16384), llama-batched-bench (pp128/tg128 at 1,8,32,64,128) and llama-server under
 #             orcd bench-serve at the same client counts as `serve`
 #   lcp_batched  only the llama-batched-bench part of `lcp`
 #   lcp_serve only the llama-server part of `lcp` (the build done)
+#   lcp_serve_np  llama-server started once per client count N with -np N -c N*4096 (the issue's setup)
 #   (serve, lcp, lcp_serve: SERVE_BENCH_ARGS in the environment goes to every bench-serve call;
 #   LCP_SERVER_ARGS to llama-server's command line, e.g. "--kv-unified": in round 8 llama-server
 #   reported kv_unified = 'false' and ran 1.6 ms a token for one client, 2.5x round 6's)
@@ -106,7 +109,7 @@ serve_bench() {  # tag, server command: start it, bench-serve at each client cou
     until $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8090/health', timeout=2)" > /dev/null 2>&1 \
           || [ $(( $(date +%s) - s )) -gt 120 ]; do sleep 1; done
     : > "$D/serve_$tag.txt"
-    for n in 1 8 32 64 128; do
+    for n in ${SERVE_CLIENTS:-1 8 32 64 128}; do
         (cd /tmp && timeout 120 $PY -m orcd.cli bench-serve --url http://127.0.0.1:8090 --clients $n --requests 3 \
             --max-tokens 128 --prompt-words 100 ${SERVE_BENCH_ARGS:-} --json > "$D/serve_${tag}_$n.json" \
             2>> "$D/serve_$tag.txt")
@@ -267,6 +270,15 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         needs_model lcp_serve || continue
         [ -x /tmp/lcp/llama.cpp/build/bin/llama-server ] || { record lcp_serve skip 0 "no llama-server build"; continue; }
         serve_bench llama "/tmp/lcp/llama.cpp/build/bin/llama-server -m $MODEL -ngl 99 -fa on -np 128 -c 524288 --port 8090 ${LCP_SERVER_ARGS:-}" ;;
+    lcp_serve_np)
+        # llama-server as the issue measured it: one server per client count with that many slots
+        # (-np N, 4,096 positions each, no unified cache), then the same bench-serve
+        needs_model lcp_serve_np || continue
+        [ -x /tmp/lcp/llama.cpp/build/bin/llama-server ] || { record lcp_serve_np skip 0 "no llama-server build"; continue; }
+        for n in 1 8 32 64 128; do
+            SERVE_CLIENTS=$n serve_bench llama_np$n "/tmp/lcp/llama.cpp/build/bin/llama-server -m $MODEL -ngl 99 -fa on \
+                -np $n -c $((n * 4096)) --port 8090 ${LCP_SERVER_ARGS:-}"
+        done ;;
     smol|families)
         # smol: SmolLM2 alone; families: SmolLM2 and Gemma 3, each bench, verify and llama-bench
         FAM="smol:SmolLM2-135M-Instruct.Q4_1.gguf"
