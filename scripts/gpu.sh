@@ -305,7 +305,14 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
             --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
             --section SourceCounters --section MemoryWorkloadAnalysis \
             $PY scripts/gpu_attn_sweep.py --sampler-only --sampler-iters 4 --sampler-rows 1
-        ok_or_fail sampler_ncu $? "$(grep -E '^  sample_|Duration' "$D/sampler_ncu.txt" | head -4 | tr -s ' ' | tr '\n' ';' | cut -c1-250)" ;;
+        ok_or_fail sampler_ncu $? "$(grep -E '^  sample_|Duration' "$D/sampler_ncu.txt" | head -4 | tr -s ' ' | tr '\n' ';' | cut -c1-250)"
+        # the merge kernel's SASS with its warp-stall samples per instruction (where its serial tail goes)
+        run_step sampler_sass 300 "$D/sampler_sass.txt" bash -c "ncu --clock-control none -k regex:sample_merge \
+            --launch-skip 2 --launch-count 1 --section WarpStateStats --section SourceCounters --import-source yes \
+            -o /tmp/sampler_merge --force-overwrite $PY scripts/gpu_attn_sweep.py --sampler-only --sampler-iters 4 \
+            --sampler-rows 1 > /dev/null && ncu -i /tmp/sampler_merge.ncu-rep --page source --csv --print-source sass \
+            > '$D/sampler_merge_sass.csv'"
+        ok_or_fail sampler_sass $? "$(wc -l < "$D/sampler_merge_sass.csv" 2>/dev/null) SASS lines" ;;
     vram)
         needs_model vram || continue
         : > "$D/vram.txt"
