@@ -25,7 +25,7 @@ enum class Logits { None, Last, All };
 // (rows and windows go up in one copy, tokens and states come back in one), then the
 // sampler's workspace (device only).
 struct SampleLayout {
-    size_t rows = 0, hist = 0, tokens = 0, states = 0, work = 0, mask_rows = 0, masks = 0, bytes = 0;
+    size_t rows = 0, hist = 0, tokens = 0, states = 0, mask_rows = 0, masks = 0, work = 0, bytes = 0;
 };
 inline SampleLayout sample_layout(int n_slots, int n_vocab) {
     auto up = [](size_t b) { return (b + 255) & ~size_t(255); };
@@ -33,11 +33,13 @@ inline SampleLayout sample_layout(int n_slots, int n_vocab) {
     l.hist = up(sizeof(cu::SampleRow) * size_t(n_slots));
     l.tokens = l.hist + up(size_t(n_slots) * kDevicePenaltyWindowMax * 4);
     l.states = l.tokens + up(size_t(n_slots) * 4);
-    l.work = l.states + up(size_t(n_slots) * 8);
-    l.mask_rows = l.work + up(cu::sample_workspace_bytes(n_slots, n_vocab));
     // structured output: the masked rows' indices, then their masks (uploaded only in steps that have one)
+    l.mask_rows = l.states + up(size_t(n_slots) * 8);
     l.masks = l.mask_rows + up(size_t(n_slots) * 4);
-    l.bytes = l.masks + up(size_t(n_slots) * size_t(token_mask_words(n_vocab)) * 4);
+    // everything before `work` is staged in the pinned host buffer (allocated with `work` bytes); the
+    // sampler's workspace after it lives on the device only
+    l.work = l.masks + up(size_t(n_slots) * size_t(token_mask_words(n_vocab)) * 4);
+    l.bytes = l.work + up(cu::sample_workspace_bytes(n_slots, n_vocab));
     return l;
 }
 
