@@ -270,9 +270,13 @@ bool StepLoop::mask_allows_any(const std::vector<uint32_t>& mask, int n_vocab) {
 }
 
 std::vector<uint32_t> StepLoop::seq_mask(const Seq& s) const {
-    std::vector<uint32_t> m(size_t(token_mask_words(engine_->desc().n_vocab)), 0u);
+    const int V = engine_->desc().n_vocab;
+    std::vector<uint32_t> m(size_t(token_mask_words(V)), 0u);
     const size_t n_prompt = s.req.prompt.size();
     s.req.mask_fn(s.history.data() + n_prompt, int(s.history.size() - n_prompt), m.data());
+    // an empty mask is this request's error, not its step's (the device sampler would fail the
+    // whole step on a row with nothing to draw)
+    if (!mask_allows_any(m, V)) throw Error("structured output: the constraint allows no token here");
     return m;
 }
 
@@ -280,7 +284,6 @@ const float* StepLoop::masked_logits(const Seq& s, const float* logits, const ui
     const int V = engine_->desc().n_vocab;
     if (!mask) {
         mask_ = seq_mask(s);
-        if (!mask_allows_any(mask_, V)) throw Error("structured output: the constraint allows no token here");
         mask = mask_.data();
     }
     masked_logits_.assign(logits, logits + V);
@@ -464,9 +467,6 @@ void StepLoop::step() {
             if (!dec[i]->req.mask_fn) continue;
             try {
                 masks[i] = seq_mask(*dec[i]);
-                // an empty mask is this request's error, not its step's (the device sampler would
-                // fail the whole step on a row with nothing to draw)
-                if (!mask_allows_any(masks[i], V)) throw Error("structured output: the constraint allows no token here");
                 rows[i].mask = masks[i].data();
             } catch (const std::exception& e) {
                 mask_err[i] = e.what();

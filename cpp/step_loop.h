@@ -179,7 +179,8 @@ private:
     // Evaluates n prompt tokens of seq with every row's logits, recording the prompt logprobs;
     // samples the first token when the prompt is done.
     void prompt_chunk_with_logprobs(Seq& s, int n, std::vector<StepEvent>& out);
-    // Structured output: seq's mask for its next token (its mask function on the tokens it generated).
+    // Structured output: seq's mask for its next token (its mask function on the tokens it generated);
+    // an Error when it allows no token.
     std::vector<uint32_t> seq_mask(const Seq& s) const;
     // Whether a mask lets any of the n_vocab tokens through.
     static bool mask_allows_any(const std::vector<uint32_t>& mask, int n_vocab);

@@ -891,7 +891,6 @@ std::vector<float> apply_token_masks(const float* logits, int n_rows, int n_voca
     if (n_rows < 1 || n_vocab < 1) throw Error("apply_token_masks: need n_rows >= 1 and n_vocab >= 1");
     const size_t words = size_t(token_mask_words(n_vocab));
     DBuf<float> d(logits, size_t(n_rows) * size_t(n_vocab), "apply_token_masks logits");
-    DBuf<uint32_t> m(masks, size_t(n_rows) * words, "apply_token_masks masks");
     // the masked rows in reverse order, so a mask's row is not its own index
     std::vector<int32_t> rows_of(static_cast<size_t>(n_rows));
     std::vector<uint32_t> by_slot(size_t(n_rows) * words);

@@ -1155,7 +1155,7 @@ __global__ void apply_token_masks_kernel(float* logits, int V, const int32_t* ro
 void launch_apply_token_masks(float* logits, int n_vocab, int n_masked, const int32_t* rows_of,
                               const uint32_t* masks, cudaStream_t stream) {
     if (n_masked <= 0) return;
-    const int words = (n_vocab + 31) / 32, nt = 256;
+    const int words = token_mask_words(n_vocab), nt = 256;
     apply_token_masks_kernel<<<dim3((words + nt - 1) / nt, n_masked), nt, 0, stream>>>(logits, n_vocab, rows_of,
                                                                                        masks);
     CUDA_LAUNCH_CHECK("apply_token_masks_kernel");
