@@ -56,7 +56,7 @@ struct SampleRow {
 // host_rows: the same rows on the host (picks the launches; null: every kernel is launched
 // and each row's kernel is chosen on the device). workspace: sample_workspace_bytes(n_rows,
 // n_vocab) bytes of device memory.
-constexpr int kSampleSlice = 4096;
+constexpr int kSampleSlice = 1024;
 size_t sample_workspace_bytes(int n_rows, int n_vocab);
 // split_full (with split): rows with top_k off (the whole vocabulary) take the split path too:
 // the slice kernel, then the chunk sums of the one-block kernel over many blocks and its scan and

@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) sample_rows_kernel(float* logits, in
 // kernel stores its 64 largest composites (below) sorted, the merge folds them and warp 0 runs
 // draw_top_k_warp (scripts/model_warp_topk.py models the index arithmetic in NumPy).
 
-constexpr int kSliceThreads = 512;
+constexpr int kSliceThreads = 256;
 constexpr int kSlicePer = kSampleSlice / kSliceThreads;  // contiguous logits per thread
 
 struct MaxPart {
@@ -559,16 +559,16 @@ __device__ void block_first_max(float lw, int li, float* red_w, int* red_i, floa
     }
     if ((t & 31) == 0) { red_w[t >> 5] = lw; red_i[t >> 5] = li; }
     __syncthreads();
-    if (t == 0) {
-        float bw = red_w[0];
-        int bi = red_i[0];
-        for (int k = 1; k < nw; ++k)
-            if (red_w[k] > bw || (red_w[k] == bw && red_i[k] >= 0 && (bi < 0 || red_i[k] < bi))) {
-                bw = red_w[k];
-                bi = red_i[k];
-            }
-        red_w[0] = bw;
-        red_i[0] = bi;
+    if (t < 32) {  // the warps' results folded by warp 0 the same way (the rule is a total order)
+        lw = t < nw ? red_w[t] : -INFINITY;
+        li = t < nw ? red_i[t] : -1;
+        for (int off = 16; off > 0; off >>= 1) {
+            const float ow = __shfl_xor_sync(0xffffffffu, lw, off);
+            const int oi = __shfl_xor_sync(0xffffffffu, li, off);
+            if (ow > lw || (ow == lw && oi >= 0 && (li < 0 || oi < li))) { lw = ow; li = oi; }
+        }
+        __syncwarp();
+        if (t == 0) { red_w[0] = lw; red_i[0] = li; }
     }
     __syncthreads();
     *bw_out = red_w[0];
@@ -676,6 +676,10 @@ __device__ __forceinline__ void warp_scan64(const double v[2], double incl[2], d
 // how many are smaller. Callers skip the ~0ull entries.
 __device__ __forceinline__ void warp_rank64(const uint64_t* s, const uint64_t v[2], int rank[2]) {
     rank[0] = rank[1] = 0;
+    // a short loop body, not 64 unrolled copies: this code runs once per row on one warp, so
+    // straight-line code is fetched from outside the instruction cache (Nsight Compute: the
+    // draw's warp stalled on no_inst most of its time when these loops were unrolled)
+#pragma unroll 4
     for (int q = 0; q < 64; ++q) {
         const uint64_t o = s[q];
         rank[0] += o < v[0];
@@ -740,8 +744,9 @@ __device__ void draw_top_k_warp(const uint64_t top[2], int k, float lmax, int be
     }
     __syncwarp();
     const int M = __popc(__ballot_sync(kFull, kc[0] != 0ull)) + __popc(__ballot_sync(kFull, kc[1] != 0ull));
-    // descending rank: how many kept are larger
+    // descending rank: how many kept are larger (a short loop, as in warp_rank64)
     int big[2] = {0, 0};
+#pragma unroll 4
     for (int q = 0; q < 64; ++q) {
         const uint64_t o = s[q];
         big[0] += o > kc[0];
@@ -1070,10 +1075,23 @@ __global__ void __launch_bounds__(kThreads, 1) sample_merge_kernel(const float* 
         const int lane = t & 31, wid = t >> 5;
         const uint64_t* lists = reinterpret_cast<const uint64_t*>(part + S);
         uint64_t x[2] = {0ull, 0ull};
-        for (int b = wid; b < S; b += kThreads / 32) {
-            const uint64_t* l = lists + size_t(b) * (kMaxCand / 2);
-            const uint64_t y[2] = {l[2 * lane], l[2 * lane + 1]};
-            warp_merge64_desc(x, y);
+        // each warp's lists loaded before they are merged (several a warp: their loads overlap)
+        constexpr int kAhead = 8;
+        for (int b0 = wid; b0 < S; b0 += kAhead * (kThreads / 32)) {
+            uint64_t y[kAhead][2];
+#pragma unroll
+            for (int a = 0; a < kAhead; ++a) {
+                const int b = b0 + a * (kThreads / 32);
+                y[a][0] = y[a][1] = 0ull;
+                if (b < S) {
+                    const uint64_t* l = lists + size_t(b) * (kMaxCand / 2);
+                    y[a][0] = l[2 * lane];
+                    y[a][1] = l[2 * lane + 1];
+                }
+            }
+#pragma unroll
+            for (int a = 0; a < kAhead; ++a)
+                if (b0 + a * (kThreads / 32) < S) warp_merge64_desc(x, y[a]);
         }
         wl[wid][2 * lane] = x[0];
         wl[wid][2 * lane + 1] = x[1];

@@ -25,6 +25,8 @@
 #             (make old_src here: `mkdir old_src && git archive REV | tar -x -C old_src`, exclude it
 #             in .git/info/exclude and name it in the device call's carry)
 #   ncu       scripts/gpu_ncu.sh MODEL (Nsight Compute on the decode kernels)
+#   traces    scripts/gpu_chat_trace.py (a sampled Model.chat token: engine call, Python, kernels, GPU idle)
+#             and scripts/gpu_batch_trace.py at B=8 (torch.profiler)
 #   batch     orcd bench --batch 1,8,32,64,128 --json (sampled, pp128 + tg128 per sequence, and the
 #             Model.chat user path); batch_sg: B=1,8 and Model.chat with ORCD_CUDA_SAMPLE_GRAPHS=0 (batch_sg.json)
 #   long      orcd bench -p 4096 and -p 16384 (-n 128: tg128 at that depth) --json
@@ -238,6 +240,13 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         run_step batch_sg 400 "$D/batch_sg.err" bash -c "cd /tmp && ORCD_CUDA_SAMPLE_GRAPHS=0 $PY -m orcd.cli bench \
             -m '$MODEL' --device cuda --batch 1,8 --json > '$D/batch_sg.json'"
         ok_or_fail batch_sg $? "$(tail -c 300 "$D/batch_sg.err" | tr '\n' ' ')" ;;
+    traces)
+        # where a sampled Model.chat token and a B=8 step go (torch.profiler: every kernel, the gaps)
+        needs_model traces || continue
+        run_step chat_trace 200 "$D/chat_trace.txt" $PY scripts/gpu_chat_trace.py "$MODEL" 256
+        ok_or_fail chat_trace $? "$(grep -E 'us a token|GPU kernels' "$D/chat_trace.txt" | tr '\n' ';' | cut -c1-250)"
+        run_step batch_trace 200 "$D/batch_trace.txt" $PY scripts/gpu_batch_trace.py "$MODEL" 8 128
+        ok_or_fail batch_trace $? "$(grep -E '^B=' "$D/batch_trace.txt" | cut -c1-200)" ;;
     long)
         needs_model long || continue
         for p in 4096 16384; do

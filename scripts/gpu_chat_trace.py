@@ -24,12 +24,18 @@ class Timed:
     def __init__(self, e):
         self.e, self.t, self.n = e, 0.0, 0
 
-    def decode_sample(self, *a, **k):
+    def _timed(self, call, *a, **k):
         t0 = time.perf_counter()
-        r = self.e.decode_sample(*a, **k)
+        r = call(*a, **k)
         self.t += time.perf_counter() - t0
         self.n += 1
         return r
+
+    def decode_sample(self, *a, **k):
+        return self._timed(self.e.decode_sample, *a, **k)
+
+    def decode_sample_steps(self, *a, **k):  # Model's blocks of DEVICE_BLOCK tokens
+        return self._timed(self.e.decode_sample_steps, *a, **k)
 
     def __getattr__(self, name):
         return getattr(self.e, name)
@@ -49,4 +55,18 @@ m._engine = real
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     m.chat(msgs, **kw)
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+# the GPU's busy time against the span of its kernels: what the device waits for between them
+kern = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+if kern:
+    busy, cur_s, cur_e = 0.0, kern[0][0], kern[0][1]
+    for s0, e0 in kern[1:]:
+        if s0 > cur_e:
+            busy += cur_e - cur_s
+            cur_s = s0
+        cur_e = max(cur_e, e0)
+    busy += cur_e - cur_s
+    span = kern[-1][1] - kern[0][0]
+    print(f"GPU kernels: {len(kern)}, span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms "
+          f"({busy / max(span, 1) * 100:.1f}%), per token {span / N:.0f} us span, {busy / N:.0f} us busy")
 m.close()

@@ -304,7 +304,7 @@ def _stress_rows(rng, n, V):
     return x
 
 
-@pytest.mark.parametrize("V", [151936, 4096, 5000, 12289, 70])
+@pytest.mark.parametrize("V", [151936, 4096, 5000, 12289, 1025, 70])
 @pytest.mark.parametrize("top_k", [1, 2, 40, 64, 65, 1024])
 def test_split_sampler_equals_one_block_stress(V, top_k):
     """The split sampler (warp path for top_k <= 64, radix path above) against the one-block
