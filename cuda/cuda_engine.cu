@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "cuda_engine.cuh"
 #include "decode_profiler.cuh"
 #include "family_kernels.cuh"
@@ -201,7 +202,21 @@ void CudaEngineImpl::decode_greedy(int slot, int32_t first_token, int pos, int n
     if (n_steps == 0) return;
     engine_args::ensure_kv("decode_greedy", *this, slot, int64_t(pos) + n_steps);
     if (!fast_on()) {
-        Engine::decode_greedy(slot, first_token, pos, n_steps, out_tokens);
+        // Without the fused decoder (a family it does not take, or switched off) each step is the
+        // batch step of one row (its graph per cache bucket) and the device sampler's first
+        // maximum: only the token id comes back, as Model's greedy path gets it
+        // (decode_batch_sample), not the 4-byte logits of the whole vocabulary and a host argmax.
+        DeviceSampleRow row;
+        row.params.temperature = 0.f;
+        int32_t t = first_token;
+        for (int i = 0; i < n_steps; ++i) {
+            const int p = pos + i;
+            if (!decode_batch_sample(1, &slot, &t, &p, &row, &out_tokens[i])) {  // (greedy is always supported)
+                Engine::decode_greedy(slot, t, p, n_steps - i, out_tokens + i);
+                return;
+            }
+            t = out_tokens[i];
+        }
         return;
     }
     CUDA_CHECK(cudaSetDevice(dev_), "CudaEngine decode_greedy");
@@ -399,33 +414,96 @@ void CudaEngineImpl::body(int nr, bool mv, int kv_max, Trace* trace, int trace_r
                 cu::rmsnorm_rows(q_, nr * d_.n_head, hd_, L.q_norm, d_.rms_eps, stream_, "attn_q_norm");
                 cu::rmsnorm_rows(k_, nr * d_.n_head_kv, hd_, L.k_norm, d_.rms_eps, stream_, "attn_k_norm");
             }
-            cu::rope(d_, rope_base, q_, QD_, nr, d_.n_head, d_pos, stream_, ln);
-            cu::rope(d_, rope_base, k_, KD_, nr, d_.n_head_kv, d_pos, stream_, L.wk.name.c_str());
+            if (rope_freq_) {  // YaRN (gpt-oss): the layer's frequency table and magnitude factor
+                const double* f = rope_freq_ + size_t(l) * (hd_ / 2);
+                const bool neox = d_.rope_style == RopeStyle::Neox;
+                cu::rope_freqs(q_, QD_, nr, d_.n_head, hd_, d_pos, f, d_.yarn_mscale, neox, stream_, ln);
+                cu::rope_freqs(k_, KD_, nr, d_.n_head_kv, hd_, d_pos, f, d_.yarn_mscale, neox, stream_,
+                               L.wk.name.c_str());
+            } else {
+                cu::rope(d_, rope_base, q_, QD_, nr, d_.n_head, d_pos, stream_, ln);
+                cu::rope(d_, rope_base, k_, KD_, nr, d_.n_head_kv, d_pos, stream_, L.wk.name.c_str());
+            }
             if (q_scale != 1.f) cu::scale(q_, int64_t(nr) * QD_, q_scale, stream_, "attention scale");
             cu::kv_store(k_, v_, KD_, nr, KD_, d_slot, d_pos, kc, vc, d_slot_off_, stream_, ln);
-            attend(q_, QD_, kc, vc, ln, window);
+            if (L.sinks)  // gpt-oss: a sink logit per head joins each softmax
+                cu::attention_sinks(q_, QD_, kc, vc, d_slot_off_, KD_, d_slot, d_pos, nr, d_.n_head, d_.n_head_kv,
+                                    hd_, window, L.sinks, att_, QD_, stream_, ln);
+            else
+                attend(q_, QD_, kc, vc, ln, window);
             // a block's output joins the residual stream directly, or (gemma3) through its
             // own norm first: into h_, normed in place, added
-            auto residual = [&](const DevWeight& w, const float* in, const float* post_norm, const char* nn) {
+            auto residual = [&](const DevWeight& w, const float* in, const float* bias, const float* post_norm,
+                                const char* nn) {
                 if (!post_norm) {
-                    linear(w, in, nr, x_, E_, nullptr, true, mv);  // residual add
+                    linear(w, in, nr, x_, E_, bias, true, mv);  // residual add
                     return;
                 }
-                linear(w, in, nr, h_, E_, nullptr, false, mv);
+                linear(w, in, nr, h_, E_, bias, false, mv);
                 cu::rmsnorm_rows(h_, nr, E_, post_norm, d_.rms_eps, stream_, nn);
                 cu::add(x_, h_, int64_t(nr) * E_, stream_, nn);
             };
-            residual(L.wo, att_, L.post_attn_norm, "post_attention_norm");
+            residual(L.wo, att_, L.bo, L.post_attn_norm, "post_attention_norm");
             cu::rmsnorm(x_, nr, E_, L.ffn_norm, d_.rms_eps, h_, stream_, "ffn_norm");
+            if (L.router.data) {  // gpt-oss
+                moe_ffn(L, nr, mv);
+                if (trace) trace_copy(l + 1);
+                continue;
+            }
             linear(L.gate, h_, nr, g_, F_, nullptr, false, mv);
             linear(L.up, h_, nr, u_, F_, nullptr, false, mv);
             if (d_.activation == Activation::GeluTanh)
                 cu::geglu_tanh(g_, u_, int64_t(nr) * F_, stream_, L.gate.name.c_str());
             else
                 cu::swiglu(g_, u_, int64_t(nr) * F_, stream_, L.gate.name.c_str());
-            residual(L.down, g_, L.post_ffn_norm, "post_ffw_norm");
+            residual(L.down, g_, nullptr, L.post_ffn_norm, "post_ffw_norm");
         }
         if (trace) trace_copy(l + 1);
+    }
+}
+
+void CudaEngineImpl::moe_ffn(const DevLayer& L, int nr, bool mv) {
+    const int X = d_.n_expert, K = d_.n_expert_used, Fe = d_.n_ff_exp;
+    const char* rn = L.router.name.c_str();
+    // the router's logits to the host, where the CPU engine's moe_route picks each row's experts;
+    // in float32 (the mat-vec, 8 rows a call) whatever the pass: a pick is discrete, so its logits
+    // should round as little as the CPU's
+    for (int r0 = 0; r0 < nr; r0 += cu::kMatvecMaxRows)
+        linear(L.router, h_ + size_t(r0) * E_, std::min(cu::kMatvecMaxRows, nr - r0), router_ + size_t(r0) * X, X,
+               L.router_b, false, true);
+    CUDA_CHECK(cudaMemcpyAsync(pinned_router_, router_, size_t(nr) * X * 4, cudaMemcpyDeviceToHost, stream_),
+               "router logits copy");
+    sync("mixture of experts (router)");
+    std::vector<int32_t> ids(size_t(nr) * K);
+    std::vector<float> w(size_t(nr) * K);
+    cpu_ops::moe_route(pinned_router_, nr, X, K, ids.data(), w.data());
+    // the (row, weight) pairs grouped by expert: expert e's at [start[e], start[e + 1])
+    std::vector<int> start(size_t(X) + 1, 0);
+    for (int32_t e : ids) ++start[size_t(e) + 1];
+    for (int e = 0; e < X; ++e) start[size_t(e) + 1] += start[size_t(e)];
+    const size_t pairs = size_t(nr) * K;
+    auto* rows = reinterpret_cast<int32_t*>(pinned_moe_);
+    auto* wts = reinterpret_cast<float*>(pinned_moe_ + pairs * 4);
+    std::vector<int> fill(start.begin(), start.end() - 1);
+    for (int r = 0; r < nr; ++r)
+        for (int j = 0; j < K; ++j) {
+            const int at = fill[size_t(ids[size_t(r) * K + j])]++;
+            rows[at] = r;
+            wts[at] = w[size_t(r) * K + j];
+        }
+    CUDA_CHECK(cudaMemcpyAsync(d_moe_, pinned_moe_, pairs * 8, cudaMemcpyHostToDevice, stream_), "expert rows upload");
+    const auto* d_rows = reinterpret_cast<const int32_t*>(d_moe_);
+    const auto* d_w = reinterpret_cast<const float*>(d_moe_ + pairs * 4);
+    for (int e = 0; e < X; ++e) {
+        const int m = start[size_t(e) + 1] - start[size_t(e)];
+        if (m == 0) continue;
+        const int32_t* er = d_rows + start[size_t(e)];
+        cu::gather_rows(h_, E_, er, m, moe_in_, stream_, rn);
+        linear(L.gate_e.expert(e), moe_in_, m, g_, Fe, L.gate_e.bias_of(e), false, mv);
+        linear(L.up_e.expert(e), moe_in_, m, u_, Fe, L.up_e.bias_of(e), false, mv);
+        cu::swiglu_oai(g_, u_, int64_t(m) * Fe, d_.swiglu_alpha, d_.swiglu_limit, stream_, rn);
+        linear(L.down_e.expert(e), g_, m, moe_out_, E_, L.down_e.bias_of(e), false, mv);
+        cu::scatter_add_rows(x_, E_, er, d_w + start[size_t(e)], m, moe_out_, stream_, rn);
     }
 }
 
@@ -658,8 +736,9 @@ bool CudaEngineImpl::decode_batch_sample(int n, const int32_t* slots, const int3
             pinned_ids_[2 * R_ + i] = slots[i];
         }
         // the GEMM path from two rows on: the 8-row mat-vec path took 4.8 ms a step at 8 rows on
-        // the H200, more than the GEMM path at 32 (docs/perf_log.md, round 4)
-        batch_step(n, false, kv_max);
+        // the H200, more than the GEMM path at 32 (docs/perf_log.md, round 4); one row (a family
+        // without the fused decoder) takes the mat-vec path forward() takes for one token
+        batch_step(n, n == 1, kv_max);
     }
     auto* dtok = reinterpret_cast<int32_t*>(samp_dev_ + lay.tokens);
     auto* dst = reinterpret_cast<uint64_t*>(samp_dev_ + lay.states);

@@ -98,7 +98,10 @@ private:
     // cache buckets (batch_graph.cuh), replayed from a graph when batch graphs are on; every
     // row's logits in logits_ after it (rows >= n: copies of row n-1).
     void batch_step(int n, bool matvec, int kv_max);
-    bool batch_graphs_on() const { return opt_.batch_graphs && batch_graphs_ok_; }
+    // (gpt-oss's experts are routed on the host, between a layer's launches: no graphs)
+    bool batch_graphs_on() const { return opt_.batch_graphs && batch_graphs_ok_ && d_.n_expert == 0; }
+    // gpt-oss's mixture-of-experts FFN of nr rows of h_ (normed), added to x_
+    void moe_ffn(const DevLayer& L, int nr, bool matvec);
     bool resident_on() const { return opt_.resident_f16 && res_buf_ != nullptr; }
     void linear(const DevWeight& w, const float* x, int rows, float* y, int ldy, const float* bias, bool acc,
                 bool matvec);
@@ -154,6 +157,14 @@ private:
     size_t part_rows_ = 0;  // rows of part_o_ / part_ml_ (attention partials)
     float2* part_ml_ = nullptr;
     __half *act16_ = nullptr, *w16_ = nullptr;
+    // gpt-oss (null otherwise): the router's logits, an expert's gathered rows and its output
+    // (device); the routed rows and weights, grouped by expert (device, and pinned staging); YaRN's
+    // per-layer frequencies (device, head_dim/2 doubles a layer)
+    float *router_ = nullptr, *moe_in_ = nullptr, *moe_out_ = nullptr;
+    uint8_t* d_moe_ = nullptr;
+    uint8_t* pinned_moe_ = nullptr;
+    float* pinned_router_ = nullptr;
+    double* rope_freq_ = nullptr;
     int32_t* d_ids_ = nullptr;
     void* blas_ws_ = nullptr;
 

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "cuda_engine.cuh"
 #include "family_kernels.cuh"
 #include "kernels.cuh"
@@ -80,6 +81,13 @@ void CudaEngineImpl::release() noexcept {
     pinned_ids_ = nullptr;
     pinned_logits_ = nullptr;
     samp_pinned_ = nullptr;
+    if (pinned_router_) cudaFreeHost(pinned_router_);
+    if (pinned_moe_) cudaFreeHost(pinned_moe_);
+    pinned_router_ = nullptr;
+    pinned_moe_ = nullptr;
+    router_ = moe_in_ = moe_out_ = nullptr;  // views of the scratch
+    d_moe_ = nullptr;
+    rope_freq_ = nullptr;
 }
 
 void CudaEngineImpl::build(const ProgressFn& progress) {
@@ -91,12 +99,13 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     hd_ = d_.head_dim;
     QD_ = d_.n_head * hd_;
     KD_ = d_.n_head_kv * hd_;
-    F_ = d_.n_ff;
+    F_ = std::max(d_.n_ff, d_.n_ff_exp);  // gpt-oss: g_ / u_ hold an expert's rows
     V_ = d_.n_vocab;
     const std::string where = "CudaEngine(" + file_->path() + ")";
     check_cuda_family(d_, where);  // features of other families the generic step lacks: refused by name
     family_ops_ = d_.qk_norm || d_.post_norms || d_.activation != Activation::Silu || d_.embd_scale != 1.f ||
-                  d_.attn_scale != 0.f;
+                  d_.attn_scale != 0.f || d_.n_expert > 0 || d_.attn_sinks || d_.attn_out_bias ||
+                  d_.rope_scaling != RopeScaling::None;
     for (const LayerDesc& L : d_.layers) family_ops_ = family_ops_ || L.rope_base != d_.rope_base;
     if (hd_ < 2 || hd_ % 2 != 0 || hd_ > cu::kAttnMaxHeadDim)
         throw Error(where + ": head_dim " + std::to_string(hd_) + " is not supported (even, at most " +
@@ -114,6 +123,10 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     for (const LayerDesc& L : d_.layers)
         for (const TensorInfo* t : {L.wq, L.wk, L.wv, L.wqkv, L.wo, L.w_gate, L.w_up, L.w_gate_up, L.w_down})
             if (t) max_layer_w = std::max(max_layer_w, size_t(t->n_elements()));
+    for (const LayerDesc& L : d_.layers)  // gpt-oss: one expert at a time, and the router
+        for (const ExpertTensor* x : {&L.gate_exps, &L.up_exps, &L.down_exps})
+            if (x->w) max_layer_w = std::max({max_layer_w, size_t(x->n_in * x->n_out),
+                                              size_t(L.router ? L.router->n_elements() : 0)});
     w16_elems_ = std::max({max_layer_w, std::min(size_t(d_.output->n_elements()), kW16MaxElems), size_t(E_),
                            size_t(QD_ + 2 * KD_) * E_, size_t(2) * F_ * E_});
     // Device properties first (this creates the context), then the memory check.
@@ -146,6 +159,14 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
         slice(&samp_dev_, samp_bytes_),
         {&blas_ws_, kCublasWorkspace},
     };
+    const size_t moe_k = size_t(d_.n_expert_used) * fR;  // routed (row, expert) pairs of a pass at most
+    if (d_.n_expert > 0) {
+        slices.push_back(slice(&router_, fR * d_.n_expert * 4));
+        slices.push_back(slice(&moe_in_, fR * E_ * 4));
+        slices.push_back(slice(&moe_out_, fR * E_ * 4));
+        slices.push_back(slice(&d_moe_, moe_k * 8));  // rows (int32), then weights (float)
+    }
+    if (d_.rope_scaling == RopeScaling::Yarn) slices.push_back(slice(&rope_freq_, size_t(d_.n_layer) * (hd_ / 2) * 8));
     dec_.add_scratch(slices);
     size_t sbytes = 0;
     for (const ScratchSlice& s : slices) sbytes += align_up(s.bytes);
@@ -231,6 +252,19 @@ void CudaEngineImpl::build(const ProgressFn& progress) {
     std::memset(pinned_ids_, 0, fR * 3 * 4);
     // pinned: the staged rows, windows, tokens and states (not the sampler's workspace)
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&samp_pinned_), slay.work), where + ": pinned sampling rows");
+    if (d_.n_expert > 0) {
+        CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_router_), fR * d_.n_expert * 4),
+                   where + ": pinned router logits");
+        CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned_moe_), moe_k * 8), where + ": pinned expert rows");
+    }
+    if (rope_freq_) {  // YaRN's frequencies per layer (its RoPE base), as the CPU engine computes them
+        std::vector<double> f(size_t(d_.n_layer) * (hd_ / 2));
+        for (int l = 0; l < d_.n_layer; ++l)
+            cpu_ops::rope_inv_freq_yarn(hd_, double(d_.layers[size_t(l)].rope_base), d_.rope_factor,
+                                        d_.rope_n_ctx_orig, d_.yarn_beta_fast, d_.yarn_beta_slow,
+                                        f.data() + size_t(l) * (hd_ / 2));
+        CUDA_CHECK(cudaMemcpy(rope_freq_, f.data(), f.size() * 8, cudaMemcpyHostToDevice), where + ": YaRN frequencies");
+    }
     CUBLAS_CHECK(cublasCreate(&blas_), where);
     CUBLAS_CHECK(cublasSetStream(blas_, stream_), where);
     CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace), where);

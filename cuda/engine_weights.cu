@@ -64,14 +64,24 @@ void DeviceWeights::plan(const ModelDesc& d, const std::string& where) {
             add_mat(L.wk, E, KD);
             add_mat(L.wv, E, KD);
         }
-        if (L.w_gate_up) {
+        if (L.router) {  // gpt-oss: the router and every expert's matrices (3-D, read one expert at a time)
+            const int64_t X = d.n_expert;
+            add_mat(L.router, E, X);
+            add_vec(L.router_b, X, true);
+            for (const ExpertTensor* x : {&L.gate_exps, &L.up_exps, &L.down_exps}) {
+                add_mat(x->w, x->n_in, x->n_out * X);
+                add_vec(x->b, x->n_out * X, true);
+            }
+        } else if (L.w_gate_up) {
             add_mat(L.w_gate_up, E, 2 * F);
         } else {
             add_mat(L.w_gate, E, F);
             add_mat(L.w_up, E, F);
         }
         add_mat(L.wo, QD, E);
-        add_mat(L.w_down, F, E);
+        if (!L.router) add_mat(L.w_down, F, E);
+        add_vec(L.bo, E, true);
+        add_vec(L.attn_sinks, d.n_head, true);
         add_vec(L.attn_norm, E);
         add_vec(L.bq, QD, true);
         add_vec(L.bk, KD, true);
@@ -149,6 +159,22 @@ void DeviceWeights::upload(const ModelDesc& d, uint8_t* buf, const ProgressFn& p
             D.wv = mat(L.wv);
         }
         D.wo = mat(L.wo);
+        D.bo = vec(L.bo);
+        D.sinks = vec(L.attn_sinks);
+        if (L.router) {
+            D.router = mat(L.router);
+            D.router_b = vec(L.router_b);
+            auto experts = [&](const ExpertTensor& x, DevExperts& out) {
+                out.all = mat(x.w);
+                out.n_out = int(x.n_out);
+                out.bias = vec(x.b);
+            };
+            experts(L.gate_exps, D.gate_e);
+            experts(L.up_exps, D.up_e);
+            experts(L.down_exps, D.down_e);
+            layers.push_back(std::move(D));
+            continue;
+        }
         if (L.w_gate_up) {
             const DevWeight all = mat(L.w_gate_up);
             D.gate = row_slice(all, 0, d.n_ff, "gate");

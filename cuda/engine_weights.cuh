@@ -27,11 +27,33 @@ struct DevWeight {
     cu::DTensor dt() const { return cu::DTensor{data, type, n_in, n_out, int(row_bytes)}; }
 };
 
+// One 3-D expert tensor (gpt-oss): `all` holds the experts' rows one expert after the other
+// (n_out rows each), bias their [n_expert][n_out] biases (or null).
+struct DevExperts {
+    DevWeight all;
+    int n_out = 0;
+    const float* bias = nullptr;
+    DevWeight expert(int e) const {
+        DevWeight w = all;
+        w.data = all.data + size_t(e) * size_t(n_out) * all.row_bytes;
+        w.n_out = n_out;
+        w.name = all.name + " (expert " + std::to_string(e) + ")";
+        return w;
+    }
+    const float* bias_of(int e) const { return bias ? bias + size_t(e) * size_t(n_out) : nullptr; }
+};
+
 struct DevLayer {
     const float *attn_norm = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr, *ffn_norm = nullptr;
     // gemma3 (null elsewhere): per-head Q/K norms [head_dim], the blocks' output norms [n_embd]
     const float *q_norm = nullptr, *k_norm = nullptr, *post_attn_norm = nullptr, *post_ffn_norm = nullptr;
+    // gpt-oss (null elsewhere): the attention output's bias [n_embd], a sink logit per head
+    const float *bo = nullptr, *sinks = nullptr;
     DevWeight wq, wk, wv, wo, gate, up, down;
+    // gpt-oss's mixture of experts (router.data null for a dense FFN)
+    DevWeight router;
+    const float* router_b = nullptr;
+    DevExperts gate_e, up_e, down_e;
 };
 
 class DeviceWeights {

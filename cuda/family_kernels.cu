@@ -94,7 +94,173 @@ __global__ void geglu_tanh_kernel(float* __restrict__ g, const float* __restrict
     }
 }
 
+// ---- gpt-oss
+
+// RoPE from a table of per-pair frequencies (YaRN's, rope_inv_freq_yarn on the host): pair i of
+// each head rotated by pos[t] * inv_freq[i] (angle in double), cos/sin as floats times mscale
+// (the CPU's rope_tables, then its scale() of both tables); NEOX pairing (x[i], x[i + hd/2]) or
+// the normal one (x[2i], x[2i + 1]).
+__global__ void rope_freqs_kernel(float* __restrict__ x, int ld, int n_heads, int hd, const int32_t* __restrict__ pos,
+                                  const double* __restrict__ inv_freq, float mscale, int neox) {
+    const int t = blockIdx.x, half = hd / 2;
+    const double p = double(pos[t]);
+    float* xt = x + size_t(t) * ld;
+    for (int idx = threadIdx.x; idx < n_heads * half; idx += blockDim.x) {
+        const int h = idx / half, i = idx % half;
+        double s, c;
+        sincos(p * inv_freq[i], &s, &c);
+        const float cs = float(c) * mscale, sn = float(s) * mscale;
+        float* xh = xt + h * hd;
+        const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+        const float x0 = xh[a], x1 = xh[b];
+        xh[a] = x0 * cs - x1 * sn;
+        xh[b] = x0 * sn + x1 * cs;
+    }
+}
+
+// Attention with a sink logit per head and an optional window (cpu_ops::attention_window): block
+// (query i, head h) walks keys (pos - window, pos] of its slot in tiles of kSinkTile with an
+// online softmax that starts from the sink (running max = sinks[h], running sum = 1: the sink's
+// own term, which has no value). Scores scaled by 1/sqrt(head_dim) as every attention kernel.
+constexpr int kSinkThreads = 128, kSinkTile = 128;
+__global__ void __launch_bounds__(kSinkThreads) attention_sinks_kernel(
+    const float* __restrict__ q, int ldq, const __half* __restrict__ kc, const __half* __restrict__ vc,
+    const int64_t* __restrict__ slot_off, int kv_dim, const int32_t* __restrict__ slots,
+    const int32_t* __restrict__ pos, int n_head, int group, int hd, int window, const float* __restrict__ sinks,
+    float* __restrict__ out, int ldo) {
+    __shared__ float qs[kAttnMaxHeadDim];
+    __shared__ float sc[kSinkTile];
+    __shared__ float red[kSinkThreads / 32];
+    __shared__ float stat[2];  // the tile's max, then its sum
+    const int i = blockIdx.x / n_head, h = blockIdx.x % n_head, kvh = h / group, t = threadIdx.x;
+    const float scale = rsqrtf(float(hd));
+    for (int e = t; e < hd; e += kSinkThreads) qs[e] = q[size_t(i) * ldq + size_t(h) * hd + e] * scale;
+    const int p = pos[i], lo = window > 0 ? max(0, p - window + 1) : 0;
+    const __half* K = kc + slot_off[slots[i]] + size_t(kvh) * hd;
+    const __half* V = vc + slot_off[slots[i]] + size_t(kvh) * hd;
+    float m = sinks ? sinks[h] : -INFINITY, l = sinks ? 1.f : 0.f;
+    float acc0 = 0.f, acc1 = 0.f;  // output dims t and t + kSinkThreads (hd <= 2 * kSinkThreads)
+    __syncthreads();
+    for (int k0 = lo; k0 <= p; k0 += kSinkTile) {
+        const int n = min(kSinkTile, p + 1 - k0);
+        float s = -INFINITY;
+        if (t < n) {
+            const __half* kr = K + size_t(k0 + t) * kv_dim;
+            float dot = 0.f;
+            for (int e = 0; e < hd; ++e) dot += qs[e] * __half2float(kr[e]);
+            s = dot;
+        }
+        float mx = s;
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        if (t % 32 == 0) red[t / 32] = mx;
+        __syncthreads();
+        if (t == 0) {
+            float v = red[0];
+            for (int w = 1; w < kSinkThreads / 32; ++w) v = fmaxf(v, red[w]);
+            stat[0] = v;
+        }
+        __syncthreads();
+        const float m_new = fmaxf(m, stat[0]);
+        const float pr = t < n ? expf(s - m_new) : 0.f;
+        sc[t] = pr;
+        float sum = pr;
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        __syncthreads();  // every thread has read stat[0]
+        if (t % 32 == 0) red[t / 32] = sum;
+        __syncthreads();
+        if (t == 0) {
+            float v = 0.f;
+            for (int w = 0; w < kSinkThreads / 32; ++w) v += red[w];
+            stat[1] = v;
+        }
+        __syncthreads();
+        const float corr = expf(m - m_new);  // 0 when m is -inf (no sink, first tile)
+        l = l * corr + stat[1];
+        m = m_new;
+        acc0 *= corr;
+        acc1 *= corr;
+        for (int j = 0; j < n; ++j) {
+            const __half* vr = V + size_t(k0 + j) * kv_dim;
+            if (t < hd) acc0 += sc[j] * __half2float(vr[t]);
+            if (t + kSinkThreads < hd) acc1 += sc[j] * __half2float(vr[t + kSinkThreads]);
+        }
+        __syncthreads();  // sc and stat consumed before the next tile
+    }
+    float* o = out + size_t(i) * ldo + size_t(h) * hd;
+    if (t < hd) o[t] = acc0 / l;
+    if (t + kSinkThreads < hd) o[t + kSinkThreads] = acc1 / l;
+}
+
+// cpu_ops::swiglu_oai: g = min(g, limit) * sigmoid(alpha min(g, limit)) * (clamp(u, -limit, limit) + 1)
+__global__ void swiglu_oai_kernel(float* __restrict__ g, const float* __restrict__ u, int64_t n, float alpha,
+                                  float limit) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+        const float x = fminf(g[i], limit);
+        const float y = fminf(fmaxf(u[i], -limit), limit);
+        g[i] = x / (1.0f + expf(-alpha * x)) * (y + 1.0f);
+    }
+}
+
+// out[r] = x[rows[r]] (block r, d floats)
+__global__ void gather_rows_kernel(const float* __restrict__ x, int d, const int32_t* __restrict__ rows,
+                                   float* __restrict__ out) {
+    const float* src = x + size_t(rows[blockIdx.x]) * d;
+    float* dst = out + size_t(blockIdx.x) * d;
+    for (int e = threadIdx.x; e < d; e += blockDim.x) dst[e] = src[e];
+}
+
+// y[rows[r]] += w[r] * src[r], one row after the other (a token may appear once per call: an
+// expert sees each token at most once, so no two blocks of a launch write one row)
+__global__ void scatter_add_rows_kernel(float* __restrict__ y, int d, const int32_t* __restrict__ rows,
+                                        const float* __restrict__ w, const float* __restrict__ src) {
+    float* dst = y + size_t(rows[blockIdx.x]) * d;
+    const float* s = src + size_t(blockIdx.x) * d;
+    const float wr = w[blockIdx.x];
+    for (int e = threadIdx.x; e < d; e += blockDim.x) dst[e] += wr * s[e];
+}
+
 }  // namespace
+
+void rope_freqs(float* x, int ld, int n_tok, int n_heads, int head_dim, const int32_t* pos, const double* inv_freq,
+                float mscale, bool neox, cudaStream_t st, const char* what) {
+    if (n_tok <= 0) return;
+    rope_freqs_kernel<<<n_tok, 128, 0, st>>>(x, ld, n_heads, head_dim, pos, inv_freq, mscale, neox ? 1 : 0);
+    CUDA_LAUNCH_CHECK(std::string("rope_freqs_kernel (") + (what ? what : "?") + ")");
+}
+
+void attention_sinks(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off,
+                     int kv_dim, const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv,
+                     int head_dim, int window, const float* sinks, float* out, int ldo, cudaStream_t st,
+                     const char* what) {
+    if (n_q <= 0) return;
+    const std::string who = what ? what : "?";
+    if (head_dim > 2 * kSinkThreads || head_dim > kAttnMaxHeadDim)
+        throw Error("attention_sinks: head_dim " + std::to_string(head_dim) + " above " +
+                    std::to_string(2 * kSinkThreads) + " (" + who + ")");
+    attention_sinks_kernel<<<n_q * n_head, kSinkThreads, 0, st>>>(q, ldq, kc, vc, slot_off, kv_dim, slots, pos,
+                                                                  n_head, n_head / n_head_kv, head_dim, window,
+                                                                  sinks, out, ldo);
+    CUDA_LAUNCH_CHECK("attention_sinks_kernel (" + who + ")");
+}
+
+void swiglu_oai(float* g, const float* u, int64_t n, float alpha, float limit, cudaStream_t st, const char* what) {
+    if (n <= 0) return;
+    swiglu_oai_kernel<<<grid_for(n, 256), 256, 0, st>>>(g, u, n, alpha, limit);
+    CUDA_LAUNCH_CHECK(std::string("swiglu_oai_kernel (") + (what ? what : "?") + ")");
+}
+
+void gather_rows(const float* x, int d, const int32_t* rows, int m, float* out, cudaStream_t st, const char* what) {
+    if (m <= 0) return;
+    gather_rows_kernel<<<m, 128, 0, st>>>(x, d, rows, out);
+    CUDA_LAUNCH_CHECK(std::string("gather_rows_kernel (") + (what ? what : "?") + ")");
+}
+
+void scatter_add_rows(float* y, int d, const int32_t* rows, const float* w, int m, const float* src, cudaStream_t st,
+                      const char* what) {
+    if (m <= 0) return;
+    scatter_add_rows_kernel<<<m, 128, 0, st>>>(y, d, rows, w, src);
+    CUDA_LAUNCH_CHECK(std::string("scatter_add_rows_kernel (") + (what ? what : "?") + ")");
+}
 
 void rmsnorm_rows(float* x, int rows, int n, const float* w, float eps, cudaStream_t st, const char* what) {
     if (rows <= 0) return;
@@ -152,12 +318,10 @@ namespace {
 // The family features the CUDA engine's generic step does not run yet.
 std::vector<std::string> missing_cuda_features(const ModelDesc& d) {
     std::vector<std::string> m;
-    if (d.activation == Activation::SwigluOai) m.push_back("swiglu_oai FFN");
     if (d.logit_softcap > 0) m.push_back("logit soft-capping");
-    if (d.n_expert > 0) m.push_back("mixture-of-experts FFN");
-    if (d.attn_sinks) m.push_back("attention sinks");
-    if (d.attn_out_bias) m.push_back("attention output bias");
-    if (d.rope_scaling != RopeScaling::None) m.push_back(std::string(rope_scaling_name(d.rope_scaling)) + " RoPE scaling");
+    if (d.activation == Activation::SwigluOai && d.n_expert == 0) m.push_back("a dense swiglu_oai FFN");
+    if (d.rope_scaling != RopeScaling::None && d.rope_scaling != RopeScaling::Yarn)
+        m.push_back(std::string(rope_scaling_name(d.rope_scaling)) + " RoPE scaling");
     for (const LayerDesc& L : d.layers)
         if (bool(L.bq) != bool(L.bk) || bool(L.bq) != bool(L.bv)) {
             m.push_back("biases on only some of Q/K/V");

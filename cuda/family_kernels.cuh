@@ -3,6 +3,7 @@
 // scales, the GELU gate, the post-norm residual add), and the checks that say which
 // ModelDesc family features the CUDA engine runs and which it refuses.
 #pragma once
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -30,6 +31,23 @@ void rmsnorm_rows(float* x, int rows, int n, const float* w, float eps, cudaStre
 void scale(float* x, int64_t n, float s, cudaStream_t st, const char* what);   // x *= s
 void add(float* x, const float* y, int64_t n, cudaStream_t st, const char* what);  // x += y
 void geglu_tanh(float* g, const float* u, int64_t n, cudaStream_t st, const char* what);  // g = gelu_tanh(g) * u
+
+// gpt-oss's ops (each the twin of the cpu_ops function named in its comment):
+// RoPE with per-pair frequencies inv_freq[head_dim/2] (device doubles: rope_inv_freq_yarn's) and
+// cos/sin scaled by mscale (rope_tables + scale), NEOX or normal pairing
+void rope_freqs(float* x, int ld, int n_tok, int n_heads, int head_dim, const int32_t* pos, const double* inv_freq,
+                float mscale, bool neox, cudaStream_t st, const char* what);
+// attention_window with sinks (sinks[n_head] logits, or null) and window (0: none) over the fp16
+// cache as attention() reads it; head_dim <= 256
+void attention_sinks(const float* q, int ldq, const __half* kc, const __half* vc, const int64_t* slot_off,
+                     int kv_dim, const int32_t* slots, const int32_t* pos, int n_q, int n_head, int n_head_kv,
+                     int head_dim, int window, const float* sinks, float* out, int ldo, cudaStream_t st,
+                     const char* what);
+void swiglu_oai(float* g, const float* u, int64_t n, float alpha, float limit, cudaStream_t st, const char* what);
+// gather_rows / scatter_add_rows: rows and w in device memory
+void gather_rows(const float* x, int d, const int32_t* rows, int m, float* out, cudaStream_t st, const char* what);
+void scatter_add_rows(float* y, int d, const int32_t* rows, const float* w, int m, const float* src, cudaStream_t st,
+                      const char* what);
 
 }  // namespace cu
 

@@ -131,6 +131,17 @@ __device__ __forceinline__ void deq8(const uint8_t* __restrict__ row, int64_t u,
                     o[i] = __fsub_rn(__fmul_rn(d0, float(v)), m0);
                 }
             }
+        } else if constexpr (T == T_MXFP4) {
+            // element i < 16: low nibble of qs[i], else the high nibble of qs[i - 16]; each an E2M1
+            // code doubled (mxfp4_code2) under the halved E8M0 scale, as deq_mxfp4
+            const float d = __uint_as_float(e8m0_half_bits(b[L::e]));
+            const uint8_t* qs = b + L::qs;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int e = j0 + i;
+                const int c = e < 16 ? (qs[e] & 0x0F) : (qs[e - 16] >> 4);
+                o[i] = __fmul_rn(d, float(mxfp4_code2(c)));
+            }
         } else if constexpr (T == T_Q6_K) {
             // element 128h + 32k + l: nibble k/2 of ql[64h + 32(k%2) + l], bits 2k of qh[32h + l],
             // scale scales[8h + 2k + l/16]

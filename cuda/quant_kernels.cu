@@ -130,6 +130,7 @@ __global__ void get_rows_kernel(const uint8_t* __restrict__ W, size_t row_bytes,
     case T_Q4_K: CALL(T_Q4_K); break;              \
     case T_Q5_K: CALL(T_Q5_K); break;              \
     case T_Q6_K: CALL(T_Q6_K); break;              \
+    case T_MXFP4: CALL(T_MXFP4); break;            \
     default: unsupported(type, what);              \
     }
 
@@ -168,8 +169,8 @@ void launch_matvec_rows(int rows, const uint8_t* w, size_t row_bytes, int n_in, 
 
 }  // namespace
 
-// deq8<T> covers every CPU type but MXFP4 (gpt-oss experts, CPU only so far): refused by name.
-bool type_supported(uint32_t type) { return can_dequantize(type) && type != T_MXFP4; }
+// deq8<T> covers every type the CPU dequantizes (MXFP4: gpt-oss's experts).
+bool type_supported(uint32_t type) { return can_dequantize(type); }
 
 void dequantize_f16(uint32_t type, const uint8_t* src, int64_t n, __half* dst, cudaStream_t st, const char* what) {
     if (n <= 0) return;

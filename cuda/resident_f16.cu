@@ -20,6 +20,8 @@ size_t ResidentF16::bytes_for(const ModelDesc& d) {
     auto group = [&](std::initializer_list<const TensorInfo*> ts) {
         bool all_f16 = true;
         size_t elems = 0;
+        for (const TensorInfo* t : ts)
+            if (!t) return;  // gpt-oss: no dense FFN (its experts are read as stored)
         for (const TensorInfo* t : ts) {
             all_f16 = all_f16 && t->type == T_F16;
             elems += size_t(t->n_elements());
@@ -44,6 +46,8 @@ void ResidentF16::build(const DeviceWeights& w, __half* buf, size_t bytes, cudaS
     auto group = [&](std::initializer_list<const DevWeight*> ws) {
         bool in_place = true;
         const uint8_t* expect = nullptr;
+        for (const DevWeight* x : ws)
+            if (!x->data) return;  // as in plan: no such matrix
         for (const DevWeight* x : ws) {
             if (x->type != T_F16 || (expect && x->data != expect)) in_place = false;
             expect = x->data + x->bytes();

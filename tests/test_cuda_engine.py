@@ -680,16 +680,19 @@ def test_decode_greedy_errors_and_fallback(tiny_model):
         gpu.decode_greedy(0, 1, 30, 3)
     with pytest.raises(ValueError, match="token id"):
         gpu.decode_greedy(0, V, 0, 3)
-    # with the fused path off, decode_greedy is forward + host argmax: same tokens as the loop
+    # with the fused path off, decode_greedy runs the one-row batch step and the device's first
+    # maximum: each token is the top logit of that step as forward computes it, up to the
+    # rounding between the two paths (a token within 1e-3 of the top counts)
     gpu.set_options(fast_decode=False)
     gpu.forward(0, np.arange(5, dtype=np.int32), 0)
-    got = list(gpu.decode_greedy(0, 7, 5, 6))
+    got = [int(x) for x in gpu.decode_greedy(0, 7, 5, 6)]
     gpu.forward(0, np.arange(5, dtype=np.int32), 0)
-    t, ref = 7, []
-    for i in range(6):
-        t = int(np.argmax(gpu.forward(0, np.array([t], np.int32), 5 + i)))
-        ref.append(t)
-    assert got == ref
+    t = 7
+    for i, g in enumerate(got):
+        lg = gpu.forward(0, np.array([t], np.int32), 5 + i)
+        top = float(lg.max())
+        assert lg[g] >= top - 1e-3 * max(1.0, abs(top)), (i, g, int(np.argmax(lg)), float(lg[g]), top)
+        t = g
     gpu.close()
 
 

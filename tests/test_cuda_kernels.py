@@ -209,6 +209,37 @@ def test_matvec(tname, m):
             assert e < 1e-5, f"{tname} m={m} n_in={n_in} n_out={n_out}: rel err {e:.2e}"
 
 
+def test_mxfp4_dequantize_and_matvec():
+    """MXFP4 (gpt-oss's experts: E2M1 codes under an E8M0 exponent, 17-byte blocks, so rows
+    start at odd addresses): the GPU's fp16 dequantization == float16 of the CPU's bit for bit
+    (the CPU's is gguf's: tests/test_dequant.py), and the mat-vec against float64 of the
+    CPU's dequantized weights."""
+    tid, bs, bb = 39, 32, 17
+
+    def blocks(rng, nb):
+        b = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
+        b[:, 0] = rng.integers(118, 134, size=nb)  # scales 2^-10 .. 2^5 (the E8M0 byte)
+        return b.reshape(-1)
+
+    for n_blocks in (1, 5, 4099):
+        n = n_blocks * bs
+        data = blocks(rng_for("mxfp4", n), n_blocks)
+        got = cu.dequantize_f16(tid, data, n)
+        ref = np.asarray(core.dequantize_raw(tid, data, n), np.float32).astype(np.float16)
+        bad = np.nonzero(got.view(np.uint16) != ref.view(np.uint16))[0]
+        assert bad.size == 0, f"n={n}: {bad.size} mismatches, first at {bad[0]}: gpu {got[bad[0]]} cpu {ref[bad[0]]}"
+    for m in (1, 3, 8):
+        for n_in, n_out in ((32, 5), (96, 67), (224, 3)):
+            rng = rng_for("mxfp4-mv", m, n_in, n_out)
+            w = blocks(rng, n_out * n_in // bs)
+            x = rng.standard_normal((m, n_in)).astype(np.float32)
+            got = cu.matvec(tid, w, n_in, n_out, x)
+            wf = np.asarray(core.dequantize_raw(tid, w, n_out * n_in), np.float64).reshape(n_out, n_in)
+            ref = x.astype(np.float64) @ wf.T
+            e = rel_err(got, ref, np.abs(x.astype(np.float64)) @ np.abs(wf).T)
+            assert e < 1e-5, f"m={m} n_in={n_in} n_out={n_out}: rel err {e:.2e}"
+
+
 @pytest.mark.parametrize("tname", ["Q4_K", "Q5_0", "Q6_K", "Q8_0", "F16", "F32"])
 def test_matvec_bias_and_accumulate(tname):
     """Bias add and the residual add (accumulate into y) of the mat-vec epilogue."""
