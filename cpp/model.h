@@ -10,9 +10,9 @@
 // function per family fills them (cpp/families/*.cpp); the engines read the
 // fields, never the family name.
 //
-// gpt-oss (GPT-OSS-20B / 120B) runs on the CPU engine only so far; the CUDA engine
-// refuses it by name (cuda/family_kernels.cu: experts, sinks, YaRN, swiglu_oai) and
-// device='auto' falls back to the CPU. What a CUDA port must plan for, GPT-OSS-20B:
+// gpt-oss (GPT-OSS-20B / 120B) runs on the CPU engine and in the CUDA engine's generic
+// step (cuda/family_kernels.cu: sinks, YaRN, swiglu_oai; the experts routed on the host).
+// What the GPU holds for GPT-OSS-20B:
 // the GGUF is ~12-13 GB (the experts in MXFP4, 4.25 bits a weight: ~10 GB for 19B
 // expert weights, 32 experts a layer of which 4 run per token), so the weights alone
 // need ~13 GB of VRAM unless idle experts stay in host memory. KV per position, all 24 layers full:
