@@ -150,8 +150,7 @@ __global__ void __launch_bounds__(kSinkThreads) attention_sinks_kernel(
             for (int e = 0; e < hd; ++e) dot += qs[e] * __half2float(kr[e]);
             s = dot;
         }
-        float mx = s;
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float mx = warp_max(s);
         if (t % 32 == 0) red[t / 32] = mx;
         __syncthreads();
         if (t == 0) {
@@ -163,8 +162,7 @@ __global__ void __launch_bounds__(kSinkThreads) attention_sinks_kernel(
         const float m_new = fmaxf(m, stat[0]);
         const float pr = t < n ? expf(s - m_new) : 0.f;
         sc[t] = pr;
-        float sum = pr;
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        const float sum = warp_sum(pr);
         __syncthreads();  // every thread has read stat[0]
         if (t % 32 == 0) red[t / 32] = sum;
         __syncthreads();
