@@ -19,7 +19,7 @@
 //       .close()                          frees the GPU memory now
 //   kernel entry points for the tests (NumPy in, NumPy out; see cuda_api.h):
 //   dequantize_f16, matvec, gemm, dec_matvec, get_rows, rmsnorm, rope_neox, attention, flash_attention,
-//   swiglu, rmsnorm_rows, geglu_tanh, add_bias,
+//   swiglu, rmsnorm_rows, geglu_tanh, add_bias, swiglu_oai, rope_freqs, attention_sinks,
 //   kv_append, qkv_post, rmsnorm_f16, swiglu_f16, f32_to_f16, gemm_f16, dec_qkv, dec_attn, dec_proj
 //
 // orcd::CudaError (CUDA/cuBLAS failures, not enough GPU memory) becomes
@@ -426,6 +426,49 @@ NB_MODULE(_orcd_cuda, m) {
             return to_numpy(std::move(r), shape_of(g));
         },
         "g"_a, "u"_a);
+
+    m.def(
+        "swiglu_oai",
+        [](CArr<float> g, CArr<float> u, float alpha, float limit) {
+            if (g.size() != u.size()) bad("swiglu_oai: g and u differ in size");
+            auto r = orcd::cuda_test::swiglu_oai(g.data(), u.data(), int64_t(g.size()), alpha, limit);
+            return to_numpy(std::move(r), shape_of(g));
+        },
+        "g"_a, "u"_a, "alpha"_a = 1.702f, "limit"_a = 7.0f);
+
+    m.def(
+        "rope_freqs",
+        [](CArr<float> x, CArr<int32_t> pos, CArr<double> inv_freq, float mscale, bool neox) {
+            if (x.ndim() != 3 || pos.ndim() != 1 || pos.shape(0) != x.shape(0) || inv_freq.ndim() != 1 ||
+                inv_freq.shape(0) * 2 != x.shape(2))
+                bad("rope_freqs: x [n_tok, n_heads, hd], pos [n_tok], inv_freq [hd / 2]");
+            auto r = orcd::cuda_test::rope_freqs(x.data(), int(x.shape(0)), int(x.shape(1)), int(x.shape(2)),
+                                                 pos.data(), inv_freq.data(), mscale, neox);
+            return to_numpy(std::move(r), {x.shape(0), x.shape(1), x.shape(2)});
+        },
+        "x"_a, "pos"_a, "inv_freq"_a, "mscale"_a = 1.0f, "neox"_a = true);
+
+    m.def(
+        "attention_sinks",
+        [](CArr<float> q, CArr<float> k, CArr<float> v, CArr<int32_t> pos, int window, nb::object sinks_obj) {
+            if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || shape_of(k) != shape_of(v) ||
+                q.shape(2) != k.shape(2) || pos.ndim() != 1 || pos.shape(0) != q.shape(0))
+                bad("attention_sinks: q [n_q, n_head, hd], k and v [n_kv, n_head_kv, hd], pos [n_q]");
+            const float* sinks = nullptr;
+            CArr<float> sk;
+            if (!sinks_obj.is_none()) {
+                sk = nb::cast<CArr<float>>(sinks_obj);
+                if (sk.ndim() != 1 || sk.shape(0) != q.shape(1)) bad("attention_sinks: sinks must be [n_head]");
+                sinks = sk.data();
+            }
+            auto r = orcd::cuda_test::attention_sinks(q.data(), int(q.shape(0)), int(q.shape(1)), k.data(), v.data(),
+                                                      int(k.shape(0)), int(k.shape(1)), int(q.shape(2)), pos.data(),
+                                                      window, sinks);
+            return to_numpy(std::move(r), {q.shape(0), q.shape(1), q.shape(2)});
+        },
+        "q"_a, "k"_a, "v"_a, "pos"_a, "window"_a = 0, "sinks"_a = nb::none(),
+        "gpt-oss's attention: query t attends to positions (pos[t] - window, pos[t]] (window 0: all) with head "
+        "h's sink logit sinks[h] in each softmax (None: no sinks).");
 
     m.def(
         "add_bias",

@@ -197,6 +197,16 @@ std::vector<float> rmsnorm(const float* x, int64_t rows, int64_t n, const float*
 std::vector<float> rmsnorm_rows(const float* x, int64_t rows, int64_t n, const float* w, float eps);
 std::vector<float> geglu_tanh(const float* g, const float* u, int64_t n);
 
+// gpt-oss's kernels (family_kernels.cuh): the clamped gate; RoPE from a frequency table
+// (inv_freq[head_dim/2]) with cos/sin times mscale, NEOX or normal pairing; attention with a sink
+// logit per head (sinks[n_head] or null) and a window (0: none), k/v stored (fp16) in slot 1 of
+// a 3-slot cache as flash_attention's test does
+std::vector<float> swiglu_oai(const float* g, const float* u, int64_t n, float alpha, float limit);
+std::vector<float> rope_freqs(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos,
+                              const double* inv_freq, float mscale, bool neox);
+std::vector<float> attention_sinks(const float* q, int n_q, int n_head, const float* k, const float* v, int n_kv,
+                                   int n_head_kv, int head_dim, const int32_t* pos, int window, const float* sinks);
+
 // NEOX RoPE on x[n_tok][n_heads][head_dim], token t at position pos[t].
 std::vector<float> rope_neox(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos, float base);
 

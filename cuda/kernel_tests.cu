@@ -287,6 +287,59 @@ std::vector<float> attention(const float* q, int n_q, int n_head, const float* k
     return out.download("attention out");
 }
 
+std::vector<float> swiglu_oai(const float* g, const float* u, int64_t n, float alpha, float limit) {
+    ready();
+    DBuf<float> dg(g, size_t(n), "swiglu_oai g"), du(u, size_t(n), "swiglu_oai u");
+    cu::swiglu_oai(dg.p, du.p, n, alpha, limit, 0, "swiglu_oai test");
+    return dg.download("swiglu_oai out");
+}
+
+std::vector<float> rope_freqs(const float* x, int n_tok, int n_heads, int head_dim, const int32_t* pos,
+                              const double* inv_freq, float mscale, bool neox) {
+    ready();
+    if (n_tok <= 0 || n_heads <= 0 || head_dim < 2 || head_dim % 2) throw Error("rope_freqs test: bad shape");
+    const size_t n = size_t(n_tok) * n_heads * head_dim;
+    DBuf<float> dx(x, n, "rope_freqs x");
+    DBuf<int32_t> dpos(pos, size_t(n_tok), "rope_freqs pos");
+    DBuf<double> df(inv_freq, size_t(head_dim / 2), "rope_freqs inv_freq");
+    cu::rope_freqs(dx.p, n_heads * head_dim, n_tok, n_heads, head_dim, dpos.p, df.p, mscale, neox, 0, "rope_freqs test");
+    return dx.download("rope_freqs out");
+}
+
+std::vector<float> attention_sinks(const float* q, int n_q, int n_head, const float* k, const float* v, int n_kv,
+                                   int n_head_kv, int head_dim, const int32_t* pos, int window, const float* sinks) {
+    ready();
+    if (n_q <= 0 || n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv != 0)
+        throw Error("attention_sinks test: bad shape");
+    for (int i = 0; i < n_q; ++i)
+        if (pos[i] < 0 || pos[i] >= n_kv)
+            throw Error("attention_sinks test: pos " + std::to_string(pos[i]) + " outside the " +
+                        std::to_string(n_kv) + " cached positions");
+    const int kv_dim = n_head_kv * head_dim, q_dim = n_head * head_dim;
+    const size_t slot_stride = size_t(n_kv) * kv_dim;
+    // the keys in slot 1 of 3, the others NaN: a read outside the slot's positions shows
+    const std::vector<int64_t> offs = {int64_t(slot_stride), int64_t(2 * slot_stride), 0};
+    DBuf<float> dq(q, size_t(n_q) * q_dim, "attention_sinks q");
+    DBuf<float> dk(k, size_t(n_kv) * kv_dim, "attention_sinks k"), dv(v, size_t(n_kv) * kv_dim, "attention_sinks v");
+    DBuf<__half> kc(3 * slot_stride, "attention_sinks k cache"), vc(3 * slot_stride, "attention_sinks v cache");
+    cu::fill_nan(kc.p, int64_t(kc.n), 0);
+    cu::fill_nan(vc.p, int64_t(vc.n), 0);
+    std::vector<int32_t> kv_pos(n_kv), ones(size_t(std::max(n_kv, n_q)), 1);
+    for (int i = 0; i < n_kv; ++i) kv_pos[i] = i;
+    DBuf<int32_t> dkp(kv_pos.data(), kv_pos.size(), "attention_sinks kv pos");
+    DBuf<int32_t> dslot(ones.data(), ones.size(), "attention_sinks slots");
+    DBuf<int32_t> dpos(pos, size_t(n_q), "attention_sinks pos");
+    DBuf<int64_t> doff(offs.data(), offs.size(), "attention_sinks slot table");
+    cu::kv_store(dk.p, dv.p, kv_dim, n_kv, kv_dim, dslot.p, dkp.p, kc.p, vc.p, doff.p, 0, "attention_sinks test");
+    std::unique_ptr<DBuf<float>> dsinks;
+    if (sinks) dsinks = std::make_unique<DBuf<float>>(sinks, size_t(n_head), "attention_sinks sinks");
+    DBuf<float> out(size_t(n_q) * q_dim, "attention_sinks out");
+    cu::fill_nan(out.p, int64_t(out.n), 0);
+    cu::attention_sinks(dq.p, q_dim, kc.p, vc.p, doff.p, kv_dim, dslot.p, dpos.p, n_q, n_head, n_head_kv, head_dim,
+                        window, dsinks ? dsinks->p : nullptr, out.p, q_dim, 0, "attention_sinks test");
+    return out.download("attention_sinks out");
+}
+
 std::vector<float> flash_attention(const float* q, int n_q, int n_head, const float* k, const float* v, int n_kv,
                                    int n_head_kv, int head_dim, const int32_t* pos, bool routed, int split_len) {
     ready();

@@ -464,6 +464,67 @@ def test_gemma3_ops():
         assert rel_err(got, core.cpu_ops_geglu_tanh(g, u)) < 2e-6
 
 
+def _sink_attention(q, k, v, pos, window, sinks):
+    """float64 attention of cpu_ops::attention_window over the fp16-rounded K/V: query t sees
+    keys (pos[t] - window, pos[t]] (window 0: all up to pos[t]); head h's sink joins the max and
+    the denominator with no value."""
+    k16 = k.astype(np.float16).astype(np.float64)
+    v16 = v.astype(np.float16).astype(np.float64)
+    n_q, n_head, hd = q.shape
+    group = n_head // k.shape[1]
+    out = np.zeros(q.shape)
+    for t in range(n_q):
+        lo = max(0, pos[t] - window + 1) if window > 0 else 0
+        for h in range(n_head):
+            s = k16[lo:pos[t] + 1, h // group] @ q[t, h].astype(np.float64) / np.sqrt(hd)
+            m = max(s.max(), sinks[h]) if sinks is not None else s.max()
+            e = np.exp(s - m)
+            den = e.sum() + (np.exp(sinks[h] - m) if sinks is not None else 0.0)
+            out[t, h] = (e / den) @ v16[lo:pos[t] + 1, h // group]
+    return out
+
+
+def test_gptoss_ops():
+    """gpt-oss's kernels against float64 NumPy: the clamped gate (values past the limit on both
+    sides), RoPE from a frequency table with the magnitude factor (both pairings), and attention
+    with sinks and windows (GQA 2 and 7, head_dim 16 / 64 / 256, the keys in slot 1 of a cache whose
+    other slots are NaN)."""
+    rng = rng_for("gpt-oss ops")
+    for n in (1, 37, 3 * 4096):
+        g = (rng.standard_normal(n) * 6).astype(np.float32)
+        u = (rng.standard_normal(n) * 6).astype(np.float32)
+        got = cu.swiglu_oai(g, u, 1.702, 7.0)
+        x = np.minimum(g.astype(np.float64), 7.0)
+        y = np.clip(u.astype(np.float64), -7.0, 7.0)
+        assert rel_err(got, x / (1 + np.exp(-1.702 * x)) * (y + 1)) < 1e-6, n
+    for neox in (True, False):
+        n_tok, n_heads, hd = 5, 3, 16
+        x = rng.standard_normal((n_tok, n_heads, hd)).astype(np.float32)
+        pos = np.array([0, 1, 7, 300, 4095], np.int32)
+        inv = np.exp(-rng.uniform(0, 9, hd // 2))
+        got = cu.rope_freqs(x, pos, inv, 1.3, neox)
+        ang = pos[:, None].astype(np.float64) * inv[None, :]
+        cs, sn = np.cos(ang)[:, None, :] * 1.3, np.sin(ang)[:, None, :] * 1.3
+        x64 = x.astype(np.float64)
+        a, b = (x64[..., : hd // 2], x64[..., hd // 2:]) if neox else (x64[..., 0::2], x64[..., 1::2])
+        ra, rb = a * cs - b * sn, a * sn + b * cs
+        ref = np.concatenate([ra, rb], -1) if neox else np.stack([ra, rb], -1).reshape(x.shape)
+        assert rel_err(got, ref) < 1e-6, neox
+    for n_head, n_head_kv, hd, n_kv in ((4, 2, 16, 40), (14, 2, 64, 300), (8, 1, 256, 20), (7, 1, 64, 129)):
+        q = rng.standard_normal((6, n_head, hd)).astype(np.float32)
+        k = rng.standard_normal((n_kv, n_head_kv, hd)).astype(np.float32)
+        v = rng.standard_normal((n_kv, n_head_kv, hd)).astype(np.float32)
+        pos = np.array(sorted(rng.choice(n_kv, size=6, replace=False)), np.int32)
+        for window in (0, 3, 128):
+            for sinks in (None, (rng.standard_normal(n_head) * 2).astype(np.float32)):
+                got = cu.attention_sinks(q, k, v, pos, window, sinks)
+                ref = _sink_attention(q, k, v, pos, window, sinks)
+                e = rel_err(got, ref)
+                assert e < 2e-5, (n_head, n_head_kv, hd, window, sinks is not None, e)
+    with pytest.raises(ValueError, match="sinks must be"):
+        cu.attention_sinks(q, k, v, pos, 0, np.zeros(n_head + 1, np.float32))
+
+
 # ------------------------------------------------------------------ attention
 
 def _ref_attention(q, k, v, pos):
