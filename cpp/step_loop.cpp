@@ -3,10 +3,22 @@
 
 #include <algorithm>
 #include <chrono>
+#include <utility>
 
 #include "error.h"
 
 namespace orcd {
+
+namespace {
+// The event that ends request `id` without a token (cancelled, shut down, failed).
+StepEvent end_event(int64_t id, Finish finish, std::string message) {
+    StepEvent e;
+    e.id = id;
+    e.finish = finish;
+    e.message = std::move(message);
+    return e;
+}
+}  // namespace
 
 const char* finish_name(Finish f) {
     switch (f) {
@@ -108,7 +120,7 @@ void StepLoop::shutdown() {
     for (auto& s : running_) finish_seq(*s, Finish::cancelled, "the step loop shut down", out);
     running_.clear();
     for (auto& s : waiting_) {
-        out.push_back({s->req.id, -1, Finish::cancelled, "the step loop shut down"});
+        out.push_back(end_event(s->req.id, Finish::cancelled, "the step loop shut down"));
         live_.erase(s->req.id);
         stats_.finished++;
     }
@@ -136,7 +148,7 @@ void StepLoop::admit_locked() {
     std::vector<StepEvent> out;
     for (auto it = waiting_.begin(); it != waiting_.end();) {
         if ((*it)->cancel_requested) {
-            out.push_back({(*it)->req.id, -1, Finish::cancelled, ""});
+            out.push_back(end_event((*it)->req.id, Finish::cancelled, ""));
             live_.erase((*it)->req.id);
             stats_.finished++;
             it = waiting_.erase(it);
@@ -166,7 +178,7 @@ void StepLoop::admit_locked() {
         try {
             reserved = reserve_kv_locked(best, need, &best_len);
         } catch (const std::exception& e) {  // the device failed: this request ends, the loop goes on
-            out.push_back({req.id, -1, Finish::error, e.what()});
+            out.push_back(end_event(req.id, Finish::error, e.what()));
             live_.erase(req.id);
             stats_.finished++;
             waiting_.pop_front();
