@@ -97,6 +97,7 @@ CudaOptions options_from_env() {
     // the decode attention's cluster shape at depth (FusedDecoder::attn_variant), for measuring
     o.cluster_size = env_int("ORCD_CUDA_CLUSTER_SIZE", o.cluster_size, 1, cu::kDecAttnClusterMax);
     o.cluster_span = env_int("ORCD_CUDA_CLUSTER_SPAN", o.cluster_span, 1, 1 << 30);
+    o.direct_keys = env_int("ORCD_CUDA_DIRECT_KEYS", o.direct_keys, 0, 1 << 30);
     return o;
 }
 

@@ -7,6 +7,9 @@
 //
 //   dec_qkv     x -> rmsnorm -> q, k, v rows (+bias) -> RoPE(q, k) -> q out, K/V into the fp16 cache
 //               (layer 0: x is the token's embedding row, written to the residual stream by block 0)
+//   dec_qk_norm gemma3 only: q and k left unroped by dec_qkv (qk_raw) -> per-head rmsnorm -> RoPE
+//               -> q out, k into the cache. gemma3's post-norms: a block's output waits in its own
+//               buffer and the next kernel that loads the residual stream adds it normed (DecPend)
 //   dec_attn    attention over the slot's cache, in the variant the engine picks per step from
 //               the cache length (FusedDecoder::attn_variant): one block per KV head (short
 //               caches: no merge); a thread-block cluster of up to 16 splits per KV head merging
@@ -89,6 +92,16 @@ struct DTensor {
 
 enum DecMode : int { DEC_RESID = 0, DEC_GLU = 1, DEC_LOGITS = 2 };
 
+// A residual add left pending by the kernel before (gemma3's post-norms): the input vector is
+// x + rmsnorm(o) * w (eps: the model's), and block 0 of the consuming kernel writes it to
+// `out` for the layers after. x null: nothing pending.
+struct DecPend {
+    const float* x;
+    const float* o;
+    const float* w;
+    float* out;
+};
+
 struct DecQkvArgs {
     DTensor w[3];             // q, k, v
     const float* bias[3];     // may be null
@@ -110,6 +123,30 @@ struct DecQkvArgs {
     int need_q8;
     int smem_w;               // bytes of staged weights (16-aligned)
     int pdl_early;            // 1: release the next kernel at the start, 0: right after griddepcontrol.wait
+    // gemma3 (DecPend, dec_qk_norm): the embedding row times embd_scale (1: none); with qk_raw
+    // the q and k rows leave unroped, q into q_out and k into k_raw (n_head_kv*head_dim floats),
+    // for dec_qk_norm's per-head norm and RoPE (v still goes to the cache)
+    float embd_scale = 1.f;
+    int qk_raw;
+    float* k_raw;
+    DecPend pend;             // not EMBED: x = pend.x + rmsnorm(pend.o)*pend.w first (block 0 writes it to x)
+};
+
+// gemma3's per-head Q/K norm and RoPE between dec_qkv (qk_raw) and the attention: block h
+// < n_head takes query head h (q in place), the others KV head h - n_head (k_raw into the
+// cache at pos). One block per head, pair i of a head by thread i.
+struct DecQkNormArgs {
+    float* q;                 // n_head*head_dim floats: raw in, normed and roped out
+    const float* k_raw;       // n_head_kv*head_dim floats
+    const float *q_norm, *k_norm;  // [head_dim] weights
+    float eps;
+    int n_head, n_head_kv, head_dim;
+    const float2* rope;       // this layer's table, as DecQkvArgs::rope
+    int rope_normal;
+    __half* kc;               // this layer's K block of the pool
+    const int64_t* slot_off;
+    int kv_dim;
+    const DecState* st;
 };
 
 struct DecAttnArgs {
@@ -131,6 +168,7 @@ struct DecAttnArgs {
     unsigned* counter;        // one per KV head
     const DecState* st;
     int pdl_early;
+    int window;               // > 0: only the last `window` keys (a sliding-window layer)
 };
 
 struct DecProjArgs {
@@ -158,6 +196,12 @@ struct DecProjArgs {
     // the kernel merges them into its input vector. 0 or 1: act is the vector itself.
     const float2* act_ml;
     int act_parts, act_hd;
+    // gemma3: RESID with overwrite writes y[r] = dot (the block output that a post-norm takes
+    // before it joins the residual: pend of the next kernel); GLU with gelu: gelu_tanh(g)*u;
+    // GLU and LOGITS: pend (DecPend) builds their input first
+    int overwrite;
+    int gelu;
+    DecPend pend;
 };
 
 constexpr int kDecXfStride = 36;  // floats per 32-element chunk of the float activations (4 of padding)
@@ -188,6 +232,7 @@ void dec_set_smem_limit(size_t bytes);
 void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what);
 void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* what);
 void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what);
+void dec_qk_norm(const DecQkNormArgs& a, cudaStream_t st, bool pdl, const char* what);
 
 // The grid, dynamic shared memory and cluster size (0: none) each launcher uses.
 struct DecLaunchShape {
@@ -198,6 +243,7 @@ struct DecLaunchShape {
 DecLaunchShape dec_qkv_shape(const DecQkvArgs& a);
 DecLaunchShape dec_attention_shape(const DecAttnArgs& a);
 DecLaunchShape dec_proj_shape(const DecProjArgs& a);
+DecLaunchShape dec_qk_norm_shape(const DecQkNormArgs& a);
 // An empty kernel of that shape with the decode kernels' PDL handshake (pdl_early as
 // theirs): what a launch boundary costs alone (the profiler's floor and marginal costs).
 void dec_noop(const DecLaunchShape& shape, int pdl_early, cudaStream_t st, bool pdl, const char* what);

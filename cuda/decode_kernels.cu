@@ -251,6 +251,34 @@ __device__ __forceinline__ float load_act(const Act& a, const float* __restrict_
     return ss;
 }
 
+// The input vector with a pending residual add (DecPend, gemma3's post-norms): x + rmsnorm(o)*w,
+// o's rmsnorm as the generic step's rmsnorm_rows ((o*scale)*w); block 0 of the calling kernel
+// (`write`) also stores it to pd.out for the kernels after. Returns the thread's sum of squares
+// of the result, as load_act. Not inlined: the kernels that run without it keep short code.
+__device__ __noinline__ float load_act_pend(const Act& a, const DecPend& pd, int n, float eps, bool write) {
+    const float4* x4 = reinterpret_cast<const float4*>(pd.x);
+    const float4* o4 = reinterpret_cast<const float4*>(pd.o);
+    const float4* w4 = reinterpret_cast<const float4*>(pd.w);
+    const int n4 = n / 4;
+    float sso = 0.f;
+    for (int i = threadIdx.x; i < n4; i += NT) {
+        const float4 v = __ldcg(o4 + i);
+        sso += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    const float sc = 1.0f / sqrtf(block_sum(sso, a.red) / float(n) + eps);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n4; i += NT) {
+        const float4 o = __ldcg(o4 + i), x = __ldcg(x4 + i), w = __ldg(w4 + i);
+        const float4 r = make_float4(x.x + (o.x * sc) * w.x, x.y + (o.y * sc) * w.y, x.z + (o.z * sc) * w.z,
+                                     x.w + (o.w * sc) * w.w);
+        const int e = 4 * i;
+        *reinterpret_cast<float4*>(a.xf + (e >> 5) * XF_STRIDE + (e & 31)) = r;
+        if (write) reinterpret_cast<float4*>(pd.out)[i] = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    return ss;
+}
+
 // The input vector merged from `parts` partials of a multi-cluster attention (DecProjArgs'
 // act_parts): element e = sum_c w_c src[c*n + e] / sum_c w_c l_c over the partials' (m_c, l_c)
 // = ml[c*(n/hd) + e/hd], w_c = exp(m_c - max m); a part without keys has m = -inf (weight 0).
@@ -618,7 +646,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
             b0 = __ldg(bias + lo0 + threadIdx.x * step);
             b1 = __ldg(bias + hi0 + threadIdx.x * step);
         }
-        if (tt < 2) cs = __ldg(p.rope + size_t(pos) * half + i0 + threadIdx.x);
+        if (tt < 2 && !p.qk_raw) cs = __ldg(p.rope + size_t(pos) * half + i0 + threadIdx.x);
     }
     pdl_wait_release(p.pdl_early);
 
@@ -635,6 +663,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
             const int e0 = u * 8;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
+                v[i] *= p.embd_scale;
                 a.xf[xf_idx(e0 + i)] = v[i];
                 ss += v[i] * v[i];
             }
@@ -643,6 +672,8 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
                 for (int i = 0; i < 8; ++i) p.x[e0 + i] = v[i];
             }
         }
+    } else if (p.pend.x) {
+        ss = load_act_pend(a, p.pend, p.n_embd, p.eps, blockIdx.x == 0);
     } else {
         ss = load_act(a, p.x, p.n_embd);
     }
@@ -665,20 +696,61 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     if (threadIdx.x < n) {
         const int j = threadIdx.x, i = i0 + j;
         float x0 = dots[j] + b0, x1 = dots[n + j] + b1;
-        if (tt < 2) {  // RoPE with the engine's table: (cos, sin) of pos * base^(-2i/hd), from double
+        if (tt < 2 && !p.qk_raw) {  // RoPE with the engine's table: (cos, sin) of pos * base^(-2i/hd), from double
             const float y0 = x0 * cs.x - x1 * cs.y;
             const float y1 = x0 * cs.y + x1 * cs.x;
             x0 = y0;
             x1 = y1;
         }
         const int c0 = normal ? 2 * i : i, c1 = normal ? c0 + 1 : i + half;  // the pair's columns in the head
-        if (tt == 0) {
+        if (tt == 1 && p.qk_raw) {  // dec_qk_norm norms, ropes and stores it
+            p.k_raw[hl * hd + c0] = x0;
+            p.k_raw[hl * hd + c1] = x1;
+        } else if (tt == 0) {
             p.q_out[hl * hd + c0] = x0;
             p.q_out[hl * hd + c1] = x1;
         } else {
             __half* dst = (tt == 1 ? p.kc : p.vc) + size_t(p.slot_off[slot]) + size_t(pos) * p.kv_dim + hl * hd;
             dst[c0] = __float2half_rn(x0);
             dst[c1] = __float2half_rn(x1);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dec_qk_norm
+// gemma3: block h normalises head h of q (h < n_head, in place) or of k_raw (the KV heads
+// after), each with its [head_dim] weight (rmsnorm over the head, (x*scale)*w as the generic
+// step's rmsnorm_rows), then RoPE with the layer's table as dec_qkv would have; k goes to
+// the cache at pos as fp16.
+__global__ void __launch_bounds__(NT) dec_qk_norm_kernel(const DecQkNormArgs p) {
+    __shared__ float red[NW];
+    const int hd = p.head_dim, half = hd / 2;
+    const bool is_q = int(blockIdx.x) < p.n_head;
+    const int hl = is_q ? int(blockIdx.x) : int(blockIdx.x) - p.n_head;
+    const float* wn = is_q ? p.q_norm : p.k_norm;
+    const int pos = p.st->pos, slot = p.st->slot;  // stable during a step (dec_attn_kernel)
+    const bool normal = p.rope_normal;
+    pdl_wait_release(0);
+    const float* src = is_q ? p.q + size_t(hl) * hd : p.k_raw + size_t(hl) * hd;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < half; i += NT) {
+        const int c0 = normal ? 2 * i : i, c1 = normal ? c0 + 1 : i + half;
+        const float x0 = __ldcg(src + c0), x1 = __ldcg(src + c1);
+        ss += x0 * x0 + x1 * x1;
+    }
+    const float sc = 1.0f / sqrtf(block_sum(ss, red) / float(hd) + p.eps);
+    for (int i = threadIdx.x; i < half; i += NT) {  // each pair read and written by one thread
+        const int c0 = normal ? 2 * i : i, c1 = normal ? c0 + 1 : i + half;
+        const float y0 = (__ldcg(src + c0) * sc) * __ldg(wn + c0), y1 = (__ldcg(src + c1) * sc) * __ldg(wn + c1);
+        const float2 cs = __ldg(p.rope + size_t(pos) * half + i);
+        const float r0 = y0 * cs.x - y1 * cs.y, r1 = y0 * cs.y + y1 * cs.x;
+        if (is_q) {
+            p.q[size_t(hl) * hd + c0] = r0;
+            p.q[size_t(hl) * hd + c1] = r1;
+        } else {
+            __half* dst = p.kc + size_t(p.slot_off[slot]) + size_t(pos) * p.kv_dim + size_t(hl) * hd;
+            dst[c0] = __float2half_rn(r0);
+            dst[c1] = __float2half_rn(r1);
         }
     }
 }
@@ -1007,6 +1079,8 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // it, and both finished before this step's first kernel), so it may be read before
     // the wait; so may the cache rows before pos (written by earlier steps).
     const int pos = p.st->pos, kv_len = pos + 1, slot = p.st->slot;
+    // a sliding-window layer sees keys [lo, kv_len) only; the splits share those out
+    const int lo = p.window > 0 ? max(0, kv_len - p.window) : 0, n_keys = kv_len - lo;
     // splits of at least sk keys, a multiple of gran (CLUSTER: kDecClusterGran, so short
     // caches spread over all the cluster's blocks: a tile's cost grows with its keys)
     constexpr int cg = kDecClusterGran;
@@ -1016,10 +1090,10 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // variant where p.cluster_mma asks for it.
     const bool use_mma = dec_attn_mma_ok(G, hd) && (!CLUSTER || p.cluster_mma);
     const int sk = CLUSTER ? cg : max(use_mma ? NW * kDecMmaTK : TK, p.split_keys), gran = CLUSTER ? cg : TK;
-    int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (kv_len + sk - 1) / sk));
-    const int S = ((kv_len + n_act - 1) / n_act + gran - 1) / gran * gran;
-    n_act = (kv_len + S - 1) / S;
-    const int start = s * S, end = min(start + S, kv_len);
+    int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (n_keys + sk - 1) / sk));
+    const int S = ((n_keys + n_act - 1) / n_act + gran - 1) / gran * gran;
+    n_act = (n_keys + S - 1) / S;
+    const int start = lo + s * S, end = min(start + S, kv_len);
     const bool active = start < end;
     // one split: it writes the output itself, no merge (the multi-cluster variant always
     // leaves its clusters' partials: attn_output merges them)
@@ -1385,10 +1459,11 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     // RESID: the old values of our rows (complete: written two kernels back), loaded
     // alongside the activations rather than after the row dots
     const bool own_old = !GLU && int(threadIdx.x) < r1 - r0;
-    const float yv = own_old ? __ldcg(p.y + r0 + threadIdx.x) : 0.f;
+    const float yv = own_old && !p.overwrite ? __ldcg(p.y + r0 + threadIdx.x) : 0.f;
     Act a = carve_act(actp, n_in);
     float ss;
     if constexpr (PARTS) ss = load_act_parts(a, p.act, p.act_ml, p.act_parts, p.act_hd, n_in);
+    else if (GLU && p.pend.x) ss = load_act_pend(a, p.pend, n_in, p.eps, blockIdx.x == 0);
     else ss = load_act(a, p.act, n_in);
     if (own_old) yold[threadIdx.x] = yv;  // published by finish_act's barriers
     cp_async_wait_older();  // the norm weights
@@ -1406,7 +1481,12 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
             float2 d;
             if (T != T_ANY || same) d = row_dot2_k<T>(p.w[0].type, g, u, n_in, a);
             else d = make_float2(row_dot(p.w[0].type, g, n_in, a), row_dot(p.w[1].type, u, n_in, a));
-            if (lane == 0) p.y[r] = d.x / (1.0f + expf(-d.x)) * d.y;
+            if (lane == 0) {
+                if (p.gelu)  // gelu_tanh(g) * u, as the generic step's geglu_tanh_kernel
+                    p.y[r] = 0.5f * d.x * (1.0f + tanhf(0.7978845608028654f * (d.x + 0.044715f * d.x * d.x * d.x))) * d.y;
+                else
+                    p.y[r] = d.x / (1.0f + expf(-d.x)) * d.y;
+            }
         }
     } else {
         resid_rows<T>(p.w[0], smem + off0, r0, r1, a, yold, p.y);
@@ -1447,7 +1527,7 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
 
     uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);
     Act a = carve_act(actp, n_in);
-    const float ss = load_act(a, p.act, n_in);
+    const float ss = p.pend.x ? load_act_pend(a, p.pend, n_in, p.eps, false) : load_act(a, p.act, n_in);
     cp_async_wait_pending(NS);  // the norm weights
     finish_act<-1, q8_of(T, T)>(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);  // ends with a block barrier
 
@@ -1709,6 +1789,13 @@ void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* 
     const int gd = a.n_head / a.n_head_kv * a.head_dim;
     if (a.cluster) launch(attn_kernel_for<true>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
     else launch(attn_kernel_for<false>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel", what));
+}
+
+DecLaunchShape dec_qk_norm_shape(const DecQkNormArgs& a) { return {dim3(a.n_head + a.n_head_kv), 0, 0}; }
+
+void dec_qk_norm(const DecQkNormArgs& a, cudaStream_t st, bool pdl, const char* what) {
+    const DecLaunchShape sh = dec_qk_norm_shape(a);
+    launch(dec_qk_norm_kernel, sh.grid, sh.smem, st, pdl, a, ctx("dec_qk_norm_kernel", what));
 }
 
 void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what) {

@@ -344,24 +344,21 @@ void check_cuda_family(const ModelDesc& d, const std::string& where) {
 }
 
 std::string fused_decoder_unsupported(const ModelDesc& d) {
-    // qwen2's and llama's layer (either RoPE pairing: dec_qkv_kernel's rope_normal; biases or none)
-    if (d.is_plain_decoder_shape()) return "";
+    // qwen2's and llama's layer (either RoPE pairing: dec_qkv_kernel's rope_normal; biases or
+    // none) and gemma3's (embedding scale, per-head Q/K norms: dec_qk_norm; post-norms: DecPend;
+    // the GELU gate; windows and per-layer RoPE bases: a table per base; n_head * head_dim !=
+    // n_embd; its score scale)
     std::vector<std::string> m = missing_cuda_features(d);
     if (d.fused_qkv) m.push_back("fused attn_qkv");
     if (d.fused_gate_up) m.push_back("fused gate|up in ffn_up");
-    if (d.sliding_window) m.push_back("sliding-window attention");
-    if (d.qk_norm) m.push_back("per-head Q/K norms");
-    if (d.post_norms) m.push_back("post-attention/post-FFN norms");
-    if (d.activation != Activation::Silu) m.push_back(std::string(activation_name(d.activation)) + " FFN");
-    if (d.embd_scale != 1.f) m.push_back("embedding scale");
-    if (d.attn_scale != 0.f) m.push_back("attention scale");
-    if (d.head_dim * d.n_head != d.n_embd) m.push_back("n_head * head_dim != n_embd");
-    for (const LayerDesc& L : d.layers)
-        if (L.rope_base != d.rope_base) {
-            m.push_back("per-layer RoPE bases");
-            break;
-        }
-    return "it handles the plain decoder layer only (qwen2, llama); " + d.arch + " has " + join(m) +
+    if (d.activation != Activation::Silu && d.activation != Activation::GeluTanh)
+        m.push_back(std::string(activation_name(d.activation)) + " FFN");
+    if (d.attn_out_bias) m.push_back("an attention output bias");
+    if (d.attn_sinks) m.push_back("attention sinks");
+    if (d.rope_scaling != RopeScaling::None) m.push_back(std::string(rope_scaling_name(d.rope_scaling)) + " RoPE scaling");
+    if (d.n_expert > 0) m.push_back("a mixture of experts");
+    if (m.empty()) return "";
+    return "it handles the plain decoder layer (qwen2, llama) and gemma3's; " + d.arch + " has " + join(m) +
            " (the generic step runs it)";
 }
 

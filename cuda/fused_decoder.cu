@@ -102,6 +102,10 @@ void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
     CUDA_CHECK(cudaSetDevice(info.device), "CudaEngine plan");
     cu::dec_set_smem_limit(std::max(smem, size_t(48) << 10));
     max_cluster_ = hopper_ ? cu::dec_attn_max_cluster(d.n_head, d.n_head_kv, hd) : 0;
+    rope_bases_.clear();
+    for (const LayerDesc& L : d.layers)
+        if (std::find(rope_bases_.begin(), rope_bases_.end(), L.rope_base) == rope_bases_.end())
+            rope_bases_.push_back(L.rope_base);
     ok_ = true;
 }
 
@@ -114,7 +118,12 @@ void FusedDecoder::add_scratch(std::vector<ScratchSlice>& slices) {
     add(&part_o_, ok_ ? heads * cu::kDecMaxSplits * hd * 4 : 0);
     add(&part_ml_, ok_ ? heads * cu::kDecMaxSplits * sizeof(float2) : 0);
     add(&arg_, ok_ ? size_t(lm_blocks_) * sizeof(cu::ArgPart) : 0);
-    add(&rope_, ok_ ? size_t(n_ctx_) * (hd / 2) * sizeof(float2) : 0);
+    add(&rope_, ok_ ? rope_bases_.size() * size_t(n_ctx_) * (hd / 2) * sizeof(float2) : 0);
+    const size_t E = size_t(d_.n_embd), post = ok_ && d_.post_norms ? E * 4 : 0;
+    add(&x_alt_, post);
+    add(&o_attn_, post);
+    add(&o_ffn_, post);
+    add(&k_raw_, ok_ && d_.qk_norm ? size_t(d_.n_head_kv) * hd * 4 : 0);
 }
 
 // ---------------------------------------------------------------- arguments
@@ -132,9 +141,10 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
     if (!ok_) return;
 
     const int hd = d_.head_dim, half = hd / 2, kv_dim = d_.n_head_kv * hd;
-    {  // RoPE table: the prompt kernels' formula (theta in double)
-        const double log2_base = std::log2(double(d_.rope_base));
-        std::vector<float2> tab(size_t(n_ctx_) * half);
+    const size_t table = size_t(n_ctx_) * half;
+    for (size_t b = 0; b < rope_bases_.size(); ++b) {  // RoPE tables: the prompt kernels' formula (theta in double)
+        const double log2_base = std::log2(double(rope_bases_[b]));
+        std::vector<float2> tab(table);
         for (int i = 0; i < half; ++i) {
             const double f = std::exp2(-2.0 * double(i) / double(hd) * log2_base);
             for (int p = 0; p < n_ctx_; ++p) {
@@ -142,9 +152,17 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
                 tab[size_t(p) * half + i] = make_float2(float(std::cos(th)), float(std::sin(th)));
             }
         }
-        CUDA_CHECK(cudaMemcpy(rope_, tab.data(), tab.size() * sizeof(float2), cudaMemcpyHostToDevice),
+        CUDA_CHECK(cudaMemcpy(rope_ + b * table, tab.data(), tab.size() * sizeof(float2), cudaMemcpyHostToDevice),
                    std::string(where) + ": RoPE table");
     }
+    auto rope_of = [&](float base) {
+        return rope_ + size_t(std::find(rope_bases_.begin(), rope_bases_.end(), base) - rope_bases_.begin()) * table;
+    };
+    // gemma3's post-norms: each block's output waits in o_attn_ / o_ffn_ until the next kernel
+    // adds it, normed, to the residual stream, which alternates between x (written by dec_qkv's
+    // block 0) and x_alt_ (by the gate/up kernel's block 0), so no kernel overwrites the
+    // vector its own other blocks are reading
+    const bool post = d_.post_norms;
     const size_t layer_stride = b.layer_stride;
     layers_.assign(size_t(d_.n_layer), LayerArgs{});
     for (int l = 0; l < d_.n_layer; ++l) {
@@ -171,8 +189,28 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         q.head_dim = hd;
         q.S = qkv_rows_;
         q.parts = qkv_parts_;
-        q.rope = rope_;
+        q.rope = rope_of(d_.layers[size_t(l)].rope_base);
         q.rope_normal = d_.rope_style == RopeStyle::Normal;
+        q.embd_scale = d_.embd_scale;
+        q.qk_raw = d_.qk_norm ? 1 : 0;
+        q.k_raw = k_raw_;
+        if (post && l > 0) q.pend = {x_alt_, o_ffn_, w.layers[size_t(l) - 1].post_ffn_norm, b.x};
+
+        cu::DecQkNormArgs& qn = A.qk_norm;
+        qn.q = b.q;
+        qn.k_raw = k_raw_;
+        qn.q_norm = L.q_norm;
+        qn.k_norm = L.k_norm;
+        qn.eps = d_.rms_eps;
+        qn.n_head = d_.n_head;
+        qn.n_head_kv = d_.n_head_kv;
+        qn.head_dim = hd;
+        qn.rope = q.rope;
+        qn.rope_normal = q.rope_normal;
+        qn.kc = kc;
+        qn.slot_off = b.slot_off;
+        qn.kv_dim = kv_dim;
+        qn.st = state_;
         q.q_out = b.q;
         q.kc = kc;
         q.vc = vc;
@@ -192,7 +230,8 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         a.n_head = d_.n_head;
         a.n_head_kv = d_.n_head_kv;
         a.head_dim = hd;
-        a.scale = 1.0f / std::sqrt(float(hd));
+        a.scale = d_.score_scale();
+        a.window = d_.layers[size_t(l)].sliding_window;
         a.max_splits = cu::kDecMaxSplits;
         a.split_keys = opt_.split_keys;
         a.part_o = part_o_;
@@ -209,7 +248,8 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         o.act = b.att;
         o.need_q8 = cu::dec_int8_type(L.wo.type);
         o.mode = cu::DEC_RESID;
-        o.y = b.x;
+        o.y = post ? o_attn_ : b.x;
+        o.overwrite = post ? 1 : 0;
         o.smem_w = plan_o_.smem_w;
         o.pdl_early = pdl_early(DecodeKernel::attn_output);
 
@@ -224,6 +264,8 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         g.need_q8 = cu::dec_int8_type(L.gate.type) || cu::dec_int8_type(L.up.type);
         g.mode = cu::DEC_GLU;
         g.y = b.act;
+        g.gelu = d_.activation == Activation::GeluTanh ? 1 : 0;
+        if (post) g.pend = {b.x, o_attn_, L.post_attn_norm, x_alt_};
         g.smem_w = plan_gu_.smem_w;
         g.pdl_early = pdl_early(DecodeKernel::ffn_gate_up);
 
@@ -234,7 +276,8 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         dn.act = b.act;
         dn.need_q8 = cu::dec_int8_type(L.down.type);
         dn.mode = cu::DEC_RESID;
-        dn.y = b.x;
+        dn.y = post ? o_ffn_ : b.x;
+        dn.overwrite = post ? 1 : 0;
         dn.smem_w = plan_d_.smem_w;
         dn.pdl_early = pdl_early(DecodeKernel::ffn_down);
     }
@@ -257,6 +300,8 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
     m.lm_grid = lm_grid_;
     m.lm_stages = lm_stages_;
     m.pdl_early = pdl_early(DecodeKernel::lm_head);
+    // the step's lm_head adds the last FFN output (lm_head_last's row is complete already)
+    if (post) lm_pend_ = {x_alt_, o_ffn_, w.layers.back().post_ffn_norm, nullptr};
 }
 
 void FusedDecoder::release() noexcept {
@@ -287,6 +332,13 @@ void FusedDecoder::launch_qkv(const cu::DecQkvArgs& a, bool pdl, const StepLaunc
     if (s.after_each) s.after_each(DecodeKernel::qkv);
 }
 
+void FusedDecoder::launch_qk_norm(const cu::DecQkNormArgs& a, const StepLaunch& s) const {
+    const char* what = "decode q/k norm";
+    if (is_noop(s, DecodeKernel::qkv)) cu::dec_noop(cu::dec_qk_norm_shape(a), 0, stream_, s.pdl, what);
+    else cu::dec_qk_norm(a, stream_, s.pdl, what);
+    if (s.after_each) s.after_each(DecodeKernel::qkv);
+}
+
 void FusedDecoder::launch_attention(const cu::DecAttnArgs& args, const StepLaunch& s) const {
     const char* what = "decode attention";
     cu::DecAttnArgs a = args;
@@ -309,6 +361,7 @@ void FusedDecoder::launch_proj(DecodeKernel kind, const cu::DecProjArgs& a, cons
 void FusedDecoder::launch_lm_head(const StepLaunch& s) const {
     cu::DecProjArgs m = lm_;
     m.y = s.greedy ? nullptr : logits_;
+    m.pend = lm_pend_;
     m.argmax = s.greedy ? 1 : 0;
     m.advance = s.greedy ? 1 : 0;
     launch_proj(DecodeKernel::lm_head, m, s, "decode lm_head");
@@ -320,6 +373,7 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
         // Layer 0 follows a copy or the previous step's lm_head, which advances the state
         // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
         launch_qkv(A.qkv, s.pdl && l > 0, s);
+        if (d_.qk_norm) launch_qk_norm(A.qk_norm, s);
         launch_attention(A.attention, s);
         if (s.attn_clusters > 1) {  // its input: the clusters' partials, merged as it loads them
             cu::DecProjArgs o = A.attn_output;

@@ -116,11 +116,13 @@ public:
     // The stream work of `body` as an instantiated graph (a failed capture is cleaned up).
     cudaGraphExec_t record_graph(const std::function<void()>& body, const char* what);
     cudaStream_t stream() const { return stream_; }
-    int kernels_per_step() const { return 5 * d_.n_layer + 1; }
+    // five a layer (six with gemma3's Q/K norm, which the profiler counts as qkv), the lm_head
+    int kernels_per_step() const { return (d_.qk_norm ? 6 : 5) * d_.n_layer + 1; }
 
 private:
     struct LayerArgs {
         cu::DecQkvArgs qkv;
+        cu::DecQkNormArgs qk_norm;  // gemma3
         cu::DecAttnArgs attention;
         cu::DecProjArgs attn_output, ffn_gate_up, ffn_down;
     };
@@ -130,6 +132,7 @@ private:
     };
 
     void launch_qkv(const cu::DecQkvArgs& a, bool pdl, const StepLaunch& s) const;
+    void launch_qk_norm(const cu::DecQkNormArgs& a, const StepLaunch& s) const;
     void launch_attention(const cu::DecAttnArgs& a, const StepLaunch& s) const;
     void launch_proj(DecodeKernel kind, const cu::DecProjArgs& a, const StepLaunch& s, const char* what) const;
     void launch_lm_head(const StepLaunch& s) const;
@@ -163,7 +166,12 @@ private:
     float* part_o_ = nullptr;
     float2* part_ml_ = nullptr;
     cu::ArgPart* arg_ = nullptr;
-    float2* rope_ = nullptr;  // [n_ctx][head_dim/2] (cos, sin)
+    float2* rope_ = nullptr;  // per RoPE base: [n_ctx][head_dim/2] (cos, sin)
+    std::vector<float> rope_bases_;  // the layers' distinct bases, in the order of rope_'s tables
+    // gemma3: the residual stream's second buffer and the attention / FFN outputs that wait for
+    // their post-norm (DecPend: the next kernel adds them), k before its per-head norm
+    float *x_alt_ = nullptr, *o_attn_ = nullptr, *o_ffn_ = nullptr, *k_raw_ = nullptr;
+    cu::DecPend lm_pend_{};  // the last layer's FFN output, added by the step's lm_head
     cu::DecState* pinned_state_ = nullptr;
     int32_t* pinned_tokens_ = nullptr;
 

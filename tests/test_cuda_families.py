@@ -11,13 +11,14 @@ attention and the decode-shaped kernel (rows_attn), head_dim 16 the CUDA-core sp
 kernel, each with the window cutting the keys. gemma3 (embedding scale, per-head Q/K
 norms, local and global layers with their own RoPE bases and windows, a score scale,
 post-norms, the GELU gate; n_head * head_dim != n_embd) runs in the generic step under the
-same bounds at head_dim 32, 128 and 256, each of its features shown to move the logits.
-The fused decoder says why it is off for phi3 and gemma3; device="auto" puts both on the
-GPU. gpt-oss (sinks, windows, YaRN, biases, a mixture of experts routed on the host, MXFP4
+same bounds at head_dim 32, 128 and 256, each of its features shown to move the logits, and
+on the fused decoder step by step (every weight type, then each attention variant with a
+window that cuts the keys). The fused decoder says why it is off for phi3; device="auto"
+puts phi3 and gemma3 on the GPU. gpt-oss (sinks, windows, YaRN, biases, a mixture of experts routed on the host, MXFP4
 experts) runs in the generic step under the same bounds (tests/test_families.py shows the CPU
 engine's logits depend on each of those features); a feature still missing (logit soft-capping)
 is refused by name. The real SmolLM2 and Gemma 3 files, when installed, give the CPU engine's
-greedy tokens (SmolLM2 on both decode paths).
+greedy tokens (on both decode paths).
 """
 from __future__ import annotations
 
@@ -70,12 +71,12 @@ def test_llama_generic_step_matches_cpu(family_model, wtype, fused_prompt):
     compare_decode_batch(gpu, cpu, ids, 6, 4)
 
 
-@pytest.mark.parametrize("arch,why", [("phi3", "fused attn_qkv"), ("gemma3", "per-head Q/K norms")])
-def test_fused_decoder_says_why_it_is_off(family_model, arch, why):
-    gpu = cu.CudaEngine(family_model(arch, "F16", sliding_window=5), 32, 1)
+def test_fused_decoder_says_why_it_is_off(family_model):
+    gpu = cu.CudaEngine(family_model("phi3", "F16", sliding_window=5), 32, 1)
     p = gpu.paths()
     assert not p["fast_decode_available"] and not p["fast_decode"]
-    assert "plain decoder layer only" in p["note"] and arch in p["note"] and why in p["note"], p["note"]
+    note = p["note"]
+    assert "plain decoder layer" in note and "phi3 has fused attn_qkv, fused gate|up" in note, note
     gpu.close()
 
 
@@ -166,9 +167,67 @@ def test_gemma3_generic_step_matches_cpu(family_model, wtype, shape):
         pytest.skip("K-quant rows need n_embd a multiple of 256")
     path = family_model("gemma3", wtype, **dims, **GEMMA3_LAYERS)
     gpu = cu.CudaEngine(path, 256, 2)
+    gpu.set_options(fast_decode=False)  # the generic step (test_gemma3_fused_decoder_matches_cpu: the other)
     cpu = core.CpuEngine(path, 256, 2)
     assert not gpu.paths()["fast_decode"]
     compare_past_a_window(gpu, cpu)
+
+
+# The fused decoder's attention variants (FusedDecoder::attn_variant), each with the 40-key
+# window cutting the local layers' keys: one block per KV head; the global merge (splits of 32
+# keys: 2 for a local layer, 3 for a global one); one 16-block cluster (splits of 8 keys); and
+# 4 clusters whose partials attn_output merges as it loads them (cluster_span 16)
+GEMMA3_FUSED_VARIANTS = {"one block": {}, "global merge": dict(cluster_keys=0, direct_keys=0),
+                         "cluster": dict(direct_keys=0), "clusters": dict(direct_keys=0, cluster_span=16)}
+
+
+def gemma3_fused_case(family_model, wtype, shape, variant):
+    """gemma3 on the fused single-sequence decoder (dec_qkv with the embedding scale, q and k
+    raw into dec_qk_norm's per-head norm and RoPE, the post-norms added by the next kernel,
+    the GELU gate, per-layer RoPE tables, windows in dec_attn): a 60-token prompt, then 10
+    single-token steps against the same engine's mat-vec path (fast_decode off) and the CPU
+    engine, and decode_greedy's graphs of 8 steps give the single steps' tokens."""
+    dims = GEMMA3_SHAPES[shape]
+    if wtype in ("Q4_K", "Q6_K") and dims["n_embd"] % 256:
+        pytest.skip("K-quant rows need n_embd a multiple of 256")
+    path = family_model("gemma3", wtype, **dims, **dict(GEMMA3_LAYERS, sliding_window=40))
+    opts = GEMMA3_FUSED_VARIANTS[variant]
+    fast = cu.CudaEngine(path, 128, 1)
+    fast.set_options(**opts)
+    p = fast.paths()
+    assert p["fast_decode_available"] and p["fast_decode"], p
+    slow = cu.CudaEngine(path, 128, 1)
+    slow.set_options(fast_decode=False)
+    cpu = core.CpuEngine(path, 128, 1)
+    prompt = np.asarray(ids_for(cpu, 60, seed=3), np.int32)
+    engines = (fast, slow, cpu)
+    lf, ls, lc = (e.forward(0, prompt, 0) for e in engines)
+    pos, picked = len(prompt), []
+    for step in range(10):
+        t = np.array([int(np.argmax(lf))], np.int32)
+        picked.append(int(t[0]))
+        lf, ls, lc = (e.forward(0, t, pos) for e in engines)
+        pos += 1
+        assert_close_rows(lf[None], ls[None], f"step {step}: fused vs mat-vec", cos_min=0.99999)
+        assert_close_rows(lf[None], lc[None], f"step {step}: fused vs CPU")
+    again = cu.CudaEngine(path, 128, 1)
+    again.set_options(**opts)
+    again.forward(0, prompt, 0)
+    assert list(again.decode_greedy(0, picked[0], len(prompt), 9)) == picked[1:]
+    for e in (fast, slow, cpu, again):
+        e.close()
+
+
+@pytest.mark.parametrize("shape", sorted(GEMMA3_SHAPES))
+@pytest.mark.parametrize("wtype", ("F32", "F16", "Q8_0", "Q4_K", "Q6_K"))
+def test_gemma3_fused_decoder_matches_cpu(family_model, wtype, shape):
+    gemma3_fused_case(family_model, wtype, shape, "one block")
+
+
+@pytest.mark.parametrize("variant", sorted(set(GEMMA3_FUSED_VARIANTS) - {"one block"}))
+@pytest.mark.parametrize("shape", sorted(GEMMA3_SHAPES))
+def test_gemma3_fused_attention_variants_match_cpu(family_model, shape, variant):
+    gemma3_fused_case(family_model, "Q8_0", shape, variant)
 
 
 def test_gemma3_ops_are_what_the_gpu_computes(family_model):
@@ -184,9 +243,12 @@ def test_gemma3_ops_are_what_the_gpu_computes(family_model):
         assert np.abs(got - base).max() > 1e-3 * np.abs(base).max(), change
 
 
-def test_real_gemma3_greedy_equals_cpu(gemma3_path):
+@pytest.mark.parametrize("fused_decoder", [False, True])
+def test_real_gemma3_greedy_equals_cpu(gemma3_path, fused_decoder):
     cpu = core.CpuEngine(gemma3_path, 128, 1)
     gpu = cu.CudaEngine(gemma3_path, 128, 1)
+    gpu.set_options(fast_decode=fused_decoder)
+    assert gpu.paths()["fast_decode"] == fused_decoder, gpu.paths()
     ids = np.asarray(_tokenizer(gemma3_path).encode("The capital of France is"), np.int32)
     t_cpu = int(np.argmax(cpu.forward(0, ids, 0)))
     t_gpu = int(np.argmax(gpu.forward(0, ids, 0)))
