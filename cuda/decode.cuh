@@ -123,13 +123,14 @@ struct DecQkvArgs {
     int need_q8;
     int smem_w;               // bytes of staged weights (16-aligned)
     int pdl_early;            // 1: release the next kernel at the start, 0: right after griddepcontrol.wait
-    // gemma3 (DecPend, dec_qk_norm): the embedding row times embd_scale (1: none); with qk_raw
-    // the q and k rows leave unroped, q into q_out and k into k_raw (n_head_kv*head_dim floats),
-    // for dec_qk_norm's per-head norm and RoPE (v still goes to the cache)
-    float embd_scale = 1.f;
+    // qk_raw: gemma3's layer (its own kernel instances): the embedding row times embd_scale;
+    // not embed: x = pend.x + rmsnorm(pend.o)*pend.w first (DecPend; block 0 writes it to x);
+    // the q and k rows leave unroped, q into q_out and k into k_raw (n_head_kv*head_dim
+    // floats), for dec_qk_norm's per-head norm and RoPE (v still goes to the cache)
     int qk_raw;
+    float embd_scale;
     float* k_raw;
-    DecPend pend;             // not EMBED: x = pend.x + rmsnorm(pend.o)*pend.w first (block 0 writes it to x)
+    DecPend pend;
 };
 
 // gemma3's per-head Q/K norm and RoPE between dec_qkv (qk_raw) and the attention: block h
@@ -197,8 +198,9 @@ struct DecProjArgs {
     const float2* act_ml;
     int act_parts, act_hd;
     // gemma3: RESID with overwrite writes y[r] = dot (the block output that a post-norm takes
-    // before it joins the residual: pend of the next kernel); GLU with gelu: gelu_tanh(g)*u;
-    // GLU and LOGITS: pend (DecPend) builds their input first
+    // before it joins the residual: pend of the next kernel); GLU and LOGITS with pend.x
+    // (their own kernel instances) build their input with DecPend first, and GLU's gate is
+    // gelu_tanh(g)*u there when gelu
     int overwrite;
     int gelu;
     DecPend pend;
@@ -214,6 +216,10 @@ __host__ __device__ inline size_t dec_act_bytes(int n) {
     return dec_align16(nch * kDecXfStride * 4) + dec_align16(nch * kDecXqStride) + 2 * dec_align16(nch * 4) +
            dec_align16(size_t(kDecThreads / 32) * 4);
 }
+
+// The attention's tile phase runs on tensor cores (m16n8k16: G query heads as rows) for these
+// shapes; other shapes run on CUDA cores.
+__host__ __device__ inline bool dec_attn_mma_ok(int G, int hd) { return G <= 16 && (hd == 64 || hd == 128); }
 
 // True when `type` rows are dotted with int8 activations (dp4a).
 bool dec_int8_type(uint32_t type);

@@ -254,8 +254,9 @@ __device__ __forceinline__ float load_act(const Act& a, const float* __restrict_
 // The input vector with a pending residual add (DecPend, gemma3's post-norms): x + rmsnorm(o)*w,
 // o's rmsnorm as the generic step's rmsnorm_rows ((o*scale)*w); block 0 of the calling kernel
 // (`write`) also stores it to pd.out for the kernels after. Returns the thread's sum of squares
-// of the result, as load_act. Not inlined: the kernels that run without it keep short code.
-__device__ __noinline__ float load_act_pend(const Act& a, const DecPend& pd, int n, float eps, bool write) {
+// of the result, as load_act. Only gemma3's kernel instances hold it (a call or a branch to it
+// in the plain instances cost qwen2's step 14%: docs/perf_log.md run 58).
+__device__ __forceinline__ float load_act_pend(const Act& a, const DecPend& pd, int n, float eps, bool write) {
     const float4* x4 = reinterpret_cast<const float4*>(pd.x);
     const float4* o4 = reinterpret_cast<const float4*>(pd.o);
     const float4* w4 = reinterpret_cast<const float4*>(pd.w);
@@ -596,10 +597,11 @@ __device__ __forceinline__ void resid_rows(const DTensor& w, const uint8_t* rows
 }
 
 // ---------------------------------------------------------------- dec_qkv
-// TQK: the type of the q and k rows, TV: of the v rows (T_ANY: any). EMBED: layer 0,
+// TQK: the type of the q and k rows, TV: of the v rows (T_ANY: any). GEMMA: the embedding
+// scale, the pending post-norm add (DecPend) and q/k left raw for dec_qk_norm. EMBED: layer 0,
 // whose input is the token's embedding row (of any type: its dequantisation is a
 // switch over all types, kept out of the other layers' instances).
-template <uint32_t TQK, uint32_t TV, bool EMBED>
+template <uint32_t TQK, uint32_t TV, bool EMBED, bool GEMMA>
 __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     const int hd = p.head_dim, half = hd / 2;
@@ -646,7 +648,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
             b0 = __ldg(bias + lo0 + threadIdx.x * step);
             b1 = __ldg(bias + hi0 + threadIdx.x * step);
         }
-        if (tt < 2 && !p.qk_raw) cs = __ldg(p.rope + size_t(pos) * half + i0 + threadIdx.x);
+        if (tt < 2 && !GEMMA) cs = __ldg(p.rope + size_t(pos) * half + i0 + threadIdx.x);
     }
     pdl_wait_release(p.pdl_early);
 
@@ -663,7 +665,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
             const int e0 = u * 8;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-                v[i] *= p.embd_scale;
+                if constexpr (GEMMA) v[i] *= p.embd_scale;
                 a.xf[xf_idx(e0 + i)] = v[i];
                 ss += v[i] * v[i];
             }
@@ -672,7 +674,7 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
                 for (int i = 0; i < 8; ++i) p.x[e0 + i] = v[i];
             }
         }
-    } else if (p.pend.x) {
+    } else if constexpr (GEMMA) {
         ss = load_act_pend(a, p.pend, p.n_embd, p.eps, blockIdx.x == 0);
     } else {
         ss = load_act(a, p.x, p.n_embd);
@@ -696,14 +698,14 @@ __global__ void __launch_bounds__(NT, 3) dec_qkv_kernel(const DecQkvArgs p) {
     if (threadIdx.x < n) {
         const int j = threadIdx.x, i = i0 + j;
         float x0 = dots[j] + b0, x1 = dots[n + j] + b1;
-        if (tt < 2 && !p.qk_raw) {  // RoPE with the engine's table: (cos, sin) of pos * base^(-2i/hd), from double
+        if (tt < 2 && !GEMMA) {  // RoPE with the engine's table: (cos, sin) of pos * base^(-2i/hd), from double
             const float y0 = x0 * cs.x - x1 * cs.y;
             const float y1 = x0 * cs.y + x1 * cs.x;
             x0 = y0;
             x1 = y1;
         }
         const int c0 = normal ? 2 * i : i, c1 = normal ? c0 + 1 : i + half;  // the pair's columns in the head
-        if (tt == 1 && p.qk_raw) {  // dec_qk_norm norms, ropes and stores it
+        if (GEMMA && tt == 1) {  // dec_qk_norm norms, ropes and stores it
             p.k_raw[hl * hd + c0] = x0;
             p.k_raw[hl * hd + c1] = x1;
         } else if (tt == 0) {
@@ -810,7 +812,6 @@ __host__ __device__ inline size_t dec_attn_tile_bytes(int G, int hd) {
 // Per warp an online softmax (base 2); the block's warps merge in shared memory
 // into one partial (acc, m in natural-log units, l) as the CUDA-core phase leaves it.
 constexpr int kDecMmaTK = 16;  // keys per warp tile
-__host__ __device__ inline bool dec_attn_mma_ok(int G, int hd) { return G <= 16 && (hd == 64 || hd == 128); }
 // Shared memory of the phase: Q fragments (hi, lo) per lane, the warps' (m, l) and outputs.
 __host__ __device__ inline size_t dec_attn_mma_bytes(int G, int hd) {
     return size_t(hd / 16) * 32 * 32 + size_t(NW) * 16 * 8 + size_t(NW) * G * hd * 4;
@@ -1432,11 +1433,17 @@ __device__ void argmax_tail(const DecProjArgs& p, float best_v, int best_i, floa
 // The residual mode whose input is a multi-cluster attention's partials (act_parts > 1): its own
 // instance, so the plain residual kernels hold no code for it.
 constexpr int DEC_RESID_PARTS = 3;
+// gemma3's GLU (DecPend's post-norm add first, the GELU gate where the model has it) and lm_head
+// (the last FFN output's post-norm add first): their own instances, so the others hold no code
+// for either
+constexpr int DEC_GLU_PEND = 4, DEC_LOGITS_PEND = 5;
 
 template <uint32_t T, int MODE>
 __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
-    static_assert(MODE == DEC_RESID || MODE == DEC_GLU || MODE == DEC_RESID_PARTS, "dec_proj_kernel: RESID or GLU");
-    constexpr bool GLU = MODE == DEC_GLU, PARTS = MODE == DEC_RESID_PARTS;
+    static_assert(MODE == DEC_RESID || MODE == DEC_GLU || MODE == DEC_RESID_PARTS || MODE == DEC_GLU_PEND,
+                  "dec_proj_kernel: RESID or GLU");
+    constexpr bool GLU = MODE == DEC_GLU || MODE == DEC_GLU_PEND, PARTS = MODE == DEC_RESID_PARTS;
+    constexpr bool PEND = MODE == DEC_GLU_PEND;
     extern __shared__ __align__(16) uint8_t smem[];
     const int n_out = p.w[0].n_out, n_in = p.w[0].n_in;
     const int r0 = blockIdx.x * p.rows_per_block;
@@ -1463,7 +1470,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     Act a = carve_act(actp, n_in);
     float ss;
     if constexpr (PARTS) ss = load_act_parts(a, p.act, p.act_ml, p.act_parts, p.act_hd, n_in);
-    else if (GLU && p.pend.x) ss = load_act_pend(a, p.pend, n_in, p.eps, blockIdx.x == 0);
+    else if constexpr (PEND) ss = load_act_pend(a, p.pend, n_in, p.eps, blockIdx.x == 0);
     else ss = load_act(a, p.act, n_in);
     if (own_old) yold[threadIdx.x] = yv;  // published by finish_act's barriers
     cp_async_wait_older();  // the norm weights
@@ -1482,7 +1489,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
             if (T != T_ANY || same) d = row_dot2_k<T>(p.w[0].type, g, u, n_in, a);
             else d = make_float2(row_dot(p.w[0].type, g, n_in, a), row_dot(p.w[1].type, u, n_in, a));
             if (lane == 0) {
-                if (p.gelu)  // gelu_tanh(g) * u, as the generic step's geglu_tanh_kernel
+                if (PEND && p.gelu)  // gelu_tanh(g) * u, as the generic step's geglu_tanh_kernel
                     p.y[r] = 0.5f * d.x * (1.0f + tanhf(0.7978845608028654f * (d.x + 0.044715f * d.x * d.x * d.x))) * d.y;
                 else
                     p.y[r] = d.x / (1.0f + expf(-d.x)) * d.y;
@@ -1501,7 +1508,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
 // fills, waits on and reads, so no block barrier couples the warps once the
 // activation prep (once per block) is done (docs/perf_log.md: the lm_head).
 // A batch's rows are copied by its warp (stage_rows<32>, the 16-byte widened range).
-template <uint32_t T>
+template <uint32_t T, bool PEND>
 __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float bv[NW];
@@ -1527,7 +1534,9 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
 
     uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);
     Act a = carve_act(actp, n_in);
-    const float ss = p.pend.x ? load_act_pend(a, p.pend, n_in, p.eps, false) : load_act(a, p.act, n_in);
+    float ss;
+    if constexpr (PEND) ss = load_act_pend(a, p.pend, n_in, p.eps, false);
+    else ss = load_act(a, p.act, n_in);
     cp_async_wait_pending(NS);  // the norm weights
     finish_act<-1, q8_of(T, T)>(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);  // ends with a block barrier
 
@@ -1614,29 +1623,35 @@ using AttnKernel = void (*)(DecAttnArgs);
 #define ORCD_DEC_QKV_PAIRS(X) X(T_Q5_0, T_Q8_0) X(T_Q4_K, T_Q6_K) X(T_Q4_0, T_Q8_0) X(T_Q5_K, T_Q6_K)
 
 template <uint32_t A, uint32_t B>
-QkvKernel qkv_inst(bool embed) { return embed ? dec_qkv_kernel<A, B, true> : dec_qkv_kernel<A, B, false>; }
-QkvKernel qkv_kernel_for(uint32_t tq, uint32_t tk, uint32_t tv, bool embed) {
+QkvKernel qkv_inst(bool embed, bool gemma) {
+    if (gemma) return embed ? dec_qkv_kernel<A, B, true, true> : dec_qkv_kernel<A, B, false, true>;
+    return embed ? dec_qkv_kernel<A, B, true, false> : dec_qkv_kernel<A, B, false, false>;
+}
+QkvKernel qkv_kernel_for(uint32_t tq, uint32_t tk, uint32_t tv, bool embed, bool gemma) {
     if (tq == tk) {
 #define ORCD_SAME(T) \
-    if (tq == T && tv == T) return qkv_inst<T, T>(embed);
+    if (tq == T && tv == T) return qkv_inst<T, T>(embed, gemma);
         ORCD_DEC_FAST_TYPES(ORCD_SAME)
 #undef ORCD_SAME
 #define ORCD_PAIR(A, B) \
-    if (tq == A && tv == B) return qkv_inst<A, B>(embed);
+    if (tq == A && tv == B) return qkv_inst<A, B>(embed, gemma);
         ORCD_DEC_QKV_PAIRS(ORCD_PAIR)
 #undef ORCD_PAIR
     }
-    return qkv_inst<T_ANY, T_ANY>(embed);
+    return qkv_inst<T_ANY, T_ANY>(embed, gemma);
 }
 template <uint32_t T>
 ProjKernel proj_inst(int mode) {
-    if (mode == DEC_LOGITS) return dec_lm_kernel<T>;
+    if (mode == DEC_LOGITS) return dec_lm_kernel<T, false>;
+    if (mode == DEC_LOGITS_PEND) return dec_lm_kernel<T, true>;
     if (mode == DEC_GLU) return dec_proj_kernel<T, DEC_GLU>;
+    if (mode == DEC_GLU_PEND) return dec_proj_kernel<T, DEC_GLU_PEND>;
     return mode == DEC_RESID_PARTS ? dec_proj_kernel<T, DEC_RESID_PARTS> : dec_proj_kernel<T, DEC_RESID>;
 }
 ProjKernel proj_kernel_for(const DecProjArgs& a) {
     const uint32_t t = a.w[0].type;
-    const int mode = a.mode == DEC_RESID && a.act_parts > 1 ? DEC_RESID_PARTS : a.mode;
+    int mode = a.mode == DEC_RESID && a.act_parts > 1 ? DEC_RESID_PARTS : a.mode;
+    if (a.pend.x) mode = mode == DEC_GLU ? DEC_GLU_PEND : DEC_LOGITS_PEND;  // dec_proj checks the mode
     if (a.n_tensors > 1 && a.w[1].type != t) return proj_inst<T_ANY>(mode);
 #define ORCD_ONE(T) \
     if (t == T) return proj_inst<T>(mode);
@@ -1659,12 +1674,13 @@ std::vector<const void*> all_kernels() {
     std::vector<const void*> k = {reinterpret_cast<const void*>(dec_noop_kernel)};
     auto add = [&](auto f) { k.push_back(reinterpret_cast<const void*>(f)); };
 #define ORCD_ADD(T) \
-    for (bool e : {false, true}) add(qkv_inst<T, T>(e)); \
-    for (int m : {int(DEC_RESID), int(DEC_GLU), int(DEC_LOGITS), DEC_RESID_PARTS}) add(proj_inst<T>(m));
+    for (bool e : {false, true}) for (bool g : {false, true}) add(qkv_inst<T, T>(e, g)); \
+    for (int m : {int(DEC_RESID), int(DEC_GLU), int(DEC_LOGITS), DEC_RESID_PARTS, DEC_GLU_PEND, DEC_LOGITS_PEND}) \
+        add(proj_inst<T>(m));
     ORCD_DEC_FAST_TYPES(ORCD_ADD)
     ORCD_ADD(T_ANY)
 #undef ORCD_ADD
-#define ORCD_ADD_PAIR(A, B) for (bool e : {false, true}) add(qkv_inst<A, B>(e));
+#define ORCD_ADD_PAIR(A, B) for (bool e : {false, true}) for (bool g : {false, true}) add(qkv_inst<A, B>(e, g));
     ORCD_DEC_QKV_PAIRS(ORCD_ADD_PAIR)
 #undef ORCD_ADD_PAIR
     for (bool c : {false, true})
@@ -1772,7 +1788,7 @@ void dec_noop(const DecLaunchShape& shape, int pdl_early, cudaStream_t st, bool 
 
 void dec_qkv(const DecQkvArgs& a, cudaStream_t st, bool pdl, const char* what) {
     const DecLaunchShape sh = dec_qkv_shape(a);
-    launch(qkv_kernel_for(a.w[0].type, a.w[1].type, a.w[2].type, a.embed != 0), sh.grid, sh.smem, st, pdl, a,
+    launch(qkv_kernel_for(a.w[0].type, a.w[1].type, a.w[2].type, a.embed != 0, a.qk_raw != 0), sh.grid, sh.smem, st, pdl, a,
            ctx("dec_qkv_kernel", what));
 }
 
@@ -1801,6 +1817,9 @@ void dec_qk_norm(const DecQkNormArgs& a, cudaStream_t st, bool pdl, const char* 
 void dec_proj(const DecProjArgs& a, cudaStream_t st, bool pdl, const char* what) {
     if (a.mode == DEC_RESID && a.rows_per_block > 64)
         throw Error(std::string("dec_proj: at most 64 rows per block in the residual mode (") + (what ? what : "?") + ")");
+    if (a.pend.x && a.mode != DEC_GLU && a.mode != DEC_LOGITS)
+        throw Error(std::string("dec_proj: a pending residual add goes with the GLU or the logits mode (") +
+                    (what ? what : "?") + ")");
     if ((a.mode == DEC_RESID && (a.norm_w || a.n_tensors != 1)) || (a.mode == DEC_GLU && (!a.norm_w || a.n_tensors != 2)))
         throw Error(std::string("dec_proj: the residual mode takes one tensor and no norm, the GLU mode two and a norm (") +
                     (what ? what : "?") + ")");

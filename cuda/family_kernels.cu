@@ -353,6 +353,11 @@ std::string fused_decoder_unsupported(const ModelDesc& d) {
     if (d.fused_gate_up) m.push_back("fused gate|up in ffn_up");
     if (d.activation != Activation::Silu && d.activation != Activation::GeluTanh)
         m.push_back(std::string(activation_name(d.activation)) + " FFN");
+    // gemma3's layer is one set of kernel instances (dec_qkv's GEMMA, the GLU and lm_head PEND)
+    const bool gemma_layer = d.qk_norm || d.post_norms;
+    if (d.qk_norm != d.post_norms) m.push_back("per-head Q/K norms without post-norms or the reverse");
+    if (d.activation == Activation::GeluTanh && !gemma_layer) m.push_back("a GELU gate outside gemma3's layer");
+    if (d.embd_scale != 1.f && !gemma_layer) m.push_back("an embedding scale outside gemma3's layer");
     if (d.attn_out_bias) m.push_back("an attention output bias");
     if (d.attn_sinks) m.push_back("attention sinks");
     if (d.rope_scaling != RopeScaling::None) m.push_back(std::string(rope_scaling_name(d.rope_scaling)) + " RoPE scaling");

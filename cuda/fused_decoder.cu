@@ -431,7 +431,12 @@ cudaGraphExec_t FusedDecoder::record_graph(const std::function<void()>& body, co
 }
 
 int FusedDecoder::attn_variant(int kv_len) const {
-    if (kv_len <= opt_.direct_keys) return -1;
+    // one block per KV head: on tensor cores up to direct_keys; on CUDA cores (gemma3's head_dim
+    // 256) one tile, past which the block's tiles run one after another (Gemma 3 270M: tg128
+    // 1,629 with up to 512 keys in one block, 1,794 with up to 32: docs/perf_log.md run 58)
+    const int direct = cu::dec_attn_mma_ok(d_.n_head / d_.n_head_kv, d_.head_dim) ? opt_.direct_keys
+                                                                               : std::min(opt_.direct_keys, cu::kDecTK);
+    if (kv_len <= direct) return -1;
     if (!hopper_ || opt_.cluster_keys <= 0 || kv_len > opt_.cluster_keys) return 0;
     // the largest power of two <= ceil(kv_len / cluster_span): at 8k-16k positions 2 clusters
     // beat 1 and 4, at 32k 4 beat 2 (docs/perf_log.md run 36)

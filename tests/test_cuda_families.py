@@ -173,10 +173,12 @@ def test_gemma3_generic_step_matches_cpu(family_model, wtype, shape):
     compare_past_a_window(gpu, cpu)
 
 
-# The fused decoder's attention variants (FusedDecoder::attn_variant), each with the 40-key
-# window cutting the local layers' keys: one block per KV head; the global merge (splits of 32
-# keys: 2 for a local layer, 3 for a global one); one 16-block cluster (splits of 8 keys); and
-# 4 clusters whose partials attn_output merges as it loads them (cluster_span 16)
+# The fused decoder's attention variants (FusedDecoder::attn_variant): one block per KV head
+# (the defaults over a 20-token prompt: up to 32 keys, where the CUDA-core shapes take it too;
+# window 5), then with a 60-token prompt and a 40-key window cutting the local layers' keys: the
+# global merge (splits of 32 keys on CUDA cores: 2 for a local layer, 3 for a global one); one
+# 16-block cluster (splits of 8 keys); 4 clusters whose partials attn_output merges as it loads
+# them (cluster_span 16)
 GEMMA3_FUSED_VARIANTS = {"one block": {}, "global merge": dict(cluster_keys=0, direct_keys=0),
                          "cluster": dict(direct_keys=0), "clusters": dict(direct_keys=0, cluster_span=16)}
 
@@ -186,11 +188,13 @@ def gemma3_fused_case(family_model, wtype, shape, variant):
     raw into dec_qk_norm's per-head norm and RoPE, the post-norms added by the next kernel,
     the GELU gate, per-layer RoPE tables, windows in dec_attn): a 60-token prompt, then 10
     single-token steps against the same engine's mat-vec path (fast_decode off) and the CPU
-    engine, and decode_greedy's graphs of 8 steps give the single steps' tokens."""
+    engine, and decode_greedy's graphs of 8 steps give the single steps' tokens (a 20-token
+    prompt and window 5 for the one-block variant)."""
     dims = GEMMA3_SHAPES[shape]
     if wtype in ("Q4_K", "Q6_K") and dims["n_embd"] % 256:
         pytest.skip("K-quant rows need n_embd a multiple of 256")
-    path = family_model("gemma3", wtype, **dims, **dict(GEMMA3_LAYERS, sliding_window=40))
+    short = variant == "one block"
+    path = family_model("gemma3", wtype, **dims, **dict(GEMMA3_LAYERS, sliding_window=5 if short else 40))
     opts = GEMMA3_FUSED_VARIANTS[variant]
     fast = cu.CudaEngine(path, 128, 1)
     fast.set_options(**opts)
@@ -199,7 +203,7 @@ def gemma3_fused_case(family_model, wtype, shape, variant):
     slow = cu.CudaEngine(path, 128, 1)
     slow.set_options(fast_decode=False)
     cpu = core.CpuEngine(path, 128, 1)
-    prompt = np.asarray(ids_for(cpu, 60, seed=3), np.int32)
+    prompt = np.asarray(ids_for(cpu, 20 if short else 60, seed=3), np.int32)
     engines = (fast, slow, cpu)
     lf, ls, lc = (e.forward(0, prompt, 0) for e in engines)
     pos, picked = len(prompt), []
