@@ -183,41 +183,44 @@ GEMMA3_FUSED_VARIANTS = {"one block": {}, "global merge": dict(cluster_keys=0, d
                          "cluster": dict(direct_keys=0), "clusters": dict(direct_keys=0, cluster_span=16)}
 
 
-def gemma3_fused_case(family_model, wtype, shape, variant):
+def gemma3_fused_case(family_model, wtype, shape, variant, prompt_len=None, window=None, slot=0, dims=None):
     """gemma3 on the fused single-sequence decoder (dec_qkv with the embedding scale, q and k
     raw into dec_qk_norm's per-head norm and RoPE, the post-norms added by the next kernel,
     the GELU gate, per-layer RoPE tables, windows in dec_attn): a 60-token prompt, then 10
     single-token steps against the same engine's mat-vec path (fast_decode off) and the CPU
     engine, and decode_greedy's graphs of 8 steps give the single steps' tokens (a 20-token
-    prompt and window 5 for the one-block variant)."""
-    dims = GEMMA3_SHAPES[shape]
+    prompt and window 5 for the one-block variant); in slot `slot` of slot + 1."""
+    dims = dims or GEMMA3_SHAPES[shape]
     if wtype in ("Q4_K", "Q6_K") and dims["n_embd"] % 256:
         pytest.skip("K-quant rows need n_embd a multiple of 256")
     short = variant == "one block"
-    path = family_model("gemma3", wtype, **dims, **dict(GEMMA3_LAYERS, sliding_window=5 if short else 40))
+    window = window or (5 if short else 40)
+    prompt_len = prompt_len or (20 if short else 60)
+    path = family_model("gemma3", wtype, **dims, **dict(GEMMA3_LAYERS, sliding_window=window))
     opts = GEMMA3_FUSED_VARIANTS[variant]
-    fast = cu.CudaEngine(path, 128, 1)
+    n_ctx, n_slots = 256, slot + 1
+    fast = cu.CudaEngine(path, n_ctx, n_slots)
     fast.set_options(**opts)
     p = fast.paths()
     assert p["fast_decode_available"] and p["fast_decode"], p
-    slow = cu.CudaEngine(path, 128, 1)
+    slow = cu.CudaEngine(path, n_ctx, n_slots)
     slow.set_options(fast_decode=False)
-    cpu = core.CpuEngine(path, 128, 1)
-    prompt = np.asarray(ids_for(cpu, 20 if short else 60, seed=3), np.int32)
+    cpu = core.CpuEngine(path, n_ctx, n_slots)
+    prompt = np.asarray(ids_for(cpu, prompt_len, seed=3), np.int32)
     engines = (fast, slow, cpu)
-    lf, ls, lc = (e.forward(0, prompt, 0) for e in engines)
+    lf, ls, lc = (e.forward(slot, prompt, 0) for e in engines)
     pos, picked = len(prompt), []
     for step in range(10):
         t = np.array([int(np.argmax(lf))], np.int32)
         picked.append(int(t[0]))
-        lf, ls, lc = (e.forward(0, t, pos) for e in engines)
+        lf, ls, lc = (e.forward(slot, t, pos) for e in engines)
         pos += 1
         assert_close_rows(lf[None], ls[None], f"step {step}: fused vs mat-vec", cos_min=0.99999)
         assert_close_rows(lf[None], lc[None], f"step {step}: fused vs CPU")
-    again = cu.CudaEngine(path, 128, 1)
+    again = cu.CudaEngine(path, n_ctx, n_slots)
     again.set_options(**opts)
-    again.forward(0, prompt, 0)
-    assert list(again.decode_greedy(0, picked[0], len(prompt), 9)) == picked[1:]
+    again.forward(slot, prompt, 0)
+    assert list(again.decode_greedy(slot, picked[0], len(prompt), 9)) == picked[1:]
     for e in (fast, slow, cpu, again):
         e.close()
 
@@ -232,6 +235,22 @@ def test_gemma3_fused_decoder_matches_cpu(family_model, wtype, shape):
 @pytest.mark.parametrize("shape", sorted(GEMMA3_SHAPES))
 def test_gemma3_fused_attention_variants_match_cpu(family_model, shape, variant):
     gemma3_fused_case(family_model, "Q8_0", shape, variant)
+
+
+@pytest.mark.parametrize("shape", sorted(GEMMA3_SHAPES))
+def test_gemma3_fused_long_windowed_merge_in_slot_1(family_model, shape):
+    """The global merge past the tensor-core split size (a 200-token prompt: head_dim 128's
+    splits hold at least 128 keys, so 2 splits for the 150-key window and for the global
+    layers), in the second slot (the slot's offset in the pool)."""
+    gemma3_fused_case(family_model, "Q8_0", shape, "global merge", prompt_len=200, window=150, slot=1)
+
+
+@pytest.mark.parametrize("variant", sorted(GEMMA3_FUSED_VARIANTS))
+def test_gemma3_fused_two_kv_heads(family_model, variant):
+    """Two KV heads (dec_qk_norm's KV-head blocks, the attention's per-KV-head grid and
+    counters), head_dim 64 (the tensor-core phase), each attention variant."""
+    dims = dict(n_embd=256, n_head=4, n_head_kv=2, head_dim=64)
+    gemma3_fused_case(family_model, "Q8_0", "hd64kv2", variant, dims=dims)
 
 
 def test_gemma3_ops_are_what_the_gpu_computes(family_model):
