@@ -183,14 +183,13 @@ GEMMA3_FUSED_VARIANTS = {"one block": {}, "global merge": dict(cluster_keys=0, d
                          "cluster": dict(direct_keys=0), "clusters": dict(direct_keys=0, cluster_span=16)}
 
 
-def gemma3_fused_case(family_model, wtype, shape, variant, prompt_len=None, window=None, slot=0, dims=None):
+def gemma3_fused_case(family_model, wtype, dims, variant, prompt_len=None, window=None, slot=0):
     """gemma3 on the fused single-sequence decoder (dec_qkv with the embedding scale, q and k
     raw into dec_qk_norm's per-head norm and RoPE, the post-norms added by the next kernel,
     the GELU gate, per-layer RoPE tables, windows in dec_attn): a 60-token prompt, then 10
     single-token steps against the same engine's mat-vec path (fast_decode off) and the CPU
     engine, and decode_greedy's graphs of 8 steps give the single steps' tokens (a 20-token
     prompt and window 5 for the one-block variant); in slot `slot` of slot + 1."""
-    dims = dims or GEMMA3_SHAPES[shape]
     if wtype in ("Q4_K", "Q6_K") and dims["n_embd"] % 256:
         pytest.skip("K-quant rows need n_embd a multiple of 256")
     short = variant == "one block"
@@ -228,13 +227,13 @@ def gemma3_fused_case(family_model, wtype, shape, variant, prompt_len=None, wind
 @pytest.mark.parametrize("shape", sorted(GEMMA3_SHAPES))
 @pytest.mark.parametrize("wtype", ("F32", "F16", "Q8_0", "Q4_K", "Q6_K"))
 def test_gemma3_fused_decoder_matches_cpu(family_model, wtype, shape):
-    gemma3_fused_case(family_model, wtype, shape, "one block")
+    gemma3_fused_case(family_model, wtype, GEMMA3_SHAPES[shape], "one block")
 
 
 @pytest.mark.parametrize("variant", sorted(set(GEMMA3_FUSED_VARIANTS) - {"one block"}))
 @pytest.mark.parametrize("shape", sorted(GEMMA3_SHAPES))
 def test_gemma3_fused_attention_variants_match_cpu(family_model, shape, variant):
-    gemma3_fused_case(family_model, "Q8_0", shape, variant)
+    gemma3_fused_case(family_model, "Q8_0", GEMMA3_SHAPES[shape], variant)
 
 
 @pytest.mark.parametrize("shape", sorted(GEMMA3_SHAPES))
@@ -242,15 +241,14 @@ def test_gemma3_fused_long_windowed_merge_in_slot_1(family_model, shape):
     """The global merge past the tensor-core split size (a 200-token prompt: head_dim 128's
     splits hold at least 128 keys, so 2 splits for the 150-key window and for the global
     layers), in the second slot (the slot's offset in the pool)."""
-    gemma3_fused_case(family_model, "Q8_0", shape, "global merge", prompt_len=200, window=150, slot=1)
+    gemma3_fused_case(family_model, "Q8_0", GEMMA3_SHAPES[shape], "global merge", prompt_len=200, window=150, slot=1)
 
 
 @pytest.mark.parametrize("variant", sorted(GEMMA3_FUSED_VARIANTS))
 def test_gemma3_fused_two_kv_heads(family_model, variant):
     """Two KV heads (dec_qk_norm's KV-head blocks, the attention's per-KV-head grid and
     counters), head_dim 64 (the tensor-core phase), each attention variant."""
-    dims = dict(n_embd=256, n_head=4, n_head_kv=2, head_dim=64)
-    gemma3_fused_case(family_model, "Q8_0", "hd64kv2", variant, dims=dims)
+    gemma3_fused_case(family_model, "Q8_0", dict(n_embd=256, n_head=4, n_head_kv=2, head_dim=64), variant)
 
 
 def test_gemma3_ops_are_what_the_gpu_computes(family_model):
