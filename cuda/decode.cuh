@@ -36,7 +36,7 @@
 // copy overlaps the previous kernel) and releases its successor (pdl_early: at its start
 // instead, before the copy's wait), then prepares its activation vector in
 // shared memory: float32 (padded so a lane per 32-element chunk reads without
-// bank conflicts) and, for Q4_0/Q5_0/Q8_0/Q4_K/Q6_K weights, int8 codes per
+// bank conflicts) and, for Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights, int8 codes per
 // 32-element chunk with a float scale d (llama.cpp's q8_1 idea) in two planes,
 // x ~ d*(q1 + q2/256), so those rows are dotted with __dp4a at the accuracy of
 // 16-bit codes (the CPU engine's activations); eight threads quantise a chunk. A warp
@@ -170,6 +170,12 @@ struct DecAttnArgs {
     const DecState* st;
     int pdl_early;
     int window;               // > 0: only the last `window` keys (a sliding-window layer)
+    // The tensor-core variants prefetch their split's rows before pos into L2 before the wait.
+    // prefetch 1: also the same rows of the next layer's block (kc_next, vc_next; the last layer's
+    // next is layer 0 of the next step), a layer ahead of their use; 2: as 1, both with the
+    // L2::evict_last priority (kept over the weights streaming through). 0: this layer's only.
+    int prefetch;
+    const __half *kc_next, *vc_next;
 };
 
 struct DecProjArgs {

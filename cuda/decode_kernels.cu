@@ -135,7 +135,7 @@ struct Act {
     float* xf;
     int8_t* xq;
     float* xd;   // chunk scale d = max|x| / 127
-    float* xs;   // chunk sum of x (float), for the min terms of Q4_K
+    float* xs;   // chunk sum of x (float), for the min terms of Q4_1 and Q4_K
     float* red;  // NW floats
 };
 
@@ -412,6 +412,21 @@ __device__ __forceinline__ float chunk_dot(const uint8_t* rp, int c, int n_in, c
             }
         }
         return ldh_s(b) * a.xd[c] * dot_codes<0, 8>(w, load_codes(a, c));
+    } else if constexpr (T == T_Q4_1) {
+        // value = d*q + m with q in 0..15: the min term uses the chunk's float sum (as Q4_K's).
+        // 20-byte blocks: 4-byte aligned in a stage (row bytes and the stage offset are multiples
+        // of 4), so the nibbles are four word loads
+        const uint8_t* b = rp + size_t(c) * 20;
+        const uint32_t* q4 = reinterpret_cast<const uint32_t*>(b + 4);
+        uint32_t w[8];  // words 0..3: elements 0..15 (low nibbles), 4..7: elements 16..31 (high nibbles)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const uint32_t v = q4[k];
+            w[k] = v & 0x0F0F0F0Fu;
+            w[4 + k] = (v >> 4) & 0x0F0F0F0Fu;
+        }
+        const float2 dm = __half22float2(*reinterpret_cast<const __half2*>(b));
+        return dm.x * a.xd[c] * dot_codes<0, 8>(w, load_codes(a, c)) + dm.y * a.xs[c];
     } else if constexpr (T == T_Q4_K) {
         // value = d*sc*q - dmin*mn with q in 0..15: the min term uses the chunk's float sum
         const uint8_t* b = rp + size_t(c >> 3) * 144;
@@ -533,7 +548,7 @@ __device__ float2 row_dot2(uint32_t type, const uint8_t* rp0, const uint8_t* rp1
 constexpr uint32_t T_ANY = 0xFFFFFFFFu;
 // Rows of this type are dotted with int8 activation codes (dp4a).
 __host__ __device__ constexpr bool int8_row_type(uint32_t t) {
-    return t == T_Q4_0 || t == T_Q5_0 || t == T_Q8_0 || t == T_Q4_K || t == T_Q6_K;
+    return t == T_Q4_0 || t == T_Q4_1 || t == T_Q5_0 || t == T_Q8_0 || t == T_Q4_K || t == T_Q6_K;
 }
 // finish_act's Q8 for an instance whose rows have types a and b.
 __host__ __device__ constexpr int q8_of(uint32_t a, uint32_t b) {
@@ -1046,6 +1061,33 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     }
 }
 
+// Rows [start, start + nrow) of K and V (lines 128-byte lines a row, rows kv_dim halves apart)
+// into L2, and when Kn (the next layer's block) the same rows of Kn and Vn; EVL: with the
+// L2::evict_last priority.
+template <bool EVL>
+__device__ __forceinline__ void prefetch_rows_l2(const __half* K, const __half* V, const __half* Kn, const __half* Vn,
+                                                 int start, int nrow, int lines, int kv_dim) {
+    for (int i = threadIdx.x; i < nrow * lines; i += NT) {
+        const size_t off = size_t(start + i / lines) * kv_dim + (i % lines) * 64;
+        if (EVL) {
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(K + off));
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(V + off));
+        } else {
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(K + off));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(V + off));
+        }
+        if (Kn) {
+            if (EVL) {
+                asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(Kn + off));
+                asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(Vn + off));
+            } else {
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(Kn + off));
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(Vn + off));
+            }
+        }
+    }
+}
+
 // NACC: outputs per thread, (n_head/n_head_kv)*head_dim/NT rounded up (instances 1-4 and 8).
 // CLUSTER (Hopper): the gridDim.x splits of a KV head form one thread-block cluster
 // and merge through distributed shared memory: each block leaves its partial (acc,
@@ -1114,11 +1156,9 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     }
     if (active && use_mma) {  // the rows before pos into L2 while the previous kernel runs
         const int nrow = max(0, min(end, pos) - start), lines = hd / 64;  // 128-byte lines per row
-        for (int i = t; i < nrow * lines; i += NT) {
-            const size_t off = size_t(start + i / lines) * p.kv_dim + (i % lines) * 64;
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(K + off));
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(V + off));
-        }
+        if (p.prefetch == 2) prefetch_rows_l2<true>(K, V, p.kc_next + base, p.vc_next + base, start, nrow, lines, p.kv_dim);
+        else if (p.prefetch == 1) prefetch_rows_l2<false>(K, V, p.kc_next + base, p.vc_next + base, start, nrow, lines, p.kv_dim);
+        else prefetch_rows_l2<false>(K, V, nullptr, nullptr, start, nrow, lines, p.kv_dim);
     }
     pdl_wait_release(p.pdl_early);
 
@@ -1619,7 +1659,7 @@ using QkvKernel = void (*)(DecQkvArgs);
 using ProjKernel = void (*)(DecProjArgs);
 using AttnKernel = void (*)(DecAttnArgs);
 
-#define ORCD_DEC_FAST_TYPES(X) X(T_F16) X(T_Q4_0) X(T_Q5_0) X(T_Q8_0) X(T_Q4_K) X(T_Q6_K)
+#define ORCD_DEC_FAST_TYPES(X) X(T_F16) X(T_Q4_0) X(T_Q4_1) X(T_Q5_0) X(T_Q8_0) X(T_Q4_K) X(T_Q6_K)
 #define ORCD_DEC_QKV_PAIRS(X) X(T_Q5_0, T_Q8_0) X(T_Q4_K, T_Q6_K) X(T_Q4_0, T_Q8_0) X(T_Q5_K, T_Q6_K)
 
 template <uint32_t A, uint32_t B>

@@ -24,7 +24,10 @@ constexpr int kDecProjMaxRows = 64;     // rows per projection block at most (de
 // attn_output, so the largest weight copy (gate and up) overlaps its whole run.
 constexpr unsigned kDecPdlEarly = 1u << int(DecodeKernel::attn_output);
 
-int pdl_early(DecodeKernel k) { return int((kDecPdlEarly >> int(k)) & 1u); }
+// (options' pdl_early_kinds, a bit per DecodeKernel, replaces kDecPdlEarly when >= 0: for measuring)
+int pdl_early(DecodeKernel k, int kinds = -1) {
+    return int(((kinds >= 0 ? unsigned(kinds) : kDecPdlEarly) >> int(k)) & 1u);
+}
 
 // Rows per block of a fused mat-vec: about target_blocks blocks, a multiple of 8 (one row
 // per warp and round), shrunk until nt tensors' staged rows fit `cap` (rows 0: they do not).
@@ -240,6 +243,10 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         a.counter = sync_->attn;
         a.st = state_;
         a.pdl_early = pdl_early(DecodeKernel::attention);
+        const int ln = (l + 1) % d_.n_layer;  // the next layer's block (the last layer's: layer 0 of the next step)
+        a.kc_next = b.kc + size_t(ln) * layer_stride;
+        a.vc_next = b.vc + size_t(ln) * layer_stride;
+        a.prefetch = opt_.attn_prefetch;
 
         cu::DecProjArgs& o = A.attn_output;
         o.w[0] = L.wo.dt();
@@ -318,7 +325,17 @@ void FusedDecoder::set_options(const CudaOptions& o) {
     pdl_ok_ = hopper_;
     graphs_ok_ = true;
     note_ = unavailable_;
-    for (LayerArgs& A : layers_) A.attention.split_keys = o.split_keys;
+    const int ek = o.pdl_early_kinds;
+    for (LayerArgs& A : layers_) {
+        A.attention.split_keys = o.split_keys;
+        A.attention.prefetch = o.attn_prefetch;
+        A.qkv.pdl_early = pdl_early(DecodeKernel::qkv, ek);
+        A.attention.pdl_early = pdl_early(DecodeKernel::attention, ek);
+        A.attn_output.pdl_early = pdl_early(DecodeKernel::attn_output, ek);
+        A.ffn_gate_up.pdl_early = pdl_early(DecodeKernel::ffn_gate_up, ek);
+        A.ffn_down.pdl_early = pdl_early(DecodeKernel::ffn_down, ek);
+    }
+    lm_.pdl_early = pdl_early(DecodeKernel::lm_head, ek);
 }
 
 void FusedDecoder::add_note(const std::string& s) { note_ += (note_.empty() ? "" : "; ") + s; }

@@ -30,6 +30,7 @@
 #   batch     orcd bench --batch 1,8,32,64,128 --json (sampled, pp128 + tg128 per sequence, and the
 #             Model.chat user path); batch_sg: B=1,8 and Model.chat with ORCD_CUDA_SAMPLE_GRAPHS=0 (batch_sg.json)
 #   long      orcd bench -p 4096 and -p 16384 (-n 128: tg128 at that depth) --json
+#   attn_sweep  scripts/gpu_attn_sweep.py's engine variants (ATTN_VARIANTS, ATTN_DEPTHS in the environment)
 #   serve     orcd serve --device cuda --max-seqs 128, then orcd bench-serve at 1, 8, 32, 64, 128 clients
 #   lcp_start start building llama.cpp's tools (.carry/llamacpp-src.tgz, ../shared/device/README.md; the
 #             device tool puts a carried .carry in the repo root of that call only: carry it in the call
@@ -37,7 +38,7 @@
 #   lcp       wait for that build, then llama-bench (pp512/tg128, pp4096, pp16384, tg128 at depth 4096
 #             and 16384), llama-batched-bench (pp128/tg128 at 1,8,32,64,128) and llama-server under
 #             orcd bench-serve at the same client counts as `serve`
-#   lcp_batched  only the llama-batched-bench part of `lcp`
+#   lcp_batched  only the llama-batched-bench part of `lcp`; lcp_bench: only its llama-bench part
 #   lcp_serve only the llama-server part of `lcp` (the build done)
 #   lcp_serve_np  llama-server started once per client count N with -np N -c N*4096 (the issue's setup)
 #   (serve, lcp, lcp_serve: SERVE_BENCH_ARGS in the environment goes to every bench-serve call;
@@ -247,6 +248,13 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         ok_or_fail chat_trace $? "$(grep -E 'us a token|GPU kernels' "$D/chat_trace.txt" | tr '\n' ';' | cut -c1-250)"
         run_step batch_trace 200 "$D/batch_trace.txt" $PY scripts/gpu_batch_trace.py "$MODEL" 8 128
         ok_or_fail batch_trace $? "$(grep -E '^B=' "$D/batch_trace.txt" | cut -c1-200)" ;;
+    attn_sweep)
+        # the decode step's graph time and attention marginal at depths (ATTN_DEPTHS) for the engine
+        # variants of scripts/gpu_attn_sweep.py (ATTN_VARIANTS: comma-separated names; default all)
+        needs_model attn_sweep || continue
+        run_step attn_sweep 400 "$D/attn_sweep.txt" bash -c "cd /tmp && $PY '$GPU_REPO/scripts/gpu_attn_sweep.py' \
+            --no-kernel --model '$MODEL' --engine-depths ${ATTN_DEPTHS:-64,1024,4096,16384} --json '$D/attn_sweep.json'"
+        ok_or_fail attn_sweep $? "$(tail -3 "$D/attn_sweep.txt" | cut -c1-120 | tr '\n' ';')" ;;
     long)
         needs_model long || continue
         for p in 4096 16384; do
@@ -260,17 +268,18 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
     lcp_start)
         if [ -f .carry/llamacpp-src.tgz ]; then bash .carry/llamacpp-build.sh .carry/llamacpp-src.tgz > /dev/null 2>&1
             record lcp_start ok 0 "started"; else record lcp_start skip 0 "no .carry/llamacpp-src.tgz"; fi ;;
-    lcp|lcp_batched)
+    lcp|lcp_batched|lcp_bench)
         needs_model $step || continue
         s=$(date +%s)
         while ! grep -q LCP_DONE /tmp/lcp.log 2>/dev/null && [ $(( $(date +%s) - s )) -lt 400 ]; do sleep 3; done
         grep -q "LCP_DONE 0" /tmp/lcp.log 2>/dev/null || { record $step FAIL 0 "llama.cpp build: $(tail -3 /tmp/lcp.log | tr '\n' ' ')"; failed=1; continue; }
         B=/tmp/lcp/llama.cpp/build/bin
-        if [ $step = lcp ]; then
+        if [ $step != lcp_batched ]; then
             run_step lcp_bench 300 "$D/lcp_bench.txt" bash -c "$B/llama-bench -m $MODEL -p 512,4096,16384 -n 128 -r 3 -fa 1 -o md; \
                 $B/llama-bench -m $MODEL -p 0 -n 128 -d 4096,16384 -r 3 -fa 1 -o md"
             ok_or_fail lcp_bench $? "$(grep -E 'pp|tg' "$D/lcp_bench.txt" | awk -F'|' '{print $(NF-2), $(NF-1)}' | tr '\n' ';' | cut -c1-250)"
         fi
+        [ $step = lcp_bench ] && continue
         run_step lcp_batched 300 "$D/lcp_batched.txt" $B/llama-batched-bench -m $MODEL -ngl 99 -fa on -c 40000 \
             -npp 128 -ntg 128 -npl 1,8,32,64,128
         ok_or_fail lcp_batched $? "$(grep -E '^\|' "$D/lcp_batched.txt" | tail -5 | awk -F'|' '{print $4, $(NF-3)}' | tr '\n' ';')"

@@ -13,6 +13,7 @@ fused decode step of a real model after a long prompt; and the device sampler's 
 """
 import argparse
 import json
+import os
 
 import numpy as np
 
@@ -34,6 +35,12 @@ KERNEL_VARIANTS = [
 # (name, set_options keyword arguments) for the engine's decode step
 ENGINE_VARIANTS = [
     ("default", dict()),
+    ("prefetch next layer", dict(attn_prefetch=1)),
+    ("prefetch next, evict_last", dict(attn_prefetch=2)),
+    ("pdl early: none", dict(pdl_early_kinds=0)),
+    ("pdl early: attention+attn_output", dict(pdl_early_kinds=6)),
+    ("prefetch next + span 4096", dict(attn_prefetch=1, cluster_span=4096)),
+    ("prefetch next + direct 1024", dict(attn_prefetch=1, direct_keys=1024)),
     ("direct_keys 128", dict(direct_keys=128)),
     ("direct_keys 0", dict(direct_keys=0)),
     ("span 2048", dict(cluster_span=2048)),
@@ -53,7 +60,7 @@ ENGINE_VARIANTS = [
                              direct_keys=0)),
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
-                direct_keys=512)
+                direct_keys=512, attn_prefetch=0, pdl_early_kinds=-1)
 
 
 def main():
@@ -65,6 +72,8 @@ def main():
     ap.add_argument("--sampler-only", action="store_true", help="only the sampler timings")
     ap.add_argument("--sampler-iters", type=int, default=50)
     ap.add_argument("--sampler-rows", default="1,8,64")
+    ap.add_argument("--variants", default=os.environ.get("ATTN_VARIANTS"),
+                    help="comma-separated engine variant names (default: $ATTN_VARIANTS, else all)")
     ap.add_argument("--json")
     a = ap.parse_args()
     out = {"kernel": [], "engine": [], "sampler": []}
@@ -105,7 +114,10 @@ def main():
         e.forward(0, toks, 0)
         print("engine decode step after a prompt: graph_step us (attention marginal us)")
         print(f"{'options':<28}" + "".join(f"{d:>17}" for d in eds))
+        want = set(a.variants.split(",")) if a.variants else None
         for name, opts in ENGINE_VARIANTS:
+            if want is not None and name not in want:
+                continue
             e.set_options(**DEFAULTS)
             e.set_options(**opts)
             cells = []

@@ -571,6 +571,10 @@ def test_fast_decode_attention_variants(tiny_model):
         "16 clusters of 2": (dict(cluster_size=2, cluster_span=32, direct_keys=128), [129, 513, 700, 1100]),
         "multi-cluster cuda cores": (dict(cluster_span=128, cluster_mma=False, cluster_size=8, direct_keys=128),
                                      [129, 300, 1100]),
+        # the L2 prefetch of the next layer's rows (the last layer's: layer 0's), plain and evict_last:
+        # hints only, so the same results; what they must not do is fault
+        "prefetch next layer": (dict(attn_prefetch=1), [1, 9, 300, 513, 1100]),
+        "prefetch next layer, evict_last": (dict(attn_prefetch=2, cluster_span=256), [1, 300, 700, 1100]),
     })
 
 
@@ -613,8 +617,11 @@ def test_decode_graph_equals_direct(tiny_model, wtype):
     logits and tokens; decode_greedy (argmax on the GPU) == forward + argmax."""
     path = tiny_model(wtype)
     prompt = np.random.default_rng(13).integers(0, 200, 9).astype(np.int32)
+    # (pdl_early_kinds: which kernels release their successor at their start, none or all: a
+    # timing choice only, since every kernel waits for its predecessor before reading its output)
     variants = [dict(graphs=True, pdl=True), dict(graphs=False, pdl=True), dict(graphs=True, pdl=False),
-                dict(graphs=False, pdl=False)]
+                dict(graphs=False, pdl=False), dict(graphs=True, pdl=True, pdl_early_kinds=0),
+                dict(graphs=True, pdl=True, pdl_early_kinds=63)]
     results = []
     for opts in variants:
         e = _fast_engine(path)

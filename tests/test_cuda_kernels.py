@@ -20,7 +20,7 @@ Bounds (u32 = 2^-24, the float32 unit roundoff; h = 2^-11, fp16's; rel_err is
                   (~sqrt(n) u32 with rounding, n u32 at worst if the tensor cores truncate).
   dec_matvec, dec_proj
                   rel_err < 2e-5: int8 code planes (x ~ d(q1 + q2/256), 16-bit codes,
-                  ~1.5e-5 of a chunk's max) for Q4_0/Q5_0/Q8_0/Q4_K/Q6_K, float32 for the
+                  ~1.5e-5 of a chunk's max) for Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K, float32 for the
                   others; GLU with the scale propagated through silu(g)*u.
   dec_qkv         q: rel_err < 2e-5 as dec_proj (RoPE is a rotation: it keeps the
                   norms); K/V caches: < 2e-5 + h (+ fp16 rounding of the stored value).
@@ -285,7 +285,7 @@ def test_matvec_matches_cpu_matmul():
         assert rel_err(got, exact, mag) <= rel_err(cpu, exact, mag) + 1e-6
 
 
-DEC_INT8 = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")
+DEC_INT8 = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K")
 
 
 def _dec_codes(x):
@@ -307,7 +307,7 @@ def _dec_codes(x):
 @pytest.mark.parametrize("tname", ALL_TYPES)
 def test_dec_matvec(tname):
     """The fused decode mat-vec (lm_head mode: staged rows, int8 code planes for
-    Q4_0/Q5_0/Q8_0/Q4_K/Q6_K, float32 for the others) against float64, with and
+    Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K, float32 for the others) against float64, with and
     without the fused rmsnorm; its device argmax is the first maximum of its output."""
     tid, bs = TYPES[tname][0], TYPES[tname][1]
     n_ins = [256, 768] if bs == 256 else [32, 96, 896]
@@ -322,7 +322,7 @@ def test_dec_matvec(tname):
             exact, mag = W @ x.astype(np.float64), np.abs(W) @ np.abs(x.astype(np.float64))
             e = rel_err(y, exact, mag)
             assert e < 2e-5, f"{tname} {n_in}x{n_out}: rel err {e:.2e} vs float64"
-            if tname in DEC_INT8 and tname != "Q4_K":  # the codes' product (Q4_K's min term uses the float sum)
+            if tname in DEC_INT8 and tname not in ("Q4_1", "Q4_K"):  # the codes' product (min terms: the float sum)
                 e = rel_err(y, W @ _dec_codes(x), mag)
                 assert e < 5e-6, f"{tname} {n_in}x{n_out}: rel err {e:.2e} vs the code product"
             assert arg == int(np.argmax(y)), f"{tname} {n_in}x{n_out}: argmax {arg}, expected {np.argmax(y)}"
