@@ -130,16 +130,6 @@ const char* rope_scaling_name(RopeScaling s) { return s == RopeScaling::Yarn ? "
 
 float ModelDesc::score_scale() const { return attn_scale > 0 ? attn_scale : 1.0f / std::sqrt((float)head_dim); }
 
-bool ModelDesc::is_plain_decoder_shape() const {
-    if (activation != Activation::Silu || fused_qkv || fused_gate_up || qk_norm || post_norms || embd_scale != 1.f ||
-        attn_scale != 0.f || logit_softcap != 0.f || sliding_window || head_dim * n_head != n_embd || attn_out_bias ||
-        attn_sinks || rope_scaling != RopeScaling::None || n_expert > 0)
-        return false;
-    for (const LayerDesc& L : layers)
-        if (L.rope_base != rope_base) return false;
-    return true;
-}
-
 ModelDesc describe_model(const GGUFFile& f) {
     ModelDesc d;
     d.arch = f.get("general.architecture").as_string("general.architecture");

@@ -146,11 +146,6 @@ struct ModelDesc {
     float swiglu_alpha = 1.702f, swiglu_limit = 7.f;  // Activation::SwigluOai (llama.cpp's constants)
 
     float score_scale() const;   // attn_scale, or 1/sqrt(head_dim) when 0
-    // The plain decoder layer: separate Q/K/V/O and gate/up/down projections, SiLU, two
-    // RMSNorms and nothing more (no extra norms, scales, window, sinks or experts), one RoPE
-    // base, n_head * head_dim == n_embd; either RoPE pairing, biases or none (qwen2, llama).
-    // The CUDA fused decoder handles this shape.
-    bool is_plain_decoder_shape() const;
 };
 
 // Reads and validates the description; throws orcd::Error naming the file and

@@ -93,18 +93,6 @@ __device__ __forceinline__ void cp_async_wait_pending(int n) {
 __device__ __forceinline__ void cp_async_wait_older() { cp_async_wait_group<1>(); }  // all but the most recent group
 __device__ __forceinline__ void cp_async_wait_all() { cp_async_wait_group<0>(); }
 
-// Block sum over NT threads; every thread gets it. `buf` holds NW floats.
-__device__ __forceinline__ float block_sum(float v, float* buf) {
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    v = warp_sum(v);
-    __syncthreads();  // buf may still be read by an earlier call
-    if (lane == 0) buf[w] = v;
-    __syncthreads();
-    float r = 0.f;
-#pragma unroll
-    for (int i = 0; i < NW; ++i) r += buf[i];
-    return r;
-}
 
 __host__ __device__ __forceinline__ size_t align16(size_t n) { return dec_align16(n); }
 
@@ -172,7 +160,7 @@ __device__ void finish_act(const Act& a, int n, const float* norm_w, float eps, 
     float scale = 1.f;
     const bool norm = NORM > 0 || (NORM < 0 && norm_w);
     if (norm) {
-        const float ss = block_sum(ss_part, a.red);  // its barriers also publish xf
+        const float ss = block_sum<NT>(ss_part, a.red);  // its barriers also publish xf
         scale = 1.0f / sqrtf(ss / float(n) + eps);
     } else {
         __syncthreads();
@@ -266,7 +254,7 @@ __device__ __forceinline__ float load_act_pend(const Act& a, const DecPend& pd, 
         const float4 v = __ldcg(o4 + i);
         sso += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
-    const float sc = 1.0f / sqrtf(block_sum(sso, a.red) / float(n) + eps);
+    const float sc = 1.0f / sqrtf(block_sum<NT>(sso, a.red) / float(n) + eps);
     float ss = 0.f;
     for (int i = threadIdx.x; i < n4; i += NT) {
         const float4 o = __ldcg(o4 + i), x = __ldcg(x4 + i), w = __ldg(w4 + i);
@@ -755,7 +743,7 @@ __global__ void __launch_bounds__(NT) dec_qk_norm_kernel(const DecQkNormArgs p) 
         const float x0 = __ldcg(src + c0), x1 = __ldcg(src + c1);
         ss += x0 * x0 + x1 * x1;
     }
-    const float sc = 1.0f / sqrtf(block_sum(ss, red) / float(hd) + p.eps);
+    const float sc = 1.0f / sqrtf(block_sum<NT>(ss, red) / float(hd) + p.eps);
     for (int i = threadIdx.x; i < half; i += NT) {  // each pair read and written by one thread
         const int c0 = normal ? 2 * i : i, c1 = normal ? c0 + 1 : i + half;
         const float y0 = (__ldcg(src + c0) * sc) * __ldg(wn + c0), y1 = (__ldcg(src + c1) * sc) * __ldg(wn + c1);

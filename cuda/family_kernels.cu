@@ -131,7 +131,6 @@ __global__ void __launch_bounds__(kSinkThreads) attention_sinks_kernel(
     __shared__ float qs[kAttnMaxHeadDim];
     __shared__ float sc[kSinkTile];
     __shared__ float red[kSinkThreads / 32];
-    __shared__ float stat[2];  // the tile's max, then its sum
     const int i = blockIdx.x / n_head, h = blockIdx.x % n_head, kvh = h / group, t = threadIdx.x;
     const float scale = rsqrtf(float(hd));
     for (int e = t; e < hd; e += kSinkThreads) qs[e] = q[size_t(i) * ldq + size_t(h) * hd + e] * scale;
@@ -150,30 +149,12 @@ __global__ void __launch_bounds__(kSinkThreads) attention_sinks_kernel(
             for (int e = 0; e < hd; ++e) dot += qs[e] * __half2float(kr[e]);
             s = dot;
         }
-        const float mx = warp_max(s);
-        if (t % 32 == 0) red[t / 32] = mx;
-        __syncthreads();
-        if (t == 0) {
-            float v = red[0];
-            for (int w = 1; w < kSinkThreads / 32; ++w) v = fmaxf(v, red[w]);
-            stat[0] = v;
-        }
-        __syncthreads();
-        const float m_new = fmaxf(m, stat[0]);
+        const float m_new = fmaxf(m, block_max<kSinkThreads>(s, red));
         const float pr = t < n ? expf(s - m_new) : 0.f;
         sc[t] = pr;
-        const float sum = warp_sum(pr);
-        __syncthreads();  // every thread has read stat[0]
-        if (t % 32 == 0) red[t / 32] = sum;
-        __syncthreads();
-        if (t == 0) {
-            float v = 0.f;
-            for (int w = 0; w < kSinkThreads / 32; ++w) v += red[w];
-            stat[1] = v;
-        }
-        __syncthreads();
+        const float tile_sum = block_sum<kSinkThreads>(pr, red);  // its barriers also publish sc
         const float corr = expf(m - m_new);  // 0 when m is -inf (no sink, first tile)
-        l = l * corr + stat[1];
+        l = l * corr + tile_sum;
         m = m_new;
         acc0 *= corr;
         acc1 *= corr;
@@ -182,7 +163,7 @@ __global__ void __launch_bounds__(kSinkThreads) attention_sinks_kernel(
             if (t < hd) acc0 += sc[j] * __half2float(vr[t]);
             if (t + kSinkThreads < hd) acc1 += sc[j] * __half2float(vr[t + kSinkThreads]);
         }
-        __syncthreads();  // sc and stat consumed before the next tile
+        __syncthreads();  // sc consumed before the next tile
     }
     float* o = out + size_t(i) * ldo + size_t(h) * hd;
     if (t < hd) o[t] = acc0 / l;

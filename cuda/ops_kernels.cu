@@ -14,29 +14,6 @@ namespace orcd {
 namespace cu {
 namespace {
 
-// Block-wide sum / max; every thread gets the result. `buf` holds >= 32 floats.
-// Ends with a barrier, so `buf` can be reused at once.
-__device__ __forceinline__ float block_sum(float v, float* buf) {
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, nw = (blockDim.x + 31) / 32;
-    v = warp_sum(v);
-    if (lane == 0) buf[w] = v;
-    __syncthreads();
-    float r = 0.f;
-    for (int i = 0; i < nw; ++i) r += buf[i];
-    __syncthreads();
-    return r;
-}
-__device__ __forceinline__ float block_max(float v, float* buf) {
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, nw = (blockDim.x + 31) / 32;
-    v = warp_max(v);
-    if (lane == 0) buf[w] = v;
-    __syncthreads();
-    float r = -INFINITY;
-    for (int i = 0; i < nw; ++i) r = fmaxf(r, buf[i]);
-    __syncthreads();
-    return r;
-}
-
 // ---------------------------------------------------------------- RMSNorm
 // One block per row; the sum of squares in float32.
 __global__ void rmsnorm_kernel(const float* __restrict__ x, int n, const float* __restrict__ w, float eps,
