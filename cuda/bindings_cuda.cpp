@@ -127,8 +127,8 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["cluster_mma"] = o.cluster_mma;
     r["cluster_span"] = o.cluster_span;
     r["direct_keys"] = o.direct_keys;
-    r["attn_prefetch"] = o.attn_prefetch;
     r["pdl_early_kinds"] = o.pdl_early_kinds;
+    r["pdl_early_kinds_deep"] = o.pdl_early_kinds_deep;
     r["vram_limit"] = o.vram_limit;
     return r;
 }
@@ -237,7 +237,7 @@ NB_MODULE(_orcd_cuda, m) {
                nb::object fused_prompt, nb::object cluster_keys, nb::object split_keys, nb::object batch_graphs,
                nb::object resident_f16, nb::object sample_split, nb::object cluster_size, nb::object cluster_mma,
                nb::object cluster_span, nb::object direct_keys, nb::object sample_graphs,
-               nb::object sample_split_full, nb::object attn_prefetch, nb::object pdl_early_kinds) {
+               nb::object sample_split_full, nb::object pdl_early_kinds, nb::object pdl_early_kinds_deep) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -255,8 +255,8 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!direct_keys.is_none()) o.direct_keys = nb::cast<int>(direct_keys);
                 if (!sample_graphs.is_none()) o.sample_graphs = nb::cast<bool>(sample_graphs);
                 if (!sample_split_full.is_none()) o.sample_split_full = nb::cast<bool>(sample_split_full);
-                if (!attn_prefetch.is_none()) o.attn_prefetch = nb::cast<int>(attn_prefetch);
                 if (!pdl_early_kinds.is_none()) o.pdl_early_kinds = nb::cast<int>(pdl_early_kinds);
+                if (!pdl_early_kinds_deep.is_none()) o.pdl_early_kinds_deep = nb::cast<int>(pdl_early_kinds_deep);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -269,7 +269,7 @@ NB_MODULE(_orcd_cuda, m) {
             "batch_graphs"_a = nb::none(), "resident_f16"_a = nb::none(), "sample_split"_a = nb::none(),
             "cluster_size"_a = nb::none(), "cluster_mma"_a = nb::none(), "cluster_span"_a = nb::none(),
             "direct_keys"_a = nb::none(), "sample_graphs"_a = nb::none(), "sample_split_full"_a = nb::none(),
-            "attn_prefetch"_a = nb::none(), "pdl_early_kinds"_a = nb::none(),
+            "pdl_early_kinds"_a = nb::none(), "pdl_early_kinds_deep"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })

@@ -77,12 +77,10 @@ struct CudaOptions {
     bool cluster_mma = true;   // the cluster merge's blocks run the tensor-core tile phase (G <= 16, head_dim 64/128)
     int cluster_span = 8192;   // positions per cluster: 1, 2 or 4 clusters per KV head (partials merged by attn_output)
     int direct_keys = 512;     // caches of up to this many positions: one attention block per KV head, no merge
-    // The tensor-core attention's L2 prefetch (DecAttnArgs::prefetch): 0 its own rows, 1 also the
-    // next layer's, 2 as 1 with the evict_last priority
-    int attn_prefetch = 0;
     // Which decode kernels release their successor at their start (a bit per DecodeKernel; -1:
     // the built-in choice, attn_output: docs/perf_log.md run 13). For measuring.
     int pdl_early_kinds = -1;
+    int pdl_early_kinds_deep = -1;  // ... in steps past the one-block attention (-1: pdl_early_kinds)
     // Plan as if the GPU had at most this many bytes free (0: what it has): the automatic KV
     // pool and the resident fp16 copy size themselves under it, as on a smaller GPU or beside
     // other processes. Read when the engine is built (ORCD_CUDA_VRAM_LIMIT).

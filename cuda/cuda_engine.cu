@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -98,8 +99,9 @@ CudaOptions options_from_env() {
     o.cluster_size = env_int("ORCD_CUDA_CLUSTER_SIZE", o.cluster_size, 1, cu::kDecAttnClusterMax);
     o.cluster_span = env_int("ORCD_CUDA_CLUSTER_SPAN", o.cluster_span, 1, 1 << 30);
     o.direct_keys = env_int("ORCD_CUDA_DIRECT_KEYS", o.direct_keys, 0, 1 << 30);
-    o.attn_prefetch = env_int("ORCD_CUDA_ATTN_PREFETCH", o.attn_prefetch, 0, 2);
     o.pdl_early_kinds = env_int("ORCD_CUDA_PDL_EARLY_KINDS", o.pdl_early_kinds, -1, (1 << kDecodeKernelKinds) - 1);
+    o.pdl_early_kinds_deep =
+        env_int("ORCD_CUDA_PDL_EARLY_KINDS_DEEP", o.pdl_early_kinds_deep, -1, (1 << kDecodeKernelKinds) - 1);
     return o;
 }
 
@@ -115,11 +117,11 @@ void CudaEngineImpl::set_options(const CudaOptions& o) {
         throw Error("CudaEngine.set_options: direct_keys must be >= 0, got " + std::to_string(o.direct_keys));
     if (o.cluster_span < 1)
         throw Error("CudaEngine.set_options: cluster_span must be >= 1, got " + std::to_string(o.cluster_span));
-    if (o.attn_prefetch < 0 || o.attn_prefetch > 2)
-        throw Error("CudaEngine.set_options: attn_prefetch must be 0, 1 or 2, got " + std::to_string(o.attn_prefetch));
-    if (o.pdl_early_kinds < -1 || o.pdl_early_kinds >= (1 << kDecodeKernelKinds))
-        throw Error("CudaEngine.set_options: pdl_early_kinds must be -1 or a mask of " +
-                    std::to_string(kDecodeKernelKinds) + " bits, got " + std::to_string(o.pdl_early_kinds));
+    for (auto [name, v] : {std::pair<const char*, int>{"pdl_early_kinds", o.pdl_early_kinds},
+                           std::pair<const char*, int>{"pdl_early_kinds_deep", o.pdl_early_kinds_deep}})
+        if (v < -1 || v >= (1 << kDecodeKernelKinds))
+            throw Error(std::string("CudaEngine.set_options: ") + name + " must be -1 or a mask of " +
+                        std::to_string(kDecodeKernelKinds) + " bits, got " + std::to_string(v));
     if (o.cluster_size < 1 || o.cluster_size > cu::kDecAttnClusterMax)
         throw Error("CudaEngine.set_options: cluster_size must be in [1, " + std::to_string(cu::kDecAttnClusterMax) +
                     "], got " + std::to_string(o.cluster_size));

@@ -170,12 +170,6 @@ struct DecAttnArgs {
     const DecState* st;
     int pdl_early;
     int window;               // > 0: only the last `window` keys (a sliding-window layer)
-    // The tensor-core variants prefetch their split's rows before pos into L2 before the wait.
-    // prefetch 1: also the same rows of the next layer's block (kc_next, vc_next; the last layer's
-    // next is layer 0 of the next step), a layer ahead of their use; 2: as 1, both with the
-    // L2::evict_last priority (kept over the weights streaming through). 0: this layer's only.
-    int prefetch;
-    const __half *kc_next, *vc_next;
 };
 
 struct DecProjArgs {

@@ -271,26 +271,19 @@ __device__ __forceinline__ float load_act_pend(const Act& a, const DecPend& pd, 
 // The input vector merged from `parts` partials of a multi-cluster attention (DecProjArgs'
 // act_parts): element e = sum_c w_c src[c*n + e] / sum_c w_c l_c over the partials' (m_c, l_c)
 // = ml[c*(n/hd) + e/hd], w_c = exp(m_c - max m); a part without keys has m = -inf (weight 0).
+// One pass over groups of kGroup partials, every load of a group in flight at once (16
+// partials' float4s would not fit the registers), the running sums rescaled when a group
+// raises the maximum: with the usual 2-4 partials one round trip to L2, not two.
 // Returns the thread's sum of squares, as load_act.
 __device__ __forceinline__ float load_act_parts(const Act& a, const float* __restrict__ src, const float2* __restrict__ ml,
                                              int parts, int hd, int n) {
     const float4* s4 = reinterpret_cast<const float4*>(src);
     const int n4 = n / 4, heads = n / hd;
     float ss = 0.f;
-    // the partials in groups of kGroup, all of a group's loads in flight at once (16 partials'
-    // float4s would not fit the registers): the maxima first, then the weighted sums
     constexpr int kGroup = 4;
     for (int i = threadIdx.x; i < n4; i += NT) {
         const int e = 4 * i, h = e / hd;
-        float M = -INFINITY;
-        for (int c0 = 0; c0 < parts; c0 += kGroup) {
-            float mx[kGroup];
-#pragma unroll
-            for (int c = 0; c < kGroup; ++c) mx[c] = c0 + c < parts ? __ldcg(ml + size_t(c0 + c) * heads + h).x : -INFINITY;
-#pragma unroll
-            for (int c = 0; c < kGroup; ++c) M = fmaxf(M, mx[c]);
-        }
-        float L = 0.f;
+        float M = -INFINITY, L = 0.f;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int c0 = 0; c0 < parts; c0 += kGroup) {
             float2 m[kGroup];
@@ -300,17 +293,27 @@ __device__ __forceinline__ float load_act_parts(const Act& a, const float* __res
                 if (c0 + c < parts) {
                     m[c] = __ldcg(ml + size_t(c0 + c) * heads + h);
                     v[c] = __ldcg(s4 + size_t(c0 + c) * n4 + i);
+                } else {
+                    m[c] = make_float2(-INFINITY, 0.f);
+                    v[c] = make_float4(0.f, 0.f, 0.f, 0.f);
                 }
+            float Mg = M;
 #pragma unroll
-            for (int c = 0; c < kGroup; ++c)
-                if (c0 + c < parts) {
-                    const float w = expf(m[c].x - M);
-                    L += w * m[c].y;
-                    acc.x += w * v[c].x;
-                    acc.y += w * v[c].y;
-                    acc.z += w * v[c].z;
-                    acc.w += w * v[c].w;
-                }
+            for (int c = 0; c < kGroup; ++c) Mg = fmaxf(Mg, m[c].x);
+            if (Mg == -INFINITY) continue;  // no keys so far: nothing to add
+            const float r = expf(M - Mg);   // 0 while M is -inf
+            L *= r;
+            acc = make_float4(acc.x * r, acc.y * r, acc.z * r, acc.w * r);
+#pragma unroll
+            for (int c = 0; c < kGroup; ++c) {
+                const float w = expf(m[c].x - Mg);  // 0 for a part without keys
+                L += w * m[c].y;
+                acc.x += w * v[c].x;
+                acc.y += w * v[c].y;
+                acc.z += w * v[c].z;
+                acc.w += w * v[c].w;
+            }
+            M = Mg;
         }
         const float il = 1.0f / L;
         const float4 r = make_float4(acc.x * il, acc.y * il, acc.z * il, acc.w * il);
@@ -1049,33 +1052,6 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     }
 }
 
-// Rows [start, start + nrow) of K and V (lines 128-byte lines a row, rows kv_dim halves apart)
-// into L2, and when Kn (the next layer's block) the same rows of Kn and Vn; EVL: with the
-// L2::evict_last priority.
-template <bool EVL>
-__device__ __forceinline__ void prefetch_rows_l2(const __half* K, const __half* V, const __half* Kn, const __half* Vn,
-                                                 int start, int nrow, int lines, int kv_dim) {
-    for (int i = threadIdx.x; i < nrow * lines; i += NT) {
-        const size_t off = size_t(start + i / lines) * kv_dim + (i % lines) * 64;
-        if (EVL) {
-            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(K + off));
-            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(V + off));
-        } else {
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(K + off));
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(V + off));
-        }
-        if (Kn) {
-            if (EVL) {
-                asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(Kn + off));
-                asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(Vn + off));
-            } else {
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(Kn + off));
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(Vn + off));
-            }
-        }
-    }
-}
-
 // NACC: outputs per thread, (n_head/n_head_kv)*head_dim/NT rounded up (instances 1-4 and 8).
 // CLUSTER (Hopper): the gridDim.x splits of a KV head form one thread-block cluster
 // and merge through distributed shared memory: each block leaves its partial (acc,
@@ -1144,9 +1120,11 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     }
     if (active && use_mma) {  // the rows before pos into L2 while the previous kernel runs
         const int nrow = max(0, min(end, pos) - start), lines = hd / 64;  // 128-byte lines per row
-        if (p.prefetch == 2) prefetch_rows_l2<true>(K, V, p.kc_next + base, p.vc_next + base, start, nrow, lines, p.kv_dim);
-        else if (p.prefetch == 1) prefetch_rows_l2<false>(K, V, p.kc_next + base, p.vc_next + base, start, nrow, lines, p.kv_dim);
-        else prefetch_rows_l2<false>(K, V, nullptr, nullptr, start, nrow, lines, p.kv_dim);
+        for (int i = t; i < nrow * lines; i += NT) {
+            const size_t off = size_t(start + i / lines) * p.kv_dim + (i % lines) * 64;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(K + off));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(V + off));
+        }
     }
     pdl_wait_release(p.pdl_early);
 

@@ -243,10 +243,6 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         a.counter = sync_->attn;
         a.st = state_;
         a.pdl_early = pdl_early(DecodeKernel::attention);
-        const int ln = (l + 1) % d_.n_layer;  // the next layer's block (the last layer's: layer 0 of the next step)
-        a.kc_next = b.kc + size_t(ln) * layer_stride;
-        a.vc_next = b.vc + size_t(ln) * layer_stride;
-        a.prefetch = opt_.attn_prefetch;
 
         cu::DecProjArgs& o = A.attn_output;
         o.w[0] = L.wo.dt();
@@ -325,17 +321,7 @@ void FusedDecoder::set_options(const CudaOptions& o) {
     pdl_ok_ = hopper_;
     graphs_ok_ = true;
     note_ = unavailable_;
-    const int ek = o.pdl_early_kinds;
-    for (LayerArgs& A : layers_) {
-        A.attention.split_keys = o.split_keys;
-        A.attention.prefetch = o.attn_prefetch;
-        A.qkv.pdl_early = pdl_early(DecodeKernel::qkv, ek);
-        A.attention.pdl_early = pdl_early(DecodeKernel::attention, ek);
-        A.attn_output.pdl_early = pdl_early(DecodeKernel::attn_output, ek);
-        A.ffn_gate_up.pdl_early = pdl_early(DecodeKernel::ffn_gate_up, ek);
-        A.ffn_down.pdl_early = pdl_early(DecodeKernel::ffn_down, ek);
-    }
-    lm_.pdl_early = pdl_early(DecodeKernel::lm_head, ek);
+    for (LayerArgs& A : layers_) A.attention.split_keys = o.split_keys;
 }
 
 void FusedDecoder::add_note(const std::string& s) { note_ += (note_.empty() ? "" : "; ") + s; }
@@ -375,8 +361,9 @@ void FusedDecoder::launch_proj(DecodeKernel kind, const cu::DecProjArgs& a, cons
     if (s.after_each) s.after_each(kind);
 }
 
-void FusedDecoder::launch_lm_head(const StepLaunch& s) const {
+void FusedDecoder::launch_lm_head(const StepLaunch& s, int early) const {
     cu::DecProjArgs m = lm_;
+    m.pdl_early = early;
     m.y = s.greedy ? nullptr : logits_;
     m.pend = lm_pend_;
     m.argmax = s.greedy ? 1 : 0;
@@ -385,27 +372,33 @@ void FusedDecoder::launch_lm_head(const StepLaunch& s) const {
 }
 
 void FusedDecoder::launch_step(const StepLaunch& s) const {
+    // which kernels release their successor early: the options' masks (for measuring), else the
+    // built-in choice; steps past the one-block attention may take their own mask
+    const int ek = s.attn_clusters >= 0 && opt_.pdl_early_kinds_deep >= 0 ? opt_.pdl_early_kinds_deep
+                                                                           : opt_.pdl_early_kinds;
     for (size_t l = 0; l < layers_.size(); ++l) {
-        const LayerArgs& A = layers_[l];
+        LayerArgs A = layers_[l];
+        A.qkv.pdl_early = pdl_early(DecodeKernel::qkv, ek);
+        A.attention.pdl_early = pdl_early(DecodeKernel::attention, ek);
+        A.attn_output.pdl_early = pdl_early(DecodeKernel::attn_output, ek);
+        A.ffn_gate_up.pdl_early = pdl_early(DecodeKernel::ffn_gate_up, ek);
+        A.ffn_down.pdl_early = pdl_early(DecodeKernel::ffn_down, ek);
         // Layer 0 follows a copy or the previous step's lm_head, which advances the state
         // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
         launch_qkv(A.qkv, s.pdl && l > 0, s);
         if (d_.qk_norm) launch_qk_norm(A.qk_norm, s);
         launch_attention(A.attention, s);
         if (s.attn_clusters > 1) {  // its input: the clusters' partials, merged as it loads them
-            cu::DecProjArgs o = A.attn_output;
-            o.act = part_o_;
-            o.act_ml = part_ml_;
-            o.act_parts = s.attn_clusters;
-            o.act_hd = d_.head_dim;
-            launch_proj(DecodeKernel::attn_output, o, s, "decode attn_output");
-        } else {
-            launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");
+            A.attn_output.act = part_o_;
+            A.attn_output.act_ml = part_ml_;
+            A.attn_output.act_parts = s.attn_clusters;
+            A.attn_output.act_hd = d_.head_dim;
         }
+        launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");
         launch_proj(DecodeKernel::ffn_gate_up, A.ffn_gate_up, s, "decode ffn_gate/ffn_up");
         launch_proj(DecodeKernel::ffn_down, A.ffn_down, s, "decode ffn_down");
     }
-    launch_lm_head(s);
+    launch_lm_head(s, pdl_early(DecodeKernel::lm_head, ek));
 }
 
 void FusedDecoder::lm_head_last(const float* x_row) {

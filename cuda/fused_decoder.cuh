@@ -135,7 +135,7 @@ private:
     void launch_qk_norm(const cu::DecQkNormArgs& a, const StepLaunch& s) const;
     void launch_attention(const cu::DecAttnArgs& a, const StepLaunch& s) const;
     void launch_proj(DecodeKernel kind, const cu::DecProjArgs& a, const StepLaunch& s, const char* what) const;
-    void launch_lm_head(const StepLaunch& s) const;
+    void launch_lm_head(const StepLaunch& s, int early) const;  // early: its pdl_early
     // one block, the global merge, then 1, 2, 4, 8, 16 clusters (attn_variant's powers of two)
     static constexpr int kAttnVariants = 7;
     cudaGraphExec_t& graph_slot(bool greedy, int steps, int clusters) {

@@ -31,6 +31,7 @@
 #             Model.chat user path); batch_sg: B=1,8 and Model.chat with ORCD_CUDA_SAMPLE_GRAPHS=0 (batch_sg.json)
 #   long      orcd bench -p 4096 and -p 16384 (-n 128: tg128 at that depth) --json
 #   attn_sweep  scripts/gpu_attn_sweep.py's engine variants (ATTN_VARIANTS, ATTN_DEPTHS in the environment)
+#   attn_ncu  the cluster decode attention alone at 4,096 and 16,384 positions under Nsight Compute
 #   serve     orcd serve --device cuda --max-seqs 128, then orcd bench-serve at 1, 8, 32, 64, 128 clients
 #   lcp_start start building llama.cpp's tools (.carry/llamacpp-src.tgz, ../shared/device/README.md; the
 #             device tool puts a carried .carry in the repo root of that call only: carry it in the call
@@ -255,6 +256,16 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         run_step attn_sweep 400 "$D/attn_sweep.txt" bash -c "cd /tmp && $PY '$GPU_REPO/scripts/gpu_attn_sweep.py' \
             --no-kernel --model '$MODEL' --engine-depths ${ATTN_DEPTHS:-64,1024,4096,16384} --json '$D/attn_sweep.json'"
         ok_or_fail attn_sweep $? "$(tail -3 "$D/attn_sweep.txt" | cut -c1-120 | tr '\n' ';')" ;;
+    attn_ncu)
+        # the cluster decode attention alone (dec_attn_time: 0.5B shape, 16 blocks a cluster on tensor
+        # cores) at 4,096 and 16,384 positions under Nsight Compute: duration, warp stalls, source counters
+        for n in 4096 16384; do
+            run_step attn_ncu_$n 200 "$D/attn_ncu_$n.txt" ncu --clock-control none -k regex:dec_attn --launch-skip 30 \
+                --launch-count 1 --section SpeedOfLight --section LaunchStats --section Occupancy \
+                --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis \
+                $PY -c "from orcd import _orcd_cuda as cu; print(cu.dec_attn_time(14, 2, 64, $n, layers=24, iters=2, cluster=16, cluster_mma=True))"
+            ok_or_fail attn_ncu_$n $? "$(grep -E 'Duration|Warp Cycles Per Issued' "$D/attn_ncu_$n.txt" | head -2 | tr -s ' ' | tr '\n' ';')"
+        done ;;
     long)
         needs_model long || continue
         for p in 4096 16384; do

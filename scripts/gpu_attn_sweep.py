@@ -35,12 +35,12 @@ KERNEL_VARIANTS = [
 # (name, set_options keyword arguments) for the engine's decode step
 ENGINE_VARIANTS = [
     ("default", dict()),
-    ("prefetch next layer", dict(attn_prefetch=1)),
-    ("prefetch next, evict_last", dict(attn_prefetch=2)),
-    ("pdl early: none", dict(pdl_early_kinds=0)),
-    ("pdl early: attention+attn_output", dict(pdl_early_kinds=6)),
-    ("prefetch next + span 4096", dict(attn_prefetch=1, cluster_span=4096)),
-    ("prefetch next + direct 1024", dict(attn_prefetch=1, direct_keys=1024)),
+    ("deep early: qkv+attn_output", dict(pdl_early_kinds_deep=5)),
+    ("deep early: qkv+attention+attn_output", dict(pdl_early_kinds_deep=7)),
+    ("deep early: attention+attn_output", dict(pdl_early_kinds_deep=6)),
+    ("deep early: qkv+attention", dict(pdl_early_kinds_deep=3)),
+    ("deep early: qkv", dict(pdl_early_kinds_deep=1)),
+    ("deep early: all", dict(pdl_early_kinds_deep=63)),
     ("direct_keys 128", dict(direct_keys=128)),
     ("direct_keys 0", dict(direct_keys=0)),
     ("span 2048", dict(cluster_span=2048)),
@@ -60,7 +60,7 @@ ENGINE_VARIANTS = [
                              direct_keys=0)),
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
-                direct_keys=512, attn_prefetch=0, pdl_early_kinds=-1)
+                direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1)
 
 
 def main():

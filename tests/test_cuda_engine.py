@@ -571,10 +571,11 @@ def test_fast_decode_attention_variants(tiny_model):
         "16 clusters of 2": (dict(cluster_size=2, cluster_span=32, direct_keys=128), [129, 513, 700, 1100]),
         "multi-cluster cuda cores": (dict(cluster_span=128, cluster_mma=False, cluster_size=8, direct_keys=128),
                                      [129, 300, 1100]),
-        # the L2 prefetch of the next layer's rows (the last layer's: layer 0's), plain and evict_last:
-        # hints only, so the same results; what they must not do is fault
-        "prefetch next layer": (dict(attn_prefetch=1), [1, 9, 300, 513, 1100]),
-        "prefetch next layer, evict_last": (dict(attn_prefetch=2, cluster_span=256), [1, 300, 700, 1100]),
+        # past the one-block attention every kernel (or q/k/v, attention and attn_output) releasing
+        # its successor at its start: a timing choice, the same results
+        "cluster, all released early": (dict(direct_keys=0, pdl_early_kinds_deep=63), [1, 9, 300, 1100]),
+        "multi-cluster, released early": (dict(cluster_span=100, direct_keys=0, pdl_early_kinds_deep=7),
+                                          [1, 101, 401, 1100]),
     })
 
 
@@ -709,7 +710,8 @@ def test_options_and_environment(tiny_model, monkeypatch):
     starts from the ORCD_CUDA_* switches of the environment."""
     for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT",
                  "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_SAMPLE_GRAPHS",
-                 "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT", "ORCD_CUDA_CLUSTER_SIZE", "ORCD_CUDA_CLUSTER_SPAN"):
+                 "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT", "ORCD_CUDA_CLUSTER_SIZE", "ORCD_CUDA_CLUSTER_SPAN",
+                 "ORCD_CUDA_DIRECT_KEYS", "ORCD_CUDA_PDL_EARLY_KINDS", "ORCD_CUDA_PDL_EARLY_KINDS_DEEP"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
@@ -717,14 +719,16 @@ def test_options_and_environment(tiny_model, monkeypatch):
     assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, batch_graphs=True,
                         resident_f16=True, sample_split=True, sample_graphs=True, sample_split_full=False,
                         cluster_keys=1 << 30, split_keys=32, cluster_size=16,
-                        cluster_mma=True, cluster_span=8192, direct_keys=512, vram_limit=0), base
+                        cluster_mma=True, cluster_span=8192, direct_keys=512, pdl_early_kinds=-1,
+                        pdl_early_kinds_deep=-1, vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
     assert not e.paths()["graphs"]
     for bad, field in [(dict(split_keys=48), "split_keys"), (dict(split_keys=0), "split_keys"),
                        (dict(cluster_keys=-1), "cluster_keys"), (dict(cluster_size=0), "cluster_size"),
                        (dict(cluster_size=17), "cluster_size"), (dict(cluster_span=0), "cluster_span"),
-                       (dict(direct_keys=-1), "direct_keys")]:
+                       (dict(direct_keys=-1), "direct_keys"), (dict(pdl_early_kinds=64), "pdl_early_kinds"),
+                       (dict(pdl_early_kinds=-2), "pdl_early_kinds"), (dict(pdl_early_kinds_deep=64), "pdl_early_kinds_deep")]:
         with pytest.raises(ValueError, match=field):
             e.set_options(**bad)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
@@ -737,17 +741,21 @@ def test_options_and_environment(tiny_model, monkeypatch):
     assert e.options() == dict(base, graphs=False, fused_prompt=False, sample_graphs=False, sample_split_full=True)
     assert not e.paths()["graphs"] and not e.paths()["fused_prompt"]
     e.close()
-    # the integer settings: the decode attention's cluster shape
+    # the integer settings: the decode attention's cluster shape, the early PDL releases
     monkeypatch.setenv("ORCD_CUDA_CLUSTER_SIZE", "2")
     monkeypatch.setenv("ORCD_CUDA_CLUSTER_SPAN", "512")
+    monkeypatch.setenv("ORCD_CUDA_PDL_EARLY_KINDS", "5")
+    monkeypatch.setenv("ORCD_CUDA_PDL_EARLY_KINDS_DEEP", "7")
     e = cu.CudaEngine(path, 32, 1)
     assert e.options()["cluster_size"] == 2 and e.options()["cluster_span"] == 512
+    assert e.options()["pdl_early_kinds"] == 5 and e.options()["pdl_early_kinds_deep"] == 7
     e.close()
-    for name, bad in (("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0")):
+    for name, bad in (("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0"),
+                      ("ORCD_CUDA_PDL_EARLY_KINDS", "64")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):
             cu.CudaEngine(path, 32, 1)
-        monkeypatch.setenv(name, "2" if name.endswith("SIZE") else "512")
+        monkeypatch.setenv(name, {"ORCD_CUDA_CLUSTER_SIZE": "2", "ORCD_CUDA_CLUSTER_SPAN": "512"}.get(name, "5"))
 
 
 def test_vram_limit_plans_as_a_smaller_gpu(tiny_model, monkeypatch):
