@@ -847,18 +847,6 @@ __device__ __forceinline__ uint4 ld_kv16(const __half* p, bool ok) {
     return ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// Where output dim d of query row `row` sits in a warp's row of wo (the warps' partial outputs).
-// One store of the mma layout covers 8 rows (lane group g) x 4 dims 16 apart (lane t), which in
-// plain row-major order (rows of HD floats, a multiple of 32) all fall on 2 banks: Nsight Compute
-// counted 59% of the kernel's shared-memory wavefronts as excess. Bit 2 of d flipped in the upper
-// 32 of each 64 (the t = 2, 3 lanes) and the row rotated by (row & 3) + 8 * ((row >> 2) & 1) put
-// the 32 lanes on 32 banks; a warp reading 32 consecutive dims of one row (the merge) still does.
-template <int HD>
-__device__ __forceinline__ int wo_col(int row, int d) {
-    const int sw = d ^ (((d >> 5) & 1) << 2);
-    return (sw + (row & 3) + 8 * ((row >> 2) & 1)) & (HD - 1);
-}
-
 // Keys [start, end) (start < end) of the slot's KV head (K, V at row stride kv_dim); p.q:
 // the G heads' query rows (float32, unscaled). Head g's result goes to acc + g*acc_stride
 // (hd floats): acc / l when direct, else the unnormalised acc and ml[g*ml_stride] =
@@ -1040,20 +1028,20 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
             for (int e = 0; e < 4; ++e) {
                 const int row = g + 8 * (e >> 1);
                 const int d = 64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8;
-                if (row < G) wo[(size_t(warp) * G + row) * HD + wo_col<HD>(row, d)] = o[n][e];
+                if (row < G) wo[(size_t(warp) * G + row) * HD + d] = o[n][e];
             }
     }
     __syncthreads();
     const int nw = min(NW, n_tiles);
     for (int i = threadIdx.x; i < G * HD; i += NT) {
-        const int row = i / HD, col = wo_col<HD>(row, i % HD);
+        const int row = i / HD;
         float M = -INFINITY;
         for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w * 16 + row]);
         float L = 0.f, A = 0.f;
         for (int w = 0; w < nw; ++w) {
             const float f = exp2f(wm[w * 16 + row] - M);
             L += f * wl[w * 16 + row];
-            A += f * wo[(size_t(w) * G + row) * HD + col];
+            A += f * wo[(size_t(w) * G + row) * HD + i % HD];
         }
         if (direct) {
             acc[row * acc_stride + i % HD] = A / L;
