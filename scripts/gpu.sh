@@ -24,6 +24,7 @@
 #   ab        tg128 / pp512 of the --old build against this one, interleaved --rounds times
 #             (make old_src here: `mkdir old_src && git archive REV | tar -x -C old_src`, exclude it
 #             in .git/info/exclude and name it in the device call's carry)
+#   ab_long   the same for tg128 at depth 4,096 and 16,384 (orcd bench -p P -n 128)
 #   ncu       scripts/gpu_ncu.sh MODEL (Nsight Compute on the decode kernels)
 #   traces    scripts/gpu_chat_trace.py (a sampled Model.chat token: engine call, Python, kernels, GPU idle)
 #             and scripts/gpu_batch_trace.py at B=8 (torch.profiler)
@@ -228,6 +229,24 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         STEP_SECS=$(( $(date +%s) - s ))
         cat "$D/ab.txt" >> "$GPU_LOG"
         record ab ok "$STEP_SECS" "$(tr '\n' ';' < "$D/ab.txt" | cut -c1-300)" ;;
+    ab_long)
+        # tg128 at depth 4,096 and 16,384 of the --old build against this one, interleaved --rounds times
+        needs_model ab_long || continue
+        [ -d /tmp/oldsite ] || { record ab_long skip 0 "no old build (--old DIR with build)"; continue; }
+        : > "$D/ab_long.txt"
+        s=$(date +%s)
+        for r in $(seq "$ROUNDS"); do
+            for v in old new; do
+                P=/tmp/site; [ $v = old ] && P=/tmp/oldsite:/tmp/site
+                for p in 4096 16384; do
+                    echo "$v p$p: $(cd /tmp && PYTHONPATH=$P timeout 120 $PY -m orcd.cli bench -m "$MODEL" --device cuda -p $p \
+                        -n 128 --repeat 3 2>&1 | grep -E '^ *tg128@' | awk '{print $1, $2}')" >> "$D/ab_long.txt"
+                done
+            done
+        done
+        STEP_SECS=$(( $(date +%s) - s ))
+        cat "$D/ab_long.txt" >> "$GPU_LOG"
+        record ab_long ok "$STEP_SECS" "$(tr '\n' ';' < "$D/ab_long.txt" | cut -c1-300)" ;;
     ncu)
         needs_model ncu || continue
         run_step ncu 400 "$D/ncu.txt" bash scripts/gpu_ncu.sh "$MODEL"
