@@ -214,39 +214,26 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         run_step profile 240 "$D/profile.txt" bash -c "cd /tmp && for pos in 64 512; do \
             $PY '$GPU_REPO/scripts/gpu_profile.py' '$MODEL' --prompt \$pos --steps 16; done"
         ok_or_fail profile $? "$(tail -1 "$D/profile.txt" | cut -c1-150)" ;;
-    ab)
-        needs_model ab || continue
-        [ -d /tmp/oldsite ] || { record ab skip 0 "no old build (--old DIR with build)"; continue; }
-        : > "$D/ab.txt"
+    ab|ab_long)
+        # the --old build against this one, interleaved --rounds times: ab with a 512-token prompt,
+        # ab_long at depths 4,096 and 16,384 (each run's tok/s lines: pp, tg128, tg128 after the prompt)
+        needs_model $step || continue
+        [ -d /tmp/oldsite ] || { record $step skip 0 "no old build (--old DIR with build)"; continue; }
+        PROMPTS=512; [ $step = ab_long ] && PROMPTS="4096 16384"
+        : > "$D/$step.txt"
         s=$(date +%s)
         for r in $(seq "$ROUNDS"); do
             for v in old new; do
                 P=/tmp/site; [ $v = old ] && P=/tmp/oldsite:/tmp/site
-                echo "$v: $(cd /tmp && PYTHONPATH=$P timeout 120 $PY -m orcd.cli bench -m "$MODEL" --device cuda -p 512 -n 128 \
-                    --repeat 3 2>&1 | grep -E '^ *(tg128|pp512)' | awk '{print $1, $2}' | tr '\n' ' ')" >> "$D/ab.txt"
-            done
-        done
-        STEP_SECS=$(( $(date +%s) - s ))
-        cat "$D/ab.txt" >> "$GPU_LOG"
-        record ab ok "$STEP_SECS" "$(tr '\n' ';' < "$D/ab.txt" | cut -c1-300)" ;;
-    ab_long)
-        # tg128 at depth 4,096 and 16,384 of the --old build against this one, interleaved --rounds times
-        needs_model ab_long || continue
-        [ -d /tmp/oldsite ] || { record ab_long skip 0 "no old build (--old DIR with build)"; continue; }
-        : > "$D/ab_long.txt"
-        s=$(date +%s)
-        for r in $(seq "$ROUNDS"); do
-            for v in old new; do
-                P=/tmp/site; [ $v = old ] && P=/tmp/oldsite:/tmp/site
-                for p in 4096 16384; do
-                    echo "$v p$p: $(cd /tmp && PYTHONPATH=$P timeout 120 $PY -m orcd.cli bench -m "$MODEL" --device cuda -p $p \
-                        -n 128 --repeat 3 2>&1 | grep -E '^ *tg128@' | awk '{print $1, $2}')" >> "$D/ab_long.txt"
+                for p in $PROMPTS; do
+                    echo "$v: $(cd /tmp && PYTHONPATH=$P timeout 120 $PY -m orcd.cli bench -m "$MODEL" --device cuda -p $p \
+                        -n 128 --repeat 3 2>&1 | grep -E '^ *(pp|tg)[^ ]*_tok_s' | awk '{print $1, $2}' | tr '\n' ' ')" >> "$D/$step.txt"
                 done
             done
         done
         STEP_SECS=$(( $(date +%s) - s ))
-        cat "$D/ab_long.txt" >> "$GPU_LOG"
-        record ab_long ok "$STEP_SECS" "$(tr '\n' ';' < "$D/ab_long.txt" | cut -c1-300)" ;;
+        cat "$D/$step.txt" >> "$GPU_LOG"
+        record $step ok "$STEP_SECS" "$(tr '\n' ';' < "$D/$step.txt" | cut -c1-300)" ;;
     ncu)
         needs_model ncu || continue
         run_step ncu 400 "$D/ncu.txt" bash scripts/gpu_ncu.sh "$MODEL"
