@@ -129,6 +129,8 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["direct_keys"] = o.direct_keys;
     r["pdl_early_kinds"] = o.pdl_early_kinds;
     r["pdl_early_kinds_deep"] = o.pdl_early_kinds_deep;
+    r["attn_stage"] = o.attn_stage;
+    r["attn_trace"] = o.attn_trace;
     r["vram_limit"] = o.vram_limit;
     return r;
 }
@@ -145,6 +147,12 @@ nb::dict profile_dict(const orcd::DecodeProfile& p) {
     for (int k = 0; k < orcd::kDecodeKernelKinds; ++k) {
         const auto kind = orcd::DecodeKernel(k);
         r[(std::string("marginal_") + orcd::decode_kernel_name(kind)).c_str()] = p.marginal[kind];
+    }
+    if (!p.attn_trace.empty()) {
+        nb::list t;
+        for (unsigned long long v : p.attn_trace) t.append(v);
+        r["attn_trace"] = t;
+        r["attn_grid_x"] = p.attn_grid_x;
     }
     return r;
 }
@@ -237,7 +245,8 @@ NB_MODULE(_orcd_cuda, m) {
                nb::object fused_prompt, nb::object cluster_keys, nb::object split_keys, nb::object batch_graphs,
                nb::object resident_f16, nb::object sample_split, nb::object cluster_size, nb::object cluster_mma,
                nb::object cluster_span, nb::object direct_keys, nb::object sample_graphs,
-               nb::object sample_split_full, nb::object pdl_early_kinds, nb::object pdl_early_kinds_deep) {
+               nb::object sample_split_full, nb::object pdl_early_kinds, nb::object pdl_early_kinds_deep,
+               nb::object attn_stage, nb::object attn_trace) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -257,6 +266,8 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!sample_split_full.is_none()) o.sample_split_full = nb::cast<bool>(sample_split_full);
                 if (!pdl_early_kinds.is_none()) o.pdl_early_kinds = nb::cast<int>(pdl_early_kinds);
                 if (!pdl_early_kinds_deep.is_none()) o.pdl_early_kinds_deep = nb::cast<int>(pdl_early_kinds_deep);
+                if (!attn_stage.is_none()) o.attn_stage = nb::cast<int>(attn_stage);
+                if (!attn_trace.is_none()) o.attn_trace = nb::cast<bool>(attn_trace);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -269,7 +280,8 @@ NB_MODULE(_orcd_cuda, m) {
             "batch_graphs"_a = nb::none(), "resident_f16"_a = nb::none(), "sample_split"_a = nb::none(),
             "cluster_size"_a = nb::none(), "cluster_mma"_a = nb::none(), "cluster_span"_a = nb::none(),
             "direct_keys"_a = nb::none(), "sample_graphs"_a = nb::none(), "sample_split_full"_a = nb::none(),
-            "pdl_early_kinds"_a = nb::none(), "pdl_early_kinds_deep"_a = nb::none(),
+            "pdl_early_kinds"_a = nb::none(), "pdl_early_kinds_deep"_a = nb::none(), "attn_stage"_a = nb::none(),
+            "attn_trace"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })
@@ -619,28 +631,29 @@ NB_MODULE(_orcd_cuda, m) {
         m.def(
             "dec_attn",
             [need](CArr<float> q, CArr<float> k, CArr<float> v, bool cluster, int max_splits, int split_keys,
-                   int cluster_size, bool cluster_mma, int clusters) {
+                   int cluster_size, bool cluster_mma, int clusters, int stage) {
                 need(q.ndim() == 2 && k.ndim() == 3 && shape_of(k) == shape_of(v) && q.shape(1) == k.shape(2),
                      "dec_attn: q [n_head, head_dim], k and v [n_kv, n_head_kv, head_dim]");
                 auto r = orcd::cuda_test::dec_attn(q.data(), int(q.shape(0)), k.data(), v.data(), int(k.shape(0)),
                                                    int(k.shape(1)), int(q.shape(1)), cluster ? cluster_size : 0,
-                                                   max_splits, split_keys, cluster_mma, clusters);
+                                                   max_splits, split_keys, cluster_mma, clusters, stage);
                 return nb::make_tuple(to_numpy(std::move(r.first), shape_of(q)), to_numpy(std::move(r.second), shape_of(q)));
             },
             "q"_a, "k"_a, "v"_a, "cluster"_a, "max_splits"_a = 32, "split_keys"_a = 32, "cluster_size"_a = 8,
-            "cluster_mma"_a = false, "clusters"_a = 1,
+            "cluster_mma"_a = false, "clusters"_a = 1, "stage"_a = 0,
             "(out, out of a second launch) [n_head, head_dim]: the decode attention of one query at position n_kv-1.");
 
         m.def(
             "dec_attn_time",
             [](int n_head, int n_head_kv, int head_dim, int n_kv, int cluster, int max_splits, int split_keys,
-               bool cluster_mma, int layers, int iters, int clusters) {
+               bool cluster_mma, int layers, int iters, int clusters, int stage) {
                 nb::gil_scoped_release nogil;
                 return orcd::cuda_test::dec_attn_time(n_head, n_head_kv, head_dim, n_kv, cluster, max_splits,
-                                                      split_keys, cluster_mma, layers, iters, clusters);
+                                                      split_keys, cluster_mma, layers, iters, clusters, stage);
             },
             "n_head"_a, "n_head_kv"_a, "head_dim"_a, "n_kv"_a, "cluster"_a = 0, "max_splits"_a = 64,
             "split_keys"_a = 32, "cluster_mma"_a = false, "layers"_a = 24, "iters"_a = 20, "clusters"_a = 1,
+            "stage"_a = 0,
             "Microseconds per decode-attention launch at n_kv positions (cluster: blocks per KV head of the "
             "cluster variant, 0: the global merge; cuda/cuda_api.h).");
 

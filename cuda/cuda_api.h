@@ -81,6 +81,12 @@ struct CudaOptions {
     // the built-in choice, attn_output: docs/perf_log.md run 13). For measuring.
     int pdl_early_kinds = -1;
     int pdl_early_kinds_deep = -1;  // ... in steps past the one-block attention (-1: pdl_early_kinds)
+    // The cluster attention's blocks copy their keys' K/V rows into shared memory before their wait
+    // (bulk copies overlapping the previous kernel), up to this many keys a block (0: off; more
+    // clusters per KV head so a block's keys fit; at most what a block's shared memory holds)
+    int attn_stage = 0;
+    // Measuring: the cluster attention's blocks store timestamps, profile_decode returns them
+    bool attn_trace = false;
     // Plan as if the GPU had at most this many bytes free (0: what it has): the automatic KV
     // pool and the resident fp16 copy size themselves under it, as on a smaller GPU or beside
     // other processes. Read when the engine is built (ORCD_CUDA_VRAM_LIMIT).
@@ -138,6 +144,10 @@ struct DecodeProfile {
     double noop_step = 0;        // a graph of empty kernels of the same launch shapes, the options' PDL
     double noop_step_nopdl = 0;  // ... without PDL (the launch-boundary floor)
     DecodeKernelTimes marginal;  // graph_step minus the same graph with that kind's kernels empty
+    // With options' attn_trace, after graph_step: the cluster attention's timestamps of the last
+    // step (FusedDecoder::attn_trace) and its grid.x (0: that step had no cluster attention)
+    std::vector<unsigned long long> attn_trace;
+    int attn_grid_x = 0;
 };
 
 class CudaEngine : public Engine {
@@ -293,18 +303,19 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
 // splits of at least split_keys keys). Runs twice on the same buffers; returns both outputs.
 // cluster: the cluster variant's blocks per cluster (0: the global merge); clusters: clusters
 // per KV head (more than one: their partials are merged here on the host in float64, as
-// attn_output's input does on the device); cluster_mma: its blocks on the tensor-core phase.
+// attn_output's input does on the device); cluster_mma: its blocks on the tensor-core phase;
+// stage (with both): the blocks stage up to that many keys' K/V rows in shared memory first.
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
                                                            int n_kv, int n_head_kv, int head_dim, int cluster,
                                                            int max_splits, int split_keys, bool cluster_mma = false,
-                                                           int clusters = 1);
+                                                           int clusters = 1, int stage = 0);
 
 // Microseconds per dec_attn launch at n_kv cached positions (zeros; the time does not depend
 // on the values), averaged over `iters` rounds of `layers` launches on `layers` separate caches
 // (as the layers of a step read theirs: from HBM, not L2) captured in one CUDA graph, no PDL.
 // The variant as in dec_attn.
 double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int cluster, int max_splits, int split_keys,
-                     bool cluster_mma, int layers, int iters, int clusters = 1);
+                     bool cluster_mma, int layers, int iters, int clusters = 1, int stage = 0);
 
 // dec_proj on one vector: mode 0 (RESID) y = y_init + W0 · act; mode 1 (GLU)
 // y = silu(W0 · h) * (W1 · h), h = rmsnorm(act) * norm_w. rows_per_block (1..64) rows per block.

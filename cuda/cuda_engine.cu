@@ -102,6 +102,7 @@ CudaOptions options_from_env() {
     o.pdl_early_kinds = env_int("ORCD_CUDA_PDL_EARLY_KINDS", o.pdl_early_kinds, -1, (1 << kDecodeKernelKinds) - 1);
     o.pdl_early_kinds_deep =
         env_int("ORCD_CUDA_PDL_EARLY_KINDS_DEEP", o.pdl_early_kinds_deep, -1, (1 << kDecodeKernelKinds) - 1);
+    o.attn_stage = env_int("ORCD_CUDA_ATTN_STAGE", o.attn_stage, 0, 1 << 20);
     return o;
 }
 
@@ -115,6 +116,8 @@ void CudaEngineImpl::set_options(const CudaOptions& o) {
                     ", got " + std::to_string(o.split_keys));
     if (o.direct_keys < 0)
         throw Error("CudaEngine.set_options: direct_keys must be >= 0, got " + std::to_string(o.direct_keys));
+    if (o.attn_stage < 0)
+        throw Error("CudaEngine.set_options: attn_stage must be >= 0, got " + std::to_string(o.attn_stage));
     if (o.cluster_span < 1)
         throw Error("CudaEngine.set_options: cluster_span must be >= 1, got " + std::to_string(o.cluster_span));
     for (auto [name, v] : {std::pair<const char*, int>{"pdl_early_kinds", o.pdl_early_kinds},

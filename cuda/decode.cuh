@@ -64,6 +64,7 @@ constexpr int kDecAttnMaxClusters = 16;  // clusters per KV head at most (their 
 constexpr int kDecMaxSplits = 64;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMergeChunk = 32;  // the global merge stages this many splits' partials at a time
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
+constexpr int kDecAttnTraceFields = 8;  // dec_attn_kernel's timestamps per block (DecAttnArgs::trace)
 constexpr int kDecClusterGran = 8;  // cluster attention: split lengths are multiples of this many keys (<= kDecTK)
 
 // Device-side state of a decode step. The host writes token/pos/slot/step
@@ -170,6 +171,13 @@ struct DecAttnArgs {
     const DecState* st;
     int pdl_early;
     int window;               // > 0: only the last `window` keys (a sliding-window layer)
+    // The cluster variant on tensor cores (its own kernel instances): > 0 = each block copies the
+    // K/V rows of its keys (when they are at most this many) into shared memory with bulk copies
+    // before its wait, so the loads overlap the previous kernel and the tiles read shared memory
+    int stage;
+    // non-null (measuring): kDecAttnTraceFields timestamps per block of the cluster variant,
+    // block (x, y) at trace[(y * gridDim.x + x) * kDecAttnTraceFields] (dec_attn_kernel says which)
+    unsigned long long* trace;
 };
 
 struct DecProjArgs {
@@ -254,8 +262,14 @@ DecLaunchShape dec_qk_norm_shape(const DecQkNormArgs& a);
 // theirs): what a launch boundary costs alone (the profiler's floor and marginal costs).
 void dec_noop(const DecLaunchShape& shape, int pdl_early, cudaStream_t st, bool pdl, const char* what);
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim);
-// The largest cluster (16, else 8) of the cluster attention this GPU can run for the shape.
-int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim);
+// ... of the cluster variant that stages up to `stage` keys a block (DecAttnArgs::stage; 0: as above)
+size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim, int stage);
+// The most keys a block can stage within the shared memory a block may have (0: the shape has no
+// tensor-core tile phase, so no staging)
+int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim);
+// The largest cluster (16, else 8) of the cluster attention this GPU can run for the shape
+// (stage > 0: of the staging instances with that many keys a block; 0 when none fits).
+int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim, int stage = 0);
 inline int dec_proj_blocks(const DecProjArgs& a) {
     return (a.w[0].n_out + a.rows_per_block - 1) / a.rows_per_block;
 }

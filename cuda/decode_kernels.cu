@@ -93,6 +93,48 @@ __device__ __forceinline__ void cp_async_wait_pending(int n) {
 __device__ __forceinline__ void cp_async_wait_older() { cp_async_wait_group<1>(); }  // all but the most recent group
 __device__ __forceinline__ void cp_async_wait_all() { cp_async_wait_group<0>(); }
 
+// Bulk copies (Hopper's copy engine, cp.async.bulk): bytes (a multiple of 16, both ends 16-byte
+// aligned) from global into this block's shared memory, completing as transactions on an mbarrier.
+// One thread arms the barrier with the bytes to expect (mbar_arm: init with one arrival, then that
+// arrival with expect_tx) before a block barrier; then any thread may issue copies, and every
+// thread that reads the data waits for phase 0 (mbar_wait).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_arm(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t done = 0;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(smem_addr(bar))
+            : "memory");
+    } while (!done);
+#endif
+}
+// Thread 0 of the block stores the global timer (ns) in tr[i] (tr null: nothing; measuring only).
+__device__ __forceinline__ void trace_mark(unsigned long long* tr, int i) {
+    if (tr && threadIdx.x == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        tr[i] = t;
+    }
+}
+
 
 __host__ __device__ __forceinline__ size_t align16(size_t n) { return dec_align16(n); }
 
@@ -828,6 +870,17 @@ __host__ __device__ inline size_t dec_attn_part_off(int G, int hd) {
     return dec_align16(a > b ? a : b);
 }
 
+// The staging instances (DecAttnArgs::stage): past the tile phase's area an mbarrier (16 bytes),
+// then `stage` K rows and `stage` V rows of dec_attn_row_stride(hd) bytes (the 16 bytes of
+// padding put the tile phase's 16-byte V loads, 4 keys x 2 pieces a quarter warp, on distinct
+// banks, and its K loads at most 2-way), then the cluster's partial.
+__host__ __device__ inline size_t dec_attn_stage_off(int G, int hd) { return dec_align16(dec_attn_mma_bytes(G, hd)); }
+__host__ __device__ inline size_t dec_attn_stage_part_off(int G, int hd, int stage) {
+    const size_t a = dec_attn_stage_off(G, hd) + 16 + size_t(2) * stage * dec_attn_row_stride(hd);
+    const size_t b = dec_attn_part_off(G, hd);
+    return dec_align16(a > b ? a : b);
+}
+
 __device__ __forceinline__ void mma_f16(float* d, const uint4& a, unsigned b0, unsigned b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -847,14 +900,17 @@ __device__ __forceinline__ uint4 ld_kv16(const __half* p, bool ok) {
     return ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// Keys [start, end) (start < end) of the slot's KV head (K, V at row stride kv_dim); p.q:
-// the G heads' query rows (float32, unscaled). Head g's result goes to acc + g*acc_stride
-// (hd floats): acc / l when direct, else the unnormalised acc and ml[g*ml_stride] =
-// (max in natural-log units, l).
-template <int HD>
-__device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const __half* V, int start, int end, int G,
-                                   int kvh, uint8_t* sm, bool direct, float* acc, size_t acc_stride, float2* ml,
-                                   size_t ml_stride) {
+// Keys [start, end) (start < end) of the slot's KV head: key j's K row at K + (j - key0)*kstride
+// halves (the cache: key0 0, kstride kv_dim; SMEM: the block's staged rows, key0 = start, which
+// bulk copies fill: bar, when non-null, completes when they have landed); p.q: the G heads'
+// query rows (float32, unscaled). Head g's result goes to acc + g*acc_stride (hd floats): acc /
+// l when direct, else the unnormalised acc and ml[g*ml_stride] = (max in natural-log units, l).
+// tr: the block's trace record (dec_attn_kernel), or null.
+template <int HD, bool SMEM>
+__device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const __half* V, size_t kstride, int key0,
+                                   int start, int end, int G, int kvh, uint8_t* sm, bool direct, float* acc,
+                                   size_t acc_stride, float2* ml, size_t ml_stride, uint64_t* bar,
+                                   unsigned long long* tr) {
     constexpr int KS = HD / 16, NTO = HD / 8;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     uint4* qf = reinterpret_cast<uint4*>(sm);                          // [KS][2][32]: hi, lo
@@ -881,6 +937,8 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         qf[(ks * 2 + 1) * 32 + ln] = lo;
     }
     __syncthreads();
+    if (SMEM && bar) mbar_wait(bar);
+    trace_mark(tr, 2);
 
     float o[NTO][4];
 #pragma unroll
@@ -899,12 +957,12 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int key = tile + 2 * t + (r & 1) + 8 * (r >> 1);
-                vr[cb][r] = ld_kv16(V + size_t(key) * p.kv_dim + 64 * cb + 8 * g, key < end);
+                vr[cb][r] = ld_kv16(V + size_t(key - key0) * kstride + 64 * cb + 8 * g, key < end);
             }
     };
     auto load_k = [&](int tile, int c, int j) {
         const int key = tile + 8 * j + g;
-        return ld_kv16(K + size_t(key) * p.kv_dim + 32 * c + 8 * t, key < end);
+        return ld_kv16(K + size_t(key - key0) * kstride + 32 * c + 8 * t, key < end);
     };
     constexpr int KP = PIPE ? HD / 32 : 1;  // K pieces held across iterations (PIPE only)
     uint4 vr[HD / 64][4], kr_all[KP][2];
@@ -1050,6 +1108,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
             if (i % HD == 0) ml[row * ml_stride] = make_float2(M * 0.69314718055994531f, L);
         }
     }
+    trace_mark(tr, 3);
 }
 
 // NACC: outputs per thread, (n_head/n_head_kv)*head_dim/NT rounded up (instances 1-4 and 8).
@@ -1060,8 +1119,13 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
 // last-block tail (docs/perf_log.md has the merge's cost).
 // Without CLUSTER the last block of each KV head to finish merges (global
 // partials and a counter), which allows up to max_splits splits for long contexts.
-template <int NACC, bool CLUSTER>
+// STAGE (with CLUSTER, its own instances): DecAttnArgs::stage, the keys' K/V rows in shared memory.
+// p.trace (CLUSTER): the global timer at the block's start (0), after its wait (1), with the
+// query and K/V ready for the tiles (2), with the block's partial merged (3), after the cluster
+// barrier (4), after the cluster merge's stores (5), at the end (6); and the SM's id (7).
+template <int NACC, bool CLUSTER, bool STAGE = false>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
+    static_assert(CLUSTER || !STAGE, "staging goes with the cluster variant");
     extern __shared__ __align__(16) uint8_t asmem[];
     __shared__ int is_last;
     constexpr int TK = kDecTK;
@@ -1078,10 +1142,14 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     auto kbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs; };
     auto vbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs + size_t(TK) * rs; };
     // CLUSTER: this block's partial, read by the other blocks of the cluster
-    float* po_c = reinterpret_cast<float*>(asmem + dec_attn_part_off(G, hd));  // GH
+    float* po_c = reinterpret_cast<float*>(asmem + (STAGE ? dec_attn_stage_part_off(G, hd, p.stage)
+                                                          : dec_attn_part_off(G, hd)));  // GH
     float2* ml_c = reinterpret_cast<float2*>(po_c + ((GH + 3) & ~3));           // G
     const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32;
+    unsigned long long* const tr =
+        CLUSTER && p.trace ? p.trace + (size_t(blockIdx.y) * gridDim.x + blockIdx.x) * kDecAttnTraceFields : nullptr;
+    trace_mark(tr, 0);
     // The state is stable during a step (the host or the previous step's lm_head wrote
     // it, and both finished before this step's first kernel), so it may be read before
     // the wait; so may the cache rows before pos (written by earlier steps).
@@ -1118,7 +1186,22 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         }
         cp_async_commit();
     }
-    if (active && use_mma) {  // the rows before pos into L2 while the previous kernel runs
+    // STAGE: the block's keys fit its rows (else the tiles read the cache)
+    const bool staged = STAGE && active && use_mma && end - start <= p.stage;
+    uint64_t* const bar = reinterpret_cast<uint64_t*>(asmem + dec_attn_stage_off(G, hd));
+    __half* const ks_st = reinterpret_cast<__half*>(asmem + dec_attn_stage_off(G, hd) + 16);
+    __half* const vs_st = ks_st + size_t(p.stage) * (rs / 2);
+    const int n_pre = staged ? max(0, min(end, pos) - start) : 0;  // rows before pos, bulk-copied now
+    if (n_pre > 0) {  // block-uniform
+        if (t == 0) mbar_arm(bar, unsigned(2 * n_pre * hd * 2));
+        __syncthreads();
+        for (int r = t; r < 2 * n_pre; r += NT) {
+            const bool v = r >= n_pre;
+            const int j = v ? r - n_pre : r;
+            bulk_copy_g2s((v ? vs_st : ks_st) + size_t(j) * (rs / 2), (v ? V : K) + size_t(start + j) * p.kv_dim,
+                          unsigned(hd * 2), bar);
+        }
+    } else if (active && use_mma && !staged) {  // the rows before pos into L2 while the previous kernel runs
         const int nrow = max(0, min(end, pos) - start), lines = hd / 64;  // 128-byte lines per row
         for (int i = t; i < nrow * lines; i += NT) {
             const size_t off = size_t(start + i / lines) * p.kv_dim + (i % lines) * 64;
@@ -1127,12 +1210,27 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         }
     }
     pdl_wait_release(p.pdl_early);
+    trace_mark(tr, 1);
+    if (staged && pos >= start && pos < end && t < hd / 4) {  // row pos, which dec_qkv has just written
+        const int pieces = hd / 8;
+        const bool v = t >= pieces;
+        const int pc = v ? t - pieces : t;
+        const uint4 x = __ldcg(reinterpret_cast<const uint4*>((v ? V : K) + size_t(pos) * p.kv_dim + 8 * pc));
+        *reinterpret_cast<uint4*>((v ? vs_st : ks_st) + size_t(pos - start) * (rs / 2) + 8 * pc) = x;
+    }  // (the tile phase's first block barrier publishes it)
 
     if constexpr (CLUSTER) {
         if (active && use_mma) {  // the partial into this block's shared memory (or the output when direct)
             float* acc = direct ? p.out + size_t(kvh * G) * hd : po_c;
-            if (hd == 64) dec_attn_mma_phase<64>(p, K, V, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1);
-            else dec_attn_mma_phase<128>(p, K, V, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1);
+            uint64_t* b = n_pre > 0 ? bar : nullptr;
+            const size_t kd = size_t(p.kv_dim), sd = size_t(rs / 2);
+            if (STAGE && staged) {
+                if (hd == 64) dec_attn_mma_phase<64, true>(p, ks_st, vs_st, sd, start, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr);
+                else dec_attn_mma_phase<128, true>(p, ks_st, vs_st, sd, start, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr);
+            } else {
+                if (hd == 64) dec_attn_mma_phase<64, false>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr);
+                else dec_attn_mma_phase<128, false>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr);
+            }
         }
     } else {
         if (active && use_mma) {
@@ -1140,8 +1238,9 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             float* acc = direct ? p.out + size_t(h0) * hd : p.part_o + (size_t(h0) * p.max_splits + s) * hd;
             const size_t acc_stride = direct ? size_t(hd) : size_t(p.max_splits) * hd;
             float2* ml = p.part_ml + size_t(h0) * p.max_splits + s;
-            if (hd == 64) dec_attn_mma_phase<64>(p, K, V, start, end, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits);
-            else dec_attn_mma_phase<128>(p, K, V, start, end, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits);
+            const size_t kd = size_t(p.kv_dim);
+            if (hd == 64) dec_attn_mma_phase<64, false>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
+            else dec_attn_mma_phase<128, false>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
         }
     }
     if (active && !use_mma) {
@@ -1251,6 +1350,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         namespace cg = cooperative_groups;
         cg::cluster_group cl = cg::this_cluster();
         cl.sync();  // every split's partial is in its block's shared memory
+        trace_mark(tr, 4);
         // cluster c = blocks [c*cs, (c+1)*cs) of the KV head's splits; its first n_in had keys
         const int cs = p.cluster, rank = s % cs, c = s / cs;
         const int n_in = min(cs, max(0, n_act - c * cs));
@@ -1289,7 +1389,14 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                 if (o % hd == 0) p.part_ml[size_t(c) * p.n_head + kvh * G + g] = make_float2(M, L);
             }
         }
+        trace_mark(tr, 5);
         cl.sync();  // no block leaves (freeing its shared memory) while others read it
+        if (tr && t == 0) {
+            trace_mark(tr, 6);
+            unsigned smid;
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+            tr[7] = smid;
+        }
 #endif
         return;
     }
@@ -1665,14 +1772,23 @@ ProjKernel proj_kernel_for(const DecProjArgs& a) {
 #undef ORCD_ONE
     return proj_inst<T_ANY>(mode);
 }
-template <bool C>
+template <bool C, bool S = false>
 AttnKernel attn_kernel_for(int group_dim) {
     const int nacc = (group_dim + NT - 1) / NT;
-    if (nacc <= 1) return dec_attn_kernel<1, C>;
-    if (nacc == 2) return dec_attn_kernel<2, C>;
-    if (nacc == 3) return dec_attn_kernel<3, C>;
-    if (nacc == 4) return dec_attn_kernel<4, C>;
-    return dec_attn_kernel<8, C>;
+    if (nacc <= 1) return dec_attn_kernel<1, C, S>;
+    if (nacc == 2) return dec_attn_kernel<2, C, S>;
+    if (nacc == 3) return dec_attn_kernel<3, C, S>;
+    if (nacc == 4) return dec_attn_kernel<4, C, S>;
+    return dec_attn_kernel<8, C, S>;
+}
+// every cluster instance (the non-portable size and the staging variant's shared memory apply to them)
+std::vector<const void*> cluster_attn_kernels() {
+    std::vector<const void*> k;
+    for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) {
+        k.push_back(reinterpret_cast<const void*>(attn_kernel_for<true>(g)));
+        k.push_back(reinterpret_cast<const void*>(attn_kernel_for<true, true>(g)));
+    }
+    return k;
 }
 static_assert(kDecMaxGroupDim <= 8 * NT, "dec_attn_kernel<8> holds the largest group");
 
@@ -1689,8 +1805,8 @@ std::vector<const void*> all_kernels() {
 #define ORCD_ADD_PAIR(A, B) for (bool e : {false, true}) for (bool g : {false, true}) add(qkv_inst<A, B>(e, g));
     ORCD_DEC_QKV_PAIRS(ORCD_ADD_PAIR)
 #undef ORCD_ADD_PAIR
-    for (bool c : {false, true})
-        for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) add(c ? attn_kernel_for<true>(g) : attn_kernel_for<false>(g));
+    for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) add(attn_kernel_for<false>(g));
+    for (const void* c : cluster_attn_kernels()) k.push_back(c);
     return k;
 }
 
@@ -1721,6 +1837,24 @@ size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
     return std::max({tiles, merge, dec_attn_mma_bytes(G, head_dim)});
 }
 
+size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim, int stage) {
+    const size_t base = dec_attn_smem(n_head, n_head_kv, head_dim);
+    if (stage <= 0) return base;
+    const int G = n_head / n_head_kv;
+    const size_t staged = dec_attn_stage_part_off(G, head_dim, stage) + size_t((G * head_dim + 3) & ~3) * 4 + size_t(G) * 8;
+    return std::max(base, staged);
+}
+
+int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim) {
+    if (!dec_attn_mma_ok(n_head / n_head_kv, head_dim)) return 0;
+    int dev = 0, cap = 0;
+    CUDA_CHECK(cudaGetDevice(&dev), "dec_attn_stage_max");
+    CUDA_CHECK(cudaDeviceGetAttribute(&cap, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "dec_attn_stage_max");
+    int k = 0;  // in steps of a cluster split's granule
+    while (dec_attn_smem(n_head, n_head_kv, head_dim, k + kDecClusterGran) <= size_t(cap)) k += kDecClusterGran;
+    return k;
+}
+
 void dec_set_smem_limit(size_t bytes) {
     // Only ever raised (per device): engines and tests with smaller needs must not
     // lower the limit under an engine that is still running.
@@ -1735,8 +1869,8 @@ void dec_set_smem_limit(size_t bytes) {
     if (cur == 0) {
         // the cluster attention may run 16 blocks a cluster (H100/H200 allow it, not portably)
         // (and its empty stand-in, dec_noop_kernel, in the profiler)
-        std::vector<const void*> ck = {reinterpret_cast<const void*>(dec_noop_kernel)};
-        for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) ck.push_back(reinterpret_cast<const void*>(attn_kernel_for<true>(g)));
+        std::vector<const void*> ck = cluster_attn_kernels();
+        ck.push_back(reinterpret_cast<const void*>(dec_noop_kernel));
         for (const void* k : ck)
             CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
                        "decode attention: non-portable cluster size");
@@ -1753,13 +1887,13 @@ void dec_set_smem_limit(size_t bytes) {
     cur = bytes;
 }
 
-int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim) {
+int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim, int stage) {
     const int gd = n_head / n_head_kv * head_dim;
     for (int c : {kDecAttnClusterMax, kDecAttnCluster}) {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(unsigned(c), unsigned(n_head_kv));
         cfg.blockDim = dim3(NT);
-        cfg.dynamicSmemBytes = dec_attn_smem(n_head, n_head_kv, head_dim);
+        cfg.dynamicSmemBytes = dec_attn_smem(n_head, n_head_kv, head_dim, stage);
         cudaLaunchAttribute attr;
         attr.id = cudaLaunchAttributeClusterDimension;
         attr.val.clusterDim.x = unsigned(c);
@@ -1767,11 +1901,12 @@ int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim) {
         cfg.attrs = &attr;
         cfg.numAttrs = 1;
         int n = 0;
-        const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, attn_kernel_for<true>(gd), &cfg);
+        const cudaError_t e = cudaOccupancyMaxActiveClusters(
+            &n, stage > 0 ? attn_kernel_for<true, true>(gd) : attn_kernel_for<true>(gd), &cfg);
         if (e == cudaSuccess && n > 0) return c;
         cudaGetLastError();  // a size this GPU refuses: try the portable one
     }
-    return kDecAttnCluster;
+    return stage > 0 ? 0 : kDecAttnCluster;
 }
 
 DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
@@ -1780,7 +1915,7 @@ DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
 
 DecLaunchShape dec_attention_shape(const DecAttnArgs& a) {
     return {dim3(a.cluster > 0 ? a.cluster * std::max(1, a.clusters) : a.max_splits, a.n_head_kv),
-            dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim), a.cluster > 0 ? a.cluster : 0};
+            dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim, a.cluster > 0 ? a.stage : 0), a.cluster > 0 ? a.cluster : 0};
 }
 
 DecLaunchShape dec_proj_shape(const DecProjArgs& a) {
@@ -1807,9 +1942,12 @@ void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* 
         throw Error(ctx("dec_attention", what) + ": " + std::to_string(a.clusters) + " clusters of " +
                     std::to_string(a.cluster) + " (at most " + std::to_string(kDecAttnMaxClusters) +
                     " clusters and max_splits blocks: the partial buffers' size)");
+    if (a.stage < 0) throw Error(ctx("dec_attention", what) + ": stage " + std::to_string(a.stage) + " < 0");
     const DecLaunchShape sh = dec_attention_shape(a);
     const int gd = a.n_head / a.n_head_kv * a.head_dim;
-    if (a.cluster) launch(attn_kernel_for<true>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
+    if (a.cluster && a.stage > 0)
+        launch(attn_kernel_for<true, true>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (cluster, staged)", what), sh.cluster);
+    else if (a.cluster) launch(attn_kernel_for<true>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
     else launch(attn_kernel_for<false>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel", what));
 }
 

@@ -115,6 +115,8 @@ DecodeProfile profile_decode_step(FusedDecoder& dec, int slot, int32_t token, in
     CUDA_CHECK(cudaEventRecord(ev[1], st), "profile_decode");
     run.sync();
     out.graph_step = run.elapsed_us(ev[0], ev[1]) / n_steps;
+    out.attn_trace = dec.attn_trace();
+    out.attn_grid_x = clusters > 0 ? dec.attn_grid_x(clusters) : 0;
 
     // the same step with the kernels of `noop_kinds` empty
     auto noop_step = [&](bool with_pdl, unsigned noop_kinds) {

@@ -97,13 +97,15 @@ void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
     const size_t smem = std::max({cu::dec_qkv_smem(qkv_smem_w_, E, qkv_rows_), cu::dec_proj_smem(o.smem_w, QD),
                                   cu::dec_proj_smem(gu.smem_w, E), cu::dec_proj_smem(dn.smem_w, F),
                                   cu::dec_proj_smem(lm.smem_w, E), cu::dec_attn_smem(d.n_head, d.n_head_kv, hd)});
+    // the staging attention's keys a block at most (the rest of a block's opt-in shared memory)
+    stage_max_ = hopper_ ? cu::dec_attn_stage_max(d.n_head, d.n_head_kv, hd) : 0;
     int optin = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, info.device), "CudaEngine plan");
     if (smem > size_t(optin))
         return off("needs " + std::to_string(smem) + " bytes of shared memory per block, the GPU allows " +
                    std::to_string(optin));
     CUDA_CHECK(cudaSetDevice(info.device), "CudaEngine plan");
-    cu::dec_set_smem_limit(std::max(smem, size_t(48) << 10));
+    cu::dec_set_smem_limit(std::max({smem, size_t(48) << 10, cu::dec_attn_smem(d.n_head, d.n_head_kv, hd, stage_max_)}));
     max_cluster_ = hopper_ ? cu::dec_attn_max_cluster(d.n_head, d.n_head_kv, hd) : 0;
     rope_bases_.clear();
     for (const LayerDesc& L : d.layers)
@@ -311,8 +313,10 @@ void FusedDecoder::release() noexcept {
     drop_graphs();
     if (pinned_state_) cudaFreeHost(pinned_state_);
     if (pinned_tokens_) cudaFreeHost(pinned_tokens_);
+    if (trace_) cudaFree(trace_);
     pinned_state_ = nullptr;
     pinned_tokens_ = nullptr;
+    trace_ = nullptr;
 }
 
 void FusedDecoder::set_options(const CudaOptions& o) {
@@ -322,6 +326,31 @@ void FusedDecoder::set_options(const CudaOptions& o) {
     graphs_ok_ = true;
     note_ = unavailable_;
     for (LayerArgs& A : layers_) A.attention.split_keys = o.split_keys;
+    // the staging attention: keys a block (a multiple of the cluster's split granule) and the
+    // largest cluster that fits with that much shared memory
+    stage_ = stage_cluster_ = 0;
+    if (ok_ && o.attn_stage > 0 && stage_max_ > 0) {
+        const int k = std::min(o.attn_stage, stage_max_) / cu::kDecClusterGran * cu::kDecClusterGran;
+        stage_cluster_ = k > 0 ? cu::dec_attn_max_cluster(d_.n_head, d_.n_head_kv, d_.head_dim, k) : 0;
+        if (stage_cluster_ > 0) stage_ = k;
+        else add_note("the staging attention does not fit this GPU");
+    }
+    if (ok_ && o.attn_trace && !trace_) {
+        CUDA_CHECK(cudaMalloc(&trace_, trace_bytes()), "decode attention trace");
+        CUDA_CHECK(cudaMemset(trace_, 0, trace_bytes()), "decode attention trace");
+    }
+}
+
+size_t FusedDecoder::trace_bytes() const {
+    return size_t(d_.n_layer) * trace_layer_records() * cu::kDecAttnTraceFields * sizeof(unsigned long long);
+}
+
+std::vector<unsigned long long> FusedDecoder::attn_trace() const {
+    std::vector<unsigned long long> r;
+    if (!trace_ || !opt_.attn_trace) return r;
+    r.resize(trace_bytes() / sizeof(unsigned long long));
+    CUDA_CHECK(cudaMemcpy(r.data(), trace_, trace_bytes(), cudaMemcpyDeviceToHost), "decode attention trace");
+    return r;
 }
 
 void FusedDecoder::add_note(const std::string& s) { note_ += (note_.empty() ? "" : "; ") + s; }
@@ -345,8 +374,9 @@ void FusedDecoder::launch_qk_norm(const cu::DecQkNormArgs& a, const StepLaunch& 
 void FusedDecoder::launch_attention(const cu::DecAttnArgs& args, const StepLaunch& s) const {
     const char* what = "decode attention";
     cu::DecAttnArgs a = args;
-    a.cluster = s.attn_clusters > 0 ? std::min(opt_.cluster_size, max_cluster_) : 0;
+    a.cluster = s.attn_clusters > 0 ? std::min(opt_.cluster_size, stage_ > 0 ? stage_cluster_ : max_cluster_) : 0;
     a.clusters = std::max(1, s.attn_clusters);
+    a.stage = a.cluster > 0 && opt_.cluster_mma ? stage_ : 0;
     if (s.attn_clusters < 0) a.max_splits = 1;  // one block per KV head: no merge
     a.cluster_mma = opt_.cluster_mma ? 1 : 0;
     if (is_noop(s, DecodeKernel::attention)) cu::dec_noop(cu::dec_attention_shape(a), a.pdl_early, stream_, s.pdl, what);
@@ -385,6 +415,9 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
         A.ffn_down.pdl_early = pdl_early(DecodeKernel::ffn_down, ek);
         // Layer 0 follows a copy or the previous step's lm_head, which advances the state
         // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
+        A.attention.trace = trace_ && opt_.attn_trace && s.attn_clusters > 0
+                                ? trace_ + l * trace_layer_records() * cu::kDecAttnTraceFields
+                                : nullptr;
         launch_qkv(A.qkv, s.pdl && l > 0, s);
         if (d_.qk_norm) launch_qk_norm(A.qk_norm, s);
         launch_attention(A.attention, s);
@@ -452,8 +485,11 @@ int FusedDecoder::attn_variant(int kv_len) const {
     // beat 1 and 4, at 32k 4 beat 2 (docs/perf_log.md run 36)
     // (more clusters of fewer blocks, e.g. cluster_size 1-2 and a short span: the partials merged by
     // attn_output instead of in the cluster; at most kDecMaxSplits blocks per KV head in all)
-    const int want = (kv_len + opt_.cluster_span - 1) / opt_.cluster_span;
-    const int cs = std::min(opt_.cluster_size, max_cluster_);
+    const int cs = std::min(opt_.cluster_size, stage_ > 0 ? stage_cluster_ : max_cluster_);
+    int want = (kv_len + opt_.cluster_span - 1) / opt_.cluster_span;
+    // staging: enough clusters that a block's keys fit its rows (past the most clusters, the
+    // blocks whose keys do not fit read the cache)
+    if (stage_ > 0) want = std::max(want, (kv_len + cs * stage_ - 1) / (cs * stage_));
     int c = 1;
     while (2 * c <= want && 2 * c <= cu::kDecAttnMaxClusters && 2 * c * cs <= cu::kDecMaxSplits) c *= 2;
     return c;

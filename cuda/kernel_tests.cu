@@ -694,6 +694,7 @@ double graph_us(const std::function<void(cudaStream_t)>& body, int rounds, const
 struct AttnShape {
     int n_head, n_head_kv, head_dim, max_splits, split_keys, cluster, clusters;
     bool cluster_mma;
+    int stage;
 };
 cu::DecAttnArgs attn_args(const AttnShape& sh) {
     cu::DecAttnArgs a{};
@@ -707,6 +708,7 @@ cu::DecAttnArgs attn_args(const AttnShape& sh) {
     a.cluster = sh.cluster;
     a.clusters = sh.clusters;
     a.cluster_mma = sh.cluster_mma ? 1 : 0;
+    a.stage = sh.stage;
     return a;
 }
 }  // namespace
@@ -714,7 +716,7 @@ cu::DecAttnArgs attn_args(const AttnShape& sh) {
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
                                                            int n_kv, int n_head_kv, int head_dim, int cluster,
                                                            int max_splits, int split_keys, bool cluster_mma,
-                                                           int clusters) {
+                                                           int clusters, int stage) {
     ready();
     const char* what = cluster ? "dec_attn test (cluster)" : "dec_attn test (global merge)";
     if (n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv) throw Error("dec_attn test: bad shape");
@@ -748,7 +750,9 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
     CUDA_CHECK(cudaMemset(counter.p, 0, counter.n * sizeof(unsigned)), what);
     const cu::DecState hs{0, pos, slot, 0};
     DBuf<cu::DecState> st(&hs, 1, what);
-    cu::DecAttnArgs a = attn_args({n_head, n_head_kv, head_dim, max_splits, split_keys, cluster, clusters, cluster_mma});
+    if (stage < 0 || (stage > 0 && (!cluster || !cluster_mma)))
+        throw Error("dec_attn test: stage goes with the cluster variant on tensor cores, >= 0");
+    cu::DecAttnArgs a = attn_args({n_head, n_head_kv, head_dim, max_splits, split_keys, cluster, clusters, cluster_mma, stage});
     a.q = dq.p;
     a.kc = c.k.p;
     a.vc = c.v.p;
@@ -760,7 +764,7 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
     a.st = st.p;
     a.pdl_early = 0;
     const bool parts = cluster > 0 && clusters > 1;
-    dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim), what);
+    dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim, stage), what);
     // Twice on the same buffers: the global merge's completion counters must be back
     // at zero after a launch, or the second one never merges (its output stays NaN).
     std::vector<float> r[2];
@@ -795,7 +799,7 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
 }
 
 double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int cluster, int max_splits, int split_keys,
-                     bool cluster_mma, int layers, int iters, int clusters) {
+                     bool cluster_mma, int layers, int iters, int clusters, int stage) {
     ready();
     const char* what = "dec_attn_time";
     if (n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || head_dim <= 0 || head_dim % 8)
@@ -828,7 +832,7 @@ double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int clus
         CUDA_CHECK(cudaMemset(L->v.p, 0, L->v.n * sizeof(__half)), what);
         CUDA_CHECK(cudaMemset(L->counter.p, 0, L->counter.n * sizeof(unsigned)), what);
         cu::DecAttnArgs a =
-            attn_args({n_head, n_head_kv, head_dim, max_splits, split_keys, cluster, clusters, cluster_mma});
+            attn_args({n_head, n_head_kv, head_dim, max_splits, split_keys, cluster, clusters, cluster_mma, stage});
         a.q = dq.p;
         a.kc = L->k.p;
         a.vc = L->v.p;
@@ -841,7 +845,7 @@ double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int clus
         args.push_back(a);
         ls.push_back(std::move(L));
     }
-    dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim), what);
+    dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim, stage), what);
     const double us = graph_us(
         [&](cudaStream_t st) {
             for (const cu::DecAttnArgs& a : args) cu::dec_attention(a, st, false, what);

@@ -259,8 +259,10 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         # the decode step's graph time and attention marginal at depths (ATTN_DEPTHS) for the engine
         # variants of scripts/gpu_attn_sweep.py (ATTN_VARIANTS: comma-separated names; default all)
         needs_model attn_sweep || continue
+        # (ATTN_KERNEL=1: the kernel-alone timings first; ATTN_TRACE: variants whose phases to trace)
+        KARGS="--no-kernel"; [ -n "${ATTN_KERNEL:-}" ] && KARGS="--no-sampler --depths 1024,4096,16384"
         run_step attn_sweep 400 "$D/attn_sweep.txt" bash -c "cd /tmp && $PY '$GPU_REPO/scripts/gpu_attn_sweep.py' \
-            --no-kernel --model '$MODEL' --engine-depths ${ATTN_DEPTHS:-64,1024,4096,16384} --json '$D/attn_sweep.json'"
+            $KARGS --model '$MODEL' --engine-depths ${ATTN_DEPTHS:-64,1024,4096,16384} --json '$D/attn_sweep.json'"
         ok_or_fail attn_sweep $? "$(tail -3 "$D/attn_sweep.txt" | cut -c1-120 | tr '\n' ';')" ;;
     attn_ncu)
         # the cluster decode attention alone (dec_attn_time: 0.5B shape, 16 blocks a cluster on tensor
@@ -275,9 +277,11 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
     long)
         needs_model long || continue
         for p in 4096 16384; do
-            run_step long_$p 300 "$D/long_$p.err" bash -c "cd /tmp && $PY -m orcd.cli bench -m '$MODEL' --device cuda \
-                -p $p -n 128 --repeat 3 --json > '$D/long_$p.json'"
-            ok_or_fail long_$p $? "$($PY -c "import json,sys; d=json.load(open('$D/long_$p.json')); print({k: (v['median'] if isinstance(v, dict) else v) for k, v in d.items() if 'tok_s' in k})" 2>&1 | cut -c1-200)"
+            # (LONG_TAG names the files of a second run, e.g. with ORCD_CUDA_ATTN_STAGE set)
+            J="$D/long_$p${LONG_TAG:-}.json"
+            run_step long_$p${LONG_TAG:-} 300 "$D/long_$p${LONG_TAG:-}.err" bash -c "cd /tmp && $PY -m orcd.cli bench -m '$MODEL' --device cuda \
+                -p $p -n 128 --repeat 3 --json > '$J'"
+            ok_or_fail long_$p${LONG_TAG:-} $? "$($PY -c "import json,sys; d=json.load(open('$J')); print({k: (v['median'] if isinstance(v, dict) else v) for k, v in d.items() if 'tok_s' in k})" 2>&1 | cut -c1-200)"
         done ;;
     serve)
         needs_model serve || continue

@@ -31,10 +31,18 @@ KERNEL_VARIANTS = [
     ("cluster 1 mma x16", dict(cluster=1, cluster_mma=True, clusters=16)),
     ("cluster 2 mma x16", dict(cluster=2, cluster_mma=True, clusters=16)),
     ("cluster 4 mma x8", dict(cluster=4, cluster_mma=True, clusters=8)),
+    ("cluster 16 mma staged 256", dict(cluster=16, cluster_mma=True, stage=256)),
+    ("cluster 16 mma x2 staged 512", dict(cluster=16, cluster_mma=True, clusters=2, stage=512)),
+    ("cluster 16 mma x4 staged 256", dict(cluster=16, cluster_mma=True, clusters=4, stage=256)),
 ]
 # (name, set_options keyword arguments) for the engine's decode step
 ENGINE_VARIANTS = [
     ("default", dict()),
+    ("stage 256", dict(attn_stage=256)),
+    ("stage 512", dict(attn_stage=512)),
+    ("stage 128", dict(attn_stage=128)),
+    ("stage 512 span 16384", dict(attn_stage=512, cluster_span=16384)),
+    ("stage 256 cluster 8", dict(attn_stage=256, cluster_size=8)),
     ("deep early: qkv+attn_output", dict(pdl_early_kinds_deep=5)),
     ("deep early: qkv+attention+attn_output", dict(pdl_early_kinds_deep=7)),
     ("deep early: attention+attn_output", dict(pdl_early_kinds_deep=6)),
@@ -60,7 +68,29 @@ ENGINE_VARIANTS = [
                              direct_keys=0)),
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
-                direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1)
+                direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0, attn_trace=False)
+# the cluster attention's trace fields (dec_attn_kernel): start, waited, q+K/V ready, block partial,
+# cluster barrier passed, cluster merge stored, end, SM
+PHASES = [("wait", 0, 1), ("ready", 1, 2), ("tiles", 2, 3), ("cl.barrier", 3, 4), ("merge", 4, 5), ("exit", 5, 6)]
+
+
+def trace_summary(p, n_head_kv):
+    """Medians over layers and blocks of each phase of the cluster attention (us), the launch's
+    start skew, and the kernel's span from its last block's wait to its last block's end."""
+    gx, f = p["attn_grid_x"], 8
+    tr = np.array(p["attn_trace"], dtype=np.float64).reshape(-1, 64 * n_head_kv, f)[:, : gx * n_head_kv]
+    tr = tr[:, :, :7] / 1000.0
+    act = tr[:, :, 3] > 0  # blocks with keys
+    r = {}
+    for name, a, b in PHASES:
+        d = tr[:, :, b] - tr[:, :, a]
+        d = d[act] if a >= 1 and b <= 3 else d.reshape(-1)
+        r[name] = float(np.median(d))
+    r["skew"] = float(np.median(tr[:, :, 0].max(1) - tr[:, :, 0].min(1)))
+    r["after wait"] = float(np.median(tr[:, :, 6].max(1) - tr[:, :, 1].max(1)))
+    r["span"] = float(np.median(tr[:, :, 6].max(1) - tr[:, :, 0].min(1)))
+    r["to next"] = float(np.median(tr[1:, :, 0].min(1) - tr[:-1, :, 6].max(1))) if len(tr) > 1 else float("nan")
+    return r
 
 
 def main():
@@ -69,11 +99,15 @@ def main():
     ap.add_argument("--depths", default="64,1024,4096,16384,32768")
     ap.add_argument("--engine-depths", default="64,200,400,1024,4096,8192,16384,32000")
     ap.add_argument("--no-kernel", action="store_true", help="skip the kernel-alone and sampler timings")
+    ap.add_argument("--no-sampler", action="store_true", help="skip the sampler timings")
     ap.add_argument("--sampler-only", action="store_true", help="only the sampler timings")
     ap.add_argument("--sampler-iters", type=int, default=50)
     ap.add_argument("--sampler-rows", default="1,8,64")
     ap.add_argument("--variants", default=os.environ.get("ATTN_VARIANTS"),
                     help="comma-separated engine variant names (default: $ATTN_VARIANTS, else all)")
+    ap.add_argument("--trace", default=os.environ.get("ATTN_TRACE"),
+                    help="comma-separated engine variant names to trace (the cluster attention's phases, us)")
+    ap.add_argument("--trace-depths", default="1024,4096,16384")
     ap.add_argument("--json")
     a = ap.parse_args()
     out = {"kernel": [], "engine": [], "sampler": []}
@@ -97,9 +131,10 @@ def main():
                ("T0.7 k40 + repetition 1.1", (0.7, 40, 0.95, 0.05, 1.1, 0.0, 0.0, 64)),
                ("greedy", (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 64)),
                ("T0.7 top_k off (OpenAI's defaults)", (0.7, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 64))]
-    if not a.no_kernel:
+    no_sampler = a.no_kernel or a.no_sampler
+    if not no_sampler:
         print("sample_rows_time (151,936 logits a row): us per call")
-    for rows in () if a.no_kernel else [int(r) for r in a.sampler_rows.split(",")]:
+    for rows in () if no_sampler else [int(r) for r in a.sampler_rows.split(",")]:
         logits = (rng.standard_normal((rows, 151936)) * 2).astype(np.float32)
         hist = [rng.integers(0, 151936, 200).astype(np.int32) for _ in range(rows)]
         for name, p in sampler:
@@ -126,6 +161,26 @@ def main():
                 cells.append(f"{p['graph_step']:7.1f} ({p['marginal_attention']:5.1f})")
                 out["engine"].append(dict(variant=name, pos=d, **{k: v for k, v in p.items()}))
             print(f"{name:<28}" + "".join(f"{c:>17}" for c in cells), flush=True)
+        if a.trace:
+            nkv = int(e.info()["n_head_kv"]) if "n_head_kv" in e.info() else 2
+            print("cluster attention phases (median us over layers and blocks; after wait: the last "
+                  "block's wait to the last block's end; to next: the next layer's first start)")
+            names = [n for n, _, _ in PHASES] + ["skew", "after wait", "span", "to next"]
+            print(f"{'options':<24}{'depth':>7}{'step':>8}" + "".join(f"{n:>11}" for n in names))
+            for name, opts in ENGINE_VARIANTS:
+                if name not in a.trace.split(","):
+                    continue
+                for d in [int(x) for x in a.trace_depths.split(",")]:
+                    e.set_options(**DEFAULTS)
+                    e.set_options(**opts, attn_trace=True, direct_keys=0)
+                    p = e.profile_decode(0, 100, d, 16)
+                    if "attn_trace" not in p:
+                        print(f"{name:<24}{d:>7}: no cluster attention traced")
+                        continue
+                    r = trace_summary(p, nkv)
+                    out.setdefault("trace", []).append(dict(variant=name, pos=d, graph_step=p["graph_step"], **r))
+                    print(f"{name:<24}{d:>7}{p['graph_step']:>8.1f}" + "".join(f"{r[n]:>11.2f}" for n in names),
+                          flush=True)
         e.close()
     if a.json:
         with open(a.json, "w") as f:

@@ -611,6 +611,40 @@ def _check_attention_variants(path, variants):
     slow.close()
 
 
+def _hopper() -> bool:
+    return int(cu.device_info()["compute_capability"].split(".")[0]) >= 9
+
+
+def test_fast_decode_attention_staged(tiny_model):
+    """The cluster attention whose blocks copy their keys' K/V rows into shared memory before
+    they wait (options' attn_stage; head_dim 64, so the tensor-core tile phase) against the
+    mat-vec path: one cluster, more clusters so that a block's keys fit, and caches past the
+    most clusters (blocks whose keys do not fit read the cache). Where the clusters are the
+    same as without staging the logits are bitwise those of the unstaged engine (the same
+    products in the same order), in single steps and in decode_greedy's graphs."""
+    if not _hopper():
+        pytest.skip("the cluster attention needs compute capability 9.0")
+    path = tiny_model("Q8_0", n_embd=256, n_head=4, n_head_kv=2)
+    _check_attention_variants(path, variants={
+        "staged": (dict(attn_stage=256, direct_keys=0), [1, 2, 9, 33, 300, 1100]),
+        "staged, more clusters": (dict(attn_stage=16, direct_keys=0), [1, 9, 17, 256, 257, 600, 1100]),
+        "staged, cluster 8": (dict(attn_stage=40, cluster_size=8, direct_keys=0), [1, 100, 321, 700, 1100]),
+        "staged past one block": (dict(attn_stage=64), [512, 513, 1100]),
+    })
+    toks = np.random.default_rng(5).integers(0, 200, 1100).astype(np.int32)
+    runs = []
+    for stage in (0, 256):
+        e = _fast_engine(path, 1200)
+        e.set_options(attn_stage=stage, direct_keys=0)
+        assert e.options()["attn_stage"] == stage
+        logits = [e.forward(0, toks[:n], 0)[-1:] for n in (40, 700, 1100)]
+        first = int(np.argmax(e.forward(0, toks[:600], 0)))
+        runs.append((np.concatenate(logits), e.decode_greedy(0, first, 600, 24)))
+        e.close()
+    np.testing.assert_array_equal(runs[1][0], runs[0][0])
+    np.testing.assert_array_equal(runs[1][1], runs[0][1])
+
+
 @pytest.mark.parametrize("wtype", ["Q4_K", "Q5_0", "F16"])
 def test_decode_graph_equals_direct(tiny_model, wtype):
     """The decode step replayed from a CUDA graph, launched directly, with and
@@ -711,7 +745,8 @@ def test_options_and_environment(tiny_model, monkeypatch):
     for name in ("ORCD_CUDA_FAST_DECODE", "ORCD_CUDA_GRAPHS", "ORCD_CUDA_PDL", "ORCD_CUDA_FUSED_PROMPT",
                  "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_SAMPLE_GRAPHS",
                  "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT", "ORCD_CUDA_CLUSTER_SIZE", "ORCD_CUDA_CLUSTER_SPAN",
-                 "ORCD_CUDA_DIRECT_KEYS", "ORCD_CUDA_PDL_EARLY_KINDS", "ORCD_CUDA_PDL_EARLY_KINDS_DEEP"):
+                 "ORCD_CUDA_DIRECT_KEYS", "ORCD_CUDA_PDL_EARLY_KINDS", "ORCD_CUDA_PDL_EARLY_KINDS_DEEP",
+                 "ORCD_CUDA_ATTN_STAGE"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
@@ -720,7 +755,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
                         resident_f16=True, sample_split=True, sample_graphs=True, sample_split_full=False,
                         cluster_keys=1 << 30, split_keys=32, cluster_size=16,
                         cluster_mma=True, cluster_span=8192, direct_keys=512, pdl_early_kinds=-1,
-                        pdl_early_kinds_deep=-1, vram_limit=0), base
+                        pdl_early_kinds_deep=-1, attn_stage=0, attn_trace=False, vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
     assert not e.paths()["graphs"]
@@ -728,7 +763,8 @@ def test_options_and_environment(tiny_model, monkeypatch):
                        (dict(cluster_keys=-1), "cluster_keys"), (dict(cluster_size=0), "cluster_size"),
                        (dict(cluster_size=17), "cluster_size"), (dict(cluster_span=0), "cluster_span"),
                        (dict(direct_keys=-1), "direct_keys"), (dict(pdl_early_kinds=64), "pdl_early_kinds"),
-                       (dict(pdl_early_kinds=-2), "pdl_early_kinds"), (dict(pdl_early_kinds_deep=64), "pdl_early_kinds_deep")]:
+                       (dict(pdl_early_kinds=-2), "pdl_early_kinds"), (dict(pdl_early_kinds_deep=64), "pdl_early_kinds_deep"),
+                       (dict(attn_stage=-1), "attn_stage")]:
         with pytest.raises(ValueError, match=field):
             e.set_options(**bad)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
@@ -746,9 +782,11 @@ def test_options_and_environment(tiny_model, monkeypatch):
     monkeypatch.setenv("ORCD_CUDA_CLUSTER_SPAN", "512")
     monkeypatch.setenv("ORCD_CUDA_PDL_EARLY_KINDS", "5")
     monkeypatch.setenv("ORCD_CUDA_PDL_EARLY_KINDS_DEEP", "7")
+    monkeypatch.setenv("ORCD_CUDA_ATTN_STAGE", "256")
     e = cu.CudaEngine(path, 32, 1)
     assert e.options()["cluster_size"] == 2 and e.options()["cluster_span"] == 512
     assert e.options()["pdl_early_kinds"] == 5 and e.options()["pdl_early_kinds_deep"] == 7
+    assert e.options()["attn_stage"] == 256
     e.close()
     for name, bad in (("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0"),
                       ("ORCD_CUDA_PDL_EARLY_KINDS", "64")):
@@ -800,6 +838,35 @@ def test_profile_decode(tiny_model):
     assert all(np.isfinite(v) for v in prof.values()), prof
     with pytest.raises(ValueError, match="n_ctx"):
         e.profile_decode(0, 7, 62, 4)
+    e.close()
+
+
+@pytest.mark.parametrize("stage", [0, 64])
+def test_profile_decode_attention_trace(tiny_model, stage):
+    """options' attn_trace: profile_decode returns the cluster attention's timestamps per
+    block, in the order of the kernel's phases, each block's SM, and within each cluster no
+    block past the cluster barrier before every block reached it."""
+    if not _hopper():
+        pytest.skip("the cluster attention needs compute capability 9.0")
+    n_layer, n_head_kv, fields = 2, 2, 8
+    e = _fast_engine(tiny_model("Q8_0", n_embd=256, n_head=4, n_head_kv=2), 128)
+    e.forward(0, np.arange(1, 41, dtype=np.int32), 0)
+    assert "attn_trace" not in e.profile_decode(0, 7, 40, 2)
+    e.set_options(direct_keys=0, attn_trace=True, attn_stage=stage)
+    prof = e.profile_decode(0, 7, 40, 2)
+    gx = prof["attn_grid_x"]
+    assert gx in (8, 16), gx
+    tr = np.array(prof["attn_trace"], dtype=np.uint64).reshape(n_layer, -1, fields)
+    sms = cu.device_info()["sm_count"]
+    for layer in range(n_layer):
+        for y in range(n_head_kv):
+            blocks = tr[layer, y * gx:(y + 1) * gx]
+            # 41..48 keys over the cluster's blocks in splits of 8: the first 6 hold keys
+            active = blocks[:6]
+            assert np.all(blocks[:, 0] > 0) and np.all(np.diff(blocks[:, [0, 1, 4, 5, 6]], axis=1) >= 0), blocks
+            assert np.all(active[:, 1] <= active[:, 2]) and np.all(active[:, 2] <= active[:, 3]), active
+            assert active[:, 3].max() <= blocks[:, 4].min(), "a block passed the cluster barrier early"
+            assert np.all(blocks[:, 7] < sms)
     e.close()
 
 

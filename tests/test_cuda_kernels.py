@@ -865,7 +865,12 @@ def test_dec_attn(n_head, n_head_kv, hd, variant):
               dict(cluster_size=3, cluster_mma=True), dict(cluster_size=16, cluster_mma=True, clusters=2),
               dict(cluster_size=8, cluster_mma=True, clusters=4), dict(cluster_size=8, clusters=3),
               dict(cluster_size=1, cluster_mma=True, clusters=16), dict(cluster_size=2, cluster_mma=True, clusters=11),
-              dict(cluster_size=4, clusters=8)] if cluster else
+              dict(cluster_size=4, clusters=8),
+              # K/V rows staged in shared memory first (up to `stage` keys a block; longer ranges
+              # read the cache; shapes without the tensor-core phase ignore it)
+              dict(cluster_size=16, cluster_mma=True, stage=256), dict(cluster_size=16, cluster_mma=True, stage=64),
+              dict(cluster_size=3, cluster_mma=True, stage=40), dict(cluster_size=8, cluster_mma=True, clusters=2, stage=200)]
+             if cluster else
              [dict(split_keys=32), dict(split_keys=128), dict(max_splits=1), dict(max_splits=5, split_keys=32)])
     for n_kv in (1, 7, 33, 100, 1000, 3000):
         rng = rng_for("dec_attn", n_head, n_head_kv, hd, n_kv)

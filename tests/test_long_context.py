@@ -171,7 +171,13 @@ def test_decode_attention_long_cache(n_kv, n_head, n_head_kv, hd):
                   # many small clusters, their partials merged outside (by attn_output in the engine)
                   dict(cluster=True, cluster_size=1, cluster_mma=True, clusters=16),
                   dict(cluster=True, cluster_size=2, cluster_mma=True, clusters=16),
-                  dict(cluster=True, cluster_size=4, cluster_mma=True, clusters=8)]
+                  dict(cluster=True, cluster_size=4, cluster_mma=True, clusters=8),
+                  # K/V rows staged in shared memory before the wait (the rows past a block's
+                  # `stage` keys read from the cache instead)
+                  dict(cluster=True, cluster_size=16, cluster_mma=True, stage=256),
+                  dict(cluster=True, cluster_size=16, cluster_mma=True, clusters=4, stage=256)]
+        if hd == 64:
+            plans += [dict(cluster=True, cluster_size=16, cluster_mma=True, clusters=2, stage=512)]
     for plan in plans:
         what, plan = str(plan), dict(plan)
         out, again = cu.dec_attn(q[0], k, v, plan.pop("cluster", False), **plan)
