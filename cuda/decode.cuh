@@ -64,7 +64,7 @@ constexpr int kDecAttnMaxClusters = 16;  // clusters per KV head at most (their 
 constexpr int kDecMaxSplits = 64;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMergeChunk = 32;  // the global merge stages this many splits' partials at a time
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
-constexpr int kDecAttnTraceFields = 8;  // dec_attn_kernel's timestamps per block (DecAttnArgs::trace)
+constexpr int kDecAttnTraceFields = 16;  // dec_attn_kernel's timestamps per block (DecAttnArgs::trace)
 constexpr int kDecClusterGran = 8;  // cluster attention: split lengths are multiples of this many keys (<= kDecTK)
 
 // Device-side state of a decode step. The host writes token/pos/slot/step

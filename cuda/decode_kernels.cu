@@ -900,6 +900,19 @@ __device__ __forceinline__ uint4 ld_kv16(const __half* p, bool ok) {
     return ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
 }
 
+// Where output dim d of query row `row` sits in a warp's row of wo (the warps' partial outputs).
+// One store of the mma layout covers 8 rows (lane group g) x 4 dims 16 apart (lane t), which in
+// plain row-major order (rows of HD floats, a multiple of 32) all fall on 2 banks: 16-way
+// conflicts, 59% of the kernel's shared-memory wavefronts in excess under Nsight Compute. Bit 2
+// of d flipped in the upper 32 of each 64 (the t = 2, 3 lanes) and the row rotated by (row & 3) +
+// 8 * ((row >> 2) & 1) put the 32 lanes on 32 banks; a warp reading 32 consecutive dims of one
+// row (the merge) still does.
+template <int HD>
+__device__ __forceinline__ int wo_col(int row, int d) {
+    const int sw = d ^ (((d >> 5) & 1) << 2);
+    return (sw + (row & 3) + 8 * ((row >> 2) & 1)) & (HD - 1);
+}
+
 // Keys [start, end) (start < end) of the slot's KV head: key j's K row at K + (j - key0)*kstride
 // halves (the cache: key0 0, kstride kv_dim; SMEM: the block's staged rows, key0 = start, which
 // bulk copies fill: bar, when non-null, completes when they have landed); p.q: the G heads'
@@ -1067,6 +1080,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         }
     }
     // ---- the warps' partials -> one block partial
+    trace_mark(tr, 8);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
@@ -1086,20 +1100,21 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
             for (int e = 0; e < 4; ++e) {
                 const int row = g + 8 * (e >> 1);
                 const int d = 64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8;
-                if (row < G) wo[(size_t(warp) * G + row) * HD + d] = o[n][e];
+                if (row < G) wo[(size_t(warp) * G + row) * HD + wo_col<HD>(row, d)] = o[n][e];
             }
     }
     __syncthreads();
+    trace_mark(tr, 9);
     const int nw = min(NW, n_tiles);
     for (int i = threadIdx.x; i < G * HD; i += NT) {
-        const int row = i / HD;
+        const int row = i / HD, col = wo_col<HD>(row, i % HD);
         float M = -INFINITY;
         for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w * 16 + row]);
         float L = 0.f, A = 0.f;
         for (int w = 0; w < nw; ++w) {
             const float f = exp2f(wm[w * 16 + row] - M);
             L += f * wl[w * 16 + row];
-            A += f * wo[(size_t(w) * G + row) * HD + i % HD];
+            A += f * wo[(size_t(w) * G + row) * HD + col];
         }
         if (direct) {
             acc[row * acc_stride + i % HD] = A / L;
@@ -1119,17 +1134,22 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
 // last-block tail (docs/perf_log.md has the merge's cost).
 // Without CLUSTER the last block of each KV head to finish merges (global
 // partials and a counter), which allows up to max_splits splits for long contexts.
-// STAGE (with CLUSTER, its own instances): DecAttnArgs::stage, the keys' K/V rows in shared memory.
+// MHD (with CLUSTER): the instances of the tensor-core tile phase for head_dim MHD alone (64 or
+// 128; the host picks them where dec_attn_mma_ok and cluster_mma), which hold none of the CUDA-core
+// path's code: a kernel's code is fetched cold at each launch, and this path runs at every depth.
+// STAGE (with MHD): DecAttnArgs::stage, the keys' K/V rows in shared memory.
 // p.trace (CLUSTER): the global timer at the block's start (0), after its wait (1), with the
-// query and K/V ready for the tiles (2), with the block's partial merged (3), after the cluster
-// barrier (4), after the cluster merge's stores (5), at the end (6); and the SM's id (7).
-template <int NACC, bool CLUSTER, bool STAGE = false>
+// query and K/V ready for the tiles (2), after its tiles (8), after the warps' partials are
+// stored (9), with the block's partial merged (3), after the cluster barrier (4), with the
+// cluster merge's inputs loaded (10), after its stores (5), at the end (6); and the SM's id (7).
+template <int NACC, bool CLUSTER, bool STAGE = false, int MHD = 0>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
-    static_assert(CLUSTER || !STAGE, "staging goes with the cluster variant");
+    static_assert(!STAGE || MHD, "staging goes with the tensor-core instances");
+    static_assert(!MHD || (CLUSTER && (MHD == 64 || MHD == 128)), "MHD: cluster instances of head_dim 64 or 128");
     extern __shared__ __align__(16) uint8_t asmem[];
     __shared__ int is_last;
     constexpr int TK = kDecTK;
-    const int G = p.n_head / p.n_head_kv, hd = p.head_dim, GH = G * hd;
+    const int G = p.n_head / p.n_head_kv, hd = MHD ? MHD : p.head_dim, GH = G * hd;
     const int rs = dec_attn_row_stride(hd);
     const KvPart kvp = kv_part(hd);
     float* qs = reinterpret_cast<float*>(asmem);  // GH
@@ -1163,7 +1183,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // The tensor-core phase (no staging): long caches without the cluster merge, its
     // splits at least one tile per warp (fewer partials for the merge); in the cluster
     // variant where p.cluster_mma asks for it.
-    const bool use_mma = dec_attn_mma_ok(G, hd) && (!CLUSTER || p.cluster_mma);
+    const bool use_mma = MHD ? true : dec_attn_mma_ok(G, hd) && (!CLUSTER || p.cluster_mma);
     const int sk = CLUSTER ? cg : max(use_mma ? NW * kDecMmaTK : TK, p.split_keys), gran = CLUSTER ? cg : TK;
     int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (n_keys + sk - 1) / sk));
     const int S = ((n_keys + n_act - 1) / n_act + gran - 1) / gran * gran;
@@ -1381,6 +1401,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                     acc_o += w * pv[r];
                 }
             }
+            if (o == rank * slice) trace_mark(tr, 10);
             if (whole) {
                 p.out[size_t(kvh) * GH + o] = acc_o / L;
             } else {  // a cluster without keys leaves (-inf, 0) and zeros: weight 0 in the merge
@@ -1772,22 +1793,31 @@ ProjKernel proj_kernel_for(const DecProjArgs& a) {
 #undef ORCD_ONE
     return proj_inst<T_ANY>(mode);
 }
-template <bool C, bool S = false>
+template <bool C>
 AttnKernel attn_kernel_for(int group_dim) {
     const int nacc = (group_dim + NT - 1) / NT;
-    if (nacc <= 1) return dec_attn_kernel<1, C, S>;
-    if (nacc == 2) return dec_attn_kernel<2, C, S>;
-    if (nacc == 3) return dec_attn_kernel<3, C, S>;
-    if (nacc == 4) return dec_attn_kernel<4, C, S>;
-    return dec_attn_kernel<8, C, S>;
+    if (nacc <= 1) return dec_attn_kernel<1, C>;
+    if (nacc == 2) return dec_attn_kernel<2, C>;
+    if (nacc == 3) return dec_attn_kernel<3, C>;
+    if (nacc == 4) return dec_attn_kernel<4, C>;
+    return dec_attn_kernel<8, C>;
+}
+// The cluster variant's blocks run the tensor-core tile phase (their own instances per head_dim).
+bool cluster_on_mma(int n_head, int n_head_kv, int head_dim, bool cluster_mma) {
+    return cluster_mma && dec_attn_mma_ok(n_head / n_head_kv, head_dim);
+}
+AttnKernel cluster_kernel_for(int n_head, int n_head_kv, int head_dim, bool cluster_mma, bool stage) {
+    if (!cluster_on_mma(n_head, n_head_kv, head_dim, cluster_mma)) return attn_kernel_for<true>(n_head / n_head_kv * head_dim);
+    if (head_dim == 64) return stage ? dec_attn_kernel<1, true, true, 64> : dec_attn_kernel<1, true, false, 64>;
+    return stage ? dec_attn_kernel<1, true, true, 128> : dec_attn_kernel<1, true, false, 128>;
 }
 // every cluster instance (the non-portable size and the staging variant's shared memory apply to them)
 std::vector<const void*> cluster_attn_kernels() {
     std::vector<const void*> k;
-    for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) {
-        k.push_back(reinterpret_cast<const void*>(attn_kernel_for<true>(g)));
-        k.push_back(reinterpret_cast<const void*>(attn_kernel_for<true, true>(g)));
-    }
+    for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) k.push_back(reinterpret_cast<const void*>(attn_kernel_for<true>(g)));
+    for (AttnKernel f : {dec_attn_kernel<1, true, false, 64>, dec_attn_kernel<1, true, true, 64>,
+                         dec_attn_kernel<1, true, false, 128>, dec_attn_kernel<1, true, true, 128>})
+        k.push_back(reinterpret_cast<const void*>(f));
     return k;
 }
 static_assert(kDecMaxGroupDim <= 8 * NT, "dec_attn_kernel<8> holds the largest group");
@@ -1888,7 +1918,6 @@ void dec_set_smem_limit(size_t bytes) {
 }
 
 int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim, int stage) {
-    const int gd = n_head / n_head_kv * head_dim;
     for (int c : {kDecAttnClusterMax, kDecAttnCluster}) {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(unsigned(c), unsigned(n_head_kv));
@@ -1902,7 +1931,7 @@ int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim, int stage) {
         cfg.numAttrs = 1;
         int n = 0;
         const cudaError_t e = cudaOccupancyMaxActiveClusters(
-            &n, stage > 0 ? attn_kernel_for<true, true>(gd) : attn_kernel_for<true>(gd), &cfg);
+            &n, cluster_kernel_for(n_head, n_head_kv, head_dim, true, stage > 0), &cfg);
         if (e == cudaSuccess && n > 0) return c;
         cudaGetLastError();  // a size this GPU refuses: try the portable one
     }
@@ -1914,8 +1943,9 @@ DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
 }
 
 DecLaunchShape dec_attention_shape(const DecAttnArgs& a) {
+    const bool staged = a.cluster > 0 && a.stage > 0 && cluster_on_mma(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma);
     return {dim3(a.cluster > 0 ? a.cluster * std::max(1, a.clusters) : a.max_splits, a.n_head_kv),
-            dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim, a.cluster > 0 ? a.stage : 0), a.cluster > 0 ? a.cluster : 0};
+            dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim, staged ? a.stage : 0), a.cluster > 0 ? a.cluster : 0};
 }
 
 DecLaunchShape dec_proj_shape(const DecProjArgs& a) {
@@ -1945,9 +1975,9 @@ void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* 
     if (a.stage < 0) throw Error(ctx("dec_attention", what) + ": stage " + std::to_string(a.stage) + " < 0");
     const DecLaunchShape sh = dec_attention_shape(a);
     const int gd = a.n_head / a.n_head_kv * a.head_dim;
-    if (a.cluster && a.stage > 0)
-        launch(attn_kernel_for<true, true>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (cluster, staged)", what), sh.cluster);
-    else if (a.cluster) launch(attn_kernel_for<true>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
+    if (a.cluster)
+        launch(cluster_kernel_for(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma != 0, a.stage > 0), sh.grid, sh.smem,
+               st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
     else launch(attn_kernel_for<false>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel", what));
 }
 

@@ -43,6 +43,7 @@ ENGINE_VARIANTS = [
     ("stage 128", dict(attn_stage=128)),
     ("stage 512 span 16384", dict(attn_stage=512, cluster_span=16384)),
     ("stage 256 cluster 8", dict(attn_stage=256, cluster_size=8)),
+    ("span 4096", dict(cluster_span=4096)),
     ("deep early: qkv+attn_output", dict(pdl_early_kinds_deep=5)),
     ("deep early: qkv+attention+attn_output", dict(pdl_early_kinds_deep=7)),
     ("deep early: attention+attn_output", dict(pdl_early_kinds_deep=6)),
@@ -69,22 +70,24 @@ ENGINE_VARIANTS = [
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
                 direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0, attn_trace=False)
-# the cluster attention's trace fields (dec_attn_kernel): start, waited, q+K/V ready, block partial,
-# cluster barrier passed, cluster merge stored, end, SM
-PHASES = [("wait", 0, 1), ("ready", 1, 2), ("tiles", 2, 3), ("cl.barrier", 3, 4), ("merge", 4, 5), ("exit", 5, 6)]
+# the cluster attention's trace fields (dec_attn_kernel): start 0, waited 1, q+K/V ready 2, tiles done
+# 8, warps' partials stored 9, block partial 3, cluster barrier passed 4, merge inputs loaded 10,
+# merge stored 5, end 6 (7: SM)
+PHASES = [("wait", 0, 1), ("ready", 1, 2), ("tiles", 2, 8), ("wo", 8, 9), ("wmerge", 9, 3), ("cl.barrier", 3, 4),
+          ("dsmem", 4, 10), ("store", 10, 5), ("exit", 5, 6)]
+BLOCK_FIELDS = {2, 8, 9, 3}  # written by blocks with keys only
 
 
 def trace_summary(p, n_head_kv):
     """Medians over layers and blocks of each phase of the cluster attention (us), the launch's
     start skew, and the kernel's span from its last block's wait to its last block's end."""
-    gx, f = p["attn_grid_x"], 8
-    tr = np.array(p["attn_trace"], dtype=np.float64).reshape(-1, 64 * n_head_kv, f)[:, : gx * n_head_kv]
-    tr = tr[:, :, :7] / 1000.0
+    gx, f = p["attn_grid_x"], 16
+    tr = np.array(p["attn_trace"], dtype=np.float64).reshape(-1, 64 * n_head_kv, f)[:, : gx * n_head_kv] / 1000.0
     act = tr[:, :, 3] > 0  # blocks with keys
     r = {}
     for name, a, b in PHASES:
         d = tr[:, :, b] - tr[:, :, a]
-        d = d[act] if a >= 1 and b <= 3 else d.reshape(-1)
+        d = d[act] if a in BLOCK_FIELDS or b in BLOCK_FIELDS else d.reshape(-1)
         r[name] = float(np.median(d))
     r["skew"] = float(np.median(tr[:, :, 0].max(1) - tr[:, :, 0].min(1)))
     r["after wait"] = float(np.median(tr[:, :, 6].max(1) - tr[:, :, 1].max(1)))
