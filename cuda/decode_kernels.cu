@@ -880,6 +880,18 @@ __host__ __device__ inline size_t dec_attn_stage_part_off(int G, int hd, int sta
     const size_t b = dec_attn_part_off(G, hd);
     return dec_align16(a > b ? a : b);
 }
+// The push merge's receive buffers (ClusterPush), past the partial: recv_o [cs][slice] floats (cs *
+// slice < G*hd + cs) then recv_ml [cs][G] float2, for clusters of up to kDecAttnClusterMax blocks.
+__host__ __device__ inline size_t dec_attn_recv_floats(int G, int hd) {
+    return size_t(G * hd + kDecAttnClusterMax + 1) & ~size_t(1);  // even: recv_ml stays 8-byte aligned
+}
+__host__ __device__ inline size_t dec_attn_recv_off(int G, int hd, int stage) {
+    const size_t part = stage > 0 ? dec_attn_stage_part_off(G, hd, stage) : dec_attn_part_off(G, hd);
+    return dec_align16(part + size_t((G * hd + 3) & ~3) * 4 + size_t(G) * 8);
+}
+__host__ __device__ inline size_t dec_attn_recv_end(int G, int hd, int stage) {
+    return dec_attn_recv_off(G, hd, stage) + dec_attn_recv_floats(G, hd) * 4 + size_t(kDecAttnClusterMax) * G * 8;
+}
 
 __device__ __forceinline__ void mma_f16(float* d, const uint4& a, unsigned b0, unsigned b1) {
     asm volatile(
@@ -913,17 +925,49 @@ __device__ __forceinline__ int wo_col(int row, int d) {
     return (sw + (row & 3) + 8 * ((row >> 2) & 1)) & (HD - 1);
 }
 
+// The lean cluster instances' merge (MHD): each block pushes its partial's outputs straight into
+// the shared memory of the block that merges them (rank o / slice takes outputs [rank*slice, ...)):
+// recv_o[src*slice + j] and recv_ml[src*G + g] (max in natural-log units, l) of source rank src.
+// Remote stores need no round trip, and after the cluster barrier that publishes them no block
+// reads another's memory, so none waits for the others before it leaves (the pull merge reads
+// remote partials after one barrier and holds every block until a second).
+struct ClusterPush {
+    float* recv_o;
+    float2* recv_ml;
+    int slice, cs, rank;
+};
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+template <class T>
+__device__ __forceinline__ T* cluster_map(T* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return cooperative_groups::this_cluster().map_shared_rank(p, unsigned(rank));
+#else
+    return p;
+#endif
+}
+
 // Keys [start, end) (start < end) of the slot's KV head: key j's K row at K + (j - key0)*kstride
 // halves (the cache: key0 0, kstride kv_dim; SMEM: the block's staged rows, key0 = start, which
 // bulk copies fill: bar, when non-null, completes when they have landed); p.q: the G heads'
 // query rows (float32, unscaled). Head g's result goes to acc + g*acc_stride (hd floats): acc /
 // l when direct, else the unnormalised acc and ml[g*ml_stride] = (max in natural-log units, l).
-// tr: the block's trace record (dec_attn_kernel), or null.
-template <int HD, bool SMEM>
+// tr: the block's trace record (dec_attn_kernel), or null. PUSH (not direct): the partial goes
+// to the cluster's merging blocks (ClusterPush) once every block of the cluster has started (the
+// kernel's first cluster barrier phase, which this waits for).
+template <int HD, bool SMEM, bool PUSH = false>
 __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const __half* V, size_t kstride, int key0,
                                    int start, int end, int G, int kvh, uint8_t* sm, bool direct, float* acc,
                                    size_t acc_stride, float2* ml, size_t ml_stride, uint64_t* bar,
-                                   unsigned long long* tr) {
+                                   unsigned long long* tr, const ClusterPush& pu = ClusterPush{}) {
     constexpr int KS = HD / 16, NTO = HD / 8;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     uint4* qf = reinterpret_cast<uint4*>(sm);                          // [KS][2][32]: hi, lo
@@ -1105,6 +1149,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     }
     __syncthreads();
     trace_mark(tr, 9);
+    if (PUSH && !direct) cluster_wait();  // every block of the cluster has started: its memory may be written
     const int nw = min(NW, n_tiles);
     for (int i = threadIdx.x; i < G * HD; i += NT) {
         const int row = i / HD, col = wo_col<HD>(row, i % HD);
@@ -1118,6 +1163,12 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         }
         if (direct) {
             acc[row * acc_stride + i % HD] = A / L;
+        } else if (PUSH) {
+            const int owner = i / pu.slice;
+            *cluster_map(pu.recv_o + pu.rank * pu.slice + (i - owner * pu.slice), owner) = A;
+            if (i % HD == 0)
+                for (int r = 0; r < pu.cs; ++r)
+                    *cluster_map(pu.recv_ml + pu.rank * G + row, r) = make_float2(M * 0.69314718055994531f, L);
         } else {
             acc[row * acc_stride + i % HD] = A;
             if (i % HD == 0) ml[row * ml_stride] = make_float2(M * 0.69314718055994531f, L);
@@ -1193,6 +1244,17 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // one split: it writes the output itself, no merge (the multi-cluster variant always
     // leaves its clusters' partials: attn_output merges them)
     const bool direct = n_act == 1 && (!CLUSTER || p.clusters <= 1);
+    // MHD: the push merge (ClusterPush); the first phase of the cluster barrier says every block
+    // has started (arrive now, wait before the first remote store)
+    ClusterPush pu{};
+    if constexpr (MHD > 0) {
+        pu.cs = p.cluster;
+        pu.rank = s % p.cluster;
+        pu.slice = (GH + p.cluster - 1) / p.cluster;
+        pu.recv_o = reinterpret_cast<float*>(asmem + dec_attn_recv_off(G, hd, STAGE ? p.stage : 0));
+        pu.recv_ml = reinterpret_cast<float2*>(pu.recv_o + dec_attn_recv_floats(G, hd));
+        if (!direct) cluster_arrive();
+    }
     const size_t base = size_t(p.slot_off[slot]) + size_t(kvh) * hd;
     const __half* K = p.kc + base;
     const __half* V = p.vc + base;
@@ -1244,13 +1306,16 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             float* acc = direct ? p.out + size_t(kvh * G) * hd : po_c;
             uint64_t* b = n_pre > 0 ? bar : nullptr;
             const size_t kd = size_t(p.kv_dim), sd = size_t(rs / 2);
+            constexpr bool PU = MHD > 0;
             if (STAGE && staged) {
-                if (hd == 64) dec_attn_mma_phase<64, true>(p, ks_st, vs_st, sd, start, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr);
-                else dec_attn_mma_phase<128, true>(p, ks_st, vs_st, sd, start, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr);
+                if (hd == 64) dec_attn_mma_phase<64, true, PU>(p, ks_st, vs_st, sd, start, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
+                else dec_attn_mma_phase<128, true, PU>(p, ks_st, vs_st, sd, start, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
             } else {
-                if (hd == 64) dec_attn_mma_phase<64, false>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr);
-                else dec_attn_mma_phase<128, false>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr);
+                if (hd == 64) dec_attn_mma_phase<64, false, PU>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
+                else dec_attn_mma_phase<128, false, PU>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
             }
+        } else if (MHD > 0 && !direct) {
+            cluster_wait();  // (the phase's first barrier wait, for a block without keys)
         }
     } else {
         if (active && use_mma) {
@@ -1369,14 +1434,47 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         namespace cg = cooperative_groups;
         cg::cluster_group cl = cg::this_cluster();
-        cl.sync();  // every split's partial is in its block's shared memory
-        trace_mark(tr, 4);
         // cluster c = blocks [c*cs, (c+1)*cs) of the KV head's splits; its first n_in had keys
         const int cs = p.cluster, rank = s % cs, c = s / cs;
         const int n_in = min(cs, max(0, n_act - c * cs));
         const bool whole = p.clusters <= 1;  // one cluster: the output; else this cluster's partial
         // rank r merges outputs [r*slice, (r+1)*slice)
         const int slice = (GH + cs - 1) / cs;
+        if constexpr (MHD > 0) {  // the pushed partials, in this block's memory once all have arrived
+            cluster_arrive();
+            cluster_wait();
+            trace_mark(tr, 4);
+            for (int o = rank * slice + t; o < min(GH, (rank + 1) * slice); o += NT) {
+                const int g = o / hd, j = o - rank * slice;
+                float M = -INFINITY;
+                for (int r = 0; r < n_in; ++r) M = fmaxf(M, pu.recv_ml[r * G + g].x);
+                float L = 0.f, acc_o = 0.f;
+                for (int r = 0; r < n_in; ++r) {
+                    const float2 mv = pu.recv_ml[r * G + g];
+                    const float w = expf(mv.x - M);
+                    L += w * mv.y;
+                    acc_o += w * pu.recv_o[r * slice + j];
+                }
+                if (o == rank * slice) trace_mark(tr, 10);
+                if (whole) {
+                    p.out[size_t(kvh) * GH + o] = acc_o / L;
+                } else {  // a cluster without keys leaves (-inf, 0) and zeros: weight 0 in the merge
+                    const size_t hq = size_t(p.n_head) * hd;
+                    p.part_o[size_t(c) * hq + size_t(kvh) * GH + o] = acc_o;
+                    if (o % hd == 0) p.part_ml[size_t(c) * p.n_head + kvh * G + g] = make_float2(M, L);
+                }
+            }
+            trace_mark(tr, 5);
+            if (tr && t == 0) {
+                trace_mark(tr, 6);
+                unsigned smid;
+                asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+                tr[7] = smid;
+            }
+            return;
+        }
+        cl.sync();  // every split's partial is in its block's shared memory
+        trace_mark(tr, 4);
         for (int o = rank * slice + t; o < min(GH, (rank + 1) * slice); o += NT) {
             const int g = o / hd;
             float2 mv[kDecAttnClusterMax];
@@ -1868,11 +1966,9 @@ size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
 }
 
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim, int stage) {
-    const size_t base = dec_attn_smem(n_head, n_head_kv, head_dim);
-    if (stage <= 0) return base;
-    const int G = n_head / n_head_kv;
-    const size_t staged = dec_attn_stage_part_off(G, head_dim, stage) + size_t((G * head_dim + 3) & ~3) * 4 + size_t(G) * 8;
-    return std::max(base, staged);
+    // the cluster launches (the lean instances' push merge buffers at the end)
+    return std::max(dec_attn_smem(n_head, n_head_kv, head_dim),
+                    dec_attn_recv_end(n_head / n_head_kv, head_dim, std::max(stage, 0)));
 }
 
 int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim) {
@@ -1945,7 +2041,9 @@ DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
 DecLaunchShape dec_attention_shape(const DecAttnArgs& a) {
     const bool staged = a.cluster > 0 && a.stage > 0 && cluster_on_mma(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma);
     return {dim3(a.cluster > 0 ? a.cluster * std::max(1, a.clusters) : a.max_splits, a.n_head_kv),
-            dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim, staged ? a.stage : 0), a.cluster > 0 ? a.cluster : 0};
+            a.cluster > 0 ? dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim, staged ? a.stage : 0)
+                          : dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim),
+            a.cluster > 0 ? a.cluster : 0};
 }
 
 DecLaunchShape dec_proj_shape(const DecProjArgs& a) {

@@ -96,7 +96,8 @@ void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
     lm_blocks_ = std::min((V + lm.rows - 1) / lm.rows, lm_grid_);
     const size_t smem = std::max({cu::dec_qkv_smem(qkv_smem_w_, E, qkv_rows_), cu::dec_proj_smem(o.smem_w, QD),
                                   cu::dec_proj_smem(gu.smem_w, E), cu::dec_proj_smem(dn.smem_w, F),
-                                  cu::dec_proj_smem(lm.smem_w, E), cu::dec_attn_smem(d.n_head, d.n_head_kv, hd)});
+                                  cu::dec_proj_smem(lm.smem_w, E), cu::dec_attn_smem(d.n_head, d.n_head_kv, hd),
+                                  cu::dec_attn_smem(d.n_head, d.n_head_kv, hd, 0)});
     // the staging attention's keys a block at most (the rest of a block's opt-in shared memory)
     stage_max_ = hopper_ ? cu::dec_attn_stage_max(d.n_head, d.n_head_kv, hd) : 0;
     int optin = 0;
