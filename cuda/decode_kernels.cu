@@ -845,10 +845,10 @@ __host__ __device__ inline size_t dec_attn_tile_bytes(int G, int hd) {
            size_t(kDecAttnBufs) * 2 * kDecTK * dec_attn_row_stride(hd);
 }
 
-// ---- the global-merge variant's tile phase on tensor cores (long caches)
+// ---- the tile phase on tensor cores (the global merge's and the cluster variant's)
 // Rows of the m16n8k16 products are the G <= 16 query heads of the KV head (rows
 // G..15 zero); each warp takes tiles of 16 keys (warp w: tiles w, w + NW, ...) and
-// reads K and V straight from global memory in 16-byte pieces, no staging:
+// reads K and V in 16-byte pieces, from global memory or (staged) shared memory:
 //   S = Q·Kᵀ: the head dimension is summed in a permuted order (thread t of a quad
 //     loads dims 32c + 8t .. + 7 of its key; the Q fragments use the same order), so
 //     every K load is 16 contiguous bytes and a warp's load covers whole rows;
@@ -1181,8 +1181,8 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
 // CLUSTER (Hopper): the gridDim.x splits of a KV head form one thread-block cluster
 // and merge through distributed shared memory: each block leaves its partial (acc,
 // m, l) in its own shared memory, and after a cluster barrier block s merges
-// output slice s from all blocks' partials. No global round trip, no atomics, no
-// last-block tail (docs/perf_log.md has the merge's cost).
+// output slice s from all blocks' partials (the MHD instances push instead: ClusterPush).
+// No global round trip, no atomics, no last-block tail (docs/perf_log.md has the merge's cost).
 // Without CLUSTER the last block of each KV head to finish merges (global
 // partials and a counter), which allows up to max_splits splits for long contexts.
 // MHD (with CLUSTER): the instances of the tensor-core tile phase for head_dim MHD alone (64 or
@@ -1231,9 +1231,9 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // caches spread over all the cluster's blocks: a tile's cost grows with its keys)
     constexpr int cg = kDecClusterGran;
     static_assert(cg >= 1 && cg <= TK, "kDecClusterGran: 1 .. kDecTK keys");
-    // The tensor-core phase (no staging): long caches without the cluster merge, its
-    // splits at least one tile per warp (fewer partials for the merge); in the cluster
-    // variant where p.cluster_mma asks for it.
+    // The tensor-core phase: long caches without the cluster merge, its splits at least one
+    // tile per warp (fewer partials for the merge); in the cluster variant where p.cluster_mma
+    // asks for it (the MHD instances: always).
     const bool use_mma = MHD ? true : dec_attn_mma_ok(G, hd) && (!CLUSTER || p.cluster_mma);
     const int sk = CLUSTER ? cg : max(use_mma ? NW * kDecMmaTK : TK, p.split_keys), gran = CLUSTER ? cg : TK;
     int n_act = max(1, min(CLUSTER ? int(gridDim.x) : p.max_splits, (n_keys + sk - 1) / sk));

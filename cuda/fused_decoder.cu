@@ -488,8 +488,9 @@ int FusedDecoder::attn_variant(int kv_len) const {
     // attn_output instead of in the cluster; at most kDecMaxSplits blocks per KV head in all)
     const int cs = std::min(opt_.cluster_size, stage_ > 0 ? stage_cluster_ : max_cluster_);
     int want = (kv_len + opt_.cluster_span - 1) / opt_.cluster_span;
-    // staging: enough clusters that a block's keys fit its rows (past the most clusters, the
-    // blocks whose keys do not fit read the cache)
+    // staging: at least the clusters a block's keys need to fit its rows, rounded down to a power
+    // of two like the rest (so a block whose keys do not fit, there or past the most clusters,
+    // reads the cache: correct, only slower)
     if (stage_ > 0) want = std::max(want, (kv_len + cs * stage_ - 1) / (cs * stage_));
     int c = 1;
     while (2 * c <= want && 2 * c <= cu::kDecAttnMaxClusters && 2 * c * cs <= cu::kDecMaxSplits) c *= 2;

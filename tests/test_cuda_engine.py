@@ -856,7 +856,8 @@ def test_profile_decode_attention_trace(tiny_model, stage):
     prof = e.profile_decode(0, 7, 40, 2)
     gx = prof["attn_grid_x"]
     assert gx in (8, 16), gx
-    tr = np.array(prof["attn_trace"], dtype=np.uint64).reshape(n_layer, -1, fields)
+    # (int64: differences of unsigned timestamps would wrap instead of going negative)
+    tr = np.array(prof["attn_trace"], dtype=np.int64).reshape(n_layer, -1, fields)
     sms = cu.device_info()["sm_count"]
     for layer in range(n_layer):
         for y in range(n_head_kv):
