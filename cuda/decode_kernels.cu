@@ -1177,6 +1177,16 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     trace_mark(tr, 3);
 }
 
+// The trace record's last fields: the end (6) and the SM (7).
+__device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
+    if (tr && t == 0) {
+        trace_mark(tr, 6);
+        unsigned smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        tr[7] = smid;
+    }
+}
+
 // NACC: outputs per thread, (n_head/n_head_kv)*head_dim/NT rounded up (instances 1-4 and 8).
 // CLUSTER (Hopper): the gridDim.x splits of a KV head form one thread-block cluster
 // and merge through distributed shared memory: each block leaves its partial (acc,
@@ -1465,12 +1475,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                 }
             }
             trace_mark(tr, 5);
-            if (tr && t == 0) {
-                trace_mark(tr, 6);
-                unsigned smid;
-                asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-                tr[7] = smid;
-            }
+            trace_close(tr, t);
             return;
         }
         cl.sync();  // every split's partial is in its block's shared memory
@@ -1510,12 +1515,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         }
         trace_mark(tr, 5);
         cl.sync();  // no block leaves (freeing its shared memory) while others read it
-        if (tr && t == 0) {
-            trace_mark(tr, 6);
-            unsigned smid;
-            asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-            tr[7] = smid;
-        }
+        trace_close(tr, t);
 #endif
         return;
     }

@@ -24,8 +24,9 @@ constexpr int kDecProjMaxRows = 64;     // rows per projection block at most (de
 // attn_output, so the largest weight copy (gate and up) overlaps its whole run.
 constexpr unsigned kDecPdlEarly = 1u << int(DecodeKernel::attn_output);
 
-// (options' pdl_early_kinds, a bit per DecodeKernel, replaces kDecPdlEarly when >= 0: for measuring)
-int pdl_early(DecodeKernel k, int kinds = -1) {
+// (options' pdl_early_kinds, a bit per DecodeKernel, replaces kDecPdlEarly when >= 0: for measuring;
+// launch_step sets every launch's flag from it, the arguments built once leave it 0)
+int pdl_early(DecodeKernel k, int kinds) {
     return int(((kinds >= 0 ? unsigned(kinds) : kDecPdlEarly) >> int(k)) & 1u);
 }
 
@@ -225,7 +226,6 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         q.st = state_;
         q.need_q8 = cu::dec_int8_type(L.wq.type) || cu::dec_int8_type(L.wk.type) || cu::dec_int8_type(L.wv.type);
         q.smem_w = qkv_smem_w_;
-        q.pdl_early = pdl_early(DecodeKernel::qkv);
 
         cu::DecAttnArgs& a = A.attention;
         a.q = b.q;
@@ -245,7 +245,6 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         a.out = b.att;
         a.counter = sync_->attn;
         a.st = state_;
-        a.pdl_early = pdl_early(DecodeKernel::attention);
 
         cu::DecProjArgs& o = A.attn_output;
         o.w[0] = L.wo.dt();
@@ -257,7 +256,6 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         o.y = post ? o_attn_ : b.x;
         o.overwrite = post ? 1 : 0;
         o.smem_w = plan_o_.smem_w;
-        o.pdl_early = pdl_early(DecodeKernel::attn_output);
 
         cu::DecProjArgs& g = A.ffn_gate_up;
         g.w[0] = L.gate.dt();
@@ -273,7 +271,6 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         g.gelu = d_.activation == Activation::GeluTanh ? 1 : 0;
         if (post) g.pend = {b.x, o_attn_, L.post_attn_norm, x_alt_};
         g.smem_w = plan_gu_.smem_w;
-        g.pdl_early = pdl_early(DecodeKernel::ffn_gate_up);
 
         cu::DecProjArgs& dn = A.ffn_down;
         dn.w[0] = L.down.dt();
@@ -285,7 +282,6 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
         dn.y = post ? o_ffn_ : b.x;
         dn.overwrite = post ? 1 : 0;
         dn.smem_w = plan_d_.smem_w;
-        dn.pdl_early = pdl_early(DecodeKernel::ffn_down);
     }
     cu::DecProjArgs& m = lm_;
     m = cu::DecProjArgs{};
@@ -305,7 +301,6 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
     m.smem_w = plan_lm_.smem_w;
     m.lm_grid = lm_grid_;
     m.lm_stages = lm_stages_;
-    m.pdl_early = pdl_early(DecodeKernel::lm_head);
     // the step's lm_head adds the last FFN output (lm_head_last's row is complete already)
     if (post) lm_pend_ = {x_alt_, o_ffn_, w.layers.back().post_ffn_norm, nullptr};
 }
@@ -351,6 +346,8 @@ std::vector<unsigned long long> FusedDecoder::attn_trace() const {
     if (!trace_ || !opt_.attn_trace) return r;
     r.resize(trace_bytes() / sizeof(unsigned long long));
     CUDA_CHECK(cudaMemcpy(r.data(), trace_, trace_bytes(), cudaMemcpyDeviceToHost), "decode attention trace");
+    // zeroed again: blocks without keys leave some fields unwritten, which must not show a past step's
+    CUDA_CHECK(cudaMemset(trace_, 0, trace_bytes()), "decode attention trace");
     return r;
 }
 
@@ -375,7 +372,7 @@ void FusedDecoder::launch_qk_norm(const cu::DecQkNormArgs& a, const StepLaunch& 
 void FusedDecoder::launch_attention(const cu::DecAttnArgs& args, const StepLaunch& s) const {
     const char* what = "decode attention";
     cu::DecAttnArgs a = args;
-    a.cluster = s.attn_clusters > 0 ? std::min(opt_.cluster_size, stage_ > 0 ? stage_cluster_ : max_cluster_) : 0;
+    a.cluster = s.attn_clusters > 0 ? cluster_blocks() : 0;
     a.clusters = std::max(1, s.attn_clusters);
     a.stage = a.cluster > 0 && opt_.cluster_mma ? stage_ : 0;
     if (s.attn_clusters < 0) a.max_splits = 1;  // one block per KV head: no merge
@@ -414,11 +411,11 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
         A.attn_output.pdl_early = pdl_early(DecodeKernel::attn_output, ek);
         A.ffn_gate_up.pdl_early = pdl_early(DecodeKernel::ffn_gate_up, ek);
         A.ffn_down.pdl_early = pdl_early(DecodeKernel::ffn_down, ek);
-        // Layer 0 follows a copy or the previous step's lm_head, which advances the state
-        // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
         A.attention.trace = trace_ && opt_.attn_trace && s.attn_clusters > 0
                                 ? trace_ + l * trace_layer_records() * cu::kDecAttnTraceFields
                                 : nullptr;
+        // Layer 0 follows a copy or the previous step's lm_head, which advances the state
+        // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
         launch_qkv(A.qkv, s.pdl && l > 0, s);
         if (d_.qk_norm) launch_qk_norm(A.qk_norm, s);
         launch_attention(A.attention, s);
@@ -486,7 +483,7 @@ int FusedDecoder::attn_variant(int kv_len) const {
     // beat 1 and 4, at 32k 4 beat 2 (docs/perf_log.md run 36)
     // (more clusters of fewer blocks, e.g. cluster_size 1-2 and a short span: the partials merged by
     // attn_output instead of in the cluster; at most kDecMaxSplits blocks per KV head in all)
-    const int cs = std::min(opt_.cluster_size, stage_ > 0 ? stage_cluster_ : max_cluster_);
+    const int cs = cluster_blocks();
     int want = (kv_len + opt_.cluster_span - 1) / opt_.cluster_span;
     // staging: at least the clusters a block's keys need to fit its rows, rounded down to a power
     // of two like the rest (so a block whose keys do not fit, there or past the most clusters,

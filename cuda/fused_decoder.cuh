@@ -118,15 +118,14 @@ public:
     cudaStream_t stream() const { return stream_; }
     // five a layer (six with gemma3's Q/K norm, which the profiler counts as qkv), the lm_head
     int kernels_per_step() const { return (d_.qk_norm ? 6 : 5) * d_.n_layer + 1; }
-    // With options' attn_trace: the cluster attention's timestamps of the last step run, per layer
+    // With options' attn_trace: the cluster attention's timestamps of the steps run since the last
+    // call (each step's overwrite the one before; the buffer is zeroed after it is read), per layer
     // trace_layer_records() records of cu::kDecAttnTraceFields (block (x, y) of the launch's grid at
     // record y * grid.x + x; dec_attn_kernel says which fields); empty without.
     std::vector<unsigned long long> attn_trace() const;
     size_t trace_layer_records() const { return size_t(cu::kDecMaxSplits) * size_t(d_.n_head_kv); }
     // The attention's grid.x in a step of `clusters` clusters per KV head (attn_variant > 0).
-    int attn_grid_x(int clusters) const {
-        return std::min(opt_.cluster_size, stage_ > 0 ? stage_cluster_ : max_cluster_) * std::max(1, clusters);
-    }
+    int attn_grid_x(int clusters) const { return cluster_blocks() * std::max(1, clusters); }
 
 private:
     struct LayerArgs {
@@ -192,6 +191,8 @@ private:
     // the staging attention (options' attn_stage): the most keys a block can stage here, the keys a
     // block stages now (0: off) and the largest cluster of those blocks that fits
     int stage_max_ = 0, stage_ = 0, stage_cluster_ = 0;
+    // blocks per cluster of the cluster attention: the options' size within what fits (staging or not)
+    int cluster_blocks() const { return std::min(opt_.cluster_size, stage_ > 0 ? stage_cluster_ : max_cluster_); }
     unsigned long long* trace_ = nullptr;  // options' attn_trace: [layer][trace_layer_records()][fields]
     size_t trace_bytes() const;
     cudaGraphExec_t graph_[4 * kAttnVariants] = {};  // graph_slot

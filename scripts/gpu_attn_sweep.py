@@ -165,7 +165,7 @@ def main():
                 out["engine"].append(dict(variant=name, pos=d, **{k: v for k, v in p.items()}))
             print(f"{name:<28}" + "".join(f"{c:>17}" for c in cells), flush=True)
         if a.trace:
-            nkv = int(e.info()["n_head_kv"]) if "n_head_kv" in e.info() else 2
+            nkv = int(e.info()["n_head_kv"])
             print("cluster attention phases (median us over layers and blocks; after wait: the last "
                   "block's wait to the last block's end; to next: the next layer's first start)")
             names = [n for n, _, _ in PHASES] + ["skew", "after wait", "span", "to next"]
