@@ -211,9 +211,18 @@ def test_bad_requests_are_clear_errors(tiny):
 def test_queue_full_is_refused(tiny):
     path, _ = tiny
     loop = _orcd.StepLoop(path, n_ctx=96, n_slots=1, max_waiting=0)
-    assert submit(loop, 1, [1, 2, 3], 80)  # takes the only slot...
-    # ...or is still waiting for it: either way no second request fits
+    # Request 1 is held before its first token until the gate opens: on a busy machine a
+    # request left to run could finish its 80 tokens before the second submit.
+    gate = threading.Event()
+
+    def hold(generated, mask):
+        mask[:] = 0xFFFFFFFF
+        gate.wait(60)
+
+    assert loop.submit(1, np.asarray([1, 2, 3], np.int32), 80, [], *GREEDY.values(), mask_fn=hold)
+    # it takes the only slot or is still waiting for it: either way no second request fits
     assert not submit(loop, 2, [4, 5], 4)
+    gate.set()
     got = drain(loop, [1])
     assert got[1][1] == "length"
     assert submit(loop, 3, [4, 5], 2)  # free again
