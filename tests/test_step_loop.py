@@ -220,9 +220,11 @@ def test_queue_full_is_refused(tiny):
         gate.wait(60)
 
     assert loop.submit(1, np.asarray([1, 2, 3], np.int32), 80, [], *GREEDY.values(), mask_fn=hold)
-    # it takes the only slot or is still waiting for it: either way no second request fits
-    assert not submit(loop, 2, [4, 5], 4)
-    gate.set()
+    try:
+        # it takes the only slot or is still waiting for it: either way no second request fits
+        assert not submit(loop, 2, [4, 5], 4)
+    finally:
+        gate.set()  # (also when the assertion fails: the loop thread must not wait out 80 timeouts)
     got = drain(loop, [1])
     assert got[1][1] == "length"
     assert submit(loop, 3, [4, 5], 2)  # free again
