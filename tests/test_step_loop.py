@@ -23,11 +23,11 @@ GREEDY = dict(temperature=0.0, top_k=40, top_p=0.95, min_p=0.05, repetition_pena
               presence_penalty=0.0, frequency_penalty=0.0, penalty_last_n=64, seed=0)
 
 
-def submit(loop, rid, ids, max_tokens, stop_ids=(), **sampling):
+def submit(loop, rid, ids, max_tokens, stop_ids=(), mask_fn=None, **sampling):
     s = dict(GREEDY, **sampling)
     return loop.submit(rid, np.asarray(ids, np.int32), max_tokens, list(stop_ids), s["temperature"], s["top_k"],
                        s["top_p"], s["min_p"], s["repetition_penalty"], s["presence_penalty"],
-                       s["frequency_penalty"], s["penalty_last_n"], s["seed"])
+                       s["frequency_penalty"], s["penalty_last_n"], s["seed"], mask_fn=mask_fn)
 
 
 def drain(loop, ids, timeout=120.0):
@@ -219,7 +219,7 @@ def test_queue_full_is_refused(tiny):
         mask[:] = 0xFFFFFFFF
         gate.wait(60)
 
-    assert loop.submit(1, np.asarray([1, 2, 3], np.int32), 80, [], *GREEDY.values(), mask_fn=hold)
+    assert submit(loop, 1, [1, 2, 3], 80, mask_fn=hold)
     try:
         # it takes the only slot or is still waiting for it: either way no second request fits
         assert not submit(loop, 2, [4, 5], 4)
