@@ -860,9 +860,11 @@ __host__ __device__ inline size_t dec_attn_tile_bytes(int G, int hd) {
 // Per warp an online softmax (base 2); the block's warps merge in shared memory
 // into one partial (acc, m in natural-log units, l) as the CUDA-core phase leaves it.
 constexpr int kDecMmaTK = 16;  // keys per warp tile
+// floats between rows of the warps' partial outputs (wo_col says why the padding)
+__host__ __device__ constexpr int wo_stride(int hd) { return hd + hd / 4; }
 // Shared memory of the phase: Q fragments (hi, lo) per lane, the warps' (m, l) and outputs.
 __host__ __device__ inline size_t dec_attn_mma_bytes(int G, int hd) {
-    return size_t(hd / 16) * 32 * 32 + size_t(NW) * 16 * 8 + size_t(NW) * G * hd * 4;
+    return size_t(hd / 16) * 32 * 32 + size_t(NW) * 16 * 8 + size_t(NW) * G * wo_stride(hd) * 4;
 }
 // The cluster variant's partial (acc, then (m, l)) sits past both tile phases' areas.
 __host__ __device__ inline size_t dec_attn_part_off(int G, int hd) {
@@ -912,18 +914,15 @@ __device__ __forceinline__ uint4 ld_kv16(const __half* p, bool ok) {
     return ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// Where output dim d of query row `row` sits in a warp's row of wo (the warps' partial outputs).
-// One store of the mma layout covers 8 rows (lane group g) x 4 dims 16 apart (lane t), which in
-// plain row-major order (rows of HD floats, a multiple of 32) all fall on 2 banks: 16-way
-// conflicts, 59% of the kernel's shared-memory wavefronts in excess under Nsight Compute. Bit 2
-// of d flipped in the upper 32 of each 64 (the t = 2, 3 lanes) and the row rotated by (row & 3) +
-// 8 * ((row >> 2) & 1) put the 32 lanes on 32 banks; a warp reading 32 consecutive dims of one
-// row (the merge) still does.
-template <int HD>
-__device__ __forceinline__ int wo_col(int row, int d) {
-    const int sw = d ^ (((d >> 5) & 1) << 2);
-    return (sw + (row & 3) + 8 * ((row >> 2) & 1)) & (HD - 1);
-}
+// Where output dim d of query row `row` sits in a warp's rows of wo (the warps' partial outputs),
+// rows wo_stride(HD) floats apart. One store of the mma layout covers 8 rows (lane group g) x 4
+// dims 16 apart (lane t), which in plain rows of HD floats (a multiple of 32) fall on 2 banks:
+// 16-way conflicts, 59% of the kernel's shared-memory wavefronts in excess under Nsight Compute.
+// Shifted by 2*(row & 7) + d/32 within padded rows, the 32 lanes of a store land on 32 banks, and so
+// do a warp's reads of 32 consecutive dims of one row (the merge). The shift only grows with d
+// (no wrap-around inside the row), so each thread's stores keep one base address plus constant
+// offsets: no per-store index arithmetic in the unrolled store loop.
+__device__ __forceinline__ int wo_col(int row, int d) { return d + 2 * (row & 7) + (d >> 5); }
 
 // The lean cluster instances' merge (MHD): each block pushes its partial's outputs straight into
 // the shared memory of the block that merges them (rank o / slice takes outputs [rank*slice, ...)):
@@ -969,11 +968,12 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
                                    size_t acc_stride, float2* ml, size_t ml_stride, uint64_t* bar,
                                    unsigned long long* tr, const ClusterPush& pu = ClusterPush{}) {
     constexpr int KS = HD / 16, NTO = HD / 8;
+    static_assert(HD >= kDecAttnClusterMax, "the push merge sends (m, l) from one thread a rank");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     uint4* qf = reinterpret_cast<uint4*>(sm);                          // [KS][2][32]: hi, lo
     float* wm = reinterpret_cast<float*>(sm + size_t(KS) * 32 * 32);   // [NW][16]
     float* wl = wm + NW * 16;                                          // [NW][16]
-    float* wo = wl + NW * 16;                                          // [NW][G][HD]
+    float* wo = wl + NW * 16;                                          // [NW][G][wo_stride(HD)]
     const float sl2 = p.scale * 1.4426950408889634f;
     // Q fragments in the permuted dimension order (k-step 2c: dims 32c+8t + 0..3, 2c+1: + 4..7)
     for (int i = threadIdx.x; i < KS * 32; i += NT) {
@@ -1138,13 +1138,21 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         wl[warp * 16 + g + 8] = l_run[1];
     }
     if (has) {
+        // Element (n, e) is row g + 8*(e >> 1), dim 16t + c with c = 64*(n/8) + 8*(e & 1) + n%8; as
+        // c%64 + 16t < 64, wo_col(row, 16t + c) = wo_col(g, 16t) + c + c/32: one base for the
+        // lane plus a constant per element (no index arithmetic per store).
+        // (the lane's indices read again from %tid: derived from the loop's copies, the compiler
+        // computed the base before the tile loop and spilled inside it)
+        unsigned tid;
+        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+        const int lg = (tid & 31) >> 2, lt = tid & 3;
+        float* const wo_lane = wo + (size_t(tid / 32) * G + lg) * wo_stride(HD) + wo_col(lg, 16 * lt);
 #pragma unroll
         for (int n = 0; n < NTO; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int row = g + 8 * (e >> 1);
-                const int d = 64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8;
-                if (row < G) wo[(size_t(warp) * G + row) * HD + wo_col<HD>(row, d)] = o[n][e];
+                const int c = 64 * (n / 8) + 8 * (e & 1) + n % 8;
+                if (lg + 8 * (e >> 1) < G) wo_lane[8 * (e >> 1) * wo_stride(HD) + c + c / 32] = o[n][e];
             }
     }
     __syncthreads();
@@ -1152,23 +1160,23 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     if (PUSH && !direct) cluster_wait();  // every block of the cluster has started: its memory may be written
     const int nw = min(NW, n_tiles);
     for (int i = threadIdx.x; i < G * HD; i += NT) {
-        const int row = i / HD, col = wo_col<HD>(row, i % HD);
+        const int row = i / HD, col = wo_col(row, i % HD);
         float M = -INFINITY;
         for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w * 16 + row]);
         float L = 0.f, A = 0.f;
         for (int w = 0; w < nw; ++w) {
             const float f = exp2f(wm[w * 16 + row] - M);
             L += f * wl[w * 16 + row];
-            A += f * wo[(size_t(w) * G + row) * HD + col];
+            A += f * wo[(size_t(w) * G + row) * wo_stride(HD) + col];
         }
         if (direct) {
             acc[row * acc_stride + i % HD] = A / L;
         } else if (PUSH) {
             const int owner = i / pu.slice;
             *cluster_map(pu.recv_o + pu.rank * pu.slice + (i - owner * pu.slice), owner) = A;
-            if (i % HD == 0)
-                for (int r = 0; r < pu.cs; ++r)
-                    *cluster_map(pu.recv_ml + pu.rank * G + row, r) = make_float2(M * 0.69314718055994531f, L);
+            // the row's (m, l) to every rank: the threads of dims 0 .. cs-1 one rank each (HD >= cs)
+            if (i % HD < pu.cs)
+                *cluster_map(pu.recv_ml + pu.rank * G + row, i % HD) = make_float2(M * 0.69314718055994531f, L);
         } else {
             acc[row * acc_stride + i % HD] = A;
             if (i % HD == 0) ml[row * ml_stride] = make_float2(M * 0.69314718055994531f, L);
@@ -1195,18 +1203,21 @@ __device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
 // No global round trip, no atomics, no last-block tail (docs/perf_log.md has the merge's cost).
 // Without CLUSTER the last block of each KV head to finish merges (global
 // partials and a counter), which allows up to max_splits splits for long contexts.
-// MHD (with CLUSTER): the instances of the tensor-core tile phase for head_dim MHD alone (64 or
-// 128; the host picks them where dec_attn_mma_ok and cluster_mma), which hold none of the CUDA-core
-// path's code: a kernel's code is fetched cold at each launch, and this path runs at every depth.
-// STAGE (with MHD): DecAttnArgs::stage, the keys' K/V rows in shared memory.
+// MHD: the instances of the tensor-core tile phase for head_dim MHD alone (64 or 128; the host
+// picks them where dec_attn_mma_ok, and for clusters where cluster_mma), which hold none of the
+// CUDA-core path's code: a kernel's code is fetched cold at each launch. With CLUSTER they run at
+// every depth past direct_keys; without, one block per KV head writes the output (max_splits 1,
+// the short caches' variant: every step of a short chat), none of the global merge's code either.
+// STAGE (with MHD and CLUSTER): DecAttnArgs::stage, the keys' K/V rows in shared memory.
 // p.trace (CLUSTER): the global timer at the block's start (0), after its wait (1), with the
 // query and K/V ready for the tiles (2), after its tiles (8), after the warps' partials are
 // stored (9), with the block's partial merged (3), after the cluster barrier (4), with the
 // cluster merge's inputs loaded (10), after its stores (5), at the end (6); and the SM's id (7).
 template <int NACC, bool CLUSTER, bool STAGE = false, int MHD = 0>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
-    static_assert(!STAGE || MHD, "staging goes with the tensor-core instances");
-    static_assert(!MHD || (CLUSTER && (MHD == 64 || MHD == 128)), "MHD: cluster instances of head_dim 64 or 128");
+    static_assert(!STAGE || (MHD && CLUSTER), "staging goes with the tensor-core cluster instances");
+    static_assert(!MHD || MHD == 64 || MHD == 128, "MHD: instances of head_dim 64 or 128");
+    constexpr bool kDirectOnly = !CLUSTER && MHD > 0;  // launched with max_splits 1 (dec_attention)
     extern __shared__ __align__(16) uint8_t asmem[];
     __shared__ int is_last;
     constexpr int TK = kDecTK;
@@ -1253,7 +1264,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     const bool active = start < end;
     // one split: it writes the output itself, no merge (the multi-cluster variant always
     // leaves its clusters' partials: attn_output merges them)
-    const bool direct = n_act == 1 && (!CLUSTER || p.clusters <= 1);
+    const bool direct = kDirectOnly || (n_act == 1 && (!CLUSTER || p.clusters <= 1));
     // MHD: the push merge (ClusterPush); the first phase of the cluster barrier says every block
     // has started (arrive now, wait before the first remote store)
     ClusterPush pu{};
@@ -1904,6 +1915,13 @@ AttnKernel attn_kernel_for(int group_dim) {
 bool cluster_on_mma(int n_head, int n_head_kv, int head_dim, bool cluster_mma) {
     return cluster_mma && dec_attn_mma_ok(n_head / n_head_kv, head_dim);
 }
+// The one-block-per-KV-head launch (max_splits 1) on the tensor-core phase: its own instances.
+bool direct_on_mma(const DecAttnArgs& a) {
+    return a.cluster == 0 && a.max_splits == 1 && dec_attn_mma_ok(a.n_head / a.n_head_kv, a.head_dim);
+}
+AttnKernel direct_kernel_for(int head_dim) {
+    return head_dim == 64 ? dec_attn_kernel<1, false, false, 64> : dec_attn_kernel<1, false, false, 128>;
+}
 AttnKernel cluster_kernel_for(int n_head, int n_head_kv, int head_dim, bool cluster_mma, bool stage) {
     if (!cluster_on_mma(n_head, n_head_kv, head_dim, cluster_mma)) return attn_kernel_for<true>(n_head / n_head_kv * head_dim);
     if (head_dim == 64) return stage ? dec_attn_kernel<1, true, true, 64> : dec_attn_kernel<1, true, false, 64>;
@@ -1934,6 +1952,7 @@ std::vector<const void*> all_kernels() {
     ORCD_DEC_QKV_PAIRS(ORCD_ADD_PAIR)
 #undef ORCD_ADD_PAIR
     for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) add(attn_kernel_for<false>(g));
+    for (int hd : {64, 128}) add(direct_kernel_for(hd));
     for (const void* c : cluster_attn_kernels()) k.push_back(c);
     return k;
 }
@@ -2041,8 +2060,9 @@ DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
 DecLaunchShape dec_attention_shape(const DecAttnArgs& a) {
     const bool staged = a.cluster > 0 && a.stage > 0 && cluster_on_mma(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma);
     return {dim3(a.cluster > 0 ? a.cluster * std::max(1, a.clusters) : a.max_splits, a.n_head_kv),
-            a.cluster > 0 ? dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim, staged ? a.stage : 0)
-                          : dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim),
+            a.cluster > 0        ? dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim, staged ? a.stage : 0)
+            : direct_on_mma(a)   ? dec_align16(dec_attn_mma_bytes(a.n_head / a.n_head_kv, a.head_dim))
+                                 : dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim),
             a.cluster > 0 ? a.cluster : 0};
 }
 
@@ -2076,6 +2096,8 @@ void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* 
     if (a.cluster)
         launch(cluster_kernel_for(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma != 0, a.stage > 0), sh.grid, sh.smem,
                st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
+    else if (direct_on_mma(a))
+        launch(direct_kernel_for(a.head_dim), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (direct)", what));
     else launch(attn_kernel_for<false>(gd), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel", what));
 }
 
