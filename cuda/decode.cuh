@@ -262,9 +262,9 @@ DecLaunchShape dec_qk_norm_shape(const DecQkNormArgs& a);
 // theirs): what a launch boundary costs alone (the profiler's floor and marginal costs).
 void dec_noop(const DecLaunchShape& shape, int pdl_early, cudaStream_t st, bool pdl, const char* what);
 size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim);
-// ... of the cluster variant (the push merge's buffers included) that stages up to `stage` keys a
-// block (DecAttnArgs::stage; 0: no staging)
-size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim, int stage);
+// ... of the cluster variant's lean instances (tensor cores, the push merge) that stage up to
+// `stage` keys a block (DecAttnArgs::stage; 0: no staging)
+size_t dec_attn_lean_smem(int n_head, int n_head_kv, int head_dim, int stage);
 // The most keys a block can stage within the shared memory a block may have (0: the shape has no
 // tensor-core tile phase, so no staging)
 int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim);

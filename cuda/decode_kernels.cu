@@ -875,21 +875,18 @@ __host__ __device__ inline size_t dec_attn_part_off(int G, int hd) {
 // The staging instances (DecAttnArgs::stage): past the tile phase's area an mbarrier (16 bytes),
 // then `stage` K rows and `stage` V rows of dec_attn_row_stride(hd) bytes (the 16 bytes of
 // padding put the tile phase's 16-byte V loads, 4 keys x 2 pieces a quarter warp, on distinct
-// banks, and its K loads at most 2-way), then the cluster's partial.
+// banks, and its K loads at most 2-way), then the push merge's buffers.
 __host__ __device__ inline size_t dec_attn_stage_off(int G, int hd) { return dec_align16(dec_attn_mma_bytes(G, hd)); }
-__host__ __device__ inline size_t dec_attn_stage_part_off(int G, int hd, int stage) {
-    const size_t a = dec_attn_stage_off(G, hd) + 16 + size_t(2) * stage * dec_attn_row_stride(hd);
-    const size_t b = dec_attn_part_off(G, hd);
-    return dec_align16(a > b ? a : b);
-}
 // The push merge's receive buffers (ClusterPush), past the partial: recv_o [cs][slice] floats (cs *
 // slice < G*hd + cs) then recv_ml [cs][G] float2, for clusters of up to kDecAttnClusterMax blocks.
 __host__ __device__ inline size_t dec_attn_recv_floats(int G, int hd) {
     return size_t(G * hd + kDecAttnClusterMax + 1) & ~size_t(1);  // even: recv_ml stays 8-byte aligned
 }
+// The lean instances (MHD) hold only the tile phase's area, the staged rows (STAGE) and these
+// buffers: none of the CUDA-core ring, the global merge's area or a local partial, so their blocks
+// leave more of an SM's shared memory to the kernels launched beside them.
 __host__ __device__ inline size_t dec_attn_recv_off(int G, int hd, int stage) {
-    const size_t part = stage > 0 ? dec_attn_stage_part_off(G, hd, stage) : dec_attn_part_off(G, hd);
-    return dec_align16(part + size_t((G * hd + 3) & ~3) * 4 + size_t(G) * 8);
+    return dec_align16(dec_attn_stage_off(G, hd) + (stage > 0 ? 16 + size_t(2) * stage * dec_attn_row_stride(hd) : 0));
 }
 __host__ __device__ inline size_t dec_attn_recv_end(int G, int hd, int stage) {
     return dec_attn_recv_off(G, hd, stage) + dec_attn_recv_floats(G, hd) * 4 + size_t(kDecAttnClusterMax) * G * 8;
@@ -1234,8 +1231,9 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     auto kbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs; };
     auto vbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs + size_t(TK) * rs; };
     // CLUSTER: this block's partial, read by the other blocks of the cluster
-    float* po_c = reinterpret_cast<float*>(asmem + (STAGE ? dec_attn_stage_part_off(G, hd, p.stage)
-                                                          : dec_attn_part_off(G, hd)));  // GH
+    // (MHD: unused: the push merge's buffers hold the partials, the direct instances write the output)
+    float* po_c = reinterpret_cast<float*>(asmem + (MHD ? dec_attn_recv_off(G, hd, STAGE ? p.stage : 0)
+                                                        : dec_attn_part_off(G, hd)));  // GH
     float2* ml_c = reinterpret_cast<float2*>(po_c + ((GH + 3) & ~3));           // G
     const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32;
@@ -1984,10 +1982,8 @@ size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim) {
     return std::max({tiles, merge, dec_attn_mma_bytes(G, head_dim)});
 }
 
-size_t dec_attn_smem(int n_head, int n_head_kv, int head_dim, int stage) {
-    // the cluster launches (the lean instances' push merge buffers at the end)
-    return std::max(dec_attn_smem(n_head, n_head_kv, head_dim),
-                    dec_attn_recv_end(n_head / n_head_kv, head_dim, std::max(stage, 0)));
+size_t dec_attn_lean_smem(int n_head, int n_head_kv, int head_dim, int stage) {
+    return dec_attn_recv_end(n_head / n_head_kv, head_dim, std::max(stage, 0));
 }
 
 int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim) {
@@ -1996,7 +1992,7 @@ int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim) {
     CUDA_CHECK(cudaGetDevice(&dev), "dec_attn_stage_max");
     CUDA_CHECK(cudaDeviceGetAttribute(&cap, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "dec_attn_stage_max");
     int k = 0;  // in steps of a cluster split's granule
-    while (dec_attn_smem(n_head, n_head_kv, head_dim, k + kDecClusterGran) <= size_t(cap)) k += kDecClusterGran;
+    while (dec_attn_lean_smem(n_head, n_head_kv, head_dim, k + kDecClusterGran) <= size_t(cap)) k += kDecClusterGran;
     return k;
 }
 
@@ -2037,7 +2033,9 @@ int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim, int stage) {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(unsigned(c), unsigned(n_head_kv));
         cfg.blockDim = dim3(NT);
-        cfg.dynamicSmemBytes = dec_attn_smem(n_head, n_head_kv, head_dim, stage);
+        cfg.dynamicSmemBytes = cluster_on_mma(n_head, n_head_kv, head_dim, true)
+                                   ? dec_attn_lean_smem(n_head, n_head_kv, head_dim, stage)
+                                   : dec_attn_smem(n_head, n_head_kv, head_dim);
         cudaLaunchAttribute attr;
         attr.id = cudaLaunchAttributeClusterDimension;
         attr.val.clusterDim.x = unsigned(c);
@@ -2058,9 +2056,10 @@ DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
 }
 
 DecLaunchShape dec_attention_shape(const DecAttnArgs& a) {
-    const bool staged = a.cluster > 0 && a.stage > 0 && cluster_on_mma(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma);
+    const bool lean = a.cluster > 0 && cluster_on_mma(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma);
     return {dim3(a.cluster > 0 ? a.cluster * std::max(1, a.clusters) : a.max_splits, a.n_head_kv),
-            a.cluster > 0        ? dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim, staged ? a.stage : 0)
+            lean                 ? dec_attn_lean_smem(a.n_head, a.n_head_kv, a.head_dim, a.stage)
+            : a.cluster > 0      ? dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim)
             : direct_on_mma(a)   ? dec_align16(dec_attn_mma_bytes(a.n_head / a.n_head_kv, a.head_dim))
                                  : dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim),
             a.cluster > 0 ? a.cluster : 0};

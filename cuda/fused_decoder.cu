@@ -98,7 +98,7 @@ void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
     const size_t smem = std::max({cu::dec_qkv_smem(qkv_smem_w_, E, qkv_rows_), cu::dec_proj_smem(o.smem_w, QD),
                                   cu::dec_proj_smem(gu.smem_w, E), cu::dec_proj_smem(dn.smem_w, F),
                                   cu::dec_proj_smem(lm.smem_w, E), cu::dec_attn_smem(d.n_head, d.n_head_kv, hd),
-                                  cu::dec_attn_smem(d.n_head, d.n_head_kv, hd, 0)});
+                                  cu::dec_attn_lean_smem(d.n_head, d.n_head_kv, hd, 0)});
     // the staging attention's keys a block at most (the rest of a block's opt-in shared memory)
     stage_max_ = hopper_ ? cu::dec_attn_stage_max(d.n_head, d.n_head_kv, hd) : 0;
     int optin = 0;
@@ -107,7 +107,7 @@ void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
         return off("needs " + std::to_string(smem) + " bytes of shared memory per block, the GPU allows " +
                    std::to_string(optin));
     CUDA_CHECK(cudaSetDevice(info.device), "CudaEngine plan");
-    cu::dec_set_smem_limit(std::max({smem, size_t(48) << 10, cu::dec_attn_smem(d.n_head, d.n_head_kv, hd, stage_max_)}));
+    cu::dec_set_smem_limit(std::max({smem, size_t(48) << 10, cu::dec_attn_lean_smem(d.n_head, d.n_head_kv, hd, stage_max_)}));
     max_cluster_ = hopper_ ? cu::dec_attn_max_cluster(d.n_head, d.n_head_kv, hd) : 0;
     rope_bases_.clear();
     for (const LayerDesc& L : d.layers)

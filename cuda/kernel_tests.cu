@@ -764,7 +764,7 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
     a.st = st.p;
     a.pdl_early = 0;
     const bool parts = cluster > 0 && clusters > 1;
-    dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim, stage), what);
+    dec_smem(std::max(cu::dec_attn_smem(n_head, n_head_kv, head_dim), cu::dec_attn_lean_smem(n_head, n_head_kv, head_dim, stage)), what);
     // Twice on the same buffers: the global merge's completion counters must be back
     // at zero after a launch, or the second one never merges (its output stays NaN).
     std::vector<float> r[2];
@@ -845,7 +845,7 @@ double dec_attn_time(int n_head, int n_head_kv, int head_dim, int n_kv, int clus
         args.push_back(a);
         ls.push_back(std::move(L));
     }
-    dec_smem(cu::dec_attn_smem(n_head, n_head_kv, head_dim, stage), what);
+    dec_smem(std::max(cu::dec_attn_smem(n_head, n_head_kv, head_dim), cu::dec_attn_lean_smem(n_head, n_head_kv, head_dim, stage)), what);
     const double us = graph_us(
         [&](cudaStream_t st) {
             for (const cu::DecAttnArgs& a : args) cu::dec_attention(a, st, false, what);
