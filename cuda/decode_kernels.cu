@@ -877,7 +877,7 @@ __host__ __device__ inline size_t dec_attn_part_off(int G, int hd) {
 // padding put the tile phase's 16-byte V loads, 4 keys x 2 pieces a quarter warp, on distinct
 // banks, and its K loads at most 2-way), then the push merge's buffers.
 __host__ __device__ inline size_t dec_attn_stage_off(int G, int hd) { return dec_align16(dec_attn_mma_bytes(G, hd)); }
-// The push merge's receive buffers (ClusterPush), past the partial: recv_o [cs][slice] floats (cs *
+// The push merge's receive buffers (ClusterPush), past the staged rows: recv_o [cs][slice] floats (cs *
 // slice < G*hd + cs) then recv_ml [cs][G] float2, for clusters of up to kDecAttnClusterMax blocks.
 __host__ __device__ inline size_t dec_attn_recv_floats(int G, int hd) {
     return size_t(G * hd + kDecAttnClusterMax + 1) & ~size_t(1);  // even: recv_ml stays 8-byte aligned
@@ -1231,10 +1231,9 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     auto kbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs; };
     auto vbuf = [&](int b) { return kv0 + size_t(b) * 2 * TK * rs + size_t(TK) * rs; };
     // CLUSTER: this block's partial, read by the other blocks of the cluster
-    // (MHD: unused: the push merge's buffers hold the partials, the direct instances write the output)
-    float* po_c = reinterpret_cast<float*>(asmem + (MHD ? dec_attn_recv_off(G, hd, STAGE ? p.stage : 0)
-                                                        : dec_attn_part_off(G, hd)));  // GH
-    float2* ml_c = reinterpret_cast<float2*>(po_c + ((GH + 3) & ~3));           // G
+    // (MHD: none: the push merge's buffers hold the partials, the direct instances write the output)
+    float* po_c = MHD ? nullptr : reinterpret_cast<float*>(asmem + dec_attn_part_off(G, hd));       // GH
+    float2* ml_c = MHD ? nullptr : reinterpret_cast<float2*>(po_c + ((GH + 3) & ~3));             // G
     const int kvh = blockIdx.y, s = blockIdx.x, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32;
     unsigned long long* const tr =
@@ -1266,7 +1265,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // MHD: the push merge (ClusterPush); the first phase of the cluster barrier says every block
     // has started (arrive now, wait before the first remote store)
     ClusterPush pu{};
-    if constexpr (MHD > 0) {
+    if constexpr (MHD > 0 && CLUSTER) {
         pu.cs = p.cluster;
         pu.rank = s % p.cluster;
         pu.slice = (GH + p.cluster - 1) / p.cluster;
@@ -2033,9 +2032,9 @@ int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim, int stage) {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(unsigned(c), unsigned(n_head_kv));
         cfg.blockDim = dim3(NT);
-        cfg.dynamicSmemBytes = cluster_on_mma(n_head, n_head_kv, head_dim, true)
-                                   ? dec_attn_lean_smem(n_head, n_head_kv, head_dim, stage)
-                                   : dec_attn_smem(n_head, n_head_kv, head_dim);
+        // the larger of the two cluster launches' sizes (the generic instance runs where cluster_mma is off)
+        cfg.dynamicSmemBytes =
+            std::max(dec_attn_smem(n_head, n_head_kv, head_dim), dec_attn_lean_smem(n_head, n_head_kv, head_dim, stage));
         cudaLaunchAttribute attr;
         attr.id = cudaLaunchAttributeClusterDimension;
         attr.val.clusterDim.x = unsigned(c);
