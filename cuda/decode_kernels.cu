@@ -953,15 +953,16 @@ __device__ __forceinline__ T* cluster_map(T* p, int rank) {
 
 // Keys [start, end) (start < end) of the slot's KV head: key j's K row at K + (j - key0)*kstride
 // halves (the cache: key0 0, kstride kv_dim; SMEM: the block's staged rows, key0 = start, which
-// bulk copies fill: bar, when non-null, completes when they have landed); p.q: the G heads'
+// bulk copies fill: bar, when non-null, completes when they have landed); pos: the step's row (the last key); p.q: the G heads'
 // query rows (float32, unscaled). Head g's result goes to acc + g*acc_stride (hd floats): acc /
 // l when direct, else the unnormalised acc and ml[g*ml_stride] = (max in natural-log units, l).
 // tr: the block's trace record (dec_attn_kernel), or null. PUSH (not direct): the partial goes
 // to the cluster's merging blocks (ClusterPush) once every block of the cluster has started (the
-// kernel's first cluster barrier phase, which this waits for).
-template <int HD, bool SMEM, bool PUSH = false>
+// kernel's first cluster barrier phase, which this waits for). EARLY (HD 64 from the cache): called
+// before the kernel's wait, which it does itself once the warps' first tiles are in flight.
+template <int HD, bool SMEM, bool PUSH = false, bool EARLY = false>
 __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const __half* V, size_t kstride, int key0,
-                                   int start, int end, int G, int kvh, uint8_t* sm, bool direct, float* acc,
+                                   int start, int end, int pos, int G, int kvh, uint8_t* sm, bool direct, float* acc,
                                    size_t acc_stride, float2* ml, size_t ml_stride, uint64_t* bar,
                                    unsigned long long* tr, const ClusterPush& pu = ClusterPush{}) {
     constexpr int KS = HD / 16, NTO = HD / 8;
@@ -972,6 +973,62 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     float* wl = wm + NW * 16;                                          // [NW][16]
     float* wo = wl + NW * 16;                                          // [NW][G][wo_stride(HD)]
     const float sl2 = p.scale * 1.4426950408889634f;
+    // This thread's K and V pieces of a tile: V rows of keys 2t, 2t+1, 2t+8, 2t+9 (dims
+    // 64cb + 8g ..), K rows of keys 8j + g (dims 32c + 8t ..); keys from lim on read as zeros.
+    // PIPE (head_dim 64: the registers allow it): the next tile's pieces are loaded while
+    // this one is computed, so a warp's loads overlap its math instead of waiting on each tile.
+    constexpr bool PIPE = HD == 64;
+    // (Without PIPE each K piece is loaded where it is used: fewer live registers.)
+    auto load_v = [&](int tile, uint4 (&vr)[HD / 64][4], int lim) {
+#pragma unroll
+        for (int cb = 0; cb < HD / 64; ++cb)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int key = tile + 2 * t + (r & 1) + 8 * (r >> 1);
+                vr[cb][r] = ld_kv16(V + size_t(key - key0) * kstride + 64 * cb + 8 * g, key < lim);
+            }
+    };
+    auto load_k = [&](int tile, int c, int j, int lim) {
+        const int key = tile + 8 * j + g;
+        return ld_kv16(K + size_t(key - key0) * kstride + 32 * c + 8 * t, key < lim);
+    };
+    constexpr int KP = PIPE ? HD / 32 : 1;  // K pieces held across iterations (PIPE only)
+    uint4 vr[HD / 64][4], kr_all[KP][2];
+    // the warp's first tile (PIPE: preloaded; a warp past the last tile has none)
+    const int tile0 = start + warp * kDecMmaTK;
+    const bool has_tile = tile0 < end;
+    auto preload = [&](int lim) {
+        load_v(tile0, vr, lim);
+#pragma unroll
+        for (int c = 0; c < KP; ++c)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) kr_all[c][j] = load_k(tile0, c, j, lim);
+    };
+    // PIPE from the cache: the warp's first tile is in flight while the query is prepared. EARLY:
+    // even before the kernel's wait (the previous kernel still running), the rows before pos only
+    // (earlier steps wrote them; the state is stable during a step); after the wait the pieces of
+    // row pos, which dec_qkv has just written, are loaded again.
+    if constexpr (PIPE && !SMEM) {
+        if (has_tile) preload(EARLY ? min(end, pos) : end);
+    }
+    if constexpr (EARLY) {
+        static_assert(!EARLY || (PIPE && !SMEM), "EARLY: the preload from the cache");
+        pdl_wait_release(p.pdl_early);
+        trace_mark(tr, 1);
+        if (has_tile && pos >= tile0 && pos < tile0 + kDecMmaTK) {
+#pragma unroll
+            for (int cb = 0; cb < HD / 64; ++cb)
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    if (tile0 + 2 * t + (r & 1) + 8 * (r >> 1) == pos)
+                        vr[cb][r] = ld_kv16(V + size_t(pos - key0) * kstride + 64 * cb + 8 * g, true);
+#pragma unroll
+            for (int c = 0; c < KP; ++c)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    if (tile0 + 8 * j + g == pos) kr_all[c][j] = ld_kv16(K + size_t(pos - key0) * kstride + 32 * c + 8 * t, true);
+        }
+    }
     // Q fragments in the permuted dimension order (k-step 2c: dims 32c+8t + 0..3, 2c+1: + 4..7)
     for (int i = threadIdx.x; i < KS * 32; i += NT) {
         const int ks = i / 32, ln = i % 32, gg = ln >> 2, tt = ln & 3;
@@ -992,6 +1049,9 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     }
     __syncthreads();
     if (SMEM && bar) mbar_wait(bar);
+    if constexpr (PIPE && SMEM) {  // the staged rows have landed
+        if (has_tile) preload(end);
+    }
     trace_mark(tr, 2);
 
     float o[NTO][4];
@@ -999,45 +1059,17 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     for (int n = 0; n < NTO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     const int n_tiles = (end - start + kDecMmaTK - 1) / kDecMmaTK;
-    // This thread's K and V pieces of a tile: V rows of keys 2t, 2t+1, 2t+8, 2t+9 (dims
-    // 64cb + 8g ..), K rows of keys 8j + g (dims 32c + 8t ..).
-    // PIPE (head_dim 64: the registers allow it): the next tile's pieces are loaded while
-    // this one is computed, so a warp's loads overlap its math instead of waiting on each tile.
-    constexpr bool PIPE = HD == 64;
-    // (Without PIPE each K piece is loaded where it is used: fewer live registers.)
-    auto load_v = [&](int tile, uint4 (&vr)[HD / 64][4]) {
-#pragma unroll
-        for (int cb = 0; cb < HD / 64; ++cb)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int key = tile + 2 * t + (r & 1) + 8 * (r >> 1);
-                vr[cb][r] = ld_kv16(V + size_t(key - key0) * kstride + 64 * cb + 8 * g, key < end);
-            }
-    };
-    auto load_k = [&](int tile, int c, int j) {
-        const int key = tile + 8 * j + g;
-        return ld_kv16(K + size_t(key - key0) * kstride + 32 * c + 8 * t, key < end);
-    };
-    constexpr int KP = PIPE ? HD / 32 : 1;  // K pieces held across iterations (PIPE only)
-    uint4 vr[HD / 64][4], kr_all[KP][2];
-    if (PIPE && warp < n_tiles) {
-        load_v(start + warp * kDecMmaTK, vr);
-#pragma unroll
-        for (int c = 0; c < KP; ++c)
-#pragma unroll
-            for (int j = 0; j < 2; ++j) kr_all[c][j] = load_k(start + warp * kDecMmaTK, c, j);
-    }
     for (int it = warp; it < n_tiles; it += NW) {
         const int tile = start + it * kDecMmaTK;
         uint4 vn[HD / 64][4], kn[KP][2];
         if (!PIPE) {
-            load_v(tile, vr);
+            load_v(tile, vr, end);
         } else if (it + NW < n_tiles) {
-            load_v(tile + NW * kDecMmaTK, vn);
+            load_v(tile + NW * kDecMmaTK, vn, end);
 #pragma unroll
             for (int c = 0; c < KP; ++c)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) kn[c][j] = load_k(tile + NW * kDecMmaTK, c, j);
+                for (int j = 0; j < 2; ++j) kn[c][j] = load_k(tile + NW * kDecMmaTK, c, j, end);
         }
         // ---- S (16 heads x 16 keys): n-tile j holds keys tile + 8j + (0..7), thread's key tile + 8j + g
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -1045,7 +1077,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         for (int c = 0; c < HD / 32; ++c) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                const uint4 kr = PIPE ? kr_all[PIPE ? c : 0][j] : load_k(tile, c, j);
+                const uint4 kr = PIPE ? kr_all[PIPE ? c : 0][j] : load_k(tile, c, j, end);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {  // k-step 2c + h: words (x, y) or (z, w)
                     const unsigned b0 = h ? kr.z : kr.x, b1 = h ? kr.w : kr.y;
@@ -1309,8 +1341,14 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             asm volatile("prefetch.global.L2 [%0];" ::"l"(V + off));
         }
     }
-    pdl_wait_release(p.pdl_early);
-    trace_mark(tr, 1);
+    // EARLY (the 64-dim lean instances, keys read from the cache): the tile phase waits itself,
+    // once its warps' first tiles are in flight (dec_attn_mma_phase)
+    constexpr bool kEarly = MHD == 64;
+    const bool early = kEarly && active && use_mma && !staged;  // block-uniform
+    if (!early) {
+        pdl_wait_release(p.pdl_early);
+        trace_mark(tr, 1);
+    }
     if (staged && pos >= start && pos < end && t < hd / 4) {  // row pos, which dec_qkv has just written
         const int pieces = hd / 8;
         const bool v = t >= pieces;
@@ -1326,11 +1364,11 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             const size_t kd = size_t(p.kv_dim), sd = size_t(rs / 2);
             constexpr bool PU = MHD > 0;
             if (STAGE && staged) {
-                if (hd == 64) dec_attn_mma_phase<64, true, PU>(p, ks_st, vs_st, sd, start, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
-                else dec_attn_mma_phase<128, true, PU>(p, ks_st, vs_st, sd, start, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
+                if (hd == 64) dec_attn_mma_phase<64, true, PU>(p, ks_st, vs_st, sd, start, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
+                else dec_attn_mma_phase<128, true, PU>(p, ks_st, vs_st, sd, start, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
             } else {
-                if (hd == 64) dec_attn_mma_phase<64, false, PU>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
-                else dec_attn_mma_phase<128, false, PU>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
+                if (hd == 64) dec_attn_mma_phase<64, false, PU, kEarly>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
+                else dec_attn_mma_phase<128, false, PU>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
             }
         } else if (MHD > 0 && !direct) {
             cluster_wait();  // (the phase's first barrier wait, for a block without keys)
@@ -1342,8 +1380,8 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             const size_t acc_stride = direct ? size_t(hd) : size_t(p.max_splits) * hd;
             float2* ml = p.part_ml + size_t(h0) * p.max_splits + s;
             const size_t kd = size_t(p.kv_dim);
-            if (hd == 64) dec_attn_mma_phase<64, false>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
-            else dec_attn_mma_phase<128, false>(p, K, V, kd, 0, start, end, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
+            if (hd == 64) dec_attn_mma_phase<64, false, false, kEarly>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
+            else dec_attn_mma_phase<128, false>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
         }
     }
     if (active && !use_mma) {
