@@ -1015,7 +1015,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         static_assert(!EARLY || (PIPE && !SMEM), "EARLY: the preload from the cache");
         pdl_wait_release(p.pdl_early);
         trace_mark(tr, 1);
-        if (has_tile && pos >= tile0 && pos < tile0 + kDecMmaTK) {
+        if (has_tile && pos >= tile0 && pos < min(end, tile0 + kDecMmaTK)) {
 #pragma unroll
             for (int cb = 0; cb < HD / 64; ++cb)
 #pragma unroll
@@ -1238,10 +1238,11 @@ __device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
 // every depth past direct_keys; without, one block per KV head writes the output (max_splits 1,
 // the short caches' variant: every step of a short chat), none of the global merge's code either.
 // STAGE (with MHD and CLUSTER): DecAttnArgs::stage, the keys' K/V rows in shared memory.
-// p.trace (CLUSTER): the global timer at the block's start (0), after its wait (1), with the
-// query and K/V ready for the tiles (2), after its tiles (8), after the warps' partials are
-// stored (9), with the block's partial merged (3), after the cluster barrier (4), with the
-// cluster merge's inputs loaded (10), after its stores (5), at the end (6); and the SM's id (7).
+// p.trace (CLUSTER): the global timer at the block's start (0), after its wait (1), with the query
+// ready for the tiles (2: the first tile's K/V in flight, loaded before the wait when EARLY), after
+// its tiles (8), after the warps' partials are stored (9), with the block's partial merged (3),
+// after the cluster barrier (4), with the cluster merge's inputs loaded (10), after its stores (5),
+// at the end (6); and the SM's id (7).
 template <int NACC, bool CLUSTER, bool STAGE = false, int MHD = 0>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     static_assert(!STAGE || (MHD && CLUSTER), "staging goes with the tensor-core cluster instances");

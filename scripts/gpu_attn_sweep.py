@@ -70,9 +70,9 @@ ENGINE_VARIANTS = [
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
                 direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0, attn_trace=False)
-# the cluster attention's trace fields (dec_attn_kernel): start 0, waited 1, q+K/V ready 2, tiles done
-# 8, warps' partials stored 9, block partial 3, cluster barrier passed 4, merge inputs loaded 10,
-# merge stored 5, end 6 (7: SM)
+# the cluster attention's trace fields (dec_attn_kernel): start 0, waited 1, q ready 2 (the first K/V
+# tile in flight), tiles done 8, warps' partials stored 9, block partial 3, cluster barrier passed 4,
+# merge inputs loaded 10, merge stored 5, end 6 (7: SM)
 PHASES = [("wait", 0, 1), ("ready", 1, 2), ("tiles", 2, 8), ("wo", 8, 9), ("wmerge", 9, 3), ("cl.barrier", 3, 4),
           ("dsmem", 4, 10), ("store", 10, 5), ("exit", 5, 6)]
 BLOCK_FIELDS = {2, 8, 9, 3}  # written by blocks with keys only
