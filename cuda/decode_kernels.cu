@@ -1214,6 +1214,20 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     trace_mark(tr, 3);
 }
 
+// The cluster merge's result for output o (of KV head kvh's G*hd): the output when the cluster is
+// the KV head's only one (whole), else cluster c's partial (acc, and per head (max, l)) for
+// attn_output to merge. A cluster without keys leaves (-inf, 0) and zeros: weight 0 there.
+__device__ __forceinline__ void cluster_store(const DecAttnArgs& p, bool whole, int c, int kvh, int G, int hd, int o,
+                                              float acc_o, float M, float L) {
+    const int GH = G * hd;
+    if (whole) {
+        p.out[size_t(kvh) * GH + o] = acc_o / L;
+    } else {
+        p.part_o[size_t(c) * p.n_head * hd + size_t(kvh) * GH + o] = acc_o;
+        if (o % hd == 0) p.part_ml[size_t(c) * p.n_head + kvh * G + o / hd] = make_float2(M, L);
+    }
+}
+
 // The trace record's last fields: the end (6) and the SM (7).
 __device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
     if (tr && t == 0) {
@@ -1513,13 +1527,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                     acc_o += w * pu.recv_o[r * slice + j];
                 }
                 if (o == rank * slice) trace_mark(tr, 10);
-                if (whole) {
-                    p.out[size_t(kvh) * GH + o] = acc_o / L;
-                } else {  // a cluster without keys leaves (-inf, 0) and zeros: weight 0 in the merge
-                    const size_t hq = size_t(p.n_head) * hd;
-                    p.part_o[size_t(c) * hq + size_t(kvh) * GH + o] = acc_o;
-                    if (o % hd == 0) p.part_ml[size_t(c) * p.n_head + kvh * G + g] = make_float2(M, L);
-                }
+                cluster_store(p, whole, c, kvh, G, hd, o, acc_o, M, L);
             }
             trace_mark(tr, 5);
             trace_close(tr, t);
@@ -1552,13 +1560,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
                 }
             }
             if (o == rank * slice) trace_mark(tr, 10);
-            if (whole) {
-                p.out[size_t(kvh) * GH + o] = acc_o / L;
-            } else {  // a cluster without keys leaves (-inf, 0) and zeros: weight 0 in the merge
-                const size_t hq = size_t(p.n_head) * hd;
-                p.part_o[size_t(c) * hq + size_t(kvh) * GH + o] = acc_o;
-                if (o % hd == 0) p.part_ml[size_t(c) * p.n_head + kvh * G + g] = make_float2(M, L);
-            }
+            cluster_store(p, whole, c, kvh, G, hd, o, acc_o, M, L);
         }
         trace_mark(tr, 5);
         cl.sync();  // no block leaves (freeing its shared memory) while others read it
