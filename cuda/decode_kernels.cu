@@ -959,7 +959,7 @@ __device__ __forceinline__ T* cluster_map(T* p, int rank) {
 // tr: the block's trace record (dec_attn_kernel), or null. PUSH (not direct): the partial goes
 // to the cluster's merging blocks (ClusterPush) once every block of the cluster has started (the
 // kernel's first cluster barrier phase, which this waits for). EARLY (HD 64 from the cache): called
-// before the kernel's wait, which it does itself once the warps' first tiles are in flight.
+// before the kernel's wait, which it does itself once the warps' first two tiles are in flight.
 template <int HD, bool SMEM, bool PUSH = false, bool EARLY = false>
 __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const __half* V, size_t kstride, int key0,
                                    int start, int end, int pos, int G, int kvh, uint8_t* sm, bool direct, float* acc,
@@ -993,21 +993,29 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         return ld_kv16(K + size_t(key - key0) * kstride + 32 * c + 8 * t, key < lim);
     };
     constexpr int KP = PIPE ? HD / 32 : 1;  // K pieces held across iterations (PIPE only)
-    uint4 vr[HD / 64][4], kr_all[KP][2];
-    // the warp's first tile (PIPE: preloaded; a warp past the last tile has none)
-    const int tile0 = start + warp * kDecMmaTK;
-    const bool has_tile = tile0 < end;
-    auto preload = [&](int lim) {
-        load_v(tile0, vr, lim);
+    // PIPE: the warp's tile (vr, kr_all) and its next one (it + NW: vn, kn), whose loads are in
+    // flight while this one is computed
+    uint4 vr[HD / 64][4], kr_all[KP][2], vn[HD / 64][4], kn[KP][2];
+    // the warp's first two tiles (PIPE: both preloaded; a warp past the last tile has none)
+    const int tile0 = start + warp * kDecMmaTK, tile1 = tile0 + NW * kDecMmaTK;
+    const bool has_tile = tile0 < end, has_next = tile1 < end;
+    auto load_tile = [&](int tile, uint4 (&v)[HD / 64][4], uint4 (&k)[KP][2], int lim) {
+        load_v(tile, v, lim);
 #pragma unroll
         for (int c = 0; c < KP; ++c)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) kr_all[c][j] = load_k(tile0, c, j, lim);
+            for (int j = 0; j < 2; ++j) k[c][j] = load_k(tile, c, j, lim);
     };
-    // PIPE from the cache: the warp's first tile is in flight while the query is prepared. EARLY:
-    // even before the kernel's wait (the previous kernel still running), the rows before pos only
-    // (earlier steps wrote them; the state is stable during a step); after the wait the pieces of
-    // row pos, which dec_qkv has just written, are loaded again.
+    auto preload = [&](int lim) {
+        load_tile(tile0, vr, kr_all, lim);
+        if (has_next) load_tile(tile1, vn, kn, lim);
+    };
+    // PIPE from the cache: the warp's first two tiles are in flight while the query is prepared
+    // (a load's latency is longer than a tile's math: issued only with the first tile's math, the
+    // second arrives late, docs/perf_log.md run 68). EARLY: even before the
+    // kernel's wait (the previous kernel still running), the rows before pos only (earlier steps
+    // wrote them; the state is stable during a step); after the wait the pieces of row pos, which
+    // dec_qkv has just written, are loaded again.
     if constexpr (PIPE && !SMEM) {
         if (has_tile) preload(EARLY ? min(end, pos) : end);
     }
@@ -1015,19 +1023,24 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         static_assert(!EARLY || (PIPE && !SMEM), "EARLY: the preload from the cache");
         pdl_wait_release(p.pdl_early);
         trace_mark(tr, 1);
-        if (has_tile && pos >= tile0 && pos < min(end, tile0 + kDecMmaTK)) {
+        // row pos, when in one of the two preloaded tiles (inside the block's keys)
+        auto reload_pos = [&](int tile, uint4 (&v)[HD / 64][4], uint4 (&k)[KP][2]) {
+            if (pos >= tile && pos < min(end, tile + kDecMmaTK)) {
 #pragma unroll
-            for (int cb = 0; cb < HD / 64; ++cb)
+                for (int cb = 0; cb < HD / 64; ++cb)
 #pragma unroll
-                for (int r = 0; r < 4; ++r)
-                    if (tile0 + 2 * t + (r & 1) + 8 * (r >> 1) == pos)
-                        vr[cb][r] = ld_kv16(V + size_t(pos - key0) * kstride + 64 * cb + 8 * g, true);
+                    for (int r = 0; r < 4; ++r)
+                        if (tile + 2 * t + (r & 1) + 8 * (r >> 1) == pos)
+                            v[cb][r] = ld_kv16(V + size_t(pos - key0) * kstride + 64 * cb + 8 * g, true);
 #pragma unroll
-            for (int c = 0; c < KP; ++c)
+                for (int c = 0; c < KP; ++c)
 #pragma unroll
-                for (int j = 0; j < 2; ++j)
-                    if (tile0 + 8 * j + g == pos) kr_all[c][j] = ld_kv16(K + size_t(pos - key0) * kstride + 32 * c + 8 * t, true);
-        }
+                    for (int j = 0; j < 2; ++j)
+                        if (tile + 8 * j + g == pos) k[c][j] = ld_kv16(K + size_t(pos - key0) * kstride + 32 * c + 8 * t, true);
+            }
+        };
+        if (has_tile) reload_pos(tile0, vr, kr_all);
+        if (has_next) reload_pos(tile1, vn, kn);
     }
     // Q fragments in the permuted dimension order (k-step 2c: dims 32c+8t + 0..3, 2c+1: + 4..7)
     for (int i = threadIdx.x; i < KS * 32; i += NT) {
@@ -1061,16 +1074,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     const int n_tiles = (end - start + kDecMmaTK - 1) / kDecMmaTK;
     for (int it = warp; it < n_tiles; it += NW) {
         const int tile = start + it * kDecMmaTK;
-        uint4 vn[HD / 64][4], kn[KP][2];
-        if (!PIPE) {
-            load_v(tile, vr, end);
-        } else if (it + NW < n_tiles) {
-            load_v(tile + NW * kDecMmaTK, vn, end);
-#pragma unroll
-            for (int c = 0; c < KP; ++c)
-#pragma unroll
-                for (int j = 0; j < 2; ++j) kn[c][j] = load_k(tile + NW * kDecMmaTK, c, j, end);
-        }
+        if (!PIPE) load_v(tile, vr, end);
         // ---- S (16 heads x 16 keys): n-tile j holds keys tile + 8j + (0..7), thread's key tile + 8j + g
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
@@ -1141,7 +1145,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
                 mma_f16(o[8 * cb + m], pa_lo, b0, b1);
             }
         }
-        if (PIPE) {
+        if (PIPE) {  // the next tile becomes this one; the one after it goes in flight
 #pragma unroll
             for (int cb = 0; cb < HD / 64; ++cb)
 #pragma unroll
@@ -1150,6 +1154,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
             for (int c = 0; c < KP; ++c)
 #pragma unroll
                 for (int j = 0; j < 2; ++j) kr_all[c][j] = kn[c][j];
+            if (it + 2 * NW < n_tiles) load_tile(tile + 2 * NW * kDecMmaTK, vn, kn, end);
         }
     }
     // ---- the warps' partials -> one block partial
@@ -1253,7 +1258,7 @@ __device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
 // the short caches' variant: every step of a short chat), none of the global merge's code either.
 // STAGE (with MHD and CLUSTER): DecAttnArgs::stage, the keys' K/V rows in shared memory.
 // p.trace (CLUSTER): the global timer at the block's start (0), after its wait (1), with the query
-// ready for the tiles (2: the first tile's K/V in flight, loaded before the wait when EARLY), after
+// ready for the tiles (2: each warp's first two tiles' K/V in flight, loaded before the wait when EARLY), after
 // its tiles (8), after the warps' partials are stored (9), with the block's partial merged (3),
 // after the cluster barrier (4), with the cluster merge's inputs loaded (10), after its stores (5),
 // at the end (6); and the SM's id (7).
@@ -1357,7 +1362,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         }
     }
     // EARLY (the 64-dim lean instances, keys read from the cache): the tile phase waits itself,
-    // once its warps' first tiles are in flight (dec_attn_mma_phase)
+    // once its warps' first two tiles are in flight (dec_attn_mma_phase)
     constexpr bool kEarly = MHD == 64;
     const bool early = kEarly && active && use_mma && !staged;  // block-uniform
     if (!early) {

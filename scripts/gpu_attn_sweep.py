@@ -53,6 +53,7 @@ ENGINE_VARIANTS = [
     ("direct_keys 128", dict(direct_keys=128)),
     ("direct_keys 0", dict(direct_keys=0)),
     ("span 2048", dict(cluster_span=2048)),
+    ("span 5120", dict(cluster_span=5120)),  # 1 cluster to 5,120 positions, 2 to 10,240, 4 from 15,361
     ("c1 span 256", dict(cluster_size=1, cluster_span=256)),
     ("c1 span 512", dict(cluster_size=1, cluster_span=512)),
     ("c1 span 1024", dict(cluster_size=1, cluster_span=1024)),
