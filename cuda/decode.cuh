@@ -228,6 +228,9 @@ __host__ __device__ inline size_t dec_act_bytes(int n) {
 // The attention's tile phase runs on tensor cores (m16n8k16: G query heads as rows) for these
 // shapes; other shapes run on CUDA cores.
 __host__ __device__ inline bool dec_attn_mma_ok(int G, int hd) { return G <= 16 && (hd == 64 || hd == 128); }
+// The lean instances (dec_attn_kernel's MHD) pack a head's fp16 hi and lo halves into the mma's rows
+// g and g + 8, so they take up to 8 query heads per KV head; 9-16 run the generic instances.
+__host__ __device__ inline bool dec_attn_lean_ok(int G, int hd) { return G <= 8 && dec_attn_mma_ok(G, hd); }
 
 // True when `type` rows are dotted with int8 activations (dp4a).
 bool dec_int8_type(uint32_t type);

@@ -960,7 +960,11 @@ __device__ __forceinline__ T* cluster_map(T* p, int rank) {
 // to the cluster's merging blocks (ClusterPush) once every block of the cluster has started (the
 // kernel's first cluster barrier phase, which this waits for). EARLY (HD 64 from the cache): called
 // before the kernel's wait, which it does itself once the warps' first two tiles are in flight.
-template <int HD, bool SMEM, bool PUSH = false, bool EARLY = false>
+// PK (G <= 8): a head's fp16 hi and lo halves share one mma: the query's hi in A row g and its lo
+// in row g + 8 (S's row g + 8 is the lo product of head g, added to row g), and likewise P's hi
+// and lo in the P V product, so a tile takes 16 mma instead of 32 (the same products and float
+// sums; without PK the rows are 16 heads, hi and lo each an mma of its own).
+template <int HD, bool SMEM, bool PUSH = false, bool EARLY = false, bool PK = false>
 __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const __half* V, size_t kstride, int key0,
                                    int start, int end, int pos, int G, int kvh, uint8_t* sm, bool direct, float* acc,
                                    size_t acc_stride, float2* ml, size_t ml_stride, uint64_t* bar,
@@ -968,7 +972,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     constexpr int KS = HD / 16, NTO = HD / 8;
     static_assert(HD >= kDecAttnClusterMax, "the push merge sends (m, l) from one thread a rank");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    uint4* qf = reinterpret_cast<uint4*>(sm);                          // [KS][2][32]: hi, lo
+    uint4* qf = reinterpret_cast<uint4*>(sm);                          // [KS][2][32]: hi, lo (PK: [KS][32])
     float* wm = reinterpret_cast<float*>(sm + size_t(KS) * 32 * 32);   // [NW][16]
     float* wl = wm + NW * 16;                                          // [NW][16]
     float* wo = wl + NW * 16;                                          // [NW][G][wo_stride(HD)]
@@ -1047,6 +1051,14 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         const int ks = i / 32, ln = i % 32, gg = ln >> 2, tt = ln & 3;
         const int d0 = 32 * (ks / 2) + 8 * tt + 4 * (ks & 1);
         float x[2][4];
+        if constexpr (PK) {  // head gg's hi in row gg, its lo in row gg + 8
+            for (int e = 0; e < 4; ++e) x[0][e] = gg < G ? __ldcg(p.q + size_t(kvh * G + gg) * HD + d0 + e) * sl2 : 0.f;
+            uint4 f;
+            split_half2(x[0][0], x[0][1], f.x, f.y);  // rows g, g+8: cols 2t, 2t+1
+            split_half2(x[0][2], x[0][3], f.z, f.w);  // cols 2t+8, 2t+9
+            qf[ks * 32 + ln] = f;
+            continue;
+        }
         for (int r = 0; r < 2; ++r) {
             const int row = gg + 8 * r;
             for (int e = 0; e < 4; ++e)
@@ -1085,11 +1097,61 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {  // k-step 2c + h: words (x, y) or (z, w)
                     const unsigned b0 = h ? kr.z : kr.x, b1 = h ? kr.w : kr.y;
-                    mma_f16(sc[j], qf[((2 * c + h) * 2) * 32 + lane], b0, b1);
-                    mma_f16(sc[j], qf[((2 * c + h) * 2 + 1) * 32 + lane], b0, b1);
+                    if constexpr (PK) {
+                        mma_f16(sc[j], qf[(2 * c + h) * 32 + lane], b0, b1);
+                    } else {
+                        mma_f16(sc[j], qf[((2 * c + h) * 2) * 32 + lane], b0, b1);
+                        mma_f16(sc[j], qf[((2 * c + h) * 2 + 1) * 32 + lane], b0, b1);
+                    }
                 }
             }
         }
+        if constexpr (PK) {
+            // ---- head g's scores: row g (the query's hi) plus row g + 8 (its lo); online softmax
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = tile + 8 * j + 2 * t + e;
+                    sc[j][e] = key < end ? sc[j][e] + sc[j][e + 2] : -INFINITY;
+                    mx = fmaxf(mx, sc[j][e]);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[0], mx);  // finite: key `tile` is < end
+            const float corr = exp2f(m_run[0] - m_new);
+            m_run[0] = m_new;
+            l_run[0] *= corr;
+#pragma unroll
+            for (int n = 0; n < NTO; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[n][e] *= corr;  // rows g and g + 8: both head g's
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    sc[j][e] = exp2f(sc[j][e] - m_new);
+                    l_run[0] += sc[j][e];
+                }
+            // P's hi in A row g, its lo in row g + 8: O's row g + 8 gathers the lo products
+            uint4 pa;
+            split_half2(sc[0][0], sc[0][1], pa.x, pa.y);  // keys 2t, 2t+1
+            split_half2(sc[1][0], sc[1][1], pa.z, pa.w);  // keys 2t+8, 2t+9
+#pragma unroll
+            for (int cb = 0; cb < HD / 64; ++cb) {
+                const unsigned* w0 = reinterpret_cast<const unsigned*>(&vr[cb][0]);
+                const unsigned* w1 = reinterpret_cast<const unsigned*>(&vr[cb][1]);
+                const unsigned* w2 = reinterpret_cast<const unsigned*>(&vr[cb][2]);
+                const unsigned* w3 = reinterpret_cast<const unsigned*>(&vr[cb][3]);
+#pragma unroll
+                for (int m = 0; m < 8; ++m) {
+                    const unsigned sel = (m & 1) ? 0x7632u : 0x5410u;
+                    mma_f16(o[8 * cb + m], pa, __byte_perm(w0[m >> 1], w1[m >> 1], sel),
+                            __byte_perm(w2[m >> 1], w3[m >> 1], sel));
+                }
+            }
+        } else {
         // ---- online softmax per row (rows g: elements 0, 1; g+8: 2, 3)
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -1145,6 +1207,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
                 mma_f16(o[8 * cb + m], pa_lo, b0, b1);
             }
         }
+        }  // PK
         if (PIPE) {  // the next tile becomes this one; the one after it goes in flight
 #pragma unroll
             for (int cb = 0; cb < HD / 64; ++cb)
@@ -1186,7 +1249,11 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = 64 * (n / 8) + 8 * (e & 1) + n % 8;
-                if (lg + 8 * (e >> 1) < G) wo_lane[8 * (e >> 1) * wo_stride(HD) + c + c / 32] = o[n][e];
+                if constexpr (PK) {  // head lg: its hi row plus its lo row
+                    if (e < 2 && lg < G) wo_lane[c + c / 32] = o[n][e] + o[n][e + 2];
+                } else if (lg + 8 * (e >> 1) < G) {
+                    wo_lane[8 * (e >> 1) * wo_stride(HD) + c + c / 32] = o[n][e];
+                }
             }
     }
     __syncthreads();
@@ -1252,7 +1319,7 @@ __device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
 // Without CLUSTER the last block of each KV head to finish merges (global
 // partials and a counter), which allows up to max_splits splits for long contexts.
 // MHD: the instances of the tensor-core tile phase for head_dim MHD alone (64 or 128; the host
-// picks them where dec_attn_mma_ok, and for clusters where cluster_mma), which hold none of the
+// picks them where dec_attn_lean_ok, and for clusters where cluster_mma), which hold none of the
 // CUDA-core path's code: a kernel's code is fetched cold at each launch. With CLUSTER they run at
 // every depth past direct_keys; without, one block per KV head writes the output (max_splits 1,
 // the short caches' variant: every step of a short chat), none of the global merge's code either.
@@ -1384,11 +1451,11 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             const size_t kd = size_t(p.kv_dim), sd = size_t(rs / 2);
             constexpr bool PU = MHD > 0;
             if (STAGE && staged) {
-                if (hd == 64) dec_attn_mma_phase<64, true, PU>(p, ks_st, vs_st, sd, start, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
-                else dec_attn_mma_phase<128, true, PU>(p, ks_st, vs_st, sd, start, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
+                if (hd == 64) dec_attn_mma_phase<64, true, PU, false, PU>(p, ks_st, vs_st, sd, start, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
+                else dec_attn_mma_phase<128, true, PU, false, PU>(p, ks_st, vs_st, sd, start, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, b, tr, pu);
             } else {
-                if (hd == 64) dec_attn_mma_phase<64, false, PU, kEarly>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
-                else dec_attn_mma_phase<128, false, PU>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
+                if (hd == 64) dec_attn_mma_phase<64, false, PU, kEarly, PU>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
+                else dec_attn_mma_phase<128, false, PU, false, PU>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, size_t(hd), ml_c, 1, nullptr, tr, pu);
             }
         } else if (MHD > 0 && !direct) {
             cluster_wait();  // (the phase's first barrier wait, for a block without keys)
@@ -1400,8 +1467,8 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             const size_t acc_stride = direct ? size_t(hd) : size_t(p.max_splits) * hd;
             float2* ml = p.part_ml + size_t(h0) * p.max_splits + s;
             const size_t kd = size_t(p.kv_dim);
-            if (hd == 64) dec_attn_mma_phase<64, false, false, kEarly>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
-            else dec_attn_mma_phase<128, false>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
+            if (hd == 64) dec_attn_mma_phase<64, false, false, kEarly, kDirectOnly>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
+            else dec_attn_mma_phase<128, false, false, false, kDirectOnly>(p, K, V, kd, 0, start, end, pos, G, kvh, asmem, direct, acc, acc_stride, ml, p.max_splits, nullptr, nullptr);
         }
     }
     if (active && !use_mma) {
@@ -1956,11 +2023,11 @@ AttnKernel attn_kernel_for(int group_dim) {
 }
 // The cluster variant's blocks run the tensor-core tile phase (their own instances per head_dim).
 bool cluster_on_mma(int n_head, int n_head_kv, int head_dim, bool cluster_mma) {
-    return cluster_mma && dec_attn_mma_ok(n_head / n_head_kv, head_dim);
+    return cluster_mma && dec_attn_lean_ok(n_head / n_head_kv, head_dim);
 }
 // The one-block-per-KV-head launch (max_splits 1) on the tensor-core phase: its own instances.
 bool direct_on_mma(const DecAttnArgs& a) {
-    return a.cluster == 0 && a.max_splits == 1 && dec_attn_mma_ok(a.n_head / a.n_head_kv, a.head_dim);
+    return a.cluster == 0 && a.max_splits == 1 && dec_attn_lean_ok(a.n_head / a.n_head_kv, a.head_dim);
 }
 AttnKernel direct_kernel_for(int head_dim) {
     return head_dim == 64 ? dec_attn_kernel<1, false, false, 64> : dec_attn_kernel<1, false, false, 128>;
@@ -2032,7 +2099,7 @@ size_t dec_attn_lean_smem(int n_head, int n_head_kv, int head_dim, int stage) {
 }
 
 int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim) {
-    if (!dec_attn_mma_ok(n_head / n_head_kv, head_dim)) return 0;
+    if (!dec_attn_lean_ok(n_head / n_head_kv, head_dim)) return 0;
     int dev = 0, cap = 0;
     CUDA_CHECK(cudaGetDevice(&dev), "dec_attn_stage_max");
     CUDA_CHECK(cudaDeviceGetAttribute(&cap, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "dec_attn_stage_max");
