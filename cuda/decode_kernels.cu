@@ -1057,20 +1057,20 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
             split_half2(x[0][0], x[0][1], f.x, f.y);  // rows g, g+8: cols 2t, 2t+1
             split_half2(x[0][2], x[0][3], f.z, f.w);  // cols 2t+8, 2t+9
             qf[ks * 32 + ln] = f;
-            continue;
+        } else {
+            for (int r = 0; r < 2; ++r) {
+                const int row = gg + 8 * r;
+                for (int e = 0; e < 4; ++e)
+                    x[r][e] = row < G ? __ldcg(p.q + size_t(kvh * G + row) * HD + d0 + e) * sl2 : 0.f;
+            }
+            uint4 hi, lo;
+            split_half2(x[0][0], x[0][1], hi.x, lo.x);  // row g, cols 2t, 2t+1
+            split_half2(x[1][0], x[1][1], hi.y, lo.y);  // row g+8
+            split_half2(x[0][2], x[0][3], hi.z, lo.z);  // row g, cols 2t+8, 2t+9
+            split_half2(x[1][2], x[1][3], hi.w, lo.w);  // row g+8
+            qf[(ks * 2) * 32 + ln] = hi;
+            qf[(ks * 2 + 1) * 32 + ln] = lo;
         }
-        for (int r = 0; r < 2; ++r) {
-            const int row = gg + 8 * r;
-            for (int e = 0; e < 4; ++e)
-                x[r][e] = row < G ? __ldcg(p.q + size_t(kvh * G + row) * HD + d0 + e) * sl2 : 0.f;
-        }
-        uint4 hi, lo;
-        split_half2(x[0][0], x[0][1], hi.x, lo.x);  // row g, cols 2t, 2t+1
-        split_half2(x[1][0], x[1][1], hi.y, lo.y);  // row g+8
-        split_half2(x[0][2], x[0][3], hi.z, lo.z);  // row g, cols 2t+8, 2t+9
-        split_half2(x[1][2], x[1][3], hi.w, lo.w);  // row g+8
-        qf[(ks * 2) * 32 + ln] = hi;
-        qf[(ks * 2 + 1) * 32 + ln] = lo;
     }
     __syncthreads();
     if (SMEM && bar) mbar_wait(bar);
@@ -1106,6 +1106,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
                 }
             }
         }
+        uint4 pa_hi, pa_lo;  // P's A operand (PK: hi and lo rows in pa_hi; else the hi and lo halves)
         if constexpr (PK) {
             // ---- head g's scores: row g (the query's hi) plus row g + 8 (its lo); online softmax
             float mx = -INFINITY;
@@ -1135,62 +1136,48 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
                     l_run[0] += sc[j][e];
                 }
             // P's hi in A row g, its lo in row g + 8: O's row g + 8 gathers the lo products
-            uint4 pa;
-            split_half2(sc[0][0], sc[0][1], pa.x, pa.y);  // keys 2t, 2t+1
-            split_half2(sc[1][0], sc[1][1], pa.z, pa.w);  // keys 2t+8, 2t+9
+            split_half2(sc[0][0], sc[0][1], pa_hi.x, pa_hi.y);  // keys 2t, 2t+1
+            split_half2(sc[1][0], sc[1][1], pa_hi.z, pa_hi.w);  // keys 2t+8, 2t+9
+        } else {
+            // ---- online softmax per row (rows g: elements 0, 1; g+8: 2, 3)
+            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-            for (int cb = 0; cb < HD / 64; ++cb) {
-                const unsigned* w0 = reinterpret_cast<const unsigned*>(&vr[cb][0]);
-                const unsigned* w1 = reinterpret_cast<const unsigned*>(&vr[cb][1]);
-                const unsigned* w2 = reinterpret_cast<const unsigned*>(&vr[cb][2]);
-                const unsigned* w3 = reinterpret_cast<const unsigned*>(&vr[cb][3]);
+            for (int j = 0; j < 2; ++j)
 #pragma unroll
-                for (int m = 0; m < 8; ++m) {
-                    const unsigned sel = (m & 1) ? 0x7632u : 0x5410u;
-                    mma_f16(o[8 * cb + m], pa, __byte_perm(w0[m >> 1], w1[m >> 1], sel),
-                            __byte_perm(w2[m >> 1], w3[m >> 1], sel));
+                for (int e = 0; e < 4; ++e) {
+                    const int key = tile + 8 * j + 2 * t + (e & 1);
+                    if (key >= end) sc[j][e] = -INFINITY;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], sc[j][e]);
+                }
+            float mu[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float m_new = fmaxf(m_run[r], mx[r]);  // finite: key `tile` is < end
+                const float corr = exp2f(m_run[r] - m_new);
+                m_run[r] = m_new;
+                mu[r] = m_new;
+                l_run[r] *= corr;
+#pragma unroll
+                for (int n = 0; n < NTO; ++n) {
+                    o[n][2 * r] *= corr;
+                    o[n][2 * r + 1] *= corr;
                 }
             }
-        } else {
-        // ---- online softmax per row (rows g: elements 0, 1; g+8: 2, 3)
-        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < 2; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = tile + 8 * j + 2 * t + (e & 1);
-                if (key >= end) sc[j][e] = -INFINITY;
-                mx[e >> 1] = fmaxf(mx[e >> 1], sc[j][e]);
-            }
-        float mu[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            const float m_new = fmaxf(m_run[r], mx[r]);  // finite: key `tile` is < end
-            const float corr = exp2f(m_run[r] - m_new);
-            m_run[r] = m_new;
-            mu[r] = m_new;
-            l_run[r] *= corr;
-#pragma unroll
-            for (int n = 0; n < NTO; ++n) {
-                o[n][2 * r] *= corr;
-                o[n][2 * r + 1] *= corr;
-            }
+                for (int e = 0; e < 4; ++e) {
+                    const float pe = exp2f(sc[j][e] - mu[e >> 1]);
+                    sc[j][e] = pe;
+                    l_run[e >> 1] += pe;
+                }
+            split_half2(sc[0][0], sc[0][1], pa_hi.x, pa_lo.x);
+            split_half2(sc[0][2], sc[0][3], pa_hi.y, pa_lo.y);
+            split_half2(sc[1][0], sc[1][1], pa_hi.z, pa_lo.z);
+            split_half2(sc[1][2], sc[1][3], pa_hi.w, pa_lo.w);
         }
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float pe = exp2f(sc[j][e] - mu[e >> 1]);
-                sc[j][e] = pe;
-                l_run[e >> 1] += pe;
-            }
-        uint4 pa_hi, pa_lo;
-        split_half2(sc[0][0], sc[0][1], pa_hi.x, pa_lo.x);
-        split_half2(sc[0][2], sc[0][3], pa_hi.y, pa_lo.y);
-        split_half2(sc[1][0], sc[1][1], pa_hi.z, pa_lo.z);
-        split_half2(sc[1][2], sc[1][3], pa_hi.w, pa_lo.w);
         // ---- O += P V: n-tile 8cb + m holds output dims 64cb + 8*(column) + m
 #pragma unroll
         for (int cb = 0; cb < HD / 64; ++cb) {
@@ -1204,10 +1191,9 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
                 const unsigned b0 = __byte_perm(w0[m >> 1], w1[m >> 1], sel);
                 const unsigned b1 = __byte_perm(w2[m >> 1], w3[m >> 1], sel);
                 mma_f16(o[8 * cb + m], pa_hi, b0, b1);
-                mma_f16(o[8 * cb + m], pa_lo, b0, b1);
+                if constexpr (!PK) mma_f16(o[8 * cb + m], pa_lo, b0, b1);
             }
         }
-        }  // PK
         if (PIPE) {  // the next tile becomes this one; the one after it goes in flight
 #pragma unroll
             for (int cb = 0; cb < HD / 64; ++cb)
