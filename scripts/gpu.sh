@@ -25,6 +25,7 @@
 #             (make old_src here: `mkdir old_src && git archive REV | tar -x -C old_src`, exclude it
 #             in .git/info/exclude and name it in the device call's carry)
 #   ab_long   the same for tg128 at depth 4,096 and 16,384 (orcd bench -p P -n 128)
+#             (both: AB_ENVS="A=1;B=8 C=2" adds this build under each set of switches to every round)
 #   ncu       scripts/gpu_ncu.sh MODEL (Nsight Compute on the decode kernels)
 #   traces    scripts/gpu_chat_trace.py (a sampled Model.chat token: engine call, Python, kernels, GPU idle)
 #             and scripts/gpu_batch_trace.py at B=8 (torch.profiler)
@@ -219,14 +220,19 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         # ab_long at depths 4,096 and 16,384 (each run's tok/s lines: pp, tg128, tg128 after the prompt)
         needs_model $step || continue
         [ -d /tmp/oldsite ] || { record $step skip 0 "no old build (--old DIR with build)"; continue; }
+        # (AB_ENVS: ';'-separated sets of VAR=VALUE switches, each run on this build as one more
+        # variant of every round, e.g. AB_ENVS="ORCD_CUDA_LM_BULK=1;ORCD_CUDA_ATTN_WARPS=8")
         PROMPTS=512; [ $step = ab_long ] && PROMPTS="4096 16384"
         : > "$D/$step.txt"
         s=$(date +%s)
+        IFS=';' read -r -a AB_SETS <<< "${AB_ENVS:-}"
         for r in $(seq "$ROUNDS"); do
-            for v in old new; do
-                P=/tmp/site; [ $v = old ] && P=/tmp/oldsite:/tmp/site
+            for v in old new "${AB_SETS[@]}"; do
+                [ -n "$v" ] || continue
+                P=/tmp/site; [ "$v" = old ] && P=/tmp/oldsite:/tmp/site
+                E=; L=$v; case $v in old|new) ;; *) E=$v; L="new[$v]" ;; esac
                 for p in $PROMPTS; do
-                    echo "$v: $(cd /tmp && PYTHONPATH=$P timeout 120 $PY -m orcd.cli bench -m "$MODEL" --device cuda -p $p \
+                    echo "$L: $(cd /tmp && env $E PYTHONPATH=$P timeout 120 $PY -m orcd.cli bench -m "$MODEL" --device cuda -p $p \
                         -n 128 --repeat 3 2>&1 | grep -E '^ *(pp|tg)[^ ]*_tok_s' | awk '{print $1, $2}' | tr '\n' ' ')" >> "$D/$step.txt"
                 done
             done
