@@ -154,7 +154,8 @@ async def bench(url: str, clients: int = 1, requests: int = 1, max_tokens: int =
         "max_tokens": max_tokens, "prompt_words": prompt_words, "temperature": temperature,
         "top_k": top_k, "top_p": top_p, "min_p": min_p,
         "requests": len(results), "completed": len(ok), "errors": len(errors), "error_samples": errors[:3],
-        "wall_s": round(wall, 6),  # µs, as the latencies: a tiny run takes a few ms "generated_tokens": tokens,
+        # wall_s to the µs, as the latencies (a tiny run takes a few ms)
+        "wall_s": round(wall, 6), "generated_tokens": tokens,
         "tok_per_s": round(tokens / wall, 2) if wall > 0 else None,
         "ttft_ms": _stats_ms([r["ttft"] for r in ok if r["ttft"] is not None]),
         "tpot_ms": _stats_ms([r["tpot"] for r in ok if r["tpot"] is not None]),
