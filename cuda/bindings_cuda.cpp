@@ -153,6 +153,7 @@ nb::dict profile_dict(const orcd::DecodeProfile& p) {
         for (unsigned long long v : p.attn_trace) t.append(v);
         r["attn_trace"] = t;
         r["attn_grid_x"] = p.attn_grid_x;
+        r["attn_trace_fields"] = p.attn_trace_fields;
     }
     return r;
 }

@@ -145,9 +145,11 @@ struct DecodeProfile {
     double noop_step_nopdl = 0;  // ... without PDL (the launch-boundary floor)
     DecodeKernelTimes marginal;  // graph_step minus the same graph with that kind's kernels empty
     // With options' attn_trace, after graph_step: the cluster attention's timestamps of the last
-    // step (FusedDecoder::attn_trace) and its grid.x (0: that step had no cluster attention)
+    // step (FusedDecoder::attn_trace), its grid.x (0: that step had no cluster attention) and the
+    // fields a block's record holds (cu::kDecAttnTraceFields; dec_attn_kernel says which)
     std::vector<unsigned long long> attn_trace;
     int attn_grid_x = 0;
+    int attn_trace_fields = 0;
 };
 
 class CudaEngine : public Engine {

@@ -64,7 +64,12 @@ constexpr int kDecAttnMaxClusters = 16;  // clusters per KV head at most (their 
 constexpr int kDecMaxSplits = 64;   // attention blocks per KV head (upper bound; idle ones exit)
 constexpr int kDecMergeChunk = 32;  // the global merge stages this many splits' partials at a time
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
-constexpr int kDecAttnTraceFields = 16;  // dec_attn_kernel's timestamps per block (DecAttnArgs::trace)
+constexpr int kDecAttnTraceFields = 24;  // dec_attn_kernel's timestamps per block (DecAttnArgs::trace)
+// Field kDecAttnTraceClock + i holds the SM's cycle counter at mark i (fields 0..10 the global timer):
+// the global timer ticks too coarsely for a block's sub-microsecond phases, the cycle counter does not
+// (but runs per SM, so only differences inside one block mean anything)
+constexpr int kDecAttnTraceClock = 11;
+static_assert(kDecAttnTraceClock + 11 <= kDecAttnTraceFields, "room for a cycle stamp at marks 0..10");
 constexpr int kDecClusterGran = 8;  // cluster attention: split lengths are multiples of this many keys (<= kDecTK)
 
 // Device-side state of a decode step. The host writes token/pos/slot/step

@@ -126,12 +126,14 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar) {
     } while (!done);
 #endif
 }
-// Thread 0 of the block stores the global timer (ns) in tr[i] (tr null: nothing; measuring only).
+// Thread 0 of the block stores the global timer (ns) in tr[i] and the SM's cycle counter in
+// tr[kDecAttnTraceClock + i] (tr null: nothing; measuring only).
 __device__ __forceinline__ void trace_mark(unsigned long long* tr, int i) {
     if (tr && threadIdx.x == 0) {
         unsigned long long t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
         tr[i] = t;
+        tr[kDecAttnTraceClock + i] = clock64();
     }
 }
 

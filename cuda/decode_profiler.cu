@@ -117,6 +117,7 @@ DecodeProfile profile_decode_step(FusedDecoder& dec, int slot, int32_t token, in
     out.graph_step = run.elapsed_us(ev[0], ev[1]) / n_steps;
     out.attn_trace = dec.attn_trace();
     out.attn_grid_x = clusters > 0 ? dec.attn_grid_x(clusters) : 0;
+    out.attn_trace_fields = cu::kDecAttnTraceFields;
 
     // the same step with the kernels of `noop_kinds` empty
     auto noop_step = [&](bool with_pdl, unsigned noop_kinds) {

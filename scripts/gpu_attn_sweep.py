@@ -79,17 +79,36 @@ PHASES = [("wait", 0, 1), ("ready", 1, 2), ("tiles", 2, 8), ("wo", 8, 9), ("wmer
 BLOCK_FIELDS = {2, 8, 9, 3}  # written by blocks with keys only
 
 
+CLOCK_FIELD = 11  # field CLOCK_FIELD + mark: the SM's cycle counter at that mark (cuda/decode.cuh)
+
+
 def trace_summary(p, n_head_kv):
     """Medians over layers and blocks of each phase of the cluster attention (us), the launch's
-    start skew, and the kernel's span from its last block's wait to its last block's end."""
-    gx, f = p["attn_grid_x"], 16
-    tr = np.array(p["attn_trace"], dtype=np.float64).reshape(-1, 64 * n_head_kv, f)[:, : gx * n_head_kv] / 1000.0
+    start skew, and the kernel's span from its last block's wait to its last block's end. With
+    the cycle stamps (records of 22+ fields): each phase again from the block's cycle counter
+    ("<phase> cyc", us at the SM clock estimated from the blocks' spans: "clock GHz"), which
+    resolves what the coarse global timer rounds to its ticks."""
+    gx, f = p["attn_grid_x"], p.get("attn_trace_fields", 16)
+    raw = np.array(p["attn_trace"], dtype=np.float64).reshape(-1, 64 * n_head_kv, f)[:, : gx * n_head_kv]
+    tr = raw[:, :, :CLOCK_FIELD] / 1000.0
     act = tr[:, :, 3] > 0  # blocks with keys
     r = {}
     for name, a, b in PHASES:
         d = tr[:, :, b] - tr[:, :, a]
         d = d[act] if a in BLOCK_FIELDS or b in BLOCK_FIELDS else d.reshape(-1)
         r[name] = float(np.median(d))
+    if f >= CLOCK_FIELD + 11:
+        cyc = raw[:, :, CLOCK_FIELD:CLOCK_FIELD + 11]
+        span_ns, span_c = raw[:, :, 6] - raw[:, :, 0], cyc[:, :, 6] - cyc[:, :, 0]
+        # the ratio of the sums: each span's timer rounding averages out over many blocks (a
+        # median of per-block ratios would keep it)
+        long = span_ns >= 4000  # spans of several timer ticks
+        ghz = float(span_c[long].sum() / span_ns[long].sum()) if long.any() else float("nan")
+        r["clock GHz"] = ghz
+        for name, a, b in PHASES:
+            d = (cyc[:, :, b] - cyc[:, :, a]) / (ghz * 1000.0)
+            d = d[act] if a in BLOCK_FIELDS or b in BLOCK_FIELDS else d.reshape(-1)
+            r[name + " cyc"] = float(np.median(d))
     r["skew"] = float(np.median(tr[:, :, 0].max(1) - tr[:, :, 0].min(1)))
     r["after wait"] = float(np.median(tr[:, :, 6].max(1) - tr[:, :, 1].max(1)))
     r["span"] = float(np.median(tr[:, :, 6].max(1) - tr[:, :, 0].min(1)))
@@ -185,6 +204,9 @@ def main():
                     out.setdefault("trace", []).append(dict(variant=name, pos=d, graph_step=p["graph_step"], **r))
                     print(f"{name:<24}{d:>7}{p['graph_step']:>8.1f}" + "".join(f"{r[n]:>11.2f}" for n in names),
                           flush=True)
+                    if "clock GHz" in r:  # the same phases from the cycle counter
+                        print(f"{'  (cycles, ' + format(r['clock GHz'], '.2f') + ' GHz)':<39}"
+                              + "".join(f"{r[n + ' cyc']:>11.2f}" for n, _, _ in PHASES), flush=True)
         e.close()
     if a.json:
         with open(a.json, "w") as f:

@@ -844,18 +844,20 @@ def test_profile_decode(tiny_model):
 @pytest.mark.parametrize("stage", [0, 64])
 def test_profile_decode_attention_trace(tiny_model, stage):
     """options' attn_trace: profile_decode returns the cluster attention's timestamps per
-    block, in the order of the kernel's phases, each block's SM, and within each cluster no
-    block past the cluster barrier before every block reached it."""
+    block, in the order of the kernel's phases (on the global timer and on the block's SM's
+    cycle counter), each block's SM, and within each cluster no block past the cluster
+    barrier before every block reached it."""
     if not _hopper():
         pytest.skip("the cluster attention needs compute capability 9.0")
-    n_layer, n_head_kv, fields = 2, 2, 16
+    n_layer, n_head_kv, clock = 2, 2, 11
     e = _fast_engine(tiny_model("Q8_0", n_embd=256, n_head=4, n_head_kv=2), 128)
     e.forward(0, np.arange(1, 41, dtype=np.int32), 0)
     assert "attn_trace" not in e.profile_decode(0, 7, 40, 2)
     e.set_options(direct_keys=0, attn_trace=True, attn_stage=stage)
     prof = e.profile_decode(0, 7, 40, 2)
-    gx = prof["attn_grid_x"]
+    gx, fields = prof["attn_grid_x"], prof["attn_trace_fields"]
     assert gx in (8, 16), gx
+    assert fields >= clock + 11, fields
     # (int64: differences of unsigned timestamps would wrap instead of going negative)
     tr = np.array(prof["attn_trace"], dtype=np.int64).reshape(n_layer, -1, fields)
     sms = cu.device_info()["sm_count"]
@@ -868,6 +870,12 @@ def test_profile_decode_attention_trace(tiny_model, stage):
             # tiles done, warps' partials stored, merge inputs loaded)
             assert np.all(blocks[:, 0] > 0) and np.all(np.diff(blocks[:, [0, 1, 4, 10, 5, 6]], axis=1) >= 0), blocks
             assert np.all(np.diff(active[:, [1, 2, 8, 9, 3]], axis=1) >= 0), active
+            # the same marks' cycle counts (field clock + mark): every block's own order, and a
+            # block's run takes cycles
+            cyc = blocks[:, clock:clock + 11]
+            assert np.all(cyc[:, 0] > 0) and np.all(np.diff(cyc[:, [0, 1, 4, 10, 5, 6]], axis=1) >= 0), cyc
+            assert np.all(np.diff(active[:, clock:clock + 11][:, [1, 2, 8, 9, 3]], axis=1) >= 0), active
+            assert np.all(cyc[:, 6] > cyc[:, 0])
             assert active[:, 3].max() <= blocks[:, 4].min(), "a block passed the cluster barrier early"
             assert np.all(blocks[:, 7] < sms)
     e.close()
