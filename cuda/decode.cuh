@@ -69,7 +69,10 @@ constexpr int kDecAttnTraceFields = 24;  // dec_attn_kernel's timestamps per blo
 // the global timer ticks too coarsely for a block's sub-microsecond phases, the cycle counter does not
 // (but runs per SM, so only differences inside one block mean anything)
 constexpr int kDecAttnTraceClock = 11;
-static_assert(kDecAttnTraceClock + 11 <= kDecAttnTraceFields, "room for a cycle stamp at marks 0..10");
+// ... and field kDecAttnTraceCycWaited the cycle count when the push merge's first cluster barrier
+// wait returned (between marks 9 and 3: the wait apart from the warps' merge)
+constexpr int kDecAttnTraceCycWaited = kDecAttnTraceClock + 11;
+static_assert(kDecAttnTraceCycWaited < kDecAttnTraceFields, "room for the cycle stamps");
 constexpr int kDecClusterGran = 8;  // cluster attention: split lengths are multiples of this many keys (<= kDecTK)
 
 // Device-side state of a decode step. The host writes token/pos/slot/step

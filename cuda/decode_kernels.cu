@@ -136,6 +136,10 @@ __device__ __forceinline__ void trace_mark(unsigned long long* tr, int i) {
         tr[kDecAttnTraceClock + i] = clock64();
     }
 }
+// ... the cycle counter alone, in field f
+__device__ __forceinline__ void trace_cycles(unsigned long long* tr, int f) {
+    if (tr && threadIdx.x == 0) tr[f] = clock64();
+}
 
 
 __host__ __device__ __forceinline__ size_t align16(size_t n) { return dec_align16(n); }
@@ -1246,7 +1250,10 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     }
     __syncthreads();
     trace_mark(tr, 9);
-    if (PUSH && !direct) cluster_wait();  // every block of the cluster has started: its memory may be written
+    if (PUSH && !direct) {
+        cluster_wait();  // every block of the cluster has started: its memory may be written
+        trace_cycles(tr, kDecAttnTraceCycWaited);
+    }
     const int nw = min(NW, n_tiles);
     for (int i = threadIdx.x; i < G * HD; i += NT) {
         const int row = i / HD, col = wo_col(row, i % HD);

@@ -80,6 +80,7 @@ BLOCK_FIELDS = {2, 8, 9, 3}  # written by blocks with keys only
 
 
 CLOCK_FIELD = 11  # field CLOCK_FIELD + mark: the SM's cycle counter at that mark (cuda/decode.cuh)
+CYC_WAITED = 22   # the cycle counter when the push merge's first cluster barrier wait returned
 
 
 def trace_summary(p, n_head_kv):
@@ -109,6 +110,12 @@ def trace_summary(p, n_head_kv):
             d = (cyc[:, :, b] - cyc[:, :, a]) / (ghz * 1000.0)
             d = d[act] if a in BLOCK_FIELDS or b in BLOCK_FIELDS else d.reshape(-1)
             r[name + " cyc"] = float(np.median(d))
+        if f > CYC_WAITED:  # wmerge split at the push merge's first cluster barrier wait
+            w = raw[:, :, CYC_WAITED]
+            pushed = act & (w > 0)
+            if pushed.any():
+                r["cl.wait cyc"] = float(np.median((w - cyc[:, :, 9])[pushed])) / (ghz * 1000.0)
+                r["merge cyc"] = float(np.median((cyc[:, :, 3] - w)[pushed])) / (ghz * 1000.0)
     r["skew"] = float(np.median(tr[:, :, 0].max(1) - tr[:, :, 0].min(1)))
     r["after wait"] = float(np.median(tr[:, :, 6].max(1) - tr[:, :, 1].max(1)))
     r["span"] = float(np.median(tr[:, :, 6].max(1) - tr[:, :, 0].min(1)))
@@ -205,8 +212,10 @@ def main():
                     print(f"{name:<24}{d:>7}{p['graph_step']:>8.1f}" + "".join(f"{r[n]:>11.2f}" for n in names),
                           flush=True)
                     if "clock GHz" in r:  # the same phases from the cycle counter
+                        split = (f"   (wmerge: cluster wait {r['cl.wait cyc']:.2f}, merge {r['merge cyc']:.2f})"
+                                 if "merge cyc" in r else "")
                         print(f"{'  (cycles, ' + format(r['clock GHz'], '.2f') + ' GHz)':<39}"
-                              + "".join(f"{r[n + ' cyc']:>11.2f}" for n, _, _ in PHASES), flush=True)
+                              + "".join(f"{r[n + ' cyc']:>11.2f}" for n, _, _ in PHASES) + split, flush=True)
         e.close()
     if a.json:
         with open(a.json, "w") as f:
