@@ -239,7 +239,10 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         done
         STEP_SECS=$(( $(date +%s) - s ))
         cat "$D/$step.txt" >> "$GPU_LOG"
-        record $step ok "$STEP_SECS" "$(tr '\n' ';' < "$D/$step.txt" | cut -c1-300)" ;;
+        # each variant's mean over the rounds and its change against old (scripts/ab_table.py)
+        $PY scripts/ab_table.py "$D/$step.txt" > "$D/${step}_table.txt" 2>&1
+        cat "$D/${step}_table.txt" >> "$GPU_LOG"
+        record $step ok "$STEP_SECS" "$(grep '^tg128@' "$D/${step}_table.txt" | sed 's/^tg128@pp\([0-9]*\)_tok_s/d\1/' | awk '{print $1, $2, $3, $5}' | tr '\n' ';' | cut -c1-400)" ;;
     ncu)
         needs_model ncu || continue
         run_step ncu 400 "$D/ncu.txt" bash scripts/gpu_ncu.sh "$MODEL"

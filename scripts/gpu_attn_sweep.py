@@ -17,8 +17,6 @@ import os
 
 import numpy as np
 
-from orcd import _orcd_cuda as cu
-
 # (name, dec_attn_time keyword arguments)
 KERNEL_VARIANTS = [
     ("global 64 splits", dict(cluster=0, max_splits=64, split_keys=32)),
@@ -124,6 +122,8 @@ def trace_summary(p, n_head_kv):
 
 
 def main():
+    from orcd import _orcd_cuda as cu  # (here: trace_summary is importable without a GPU build)
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
     ap.add_argument("--depths", default="64,1024,4096,16384,32768")
