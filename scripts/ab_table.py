@@ -4,7 +4,8 @@ against `old` (the --old build) in the same lease.
 
     python3 scripts/ab_table.py RESULTS/ab_long.txt [RESULTS/ab.txt ...]
 
-A line of those files: `LABEL: METRIC VALUE METRIC VALUE ...` (LABEL old, new, or new[SWITCHES]).
+A line of those files: `LABEL: METRIC VALUE METRIC VALUE ...` (LABEL old, new, or new[SWITCHES]),
+or `LABEL: TIMEOUT ...` where a run hung (listed under the table).
 """
 import sys
 from collections import OrderedDict
@@ -54,6 +55,10 @@ def main(paths):
             runs = parse(f)
         print(f"== {p}")
         print(table(runs) if runs else "(no runs)")
+        with open(p) as f:
+            for line in f:
+                if ": TIMEOUT" in line:
+                    print("  " + line.strip())
     return 0
 
 

@@ -226,14 +226,22 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         : > "$D/$step.txt"
         s=$(date +%s)
         IFS=';' read -r -a AB_SETS <<< "${AB_ENVS:-}"
+        DEAD="|"  # variants whose run timed out (a hang): not run again in this step
         for r in $(seq "$ROUNDS"); do
             for v in old new "${AB_SETS[@]}"; do
                 [ -n "$v" ] || continue
+                case "$DEAD" in *"|$v|"*) continue ;; esac
                 P=/tmp/site; [ "$v" = old ] && P=/tmp/oldsite:/tmp/site
                 E=; L=$v; case $v in old|new) ;; *) E=$v; L="new[$v]" ;; esac
                 for p in $PROMPTS; do
-                    echo "$L: $(cd /tmp && env $E PYTHONPATH=$P timeout 120 $PY -m orcd.cli bench -m "$MODEL" --device cuda -p $p \
-                        -n 128 --repeat 3 2>&1 | grep -E '^ *(pp|tg)[^ ]*_tok_s' | awk '{print $1, $2}' | tr '\n' ' ')" >> "$D/$step.txt"
+                    out=$(cd /tmp && env $E PYTHONPATH=$P timeout -k 10 "${AB_TIMEOUT:-120}" $PY -m orcd.cli bench -m "$MODEL" --device cuda \
+                        -p $p -n 128 --repeat 3 2>&1)
+                    if [ $? -eq 124 ]; then
+                        echo "$L: TIMEOUT after ${AB_TIMEOUT:-120} s at -p $p (this variant's later runs skipped)" >> "$D/$step.txt"
+                        DEAD="$DEAD$v|"
+                        break
+                    fi
+                    echo "$L: $(echo "$out" | grep -E '^ *(pp|tg)[^ ]*_tok_s' | awk '{print $1, $2}' | tr '\n' ' ')" >> "$D/$step.txt"
                 done
             done
         done
