@@ -66,8 +66,8 @@ constexpr int kDecMergeChunk = 32;  // the global merge stages this many splits'
 constexpr int kDecMaxGroupDim = 2048;  // (n_head / n_head_kv) * head_dim the attention kernel holds
 constexpr int kDecAttnTraceFields = 24;  // dec_attn_kernel's timestamps per block (DecAttnArgs::trace)
 // Field kDecAttnTraceClock + i holds the SM's cycle counter at mark i (fields 0..10 the global timer):
-// the global timer ticks too coarsely for a block's sub-microsecond phases, the cycle counter does not
-// (but runs per SM, so only differences inside one block mean anything)
+// a block's sub-microsecond phases at cycle resolution whatever the timer's (but the counter runs per
+// SM, so only differences inside one block mean anything)
 constexpr int kDecAttnTraceClock = 11;
 // ... and field kDecAttnTraceCycWaited the cycle count when the push merge's first cluster barrier
 // wait returned (between marks 9 and 3: the wait apart from the warps' merge)

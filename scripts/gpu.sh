@@ -236,7 +236,8 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
                 for p in $PROMPTS; do
                     out=$(cd /tmp && env $E PYTHONPATH=$P timeout -k 10 "${AB_TIMEOUT:-120}" $PY -m orcd.cli bench -m "$MODEL" --device cuda \
                         -p $p -n 128 --repeat 3 2>&1)
-                    if [ $? -eq 124 ]; then
+                    rc=$?  # 124: timed out; 137: killed 10 s after that
+                    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
                         echo "$L: TIMEOUT after ${AB_TIMEOUT:-120} s at -p $p (this variant's later runs skipped)" >> "$D/$step.txt"
                         DEAD="$DEAD$v|"
                         break

@@ -85,12 +85,16 @@ def trace_summary(p, n_head_kv):
     """Medians over layers and blocks of each phase of the cluster attention (us), the launch's
     start skew, and the kernel's span from its last block's wait to its last block's end. With
     the cycle stamps (records of 22+ fields): each phase again from the block's cycle counter
-    ("<phase> cyc", us at the SM clock estimated from the blocks' spans: "clock GHz"), which
-    resolves what the coarse global timer rounds to its ticks."""
+    ("<phase> cyc", us at the SM clock estimated from the blocks' spans: "clock GHz").
+    The stamps stay integers until they are differences: the global timer counts nanoseconds
+    since the epoch (~1.8e18), where a float64 holds only every 256th value."""
     gx, f = p["attn_grid_x"], p.get("attn_trace_fields", 16)
-    raw = np.array(p["attn_trace"], dtype=np.float64).reshape(-1, 64 * n_head_kv, f)[:, : gx * n_head_kv]
-    tr = raw[:, :, :CLOCK_FIELD] / 1000.0
-    act = tr[:, :, 3] > 0  # blocks with keys
+    raw = np.array(p["attn_trace"], dtype=np.int64).reshape(-1, 64 * n_head_kv, f)[:, : gx * n_head_kv]
+    gt = raw[:, :, :CLOCK_FIELD]
+    starts = gt[:, :, 0][gt[:, :, 0] > 0]  # (mark 0: every block's; field 7 is its SM, not a time)
+    base = starts.min() if starts.size else 0
+    tr = np.where(gt > 0, gt - base, 0).astype(np.float64) / 1000.0  # us since the first block's start
+    act = raw[:, :, 3] > 0  # blocks with keys
     r = {}
     for name, a, b in PHASES:
         d = tr[:, :, b] - tr[:, :, a]
@@ -98,10 +102,10 @@ def trace_summary(p, n_head_kv):
         r[name] = float(np.median(d))
     if f >= CLOCK_FIELD + 11:
         cyc = raw[:, :, CLOCK_FIELD:CLOCK_FIELD + 11]
-        span_ns, span_c = raw[:, :, 6] - raw[:, :, 0], cyc[:, :, 6] - cyc[:, :, 0]
+        span_ns, span_c = gt[:, :, 6] - gt[:, :, 0], cyc[:, :, 6] - cyc[:, :, 0]
         # the ratio of the sums: each span's timer rounding averages out over many blocks (a
         # median of per-block ratios would keep it)
-        long = span_ns >= 4000  # spans of several timer ticks
+        long = span_ns >= 4000  # spans of several microseconds
         ghz = float(span_c[long].sum() / span_ns[long].sum()) if long.any() else float("nan")
         r["clock GHz"] = ghz
         for name, a, b in PHASES:
