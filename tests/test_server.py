@@ -203,7 +203,7 @@ GREEDY = dict(temperature=0, top_k=0, top_p=1.0, min_p=0.0)
 
 # ------------------------------------------------------------------ encodings (no server)
 TRICKY = ["", "a", 'quote " and \\ backslash', "new\nline\r\t", "\u2028\u2029", "caf\u00e9 \U0001F600 \ufffd",
-          "\x00\x1f", "\ue000orcd-text\ue001", "</script>"]
+          "\x00\x1f", "\ue000orcd-text\ue001", "</script>", "next\x85line", "\x0b\x0c\x1c\x1d\x1e"]
 
 
 def test_fast_event_encodings_equal_the_builders():
@@ -225,6 +225,26 @@ def test_fast_event_encodings_equal_the_builders():
         assert _token_event(t, i * 37) == fmt.sse_event("token", {"t": t, "i": i * 37})
     with pytest.raises(ValueError, match="MARK"):
         fmt.TextEvents({"no": "mark"})
+
+
+def test_events_survive_clients_that_split_lines_like_str_splitlines():
+    """A piece holding U+0085, U+2028 or U+2029 (raw JSON allows them) once cut its event's data
+    line in two for httpx's iter_lines, which ends lines where str.splitlines() does: the JSON
+    arrived broken (CI, test_sigterm_with_requests_in_flight on random tokens). Every encoder
+    escapes them; each event then parses whole through httpx's own line decoder."""
+    from httpx._decoders import LineDecoder
+
+    from orcd import openai_format as fmt
+    from orcd.server.worker_api import _token_event
+
+    ev = fmt.TextEvents(fmt.completion_chunk("cmpl-1", 5, "m", 0, fmt.TextEvents.MARK))
+    for t in TRICKY:
+        for raw, get in ((_token_event(t, 3), lambda d: d["t"]), (fmt.sse_event("token", {"t": t}), lambda d: d["t"]),
+                         (fmt.sse_data({"t": t}), lambda d: d["t"]), (ev(t), lambda d: d["choices"][0]["text"])):
+            lines = LineDecoder().decode(raw.decode("utf-8"))
+            events = list(sse(lines))
+            assert len(events) == 1, (t, lines)
+            assert get(json.loads(events[0][1])) == t
 
 
 # ------------------------------------------------------------------ health, models, metrics
@@ -746,6 +766,50 @@ def test_sigterm_with_requests_in_flight(slow_path, logs):
         assert name == "end" and data["tokens_out"] == 30  # finished within the grace period
         assert results["openai"][0] == "error" and "shutting down" in results["openai"][1]
         assert "stopped" in s.log()
+    finally:
+        s.stop()
+
+
+
+def test_sigterm_delivers_whole_streams_to_slow_readers(tiny_path, logs):
+    """A client that has not read a byte of its stream when the server stops still gets all of
+    it, the terminal event last, once it reads: what the handlers wrote and the kernel had no
+    room for yet (a small receive window) is handed over before the process exits, not
+    dropped with its event loop."""
+    import http.client
+
+    class SmallWindow(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.sock.settimeout(60)
+            self.sock.connect((self.host, self.port))
+
+    s = Server(tiny_path, "--n-ctx", "4096", "--max-seqs", "2", "--grace", "0", log_dir=logs)
+    try:
+        conn = SmallWindow("127.0.0.1", s.port)
+        conn.request("POST", "/execute", body=json.dumps({"job_id": "unread", "prompt": "Hi", "max_tokens": 4000,
+                                                           "ignore_eos": True}),
+                     headers={"Content-Type": "application/json"})
+        t0 = time.monotonic()  # a few hundred KB written (~100 bytes a token), none of it read
+        while True:
+            m = s.metrics()
+            tokens = m["orcd_generation_tokens_total"]
+            if tokens >= 2500 or (tokens > 0 and m["orcd_requests_running"] == 0):
+                break
+            assert time.monotonic() - t0 < 60, s.log()
+            time.sleep(0.05)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(STOP_TIMEOUT) == 0, s.log()
+        r = conn.getresponse()  # read only now, from a server that has exited
+        assert r.status == 200
+        body = r.read().decode("utf-8")  # http.client raises IncompleteRead on a cut chunked body
+        events = [(e, json.loads(d)) for e, d in sse(body.split("\n"))]
+        text, (name, data) = check_execute_events(events)
+        # ended by the stop, or (a fast machine) done before it: either way whole, its end last
+        assert (name == "error" and data["code"] == "CANCELLED") or (name == "end" and data["tokens_out"] == 4000), data
+        assert len(text) > 0
+        conn.close()
     finally:
         s.stop()
 

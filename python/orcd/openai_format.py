@@ -214,9 +214,19 @@ def error(message: str, type_: str = "invalid_request_error", param: Optional[st
 
 
 # ---------------------------------------------------------------- server-sent events
+# JSON may carry U+0085, U+2028 and U+2029 raw, but line splitters built on str.splitlines()
+# (httpx's iter_lines, for one) end a line at each: a token holding one cut its event's data line
+# in two there (broken JSON for such a client). Escaped, every event stays whole for every reader.
+_LINE_ENDS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _compact(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_ENDS)
+
+
 def sse_data(obj) -> bytes:
-    """One `data: {...}` event (compact JSON, UTF-8)."""
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    """One `data: {...}` event (compact JSON, UTF-8; no character a line splitter breaks on)."""
+    return b"data: " + _compact(obj).encode("utf-8") + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -224,16 +234,16 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def sse_event(event: str, obj) -> bytes:
     """One named event: `event: NAME` and `data: {...}`."""
-    return (b"event: " + event.encode("ascii") + b"\ndata: "
-            + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n")
+    return b"event: " + event.encode("ascii") + b"\ndata: " + _compact(obj).encode("utf-8") + b"\n\n"
 
 
 _encode_string = json.encoder.encode_basestring  # what json.dumps(str, ensure_ascii=False) returns
 
 
 def json_string(text: str) -> bytes:
-    """json.dumps(text, ensure_ascii=False) as UTF-8, without building an encoder per call."""
-    return _encode_string(text).encode("utf-8")
+    """json.dumps(text, ensure_ascii=False) as UTF-8 (U+0085, U+2028, U+2029 escaped, as in
+    sse_data), without building an encoder per call."""
+    return _encode_string(text).translate(_LINE_ENDS).encode("utf-8")
 
 
 class TextEvents:
@@ -255,7 +265,7 @@ class TextEvents:
         self._pre, _, self._post = enc.partition(quoted)
 
     def __call__(self, text: str) -> bytes:
-        return self._pre + _encode_string(text).encode("utf-8") + self._post
+        return self._pre + json_string(text) + self._post
 
 
 __all__: List[str] = [

@@ -230,7 +230,14 @@ async def serve(model: Optional[str] = None, host: str = "127.0.0.1", port: int 
         await asyncio.wait_for(st.idle.wait(), timeout=DRAIN_WRITE_SECONDS)
     except asyncio.TimeoutError:
         _say(f"{st.active} request(s) still open after {DRAIN_WRITE_SECONDS:g} s: closing them")
+    # the handlers are done, but what they wrote beyond the kernel's socket buffers (a client
+    # reading slowly) is still in this process: hand it over before closing, and after (the
+    # close flushes), or the event loop's end would cut those streams short
+    server = getattr(runner, "server", None)
+    transports = [c.transport for c in getattr(server, "connections", ()) if getattr(c, "transport", None)]
+    await _flush_writes(transports, DRAIN_WRITE_SECONDS)
     await runner.cleanup()
+    await _flush_writes(transports, DRAIN_WRITE_SECONDS)
     if not load_task.done():  # a signal during loading: let the load end, then free it
         try:
             await load_task
@@ -239,6 +246,14 @@ async def serve(model: Optional[str] = None, host: str = "127.0.0.1", port: int 
     await loop.run_in_executor(None, engine.close)
     _say("stopped")
     return rc
+
+
+async def _flush_writes(transports, timeout: float) -> None:
+    """Waits, at most `timeout` seconds, until these transports hold no unsent bytes."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end and any(t.get_write_buffer_size() for t in transports):
+        await asyncio.sleep(0.01)
 
 
 def _say(msg: str) -> None:
