@@ -770,12 +770,11 @@ def test_sigterm_with_requests_in_flight(slow_path, logs):
         s.stop()
 
 
-
 def test_sigterm_delivers_whole_streams_to_slow_readers(tiny_path, logs):
-    """A client that has not read a byte of its stream when the server stops still gets all of
-    it, the terminal event last, once it reads: what the handlers wrote and the kernel had no
-    room for yet (a small receive window) is handed over before the process exits, not
-    dropped with its event loop."""
+    """A client that has not read a byte of its stream (a small receive window) when the server
+    stops still gets all of it once it reads, the terminal event last: the stop cuts no stream
+    that the client is slow to drain. (The few hundred KB here fit the kernel's socket buffers;
+    beyond them, ~2.8 MB on loopback, serve() also waits for the rest to be sent.)"""
     import http.client
 
     class SmallWindow(http.client.HTTPConnection):

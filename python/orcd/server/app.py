@@ -231,11 +231,10 @@ async def serve(model: Optional[str] = None, host: str = "127.0.0.1", port: int 
     except asyncio.TimeoutError:
         _say(f"{st.active} request(s) still open after {DRAIN_WRITE_SECONDS:g} s: closing them")
     # the handlers are done, but what they wrote beyond the kernel's socket buffers (a client
-    # reading slowly) is still in this process: hand it over before closing, and after (the
-    # close flushes), or the event loop's end would cut those streams short
+    # reading slowly) is still in this process; closing a transport keeps sending it while the
+    # loop runs, so wait for that before the event loop's end would cut those streams short
     server = getattr(runner, "server", None)
     transports = [c.transport for c in getattr(server, "connections", ()) if getattr(c, "transport", None)]
-    await _flush_writes(transports, DRAIN_WRITE_SECONDS)
     await runner.cleanup()
     await _flush_writes(transports, DRAIN_WRITE_SECONDS)
     if not load_task.done():  # a signal during loading: let the load end, then free it
