@@ -212,7 +212,8 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         done ;;
     profile)
         needs_model profile || continue
-        run_step profile 240 "$D/profile.txt" bash -c "cd /tmp && for pos in 64 512; do \
+        # (PROFILE_PROMPTS: the prompt lengths, e.g. "4096 16384" for the decode step at depth)
+        run_step profile 240 "$D/profile.txt" bash -c "cd /tmp && for pos in ${PROFILE_PROMPTS:-64 512}; do \
             $PY '$GPU_REPO/scripts/gpu_profile.py' '$MODEL' --prompt \$pos --steps 16; done"
         ok_or_fail profile $? "$(tail -1 "$D/profile.txt" | cut -c1-150)" ;;
     ab|ab_long)
