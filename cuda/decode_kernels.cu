@@ -2129,9 +2129,18 @@ void dec_set_smem_limit(size_t bytes) {
                                             int(cudaSharedmemCarveoutMaxShared)),
                        "decode kernels carveout");
     }
-    for (const void* k : ks)
-        CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+    // Each kernel's dynamic limit leaves room for its static shared memory: the runtime refuses a
+    // limit whose sum with it passes the opt-in maximum, and `bytes` may be that maximum itself (the
+    // staging attention's plan fills it). The kernels with static arrays never launch with that much.
+    int optin = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "dec_set_smem_limit");
+    for (const void* k : ks) {
+        cudaFuncAttributes fa{};
+        CUDA_CHECK(cudaFuncGetAttributes(&fa, k), "decode kernels' attributes");
+        const size_t room = size_t(optin) > fa.sharedSizeBytes ? size_t(optin) - fa.sharedSizeBytes : 0;
+        CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(std::min(bytes, room))),
                    "decode kernels shared memory");
+    }
     cur = bytes;
 }
 
