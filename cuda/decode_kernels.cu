@@ -99,13 +99,6 @@ __device__ __forceinline__ void cp_async_wait_all() { cp_async_wait_group<0>(); 
 // arrival with expect_tx) before a block barrier; then any thread may issue copies, and every
 // thread that reads the data waits for phase 0 (mbar_wait).
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void mbar_arm(uint64_t* bar, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-#endif
-}
 __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
@@ -114,18 +107,49 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsign
                  : "memory");
 #endif
 }
-__device__ __forceinline__ void mbar_wait(uint64_t* bar) {
+// A barrier reused phase after phase (the lm_head's rings): mbar_init once (one arrival a phase),
+// then per phase one mbar_expect (the bytes its copies bring) and copies; readers wait for the
+// phase's parity (0, 1, 0, ...). Before a buffer that generic loads read is refilled by the copy
+// engine, fence_proxy_async orders those reads before the async proxy's writes.
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_expect(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     uint32_t done = 0;
     do {
         asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}"
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
             : "=r"(done)
-            : "r"(smem_addr(bar))
+            : "r"(smem_addr(bar)), "r"(parity)
             : "memory");
     } while (!done);
 #endif
 }
+__device__ __forceinline__ void mbar_fence_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+// The one-phase use (the staging attention): init, fence, the arrival expecting `bytes`.
+__device__ __forceinline__ void mbar_arm(uint64_t* bar, unsigned bytes) {
+    mbar_init(bar);
+    mbar_fence_init();
+    mbar_expect(bar, bytes);
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar) { mbar_wait_parity(bar, 0); }
 // Thread 0 of the block stores the global timer (ns) in tr[i] and the SM's cycle counter in
 // tr[kDecAttnTraceClock + i] (tr null: nothing; measuring only).
 __device__ __forceinline__ void trace_mark(unsigned long long* tr, int i) {
@@ -1855,13 +1879,22 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
 // staging buffers (smem_w / (NW*lm_stages) bytes each) that only that warp
 // fills, waits on and reads, so no block barrier couples the warps once the
 // activation prep (once per block) is done (docs/perf_log.md: the lm_head).
-// A batch's rows are copied by its warp (stage_rows<32>, the 16-byte widened range).
+// A batch's rows are copied by its warp: on sm_90 and later one bulk copy (the copy engine) issued by
+// lane 0, completing on the ring slot's mbarrier, instead of each lane's 16-byte cp.async (fewer
+// instructions beside the row dots: the lm_head streams ~145 MB a token for Qwen2.5-0.5B); before
+// sm_90 stage_rows<32>. Both copy the 16-byte widened range.
 template <uint32_t T, bool PEND>
 __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float bv[NW];
     __shared__ int bi[NW];
     __shared__ int is_last;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr bool kBulk = true;
+#else
+    constexpr bool kBulk = false;
+#endif
+    __shared__ __align__(8) uint64_t ring_bar[kBulk ? NW * kDecLmStages : 1];
     const int NS = p.lm_stages;  // 1 .. kDecLmStages
     const int n_out = p.w[0].n_out, n_in = p.w[0].n_in, rb = p.rows_per_block;
     const int nbatch = (n_out + rb - 1) / rb;
@@ -1873,10 +1906,29 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     float* nw = reinterpret_cast<float*>(smem + p.smem_w);
     if (p.norm_w) stage_floats(nw, p.norm_w, n_in);
     cp_async_commit();  // group: norm weights (every thread)
-    for (int i = 0; i < NS; ++i) {  // groups: this warp's first NS batches (empty ones keep the count)
-        const int b = wb0 + i * wstep;
-        if (b < nbatch) stage_rows<32>(ring + i * stage_w, p.w[0], b * rb, min(b * rb + rb, n_out));
-        cp_async_commit();
+    uint64_t* const bars = ring_bar + (kBulk ? warp * kDecLmStages : 0);
+    // bulk: batch b's widened rows into ring slot `slot`, expected on that slot's barrier (lane 0)
+    auto bulk_stage = [&](int slot, int b) {
+        const int r0 = b * rb, r1 = min(r0 + rb, n_out);
+        const size_t a0 = size_t(r0) * rbytes, a1 = size_t(r1) * rbytes;
+        const size_t A = a0 & ~size_t(15), B = (a1 + 15) & ~size_t(15);
+        mbar_expect(bars + slot, unsigned(B - A));
+        bulk_copy_g2s(ring + slot * stage_w, p.w[0].w + A, unsigned(B - A), bars + slot);
+    };
+    if constexpr (kBulk) {
+        if (lane == 0) {
+            for (int i = 0; i < NS; ++i) mbar_init(bars + i);
+            mbar_fence_init();
+            for (int i = 0; i < NS; ++i)
+                if (wb0 + i * wstep < nbatch) bulk_stage(i, wb0 + i * wstep);
+        }
+        __syncwarp();  // the barriers are initialised before any lane waits on them
+    } else {
+        for (int i = 0; i < NS; ++i) {  // groups: this warp's first NS batches (empty ones keep the count)
+            const int b = wb0 + i * wstep;
+            if (b < nbatch) stage_rows<32>(ring + i * stage_w, p.w[0], b * rb, min(b * rb + rb, n_out));
+            cp_async_commit();
+        }
     }
     pdl_wait_release(p.pdl_early);
 
@@ -1885,16 +1937,23 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     float ss;
     if constexpr (PEND) ss = load_act_pend(a, p.pend, n_in, p.eps, false);
     else ss = load_act(a, p.act, n_in);
-    cp_async_wait_pending(NS);  // the norm weights
+    if constexpr (kBulk) cp_async_wait_all();  // the norm weights (the rows come on the barriers)
+    else cp_async_wait_pending(NS);            // the norm weights
     finish_act<-1, q8_of(T, T)>(a, n_in, p.norm_w ? nw : nullptr, p.eps, p.need_q8, ss);  // ends with a block barrier
 
     const uint32_t type = p.w[0].type;
     float best_v = -INFINITY;
     int best_i = INT_MAX;
     int slot = 0;
+    unsigned parity = 0;  // bulk: bit i, the phase of slot i's barrier that the next wait expects
     for (int b = wb0; b < nbatch; b += wstep) {
-        cp_async_wait_pending(NS - 1);  // this lane's copies of batch b
-        __syncwarp();                   // ... and the other lanes'
+        if constexpr (kBulk) {
+            mbar_wait_parity(bars + slot, (parity >> slot) & 1u);  // batch b's bytes have landed
+            parity ^= 1u << slot;
+        } else {
+            cp_async_wait_pending(NS - 1);  // this lane's copies of batch b
+            __syncwarp();                   // ... and the other lanes'
+        }
         const int r0 = b * rb, r1 = min(r0 + rb, n_out);
         const uint8_t* base = ring + slot * stage_w + ((size_t(r0) * rbytes) & 15);
         float2 d;
@@ -1914,11 +1973,18 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
         }
         __syncwarp();  // every lane has read this buffer
         const int bn = b + NS * wstep;
-        if (bn < nbatch) stage_rows<32>(ring + slot * stage_w, p.w[0], bn * rb, min(bn * rb + rb, n_out));
-        cp_async_commit();  // (possibly empty: keeps the group count uniform)
+        if constexpr (kBulk) {
+            if (lane == 0 && bn < nbatch) {
+                fence_proxy_async();  // the lanes' reads of this slot before the copy engine refills it
+                bulk_stage(slot, bn);
+            }
+        } else {
+            if (bn < nbatch) stage_rows<32>(ring + slot * stage_w, p.w[0], bn * rb, min(bn * rb + rb, n_out));
+            cp_async_commit();  // (possibly empty: keeps the group count uniform)
+        }
         slot = slot + 1 == NS ? 0 : slot + 1;
     }
-    cp_async_wait_all();
+    if constexpr (!kBulk) cp_async_wait_all();
     if (!p.argmax) return;
     argmax_tail(p, best_v, best_i, bv, bi, &is_last);
 }
