@@ -130,6 +130,7 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["pdl_early_kinds"] = o.pdl_early_kinds;
     r["pdl_early_kinds_deep"] = o.pdl_early_kinds_deep;
     r["attn_stage"] = o.attn_stage;
+    r["lm_bulk"] = o.lm_bulk;
     r["attn_trace"] = o.attn_trace;
     r["vram_limit"] = o.vram_limit;
     return r;
@@ -247,7 +248,7 @@ NB_MODULE(_orcd_cuda, m) {
                nb::object resident_f16, nb::object sample_split, nb::object cluster_size, nb::object cluster_mma,
                nb::object cluster_span, nb::object direct_keys, nb::object sample_graphs,
                nb::object sample_split_full, nb::object pdl_early_kinds, nb::object pdl_early_kinds_deep,
-               nb::object attn_stage, nb::object attn_trace) {
+               nb::object attn_stage, nb::object attn_trace, nb::object lm_bulk) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -269,6 +270,7 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!pdl_early_kinds_deep.is_none()) o.pdl_early_kinds_deep = nb::cast<int>(pdl_early_kinds_deep);
                 if (!attn_stage.is_none()) o.attn_stage = nb::cast<int>(attn_stage);
                 if (!attn_trace.is_none()) o.attn_trace = nb::cast<bool>(attn_trace);
+                if (!lm_bulk.is_none()) o.lm_bulk = nb::cast<bool>(lm_bulk);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -282,7 +284,7 @@ NB_MODULE(_orcd_cuda, m) {
             "cluster_size"_a = nb::none(), "cluster_mma"_a = nb::none(), "cluster_span"_a = nb::none(),
             "direct_keys"_a = nb::none(), "sample_graphs"_a = nb::none(), "sample_split_full"_a = nb::none(),
             "pdl_early_kinds"_a = nb::none(), "pdl_early_kinds_deep"_a = nb::none(), "attn_stage"_a = nb::none(),
-            "attn_trace"_a = nb::none(),
+            "attn_trace"_a = nb::none(), "lm_bulk"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })
@@ -346,17 +348,17 @@ NB_MODULE(_orcd_cuda, m) {
     m.def(
         "dec_matvec",
         [](uint32_t type, CArr<uint8_t> w, int64_t n_in, int64_t n_out, CArr<float> x, nb::object norm_w,
-           float eps) {
+           float eps, bool bulk) {
             if (x.ndim() != 1 || int64_t(x.shape(0)) != n_in) bad("dec_matvec: x must be [n_in]");
             std::vector<float> kn;
             const float* nw = opt_f32(norm_w, size_t(n_in), kn, "dec_matvec norm_w");
             int32_t arg = -1;
-            auto r = orcd::cuda_test::dec_matvec(type, w.data(), w.size(), n_in, n_out, x.data(), nw, eps, &arg);
+            auto r = orcd::cuda_test::dec_matvec(type, w.data(), w.size(), n_in, n_out, x.data(), nw, eps, &arg, bulk);
             return nb::make_tuple(to_numpy(std::move(r), {size_t(n_out)}), arg);
         },
-        "type_id"_a, "w"_a, "n_in"_a, "n_out"_a, "x"_a, "norm_w"_a = nb::none(), "eps"_a = 1e-6f,
+        "type_id"_a, "w"_a, "n_in"_a, "n_out"_a, "x"_a, "norm_w"_a = nb::none(), "eps"_a = 1e-6f, "bulk"_a = false,
         "(y[n_out], argmax) = W · rmsnorm(x) through the fused decode mat-vec (int8 activations for "
-        "Q4_0/Q5_0/Q8_0/Q4_K/Q6_K) and its device-side argmax.");
+        "Q4_0/Q5_0/Q8_0/Q4_K/Q6_K) and its device-side argmax (bulk: the lm_head's bulk-copy instance).");
 
     m.def(
         "get_rows",

@@ -85,6 +85,9 @@ struct CudaOptions {
     // (bulk copies overlapping the previous kernel), up to this many keys a block (0: off; more
     // clusters per KV head so a block's keys fit; at most what a block's shared memory holds)
     int attn_stage = 0;
+    // The lm_head's weight rows by bulk copies (the copy engine; sm_90 and later) instead of each
+    // lane's cp.async: off until a GPU measures it (docs/perf_log.md run 71)
+    bool lm_bulk = false;
     // Measuring: the cluster attention's blocks store timestamps, profile_decode returns them
     bool attn_trace = false;
     // Plan as if the GPU had at most this many bytes free (0: what it has): the automatic KV
@@ -199,9 +202,9 @@ std::vector<float> gemm(uint32_t type, const uint8_t* w, size_t nbytes, int64_t 
 
 // The fused decode mat-vec (dec_proj, LOGITS mode) on one vector: y = W · rmsnorm(x)
 // (plain x when norm_w is null), int8 activations for Q4_0/Q5_0/Q8_0/Q4_K/Q6_K;
-// *argmax receives the device-side argmax of y.
+// *argmax receives the device-side argmax of y. bulk: the instance of DecProjArgs::lm_bulk.
 std::vector<float> dec_matvec(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_out,
-                              const float* x, const float* norm_w, float eps, int32_t* argmax);
+                              const float* x, const float* norm_w, float eps, int32_t* argmax, bool bulk = false);
 
 // Embedding lookup: rows ids[0..n_ids) of W (n_rows x n_in) as float32.
 std::vector<float> get_rows(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_rows,

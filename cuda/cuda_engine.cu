@@ -103,6 +103,7 @@ CudaOptions options_from_env() {
     o.pdl_early_kinds_deep =
         env_int("ORCD_CUDA_PDL_EARLY_KINDS_DEEP", o.pdl_early_kinds_deep, -1, (1 << kDecodeKernelKinds) - 1);
     o.attn_stage = env_int("ORCD_CUDA_ATTN_STAGE", o.attn_stage, 0, 1 << 20);
+    o.lm_bulk = env_on("ORCD_CUDA_LM_BULK", o.lm_bulk);
     return o;
 }
 

@@ -208,6 +208,7 @@ struct DecProjArgs {
     int pdl_early;
     int lm_grid;              // LOGITS: persistent blocks (each takes every lm_grid-th batch of rows)
     int lm_stages;            // LOGITS: staging buffers per warp (dec_lm_plan)
+    int lm_bulk;              // LOGITS on sm_90+: bulk copies fill the warps' rings (options' lm_bulk)
     // RESID after a multi-cluster attention: act holds act_parts partials [act_parts][n_in]
     // (unnormalised) with (max, sum) per head of act_hd elements in act_ml [act_parts][n_in/act_hd];
     // the kernel merges them into its input vector. 0 or 1: act is the vector itself.

@@ -1879,18 +1879,18 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
 // staging buffers (smem_w / (NW*lm_stages) bytes each) that only that warp
 // fills, waits on and reads, so no block barrier couples the warps once the
 // activation prep (once per block) is done (docs/perf_log.md: the lm_head).
-// A batch's rows are copied by its warp: on sm_90 and later one bulk copy (the copy engine) issued by
-// lane 0, completing on the ring slot's mbarrier, instead of each lane's 16-byte cp.async (fewer
-// instructions beside the row dots: the lm_head streams ~145 MB a token for Qwen2.5-0.5B); before
-// sm_90 stage_rows<32>. Both copy the 16-byte widened range.
-template <uint32_t T, bool PEND>
+// A batch's rows are copied by its warp: BULK (DecProjArgs::lm_bulk picks the instance) on sm_90 and
+// later, one bulk copy (the copy engine) issued by lane 0, completing on the ring slot's mbarrier,
+// instead of each lane's 16-byte cp.async (fewer instructions beside the row dots: the lm_head
+// streams ~145 MB a token for Qwen2.5-0.5B); else stage_rows<32>. Both copy the 16-byte widened range.
+template <uint32_t T, bool PEND, bool BULK>
 __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float bv[NW];
     __shared__ int bi[NW];
     __shared__ int is_last;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr bool kBulk = true;
+    constexpr bool kBulk = BULK;
 #else
     constexpr bool kBulk = false;
 #endif
@@ -2055,9 +2055,9 @@ QkvKernel qkv_kernel_for(uint32_t tq, uint32_t tk, uint32_t tv, bool embed, bool
     return qkv_inst<T_ANY, T_ANY>(embed, gemma);
 }
 template <uint32_t T>
-ProjKernel proj_inst(int mode) {
-    if (mode == DEC_LOGITS) return dec_lm_kernel<T, false>;
-    if (mode == DEC_LOGITS_PEND) return dec_lm_kernel<T, true>;
+ProjKernel proj_inst(int mode, bool bulk) {
+    if (mode == DEC_LOGITS) return bulk ? dec_lm_kernel<T, false, true> : dec_lm_kernel<T, false, false>;
+    if (mode == DEC_LOGITS_PEND) return bulk ? dec_lm_kernel<T, true, true> : dec_lm_kernel<T, true, false>;
     if (mode == DEC_GLU) return dec_proj_kernel<T, DEC_GLU>;
     if (mode == DEC_GLU_PEND) return dec_proj_kernel<T, DEC_GLU_PEND>;
     return mode == DEC_RESID_PARTS ? dec_proj_kernel<T, DEC_RESID_PARTS> : dec_proj_kernel<T, DEC_RESID>;
@@ -2066,12 +2066,12 @@ ProjKernel proj_kernel_for(const DecProjArgs& a) {
     const uint32_t t = a.w[0].type;
     int mode = a.mode == DEC_RESID && a.act_parts > 1 ? DEC_RESID_PARTS : a.mode;
     if (a.pend.x) mode = mode == DEC_GLU ? DEC_GLU_PEND : DEC_LOGITS_PEND;  // dec_proj checks the mode
-    if (a.n_tensors > 1 && a.w[1].type != t) return proj_inst<T_ANY>(mode);
+    if (a.n_tensors > 1 && a.w[1].type != t) return proj_inst<T_ANY>(mode, a.lm_bulk != 0);
 #define ORCD_ONE(T) \
-    if (t == T) return proj_inst<T>(mode);
+    if (t == T) return proj_inst<T>(mode, a.lm_bulk != 0);
     ORCD_DEC_FAST_TYPES(ORCD_ONE)
 #undef ORCD_ONE
-    return proj_inst<T_ANY>(mode);
+    return proj_inst<T_ANY>(mode, a.lm_bulk != 0);
 }
 template <bool C>
 AttnKernel attn_kernel_for(int group_dim) {
@@ -2115,7 +2115,7 @@ std::vector<const void*> all_kernels() {
 #define ORCD_ADD(T) \
     for (bool e : {false, true}) for (bool g : {false, true}) add(qkv_inst<T, T>(e, g)); \
     for (int m : {int(DEC_RESID), int(DEC_GLU), int(DEC_LOGITS), DEC_RESID_PARTS, DEC_GLU_PEND, DEC_LOGITS_PEND}) \
-        add(proj_inst<T>(m));
+        for (bool b : {false, true}) add(proj_inst<T>(m, b));
     ORCD_DEC_FAST_TYPES(ORCD_ADD)
     ORCD_ADD(T_ANY)
 #undef ORCD_ADD

@@ -396,6 +396,7 @@ void FusedDecoder::launch_lm_head(const StepLaunch& s, int early) const {
     m.pend = lm_pend_;
     m.argmax = s.greedy ? 1 : 0;
     m.advance = s.greedy ? 1 : 0;
+    m.lm_bulk = opt_.lm_bulk ? 1 : 0;
     launch_proj(DecodeKernel::lm_head, m, s, "decode lm_head");
 }
 
@@ -438,6 +439,7 @@ void FusedDecoder::lm_head_last(const float* x_row) {
     m.y = logits_;
     m.argmax = 0;
     m.advance = 0;
+    m.lm_bulk = opt_.lm_bulk ? 1 : 0;
     cu::dec_proj(m, stream_, false, "lm_head (last row)");
 }
 

@@ -140,7 +140,7 @@ std::vector<float> gemm(uint32_t type, const uint8_t* w, size_t nbytes, int64_t 
 }
 
 std::vector<float> dec_matvec(uint32_t type, const uint8_t* w, size_t nbytes, int64_t n_in, int64_t n_out,
-                              const float* x, const float* norm_w, float eps, int32_t* argmax) {
+                              const float* x, const float* norm_w, float eps, int32_t* argmax, bool bulk) {
     ready();
     const char* what = "dec_matvec test";
     if (n_in <= 0 || n_out <= 0 || n_in % 32 != 0) throw Error("dec_matvec test: n_in must be a positive multiple of 32");
@@ -181,6 +181,7 @@ std::vector<float> dec_matvec(uint32_t type, const uint8_t* w, size_t nbytes, in
     a.eps = eps;
     a.need_q8 = cu::dec_int8_type(type);
     a.mode = cu::DEC_LOGITS;
+    a.lm_bulk = bulk ? 1 : 0;
     a.y = dy.p;
     a.argmax = 1;
     a.part = parts.p;

@@ -66,9 +66,13 @@ ENGINE_VARIANTS = [
     ("global merge only", dict(cluster_keys=0, direct_keys=0)),
     ("round-6 options", dict(cluster_keys=1024, cluster_size=8, cluster_mma=False, cluster_span=1 << 30,
                              direct_keys=0)),
+    # the lm_head's rows by bulk copies (every step's last kernel; last here: a barrier protocol
+    # mistake would show as a hang, after the other variants' rows are printed)
+    ("lm bulk", dict(lm_bulk=True)),
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
-                direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0, attn_trace=False)
+                direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0,
+                lm_bulk=False, attn_trace=False)
 # the cluster attention's trace fields (dec_attn_kernel): start 0, waited 1, q ready 2 (the first K/V
 # tile in flight), tiles done 8, warps' partials stored 9, block partial 3, cluster barrier passed 4,
 # merge inputs loaded 10, merge stored 5, end 6 (7: SM)

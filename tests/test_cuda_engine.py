@@ -653,10 +653,12 @@ def test_decode_graph_equals_direct(tiny_model, wtype):
     path = tiny_model(wtype)
     prompt = np.random.default_rng(13).integers(0, 200, 9).astype(np.int32)
     # (pdl_early_kinds: which kernels release their successor at their start, none or all: a
-    # timing choice only, since every kernel waits for its predecessor before reading its output)
+    # timing choice only, since every kernel waits for its predecessor before reading its output;
+    # lm_bulk: the lm_head's rows copied by the copy engine, the same bytes)
     variants = [dict(graphs=True, pdl=True), dict(graphs=False, pdl=True), dict(graphs=True, pdl=False),
                 dict(graphs=False, pdl=False), dict(graphs=True, pdl=True, pdl_early_kinds=0),
-                dict(graphs=True, pdl=True, pdl_early_kinds=63)]
+                dict(graphs=True, pdl=True, pdl_early_kinds=63), dict(graphs=True, pdl=True, lm_bulk=True),
+                dict(graphs=False, pdl=False, lm_bulk=True)]
     results = []
     for opts in variants:
         e = _fast_engine(path)
@@ -746,7 +748,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
                  "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_SAMPLE_GRAPHS",
                  "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT", "ORCD_CUDA_CLUSTER_SIZE", "ORCD_CUDA_CLUSTER_SPAN",
                  "ORCD_CUDA_DIRECT_KEYS", "ORCD_CUDA_PDL_EARLY_KINDS", "ORCD_CUDA_PDL_EARLY_KINDS_DEEP",
-                 "ORCD_CUDA_ATTN_STAGE"):
+                 "ORCD_CUDA_ATTN_STAGE", "ORCD_CUDA_LM_BULK"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
@@ -755,7 +757,8 @@ def test_options_and_environment(tiny_model, monkeypatch):
                         resident_f16=True, sample_split=True, sample_graphs=True, sample_split_full=False,
                         cluster_keys=1 << 30, split_keys=32, cluster_size=16,
                         cluster_mma=True, cluster_span=8192, direct_keys=512, pdl_early_kinds=-1,
-                        pdl_early_kinds_deep=-1, attn_stage=0, attn_trace=False, vram_limit=0), base
+                        pdl_early_kinds_deep=-1, attn_stage=0, lm_bulk=False, attn_trace=False,
+                        vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
     assert not e.paths()["graphs"]
@@ -773,8 +776,10 @@ def test_options_and_environment(tiny_model, monkeypatch):
     monkeypatch.setenv("ORCD_CUDA_FUSED_PROMPT", "false")
     monkeypatch.setenv("ORCD_CUDA_SAMPLE_GRAPHS", "0")
     monkeypatch.setenv("ORCD_CUDA_SAMPLE_SPLIT_FULL", "1")
+    monkeypatch.setenv("ORCD_CUDA_LM_BULK", "1")
     e = cu.CudaEngine(path, 32, 1)
-    assert e.options() == dict(base, graphs=False, fused_prompt=False, sample_graphs=False, sample_split_full=True)
+    assert e.options() == dict(base, graphs=False, fused_prompt=False, sample_graphs=False, sample_split_full=True,
+                               lm_bulk=True)
     assert not e.paths()["graphs"] and not e.paths()["fused_prompt"]
     e.close()
     # the integer settings: the decode attention's cluster shape, the early PDL releases

@@ -304,11 +304,13 @@ def _dec_codes(x):
     return (d.astype(np.float64) * (q1 + q2 / 256.0)).reshape(-1)
 
 
+@pytest.mark.parametrize("bulk", [False, True], ids=["cp_async", "bulk"])
 @pytest.mark.parametrize("tname", ALL_TYPES)
-def test_dec_matvec(tname):
+def test_dec_matvec(tname, bulk):
     """The fused decode mat-vec (lm_head mode: staged rows, int8 code planes for
     Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K, float32 for the others) against float64, with and
-    without the fused rmsnorm; its device argmax is the first maximum of its output."""
+    without the fused rmsnorm; its device argmax is the first maximum of its output.
+    bulk: the rows staged by bulk copies on per-slot barriers (options' lm_bulk)."""
     tid, bs = TYPES[tname][0], TYPES[tname][1]
     n_ins = [256, 768] if bs == 256 else [32, 96, 896]
     for n_in in n_ins:
@@ -317,7 +319,7 @@ def test_dec_matvec(tname):
             w = random_weights(rng, tname, n_out, n_in)
             x = (rng.standard_normal(n_in) * rng.uniform(0.1, 3.0, n_in)).astype(np.float32)
             W = cpu_dequant(tname, w, n_in * n_out).reshape(n_out, n_in).astype(np.float64)
-            y, arg = cu.dec_matvec(tid, w, n_in, n_out, x)
+            y, arg = cu.dec_matvec(tid, w, n_in, n_out, x, bulk=bulk)
             assert y.shape == (n_out,)
             exact, mag = W @ x.astype(np.float64), np.abs(W) @ np.abs(x.astype(np.float64))
             e = rel_err(y, exact, mag)
@@ -328,22 +330,24 @@ def test_dec_matvec(tname):
             assert arg == int(np.argmax(y)), f"{tname} {n_in}x{n_out}: argmax {arg}, expected {np.argmax(y)}"
             # with the rmsnorm in front
             nw = rng.uniform(0.5, 1.5, n_in).astype(np.float32)
-            y2, arg2 = cu.dec_matvec(tid, w, n_in, n_out, x, norm_w=nw, eps=1e-6)
+            y2, arg2 = cu.dec_matvec(tid, w, n_in, n_out, x, norm_w=nw, eps=1e-6, bulk=bulk)
             xn = rms_norm(x.astype(np.float64), nw.astype(np.float64), 1e-6)
             e = rel_err(y2, W @ xn, np.abs(W) @ np.abs(xn))
             assert e < 2e-5, f"{tname} {n_in}x{n_out} (rmsnorm): rel err {e:.2e}"
             assert arg2 == int(np.argmax(y2))
 
 
-def test_dec_matvec_lm_head_shape():
+@pytest.mark.parametrize("bulk", [False, True], ids=["cp_async", "bulk"])
+def test_dec_matvec_lm_head_shape(bulk):
     """Qwen2.5-0.5B's lm_head shape class (Q8_0, 896 inputs, many blocks of rows):
-    the argmax over thousands of per-block results, ties broken to the first index."""
+    the argmax over thousands of per-block results, ties broken to the first index
+    (bulk: each warp's ring wraps many times on its barriers' alternating phases)."""
     tid = TYPES["Q8_0"][0]
     n_in, n_out = 896, 151936 // 4
     rng = rng_for("declm")
     w = random_weights(rng, "Q8_0", n_out, n_in)
     x = rng.standard_normal(n_in).astype(np.float32)
-    y, arg = cu.dec_matvec(tid, w, n_in, n_out, x)
+    y, arg = cu.dec_matvec(tid, w, n_in, n_out, x, bulk=bulk)
     W = cpu_dequant("Q8_0", w, n_in * n_out).reshape(n_out, n_in).astype(np.float64)
     assert rel_err(y, W @ x, np.abs(W) @ np.abs(x)) < 2e-5
     assert arg == int(np.argmax(y))
@@ -353,7 +357,7 @@ def test_dec_matvec_lm_head_shape():
     win = int(np.argmax(y))
     rows[3] = rows[win]
     rows[n_out - 2] = rows[win]
-    y, arg = cu.dec_matvec(tid, rows.reshape(-1), n_in, n_out, x)
+    y, arg = cu.dec_matvec(tid, rows.reshape(-1), n_in, n_out, x, bulk=bulk)
     assert arg == min(win, 3)
 
 
