@@ -131,6 +131,7 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["pdl_early_kinds_deep"] = o.pdl_early_kinds_deep;
     r["attn_stage"] = o.attn_stage;
     r["lm_bulk"] = o.lm_bulk;
+    r["kv_prefetch"] = o.kv_prefetch;
     r["attn_trace"] = o.attn_trace;
     r["vram_limit"] = o.vram_limit;
     return r;
@@ -248,7 +249,7 @@ NB_MODULE(_orcd_cuda, m) {
                nb::object resident_f16, nb::object sample_split, nb::object cluster_size, nb::object cluster_mma,
                nb::object cluster_span, nb::object direct_keys, nb::object sample_graphs,
                nb::object sample_split_full, nb::object pdl_early_kinds, nb::object pdl_early_kinds_deep,
-               nb::object attn_stage, nb::object attn_trace, nb::object lm_bulk) {
+               nb::object attn_stage, nb::object attn_trace, nb::object lm_bulk, nb::object kv_prefetch) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -271,6 +272,7 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!attn_stage.is_none()) o.attn_stage = nb::cast<int>(attn_stage);
                 if (!attn_trace.is_none()) o.attn_trace = nb::cast<bool>(attn_trace);
                 if (!lm_bulk.is_none()) o.lm_bulk = nb::cast<bool>(lm_bulk);
+                if (!kv_prefetch.is_none()) o.kv_prefetch = nb::cast<int>(kv_prefetch);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -284,7 +286,7 @@ NB_MODULE(_orcd_cuda, m) {
             "cluster_size"_a = nb::none(), "cluster_mma"_a = nb::none(), "cluster_span"_a = nb::none(),
             "direct_keys"_a = nb::none(), "sample_graphs"_a = nb::none(), "sample_split_full"_a = nb::none(),
             "pdl_early_kinds"_a = nb::none(), "pdl_early_kinds_deep"_a = nb::none(), "attn_stage"_a = nb::none(),
-            "attn_trace"_a = nb::none(), "lm_bulk"_a = nb::none(),
+            "attn_trace"_a = nb::none(), "lm_bulk"_a = nb::none(), "kv_prefetch"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })

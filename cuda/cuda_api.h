@@ -88,6 +88,11 @@ struct CudaOptions {
     // The lm_head's weight rows by bulk copies (the copy engine; sm_90 and later) instead of each
     // lane's cp.async: off until a GPU measures it (docs/perf_log.md run 71)
     bool lm_bulk = false;
+    // Steps past the one-block attention: each layer's cached rows before pos pulled into L2 a layer
+    // ahead, by the previous layer's ffn_down blocks (one bulk prefetch of K and of V a block,
+    // sm_90), 1: and that layer's attention then skips its own prefetch; 2: it prefetches as well;
+    // 0: off (the attention's blocks alone prefetch their rows, before their wait)
+    int kv_prefetch = 0;
     // Measuring: the cluster attention's blocks store timestamps, profile_decode returns them
     bool attn_trace = false;
     // Plan as if the GPU had at most this many bytes free (0: what it has): the automatic KV

@@ -183,9 +183,21 @@ struct DecAttnArgs {
     // K/V rows of its keys (when they are at most this many) into shared memory with bulk copies
     // before its wait, so the loads overlap the previous kernel and the tiles read shared memory
     int stage;
+    // 1: the rows before pos are in L2 already (CudaOptions::kv_prefetch: the previous layer's
+    // ffn_down pulled them), so the blocks skip their own prefetch before the wait
+    int no_prefetch;
     // non-null (measuring): kDecAttnTraceFields timestamps per block of the cluster variant,
     // block (x, y) at trace[(y * gridDim.x + x) * kDecAttnTraceFields] (dec_attn_kernel says which)
     unsigned long long* trace;
+};
+
+// A layer's cache rows for the previous layer's ffn_down to pull into L2 (CudaOptions::kv_prefetch):
+// its attention's kc, vc, slot_off, st and kv_dim (kv_dim * 2 a multiple of 16 bytes)
+struct DecKvAhead {
+    const __half *k, *v;
+    const int64_t* slot_off;
+    const DecState* st;
+    int kv_dim;
 };
 
 struct DecProjArgs {
@@ -221,6 +233,9 @@ struct DecProjArgs {
     int overwrite;
     int gelu;
     DecPend pend;
+    // RESID, non-null (CudaOptions::kv_prefetch): the next layer's cache rows, which the blocks pull
+    // into L2 at their start (a pointer, so the arguments grow by 8 bytes only)
+    const DecKvAhead* ahead;
 };
 
 constexpr int kDecXfStride = 36;  // floats per 32-element chunk of the float activations (4 of padding)

@@ -1439,7 +1439,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             bulk_copy_g2s((v ? vs_st : ks_st) + size_t(j) * (rs / 2), (v ? V : K) + size_t(start + j) * p.kv_dim,
                           unsigned(hd * 2), bar);
         }
-    } else if (active && use_mma && !staged) {  // the rows before pos into L2 while the previous kernel runs
+    } else if (active && use_mma && !staged && !p.no_prefetch) {  // the rows before pos into L2 while the previous kernel runs
         const int nrow = max(0, min(end, pos) - start), lines = hd / 64;  // 128-byte lines per row
         for (int i = t; i < nrow * lines; i += NT) {
             const size_t off = size_t(start + i / lines) * p.kv_dim + (i % lines) * 64;
@@ -1810,6 +1810,22 @@ constexpr int DEC_RESID_PARTS = 3;
 // for either
 constexpr int DEC_GLU_PEND = 4, DEC_LOGITS_PEND = 5;
 
+// The next layer's cached rows before pos into L2 (DecProjArgs::ahead), before this kernel's wait:
+// the bytes [0, pos * kv_dim * 2) of its K and V blocks shared out over the grid, one bulk prefetch
+// each (threads 0 and 32) a block. The state is stable during a step (as dec_attn_kernel reads it).
+// Out of line and in 32-bit arithmetic, so the kernels that skip it hold a call, not its code.
+__device__ __noinline__ void prefetch_next_kv(const DecKvAhead* a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned units = unsigned(a->st->pos) * unsigned(a->kv_dim / 8);  // 16-byte units of a cache block
+    const unsigned share = (units + gridDim.x - 1) / gridDim.x;
+    const unsigned lo = min(units, share * blockIdx.x), hi = min(units, lo + share);
+    if (hi <= lo) return;
+    const __half* base = (threadIdx.x == 0 ? a->k : a->v) + a->slot_off[a->st->slot];
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + size_t(lo) * 8), "r"((hi - lo) * 16u)
+                 : "memory");
+#endif
+}
+
 template <uint32_t T, int MODE>
 __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     static_assert(MODE == DEC_RESID || MODE == DEC_GLU || MODE == DEC_RESID_PARTS || MODE == DEC_GLU_PEND,
@@ -1831,6 +1847,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     int off1 = 0;
     if (GLU) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
     cp_async_commit();
+    if (!GLU && p.ahead != nullptr && (threadIdx.x & ~32u) == 0) prefetch_next_kv(p.ahead);
     pdl_wait_release(p.pdl_early);
 
     uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);

@@ -124,6 +124,7 @@ void FusedDecoder::add_scratch(std::vector<ScratchSlice>& slices) {
     add(&out_tokens_, size_t(n_ctx_) * 4);
     add(&part_o_, ok_ ? heads * cu::kDecMaxSplits * hd * 4 : 0);
     add(&part_ml_, ok_ ? heads * cu::kDecMaxSplits * sizeof(float2) : 0);
+    add(&kv_ahead_, ok_ ? size_t(d_.n_layer) * sizeof(cu::DecKvAhead) : 0);
     add(&arg_, ok_ ? size_t(lm_blocks_) * sizeof(cu::ArgPart) : 0);
     add(&rope_, ok_ ? rope_bases_.size() * size_t(n_ctx_) * (hd / 2) * sizeof(float2) : 0);
     const size_t E = size_t(d_.n_embd), post = ok_ && d_.post_norms ? E * 4 : 0;
@@ -303,6 +304,11 @@ void FusedDecoder::build(const DeviceWeights& w, const DecodeBuffers& b, cudaStr
     m.lm_stages = lm_stages_;
     // the step's lm_head adds the last FFN output (lm_head_last's row is complete already)
     if (post) lm_pend_ = {x_alt_, o_ffn_, w.layers.back().post_ffn_norm, nullptr};
+    std::vector<cu::DecKvAhead> ahead;  // each layer's cache rows, for options' kv_prefetch
+    for (const LayerArgs& A : layers_)
+        ahead.push_back({A.attention.kc, A.attention.vc, A.attention.slot_off, A.attention.st, A.attention.kv_dim});
+    CUDA_CHECK(cudaMemcpy(kv_ahead_, ahead.data(), ahead.size() * sizeof(cu::DecKvAhead), cudaMemcpyHostToDevice),
+               std::string(where) + ": the layers' cache rows");
 }
 
 void FusedDecoder::release() noexcept {
@@ -419,6 +425,10 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
         // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
         launch_qkv(A.qkv, s.pdl && l > 0, s);
         if (d_.qk_norm) launch_qk_norm(A.qk_norm, s);
+        // options' kv_prefetch: the previous layer's ffn_down pulls this layer's rows into L2 (a layer
+        // ahead of the attention, whose blocks then skip their own prefetch: kv_prefetch 1)
+        const bool ahead = s.attn_clusters > 0 && opt_.kv_prefetch > 0 && d_.head_dim % 8 == 0;
+        A.attention.no_prefetch = ahead && opt_.kv_prefetch == 1 && l > 0 && A.attention.window == 0;
         launch_attention(A.attention, s);
         if (s.attn_clusters > 1) {  // its input: the clusters' partials, merged as it loads them
             A.attn_output.act = part_o_;
@@ -426,6 +436,7 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
             A.attn_output.act_parts = s.attn_clusters;
             A.attn_output.act_hd = d_.head_dim;
         }
+        if (ahead && l + 1 < layers_.size() && layers_[l + 1].attention.window == 0) A.ffn_down.ahead = kv_ahead_ + l + 1;
         launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");
         launch_proj(DecodeKernel::ffn_gate_up, A.ffn_gate_up, s, "decode ffn_gate/ffn_up");
         launch_proj(DecodeKernel::ffn_down, A.ffn_down, s, "decode ffn_down");

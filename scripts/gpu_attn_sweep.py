@@ -52,6 +52,11 @@ ENGINE_VARIANTS = [
     ("direct_keys 0", dict(direct_keys=0)),
     ("span 2048", dict(cluster_span=2048)),
     ("span 5120", dict(cluster_span=5120)),  # 1 cluster to 5,120 positions, 2 to 10,240, 4 from 15,361
+    # each layer's rows into L2 a layer ahead (options' kv_prefetch: from the previous ffn_down;
+    # 1: the attention skips its own prefetch, 2: both)
+    ("kv ahead", dict(kv_prefetch=1)),
+    ("kv ahead and own", dict(kv_prefetch=2)),
+    ("kv ahead span 5120", dict(kv_prefetch=1, cluster_span=5120)),
     ("c1 span 256", dict(cluster_size=1, cluster_span=256)),
     ("c1 span 512", dict(cluster_size=1, cluster_span=512)),
     ("c1 span 1024", dict(cluster_size=1, cluster_span=1024)),
@@ -69,10 +74,11 @@ ENGINE_VARIANTS = [
     # the lm_head's rows by bulk copies (every step's last kernel; last here: a barrier protocol
     # mistake would show as a hang, after the other variants' rows are printed)
     ("lm bulk", dict(lm_bulk=True)),
+    ("kv ahead lm bulk", dict(kv_prefetch=1, lm_bulk=True)),
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
                 direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0,
-                lm_bulk=False, attn_trace=False)
+                lm_bulk=False, kv_prefetch=0, attn_trace=False)
 # the cluster attention's trace fields (dec_attn_kernel): start 0, waited 1, q ready 2 (the first K/V
 # tile in flight), tiles done 8, warps' partials stored 9, block partial 3, cluster barrier passed 4,
 # merge inputs loaded 10, merge stored 5, end 6 (7: SM)

@@ -645,6 +645,32 @@ def test_fast_decode_attention_staged(tiny_model):
     np.testing.assert_array_equal(runs[1][1], runs[0][1])
 
 
+def test_fast_decode_kv_prefetch(tiny_model):
+    """The cache rows pulled into L2 a layer ahead by the previous layer's ffn_down (options'
+    kv_prefetch 1: the attention then skips its own prefetch; 2: both) move bytes, not maths:
+    against the mat-vec path in one cluster and two, and bitwise the logits and tokens of the
+    default, in single steps and in decode_greedy's graphs (head_dim 64: the lean instances)."""
+    if not _hopper():
+        pytest.skip("the cluster attention needs compute capability 9.0")
+    path = tiny_model("Q8_0", n_embd=256, n_head=4, n_head_kv=2)
+    lengths = [1, 2, 33, 300, 513, 1100]
+    _check_attention_variants(path, variants={
+        f"kv_prefetch {m}": (dict(kv_prefetch=m, direct_keys=0, cluster_span=512), lengths) for m in (1, 2)})
+    toks = np.random.default_rng(7).integers(0, 200, 1100).astype(np.int32)
+    runs = []
+    for mode in (0, 1, 2):
+        e = _fast_engine(path, 1200)
+        e.set_options(kv_prefetch=mode, direct_keys=0, cluster_span=512)
+        assert e.options()["kv_prefetch"] == mode
+        logits = [e.forward(0, toks[:n], 0)[-1:] for n in (40, 700, 1100)]
+        first = int(np.argmax(e.forward(0, toks[:600], 0)))
+        runs.append((np.concatenate(logits), e.decode_greedy(0, first, 600, 24)))
+        e.close()
+    for mode in (1, 2):
+        np.testing.assert_array_equal(runs[mode][0], runs[0][0], err_msg=f"kv_prefetch {mode}")
+        np.testing.assert_array_equal(runs[mode][1], runs[0][1], err_msg=f"kv_prefetch {mode}")
+
+
 @pytest.mark.parametrize("wtype", ["Q4_K", "Q5_0", "F16"])
 def test_decode_graph_equals_direct(tiny_model, wtype):
     """The decode step replayed from a CUDA graph, launched directly, with and
@@ -748,7 +774,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
                  "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_SAMPLE_GRAPHS",
                  "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT", "ORCD_CUDA_CLUSTER_SIZE", "ORCD_CUDA_CLUSTER_SPAN",
                  "ORCD_CUDA_DIRECT_KEYS", "ORCD_CUDA_PDL_EARLY_KINDS", "ORCD_CUDA_PDL_EARLY_KINDS_DEEP",
-                 "ORCD_CUDA_ATTN_STAGE", "ORCD_CUDA_LM_BULK"):
+                 "ORCD_CUDA_ATTN_STAGE", "ORCD_CUDA_LM_BULK", "ORCD_CUDA_KV_PREFETCH"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
@@ -757,7 +783,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
                         resident_f16=True, sample_split=True, sample_graphs=True, sample_split_full=False,
                         cluster_keys=1 << 30, split_keys=32, cluster_size=16,
                         cluster_mma=True, cluster_span=8192, direct_keys=512, pdl_early_kinds=-1,
-                        pdl_early_kinds_deep=-1, attn_stage=0, lm_bulk=False, attn_trace=False,
+                        pdl_early_kinds_deep=-1, attn_stage=0, lm_bulk=False, kv_prefetch=0, attn_trace=False,
                         vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
@@ -767,7 +793,8 @@ def test_options_and_environment(tiny_model, monkeypatch):
                        (dict(cluster_size=17), "cluster_size"), (dict(cluster_span=0), "cluster_span"),
                        (dict(direct_keys=-1), "direct_keys"), (dict(pdl_early_kinds=64), "pdl_early_kinds"),
                        (dict(pdl_early_kinds=-2), "pdl_early_kinds"), (dict(pdl_early_kinds_deep=64), "pdl_early_kinds_deep"),
-                       (dict(attn_stage=-1), "attn_stage")]:
+                       (dict(attn_stage=-1), "attn_stage"), (dict(kv_prefetch=3), "kv_prefetch"),
+                       (dict(kv_prefetch=-1), "kv_prefetch")]:
         with pytest.raises(ValueError, match=field):
             e.set_options(**bad)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
@@ -788,12 +815,13 @@ def test_options_and_environment(tiny_model, monkeypatch):
     monkeypatch.setenv("ORCD_CUDA_PDL_EARLY_KINDS", "5")
     monkeypatch.setenv("ORCD_CUDA_PDL_EARLY_KINDS_DEEP", "7")
     monkeypatch.setenv("ORCD_CUDA_ATTN_STAGE", "256")
+    monkeypatch.setenv("ORCD_CUDA_KV_PREFETCH", "1")
     e = cu.CudaEngine(path, 32, 1)
     assert e.options()["cluster_size"] == 2 and e.options()["cluster_span"] == 512
     assert e.options()["pdl_early_kinds"] == 5 and e.options()["pdl_early_kinds_deep"] == 7
-    assert e.options()["attn_stage"] == 256
+    assert e.options()["attn_stage"] == 256 and e.options()["kv_prefetch"] == 1
     e.close()
-    for name, bad in (("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0"),
+    for name, bad in (("ORCD_CUDA_KV_PREFETCH", "3"), ("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0"),
                       ("ORCD_CUDA_PDL_EARLY_KINDS", "64")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):
