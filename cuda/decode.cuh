@@ -183,12 +183,13 @@ struct DecAttnArgs {
     // K/V rows of its keys (when they are at most this many) into shared memory with bulk copies
     // before its wait, so the loads overlap the previous kernel and the tiles read shared memory
     int stage;
-    // 1: the rows before pos are in L2 already (CudaOptions::kv_prefetch: the previous layer's
-    // ffn_down pulled them), so the blocks skip their own prefetch before the wait
-    int no_prefetch;
     // non-null (measuring): kDecAttnTraceFields timestamps per block of the cluster variant,
     // block (x, y) at trace[(y * gridDim.x + x) * kDecAttnTraceFields] (dec_attn_kernel says which)
     unsigned long long* trace;
+    // 1: the rows before pos are in L2 already (CudaOptions::kv_prefetch: the previous layer's
+    // ffn_down pulled them): the cluster instances without the blocks' own prefetch (host only; last,
+    // so the fields the kernels read keep their offsets)
+    int no_prefetch;
 };
 
 // A layer's cache rows for the previous layer's ffn_down to pull into L2 (CudaOptions::kv_prefetch):

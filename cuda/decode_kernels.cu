@@ -1348,7 +1348,7 @@ __device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
 // its tiles (8), after the warps' partials are stored (9), with the block's partial merged (3),
 // after the cluster barrier (4), with the cluster merge's inputs loaded (10), after its stores (5),
 // at the end (6); and the SM's id (7).
-template <int NACC, bool CLUSTER, bool STAGE = false, int MHD = 0>
+template <int NACC, bool CLUSTER, bool STAGE = false, int MHD = 0, bool NOPF = false>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     static_assert(!STAGE || (MHD && CLUSTER), "staging goes with the tensor-core cluster instances");
     static_assert(!MHD || MHD == 64 || MHD == 128, "MHD: instances of head_dim 64 or 128");
@@ -1439,7 +1439,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
             bulk_copy_g2s((v ? vs_st : ks_st) + size_t(j) * (rs / 2), (v ? V : K) + size_t(start + j) * p.kv_dim,
                           unsigned(hd * 2), bar);
         }
-    } else if (active && use_mma && !staged && !p.no_prefetch) {  // the rows before pos into L2 while the previous kernel runs
+    } else if (!NOPF && active && use_mma && !staged) {  // the rows before pos into L2 while the previous kernel runs
         const int nrow = max(0, min(end, pos) - start), lines = hd / 64;  // 128-byte lines per row
         for (int i = t; i < nrow * lines; i += NT) {
             const size_t off = size_t(start + i / lines) * p.kv_dim + (i % lines) * 64;
@@ -1809,12 +1809,15 @@ constexpr int DEC_RESID_PARTS = 3;
 // (the last FFN output's post-norm add first): their own instances, so the others hold no code
 // for either
 constexpr int DEC_GLU_PEND = 4, DEC_LOGITS_PEND = 5;
+// RESID whose blocks also pull the next layer's cache rows into L2 (DecProjArgs::ahead): its own
+// instances, so the others hold none of its code
+constexpr int DEC_RESID_AHEAD = 6;
 
 // The next layer's cached rows before pos into L2 (DecProjArgs::ahead), before this kernel's wait:
 // the bytes [0, pos * kv_dim * 2) of its K and V blocks shared out over the grid, one bulk prefetch
 // each (threads 0 and 32) a block. The state is stable during a step (as dec_attn_kernel reads it).
-// Out of line and in 32-bit arithmetic, so the kernels that skip it hold a call, not its code.
-__device__ __noinline__ void prefetch_next_kv(const DecKvAhead* a) {
+// (32-bit arithmetic: no 64-bit division routine.)
+__device__ __forceinline__ void prefetch_next_kv(const DecKvAhead* a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const unsigned units = unsigned(a->st->pos) * unsigned(a->kv_dim / 8);  // 16-byte units of a cache block
     const unsigned share = (units + gridDim.x - 1) / gridDim.x;
@@ -1828,7 +1831,8 @@ __device__ __noinline__ void prefetch_next_kv(const DecKvAhead* a) {
 
 template <uint32_t T, int MODE>
 __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
-    static_assert(MODE == DEC_RESID || MODE == DEC_GLU || MODE == DEC_RESID_PARTS || MODE == DEC_GLU_PEND,
+    static_assert(MODE == DEC_RESID || MODE == DEC_GLU || MODE == DEC_RESID_PARTS || MODE == DEC_GLU_PEND ||
+                      MODE == DEC_RESID_AHEAD,
                   "dec_proj_kernel: RESID or GLU");
     constexpr bool GLU = MODE == DEC_GLU || MODE == DEC_GLU_PEND, PARTS = MODE == DEC_RESID_PARTS;
     constexpr bool PEND = MODE == DEC_GLU_PEND;
@@ -1847,7 +1851,8 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     int off1 = 0;
     if (GLU) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
     cp_async_commit();
-    if (!GLU && p.ahead != nullptr && (threadIdx.x & ~32u) == 0) prefetch_next_kv(p.ahead);
+    if constexpr (MODE == DEC_RESID_AHEAD)
+        if ((threadIdx.x & ~32u) == 0) prefetch_next_kv(p.ahead);
     pdl_wait_release(p.pdl_early);
 
     uint8_t* actp = smem + p.smem_w + align16(size_t(n_in) * 4);
@@ -1911,7 +1916,6 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
 #else
     constexpr bool kBulk = false;
 #endif
-    __shared__ __align__(8) uint64_t ring_bar[kBulk ? NW * kDecLmStages : 1];
     const int NS = p.lm_stages;  // 1 .. kDecLmStages
     const int n_out = p.w[0].n_out, n_in = p.w[0].n_in, rb = p.rows_per_block;
     const int nbatch = (n_out + rb - 1) / rb;
@@ -1923,7 +1927,13 @@ __global__ void __launch_bounds__(NT, 3) dec_lm_kernel(const DecProjArgs p) {
     float* nw = reinterpret_cast<float*>(smem + p.smem_w);
     if (p.norm_w) stage_floats(nw, p.norm_w, n_in);
     cp_async_commit();  // group: norm weights (every thread)
-    uint64_t* const bars = ring_bar + (kBulk ? warp * kDecLmStages : 0);
+    // bulk: the ring slots' barriers (declared only in the bulk instances, so the others' shared
+    // memory and code stay as they were)
+    uint64_t* bars = nullptr;
+    if constexpr (kBulk) {
+        __shared__ __align__(8) uint64_t ring_bar[NW * kDecLmStages];
+        bars = ring_bar + warp * kDecLmStages;
+    }
     // bulk: batch b's widened rows into ring slot `slot`, expected on that slot's barrier (lane 0)
     auto bulk_stage = [&](int slot, int b) {
         const int r0 = b * rb, r1 = min(r0 + rb, n_out);
@@ -2077,11 +2087,13 @@ ProjKernel proj_inst(int mode, bool bulk) {
     if (mode == DEC_LOGITS_PEND) return bulk ? dec_lm_kernel<T, true, true> : dec_lm_kernel<T, true, false>;
     if (mode == DEC_GLU) return dec_proj_kernel<T, DEC_GLU>;
     if (mode == DEC_GLU_PEND) return dec_proj_kernel<T, DEC_GLU_PEND>;
+    if (mode == DEC_RESID_AHEAD) return dec_proj_kernel<T, DEC_RESID_AHEAD>;
     return mode == DEC_RESID_PARTS ? dec_proj_kernel<T, DEC_RESID_PARTS> : dec_proj_kernel<T, DEC_RESID>;
 }
 ProjKernel proj_kernel_for(const DecProjArgs& a) {
     const uint32_t t = a.w[0].type;
     int mode = a.mode == DEC_RESID && a.act_parts > 1 ? DEC_RESID_PARTS : a.mode;
+    if (mode == DEC_RESID && a.ahead != nullptr) mode = DEC_RESID_AHEAD;
     if (a.pend.x) mode = mode == DEC_GLU ? DEC_GLU_PEND : DEC_LOGITS_PEND;  // dec_proj checks the mode
     if (a.n_tensors > 1 && a.w[1].type != t) return proj_inst<T_ANY>(mode, a.lm_bulk != 0);
 #define ORCD_ONE(T) \
@@ -2110,17 +2122,22 @@ bool direct_on_mma(const DecAttnArgs& a) {
 AttnKernel direct_kernel_for(int head_dim) {
     return head_dim == 64 ? dec_attn_kernel<1, false, false, 64> : dec_attn_kernel<1, false, false, 128>;
 }
-AttnKernel cluster_kernel_for(int n_head, int n_head_kv, int head_dim, bool cluster_mma, bool stage) {
+// nopf (DecAttnArgs::no_prefetch, unstaged): the instances without the blocks' own L2 prefetch
+AttnKernel cluster_kernel_for(int n_head, int n_head_kv, int head_dim, bool cluster_mma, bool stage, bool nopf = false) {
     if (!cluster_on_mma(n_head, n_head_kv, head_dim, cluster_mma)) return attn_kernel_for<true>(n_head / n_head_kv * head_dim);
-    if (head_dim == 64) return stage ? dec_attn_kernel<1, true, true, 64> : dec_attn_kernel<1, true, false, 64>;
-    return stage ? dec_attn_kernel<1, true, true, 128> : dec_attn_kernel<1, true, false, 128>;
+    if (head_dim == 64)
+        return stage ? dec_attn_kernel<1, true, true, 64>
+                     : nopf ? dec_attn_kernel<1, true, false, 64, true> : dec_attn_kernel<1, true, false, 64>;
+    return stage ? dec_attn_kernel<1, true, true, 128>
+                 : nopf ? dec_attn_kernel<1, true, false, 128, true> : dec_attn_kernel<1, true, false, 128>;
 }
 // every cluster instance (the non-portable size and the staging variant's shared memory apply to them)
 std::vector<const void*> cluster_attn_kernels() {
     std::vector<const void*> k;
     for (int g : {NT, 2 * NT, 3 * NT, 4 * NT, 8 * NT}) k.push_back(reinterpret_cast<const void*>(attn_kernel_for<true>(g)));
     for (AttnKernel f : {dec_attn_kernel<1, true, false, 64>, dec_attn_kernel<1, true, true, 64>,
-                         dec_attn_kernel<1, true, false, 128>, dec_attn_kernel<1, true, true, 128>})
+                         dec_attn_kernel<1, true, false, 128>, dec_attn_kernel<1, true, true, 128>,
+                         dec_attn_kernel<1, true, false, 64, true>, dec_attn_kernel<1, true, false, 128, true>})
         k.push_back(reinterpret_cast<const void*>(f));
     return k;
 }
@@ -2131,7 +2148,8 @@ std::vector<const void*> all_kernels() {
     auto add = [&](auto f) { k.push_back(reinterpret_cast<const void*>(f)); };
 #define ORCD_ADD(T) \
     for (bool e : {false, true}) for (bool g : {false, true}) add(qkv_inst<T, T>(e, g)); \
-    for (int m : {int(DEC_RESID), int(DEC_GLU), int(DEC_LOGITS), DEC_RESID_PARTS, DEC_GLU_PEND, DEC_LOGITS_PEND}) \
+    for (int m : {int(DEC_RESID), int(DEC_GLU), int(DEC_LOGITS), DEC_RESID_PARTS, DEC_GLU_PEND, DEC_LOGITS_PEND, \
+                  DEC_RESID_AHEAD})                                                                             \
         for (bool b : {false, true}) add(proj_inst<T>(m, b));
     ORCD_DEC_FAST_TYPES(ORCD_ADD)
     ORCD_ADD(T_ANY)
@@ -2292,7 +2310,8 @@ void dec_attention(const DecAttnArgs& a, cudaStream_t st, bool pdl, const char* 
     const DecLaunchShape sh = dec_attention_shape(a);
     const int gd = a.n_head / a.n_head_kv * a.head_dim;
     if (a.cluster)
-        launch(cluster_kernel_for(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma != 0, a.stage > 0), sh.grid, sh.smem,
+        launch(cluster_kernel_for(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma != 0, a.stage > 0, a.no_prefetch != 0),
+               sh.grid, sh.smem,
                st, pdl, a, ctx("dec_attn_kernel (cluster)", what), sh.cluster);
     else if (direct_on_mma(a))
         launch(direct_kernel_for(a.head_dim), sh.grid, sh.smem, st, pdl, a, ctx("dec_attn_kernel (direct)", what));
