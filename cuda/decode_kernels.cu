@@ -1824,6 +1824,7 @@ __device__ __forceinline__ void prefetch_next_kv(const DecKvAhead* a) {
     const unsigned lo = min(units, share * blockIdx.x), hi = min(units, lo + share);
     if (hi <= lo) return;
     const __half* base = (threadIdx.x == 0 ? a->k : a->v) + a->slot_off[a->st->slot];
+    if ((reinterpret_cast<uintptr_t>(base) & 15) != 0) return;  // the bulk prefetch needs 16-byte alignment
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + size_t(lo) * 8), "r"((hi - lo) * 16u)
                  : "memory");
 #endif
