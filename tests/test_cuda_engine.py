@@ -826,7 +826,8 @@ def test_options_and_environment(tiny_model, monkeypatch):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):
             cu.CudaEngine(path, 32, 1)
-        monkeypatch.setenv(name, {"ORCD_CUDA_CLUSTER_SIZE": "2", "ORCD_CUDA_CLUSTER_SPAN": "512"}.get(name, "5"))
+        monkeypatch.setenv(name, {"ORCD_CUDA_CLUSTER_SIZE": "2", "ORCD_CUDA_CLUSTER_SPAN": "512",
+                                  "ORCD_CUDA_KV_PREFETCH": "1"}.get(name, "5"))
 
 
 def test_vram_limit_plans_as_a_smaller_gpu(tiny_model, monkeypatch):
