@@ -57,6 +57,8 @@ ENGINE_VARIANTS = [
     ("kv ahead", dict(kv_prefetch=1)),
     ("kv ahead and own", dict(kv_prefetch=2)),
     ("kv ahead span 5120", dict(kv_prefetch=1, cluster_span=5120)),
+    # one cluster a KV head to 16,384 positions: with the rows already in L2, fewer blocks may do
+    ("kv ahead span 16384", dict(kv_prefetch=1, cluster_span=16384)),
     ("c1 span 256", dict(cluster_size=1, cluster_span=256)),
     ("c1 span 512", dict(cluster_size=1, cluster_span=512)),
     ("c1 span 1024", dict(cluster_size=1, cluster_span=1024)),
