@@ -75,7 +75,10 @@ struct CudaOptions {
     int split_keys = 32;       // the global merge's splits hold at least this many keys (a positive multiple of 32)
     int cluster_size = 16;     // blocks (splits) per cluster: 1..16 (above 8 where the GPU allows non-portable clusters)
     bool cluster_mma = true;   // the cluster merge's blocks run the tensor-core tile phase (G <= 16, head_dim 64/128)
-    int cluster_span = 8192;   // positions per cluster: 1, 2 or 4 clusters per KV head (partials merged by attn_output)
+    // positions per cluster: 1, 2 or 4 clusters per KV head (partials merged by attn_output); 5,120
+    // keeps one cluster through tg128 at depth 4,096 and gives 16,384 four, whose warps then hold two
+    // 16-key tiles each, both issued before the wait (docs/perf_log.md run 74)
+    int cluster_span = 5120;
     int direct_keys = 512;     // caches of up to this many positions: one attention block per KV head, no merge
     // Which decode kernels release their successor at their start (a bit per DecodeKernel; -1:
     // the built-in choice, attn_output: docs/perf_log.md run 13). For measuring.
@@ -86,13 +89,14 @@ struct CudaOptions {
     // clusters per KV head so a block's keys fit; at most what a block's shared memory holds)
     int attn_stage = 0;
     // The lm_head's weight rows by bulk copies (the copy engine; sm_90 and later) instead of each
-    // lane's cp.async: off until a GPU measures it (docs/perf_log.md run 71)
-    bool lm_bulk = false;
+    // lane's cp.async (docs/perf_log.md runs 71, 74: +0.4-0.7% at every depth)
+    bool lm_bulk = true;
     // Steps past the one-block attention: each layer's cached rows before pos pulled into L2 a layer
     // ahead, by the previous layer's ffn_down blocks (one bulk prefetch of K and of V a block,
     // sm_90), 1: and that layer's attention then skips its own prefetch; 2: it prefetches as well;
-    // 0: off (the attention's blocks alone prefetch their rows, before their wait)
-    int kv_prefetch = 0;
+    // 0: off (the attention's blocks alone prefetch their rows, before their wait). 1 by default:
+    // tg128 at depth 4,096 / 16,384 +3.6% / +3.0%, from empty unchanged (docs/perf_log.md run 74)
+    int kv_prefetch = 1;
     // Measuring: the cluster attention's blocks store timestamps, profile_decode returns them
     bool attn_trace = false;
     // Plan as if the GPU had at most this many bytes free (0: what it has): the automatic KV

@@ -492,8 +492,9 @@ int FusedDecoder::attn_variant(int kv_len) const {
                                                                                : std::min(opt_.direct_keys, cu::kDecTK);
     if (kv_len <= direct) return -1;
     if (!hopper_ || opt_.cluster_keys <= 0 || kv_len > opt_.cluster_keys) return 0;
-    // the largest power of two <= ceil(kv_len / cluster_span): at 8k-16k positions 2 clusters
-    // beat 1 and 4, at 32k 4 beat 2 (docs/perf_log.md run 36)
+    // the largest power of two <= ceil(kv_len / cluster_span): with the default span (5,120) one
+    // cluster through 5,120 positions, 4 from 15,361: at 4,096 and 16,384 each warp's keys are two
+    // 16-key tiles, both loaded before the wait (docs/perf_log.md runs 36, 68, 74)
     // (more clusters of fewer blocks, e.g. cluster_size 1-2 and a short span: the partials merged by
     // attn_output instead of in the cluster; at most kDecMaxSplits blocks per KV head in all)
     const int cs = cluster_blocks();

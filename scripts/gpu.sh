@@ -31,7 +31,7 @@
 #             and scripts/gpu_batch_trace.py at B=8 (torch.profiler)
 #   batch     orcd bench --batch 1,8,32,64,128 --json (sampled, pp128 + tg128 per sequence, and the
 #             Model.chat user path); batch_sg: B=1,8 and Model.chat with ORCD_CUDA_SAMPLE_GRAPHS=0 (batch_sg.json)
-#   long      orcd bench -p 4096 and -p 16384 (-n 128: tg128 at that depth) --json
+#   long      orcd bench -p 4096 and -p 16384 (LONG_PROMPTS: others; -n 128: tg128 at that depth) --json
 #   attn_sweep  scripts/gpu_attn_sweep.py's engine variants (ATTN_VARIANTS, ATTN_DEPTHS in the environment)
 #   attn_ncu  the cluster decode attention alone at 4,096 and 16,384 positions under Nsight Compute
 #   serve     orcd serve --device cuda --max-seqs 128, then orcd bench-serve at 1, 8, 32, 64, 128 clients
@@ -295,8 +295,9 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         done ;;
     long)
         needs_model long || continue
-        for p in 4096 16384; do
-            # (LONG_TAG names the files of a second run, e.g. with ORCD_CUDA_ATTN_STAGE set)
+        for p in ${LONG_PROMPTS:-4096 16384}; do
+            # (LONG_TAG names the files of a second run, e.g. with ORCD_CUDA_ATTN_STAGE set;
+            # LONG_PROMPTS other prompt lengths)
             J="$D/long_$p${LONG_TAG:-}.json"
             run_step long_$p${LONG_TAG:-} 300 "$D/long_$p${LONG_TAG:-}.err" bash -c "cd /tmp && $PY -m orcd.cli bench -m '$MODEL' --device cuda \
                 -p $p -n 128 --repeat 3 --json > '$J'"

@@ -680,11 +680,12 @@ def test_decode_graph_equals_direct(tiny_model, wtype):
     prompt = np.random.default_rng(13).integers(0, 200, 9).astype(np.int32)
     # (pdl_early_kinds: which kernels release their successor at their start, none or all: a
     # timing choice only, since every kernel waits for its predecessor before reading its output;
-    # lm_bulk: the lm_head's rows copied by the copy engine, the same bytes)
+    # lm_bulk, the default: the lm_head's rows copied by the copy engine; off: each lane's cp.async,
+    # the same bytes)
     variants = [dict(graphs=True, pdl=True), dict(graphs=False, pdl=True), dict(graphs=True, pdl=False),
                 dict(graphs=False, pdl=False), dict(graphs=True, pdl=True, pdl_early_kinds=0),
-                dict(graphs=True, pdl=True, pdl_early_kinds=63), dict(graphs=True, pdl=True, lm_bulk=True),
-                dict(graphs=False, pdl=False, lm_bulk=True)]
+                dict(graphs=True, pdl=True, pdl_early_kinds=63), dict(graphs=True, pdl=True, lm_bulk=False),
+                dict(graphs=False, pdl=False, lm_bulk=False)]
     results = []
     for opts in variants:
         e = _fast_engine(path)
@@ -782,8 +783,8 @@ def test_options_and_environment(tiny_model, monkeypatch):
     assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, batch_graphs=True,
                         resident_f16=True, sample_split=True, sample_graphs=True, sample_split_full=False,
                         cluster_keys=1 << 30, split_keys=32, cluster_size=16,
-                        cluster_mma=True, cluster_span=8192, direct_keys=512, pdl_early_kinds=-1,
-                        pdl_early_kinds_deep=-1, attn_stage=0, lm_bulk=False, kv_prefetch=0, attn_trace=False,
+                        cluster_mma=True, cluster_span=5120, direct_keys=512, pdl_early_kinds=-1,
+                        pdl_early_kinds_deep=-1, attn_stage=0, lm_bulk=True, kv_prefetch=1, attn_trace=False,
                         vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
@@ -803,10 +804,10 @@ def test_options_and_environment(tiny_model, monkeypatch):
     monkeypatch.setenv("ORCD_CUDA_FUSED_PROMPT", "false")
     monkeypatch.setenv("ORCD_CUDA_SAMPLE_GRAPHS", "0")
     monkeypatch.setenv("ORCD_CUDA_SAMPLE_SPLIT_FULL", "1")
-    monkeypatch.setenv("ORCD_CUDA_LM_BULK", "1")
+    monkeypatch.setenv("ORCD_CUDA_LM_BULK", "0")
     e = cu.CudaEngine(path, 32, 1)
     assert e.options() == dict(base, graphs=False, fused_prompt=False, sample_graphs=False, sample_split_full=True,
-                               lm_bulk=True)
+                               lm_bulk=False)
     assert not e.paths()["graphs"] and not e.paths()["fused_prompt"]
     e.close()
     # the integer settings: the decode attention's cluster shape, the early PDL releases
@@ -815,11 +816,11 @@ def test_options_and_environment(tiny_model, monkeypatch):
     monkeypatch.setenv("ORCD_CUDA_PDL_EARLY_KINDS", "5")
     monkeypatch.setenv("ORCD_CUDA_PDL_EARLY_KINDS_DEEP", "7")
     monkeypatch.setenv("ORCD_CUDA_ATTN_STAGE", "256")
-    monkeypatch.setenv("ORCD_CUDA_KV_PREFETCH", "1")
+    monkeypatch.setenv("ORCD_CUDA_KV_PREFETCH", "2")
     e = cu.CudaEngine(path, 32, 1)
     assert e.options()["cluster_size"] == 2 and e.options()["cluster_span"] == 512
     assert e.options()["pdl_early_kinds"] == 5 and e.options()["pdl_early_kinds_deep"] == 7
-    assert e.options()["attn_stage"] == 256 and e.options()["kv_prefetch"] == 1
+    assert e.options()["attn_stage"] == 256 and e.options()["kv_prefetch"] == 2
     e.close()
     for name, bad in (("ORCD_CUDA_KV_PREFETCH", "3"), ("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0"),
                       ("ORCD_CUDA_PDL_EARLY_KINDS", "64")):
