@@ -52,13 +52,9 @@ ENGINE_VARIANTS = [
     ("direct_keys 0", dict(direct_keys=0)),
     ("span 2048", dict(cluster_span=2048)),
     ("span 5120", dict(cluster_span=5120)),  # 1 cluster to 5,120 positions, 2 to 10,240, 4 from 15,361
-    # each layer's rows into L2 a layer ahead (options' kv_prefetch: from the previous ffn_down;
-    # 1: the attention skips its own prefetch, 2: both)
-    ("kv ahead", dict(kv_prefetch=1)),
+    # each layer's rows into L2 a layer ahead (options' kv_prefetch, 1 by default: from the previous
+    # ffn_down, the attention without its own prefetch; 2: both)
     ("kv ahead and own", dict(kv_prefetch=2)),
-    ("kv ahead span 5120", dict(kv_prefetch=1, cluster_span=5120)),
-    # one cluster a KV head to 16,384 positions: with the rows already in L2, fewer blocks may do
-    ("kv ahead span 16384", dict(kv_prefetch=1, cluster_span=16384)),
     ("c1 span 256", dict(cluster_size=1, cluster_span=256)),
     ("c1 span 512", dict(cluster_size=1, cluster_span=512)),
     ("c1 span 1024", dict(cluster_size=1, cluster_span=1024)),
@@ -73,10 +69,6 @@ ENGINE_VARIANTS = [
     ("global merge only", dict(cluster_keys=0, direct_keys=0)),
     ("round-6 options", dict(cluster_keys=1024, cluster_size=8, cluster_mma=False, cluster_span=1 << 30,
                              direct_keys=0)),
-    # the lm_head's rows by bulk copies (every step's last kernel; last here: a barrier protocol
-    # mistake would show as a hang, after the other variants' rows are printed)
-    ("lm bulk", dict(lm_bulk=True)),
-    ("kv ahead lm bulk", dict(kv_prefetch=1, lm_bulk=True)),
     # the defaults one at a time back to round 16's (perf_log run 74), and all three
     ("no kv ahead", dict(kv_prefetch=0)),
     ("span 8192", dict(cluster_span=8192)),
