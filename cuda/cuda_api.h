@@ -75,10 +75,10 @@ struct CudaOptions {
     int split_keys = 32;       // the global merge's splits hold at least this many keys (a positive multiple of 32)
     int cluster_size = 16;     // blocks (splits) per cluster: 1..16 (above 8 where the GPU allows non-portable clusters)
     bool cluster_mma = true;   // the cluster merge's blocks run the tensor-core tile phase (G <= 16, head_dim 64/128)
-    // positions per cluster: 1, 2 or 4 clusters per KV head (partials merged by attn_output); 5,120
-    // keeps one cluster through tg128 at depth 4,096 and gives 16,384 four, whose warps then hold two
-    // 16-key tiles each, both issued before the wait (docs/perf_log.md run 74)
-    int cluster_span = 5120;
+    // positions per cluster at most: the fewest clusters per KV head (1, 2, 4, ...) that hold them
+    // (partials merged by attn_output); 8,192: one through 8,192 positions, four past 16,384, each
+    // warp's keys there two 16-key tiles loaded before the wait (docs/perf_log.md runs 74-76)
+    int cluster_span = 8192;
     int direct_keys = 512;     // caches of up to this many positions: one attention block per KV head, no merge
     // Which decode kernels release their successor at their start (a bit per DecodeKernel; -1:
     // the built-in choice, attn_output: docs/perf_log.md run 13). For measuring.

@@ -492,19 +492,22 @@ int FusedDecoder::attn_variant(int kv_len) const {
                                                                                : std::min(opt_.direct_keys, cu::kDecTK);
     if (kv_len <= direct) return -1;
     if (!hopper_ || opt_.cluster_keys <= 0 || kv_len > opt_.cluster_keys) return 0;
-    // the largest power of two <= ceil(kv_len / cluster_span): with the default span (5,120) one
-    // cluster through 5,120 positions, 4 from 15,361: at 4,096 and 16,384 each warp's keys are two
-    // 16-key tiles, both loaded before the wait (docs/perf_log.md runs 36, 68, 74)
+    // the fewest clusters (a power of two) holding at most cluster_span positions each: with the
+    // default span (8,192) one through 8,192 positions, two to 16,384, four past it (tg128 at depth
+    // 16,384 runs at 16,385-16,512 positions), where each warp's keys are two 16-key tiles, both
+    // loaded before the wait. Measured per depth (docs/perf_log.md run 75, graph step us): after a
+    // 6,144-token prompt one cluster 586.5 against two 607.1; after 16,384 four 673.7 against two
+    // 680.9 (the largest power of two <= ceil(kv_len / span) of runs 36-75 took two at 6,145
+    // positions with span 5,120, or two at 16,385 with 8,192)
     // (more clusters of fewer blocks, e.g. cluster_size 1-2 and a short span: the partials merged by
     // attn_output instead of in the cluster; at most kDecMaxSplits blocks per KV head in all)
     const int cs = cluster_blocks();
     int want = (kv_len + opt_.cluster_span - 1) / opt_.cluster_span;
-    // staging: at least the clusters a block's keys need to fit its rows, rounded down to a power
-    // of two like the rest (so a block whose keys do not fit, there or past the most clusters,
-    // reads the cache: correct, only slower)
+    // staging: at least the clusters a block's keys need to fit its rows (past the most clusters
+    // a block whose keys do not fit reads the cache: correct, only slower)
     if (stage_ > 0) want = std::max(want, (kv_len + cs * stage_ - 1) / (cs * stage_));
     int c = 1;
-    while (2 * c <= want && 2 * c <= cu::kDecAttnMaxClusters && 2 * c * cs <= cu::kDecMaxSplits) c *= 2;
+    while (c < want && 2 * c <= cu::kDecAttnMaxClusters && 2 * c * cs <= cu::kDecMaxSplits) c *= 2;
     return c;
 }
 

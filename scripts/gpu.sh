@@ -24,7 +24,7 @@
 #   ab        tg128 / pp512 of the --old build against this one, interleaved --rounds times
 #             (make old_src here: `mkdir old_src && git archive REV | tar -x -C old_src`, exclude it
 #             in .git/info/exclude and name it in the device call's carry)
-#   ab_long   the same for tg128 at depth 4,096 and 16,384 (orcd bench -p P -n 128)
+#   ab_long   the same for tg128 at depth 4,096 and 16,384 (orcd bench -p P -n 128; AB_LONG_PROMPTS: others)
 #             (both: AB_ENVS="A=1;B=8 C=2" adds this build under each set of switches to every round)
 #   ncu       scripts/gpu_ncu.sh MODEL (Nsight Compute on the decode kernels)
 #   traces    scripts/gpu_chat_trace.py (a sampled Model.chat token: engine call, Python, kernels, GPU idle)
@@ -223,7 +223,7 @@ r = b._cuda_module()[1]; print(\"CUDA:\", r or \"available\", \"cuBLAS from\", b
         [ -d /tmp/oldsite ] || { record $step skip 0 "no old build (--old DIR with build)"; continue; }
         # (AB_ENVS: ';'-separated sets of VAR=VALUE switches, each run on this build as one more
         # variant of every round, e.g. AB_ENVS="ORCD_CUDA_LM_BULK=1;ORCD_CUDA_ATTN_WARPS=8")
-        PROMPTS=512; [ $step = ab_long ] && PROMPTS="4096 16384"
+        PROMPTS=512; [ $step = ab_long ] && PROMPTS="${AB_LONG_PROMPTS:-4096 16384}"
         : > "$D/$step.txt"
         s=$(date +%s)
         IFS=';' read -r -a AB_SETS <<< "${AB_ENVS:-}"

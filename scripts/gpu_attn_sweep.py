@@ -51,7 +51,7 @@ ENGINE_VARIANTS = [
     ("direct_keys 128", dict(direct_keys=128)),
     ("direct_keys 0", dict(direct_keys=0)),
     ("span 2048", dict(cluster_span=2048)),
-    ("span 5120", dict(cluster_span=5120)),  # 1 cluster to 5,120 positions, 2 to 10,240, 4 from 15,361
+    ("span 5120", dict(cluster_span=5120)),  # 1 cluster to 5,120 positions, 2 to 10,240, 4 to 20,480
     # each layer's rows into L2 a layer ahead (options' kv_prefetch, 1 by default: from the previous
     # ffn_down, the attention without its own prefetch; 2: both)
     ("kv ahead and own", dict(kv_prefetch=2)),
@@ -69,13 +69,14 @@ ENGINE_VARIANTS = [
     ("global merge only", dict(cluster_keys=0, direct_keys=0)),
     ("round-6 options", dict(cluster_keys=1024, cluster_size=8, cluster_mma=False, cluster_span=1 << 30,
                              direct_keys=0)),
-    # the defaults one at a time back to round 16's (perf_log run 74), and all three
+    # the defaults one at a time back to round 16's (perf_log run 74), and all three (the span with
+    # run 76's rule: the fewest clusters of at most span positions, where round 16 took the most
+    # clusters of at least span positions: four at 16,385 positions where it took two)
     ("no kv ahead", dict(kv_prefetch=0)),
-    ("span 8192", dict(cluster_span=8192)),
     ("lm cp.async", dict(lm_bulk=False)),
     ("round-16 defaults", dict(kv_prefetch=0, lm_bulk=False, cluster_span=8192)),
 ]
-DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=5120,
+DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
                 direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0,
                 lm_bulk=True, kv_prefetch=1, attn_trace=False)
 # the cluster attention's trace fields (dec_attn_kernel): start 0, waited 1, q ready 2 (the first K/V

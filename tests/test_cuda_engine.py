@@ -783,7 +783,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
     assert base == dict(fast_decode=True, graphs=True, pdl=True, fused_prompt=True, batch_graphs=True,
                         resident_f16=True, sample_split=True, sample_graphs=True, sample_split_full=False,
                         cluster_keys=1 << 30, split_keys=32, cluster_size=16,
-                        cluster_mma=True, cluster_span=5120, direct_keys=512, pdl_early_kinds=-1,
+                        cluster_mma=True, cluster_span=8192, direct_keys=512, pdl_early_kinds=-1,
                         pdl_early_kinds_deep=-1, attn_stage=0, lm_bulk=True, kv_prefetch=1, attn_trace=False,
                         vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
