@@ -436,8 +436,10 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
             A.attn_output.act_parts = s.attn_clusters;
             A.attn_output.act_hd = d_.head_dim;
         }
+        // (3 from ffn_gate_up, except where its input takes a pending residual add (gemma3's
+        // post-norms: those GLU instances hold no prefetch), there from ffn_down as with 1)
         if (ahead && l + 1 < layers_.size() && layers_[l + 1].attention.window == 0)
-            (opt_.kv_prefetch == 3 ? A.ffn_gate_up.ahead : A.ffn_down.ahead) = kv_ahead_ + l + 1;
+            (opt_.kv_prefetch == 3 && !A.ffn_gate_up.pend.x ? A.ffn_gate_up.ahead : A.ffn_down.ahead) = kv_ahead_ + l + 1;
         launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");
         launch_proj(DecodeKernel::ffn_gate_up, A.ffn_gate_up, s, "decode ffn_gate/ffn_up");
         launch_proj(DecodeKernel::ffn_down, A.ffn_down, s, "decode ffn_down");

@@ -109,8 +109,8 @@ public:
     // For the profiler (decode_profiler.cu):
     // The attention variant of a step whose cache holds kv_len positions: -1 = one block per KV
     // head writing the output (up to options' direct_keys), 0 = the global merge (no Hopper, or
-    // beyond cluster_keys), else the clusters per KV head of the cluster variant (1, 2 or 4: the
-    // largest power of two up to kv_len / cluster_span rounded up).
+    // beyond cluster_keys), else the clusters per KV head of the cluster variant (1, 2, 4, ...: the
+    // fewest, a power of two, holding at most cluster_span positions each, within the caps).
     int attn_variant(int kv_len) const;
     void launch_step(const StepLaunch& s) const;
     // The stream work of `body` as an instantiated graph (a failed capture is cleaned up).
@@ -173,7 +173,7 @@ private:
     int32_t* out_tokens_ = nullptr;
     float* part_o_ = nullptr;
     float2* part_ml_ = nullptr;
-    cu::DecKvAhead* kv_ahead_ = nullptr;  // per layer: its cache rows for the previous ffn_down (kv_prefetch)
+    cu::DecKvAhead* kv_ahead_ = nullptr;  // per layer: its cache rows for the previous layer's ffn_down or ffn_gate_up (kv_prefetch)
     cu::ArgPart* arg_ = nullptr;
     float2* rope_ = nullptr;  // per RoPE base: [n_ctx][head_dim/2] (cos, sin)
     std::vector<float> rope_bases_;  // the layers' distinct bases, in the order of rope_'s tables

@@ -75,7 +75,7 @@ ENGINE_VARIANTS = [
     # clusters of at least span positions: four at 16,385 positions where it took two)
     ("no kv ahead", dict(kv_prefetch=0)),
     ("lm cp.async", dict(lm_bulk=False)),
-    ("round-16 defaults", dict(kv_prefetch=0, lm_bulk=False, cluster_span=8192)),
+    ("round-16 options", dict(kv_prefetch=0, lm_bulk=False, cluster_span=8192)),
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
                 direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0,

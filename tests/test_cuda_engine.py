@@ -563,8 +563,8 @@ def test_fast_decode_attention_variants(tiny_model):
         "cluster 8 cuda cores": (dict(cluster_size=8, cluster_mma=False, direct_keys=0), [1, 2, 9, 17, 40, 300, 1100]),
         "cluster 8 mma": (dict(cluster_size=8, direct_keys=0), [1, 2, 9, 17, 40, 300, 1100]),
         "cluster 16 cuda cores": (dict(cluster_mma=False, direct_keys=0), [9, 300, 1024]),
-        # several clusters per KV head (the largest power of two up to positions / cluster_span,
-        # at most 16 and 64 blocks in all): attn_output merges their partials
+        # several clusters per KV head (the fewest, a power of two, of at most cluster_span
+        # positions each; at most 16 and 64 blocks in all): attn_output merges their partials
         "multi-cluster": (dict(cluster_span=100, direct_keys=0), [1, 9, 100, 101, 150, 201, 300, 401, 700, 1100]),
         "16 one-block clusters": (dict(cluster_size=1, cluster_span=64, direct_keys=0),
                                   [1, 9, 64, 65, 129, 300, 700, 1025, 1100]),
@@ -649,7 +649,7 @@ def test_fast_decode_kv_prefetch(tiny_model):
     """The cache rows pulled into L2 a layer ahead by the previous layer's ffn_down (options'
     kv_prefetch 1: the attention then skips its own prefetch; 2: both; 3: as 1 from ffn_gate_up)
     move bytes, not maths:
-    against the mat-vec path in one cluster and two, and bitwise the logits and tokens of the
+    against the mat-vec path in one cluster and several, and bitwise the logits and tokens of the
     default, in single steps and in decode_greedy's graphs (head_dim 64: the lean instances)."""
     if not _hopper():
         pytest.skip("the cluster attention needs compute capability 9.0")

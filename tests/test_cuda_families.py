@@ -177,8 +177,8 @@ def test_gemma3_generic_step_matches_cpu(family_model, wtype, shape):
 # (the defaults over a 20-token prompt: up to 32 keys, where the CUDA-core shapes take it too;
 # window 5), then with a 60-token prompt and a 40-key window cutting the local layers' keys: the
 # global merge (splits of 32 keys on CUDA cores: 2 for a local layer, 3 for a global one); one
-# 16-block cluster (splits of 8 keys); 4 clusters whose partials attn_output merges as it loads
-# them (cluster_span 16)
+# 16-block cluster (splits of 8 keys); several clusters (cluster_span 16: at most 4 of 16 blocks)
+# whose partials attn_output merges as it loads them
 GEMMA3_FUSED_VARIANTS = {"one block": {}, "global merge": dict(cluster_keys=0, direct_keys=0),
                          "cluster": dict(direct_keys=0), "clusters": dict(direct_keys=0, cluster_span=16)}
 
