@@ -2156,7 +2156,8 @@ std::vector<const void*> all_kernels() {
     for (bool e : {false, true}) for (bool g : {false, true}) add(qkv_inst<T, T>(e, g)); \
     for (int m : {int(DEC_RESID), int(DEC_GLU), int(DEC_LOGITS), DEC_RESID_PARTS, DEC_GLU_PEND, DEC_LOGITS_PEND, \
                   DEC_RESID_AHEAD, DEC_GLU_AHEAD})                                                              \
-        for (bool b : {false, true}) add(proj_inst<T>(m, b));
+        for (bool b : {false, true})                                                                    \
+            if (!b || m == DEC_LOGITS || m == DEC_LOGITS_PEND) add(proj_inst<T>(m, b)); /* bulk: lm_head only */
     ORCD_DEC_FAST_TYPES(ORCD_ADD)
     ORCD_ADD(T_ANY)
 #undef ORCD_ADD
