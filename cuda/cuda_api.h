@@ -94,8 +94,7 @@ struct CudaOptions {
     // Steps past the one-block attention: each layer's cached rows before pos pulled into L2 a layer
     // ahead, by the previous layer's ffn_down blocks (one bulk prefetch of K and of V a block,
     // sm_90), 1: and that layer's attention then skips its own prefetch; 2: it prefetches as well;
-    // 3: as 1, from the previous layer's ffn_gate_up instead (a kernel earlier: more time for the
-    // bytes to arrive); 0: off (the attention's blocks alone prefetch their rows, before their wait). 1 by default:
+    // 0: off (the attention's blocks alone prefetch their rows, before their wait). 1 by default:
     // tg128 at depth 4,096 / 16,384 +3.6% / +3.0%, from empty unchanged (docs/perf_log.md run 74)
     int kv_prefetch = 1;
     // Measuring: the cluster attention's blocks store timestamps, profile_decode returns them

@@ -104,7 +104,7 @@ CudaOptions options_from_env() {
         env_int("ORCD_CUDA_PDL_EARLY_KINDS_DEEP", o.pdl_early_kinds_deep, -1, (1 << kDecodeKernelKinds) - 1);
     o.attn_stage = env_int("ORCD_CUDA_ATTN_STAGE", o.attn_stage, 0, 1 << 20);
     o.lm_bulk = env_on("ORCD_CUDA_LM_BULK", o.lm_bulk);
-    o.kv_prefetch = env_int("ORCD_CUDA_KV_PREFETCH", o.kv_prefetch, 0, 3);
+    o.kv_prefetch = env_int("ORCD_CUDA_KV_PREFETCH", o.kv_prefetch, 0, 2);
     return o;
 }
 
@@ -120,8 +120,8 @@ void CudaEngineImpl::set_options(const CudaOptions& o) {
         throw Error("CudaEngine.set_options: direct_keys must be >= 0, got " + std::to_string(o.direct_keys));
     if (o.attn_stage < 0)
         throw Error("CudaEngine.set_options: attn_stage must be >= 0, got " + std::to_string(o.attn_stage));
-    if (o.kv_prefetch < 0 || o.kv_prefetch > 3)
-        throw Error("CudaEngine.set_options: kv_prefetch must be 0, 1, 2 or 3, got " + std::to_string(o.kv_prefetch));
+    if (o.kv_prefetch < 0 || o.kv_prefetch > 2)
+        throw Error("CudaEngine.set_options: kv_prefetch must be 0, 1 or 2, got " + std::to_string(o.kv_prefetch));
     if (o.cluster_span < 1)
         throw Error("CudaEngine.set_options: cluster_span must be >= 1, got " + std::to_string(o.cluster_span));
     for (auto [name, v] : {std::pair<const char*, int>{"pdl_early_kinds", o.pdl_early_kinds},

@@ -234,8 +234,8 @@ struct DecProjArgs {
     int overwrite;
     int gelu;
     DecPend pend;
-    // RESID (ffn_down) or GLU (ffn_gate_up), non-null (CudaOptions::kv_prefetch): the next layer's
-    // cache rows, which the blocks pull into L2 at their start (a pointer, so the arguments grow by 8 bytes only)
+    // RESID, non-null (CudaOptions::kv_prefetch): the next layer's cache rows, which the blocks pull
+    // into L2 at their start (a pointer, so the arguments grow by 8 bytes only)
     const DecKvAhead* ahead;
 };
 

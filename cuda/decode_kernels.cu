@@ -1812,8 +1812,6 @@ constexpr int DEC_GLU_PEND = 4, DEC_LOGITS_PEND = 5;
 // RESID whose blocks also pull the next layer's cache rows into L2 (DecProjArgs::ahead): its own
 // instances, so the others hold none of its code
 constexpr int DEC_RESID_AHEAD = 6;
-// GLU (ffn_gate_up) doing the same a kernel earlier (CudaOptions::kv_prefetch 3): its own instances too
-constexpr int DEC_GLU_AHEAD = 7;
 
 // The next layer's cached rows before pos into L2 (DecProjArgs::ahead), before this kernel's wait:
 // the bytes [0, pos * kv_dim * 2) of its K and V blocks shared out over the grid, one bulk prefetch
@@ -1835,10 +1833,9 @@ __device__ __forceinline__ void prefetch_next_kv(const DecKvAhead* a) {
 template <uint32_t T, int MODE>
 __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     static_assert(MODE == DEC_RESID || MODE == DEC_GLU || MODE == DEC_RESID_PARTS || MODE == DEC_GLU_PEND ||
-                      MODE == DEC_RESID_AHEAD || MODE == DEC_GLU_AHEAD,
+                      MODE == DEC_RESID_AHEAD,
                   "dec_proj_kernel: RESID or GLU");
-    constexpr bool GLU = MODE == DEC_GLU || MODE == DEC_GLU_PEND || MODE == DEC_GLU_AHEAD;
-    constexpr bool PARTS = MODE == DEC_RESID_PARTS;
+    constexpr bool GLU = MODE == DEC_GLU || MODE == DEC_GLU_PEND, PARTS = MODE == DEC_RESID_PARTS;
     constexpr bool PEND = MODE == DEC_GLU_PEND;
     extern __shared__ __align__(16) uint8_t smem[];
     const int n_out = p.w[0].n_out, n_in = p.w[0].n_in;
@@ -1855,7 +1852,7 @@ __global__ void __launch_bounds__(NT, 3) dec_proj_kernel(const DecProjArgs p) {
     int off1 = 0;
     if (GLU) off1 = stage_rows(base1, p.w[1], r0, r1, &used1);
     cp_async_commit();
-    if constexpr (MODE == DEC_RESID_AHEAD || MODE == DEC_GLU_AHEAD)
+    if constexpr (MODE == DEC_RESID_AHEAD)
         if ((threadIdx.x & ~32u) == 0) prefetch_next_kv(p.ahead);
     pdl_wait_release(p.pdl_early);
 
@@ -2092,7 +2089,6 @@ ProjKernel proj_inst(int mode, bool bulk) {
     if (mode == DEC_GLU) return dec_proj_kernel<T, DEC_GLU>;
     if (mode == DEC_GLU_PEND) return dec_proj_kernel<T, DEC_GLU_PEND>;
     if (mode == DEC_RESID_AHEAD) return dec_proj_kernel<T, DEC_RESID_AHEAD>;
-    if (mode == DEC_GLU_AHEAD) return dec_proj_kernel<T, DEC_GLU_AHEAD>;
     return mode == DEC_RESID_PARTS ? dec_proj_kernel<T, DEC_RESID_PARTS> : dec_proj_kernel<T, DEC_RESID>;
 }
 ProjKernel proj_kernel_for(const DecProjArgs& a) {
@@ -2100,7 +2096,6 @@ ProjKernel proj_kernel_for(const DecProjArgs& a) {
     int mode = a.mode == DEC_RESID && a.act_parts > 1 ? DEC_RESID_PARTS : a.mode;
     if (mode == DEC_RESID && a.ahead != nullptr) mode = DEC_RESID_AHEAD;
     if (a.pend.x) mode = mode == DEC_GLU ? DEC_GLU_PEND : DEC_LOGITS_PEND;  // dec_proj checks the mode
-    else if (mode == DEC_GLU && a.ahead != nullptr) mode = DEC_GLU_AHEAD;
     if (a.n_tensors > 1 && a.w[1].type != t) return proj_inst<T_ANY>(mode, a.lm_bulk != 0);
 #define ORCD_ONE(T) \
     if (t == T) return proj_inst<T>(mode, a.lm_bulk != 0);
@@ -2155,8 +2150,8 @@ std::vector<const void*> all_kernels() {
 #define ORCD_ADD(T) \
     for (bool e : {false, true}) for (bool g : {false, true}) add(qkv_inst<T, T>(e, g)); \
     for (int m : {int(DEC_RESID), int(DEC_GLU), int(DEC_LOGITS), DEC_RESID_PARTS, DEC_GLU_PEND, DEC_LOGITS_PEND, \
-                  DEC_RESID_AHEAD, DEC_GLU_AHEAD})                                                              \
-        for (bool b : {false, true})                                                                    \
+                  DEC_RESID_AHEAD})                                                                             \
+        for (bool b : {false, true})                                                                              \
             if (!b || m == DEC_LOGITS || m == DEC_LOGITS_PEND) add(proj_inst<T>(m, b)); /* bulk: lm_head only */
     ORCD_DEC_FAST_TYPES(ORCD_ADD)
     ORCD_ADD(T_ANY)

@@ -425,10 +425,10 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
         // this kernel reads with plain loads before its wait: no PDL (docs/perf_log.md run 14).
         launch_qkv(A.qkv, s.pdl && l > 0, s);
         if (d_.qk_norm) launch_qk_norm(A.qk_norm, s);
-        // options' kv_prefetch: the previous layer's ffn_down (3: ffn_gate_up) pulls this layer's rows
-        // into L2 (a layer ahead of the attention, whose blocks then skip their own prefetch: 1 and 3)
+        // options' kv_prefetch: the previous layer's ffn_down pulls this layer's rows into L2 (a layer
+        // ahead of the attention, whose blocks then skip their own prefetch: kv_prefetch 1)
         const bool ahead = s.attn_clusters > 0 && opt_.kv_prefetch > 0 && d_.head_dim % 8 == 0;
-        A.attention.no_prefetch = ahead && opt_.kv_prefetch != 2 && l > 0 && A.attention.window == 0;
+        A.attention.no_prefetch = ahead && opt_.kv_prefetch == 1 && l > 0 && A.attention.window == 0;
         launch_attention(A.attention, s);
         if (s.attn_clusters > 1) {  // its input: the clusters' partials, merged as it loads them
             A.attn_output.act = part_o_;
@@ -436,10 +436,7 @@ void FusedDecoder::launch_step(const StepLaunch& s) const {
             A.attn_output.act_parts = s.attn_clusters;
             A.attn_output.act_hd = d_.head_dim;
         }
-        // (3 from ffn_gate_up, except where its input takes a pending residual add (gemma3's
-        // post-norms: those GLU instances hold no prefetch), there from ffn_down as with 1)
-        if (ahead && l + 1 < layers_.size() && layers_[l + 1].attention.window == 0)
-            (opt_.kv_prefetch == 3 && !A.ffn_gate_up.pend.x ? A.ffn_gate_up.ahead : A.ffn_down.ahead) = kv_ahead_ + l + 1;
+        if (ahead && l + 1 < layers_.size() && layers_[l + 1].attention.window == 0) A.ffn_down.ahead = kv_ahead_ + l + 1;
         launch_proj(DecodeKernel::attn_output, A.attn_output, s, "decode attn_output");
         launch_proj(DecodeKernel::ffn_gate_up, A.ffn_gate_up, s, "decode ffn_gate/ffn_up");
         launch_proj(DecodeKernel::ffn_down, A.ffn_down, s, "decode ffn_down");

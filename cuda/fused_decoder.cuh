@@ -173,7 +173,7 @@ private:
     int32_t* out_tokens_ = nullptr;
     float* part_o_ = nullptr;
     float2* part_ml_ = nullptr;
-    cu::DecKvAhead* kv_ahead_ = nullptr;  // per layer: its cache rows for the previous layer's ffn_down or ffn_gate_up (kv_prefetch)
+    cu::DecKvAhead* kv_ahead_ = nullptr;  // per layer: its cache rows for the previous layer's ffn_down (kv_prefetch)
     cu::ArgPart* arg_ = nullptr;
     float2* rope_ = nullptr;  // per RoPE base: [n_ctx][head_dim/2] (cos, sin)
     std::vector<float> rope_bases_;  // the layers' distinct bases, in the order of rope_'s tables

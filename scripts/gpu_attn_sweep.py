@@ -55,7 +55,6 @@ ENGINE_VARIANTS = [
     # each layer's rows into L2 a layer ahead (options' kv_prefetch, 1 by default: from the previous
     # ffn_down, the attention without its own prefetch; 2: both)
     ("kv ahead and own", dict(kv_prefetch=2)),
-    ("kv ahead from gate_up", dict(kv_prefetch=3)),
     ("c1 span 256", dict(cluster_size=1, cluster_span=256)),
     ("c1 span 512", dict(cluster_size=1, cluster_span=512)),
     ("c1 span 1024", dict(cluster_size=1, cluster_span=1024)),

@@ -647,8 +647,7 @@ def test_fast_decode_attention_staged(tiny_model):
 
 def test_fast_decode_kv_prefetch(tiny_model):
     """The cache rows pulled into L2 a layer ahead by the previous layer's ffn_down (options'
-    kv_prefetch 1: the attention then skips its own prefetch; 2: both; 3: as 1 from ffn_gate_up)
-    move bytes, not maths:
+    kv_prefetch 1: the attention then skips its own prefetch; 2: both) move bytes, not maths:
     against the mat-vec path in one cluster and several, and bitwise the logits and tokens of the
     default, in single steps and in decode_greedy's graphs (head_dim 64: the lean instances)."""
     if not _hopper():
@@ -656,10 +655,10 @@ def test_fast_decode_kv_prefetch(tiny_model):
     path = tiny_model("Q8_0", n_embd=256, n_head=4, n_head_kv=2)
     lengths = [1, 2, 33, 300, 513, 1100]
     _check_attention_variants(path, variants={
-        f"kv_prefetch {m}": (dict(kv_prefetch=m, direct_keys=0, cluster_span=512), lengths) for m in (1, 2, 3)})
+        f"kv_prefetch {m}": (dict(kv_prefetch=m, direct_keys=0, cluster_span=512), lengths) for m in (1, 2)})
     toks = np.random.default_rng(7).integers(0, 200, 1100).astype(np.int32)
     runs = []
-    for mode in (0, 1, 2, 3):
+    for mode in (0, 1, 2):
         e = _fast_engine(path, 1200)
         e.set_options(kv_prefetch=mode, direct_keys=0, cluster_span=512)
         assert e.options()["kv_prefetch"] == mode
@@ -667,7 +666,7 @@ def test_fast_decode_kv_prefetch(tiny_model):
         first = int(np.argmax(e.forward(0, toks[:600], 0)))
         runs.append((np.concatenate(logits), e.decode_greedy(0, first, 600, 24)))
         e.close()
-    for mode in (1, 2, 3):
+    for mode in (1, 2):
         np.testing.assert_array_equal(runs[mode][0], runs[0][0], err_msg=f"kv_prefetch {mode}")
         np.testing.assert_array_equal(runs[mode][1], runs[0][1], err_msg=f"kv_prefetch {mode}")
 
@@ -795,7 +794,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
                        (dict(cluster_size=17), "cluster_size"), (dict(cluster_span=0), "cluster_span"),
                        (dict(direct_keys=-1), "direct_keys"), (dict(pdl_early_kinds=64), "pdl_early_kinds"),
                        (dict(pdl_early_kinds=-2), "pdl_early_kinds"), (dict(pdl_early_kinds_deep=64), "pdl_early_kinds_deep"),
-                       (dict(attn_stage=-1), "attn_stage"), (dict(kv_prefetch=4), "kv_prefetch"),
+                       (dict(attn_stage=-1), "attn_stage"), (dict(kv_prefetch=3), "kv_prefetch"),
                        (dict(kv_prefetch=-1), "kv_prefetch")]:
         with pytest.raises(ValueError, match=field):
             e.set_options(**bad)
@@ -823,7 +822,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
     assert e.options()["pdl_early_kinds"] == 5 and e.options()["pdl_early_kinds_deep"] == 7
     assert e.options()["attn_stage"] == 256 and e.options()["kv_prefetch"] == 2
     e.close()
-    for name, bad in (("ORCD_CUDA_KV_PREFETCH", "4"), ("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0"),
+    for name, bad in (("ORCD_CUDA_KV_PREFETCH", "3"), ("ORCD_CUDA_CLUSTER_SIZE", "17"), ("ORCD_CUDA_CLUSTER_SIZE", "two"), ("ORCD_CUDA_CLUSTER_SPAN", "0"),
                       ("ORCD_CUDA_PDL_EARLY_KINDS", "64")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):
