@@ -17,7 +17,9 @@ for d in .whl .carry .bundle; do
     grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude
 done
 
-mkdir -p .whl
+# a fresh folder each time: a second run would leave two versions of a package beside each other
+# (openai 3.57 and 3.60 in session 34), and the GPU machine's pip refuses to install both
+rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download -q --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 \
     -d .whl gguf openai pytest llguidance jsonschema
 echo ".whl: $(ls .whl | wc -l) wheels"
