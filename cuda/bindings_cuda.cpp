@@ -132,7 +132,6 @@ nb::dict options_dict(const orcd::CudaOptions& o) {
     r["attn_stage"] = o.attn_stage;
     r["lm_bulk"] = o.lm_bulk;
     r["kv_prefetch"] = o.kv_prefetch;
-    r["attn_round3"] = o.attn_round3;
     r["attn_trace"] = o.attn_trace;
     r["vram_limit"] = o.vram_limit;
     return r;
@@ -250,8 +249,7 @@ NB_MODULE(_orcd_cuda, m) {
                nb::object resident_f16, nb::object sample_split, nb::object cluster_size, nb::object cluster_mma,
                nb::object cluster_span, nb::object direct_keys, nb::object sample_graphs,
                nb::object sample_split_full, nb::object pdl_early_kinds, nb::object pdl_early_kinds_deep,
-               nb::object attn_stage, nb::object attn_trace, nb::object lm_bulk, nb::object kv_prefetch,
-               nb::object attn_round3) {
+               nb::object attn_stage, nb::object attn_trace, nb::object lm_bulk, nb::object kv_prefetch) {
                 orcd::CudaEngine& e = self.get();
                 orcd::CudaOptions o = e.options();
                 if (!fast_decode.is_none()) o.fast_decode = nb::cast<bool>(fast_decode);
@@ -275,7 +273,6 @@ NB_MODULE(_orcd_cuda, m) {
                 if (!attn_trace.is_none()) o.attn_trace = nb::cast<bool>(attn_trace);
                 if (!lm_bulk.is_none()) o.lm_bulk = nb::cast<bool>(lm_bulk);
                 if (!kv_prefetch.is_none()) o.kv_prefetch = nb::cast<int>(kv_prefetch);
-                if (!attn_round3.is_none()) o.attn_round3 = nb::cast<bool>(attn_round3);
                 {
                     nb::gil_scoped_release nogil;
                     std::lock_guard<std::mutex> lock(*self.mu);
@@ -290,7 +287,6 @@ NB_MODULE(_orcd_cuda, m) {
             "direct_keys"_a = nb::none(), "sample_graphs"_a = nb::none(), "sample_split_full"_a = nb::none(),
             "pdl_early_kinds"_a = nb::none(), "pdl_early_kinds_deep"_a = nb::none(), "attn_stage"_a = nb::none(),
             "attn_trace"_a = nb::none(), "lm_bulk"_a = nb::none(), "kv_prefetch"_a = nb::none(),
-            "attn_round3"_a = nb::none(),
             "Turn fast paths on/off and set the decode attention's test hooks (None leaves one as is); "
             "returns paths().")
         .def("options", [](PyCudaEngine& self) { return options_dict(self.get().options()); })
@@ -640,16 +636,16 @@ NB_MODULE(_orcd_cuda, m) {
         m.def(
             "dec_attn",
             [need](CArr<float> q, CArr<float> k, CArr<float> v, bool cluster, int max_splits, int split_keys,
-                   int cluster_size, bool cluster_mma, int clusters, int stage, bool round3) {
+                   int cluster_size, bool cluster_mma, int clusters, int stage) {
                 need(q.ndim() == 2 && k.ndim() == 3 && shape_of(k) == shape_of(v) && q.shape(1) == k.shape(2),
                      "dec_attn: q [n_head, head_dim], k and v [n_kv, n_head_kv, head_dim]");
                 auto r = orcd::cuda_test::dec_attn(q.data(), int(q.shape(0)), k.data(), v.data(), int(k.shape(0)),
                                                    int(k.shape(1)), int(q.shape(1)), cluster ? cluster_size : 0,
-                                                   max_splits, split_keys, cluster_mma, clusters, stage, round3);
+                                                   max_splits, split_keys, cluster_mma, clusters, stage);
                 return nb::make_tuple(to_numpy(std::move(r.first), shape_of(q)), to_numpy(std::move(r.second), shape_of(q)));
             },
             "q"_a, "k"_a, "v"_a, "cluster"_a, "max_splits"_a = 32, "split_keys"_a = 32, "cluster_size"_a = 8,
-            "cluster_mma"_a = false, "clusters"_a = 1, "stage"_a = 0, "round3"_a = false,
+            "cluster_mma"_a = false, "clusters"_a = 1, "stage"_a = 0,
             "(out, out of a second launch) [n_head, head_dim]: the decode attention of one query at position n_kv-1.");
 
         m.def(

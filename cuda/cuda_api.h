@@ -97,11 +97,6 @@ struct CudaOptions {
     // 0: off (the attention's blocks alone prefetch their rows, before their wait). 1 by default:
     // tg128 at depth 4,096 / 16,384 +3.6% / +3.0%, from empty unchanged (docs/perf_log.md run 74)
     int kv_prefetch = 1;
-    // The cluster attention's 64-dim tensor-core blocks (reading the cache, no attn_stage) copy each
-    // warp's third 16-key tile into shared memory before their wait (cp.async; 32 KB a block), where
-    // without it the tile's loads are issued one tile before it is used (a block of 257-384 keys:
-    // at 4,097-4,224 and 16,385-16,512 positions, 16.5 tiles a block)
-    bool attn_round3 = true;
     // Measuring: the cluster attention's blocks store timestamps, profile_decode returns them
     bool attn_trace = false;
     // Plan as if the GPU had at most this many bytes free (0: what it has): the automatic KV
@@ -323,12 +318,11 @@ DecQkvOut dec_qkv(const HostWeight w[3], const float* const bias[3], const float
 // cluster: the cluster variant's blocks per cluster (0: the global merge); clusters: clusters
 // per KV head (more than one: their partials are merged here on the host in float64, as
 // attn_output's input does on the device); cluster_mma: its blocks on the tensor-core phase;
-// stage (with both): the blocks stage up to that many keys' K/V rows in shared memory first;
-// round3 (with both, no stage; head_dim 64): each warp's third tile copied first (options' attn_round3).
+// stage (with both): the blocks stage up to that many keys' K/V rows in shared memory first.
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
                                                            int n_kv, int n_head_kv, int head_dim, int cluster,
                                                            int max_splits, int split_keys, bool cluster_mma = false,
-                                                           int clusters = 1, int stage = 0, bool round3 = false);
+                                                           int clusters = 1, int stage = 0);
 
 // Microseconds per dec_attn launch at n_kv cached positions (zeros; the time does not depend
 // on the values), averaged over `iters` rounds of `layers` launches on `layers` separate caches

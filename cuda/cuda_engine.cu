@@ -105,7 +105,6 @@ CudaOptions options_from_env() {
     o.attn_stage = env_int("ORCD_CUDA_ATTN_STAGE", o.attn_stage, 0, 1 << 20);
     o.lm_bulk = env_on("ORCD_CUDA_LM_BULK", o.lm_bulk);
     o.kv_prefetch = env_int("ORCD_CUDA_KV_PREFETCH", o.kv_prefetch, 0, 2);
-    o.attn_round3 = env_on("ORCD_CUDA_ATTN_ROUND3", o.attn_round3);
     return o;
 }
 

@@ -190,10 +190,6 @@ struct DecAttnArgs {
     // ffn_down pulled them): the cluster instances without the blocks' own prefetch (host only; last,
     // so the fields the kernels read keep their offsets)
     int no_prefetch;
-    // > 0 (the lean 64-dim cluster instances, host-set from options' attn_round3): the byte offset
-    // in the block's shared memory (dec_attn_round3_off) where each warp's third tile is copied
-    // before the wait; the launch's shared memory grows by kDecRound3Bytes
-    int round3_off;
 };
 
 // A layer's cache rows for the previous layer's ffn_down to pull into L2 (CudaOptions::kv_prefetch):
@@ -300,10 +296,6 @@ size_t dec_attn_lean_smem(int n_head, int n_head_kv, int head_dim, int stage);
 // The most keys a block can stage within the shared memory a block may have (0: the shape has no
 // tensor-core tile phase, so no staging)
 int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim);
-// DecAttnArgs::round3_off for the shape's lean cluster instances (0: they do not take it: head_dim
-// other than 64, or no tensor-core tile phase), and the shared memory of such a launch
-int dec_attn_round3_off(int n_head, int n_head_kv, int head_dim);
-size_t dec_attn_round3_smem(int n_head, int n_head_kv, int head_dim);
 // The largest cluster (16, else 8) of the cluster attention this GPU can run for the shape
 // (stage > 0: of the staging instances with that many keys a block; 0 when none fits).
 int dec_attn_max_cluster(int n_head, int n_head_kv, int head_dim, int stage = 0);

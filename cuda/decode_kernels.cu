@@ -921,13 +921,6 @@ __host__ __device__ inline size_t dec_attn_recv_off(int G, int hd, int stage) {
 __host__ __device__ inline size_t dec_attn_recv_end(int G, int hd, int stage) {
     return dec_attn_recv_off(G, hd, stage) + dec_attn_recv_floats(G, hd) * 4 + size_t(kDecAttnClusterMax) * G * 8;
 }
-// DecAttnArgs::round3_off (the lean 64-dim instances reading the cache): each warp's third tile
-// copied into shared memory before the wait, as the 16-byte pieces its lanes would load (8 a
-// lane: 4 of V, 4 of K), piece i of lane l at [warp][i][l]: a warp's read of one piece is 512
-// contiguous bytes, no bank conflict. Past the push merge's buffers.
-constexpr int kDecRound3Pieces = 8;
-constexpr size_t kDecRound3Bytes = size_t(NW) * kDecRound3Pieces * 32 * 16;
-__host__ __device__ inline size_t dec_attn_round3_off(int G, int hd) { return dec_align16(dec_attn_recv_end(G, hd, 0)); }
 
 __device__ __forceinline__ void mma_f16(float* d, const uint4& a, unsigned b0, unsigned b1) {
     asm volatile(
@@ -1020,29 +1013,19 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
     // this one is computed, so a warp's loads overlap its math instead of waiting on each tile.
     constexpr bool PIPE = HD == 64;
     // (Without PIPE each K piece is loaded where it is used: fewer live registers.)
-    // The lane's piece i of a tile and its key: the V pieces (cb, r) = cb*4 + r, then the K
-    // pieces (c, j) = HD/16 + 2c + j
-    constexpr int VP = HD / 64 * 4;
-    auto piece = [&](int tile, int i, int& key) {
-        if (i < VP) {
-            key = tile + 2 * t + ((i % 4) & 1) + 8 * ((i % 4) >> 1);
-            return V + size_t(key - key0) * kstride + 64 * (i / 4) + 8 * g;
-        }
-        key = tile + 8 * ((i - VP) % 2) + g;
-        return K + size_t(key - key0) * kstride + 32 * ((i - VP) / 2) + 8 * t;
-    };
-    auto load_piece = [&](int tile, int i, int lim) {
-        int key;
-        const __half* src = piece(tile, i, key);
-        return ld_kv16(src, key < lim);
-    };
     auto load_v = [&](int tile, uint4 (&vr)[HD / 64][4], int lim) {
 #pragma unroll
         for (int cb = 0; cb < HD / 64; ++cb)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) vr[cb][r] = load_piece(tile, cb * 4 + r, lim);
+            for (int r = 0; r < 4; ++r) {
+                const int key = tile + 2 * t + (r & 1) + 8 * (r >> 1);
+                vr[cb][r] = ld_kv16(V + size_t(key - key0) * kstride + 64 * cb + 8 * g, key < lim);
+            }
     };
-    auto load_k = [&](int tile, int c, int j, int lim) { return load_piece(tile, VP + c * 2 + j, lim); };
+    auto load_k = [&](int tile, int c, int j, int lim) {
+        const int key = tile + 8 * j + g;
+        return ld_kv16(K + size_t(key - key0) * kstride + 32 * c + 8 * t, key < lim);
+    };
     constexpr int KP = PIPE ? HD / 32 : 1;  // K pieces held across iterations (PIPE only)
     // PIPE: the warp's tile (vr, kr_all) and its next one (it + NW: vn, kn), whose loads are in
     // flight while this one is computed
@@ -1057,45 +1040,9 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
 #pragma unroll
             for (int j = 0; j < 2; ++j) k[c][j] = load_k(tile, c, j, lim);
     };
-    // R3 (p.round3_off > 0): the warp's third tile (tile1 + NW tiles) copied into shared memory
-    // with the preload (cp.async, the rows before pos; zeros past them), so that it is on the SM
-    // when the loop reaches it instead of a load issued one tile earlier (a block of 257-384 keys:
-    // tg128 at depth 4,096 and 16,384 runs at 16.5 tiles a block, one warp three tiles)
-    constexpr bool R3 = PIPE && !SMEM && PUSH && EARLY;
-    static_assert(!R3 || VP + KP * 2 == kDecRound3Pieces, "kDecRound3Pieces: a lane's pieces of a tile");
-    // piece i of a tile held in registers (PIPE: all of its pieces)
-    auto held = [](uint4 (&v)[HD / 64][4], uint4 (&k)[KP][2], int i) -> uint4& {
-        return i < VP ? v[i / 4][i % 4] : k[(i - VP) / 2][(i - VP) % 2];
-    };
-    auto r3_slot = [&](int i) { return reinterpret_cast<uint4*>(sm + p.round3_off) + (warp * kDecRound3Pieces + i) * 32 + lane; };
     auto preload = [&](int lim) {
         load_tile(tile0, vr, kr_all, lim);
         if (has_next) load_tile(tile1, vn, kn, lim);
-        if constexpr (R3) {
-            const int tile2 = tile1 + NW * kDecMmaTK;
-            if (p.round3_off > 0 && tile2 < end) {
-#pragma unroll
-                for (int i = 0; i < kDecRound3Pieces; ++i) {
-                    int key;
-                    const __half* src = piece(tile2, i, key);
-                    if (key < lim) cp_async16(r3_slot(i), src);
-                    else *r3_slot(i) = make_uint4(0u, 0u, 0u, 0u);
-                }
-                cp_async_commit();
-            }
-        }
-    };
-    // EARLY: row pos, which dec_qkv has just written, loaded after the wait when in a tile loaded
-    // before it (the preloaded tiles, R3's third)
-    auto reload_pos = [&](int tile, uint4 (&v)[HD / 64][4], uint4 (&k)[KP][2]) {
-        if (pos >= tile && pos < min(end, tile + kDecMmaTK)) {
-#pragma unroll
-            for (int i = 0; i < VP + KP * 2; ++i) {
-                int key;
-                const __half* src = piece(tile, i, key);
-                if (key == pos) held(v, k, i) = ld_kv16(src, true);
-            }
-        }
     };
     // PIPE from the cache: the warp's first two tiles are in flight while the query is prepared
     // (a load's latency is longer than a tile's math: issued only with the first tile's math, the
@@ -1110,6 +1057,22 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         static_assert(!EARLY || (PIPE && !SMEM), "EARLY: the preload from the cache");
         pdl_wait_release(p.pdl_early);
         trace_mark(tr, 1);
+        // row pos, when in one of the two preloaded tiles (inside the block's keys)
+        auto reload_pos = [&](int tile, uint4 (&v)[HD / 64][4], uint4 (&k)[KP][2]) {
+            if (pos >= tile && pos < min(end, tile + kDecMmaTK)) {
+#pragma unroll
+                for (int cb = 0; cb < HD / 64; ++cb)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r)
+                        if (tile + 2 * t + (r & 1) + 8 * (r >> 1) == pos)
+                            v[cb][r] = ld_kv16(V + size_t(pos - key0) * kstride + 64 * cb + 8 * g, true);
+#pragma unroll
+                for (int c = 0; c < KP; ++c)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        if (tile + 8 * j + g == pos) k[c][j] = ld_kv16(K + size_t(pos - key0) * kstride + 32 * c + 8 * t, true);
+            }
+        };
         if (has_tile) reload_pos(tile0, vr, kr_all);
         if (has_next) reload_pos(tile1, vn, kn);
     }
@@ -1270,16 +1233,7 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
             for (int c = 0; c < KP; ++c)
 #pragma unroll
                 for (int j = 0; j < 2; ++j) kr_all[c][j] = kn[c][j];
-            if (it + 2 * NW < n_tiles) {
-                if (R3 && p.round3_off > 0 && it < NW) {  // the warp's third tile: copied before the wait
-                    cp_async_wait_all();
-#pragma unroll
-                    for (int i = 0; i < kDecRound3Pieces; ++i) held(vn, kn, i) = *r3_slot(i);
-                    reload_pos(tile + 2 * NW * kDecMmaTK, vn, kn);
-                } else {
-                    load_tile(tile + 2 * NW * kDecMmaTK, vn, kn, end);
-                }
-            }
+            if (it + 2 * NW < n_tiles) load_tile(tile + 2 * NW * kDecMmaTK, vn, kn, end);
         }
     }
     // ---- the warps' partials -> one block partial
@@ -2242,17 +2196,6 @@ size_t dec_attn_lean_smem(int n_head, int n_head_kv, int head_dim, int stage) {
     return dec_attn_recv_end(n_head / n_head_kv, head_dim, std::max(stage, 0));
 }
 
-int dec_attn_round3_off(int n_head, int n_head_kv, int head_dim) {
-    // R3 is the 64-dim phase reading the cache (PIPE and EARLY)
-    if (head_dim != 64 || !dec_attn_lean_ok(n_head / n_head_kv, head_dim)) return 0;
-    return int(dec_attn_round3_off(n_head / n_head_kv, head_dim));
-}
-
-size_t dec_attn_round3_smem(int n_head, int n_head_kv, int head_dim) {
-    const int off = dec_attn_round3_off(n_head, n_head_kv, head_dim);
-    return off > 0 ? size_t(off) + kDecRound3Bytes : 0;
-}
-
 int dec_attn_stage_max(int n_head, int n_head_kv, int head_dim) {
     if (!dec_attn_lean_ok(n_head / n_head_kv, head_dim)) return 0;
     int dev = 0, cap = 0;
@@ -2334,8 +2277,7 @@ DecLaunchShape dec_qkv_shape(const DecQkvArgs& a) {
 DecLaunchShape dec_attention_shape(const DecAttnArgs& a) {
     const bool lean = a.cluster > 0 && cluster_on_mma(a.n_head, a.n_head_kv, a.head_dim, a.cluster_mma);
     return {dim3(a.cluster > 0 ? a.cluster * std::max(1, a.clusters) : a.max_splits, a.n_head_kv),
-            lean && a.round3_off > 0 ? size_t(a.round3_off) + kDecRound3Bytes
-            : lean               ? dec_attn_lean_smem(a.n_head, a.n_head_kv, a.head_dim, a.stage)
+            lean                 ? dec_attn_lean_smem(a.n_head, a.n_head_kv, a.head_dim, a.stage)
             : a.cluster > 0      ? dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim)
             : direct_on_mma(a)   ? dec_align16(dec_attn_mma_bytes(a.n_head / a.n_head_kv, a.head_dim))
                                  : dec_attn_smem(a.n_head, a.n_head_kv, a.head_dim),

@@ -107,8 +107,7 @@ void FusedDecoder::plan(const ModelDesc& d, const DeviceInfo& info, int n_ctx) {
         return off("needs " + std::to_string(smem) + " bytes of shared memory per block, the GPU allows " +
                    std::to_string(optin));
     CUDA_CHECK(cudaSetDevice(info.device), "CudaEngine plan");
-    cu::dec_set_smem_limit(std::max({smem, size_t(48) << 10, cu::dec_attn_lean_smem(d.n_head, d.n_head_kv, hd, stage_max_),
-                                     cu::dec_attn_round3_smem(d.n_head, d.n_head_kv, hd)}));
+    cu::dec_set_smem_limit(std::max({smem, size_t(48) << 10, cu::dec_attn_lean_smem(d.n_head, d.n_head_kv, hd, stage_max_)}));
     max_cluster_ = hopper_ ? cu::dec_attn_max_cluster(d.n_head, d.n_head_kv, hd) : 0;
     rope_bases_.clear();
     for (const LayerDesc& L : d.layers)
@@ -384,10 +383,6 @@ void FusedDecoder::launch_attention(const cu::DecAttnArgs& args, const StepLaunc
     a.stage = a.cluster > 0 && opt_.cluster_mma ? stage_ : 0;
     if (s.attn_clusters < 0) a.max_splits = 1;  // one block per KV head: no merge
     a.cluster_mma = opt_.cluster_mma ? 1 : 0;
-    // (the staging instances' rows sit where R3's tiles would)
-    a.round3_off = a.cluster > 0 && opt_.cluster_mma && opt_.attn_round3 && a.stage == 0
-                       ? cu::dec_attn_round3_off(d_.n_head, d_.n_head_kv, d_.head_dim)
-                       : 0;
     if (is_noop(s, DecodeKernel::attention)) cu::dec_noop(cu::dec_attention_shape(a), a.pdl_early, stream_, s.pdl, what);
     else cu::dec_attention(a, stream_, s.pdl, what);
     if (s.after_each) s.after_each(DecodeKernel::attention);

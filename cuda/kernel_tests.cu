@@ -717,7 +717,7 @@ cu::DecAttnArgs attn_args(const AttnShape& sh) {
 std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n_head, const float* k, const float* v,
                                                            int n_kv, int n_head_kv, int head_dim, int cluster,
                                                            int max_splits, int split_keys, bool cluster_mma,
-                                                           int clusters, int stage, bool round3) {
+                                                           int clusters, int stage) {
     ready();
     const char* what = cluster ? "dec_attn test (cluster)" : "dec_attn test (global merge)";
     if (n_kv <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv) throw Error("dec_attn test: bad shape");
@@ -764,12 +764,8 @@ std::pair<std::vector<float>, std::vector<float>> dec_attn(const float* q, int n
     a.counter = counter.p;
     a.st = st.p;
     a.pdl_early = 0;
-    // as the engine sets it (FusedDecoder::launch_attention): the lean instances without staging
-    a.round3_off = round3 && cluster > 0 && cluster_mma && stage == 0 ? cu::dec_attn_round3_off(n_head, n_head_kv, head_dim) : 0;
     const bool parts = cluster > 0 && clusters > 1;
-    dec_smem(std::max({cu::dec_attn_smem(n_head, n_head_kv, head_dim), cu::dec_attn_lean_smem(n_head, n_head_kv, head_dim, stage),
-                       cu::dec_attn_round3_smem(n_head, n_head_kv, head_dim)}),
-             what);
+    dec_smem(std::max(cu::dec_attn_smem(n_head, n_head_kv, head_dim), cu::dec_attn_lean_smem(n_head, n_head_kv, head_dim, stage)), what);
     // Twice on the same buffers: the global merge's completion counters must be back
     // at zero after a launch, or the second one never merges (its output stays NaN).
     std::vector<float> r[2];

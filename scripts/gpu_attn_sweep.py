@@ -74,12 +74,11 @@ ENGINE_VARIANTS = [
     # clusters of at least span positions: four at 16,385 positions where it took two)
     ("no kv ahead", dict(kv_prefetch=0)),
     ("lm cp.async", dict(lm_bulk=False)),
-    ("no round3", dict(attn_round3=False)),
-    ("round-16 options", dict(kv_prefetch=0, lm_bulk=False, cluster_span=8192, attn_round3=False)),
+    ("round-16 options", dict(kv_prefetch=0, lm_bulk=False, cluster_span=8192)),
 ]
 DEFAULTS = dict(cluster_keys=1 << 30, split_keys=32, cluster_size=16, cluster_mma=True, cluster_span=8192,
                 direct_keys=512, pdl_early_kinds=-1, pdl_early_kinds_deep=-1, attn_stage=0,
-                lm_bulk=True, kv_prefetch=1, attn_round3=True, attn_trace=False)
+                lm_bulk=True, kv_prefetch=1, attn_trace=False)
 # the cluster attention's trace fields (dec_attn_kernel): start 0, waited 1, q ready 2 (the first K/V
 # tile in flight), tiles done 8, warps' partials stored 9, block partial 3, cluster barrier passed 4,
 # merge inputs loaded 10, merge stored 5, end 6 (7: SM)

@@ -671,35 +671,6 @@ def test_fast_decode_kv_prefetch(tiny_model):
         np.testing.assert_array_equal(runs[mode][1], runs[0][1], err_msg=f"kv_prefetch {mode}")
 
 
-def test_fast_decode_attention_round3(tiny_model):
-    """Each warp's third key tile copied into shared memory before the attention's wait (options'
-    attn_round3, the default; head_dim 64: the lean instances) moves bytes, not maths: against the
-    mat-vec path with blocks of more than 256 keys (one cluster of 2 blocks; one block of every key,
-    where row pos, written after the copy, falls in a warp's third tile at 300 positions: tiles 16-18
-    are warps 0-2's third; several clusters), and bitwise the logits and tokens with it off, in
-    single steps and in decode_greedy's graphs."""
-    if not _hopper():
-        pytest.skip("the cluster attention needs compute capability 9.0")
-    path = tiny_model("Q8_0", n_embd=256, n_head=4, n_head_kv=2)
-    _check_attention_variants(path, variants={
-        "cluster of 2": (dict(attn_round3=True, cluster_size=2, direct_keys=0), [1, 33, 257, 513, 600, 1100]),
-        "one block": (dict(attn_round3=True, cluster_size=1, direct_keys=0), [257, 272, 288, 299, 300, 400, 1100]),
-        "clusters of 2": (dict(attn_round3=True, cluster_size=2, cluster_span=600, direct_keys=0), [601, 1100]),
-    })
-    toks = np.random.default_rng(9).integers(0, 200, 1100).astype(np.int32)
-    runs = []
-    for on in (False, True):
-        e = _fast_engine(path, 1200)
-        e.set_options(attn_round3=on, cluster_size=2, direct_keys=0)
-        assert e.options()["attn_round3"] == on
-        logits = [e.forward(0, toks[:n], 0)[-1:] for n in (40, 300, 700, 1100)]
-        first = int(np.argmax(e.forward(0, toks[:600], 0)))
-        runs.append((np.concatenate(logits), e.decode_greedy(0, first, 600, 24)))
-        e.close()
-    np.testing.assert_array_equal(runs[1][0], runs[0][0])
-    np.testing.assert_array_equal(runs[1][1], runs[0][1])
-
-
 @pytest.mark.parametrize("wtype", ["Q4_K", "Q5_0", "F16"])
 def test_decode_graph_equals_direct(tiny_model, wtype):
     """The decode step replayed from a CUDA graph, launched directly, with and
@@ -804,7 +775,7 @@ def test_options_and_environment(tiny_model, monkeypatch):
                  "ORCD_CUDA_BATCH_GRAPHS", "ORCD_CUDA_RESIDENT_F16", "ORCD_CUDA_SAMPLE_SPLIT", "ORCD_CUDA_SAMPLE_GRAPHS",
                  "ORCD_CUDA_SAMPLE_SPLIT_FULL", "ORCD_CUDA_VRAM_LIMIT", "ORCD_CUDA_CLUSTER_SIZE", "ORCD_CUDA_CLUSTER_SPAN",
                  "ORCD_CUDA_DIRECT_KEYS", "ORCD_CUDA_PDL_EARLY_KINDS", "ORCD_CUDA_PDL_EARLY_KINDS_DEEP",
-                 "ORCD_CUDA_ATTN_STAGE", "ORCD_CUDA_LM_BULK", "ORCD_CUDA_KV_PREFETCH", "ORCD_CUDA_ATTN_ROUND3"):
+                 "ORCD_CUDA_ATTN_STAGE", "ORCD_CUDA_LM_BULK", "ORCD_CUDA_KV_PREFETCH"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_model("Q4_0")
     e = cu.CudaEngine(path, 32, 1)
@@ -813,8 +784,8 @@ def test_options_and_environment(tiny_model, monkeypatch):
                         resident_f16=True, sample_split=True, sample_graphs=True, sample_split_full=False,
                         cluster_keys=1 << 30, split_keys=32, cluster_size=16,
                         cluster_mma=True, cluster_span=8192, direct_keys=512, pdl_early_kinds=-1,
-                        pdl_early_kinds_deep=-1, attn_stage=0, lm_bulk=True, kv_prefetch=1, attn_round3=True,
-                        attn_trace=False, vram_limit=0), base
+                        pdl_early_kinds_deep=-1, attn_stage=0, lm_bulk=True, kv_prefetch=1, attn_trace=False,
+                        vram_limit=0), base
     e.set_options(graphs=False, cluster_keys=0, split_keys=64)
     assert e.options() == dict(base, graphs=False, cluster_keys=0, split_keys=64)
     assert not e.paths()["graphs"]
@@ -834,10 +805,9 @@ def test_options_and_environment(tiny_model, monkeypatch):
     monkeypatch.setenv("ORCD_CUDA_SAMPLE_GRAPHS", "0")
     monkeypatch.setenv("ORCD_CUDA_SAMPLE_SPLIT_FULL", "1")
     monkeypatch.setenv("ORCD_CUDA_LM_BULK", "0")
-    monkeypatch.setenv("ORCD_CUDA_ATTN_ROUND3", "0")
     e = cu.CudaEngine(path, 32, 1)
     assert e.options() == dict(base, graphs=False, fused_prompt=False, sample_graphs=False, sample_split_full=True,
-                               lm_bulk=False, attn_round3=False)
+                               lm_bulk=False)
     assert not e.paths()["graphs"] and not e.paths()["fused_prompt"]
     e.close()
     # the integer settings: the decode attention's cluster shape, the early PDL releases
