@@ -907,8 +907,9 @@ __host__ __device__ inline size_t dec_attn_part_off(int G, int hd) {
 // padding put the tile phase's 16-byte V loads, 4 keys x 2 pieces a quarter warp, on distinct
 // banks, and its K loads at most 2-way), then the push merge's buffers.
 __host__ __device__ inline size_t dec_attn_stage_off(int G, int hd) { return dec_align16(dec_attn_mma_bytes(G, hd)); }
-// The push merge's receive buffers (ClusterPush), past the staged rows: recv_o [cs][slice] floats (cs *
-// slice < G*hd + cs) then recv_ml [cs][G] float2, for clusters of up to kDecAttnClusterMax blocks.
+// The push merge's receive buffers (ClusterPush), past the staged rows: its mbarrier (16 bytes), recv_o
+// [cs][slice] floats (cs * slice < G*hd + cs) then recv_ml [cs][G] float2, for clusters of up to
+// kDecAttnClusterMax blocks.
 __host__ __device__ inline size_t dec_attn_recv_floats(int G, int hd) {
     return size_t(G * hd + kDecAttnClusterMax + 1) & ~size_t(1);  // even: recv_ml stays 8-byte aligned
 }
@@ -919,7 +920,7 @@ __host__ __device__ inline size_t dec_attn_recv_off(int G, int hd, int stage) {
     return dec_align16(dec_attn_stage_off(G, hd) + (stage > 0 ? 16 + size_t(2) * stage * dec_attn_row_stride(hd) : 0));
 }
 __host__ __device__ inline size_t dec_attn_recv_end(int G, int hd, int stage) {
-    return dec_attn_recv_off(G, hd, stage) + dec_attn_recv_floats(G, hd) * 4 + size_t(kDecAttnClusterMax) * G * 8;
+    return dec_attn_recv_off(G, hd, stage) + 16 + dec_attn_recv_floats(G, hd) * 4 + size_t(kDecAttnClusterMax) * G * 8;
 }
 
 __device__ __forceinline__ void mma_f16(float* d, const uint4& a, unsigned b0, unsigned b1) {
@@ -954,30 +955,51 @@ __device__ __forceinline__ int wo_col(int row, int d) { return d + 2 * (row & 7)
 // The lean cluster instances' merge (MHD): each block pushes its partial's outputs straight into
 // the shared memory of the block that merges them (rank o / slice takes outputs [rank*slice, ...)):
 // recv_o[src*slice + j] and recv_ml[src*G + g] (max in natural-log units, l) of source rank src.
-// Remote stores need no round trip, and after the cluster barrier that publishes them no block
+// The stores are st.async, each counting its bytes on the receiving block's mbarrier (bar), which
+// expects every sender's bytes: a block waits for what it merges, not for the whole cluster (no
+// second cluster barrier, and no GPU-scope fence a release barrier would put before it). No block
 // reads another's memory, so none waits for the others before it leaves (the pull merge reads
 // remote partials after one barrier and holds every block until a second).
 struct ClusterPush {
     float* recv_o;
     float2* recv_ml;
+    uint64_t* bar;
     int slice, cs, rank;
 };
-__device__ __forceinline__ void cluster_arrive() {
+// The address of p (this block's shared memory) in block `rank` of the cluster (shared::cluster)
+__device__ __forceinline__ uint32_t cluster_addr(const void* p, int rank) {
+    uint32_t a = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
+#endif
+    return a;
+}
+// Stores into another block's shared memory whose bytes complete on its mbarrier `bar` (both
+// shared::cluster addresses)
+__device__ __forceinline__ void st_async(uint32_t addr, float v, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(addr),
+                 "r"(__float_as_uint(v)), "r"(bar)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void st_async(uint32_t addr, float2 v, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];" ::"r"(addr),
+                 "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(bar)
+                 : "memory");
+#endif
+}
+// The first phase of the cluster barrier, which only says that a block has started (no data to
+// publish: relaxed, so no GPU-scope fence before it)
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void cluster_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-template <class T>
-__device__ __forceinline__ T* cluster_map(T* p, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    return cooperative_groups::this_cluster().map_shared_rank(p, unsigned(rank));
-#else
-    return p;
 #endif
 }
 
@@ -1293,10 +1315,12 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
             acc[row * acc_stride + i % HD] = A / L;
         } else if (PUSH) {
             const int owner = i / pu.slice;
-            *cluster_map(pu.recv_o + pu.rank * pu.slice + (i - owner * pu.slice), owner) = A;
+            st_async(cluster_addr(pu.recv_o + pu.rank * pu.slice + (i - owner * pu.slice), owner), A,
+                     cluster_addr(pu.bar, owner));
             // the row's (m, l) to every rank: the threads of dims 0 .. cs-1 one rank each (HD >= cs)
             if (i % HD < pu.cs)
-                *cluster_map(pu.recv_ml + pu.rank * G + row, i % HD) = make_float2(M * 0.69314718055994531f, L);
+                st_async(cluster_addr(pu.recv_ml + pu.rank * G + row, i % HD), make_float2(M * 0.69314718055994531f, L),
+                         cluster_addr(pu.bar, i % HD));
         } else {
             acc[row * acc_stride + i % HD] = A;
             if (i % HD == 0) ml[row * ml_stride] = make_float2(M * 0.69314718055994531f, L);
@@ -1346,7 +1370,7 @@ __device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
 // p.trace (CLUSTER): the global timer at the block's start (0), after its wait (1), with the query
 // ready for the tiles (2: each warp's first two tiles' K/V in flight, loaded before the wait when EARLY), after
 // its tiles (8), after the warps' partials are stored (9), with the block's partial merged (3),
-// after the cluster barrier (4), with the cluster merge's inputs loaded (10), after its stores (5),
+// after the cluster barrier (4; MHD: with every pushed partial received), with the cluster merge's inputs loaded (10), after its stores (5),
 // at the end (6); and the SM's id (7).
 template <int NACC, bool CLUSTER, bool STAGE = false, int MHD = 0, bool NOPF = false>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
@@ -1400,16 +1424,27 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     // one split: it writes the output itself, no merge (the multi-cluster variant always
     // leaves its clusters' partials: attn_output merges them)
     const bool direct = kDirectOnly || (n_act == 1 && (!CLUSTER || p.clusters <= 1));
-    // MHD: the push merge (ClusterPush); the first phase of the cluster barrier says every block
-    // has started (arrive now, wait before the first remote store)
+    // MHD: the push merge (ClusterPush); the cluster barrier's one phase says every block has
+    // started and armed its mbarrier (arrive now, wait before the first remote store). The
+    // mbarrier expects the bytes of the cluster's blocks with keys (the first n_in): this block's
+    // slice of outputs and G (max, l) pairs from each.
     ClusterPush pu{};
     if constexpr (MHD > 0 && CLUSTER) {
         pu.cs = p.cluster;
         pu.rank = s % p.cluster;
         pu.slice = (GH + p.cluster - 1) / p.cluster;
-        pu.recv_o = reinterpret_cast<float*>(asmem + dec_attn_recv_off(G, hd, STAGE ? p.stage : 0));
+        uint8_t* const recv = asmem + dec_attn_recv_off(G, hd, STAGE ? p.stage : 0);
+        pu.bar = reinterpret_cast<uint64_t*>(recv);
+        pu.recv_o = reinterpret_cast<float*>(recv + 16);
         pu.recv_ml = reinterpret_cast<float2*>(pu.recv_o + dec_attn_recv_floats(G, hd));
-        if (!direct) cluster_arrive();
+        if (!direct) {
+            if (t == 0) {
+                const int n_in = min(pu.cs, max(0, n_act - s / pu.cs * pu.cs));
+                const int len = max(0, min(GH, (pu.rank + 1) * pu.slice) - pu.rank * pu.slice);
+                mbar_arm(pu.bar, unsigned(n_in * (len * 4 + G * 8)));  // (the init fenced for the cluster)
+            }
+            cluster_arrive_relaxed();
+        }
     }
     const size_t base = size_t(p.slot_off[slot]) + size_t(kvh) * hd;
     const __half* K = p.kc + base;
@@ -1603,8 +1638,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         // rank r merges outputs [r*slice, (r+1)*slice)
         const int slice = (GH + cs - 1) / cs;
         if constexpr (MHD > 0) {  // the pushed partials, in this block's memory once all have arrived
-            cluster_arrive();
-            cluster_wait();
+            mbar_wait(pu.bar);
             trace_mark(tr, 4);
             for (int o = rank * slice + t; o < min(GH, (rank + 1) * slice); o += NT) {
                 const int g = o / hd, j = o - rank * slice;
