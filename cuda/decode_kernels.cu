@@ -126,15 +126,26 @@ __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
 }
+// CLUSTER: acquire at cluster scope, pairing with releases from other blocks of the cluster
+// (st.async's completions); else at the block's scope (its own bulk copies)
+template <bool CLUSTER = false>
 __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     uint32_t done = 0;
     do {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
+        if constexpr (CLUSTER)
+            asm volatile(
+                "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+                " selp.u32 %0, 1, 0, p;\n}"
+                : "=r"(done)
+                : "r"(smem_addr(bar)), "r"(parity)
+                : "memory");
+        else
+            asm volatile(
+                "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                : "=r"(done)
+                : "r"(smem_addr(bar)), "r"(parity)
+                : "memory");
     } while (!done);
 #endif
 }
@@ -970,7 +981,7 @@ struct ClusterPush {
 __device__ __forceinline__ uint32_t cluster_addr(const void* p, int rank) {
     uint32_t a = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
 #endif
     return a;
 }
@@ -1313,6 +1324,9 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         }
         if (direct) {
             acc[row * acc_stride + i % HD] = A / L;
+        } else if (PUSH && pu.cs == 1) {  // a cluster of one block: its own buffers, plain stores
+            pu.recv_o[i] = A;
+            if (i % HD == 0) pu.recv_ml[row] = make_float2(M * 0.69314718055994531f, L);
         } else if (PUSH) {
             const int owner = i / pu.slice;
             st_async(cluster_addr(pu.recv_o + pu.rank * pu.slice + (i - owner * pu.slice), owner), A,
@@ -1439,7 +1453,9 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         pu.recv_ml = reinterpret_cast<float2*>(pu.recv_o + dec_attn_recv_floats(G, hd));
         if (!direct) {
             if (t == 0) {
-                const int n_in = min(pu.cs, max(0, n_act - s / pu.cs * pu.cs));
+                // (a cluster of one block stores into its own buffers with plain stores: st.async needs
+                // a cluster of more than one block, PTX ISA; its barrier expects nothing)
+                const int n_in = pu.cs > 1 ? min(pu.cs, max(0, n_act - s / pu.cs * pu.cs)) : 0;
                 const int len = max(0, min(GH, (pu.rank + 1) * pu.slice) - pu.rank * pu.slice);
                 mbar_arm(pu.bar, unsigned(n_in * (len * 4 + G * 8)));  // (the init fenced for the cluster)
             }
@@ -1638,7 +1654,8 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         // rank r merges outputs [r*slice, (r+1)*slice)
         const int slice = (GH + cs - 1) / cs;
         if constexpr (MHD > 0) {  // the pushed partials, in this block's memory once all have arrived
-            mbar_wait(pu.bar);
+            mbar_wait_parity<true>(pu.bar, 0);
+            if (pu.cs == 1) __syncthreads();  // the block's own plain stores (block-uniform)
             trace_mark(tr, 4);
             for (int o = rank * slice + t; o < min(GH, (rank + 1) * slice); o += NT) {
                 const int g = o / hd, j = o - rank * slice;
