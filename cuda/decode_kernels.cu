@@ -1384,8 +1384,8 @@ __device__ __forceinline__ void trace_close(unsigned long long* tr, int t) {
 // p.trace (CLUSTER): the global timer at the block's start (0), after its wait (1), with the query
 // ready for the tiles (2: each warp's first two tiles' K/V in flight, loaded before the wait when EARLY), after
 // its tiles (8), after the warps' partials are stored (9), with the block's partial merged (3),
-// after the cluster barrier (4; MHD: with every pushed partial received), with the cluster merge's inputs loaded (10), after its stores (5),
-// at the end (6); and the SM's id (7).
+// after the cluster barrier (4; MHD: with every pushed partial received), with the cluster merge's
+// inputs loaded (10), after its stores (5), at the end (6); and the SM's id (7).
 template <int NACC, bool CLUSTER, bool STAGE = false, int MHD = 0, bool NOPF = false>
 __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     static_assert(!STAGE || (MHD && CLUSTER), "staging goes with the tensor-core cluster instances");

@@ -495,10 +495,7 @@ int FusedDecoder::attn_variant(int kv_len) const {
     // the fewest clusters (a power of two) holding at most cluster_span positions each: with the
     // default span (8,192) one through 8,192 positions, two to 16,384, four past it (tg128 at depth
     // 16,384 runs at 16,385-16,512 positions), where each warp's keys are two 16-key tiles, both
-    // loaded before the wait. Measured per depth (docs/perf_log.md run 75, graph step us): after a
-    // 6,144-token prompt one cluster 586.5 against two 607.1; after 16,384 four 673.7 against two
-    // 680.9 (the largest power of two <= ceil(kv_len / span) of runs 36-75 took two at 6,145
-    // positions with span 5,120, or two at 16,385 with 8,192)
+    // loaded before the wait; each depth's winner in docs/perf_log.md runs 75-76
     // (more clusters of fewer blocks, e.g. cluster_size 1-2 and a short span: the partials merged by
     // attn_output instead of in the cluster; at most kDecMaxSplits blocks per KV head in all)
     const int cs = cluster_blocks();
