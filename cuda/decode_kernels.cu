@@ -918,11 +918,14 @@ __host__ __device__ inline size_t dec_attn_part_off(int G, int hd) {
 // padding put the tile phase's 16-byte V loads, 4 keys x 2 pieces a quarter warp, on distinct
 // banks, and its K loads at most 2-way), then the push merge's buffers.
 __host__ __device__ inline size_t dec_attn_stage_off(int G, int hd) { return dec_align16(dec_attn_mma_bytes(G, hd)); }
+// The push merge's slice: the outputs a block of the cluster merges, a multiple of 4 (a sender's
+// 16-byte stores of four outputs fall in one block's slice, 16-byte aligned)
+__host__ __device__ inline int dec_push_slice(int GH, int cs) { return ((GH + cs - 1) / cs + 3) & ~3; }
 // The push merge's receive buffers (ClusterPush), past the staged rows: its mbarrier (16 bytes), recv_o
-// [cs][slice] floats (cs * slice < G*hd + cs) then recv_ml [cs][G] float2, for clusters of up to
+// [cs][slice] floats (cs * slice < G*hd + 4*cs) then recv_ml [cs][G] float2, for clusters of up to
 // kDecAttnClusterMax blocks.
 __host__ __device__ inline size_t dec_attn_recv_floats(int G, int hd) {
-    return size_t(G * hd + kDecAttnClusterMax + 1) & ~size_t(1);  // even: recv_ml stays 8-byte aligned
+    return size_t(G * hd + 4 * kDecAttnClusterMax);  // a multiple of 4: recv_ml stays 16-byte aligned
 }
 // The lean instances (MHD) hold only the tile phase's area, the staged rows (STAGE) and these
 // buffers: none of the CUDA-core ring, the global merge's area or a local partial, so their blocks
@@ -987,10 +990,11 @@ __device__ __forceinline__ uint32_t cluster_addr(const void* p, int rank) {
 }
 // Stores into another block's shared memory whose bytes complete on its mbarrier `bar` (both
 // shared::cluster addresses)
-__device__ __forceinline__ void st_async(uint32_t addr, float v, uint32_t bar) {
+__device__ __forceinline__ void st_async(uint32_t addr, float4 v, uint32_t bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(addr),
-                 "r"(__float_as_uint(v)), "r"(bar)
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(addr),
+                 "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(__float_as_uint(v.z)),
+                 "r"(__float_as_uint(v.w)), "r"(bar)
                  : "memory");
 #endif
 }
@@ -1312,6 +1316,35 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         trace_cycles(tr, kDecAttnTraceCycWaited);
     }
     const int nw = min(NW, n_tiles);
+    if (PUSH && !direct && pu.cs > 1) {  // (block-uniform)
+        // Four consecutive outputs of one row a thread, sent as one 16-byte st.async (the remote
+        // stores, not the sums, are what the loop waits on: 4x fewer of them)
+        static_assert(HD / 4 >= kDecAttnClusterMax, "a row's first cs quads send its (m, l), one rank each");
+        for (int q = threadIdx.x; q < G * HD / 4; q += NT) {
+            const int row = q / (HD / 4), d0 = (q % (HD / 4)) * 4, i0 = row * HD + d0;
+            float M = -INFINITY;
+            for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w * 16 + row]);
+            float L = 0.f;
+            float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int w = 0; w < nw; ++w) {
+                const float f = exp2f(wm[w * 16 + row] - M);
+                const float* wr = wo + (size_t(w) * G + row) * wo_stride(HD);
+                L += f * wl[w * 16 + row];
+                A.x += f * wr[wo_col(row, d0)];
+                A.y += f * wr[wo_col(row, d0 + 1)];
+                A.z += f * wr[wo_col(row, d0 + 2)];
+                A.w += f * wr[wo_col(row, d0 + 3)];
+            }
+            const int owner = i0 / pu.slice;
+            st_async(cluster_addr(pu.recv_o + pu.rank * pu.slice + (i0 - owner * pu.slice), owner), A,
+                     cluster_addr(pu.bar, owner));
+            if (d0 / 4 < pu.cs)
+                st_async(cluster_addr(pu.recv_ml + pu.rank * G + row, d0 / 4), make_float2(M * 0.69314718055994531f, L),
+                         cluster_addr(pu.bar, d0 / 4));
+        }
+        trace_mark(tr, 3);
+        return;
+    }
     for (int i = threadIdx.x; i < G * HD; i += NT) {
         const int row = i / HD, col = wo_col(row, i % HD);
         float M = -INFINITY;
@@ -1324,17 +1357,9 @@ __device__ void dec_attn_mma_phase(const DecAttnArgs& p, const __half* K, const 
         }
         if (direct) {
             acc[row * acc_stride + i % HD] = A / L;
-        } else if (PUSH && pu.cs == 1) {  // a cluster of one block: its own buffers, plain stores
+        } else if (PUSH) {  // a cluster of one block: its own buffers, plain stores (st.async needs more)
             pu.recv_o[i] = A;
             if (i % HD == 0) pu.recv_ml[row] = make_float2(M * 0.69314718055994531f, L);
-        } else if (PUSH) {
-            const int owner = i / pu.slice;
-            st_async(cluster_addr(pu.recv_o + pu.rank * pu.slice + (i - owner * pu.slice), owner), A,
-                     cluster_addr(pu.bar, owner));
-            // the row's (m, l) to every rank: the threads of dims 0 .. cs-1 one rank each (HD >= cs)
-            if (i % HD < pu.cs)
-                st_async(cluster_addr(pu.recv_ml + pu.rank * G + row, i % HD), make_float2(M * 0.69314718055994531f, L),
-                         cluster_addr(pu.bar, i % HD));
         } else {
             acc[row * acc_stride + i % HD] = A;
             if (i % HD == 0) ml[row * ml_stride] = make_float2(M * 0.69314718055994531f, L);
@@ -1446,7 +1471,7 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
     if constexpr (MHD > 0 && CLUSTER) {
         pu.cs = p.cluster;
         pu.rank = s % p.cluster;
-        pu.slice = (GH + p.cluster - 1) / p.cluster;
+        pu.slice = dec_push_slice(GH, p.cluster);
         uint8_t* const recv = asmem + dec_attn_recv_off(G, hd, STAGE ? p.stage : 0);
         pu.bar = reinterpret_cast<uint64_t*>(recv);
         pu.recv_o = reinterpret_cast<float*>(recv + 16);
@@ -1651,8 +1676,8 @@ __global__ void __launch_bounds__(NT, 2) dec_attn_kernel(const DecAttnArgs p) {
         const int cs = p.cluster, rank = s % cs, c = s / cs;
         const int n_in = min(cs, max(0, n_act - c * cs));
         const bool whole = p.clusters <= 1;  // one cluster: the output; else this cluster's partial
-        // rank r merges outputs [r*slice, (r+1)*slice)
-        const int slice = (GH + cs - 1) / cs;
+        // rank r merges outputs [r*slice, (r+1)*slice) (MHD: the push merge's slice)
+        const int slice = MHD > 0 ? dec_push_slice(GH, cs) : (GH + cs - 1) / cs;
         if constexpr (MHD > 0) {  // the pushed partials, in this block's memory once all have arrived
             mbar_wait_parity<true>(pu.bar, 0);
             if (pu.cs == 1) __syncthreads();  // the block's own plain stores (block-uniform)
