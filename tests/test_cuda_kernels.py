@@ -873,7 +873,10 @@ def test_dec_attn(n_head, n_head_kv, hd, variant):
               # K/V rows staged in shared memory first (up to `stage` keys a block; longer ranges
               # read the cache; shapes without the tensor-core phase ignore it)
               dict(cluster_size=16, cluster_mma=True, stage=256), dict(cluster_size=16, cluster_mma=True, stage=64),
-              dict(cluster_size=3, cluster_mma=True, stage=40), dict(cluster_size=8, cluster_mma=True, clusters=2, stage=200)]
+              dict(cluster_size=3, cluster_mma=True, stage=40), dict(cluster_size=8, cluster_mma=True, clusters=2, stage=200),
+              # clusters of 15: with the push merge's slice a multiple of 4, some ranks merge no
+              # outputs (448 / 15 -> slices of 32: rank 14 none) and receive only (max, l) pairs
+              dict(cluster_size=15, cluster_mma=True), dict(cluster_size=15, cluster_mma=True, clusters=2)]
              if cluster else
              [dict(split_keys=32), dict(split_keys=128), dict(max_splits=1), dict(max_splits=5, split_keys=32)])
     for n_kv in (1, 7, 33, 100, 1000, 3000):
